@@ -1,0 +1,57 @@
+"""The `cnnx` command. Each subcommand lives in its stage's package and is imported only
+when it runs (or when help lists it), so `cnnx --help` and `cnnx classify` never import torch.
+Command modules import torch inside their functions, never at module level."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from cnnx import __version__
+
+# name -> "module:attribute" of a click.Command; modules must be cheap to import.
+COMMANDS = {
+    "train": "cnnx.train.command:train",
+    "evaluate": "cnnx.train.command:evaluate",
+    "export": "cnnx.export.command:export",
+    "info": "cnnx.export.command:info",
+    "classify": "cnnx.runtime.command:classify",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="cnnx", help="Show the version and exit.")
+def cli():
+    """Train a CNN image classifier, export it, classify folders of images.
+
+    \b
+      cnnx train                  train on CIFAR-10 (or an image folder), keep the best checkpoint
+      cnnx export --format onnx   ONNX / TorchScript / pt2, checked against the checkpoint
+      cnnx classify ./images      batch-classify a folder through onnxruntime
+    """
+
+
+def main(argv=None):
+    try:
+        cli.main(args=argv, prog_name="cnnx", standalone_mode=True)
+    except KeyboardInterrupt:  # pragma: no cover - interactive
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

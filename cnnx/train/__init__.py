@@ -1,0 +1,1 @@
+"""Training: data sources, model zoo, loop, metrics, plots (needs the [train] extra)."""

@@ -1,0 +1,201 @@
+"""The model zoo. Every model takes normalised float images (N, 3, H, W) and returns
+logits (N, num_classes); normalisation lives in the training loop and the exported graph.
+No I/O here except torchvision's weight cache for --pretrained.
+
+A checkpoint stores (arch, arch_kwargs, num_classes); `create_model` rebuilds the module
+from exactly those, so every constructor argument must be a plain JSON value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class UnknownArch(ValueError):
+    pass
+
+
+class SeedCNN(nn.Module):
+    """The first tutorial's net: two 3x3 convs with ReLU and 2x2 max-pool, fc 512."""
+
+    def __init__(self, num_classes: int, image_size: int = 32):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        )
+        side = image_size // 4
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(64 * side * side, 512), nn.ReLU(inplace=True), nn.Linear(512, num_classes)
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+class SeedVGG(nn.Module):
+    """The second tutorial's VGG-style net: 13 3x3 convs, a 1024->512->512 classifier."""
+
+    CFG = (32, 32, "M", 64, 64, "M", 128, 128, 128, "M", 256, 256, 256, "M", 256, 256, 256)
+
+    def __init__(self, num_classes: int, image_size: int = 32, batch_norm: bool = True, dropout: float = 0.5):
+        super().__init__()
+        layers, c = [], 3
+        for v in self.CFG:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+                continue
+            layers.append(nn.Conv2d(c, v, 3, padding=1, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(v))
+            layers.append(nn.ReLU(inplace=True))
+            c = v
+        self.features = nn.Sequential(*layers)
+        side = image_size // 16
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(dropout), nn.Linear(256 * side * side, 512), nn.ReLU(inplace=True),
+            nn.Dropout(dropout), nn.Linear(512, 512), nn.ReLU(inplace=True),
+            nn.Linear(512, num_classes),
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def _conv_bn(cin, cout):
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU()]
+
+
+class AirNet(nn.Module):
+    """The fast default for CIFAR-scale images, after airbench94: a wide first stage,
+    conv-pool-bn blocks with max-pool downsampling, a scaled linear head. In eval mode it
+    averages the logits of the image and its mirror (flip test-time augmentation), so
+    evaluation, export and deployment all see the same function."""
+
+    def __init__(self, num_classes: int, widths=(64, 256, 256), stem: int = 24, tta: bool = True, scale: float = 1 / 9):
+        super().__init__()
+        w1, w2, w3 = (int(w) for w in widths)
+        self.tta = bool(tta)
+        self.scale = float(scale)
+        layers = [nn.Conv2d(3, stem, 2, padding=0, bias=True), nn.GELU()]
+        c = stem
+        for w in (w1, w2, w3):
+            layers += [
+                nn.Conv2d(c, w, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(w), nn.GELU(),
+                *(_conv_bn(w, w)),
+            ]
+            c = w
+        self.features = nn.Sequential(*layers, nn.AdaptiveMaxPool2d(1), nn.Flatten())
+        self.head = nn.Linear(c, num_classes, bias=False)
+
+    def _logits(self, x):
+        return self.head(self.features(x)) * self.scale
+
+    def forward(self, x):
+        if self.training or not self.tta:
+            return self._logits(x)
+        return 0.5 * (self._logits(x) + self._logits(torch.flip(x, dims=[3])))
+
+
+def _cifar_resnet18(num_classes: int):
+    from torchvision.models import resnet18
+
+    m = resnet18(num_classes=num_classes)
+    # 32x32 inputs: a 3x3 stride-1 stem and no max-pool keep the 4x4 final feature map.
+    m.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+    m.maxpool = nn.Identity()
+    return m
+
+
+def _torchvision(name: str, head: Callable[[nn.Module, int], None]):
+    def build(num_classes: int, pretrained: bool = False):
+        import torchvision.models as tvm
+
+        weights = None
+        if pretrained:
+            weights = tvm.get_model_weights(name).DEFAULT
+            _require_cached_weights(weights)
+        m = tvm.get_model(name, weights=weights)
+        head(m, num_classes)
+        return m
+
+    return build
+
+
+def _require_cached_weights(weights):
+    """torchvision downloads weights on first use. Offline, that is a hang or a traceback;
+    say instead where they are expected so the user can copy them in."""
+    import os
+    import socket
+
+    from torch.hub import get_dir
+
+    path = os.path.join(get_dir(), "checkpoints", os.path.basename(weights.url))
+    if os.path.exists(path):
+        return
+    try:
+        socket.create_connection(("download.pytorch.org", 443), timeout=3).close()
+    except OSError:
+        raise UnknownArch(
+            f"pretrained weights are not in the local cache ({path}) and download.pytorch.org is unreachable; "
+            f"download {weights.url} to that path (or set TORCH_HOME) and run again"
+        ) from None
+
+
+def _replace_fc(m, n):
+    m.fc = nn.Linear(m.fc.in_features, n)
+
+
+def _replace_vgg_head(m, n):
+    m.classifier[-1] = nn.Linear(m.classifier[-1].in_features, n)
+
+
+@dataclass(frozen=True)
+class Arch:
+    build: Callable[..., nn.Module]
+    description: str
+    image_size: int = 32  # default input side when the data does not fix one
+    mean: tuple = CIFAR_MEAN
+    std: tuple = CIFAR_STD
+    defaults: dict = field(default_factory=dict)
+
+
+ARCHS: dict[str, Arch] = {
+    "airnet": Arch(AirNet, "fast default for CIFAR-scale images (after airbench94), flip TTA"),
+    "seed-cnn": Arch(SeedCNN, "the tutorial's two-conv CNN"),
+    "seed-vgg": Arch(SeedVGG, "the tutorial's 13-conv VGG-style net"),
+    "resnet18-cifar": Arch(_cifar_resnet18, "ResNet-18 with a 3x3 stem for 32x32 inputs"),
+    "resnet18": Arch(_torchvision("resnet18", _replace_fc), "torchvision ResNet-18 (ImageNet; --pretrained)",
+                     224, IMAGENET_MEAN, IMAGENET_STD),
+    "vgg16": Arch(_torchvision("vgg16", _replace_vgg_head), "torchvision VGG16 (ImageNet; --pretrained)",
+                  224, IMAGENET_MEAN, IMAGENET_STD),
+}
+
+DEFAULT_ARCH = "airnet"
+
+
+def get_arch(name: str) -> Arch:
+    try:
+        return ARCHS[name]
+    except KeyError:
+        raise UnknownArch(f"unknown arch {name!r}; valid: {', '.join(ARCHS)}") from None
+
+
+def create_model(name: str, num_classes: int, **arch_kwargs) -> nn.Module:
+    """Build `name` with its plain-JSON kwargs. Unknown names and unknown kwargs fail loudly."""
+    arch = get_arch(name)
+    kwargs = {**arch.defaults, **arch_kwargs}
+    try:
+        return arch.build(num_classes=num_classes, **kwargs)
+    except TypeError as e:
+        raise UnknownArch(f"bad arguments for arch {name!r}: {e}") from None

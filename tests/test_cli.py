@@ -1,0 +1,34 @@
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from cnnx import __version__
+from cnnx.cli import COMMANDS, cli
+
+
+def test_version():
+    r = CliRunner().invoke(cli, ["--version"])
+    assert r.exit_code == 0 and __version__ in r.output
+
+
+def test_help_lists_every_command_without_importing_torch():
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from cnnx.cli import cli\n"
+        "r = CliRunner().invoke(cli, ['--help'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "print(r.output)\n"
+        "heavy = [m for m in ('torch', 'torchvision', 'onnx', 'matplotlib') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    for name in COMMANDS:
+        assert name in out.stdout
+
+
+def test_unknown_command_exit_2():
+    r = CliRunner().invoke(cli, ["trian"])
+    assert r.exit_code == 2
