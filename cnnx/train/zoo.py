@@ -24,6 +24,23 @@ class UnknownArch(ValueError):
     pass
 
 
+class Uint8Input(nn.Module):
+    """uint8 RGB (N, 3, H, W) -> model(normalised float). The one place mean/std are applied:
+    the training loop, train-time evaluation and every exported graph wrap the model in it."""
+
+    def __init__(self, model: nn.Module, mean, std):
+        super().__init__()
+        self.model = model
+        std_t = torch.tensor([float(s) for s in std]).view(1, 3, 1, 1)
+        mean_t = torch.tensor([float(m) for m in mean]).view(1, 3, 1, 1)
+        # x / 255 is folded into the scale so the graph is one multiply and one subtract.
+        self.register_buffer("scale", 1.0 / (255.0 * std_t), persistent=False)
+        self.register_buffer("shift", mean_t / std_t, persistent=False)
+
+    def forward(self, images):
+        return self.model(images.float() * self.scale - self.shift)
+
+
 class SeedCNN(nn.Module):
     """The first tutorial's net: two 3x3 convs with ReLU and 2x2 max-pool, fc 512."""
 

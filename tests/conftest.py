@@ -1,0 +1,48 @@
+"""Shared fixtures. Data comes from ../shared/datasets (real CIFAR-10 JPEGs); tests that
+need it skip with a reason when the checkout has no such folder beside it.
+Stage-specific fixtures live in their own test modules (or tests/_<stage>_util.py)."""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR_TAR = ROOT.parent / "shared" / "datasets" / "cifar10-train.tar.gz"
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+@pytest.fixture(scope="session")
+def cifar_train_dir(tmp_path_factory) -> Path:
+    """The 50,000 CIFAR-10 training JPEGs as DIR/<class>/*.jpg (extracted once per session)."""
+    if not CIFAR_TAR.exists():
+        pytest.skip(f"{CIFAR_TAR} not found (the shared datasets folder is not beside this checkout)")
+    dest = tmp_path_factory.mktemp("cifar")
+    with tarfile.open(CIFAR_TAR) as tar:
+        tar.extractall(dest, filter="data")
+    return dest / "cifar10" / "train"
+
+
+@pytest.fixture(scope="session")
+def cifar_subset(cifar_train_dir, tmp_path_factory):
+    """Factory: cifar_subset(n_per_class, offset=0, classes=None) -> a DIR/<class>/ folder
+    holding copies of n real JPEGs per class (cached per argument set)."""
+    made = {}
+
+    def make(n_per_class: int, offset: int = 0, classes=None) -> Path:
+        classes = tuple(classes or CIFAR_CLASSES)
+        key = (n_per_class, offset, classes)
+        if key not in made:
+            root = tmp_path_factory.mktemp(f"cifar{n_per_class}")
+            for c in classes:
+                files = sorted((cifar_train_dir / c).iterdir())[offset:offset + n_per_class]
+                (root / c).mkdir()
+                for f in files:
+                    shutil.copyfile(f, root / c / f.name)
+            made[key] = root
+        return made[key]
+
+    return make
