@@ -16,13 +16,17 @@ mean/std are in 0..1 units of the uint8 pixel / 255; they are applied inside the
 from __future__ import annotations
 
 import io
+import math
 import os
+import struct
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
 
-PREPROCESS_VERSION = 1
+# 2: JPEGs decoded by libjpeg-turbo (simplejpeg) with DCT scaling, EXIF orientation applied
+#    to the decoded array; pixels differ slightly from version 1 (Pillow) for JPEGs.
+PREPROCESS_VERSION = 2
 
 RESIZE_MODES = ("shorter-side+center-crop",)
 INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR}
@@ -117,29 +121,201 @@ def _crop_box(w: int, h: int, out_h: int, out_w: int):
     return (left, top, left + cw, top + ch)
 
 
+# Files larger than this are refused before reading: no photo is this big, and reading one
+# whole into a worker would make memory depend on the input.
+MAX_FILE_BYTES = 1 << 30
+_JPEG_MAGIC = b"\xff\xd8\xff"
+# ISO-BMFF brands of HEIF/HEIC/AVIF; Pillow reads AVIF itself (when built with it), never HEIC.
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif", b"avis")
+
+
+def read_file(path) -> bytes:
+    """The bytes of a regular file. Never blocks on a FIFO or device (O_NONBLOCK + fstat
+    before any read) and refuses files over MAX_FILE_BYTES. Raises ImageError(stage='open')."""
+    import stat
+
+    try:
+        fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise ImageError("open", f"cannot open: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError("open", "not a regular file")
+        if st.st_size > MAX_FILE_BYTES:
+            raise ImageError("open", f"file of {st.st_size} bytes exceeds the limit of {MAX_FILE_BYTES}")
+        # Read what fstat promised (+1 to notice growth); loop for short reads.
+        chunks, want = [], st.st_size + 1
+        while want > 0:
+            chunk = os.read(fd, want)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            want -= len(chunk)
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    except OSError as e:
+        raise ImageError("open", f"cannot read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    return data
+
+
+def jpeg_orientation(data: bytes):
+    """EXIF orientation (1..8) of a JPEG from its APP1 segment, read without decoding.
+    Returns (orientation, note): 1 and no note when there is no EXIF or no orientation tag;
+    1 and "malformed EXIF ignored" when the EXIF block cannot be parsed (pixels are kept)."""
+    n, pos = len(data), 2
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return 1, None  # not a marker where one must be: let the decoder judge the file
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        if marker in (0xDA, 0xD9):  # start of scan / end of image: no EXIF before the pixels
+            return 1, None
+        (seglen,) = struct.unpack_from(">H", data, pos + 2)
+        if marker == 0xE1 and data[pos + 4:pos + 10] == b"Exif\0\0":
+            try:
+                return _tiff_orientation(data[pos + 10:pos + 2 + seglen]), None
+            except (struct.error, ValueError):
+                return 1, "malformed EXIF ignored"
+        pos += 2 + seglen
+    return 1, None
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
+    if order is None:
+        raise ValueError("bad byte order")
+    magic, ifd = struct.unpack_from(order + "HI", tiff, 2)
+    if magic != 42:
+        raise ValueError("bad TIFF magic")
+    (count,) = struct.unpack_from(order + "H", tiff, ifd)
+    for i in range(count):
+        tag, typ, _n = struct.unpack_from(order + "HHI", tiff, ifd + 2 + 12 * i)
+        if tag == 0x0112:
+            if typ != 3:
+                raise ValueError("orientation is not a SHORT")
+            (value,) = struct.unpack_from(order + "H", tiff, ifd + 2 + 12 * i + 8)
+            # Pillow's exif_transpose ignores values outside 1..8; so do we.
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def orient(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation to an (H, W, C) array: the same permutation of pixels as
+    PIL.ImageOps.exif_transpose (2 mirror, 3 rotate 180, 4 flip, 5 transpose, 6 rotate 90
+    clockwise, 7 transverse, 8 rotate 90 counter-clockwise)."""
+    if orientation == 2:
+        return arr[:, ::-1]
+    if orientation == 3:
+        return arr[::-1, ::-1]
+    if orientation == 4:
+        return arr[::-1]
+    if orientation == 5:
+        return arr.transpose(1, 0, 2)
+    if orientation == 6:
+        return np.rot90(arr, -1)
+    if orientation == 7:
+        return arr[::-1, ::-1].transpose(1, 0, 2)
+    if orientation == 8:
+        return np.rot90(arr, 1)
+    return arr
+
+
+def _resize_array(arr: np.ndarray, out_h: int, out_w: int, resample) -> np.ndarray:
+    """(H, W, 3) uint8 -> (3, out_h, out_w): shorter side to the output size, centre crop."""
+    h, w = arr.shape[:2]
+    if (h, w) != (out_h, out_w):
+        img = Image.fromarray(np.ascontiguousarray(arr), "RGB")
+        arr = np.asarray(img.resize((out_w, out_h), resample, box=_crop_box(w, h, out_h, out_w)))
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def _load_jpeg(data: bytes, out_h: int, out_w: int, resample, max_pixels: int):
+    """libjpeg-turbo path (simplejpeg): DCT-scaled decode straight to RGB, EXIF orientation
+    applied to the decoded array. Returns None for JPEGs it does not handle (CMYK/YCCK,
+    headers it cannot read) so Pillow gets them; corrupt or truncated data is an error."""
+    import simplejpeg
+
+    try:
+        h, w, colorspace, _sub = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    if colorspace in ("CMYK", "YCCK"):
+        return None  # Pillow knows Adobe's inverted CMYK; turbojpeg's conversion differs
+    if w < 1 or h < 1:
+        raise ImageError("open", f"image has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise ImageError("open", f"decompression bomb refused: {w}x{h} pixels exceeds the limit of {max_pixels}")
+    orientation, note = jpeg_orientation(data)
+    oh, ow = (w, h) if orientation >= 5 else (h, w)
+    scale = max(out_h / oh, out_w / ow)
+    # Decode at the smallest DCT scale (k/8) that still covers the resized image, then let the
+    # antialiased resize do the rest; 0 = full size when the image is not larger than needed.
+    min_h = math.ceil(h * scale - 1e-6) if scale < 1 else 0
+    min_w = math.ceil(w * scale - 1e-6) if scale < 1 else 0
+    try:
+        arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_h, min_width=min_w)
+    except ValueError as strict_error:
+        # strict mode turns libjpeg's warnings (corrupt entropy data, premature end) into
+        # errors; if the lenient decode works, the file is damaged, not unsupported.
+        try:
+            simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_h, min_width=min_w, strict=False)
+        except ValueError:
+            return None
+        raise ImageError("decode", f"corrupt JPEG data: {strict_error}") from None
+    return _resize_array(orient(arr, orientation), out_h, out_w, resample), note
+
+
+def _heif_hint(data: bytes):
+    if len(data) >= 12 and data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+        return "HEIC/HEIF image and no decoder for it: convert it to JPEG/PNG or install pillow-heif"
+    return None
+
+
 def load_image(source, spec: dict, *, max_pixels: int = DEFAULT_MAX_PIXELS):
     """Decode a file path (or bytes) into a uint8 array of shape (3, H, W), RGB.
 
     Returns (array, note); note is None or a short remark for the user (e.g. that only the
     first frame of an animation was used). Raises ImageError for anything unusable.
     EXIF orientation is applied before resizing; an image already H x W passes through.
+    JPEGs go through libjpeg-turbo (simplejpeg, DCT-scaled); everything else, and the JPEGs
+    it declines, through Pillow. Which path a file takes depends only on its bytes.
     """
     out_h, out_w = spec["size"]
     resample = INTERPOLATIONS[spec["interpolation"]]
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    else:
+        data = read_file(source)
+    if not data:
+        raise ImageError("open", "empty file (0 bytes)")
+    if data[:3] == _JPEG_MAGIC:
+        done = _load_jpeg(data, out_h, out_w, resample, max_pixels)
+        if done is not None:
+            return done
+    return _load_with_pillow(data, out_h, out_w, resample, max_pixels)
+
+
+def _load_with_pillow(data: bytes, out_h: int, out_w: int, resample, max_pixels: int):
     note = None
     try:
-        fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else os.fspath(source)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(fp)
+            img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise ImageError("open", f"decompression bomb refused: {e}") from None
     except Image.DecompressionBombWarning as e:
         raise ImageError("open", f"decompression bomb refused: {e}") from None
     except Image.UnidentifiedImageError:
-        raise ImageError("open", "not an image Pillow can identify") from None
-    except OSError as e:
-        raise ImageError("open", f"cannot open: {e.strerror or e}") from None
+        raise ImageError("open", _heif_hint(data) or "not an image Pillow can identify") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError("open", f"cannot open: {e}") from None
     with img:
         w, h = img.size
         if w < 1 or h < 1:
@@ -151,12 +327,11 @@ def load_image(source, spec: dict, *, max_pixels: int = DEFAULT_MAX_PIXELS):
             note = f"first frame of {n_frames}"
         try:
             if img.format == "JPEG":
-                # DCT-domain downscaling: decode at 1/2, 1/4 or 1/8 when that still covers the
-                # resized size; much faster for photos far larger than the model input.
+                # DCT-domain downscaling, as on the libjpeg-turbo path.
                 scale = max(out_h / h, out_w / w)
                 img.draft("RGB", (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
             img.load()
-        except (OSError, SyntaxError, ValueError) as e:
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise ImageError("decode", f"cannot decode: {e}") from None
         try:
             img = ImageOps.exif_transpose(img)

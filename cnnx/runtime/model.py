@@ -1,0 +1,170 @@
+"""An exported cnnx ONNX model opened for inference: contract checks, metadata, providers.
+
+The contract (DESIGN.md, "Exported models"): input `images` uint8 [N, 3, H, W] with N
+dynamic, output float32 [N, num_classes], metadata_props `cnnx.class_names` (JSON list) and
+`cnnx.preprocess` (JSON spec). Anything else is refused with one line (ModelError), never
+guessed around: size, mean, std and class names come from the model and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cnnx.runtime.preprocess import SpecError, validate_spec
+
+DEVICES = ("auto", "cpu", "cuda")
+CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+
+
+class ModelError(Exception):
+    """A model that cannot be used (missing, corrupt, not the cnnx contract, provider)."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    class_names: tuple
+    spec: dict
+    arch: str
+    version: str
+    input_name: str
+    output_name: str
+
+
+def find_newest_model(runs_dir="runs") -> Path:
+    """The most recently written *.onnx anywhere under runs_dir (what `cnnx export` writes)."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        raise ModelError(f"no --model given and no {root}/ folder here to find an exported model in")
+    newest, newest_mtime = None, -1.0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            if name.endswith(".onnx"):
+                p = Path(dirpath) / name
+                try:
+                    mtime = p.stat().st_mtime
+                except OSError:
+                    continue
+                if mtime > newest_mtime:
+                    newest, newest_mtime = p, mtime
+    if newest is None:
+        raise ModelError(f"no --model given and no exported .onnx model under {root}/ (run `cnnx export` first)")
+    return newest
+
+
+def cuda_driver_present() -> bool:
+    """Whether the NVIDIA driver's CUDA library can be loaded (a cheap dlopen, no GPU work)."""
+    import ctypes
+    import sys
+
+    names = {"linux": ("libcuda.so.1", "libcuda.so"), "win32": ("nvcuda.dll",)}.get(sys.platform, ())
+    for name in names:
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def _session_options(ort, threads: int | None, quiet: bool):
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    # Spinning worker threads would burn the cores the decoders need between batches.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if quiet:
+        so.log_severity_level = 4  # a CUDA provider that fails to load is expected under auto
+    return so
+
+
+def open_model(path, device: str = "auto", *, threads: int | None = None):
+    """-> (onnxruntime.InferenceSession, ModelInfo, provider actually running).
+    device auto: CUDA when its provider really loads, else CPU; cuda: CUDA or ModelError."""
+    import onnxruntime as ort
+
+    if device not in DEVICES:
+        raise ModelError(f"unknown device {device!r}; known: {', '.join(DEVICES)}")
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model not found: {path}")
+    want_cuda = device in ("auto", "cuda") and CUDA in ort.get_available_providers()
+    if device == "cuda" and not want_cuda:
+        raise ModelError("--device cuda: this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+    if want_cuda and not cuda_driver_present():
+        # Without the driver library the CUDA provider cannot load; trying costs ~0.5 s of
+        # start-up (preload + provider library) for nothing, so auto goes straight to the CPU.
+        if device == "cuda":
+            raise ModelError("--device cuda: no NVIDIA driver here (libcuda cannot be loaded); use --device cpu or auto")
+        want_cuda = False
+    if want_cuda and hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels, when installed
+        except Exception:  # noqa: BLE001 - a failed preload just means CUDA will not load below
+            pass
+    providers = [CUDA, CPU] if want_cuda else [CPU]
+    old_severity = None
+    try:
+        if want_cuda:
+            # onnxruntime logs a multi-line error when the CUDA provider cannot load; under auto
+            # that is the expected CPU fallback, and under cuda we say it in one line below.
+            ort.set_default_logger_severity(4)
+            old_severity = 2
+        session = ort.InferenceSession(str(path), _session_options(ort, threads, want_cuda), providers=providers)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load model {path}: {first}") from None
+    finally:
+        if old_severity is not None:
+            ort.set_default_logger_severity(old_severity)
+    active = session.get_providers()
+    provider = active[0] if active else CPU
+    if device == "cuda" and provider != CUDA:
+        raise ModelError("--device cuda: onnxruntime's CUDA provider did not load (the CUDA/cuDNN libraries "
+                         "it was built for are missing, or no usable GPU); use --device cpu or auto")
+    return session, check_contract(session, path), provider
+
+
+def check_contract(session, path) -> ModelInfo:
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1:
+        raise ModelError(f"{path}: not a cnnx model: expected one input 'images', found {len(inputs)}")
+    inp = inputs[0]
+    if inp.name != "images" or inp.type != "tensor(uint8)" or len(inp.shape) != 4:
+        raise ModelError(f"{path}: not a cnnx model: input is {inp.name!r} {inp.type} {inp.shape}, "
+                         "expected 'images' tensor(uint8) [N, 3, H, W]")
+    if len(outputs) < 1 or outputs[0].type != "tensor(float)" or len(outputs[0].shape) != 2:
+        raise ModelError(f"{path}: not a cnnx model: first output must be float32 [N, num_classes]")
+    meta = session.get_modelmeta().custom_metadata_map
+    try:
+        class_names = json.loads(meta["cnnx.class_names"])
+        spec = validate_spec(json.loads(meta["cnnx.preprocess"]))
+    except KeyError as e:
+        raise ModelError(f"{path}: not a cnnx model: metadata {e.args[0]} is missing") from None
+    except (ValueError, SpecError) as e:
+        raise ModelError(f"{path}: bad cnnx metadata: {e}") from None
+    if not (isinstance(class_names, list) and class_names and all(isinstance(c, str) for c in class_names)):
+        raise ModelError(f"{path}: bad cnnx metadata: cnnx.class_names must be a non-empty JSON list of strings")
+    _n, c, h, w = inp.shape
+    if c != 3 or (isinstance(h, int) and isinstance(w, int) and [h, w] != list(spec["size"])):
+        raise ModelError(f"{path}: input shape {inp.shape} does not match the preprocess size {spec['size']}")
+    k = outputs[0].shape[1]
+    if isinstance(k, int) and k != len(class_names):
+        raise ModelError(f"{path}: {k} logits but {len(class_names)} class names")
+    return ModelInfo(path=Path(path), class_names=tuple(class_names), spec=spec, arch=meta.get("cnnx.arch", "?"),
+                     version=meta.get("cnnx.version", "?"), input_name=inp.name, output_name=outputs[0].name)
+
+
+def softmax_topk(logits: np.ndarray, k: int):
+    """-> (indices (N, k), probabilities (N, k)), best first. float64 softmax for stable scores."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=1, keepdims=True)
+    idx = np.argsort(-p, axis=1, kind="stable")[:, :k]
+    return idx, np.take_along_axis(p, idx, axis=1)

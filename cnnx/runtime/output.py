@@ -1,0 +1,199 @@
+"""Writers for predictions (CSV / JSONL) and the errors file, and reading them back for
+--resume.
+
+CSV cells are all quoted; a cell starting with = + - @ (or tab, CR, or the escape quote
+itself) gets a leading ' so spreadsheets do not run it as a formula, and reading it back
+strips exactly that one character. Paths that are not valid UTF-8 are written as their
+original bytes (surrogateescape), so what is written is the file's real name; JSONL is
+pure ASCII (json escapes), and both read back to the same Python string.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+import tempfile
+
+FORMATS = ("csv", "jsonl")
+ERRORS_HEADER = ["path", "stage", "error"]
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+class ResumeError(Exception):
+    """An existing output that cannot be continued (other columns, not cnnx output)."""
+
+
+def escape_cell(value: str) -> str:
+    return "'" + value if value[:1] in _FORMULA_START else value
+
+
+def unescape_cell(value: str) -> str:
+    return value[1:] if value[:1] == "'" and value[1:2] in _FORMULA_START else value
+
+
+def csv_header(topk: int) -> list:
+    head = ["path", "label", "score"]
+    for i in range(2, topk + 1):
+        head += [f"label_{i}", f"score_{i}"]
+    return head
+
+
+def open_text(path, mode: str):
+    """Text stream for a results/errors file, or stdout for '-'."""
+    if path == "-":
+        return io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", errors="surrogateescape", newline="",
+                                write_through=True)
+    return open(path, mode, encoding="utf-8", errors="surrogateescape", newline="")
+
+
+def _csv_writer(stream):
+    return csv.writer(stream, quoting=csv.QUOTE_ALL, lineterminator="\n")
+
+
+class PredictionWriter:
+    """Streams prediction rows; the file is opened at the first batch (an empty run leaves
+    nothing behind) and flushed after every batch (a killed run keeps every finished one)."""
+
+    def __init__(self, target, fmt: str, class_names, topk: int, *, append: bool = False):
+        self.target, self.fmt, self.class_names, self.topk, self.append = target, fmt, class_names, topk, append
+        self.stream = None
+        self.rows = 0
+
+    def _open(self):
+        existing = self.append and self.target != "-" and os.path.exists(self.target) and os.path.getsize(self.target)
+        self.stream = open_text(self.target, "a" if self.append else "x" if self.target != "-" else "w")
+        if self.fmt == "csv":
+            self._csv = _csv_writer(self.stream)
+            if not existing:
+                self._csv.writerow(csv_header(self.topk))
+
+    def write_batch(self, paths, indices, scores):
+        if self.stream is None:
+            self._open()
+        names = self.class_names
+        if self.fmt == "csv":
+            rows = []
+            for path, idx, sc in zip(paths, indices, scores):
+                row = [escape_cell(path)]
+                for j, s in zip(idx, sc):
+                    row += [escape_cell(names[j]), f"{s:.6f}"]
+                rows.append(row)
+            self._csv.writerows(rows)
+        else:
+            lines = []
+            for path, idx, sc in zip(paths, indices, scores):
+                rec = {"path": path, "label": names[idx[0]], "score": round(float(sc[0]), 6),
+                       "topk": [{"label": names[j], "score": round(float(s), 6)} for j, s in zip(idx, sc)]}
+                lines.append(json.dumps(rec) + "\n")  # ensure_ascii: a non-UTF-8 name stays valid JSON
+            self.stream.write("".join(lines))
+        self.stream.flush()
+        self.rows += len(paths)
+
+    def close(self):
+        if self.stream is not None and self.target != "-":
+            self.stream.close()
+        elif self.stream is not None:
+            self.stream.flush()
+            self.stream.detach()  # leave sys.stdout usable
+
+
+class ErrorsWriter:
+    """`path,stage,error` rows for every file not classified (and notes on those that were).
+    With no file (output on stdout and no --errors) the rows go to stderr as warnings."""
+
+    def __init__(self, target, *, append: bool = False):
+        self.target, self.append = target, append
+        self.stream = None
+        self.rows = 0
+
+    def write(self, path: str, stage: str, message: str):
+        message = " ".join(str(message).split())  # one line per row, whatever the error said
+        if self.target is None:
+            print(f"warning: {path!r}: {stage}: {message}", file=sys.stderr)
+            self.rows += 1
+            return
+        if self.stream is None:
+            existing = self.append and os.path.exists(self.target) and os.path.getsize(self.target)
+            self.stream = open_text(self.target, "a" if self.append else "x")
+            self._csv = _csv_writer(self.stream)
+            if not existing:
+                self._csv.writerow(ERRORS_HEADER)
+        self._csv.writerow([escape_cell(path), stage, escape_cell(message)])
+        self.stream.flush()
+        self.rows += 1
+
+    def close(self):
+        if self.stream is not None:
+            self.stream.close()
+
+
+def _rewrite_atomically(path, text: str):
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".cnnx-resume-", dir=d)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def read_done(path, fmt: str, topk: int | None):
+    """Paths already in an output (or errors, fmt='errors') file, for --resume. A last row cut
+    short by a killed run is dropped (the file is rewritten without it, atomically); anything
+    else that does not parse is a ResumeError, so a wrong file is never appended to.
+    Returns (paths set, rows kept). For errors files, note rows are not counted as done."""
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        text = f.read()
+    if not text:
+        return set(), 0
+    done, kept = set(), []
+    if fmt == "jsonl":
+        lines = text.split("\n")
+        complete, tail = lines[:-1], lines[-1]  # text ending in "\n" leaves tail == ""
+        for i, line in enumerate(complete):
+            try:
+                rec = json.loads(line)
+                done.add(rec["path"])
+            except (ValueError, KeyError, TypeError):
+                raise ResumeError(f"{path}: line {i + 1} is not a cnnx JSONL prediction") from None
+            kept.append(line + "\n")
+        if tail:
+            _rewrite_atomically(path, "".join(kept))
+        return done, len(kept)
+    header = csv_header(topk) if fmt == "csv" else ERRORS_HEADER
+    rows = list(csv.reader(io.StringIO(text, newline=""), strict=False))
+    if not rows or rows[0] != header:
+        got = ",".join(rows[0]) if rows else ""
+        raise ResumeError(f"{path}: columns are {got!r}, this run writes {','.join(header)!r} "
+                          "(resume with the same --format and --topk)")
+    # Keep the longest run of rows that re-serialise to exactly the text of the file; what
+    # remains may only be the one row a killed run was writing, which is dropped.
+    buf = io.StringIO(newline="")
+    writer = _csv_writer(buf)
+    good, pos = [], 0
+    for row in rows:
+        buf.seek(0)
+        buf.truncate()
+        writer.writerow(row)
+        line = buf.getvalue()
+        if len(row) != len(header) or not text.startswith(line, pos):
+            break
+        good.append(row)
+        pos += len(line)
+    if pos != len(text):
+        if len(rows) - len(good) > 1:
+            raise ResumeError(f"{path}: row {len(good) + 1} was not written by cnnx classify; refusing to append")
+        _rewrite_atomically(path, text[:pos])
+    for row in good[1:]:
+        if fmt == "errors" and row[1] == "note":
+            continue
+        done.add(unescape_cell(row[0]))
+    return done, len(good) - 1

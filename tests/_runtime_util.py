@@ -1,0 +1,72 @@
+"""Helpers for the runtime tests: contract-conforming ONNX models and test images.
+
+`make_onnx_model` builds a real cnnx-contract model (uint8 `images` [N,3,H,W] -> float32
+`logits`, normalisation inside the graph, metadata_props as DESIGN.md says) from
+`cnnx.train.zoo.Uint8Input(create_model(...))`, exported with torch.onnx. Tests may use torch;
+the runtime under test may not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+def make_onnx_model(path: Path, *, arch: str = "seed-cnn", size: int = 32, class_names=CLASSES, seed: int = 0,
+                    metadata: dict | None = None, input_dtype: str = "uint8") -> Path:
+    """Write a cnnx ONNX model with random (seeded) weights to `path`. `metadata` overrides or
+    (value None) removes metadata_props; `input_dtype="float32"` makes a non-contract model."""
+    import onnx
+    import torch
+
+    from cnnx.runtime.preprocess import make_spec
+    from cnnx.train.zoo import Uint8Input, create_model
+
+    torch.manual_seed(seed)
+    model = Uint8Input(create_model(arch, len(class_names)), CIFAR_MEAN, CIFAR_STD).eval()
+    dtype = torch.uint8 if input_dtype == "uint8" else torch.float32
+    example = torch.randint(0, 256, (2, 3, size, size)).to(dtype)
+    buf = io.BytesIO()
+    torch.onnx.export(model, (example,), buf, input_names=["images"], output_names=["logits"],
+                      dynamic_axes={"images": {0: "N"}, "logits": {0: "N"}}, dynamo=False, opset_version=17)
+    proto = onnx.load_from_string(buf.getvalue())
+    props = {
+        "cnnx.class_names": json.dumps(list(class_names)),
+        "cnnx.preprocess": json.dumps(make_spec(size, CIFAR_MEAN, CIFAR_STD)),
+        "cnnx.arch": arch,
+        "cnnx.version": "test",
+        "cnnx.checkpoint_sha256": hashlib.sha256(buf.getvalue()).hexdigest(),
+    }
+    for k, v in (metadata or {}).items():
+        if v is None:
+            props.pop(k, None)
+        else:
+            props[k] = v
+    del proto.metadata_props[:]
+    for k, v in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(path))
+    return path
+
+
+def photo_like(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A smooth, textured (H, W, 3) uint8 image: gradients plus low-frequency noise, so JPEG
+    sizes and decode costs look like a photo's rather than a flat colour's."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([xx / max(w, 1), yy / max(h, 1), (xx + yy) / max(w + h, 1)], axis=-1) * 180
+    small = rng.random((max(2, h // 16), max(2, w // 16), 3)).astype(np.float32) * 60
+    reps = (-(-h // small.shape[0]), -(-w // small.shape[1]), 1)
+    noise = np.kron(small, np.ones(reps[:2] + (1,), np.float32))[:h, :w]
+    fine = rng.normal(0, 6, (h, w, 3)).astype(np.float32)
+    return np.clip(base + noise + fine, 0, 255).astype(np.uint8)
