@@ -1,0 +1,113 @@
+"""The real images the parity gate (and int8 calibration) runs on: the run's validation
+split, re-created from the checkpoint's config, or a --verify-data folder. Files are decoded
+by the one preprocess implementation (cnnx.runtime.preprocess.load_image)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cnnx.export.errors import ExportError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+@dataclass(frozen=True)
+class ParityImages:
+    images: np.ndarray  # uint8 (N, 3, H, W)
+    labels: np.ndarray  # int64 (N,), -1 where the true class is unknown
+    source: str  # one line for parity.json and stderr
+    notes: tuple = field(default_factory=tuple)
+
+    @property
+    def labelled(self) -> bool:
+        return bool(len(self.labels)) and bool((self.labels >= 0).all())
+
+
+def spread(n_total: int, limit: int | None) -> np.ndarray:
+    """Indices of `limit` items evenly spaced over n_total sorted items (every class of a
+    class-sorted list is represented), or all of them."""
+    if limit is None or n_total <= limit:
+        return np.arange(n_total)
+    return np.unique(np.linspace(0, n_total - 1, num=limit).round().astype(np.int64))
+
+
+def _files(root: Path):
+    """(path, class folder name or None) for every image under root, sorted."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = Path(dirpath).relative_to(root)
+        cls = rel.parts[0] if rel.parts else None
+        for name in sorted(filenames):
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                out.append((Path(dirpath) / name, cls))
+    return out
+
+
+def load_verify_data(root, spec: dict, class_names, limit: int | None) -> ParityImages:
+    """Images of DIR/<class>/* (labelled when <class> is one of the checkpoint's classes) or of
+    a flat DIR/* (unlabelled: they count for agreement, not accuracy)."""
+    from cnnx.runtime.preprocess import ImageError, load_image
+
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise ExportError(f"--verify-data {root}: {'not a folder' if root.exists() else 'no such folder'}")
+    files = _files(root)
+    if not files:
+        raise ExportError(f"--verify-data {root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    index = {c: i for i, c in enumerate(class_names)}
+    images, labels, skipped = [], [], 0
+    for i in spread(len(files), limit):
+        path, cls = files[i]
+        try:
+            arr, _ = load_image(path, spec)
+        except ImageError:
+            skipped += 1
+            continue
+        images.append(arr)
+        labels.append(index.get(cls, -1) if cls is not None else -1)
+    if not images:
+        raise ExportError(f"--verify-data {root}: none of the {len(files)} image files could be decoded")
+    notes = []
+    if skipped:
+        notes.append(f"{skipped} unreadable image files in {root} skipped")
+    unknown = sorted({c for _, c in files if c is not None and c not in index})
+    if unknown:
+        notes.append(f"folders that are not classes of the checkpoint (no accuracy for them): {', '.join(unknown[:10])}")
+    if any(c is None for _, c in files):
+        notes.append("images directly in the folder have no class: they count for agreement, not accuracy")
+    labels = np.asarray(labels, dtype=np.int64)
+    return ParityImages(np.stack(images), labels, f"--verify-data {root} ({len(images)} of {len(files)} images)",
+                        tuple(notes))
+
+
+def validation_images(ckpt: dict, limit: int | None):
+    """(ParityImages or None, note): the run's validation split when its config can re-create it."""
+    config = ckpt.get("config") or {}
+    try:
+        from cnnx.train.data import DataError, validation_split
+    except ImportError:  # the training stage's data module is not installed/available
+        return None, "no validation split: cnnx.train.data is unavailable"
+    try:
+        x, y, names = validation_split(config)
+    except (DataError, KeyError, TypeError, ValueError) as e:
+        return None, f"the run's validation split cannot be re-created ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})"
+    if len(y) == 0:
+        return None, "the run's validation split is empty"
+    if list(names) != list(ckpt["class_names"]):
+        return None, "the run's data no longer has the checkpoint's classes"
+    keep = spread(len(y), limit)
+    images = np.ascontiguousarray(np.asarray(x)[keep], dtype=np.uint8)
+    if list(images.shape[2:]) != list(ckpt["preprocess"]["size"]):
+        return None, f"the validation images are {list(images.shape[2:])}, not the model's {ckpt['preprocess']['size']}"
+    return ParityImages(images, np.asarray(y)[keep].astype(np.int64),
+                        f"validation split of {config.get('data')} ({len(keep)} of {len(y)} images)"), None
+
+
+def random_images(n: int, size, seed: int) -> np.ndarray:
+    h, w = size
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 3, h, w), dtype=np.uint8)

@@ -1,0 +1,122 @@
+"""Checkpoint module -> one self-contained ONNX file with cnnx metadata, checked by onnx.
+
+torch 2.14's default (dynamo) exporter writes weights to a separate `.data` file unless told
+otherwise; cnnx's contract is one file, so the ModelProto is saved here with every
+initializer inline (fine below protobuf's 2 GB limit, which every zoo model is far under).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import warnings
+
+from cnnx.export.errors import ExportError
+from cnnx.export.metadata import INPUT_NAME, OUTPUT_NAME, onnx_props
+
+# torchlib implements the ATen ops at opset 18; asked for less, torch runs onnx's version
+# converter and silently keeps 18 when that fails, so lower opsets are refused up front.
+MIN_OPSET = 18
+
+
+def supported_opsets() -> range:
+    """Opsets the installed torch exporter can write and the installed onnx can check."""
+    import onnx
+
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET as torch_max
+    except ImportError:  # a future torch that moved the constant: trust onnx's own maximum
+        torch_max = onnx.defs.onnx_opset_version()
+    return range(MIN_OPSET, min(torch_max, onnx.defs.onnx_opset_version()) + 1)
+
+
+def check_opset(opset) -> int | None:
+    if opset is None:
+        return None
+    ok = supported_opsets()
+    if int(opset) not in ok:
+        raise ExportError(
+            f"opset {opset} is not one the installed exporter can produce; supported: {ok.start}..{ok.stop - 1}"
+        )
+    return int(opset)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter talks on stdout and through logging; cnnx keeps stdout for results."""
+    # "" is the root logger: onnxruntime.quantization warns through it.
+    loggers = [logging.getLogger(n) for n in ("", "torch.onnx", "onnxscript", "torch.export", "torch._export")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def set_metadata(model, meta: dict) -> None:
+    """Replace the cnnx.* metadata_props of a ModelProto (other keys are kept)."""
+    keep = [(p.key, p.value) for p in model.metadata_props if not p.key.startswith("cnnx.")]
+    del model.metadata_props[:]
+    for k, v in keep + sorted(onnx_props(meta).items()):
+        p = model.metadata_props.add()
+        p.key, p.value = k, v
+
+
+def save_model(model, path) -> None:
+    import onnx
+
+    onnx.save_model(model, os.fspath(path), save_as_external_data=False)
+
+
+def export_onnx(module, example, path, *, meta: dict, opset: int | None = None):
+    """Export `module` (uint8 images -> logits) to `path`; returns the checked ModelProto."""
+    import torch
+
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        with _quiet():
+            program = torch.onnx.export(
+                module, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_shapes={"images": {0: batch}}, opset_version=opset, dynamo=True,
+                external_data=False, verbose=False,
+            )
+    except Exception as e:  # the exporter raises many types; the user needs the first line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"ONNX export failed: {msg[:300]}") from None
+    model = program.model_proto
+    if opset is not None:
+        got = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+        if got != opset:
+            raise ExportError(f"opset {opset} is not one the installed exporter can produce (it wrote opset {got})")
+    set_metadata(model, meta)
+    save_model(model, path)
+    check_onnx(path)
+    return model
+
+
+def check_onnx(path) -> None:
+    """onnx.checker (full check) and strict shape inference, plus the cnnx signature."""
+    import onnx
+
+    path = os.fspath(path)
+    try:
+        onnx.checker.check_model(path, full_check=True)
+        model = onnx.load(path)
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"the exported ONNX file fails onnx's checks: {msg[:300]}") from None
+    ins = [(i.name, i.type.tensor_type.elem_type) for i in model.graph.input]
+    outs = [o.name for o in model.graph.output]
+    if ins != [(INPUT_NAME, onnx.TensorProto.UINT8)] or outs != [OUTPUT_NAME]:
+        raise ExportError(f"the exported ONNX signature is {ins} -> {outs}, not uint8 {INPUT_NAME} -> {OUTPUT_NAME}")
+    dim0 = model.graph.input[0].type.tensor_type.shape.dim[0]
+    if not dim0.dim_param:
+        raise ExportError("the exported ONNX input has a fixed batch size; the contract is a dynamic one")

@@ -1,0 +1,28 @@
+"""TorchScript export (deprecated upstream, kept because users ask for it).
+
+cnnx writes TorchScript but never loads it (torch.jit.load unpickles): the parity gate runs
+the very ScriptModule object that was saved, and the tests check the saved file."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+from cnnx.export.errors import ExportError
+from cnnx.export.metadata import EXTRA_FILE, extra_file_bytes
+
+
+def export_torchscript(module, example, path, *, meta: dict):
+    """Trace `module` (eval mode, no control flow on data in the zoo) and save it with the
+    cnnx metadata as an extra file; returns the traced module for the parity gate."""
+    import torch
+
+    try:
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "torch.jit.trace is deprecated": said in the docs instead
+            traced = torch.jit.trace(module, (example,), check_trace=False)
+            traced.save(os.fspath(path), _extra_files={EXTRA_FILE: extra_file_bytes(meta)})
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"TorchScript export failed: {msg[:300]}") from None
+    return traced
