@@ -1,14 +1,255 @@
-"""`cnnx train` and `cnnx evaluate` (placeholder until the training loop lands)."""
+"""`cnnx train` and `cnnx evaluate`: thin click commands over cnnx.train.run / loop.
+
+This module is imported by `cnnx --help`, so it imports nothing heavy at module level:
+torch and the training code are imported inside the command functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
 import click
 
+from cnnx.train.config import AUGMENTATIONS, DEVICES, OPTIMIZERS, SCHEDULES, TrainConfig
+
+RECIPE = "default: the arch's recipe (cnnx/train/config.py)"
+
+# Options that are part of the run's config; on --resume only RESUMABLE may change.
+CONFIG_OPTIONS = ("arch", "pretrained", "data", "data_root", "cache_dir", "image_size", "val_fraction",
+                  "split_seed", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "label_smoothing",
+                  "schedule", "warmup", "aug", "crop_pad", "patience", "seed", "device", "workers", "threads",
+                  "channels_last", "bf16", "compile")
+RESUMABLE = ("epochs", "patience", "device", "workers", "threads", "cache_dir", "data_root", "compile")
+
+
+def _parse_aug(value):
+    if value is None:
+        return None
+    items = [a.strip() for a in value.split(",") if a.strip()]
+    if items == ["none"]:
+        return ()
+    bad = [a for a in items if a not in AUGMENTATIONS]
+    if bad:
+        raise click.BadParameter(f"unknown augmentation {bad[0]!r}; valid: {', '.join(AUGMENTATIONS)} or none",
+                                 param_hint="--aug")
+    return tuple(items)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
 
 @click.command()
-def train():
-    """Train a CNN; keep the best checkpoint under runs/<name>/."""
-    raise click.ClickException("cnnx train is not built yet")
+@click.option("--data", default="cifar10", show_default=True,
+              help="'cifar10' (torchvision) or an image folder: DIR/<class>/* or DIR/{train,val,test}/<class>/*.")
+@click.option("--data-root", type=click.Path(file_okay=False),
+              help="Folder holding (or to download) CIFAR-10's cifar-10-batches-py; default <cache>/datasets.")
+@click.option("--arch", default=TrainConfig.arch, show_default=True,
+              help="Model from the zoo (an unknown name lists the valid ones).")
+@click.option("--pretrained", is_flag=True, default=None,
+              help="Start from torchvision's ImageNet weights (resnet18, vgg16; must be in the local cache offline).")
+@click.option("--image-size", type=int, help="Input side in pixels for image folders; default the arch's (32 for CIFAR nets).")
+@click.option("--epochs", type=int, help=f"Passes over the training split; {RECIPE}.")
+@click.option("--batch-size", type=int, help=f"Images per optimizer step, over all processes; {RECIPE}.")
+@click.option("--lr", type=float, help=f"Peak learning rate; {RECIPE}.")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), help=f"Optimizer (sgd is Nesterov); {RECIPE}.")
+@click.option("--weight-decay", type=float, help=f"Weight decay; {RECIPE}.")
+@click.option("--label-smoothing", type=float, help=f"Label smoothing in [0, 1); {RECIPE}.")
+@click.option("--schedule", type=click.Choice(SCHEDULES), help=f"Learning-rate schedule after the warm-up; {RECIPE}.")
+@click.option("--warmup", type=float, help=f"Fraction of all steps spent warming the lr up; {RECIPE}.")
+@click.option("--aug", help=f"Comma list of batch augmentations from {', '.join(AUGMENTATIONS)}, or 'none'; {RECIPE}.")
+@click.option("--crop-pad", type=int, help=f"Reflect padding in pixels for the random crop; {RECIPE}.")
+@click.option("--patience", type=int, help="Stop after this many epochs without a better val top-1 (0 = never).")
+@click.option("--val-fraction", type=float, help="Share of each class held out for validation when the data has no val split (0.1).")
+@click.option("--split-seed", type=int, help="Seed of the held-out split (0); keep it to compare runs on the same split.")
+@click.option("--seed", type=int, help="Seed of model init, batch order and augmentation (0).")
+@click.option("--device", type=click.Choice(DEVICES), help="Where to train: auto (CUDA when present), cpu or cuda.")
+@click.option("--workers", type=int, help="Processes decoding image files (default one per CPU core, at most 8).")
+@click.option("--threads", type=int, help="torch CPU threads per process (default: cores / processes on this node).")
+@click.option("--channels-last/--no-channels-last", default=None, help="Memory format (default: on for CUDA, off for CPU).")
+@click.option("--bf16/--no-bf16", default=None, help="bf16 autocast (default: on for CUDA, off for CPU).")
+@click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the model (worth it on CUDA).")
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="Cache of decoded images (default $CNNX_CACHE, else $XDG_CACHE_HOME/cnnx or ~/.cache/cnnx).")
+@click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False), help="Folder of run folders.")
+@click.option("--name", help="Run folder name under --out (default <arch>-<date>-<time>).")
+@click.option("--resume", type=click.Path(), help="Continue a run exactly from its folder or its last.pt.")
+@click.option("--stop-after", type=click.IntRange(min=1),
+              help="Stop after this many epochs of this invocation (the schedule still plans --epochs); resume later.")
+@click.option("--quiet", is_flag=True, help="No progress bars (the per-epoch lines stay).")
+@click.pass_context
+def train(ctx, out, name, resume, stop_after, quiet, compile_, aug, **opts):
+    """Train a CNN; keep the best checkpoint, curves and per-class accuracy under OUT/NAME/.
+
+    Writes best.pt, last.pt, metrics.csv, per_class.csv, config.json and plots/*.png. Under
+    `torchrun --nproc-per-node N -m cnnx train ...` each process trains a shard and only rank 0 writes.
+    """
+    from cnnx.runtime.preprocess import SpecError
+    from cnnx.train.checkpoint import CheckpointError
+    from cnnx.train.config import ConfigError, resolve_config
+    from cnnx.train.data import DataError
+    from cnnx.train.zoo import ARCHS, UnknownArch
+
+    opts["compile"] = compile_
+    opts["aug"] = _parse_aug(aug)
+    given = {k for k in CONFIG_OPTIONS
+             if ctx.get_parameter_source(k if k != "compile" else "compile_") == click.core.ParameterSource.COMMANDLINE}
+    resume_ckpt = None
+    try:
+        if resume:
+            from cnnx.train.run import resume_state
+
+            changed = sorted(given - set(RESUMABLE))
+            if changed:
+                raise click.UsageError(
+                    f"--resume continues the run's own config; cannot change {', '.join('--' + c.replace('_', '-') for c in changed)} "
+                    f"(only {', '.join('--' + c.replace('_', '-') for c in RESUMABLE)})")
+            cfg, resume_ckpt = resume_state(resume)
+            from dataclasses import replace
+
+            cfg = replace(cfg, **{k: opts[k] for k in given})
+            from cnnx.train.config import check_config
+
+            check_config(cfg)
+            if resume_ckpt["epoch"] >= cfg.epochs:
+                raise click.UsageError(f"{resume} already finished {resume_ckpt['epoch']} of {cfg.epochs} epochs; "
+                                       f"pass a larger --epochs to train further")
+            run_dir = Path(resume)
+            run_dir = run_dir if run_dir.is_dir() else run_dir.parent
+        else:
+            if opts["arch"] not in ARCHS:
+                raise click.BadParameter(f"unknown arch {opts['arch']!r}; valid: {', '.join(ARCHS)}",
+                                         param_hint="--arch")
+            data = opts["data"]
+            if data != "cifar10":
+                p = Path(data).expanduser()
+                if not p.exists():
+                    raise click.BadParameter(f"no such folder: {data} (or pass --data cifar10)", param_hint="--data")
+                if not p.is_dir():
+                    raise click.BadParameter(f"not a folder: {data}", param_hint="--data")
+                opts["data"] = str(p.resolve())
+            for k in ("data_root", "cache_dir"):
+                if opts.get(k):
+                    opts[k] = str(Path(opts[k]).expanduser().resolve())
+            if opts.get("pretrained"):
+                import inspect
+
+                if "pretrained" not in inspect.signature(ARCHS[opts["arch"]].build).parameters:
+                    able = [n for n, a in ARCHS.items() if "pretrained" in inspect.signature(a.build).parameters]
+                    raise click.BadParameter(f"{opts['arch']} has no pretrained weights; archs that do: {', '.join(able)}",
+                                             param_hint="--pretrained")
+            arch = opts.pop("arch")
+            cfg = resolve_config(arch, **opts)
+            if not name:
+                name = f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+            if "/" in name or name in (".", ".."):
+                raise click.BadParameter(f"must be a plain folder name, got {name!r}", param_hint="--name")
+            run_dir = Path(out) / name
+            if _rank() == 0 and run_dir.exists() and any(run_dir.iterdir()):
+                raise click.ClickException(
+                    f"run folder {run_dir} already exists; continue it with --resume {run_dir} or choose another --name")
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    except (CheckpointError, DataError) as e:
+        raise click.ClickException(str(e)) from None
+
+    from cnnx.train.run import fit
+
+    try:
+        summary = fit(cfg, run_dir, resume=resume_ckpt, stop_after=stop_after, progress=not quiet)
+    except (DataError, CheckpointError, UnknownArch, SpecError) as e:
+        raise click.ClickException(str(e)) from None
+    except ValueError as e:  # device/config combinations only known at run time (e.g. --device cuda without CUDA)
+        raise click.ClickException(str(e).splitlines()[0]) from None
+    if _rank() == 0:
+        line = (f"best val top-1 {summary['best_val_top1']:.4f} at epoch {summary['best_epoch']} "
+                f"({summary['epochs_run']} epochs, {summary['train_seconds']:.1f}s training)")
+        if "test" in summary:
+            line += f"; test top-1 {summary['test']['top1']:.4f}"
+        click.echo(f"{summary['best']}\t{line}")
+
+
+def _pick_split(layout, split, data):
+    if "all" in layout:
+        if split:
+            raise click.BadParameter(f"{data} has no train/val/test folders", param_hint="--split")
+        return layout["all"]
+    if split:
+        if split not in layout:
+            raise click.BadParameter(f"{data} has no {split}/ folder (it has {', '.join(sorted(layout))})",
+                                     param_hint="--split")
+        return layout[split]
+    for s in ("test", "val"):
+        if s in layout:
+            return layout[s]
+    raise click.BadParameter(f"{data} has only {', '.join(sorted(layout))}/; pass --split train to evaluate on it",
+                             param_hint="--split")
 
 
 @click.command()
-def evaluate():
-    """Evaluate a checkpoint on a labelled image folder."""
-    raise click.ClickException("cnnx evaluate is not built yet")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--data", required=True, type=click.Path(), help="Labelled image folder: DIR/<class>/* or DIR/{train,val,test}/<class>/*.")
+@click.option("--split", type=click.Choice(("train", "val", "test")), help="Which split of a DIR/{train,val,test} folder (default test, else val).")
+@click.option("--batch-size", default=512, show_default=True, type=click.IntRange(min=1), help="Images per forward pass.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES), help="Where to run the model.")
+@click.option("--workers", type=click.IntRange(min=0), help="Processes decoding image files (default one per core, at most 8).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache of decoded images (default as for cnnx train).")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Confusion-matrix PNG to write (default <checkpoint folder>/confusion_<data name>.png).")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object instead of a table.")
+def evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, plot, as_json):
+    """Top-1, top-5, per-class accuracy and confusion matrix of CHECKPOINT on a labelled image folder."""
+    import torch
+
+    from cnnx.train import loop, plots
+    from cnnx.train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+    from cnnx.train.data import DataError, folder_layout, load_image_folder
+
+    try:
+        ckpt = load_checkpoint(checkpoint)
+        model = model_from_checkpoint(ckpt)
+        layout = folder_layout(data)
+        folder = _pick_split(layout, split, data)
+        d = load_image_folder(folder, ckpt["preprocess"], progress=True, cache=cache_dir, workers=workers)
+    except (CheckpointError, DataError) as e:
+        raise click.ClickException(str(e)) from None
+    names = list(ckpt["class_names"])
+    unknown = [c for c in d.class_names if c not in names]
+    if unknown:
+        raise click.ClickException(f"{folder} has classes the checkpoint does not know: {', '.join(unknown[:10])}"
+                                   f"{' ...' if len(unknown) > 10 else ''} (it knows: {', '.join(names)})")
+    if d.skipped:
+        click.echo(f"skipped {len(d.skipped)} unreadable file(s):", err=True)
+        for p, why in d.skipped[:20]:
+            click.echo(f"  {p}: {why}", err=True)
+        if len(d.skipped) > 20:
+            click.echo(f"  ... and {len(d.skipped) - 20} more", err=True)
+    if len(d.labels) == 0:
+        raise click.ClickException(f"no readable images in {folder}")
+    remap = torch.tensor([names.index(c) for c in d.class_names])
+    labels = remap[d.labels]
+    try:
+        dev = loop.resolve_device(device, loop.Dist())
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    spec = ckpt["preprocess"]
+    m = loop.evaluate(model, d.images, labels, mean=spec["mean"], std=spec["std"], batch_size=batch_size,
+                      device=dev, num_classes=len(names))
+    plot_path = Path(plot) if plot else Path(checkpoint).resolve().parent / f"confusion_{Path(folder).resolve().name}.png"
+    plots.plot_confusion(m["confusion"], names, plot_path,
+                         title=f"{Path(checkpoint).name} on {folder} ({m['n']} images)")
+    if as_json:
+        click.echo(json.dumps({"checkpoint": str(checkpoint), "data": str(folder), "n": m["n"], "loss": m["loss"],
+                               "top1": m["top1"], "top5": m["top5"],
+                               "per_class": {c: (None if v != v else v) for c, v in zip(names, m["per_class"])},
+                               "confusion": m["confusion"], "class_names": names, "skipped": len(d.skipped),
+                               "plot": str(plot_path)}))
+    else:
+        click.echo(f"images\t{m['n']}\ntop1\t{m['top1']:.4f}\ntop5\t{m['top5']:.4f}\nloss\t{m['loss']:.4f}")
+        for c, v in zip(names, m["per_class"]):
+            click.echo(f"top1[{c}]\t{'-' if v != v else f'{v:.4f}'}")
+    click.echo(f"confusion matrix: {plot_path}", err=True)
+    sys.stdout.flush()

@@ -1,0 +1,153 @@
+"""The hyperparameters of `cnnx train`: one frozen dataclass of defaults (units beside each
+value) and one dict of per-arch recipes that override them. Resolution order:
+TrainConfig defaults < RECIPES[arch] < what the user passed on the command line.
+
+To change a recipe, edit RECIPES only; the CLI, checkpoints and config.json follow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+OPTIMIZERS = ("sgd", "adamw", "adam")
+SCHEDULES = ("onecycle", "cosine", "constant")
+AUGMENTATIONS = ("crop", "flip", "cutout")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    arch: str = "airnet"
+    arch_kwargs: tuple = ()         # (name, value) pairs passed to the zoo constructor
+    pretrained: bool = False        # torchvision ImageNet weights (from the local cache)
+    data: str = "cifar10"           # "cifar10" or an image folder (absolute path once resolved)
+    data_root: str | None = None    # where CIFAR-10 is looked for / downloaded; None = <cache>/datasets
+    cache_dir: str | None = None    # decoded-tensor cache; None = $CNNX_CACHE or ~/.cache/cnnx
+    image_size: int | None = None   # pixels (square); None = the arch's default (32 for CIFAR nets)
+    val_fraction: float = 0.1       # share of each class held out when the data has no val split
+    split_seed: int = 0             # seeds the held-out split only, so it stays fixed across runs
+    epochs: int = 10                # passes over the training split
+    batch_size: int = 512           # images per optimizer step, summed over all ranks
+    lr: float = 0.1                 # peak learning rate (per step, loss averaged over the batch)
+    optimizer: str = "sgd"          # sgd (Nesterov) | adamw | adam
+    momentum: float = 0.9           # sgd momentum; adam(w) beta1
+    weight_decay: float = 5e-4      # L2 (sgd, adam) or decoupled (adamw), per step, times lr
+    label_smoothing: float = 0.0    # probability mass spread over the other classes
+    schedule: str = "onecycle"      # lr as a function of the step: onecycle | cosine | constant
+    warmup: float = 0.1             # fraction of all steps spent ramping lr up from 0 (linear)
+    final_lr: float = 0.0           # lr at the last step, as a fraction of the peak
+    aug: tuple = ("crop", "flip")   # whole-batch augmentations on the device
+    crop_pad: int = 4               # pixels of reflect padding before the random crop
+    cutout: int = 8                 # side in pixels of the square zeroed by "cutout"
+    patience: int = 0               # epochs without a better val top-1 before stopping; 0 = never
+    seed: int = 0                   # model init, batch order and augmentation
+    eval_batch_size: int = 1024     # images per forward pass during evaluation
+    device: str = "auto"            # auto (cuda when present) | cpu | cuda
+    workers: int | None = None      # image-decoding processes; None = one per CPU core (max 8)
+    threads: int | None = None      # torch CPU threads per process; None = cores / local ranks
+    channels_last: bool | None = None  # memory format; None = on for CUDA, off for CPU (measured slower)
+    bf16: bool | None = None        # bf16 autocast; None = on for CUDA, off for CPU
+    compile: bool = False           # torch.compile the model (CUDA: faster after a warm-up)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["arch_kwargs"] = dict(self.arch_kwargs)
+        d["aug"] = list(self.aug)
+        return d
+
+
+# Per-arch recipes: only what differs from the defaults above. Tuned by benchmarks/recipe_*.py.
+RECIPES: dict[str, dict] = {
+    "airnet": dict(
+        epochs=10, batch_size=512, lr=0.2, optimizer="sgd", weight_decay=5e-4,
+        label_smoothing=0.2, schedule="onecycle", warmup=0.2, aug=("crop", "flip"), crop_pad=2,
+    ),
+    "seed-cnn": dict(
+        epochs=8, batch_size=128, lr=2e-3, optimizer="adamw", weight_decay=0.05,
+        label_smoothing=0.1, schedule="onecycle", warmup=0.1, aug=("crop", "flip"),
+    ),
+    "seed-vgg": dict(
+        epochs=30, batch_size=256, lr=0.05, optimizer="sgd", weight_decay=5e-4,
+        label_smoothing=0.1, schedule="onecycle", warmup=0.15,
+    ),
+    "resnet18-cifar": dict(
+        epochs=30, batch_size=256, lr=0.1, optimizer="sgd", weight_decay=5e-4,
+        label_smoothing=0.1, schedule="onecycle", warmup=0.15,
+    ),
+    "resnet18": dict(epochs=10, batch_size=128, lr=1e-3, optimizer="adamw", weight_decay=0.05, crop_pad=16),
+    "vgg16": dict(epochs=10, batch_size=64, lr=1e-3, optimizer="adamw", weight_decay=0.05, crop_pad=16),
+}
+
+FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def resolve_config(arch: str, **given) -> TrainConfig:
+    """Defaults < RECIPES[arch] < `given` (None values mean "not given"). Unknown names and
+    out-of-range values raise ConfigError with the valid choices."""
+    unknown = sorted(set(given) - set(FIELD_NAMES))
+    if unknown:
+        raise ConfigError(f"unknown config name(s) {', '.join(unknown)}; valid: {', '.join(FIELD_NAMES)}")
+    values = {**RECIPES.get(arch, {}), **{k: v for k, v in given.items() if v is not None}, "arch": arch}
+    for k in ("aug", "arch_kwargs"):
+        if k in values and isinstance(values[k], (list, dict)):
+            values[k] = tuple(values[k].items()) if isinstance(values[k], dict) else tuple(values[k])
+    cfg = replace(TrainConfig(), **values)
+    check_config(cfg)
+    return cfg
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    """Rebuild a TrainConfig from config.json / a checkpoint's config (extra resolved keys ignored)."""
+    values = {k: d[k] for k in FIELD_NAMES if k in d}
+    values["aug"] = tuple(values.get("aug", ()))
+    values["arch_kwargs"] = tuple(dict(values.get("arch_kwargs", {})).items())
+    cfg = replace(TrainConfig(), **values)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(c: TrainConfig) -> None:
+    def bad(name, msg):
+        raise ConfigError(f"--{name.replace('_', '-')}: {msg}")
+
+    if c.optimizer not in OPTIMIZERS:
+        bad("optimizer", f"unknown {c.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    if c.schedule not in SCHEDULES:
+        bad("schedule", f"unknown {c.schedule!r}; valid: {', '.join(SCHEDULES)}")
+    if c.device not in DEVICES:
+        bad("device", f"unknown {c.device!r}; valid: {', '.join(DEVICES)}")
+    for a in c.aug:
+        if a not in AUGMENTATIONS:
+            bad("aug", f"unknown augmentation {a!r}; valid: {', '.join(AUGMENTATIONS)} (or none)")
+    if c.epochs < 1:
+        bad("epochs", f"must be at least 1, got {c.epochs}")
+    if c.batch_size < 1:
+        bad("batch_size", f"must be at least 1, got {c.batch_size}")
+    if c.eval_batch_size < 1:
+        bad("eval_batch_size", f"must be at least 1, got {c.eval_batch_size}")
+    if not c.lr > 0:
+        bad("lr", f"must be positive, got {c.lr}")
+    if c.weight_decay < 0:
+        bad("weight_decay", f"must be >= 0, got {c.weight_decay}")
+    if not 0 <= c.label_smoothing < 1:
+        bad("label_smoothing", f"must be in [0, 1), got {c.label_smoothing}")
+    if not 0 <= c.warmup < 1:
+        bad("warmup", f"must be a fraction in [0, 1), got {c.warmup}")
+    if not 0 <= c.final_lr <= 1:
+        bad("final_lr", f"must be a fraction in [0, 1], got {c.final_lr}")
+    if not 0 < c.val_fraction < 1:
+        bad("val_fraction", f"must be in (0, 1), got {c.val_fraction}")
+    if c.patience < 0:
+        bad("patience", f"must be >= 0, got {c.patience}")
+    if c.crop_pad < 0 or c.cutout < 0:
+        bad("crop_pad", "padding and cutout sizes must be >= 0")
+    if c.image_size is not None and c.image_size < 8:
+        bad("image_size", f"must be at least 8 pixels, got {c.image_size}")
+    if c.workers is not None and c.workers < 0:
+        bad("workers", f"must be >= 0, got {c.workers}")
+    if c.threads is not None and c.threads < 1:
+        bad("threads", f"must be >= 1, got {c.threads}")
