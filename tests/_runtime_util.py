@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,10 @@ def make_onnx_model(path: Path, *, arch: str = "seed-cnn", size: int = 32, class
     dtype = torch.uint8 if input_dtype == "uint8" else torch.float32
     example = torch.randint(0, 256, (2, 3, size, size)).to(dtype)
     buf = io.BytesIO()
-    torch.onnx.export(model, (example,), buf, input_names=["images"], output_names=["logits"],
-                      dynamic_axes={"images": {0: "N"}, "logits": {0: "N"}}, dynamo=False, opset_version=17)
+    with warnings.catch_warnings():  # the small TorchScript-based exporter is deprecated, and quick
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (example,), buf, input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "N"}, "logits": {0: "N"}}, dynamo=False, opset_version=17)
     proto = onnx.load_from_string(buf.getvalue())
     props = {
         "cnnx.class_names": json.dumps(list(class_names)),
@@ -70,3 +73,29 @@ def photo_like(h: int, w: int, seed: int = 0) -> np.ndarray:
     noise = np.kron(small, np.ones(reps[:2] + (1,), np.float32))[:h, :w]
     fine = rng.normal(0, 6, (h, w, 3)).astype(np.float32)
     return np.clip(base + noise + fine, 0, 255).astype(np.uint8)
+
+
+_EXPORTED: dict = {}
+
+
+def exported_model(base: Path, *, arch: str = "seed-cnn", class_names=CLASSES, seed: int = 0) -> Path:
+    """A real `cnnx export` ONNX model (checkpoint -> export_checkpoint, parity gate included)
+    of a seeded, untrained model; built once per (arch, classes, seed) per test session."""
+    key = (arch, tuple(class_names), seed)
+    if key not in _EXPORTED:
+        import torch
+
+        from cnnx.export.api import export_checkpoint
+        from cnnx.runtime.preprocess import make_spec
+        from cnnx.train.checkpoint import build_checkpoint, save_checkpoint
+        from cnnx.train.zoo import create_model
+
+        torch.manual_seed(seed)
+        model = create_model(arch, len(class_names))
+        folder = Path(base) / f"export-{arch}-{seed}-{len(_EXPORTED)}"
+        ckpt = build_checkpoint(model=model, arch=arch, arch_kwargs={}, class_names=list(class_names),
+                                preprocess=make_spec(32, CIFAR_MEAN, CIFAR_STD), epoch=0, metrics={}, config={})
+        save_checkpoint(ckpt, folder / "best.pt")
+        result = export_checkpoint(folder / "best.pt", folder / "export", formats=("onnx",), parity_images=8)
+        _EXPORTED[key] = Path(result.paths["onnx"])
+    return _EXPORTED[key]

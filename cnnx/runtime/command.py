@@ -158,6 +158,11 @@ def classify(paths, model_path, output, fmt, topk, batch_size, workers, device, 
                 if first_batch_s is None:
                     first_batch_s = time.perf_counter() - t0
             progress.update(classified, sum(skipped.values()))
+    except BrokenPipeError:
+        # stdout closed early (`| head`): stop quietly, as other Unix tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(1)
     except OSError as e:
         raise click.ClickException(f"cannot write: {e.strerror or e}: {e.filename or output}") from None
     finally:

@@ -1,0 +1,184 @@
+"""The one preprocess implementation: libjpeg-turbo fast path, EXIF orientation, Pillow path,
+and the errors it raises. Real files written with Pillow; nothing is mocked."""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import numpy as np
+import pytest
+import simplejpeg
+from PIL import Image, ImageOps
+
+from cnnx.runtime.preprocess import (PREPROCESS_VERSION, ImageError, SpecError, jpeg_orientation, load_image,
+                                     make_spec, orient, validate_spec)
+from tests._runtime_util import photo_like
+
+SPEC32 = make_spec(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+def jpeg_bytes(arr, quality=92, exif=None, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=quality, **({"exif": exif} if exif is not None else {}), **kw)
+    return buf.getvalue()
+
+
+def exif_with_orientation(value: int) -> bytes:
+    ex = Image.Exif()
+    ex[0x0112] = value
+    return ex.tobytes()
+
+
+def quadrants(h=60, w=80):
+    """Red top-left, green top-right, blue bottom-left, white bottom-right."""
+    a = np.zeros((h, w, 3), np.uint8)
+    a[: h // 2, : w // 2] = (255, 0, 0)
+    a[: h // 2, w // 2:] = (0, 255, 0)
+    a[h // 2:, : w // 2] = (0, 0, 255)
+    a[h // 2:, w // 2:] = (255, 255, 255)
+    return a
+
+
+def test_version_bumped_for_the_libjpeg_turbo_path():
+    assert PREPROCESS_VERSION >= 2
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orient_is_the_same_permutation_as_pillow_exif_transpose(orientation):
+    arr = np.random.default_rng(orientation).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG", exif=exif_with_orientation(orientation))
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue()))))
+    assert np.array_equal(orient(arr, orientation), expected)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_read_from_the_jpeg_header(orientation):
+    data = jpeg_bytes(quadrants(), exif=exif_with_orientation(orientation))
+    assert jpeg_orientation(data) == (orientation, None)
+
+
+def test_exif_rotated_photo_is_rotated_before_resizing():
+    # Stored landscape 80x60, orientation 6 = "rotate 90 clockwise to view": viewed portrait,
+    # red (stored top-left) ends up top-right.
+    data = jpeg_bytes(quadrants(), quality=98, exif=exif_with_orientation(6))
+    spec = make_spec((40, 30), (0.5,) * 3, (0.25,) * 3)
+    arr, note = load_image(data, spec)
+    assert note is None and arr.shape == (3, 40, 30)
+    top_right, top_left = arr[:, 5, 25], arr[:, 5, 5]
+    assert top_right[0] > 200 and top_right[1] < 60  # red
+    assert top_left[2] > 200 and top_left[0] < 60  # blue (stored bottom-left)
+
+
+def test_malformed_exif_keeps_the_pixels_and_says_so():
+    good = jpeg_bytes(quadrants(), quality=95)
+    bad_exif = b"Exif\0\0" + b"XX*\0garbage"  # byte order that is neither II nor MM
+    seg = b"\xff\xe1" + struct.pack(">H", len(bad_exif) + 2) + bad_exif
+    data = good[:2] + seg + good[2:]
+    arr, note = load_image(data, make_spec((60, 80), (0.5,) * 3, (0.25,) * 3))
+    assert note == "malformed EXIF ignored"
+    expected, _ = load_image(good, make_spec((60, 80), (0.5,) * 3, (0.25,) * 3))
+    assert np.array_equal(arr, expected)
+
+
+def test_image_of_the_model_size_passes_through_the_decoder_unchanged():
+    arr = photo_like(32, 32, seed=1)
+    data = jpeg_bytes(arr)
+    out, _ = load_image(data, SPEC32)
+    assert np.array_equal(out, simplejpeg.decode_jpeg(data, colorspace="RGB").transpose(2, 0, 1))
+    png = io.BytesIO()
+    Image.fromarray(arr).save(png, "PNG")
+    out, _ = load_image(png.getvalue(), SPEC32)
+    assert np.array_equal(out, arr.transpose(2, 0, 1))
+
+
+def test_large_jpeg_is_dct_scaled_and_close_to_a_full_decode():
+    arr = photo_like(1200, 1600, seed=2)
+    data = jpeg_bytes(arr)
+    fast, _ = load_image(data, SPEC32)
+    full = Image.open(io.BytesIO(data)).convert("RGB")
+    ref = np.asarray(full.resize((32, 32), Image.Resampling.BILINEAR, box=(200, 0, 1400, 1200))).transpose(2, 0, 1)
+    assert fast.shape == (3, 32, 32) and fast.dtype == np.uint8
+    assert np.abs(fast.astype(int) - ref.astype(int)).mean() < 4
+
+
+def test_truncated_jpeg_is_an_error_not_a_gray_image():
+    data = jpeg_bytes(photo_like(200, 300, seed=3))
+    for cut in (len(data) // 2, len(data) - 10):
+        with pytest.raises(ImageError) as e:
+            load_image(data[:cut], SPEC32)
+        assert e.value.stage == "decode"
+
+
+def test_corrupt_jpeg_data_is_an_error():
+    # JPEG has no checksum, so only damage libjpeg notices can be reported: a stray restart
+    # marker mid-scan, or a run of zeros that leaves extraneous bytes before the end marker.
+    data = jpeg_bytes(photo_like(200, 300, seed=4))
+    n = len(data)
+    for damaged in (data[: n // 2] + b"\xff\xd3" + data[n // 2:], data[: n // 2] + b"\0" * 200 + data[n // 2 + 200:]):
+        with pytest.raises(ImageError, match="corrupt JPEG data") as e:
+            load_image(damaged, SPEC32)
+        assert e.value.stage == "decode"
+
+
+def test_jpeg_bomb_is_refused_from_the_header():
+    data = bytearray(jpeg_bytes(photo_like(16, 16)))
+    sof = data.find(b"\xff\xc0")
+    struct.pack_into(">HH", data, sof + 5, 60000, 60000)  # claims 3.6 gigapixels
+    with pytest.raises(ImageError, match="decompression bomb"):
+        load_image(bytes(data), SPEC32)
+
+
+def test_png_over_the_pixel_limit_is_refused_before_decoding():
+    buf = io.BytesIO()
+    Image.new("L", (3000, 3000)).save(buf, "PNG")  # compresses to a few KB
+    with pytest.raises(ImageError, match="decompression bomb") as e:
+        load_image(buf.getvalue(), SPEC32, max_pixels=4_000_000)
+    assert e.value.stage == "open"
+
+
+def test_cmyk_jpeg_goes_through_pillow():
+    buf = io.BytesIO()
+    Image.fromarray(photo_like(40, 40, seed=5)).convert("CMYK").save(buf, "JPEG", quality=95)
+    out, _ = load_image(buf.getvalue(), make_spec(40, (0.5,) * 3, (0.25,) * 3))
+    ref = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")).transpose(2, 0, 1)
+    assert np.array_equal(out, ref)
+
+
+def test_sixteen_bit_gray_is_scaled_not_clipped():
+    a = np.full((32, 32), 40000, np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    out, _ = load_image(buf.getvalue(), SPEC32)
+    assert out.min() == out.max() == 40000 >> 8
+
+
+def test_empty_and_not_an_image():
+    with pytest.raises(ImageError, match="empty") as e:
+        load_image(b"", SPEC32)
+    assert e.value.stage == "open"
+    with pytest.raises(ImageError, match="not an image"):
+        load_image(b"hello, I am text\n", SPEC32)
+
+
+def test_heic_without_a_decoder_is_skipped_with_a_hint():
+    data = struct.pack(">I", 24) + b"ftypheic" + b"\0\0\0\0mif1heic" + b"\0" * 64
+    with pytest.raises(ImageError, match="HEIC"):
+        load_image(data, SPEC32)
+
+
+def test_fifo_is_never_opened_for_reading(tmp_path):
+    import os
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageError, match="not a regular file"):
+        load_image(fifo, SPEC32)  # would block forever if it were read
+
+
+def test_spec_validation_names_the_valid_choices():
+    bad = dict(SPEC32, interpolation="lanczos")
+    with pytest.raises(SpecError, match="bilinear"):
+        validate_spec(bad)
+    with pytest.raises(SpecError, match="lacks"):
+        validate_spec({"size": [32, 32]})
