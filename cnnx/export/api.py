@@ -255,10 +255,14 @@ def export_checkpoint(checkpoint_path, out_dir=None, formats=("onnx",), *, opset
             more = len(report.failures) - 1
             raise ParityError(f"parity gate failed: {first}" + (f" (and {more} more)" if more else ""), report)
         final = {}
-        for name, p in paths.items():
-            dest = out_dir / p.name
-            os.replace(p, dest)
-            final[name] = dest
+        # model.onnx goes last and is stamped now: `cnnx classify` without --model takes the
+        # newest *.onnx under runs/, which must be the fp32 model, not a variant beside it.
+        for name in sorted(paths, key=lambda n: n == "onnx"):
+            final[name] = out_dir / paths[name].name
+            os.replace(paths[name], final[name])
+        if "onnx" in final:
+            os.utime(final["onnx"])
+        final = {n: final[n] for n in paths}
     except BaseException:
         _cleanup(out_dir, staging, created)
         raise

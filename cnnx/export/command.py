@@ -1,14 +1,81 @@
-"""`cnnx export` and `cnnx info` (placeholder until the exporter lands)."""
+"""`cnnx export` and `cnnx info`. Thin: the work is in cnnx.export.api and cnnx.export.modelinfo;
+heavy imports happen inside the functions (`cnnx --help` must not import torch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
 import click
 
+from cnnx.export.api import FORMATS
+
+
+def newest_checkpoint(root: Path = Path("runs")) -> Path:
+    found = [p for p in root.glob("*/best.pt") if p.is_file()]
+    if not found:
+        raise click.UsageError(f"no CHECKPOINT given and no {root}/*/best.pt here: run `cnnx train` or name a checkpoint")
+    return max(found, key=lambda p: p.stat().st_mtime_ns)
+
 
 @click.command()
-def export():
-    """Export a checkpoint to ONNX / TorchScript / pt2 behind a parity gate."""
-    raise click.ClickException("cnnx export is not built yet")
+@click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
+@click.option("--format", "formats", multiple=True, default=("onnx",), show_default=True,
+              type=click.Choice(FORMATS + ("all",)), help="What to write; repeat the option for several.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              help="Output folder [default: export/ beside the checkpoint].")
+@click.option("--opset", type=int, help="ONNX opset [default: the exporter's].")
+@click.option("--verify-data", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Image folder (DIR/<class>/*) for the parity gate and int8 calibration "
+                   "[default: the run's validation split].")
+@click.option("--fp16", is_flag=True, help="Also write a float16 ONNX variant (input stays uint8).")
+@click.option("--int8", is_flag=True, help="Also write a statically quantised int8 ONNX variant for the CPU.")
+@click.option("--parity-images", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="At most this many real images in the parity gate.")
+def export(checkpoint, formats, out_dir, opset, verify_data, fp16, int8, parity_images):
+    """Export CHECKPOINT (default: the newest runs/*/best.pt) behind a parity gate.
+
+    Every export is compared with eager PyTorch on real and random images; a broken bound
+    fails the export and leaves the output folder as it was. Written files go to stdout.
+    """
+    from cnnx.export.errors import ExportError, ParityError
+    from cnnx.export.onnx import check_opset
+
+    try:
+        check_opset(opset)
+    except ExportError as e:
+        raise click.BadParameter(str(e), param_hint="--opset") from None
+    if checkpoint is None:
+        checkpoint = newest_checkpoint()
+        click.echo(f"checkpoint: {checkpoint} (newest runs/*/best.pt)", err=True)
+
+    from cnnx.export.api import export_checkpoint
+
+    try:
+        result = export_checkpoint(checkpoint, out_dir, formats, opset=opset, verify_data=verify_data, fp16=fp16,
+                                   int8=int8, progress=True, parity_images=parity_images,
+                                   log=lambda msg: click.echo(msg, err=True))
+    except ParityError as e:
+        click.echo(e.report.table(), err=True)
+        raise click.ClickException(str(e)) from None
+    except ExportError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(result.parity.table(), err=True)
+    click.echo(f"parity gate passed; wrote {len(result.paths)} files to {result.out_dir}", err=True)
+    for path in result.paths.values():
+        click.echo(str(path))
 
 
 @click.command()
-def info():
-    """Show an exported model's inputs, outputs, metadata and usable providers."""
-    raise click.ClickException("cnnx info is not built yet")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the information as one JSON object.")
+def info(model, as_json):
+    """Show MODEL's inputs, outputs, metadata, and the onnxruntime providers it runs on here."""
+    import json
+
+    from cnnx.export.modelinfo import ModelInfoError, describe, format_info
+
+    try:
+        d = describe(model)
+    except ModelInfoError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(d, indent=1) if as_json else format_info(d))

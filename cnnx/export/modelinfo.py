@@ -1,0 +1,146 @@
+"""What `cnnx info` shows about an exported model, without torch: ONNX files through
+onnxruntime, TorchScript / pt2 archives by reading their cnnx.json from the zip (never
+unpickling anything)."""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+
+from cnnx.export.metadata import EXTRA_FILE
+
+ORT_TYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32", "tensor(float16)": "float16",
+             "tensor(int64)": "int64", "tensor(int8)": "int8", "tensor(int32)": "int32"}
+
+
+class ModelInfoError(Exception):
+    """A file `cnnx info` cannot describe; one line for the user."""
+
+
+def _decode(meta: dict) -> dict:
+    out = {}
+    for k, v in sorted(meta.items()):
+        try:
+            out[k] = json.loads(v) if k.startswith("cnnx.") and v[:1] in "[{" else v
+        except ValueError:
+            out[k] = v
+    return out
+
+
+def _providers(path) -> dict:
+    """provider -> "yes" / "no (why)" / "not checked": whether a session really runs on it."""
+    import onnxruntime as ort
+
+    result = {}
+    for p in ort.get_available_providers():
+        if p == "CPUExecutionProvider":
+            result[p] = "yes"
+            continue
+        if p != "CUDAExecutionProvider":
+            # TensorRT and friends build engines when a session is created: minutes, not a probe.
+            result[p] = "available, not checked"
+            continue
+        if not _cuda_driver_present():
+            result[p] = "no (no CUDA driver on this machine)"
+            continue
+        try:
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 4
+            s = ort.InferenceSession(os.fspath(path), opts, providers=[p, "CPUExecutionProvider"])
+            result[p] = "yes" if s.get_providers()[0] == p else "no (the session fell back to CPU)"
+        except Exception as e:  # noqa: BLE001 - any failure means "not usable here"
+            result[p] = f"no ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})"
+    return result
+
+
+def _cuda_driver_present() -> bool:
+    """libcuda is what onnxruntime's CUDA provider loads first; without it, it only logs errors."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
+
+
+def describe_onnx(path) -> dict:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        s = ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for bad files
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelInfoError(f"onnxruntime cannot load {path}: {msg[:200]}") from None
+
+    def io(args):
+        return [{"name": a.name, "dtype": ORT_TYPES.get(a.type, a.type), "shape": list(a.shape)} for a in args]
+
+    m = s.get_modelmeta()
+    info = {"path": os.fspath(path), "format": "onnx", "producer": m.producer_name, "inputs": io(s.get_inputs()),
+            "outputs": io(s.get_outputs()), "metadata": _decode(dict(m.custom_metadata_map))}
+    try:  # the opset needs the onnx package (the [train] extra); the base install goes without
+        import onnx
+
+        proto = onnx.load(os.fspath(path), load_external_data=False)
+        info["opset"] = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    except Exception:  # noqa: BLE001 - optional detail
+        pass
+    info["providers"] = _providers(path)
+    return info
+
+
+def describe_archive(path) -> dict:
+    try:
+        with zipfile.ZipFile(os.fspath(path)) as z:
+            names = z.namelist()
+            extra = [n for n in names if n.endswith("/extra/" + EXTRA_FILE)]
+            if not extra:
+                raise ModelInfoError(f"{path} is a torch archive without {EXTRA_FILE}: not a model cnnx exported "
+                                     "(checkpoints are exported with `cnnx export`)")
+            meta = json.loads(z.read(extra[0]))
+    except zipfile.BadZipFile:
+        raise ModelInfoError(f"{path} is not an ONNX file or a TorchScript / pt2 archive") from None
+    except (ValueError, KeyError, OSError) as e:
+        raise ModelInfoError(f"cannot read the metadata of {path}: {e}") from None
+    fmt = "pt2" if any(n.endswith("/models/model.json") or n.endswith("/archive_format") for n in names) else "torchscript"
+    loader = "torch.export.load(path).module()" if fmt == "pt2" else "torch.jit.load(path)"
+    return {"path": os.fspath(path), "format": fmt, "inputs": meta.get("cnnx.inputs", []),
+            "outputs": meta.get("cnnx.outputs", []),
+            "metadata": {k: v for k, v in sorted(meta.items()) if k not in ("cnnx.inputs", "cnnx.outputs")},
+            "providers": {"onnxruntime": f"no: a {fmt} model runs in PyTorch ({loader})"}}
+
+
+def describe(path) -> dict:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ModelInfoError(f"{path}: {'not a file' if os.path.exists(path) else 'no such file'}")
+    if zipfile.is_zipfile(path):
+        return describe_archive(path)
+    return describe_onnx(path)
+
+
+def format_info(info: dict) -> str:
+    def shape(s):
+        return "[" + ", ".join(str(d) if d not in (None, "") else "?" for d in s) + "]"
+
+    lines = [f"model:    {info['path']}", f"format:   {info['format']}"
+             + (f" (opset {info['opset']})" if info.get("opset") else "")]
+    for key in ("inputs", "outputs"):
+        lines.append(f"{key}:")
+        for t in info[key]:
+            lines.append(f"  {t['name']}  {t['dtype']}  {shape(t['shape'])}")
+    lines.append("metadata:")
+    for k, v in info["metadata"].items():
+        if k == "cnnx.class_names" and isinstance(v, list):
+            text = f"{len(v)} classes: " + ", ".join(map(str, v[:20])) + (", ..." if len(v) > 20 else "")
+        else:
+            text = v if isinstance(v, str) else json.dumps(v)
+        lines.append(f"  {k}: {text}")
+    lines.append("providers:")
+    for p, ok in info["providers"].items():
+        lines.append(f"  {p}: {ok}")
+    return "\n".join(lines)

@@ -1,0 +1,221 @@
+"""cnnx export on a briefly-trained seed-cnn: the ONNX contract, TorchScript / pt2 / fp16 / int8,
+the parity gate (passing on real images, failing on a real model that disagrees), cnnx info."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+
+from _export_util import decode_folder, eager_logits, make_checkpoint
+from cnnx.cli import cli
+from cnnx.export.api import export_checkpoint
+from cnnx.export.errors import ParityError
+from cnnx.export.parity import BOUNDS
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+@pytest.fixture(scope="module")
+def trained(cifar_subset, tmp_path_factory):
+    """A seed-cnn trained for a few steps on 50 JPEGs per class (images 0..49)."""
+    return make_checkpoint(tmp_path_factory.mktemp("run") / "best.pt", "seed-cnn", CLASSES,
+                           train_dir=cifar_subset(50))
+
+
+@pytest.fixture(scope="module")
+def verify_dir(cifar_subset):
+    """30 other JPEGs per class (images 1000..1029): the parity images."""
+    return cifar_subset(30, offset=1000)
+
+
+@pytest.fixture(scope="module")
+def exported(trained, verify_dir):
+    """Every format and both variants, written to the default folder beside the checkpoint."""
+    return export_checkpoint(trained, formats=("all",), verify_data=verify_dir, fp16=True, int8=True)
+
+
+def _sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_onnx_is_one_checked_file_with_the_contract(exported, trained):
+    out = trained.parent / "export"
+    assert exported.out_dir == out
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["model.onnx", "model.fp16.onnx", "model.int8.onnx", "model.torchscript.pt", "model.pt2", "parity.json"])
+    path = out / "model.onnx"
+    onnx.checker.check_model(str(path), full_check=True)  # one file: external data would fail here
+    model = onnx.load(str(path), load_external_data=False)
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    (inp,), (outp,) = model.graph.input, model.graph.output
+    assert inp.name == "images" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    dims = inp.type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 32, 32]
+    assert outp.name == "logits" and outp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    assert json.loads(meta["cnnx.class_names"]) == CLASSES
+    spec = json.loads(meta["cnnx.preprocess"])
+    assert spec["size"] == [32, 32] and spec["mean"] == pytest.approx([0.4914, 0.4822, 0.4465])
+    assert meta["cnnx.arch"] == "seed-cnn" and meta["cnnx.version"]
+    assert meta["cnnx.checkpoint_sha256"] == _sha256(trained)
+
+
+def test_onnx_matches_eager_on_real_images_at_any_batch(exported, trained, verify_dir):
+    x, y = decode_folder(verify_dir, json.loads(json.dumps(torch.load(trained, weights_only=True)["preprocess"])), CLASSES)
+    ref = eager_logits(trained, x)
+    sess = ort.InferenceSession(str(exported.paths["onnx"]), providers=["CPUExecutionProvider"])
+    for b in (1, 7, len(x)):
+        got = np.concatenate([sess.run(None, {"images": x[i:i + b]})[0] for i in range(0, len(x), b)])
+        assert np.abs(got - ref).max() <= 1e-4
+        assert (got.argmax(1) == ref.argmax(1)).all()
+    # the briefly-trained model is better than chance, so top-1 agreement is a real check
+    assert (ref.argmax(1) == y).mean() > 0.2
+
+
+def test_torchscript_and_pt2_same_numbers_and_metadata(exported, trained, verify_dir):
+    x, _ = decode_folder(verify_dir, torch.load(trained, weights_only=True)["preprocess"], CLASSES)
+    x = x[::10]
+    ref = eager_logits(trained, x)
+    extra = {"cnnx.json": ""}
+    ts = torch.jit.load(str(exported.paths["torchscript"]), _extra_files=extra)  # tests may load; cnnx/ never does
+    meta = json.loads(extra["cnnx.json"])
+    assert meta["cnnx.class_names"] == CLASSES and meta["cnnx.checkpoint_sha256"] == _sha256(trained)
+    extra2 = {"cnnx.json": ""}
+    prog = torch.export.load(str(exported.paths["pt2"]), extra_files=extra2)
+    assert json.loads(extra2["cnnx.json"]) == meta
+    with torch.no_grad():
+        for b in (1, 7):
+            assert torch.equal(ts(torch.from_numpy(x[:b])), torch.from_numpy(ref[:b])) or \
+                np.abs(ts(torch.from_numpy(x[:b])).numpy() - ref[:b]).max() <= 1e-4
+        assert np.abs(prog.module()(torch.from_numpy(x)).numpy() - ref).max() <= 1e-4
+
+
+def test_parity_json_reports_every_backend_and_input_set(exported):
+    doc = json.loads(exported.paths["parity"].read_text())
+    assert doc["passed"] is True and doc["arch"] == "seed-cnn"
+    assert doc["inputs"]["real"]["count"] == 300 and doc["inputs"]["real"]["labelled"] is True
+    rows = {(r["backend"], r["inputs"]): r for r in doc["results"]}
+    for be in ("onnxruntime-cpu", "torchscript", "pt2", "onnxruntime-cpu fp16", "onnxruntime-cpu int8"):
+        for inputs in ("real", "random b=1", "random b=7", "random b=256"):
+            assert (be, inputs) in rows, (be, inputs)
+    for (be, inputs), r in rows.items():
+        assert r["n"] == {"real": 300, "random b=1": 1, "random b=7": 7, "random b=256": 256}[inputs]
+        if r["variant"] == "fp32":
+            assert r["gated"] and r["max_abs"] <= 1e-4 and r["top1_agreement"] == 1.0
+    for be, variant in (("onnxruntime-cpu fp16", "fp16"), ("onnxruntime-cpu int8", "int8")):
+        r = rows[(be, "real")]
+        assert r["gated"] and r["top1_agreement"] >= BOUNDS[variant].min_top1
+        assert r["accuracy"] is not None and r["accuracy_change"] == pytest.approx(r["accuracy"] - doc["eager_accuracy"])
+        assert not rows[(be, "random b=256")]["gated"]  # noise inputs are reported, not gated
+    assert set(doc["export_seconds"]) == {"onnx", "torchscript", "pt2", "onnx-fp16", "onnx-int8"}
+
+
+def test_fp16_and_int8_variants_keep_uint8_input_and_metadata(exported, trained):
+    m16 = onnx.load(str(exported.paths["onnx-fp16"]))
+    assert m16.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert m16.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    big = [t for t in m16.graph.initializer if len(t.dims) >= 2]
+    assert big and all(t.data_type == onnx.TensorProto.FLOAT16 for t in big)
+    m8 = onnx.load(str(exported.paths["onnx-int8"]))
+    assert m8.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    ops = [n.op_type for n in m8.graph.node]
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    assert ops[:3] == ["Cast", "Mul", "Sub"] or ops.index("Sub") < ops.index("QuantizeLinear")
+    for m, variant in ((m16, "fp16"), (m8, "int8")):
+        props = {p.key: p.value for p in m.metadata_props}
+        assert props["cnnx.variant"] == variant and json.loads(props["cnnx.class_names"]) == CLASSES
+        assert props["cnnx.checkpoint_sha256"] == _sha256(trained)
+    x = np.random.default_rng(3).integers(0, 256, (5, 3, 32, 32), dtype=np.uint8)
+    for key in ("onnx-fp16", "onnx-int8"):
+        s = ort.InferenceSession(str(exported.paths[key]), providers=["CPUExecutionProvider"])
+        assert s.run(None, {"images": x})[0].shape == (5, 10)
+
+
+def test_gate_refuses_a_real_model_that_disagrees(trained, verify_dir, tmp_path, monkeypatch):
+    """An exporter bug simulated for real: the ONNX file written is the model with its last bias
+    shifted by 1e-3, so onnxruntime runs a real, slightly wrong model. The export must fail,
+    say which backend and by how much, and leave the previous export untouched."""
+    import cnnx.export.onnx as onnx_mod
+
+    real_export = onnx_mod.export_onnx
+
+    def export_shifted(module, example, path, **kw):
+        with torch.no_grad():
+            module.model.classifier[-1].bias += 1e-3
+        try:
+            return real_export(module, example, path, **kw)
+        finally:
+            with torch.no_grad():
+                module.model.classifier[-1].bias -= 1e-3
+
+    monkeypatch.setattr(onnx_mod, "export_onnx", export_shifted)
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "model.onnx").write_bytes(b"previous export")
+    with pytest.raises(ParityError) as e:
+        export_checkpoint(trained, out, ("onnx",), verify_data=verify_dir)
+    msg = str(e.value)
+    assert "onnxruntime-cpu" in msg and "max abs logit difference" in msg and "1e-04" not in msg
+    assert float(msg.split("difference ")[1].split()[0]) == pytest.approx(1e-3, rel=0.01)
+    assert sorted(os.listdir(out)) == ["model.onnx"] and (out / "model.onnx").read_bytes() == b"previous export"
+
+    r = CliRunner().invoke(cli, ["export", str(trained), "--out", str(out), "--verify-data", str(verify_dir)])
+    assert r.exit_code == 1
+    assert "parity gate failed: onnxruntime-cpu" in r.stderr and "FAIL" in r.stderr
+    assert r.stdout == "" and sorted(os.listdir(out)) == ["model.onnx"]
+
+
+def test_cli_defaults_to_newest_run(trained, verify_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "old").mkdir(parents=True)
+    (tmp_path / "runs" / "new").mkdir(parents=True)
+    old, new = tmp_path / "runs/old/best.pt", tmp_path / "runs/new/best.pt"
+    old.write_bytes(trained.read_bytes())
+    new.write_bytes(trained.read_bytes())
+    os.utime(old, (1, 1))
+    r = CliRunner().invoke(cli, ["export", "--verify-data", str(verify_dir), "--parity-images", "50"])
+    assert r.exit_code == 0, r.stderr
+    assert "runs/new/best.pt" in r.stderr and "parity gate passed" in r.stderr
+    assert r.stdout.split() == ["runs/new/export/model.onnx", "runs/new/export/parity.json"]
+    assert not (tmp_path / "runs/old/export").exists()
+    assert not [p for p in (tmp_path / "runs/new/export").iterdir() if p.name.startswith(".")]
+
+
+def test_info_describes_each_format(exported):
+    r = CliRunner().invoke(cli, ["info", str(exported.paths["onnx"])])
+    assert r.exit_code == 0, r.output
+    assert "images  uint8  [batch, 3, 32, 32]" in r.stdout and "logits  float32  [batch, 10]" in r.stdout
+    assert "cnnx.class_names: 10 classes: airplane" in r.stdout and "CPUExecutionProvider: yes" in r.stdout
+    r = CliRunner().invoke(cli, ["info", "--json", str(exported.paths["onnx-int8"])])
+    d = json.loads(r.stdout)
+    assert d["metadata"]["cnnx.variant"] == "int8" and d["metadata"]["cnnx.class_names"] == CLASSES
+    for key, fmt in (("pt2", "pt2"), ("torchscript", "torchscript")):
+        d = json.loads(CliRunner().invoke(cli, ["info", "--json", str(exported.paths[key])]).stdout)
+        assert d["format"] == fmt and d["inputs"][0]["dtype"] == "uint8"
+        assert d["metadata"]["cnnx.arch"] == "seed-cnn"
+
+
+def test_info_never_imports_torch_and_refuses_non_models(exported, trained, tmp_path):
+    code = ("import sys; from cnnx.cli import main\n"
+            "try:\n    main(['info', sys.argv[1]])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    out = subprocess.run([sys.executable, "-c", code, str(exported.paths["onnx"])], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(os.urandom(200))
+    for path in (junk, trained):  # random bytes; a checkpoint (a zip without cnnx.json)
+        r = CliRunner().invoke(cli, ["info", str(path)])
+        assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert CliRunner().invoke(cli, ["info", str(tmp_path / "nope.onnx")]).exit_code == 2
