@@ -77,7 +77,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise CheckpointError(
             f"refused to load {path}: it holds objects that weights_only=True will not run ({first[:200]})"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError) as e:
+        # KeyError/IndexError: what the weights-only unpickler raises on some garbage files
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot read checkpoint {path} (truncated or not a torch file): {msg[:200]}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
