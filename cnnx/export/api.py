@@ -176,6 +176,8 @@ def export_checkpoint(checkpoint_path, out_dir=None, formats=("onnx",), *, opset
             real = imgs.load_verify_data(verify_data, spec, ckpt["class_names"], parity_images)
         else:
             real, why = imgs.validation_images(ckpt, parity_images)
+            if real is None and int8:
+                raise ExportError(f"--int8 needs real calibration images and {why}: pass --verify-data DIR")
             if real is None:
                 notes.append(f"no real images for the parity gate: {why}; random uint8 inputs only "
                              f"(pass --verify-data DIR to check on real images)")
@@ -184,9 +186,6 @@ def export_checkpoint(checkpoint_path, out_dir=None, formats=("onnx",), *, opset
             say(f"parity images: {real.source}")
             for n in real.notes:
                 say(n)
-        if int8 and real is None:
-            raise ExportError("--int8 needs real calibration images: the run's validation split is not "
-                              "available, pass --verify-data DIR")
 
         example = torch.from_numpy(imgs.random_images(2, spec["size"], seed=1))
         paths, seconds, backends = {}, {}, []

@@ -1,0 +1,120 @@
+"""Bad input to `cnnx export`: each a one-line error, a meaningful exit code, nothing written."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from _export_util import make_checkpoint
+from cnnx.cli import cli
+
+CLASSES = [f"c{i}" for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ok") / "best.pt", "seed-cnn", CLASSES)
+
+
+def _run(args):
+    r = CliRunner().invoke(cli, args)
+    lines = r.stderr.strip().splitlines()
+    assert "Traceback" not in r.output, r.output
+    return r, lines
+
+
+def _one_line_error(args, code, *needles):
+    r, lines = _run(args)
+    assert r.exit_code == code, (r.exit_code, r.output)
+    assert r.stdout == ""
+    if code == 1:
+        assert len(lines) == 1 and lines[0].startswith("Error: "), lines
+    else:  # click usage errors add a usage line and a hint before the "Error:" line
+        assert lines[-1].startswith("Error: "), lines
+    for n in needles:
+        assert n in lines[-1], (n, lines[-1])
+    return lines[-1]
+
+
+class Evil:
+    """Unpickling this runs `touch <path>`: weights_only=True must refuse to."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_missing_truncated_and_foreign_checkpoints(ckpt, tmp_path):
+    out = tmp_path / "out"
+    _one_line_error(["export", str(tmp_path / "nope.pt"), "--out", str(out)], 1, "checkpoint not found")
+    half = tmp_path / "half.pt"
+    half.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    _one_line_error(["export", str(half), "--out", str(out)], 1, "truncated or not a torch file")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weight": torch.zeros(3)}, foreign)
+    _one_line_error(["export", str(foreign), "--out", str(out)], 1, "not a cnnx checkpoint")
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    _one_line_error(["export", str(text), "--out", str(out)], 1, "cannot read checkpoint")
+    _one_line_error(["export", str(tmp_path), "--out", str(out)], 1, "is a folder")
+    assert not out.exists()
+
+
+def test_malicious_pickle_is_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "cnnx-checkpoint", "payload": Evil(marker)}, evil)
+    _one_line_error(["export", str(evil), "--out", str(tmp_path / "out")], 1, "refused")
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
+    # cnnx info never unpickles either: the .pt is a zip without cnnx.json
+    r, lines = _run(["info", str(evil)])
+    assert r.exit_code == 1 and not marker.exists()
+
+
+def test_unknown_format_and_unsupported_opsets(ckpt, tmp_path):
+    line = _one_line_error(["export", str(ckpt), "--format", "tflite", "--out", str(tmp_path / "o")], 2, "tflite")
+    assert "onnx" in line and "torchscript" in line and "pt2" in line
+    for opset in ("7", "17", "99"):
+        line = _one_line_error(["export", str(ckpt), "--opset", opset, "--out", str(tmp_path / "o")], 2, "--opset")
+        assert f"opset {opset}" in line and "supported: 18.." in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_unwritable_output_folder(ckpt, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    _one_line_error(["export", str(ckpt), "--out", str(afile)], 1, "is a file")
+    _one_line_error(["export", str(ckpt), "--out", str(afile / "sub")], 1, "cannot write to output folder")
+    assert afile.read_text() == "keep me"
+    if os.geteuid() != 0:  # root ignores permission bits
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        _one_line_error(["export", str(ckpt), "--out", str(ro / "x")], 1, "cannot write to output folder")
+
+
+def test_bad_verify_data_and_int8_without_images(ckpt, tmp_path):
+    _one_line_error(["export", str(ckpt), "--verify-data", str(tmp_path / "none"), "--out", str(tmp_path / "o")],
+                    2, "--verify-data")
+    empty = tmp_path / "empty"
+    (empty / "c0").mkdir(parents=True)
+    (empty / "c0" / "notes.txt").write_text("x")
+    _one_line_error(["export", str(ckpt), "--verify-data", str(empty), "--out", str(tmp_path / "o")], 1,
+                    "no image files")
+    broken = tmp_path / "broken"
+    (broken / "c0").mkdir(parents=True)
+    (broken / "c0" / "a.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    _one_line_error(["export", str(ckpt), "--verify-data", str(broken), "--out", str(tmp_path / "o")], 1,
+                    "could be decoded")
+    _one_line_error(["export", str(ckpt), "--int8", "--out", str(tmp_path / "o")], 1, "--int8 needs real")
+    assert not (tmp_path / "o").exists()
+
+
+def test_no_checkpoint_and_no_runs_is_a_usage_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _one_line_error(["export"], 2, "runs/*/best.pt")
