@@ -1,0 +1,133 @@
+"""End-to-end `cnnx train` / `cnnx evaluate` on real CIFAR-10 JPEGs: the run directory, the
+checkpoint contract, exact resume, and the 2-process gloo run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnnx.train.checkpoint import load_checkpoint, model_from_checkpoint
+from cnnx.train.data import validation_split
+from cnnx.train.loop import evaluate
+
+from tests._train_util import run_cli, seed_args
+
+ROOT = Path(__file__).resolve().parents[1]
+METRIC_KEYS = ("lr", "train_loss", "train_top1", "train_top5", "val_loss", "val_top1", "val_top5")
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def trained(cifar_subset, tmp_path_factory):
+    """One seed-cnn epoch on 2,000 real CIFAR-10 JPEGs (200 per class)."""
+    data = cifar_subset(200)
+    base = tmp_path_factory.mktemp("e2e")
+    r = run_cli(seed_args(data, base / "runs", "e2e", base / "cache", "--epochs", "1", "--batch-size", "64"))
+    assert r.exit_code == 0, r.stderr
+    return data, base / "runs" / "e2e", r, base
+
+
+def test_run_directory_and_checkpoint_contract(trained):
+    data, run, r, _ = trained
+    for name in ("best.pt", "last.pt", "metrics.csv", "per_class.csv", "config.json"):
+        assert (run / name).is_file(), name
+    for png in ("top1", "loss", "top5", "per_class", "confusion"):
+        assert (run / "plots" / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in run.rglob(".tmp-*")]  # atomic writes leave no temp files behind
+    assert r.stdout.startswith(str(run / "best.pt"))  # the result on stdout, talk on stderr
+    assert "epoch 1/1" in r.stderr and "epoch 1/1" not in r.stdout
+
+    raw = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
+    for key in ("format", "arch", "arch_kwargs", "num_classes", "class_names", "preprocess", "state_dict",
+                "epoch", "metrics", "config"):
+        assert key in raw, key
+    assert raw["arch"] == "seed-cnn" and raw["num_classes"] == 10 and raw["preprocess"]["size"] == [32, 32]
+    last = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    assert {"optimizer", "scheduler", "scaler", "rng", "history"} <= set(last)
+
+    rows = _rows(run / "metrics.csv")
+    assert len(rows) == 1 and float(rows[0]["seconds"]) > 0
+    per_class = _rows(run / "per_class.csv")
+    assert len(per_class) == 20 and {p["split"] for p in per_class} == {"train", "val"}
+    config = json.loads((run / "config.json").read_text())
+    assert config["arch"] == "seed-cnn" and config["data"] == str(data) and config["val_images"] == 200
+    # One epoch of a real CNN on real images learns something: clearly above 10% chance.
+    assert float(rows[0]["val_top1"]) > 0.2
+
+
+def test_best_checkpoint_reloads_and_reproduces_its_val_metrics(trained):
+    _, run, _, _ = trained
+    ckpt = load_checkpoint(run / "best.pt")
+    model = model_from_checkpoint(ckpt)
+    images, labels, names = validation_split(ckpt["config"])  # the exact held-out split of the run
+    assert names == ckpt["class_names"] and len(labels) == 200 and torch.bincount(labels).tolist() == [20] * 10
+    spec = ckpt["preprocess"]
+    m = evaluate(model, images, labels, mean=spec["mean"], std=spec["std"], batch_size=128)
+    assert m["top1"] == pytest.approx(ckpt["metrics"]["val_top1"], abs=1e-9)
+    assert m["confusion"] == ckpt["metrics"]["val_confusion"]
+
+
+def test_evaluate_command_prints_metrics_and_writes_confusion_png(trained, tmp_path):
+    data, run, _, base = trained
+    plot = tmp_path / "cm.png"
+    r = run_cli(["evaluate", run / "best.pt", "--data", data, "--plot", plot, "--cache-dir", base / "cache",
+                 "--workers", "1"])
+    assert r.exit_code == 0, r.stderr
+    lines = dict(line.split("\t") for line in r.stdout.strip().splitlines())
+    assert lines["images"] == "2000" and 0.1 < float(lines["top1"]) <= 1 and float(lines["top5"]) >= float(lines["top1"])
+    assert "top1[cat]" in lines and plot.read_bytes()[:4] == b"\x89PNG"
+    r = run_cli(["evaluate", run / "best.pt", "--data", data, "--plot", plot, "--json", "--cache-dir",
+                 base / "cache"])
+    m = json.loads(r.stdout)
+    assert m["n"] == 2000 and sum(map(sum, m["confusion"])) == 2000 and m["top1"] == pytest.approx(float(lines["top1"]), abs=1e-4)
+
+
+def test_resume_after_one_of_two_epochs_equals_two_straight_epochs(cifar_subset, tmp_path):
+    data = cifar_subset(50)
+    common = ["--epochs", "2", "--batch-size", "32", "--optimizer", "sgd", "--lr", "0.05"]
+    r = run_cli(seed_args(data, tmp_path, "straight", tmp_path / "cache", *common))
+    assert r.exit_code == 0, r.stderr
+    r = run_cli(seed_args(data, tmp_path, "split", tmp_path / "cache", *common, "--stop-after", "1"))
+    assert r.exit_code == 0, r.stderr
+    assert "continue with --resume" in r.stderr and len(_rows(tmp_path / "split" / "metrics.csv")) == 1
+    r = run_cli(["train", "--resume", tmp_path / "split", "--quiet"])
+    assert r.exit_code == 0, r.stderr
+    a, b = _rows(tmp_path / "straight" / "metrics.csv"), _rows(tmp_path / "split" / "metrics.csv")
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        assert {k: ra[k] for k in METRIC_KEYS} == {k: rb[k] for k in METRIC_KEYS}
+    wa = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["state_dict"]
+    wb = torch.load(tmp_path / "split" / "last.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # A finished run cannot be "resumed" without more epochs.
+    r = run_cli(["train", "--resume", tmp_path / "split", "--quiet"])
+    assert r.exit_code == 2 and "already finished 2 of 2" in r.stderr
+
+
+def test_two_process_gloo_run_only_rank0_writes(cifar_subset, tmp_path):
+    data = cifar_subset(50)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "cnnx", *seed_args(data, tmp_path / "runs", "ddp", tmp_path / "cache", "--epochs", "1",
+                                     "--batch-size", "64", "--device", "cpu")]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "cpu x2" in p.stderr  # both processes joined one process group
+    assert p.stdout.count("best val top-1") == 1  # one rank reports
+    assert p.stderr.count("epoch 1/1 ") == 1
+    run = tmp_path / "runs" / "ddp"
+    assert sorted(f.name for f in run.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.csv",
+                                                     "per_class.csv", "plots"]
+    ckpt = load_checkpoint(run / "best.pt")
+    assert ckpt["config"]["world_size"] == 2 and len(_rows(run / "metrics.csv")) == 1

@@ -1,0 +1,136 @@
+"""Unit tests of the training pieces: zoo forward/backward, schedule, augmentation, splits,
+the image-folder loader and its cache, and loop.evaluate."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cnnx.runtime.preprocess import load_image, make_spec
+from cnnx.train import loop
+from cnnx.train.config import ConfigError, RECIPES, TrainConfig, resolve_config
+from cnnx.train.data import DataError, folder_layout, load_image_folder, stratified_split
+from cnnx.train.zoo import ARCHS, CIFAR_MEAN, CIFAR_STD, Uint8Input, create_model
+
+from tests._train_util import copy_classes
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_every_zoo_entry_forward_backward(name):
+    torch.manual_seed(0)
+    kwargs = {"image_size": 32} if name in ("seed-cnn", "seed-vgg") else {}
+    model = Uint8Input(create_model(name, 7, **kwargs), CIFAR_MEAN, CIFAR_STD).train()
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    logits = model(x)
+    assert logits.shape == (2, 7)
+    F.cross_entropy(logits, torch.tensor([1, 5])).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_lr_schedule_is_a_pure_function_of_the_step():
+    kw = dict(peak=1.0, warmup=0.1, final=0.0)
+    lrs = [loop.lr_at(s, 100, schedule="onecycle", **kw) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert max(lrs) == pytest.approx(1.0) and lrs[-1] < 0.02
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # monotone decay after warm-up
+    cos = [loop.lr_at(s, 100, schedule="cosine", **kw) for s in range(100)]
+    assert cos[55] == pytest.approx(0.5, abs=0.02)
+    assert loop.lr_at(80, 100, schedule="constant", **kw) == 1.0
+    assert loop.lr_at(5, 100, schedule="onecycle", **kw) == lrs[5]  # same step, same value
+
+
+def test_augment_batch_crop_and_flip_match_reflect_padding():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    assert torch.equal(loop.augment_batch(x, aug=(), pad=2, cutout=0, generator=g), x)
+    out = loop.augment_batch(x, aug=("crop", "flip"), pad=2, cutout=0, generator=g)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    padded = F.pad(x.float(), (2, 2, 2, 2), mode="reflect")
+    for i in range(len(x)):
+        windows = [padded[i, :, dy:dy + 8, dx:dx + 8] for dy in range(5) for dx in range(5)]
+        windows += [w.flip(2) for w in windows]
+        assert any(torch.equal(out[i].float(), w) for w in windows), i
+    assert not torch.equal(out, x)  # with 16 samples some are moved or mirrored
+    cut = loop.augment_batch(x, aug=("cutout",), pad=0, cutout=4, generator=g)
+    assert ((cut == 0).flatten(1).sum(1) >= (x == 0).flatten(1).sum(1)).all()
+
+
+def test_stratified_split_is_per_class_fixed_and_disjoint():
+    labels = torch.arange(10).repeat_interleave(50)
+    tr, va = stratified_split(labels, 0.1, seed=3)
+    assert len(set(tr.tolist()) & set(va.tolist())) == 0 and len(tr) + len(va) == 500
+    assert torch.bincount(labels[va]).tolist() == [5] * 10
+    tr2, va2 = stratified_split(labels, 0.1, seed=3)
+    assert torch.equal(va, va2)
+    assert not torch.equal(va, stratified_split(labels, 0.1, seed=4)[1])
+
+
+def test_config_resolution_and_unknown_names():
+    cfg = resolve_config("seed-cnn", lr=0.5)
+    assert cfg.lr == 0.5 and cfg.batch_size == RECIPES["seed-cnn"].get("batch_size", TrainConfig.batch_size)
+    with pytest.raises(ConfigError, match="valid: .*epochs"):
+        resolve_config("seed-cnn", epocs=3)
+    with pytest.raises(ConfigError, match="--optimizer.*sgd, adamw, adam"):
+        resolve_config("seed-cnn", optimizer="lion")
+    with pytest.raises(Exception):
+        cfg.lr = 1.0  # frozen
+
+
+def test_load_image_folder_decodes_through_load_image_skips_and_caches(cifar_train_dir, tmp_path):
+    root = copy_classes(cifar_train_dir, tmp_path / "data", ["cat", "dog"], 20)
+    (root / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "dog" / "notes.txt").write_text("not an image")
+    (root / "dog" / ".hidden.jpg").write_bytes(b"ignored: hidden")
+    spec = make_spec(32, CIFAR_MEAN, CIFAR_STD)
+    cache = tmp_path / "cache"
+    d = load_image_folder(root, spec, progress=False, cache=cache, workers=2)
+    assert d.class_names == ["cat", "dog"] and d.images.shape == (40, 3, 32, 32) and d.images.dtype == torch.uint8
+    assert d.labels.tolist() == [0] * 20 + [1] * 20
+    assert sorted(os.path.basename(p) for p, _ in d.skipped) == ["broken.jpg", "notes.txt"]
+    for i in (0, 25):  # bit-identical to the one implementation of the preprocess spec
+        assert torch.equal(d.images[i], torch.from_numpy(load_image(d.paths[i], spec)[0]))
+    assert d.paths == sorted(d.paths[:20]) + sorted(d.paths[20:])
+    assert len(list((cache / "folders").iterdir())) == 1
+    again = load_image_folder(root, spec, progress=False, cache=cache)
+    assert torch.equal(again.images, d.images) and again.paths == d.paths and again.skipped == d.skipped
+    os.remove(root / "dog" / "notes.txt")  # a changed file list is a new cache entry
+    third = load_image_folder(root, spec, progress=False, cache=cache, workers=1)
+    assert len(third.skipped) == 1 and len(list((cache / "folders").iterdir())) == 2
+
+
+def test_folder_layout(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        folder_layout(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no class folders"):
+        folder_layout(tmp_path / "empty")
+    for s in ("train", "val"):
+        (tmp_path / "split" / s / "a").mkdir(parents=True)
+    assert set(folder_layout(tmp_path / "split")) == {"train", "val"}
+    (tmp_path / "flat" / "train").mkdir(parents=True)
+    (tmp_path / "flat" / "train" / "x.jpg").write_bytes(b"")
+    assert set(folder_layout(tmp_path / "flat")) == {"all"}  # a class that happens to be called train
+
+
+def test_evaluate_metrics_agree_with_a_direct_computation():
+    torch.manual_seed(1)
+    model = create_model("seed-cnn", 4).eval()
+    x = torch.randint(0, 256, (37, 3, 32, 32), dtype=torch.uint8)
+    y = torch.randint(0, 4, (37,))
+    m = loop.evaluate(model, x, y, mean=CIFAR_MEAN, std=CIFAR_STD, batch_size=8)
+    with torch.no_grad():
+        logits = Uint8Input(model, CIFAR_MEAN, CIFAR_STD)(x)
+    pred = logits.argmax(1)
+    assert m["n"] == 37 and sum(map(sum, m["confusion"])) == 37
+    assert m["top1"] == pytest.approx((pred == y).float().mean().item())
+    assert m["loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+    assert m["top5"] == 1.0  # 4 classes: the true one is always among the top 4
+    for c in range(4):
+        sel = y == c
+        if sel.any():
+            assert m["per_class"][c] == pytest.approx((pred[sel] == c).float().mean().item())
