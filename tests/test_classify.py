@@ -346,6 +346,11 @@ def test_newest_model_under_runs_is_used_and_said(model, cifar_subset, tmp_path,
     os.utime(tmp_path / "runs" / "old" / "export" / "model.onnx", (1, 1))
     (tmp_path / "runs" / "new" / "export").mkdir(parents=True)
     shutil.copyfile(model, tmp_path / "runs" / "new" / "export" / "model.onnx")
+    os.utime(tmp_path / "runs" / "new" / "export" / "model.onnx", (2, 2))
+    # Newer, but not the model to use: an exporter's half-written staging copy, a variant.
+    (tmp_path / "runs" / "new" / "export" / ".cnnx-export-abc").mkdir()
+    (tmp_path / "runs" / "new" / "export" / ".cnnx-export-abc" / "model.onnx").write_bytes(b"half")
+    (tmp_path / "runs" / "new" / "export" / "model.int8.onnx").write_bytes(b"variant")
     r = run([cifar_subset(1)])
     assert r.exit_code == 0, r.stderr
     assert "runs/new/export/model.onnx (newest under runs/)" in r.stderr

@@ -11,8 +11,8 @@ import pytest
 import simplejpeg
 from PIL import Image, ImageOps
 
-from cnnx.runtime.preprocess import (PREPROCESS_VERSION, ImageError, SpecError, jpeg_orientation, load_image,
-                                     make_spec, orient, validate_spec)
+from cnnx.runtime.preprocess import (PREPROCESS_VERSION, ImageError, SpecError, _crop_box, jpeg_orientation,
+                                     load_image, make_spec, orient, validate_spec)
 from tests._runtime_util import photo_like
 
 SPEC32 = make_spec(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
@@ -182,3 +182,16 @@ def test_spec_validation_names_the_valid_choices():
         validate_spec(bad)
     with pytest.raises(SpecError, match="lacks"):
         validate_spec({"size": [32, 32]})
+
+
+def test_crop_box_stays_inside_the_image_for_every_size():
+    # Pillow refuses a box that pokes outside the image by even an ulp; w / (w / 32) can.
+    for w in range(1, 700):
+        for h in (1, 31, 32, 33, 146, 259, 341, 511, w, 2 * w + 1):
+            for out_h, out_w in ((32, 32), (224, 224), (40, 30)):
+                left, top, right, bottom = _crop_box(w, h, out_h, out_w)
+                assert 0 <= left <= right <= w and 0 <= top <= bottom <= h, (w, h, out_h, out_w)
+    arr = photo_like(341, 511, seed=6)
+    for size in ((32, 32), (224, 224)):
+        out, _ = load_image(jpeg_bytes(arr), make_spec(size, (0.5,) * 3, (0.25,) * 3))
+        assert out.shape == (3, *size)

@@ -37,12 +37,15 @@ class ModelInfo:
 
 
 def find_newest_model(runs_dir="runs") -> Path:
-    """The most recently written *.onnx anywhere under runs_dir (what `cnnx export` writes)."""
+    """The newest exported model under runs_dir: the most recently written `model.onnx`
+    (cnnx export's fp32 model), else any *.onnx. Hidden folders are not searched: the
+    exporter stages half-written files in `.cnnx-export-*` before moving them in place."""
     root = Path(runs_dir)
     if not root.is_dir():
         raise ModelError(f"no --model given and no {root}/ folder here to find an exported model in")
-    newest, newest_mtime = None, -1.0
-    for dirpath, _dirs, files in os.walk(root):
+    best = {True: (-1.0, None), False: (-1.0, None)}  # is it a model.onnx? -> (mtime, path)
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in files:
             if name.endswith(".onnx"):
                 p = Path(dirpath) / name
@@ -50,8 +53,10 @@ def find_newest_model(runs_dir="runs") -> Path:
                     mtime = p.stat().st_mtime
                 except OSError:
                     continue
-                if mtime > newest_mtime:
-                    newest, newest_mtime = p, mtime
+                key = name == "model.onnx"
+                if mtime > best[key][0]:
+                    best[key] = (mtime, p)
+    newest = best[True][1] or best[False][1]
     if newest is None:
         raise ModelError(f"no --model given and no exported .onnx model under {root}/ (run `cnnx export` first)")
     return newest

@@ -27,7 +27,11 @@ class PipelineConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused as decompression bombs
 
     def resolved_workers(self) -> int:
-        return self.workers if self.workers > 0 else max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+        if self.workers > 0:
+            return self.workers
+        if hasattr(os, "sched_getaffinity"):  # the cores this process may run on (cgroups, taskset)
+            return max(1, len(os.sched_getaffinity(0)))
+        return os.cpu_count() or 1
 
 
 @dataclass

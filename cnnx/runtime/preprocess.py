@@ -116,8 +116,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def _crop_box(w: int, h: int, out_h: int, out_w: int):
     """Source-pixel box that, scaled by the shorter-side factor, is the centre crop."""
     scale = max(out_h / h, out_w / w)
-    cw, ch = out_w / scale, out_h / scale
-    left, top = (w - cw) / 2.0, (h - ch) / 2.0
+    cw, ch = min(out_w / scale, w), min(out_h / scale, h)  # min: w / (w / out) can exceed w by an ulp
+    left, top = max((w - cw) / 2.0, 0.0), max((h - ch) / 2.0, 0.0)
     return (left, top, left + cw, top + ch)
 
 
