@@ -1,0 +1,39 @@
+"""Every architecture of the zoo exports to ONNX, TorchScript and pt2 and passes the parity gate
+(fp32 bounds unchanged). The torchvision ImageNet models are checked at a 32x32 preprocess size
+(their adaptive pooling accepts it), and every arch but seed-cnn on fewer parity images (real
+and random: batch 32 instead of 256), to keep the suite in seconds. The bounds never change;
+test_export.py runs the full gate (1, 7, 256) on seed-cnn."""
+
+from __future__ import annotations
+
+import json
+
+import onnxruntime as ort
+import pytest
+
+from _export_util import make_checkpoint
+from cnnx.export.api import export_checkpoint
+from cnnx.train.zoo import ARCHS
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# arch -> (real parity images, random batch sizes); the default is the full gate's sizes
+PARITY = {"seed-cnn": (50, (1, 7, 256))}
+SMALLER = (20, (1, 7, 32))
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_every_arch_exports_every_format_with_parity(arch, cifar_subset, tmp_path):
+    real = cifar_subset(5, offset=2000)  # 50 real JPEGs
+    ckpt = make_checkpoint(tmp_path / "run" / "best.pt", arch, CLASSES, size=32)
+    n_real, batch_sizes = PARITY.get(arch, SMALLER)
+    result = export_checkpoint(ckpt, formats=("all",), verify_data=real, parity_images=n_real,
+                               random_batch_sizes=batch_sizes)
+    assert result.parity.passed
+    doc = json.loads(result.paths["parity"].read_text())
+    assert doc["inputs"]["real"]["count"] == n_real
+    assert doc["inputs"]["random"]["batch_sizes"] == list(batch_sizes)
+    backends = {r["backend"] for r in doc["results"]}
+    assert {"onnxruntime-cpu", "torchscript", "pt2"} <= backends
+    assert all(r["max_abs"] <= 1e-4 and r["top1_agreement"] == 1.0 for r in doc["results"])
+    meta = ort.InferenceSession(str(result.paths["onnx"]), providers=["CPUExecutionProvider"]).get_modelmeta()
+    assert meta.custom_metadata_map["cnnx.arch"] == arch
