@@ -1,0 +1,149 @@
+"""Bad inputs to `cnnx train` / `cnnx evaluate`: each gets a one-line message naming the
+problem and a meaningful exit code (2 usage, 1 failure), never a traceback."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+
+from tests._train_util import copy_classes, run_cli, seed_args
+
+
+def _offline(monkeypatch):
+    """No network, as on this machine and in air-gapped CI: every connection attempt fails."""
+    def refuse(*a, **k):
+        raise OSError("network is unreachable (test)")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def _one_line_error(r, code, *needles):
+    assert r.exit_code == code, (r.exit_code, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    msg = r.stderr.strip().splitlines()[-1]
+    assert msg.startswith("Error:"), r.stderr
+    for n in needles:
+        assert n in msg, (n, msg)
+    return msg
+
+
+def test_missing_data_path(tmp_path):
+    r = run_cli(seed_args(tmp_path / "nope", tmp_path, "x", tmp_path / "c"))
+    _one_line_error(r, 2, "--data", "no such folder")
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = run_cli(seed_args(tmp_path / "empty", tmp_path / "runs", "x", tmp_path / "c"))
+    _one_line_error(r, 1, "no class folders")
+
+
+def test_single_class(cifar_train_dir, tmp_path):
+    data = copy_classes(cifar_train_dir, tmp_path / "one", ["cat"], 5)
+    r = run_cli(seed_args(data, tmp_path / "runs", "x", tmp_path / "c"))
+    _one_line_error(r, 1, "1 class", "at least 2")
+
+
+def test_corrupt_files_are_skipped_and_reported_by_path_with_a_count(cifar_train_dir, tmp_path):
+    data = copy_classes(cifar_train_dir, tmp_path / "d", ["cat", "dog"], 30)
+    good = sorted((data / "cat").iterdir())[0].read_bytes()
+    (data / "cat" / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (data / "dog" / "empty.png").write_bytes(b"")
+    (data / "dog" / "text.jpg").write_text("hello")
+    r = run_cli(seed_args(data, tmp_path / "runs", "x", tmp_path / "c", "--epochs", "1", "--batch-size", "16"))
+    assert r.exit_code == 0, r.stderr
+    assert "skipped 3 unreadable file(s)" in r.stderr
+    for path in (data / "cat" / "truncated.jpg", data / "dog" / "empty.png", data / "dog" / "text.jpg"):
+        assert str(path) in r.stderr
+    listed = (tmp_path / "runs" / "x" / "skipped.txt").read_text().splitlines()
+    assert len(listed) == 3
+    assert "data: 60 images" in r.stderr  # the 60 good ones were all used
+
+
+def test_unknown_arch_lists_the_valid_ones(tmp_path):
+    r = run_cli(["train", "--arch", "resnet19", "--out", tmp_path])
+    _one_line_error(r, 2, "unknown arch 'resnet19'", "seed-cnn", "airnet", "resnet18", "vgg16")
+
+
+def test_pretrained_offline_is_a_clear_error(cifar_train_dir, tmp_path, monkeypatch):
+    _offline(monkeypatch)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # an empty weight cache
+    data = copy_classes(cifar_train_dir, tmp_path / "d", ["cat", "dog"], 5)
+    args = ["train", "--data", data, "--arch", "resnet18", "--pretrained", "--image-size", "32", "--out",
+            tmp_path / "runs", "--cache-dir", tmp_path / "c", "--quiet", "--workers", "1"]
+    r = run_cli(args)
+    _one_line_error(r, 1, "pretrained weights are not in the local cache", "unreachable")
+    r = run_cli(["train", "--arch", "seed-cnn", "--pretrained", "--data", data, "--out", tmp_path / "runs"])
+    _one_line_error(r, 2, "seed-cnn has no pretrained weights", "resnet18")
+
+
+def test_cifar10_offline_tells_how_to_point_at_a_local_copy(tmp_path, monkeypatch):
+    _offline(monkeypatch)
+    r = run_cli(["train", "--data", "cifar10", "--data-root", tmp_path / "nothing-here", "--out", tmp_path / "runs",
+                 "--quiet", "--epochs", "1"])
+    _one_line_error(r, 1, "CIFAR-10 is not in", "--data-root", "--data DIR")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--epochs", "0"], "--epochs"),
+    (["--lr", "-1"], "--lr"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--label-smoothing", "1.5"], "--label-smoothing"),
+    (["--val-fraction", "1"], "--val-fraction"),
+    (["--optimizer", "lion"], "'lion' is not one of"),
+    (["--aug", "crop,mixup"], "unknown augmentation 'mixup'"),
+    (["--epochs", "many"], "'many' is not a valid integer"),
+    (["--name", "a/b"], "plain folder name"),
+])
+def test_bad_option_values_are_usage_errors(tmp_path, args, needle):
+    (tmp_path / "d" / "a").mkdir(parents=True)
+    r = run_cli(seed_args(tmp_path / "d", tmp_path / "runs", "x", tmp_path / "c") + args)
+    msg = r.stderr.strip().splitlines()[-1]
+    assert r.exit_code == 2 and "Traceback" not in r.stderr, r.stderr
+    assert needle in msg, msg
+    assert not (tmp_path / "runs").exists()  # nothing written for a rejected command
+
+
+def test_existing_run_is_never_overwritten_and_resume_keeps_its_config(cifar_train_dir, tmp_path):
+    data = copy_classes(cifar_train_dir, tmp_path / "d", ["cat", "dog"], 20)
+    args = seed_args(data, tmp_path / "runs", "x", tmp_path / "c", "--epochs", "2", "--batch-size", "16")
+    assert run_cli(args + ["--stop-after", "1"]).exit_code == 0
+    before = (tmp_path / "runs" / "x" / "best.pt").read_bytes()
+    r = run_cli(args)
+    _one_line_error(r, 1, "already exists", "--resume")
+    assert (tmp_path / "runs" / "x" / "best.pt").read_bytes() == before
+    r = run_cli(["train", "--resume", tmp_path / "runs" / "x", "--lr", "0.5"])
+    _one_line_error(r, 2, "cannot change --lr")
+    r = run_cli(["train", "--resume", tmp_path / "runs" / "x" / "best.pt"])
+    _one_line_error(r, 1, "cannot be resumed", "last.pt")
+    r = run_cli(["train", "--resume", tmp_path / "runs" / "nope"])
+    _one_line_error(r, 1, "not found")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda(cifar_train_dir, tmp_path):
+    data = copy_classes(cifar_train_dir, tmp_path / "d", ["cat", "dog"], 5)
+    r = run_cli(seed_args(data, tmp_path / "runs", "x", tmp_path / "c", "--device", "cuda"))
+    _one_line_error(r, 1, "CUDA is not available")
+
+
+def test_evaluate_bad_inputs(cifar_train_dir, tmp_path):
+    data = copy_classes(cifar_train_dir, tmp_path / "d", ["cat", "dog"], 10)
+    r = run_cli(["evaluate", tmp_path / "missing.pt", "--data", data])
+    _one_line_error(r, 1, "checkpoint not found")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    r = run_cli(["evaluate", junk, "--data", data])
+    msg = _one_line_error(r, 1, str(junk))
+    assert "refused to load" in msg or "cannot read checkpoint" in msg
+    r = run_cli(["evaluate", junk])
+    assert r.exit_code == 2 and "--data" in r.stderr
+    # A checkpoint trained on cat/dog cannot score a folder with a class it never saw.
+    assert run_cli(seed_args(data, tmp_path / "runs", "x", tmp_path / "c", "--epochs", "1")).exit_code == 0
+    other = copy_classes(cifar_train_dir, tmp_path / "o", ["cat", "frog"], 3)
+    r = run_cli(["evaluate", tmp_path / "runs" / "x" / "best.pt", "--data", other, "--cache-dir", tmp_path / "c"])
+    _one_line_error(r, 1, "classes the checkpoint does not know: frog")
+    r = run_cli(["evaluate", tmp_path / "runs" / "x" / "best.pt", "--data", data, "--split", "test"])
+    _one_line_error(r, 2, "no train/val/test folders")
