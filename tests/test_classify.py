@@ -295,6 +295,18 @@ def test_resume_after_a_killed_run_loses_nothing_and_repeats_nothing(model, cifa
     assert r.exit_code == 1 and "cannot resume" in r.stderr
 
 
+def test_jsonl_resume_drops_a_half_written_line(model, cifar_subset, tmp_path):
+    folder = cifar_subset(1)
+    full = tmp_path / "full.jsonl"
+    assert run([folder, "--model", model, "-o", full, "--format", "jsonl", "--batch-size", "4"]).exit_code == 0
+    lines = full.read_text().splitlines(keepends=True)
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("".join(lines[:6]) + lines[6][:15])
+    r = run([folder, "--model", model, "-o", cut, "--format", "jsonl", "--batch-size", "4", "--resume"])
+    assert r.exit_code == 0 and "classified 4 images" in r.stderr
+    assert cut.read_text() == full.read_text()
+
+
 def test_existing_output_is_never_overwritten(model, cifar_subset, tmp_path):
     out = tmp_path / "p.csv"
     out.write_text("precious\n")

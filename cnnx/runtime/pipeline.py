@@ -1,11 +1,12 @@
 """The classify pipeline: discovery -> parallel decoding -> fixed-shape batches -> onnxruntime.
 
-Batches of paths are cut from the discovery stream in order and handed to a pool of decode
-threads (libjpeg-turbo, Pillow's decoders and resize, and onnxruntime all release the GIL,
-so threads overlap with inference without copying pixels between processes). At most
-`workers + 2` batches are in flight: the queue is bounded, so memory does not grow with the
-number of files. Every batch has the same shape (the last one is padded), so onnxruntime
-sees one shape only. Results come back in submission order, i.e. in sorted path order.
+Batches of paths are cut from the discovery stream in order, split into chunks and handed
+to a pool of decode threads. Threads, not processes: libjpeg-turbo (simplejpeg), Pillow's
+decoders and resize, and onnxruntime release the GIL (decode-only throughput on large JPEGs
+doubles from 1 to 2 threads, see benchmarks/), and no pixels are pickled between processes.
+At most `workers + 1` batches are decoded ahead of the one being run, so memory does not
+grow with the number of files. Every batch has the same shape (the last one is padded), so
+onnxruntime sees one shape only. Batches come back in order, i.e. in sorted path order.
 """
 
 from __future__ import annotations
@@ -46,27 +47,46 @@ class DecodedBatch:
     notes: list = field(default_factory=list)
 
 
-def decode_batch(paths, spec, batch_size: int, max_pixels: int) -> DecodedBatch:
+def decode_images(paths, spec, max_pixels: int):
+    """Decode paths in order -> (uint8 (k, 3, H, W) of the k that decoded, their paths,
+    failed [(path, stage, message)], notes [(path, note)])."""
     h, w = spec["size"]
-    images = np.zeros((batch_size, 3, h, w), dtype=np.uint8)  # zero rows pad a short batch
-    out = DecodedBatch(images)
+    images = np.empty((len(paths), 3, h, w), dtype=np.uint8)
+    ok, failed, notes = [], [], []
     for path in paths:
         try:
             arr, note = load_image(path, spec, max_pixels=max_pixels)
         except ImageError as e:
-            out.failed.append((path, e.stage, str(e)))
+            failed.append((path, e.stage, str(e)))
             continue
         except MemoryError:
-            out.failed.append((path, "decode", "out of memory decoding this image"))
+            failed.append((path, "decode", "out of memory decoding this image"))
             continue
         except Exception as e:  # noqa: BLE001 - a decoder bug on one file must not end the run
-            out.failed.append((path, "decode", f"{type(e).__name__}: {e}"))
+            failed.append((path, "decode", f"{type(e).__name__}: {e}"))
             continue
-        images[len(out.paths)] = arr
-        out.paths.append(path)
+        images[len(ok)] = arr
+        ok.append(path)
         if note:
-            out.notes.append((path, note))
+            notes.append((path, note))
+    return images[: len(ok)], ok, failed, notes
+
+
+def assemble(parts, spec, batch_size: int) -> DecodedBatch:
+    """Chunks of one batch (in order) -> a DecodedBatch of fixed shape, zero rows padding."""
+    h, w = spec["size"]
+    out = DecodedBatch(np.zeros((batch_size, 3, h, w), dtype=np.uint8))
+    for images, ok, failed, notes in parts:
+        out.images[len(out.paths): len(out.paths) + len(ok)] = images
+        out.paths += ok
+        out.failed += failed
+        out.notes += notes
     return out
+
+
+def decode_batch(paths, spec, batch_size: int, max_pixels: int) -> DecodedBatch:
+    """Decode one batch in this thread (what the pipeline does, without the pool)."""
+    return assemble([decode_images(paths, spec, max_pixels)], spec, batch_size)
 
 
 def batched_paths(found_iter, batch_size: int, on_skip):
@@ -85,19 +105,30 @@ def batched_paths(found_iter, batch_size: int, on_skip):
 
 
 def decoded_batches(path_batches, spec, config: PipelineConfig):
-    """Yield DecodedBatch in order, decoding up to `workers` batches ahead in threads."""
+    """Yield DecodedBatch in order, decoding ahead in threads.
+
+    Each batch is split into chunks of about batch_size / (4 * workers) files so that all
+    workers share even a single batch (a few hundred large photos are one batch) and a slow
+    file delays only its chunk. At most `workers + 1` batches are decoded ahead of the one
+    being run: the bound that keeps memory flat however many files there are."""
     workers = config.resolved_workers()
-    depth = workers + 2  # bounded: decoded-but-not-consumed batches never exceed this
+    chunk = max(1, -(-config.batch_size // (4 * workers)))
+    depth = workers + 1
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cnnx-decode") as pool:
         pending = deque()
-        it = iter(path_batches)
+
+        def result(futures):
+            return assemble([f.result() for f in futures], spec, config.batch_size)
+
         try:
-            for paths in it:
-                pending.append(pool.submit(decode_batch, paths, spec, config.batch_size, config.max_pixels))
-                if len(pending) >= depth:
-                    yield pending.popleft().result()
+            for paths in path_batches:
+                pending.append([pool.submit(decode_images, paths[i:i + chunk], spec, config.max_pixels)
+                                for i in range(0, len(paths), chunk)])
+                if len(pending) > depth:
+                    yield result(pending.popleft())
             while pending:
-                yield pending.popleft().result()
+                yield result(pending.popleft())
         finally:
-            for f in pending:
-                f.cancel()
+            for futures in pending:
+                for f in futures:
+                    f.cancel()
