@@ -203,8 +203,10 @@ def _fit(cfg, run_dir, d, device, resume, stop_after, progress, Uint8Input, crea
                                         total_steps=total_steps, num_classes=nc, device=device, rank=d.rank,
                                         world=d.world, bf16=bf16, progress=progress and d.main)
         t1 = loop.timer_sync(device)
+        # Evaluation in float32 always: the metrics describe the function that export and
+        # `cnnx classify` run, and best.pt is chosen by them (bf16 is for training speed only).
         vm = loop._eval_counts(wrapped, xva_r, yva_r, nc, batch_size=cfg.eval_batch_size, device=device,
-                               bf16=bf16, channels_last=channels_last).all_reduce().metrics()
+                               channels_last=channels_last).all_reduce().metrics()
         t2 = loop.timer_sync(device)
         train_total += t1 - t0
         row = {"epoch": epoch + 1, "lr": tm["lr"],
@@ -258,7 +260,7 @@ def _fit(cfg, run_dir, d, device, resume, stop_after, progress, Uint8Input, crea
                 dist.broadcast(t, 0)
         xt, yt = splits.test
         tm_ = loop._eval_counts(wrapped, xt[d.rank::d.world].to(device), yt[d.rank::d.world].to(device), nc,
-                                batch_size=cfg.eval_batch_size, device=device, bf16=bf16,
+                                batch_size=cfg.eval_batch_size, device=device,
                                 channels_last=channels_last).all_reduce().metrics()
         summary["test"] = {k: tm_[k] for k in ("loss", "top1", "top5", "per_class", "n")}
         if d.main:
