@@ -33,7 +33,7 @@ BUDGET_S = 600.0     # seconds of training allowed for the target
 AIRBENCH_WIDTHS = (64, 256, 256)
 
 RECIPE = Recipe(
-    arch="airnet", arch_kwargs=(), epochs=10, batch_size=512, lr=0.4, optimizer="sgd", momentum=0.9,
+    arch="airnet", arch_kwargs=(), epochs=15, batch_size=512, lr=0.4, optimizer="sgd", momentum=0.9,
     weight_decay=5e-4, label_smoothing=0.2, schedule="onecycle", warmup=0.2, aug=("crop", "flip"), crop_pad=2,
     bf16=True, channels_last=True,
 )
