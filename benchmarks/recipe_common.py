@@ -52,19 +52,6 @@ def load_cifar(cifar_dir: Path = CIFAR_DIR, cache: Path = CACHE):
     return images, labels, classes
 
 
-def stratified_split(labels: torch.Tensor, fraction: float = VAL_FRACTION, seed: int = SPLIT_SEED):
-    """(train_idx, val_idx): `fraction` of every class held out, chosen by a seeded permutation."""
-    g = torch.Generator().manual_seed(seed)
-    train, val = [], []
-    for c in labels.unique().tolist():
-        idx = (labels == c).nonzero().flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        k = round(len(idx) * fraction)
-        val.append(idx[:k])
-        train.append(idx[k:])
-    return torch.cat(train).sort().values, torch.cat(val).sort().values
-
-
 def augment_batch(x: torch.Tensor, aug, pad: int, g: torch.Generator) -> torch.Tensor:
     """Whole-batch random crop after reflect padding ("crop") and horizontal flip ("flip") of
     uint8 (B, C, H, W) as one gather, the same semantics as cnnx.train.loop.augment_batch."""
@@ -90,17 +77,17 @@ def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(wrapped, x_val: torch.Tensor, y_val: torch.Tensor, *, bf16: bool, channels_last: bool, batch: int = 1000):
-    """Top-1 and mean cross-entropy of a Uint8Input-wrapped model on uint8 images (eval mode,
-    so AirNet's flip TTA is included)."""
+def evaluate(wrapped, x_val: torch.Tensor, y_val: torch.Tensor, *, channels_last: bool, batch: int = 1000):
+    """Top-1 and mean cross-entropy of a Uint8Input-wrapped model on uint8 images, in eval mode
+    (so AirNet's flip TTA is included) and float32 (as cnnx train evaluates: the metrics
+    describe the exported function; bf16 is for training speed only)."""
     wrapped.eval()
     correct, loss_sum = 0, 0.0
     for i in range(0, len(y_val), batch):
         xb, yb = x_val[i:i + batch], y_val[i:i + batch]
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = wrapped(xb).float()
+        logits = wrapped(xb).float()
         loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
         correct += (logits.argmax(1) == yb).sum().item()
     wrapped.train()
@@ -199,7 +186,7 @@ def train(r: Recipe, data, *, threads: int = 2, max_seconds: float | None = None
             step += 1
         train_s += time.perf_counter() - t0
         t1 = time.perf_counter()
-        top1, vloss = evaluate(wrapped, x_va, y_va, bf16=r.bf16, channels_last=r.channels_last)
+        top1, vloss = evaluate(wrapped, x_va, y_va, channels_last=r.channels_last)
         eval_s = time.perf_counter() - t1
         history.append({"epoch": epoch + 1, "train_seconds": round(train_s, 2), "eval_seconds": round(eval_s, 2),
                         "val_top1": round(top1, 4), "val_loss": round(vloss, 4), "train_loss": round(loss.item(), 4)})
@@ -213,8 +200,10 @@ def train(r: Recipe, data, *, threads: int = 2, max_seconds: float | None = None
 
 def load_split():
     """(x_train, y_train, x_val, y_val) of the fixed stratified split."""
+    from cnnx.train.data import stratified_split  # the split cnnx train uses: same seed, same images
+
     images, labels, _ = load_cifar()
-    tr, va = stratified_split(labels)
+    tr, va = stratified_split(labels, VAL_FRACTION, SPLIT_SEED)
     return images[tr], labels[tr], images[va], labels[va]
 
 
@@ -240,3 +229,30 @@ def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
+
+
+def cnnx_train(name: str, args: list[str], *, out: Path = Path("/tmp/cnnx-recipe-runs"),
+               cache_dir: Path = Path("/tmp/cnnx-recipe-cnnx-cache")) -> dict:
+    """Run the real `cnnx train --data CIFAR_DIR <args>` into out/name (replaced if present) and
+    return its per-epoch metrics.csv rows plus the command line. Its `seconds` column is
+    training steps only; evaluation is `eval_seconds` and decoding happens before epoch 1."""
+    import csv
+    import shutil
+    import subprocess
+
+    run_dir = out / name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    cmd = ["cnnx", "train", "--data", str(CIFAR_DIR), "--cache-dir", str(cache_dir), "--out", str(out),
+           "--name", name, "--quiet", *args]
+    log("$ " + " ".join(cmd))
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "cnnx", *cmd[1:]], check=True, stdout=sys.stderr)
+    wall = time.perf_counter() - t0
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    history = [{"epoch": int(r["epoch"]), "train_seconds": round(r["train_seconds_total"], 2),
+                "eval_seconds": round(r["eval_seconds"], 2), "val_top1": r["val_top1"], "val_loss": round(r["val_loss"], 4),
+                "train_top1": r["train_top1"], "lr": r["lr"]} for r in rows]
+    config = json.loads((run_dir / "config.json").read_text())
+    return {"command": " ".join(cmd), "history": history, "config": config, "wall_seconds": round(wall, 1)}
