@@ -1,12 +1,14 @@
 """Shared pieces of the recipe benchmarks (recipe_seed_cnn.py, recipe_airnet.py).
 
-The data path follows airbench94: CIFAR-10 decoded once into one uint8 tensor, batches are
-slices of a random permutation, flips and translations are applied to whole batches. The
-hold-out is a stratified 10% split with a fixed seed; recipes are selected on it only.
+`cnnx_train` runs the real `cnnx train` and reads its metrics.csv: the reported figures come
+from it. The rest is the prototype loop the recipes were explored with (`Recipe`, `train`): the
+same data path, augmentation, schedule and optimizer as cnnx.train.loop, but with CIFAR-10
+decoded once into a uint8 tensor cached at /tmp/cnnx-recipe-cache.pt, so a variant can be
+tried from a Python prompt. Both use the stratified 10% hold-out of cnnx.train.data (seed 0);
+recipes are selected on it only.
 
-Timing: `train_seconds` counts only optimizer steps (forward, backward, update, batch
-augmentation); decoding, the cache build and hold-out evaluation are excluded and reported
-separately, the same way `cnnx train` writes them to metrics.csv.
+Timing: training seconds count optimizer steps and batch augmentation only; decoding, the
+cache build and hold-out evaluation are excluded and reported separately, as in metrics.csv.
 """
 
 from __future__ import annotations
