@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -121,11 +122,19 @@ def test_two_process_gloo_run_only_rank0_writes(cifar_subset, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "cnnx", *seed_args(data, tmp_path / "runs", "ddp", tmp_path / "cache", "--epochs", "1",
                                      "--batch-size", "64", "--device", "cpu")]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "cpu x2" in p.stderr  # both processes joined one process group
-    assert p.stdout.count("best val top-1") == 1  # one rank reports
-    assert p.stderr.count("epoch 1/1 ") == 1
+    # Own process group: on a timeout the workers die with the launcher instead of lingering.
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        pytest.fail("the 2-process run did not finish in 240 s")
+    assert p.returncode == 0, err[-3000:]
+    assert "cpu x2" in err  # both processes joined one process group
+    assert out.count("best val top-1") == 1  # one rank reports
+    assert err.count("epoch 1/1 ") == 1
     run = tmp_path / "runs" / "ddp"
     assert sorted(f.name for f in run.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.csv",
                                                      "per_class.csv", "plots"]

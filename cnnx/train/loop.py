@@ -191,8 +191,8 @@ def train_one_epoch(train_model, optimizer, images, labels, *, cfg: TrainConfig,
         x = images[idx.to(images.device)]
         y = labels[idx.to(labels.device)]
         x = augment_batch(x, aug=cfg.aug, pad=cfg.crop_pad, cutout=cfg.cutout, generator=g_aug)
-        if not _channels_last(cfg, dev_type):
-            x = x.contiguous()
+        # The augmentation gather already yields channels_last strides; make it explicit either way.
+        x = x.contiguous(memory_format=torch.channels_last if _channels_last(cfg, dev_type) else torch.contiguous_format)
         lr = lr_at(step, total_steps, peak=cfg.lr, schedule=cfg.schedule, warmup=cfg.warmup, final=cfg.final_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
