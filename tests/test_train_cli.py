@@ -3,6 +3,7 @@ problem and a meaningful exit code (2 usage, 1 failure), never a traceback."""
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
@@ -147,3 +148,25 @@ def test_evaluate_bad_inputs(cifar_train_dir, tmp_path):
     _one_line_error(r, 1, "classes the checkpoint does not know: frog")
     r = run_cli(["evaluate", tmp_path / "runs" / "x" / "best.pt", "--data", data, "--split", "test"])
     _one_line_error(r, 2, "no train/val/test folders")
+
+
+def test_split_layout_early_stopping_and_test_split_once(cifar_train_dir, tmp_path):
+    """DIR/{train,val,test}/<class>/: val/ is used for selection, test/ once at the end; a run
+    whose val top-1 cannot move (lr 1e-9) stops after --patience epochs and says so."""
+    data = tmp_path / "d"
+    copy_classes(cifar_train_dir, data / "train", ["cat", "dog"], 24)
+    for split, offset in (("val", 100), ("test", 200)):
+        for c in ("cat", "dog"):
+            (data / split / c).mkdir(parents=True)
+            for f in sorted((cifar_train_dir / c).iterdir())[offset:offset + 8]:
+                (data / split / c / f.name).write_bytes(f.read_bytes())
+    r = run_cli(seed_args(data, tmp_path / "runs", "x", tmp_path / "c", "--epochs", "5", "--batch-size", "16",
+                          "--lr", "1e-9", "--patience", "1"))
+    assert r.exit_code == 0, r.stderr
+    assert "early stop: val top-1 has not improved for 1 epoch(s)" in r.stderr
+    run = tmp_path / "runs" / "x"
+    assert len((run / "metrics.csv").read_text().strip().splitlines()) == 1 + 2
+    config = json.loads((run / "config.json").read_text())
+    assert (config["train_images"], config["val_images"], config["test_images"]) == (48, 16, 16)
+    test = json.loads((run / "test_metrics.json").read_text())
+    assert test["n"] == 16 and test["checkpoint"] == "best.pt" and "test top-1" in r.stdout
