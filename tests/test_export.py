@@ -219,3 +219,26 @@ def test_info_never_imports_torch_and_refuses_non_models(exported, trained, tmp_
         r = CliRunner().invoke(cli, ["info", str(path)])
         assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert CliRunner().invoke(cli, ["info", str(tmp_path / "nope.onnx")]).exit_code == 2
+
+
+def test_default_parity_images_are_the_runs_validation_split(trained, cifar_subset, tmp_path):
+    """A checkpoint whose config names its data (as `cnnx train` writes it) is gated on that
+    run's validation split, re-created by cnnx.train.data.validation_split; none: random only."""
+    from cnnx.train.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(trained)
+    ckpt["config"] = {"data": str(cifar_subset(10, offset=3000)), "data_root": None,
+                      "cache_dir": str(tmp_path / "cache"), "preprocess": ckpt["preprocess"],
+                      "val_fraction": 0.5, "split_seed": 0}
+    save_checkpoint(ckpt, tmp_path / "run" / "best.pt")
+    result = export_checkpoint(tmp_path / "run" / "best.pt", tmp_path / "out", ("onnx",))
+    real = json.loads(result.paths["parity"].read_text())["inputs"]["real"]
+    assert real["source"].startswith("validation split of") and real["count"] == 50 and real["labelled"]
+    assert result.parity.eager_accuracy is not None
+
+    ckpt["config"] = {}
+    save_checkpoint(ckpt, tmp_path / "run2" / "best.pt")
+    result = export_checkpoint(tmp_path / "run2" / "best.pt", tmp_path / "out2", ("onnx",))
+    doc = json.loads(result.paths["parity"].read_text())
+    assert doc["inputs"]["real"] is None and "random uint8 inputs only" in doc["notes"][0]
+    assert {r["inputs"] for r in doc["results"]} == {"random b=1", "random b=7", "random b=256"}
