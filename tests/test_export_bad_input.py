@@ -111,8 +111,9 @@ def test_bad_verify_data_and_int8_without_images(ckpt, tmp_path):
     (broken / "c0" / "a.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     _one_line_error(["export", str(ckpt), "--verify-data", str(broken), "--out", str(tmp_path / "o")], 1,
                     "could be decoded")
-    _one_line_error(["export", str(ckpt), "--int8", "--out", str(tmp_path / "o")], 1, "--int8 needs real")
-    assert not (tmp_path / "o").exists()
+    _one_line_error(["export", str(ckpt), "--int8", "--out", str(tmp_path / "o" / "deep" / "er")], 1,
+                    "--int8 needs real")
+    assert not (tmp_path / "o").exists()  # folders made for a failed export are removed again
 
 
 def test_no_checkpoint_and_no_runs_is_a_usage_error(tmp_path, monkeypatch):

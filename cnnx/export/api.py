@@ -59,10 +59,10 @@ def resolve_formats(formats, *, fp16=False, int8=False) -> tuple:
 
 
 def _prepare_out_dir(out_dir: Path):
-    """(created: bool, staging folder). ExportError when the folder cannot be written."""
+    """(folders created, outermost last; staging folder). ExportError when it cannot be written."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"output folder {out_dir} is a file, not a folder")
-    created = not out_dir.exists()
+    created = [p for p in [out_dir, *out_dir.parents] if not p.exists()]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".cnnx-export-", dir=out_dir))
@@ -71,13 +71,13 @@ def _prepare_out_dir(out_dir: Path):
     return created, staging
 
 
-def _cleanup(out_dir: Path, staging: Path, created: bool):
+def _cleanup(staging: Path, created):
     shutil.rmtree(staging, ignore_errors=True)
-    if created:
+    for folder in created:  # innermost first; rmdir only removes empty ones
         try:
-            out_dir.rmdir()  # only if still empty: a failed first export leaves no folder behind
+            folder.rmdir()  # a failed first export leaves no folder behind
         except OSError:
-            pass
+            break
 
 
 def _ort_session(path, provider):
@@ -263,7 +263,7 @@ def export_checkpoint(checkpoint_path, out_dir=None, formats=("onnx",), *, opset
             os.utime(final["onnx"])
         final = {n: final[n] for n in paths}
     except BaseException:
-        _cleanup(out_dir, staging, created)
+        _cleanup(staging, created)
         raise
     shutil.rmtree(staging, ignore_errors=True)
     return ExportResult(out_dir=out_dir, paths=final, parity=report, checkpoint=checkpoint_path, seconds=seconds)
