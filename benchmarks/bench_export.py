@@ -158,8 +158,18 @@ def main(argv=None):
     ckpt_path = work / "run" / "best.pt"
     save_checkpoint(build_checkpoint(model=model, arch=a.arch, arch_kwargs={}, class_names=CLASSES, preprocess=spec,
                                      epoch=a.epochs, metrics={}, config={}), ckpt_path)
+    from cnnx.export.errors import ParityError
+
+    refused = None
     t0 = time.perf_counter()
-    result = export_checkpoint(ckpt_path, formats=("all",), verify_data=calib, fp16=True, int8=True, log=log)
+    try:
+        result = export_checkpoint(ckpt_path, formats=("all",), verify_data=calib, fp16=True, int8=True, log=log)
+    except ParityError as e:  # a briefly-trained model's int8 can fail the gate: record it, go on without
+        refused = str(e)
+        log(f"{e}; exporting again without the refused variant")
+        log(e.report.table())
+        result = export_checkpoint(ckpt_path, formats=("all",), verify_data=calib, fp16="fp16" not in refused,
+                                   int8="int8" not in refused, log=log)
     export_total = time.perf_counter() - t0
     log(result.parity.table())
 
@@ -187,9 +197,10 @@ def main(argv=None):
         "torchscript": torch_fn(ts),
         "pt2": torch_fn(torch.export.load(str(result.paths["pt2"])).module()),
         "onnxruntime-fp32": ort_fn(result.paths["onnx"]),
-        "onnxruntime-fp16": ort_fn(result.paths["onnx-fp16"]),
-        "onnxruntime-int8": ort_fn(result.paths["onnx-int8"]),
     }
+    for key in ("onnx-fp16", "onnx-int8"):
+        if key in result.paths:
+            backends["onnxruntime-" + key[5:]] = ort_fn(result.paths[key])
     rng = np.random.default_rng(0)
     speed = {}
     for b in (1, a.big_batch):
@@ -205,12 +216,13 @@ def main(argv=None):
         return {b: round(speed[num][b] / speed[den][b], 2) for b in speed[den]}
 
     fp32_vs_eager = ratio("onnxruntime-fp32", "eager")
-    int8_vs_fp32 = ratio("onnxruntime-int8", "onnxruntime-fp32")
-    int8_loss = round(acc["eager"] - acc["onnxruntime-int8"], 2)
+    has_int8 = "onnxruntime-int8" in backends
+    int8_vs_fp32 = ratio("onnxruntime-int8", "onnxruntime-fp32") if has_int8 else None
+    int8_loss = round(acc["eager"] - acc["onnxruntime-int8"], 2) if has_int8 else None
     goals = {
         "onnxruntime_fp32_>=2x_eager": {b: r >= 2.0 for b, r in fp32_vs_eager.items()},
-        "int8_>=1.5x_fp32": {b: r >= 1.5 for b, r in int8_vs_fp32.items()},
-        "int8_top1_loss_<=0.5pt": int8_loss <= 0.5,
+        "int8_>=1.5x_fp32": {b: r >= 1.5 for b, r in int8_vs_fp32.items()} if has_int8 else None,
+        "int8_top1_loss_<=0.5pt": int8_loss <= 0.5 if has_int8 else None,
     }
     doc = {
         "benchmark": "export",
@@ -229,6 +241,7 @@ def main(argv=None):
         "top1_change_vs_eager_pt": {k: round(v - acc["eager"], 2) for k, v in acc.items()},
         "top1_agreement_with_eager": agree,
         "parity_passed": result.parity.passed,
+        "refused_by_parity_gate": refused,
         "goals": goals,
     }
     a.out.mkdir(parents=True, exist_ok=True)
