@@ -175,11 +175,14 @@ def inference_only(model: Path, batch_size: int, seconds: float = 5.0) -> float:
     h, w = json.loads(meta["cnnx.preprocess"])["size"]
     x = np.random.default_rng(0).integers(0, 256, (batch_size, 3, h, w), dtype=np.uint8)
     session.run(None, {"images": x})
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        session.run(None, {"images": x})
-        n += batch_size
-    return n / (time.perf_counter() - t0)
+    best = 0.0
+    for _ in range(int(seconds)):  # best 1-second window: other users of the CPU only slow it down
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 1.0:
+            session.run(None, {"images": x})
+            n += batch_size
+        best = max(best, n / (time.perf_counter() - t0))
+    return best
 
 
 # --- cnnx classify ----------------------------------------------------------------------------
@@ -261,30 +264,38 @@ def decode_scaling(files, spec, threads_list=(1, 2)):
     return out
 
 
-def compare(model, files, folder, batch_size, tag, results, extra=()):
+def compare(model, files, folder, batch_size, tag, results, rounds: int):
+    """Per-image baseline once; then the batched baseline and cnnx classify interleaved for
+    `rounds` rounds, keeping the best (shortest) time of each: the machine is shared, and
+    interference only ever adds time, so best-of-N compares the two at their undisturbed speed."""
     n = len(files)
     log(f"[{tag}] per-image baseline on {n} files ...")
     t_single, labels_single = baseline(model, files, 1)
-    log(f"[{tag}] batched baseline ...")
-    t_batched, labels_batched = baseline(model, files, batch_size)
-    log(f"[{tag}] cnnx classify ...")
-    wall, rss, summary, ours = run_classify(model, folder, "--device", "cpu", "--batch-size", str(batch_size),
-                                            *extra, out=CACHE / f"out-{tag}.csv")
+    batched_s, ours_s = [], []
+    for r in range(rounds):
+        log(f"[{tag}] round {r + 1}/{rounds}: batched baseline, cnnx classify ...")
+        t_batched, labels_batched = baseline(model, files, batch_size)
+        wall, rss, summary, ours = run_classify(model, folder, "--device", "cpu", "--batch-size", str(batch_size),
+                                                out=CACHE / f"out-{tag}.csv")
+        batched_s.append(round(t_batched, 3))
+        ours_s.append(round(wall, 3))
+    t_batched, wall = min(batched_s), min(ours_s)
     assert len(ours) == n, (len(ours), n)
-    agree = sum(ours[f] == l for f, l in zip(files, labels_batched)) / n
+    agree = sum(ours[f] == label for f, label in zip(files, labels_batched)) / n
     r = {
         "files": n,
         "per_image_baseline_images_per_s": round(n / t_single, 1),
         "batched_baseline_images_per_s": round(n / t_batched, 1),
         "cnnx_classify_images_per_s": round(n / wall, 1),
-        "cnnx_classify_wall_s": round(wall, 2),
+        "batched_baseline_rounds_s": batched_s,
+        "cnnx_classify_rounds_s": ours_s,
         "cnnx_classify_peak_rss_mib": round(rss, 1),
         "cnnx_classify_summary": summary,
         "speedup_vs_per_image": round(t_single / wall, 2),
         "speedup_vs_batched": round(t_batched / wall, 2),
-        "top1_agreement_with_batched_baseline": round(agree, 4),
-        # No pipeline can beat session.run alone: baseline time / pure inference time.
+        # No pipeline can beat session.run alone: batched baseline time / pure inference time.
         "speedup_ceiling_vs_batched": round(results["inference_only_images_per_s"] / (n / t_batched), 2),
+        "top1_agreement_with_batched_baseline": round(agree, 4),
         "baselines_agree": labels_single == labels_batched,
     }
     results[tag] = r
@@ -298,6 +309,7 @@ def main(argv=None):
     ap.add_argument("--cifar", type=Path, help="CIFAR-10 train folder DIR/<class>/*.jpg (default /tmp/cifar10/train)")
     ap.add_argument("--photos", type=int, default=200, help="number of 2-12 MP photos to make (default 200)")
     ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of batched baseline vs classify (best kept)")
     ap.add_argument("--skip", action="append", default=[], choices=["cifar", "photos", "memory", "cuda", "decode"])
     ap.add_argument("--out", type=Path, default=HERE / "results" / "bench_classify.json")
     args = ap.parse_args(argv)
@@ -325,14 +337,14 @@ def main(argv=None):
     results["first_batch_latency_s"] = round(min(first_batch_latency(model, small) for _ in range(3)), 3)
     log(f"start-up to first batch: {results['first_batch_latency_s']} s")
     if "cifar" not in args.skip:
-        compare(model, list_images(cifar), cifar, args.batch_size, "cifar", results)
+        compare(model, list_images(cifar), cifar, args.batch_size, "cifar", results, args.rounds)
     if "photos" not in args.skip:
         folder = photos_dir(args.photos)
         files = list_images(folder)
         sizes = [os.path.getsize(f) for f in files]
         results["photos_set"] = {"n": len(files), "mean_mb": round(sum(sizes) / len(sizes) / 1e6, 2),
                                  "megapixels": "2-12 uniform"}
-        compare(model, files, folder, args.batch_size, "photos", results)
+        compare(model, files, folder, args.batch_size, "photos", results, args.rounds)
     if "memory" not in args.skip:
         big = run_classify(model, cifar, "--device", "cpu", out=CACHE / "out-mem50k.csv")
         few = run_classify(model, small, "--device", "cpu", out=CACHE / "out-mem5k.csv")
