@@ -100,9 +100,9 @@ class AirNet(nn.Module):
     evaluation, export and deployment all see the same function.
 
     Default widths 32/128/128, not airbench94's 64/256/256: on a 2-core CPU (bf16) the
-    narrower net trains ~3x as many images/s (~1,450 vs ~510), so ten minutes buy 15 epochs
-    instead of fewer than 7, which is what reaching 88% there needs (benchmarks/recipe_airnet.py).
-    On a GPU, widths=[64, 256, 256] is the faster road to higher accuracy."""
+    narrower net trains ~3x as many images/s (~1,500 vs ~490), so the 16 epochs that reach 88%
+    take ~8 minutes, where ten minutes at 64/256/256 buy fewer than 7 epochs
+    (benchmarks/recipe_airnet.py). On a GPU, widths=[64, 256, 256] is the road to higher accuracy."""
 
     def __init__(self, num_classes: int, widths=(32, 128, 128), stem: int = 24, tta: bool = True, scale: float = 1 / 9):
         super().__init__()
