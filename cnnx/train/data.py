@@ -91,7 +91,8 @@ def _list_files(root: Path):
 
 
 def _decode_chunk(args):
-    """Worker: decode a list of paths; returns (uint8 bytes of the good ones, their indices, errors)."""
+    """Worker: decode a list of paths; returns (uint8 bytes of the good ones, their indices in
+    the list, [(path, reason)] of the bad ones)."""
     import numpy as np
 
     paths, spec = args
@@ -104,9 +105,8 @@ def _decode_chunk(args):
             continue
         good.append(arr)
         idx.append(i)
-    h, w = spec["size"]
     blob = np.stack(good).tobytes() if good else b""
-    return blob, idx, errors, (h, w)
+    return blob, idx, errors
 
 
 def _decode_all(paths, spec, *, workers, progress):
@@ -136,7 +136,7 @@ def _decode_all(paths, spec, *, workers, progress):
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
         results = pool.map(_decode_chunk, jobs)
     try:
-        for j, (blob, idx, errors, _) in enumerate(results):
+        for j, (blob, idx, errors) in enumerate(results):
             base = j * chunk
             if idx:
                 block = np.frombuffer(blob, dtype=np.uint8).reshape(len(idx), 3, h, w)
@@ -150,17 +150,6 @@ def _decode_all(paths, spec, *, workers, progress):
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     return torch.from_numpy(out[:filled].copy()), kept, skipped
-
-
-def _atomic_torch_save(obj, path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def load_image_folder(root, spec, *, progress=True, cache=None, workers=None, use_cache=True) -> ImageFolderData:
@@ -197,8 +186,10 @@ def load_image_folder(root, spec, *, progress=True, cache=None, workers=None, us
     paths = [files[i][0] for i in kept]
     skipped_rel = [(os.path.relpath(p, root), r) for p, r in skipped]
     if use_cache:
+        from cnnx.train.checkpoint import save_checkpoint  # atomic: temp file, fsync, rename
+
         try:
-            _atomic_torch_save({"images": images, "labels": labels, "class_names": class_names,
+            save_checkpoint({"images": images, "labels": labels, "class_names": class_names,
                                 "paths": paths, "skipped": skipped_rel}, cache_file)
         except OSError as e:  # a read-only cache costs speed, not correctness
             print(f"warning: cannot write the data cache {cache_file}: {e}", file=sys.stderr)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 import sys
 import time
@@ -287,10 +286,6 @@ def _write_plots(run_dir: Path, history, class_names, summary):
     plots.plot_confusion(best["metrics"]["val_confusion"], class_names, folder / "confusion.png",
                          title=f"confusion matrix, val, best checkpoint (epoch {best['epoch']})")
     say(f"plots in {folder} ({time.perf_counter() - t:.1f}s)")
-
-
-def nan_to_none(x):
-    return None if isinstance(x, float) and math.isnan(x) else x
 
 
 def resume_state(path) -> tuple[TrainConfig, dict]:
