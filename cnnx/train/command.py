@@ -70,8 +70,8 @@ def _rank() -> int:
 @click.option("--device", type=click.Choice(DEVICES), help="Where to train: auto (CUDA when present), cpu or cuda.")
 @click.option("--workers", type=int, help="Processes decoding image files (default one per CPU core, at most 8).")
 @click.option("--threads", type=int, help="torch CPU threads per process (default: cores / processes on this node).")
-@click.option("--channels-last/--no-channels-last", default=None, help="Memory format (default: on for CUDA, off for CPU).")
-@click.option("--bf16/--no-bf16", default=None, help="bf16 autocast (default: on for CUDA, off for CPU).")
+@click.option("--channels-last/--no-channels-last", default=None, help="channels_last memory format (default: the arch's recipe, else on for CUDA and off for CPU).")
+@click.option("--bf16/--no-bf16", default=None, help="bf16 autocast for training steps (default: the arch's recipe, else on for CUDA and off for CPU).")
 @click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the model (worth it on CUDA).")
 @click.option("--cache-dir", type=click.Path(file_okay=False),
               help="Cache of decoded images (default $CNNX_CACHE, else $XDG_CACHE_HOME/cnnx or ~/.cache/cnnx).")

@@ -45,7 +45,7 @@ class TrainConfig:
     device: str = "auto"            # auto (cuda when present) | cpu | cuda
     workers: int | None = None      # image-decoding processes; None = one per CPU core (max 8)
     threads: int | None = None      # torch CPU threads per process; None = cores / local ranks
-    channels_last: bool | None = None  # memory format; None = on for CUDA, off for CPU (measured slower)
+    channels_last: bool | None = None  # memory format; None = on for CUDA, off for CPU (recipes turn it on where measured faster)
     bf16: bool | None = None        # bf16 autocast; None = on for CUDA, off for CPU
     compile: bool = False           # torch.compile the model (CUDA: faster after a warm-up)
 
