@@ -32,3 +32,16 @@ def test_help_lists_every_command_without_importing_torch():
 def test_unknown_command_exit_2():
     r = CliRunner().invoke(cli, ["trian"])
     assert r.exit_code == 2
+
+
+def test_every_option_of_every_command_has_help_text():
+    import click
+
+    ctx = click.Context(cli)
+    missing = [
+        f"{name} {'/'.join(p.opts)}"
+        for name in COMMANDS
+        for p in cli.get_command(ctx, name).params
+        if isinstance(p, click.Option) and not p.help and "--help" not in p.opts
+    ]
+    assert not missing, missing
