@@ -19,14 +19,13 @@ Prints a summary on stdout and writes benchmarks/results/recipe_airnet.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from recipe_common import cnnx_train, log, machine, write_result  # noqa: E402
+from recipe_common import cnnx_train, images_per_second, log, machine, write_result  # noqa: E402
 
 TARGET = 0.88        # val top-1 asked by issue 2
 BUDGET_S = 600.0     # seconds of training allowed for the target
@@ -95,21 +94,17 @@ def main(argv=None):
     if not args.skip_train:
         run = cnnx_train("recipe-airnet", [])
         final = run["history"][-1]
-        c = run["config"]
         reached = next((h for h in run["history"] if h["val_top1"] >= TARGET), None)
         summary.update({
             "val_top1": final["val_top1"],
             "train_seconds": final["train_seconds"],
             "met": final["val_top1"] >= TARGET and final["train_seconds"] <= BUDGET_S,
             "first_epoch_at_target": reached and {"epoch": reached["epoch"], "train_seconds": reached["train_seconds"]},
-            "train_images_per_second": round((c["train_images"] // c["batch_size"]) * c["batch_size"]
-                                             * len(run["history"]) / final["train_seconds"], 1),
+            "train_images_per_second": images_per_second(run),
         })
     payload = {"summary": summary, "throughput": throughput, "run": run, "machine": machine(),
                "command": "flock /tmp/cnnx-cpu.lock python benchmarks/recipe_airnet.py"}
-    path = write_result("recipe_airnet", payload)
-    print(json.dumps(summary, indent=2))
-    log(f"wrote {path}")
+    write_result("recipe_airnet", payload)
 
 
 if __name__ == "__main__":

@@ -33,12 +33,22 @@ def machine() -> dict:
     }
 
 
+def images_per_second(run) -> float:
+    """Training images per second of a `cnnx_train` run (whole batches only, as the loop drops the rest)."""
+    c = run["config"]
+    steps = c["train_images"] // c["batch_size"]
+    return round(steps * c["batch_size"] * len(run["history"]) / run["history"][-1]["train_seconds"], 1)
+
+
 def write_result(name: str, payload: dict) -> Path:
+    """Write results/<name>.json atomically, print payload["summary"] to stdout, say where on stderr."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, path)
+    print(json.dumps(payload["summary"], indent=2))
+    log(f"wrote {path}")
     return path
 
 

@@ -27,13 +27,12 @@ Prints a summary on stdout and writes benchmarks/results/recipe_seed_cnn.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from recipe_common import cnnx_train, log, machine, write_result  # noqa: E402
+from recipe_common import cnnx_train, images_per_second, machine, write_result  # noqa: E402
 
 TARGET = 0.69        # val top-1 of the tutorial after 3 epochs
 BUDGET_S = 60.0      # seconds of training allowed for the target
@@ -46,12 +45,6 @@ RECIPE_ARGS = ["--arch", "seed-cnn"]
 
 def seconds_to(history, target):
     return next((h["train_seconds"] for h in history if h["val_top1"] >= target), None)
-
-
-def images_per_second(run) -> float:
-    c = run["config"]
-    steps = c["train_images"] // c["batch_size"]
-    return round(steps * c["batch_size"] * len(run["history"]) / run["history"][-1]["train_seconds"], 1)
 
 
 def main(argv=None):
@@ -84,9 +77,7 @@ def main(argv=None):
                                                  summary["recipe_seconds_to_target"], 2)
     payload = {"summary": summary, "runs": runs, "machine": machine(),
                "command": "flock /tmp/cnnx-cpu.lock python benchmarks/recipe_seed_cnn.py"}
-    path = write_result("recipe_seed_cnn", payload)
-    print(json.dumps(summary, indent=2))
-    log(f"wrote {path}")
+    write_result("recipe_seed_cnn", payload)
 
 
 if __name__ == "__main__":
