@@ -352,7 +352,7 @@ def main(argv=None):
                              "ratio": round(big[1] / few[1], 3), "files_50k": len(big[3]), "files_5k": len(few[3])}
         log(json.dumps(results["memory"]))
     if "cuda" not in args.skip:
-        from cnnx.runtime.model import cuda_driver_present
+        from cnnx.runtime.contract import cuda_driver_present
 
         if cuda_driver_present():
             results["cuda"] = {}

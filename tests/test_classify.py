@@ -369,7 +369,7 @@ def test_newest_model_under_runs_is_used_and_said(model, cifar_subset, tmp_path,
 
 
 def test_device_cuda_without_a_working_provider_is_a_one_line_error(model, cifar_subset):
-    from cnnx.runtime.model import cuda_driver_present
+    from cnnx.runtime.contract import cuda_driver_present
 
     if cuda_driver_present():
         pytest.skip("this machine has an NVIDIA driver; the CUDA run is tested by test_cuda_provider_runs")
@@ -381,7 +381,7 @@ def test_device_cuda_without_a_working_provider_is_a_one_line_error(model, cifar
 
 
 def test_cuda_provider_runs(model, cifar_subset):
-    from cnnx.runtime.model import cuda_driver_present
+    from cnnx.runtime.contract import cuda_driver_present
 
     if not cuda_driver_present():
         pytest.skip("no NVIDIA driver on this machine")

@@ -104,7 +104,7 @@ def _cuda_usable() -> bool:
 
 def _onnx_backends(path, variant: str, label: str):
     """onnxruntime CPU always; CUDA too when its provider really runs on this machine."""
-    from cnnx.export.metadata import INPUT_NAME
+    from cnnx.runtime.contract import INPUT_NAME
     from cnnx.export.parity import Backend
 
     out = []

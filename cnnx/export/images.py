@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from cnnx.export.errors import ExportError
+from cnnx.runtime.contract import IMAGE_EXTENSIONS, is_image_name
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def _files(root: Path):
         rel = Path(dirpath).relative_to(root)
         cls = rel.parts[0] if rel.parts else None
         for name in sorted(filenames):
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
+            if not name.startswith(".") and is_image_name(name):
                 out.append((Path(dirpath) / name, cls))
     return out
 
@@ -58,7 +58,7 @@ def load_verify_data(root, spec: dict, class_names, limit: int | None) -> Parity
         raise ExportError(f"--verify-data {root}: {'not a folder' if root.exists() else 'no such folder'}")
     files = _files(root)
     if not files:
-        raise ExportError(f"--verify-data {root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise ExportError(f"--verify-data {root}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     index = {c: i for i, c in enumerate(class_names)}
     images, labels, skipped = [], [], 0
     for i in spread(len(files), limit):

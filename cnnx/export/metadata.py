@@ -1,5 +1,5 @@
-"""What every exported model carries (DESIGN.md "Exported models"): the keys below are a
-contract with `cnnx classify`, which reads them from onnxruntime's custom_metadata_map."""
+"""What every exported model carries: the contract's metadata (cnnx.runtime.contract, which
+`cnnx classify` reads with) filled in from a checkpoint, and the checkpoint's hash."""
 
 from __future__ import annotations
 
@@ -8,10 +8,7 @@ import json
 import os
 
 from cnnx import __version__
-
-INPUT_NAME = "images"
-OUTPUT_NAME = "logits"
-EXTRA_FILE = "cnnx.json"  # TorchScript _extra_files / pt2 extra_files name
+from cnnx.runtime.contract import encode_metadata
 
 
 def file_sha256(path) -> str:
@@ -24,23 +21,8 @@ def file_sha256(path) -> str:
 
 def model_metadata(ckpt: dict, checkpoint_sha256: str, variant: str = "fp32") -> dict:
     """Plain-JSON metadata of an exported model; keys are the ONNX metadata_props names."""
-    h, w = ckpt["preprocess"]["size"]
-    return {
-        "cnnx.class_names": list(ckpt["class_names"]),
-        "cnnx.preprocess": dict(ckpt["preprocess"]),
-        "cnnx.arch": ckpt["arch"],
-        "cnnx.version": __version__,
-        "cnnx.checkpoint_sha256": checkpoint_sha256,
-        "cnnx.variant": variant,
-        # The signature, so a reader without the framework (cnnx info on a .pt2) can show it.
-        "cnnx.inputs": [{"name": INPUT_NAME, "dtype": "uint8", "shape": ["N", 3, int(h), int(w)]}],
-        "cnnx.outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": ["N", len(ckpt["class_names"])]}],
-    }
-
-
-def onnx_props(meta: dict) -> dict:
-    """metadata_props are string -> string: strings stay as they are, the rest is JSON."""
-    return {k: v if isinstance(v, str) else json.dumps(v, separators=(",", ":")) for k, v in meta.items()}
+    return encode_metadata(class_names=ckpt["class_names"], preprocess=ckpt["preprocess"], arch=ckpt["arch"],
+                           version=__version__, checkpoint_sha256=checkpoint_sha256, variant=variant)
 
 
 def extra_file_bytes(meta: dict) -> bytes:

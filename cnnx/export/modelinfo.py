@@ -8,7 +8,7 @@ import json
 import os
 import zipfile
 
-from cnnx.export.metadata import EXTRA_FILE
+from cnnx.runtime.contract import EXTRA_FILE, cuda_driver_present
 
 ORT_TYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32", "tensor(float16)": "float16",
              "tensor(int64)": "int64", "tensor(int8)": "int8", "tensor(int32)": "int32"}
@@ -41,7 +41,7 @@ def _providers(path) -> dict:
             # TensorRT and friends build engines when a session is created: minutes, not a probe.
             result[p] = "available, not checked"
             continue
-        if not _cuda_driver_present():
+        if not cuda_driver_present():
             result[p] = "no (no CUDA driver on this machine)"
             continue
         try:
@@ -52,17 +52,6 @@ def _providers(path) -> dict:
         except Exception as e:  # noqa: BLE001 - any failure means "not usable here"
             result[p] = f"no ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})"
     return result
-
-
-def _cuda_driver_present() -> bool:
-    """libcuda is what onnxruntime's CUDA provider loads first; without it, it only logs errors."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libcuda.so.1")
-        return True
-    except OSError:
-        return False
 
 
 def describe_onnx(path) -> dict:

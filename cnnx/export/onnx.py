@@ -14,7 +14,7 @@ import sys
 import warnings
 
 from cnnx.export.errors import ExportError
-from cnnx.export.metadata import INPUT_NAME, OUTPUT_NAME, onnx_props
+from cnnx.runtime.contract import INPUT_NAME, OUTPUT_NAME, metadata_props
 
 # torchlib implements the ATen ops at opset 18; asked for less, torch runs onnx's version
 # converter and silently keeps 18 when that fails, so lower opsets are refused up front.
@@ -64,7 +64,7 @@ def set_metadata(model, meta: dict) -> None:
     """Replace the cnnx.* metadata_props of a ModelProto (other keys are kept)."""
     keep = [(p.key, p.value) for p in model.metadata_props if not p.key.startswith("cnnx.")]
     del model.metadata_props[:]
-    for k, v in keep + sorted(onnx_props(meta).items()):
+    for k, v in keep + sorted(metadata_props(meta).items()):
         p = model.metadata_props.add()
         p.key, p.value = k, v
 
@@ -84,7 +84,7 @@ def export_onnx(module, example, path, *, meta: dict, opset: int | None = None):
         with _quiet():
             program = torch.onnx.export(
                 module, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_shapes={"images": {0: batch}}, opset_version=opset, dynamo=True,
+                dynamic_shapes={INPUT_NAME: {0: batch}}, opset_version=opset, dynamo=True,
                 external_data=False, verbose=False,
             )
     except Exception as e:  # the exporter raises many types; the user needs the first line

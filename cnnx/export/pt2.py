@@ -6,7 +6,8 @@ import os
 import warnings
 
 from cnnx.export.errors import ExportError
-from cnnx.export.metadata import EXTRA_FILE, extra_file_bytes
+from cnnx.export.metadata import extra_file_bytes
+from cnnx.runtime.contract import EXTRA_FILE
 
 
 def export_pt2(module, example, path, *, meta: dict):

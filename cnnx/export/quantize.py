@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnx.export.errors import ExportError
-from cnnx.export.metadata import INPUT_NAME
+from cnnx.runtime.contract import INPUT_NAME
 from cnnx.export.onnx import _quiet, check_onnx, save_model, set_metadata
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul")

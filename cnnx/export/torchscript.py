@@ -9,7 +9,8 @@ import os
 import warnings
 
 from cnnx.export.errors import ExportError
-from cnnx.export.metadata import EXTRA_FILE, extra_file_bytes
+from cnnx.export.metadata import extra_file_bytes
+from cnnx.runtime.contract import EXTRA_FILE
 
 
 def export_torchscript(module, example, path, *, meta: dict):

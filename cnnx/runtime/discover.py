@@ -13,13 +13,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-# Extensions of the files a folder walk picks up; other files in a folder are counted as
-# ignored (a README beside the photos is not an error). Files named on the command line are
-# always tried, whatever their name.
-IMAGE_EXTENSIONS = frozenset(
-    ".jpg .jpeg .jpe .jfif .png .gif .bmp .dib .tif .tiff .webp .ppm .pgm .pbm .pnm .tga .ico "
-    ".heic .heif .avif".split()
-)
+from cnnx.runtime.contract import is_image_name as _is_image_name
 
 
 @dataclass(frozen=True)
@@ -32,10 +26,6 @@ class Found:
 
 def _key(name: str) -> bytes:
     return os.fsencode(name)
-
-
-def _is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
 def _kind(mode: int) -> str:

@@ -1,24 +1,20 @@
 """An exported cnnx ONNX model opened for inference: contract checks, metadata, providers.
 
-The contract (DESIGN.md, "Exported models"): input `images` uint8 [N, 3, H, W] with N
-dynamic, output float32 [N, num_classes], metadata_props `cnnx.class_names` (JSON list) and
-`cnnx.preprocess` (JSON spec). Anything else is refused with one line (ModelError), never
-guessed around: size, mean, std and class names come from the model and nowhere else.
+The contract is cnnx.runtime.contract. Anything else is refused with one line (ModelError),
+never guessed around: size, mean, std and class names come from the model and nowhere else.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from cnnx.runtime.preprocess import SpecError, validate_spec
-
-DEVICES = ("auto", "cpu", "cuda")
-CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+from cnnx.runtime.contract import (CPU_PROVIDER as CPU, CUDA_PROVIDER as CUDA, DEVICES, ContractError,
+                                   check_signature, cuda_driver_present, parse_metadata)
+from cnnx.runtime.files import first_line
 
 
 class ModelError(Exception):
@@ -60,21 +56,6 @@ def find_newest_model(runs_dir="runs") -> Path:
     if newest is None:
         raise ModelError(f"no --model given and no exported .onnx model under {root}/ (run `cnnx export` first)")
     return newest
-
-
-def cuda_driver_present() -> bool:
-    """Whether the NVIDIA driver's CUDA library can be loaded (a cheap dlopen, no GPU work)."""
-    import ctypes
-    import sys
-
-    names = {"linux": ("libcuda.so.1", "libcuda.so"), "win32": ("nvcuda.dll",)}.get(sys.platform, ())
-    for name in names:
-        try:
-            ctypes.CDLL(name)
-            return True
-        except OSError:
-            continue
-    return False
 
 
 def _session_options(ort, threads: int | None, quiet: bool):
@@ -122,8 +103,7 @@ def open_model(path, device: str = "auto", *, threads: int | None = None):
             old_severity = 2
         session = ort.InferenceSession(str(path), _session_options(ort, threads, want_cuda), providers=providers)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"cannot load model {path}: {first}") from None
+        raise ModelError(f"cannot load model {path}: {first_line(e)}") from None
     finally:
         if old_severity is not None:
             ort.set_default_logger_severity(old_severity)
@@ -136,33 +116,15 @@ def open_model(path, device: str = "auto", *, threads: int | None = None):
 
 
 def check_contract(session, path) -> ModelInfo:
-    inputs, outputs = session.get_inputs(), session.get_outputs()
-    if len(inputs) != 1:
-        raise ModelError(f"{path}: not a cnnx model: expected one input 'images', found {len(inputs)}")
-    inp = inputs[0]
-    if inp.name != "images" or inp.type != "tensor(uint8)" or len(inp.shape) != 4:
-        raise ModelError(f"{path}: not a cnnx model: input is {inp.name!r} {inp.type} {inp.shape}, "
-                         "expected 'images' tensor(uint8) [N, 3, H, W]")
-    if len(outputs) < 1 or outputs[0].type != "tensor(float)" or len(outputs[0].shape) != 2:
-        raise ModelError(f"{path}: not a cnnx model: first output must be float32 [N, num_classes]")
-    meta = session.get_modelmeta().custom_metadata_map
+    """The session's signature and metadata against the contract (cnnx.runtime.contract)."""
     try:
-        class_names = json.loads(meta["cnnx.class_names"])
-        spec = validate_spec(json.loads(meta["cnnx.preprocess"]))
-    except KeyError as e:
-        raise ModelError(f"{path}: not a cnnx model: metadata {e.args[0]} is missing") from None
-    except (ValueError, SpecError) as e:
-        raise ModelError(f"{path}: bad cnnx metadata: {e}") from None
-    if not (isinstance(class_names, list) and class_names and all(isinstance(c, str) for c in class_names)):
-        raise ModelError(f"{path}: bad cnnx metadata: cnnx.class_names must be a non-empty JSON list of strings")
-    _n, c, h, w = inp.shape
-    if c != 3 or (isinstance(h, int) and isinstance(w, int) and [h, w] != list(spec["size"])):
-        raise ModelError(f"{path}: input shape {inp.shape} does not match the preprocess size {spec['size']}")
-    k = outputs[0].shape[1]
-    if isinstance(k, int) and k != len(class_names):
-        raise ModelError(f"{path}: {k} logits but {len(class_names)} class names")
-    return ModelInfo(path=Path(path), class_names=tuple(class_names), spec=spec, arch=meta.get("cnnx.arch", "?"),
-                     version=meta.get("cnnx.version", "?"), input_name=inp.name, output_name=outputs[0].name)
+        meta = parse_metadata(session.get_modelmeta().custom_metadata_map)
+        inputs, outputs = session.get_inputs(), session.get_outputs()
+        check_signature(inputs, outputs, meta)
+    except ContractError as e:
+        raise ModelError(f"{path}: not a cnnx model: {e}") from None
+    return ModelInfo(path=Path(path), class_names=meta.class_names, spec=meta.spec, arch=meta.arch,
+                     version=meta.version, input_name=inputs[0].name, output_name=outputs[0].name)
 
 
 def softmax_topk(logits: np.ndarray, k: int):

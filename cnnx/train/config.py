@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
+from cnnx.runtime.contract import DEVICES
+
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULES = ("onecycle", "cosine", "constant")
 AUGMENTATIONS = ("crop", "flip", "cutout")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)

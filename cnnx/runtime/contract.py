@@ -1,0 +1,158 @@
+"""The model contract between `cnnx export` (which writes it) and the runtime (which reads it),
+written once: tensor names, `cnnx.*` metadata keys and their parsing, the devices, the image
+extensions a folder walk picks up, and the one CUDA-driver probe. The exporter imports this
+module; nothing here imports torch.
+
+An exported ONNX model: input `images` uint8 [N, 3, H, W] (N dynamic), output `logits`
+float32 [N, num_classes]; metadata_props are strings (JSON for anything that is not a string).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from cnnx.runtime.preprocess import SpecError, validate_spec
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+EXTRA_FILE = "cnnx.json"  # TorchScript _extra_files / pt2 extra_files name (the same keys, one JSON)
+
+# metadata_props keys
+KEY_CLASS_NAMES = "cnnx.class_names"  # JSON list of str, index = label id
+KEY_PREPROCESS = "cnnx.preprocess"  # JSON preprocess spec (cnnx.runtime.preprocess)
+KEY_ARCH = "cnnx.arch"
+KEY_VERSION = "cnnx.version"
+KEY_CHECKPOINT_SHA256 = "cnnx.checkpoint_sha256"
+KEY_VARIANT = "cnnx.variant"  # fp32 | fp16 | int8
+KEY_INPUTS = "cnnx.inputs"  # the signature, for readers without the framework (cnnx info on a .pt2)
+KEY_OUTPUTS = "cnnx.outputs"
+REQUIRED_KEYS = (KEY_CLASS_NAMES, KEY_PREPROCESS)
+
+DEVICES = ("auto", "cpu", "cuda")
+CPU_PROVIDER, CUDA_PROVIDER = "CPUExecutionProvider", "CUDAExecutionProvider"
+
+# The largest input side a model may ask for: 4096x4096x3 uint8 is 48 MiB an image, already
+# more than any classifier of this kind uses; metadata asking for more is refused, not obeyed.
+MAX_INPUT_SIDE = 4096
+MAX_CLASSES = 100_000
+
+# Extensions of the files a folder walk picks up (classify, the training data, --verify-data);
+# other files in a folder are ignored (a README beside the photos is not an error). Files
+# named on the command line are always tried, whatever their name.
+IMAGE_EXTENSIONS = frozenset(
+    ".jpg .jpeg .jpe .jfif .png .gif .bmp .dib .tif .tiff .webp .ppm .pgm .pbm .pnm .tga .ico "
+    ".heic .heif .avif".split()
+)
+
+
+def is_image_name(name: str) -> bool:
+    dot = name.rfind(".")
+    return dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS
+
+
+class ContractError(ValueError):
+    """Metadata or a signature that is not the cnnx contract; one line for the user."""
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    class_names: tuple
+    spec: dict
+    arch: str
+    version: str
+    variant: str
+
+
+def encode_metadata(*, class_names, preprocess: dict, arch: str, version: str, checkpoint_sha256: str,
+                    variant: str = "fp32") -> dict:
+    """Plain-JSON metadata of an exported model (what the exporter writes); keys above."""
+    h, w = preprocess["size"]
+    return {
+        KEY_CLASS_NAMES: list(class_names),
+        KEY_PREPROCESS: dict(preprocess),
+        KEY_ARCH: arch,
+        KEY_VERSION: version,
+        KEY_CHECKPOINT_SHA256: checkpoint_sha256,
+        KEY_VARIANT: variant,
+        KEY_INPUTS: [{"name": INPUT_NAME, "dtype": "uint8", "shape": ["N", 3, int(h), int(w)]}],
+        KEY_OUTPUTS: [{"name": OUTPUT_NAME, "dtype": "float32", "shape": ["N", len(class_names)]}],
+    }
+
+
+def metadata_props(meta: dict) -> dict:
+    """ONNX metadata_props are string -> string: strings stay as they are, the rest is JSON."""
+    return {k: v if isinstance(v, str) else json.dumps(v, separators=(",", ":")) for k, v in meta.items()}
+
+
+def check_class_names(names) -> tuple:
+    if not (isinstance(names, (list, tuple)) and names and all(isinstance(c, str) for c in names)):
+        raise ContractError("class names must be a non-empty list of strings")
+    if len(names) > MAX_CLASSES:
+        raise ContractError(f"{len(names)} class names exceed the limit of {MAX_CLASSES}")
+    return tuple(names)
+
+
+def check_size(spec: dict) -> dict:
+    h, w = spec["size"]
+    if h > MAX_INPUT_SIDE or w > MAX_INPUT_SIDE:
+        raise ContractError(f"preprocess size {h}x{w} exceeds the limit of {MAX_INPUT_SIDE} pixels a side")
+    return spec
+
+
+def parse_metadata(props: dict) -> ModelMeta:
+    """metadata_props (str -> str) of a cnnx model -> ModelMeta; ContractError otherwise."""
+    missing = [k for k in REQUIRED_KEYS if k not in props]
+    if missing:
+        raise ContractError(f"metadata {missing[0]} is missing")
+    try:
+        names = json.loads(props[KEY_CLASS_NAMES])
+        spec = validate_spec(json.loads(props[KEY_PREPROCESS]))
+    except (ValueError, SpecError) as e:  # JSONDecodeError and SpecError are ValueErrors
+        raise ContractError(f"bad cnnx metadata: {e}") from None
+    return ModelMeta(class_names=check_class_names(names), spec=check_size(spec), arch=props.get(KEY_ARCH, "?"),
+                     version=props.get(KEY_VERSION, "?"), variant=props.get(KEY_VARIANT, "fp32"))
+
+
+def check_signature(inputs, outputs, meta: ModelMeta) -> None:
+    """onnxruntime NodeArg lists against the contract and the metadata: one uint8 input
+    [N, 3, H, W] whose batch is dynamic and whose H, W (when fixed) are the spec's; a float32
+    output [N, C] with the same batch dimension and C (when fixed) = the number of classes."""
+    if len(inputs) != 1:
+        raise ContractError(f"expected one input {INPUT_NAME!r}, found {len(inputs)}")
+    inp = inputs[0]
+    if inp.name != INPUT_NAME or inp.type != "tensor(uint8)" or len(inp.shape) != 4:
+        raise ContractError(f"input is {inp.name!r} {inp.type} {inp.shape}, expected {INPUT_NAME!r} "
+                            "tensor(uint8) [N, 3, H, W]")
+    if len(outputs) < 1 or outputs[0].type != "tensor(float)" or len(outputs[0].shape) != 2:
+        raise ContractError("first output must be float32 [N, num_classes]")
+    n, c, h, w = inp.shape
+    if isinstance(n, int):
+        raise ContractError(f"input batch dimension is fixed at {n}; the contract is a dynamic batch")
+    if c != 3 or (isinstance(h, int) and isinstance(w, int) and [h, w] != list(meta.spec["size"])):
+        raise ContractError(f"input shape {inp.shape} does not match the preprocess size {meta.spec['size']}")
+    out_n, k = outputs[0].shape
+    # A graph that reduces over the batch (logits [1, C] for any N) would yield fewer rows
+    # than images. A symbolic output batch cannot be proven equal to the input's here (the
+    # quantizer renames dims), so the runtime also checks the row count of every batch.
+    if isinstance(out_n, int):
+        raise ContractError(f"output batch dimension is {out_n!r}, not the input's {n!r}: "
+                            "the model would not give one row per image")
+    if isinstance(k, int) and k != len(meta.class_names):
+        raise ContractError(f"{k} logits but {len(meta.class_names)} class names")
+
+
+def cuda_driver_present() -> bool:
+    """Whether the NVIDIA driver's CUDA library loads (a cheap dlopen, no GPU work): without
+    it onnxruntime's CUDA provider cannot load and only logs errors when asked to."""
+    import ctypes
+    import sys
+
+    names = {"linux": ("libcuda.so.1", "libcuda.so"), "win32": ("nvcuda.dll",)}.get(sys.platform, ())
+    for name in names:
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False

@@ -1,0 +1,139 @@
+"""File helpers every stage uses (torch-free): the one atomic writer and the one way to turn
+an exception into a single line for the user.
+
+Atomic means: a reader (or a process started after a kill -9 or a power cut) sees the old
+file or the complete new one, never a part. The data goes to a hidden temp file in the same
+folder, is fsynced, renamed over the target, and the folder is fsynced so the rename itself
+survives a crash. Temp files are named `.cnnx-tmp-<pid>-*` so that a later run can remove
+those of dead processes (`remove_stale_temps`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+
+TEMP_PREFIX = ".cnnx-tmp-"
+
+
+def first_line(error, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message (or of a string), at most `limit`
+    characters; the exception's type name when it has no message."""
+    text = str(error).strip()
+    line = text.splitlines()[0].strip() if text else ""
+    if not line:
+        line = type(error).__name__ if isinstance(error, BaseException) else "unknown error"
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def os_error_line(e: OSError, path=None) -> str:
+    """'No space left on device: /out/model.onnx' for an OSError."""
+    where = e.filename if e.filename is not None else path
+    what = e.strerror or first_line(e)
+    return f"{what}: {os.fsdecode(where)}" if where is not None else what
+
+
+def fsync_dir(folder) -> None:
+    try:
+        fd = os.open(os.fspath(folder), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # not every platform/filesystem lets a folder be opened; the rename still happened
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path, mode: str = "wb", *, encoding: str | None = None, newline: str | None = None,
+                keep_mode_of_target: bool = False):
+    """Open a temp file beside `path`; on a clean exit flush, fsync and rename it over `path`;
+    on any exception (KeyboardInterrupt included) remove it and leave `path` as it was.
+
+    keep_mode_of_target: give the new file the permission bits of the file it replaces (a
+    rewrite should not reset a user's chmod). A symlinked `path` is written through: the
+    link's target is replaced, the link stays."""
+    path = os.fspath(path)
+    if os.path.islink(path):
+        path = os.path.realpath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=folder)
+    try:
+        if keep_mode_of_target:
+            try:
+                os.fchmod(fd, os.stat(path).st_mode & 0o7777)
+            except FileNotFoundError:
+                pass
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would make results private by surprise
+        with os.fdopen(fd, mode, encoding=encoding, newline=newline) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(folder)
+
+
+def atomic_write(path, data, *, keep_mode_of_target: bool = False) -> None:
+    """Write bytes or str (UTF-8) to `path` atomically."""
+    if isinstance(data, str):
+        with atomic_file(path, "w", encoding="utf-8", newline="", keep_mode_of_target=keep_mode_of_target) as f:
+            f.write(data)
+    else:
+        with atomic_file(path, "wb", keep_mode_of_target=keep_mode_of_target) as f:
+            f.write(data)
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(folder, prefixes=(TEMP_PREFIX,)) -> list:
+    """Remove `<prefix><pid>-*` files and folders in `folder` whose process is gone (left by a
+    kill -9). Returns what was removed. Entries of live processes (another run writing right
+    now) and names without a pid are left alone."""
+    import shutil
+
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        prefix = next((p for p in prefixes if entry.name.startswith(p)), None)
+        if prefix is None:
+            continue
+        pid_text = entry.name[len(prefix):].split("-", 1)[0]
+        if not pid_text.isdigit() or pid_alive(int(pid_text)):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed.append(entry.path)
+        except OSError:
+            continue
+    return removed
+
+
+def is_disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
