@@ -1,0 +1,56 @@
+"""cnnx.runtime.cuda.diagnose: the one-line reason the CUDA provider cannot run."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from cnnx.runtime import cuda
+
+
+def _dist_info(site, name, version):
+    d = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    d.mkdir()
+    (d / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+
+
+def test_both_onnxruntime_packages_installed_is_named(tmp_path):
+    # What pip leaves after `pip install onnxruntime onnxruntime-gpu`: two dist-infos, one folder.
+    _dist_info(tmp_path, "onnxruntime", "1.31.1")
+    _dist_info(tmp_path, "onnxruntime-gpu", "1.31.1")
+    _dist_info(tmp_path, "numpy", "2.0.0")
+    status = cuda.diagnose(dist_path=[str(tmp_path)])
+    assert not status.usable
+    assert "onnxruntime and onnxruntime-gpu are installed together" in status.reason
+    assert "pip uninstall -y onnxruntime onnxruntime-gpu" in status.reason
+    assert "\n" not in status.reason
+
+
+def test_one_package_is_not_a_clash(tmp_path):
+    _dist_info(tmp_path, "onnxruntime-gpu", "1.31.1")
+    assert cuda.installed_ort_distributions([str(tmp_path)]) == ["onnxruntime-gpu"]
+
+
+@pytest.mark.skipif(cuda.cuda_driver_present(), reason="this machine has an NVIDIA driver")
+def test_no_driver_is_the_reason_here():
+    import onnxruntime as ort
+
+    status = cuda.diagnose()
+    assert not status.usable
+    if cuda.CUDA_PROVIDER in ort.get_available_providers():
+        assert status.reason == "no NVIDIA driver here (libcuda cannot be loaded)"
+    else:
+        assert "CPU-only build" in status.reason
+
+
+def test_library_names_follow_the_cuda_major():
+    names = dict(cuda._library_names(13))
+    if sys.platform != "win32":
+        assert names == {"CUDA runtime": "libcudart.so.13", "cuBLAS": "libcublas.so.13", "cuDNN 9": "libcudnn.so.9"}
+
+
+@pytest.mark.skipif(not cuda.cuda_driver_present(), reason="no NVIDIA driver on this machine")
+def test_with_a_driver_the_status_names_versions():
+    status = cuda.diagnose()
+    assert status.reason and "\n" not in status.reason
