@@ -1,0 +1,94 @@
+"""cnnx.runtime.files: the one atomic writer and the one first line of an error."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from cnnx.runtime import files
+
+
+def test_atomic_write_replaces_whole_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    files.atomic_write(target, "new text")
+    assert target.read_text() == "new text"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_failure_inside_keeps_the_old_file(tmp_path):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with files.atomic_file(target) as f:
+            f.write(b"half")
+            raise RuntimeError("writer died")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_symlink_is_written_through_and_mode_kept(tmp_path):
+    real = tmp_path / "real.csv"
+    real.write_text("a\n")
+    os.chmod(real, 0o640)
+    link = tmp_path / "link.csv"
+    link.symlink_to(real)
+    files.atomic_write(link, "b\n", keep_mode_of_target=True)
+    assert link.is_symlink() and link.read_text() == "b\n"
+    assert (real.stat().st_mode & 0o777) == 0o640
+
+
+def test_new_file_gets_the_umask_mode_not_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        files.atomic_write(tmp_path / "x", b"1")
+    finally:
+        os.umask(old)
+    assert (os.stat(tmp_path / "x").st_mode & 0o777) == 0o644
+
+
+def test_killed_writer_leaves_old_or_new_and_its_temp_is_cleaned(tmp_path):
+    target = tmp_path / "big.bin"
+    target.write_bytes(b"old")
+    code = textwrap.dedent(f"""
+        import os, sys, time
+        from cnnx.runtime.files import atomic_file
+        with atomic_file({str(target)!r}) as f:
+            f.write(b"x" * 1000)
+            f.flush()
+            print("writing", flush=True)
+            time.sleep(60)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "writing"
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+    assert target.read_bytes() == b"old"
+    stale = [q.name for q in tmp_path.iterdir() if q.name.startswith(files.TEMP_PREFIX)]
+    assert len(stale) == 1 and stale[0].startswith(f"{files.TEMP_PREFIX}{p.pid}-")
+    removed = files.remove_stale_temps(tmp_path)
+    assert [os.path.basename(r) for r in removed] == stale
+    assert [q.name for q in tmp_path.iterdir()] == ["big.bin"]
+
+
+def test_temps_of_live_processes_are_kept(tmp_path):
+    mine = tmp_path / f"{files.TEMP_PREFIX}{os.getpid()}-abc"
+    mine.write_text("in progress")
+    nopid = tmp_path / f"{files.TEMP_PREFIX}notapid-x"
+    nopid.write_text("?")
+    assert files.remove_stale_temps(tmp_path) == []
+    assert mine.exists() and nopid.exists()
+
+
+def test_first_line():
+    assert files.first_line(ValueError("\n  bad thing\nsecond")) == "bad thing"
+    assert files.first_line(KeyError()) == "KeyError"
+    assert files.first_line(RuntimeError("x" * 500), limit=20) == "x" * 17 + "..."
+    e = OSError(28, "No space left on device", "/out/model.onnx")
+    assert files.os_error_line(e) == "No space left on device: /out/model.onnx"
+    assert files.is_disk_full(e)
