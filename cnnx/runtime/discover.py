@@ -1,10 +1,12 @@
 """Streaming discovery of image files under the PATHs given to `cnnx classify`.
 
-Yields in sorted path order without ever listing the whole tree: each directory is read
-with os.scandir and sorted on its own (by the bytes of the name, so non-UTF-8 names sort
-consistently), then walked depth-first. Only one directory's names per level of depth are
-held at a time. Nothing is opened here: the type comes from the directory entry, so a FIFO
-is reported, never read.
+Yields in sorted path order (the order of the paths' bytes, as `sorted(paths,
+key=os.fsencode)` would give) without ever listing the whole tree. Each folder is read with
+os.scandir and sorted on its own by the name's bytes, a folder's name followed by "/": that
+is how its files compare inside full paths (`a/b-x.jpg` < `a/b/c.jpg` because "-" < "/").
+The walk keeps an explicit stack (one sorted listing per level of depth), so folders nested
+thousands deep need no recursion. Nothing is opened here: the type comes from the directory
+entry, so a FIFO is reported, never read.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import os
 import stat
 from dataclasses import dataclass
 
-from cnnx.runtime.contract import is_image_name as _is_image_name
+from cnnx.runtime.contract import is_image_name
+from cnnx.runtime.files import first_line
 
 
 @dataclass(frozen=True)
@@ -24,16 +27,26 @@ class Found:
     reason: str | None = None
 
 
-def _key(name: str) -> bytes:
-    return os.fsencode(name)
-
-
 def _kind(mode: int) -> str:
     for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
                        (stat.S_ISBLK, "block device")):
         if test(mode):
             return name
     return "special file"
+
+
+def _sort_key(name: str, is_folder: bool) -> bytes:
+    return os.fsencode(name) + (b"/" if is_folder else b"")
+
+
+def _lists_as_folder(entry: os.DirEntry, follow_symlinks: bool) -> bool:
+    """Whether the walk will descend into this entry (decides its place in the order)."""
+    try:
+        if entry.is_symlink() and not follow_symlinks:
+            return False
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 class Discovery:
@@ -45,25 +58,52 @@ class Discovery:
         self.ignored = 0  # files with a non-image extension inside walked folders
 
     def __iter__(self):
-        for root in sorted(dict.fromkeys(os.fspath(r) for r in self.roots), key=_key):
+        stated = []
+        for root in dict.fromkeys(os.fspath(r) for r in self.roots):
             try:
                 st = os.stat(root)  # a root named by the user is followed even if a symlink
             except OSError as e:
-                yield Found(root, f"cannot stat: {e.strerror or e}")
+                stated.append((_sort_key(root, False), root, e))
                 continue
-            if stat.S_ISDIR(st.st_mode):
-                yield from self._walk(root, {(st.st_dev, st.st_ino)})
+            stated.append((_sort_key(root, stat.S_ISDIR(st.st_mode)), root, st))
+        for _key, root, st in sorted(stated, key=lambda t: t[0]):
+            if isinstance(st, OSError):
+                yield Found(root, f"cannot stat: {st.strerror or first_line(st)}")
+            elif stat.S_ISDIR(st.st_mode):
+                yield from self._walk(root, (st.st_dev, st.st_ino))
             elif stat.S_ISREG(st.st_mode):
                 yield Found(root)
             else:
                 yield Found(root, f"not a regular file ({_kind(st.st_mode)}); not opened")
 
-    def _walk(self, directory: str, ancestors: set):
+    def _walk(self, top: str, top_ident):
+        """Depth-first over an explicit stack of (folder identity, its children)."""
+        ancestors = {top_ident}  # (st_dev, st_ino) of the folders being walked: a cycle check
+        stack = [(top_ident, self._children(top))]
+        while stack:
+            ident, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                stack.pop()
+                ancestors.discard(ident)
+            elif isinstance(child, Found):
+                yield child
+            else:
+                path, sub_ident = child
+                if sub_ident in ancestors:
+                    yield Found(path, "symlink loop (folder contains itself); not followed")
+                    continue
+                ancestors.add(sub_ident)
+                stack.append((sub_ident, self._children(path)))
+
+    def _children(self, folder: str):
+        """One folder's entries in order: Found for files and skips, (path, identity) for
+        subfolders to descend into."""
         try:
-            with os.scandir(directory) as it:
-                entries = sorted(it, key=lambda e: _key(e.name))
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: _sort_key(e.name, _lists_as_folder(e, self.follow_symlinks)))
         except OSError as e:
-            yield Found(directory, f"cannot list folder: {e.strerror or e}")
+            yield Found(folder, f"cannot list folder: {e.strerror or first_line(e)}")
             return
         for entry in entries:
             path = entry.path
@@ -72,30 +112,41 @@ class Discovery:
                     if not self.follow_symlinks:
                         yield Found(path, "symlink not followed (use --follow-symlinks)")
                         continue
-                    mode_st = os.stat(path)  # ELOOP for a symlink cycle lands in the except below
+                    st = os.stat(path)  # ELOOP for a symlink cycle lands in the except below
                 elif entry.is_file(follow_symlinks=False):
                     # The common case answered from the directory entry's type: no stat call.
-                    if _is_image_name(entry.name):
+                    if is_image_name(entry.name):
                         yield Found(path)
                     else:
                         self.ignored += 1
                     continue
                 else:
-                    mode_st = entry.stat(follow_symlinks=False)
+                    st = entry.stat(follow_symlinks=False)
             except OSError as e:
-                yield Found(path, f"cannot stat: {e.strerror or e}")
+                yield Found(path, f"cannot stat: {e.strerror or first_line(e)}")
                 continue
-            if stat.S_ISDIR(mode_st.st_mode):
-                ident = (mode_st.st_dev, mode_st.st_ino)
-                if ident in ancestors:
-                    yield Found(path, "symlink loop (folder contains itself); not followed")
-                    continue
-                ancestors.add(ident)
-                yield from self._walk(path, ancestors)
-                ancestors.discard(ident)
-            elif not _is_image_name(entry.name):
+            if stat.S_ISDIR(st.st_mode):
+                yield path, (st.st_dev, st.st_ino)
+            elif not is_image_name(entry.name):
                 self.ignored += 1
-            elif stat.S_ISREG(mode_st.st_mode):
+            elif stat.S_ISREG(st.st_mode):
                 yield Found(path)
             else:
-                yield Found(path, f"not a regular file ({_kind(mode_st.st_mode)}); not opened")
+                yield Found(path, f"not a regular file ({_kind(st.st_mode)}); not opened")
+
+
+class PathKeys:
+    """Compare paths by the directory entry they name, not by their spelling: `DIR/a.jpg`,
+    `./DIR/a.jpg` and `DIR/../DIR/a.jpg` are one key. The folder part is resolved
+    (os.path.realpath, cached per folder: a million files live in few folders); the last
+    component is kept, so a symlinked file stays its own entry, as the walk treats it."""
+
+    def __init__(self):
+        self._folders: dict = {}
+
+    def __call__(self, path: str) -> str:
+        folder, name = os.path.split(path)
+        real = self._folders.get(folder)
+        if real is None:
+            real = self._folders[folder] = os.path.realpath(folder or ".")
+        return os.path.join(real, name)

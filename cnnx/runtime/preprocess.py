@@ -20,9 +20,12 @@ import math
 import os
 import struct
 import warnings
+import zlib
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from cnnx.runtime.files import first_line
 
 # 2: JPEGs decoded by libjpeg-turbo (simplejpeg) with DCT scaling, EXIF orientation applied
 #    to the decoded array; pixels differ slightly from version 1 (Pillow) for JPEGs.
@@ -132,32 +135,112 @@ _HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b
 def read_file(path) -> bytes:
     """The bytes of a regular file. Never blocks on a FIFO or device (O_NONBLOCK + fstat
     before any read) and refuses files over MAX_FILE_BYTES. Raises ImageError(stage='open')."""
+    return _read_file(path)[0]
+
+
+def _read_file(path):
+    """-> (bytes, note). A PNG's oversized metadata chunks are never read (see png_plan)."""
     import stat
 
     try:
         fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
-        raise ImageError("open", f"cannot open: {e.strerror or e}") from None
+        raise ImageError("open", f"cannot open: {e.strerror or first_line(e)}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ImageError("open", "not a regular file")
         if st.st_size > MAX_FILE_BYTES:
             raise ImageError("open", f"file of {st.st_size} bytes exceeds the limit of {MAX_FILE_BYTES}")
-        # Read what fstat promised (+1 to notice growth); loop for short reads.
-        chunks, want = [], st.st_size + 1
-        while want > 0:
-            chunk = os.read(fd, want)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            want -= len(chunk)
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if os.pread(fd, len(PNG_SIGNATURE), 0) == PNG_SIGNATURE:
+            keep, note = png_plan(lambda pos, n: os.pread(fd, n, pos), st.st_size)
+            if note is not None:
+                return b"".join(_read_exactly(fd, start, end - start) for start, end in keep), note
+        return _read_exactly(fd, 0, st.st_size + 1), None  # +1 notices a file that grew
     except OSError as e:
-        raise ImageError("open", f"cannot read: {e.strerror or e}") from None
+        raise ImageError("open", f"cannot read: {e.strerror or first_line(e)}") from None
     finally:
         os.close(fd)
-    return data
+
+
+def _read_exactly(fd, offset: int, want: int) -> bytes:
+    """Up to `want` bytes from `offset` (fewer at end of file); loops over short reads."""
+    chunks = []
+    while want > 0:
+        chunk = os.pread(fd, want, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        want -= len(chunk)
+        offset += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+# PNG chunks other than pixel data (text, ICC profile, EXIF, unknown ancillary ones) are read
+# whole by Pillow, often more than once, and compressed ones are inflated: a file under the
+# size cap carrying a 1 GB text chunk would peak at several GiB in one decode thread. Such a
+# chunk is left out before decoding (with a note), so neither Pillow nor this module ever
+# holds it; this does not depend on Pillow's own (global, changeable) text limits.
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_PIXEL_CHUNKS = (b"IDAT", b"fdAT")
+PNG_CRITICAL_CHUNKS = (b"IHDR", b"PLTE", b"IEND")
+MAX_PNG_METADATA_BYTES = 16 << 20  # stored or inflated; an ICC profile or EXIF block is far smaller
+
+
+def png_plan(read_at, size: int):
+    """Walk a PNG's chunk headers (read_at(pos, n) -> bytes) -> (byte ranges to keep, note).
+    note is None when every chunk is kept (then ranges cover the whole file)."""
+    keep, dropped, pos = [(0, len(PNG_SIGNATURE))], [], len(PNG_SIGNATURE)
+    while pos + 8 <= size:
+        head = read_at(pos, 8)
+        if len(head) < 8:
+            break
+        length, kind = struct.unpack(">I4s", head)
+        end = min(pos + 12 + length, size)
+        too_large = None
+        if kind not in PNG_PIXEL_CHUNKS and kind not in PNG_CRITICAL_CHUNKS:
+            too_large = _png_metadata_too_large(read_at, pos + 8, length, kind)
+        if too_large is None:
+            keep.append((pos, end))
+        else:
+            dropped.append(f"{kind.decode('latin-1')} {too_large}")
+        if kind == b"IEND":
+            break
+        pos = end
+    if pos < size:
+        keep.append((pos, size))  # whatever follows (or a cut-short chunk) is the decoder's to judge
+    if not dropped:
+        return [(0, size)], None
+    return keep, f"PNG metadata chunk{'s' if len(dropped) > 1 else ''} over {MAX_PNG_METADATA_BYTES >> 20} MiB ignored: " \
+                 + ", ".join(dropped)
+
+
+def _png_metadata_too_large(read_at, start: int, length: int, kind: bytes):
+    """None when the chunk is within the limit, else what is too large about it."""
+    if length > MAX_PNG_METADATA_BYTES:
+        return f"of {length:,} bytes"
+    if kind not in (b"zTXt", b"iTXt", b"iCCP"):
+        return None
+    data = read_at(start, length)
+    keyword_end = data.find(b"\0")
+    if keyword_end < 0:
+        return None
+    if kind == b"iTXt":  # keyword \0 flag method language \0 translated keyword \0 text
+        if data[keyword_end + 1:keyword_end + 2] != b"\1":
+            return None  # stored uncompressed: its stored length was checked above
+        lang_end = data.find(b"\0", keyword_end + 3)
+        text_start = data.find(b"\0", lang_end + 1) + 1 if lang_end >= 0 else 0
+        if text_start <= 0:
+            return None
+        compressed = data[text_start:]
+    else:  # keyword \0 method data
+        compressed = data[keyword_end + 2:]
+    inflater = zlib.decompressobj()
+    try:
+        inflater.decompress(compressed, MAX_PNG_METADATA_BYTES)
+    except zlib.error:
+        return None  # Pillow ignores text it cannot inflate
+    return f"of {length:,} bytes inflating past that" if inflater.unconsumed_tail else None
 
 
 def jpeg_orientation(data: bytes):
@@ -290,16 +373,28 @@ def load_image(source, spec: dict, *, max_pixels: int = DEFAULT_MAX_PIXELS):
     out_h, out_w = spec["size"]
     resample = INTERPOLATIONS[spec["interpolation"]]
     if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
+        data, read_note = _from_bytes(bytes(source))
     else:
-        data = read_file(source)
+        data, read_note = _read_file(source)
     if not data:
         raise ImageError("open", "empty file (0 bytes)")
+    done = None
     if data[:3] == _JPEG_MAGIC:
         done = _load_jpeg(data, out_h, out_w, resample, max_pixels)
-        if done is not None:
-            return done
-    return _load_with_pillow(data, out_h, out_w, resample, max_pixels)
+    if done is None:
+        done = _load_with_pillow(data, out_h, out_w, resample, max_pixels)
+    arr, note = done
+    return arr, "; ".join(n for n in (read_note, note) if n) or None
+
+
+def _from_bytes(data: bytes):
+    """In-memory input: the same PNG metadata limit as a file (see png_plan)."""
+    if data[:len(PNG_SIGNATURE)] != PNG_SIGNATURE:
+        return data, None
+    keep, note = png_plan(lambda pos, n: data[pos:pos + n], len(data))
+    if note is None:
+        return data, None
+    return b"".join(data[start:end] for start, end in keep), note
 
 
 def _load_with_pillow(data: bytes, out_h: int, out_w: int, resample, max_pixels: int):
@@ -309,13 +404,13 @@ def _load_with_pillow(data: bytes, out_h: int, out_w: int, resample, max_pixels:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
-        raise ImageError("open", f"decompression bomb refused: {e}") from None
+        raise ImageError("open", f"decompression bomb refused: {first_line(e)}") from None
     except Image.DecompressionBombWarning as e:
-        raise ImageError("open", f"decompression bomb refused: {e}") from None
+        raise ImageError("open", f"decompression bomb refused: {first_line(e)}") from None
     except Image.UnidentifiedImageError:
         raise ImageError("open", _heif_hint(data) or "not an image Pillow can identify") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError("open", f"cannot open: {e}") from None
+        raise ImageError("open", f"cannot open: {first_line(e)}") from None
     with img:
         w, h = img.size
         if w < 1 or h < 1:
@@ -332,7 +427,7 @@ def _load_with_pillow(data: bytes, out_h: int, out_w: int, resample, max_pixels:
                 img.draft("RGB", (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
             img.load()
         except (OSError, SyntaxError, ValueError, EOFError) as e:
-            raise ImageError("decode", f"cannot decode: {e}") from None
+            raise ImageError("decode", f"cannot decode: {first_line(e)}") from None
         try:
             img = ImageOps.exif_transpose(img)
         except Exception:  # malformed EXIF: keep the pixels as stored
@@ -340,7 +435,7 @@ def _load_with_pillow(data: bytes, out_h: int, out_w: int, resample, max_pixels:
         try:
             img = _to_rgb(img)
         except (OSError, ValueError) as e:
-            raise ImageError("convert", f"cannot convert {img.mode} to RGB: {e}") from None
+            raise ImageError("convert", f"cannot convert {img.mode} to RGB: {first_line(e)}") from None
         w, h = img.size
         if (h, w) != (out_h, out_w):
             img = img.resize((out_w, out_h), resample, box=_crop_box(w, h, out_h, out_w))
