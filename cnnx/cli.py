@@ -46,11 +46,23 @@ def cli():
 
 
 def main(argv=None):
+    """Run a command; exit 0, 1 (failure), 2 (usage) or 130 (SIGINT, as shells expect, where
+    click's standalone mode would say "Aborted!" and exit 1)."""
     try:
-        cli.main(args=argv, prog_name="cnnx", standalone_mode=True)
-    except KeyboardInterrupt:  # pragma: no cover - interactive
+        code = cli.main(args=argv, prog_name="cnnx", standalone_mode=False)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.Abort as e:  # click turns KeyboardInterrupt (and EOF at a prompt) into Abort
+        if isinstance(e.__cause__, KeyboardInterrupt):
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        click.echo("Aborted!", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:  # before or after click's own handling
         click.echo("interrupted", err=True)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

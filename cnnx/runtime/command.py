@@ -1,15 +1,17 @@
 """`cnnx classify`: batch-classify image files and folders through onnxruntime.
 
-Thin on purpose: options are checked here, the work happens in cnnx.runtime.{discover,
-pipeline,model,output}. Imports stay inside the function so `cnnx --help` stays cheap;
-nothing here (or anywhere under cnnx/runtime/) imports torch.
+Thin on purpose: options are checked here, the work is cnnx.runtime.api.Classifier, rows
+are written by cnnx.runtime.output. Imports stay inside the functions so `cnnx --help`
+stays cheap; nothing here (or anywhere under cnnx/runtime/) imports torch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 
 import click
 
@@ -46,8 +48,22 @@ class _Progress:
             sys.stderr.flush()
 
 
+@dataclass
+class _Tally:
+    """What the summary line says."""
+
+    classified: int = 0
+    noted: int = 0
+    skipped: dict = field(default_factory=dict)  # stage -> count
+    first_batch_s: float | None = None
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+
 @click.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=str), metavar="PATH...")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str), metavar="PATH...")
 @click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=str),
               help="Exported .onnx model. Default: the newest one under runs/.")
 @click.option("--output", "-o", default="-", show_default=True, type=click.Path(dir_okay=False, allow_dash=True),
@@ -57,7 +73,8 @@ class _Progress:
 @click.option("--topk", type=click.IntRange(1), default=5, show_default=True,
               help="Labels and scores per image (capped at the number of classes).")
 @click.option("--batch-size", type=click.IntRange(1, 65536), default=256, show_default=True,
-              help="Images per onnxruntime call; every call has this shape (the last is padded).")
+              help="Images per onnxruntime call; every call has this shape (the last is padded). "
+                   "Reduced, with a note, when the images would exceed 256 MiB a batch.")
 @click.option("--workers", type=click.IntRange(0, 256), default=0, show_default=True,
               help="Decode threads; 0 = one per CPU core.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
@@ -68,8 +85,11 @@ class _Progress:
 @click.option("--resume", is_flag=True, help="Continue OUTPUT: skip paths already in it (or in the errors file).")
 @click.option("--strict", is_flag=True, help="Exit 1 when any file was skipped.")
 @click.option("--follow-symlinks", is_flag=True, help="Follow symlinks inside folders (cycles are still refused).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False),
+              help="Also write one self-contained HTML page of the results (everything in OUTPUT, "
+                   "--resume'd runs included). Needs --output FILE.")
 def classify(paths, model_path, output, fmt, topk, batch_size, workers, device, errors_path, resume, strict,
-             follow_symlinks):
+             follow_symlinks, report_path):
     """Batch-classify image files and folders (recursively) through onnxruntime.
 
     Rows come out in sorted path order, flushed as each batch finishes: CSV
@@ -78,122 +98,189 @@ def classify(paths, model_path, output, fmt, topk, batch_size, workers, device, 
     (skips are warnings), 1 on a fatal error or, with --strict, on any skip.
     """
     t0 = time.perf_counter()
-    from cnnx.runtime.model import ModelError, find_newest_model, open_model, softmax_topk
-    from cnnx.runtime.output import ErrorsWriter, PredictionWriter, ResumeError, read_done
-    from cnnx.runtime.discover import Discovery
-    from cnnx.runtime.pipeline import PipelineConfig, batched_paths, decoded_batches
-
     if errors_path is None:
         errors_path = _default_errors_path(output)
+    _check_usage(paths, output, errors_path, resume, report_path)
+    with _one_line_errors(), _one_writer(output):
+        _check_not_there(output, errors_path, resume)
+        classifier = _open_classifier(model_path, device, batch_size=batch_size, workers=workers, topk=topk)
+        done = _read_done(output, errors_path, fmt, classifier.topk) if resume else set()
+        rows = classifier.classify(paths, follow_symlinks=follow_symlinks, done=done)
+        tally = _write_rows(rows, output, fmt, errors_path, classifier, append=resume, t0=t0)
+    if rows.found == 0:
+        what = "files" if rows.ignored == 0 else f"image files ({rows.ignored} other files ignored)"
+        raise click.ClickException(f"no {what} found under {', '.join(paths)}")
+    _print_summary(tally, rows, classifier.provider, errors_path, time.perf_counter() - t0)
+    if report_path is not None:
+        _write_report(report_path, output, fmt, errors_path, classifier.info)
+    if strict and tally.n_skipped:
+        raise click.ClickException(f"--strict: {tally.n_skipped} file(s) skipped")
+
+
+def _check_usage(paths, output, errors_path, resume, report_path):
     if resume and output == "-":
         raise click.UsageError("--resume needs --output FILE (it reads back what that file already holds)")
-    if errors_path is not None and output != "-" and os.path.abspath(errors_path) == os.path.abspath(output):
-        raise click.UsageError("--errors and --output must be different files")
+    if report_path is not None and output == "-":
+        raise click.UsageError("--report needs --output FILE (the page is made from what that file holds)")
+    files = [("--output", output), ("--errors", errors_path), ("--report", report_path)]
+    named = [(label, os.path.abspath(p)) for label, p in files if p not in (None, "-")]
+    for i, (label, path) in enumerate(named):
+        for other, other_path in named[i + 1:]:
+            if path == other_path:
+                raise click.UsageError(f"{label} and {other} must be different files")
+    for path in paths:
+        # A path that is not there is a typo; one that cannot be stat'ed or read (permissions)
+        # gets its errors row like any other unreadable file, and the rest still run.
+        if not os.path.lexists(path):
+            raise click.BadParameter(f"{path!r} does not exist", param_hint="PATH...")
+
+
+def _check_not_there(output, errors_path, resume):
+    """Checked while holding the output's lock, so a run that just finished is seen."""
     for label, target in (("--output", output), ("--errors", errors_path)):
         if target not in (None, "-") and os.path.exists(target) and not resume:
             raise click.UsageError(f"{label} {target} already exists: pass --resume to continue it, or remove it")
 
+
+@contextlib.contextmanager
+def _one_line_errors():
+    """The runtime's failures as one line (exit 1); a closed stdout (`| head`) ends quietly."""
+    from cnnx.runtime.model import ModelError
+    from cnnx.runtime.output import WriteError
+
     try:
-        if model_path is None:
-            model_path = str(find_newest_model("runs"))
-            click.echo(f"model: {model_path} (newest under runs/)", err=True)
-        session, info, provider = open_model(model_path, device)
+        yield
     except ModelError as e:
         raise click.ClickException(str(e)) from None
-    topk = min(topk, len(info.class_names))
-
-    done = set()
-    if resume:
-        try:
-            if os.path.exists(output):
-                done, n = read_done(output, fmt, topk)
-                click.echo(f"resume: {n:,} images already in {output}", err=True)
-            if errors_path is not None and os.path.exists(errors_path):
-                done |= read_done(errors_path, "errors", None)[0]
-        except ResumeError as e:
-            raise click.ClickException(f"cannot resume: {e}") from None
-        except OSError as e:
-            raise click.ClickException(f"cannot resume: {e.strerror or e}: {e.filename}") from None
-
-    config = PipelineConfig(batch_size=batch_size, workers=workers)
-    writer = PredictionWriter(output, fmt, info.class_names, topk, append=resume)
-    errors = ErrorsWriter(errors_path, append=resume)
-    skipped: dict = {}
-    counts = {"found": 0, "resumed": 0, "noted": 0}
-
-    def skip(path, stage, message):
-        skipped[stage] = skipped.get(stage, 0) + 1
-        errors.write(path, stage, message)
-
-    def on_discovery_skip(item):
-        counts["found"] += 1
-        if item.path not in done:
-            skip(item.path, "discover", item.reason)
-
-    def todo(found):
-        for item in found:
-            if item.reason is None:
-                counts["found"] += 1
-                if item.path in done:
-                    counts["resumed"] += 1
-                    continue
-            yield item
-
-    discovery = Discovery(paths, follow_symlinks=follow_symlinks)
-    progress = _Progress()
-    classified, first_batch_s = 0, None
-    try:
-        batches = batched_paths(todo(discovery), batch_size, on_discovery_skip)
-        for batch in decoded_batches(batches, info.spec, config):
-            for path, stage, message in batch.failed:
-                skip(path, stage, message)
-            for path, note in batch.notes:
-                counts["noted"] += 1
-                errors.write(path, "note", note)
-            if batch.paths:
-                logits = session.run([info.output_name], {info.input_name: batch.images})[0]
-                n = len(batch.paths)
-                idx, scores = softmax_topk(logits[:n], topk)
-                writer.write_batch(batch.paths, idx, scores)
-                classified += n
-                if first_batch_s is None:
-                    first_batch_s = time.perf_counter() - t0
-            progress.update(classified, sum(skipped.values()))
+    except WriteError as e:
+        raise click.ClickException(f"cannot write: {e}") from None
     except BrokenPipeError:
-        # stdout closed early (`| head`): stop quietly, as other Unix tools do.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(1)
-    except OSError as e:
-        raise click.ClickException(f"cannot write: {e.strerror or e}: {e.filename or output}") from None
-    finally:
-        progress.close()
-        writer.close()
-        errors.close()
 
-    if counts["found"] == 0:
-        what = "files" if discovery.ignored == 0 else f"image files ({discovery.ignored} other files ignored)"
-        raise click.ClickException(f"no {what} found under {', '.join(paths)}")
-    wall = time.perf_counter() - t0
-    n_skipped = sum(skipped.values())
-    parts = [f"classified {classified:,} images"]
-    if n_skipped:
-        parts.append(f"skipped {n_skipped:,} (" + ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) + ")")
+
+@contextlib.contextmanager
+def _one_writer(output):
+    """Hold the output's lock for the whole run: a second run on the same file (a resume
+    started twice) stops with one line instead of appending duplicates."""
+    from cnnx.runtime.files import os_error_line
+    from cnnx.runtime.output import OutputBusy, OutputLock
+
+    if output == "-":
+        yield
+        return
+    lock = OutputLock(output)
+    try:
+        lock.acquire()
+    except OutputBusy as e:
+        raise click.ClickException(f"{output} is being written by another cnnx classify ({e}); "
+                                   "wait for it to finish") from None
+    except OSError as e:
+        raise click.ClickException(f"cannot write: {os_error_line(e, lock.path)}") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _open_classifier(model_path, device, **options):
+    from cnnx.runtime.api import Classifier
+    from cnnx.runtime.model import find_newest_model
+    from cnnx.runtime.pipeline import MAX_BATCH_BYTES
+
+    if model_path is None:
+        model_path = str(find_newest_model("runs"))
+        click.echo(f"model: {model_path} (newest under runs/)", err=True)
+    classifier = Classifier(model_path, device, **options)
+    if classifier.batch_size < classifier.requested_batch_size:
+        h, w = classifier.info.spec["size"]
+        click.echo(f"note: --batch-size {classifier.requested_batch_size} reduced to {classifier.batch_size}: "
+                   f"images of 3x{h}x{w} would exceed {MAX_BATCH_BYTES >> 20} MiB a batch", err=True)
+    return classifier
+
+
+def _read_done(output, errors_path, fmt, topk) -> set:
+    """Paths already in OUTPUT (and in the errors file) for --resume."""
+    from cnnx.runtime.files import os_error_line
+    from cnnx.runtime.output import ResumeError, read_done
+
+    done = set()
+    try:
+        if os.path.exists(output):
+            done, n = read_done(output, fmt, topk)
+            click.echo(f"resume: {n:,} images already in {output}", err=True)
+        if errors_path is not None and os.path.exists(errors_path):
+            done |= read_done(errors_path, "errors", None)[0]
+    except ResumeError as e:
+        raise click.ClickException(f"cannot resume: {e}") from None
+    except OSError as e:
+        raise click.ClickException(f"cannot resume: {os_error_line(e)}") from None
+    return done
+
+
+def _write_rows(rows, output, fmt, errors_path, classifier, *, append: bool, t0: float) -> _Tally:
+    """Stream the rows into the predictions and errors files, one flush per batch."""
+    from cnnx.runtime.api import Note, Prediction, Skipped
+    from cnnx.runtime.output import ErrorsWriter, PredictionWriter
+
+    writer = PredictionWriter(output, fmt, classifier.info.class_names, classifier.topk, append=append)
+    errors = ErrorsWriter(errors_path, append=append)
+    tally, progress = _Tally(), _Progress()
+    try:
+        for batch in rows.batches():
+            predictions = [row for row in batch if isinstance(row, Prediction)]
+            for row in batch:
+                if isinstance(row, Skipped):
+                    tally.skipped[row.stage] = tally.skipped.get(row.stage, 0) + 1
+                    errors.write(row.path, row.stage, row.error)
+                elif isinstance(row, Note):
+                    tally.noted += 1
+                    errors.write(row.path, "note", row.note)
+            writer.write_predictions(predictions)
+            tally.classified += len(predictions)
+            if predictions and tally.first_batch_s is None:
+                tally.first_batch_s = time.perf_counter() - t0
+            progress.update(tally.classified, tally.n_skipped)
+    finally:
+        rows.close()
+        progress.close()
+        try:
+            writer.close()
+        finally:
+            errors.close()
+    return tally
+
+
+def _print_summary(tally: _Tally, rows, provider: str, errors_path, wall: float):
+    parts = [f"classified {tally.classified:,} images"]
+    if tally.n_skipped:
+        parts.append(f"skipped {tally.n_skipped:,} ("
+                     + ", ".join(f"{k}: {v}" for k, v in sorted(tally.skipped.items())) + ")")
     else:
         parts.append("skipped 0")
-    if counts["resumed"]:
-        parts.append(f"{counts['resumed']:,} already done (--resume)")
-    if counts["noted"]:
-        parts.append(f"{counts['noted']} with notes")
-    if discovery.ignored:
-        parts.append(f"{discovery.ignored:,} non-image files ignored")
-    parts.append(f"provider {provider}")
-    parts.append(f"{wall:.2f} s")
-    parts.append(f"{classified / wall:,.0f} images/s")
-    if first_batch_s is not None:
-        parts.append(f"first batch after {first_batch_s:.2f} s")
+    if rows.already_done:
+        parts.append(f"{rows.already_done:,} already done (--resume)")
+    if tally.noted:
+        parts.append(f"{tally.noted} with notes")
+    if rows.ignored:
+        parts.append(f"{rows.ignored:,} non-image files ignored")
+    parts += [f"provider {provider}", f"{wall:.2f} s", f"{tally.classified / wall:,.0f} images/s"]
+    if tally.first_batch_s is not None:
+        parts.append(f"first batch after {tally.first_batch_s:.2f} s")
     click.echo("; ".join(parts), err=True)
-    if n_skipped and errors_path is not None:
+    if tally.n_skipped and errors_path is not None:
         click.echo(f"skipped files are listed in {errors_path}", err=True)
-    if strict and n_skipped:
-        raise click.ClickException(f"--strict: {n_skipped} file(s) skipped")
+
+
+def _write_report(report_path, output, fmt, errors_path, info):
+    from cnnx.report import write_classify_report
+    from cnnx.runtime.files import os_error_line
+
+    errors = errors_path if errors_path is not None and os.path.exists(errors_path) else None
+    try:
+        write_classify_report(report_path, output=output, fmt=fmt, errors=errors,
+                              class_names=list(info.class_names), spec=info.spec)
+    except OSError as e:
+        raise click.ClickException(f"cannot write the report: {os_error_line(e, report_path)}") from None
+    click.echo(f"report: {report_path}", err=True)

@@ -127,11 +127,17 @@ def check_contract(session, path) -> ModelInfo:
                      version=meta.version, input_name=inputs[0].name, output_name=outputs[0].name)
 
 
-def softmax_topk(logits: np.ndarray, k: int):
-    """-> (indices (N, k), probabilities (N, k)), best first. float64 softmax for stable scores."""
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (N, C) logits, in float64 (stable scores)."""
     z = logits.astype(np.float64)
     z -= z.max(axis=1, keepdims=True)
     p = np.exp(z)
     p /= p.sum(axis=1, keepdims=True)
+    return p
+
+
+def softmax_topk(logits: np.ndarray, k: int):
+    """-> (indices (N, k), probabilities (N, k)), best first. float64 softmax for stable scores."""
+    p = softmax(logits)
     idx = np.argsort(-p, axis=1, kind="stable")[:, :k]
     return idx, np.take_along_axis(p, idx, axis=1)

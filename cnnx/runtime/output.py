@@ -1,5 +1,5 @@
-"""Writers for predictions (CSV / JSONL) and the errors file, and reading them back for
---resume.
+"""Writers for predictions (CSV / JSONL) and the errors file, reading them back for
+--resume, and the lock that keeps one writer per output file.
 
 CSV cells are all quoted; a cell starting with = + - @ (or tab, CR, or the escape quote
 itself) gets a leading ' so spreadsheets do not run it as a formula, and reading it back
@@ -10,20 +10,92 @@ pure ASCII (json escapes), and both read back to the same Python string.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import sys
-import tempfile
 
-FORMATS = ("csv", "jsonl")
+from cnnx.runtime.files import atomic_write, os_error_line
+
 ERRORS_HEADER = ["path", "stage", "error"]
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
 
 
 class ResumeError(Exception):
     """An existing output that cannot be continued (other columns, not cnnx output)."""
+
+
+class WriteError(Exception):
+    """A results or errors file that cannot be written (full disk, I/O error); one line,
+    e.g. 'No space left on device: pred.csv'. A closed stdout stays a BrokenPipeError."""
+
+
+class OutputBusy(Exception):
+    """Another process holds the output's lock (is writing the same file right now)."""
+
+
+@contextlib.contextmanager
+def _write_errors(target):
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise WriteError(os_error_line(e, target)) from None
+
+
+class OutputLock:
+    """One writer per output file: an exclusive flock on `.<name>.lock` beside the file (the
+    real file when the output is a symlink), taken before the output is read or created and
+    held until the run ends. The kernel drops a flock when its process dies, so a crashed
+    holder never blocks the next run; the lock file itself is removed by the holder at the
+    end (a run that opened it just before is told to retry by the inode check)."""
+
+    def __init__(self, output):
+        real = os.path.realpath(output)
+        self.path = os.path.join(os.path.dirname(real), f".{os.path.basename(real)}.lock")
+        self.fd = None
+
+    def acquire(self):
+        import fcntl
+
+        while self.fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                os.close(fd)
+                raise OutputBusy(f"pid {holder}" if holder.isdigit() else "another process") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if not same:  # removed by the holder that just finished: lock the new one
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            self.fd = fd
+        return self
+
+    def release(self):
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)  # while still holding it: nobody can lock a removed name
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 def escape_cell(value: str) -> str:
@@ -70,7 +142,17 @@ class PredictionWriter:
             if not existing:
                 self._csv.writerow(csv_header(self.topk))
 
+    def write_predictions(self, predictions):
+        """Rows of cnnx.runtime.api.Prediction (one batch: flushed once at its end)."""
+        if predictions:
+            self.write_batch([p.path for p in predictions], [p.indices for p in predictions],
+                             [p.scores for p in predictions])
+
     def write_batch(self, paths, indices, scores):
+        with _write_errors(self.target):
+            self._write_batch(paths, indices, scores)
+
+    def _write_batch(self, paths, indices, scores):
         if self.stream is None:
             self._open()
         names = self.class_names
@@ -93,11 +175,17 @@ class PredictionWriter:
         self.rows += len(paths)
 
     def close(self):
-        if self.stream is not None and self.target != "-":
-            self.stream.close()
-        elif self.stream is not None:
-            self.stream.flush()
-            self.stream.detach()  # leave sys.stdout usable
+        stream, self.stream = self.stream, None
+        if stream is None:
+            return
+        with _write_errors(self.target):
+            if self.target != "-":
+                stream.close()
+            else:
+                try:
+                    stream.flush()
+                finally:
+                    stream.detach()  # leave sys.stdout usable
 
 
 class ErrorsWriter:
@@ -115,6 +203,10 @@ class ErrorsWriter:
             print(f"warning: {path!r}: {stage}: {message}", file=sys.stderr)
             self.rows += 1
             return
+        with _write_errors(self.target):
+            self._write(path, stage, message)
+
+    def _write(self, path: str, stage: str, message: str):
         if self.stream is None:
             existing = self.append and os.path.exists(self.target) and os.path.getsize(self.target)
             self.stream = open_text(self.target, "a" if self.append else "x")
@@ -126,23 +218,16 @@ class ErrorsWriter:
         self.rows += 1
 
     def close(self):
-        if self.stream is not None:
-            self.stream.close()
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            with _write_errors(self.target):
+                stream.close()
 
 
-def _rewrite_atomically(path, text: str):
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".cnnx-resume-", dir=d)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+def _drop_cut_short_row(path, text: str):
+    """Rewrite `path` as `text` (what precedes a row a killed run was writing): atomically,
+    through a symlink, keeping the file's permission bits."""
+    atomic_write(path, text.encode("utf-8", "surrogateescape"), keep_mode_of_target=True)
 
 
 def read_done(path, fmt: str, topk: int | None):
@@ -166,7 +251,7 @@ def read_done(path, fmt: str, topk: int | None):
                 raise ResumeError(f"{path}: line {i + 1} is not a cnnx JSONL prediction") from None
             kept.append(line + "\n")
         if tail:
-            _rewrite_atomically(path, "".join(kept))
+            _drop_cut_short_row(path, "".join(kept))
         return done, len(kept)
     header = csv_header(topk) if fmt == "csv" else ERRORS_HEADER
     rows = list(csv.reader(io.StringIO(text, newline=""), strict=False))
@@ -191,7 +276,7 @@ def read_done(path, fmt: str, topk: int | None):
     if pos != len(text):
         if len(rows) - len(good) > 1:
             raise ResumeError(f"{path}: row {len(good) + 1} was not written by cnnx classify; refusing to append")
-        _rewrite_atomically(path, text[:pos])
+        _drop_cut_short_row(path, text[:pos])
     for row in good[1:]:
         if fmt == "errors" and row[1] == "note":
             continue

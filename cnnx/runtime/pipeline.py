@@ -1,12 +1,16 @@
-"""The classify pipeline: discovery -> parallel decoding -> fixed-shape batches -> onnxruntime.
+"""The classify pipeline: discovery -> parallel decoding -> fixed-shape batches.
 
-Batches of paths are cut from the discovery stream in order, split into chunks and handed
-to a pool of decode threads. Threads, not processes: libjpeg-turbo (simplejpeg), Pillow's
-decoders and resize, and onnxruntime release the GIL (decode-only throughput on large JPEGs
-doubles from 1 to 2 threads, see benchmarks/), and no pixels are pickled between processes.
-At most `workers + 1` batches are decoded ahead of the one being run, so memory does not
-grow with the number of files. Every batch has the same shape (the last one is padded), so
-onnxruntime sees one shape only. Batches come back in order, i.e. in sorted path order.
+Batches are cut from the discovery stream in order, split into chunks and handed to a pool
+of decode threads. Threads, not processes: libjpeg-turbo (simplejpeg), Pillow's decoders and
+resize, and onnxruntime release the GIL (decode-only throughput on large JPEGs doubles from
+1 to 2 threads, see benchmarks/), and no pixels are pickled between processes. Batches come
+back in order, i.e. in sorted path order, each with the same shape (the last one is padded)
+so onnxruntime sees one shape only.
+
+Memory does not grow with the number of files, nor past a fixed budget with the model's
+input size: a batch holds at most MAX_BATCH_BYTES of pixels (a smaller batch is used when
+--batch-size images would not fit) and at most MAX_READ_AHEAD_BYTES are decoded ahead of the
+batch being run (at most `workers + 1` batches).
 """
 
 from __future__ import annotations
@@ -18,7 +22,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cnnx.runtime.files import first_line
 from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS, ImageError, load_image
+
+MAX_BATCH_BYTES = 256 << 20  # uint8 pixels of one batch: 1,700 images of 3x224x224, 5 of 3x4096x4096
+MAX_READ_AHEAD_BYTES = 1 << 30  # pixels of the batches decoded ahead, all together
+
+
+def image_bytes(spec) -> int:
+    h, w = spec["size"]
+    return 3 * h * w
+
+
+def batch_size_within_budget(batch_size: int, spec) -> int:
+    """The largest batch size <= batch_size whose pixels fit MAX_BATCH_BYTES (at least 1)."""
+    return max(1, min(batch_size, MAX_BATCH_BYTES // image_bytes(spec)))
 
 
 @dataclass(frozen=True)
@@ -33,6 +51,12 @@ class PipelineConfig:
         if hasattr(os, "sched_getaffinity"):  # the cores this process may run on (cgroups, taskset)
             return max(1, len(os.sched_getaffinity(0)))
         return os.cpu_count() or 1
+
+    def read_ahead(self, spec) -> int:
+        """Batches decoded ahead of the one being run: one per worker and one more, within
+        MAX_READ_AHEAD_BYTES."""
+        batch_bytes = self.batch_size * image_bytes(spec)
+        return max(1, min(self.resolved_workers() + 1, MAX_READ_AHEAD_BYTES // batch_bytes))
 
 
 @dataclass
@@ -63,7 +87,7 @@ def decode_images(paths, spec, max_pixels: int):
             failed.append((path, "decode", "out of memory decoding this image"))
             continue
         except Exception as e:  # noqa: BLE001 - a decoder bug on one file must not end the run
-            failed.append((path, "decode", f"{type(e).__name__}: {e}"))
+            failed.append((path, "decode", f"{type(e).__name__}: {first_line(e)}"))
             continue
         images[len(ok)] = arr
         ok.append(path)
@@ -89,46 +113,47 @@ def decode_batch(paths, spec, batch_size: int, max_pixels: int) -> DecodedBatch:
     return assemble([decode_images(paths, spec, max_pixels)], spec, batch_size)
 
 
-def batched_paths(found_iter, batch_size: int, on_skip):
-    """Cut the discovery stream into lists of batch_size paths; skipped items go to on_skip."""
-    chunk = []
+def batched(found_iter, batch_size: int):
+    """Cut a stream of discovery.Found into lists holding batch_size paths to decode, each
+    with the skipped items found among them (in order). A long run of skips is cut too, so
+    they are reported as they come rather than held until the next decodable file."""
+    items, decodable = [], 0
     for item in found_iter:
-        if item.reason is not None:
-            on_skip(item)
-            continue
-        chunk.append(item.path)
-        if len(chunk) == batch_size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+        items.append(item)
+        decodable += item.reason is None
+        if decodable == batch_size or len(items) >= 4 * batch_size + 1024:
+            yield items
+            items, decodable = [], 0
+    if items:
+        yield items
 
 
-def decoded_batches(path_batches, spec, config: PipelineConfig):
-    """Yield DecodedBatch in order, decoding ahead in threads.
+def decoded_batches(item_batches, spec, config: PipelineConfig):
+    """Yield (items, DecodedBatch) in order, decoding ahead in threads.
 
     Each batch is split into chunks of about batch_size / (4 * workers) files so that all
     workers share even a single batch (a few hundred large photos are one batch) and a slow
-    file delays only its chunk. At most `workers + 1` batches are decoded ahead of the one
-    being run: the bound that keeps memory flat however many files there are."""
+    file delays only its chunk. At most `config.read_ahead(spec)` batches are decoded ahead
+    of the one being run: the bound that keeps memory flat however many files there are."""
     workers = config.resolved_workers()
     chunk = max(1, -(-config.batch_size // (4 * workers)))
-    depth = workers + 1
+    depth = config.read_ahead(spec)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cnnx-decode") as pool:
         pending = deque()
 
-        def result(futures):
-            return assemble([f.result() for f in futures], spec, config.batch_size)
+        def result(items, futures):
+            return items, assemble([f.result() for f in futures], spec, config.batch_size)
 
         try:
-            for paths in path_batches:
-                pending.append([pool.submit(decode_images, paths[i:i + chunk], spec, config.max_pixels)
-                                for i in range(0, len(paths), chunk)])
+            for items in item_batches:
+                paths = [item.path for item in items if item.reason is None]
+                pending.append((items, [pool.submit(decode_images, paths[i:i + chunk], spec, config.max_pixels)
+                                        for i in range(0, len(paths), chunk)]))
                 if len(pending) > depth:
-                    yield result(pending.popleft())
+                    yield result(*pending.popleft())
             while pending:
-                yield result(pending.popleft())
+                yield result(*pending.popleft())
         finally:
-            for futures in pending:
+            for _items, futures in pending:
                 for f in futures:
                     f.cancel()

@@ -1,0 +1,177 @@
+"""The Python API of the runtime (no torch): what `cnnx classify` runs, for notebooks, data
+pipelines and other engines.
+
+    from cnnx.runtime import Classifier, Prediction, Skipped, Note
+
+    with Classifier("runs/cifar/export/model.onnx") as clf:
+        for row in clf.classify(["photos/"]):
+            if isinstance(row, Prediction):
+                print(row.path, row.label(clf.info.class_names), row.scores[0])
+
+`classify` streams rows as batches finish: the CLI's discovery (files and folders,
+recursively, in sorted path order), decode pipeline (threads, bounded read-ahead, one batch
+shape), errors (Skipped, with the stage) and notes (Note: the image WAS classified).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cnnx.runtime.discover import Discovery, PathKeys
+from cnnx.runtime.model import ModelError, open_model, softmax, softmax_topk
+from cnnx.runtime.pipeline import PipelineConfig, batch_size_within_budget, batched, decoded_batches
+from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Top-k of one image, best first: class indices and softmax probabilities."""
+
+    path: str
+    indices: tuple
+    scores: tuple
+
+    def label(self, class_names) -> str:
+        return class_names[self.indices[0]]
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file not classified; stage is discover, open, decode, convert or resize."""
+
+    path: str
+    stage: str
+    error: str
+
+
+@dataclass(frozen=True)
+class Note:
+    """A remark on an image that was classified (e.g. "first frame of 3")."""
+
+    path: str
+    note: str
+
+
+class Classifier:
+    """An exported cnnx ONNX model opened on a device (contract-checked; ModelError with one
+    line otherwise). batch_size is the images per onnxruntime call; `batch_size` as used may
+    be smaller when that many images of the model's size would exceed the pipeline's memory
+    budget (compare with `requested_batch_size`)."""
+
+    def __init__(self, model, device: str = "auto", *, threads: int | None = None, batch_size: int = 256,
+                 workers: int = 0, topk: int = 5, max_pixels: int = DEFAULT_MAX_PIXELS):
+        for name, value, least in (("batch_size", batch_size, 1), ("topk", topk, 1), ("workers", workers, 0),
+                                   ("max_pixels", max_pixels, 1)):
+            if not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+        self.session, self.info, self.provider = open_model(model, device, threads=threads)
+        self.topk = min(topk, len(self.info.class_names))
+        self.requested_batch_size = batch_size
+        self.batch_size = batch_size_within_budget(batch_size, self.info.spec)
+        self.config = PipelineConfig(batch_size=self.batch_size, workers=workers, max_pixels=max_pixels)
+
+    def predict(self, images, *, probabilities: bool = False) -> np.ndarray:
+        """uint8 (N, 3, H, W) at the model's size -> float32 (N, C) logits (or softmax
+        probabilities). ModelError when the model returns anything but N rows of C."""
+        if self.session is None:
+            raise ValueError("this Classifier is closed")
+        h, w = self.info.spec["size"]
+        if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.shape[1:] == (3, h, w)
+                and images.ndim == 4):
+            got = f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
+            raise ValueError(f"images must be uint8 (N, 3, {h}, {w}), got {got}")
+        logits = self.session.run([self.info.output_name], {self.info.input_name: images})[0]
+        want = (len(images), len(self.info.class_names))
+        if logits.shape != want:
+            raise ModelError(f"{self.info.path}: the model returned {'x'.join(map(str, logits.shape))} logits "
+                             f"for {want[0]} images and {want[1]} classes: not one row per image")
+        return softmax(logits).astype(np.float32) if probabilities else logits.astype(np.float32, copy=False)
+
+    def classify(self, paths, *, follow_symlinks: bool = False, done=frozenset()) -> Classification:
+        """Rows (Prediction | Skipped | Note) for files and folders, in sorted path order.
+        Paths in `done` (e.g. read back from an output by --resume) are skipped silently;
+        they match however the folder is spelt (`DIR`, `./DIR`, `DIR/../DIR`)."""
+        return Classification(self, paths, follow_symlinks=follow_symlinks, done=done)
+
+    def close(self):
+        self.session = None  # onnxruntime frees a session with its last reference
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Classification:
+    """The rows of one Classifier.classify call: an iterator of rows, or of one list of
+    rows per batch (`batches()`, what a writer flushes at). Counts as it goes: `found`
+    (files found, skips and already-done ones included), `already_done`, `ignored`
+    (non-image files inside folders)."""
+
+    def __init__(self, classifier: Classifier, paths, *, follow_symlinks: bool, done):
+        self.classifier = classifier
+        self.discovery = Discovery(paths, follow_symlinks=follow_symlinks)
+        self.found = 0
+        self.already_done = 0
+        self._keys = PathKeys()
+        self._done = {self._keys(p) for p in done}
+        self._batches = self._run()
+        self._rows = (row for rows in self._batches for row in rows)
+
+    @property
+    def ignored(self) -> int:
+        return self.discovery.ignored
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._rows)
+
+    def batches(self):
+        return self._batches
+
+    def close(self):
+        self._batches.close()
+
+    def _run(self):
+        clf = self.classifier
+        for items, batch in decoded_batches(batched(self._todo(), clf.batch_size), clf.info.spec, clf.config):
+            yield self._rows_of(items, batch)
+
+    def _todo(self):
+        for item in self.discovery:
+            self.found += 1
+            if self._done and self._keys(item.path) in self._done:
+                self.already_done += 1
+                continue
+            yield item
+
+    def _rows_of(self, items, batch) -> list:
+        """One batch's rows in the order of its items (a Note follows its Prediction)."""
+        predictions = self._predict(batch)
+        failed = {path: (stage, error) for path, stage, error in batch.failed}
+        notes = dict(batch.notes)
+        rows, next_ok = [], 0
+        for item in items:
+            if item.reason is not None:
+                rows.append(Skipped(item.path, "discover", item.reason))
+            elif next_ok < len(predictions) and predictions[next_ok].path == item.path:
+                rows.append(predictions[next_ok])
+                next_ok += 1
+                if item.path in notes:
+                    rows.append(Note(item.path, notes[item.path]))
+            else:
+                rows.append(Skipped(item.path, *failed[item.path]))
+        return rows
+
+    def _predict(self, batch) -> list:
+        n = len(batch.paths)
+        if n == 0:
+            return []
+        logits = self.classifier.predict(batch.images)[:n]  # the padded rows are dropped
+        idx, scores = softmax_topk(logits, self.classifier.topk)
+        return [Prediction(path, tuple(i), tuple(s)) for path, i, s in zip(batch.paths, idx.tolist(), scores.tolist())]
