@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 from cnnx.report.page import esc, fmt_num, kv_table, num_value, page, pct, sortable_table, thumb_card
 from cnnx.report.thumbs import file_thumbnails, thumb_spec
 from cnnx.runtime.files import atomic_write
-from cnnx.runtime.output import ERRORS_HEADER, FORMATS, csv_header, unescape_cell
+from cnnx.runtime.output import ERRORS_HEADER, csv_header, unescape_cell
 
 SAMPLE_PER_CLASS = 12
 MAX_GRID_THUMBS = 360  # ~4 KB each for photo crops: the grids stay under ~1.5 MB
 LEAST_CONFIDENT = 24
 MAX_ERROR_ROWS = 500
+FORMATS = ("csv", "jsonl")  # the predictions formats the page can read back
 
 
 class ReportError(Exception):
@@ -88,7 +89,32 @@ def _score(text) -> float:
     return v
 
 
-def read_csv_predictions(stream, stats: PredictionStats, name: str):
+def _ends_with_newline(path) -> bool:
+    """False when the file's last row was cut short (a killed writer): every row cnnx writes
+    ends with a newline."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return True
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+def _complete_rows(rows, complete: bool, stats):
+    """The rows, less the last one when the file does not end with a newline."""
+    previous = None
+    for row in rows:
+        if previous is not None:
+            yield previous
+        previous = row
+    if previous is not None:
+        if complete:
+            yield previous
+        else:
+            stats.unreadable_rows += 1
+
+
+def read_csv_predictions(stream, stats: PredictionStats, name: str, complete: bool = True):
     reader = csv.reader(stream, strict=False)
     head = next(reader, None)
     if head is None:
@@ -96,7 +122,7 @@ def read_csv_predictions(stream, stats: PredictionStats, name: str):
     if len(head) < 3 or (len(head) - 3) % 2 or head != csv_header(1 + (len(head) - 3) // 2):
         raise ReportError(f"{name}: columns are {','.join(head[:6])!r}, not those of a cnnx predictions CSV")
     try:
-        for row in reader:
+        for row in _complete_rows(reader, complete, stats):
             if len(row) != len(head):
                 stats.unreadable_rows += 1
                 continue
@@ -109,8 +135,8 @@ def read_csv_predictions(stream, stats: PredictionStats, name: str):
         stats.unreadable_rows += 1
 
 
-def read_jsonl_predictions(stream, stats: PredictionStats, name: str):
-    for number, line in enumerate(stream, 1):
+def read_jsonl_predictions(stream, stats: PredictionStats, name: str, complete: bool = True):
+    for number, line in enumerate(_complete_rows(stream, complete, stats), 1):
         if not line.strip():
             continue
         try:
@@ -130,14 +156,15 @@ def read_predictions(output: str, fmt: str) -> PredictionStats | None:
     """Stats of a predictions file; None when it does not exist (no image was classified:
     `cnnx classify` creates it at the first finished batch)."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown predictions format {fmt!r}; known: {', '.join(FORMATS)}")
+        raise ReportError(f"a report reads {' or '.join(FORMATS)} predictions, not {fmt}")
     stats = PredictionStats()
     try:
         stream = open(output, encoding="utf-8", errors="surrogateescape", newline="")
     except FileNotFoundError:
         return None
     with stream:
-        (read_csv_predictions if fmt == "csv" else read_jsonl_predictions)(stream, stats, output)
+        complete = _ends_with_newline(output)
+        (read_csv_predictions if fmt == "csv" else read_jsonl_predictions)(stream, stats, output, complete)
     return stats
 
 

@@ -47,9 +47,13 @@ def write_training_report(path, *, title: str, config: dict, history: list[dict]
 
 def render_training_report(*, title, config, history, class_names, confusion, val, summary=None) -> str:
     nc = len(class_names)
-    cm = np.asarray(confusion, dtype=np.int64).reshape(-1, nc) if nc else np.zeros((0, 0), np.int64)
-    if cm.shape != (nc, nc):
-        raise ValueError(f"confusion must be {nc}x{nc} for {nc} classes, got {cm.shape}")
+    try:
+        cm = np.asarray(confusion, dtype=np.int64) if nc else np.zeros((0, 0), np.int64)
+    except ValueError:  # ragged rows
+        cm = None
+    if cm is None or cm.shape != (nc, nc):
+        got = "ragged rows" if cm is None else "x".join(map(str, cm.shape))
+        raise ValueError(f"confusion must be {nc}x{nc} for {nc} classes, got {got}")
     best = _best_row(history, summary)
     sections = [("overview", "Overview", _overview(cm, history, best, summary))]
     if history:
