@@ -1,0 +1,569 @@
+"""`cnnx classify --engine ray`: the same classification spread over a Ray cluster with Ray Data.
+
+    driver: list the inputs -> ray.data.from_items(paths) -> map_batches(_ClassifyActor,
+            ActorPoolStrategy): one onnxruntime session per actor, decoding with the one
+            load_image -> rows streamed back in order -> cnnx.runtime.output's writers
+
+- Inputs: local files and folders go through the CLI's Discovery (the same files, the same
+  order, the same discover-stage errors rows); a manifest holds one path or URI a line (kept
+  in its order); `s3://`, `gs://` and `file://` prefixes are listed through pyarrow.fs.
+- With GPU actors (`num_gpus_per_worker` > 0) decoding runs as a separate CPU map stage
+  feeding them, so a GPU never waits for a JPEG decoder; on CPUs it runs inside the actor,
+  so pixels never cross the object store.
+- The driver writes every row. Rows are small (a path and k labels), so this is not the
+  bottleneck, and it keeps the output exactly local classify's: CSV/JSONL by the same
+  writers (flushed per block), or Parquet part files each written whole and renamed into
+  place (a killed run leaves complete parts only). `resume` skips what is already there.
+- The model travels through the object store (its bytes), so workers on other machines need
+  no copy of the file; images given as local paths must be readable at the same path on
+  every node (a shared filesystem), or be given as s3:// / gs:// URIs.
+- Paths travel as bytes: Arrow strings must be UTF-8, file names need not be.
+
+Ray is imported only inside functions: `cnnx.runtime` works without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cnnx.runtime.discover import Discovery, Found
+from cnnx.runtime.files import TEMP_PREFIX, atomic_file, first_line, remove_stale_temps
+from cnnx.runtime.model import open_model, softmax_topk
+from cnnx.runtime.output import ErrorsWriter, PredictionWriter, ResumeError, csv_header, read_done
+from cnnx.runtime.pipeline import decode_images
+from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS
+
+FORMATS = ("csv", "jsonl", "parquet")
+URI_SCHEMES = ("s3", "gs", "file")  # listed and read through pyarrow.fs
+PART_PREFIX = "part-"
+CONNECT_TIMEOUT_S = 10.0  # an unreachable --address fails within this, not after Ray's own retries
+INSTALL_HINT = "pip install 'cnnx[ray]'"
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+class RayEngineError(Exception):
+    """A failure of the Ray engine, one line for the user (exit 1): Ray not installed, a
+    cluster that cannot be reached, an output that cannot be continued, a failed run."""
+
+
+@dataclass
+class RaySummary:
+    """What a run did, for the summary line (the same counts local classify prints)."""
+
+    classified: int = 0
+    skipped: dict = field(default_factory=dict)  # stage -> count
+    found: int = 0
+    resumed: int = 0
+    noted: int = 0
+    ignored: int = 0  # non-image files inside listed folders/prefixes
+    workers: int = 0
+    providers: set = field(default_factory=set)  # onnxruntime providers the actors ran
+    nodes: set = field(default_factory=set)  # Ray node ids whose actors classified something
+    startup_seconds: float = 0.0  # ray.init (or joining the cluster) until the first row came back
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        n_skipped = sum(self.skipped.values())
+        parts = [f"classified {self.classified:,} images",
+                 f"skipped {n_skipped:,}" + (" (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
+                                             + ")" if n_skipped else "")]
+        if self.resumed:
+            parts.append(f"{self.resumed:,} already done (--resume)")
+        if self.noted:
+            parts.append(f"{self.noted} with notes")
+        if self.ignored:
+            parts.append(f"{self.ignored:,} non-image files ignored")
+        parts.append(f"ray: {self.workers} workers on {len(self.nodes)} node(s), provider {', '.join(sorted(self.providers)) or 'none'}")
+        parts.append(f"{self.seconds:.2f} s (Ray start-up and first rows {self.startup_seconds:.2f} s)")
+        parts.append(f"{self.classified / max(self.seconds, 1e-9):,.0f} images/s")
+        return "; ".join(parts)
+
+
+def import_ray():
+    """-> the ray module, or RayEngineError with the install hint."""
+    try:
+        import ray
+        import ray.data  # noqa: F401 - the [data] extra, not only ray core
+    except ImportError:
+        raise RayEngineError(f"--engine ray needs Ray Data, which is not installed: {INSTALL_HINT}") from None
+    return ray
+
+
+def is_uri(path: str) -> bool:
+    return _URI.match(path) is not None
+
+
+def output_format(output: str, fmt: str) -> str:
+    """'parquet' when OUTPUT names a folder of part files (ends with / or .parquet, or is an
+    existing folder); else the --format given (csv or jsonl)."""
+    if output != "-" and (output.endswith(("/", os.sep, ".parquet")) or os.path.isdir(output)):
+        return "parquet"
+    return fmt
+
+
+def default_errors_path(output: str):
+    """OUTPUT's name + .errors.csv beside it (a folder's name for Parquet), None for stdout."""
+    if output == "-":
+        return None
+    root, ext = os.path.splitext(output.rstrip("/" + os.sep))
+    return (root if ext in (".csv", ".jsonl", ".parquet") else root + ext) + ".errors.csv"
+
+
+def classify_with_ray(paths, model, *, output, fmt="csv", errors=None, resume=False, manifest=None, address=None,
+                      num_workers=None, num_gpus_per_worker=0.0, batch_size=256, topk=5, follow_symlinks=False,
+                      device="auto", max_pixels=DEFAULT_MAX_PIXELS, rows_per_part=100_000,
+                      on_progress=None) -> RaySummary:
+    """Classify `paths` (files, folders, s3:// gs:// file:// prefixes) and the lines of
+    `manifest` on Ray Data; write predictions to `output` (a CSV/JSONL file, '-', or a
+    Parquet folder: see output_format) and the files not classified to `errors`.
+
+    address: a running cluster (`ray start --head` prints it; 'auto' finds the local one);
+    None starts a private Ray on this machine with `num_workers` CPUs, unless this process
+    already called ray.init (then that session is used, and left running).
+    num_workers: actors, one onnxruntime session each (default: the cluster's CPUs, or its
+    GPUs / num_gpus_per_worker). resume: skip paths already in output and errors.
+    on_progress(classified, skipped) is called after each block of rows.
+    Raises RayEngineError or ModelError (one line each); returns a RaySummary.
+    """
+    ray = import_ray()
+    t0 = time.perf_counter()
+    fmt = output_format(output, fmt)
+    if fmt not in FORMATS:
+        raise RayEngineError(f"unknown output format {fmt!r}; known: {', '.join(FORMATS)}")
+    if errors is None:
+        errors = default_errors_path(output)
+    session, info, _provider = open_model(model, "cpu", threads=1)  # contract check, here and not in N actors
+    del session
+    topk = min(topk, len(info.class_names))
+    sink = _Sink(output, fmt, errors, info.class_names, topk, resume, rows_per_part)
+    summary = RaySummary()
+    try:
+        todo, discover_skips = _plan(_found(paths, manifest, follow_symlinks, summary), sink, summary)
+        if summary.found == 0:
+            raise RayEngineError(f"no {'image ' if summary.ignored else ''}files found under "
+                                 f"{', '.join(map(str, [*paths, *([manifest] if manifest else [])]))}")
+        t_ray = time.perf_counter()
+        started = _connect(ray, address, num_workers) if todo else False  # before writing anything
+        try:
+            for path, reason in discover_skips:
+                sink.skip(path, "discover", reason, summary)
+            if todo:
+                summary.workers = _pool_size(ray, num_workers, num_gpus_per_worker)
+                dataset = _dataset(ray, todo, model, info.spec, topk, device, max_pixels, batch_size,
+                                   summary.workers, num_gpus_per_worker)
+                for block in _blocks(ray, dataset):
+                    if not summary.startup_seconds:
+                        summary.startup_seconds = time.perf_counter() - t_ray
+                    sink.write_block(block, summary)
+                    if on_progress is not None:
+                        on_progress(summary.classified, sum(summary.skipped.values()))
+        finally:
+            if started:
+                ray.shutdown()
+    finally:
+        sink.close()
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+# ---- inputs ---------------------------------------------------------------------------------
+
+def _found(paths, manifest, follow_symlinks, summary):
+    """Found items in output order: local paths (Discovery's order), URIs (sorted), manifest lines."""
+    local = [os.fspath(p) for p in paths if not is_uri(os.fspath(p))]
+    if local:
+        discovery = Discovery(local, follow_symlinks=follow_symlinks)
+        yield from discovery
+        summary.ignored += discovery.ignored
+    for uri in sorted(dict.fromkeys(p for p in map(os.fspath, paths) if is_uri(p))):
+        yield from _list_uri(uri, summary)
+    if manifest is not None:
+        yield from _manifest_lines(manifest)
+
+
+def _list_uri(uri: str, summary):
+    """A file or every image file under a prefix of a pyarrow filesystem, sorted by key."""
+    scheme = _URI.match(uri).group(1).lower()
+    if scheme not in URI_SCHEMES:
+        yield Found(uri, f"unsupported URI scheme {scheme}:// (known: {', '.join(s + '://' for s in URI_SCHEMES)})")
+        return
+    import pyarrow.fs as pafs
+
+    from cnnx.runtime.contract import is_image_name
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(uri)
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.NotFound:
+            yield Found(uri, "not found")
+            return
+        if info.type == pafs.FileType.File:
+            yield Found(uri)
+            return
+        listed = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError, its I/O errors OSErrors
+        yield Found(uri, f"cannot list: {first_line(e)}")
+        return
+    files = []
+    for entry in listed:
+        if entry.type != pafs.FileType.File:
+            continue
+        if is_image_name(entry.base_name):
+            files.append(entry.path)
+        else:
+            summary.ignored += 1
+    prefix = "file://" if scheme == "file" else f"{scheme}://"
+    for path in sorted(files, key=os.fsencode):
+        yield Found(prefix + path)
+
+
+def _manifest_lines(manifest):
+    try:
+        with open(manifest, encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                line = line.rstrip("\r\n")
+                if line.strip():
+                    yield Found(line)
+    except OSError as e:
+        raise RayEngineError(f"cannot read manifest {manifest}: {e.strerror or first_line(e)}") from None
+
+
+def _plan(found_iter, sink, summary):
+    """-> (paths still to classify, [(path, reason)] of discover-stage skips not yet recorded)."""
+    todo, skips = [], []
+    for item in found_iter:
+        summary.found += 1
+        if sink.is_done(item.path):
+            summary.resumed += item.reason is None
+        elif item.reason is not None:
+            skips.append((item.path, item.reason))
+        else:
+            todo.append(item.path)
+    return todo, skips
+
+
+# ---- Ray --------------------------------------------------------------------------------------
+
+def _connect(ray, address, num_workers) -> bool:
+    """Join `address` or start a private Ray here. -> whether this call started the session
+    (and so must shut it down). A session this process already opened is used as it is."""
+    if ray.is_initialized():
+        if address is not None:
+            raise RayEngineError(f"this process is already connected to a Ray cluster; to use {address} "
+                                 "instead, call ray.shutdown() first (or pass no address to use the current one)")
+        return False
+    quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    if address is None:
+        ray.init(num_cpus=num_workers or _local_cpus(), **quiet)
+        return True
+    _check_reachable(address)
+    try:
+        ray.init(address=address, **quiet)
+    except Exception as e:  # noqa: BLE001 - ray.init raises ConnectionError, RuntimeError, ValueError...
+        raise RayEngineError(f"cannot join the Ray cluster at {address}: {first_line(e)}") from None
+    return True
+
+
+def _check_reachable(address: str):
+    """A TCP connect to host:port first, so a wrong --address fails in seconds with one line
+    (ray.init retries for much longer). 'auto' and addresses without a port go to Ray as they are."""
+    rest = address.split("://", 1)[-1]
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise RayEngineError(f"cannot reach the Ray cluster at {address}: {e.strerror or first_line(e)} "
+                             "(is `ray start --head` running there, and the port open?)") from None
+
+
+def _local_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _pool_size(ray, num_workers, num_gpus_per_worker) -> int:
+    if num_workers:
+        return int(num_workers)
+    resources = ray.cluster_resources()
+    if num_gpus_per_worker:
+        gpus = int(resources.get("GPU", 0) / num_gpus_per_worker)
+        if gpus < 1:
+            raise RayEngineError(f"--num-gpus-per-worker {num_gpus_per_worker}: the Ray cluster has "
+                                 f"{resources.get('GPU', 0):g} GPUs")
+        return gpus
+    return max(1, int(resources.get("CPU", 1)))
+
+
+def _dataset(ray, todo, model, spec, topk, device, max_pixels, batch_size, workers, num_gpus_per_worker):
+    from ray.data import ActorPoolStrategy, DataContext
+
+    context = DataContext.get_current()
+    context.execution_options.preserve_order = True  # rows come back in path order, as locally
+    context.enable_progress_bars = False  # the CLI prints its own progress line
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+    with open(model, "rb") as f:
+        model_ref = ray.put(f.read())
+    n_blocks = max(1, -(-len(todo) // batch_size))
+    ds = ray.data.from_items([{"path": os.fsencode(p)} for p in todo], override_num_blocks=n_blocks)
+    decode_args = dict(spec=spec, max_pixels=max_pixels, cwd=os.getcwd())
+    gpu = num_gpus_per_worker > 0
+    if gpu:
+        ds = ds.map_batches(_decode_rows, fn_kwargs=decode_args, batch_size=batch_size, batch_format="numpy",
+                            num_cpus=1)
+    # A list around the ref: a bare ObjectRef would be inlined into every actor's constructor
+    # call; in a list each actor fetches the model once from the object store.
+    return ds.map_batches(_ClassifyActor, fn_constructor_args=([model_ref], device, topk, batch_size, decode_args),
+                          compute=ActorPoolStrategy(size=workers), batch_size=batch_size, batch_format="numpy",
+                          num_gpus=num_gpus_per_worker if gpu else None, num_cpus=0 if gpu else 1)
+
+
+def _blocks(ray, dataset):
+    """Result blocks in order; a failed run becomes one RayEngineError line (its root cause)."""
+    try:
+        yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
+    except ray.exceptions.RayError as e:
+        cause = e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise RayEngineError(f"the Ray run failed: {type(cause).__name__}: {first_line(cause)}") from None
+
+
+def _decode_rows(batch, *, spec, max_pixels, cwd, filesystems=None):
+    """{path: bytes} -> {path, stage ('' when decoded), message (error or note), images}.
+    Local paths go through decode_images (local classify's own function); URIs are read
+    through pyarrow.fs and decoded from their bytes by the same load_image."""
+    names = [os.fsdecode(p) for p in batch["path"]]
+    h, w = spec["size"]
+    n = len(names)
+    images = np.zeros((n, 3, h, w), dtype=np.uint8)
+    stage, message = [""] * n, [""] * n
+    local = [i for i, name in enumerate(names) if not is_uri(name)]
+    if local:
+        where = {os.path.join(cwd, names[i]): i for i in local}  # workers' cwd is not the driver's
+        decoded, ok, failed, notes = decode_images(list(where), spec, max_pixels)
+        images[[where[p] for p in ok]] = decoded
+        for p, st, msg in failed:
+            stage[where[p]], message[where[p]] = st, msg
+        for p, note in notes:
+            message[where[p]] = note
+    filesystems = {} if filesystems is None else filesystems
+    for i, name in enumerate(names):
+        if not is_uri(name):
+            continue
+        try:
+            data = _read_uri(name, filesystems)
+        except (OSError, ValueError) as e:
+            stage[i], message[i] = "open", f"cannot read: {first_line(e)}"
+            continue
+        decoded, ok, failed, notes = decode_images([data], spec, max_pixels)
+        if ok:
+            images[i] = decoded[0]
+            message[i] = notes[0][1] if notes else ""
+        else:
+            stage[i], message[i] = failed[0][1], failed[0][2]
+    return {"path": batch["path"], "stage": np.array(stage, dtype=object), "message": np.array(message, dtype=object),
+            "images": images}
+
+
+def _read_uri(uri: str, filesystems: dict) -> bytes:
+    """The bytes of one object; one pyarrow filesystem per scheme and bucket per actor (an S3
+    client is costly to make)."""
+    import pyarrow.fs as pafs
+
+    scheme, rest = uri.split("://", 1)
+    key = (scheme.lower(), rest.split("/", 1)[0])
+    if key not in filesystems:
+        filesystems[key] = pafs.FileSystem.from_uri(uri)[0]
+    fs = filesystems[key]
+    path = pafs.FileSystem.from_uri(uri)[1] if scheme.lower() == "file" else rest
+    with fs.open_input_stream(path) as f:
+        return f.readall()
+
+
+class _ClassifyActor:
+    """One onnxruntime session per Ray actor; batches of paths (or of decoded images, when a
+    CPU stage decodes for GPU actors) in, top-k rows out."""
+
+    def __init__(self, model_ref, device, topk, batch_size, decode_args):
+        import ray
+
+        folder = tempfile.mkdtemp(prefix="cnnx-ray-model-")
+        path = os.path.join(folder, "model.onnx")
+        try:
+            with open(path, "wb") as f:
+                f.write(ray.get(model_ref[0]))
+            # One intra-op thread: a CPU actor holds one CPU, and the pool, not threads, uses the cores.
+            self.session, self.info, self.provider = open_model(path, device, threads=1)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            os.rmdir(folder)
+        self.node = ray.get_runtime_context().get_node_id()
+        self.topk, self.batch_size, self.decode_args = topk, batch_size, decode_args
+        self.filesystems = {}
+
+    def __call__(self, batch):
+        rows = batch if "images" in batch else _decode_rows(batch, filesystems=self.filesystems, **self.decode_args)
+        ok = np.flatnonzero(rows["stage"] == "")
+        n = len(rows["path"])
+        indices = np.zeros((n, self.topk), dtype=np.int64)
+        scores = np.zeros((n, self.topk), dtype=np.float64)
+        for start in range(0, len(ok), self.batch_size):
+            take = ok[start:start + self.batch_size]
+            padded = np.zeros((self.batch_size,) + rows["images"].shape[1:], dtype=np.uint8)
+            padded[:len(take)] = rows["images"][take]  # one input shape, as local classify runs
+            logits = self.session.run([self.info.output_name], {self.info.input_name: padded})[0]
+            indices[take], scores[take] = softmax_topk(logits[:len(take)], self.topk)
+        return {"path": rows["path"], "stage": rows["stage"], "message": rows["message"], "indices": indices,
+                "scores": scores, "provider": np.array([self.provider] * n, dtype=object),
+                "node": np.array([self.node] * n, dtype=object)}
+
+
+# ---- output -----------------------------------------------------------------------------------
+
+class _Sink:
+    """Predictions (CSV/JSONL through PredictionWriter, or Parquet parts) and the errors file,
+    and what both already hold when resuming."""
+
+    def __init__(self, output, fmt, errors_path, class_names, topk, resume, rows_per_part):
+        self.fmt, self.class_names, self.topk = fmt, class_names, topk
+        if resume and output == "-":
+            raise RayEngineError("--resume needs --output FILE (it reads back what that file already holds)")
+        for label, target in (("--output", output), ("--errors", errors_path)):
+            if target not in (None, "-") and os.path.exists(target) and not resume and not (
+                    fmt == "parquet" and target == output and not _parts(output)):
+                raise RayEngineError(f"{label} {target} already exists: pass --resume to continue it, or remove it")
+        self.done = set()
+        try:
+            if fmt == "parquet":
+                self.writer = _ParquetParts(output, class_names, topk, rows_per_part)
+                if resume:
+                    self.done = self.writer.read_done()
+            else:
+                if resume and os.path.exists(output):
+                    self.done = read_done(output, fmt, topk)[0]
+                self.writer = PredictionWriter(output, fmt, class_names, topk, append=resume)
+            if resume and errors_path is not None and os.path.exists(errors_path):
+                self.done |= read_done(errors_path, "errors", None)[0]
+        except ResumeError as e:
+            raise RayEngineError(f"cannot resume: {e}") from None
+        except OSError as e:
+            raise RayEngineError(f"cannot resume: {e.strerror or e}: {e.filename}") from None
+        self.errors = ErrorsWriter(errors_path, append=resume)
+
+    def is_done(self, path) -> bool:
+        # Parquet parts hold escaped names (parquet_name), the errors file the names themselves.
+        return path in self.done or (self.fmt == "parquet" and parquet_name(path) in self.done)
+
+    def skip(self, path, stage, message, summary):
+        summary.skipped[stage] = summary.skipped.get(stage, 0) + 1
+        self.errors.write(path, stage, message)
+
+    def write_block(self, block, summary):
+        names = [os.fsdecode(p) for p in block["path"]]
+        stage, message = block["stage"], block["message"]
+        classified = stage == ""
+        for i in np.flatnonzero(~classified):
+            self.skip(names[i], stage[i], message[i], summary)
+        for i in np.flatnonzero(classified & (message != "")):
+            summary.noted += 1
+            self.errors.write(names[i], "note", message[i])
+        rows = np.flatnonzero(classified)
+        if len(rows):
+            self.writer.write_batch([names[i] for i in rows], block["indices"][rows], block["scores"][rows])
+            summary.classified += len(rows)
+            summary.providers.update(block["provider"][rows])
+            summary.nodes.update(block["node"][rows])
+
+    def close(self):
+        try:
+            self.writer.close()
+        finally:
+            self.errors.close()
+
+
+def parquet_name(path: str) -> str:
+    """A path as the Parquet `path` column holds it: Arrow strings are UTF-8, so the bytes of a
+    name that is not are written as \\x escapes (and compared in that form on --resume)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _parts(folder) -> list:
+    try:
+        return sorted(n for n in os.listdir(folder) if n.startswith(PART_PREFIX) and n.endswith(".parquet"))
+    except OSError:
+        return []
+
+
+class _ParquetParts:
+    """Predictions as FOLDER/part-NNNNN.parquet with local classify's CSV columns (path, label,
+    score, label_i, score_i; scores rounded to 6 places like CSV and JSONL). Each part is
+    written to a hidden temp file and renamed, so every part on disk is complete."""
+
+    FLUSH_SECONDS = 60.0  # a part at least this often, so a killed run loses at most a minute of rows
+
+    def __init__(self, folder, class_names, topk, rows_per_part):
+        self.folder, self.class_names, self.topk, self.rows_per_part = folder, class_names, topk, rows_per_part
+        self.columns = csv_header(topk)
+        self.last_flush = time.monotonic()
+        self.pending = []  # (path, indices, scores) not yet in a part
+        self.rows = 0
+        self.next_part = 0
+
+    def read_done(self) -> set:
+        import pyarrow.parquet as pq
+
+        done = set()
+        for name in _parts(self.folder):
+            try:
+                table = pq.read_table(os.path.join(self.folder, name))
+            except (OSError, ValueError) as e:
+                raise ResumeError(f"{self.folder}/{name}: not readable as Parquet: {first_line(e)}") from None
+            if table.column_names != self.columns:
+                raise ResumeError(f"{self.folder}/{name}: columns are {','.join(table.column_names)!r}, this run "
+                                  f"writes {','.join(self.columns)!r} (resume with the same --topk)")
+            done.update(table.column("path").to_pylist())
+            self.next_part = max(self.next_part, int(name[len(PART_PREFIX):].split(".")[0]) + 1)
+        return done
+
+    def write_batch(self, paths, indices, scores):
+        self.pending.extend(zip(paths, indices, scores))
+        if len(self.pending) >= self.rows_per_part or time.monotonic() - self.last_flush > self.FLUSH_SECONDS:
+            self._flush()
+
+    def _flush(self):
+        if not self.pending:
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        names = self.class_names
+        cols = {"path": [parquet_name(p) for p, _, _ in self.pending]}
+        for j in range(self.topk):
+            suffix = "" if j == 0 else f"_{j + 1}"
+            cols["label" + suffix] = [names[idx[j]] for _, idx, _ in self.pending]
+            cols["score" + suffix] = [round(float(sc[j]), 6) for _, _, sc in self.pending]
+        table = pa.table({c: cols[c] for c in self.columns})
+        os.makedirs(self.folder, exist_ok=True)
+        remove_stale_temps(self.folder, (TEMP_PREFIX,))
+        with atomic_file(os.path.join(self.folder, f"{PART_PREFIX}{self.next_part:05d}.parquet"), "wb") as f:
+            pq.write_table(table, f)
+        self.next_part += 1
+        self.rows += len(self.pending)
+        self.pending = []
+        self.last_flush = time.monotonic()
+
+    def close(self):
+        self._flush()

@@ -1,0 +1,227 @@
+"""`--engine ray` (cnnx.runtime.ray_engine) on a real local Ray: the same rows as the local
+pipeline, Parquet / JSONL / URI / manifest inputs, a killed worker and a killed driver, and
+the bad-input lines. One Ray session (2 CPUs, and one declared GPU so the GPU-actor plan is
+scheduled; onnxruntime runs it on the CPU) is shared by the tests of this module."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cnnx.cli import cli
+from tests._ray_util import actor_pids, make_mixed_folder, read_errors, read_predictions
+from tests._runtime_util import exported_model
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'cnnx[ray]')")
+pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'cnnx[ray]')")
+
+from cnnx.runtime.ray_engine import RayEngineError, classify_with_ray, parquet_name  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import logging
+
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return exported_model(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, cifar_subset) -> Path:
+    return make_mixed_folder(tmp_path_factory.mktemp("mixed") / "images", cifar_subset(4))
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory, folder, model):
+    """The local pipeline's predictions and errors rows for `folder` (cnnx classify)."""
+    out = tmp_path_factory.mktemp("local") / "local.csv"
+    result = CliRunner().invoke(cli, ["classify", str(folder), "--model", str(model), "-o", str(out)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return read_predictions(out), read_errors(out.with_name("local.errors.csv"))
+
+
+def assert_same_predictions(got, want):
+    assert [p for p, _, _ in got] == [p for p, _, _ in want]  # every file, once, in the same order
+    for (path, labels, scores), (_, want_labels, want_scores) in zip(got, want):
+        assert labels == want_labels, path
+        assert max(abs(a - b) for a, b in zip(scores, want_scores)) <= 1e-6, path
+
+
+@pytest.mark.parametrize("kind", ["ray.csv", "ray.jsonl", "parquet/"])
+def test_same_rows_as_local_pipeline(ray_session, folder, model, local, tmp_path, kind):
+    output = str(tmp_path / kind)
+    summary = classify_with_ray([str(folder)], str(model), output=output, fmt=kind.rsplit(".")[-1].strip("/"),
+                                num_workers=2, batch_size=16, rows_per_part=15)
+    want, want_errors = local
+    if kind == "parquet/":
+        want = [(parquet_name(p), labels, scores) for p, labels, scores in want]
+        assert len(list((tmp_path / "parquet").glob("part-*.parquet"))) >= 2  # rows_per_part cuts parts
+        errors_file = tmp_path / "parquet.errors.csv"
+    else:
+        errors_file = tmp_path / (Path(kind).stem + ".errors.csv")
+    assert_same_predictions(read_predictions(output), want)
+    assert sorted(read_errors(errors_file)) == sorted(want_errors)
+    stages = Counter(stage for _, stage, _ in want_errors)
+    assert stages["discover"] == 2 and stages["note"] == 1 and stages["open"] == 2 and stages["decode"] == 1
+    assert summary.classified == len(want) and summary.skipped == {k: v for k, v in stages.items() if k != "note"}
+
+
+def test_gpu_actor_plan_same_rows(ray_session, folder, model, local, tmp_path):
+    """num_gpus_per_worker > 0: a CPU decode stage feeds GPU actors (the session declares one
+    GPU; without a CUDA driver onnxruntime runs on the CPU, which is what this checks)."""
+    out = tmp_path / "gpu.csv"
+    summary = classify_with_ray([str(folder)], str(model), output=str(out), num_gpus_per_worker=0.5, batch_size=16)
+    assert summary.workers == 2
+    assert_same_predictions(read_predictions(out), local[0])
+    assert sorted(read_errors(tmp_path / "gpu.errors.csv")) == sorted(local[1])
+
+
+def test_uri_prefix_and_manifest(ray_session, folder, model, local, tmp_path):
+    """A file:// prefix is listed and read through pyarrow.fs (the code path of s3:// and
+    gs://); a manifest's lines are classified in the manifest's order."""
+    want = {p: (labels, scores) for p, labels, scores in local[0]}
+    cats = sorted(p for p in want if "/cat/" in p)
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("\n".join(reversed(cats)) + "\n\n" + str(folder / "bad" / "empty.jpg") + "\n")
+    out = tmp_path / "uri.csv"
+    classify_with_ray(["file://" + str(folder / "dog")], str(model), output=str(out), manifest=str(manifest),
+                      num_workers=2, batch_size=8)
+    dogs = sorted(p for p in want if "/dog/" in p)
+    expect = [("file://" + p, *want[p]) for p in dogs] + [(p, *want[p]) for p in reversed(cats)]
+    assert_same_predictions(read_predictions(out), expect)
+    assert read_errors(tmp_path / "uri.errors.csv") == [(str(folder / "bad" / "empty.jpg"), "open",
+                                                         "empty file (0 bytes)")]
+
+
+def test_killed_worker_loses_and_duplicates_nothing(ray_session, cifar_subset, model, tmp_path):
+    """SIGKILL to an actor's process after the first block: Ray restarts the actor and retries
+    its batches; every file is in the output exactly once."""
+    folder = cifar_subset(40)
+    out = tmp_path / "killed.csv"
+    killed = []
+
+    def kill_one_actor(classified, skipped):
+        if not killed:
+            pids = actor_pids()
+            assert pids, "no Ray actor process found"
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    classify_with_ray([str(folder)], str(model), output=str(out), num_workers=2, batch_size=8,
+                      on_progress=kill_one_actor)
+    assert killed
+    paths = [p for p, _, _ in read_predictions(out)]
+    assert sorted(paths) == sorted(str(p) for p in folder.rglob("*.jpg")) and len(set(paths)) == len(paths)
+
+
+DRIVER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    from cnnx.runtime.ray_engine import classify_with_ray
+    classify_with_ray([{folder!r}], {model!r}, output={output!r}, num_workers=1, batch_size=8, rows_per_part=8)
+""")
+
+
+@pytest.mark.parametrize("output", ["run.csv", "run.parquet"])
+def test_killed_driver_resumes(ray_session, cifar_subset, model, tmp_path, output):
+    """SIGKILL to the driver (and the private Ray it started) once rows are on disk; --resume
+    then finishes: every file exactly once, no part or row cut short."""
+    folder = cifar_subset(40)
+    out = tmp_path / output
+    script = DRIVER.format(root=str(ROOT), folder=str(folder), model=str(model), output=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and len(_rows_on_disk(out)) < 24:
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = _rows_on_disk(out)
+    assert 0 < len(before) < 400, "the run was not killed mid-way"
+    classify_with_ray([str(folder)], str(model), output=str(out), resume=True, num_workers=2, batch_size=16)
+    paths = [p for p, _, _ in read_predictions(out)]
+    assert sorted(paths) == sorted(str(p) for p in folder.rglob("*.jpg")) and len(set(paths)) == len(paths)
+    assert paths[:len(before)] == before  # what the killed run wrote is kept, not redone
+
+
+def _rows_on_disk(out: Path) -> list:
+    if not out.exists():
+        return []
+    if out.is_dir():
+        return [p for p, _, _ in read_predictions(out)]
+    text = out.read_text()
+    complete = text[: text.rfind("\n") + 1]  # the row being written when killed is not counted
+    return [line.split('","')[0].strip('"') for line in complete.splitlines()[1:]]
+
+
+def test_existing_output_needs_resume(ray_session, folder, model, tmp_path):
+    out = tmp_path / "there.csv"
+    out.write_text("keep me\n")
+    with pytest.raises(RayEngineError, match="already exists: pass --resume"):
+        classify_with_ray([str(folder)], str(model), output=str(out))
+    assert out.read_text() == "keep me\n"
+
+
+def run_python(code: str, timeout: float):
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_ray_missing_is_one_line(model, folder, tmp_path):
+    """Without Ray the runtime still imports, and the engine says how to install it."""
+    result = run_python(f"""
+        import sys
+        sys.modules["ray"] = None  # what an environment without Ray looks like to `import ray`
+        import cnnx.runtime, cnnx.runtime.ray_engine
+        from cnnx.runtime.ray_engine import RayEngineError, classify_with_ray
+        try:
+            classify_with_ray([{str(folder)!r}], {str(model)!r}, output={str(tmp_path / "x.csv")!r})
+        except RayEngineError as e:
+            print(e)
+            sys.exit(1)
+        """, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.strip().splitlines() == [
+        "--engine ray needs Ray Data, which is not installed: pip install 'cnnx[ray]'"]
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_unreachable_address_is_one_line(model, folder, tmp_path):
+    with socket.socket() as s:  # a port that was just free: nothing listens on it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = run_python(f"""
+        import sys
+        from cnnx.runtime.ray_engine import RayEngineError, classify_with_ray
+        try:
+            classify_with_ray([{str(folder)!r}], {str(model)!r}, output={str(tmp_path / "x.csv")!r},
+                              address="127.0.0.1:{port}")
+        except RayEngineError as e:
+            print(e)
+            sys.exit(1)
+        """, timeout=30)  # the issue's bound: one line within 30 s
+    assert result.returncode == 1, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"cannot reach the Ray cluster at 127.0.0.1:{port}:"), lines
+    assert not (tmp_path / "x.csv").exists()
