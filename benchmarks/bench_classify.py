@@ -15,6 +15,7 @@ and decode costs are a photo's, not a flat colour's). Memory: peak RSS classifyi
 
 Run it alone on the machine (the numbers are wall-clock):
     flock /tmp/cnnx-cpu.lock python benchmarks/bench_classify.py
+--cifar: a CIFAR-10 JPEG folder (default $CNNX_CIFAR_DIR or /tmp/cifar10/train; cifar_jpegs.py).
 Writes benchmarks/results/bench_classify.json. Needs the [train] extra only to build the
 default model (a seeded, untrained seed-cnn exported with cnnx.export); pass --model to skip.
 """
@@ -24,11 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -37,7 +36,11 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CACHE = Path(os.environ.get("CNNX_BENCH_CACHE", "/tmp/cnnx-bench"))
-CIFAR_TAR = ROOT.parent / "shared" / "datasets" / "cifar10-train.tar.gz"
+
+sys.path.insert(0, str(HERE))
+
+from _results import RESULTS, write_result  # noqa: E402
+from cifar_jpegs import cifar_folder  # noqa: E402
 
 
 def log(msg):
@@ -45,16 +48,6 @@ def log(msg):
 
 
 # --- inputs -----------------------------------------------------------------------------------
-
-def cifar_dir(explicit) -> Path:
-    for cand in filter(None, [explicit, "/tmp/cifar10/train", CACHE / "cifar10" / "train"]):
-        if Path(cand).is_dir():
-            return Path(cand)
-    log(f"extracting {CIFAR_TAR} ...")
-    with tarfile.open(CIFAR_TAR) as tar:
-        tar.extractall(CACHE, filter="data")
-    return CACHE / "cifar10" / "train"
-
 
 def linked_subset(src: Path, per_class: int) -> Path:
     """DIR/<class>/ with hard links to the first per_class files of each class of src."""
@@ -306,31 +299,23 @@ def compare(model, files, folder, batch_size, tag, results, rounds: int):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, help="cnnx ONNX model (default: a seeded seed-cnn exported here)")
-    ap.add_argument("--cifar", type=Path, help="CIFAR-10 train folder DIR/<class>/*.jpg (default /tmp/cifar10/train)")
+    ap.add_argument("--cifar", type=Path, help="CIFAR-10 JPEG folder DIR/<class>/*.jpg (default $CNNX_CIFAR_DIR or /tmp/cifar10/train)")
     ap.add_argument("--photos", type=int, default=200, help="number of 2-12 MP photos to make (default 200)")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of batched baseline vs classify (best kept)")
     ap.add_argument("--skip", action="append", default=[], choices=["cifar", "photos", "memory", "cuda", "decode"])
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "bench_classify.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "bench_classify.json")
     args = ap.parse_args(argv)
 
     CACHE.mkdir(parents=True, exist_ok=True)
     model = args.model or build_model()
-    cifar = cifar_dir(args.cifar)
+    cifar = cifar_folder(args.cifar)
     results = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "model": str(model),
         "batch_size": args.batch_size,
-        "command": "flock /tmp/cnnx-cpu.lock python benchmarks/bench_classify.py " + " ".join(argv or sys.argv[1:]),
         "goals": {"cifar_speedup_vs_batched": 2.0, "photos_speedup_vs_batched": 5.0,
                   "memory_50k_vs_5k_max_ratio": 1.10},
     }
-    try:
-        import onnxruntime
-
-        results["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
     small = linked_subset(cifar, 500)
     results["inference_only_images_per_s"] = round(inference_only(model, args.batch_size), 1)
     log(f"inference only: {results['inference_only_images_per_s']} images/s")
@@ -379,9 +364,8 @@ def main(argv=None):
                                   "photos_60": decode_scaling(list_images(photos_dir(args.photos))[:60], spec)}
         log(json.dumps(results["decode_only"]))
     results["goals_met"] = met
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in results.items() if k not in ("machine",)}, indent=2))
+    print(json.dumps(results, indent=2))
+    write_result(args.out, results, None if argv is None else [__file__, *argv])
 
 
 if __name__ == "__main__":

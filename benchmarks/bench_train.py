@@ -10,44 +10,30 @@
    - bound: forward+backward+step on ONE resident, already-normalised batch (no data at all),
      for both the tutorial settings and the recipe settings.
    Goal: cnnx >= 1.6x the tutorial loop.
-2. Time to the tutorial's 69% val top-1 with `cnnx train --arch seed-cnn` (the recipe's defaults):
-   the training seconds (metrics.csv train_seconds_total) of the first epoch at >= 69%.
-   Goal: <= 60 s. The tutorial's own time is estimated as 3 epochs / its measured throughput.
+   Also recorded: the tutorial loop's estimated seconds for its 3 epochs at that throughput.
+The time to the tutorial's 69% val top-1 is measured by recipe_seed_cnn.py (one figure, one script).
 
 Run:  flock /tmp/cnnx-cpu.lock python benchmarks/bench_train.py [--data DIR] [--batches 40]
+(--data: a CIFAR-10 JPEG folder DIR/<class>/*.jpg, see cifar_jpegs.py)
 Writes benchmarks/results/bench_train.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import os
-import platform
-import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-TAR = ROOT.parent / "shared" / "datasets" / "cifar10-train.tar.gz"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _results import RESULTS, write_result  # noqa: E402
+from cifar_jpegs import cifar_folder  # noqa: E402
+
 THREADS = 2
-
-
-def find_data(arg):
-    if arg:
-        return Path(arg)
-    if Path("/tmp/cifar10/train").is_dir():
-        return Path("/tmp/cifar10/train")
-    dest = Path(tempfile.mkdtemp(prefix="cnnx-bench-"))
-    with tarfile.open(TAR) as t:
-        t.extractall(dest, filter="data")
-    return dest / "cifar10" / "train"
 
 
 def tutorial_throughput(data, batches, warmup):
@@ -124,40 +110,12 @@ def bound_throughput(images, cfg, batches, warmup):
     return batches * cfg.batch_size / (time.perf_counter() - t0)
 
 
-def time_to_target(data, target, workdir):
-    """Run `cnnx train --arch seed-cnn` with its recipe; first epoch at >= target val top-1."""
-    cmd = [sys.executable, "-m", "cnnx", "train", "--arch", "seed-cnn", "--data", str(data), "--out", str(workdir),
-           "--name", "seed", "--cache-dir", str(workdir / "cache"), "--quiet", "--threads", str(THREADS)]
-    # First call decodes and caches the images; time only the training run that follows.
-    t = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    if p.returncode != 0:
-        raise SystemExit(p.stderr[-2000:])
-    with open(workdir / "seed" / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    hit = next((r for r in rows if float(r["val_top1"]) >= target), None)
-    return {
-        "command": " ".join(cmd[1:]),
-        "epochs": len(rows),
-        "best_val_top1": max(float(r["val_top1"]) for r in rows),
-        "epoch_reaching_target": None if hit is None else int(hit["epoch"]),
-        "train_seconds_to_target": None if hit is None else float(hit["train_seconds_total"]),
-        "train_seconds_total": float(rows[-1]["train_seconds_total"]),
-        "eval_seconds_total": sum(float(r["eval_seconds"]) for r in rows),
-        "wall_seconds_whole_command": wall,
-        "config": json.loads((workdir / "seed" / "config.json").read_text()),
-    }
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", help="CIFAR-10 image folder (default /tmp/cifar10/train or the shared tarball)")
+    ap.add_argument("--data", help="CIFAR-10 JPEG folder (default $CNNX_CIFAR_DIR or /tmp/cifar10/train)")
     ap.add_argument("--batches", type=int, default=40, help="measured batches per throughput figure")
     ap.add_argument("--warmup", type=int, default=5, help="unmeasured batches before each figure")
-    ap.add_argument("--target", type=float, default=0.69, help="val top-1 of the time-to-target figure")
-    ap.add_argument("--skip-time-to-target", action="store_true")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_train.json"))
+    ap.add_argument("--out", type=Path, default=RESULTS / "bench_train.json")
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
     from dataclasses import replace
@@ -167,7 +125,7 @@ def main():
     from cnnx.train.data import load_image_folder
     from cnnx.train.zoo import CIFAR_MEAN, CIFAR_STD
 
-    data = find_data(args.data)
+    data = cifar_folder(args.data)
     work = Path(tempfile.mkdtemp(prefix="cnnx-bench-train-"))
     d = load_image_folder(data, make_spec(32, CIFAR_MEAN, CIFAR_STD), progress=False, cache=work / "cache")
     perm = torch.randperm(len(d.labels), generator=torch.Generator().manual_seed(0))
@@ -195,10 +153,7 @@ def main():
     }
     out = {
         "benchmark": "bench_train",
-        "command": "flock /tmp/cnnx-cpu.lock python benchmarks/bench_train.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                    "threads": THREADS, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                    "cores": os.cpu_count()},
+        "threads": THREADS, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "data": str(data), "batches": b, "warmup": w,
         "recipe": {k: v for k, v in recipe.to_dict().items() if k in (
             "batch_size", "optimizer", "lr", "epochs", "aug", "bf16", "channels_last", "label_smoothing")},
@@ -214,16 +169,7 @@ def main():
         print(f"{k:28s} {v:8.0f} img/s")
     for k, v in ratios.items():
         print(f"{k:36s} {v:6.2f}x")
-    if not args.skip_time_to_target:
-        tt = time_to_target(data, args.target, work)
-        out["time_to_target"] = {**tt, "target": args.target, "goal_s": 60,
-                                 "met": tt["train_seconds_to_target"] is not None and tt["train_seconds_to_target"] <= 60}
-        print(f"seed-cnn recipe: val top-1 {tt['best_val_top1']:.4f} after {tt['epochs']} epochs; "
-              f"{args.target:.0%} reached at epoch {tt['epoch_reaching_target']} after "
-              f"{tt['train_seconds_to_target']} s of training (tutorial ~{out['tutorial_3_epochs_estimated_s']:.0f} s)")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, out)
 
 
 if __name__ == "__main__":

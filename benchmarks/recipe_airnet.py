@@ -14,22 +14,30 @@ Two parts, both measured in this run:
     flock /tmp/cnnx-cpu.lock python benchmarks/recipe_airnet.py
 
 Prints a summary on stdout and writes benchmarks/results/recipe_airnet.json.
+
+`--epochs-sweep 16 17 18` instead runs part 2 once per epoch count (`cnnx train --epochs N`),
+the evidence for RECIPES["airnet"]["epochs"], and writes benchmarks/results/airnet_epochs.json:
+
+    flock /tmp/cnnx-cpu.lock python benchmarks/recipe_airnet.py --epochs-sweep 16 17 18
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from recipe_common import cnnx_train, images_per_second, log, machine, write_result  # noqa: E402
+from _results import RESULTS, write_result  # noqa: E402
+from recipe_common import cnnx_train, images_per_second, log  # noqa: E402
 
 TARGET = 0.88        # val top-1 asked by issue 2
 BUDGET_S = 600.0     # seconds of training allowed for the target
 AIRBENCH_WIDTHS = (64, 256, 256)
+GOAL = f"airnet val top-1 >= {TARGET} within {BUDGET_S:.0f} s of training"
 
 
 def step_throughput(widths, *, bf16: bool, channels_last: bool, batch: int = 512, steps: int = 8) -> float:
@@ -70,11 +78,38 @@ def default_widths():
     return tuple(inspect.signature(AirNet).parameters["widths"].default)
 
 
+def training_summary(run) -> dict:
+    """The goal's figures of one `cnnx_train` run: final val top-1, training seconds, met."""
+    final = run["history"][-1]
+    reached = next((h for h in run["history"] if h["val_top1"] >= TARGET), None)
+    return {
+        "epochs": run["config"]["epochs"],
+        "val_top1": final["val_top1"],
+        "train_seconds": final["train_seconds"],
+        "met": final["val_top1"] >= TARGET and final["train_seconds"] <= BUDGET_S,
+        "first_epoch_at_target": reached and {"epoch": reached["epoch"], "train_seconds": reached["train_seconds"]},
+        "train_images_per_second": images_per_second(run),
+    }
+
+
+def epochs_sweep(epochs: list[int], argv) -> None:
+    """The default recipe with only --epochs changed, one full `cnnx train` per count."""
+    runs = [cnnx_train(f"recipe-airnet-{n}-epochs", ["--epochs", str(n)]) for n in epochs]
+    summary = {"goal": GOAL, "runs": [training_summary(run) for run in runs]}
+    print(json.dumps(summary, indent=2))
+    write_result(RESULTS / "airnet_epochs.json", {"summary": summary, "runs": runs}, argv)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skip-throughput", action="store_true", help="only the training run (for iteration)")
     ap.add_argument("--skip-train", action="store_true", help="only the throughput table")
+    ap.add_argument("--epochs-sweep", type=int, nargs="+", metavar="N",
+                    help="instead: one default-recipe training run per epoch count -> results/airnet_epochs.json")
     args = ap.parse_args(argv)
+    argv = None if argv is None else [__file__, *argv]
+    if args.epochs_sweep:
+        return epochs_sweep(args.epochs_sweep, argv)
 
     widths = default_widths()
     throughput = []
@@ -84,7 +119,7 @@ def main(argv=None):
                 ips = step_throughput(w, bf16=bf16, channels_last=cl)
                 throughput.append({"widths": list(w), "bf16": bf16, "channels_last": cl, "images_per_second": ips})
                 log(f"  widths {w} bf16={bf16} channels_last={cl}: {ips:.0f} images/s")
-    summary = {"goal": f"airnet val top-1 >= {TARGET} within {BUDGET_S:.0f} s of training", "widths": list(widths)}
+    summary = {"goal": GOAL, "widths": list(widths)}
     if throughput:
         base = throughput[0]["images_per_second"]
         summary["throughput_vs_airbench94_fp32"] = {
@@ -93,18 +128,9 @@ def main(argv=None):
     run = None
     if not args.skip_train:
         run = cnnx_train("recipe-airnet", [])
-        final = run["history"][-1]
-        reached = next((h for h in run["history"] if h["val_top1"] >= TARGET), None)
-        summary.update({
-            "val_top1": final["val_top1"],
-            "train_seconds": final["train_seconds"],
-            "met": final["val_top1"] >= TARGET and final["train_seconds"] <= BUDGET_S,
-            "first_epoch_at_target": reached and {"epoch": reached["epoch"], "train_seconds": reached["train_seconds"]},
-            "train_images_per_second": images_per_second(run),
-        })
-    payload = {"summary": summary, "throughput": throughput, "run": run, "machine": machine(),
-               "command": "flock /tmp/cnnx-cpu.lock python benchmarks/recipe_airnet.py"}
-    write_result("recipe_airnet", payload)
+        summary.update(training_summary(run))
+    print(json.dumps(summary, indent=2))
+    write_result(RESULTS / "recipe_airnet.json", {"summary": summary, "throughput": throughput, "run": run}, argv)
 
 
 if __name__ == "__main__":

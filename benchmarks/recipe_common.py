@@ -13,24 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 CIFAR_DIR = Path(os.environ.get("CNNX_CIFAR_DIR", "/tmp/cifar10/train"))
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def machine() -> dict:
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": sys.version.split()[0],
-    }
 
 
 def images_per_second(run) -> float:
@@ -38,18 +25,6 @@ def images_per_second(run) -> float:
     c = run["config"]
     steps = c["train_images"] // c["batch_size"]
     return round(steps * c["batch_size"] * len(run["history"]) / run["history"][-1]["train_seconds"], 1)
-
-
-def write_result(name: str, payload: dict) -> Path:
-    """Write results/<name>.json atomically, print payload["summary"] to stdout, say where on stderr."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-    print(json.dumps(payload["summary"], indent=2))
-    log(f"wrote {path}")
-    return path
 
 
 def log(*a):

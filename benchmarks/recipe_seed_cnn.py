@@ -27,12 +27,14 @@ Prints a summary on stdout and writes benchmarks/results/recipe_seed_cnn.json.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from recipe_common import cnnx_train, images_per_second, machine, write_result  # noqa: E402
+from _results import RESULTS, write_result  # noqa: E402
+from recipe_common import cnnx_train, images_per_second  # noqa: E402
 
 TARGET = 0.69        # val top-1 of the tutorial after 3 epochs
 BUDGET_S = 60.0      # seconds of training allowed for the target
@@ -75,9 +77,9 @@ def main(argv=None):
         if summary["tutorial_seconds_to_target"] and summary["recipe_seconds_to_target"]:
             summary["speedup_to_target"] = round(summary["tutorial_seconds_to_target"] /
                                                  summary["recipe_seconds_to_target"], 2)
-    payload = {"summary": summary, "runs": runs, "machine": machine(),
-               "command": "flock /tmp/cnnx-cpu.lock python benchmarks/recipe_seed_cnn.py"}
-    write_result("recipe_seed_cnn", payload)
+    print(json.dumps(summary, indent=2))
+    write_result(RESULTS / "recipe_seed_cnn.json", {"summary": summary, "runs": runs},
+                 None if argv is None else [__file__, *argv])
 
 
 if __name__ == "__main__":

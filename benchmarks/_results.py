@@ -1,0 +1,98 @@
+"""The one way a benchmark writes benchmarks/results/<name>.json: the payload plus the command
+that produced it and the machine it ran on, so every README figure can name both
+(benchmarks/readme_figures.py reads them; tests/test_readme.py fails on a result without them).
+
+Nothing here imports torch or onnxruntime: versions come from the installed distributions.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+# Distributions whose versions decide the figures; the first installed name of each group is recorded.
+VERSIONED = {"torch": ("torch",), "onnxruntime": ("onnxruntime", "onnxruntime-gpu")}
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """How this process was started, as a shell line a reader can paste from the project root."""
+    argv = list(sys.argv if argv is None else argv)
+    script = Path(argv[0]).resolve()
+    if script.is_relative_to(ROOT):
+        argv[0] = str(script.relative_to(ROOT))
+    return "python " + shlex.join(argv)
+
+
+def processor_model() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() is only "x86_64" on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+def _version(names: tuple[str, ...]) -> str | None:
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
+def machine() -> dict:
+    """Where the figures were measured: what readme_figures.py prints beside each of them."""
+    from cnnx.runtime.contract import cuda_driver_present
+
+    return {
+        "processor": processor_model(),
+        "platform": platform.platform(),
+        "cores": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        **{key: _version(names) for key, names in VERSIONED.items()},
+        "nvidia_driver": cuda_driver_present(),
+    }
+
+
+def provenance(argv: list[str] | None = None) -> dict:
+    """The fields every results JSON carries: command, machine, when and at which commit."""
+    return {
+        "command": command_line(argv),
+        "machine": machine(),
+        "recorded_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+    }
+
+
+def write_result(path: Path, payload: dict, argv: list[str] | None = None) -> Path:
+    """Write provenance() + payload to `path` through cnnx's atomic writer; say where on stderr."""
+    from cnnx.runtime.files import atomic_write
+
+    path = Path(path)
+    doc = {**provenance(argv), **payload}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {path}", file=sys.stderr, flush=True)
+    return path

@@ -1,0 +1,529 @@
+"""Write every measured figure of README.md from benchmarks/results/*.json.
+
+Each block of the README between `<!-- figures:NAME:begin ... -->` and `<!-- figures:NAME:end -->`
+is generated here from the results JSONs: the figure, the goal it is held against, whether it
+is met (computed from the JSON's values), the command that produced the JSON and the machine
+it recorded. A figure whose JSON is absent is not shown; the block says which command makes it.
+A result measured with a recipe other than today's RECIPES says so, with the command to rerun.
+
+    python benchmarks/readme_figures.py            # rewrite README.md's blocks
+    python benchmarks/readme_figures.py --check    # exit 1 when README.md differs from this
+
+No torch: reads JSON and cnnx.train.config only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+RESULTS = ROOT / "benchmarks" / "results"
+
+# The project's goals (issues 2-4); the scripts' own copies decide nothing shown here.
+AIRNET_TARGET, AIRNET_BUDGET_S = 0.88, 600.0
+SEED_TARGET, SEED_BUDGET_S = 0.69, 60.0
+TRAIN_SPEEDUP = 1.6                      # seed-cnn training images/s vs the tutorial loop
+EXPORT_FP32_SPEEDUP = 2.0                # onnxruntime fp32 vs eager, every batch size measured
+EXPORT_INT8_SPEEDUP, EXPORT_INT8_LOSS_PT = 1.5, 0.5
+FIRST_ROW_S = 1.0                        # cnnx classify start-up to its first prediction row
+# Recipe keys whose change makes a recipe measurement stale.
+RECIPE_KEYS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "label_smoothing", "schedule",
+               "warmup", "final_lr", "aug", "crop_pad", "cutout", "channels_last", "bf16")
+RERUN = {
+    "recipe_airnet.json": "python benchmarks/recipe_airnet.py",
+    "airnet_epochs.json": "python benchmarks/recipe_airnet.py --epochs-sweep 16 17 18",
+    "recipe_seed_cnn.json": "python benchmarks/recipe_seed_cnn.py",
+    "bench_train.json": "python benchmarks/bench_train.py",
+    "export-seed-cnn.json": "python benchmarks/bench_export.py --arch seed-cnn",
+    "bench_classify.json": "python benchmarks/bench_classify.py",
+}
+BLOCK = re.compile(r"(<!-- figures:(?P<name>[\w-]+):begin[^>]*-->\n)(?P<body>.*?)(<!-- figures:(?P=name):end -->)",
+                   re.S)
+
+
+class FiguresError(Exception):
+    pass
+
+
+# --- formatting ---------------------------------------------------------------------------------
+
+def pct(fraction) -> str:
+    return f"{100 * fraction:.2f}%"
+
+
+def num(x) -> str:
+    """A count or rate: whole numbers with thousands separators, one decimal below 100."""
+    return f"{x:,.0f}" if abs(x) >= 100 or float(x).is_integer() else f"{x:.1f}"
+
+
+def ratio(x) -> str:
+    return f"{x:.2f}x"
+
+
+def secs(x) -> str:
+    return f"{x:.1f} s" if x >= 10 else f"{x:.2f} s"
+
+
+def goal_pct(fraction) -> str:
+    return f"{100 * fraction:g}%"
+
+
+def goal_ratio(x) -> str:
+    return f"{x:g}x"
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _wrap(text: str, **kw) -> str:
+    """textwrap.fill at 100 columns that never breaks inside a `code span` (commands stay pasteable)."""
+    kept = re.sub(r"`[^`]*`", lambda m: m.group(0).replace(" ", "\0"), text)
+    return textwrap.fill(kept, 100, break_long_words=False, break_on_hyphens=False, **kw).replace("\0", " ")
+
+
+def para(text: str) -> str:
+    return _wrap(text)
+
+
+def bullets(items) -> str:
+    return "\n".join(_wrap(item, initial_indent="- ", subsequent_indent="  ") for item in items)
+
+
+def met(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def code(text: str) -> str:
+    return f"`{text.strip()}`"
+
+
+def table(head: list[str], rows: list[list[str]], align: str = "") -> str:
+    """A markdown table; `align` holds one of l/r per column (default all left)."""
+    align = align or "l" * len(head)
+    rule = ["---:" if a == "r" else "---" for a in align]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in [head, rule, *rows])
+
+
+def machine_text(doc: dict) -> str:
+    """What the JSON recorded about its machine, nothing added."""
+    m = doc.get("machine")
+    if isinstance(m, str):
+        return m
+    parts = [m.get("processor") or m.get("cpu") or m.get("platform")]
+    cores = m.get("cores", m.get("cpus"))
+    if cores:
+        parts.append(f"{cores} cores")
+    for key in ("torch", "onnxruntime"):
+        version = m.get(key) or (doc.get(key) if key == "onnxruntime" else None)
+        if version:
+            parts.append(f"{key} {version}")
+    if threads := m.get("threads") or doc.get("threads"):
+        parts.append(f"{threads} threads")
+    if m.get("nvidia_driver") is False:
+        parts.append("no GPU")
+    return ", ".join(p for p in parts if p)
+
+
+def source(name: str, doc: dict) -> str:
+    return f"`results/{name}`: {code(doc['command'])} on {machine_text(doc)}"
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+class Results:
+    """The JSONs of one results folder, loaded on first use; absent ones are remembered."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.docs = {}
+        self.missing = []
+
+    def get(self, name: str):
+        if name not in self.docs:
+            path = self.folder / name
+            try:
+                self.docs[name] = json.loads(path.read_text())
+            except FileNotFoundError:
+                self.docs[name] = None
+            except (OSError, ValueError) as e:
+                raise FiguresError(f"{path}: {e}") from None
+            if self.docs[name] is not None:
+                lacking = [k for k in ("command", "machine") if not self.docs[name].get(k)]
+                if lacking:
+                    raise FiguresError(f"{path} does not record its {' or '.join(lacking)}: rerun the benchmark")
+            if self.docs[name] is None:
+                self.missing.append(name)
+        return self.docs[name]
+
+    def exports(self) -> list[tuple[str, dict]]:
+        return [(p.name, self.get(p.name)) for p in sorted(self.folder.glob("export-*.json"))]
+
+
+def stale_note(name: str, run_config: dict) -> str:
+    """'' when the run used today's recipe for its arch, else what changed and the command to rerun."""
+    from cnnx.train.config import resolve_config
+
+    now = resolve_config(run_config["arch"]).to_dict()
+    changed = [f"{k} {run_config.get(k)!r} -> {now[k]!r}" for k in RECIPE_KEYS if run_config.get(k) != now[k]]
+    if not changed:
+        return ""
+    return (f"; measured with an older recipe ({', '.join(changed)} since): rerun "
+            f"{code(RERUN.get(name, 'its command'))}")
+
+
+def not_measured(res: Results, names) -> str:
+    return bullets(f"not measured yet (no `results/{n}`): {code(RERUN[n])}" for n in names if n in res.missing)
+
+
+# --- blocks ---------------------------------------------------------------------------------------
+
+def block_results(res: Results) -> str:
+    rows, notes = [], []
+
+    def row(what, result, goal, ok, name, doc):
+        rows.append([what, result, goal, met(ok) if ok is not None else "", code(doc["command"]), machine_text(doc)])
+
+    if d := res.get("recipe_airnet.json"):
+        s, cfg = d["summary"], d["run"]["config"]
+        ok = s["val_top1"] >= AIRNET_TARGET and s["train_seconds"] <= AIRNET_BUDGET_S
+        row("default `airnet`, val top-1 / training time",
+            f"**{pct(s['val_top1'])}** in {secs(s['train_seconds'])} ({plural(cfg['epochs'], 'epoch')})"
+            + stale_note("recipe_airnet.json", cfg),
+            f">= {goal_pct(AIRNET_TARGET)} within {AIRNET_BUDGET_S:.0f} s", ok, "recipe_airnet.json", d)
+    if d := res.get("airnet_epochs.json"):
+        for run in d["runs"]:
+            last = run["history"][-1]
+            ok = last["val_top1"] >= AIRNET_TARGET and last["train_seconds"] <= AIRNET_BUDGET_S
+            row(f"`airnet`, default recipe with {run['config']['epochs']} epochs",
+                f"{pct(last['val_top1'])} in {secs(last['train_seconds'])}",
+                f">= {goal_pct(AIRNET_TARGET)} within {AIRNET_BUDGET_S:.0f} s", ok, "airnet_epochs.json", d)
+    if d := res.get("recipe_seed_cnn.json"):
+        s, cfg = d["summary"], d["runs"]["recipe"]["config"]
+        hit = s["recipe_seconds_to_target"]
+        ok = hit is not None and hit <= SEED_BUDGET_S
+        tutorial = ""
+        if s.get("tutorial_seconds_to_target"):
+            tutorial = (f"; the tutorial's hyperparameters through `cnnx train`: {secs(s['tutorial_seconds_to_target'])}"
+                        f" ({ratio(s['speedup_to_target'])} longer)")
+        row(f"`seed-cnn` (the tutorial net), training time to {goal_pct(SEED_TARGET)} val top-1",
+            f"**{secs(hit)}** ({pct(s['val_top1'])} after {plural(cfg['epochs'], 'epoch')}){tutorial}"
+            + stale_note("recipe_seed_cnn.json", cfg),
+            f"within {SEED_BUDGET_S:.0f} s", ok, "recipe_seed_cnn.json", d)
+    if d := res.get("bench_train.json"):
+        t, r = d["throughput_img_s"], d["ratios"]
+        row("`seed-cnn` training images/s vs the tutorial loop (ImageFolder + DataLoader, Adam, batch 128)",
+            f"**{ratio(r['cnnx_recipe_vs_tutorial'])}** with its recipe ({num(t['cnnx_recipe_img_s'])} vs "
+            f"{num(t['tutorial_img_s'])} img/s); {ratio(r['cnnx_same_hparams_vs_tutorial'])} with the tutorial's "
+            f"fp32/batch-128 settings, whose compute bound is {ratio(r['bound_same_hparams_vs_tutorial'])}",
+            f">= {goal_ratio(TRAIN_SPEEDUP)}", r["cnnx_recipe_vs_tutorial"] >= TRAIN_SPEEDUP, "bench_train.json", d)
+    if d := res.get("export-seed-cnn.json"):
+        fp32 = d["speedup"]["onnxruntime-fp32_vs_eager"]
+        row("export, `seed-cnn` onnxruntime fp32 vs eager PyTorch",
+            ", ".join(f"**{ratio(v)}** (batch {b})" for b, v in fp32.items()),
+            f">= {goal_ratio(EXPORT_FP32_SPEEDUP)}", all(v >= EXPORT_FP32_SPEEDUP for v in fp32.values()),
+            "export-seed-cnn.json", d)
+        int8 = d["speedup"]["int8_vs_onnxruntime-fp32"]
+        if int8:
+            loss = -d["top1_change_vs_eager_pt"]["onnxruntime-int8"]
+            row("export, `seed-cnn` onnxruntime int8 vs fp32",
+                ", ".join(f"**{ratio(v)}** (batch {b})" for b, v in int8.items()) + f"; top-1 {-loss:+.2f} pt",
+                f">= {goal_ratio(EXPORT_INT8_SPEEDUP)}, <= {EXPORT_INT8_LOSS_PT:g} pt lost",
+                all(v >= EXPORT_INT8_SPEEDUP for v in int8.values()) and loss <= EXPORT_INT8_LOSS_PT,
+                "export-seed-cnn.json", d)
+        if gate := d.get("parity_gate"):
+            fp32_rows = [g for g in gate["results"] if g["variant"] == "fp32"]
+            worst = {}
+            for g in fp32_rows:
+                worst[g["backend"]] = max(worst.get(g["backend"], 0.0), g["max_abs"])
+            bound = gate["bounds"]["fp32"]
+            images = sum(g["n"] for g in fp32_rows if g["backend"] == fp32_rows[0]["backend"])
+            agree = min(g["top1_agreement"] for g in fp32_rows)
+            row("parity gate of that export, fp32 max abs logit difference",
+                ", ".join(f"{b} {v:.1e}" for b, v in worst.items()) + f"; top-1 agreement {pct(agree)} "
+                f"on {num(images)} images",
+                f"<= {bound['max_abs']:g}, {goal_pct(bound['min_top1'])} agreement",
+                max(worst.values()) <= bound["max_abs"] and agree >= bound["min_top1"], "export-seed-cnn.json", d)
+        else:
+            notes.append("the parity gate's figures of the seed-cnn export: `results/export-seed-cnn.json` is from "
+                         f"a version of the benchmark that did not record them; rerun {code(RERUN['export-seed-cnn.json'])}")
+    if d := res.get("bench_classify.json"):
+        goals = d["goals"]
+        for key in ("cifar", "photos"):
+            c = d.get(key)
+            if c is None:
+                continue
+            goal = goals[f"{key}_speedup_vs_batched"]
+            row(f"`cnnx classify`, {classify_set(d, key)}, vs a batched PIL -> numpy -> `session.run` loop",
+                f"**{ratio(c['speedup_vs_batched'])}** ({num(c['cnnx_classify_images_per_s'])} vs "
+                f"{num(c['batched_baseline_images_per_s'])} img/s; {ratio(c['speedup_vs_per_image'])} the per-image "
+                "loop)" + (f"; onnxruntime alone caps any pipeline at {ratio(c['speedup_ceiling_vs_batched'])} here"
+                           if c["speedup_ceiling_vs_batched"] < goal else ""),
+                f">= {goal_ratio(goal)}", c["speedup_vs_batched"] >= goal, "bench_classify.json", d)
+        if m := d.get("memory"):
+            limit = goals["memory_50k_vs_5k_max_ratio"]
+            row(f"`cnnx classify` peak memory, {num(m['files_50k'])} vs {num(m['files_5k'])} files",
+                f"{m['files_50k_peak_rss_mib']:.1f} vs {m['files_5k_peak_rss_mib']:.1f} MiB ({m['ratio']:.3f}x)",
+                f"<= {goal_ratio(limit)}", m["ratio"] <= limit, "bench_classify.json", d)
+        row("`cnnx classify` start-up to its first prediction row", secs(d["first_batch_latency_s"]),
+            f"< {FIRST_ROW_S:g} s", d["first_batch_latency_s"] < FIRST_ROW_S, "bench_classify.json", d)
+    out = [table(["what", "result", "goal", "", "command", "machine (as recorded)"], rows)]
+    missing = [f"not measured yet (no `results/{n}`): {code(RERUN[n])}" for n in RERUN if n in res.missing]
+    if missing + notes:
+        out.append(bullets(missing + notes))
+    return "\n\n".join(out)
+
+
+def block_train_throughput(res: Results) -> str:
+    d = res.get("bench_train.json")
+    if d is None:
+        return not_measured(res, ["bench_train.json"])
+    t, r = d["throughput_img_s"], d["ratios"]
+    base = t["tutorial_img_s"]
+    rows = [[what, num(t[key]), ratio(t[key] / base)] for what, key in (
+        ("tutorial loop (ImageFolder + DataLoader, fp32, Adam, batch 128)", "tutorial_img_s"),
+        ("cnnx loop, tutorial hyperparameters (fp32, Adam, batch 128, crop+flip on the batch)",
+         "cnnx_same_hparams_img_s"),
+        ("compute bound, tutorial hyperparameters (one resident batch, fwd+bwd+step)", "bound_same_hparams_img_s"),
+        ("**cnnx loop, seed-cnn recipe**", "cnnx_recipe_img_s"),
+        ("compute bound, recipe settings", "bound_recipe_img_s"))]
+    return "\n\n".join([
+        table(["seed-cnn training throughput", "images/s", "vs tutorial"], rows, "lrr"),
+        para(f"{d['batches']} measured batches per figure after {d['warmup']} warm-up batches; the cnnx loop with its "
+        f"recipe runs at {ratio(r['cnnx_recipe_vs_bound_recipe'])} of its own compute bound. At its rate the "
+        f"tutorial loop needs {secs(d['tutorial_3_epochs_estimated_s'])} for its 3 epochs. "
+        f"Goal >= {goal_ratio(TRAIN_SPEEDUP)} the tutorial loop: "
+        f"{met(r['cnnx_recipe_vs_tutorial'] >= TRAIN_SPEEDUP)}. Source: " + source("bench_train.json", d) + ".")])
+
+
+def block_recipes(res: Results) -> str:
+    """The recipes as cnnx.train.config resolves them today (not a measurement; kept beside the figures)."""
+    from cnnx.train.config import resolve_config
+
+    cfgs = {arch: resolve_config(arch).to_dict() for arch in ("seed-cnn", "airnet")}
+
+    def each(fn):
+        return [fn(c) for c in cfgs.values()]
+
+    rows = [
+        ["optimizer"] + each(lambda c: f"{OPTIMIZERS[c['optimizer']]}, momentum {c['momentum']:g}, lr {c['lr']:g}, "
+                                       f"weight decay {c['weight_decay']:g}"),
+        ["schedule"] + each(schedule_text),
+        ["batch, epochs"] + each(lambda c: f"{c['batch_size']}, {c['epochs']}"),
+        ["augmentation"] + each(lambda c: " + ".join(c["aug"]) + (f" (crop after {c['crop_pad']}-px reflect padding)"
+                                                                 if "crop" in c["aug"] else "")),
+        ["label smoothing"] + each(lambda c: f"{c['label_smoothing']:g}"),
+        ["bf16 autocast, channels_last"] + each(lambda c: f"{on(c['bf16'])}, {on(c['channels_last'])}"),
+    ]
+    return table([""] + [f"`{a}`" for a in cfgs], rows)
+
+
+OPTIMIZERS = {"sgd": "SGD Nesterov", "adamw": "AdamW", "adam": "Adam"}  # as cnnx.train.loop.make_optimizer builds them
+
+
+def on(flag) -> str:
+    return {True: "on", False: "off", None: "CUDA only"}[flag]
+
+
+def schedule_text(c: dict) -> str:
+    end = "0" if c["final_lr"] == 0 else f"{c['final_lr']:g} x the peak"
+    if c["schedule"] == "onecycle":
+        return f"linear warm-up over {c['warmup']:.0%} of the steps, then linear decay to {end}"
+    return f"{c['schedule']}, warm-up {c['warmup']:.0%} of the steps, final lr {end}"
+
+
+def block_training_speed(res: Results) -> str:
+    out = []
+    if d := res.get("recipe_airnet.json"):
+        if d["throughput"]:
+            base = d["throughput"][0]["images_per_second"]
+            by_width = {}
+            for t in d["throughput"]:
+                cell = f"{num(t['images_per_second'])} ({ratio(t['images_per_second'] / base)})"
+                by_width.setdefault("/".join(map(str, t["widths"])), {})[t["bf16"]] = cell
+            rows = [[w, c.get(False, ""), c.get(True, "")] for w, c in by_width.items()]
+            out.append(table(["AirNet widths", "fp32, contiguous", "bf16 autocast, channels_last"], rows, "lrr"))
+            out.append(para("Images/s of one SGD step at batch 512 (fast quartile of 8 steps; the first row is "
+                            "airbench94's widths, the baseline)."))
+        if d.get("run"):
+            out.append(para(f"`airnet` over whole `cnnx train` epochs: {num(d['summary']['train_images_per_second'])} "
+                            f"images/s. Source: {source('recipe_airnet.json', d)}."))
+    if d := res.get("recipe_seed_cnn.json"):
+        s = d["summary"]
+        if "tutorial_images_per_second" in s:
+            out.append(para(f"`seed-cnn` over whole `cnnx train` epochs: {num(s['recipe_images_per_second'])} "
+                            f"images/s with its recipe vs {num(s['tutorial_images_per_second'])} with the tutorial's "
+                            f"hyperparameters. Source: {source('recipe_seed_cnn.json', d)}."))
+    if missing := not_measured(res, ["recipe_airnet.json", "airnet_epochs.json", "recipe_seed_cnn.json"]):
+        out.append(missing)
+    return "\n\n".join(out)
+
+
+def block_export(res: Results) -> str:
+    out = []
+    if d := res.get("export-seed-cnn.json"):
+        ips, top1, change = d["images_per_s"], d["top1"], d["top1_change_vs_eager_pt"]
+        sizes = list(ips["eager"])
+        rows = [[name] + [num(ips[name][b]) for b in sizes] + [f"{top1[name]:.2f}%",
+                                                               "" if name == "eager" else f"{change[name]:+.2f} pt"]
+                for name in ips]
+        out.append(table(["seed-cnn", *[f"images/s, batch {b}" for b in sizes],
+                          f"top-1 ({num(d['validation_images'])} val)", "vs eager"], rows, "l" + "r" * (len(sizes) + 2)))
+        tr = d["training"]
+        secs_text = ", ".join(f"{k} {v:.2f}" for k, v in d["export_seconds"].items() if k != "total_with_parity_gate")
+        out.append(para(f"The model: seed-cnn trained in the benchmark, {tr['epochs']} epochs of plain SGD on "
+                   f"{num(tr['train_images'])} CIFAR-10 JPEGs; top-1 on {num(d['validation_images'])} others. "
+                   f"Export seconds: {secs_text}; {secs(d['export_seconds']['total_with_parity_gate'])} in all with "
+                   f"the parity gate. Source: {source('export-seed-cnn.json', d)}."))
+    others = [(n, d) for n, d in res.exports() if n != "export-seed-cnn.json"]
+    if others:
+        rows = []
+        for _, d in others:
+            ips, sp = d["images_per_s"], d["speedup"]
+            b1, bn = list(ips["eager"])
+            fp32 = sp["onnxruntime-fp32_vs_eager"]
+            int8 = sp["int8_vs_onnxruntime-fp32"]
+            refused = d.get("refused_by_parity_gate")
+            if int8:
+                int8_cell = (f"{num(ips['onnxruntime-int8'][b1])} / {num(ips['onnxruntime-int8'][bn])} "
+                             f"({ratio(int8[b1])} / {ratio(int8[bn])})")
+                change = f"{d['top1_change_vs_eager_pt']['onnxruntime-int8']:+.2f} pt"
+            else:
+                int8_cell, change = "refused by the parity gate" if refused else "not exported", ""
+            rows.append([f"{d['arch']} ({'x'.join(map(str, d['input_size']))}, {plural(d['training']['epochs'], 'epoch')})",
+                         f"{num(ips['eager'][b1])} / {num(ips['eager'][bn])}",
+                         f"{num(ips['onnxruntime-fp32'][b1])} / {num(ips['onnxruntime-fp32'][bn])} "
+                         f"({ratio(fp32[b1])} / {ratio(fp32[bn])})",
+                         int8_cell, change, f"{d['top1']['eager']:.1f}%", f"{d['export_seconds']['onnx']:.1f}"])
+        out.append(table(["arch (briefly trained)", "eager b=1 / b=256", "ORT fp32 b=1 / b=256 (x eager)",
+                          "ORT int8 b=1 / b=256 (x fp32)", "int8 top-1 change", "eager top-1", "ONNX export s"],
+                         rows, "lrrrrrr"))
+        out.append(bullets(f"{d['arch']}: {source(n, d)}" for n, d in others))
+    if missing := not_measured(res, ["export-seed-cnn.json"]):
+        out.append(missing)
+    return "\n\n".join(out)
+
+
+def classify_set(d: dict, key: str) -> str:
+    """How bench_classify.json describes one of its image sets."""
+    if key == "cifar":
+        return f"{num(d['cifar']['files'])} CIFAR-10 JPEGs (32x32)"
+    ps = d.get("photos_set", {})
+    return f"{num(d['photos']['files'])} photos ({ps.get('megapixels', '?')} MP, mean {ps.get('mean_mb', '?')} MB)"
+
+
+def block_classify(res: Results) -> str:
+    d = res.get("bench_classify.json")
+    if d is None:
+        return not_measured(res, ["bench_classify.json"])
+    goals, rows = d["goals"], []
+    for key in ("cifar", "photos"):
+        c = d.get(key)
+        if c is None:
+            continue
+        goal = goals[f"{key}_speedup_vs_batched"]
+        rows.append([classify_set(d, key), f"{num(c['per_image_baseline_images_per_s'])} img/s",
+                     f"{num(c['batched_baseline_images_per_s'])} img/s", f"{num(c['cnnx_classify_images_per_s'])} img/s",
+                     ratio(c["speedup_vs_per_image"]), f"**{ratio(c['speedup_vs_batched'])}**",
+                     f">= {goal_ratio(goal)}: {met(c['speedup_vs_batched'] >= goal)}"])
+    out = [table(["set", "per-image loop", "batched loop", "cnnx classify", "vs per-image", "vs batched", "goal"],
+                 rows, "lrrrrrl")]
+    notes = []
+    if m := d.get("memory"):
+        limit = goals["memory_50k_vs_5k_max_ratio"]
+        notes.append(f"Peak memory (VmHWM of the classify process): {m['files_50k_peak_rss_mib']:.1f} MiB for "
+                     f"{num(m['files_50k'])} files vs {m['files_5k_peak_rss_mib']:.1f} MiB for {num(m['files_5k'])} "
+                     f"(ratio {m['ratio']:.3f}; goal <= {limit:g}: {met(m['ratio'] <= limit)}).")
+    notes.append(f"Start-up to the first prediction row: {secs(d['first_batch_latency_s'])} (best of 3).")
+    if c := d.get("cifar"):
+        notes.append(f"Ceiling: onnxruntime alone (`session.run` on ready uint8 batches) does "
+                     f"{num(d['inference_only_images_per_s'])} img/s, so no pipeline can beat the batched loop on "
+                     f"CIFAR by more than {ratio(c['speedup_ceiling_vs_batched'])} on this machine; cnnx classify "
+                     f"gets {c['cnnx_classify_images_per_s'] / d['inference_only_images_per_s']:.0%} of it "
+                     f"(decoding, writing and start-up included).")
+    agree = [f"{pct(d[key]['top1_agreement_with_batched_baseline'])} on {label}"
+             for key, label in (("cifar", "CIFAR"), ("photos", "the photos")) if key in d]
+    if agree:
+        notes.append("Top-1 agreement with the baseline's Pillow full-size decode: " + ", ".join(agree) + ".")
+    if dec := d.get("decode_only"):
+        parts = []
+        for name, rates in dec.items():
+            subset, n = name.rsplit("_", 1)
+            parts.append(f"{subset} ({num(int(n))} files) " + " -> ".join(num(v) for v in rates.values()) + " img/s")
+        notes.append("Decoding only (`load_image`, 1 -> 2 threads): " + "; ".join(parts) + ".")
+    cuda = d.get("cuda")
+    if isinstance(cuda, str):
+        notes.append(f"CUDA: {cuda}.")
+    elif cuda:
+        notes.append("CUDA: " + "; ".join(f"{k} {num(v['images_per_s'])} img/s" for k, v in cuda.items()) + ".")
+    out.append(bullets(notes))
+    out.append(para(f"Batch size {d['batch_size']}; the batched loop and cnnx classify ran interleaved, best of each. "
+               f"Source: {source('bench_classify.json', d)}."))
+    return "\n\n".join(out)
+
+
+BLOCKS = {
+    "results": block_results,
+    "train-throughput": block_train_throughput,
+    "recipes": block_recipes,
+    "training-speed": block_training_speed,
+    "export": block_export,
+    "classify": block_classify,
+}
+
+
+def render(readme_text: str, results: Path) -> str:
+    """readme_text with every figures block regenerated from the JSONs in `results`."""
+    res = Results(results)
+    found = set()
+
+    def fill(m: re.Match) -> str:
+        name = m.group("name")
+        if name not in BLOCKS:
+            raise FiguresError(f"README block figures:{name} has no generator (known: {', '.join(BLOCKS)})")
+        found.add(name)
+        return m.group(1) + BLOCKS[name](res).rstrip() + "\n" + m.group(4)
+
+    text = BLOCK.sub(fill, readme_text)
+    if missing := [n for n in BLOCKS if n not in found]:
+        raise FiguresError(f"README has no figures block for: {', '.join(missing)}")
+    return text
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 when the README differs from what would be written")
+    ap.add_argument("--readme", type=Path, default=README)
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    a = ap.parse_args(argv)
+    try:
+        old = a.readme.read_text()
+        new = render(old, a.results)
+    except (OSError, FiguresError, KeyError) as e:
+        print(f"Error: {e if not isinstance(e, KeyError) else f'a results JSON lacks the field {e}'}",
+              file=sys.stderr)
+        return 1
+    if a.check:
+        if new == old:
+            return 0
+        sys.stderr.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True), str(a.readme),
+                                                   "generated"))
+        print(f"{a.readme} differs from its results: run python benchmarks/readme_figures.py", file=sys.stderr)
+        return 1
+    if new != old:
+        from cnnx.runtime.files import atomic_write
+
+        atomic_write(a.readme, new, keep_mode_of_target=True)
+        print(f"updated {a.readme}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

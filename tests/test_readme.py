@@ -1,0 +1,135 @@
+"""The README's figures are the results JSONs' (benchmarks/readme_figures.py), and it stands alone."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+RESULTS = ROOT / "benchmarks" / "results"
+GENERATOR = ROOT / "benchmarks" / "readme_figures.py"
+RESULT_FILES = sorted(RESULTS.glob("*.json"))
+
+
+def figures(*args, readme=README, results=RESULTS):
+    return subprocess.run([sys.executable, str(GENERATOR), "--readme", str(readme), "--results", str(results), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def results_block(text: str) -> str:
+    return re.search(r"<!-- figures:results:begin.*?<!-- figures:results:end -->", text, re.S).group(0)
+
+
+def row_of(block: str, start: str) -> str:
+    rows = [line for line in block.splitlines() if line.startswith("| " + start)]
+    assert len(rows) == 1, (start, rows)
+    return rows[0]
+
+
+@pytest.fixture
+def copies(tmp_path):
+    """A copy of README.md and of benchmarks/results/ to change freely."""
+    readme = tmp_path / "README.md"
+    shutil.copyfile(README, readme)
+    results = tmp_path / "results"
+    shutil.copytree(RESULTS, results)
+    return readme, results
+
+
+def edit_json(path: Path, change) -> None:
+    doc = json.loads(path.read_text())
+    change(doc)
+    path.write_text(json.dumps(doc))
+
+
+def test_readme_figures_are_what_the_results_generate():
+    p = figures("--check")
+    assert p.returncode == 0, p.stderr[-3000:] + "\nrun: python benchmarks/readme_figures.py"
+
+
+def test_check_fails_on_a_figure_typed_by_hand(copies):
+    readme, results = copies
+    text = readme.read_text()
+    block = results_block(text)
+    first_row = block.splitlines()[3]
+    readme.write_text(text.replace(first_row, first_row.replace("|", "| 99.99% |", 2).replace("| 99.99% |", "|", 1)))
+    p = figures("--check", readme=readme, results=results)
+    assert p.returncode == 1
+    assert "99.99%" in p.stderr  # the diff shows the hand-typed figure
+
+
+def test_met_is_computed_from_the_json(copies):
+    readme, results = copies
+    goal = json.loads((results / "bench_classify.json").read_text())["goals"]["cifar_speedup_vs_batched"]
+    for speedup, verdict in ((goal + 0.5, "| met |"), (goal - 0.5, "| **not met** |")):
+        edit_json(results / "bench_classify.json", lambda d: d["cifar"].update(speedup_vs_batched=speedup))
+        assert figures(readme=readme, results=results).returncode == 0
+        row = row_of(results_block(readme.read_text()), "`cnnx classify`, 50,000 CIFAR")
+        assert f"**{speedup:.2f}x**" in row and verdict in row, row
+
+
+def test_a_missing_result_is_dropped_and_its_command_named(copies):
+    readme, results = copies
+    (results / "recipe_seed_cnn.json").unlink()
+    assert figures(readme=readme, results=results).returncode == 0
+    block = results_block(readme.read_text())
+    assert "`seed-cnn` (the tutorial net)" not in block
+    assert "no `results/recipe_seed_cnn.json`" in block and "`python benchmarks/recipe_seed_cnn.py`" in block
+
+
+def test_a_result_from_an_older_recipe_says_so(copies):
+    readme, results = copies
+    doc = json.loads((results / "recipe_seed_cnn.json").read_text())
+    epochs = doc["runs"]["recipe"]["config"]["epochs"]
+    edit_json(results / "recipe_seed_cnn.json", lambda d: d["runs"]["recipe"]["config"].update(epochs=epochs + 5))
+    assert figures(readme=readme, results=results).returncode == 0
+    row = row_of(results_block(readme.read_text()), "`seed-cnn` (the tutorial net)")
+    assert f"older recipe (epochs {epochs + 5} -> {epochs} since)" in row, row
+
+
+def test_a_result_without_its_machine_is_an_error_not_a_guess(copies):
+    readme, results = copies
+    edit_json(results / "bench_train.json", lambda d: d.pop("machine"))
+    p = figures(readme=readme, results=results)
+    assert p.returncode == 1 and "machine" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_readme_stands_alone():
+    text = README.read_text()
+    assert "../shared" not in text, "a user's clone has no ../shared"
+    assert "benchmarks/cifar_jpegs.py" in text  # how a user gets the CIFAR-10 JPEG folder instead
+
+
+@pytest.mark.parametrize("path", RESULT_FILES, ids=[p.name for p in RESULT_FILES])
+def test_every_result_records_its_command_and_machine(path):
+    doc = json.loads(path.read_text())
+    assert isinstance(doc.get("command"), str) and "benchmarks/" in doc["command"], doc.get("command")
+    assert doc.get("machine"), "no machine recorded"
+
+
+def test_results_helper_records_command_and_machine(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import _results
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    out = _results.write_result(tmp_path / "x.json", {"figure": 1.5},
+                                argv=[str(ROOT / "benchmarks" / "bench_train.py"), "--batches", "3", "a b"])
+    doc = json.loads(out.read_text())
+    assert doc["command"] == "python benchmarks/bench_train.py --batches 3 'a b'"
+    assert doc["figure"] == 1.5
+    m = doc["machine"]
+    assert m["torch"] == metadata.version("torch")
+    assert m["cores"] >= 1
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and "model name" in cpuinfo.read_text():
+        assert m["processor"] and m["processor"] in cpuinfo.read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temp file left beside it
