@@ -99,3 +99,61 @@ def exported_model(base: Path, *, arch: str = "seed-cnn", class_names=CLASSES, s
         result = export_checkpoint(folder / "best.pt", folder / "export", formats=("onnx",), parity_images=8)
         _EXPORTED[key] = Path(result.paths["onnx"])
     return _EXPORTED[key]
+
+
+def tiny_onnx_model(path: Path, *, size=(32, 32), fixed_hw: bool = True, class_names=CLASSES,
+                    batch_out: str = "per-image") -> Path:
+    """A small cnnx-contract model built with onnx.helper (no torch): logits = the mean of the
+    top-left 2x2 pixels of each channel times a fixed (3, C) matrix, so any H x W is cheap.
+
+    size: the preprocess size in the metadata; fixed_hw=False leaves H and W symbolic in the
+    graph (then only the metadata says the size). batch_out: "per-image" (the contract),
+    "reduced" (logits averaged over the batch: [1, C], a fixed output batch), or "first-row"
+    (a symbolic output batch that still returns 1 row for any N)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from cnnx.runtime.contract import encode_metadata, metadata_props
+    from cnnx.runtime.preprocess import make_spec
+
+    h, w = size
+    c = len(class_names)
+    weights = (np.arange(3 * c, dtype=np.float32).reshape(3, c) % 7 - 3) / 50
+    inits = [
+        helper.make_tensor("starts", TensorProto.INT64, [2], [0, 0]),
+        helper.make_tensor("ends", TensorProto.INT64, [2], [2, 2]),
+        helper.make_tensor("axes", TensorProto.INT64, [2], [2, 3]),
+        helper.make_tensor("W", TensorProto.FLOAT, [3, c], weights.ravel().tolist()),
+    ]
+    nodes = [
+        helper.make_node("Slice", ["images", "starts", "ends", "axes"], ["corner"]),
+        helper.make_node("Cast", ["corner"], ["corner_f"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMean", ["corner_f"], ["pooled"], axes=[2, 3], keepdims=0),
+        helper.make_node("MatMul", ["pooled", "W"], ["per_image"]),
+    ]
+    out_n = "N"
+    if batch_out == "per-image":
+        nodes.append(helper.make_node("Identity", ["per_image"], ["logits"]))
+    elif batch_out == "reduced":
+        nodes.append(helper.make_node("ReduceMean", ["per_image"], ["logits"], axes=[0], keepdims=1))
+        out_n = 1
+    elif batch_out == "first-row":
+        inits += [helper.make_tensor("zero", TensorProto.INT64, [1], [0]),
+                  helper.make_tensor("one", TensorProto.INT64, [1], [1])]
+        nodes.append(helper.make_node("Slice", ["per_image", "zero", "one", "zero"], ["logits"]))
+        out_n = "M"
+    else:
+        raise ValueError(batch_out)
+    in_shape = ["N", 3, h, w] if fixed_hw else ["N", 3, "H", "W"]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("images", TensorProto.UINT8, in_shape)],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [out_n, c])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    meta = encode_metadata(class_names=class_names, preprocess=make_spec((h, w), CIFAR_MEAN, CIFAR_STD),
+                           arch="tiny", version="test", checkpoint_sha256="0" * 64)
+    for k, v in metadata_props(meta).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(path))
+    return path

@@ -79,8 +79,9 @@ class OutputLock:
             if not same:  # removed by the holder that just finished: lock the new one
                 os.close(fd)
                 continue
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            with contextlib.suppress(OSError):  # the pid only names the holder in a message (a full disk)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)
             self.fd = fd
         return self
 

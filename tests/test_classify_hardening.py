@@ -1,0 +1,396 @@
+"""`cnnx classify` against a hostile user and a crashing machine (issue 12): models that do
+not give one row per image, two writers on one output, resume spellings, memory bombs in
+metadata and model sizes, a full disk, very deep folders, SIGINT, symlinked outputs and
+unreadable files named on the command line. Real models, files, subprocesses and tmpfs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from cnnx.cli import cli
+from tests._runtime_util import photo_like, tiny_onnx_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args, **kw):
+    return CliRunner().invoke(cli, ["classify", *map(str, args)], catch_exceptions=False, **kw)
+
+
+def read_csv(path):
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        return list(csv.reader(f))
+
+
+def one_line_error(r, code=1):
+    assert r.exit_code == code, (r.exit_code, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    return lines[0]
+
+
+def cnnx_subprocess(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "cnnx", "classify", *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return tiny_onnx_model(tmp_path_factory.mktemp("tiny") / "model.onnx")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("imgs") / "imgs"
+    root.mkdir()
+    for i in range(12):
+        Image.fromarray(photo_like(24 + i, 30, seed=i)).save(root / f"img_{i:02d}.png")
+    return root
+
+
+# -- 2. a model must give one row per image ------------------------------------------------
+
+def test_a_model_whose_output_batch_is_fixed_is_refused_at_load(images, tmp_path):
+    reduced = tiny_onnx_model(tmp_path / "reduced.onnx", batch_out="reduced")  # logits [1, C] for any N
+    line = one_line_error(run([images, "--model", reduced, "-o", tmp_path / "p.csv"]))
+    assert "output batch dimension is 1" in line and "one row per image" in line
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_model_that_returns_the_wrong_number_of_rows_stops_before_writing_them(images, tmp_path):
+    first_row = tiny_onnx_model(tmp_path / "first_row.onnx", batch_out="first-row")  # symbolic, but 1 row
+    line = one_line_error(run([images, "--model", first_row, "-o", tmp_path / "p.csv", "--batch-size", "4"]))
+    assert "not one row per image" in line and "for 4 images" in line
+    assert not (tmp_path / "p.csv").exists()  # no row of that batch was written
+
+
+# -- 3. one writer per output --------------------------------------------------------------
+
+def wait_for(condition, what, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.002)
+
+
+def test_a_second_writer_on_the_same_output_is_refused_and_a_dead_holder_blocks_nothing(cifar_subset, model,
+                                                                                        tmp_path):
+    folder = cifar_subset(6)  # 60 images
+    out = tmp_path / "p.csv"
+    lock = tmp_path / ".p.csv.lock"
+    first = cnnx_subprocess(folder, "--model", model, "-o", out, "--resume", "--batch-size", "1", "--workers", "1")
+    try:
+        # Stop the first run while it holds the lock (taken before the output is read or
+        # created), so the second surely runs while the first is mid-way.
+        wait_for(lambda: lock.exists() and lock.read_text() == str(first.pid), "the first run's lock")
+        os.kill(first.pid, signal.SIGSTOP)
+        second = cnnx_subprocess(folder, "--model", model, "-o", out, "--resume")
+        _stdout, stderr = second.communicate(timeout=120)
+        assert second.returncode == 1, stderr
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "being written by another cnnx classify" in lines[0]
+        assert f"pid {first.pid}" in lines[0]
+        # A holder killed -9 (the kernel drops its flock) leaves nothing that blocks a resume.
+        first.kill()
+        first.wait(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    third = cnnx_subprocess(folder, "--model", model, "-o", out, "--resume")
+    _stdout, stderr = third.communicate(timeout=120)
+    assert third.returncode == 0, stderr
+    rows = read_csv(out)
+    assert rows[0][0] == "path" and all(row[0] != "path" for row in rows[1:])  # one header
+    paths = [row[0] for row in rows[1:]]
+    assert len(paths) == len(set(paths)) == 60
+    assert not lock.exists()
+
+
+# -- 4. --resume matches the file, not the spelling ----------------------------------------
+
+def test_resume_matches_paths_however_the_folder_is_spelt(images, model, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    shutil.copytree(images, work / "imgs")
+    monkeypatch.chdir(work)
+    out = tmp_path / "p.csv"
+    assert run(["imgs", "--model", model, "-o", out, "--batch-size", "5"]).exit_code == 0
+    text = out.read_text()
+    assert read_csv(out)[1][0] == "imgs/img_00.png"  # the path as the user typed it
+    for spelling in ("./imgs", "imgs/../imgs", str(work / "imgs"), "imgs/"):
+        r = run([spelling, "--model", model, "-o", out, "--resume"])
+        assert r.exit_code == 0, r.stderr
+        assert "classified 0 images" in r.stderr and "12 already done" in r.stderr, (spelling, r.stderr)
+        assert out.read_text() == text
+
+
+# -- 8. metadata bombs in a PNG ------------------------------------------------------------
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def zlib_of_repeated(block: bytes, times: int) -> bytes:
+    """zlib.compress(block * times), built in a fraction of the time: after a full flush
+    deflate forgets its history, so every further copy of the block compresses to the
+    same bytes."""
+    co = zlib.compressobj(9, zlib.DEFLATED, -15)
+    first = co.compress(block) + co.flush(zlib.Z_FULL_FLUSH)
+    repeat = co.compress(block) + co.flush(zlib.Z_FULL_FLUSH)
+    adler = 1
+    for _ in range(times):
+        adler = zlib.adler32(block, adler)
+    return b"\x78\xda" + first + repeat * (times - 1) + co.flush() + struct.pack(">I", adler)
+
+
+def png_with_chunk(path: Path, extra: bytes) -> np.ndarray:
+    arr = photo_like(48, 64, seed=3)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    data = buf.getvalue()
+    ihdr_end = 8 + 25  # signature + IHDR chunk
+    with open(path, "wb") as f:
+        f.write(data[:ihdr_end])
+        f.write(extra)
+        f.write(data[ihdr_end:])
+    return arr
+
+
+# Peak RSS from VmHWM: getrusage's ru_maxrss would also count the parent's RSS at the fork.
+PEAK_RSS = """
+import sys
+import numpy as np
+from cnnx.runtime.preprocess import load_image, make_spec
+spec = make_spec((48, 64), (0.5,) * 3, (0.25,) * 3)
+arr, note = load_image(sys.argv[1], spec)
+np.save(sys.argv[2], arr)
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(int(status["VmHWM"].split()[0]) // 1024)
+print(note)
+"""
+
+
+@pytest.mark.parametrize("kind", ["zTXt", "iTXt"])
+def test_a_png_with_a_huge_text_chunk_decodes_in_bounded_memory(kind, tmp_path):
+    if kind == "zTXt":  # 600 MB of text compressed to ~600 KB on disk
+        extra = png_chunk(b"zTXt", b"Comment\0\0" + zlib_of_repeated(b"A" * (1 << 20), 600))
+    else:  # 200 MB stored as it is (the file is under the 1 GiB size cap)
+        extra = png_chunk(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + b"B" * (200 << 20))
+    path = tmp_path / "text_bomb.png"
+    arr = png_with_chunk(path, extra)
+    del extra
+    r = subprocess.run([sys.executable, "-c", PEAK_RSS, str(path), str(tmp_path / "out.npy")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    peak_mb, note = r.stdout.splitlines()
+    assert int(peak_mb) < 300, f"peak RSS {peak_mb} MB decoding one PNG"
+    assert note.startswith("PNG metadata chunk") and kind in note
+    assert np.array_equal(np.load(tmp_path / "out.npy"), arr.transpose(2, 0, 1))  # the pixels, unchanged
+
+
+def test_a_png_with_a_huge_text_chunk_is_classified_with_a_note(model, tmp_path):
+    (tmp_path / "imgs").mkdir()
+    png_with_chunk(tmp_path / "imgs" / "bomb.png", png_chunk(b"tEXt", b"Comment\0" + b"C" * (20 << 20)))
+    r = run([tmp_path / "imgs", "--model", model, "-o", tmp_path / "p.csv"])
+    assert r.exit_code == 0, r.stderr
+    assert len(read_csv(tmp_path / "p.csv")) == 2
+    (note,) = read_csv(tmp_path / "p.errors.csv")[1:]
+    assert note[1] == "note" and "tEXt of 20,971,528 bytes" in note[2]
+
+
+# -- 9. the model's input size -------------------------------------------------------------
+
+def test_an_absurd_preprocess_size_with_symbolic_height_and_width_is_one_line(images, tmp_path):
+    huge = tiny_onnx_model(tmp_path / "huge.onnx", size=(100_000, 100_000), fixed_hw=False)
+    line = one_line_error(run([images, "--model", huge]))
+    assert "100000x100000 exceeds the limit of 4096" in line
+
+
+def test_a_large_input_size_reduces_the_batch_instead_of_allocating_gigabytes(tmp_path):
+    from cnnx.runtime import Classifier
+    from cnnx.runtime.pipeline import MAX_BATCH_BYTES, MAX_READ_AHEAD_BYTES
+
+    big = tiny_onnx_model(tmp_path / "big.onnx", size=(4000, 4000), fixed_hw=False)
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        Image.fromarray(photo_like(40, 50, seed=i)).save(tmp_path / "imgs" / f"{i}.png")
+    with Classifier(big, "cpu", workers=2) as clf:  # default batch_size 256: 12 GiB of pixels
+        per_image = 3 * 4000 * 4000
+        assert clf.requested_batch_size == 256 and clf.batch_size * per_image <= MAX_BATCH_BYTES
+        assert clf.config.read_ahead(clf.info.spec) * clf.batch_size * per_image <= MAX_READ_AHEAD_BYTES
+        rows = list(clf.classify([tmp_path / "imgs"]))
+    assert [os.path.basename(r.path) for r in rows] == ["0.png", "1.png", "2.png"]
+    r = run([tmp_path / "imgs", "--model", big, "-o", tmp_path / "p.csv", "--workers", "1"])
+    assert r.exit_code == 0, r.stderr
+    assert "--batch-size 256 reduced to 5" in r.stderr and len(read_csv(tmp_path / "p.csv")) == 4
+
+
+# -- 11. full disk, very deep folders ------------------------------------------------------
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_is_one_line_and_no_traceback(cifar_subset, model, small_tmpfs):
+    out = small_tmpfs / "p.csv"
+    r = run([cifar_subset(10), "--model", model, "-o", out, "--topk", "10", "--batch-size", "8"])
+    line = one_line_error(r)
+    assert line == f"Error: cannot write: No space left on device: {out}"
+    # What was written is whole rows plus at most one cut short: --resume elsewhere can use it.
+    assert read_csv(out)[0][0] == "path"
+
+
+def make_deep(base: Path, depth: int, leaf_png: bytes) -> None:
+    """base/d/d/.../d/deep.png, depth folders, made relative to open folders (no long paths)."""
+    fd = os.open(base, os.O_RDONLY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            sub = os.open("d", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        leaf = os.open("deep.png", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(leaf, leaf_png)
+        os.close(leaf)
+    finally:
+        os.close(fd)
+
+
+def remove_deep(base: Path, depth: int) -> None:
+    """Bottom-up, relative to open folders (shutil.rmtree recurses once per level)."""
+    fds = [os.open(base, os.O_RDONLY)]
+    try:
+        for _ in range(depth):
+            fds.append(os.open("d", os.O_RDONLY, dir_fd=fds[-1]))
+        os.unlink("deep.png", dir_fd=fds[-1])
+        for i in range(depth, 0, -1):
+            os.close(fds.pop())
+            os.rmdir("d", dir_fd=fds[i - 1])
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_folders_nested_1500_deep_are_walked_without_recursion(model, tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(photo_like(32, 32, seed=5)).save(buf, "PNG")
+    base = tmp_path / "deep"
+    base.mkdir()
+    Image.fromarray(photo_like(32, 32, seed=6)).save(base / "top.png")
+    make_deep(base, 1500, buf.getvalue())
+    try:
+        r = run([base, "--model", model, "-o", tmp_path / "p.csv"])
+        assert r.exit_code == 0, r.stderr
+        paths = [row[0] for row in read_csv(tmp_path / "p.csv")[1:]]
+        assert paths == [str(base / ("d/" * 1500) / "deep.png"), str(base / "top.png")]
+    finally:
+        remove_deep(base, 1500)
+
+
+def test_output_is_in_full_path_order_not_depth_first(model, tmp_path):
+    for rel in ("a/b/c.png", "a/b-x.png", "a/b.png", "a/b0.png", "a.png", "a-b.png", "a/b/c/d.png", "a/b/c-d.png"):
+        (tmp_path / "in" / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photo_like(16, 16, seed=len(rel))).save(tmp_path / "in" / rel)
+    r = run([tmp_path / "in" / "a", tmp_path / "in" / "a.png", tmp_path / "in" / "a-b.png", "--model", model,
+             "-o", tmp_path / "p.csv", "--batch-size", "3"])
+    assert r.exit_code == 0, r.stderr
+    got = [row[0] for row in read_csv(tmp_path / "p.csv")[1:]]
+    assert got == sorted(got, key=os.fsencode) and len(got) == 8
+    assert [os.path.relpath(p, tmp_path / "in") for p in got][:4] == ["a-b.png", "a.png", "a/b-x.png", "a/b.png"]
+
+
+# -- 13. symlinked output, SIGINT, unreadable file named on the command line ---------------
+
+def test_resume_that_drops_a_cut_short_row_keeps_a_symlinked_output_and_its_mode(images, model, tmp_path):
+    out = tmp_path / "p.csv"
+    assert run([images, "--model", model, "-o", out, "--batch-size", "4"]).exit_code == 0
+    full = out.read_text()
+    lines = full.splitlines(keepends=True)
+    real = tmp_path / "kept" / "real.csv"
+    real.parent.mkdir()
+    real.write_text("".join(lines[:6]) + lines[6][:10])  # killed while writing row 6
+    os.chmod(real, 0o640)
+    link = tmp_path / "link.csv"
+    os.symlink(real, link)
+    r = run([images, "--model", model, "-o", link, "--resume", "--batch-size", "4"])
+    assert r.exit_code == 0, r.stderr
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert real.read_text() == full and (real.stat().st_mode & 0o777) == 0o640
+
+
+def test_sigint_exits_130_and_the_run_resumes(cifar_subset, model, tmp_path):
+    folder = cifar_subset(10)  # 100 images
+    out = tmp_path / "p.csv"
+    proc = cnnx_subprocess(folder, "--model", model, "-o", out, "--batch-size", "1", "--workers", "1")
+    try:
+        wait_for(lambda: out.exists() and out.read_text().count("\n") >= 3, "the first rows")
+        proc.send_signal(signal.SIGINT)
+        _stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "Aborted" not in stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted"
+    assert not (tmp_path / ".p.csv.lock").exists() or (tmp_path / ".p.csv.lock").read_text() != str(proc.pid)
+    r = run([folder, "--model", model, "-o", out, "--resume"])
+    assert r.exit_code == 0, r.stderr
+    paths = [row[0] for row in read_csv(out)[1:]]
+    assert len(paths) == len(set(paths)) == 100
+
+
+def test_an_unreadable_file_named_on_the_command_line_gets_its_errors_row(model):
+    # As in test_classify.py: root reads anything, so the second run drops to nobody.
+    base = Path(tempfile.mkdtemp(prefix="cnnx-unreadable-arg-"))
+    try:
+        os.chmod(base, 0o777)
+        for name in ("ok.png", "secret.png"):
+            Image.fromarray(photo_like(20, 20, seed=len(name))).save(base / name)
+        os.chmod(base / "secret.png", 0o000)
+        shutil.copyfile(model, base / "model.onnx")
+        os.chmod(base / "model.onnx", 0o644)
+        args = [base / "secret.png", base / "ok.png", "--model", base / "model.onnx"]
+        assert run([*args, "-o", base / "warm.csv"]).exit_code == 0  # imports everything, as root
+        dropped = os.geteuid() == 0
+        if dropped:
+            os.setegid(65534)
+            os.seteuid(65534)
+        try:
+            r = run([*args, "-o", base / "p.csv"])
+        finally:
+            if dropped:
+                os.seteuid(0)
+                os.setegid(0)
+        assert r.exit_code == 0, r.stderr
+        assert [row[0] for row in read_csv(base / "p.csv")[1:]] == [str(base / "ok.png")]
+        (row,) = read_csv(base / "p.errors.csv")[1:]
+        assert row[0] == str(base / "secret.png") and row[1] == "open" and "Permission denied" in row[2]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
