@@ -141,12 +141,11 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("output", ["run.csv", "run.parquet"])
-def test_killed_driver_resumes(ray_session, cifar_subset, model, tmp_path, output):
-    """SIGKILL to the driver (and the private Ray it started) once rows are on disk; --resume
-    then finishes: every file exactly once, no part or row cut short."""
+def test_killed_driver_resumes(ray_session, cifar_subset, model, tmp_path):
+    """SIGKILL to the driver (and the private Ray it started) once Parquet parts are on disk;
+    --resume then finishes: every file exactly once, no part cut short."""
     folder = cifar_subset(40)
-    out = tmp_path / output
+    out = tmp_path / "run.parquet"
     script = DRIVER.format(root=str(ROOT), folder=str(folder), model=str(model), output=str(out))
     proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -166,13 +165,22 @@ def test_killed_driver_resumes(ray_session, cifar_subset, model, tmp_path, outpu
 
 
 def _rows_on_disk(out: Path) -> list:
-    if not out.exists():
-        return []
-    if out.is_dir():
-        return [p for p, _, _ in read_predictions(out)]
+    return [p for p, _, _ in read_predictions(out)] if out.exists() else []
+
+
+def test_resume_csv_cut_short(ray_session, folder, model, local, tmp_path):
+    """A CSV whose last row a killed run was writing: resume drops that row and classifies
+    what is missing, through local classify's read_done."""
+    out = tmp_path / "cut.csv"
+    classify_with_ray([str(folder / "airplane"), str(folder / "bird")], str(model), output=str(out),
+                      num_workers=2, batch_size=16)
     text = out.read_text()
-    complete = text[: text.rfind("\n") + 1]  # the row being written when killed is not counted
-    return [line.split('","')[0].strip('"') for line in complete.splitlines()[1:]]
+    out.write_text(text[: len(text) - 30])  # the last row cut in the middle
+    summary = classify_with_ray([str(folder)], str(model), output=str(out), resume=True, num_workers=2,
+                                batch_size=16)
+    assert summary.resumed == 7  # the 8 rows written, less the one cut short
+    assert_same_predictions(sorted(read_predictions(out)), sorted(local[0]))  # each file once
+    assert sorted(read_errors(tmp_path / "cut.errors.csv")) == sorted(local[1])
 
 
 def test_existing_output_needs_resume(ray_session, folder, model, tmp_path):

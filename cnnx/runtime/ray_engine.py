@@ -35,10 +35,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cnnx.runtime.discover import Discovery, Found
-from cnnx.runtime.files import TEMP_PREFIX, atomic_file, first_line, remove_stale_temps
-from cnnx.runtime.model import open_model, softmax_topk
-from cnnx.runtime.output import ErrorsWriter, PredictionWriter, ResumeError, csv_header, read_done
+from cnnx.runtime.api import Classifier
+from cnnx.runtime.discover import Discovery, Found, PathKeys
+from cnnx.runtime.files import TEMP_PREFIX, atomic_file, first_line, os_error_line, remove_stale_temps
+from cnnx.runtime.model import softmax_topk
+from cnnx.runtime.output import (ErrorsWriter, OutputBusy, OutputLock, PredictionWriter, ResumeError, WriteError,
+                                 csv_header, read_done)
 from cnnx.runtime.pipeline import decode_images
 from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS
 
@@ -73,17 +75,18 @@ class RaySummary:
 
     def line(self) -> str:
         n_skipped = sum(self.skipped.values())
-        parts = [f"classified {self.classified:,} images",
-                 f"skipped {n_skipped:,}" + (" (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
-                                             + ")" if n_skipped else "")]
+        parts = [f"classified {self.classified:,} images", f"skipped {n_skipped:,}"]
+        if n_skipped:
+            parts[-1] += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) + ")"
         if self.resumed:
             parts.append(f"{self.resumed:,} already done (--resume)")
         if self.noted:
             parts.append(f"{self.noted} with notes")
         if self.ignored:
             parts.append(f"{self.ignored:,} non-image files ignored")
-        parts.append(f"ray: {self.workers} workers on {len(self.nodes)} node(s), provider {', '.join(sorted(self.providers)) or 'none'}")
-        parts.append(f"{self.seconds:.2f} s (Ray start-up and first rows {self.startup_seconds:.2f} s)")
+        providers = ", ".join(sorted(self.providers)) or "none"
+        parts.append(f"ray: {self.workers} workers on {len(self.nodes)} node(s), provider {providers}")
+        parts.append(f"{self.seconds:.2f} s (Ray start-up to the first rows {self.startup_seconds:.2f} s)")
         parts.append(f"{self.classified / max(self.seconds, 1e-9):,.0f} images/s")
         return "; ".join(parts)
 
@@ -141,19 +144,17 @@ def classify_with_ray(paths, model, *, output, fmt="csv", errors=None, resume=Fa
         raise RayEngineError(f"unknown output format {fmt!r}; known: {', '.join(FORMATS)}")
     if errors is None:
         errors = default_errors_path(output)
-    session, info, _provider = open_model(model, "cpu", threads=1)  # contract check, here and not in N actors
-    del session
-    topk = min(topk, len(info.class_names))
-    sink = _Sink(output, fmt, errors, info.class_names, topk, resume, rows_per_part)
+    # The contract check, the top-k cap and the batch budget, once here rather than in N actors.
+    with Classifier(model, "cpu", threads=1, batch_size=batch_size, topk=topk, max_pixels=max_pixels) as clf:
+        info, topk, batch_size = clf.info, clf.topk, clf.batch_size
     summary = RaySummary()
-    try:
+    with _output_lock(output), _Sink(output, fmt, errors, info.class_names, topk, resume, rows_per_part) as sink:
         todo, discover_skips = _plan(_found(paths, manifest, follow_symlinks, summary), sink, summary)
         if summary.found == 0:
             raise RayEngineError(f"no {'image ' if summary.ignored else ''}files found under "
                                  f"{', '.join(map(str, [*paths, *([manifest] if manifest else [])]))}")
         t_ray = time.perf_counter()
-        started = _connect(ray, address, num_workers) if todo else False  # before writing anything
-        try:
+        with _ray_session(ray, address, num_workers, needed=bool(todo)):  # joined before anything is written
             for path, reason in discover_skips:
                 sink.skip(path, "discover", reason, summary)
             if todo:
@@ -161,18 +162,32 @@ def classify_with_ray(paths, model, *, output, fmt="csv", errors=None, resume=Fa
                 dataset = _dataset(ray, todo, model, info.spec, topk, device, max_pixels, batch_size,
                                    summary.workers, num_gpus_per_worker)
                 for block in _blocks(ray, dataset):
-                    if not summary.startup_seconds:
-                        summary.startup_seconds = time.perf_counter() - t_ray
+                    summary.startup_seconds = summary.startup_seconds or time.perf_counter() - t_ray
                     sink.write_block(block, summary)
                     if on_progress is not None:
                         on_progress(summary.classified, sum(summary.skipped.values()))
-        finally:
-            if started:
-                ray.shutdown()
-    finally:
-        sink.close()
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+@contextlib.contextmanager
+def _output_lock(output):
+    """local classify's one-writer-per-output lock (a second run on the same output stops)."""
+    if output == "-":
+        yield
+        return
+    lock = OutputLock(output.rstrip("/" + os.sep))
+    try:
+        lock.acquire()
+    except OutputBusy as e:
+        raise RayEngineError(f"{output} is being written by another cnnx classify ({e}); wait for it to finish") \
+            from None
+    except OSError as e:
+        raise RayEngineError(f"cannot write: {os_error_line(e, lock.path)}") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 # ---- inputs ---------------------------------------------------------------------------------
@@ -253,24 +268,32 @@ def _plan(found_iter, sink, summary):
 
 # ---- Ray --------------------------------------------------------------------------------------
 
-def _connect(ray, address, num_workers) -> bool:
-    """Join `address` or start a private Ray here. -> whether this call started the session
-    (and so must shut it down). A session this process already opened is used as it is."""
+@contextlib.contextmanager
+def _ray_session(ray, address, num_workers, *, needed: bool):
+    """Join `address` or start a private Ray here (shut down at the end). A session this
+    process already opened (ray.init in a notebook, a test) is used as it is and left open."""
+    if not needed:
+        yield
+        return
     if ray.is_initialized():
         if address is not None:
             raise RayEngineError(f"this process is already connected to a Ray cluster; to use {address} "
                                  "instead, call ray.shutdown() first (or pass no address to use the current one)")
-        return False
+        yield
+        return
     quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     if address is None:
         ray.init(num_cpus=num_workers or _local_cpus(), **quiet)
-        return True
-    _check_reachable(address)
+    else:
+        _check_reachable(address)
+        try:
+            ray.init(address=address, **quiet)
+        except Exception as e:  # noqa: BLE001 - ray.init raises ConnectionError, RuntimeError, ValueError...
+            raise RayEngineError(f"cannot join the Ray cluster at {address}: {first_line(e)}") from None
     try:
-        ray.init(address=address, **quiet)
-    except Exception as e:  # noqa: BLE001 - ray.init raises ConnectionError, RuntimeError, ValueError...
-        raise RayEngineError(f"cannot join the Ray cluster at {address}: {first_line(e)}") from None
-    return True
+        yield
+    finally:
+        ray.shutdown()
 
 
 def _check_reachable(address: str):
@@ -322,9 +345,10 @@ def _dataset(ray, todo, model, spec, topk, device, max_pixels, batch_size, worke
     if gpu:
         ds = ds.map_batches(_decode_rows, fn_kwargs=decode_args, batch_size=batch_size, batch_format="numpy",
                             num_cpus=1)
-    # A list around the ref: a bare ObjectRef would be inlined into every actor's constructor
-    # call; in a list each actor fetches the model once from the object store.
-    return ds.map_batches(_ClassifyActor, fn_constructor_args=([model_ref], device, topk, batch_size, decode_args),
+    # The model's bytes are in the object store once; each actor ray.get()s them (the ref sits
+    # in a list: Ray passes nested refs on unresolved).
+    actor_args = ([model_ref], device, topk, batch_size, max_pixels, decode_args)
+    return ds.map_batches(_ClassifyActor, fn_constructor_args=actor_args,
                           compute=ActorPoolStrategy(size=workers), batch_size=batch_size, batch_format="numpy",
                           num_gpus=num_gpus_per_worker if gpu else None, num_cpus=0 if gpu else 1)
 
@@ -396,7 +420,7 @@ class _ClassifyActor:
     """One onnxruntime session per Ray actor; batches of paths (or of decoded images, when a
     CPU stage decodes for GPU actors) in, top-k rows out."""
 
-    def __init__(self, model_ref, device, topk, batch_size, decode_args):
+    def __init__(self, model_ref, device, topk, batch_size, max_pixels, decode_args):
         import ray
 
         folder = tempfile.mkdtemp(prefix="cnnx-ray-model-")
@@ -405,29 +429,30 @@ class _ClassifyActor:
             with open(path, "wb") as f:
                 f.write(ray.get(model_ref[0]))
             # One intra-op thread: a CPU actor holds one CPU, and the pool, not threads, uses the cores.
-            self.session, self.info, self.provider = open_model(path, device, threads=1)
+            self.classifier = Classifier(path, device, threads=1, batch_size=batch_size, topk=topk,
+                                         max_pixels=max_pixels)
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(path)
             os.rmdir(folder)
         self.node = ray.get_runtime_context().get_node_id()
-        self.topk, self.batch_size, self.decode_args = topk, batch_size, decode_args
+        self.decode_args = decode_args
         self.filesystems = {}
 
     def __call__(self, batch):
         rows = batch if "images" in batch else _decode_rows(batch, filesystems=self.filesystems, **self.decode_args)
+        clf = self.classifier
         ok = np.flatnonzero(rows["stage"] == "")
         n = len(rows["path"])
-        indices = np.zeros((n, self.topk), dtype=np.int64)
-        scores = np.zeros((n, self.topk), dtype=np.float64)
-        for start in range(0, len(ok), self.batch_size):
-            take = ok[start:start + self.batch_size]
-            padded = np.zeros((self.batch_size,) + rows["images"].shape[1:], dtype=np.uint8)
+        indices = np.zeros((n, clf.topk), dtype=np.int64)
+        scores = np.zeros((n, clf.topk), dtype=np.float64)
+        for start in range(0, len(ok), clf.batch_size):
+            take = ok[start:start + clf.batch_size]
+            padded = np.zeros((clf.batch_size,) + rows["images"].shape[1:], dtype=np.uint8)
             padded[:len(take)] = rows["images"][take]  # one input shape, as local classify runs
-            logits = self.session.run([self.info.output_name], {self.info.input_name: padded})[0]
-            indices[take], scores[take] = softmax_topk(logits[:len(take)], self.topk)
+            indices[take], scores[take] = softmax_topk(clf.predict(padded)[:len(take)], clf.topk)
         return {"path": rows["path"], "stage": rows["stage"], "message": rows["message"], "indices": indices,
-                "scores": scores, "provider": np.array([self.provider] * n, dtype=object),
+                "scores": scores, "provider": np.array([clf.provider] * n, dtype=object),
                 "node": np.array([self.node] * n, dtype=object)}
 
 
@@ -445,27 +470,39 @@ class _Sink:
             if target not in (None, "-") and os.path.exists(target) and not resume and not (
                     fmt == "parquet" and target == output and not _parts(output)):
                 raise RayEngineError(f"{label} {target} already exists: pass --resume to continue it, or remove it")
-        self.done = set()
+        done = set()
         try:
             if fmt == "parquet":
                 self.writer = _ParquetParts(output, class_names, topk, rows_per_part)
                 if resume:
-                    self.done = self.writer.read_done()
+                    done = self.writer.read_done()
             else:
                 if resume and os.path.exists(output):
-                    self.done = read_done(output, fmt, topk)[0]
+                    done = read_done(output, fmt, topk)[0]
                 self.writer = PredictionWriter(output, fmt, class_names, topk, append=resume)
             if resume and errors_path is not None and os.path.exists(errors_path):
-                self.done |= read_done(errors_path, "errors", None)[0]
+                done |= read_done(errors_path, "errors", None)[0]
         except ResumeError as e:
             raise RayEngineError(f"cannot resume: {e}") from None
         except OSError as e:
-            raise RayEngineError(f"cannot resume: {e.strerror or e}: {e.filename}") from None
+            raise RayEngineError(f"cannot resume: {os_error_line(e)}") from None
+        self._keys = PathKeys()
+        self.done = {self._key(p) for p in done}
         self.errors = ErrorsWriter(errors_path, append=resume)
+
+    def _key(self, path: str) -> str:
+        """Local paths match however the folder is spelt (PathKeys, as local --resume); URIs as written."""
+        return path if is_uri(path) else self._keys(path)
 
     def is_done(self, path) -> bool:
         # Parquet parts hold escaped names (parquet_name), the errors file the names themselves.
-        return path in self.done or (self.fmt == "parquet" and parquet_name(path) in self.done)
+        return self._key(path) in self.done or (self.fmt == "parquet" and self._key(parquet_name(path)) in self.done)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def skip(self, path, stage, message, summary):
         summary.skipped[stage] = summary.skipped.get(stage, 0) + 1
@@ -521,6 +558,11 @@ class _ParquetParts:
         self.pending = []  # (path, indices, scores) not yet in a part
         self.rows = 0
         self.next_part = 0
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise WriteError(os_error_line(e, folder)) from None
+        remove_stale_temps(folder, (TEMP_PREFIX,))  # parts a killed run was writing
 
     def read_done(self) -> set:
         import pyarrow.parquet as pq
@@ -556,10 +598,12 @@ class _ParquetParts:
             cols["label" + suffix] = [names[idx[j]] for _, idx, _ in self.pending]
             cols["score" + suffix] = [round(float(sc[j]), 6) for _, _, sc in self.pending]
         table = pa.table({c: cols[c] for c in self.columns})
-        os.makedirs(self.folder, exist_ok=True)
-        remove_stale_temps(self.folder, (TEMP_PREFIX,))
-        with atomic_file(os.path.join(self.folder, f"{PART_PREFIX}{self.next_part:05d}.parquet"), "wb") as f:
-            pq.write_table(table, f)
+        target = os.path.join(self.folder, f"{PART_PREFIX}{self.next_part:05d}.parquet")
+        try:
+            with atomic_file(target, "wb") as f:
+                pq.write_table(table, f)
+        except OSError as e:  # a full disk: one line, as local classify's writers say it
+            raise WriteError(os_error_line(e, target)) from None
         self.next_part += 1
         self.rows += len(self.pending)
         self.pending = []
