@@ -23,13 +23,19 @@ RESULTS = ROOT / "benchmarks" / "results"
 VERSIONED = {"torch": ("torch",), "onnxruntime": ("onnxruntime", "onnxruntime-gpu")}
 
 
+# Environment variables that change what a benchmark measures (its data, its caches).
+ENV_INPUTS = ("CNNX_CIFAR_DIR", "CNNX_BENCH_CACHE", "CNNX_CACHE")
+
+
 def command_line(argv: list[str] | None = None) -> str:
-    """How this process was started, as a shell line a reader can paste from the project root."""
+    """How this process was started, as a shell line a reader can paste from the project root
+    (with the ENV_INPUTS that were set)."""
     argv = list(sys.argv if argv is None else argv)
     script = Path(argv[0]).resolve()
     if script.is_relative_to(ROOT):
         argv[0] = str(script.relative_to(ROOT))
-    return "python " + shlex.join(argv)
+    env = [f"{k}={shlex.quote(os.environ[k])}" for k in ENV_INPUTS if os.environ.get(k)]
+    return " ".join([*env, "python", shlex.join(argv)])
 
 
 def processor_model() -> str | None:

@@ -79,8 +79,8 @@ def goal_ratio(x) -> str:
     return f"{x:g}x"
 
 
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
+def plural(n: int, word: str, words: str | None = None) -> str:
+    return f"{n} {word if n == 1 else words or word + 's'}"
 
 
 def _wrap(text: str, **kw) -> str:
@@ -126,7 +126,7 @@ def machine_text(doc: dict) -> str:
         if version:
             parts.append(f"{key} {version}")
     if threads := m.get("threads") or doc.get("threads"):
-        parts.append(f"{threads} threads")
+        parts.append(plural(threads, "thread"))
     if m.get("nvidia_driver") is False:
         parts.append("no GPU")
     return ", ".join(p for p in parts if p)
@@ -167,16 +167,22 @@ class Results:
         return [(p.name, self.get(p.name)) for p in sorted(self.folder.glob("export-*.json"))]
 
 
-def stale_note(name: str, run_config: dict) -> str:
-    """'' when the run used today's recipe for its arch, else what changed and the command to rerun."""
+def stale_note(name: str, run_config: dict, ignore=()) -> str:
+    """'' when the run used today's recipe for its arch (`ignore`: keys the run chose on purpose),
+    else what changed and the command to rerun."""
     from cnnx.train.config import resolve_config
 
     now = resolve_config(run_config["arch"]).to_dict()
-    changed = [f"{k} {run_config.get(k)!r} -> {now[k]!r}" for k in RECIPE_KEYS if run_config.get(k) != now[k]]
+    changed = [f"{k} {run_config.get(k)!r} -> {now[k]!r}" for k in RECIPE_KEYS
+               if k not in ignore and run_config.get(k) != now[k]]
     if not changed:
         return ""
     return (f"; measured with an older recipe ({', '.join(changed)} since): rerun "
             f"{code(RERUN.get(name, 'its command'))}")
+
+
+def data_text(cfg: dict) -> str:
+    return f"{num(cfg['train_images'])} train / {num(cfg['val_images'])} val images"
 
 
 def not_measured(res: Results, names) -> str:
@@ -195,15 +201,17 @@ def block_results(res: Results) -> str:
         s, cfg = d["summary"], d["run"]["config"]
         ok = s["val_top1"] >= AIRNET_TARGET and s["train_seconds"] <= AIRNET_BUDGET_S
         row("default `airnet`, val top-1 / training time",
-            f"**{pct(s['val_top1'])}** in {secs(s['train_seconds'])} ({plural(cfg['epochs'], 'epoch')})"
+            f"**{pct(s['val_top1'])}** in {secs(s['train_seconds'])} ({plural(cfg['epochs'], 'epoch')}, "
+            f"{data_text(cfg)})"
             + stale_note("recipe_airnet.json", cfg),
             f">= {goal_pct(AIRNET_TARGET)} within {AIRNET_BUDGET_S:.0f} s", ok, "recipe_airnet.json", d)
     if d := res.get("airnet_epochs.json"):
         for run in d["runs"]:
-            last = run["history"][-1]
+            last, cfg = run["history"][-1], run["config"]
             ok = last["val_top1"] >= AIRNET_TARGET and last["train_seconds"] <= AIRNET_BUDGET_S
-            row(f"`airnet`, default recipe with {run['config']['epochs']} epochs",
-                f"{pct(last['val_top1'])} in {secs(last['train_seconds'])}",
+            row(f"`airnet`, default recipe with {plural(cfg['epochs'], 'epoch')}",
+                f"{pct(last['val_top1'])} in {secs(last['train_seconds'])} ({data_text(cfg)})"
+                + stale_note("airnet_epochs.json", cfg, ignore=("epochs",)),
                 f">= {goal_pct(AIRNET_TARGET)} within {AIRNET_BUDGET_S:.0f} s", ok, "airnet_epochs.json", d)
     if d := res.get("recipe_seed_cnn.json"):
         s, cfg = d["summary"], d["runs"]["recipe"]["config"]
@@ -214,7 +222,8 @@ def block_results(res: Results) -> str:
             tutorial = (f"; the tutorial's hyperparameters through `cnnx train`: {secs(s['tutorial_seconds_to_target'])}"
                         f" ({ratio(s['speedup_to_target'])} longer)")
         row(f"`seed-cnn` (the tutorial net), training time to {goal_pct(SEED_TARGET)} val top-1",
-            f"**{secs(hit)}** ({pct(s['val_top1'])} after {plural(cfg['epochs'], 'epoch')}){tutorial}"
+            f"**{secs(hit) if hit is not None else 'not reached'}** ({pct(s['val_top1'])} after {plural(cfg['epochs'], 'epoch')}, {data_text(cfg)})"
+            f"{tutorial}"
             + stale_note("recipe_seed_cnn.json", cfg),
             f"within {SEED_BUDGET_S:.0f} s", ok, "recipe_seed_cnn.json", d)
     if d := res.get("bench_train.json"):
@@ -230,7 +239,12 @@ def block_results(res: Results) -> str:
             ", ".join(f"**{ratio(v)}** (batch {b})" for b, v in fp32.items()),
             f">= {goal_ratio(EXPORT_FP32_SPEEDUP)}", all(v >= EXPORT_FP32_SPEEDUP for v in fp32.values()),
             "export-seed-cnn.json", d)
-        int8 = d["speedup"]["int8_vs_onnxruntime-fp32"]
+        int8, refused = d["speedup"]["int8_vs_onnxruntime-fp32"], d.get("refused_by_parity_gate")
+        if refused and not int8:
+            why = refused["error"] if isinstance(refused, dict) else refused
+            row("export, `seed-cnn` onnxruntime int8 vs fp32", f"refused by the parity gate ({why})",
+                f">= {goal_ratio(EXPORT_INT8_SPEEDUP)}, <= {EXPORT_INT8_LOSS_PT:g} pt lost", False,
+                "export-seed-cnn.json", d)
         if int8:
             loss = -d["top1_change_vs_eager_pt"]["onnxruntime-int8"]
             row("export, `seed-cnn` onnxruntime int8 vs fp32",
@@ -247,7 +261,7 @@ def block_results(res: Results) -> str:
             images = sum(g["n"] for g in fp32_rows if g["backend"] == fp32_rows[0]["backend"])
             agree = min(g["top1_agreement"] for g in fp32_rows)
             row("parity gate of that export, fp32 max abs logit difference",
-                ", ".join(f"{b} {v:.1e}" for b, v in worst.items()) + f"; top-1 agreement {pct(agree)} "
+                ", ".join(f"{b} {v:.1e}" if v else f"{b} 0" for b, v in worst.items()) + f"; top-1 agreement {pct(agree)} "
                 f"on {num(images)} images",
                 f"<= {bound['max_abs']:g}, {goal_pct(bound['min_top1'])} agreement",
                 max(worst.values()) <= bound["max_abs"] and agree >= bound["min_top1"], "export-seed-cnn.json", d)
@@ -296,7 +310,8 @@ def block_train_throughput(res: Results) -> str:
         ("compute bound, recipe settings", "bound_recipe_img_s"))]
     return "\n\n".join([
         table(["seed-cnn training throughput", "images/s", "vs tutorial"], rows, "lrr"),
-        para(f"{d['batches']} measured batches per figure after {d['warmup']} warm-up batches; the cnnx loop with its "
+        para(f"{plural(d['batches'], 'measured batch', 'measured batches')} per figure after "
+             f"{plural(d['warmup'], 'warm-up batch', 'warm-up batches')}; the cnnx loop with its "
         f"recipe runs at {ratio(r['cnnx_recipe_vs_bound_recipe'])} of its own compute bound. At its rate the "
         f"tutorial loop needs {secs(d['tutorial_3_epochs_estimated_s'])} for its 3 epochs. "
         f"Goal >= {goal_ratio(TRAIN_SPEEDUP)} the tutorial loop: "
@@ -378,7 +393,7 @@ def block_export(res: Results) -> str:
                           f"top-1 ({num(d['validation_images'])} val)", "vs eager"], rows, "l" + "r" * (len(sizes) + 2)))
         tr = d["training"]
         secs_text = ", ".join(f"{k} {v:.2f}" for k, v in d["export_seconds"].items() if k != "total_with_parity_gate")
-        out.append(para(f"The model: seed-cnn trained in the benchmark, {tr['epochs']} epochs of plain SGD on "
+        out.append(para(f"The model: seed-cnn trained in the benchmark, {plural(tr['epochs'], 'epoch')} of plain SGD on "
                    f"{num(tr['train_images'])} CIFAR-10 JPEGs; top-1 on {num(d['validation_images'])} others. "
                    f"Export seconds: {secs_text}; {secs(d['export_seconds']['total_with_parity_gate'])} in all with "
                    f"the parity gate. Source: {source('export-seed-cnn.json', d)}."))

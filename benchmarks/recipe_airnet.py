@@ -92,12 +92,12 @@ def training_summary(run) -> dict:
     }
 
 
-def epochs_sweep(epochs: list[int], argv) -> None:
+def epochs_sweep(epochs: list[int], results: Path, argv) -> None:
     """The default recipe with only --epochs changed, one full `cnnx train` per count."""
     runs = [cnnx_train(f"recipe-airnet-{n}-epochs", ["--epochs", str(n)]) for n in epochs]
     summary = {"goal": GOAL, "runs": [training_summary(run) for run in runs]}
     print(json.dumps(summary, indent=2))
-    write_result(RESULTS / "airnet_epochs.json", {"summary": summary, "runs": runs}, argv)
+    write_result(results / "airnet_epochs.json", {"summary": summary, "runs": runs}, argv)
 
 
 def main(argv=None):
@@ -106,10 +106,11 @@ def main(argv=None):
     ap.add_argument("--skip-train", action="store_true", help="only the throughput table")
     ap.add_argument("--epochs-sweep", type=int, nargs="+", metavar="N",
                     help="instead: one default-recipe training run per epoch count -> results/airnet_epochs.json")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON (default benchmarks/results)")
     args = ap.parse_args(argv)
     argv = None if argv is None else [__file__, *argv]
     if args.epochs_sweep:
-        return epochs_sweep(args.epochs_sweep, argv)
+        return epochs_sweep(args.epochs_sweep, args.results, argv)
 
     widths = default_widths()
     throughput = []
@@ -130,7 +131,7 @@ def main(argv=None):
         run = cnnx_train("recipe-airnet", [])
         summary.update(training_summary(run))
     print(json.dumps(summary, indent=2))
-    write_result(RESULTS / "recipe_airnet.json", {"summary": summary, "throughput": throughput, "run": run}, argv)
+    write_result(args.results / "recipe_airnet.json", {"summary": summary, "throughput": throughput, "run": run}, argv)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ def seconds_to(history, target):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skip-baseline", action="store_true", help="only the recipe (for iteration)")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON (default benchmarks/results)")
     args = ap.parse_args(argv)
 
     runs = {}
@@ -78,7 +79,7 @@ def main(argv=None):
             summary["speedup_to_target"] = round(summary["tutorial_seconds_to_target"] /
                                                  summary["recipe_seconds_to_target"], 2)
     print(json.dumps(summary, indent=2))
-    write_result(RESULTS / "recipe_seed_cnn.json", {"summary": summary, "runs": runs},
+    write_result(args.results / "recipe_seed_cnn.json", {"summary": summary, "runs": runs},
                  None if argv is None else [__file__, *argv])
 
 
