@@ -5,7 +5,7 @@ Two parts, both measured in this run:
 1. Throughput (images/s of one SGD training step, batch 512, fast quartile of 8 steps) of
    AirNet at airbench94's widths 64/256/256 (the baseline) and at the default widths, each in
    fp32 / contiguous and in bf16 autocast / channels_last. This is why the default widths are
-   narrower: at 64/256/256 ten minutes buy fewer than 7 epochs on this CPU.
+   narrower: at 64/256/256 the ten minutes buy too few epochs on a 2-core CPU.
 2. `cnnx train` with no arguments but the data (default arch and RECIPES["airnet"] of
    cnnx/train/config.py) on the 50,000 CIFAR-10 training JPEGs with its fixed stratified 10%
    hold-out (evaluated with AirNet's flip TTA after each epoch). Seconds are metrics.csv's
