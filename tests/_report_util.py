@@ -115,7 +115,8 @@ class Browser:
             pass
         return out
 
-    def open(self, path: Path, *, width: int = 1280, height: int = 900, mobile: bool = False) -> Page:
+    def open(self, path: Path, *, width: int = 1280, height: int = 900, mobile: bool = False,
+             scripts: bool = True) -> Page:
         target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
         session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         page = Page(self, target, session)
@@ -123,6 +124,8 @@ class Browser:
             page.send(f"{domain}.enable")
         page.send("Emulation.setDeviceMetricsOverride",
                   {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile})
+        if not scripts:
+            page.send("Emulation.setScriptExecutionDisabled", {"value": True})
         page.load(Path(path).resolve().as_uri())
         return page
 

@@ -66,7 +66,7 @@ h3 { font-size: 1em; margin: 1.2em 0 .4em; overflow-wrap: anywhere; }
 p, li { overflow-wrap: anywhere; }
 .muted { color: var(--muted); font-size: .9em; }
 nav a { margin-right: .9em; color: var(--accent); text-decoration: none; white-space: nowrap; }
-.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 8px; }
+.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 8px; margin-bottom: 10px; }
 .card { background: var(--bg2); border: 1px solid var(--line); border-radius: 6px; padding: 8px 10px; }
 .card b { display: block; font-size: 1.3em; }
 .scroll { overflow-x: auto; max-width: 100%; }
@@ -150,7 +150,7 @@ def num_value(v) -> str:
 def page(title: str, sections: list[tuple[str, str, str]], *, subtitle: str = "") -> str:
     """The whole document. sections: (anchor id, heading, body HTML) in order; the heading
     is text (escaped here), the body is markup already built with `esc`."""
-    nav = "".join(f'<a href="#{anchor}">{esc(heading)}</a>' for anchor, heading, _ in sections)
+    nav = " ".join(f'<a href="#{anchor}">{esc(heading)}</a>' for anchor, heading, _ in sections)
     body = "".join(f'<section id="{anchor}"><h2>{esc(heading)}</h2>{html_}</section>'
                    for anchor, heading, html_ in sections)
     written = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
