@@ -318,12 +318,13 @@ def test_files_gone_or_broken_since_the_job_show_placeholders(job, tmp_path):
         sum(min(SAMPLE_PER_CLASS, n) for n in counts.values())
 
 
-def test_a_row_cut_short_by_a_kill_is_left_out_and_said(job, tmp_path):
-    out = tmp_path / "pred.csv"
-    data = job["outs"]["csv"].read_bytes()
-    out.write_bytes(data[: len(data) - 7])  # the last row loses its end, inside a quoted cell
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_a_row_cut_short_by_a_kill_is_left_out_and_said(job, fmt, tmp_path):
+    out = tmp_path / f"pred.{fmt}"
+    data = job["outs"][fmt].read_bytes()
+    out.write_bytes(data[: len(data) - 7])  # the last row loses its end (inside a quoted score in CSV)
     page = tmp_path / "r.html"
-    write_classify_report(page, output=str(out), fmt="csv", errors=None)
+    write_classify_report(page, output=str(out), fmt=fmt, errors=None)
     text = page.read_text(encoding="utf-8")
     assert re.search(rf"classified<b>{job['images'] - 1}</b>", text)
     assert "1 rows did not parse" in text
@@ -409,3 +410,21 @@ def test_json_and_csv_outputs_give_the_same_counts(job, tmp_path):
     assert texts["csv"] == texts["jsonl"]
     first = json.loads(job["outs"]["jsonl"].read_text().splitlines()[0])
     assert set(first) >= {"path", "label", "score", "topk"}
+
+
+def test_classify_cli_report_flag_writes_the_page_of_a_resumed_job(cifar_subset, model, tmp_path):
+    folder = tmp_path / "images"
+    shutil.copytree(cifar_subset(2), folder)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    out, page = tmp_path / "pred.jsonl", tmp_path / "report.html"
+    r = run_classify(folder, model, out, "--format", "jsonl", "--report", str(page))
+    assert r.returncode == 0, r.stderr
+    first = page.read_text(encoding="utf-8")
+    assert re.search(r"classified<b>20</b>", first) and "broken.jpg" in first
+    shutil.copytree(cifar_subset(2, offset=2), folder, dirs_exist_ok=True)
+    r = run_classify(folder, model, out, "--format", "jsonl", "--resume", "--report", str(page))
+    assert r.returncode == 0, r.stderr
+    text = page.read_text(encoding="utf-8")
+    assert re.search(r"classified<b>40</b>", text) and "broken.jpg" in text
+    assert_self_contained(page)
+    assert len(parse(page).imgs_in("least-confident-gallery")) == LEAST_CONFIDENT
