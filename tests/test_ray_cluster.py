@@ -23,7 +23,7 @@ def test_two_nodes_each_file_once(cifar_subset, tmp_path):
     if ray.is_initialized():
         pytest.skip("another test left a Ray session open in this process")
     model = exported_model(tmp_path)
-    folder = cifar_subset(20)
+    folder = cifar_subset(4)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         cluster.add_node(num_cpus=1)

@@ -137,16 +137,18 @@ DRIVER = textwrap.dedent("""
     import sys
     sys.path.insert(0, {root!r})
     from cnnx.runtime.ray_engine import classify_with_ray
-    classify_with_ray([{folder!r}], {model!r}, output={output!r}, num_workers=1, batch_size=8, rows_per_part=8)
+    classify_with_ray([{folder!r}], {model!r}, output={output!r}, address={address!r}, num_workers=1, batch_size=8,
+                      rows_per_part=8)
 """)
 
 
 def test_killed_driver_resumes(ray_session, cifar_subset, model, tmp_path):
-    """SIGKILL to the driver (and the private Ray it started) once Parquet parts are on disk;
-    --resume then finishes: every file exactly once, no part cut short."""
+    """SIGKILL to a driver (a process that joined this module's Ray) once Parquet parts are on
+    disk; --resume then finishes: every file exactly once, no part cut short."""
     folder = cifar_subset(40)
     out = tmp_path / "run.parquet"
-    script = DRIVER.format(root=str(ROOT), folder=str(folder), model=str(model), output=str(out))
+    address = ray.get_runtime_context().gcs_address
+    script = DRIVER.format(root=str(ROOT), folder=str(folder), model=str(model), output=str(out), address=address)
     proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:

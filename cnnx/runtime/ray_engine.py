@@ -130,8 +130,9 @@ def classify_with_ray(paths, model, *, output, fmt="csv", errors=None, resume=Fa
     Parquet folder: see output_format) and the files not classified to `errors`.
 
     address: a running cluster (`ray start --head` prints it; 'auto' finds the local one);
-    None starts a private Ray on this machine with `num_workers` CPUs, unless this process
-    already called ray.init (then that session is used, and left running).
+    None: $RAY_ADDRESS (set under `ray job submit`), else a private Ray started on this
+    machine with `num_workers` CPUs, unless this process already called ray.init (then that
+    session is used, and left running).
     num_workers: actors, one onnxruntime session each (default: the cluster's CPUs, or its
     GPUs / num_gpus_per_worker). resume: skip paths already in output and errors.
     on_progress(classified, skipped) is called after each block of rows.
@@ -282,6 +283,9 @@ def _ray_session(ray, address, num_workers, *, needed: bool):
         yield
         return
     quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    # Under `ray job submit` RAY_ADDRESS names the job's cluster (ray.init would read it too,
+    # and refuse the num_cpus of a private start).
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
         ray.init(num_cpus=num_workers or _local_cpus(), **quiet)
     else:
