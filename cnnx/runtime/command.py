@@ -63,7 +63,7 @@ class _Tally:
 
 
 @click.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str), metavar="PATH...")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(readable=False, path_type=str), metavar="PATH...")
 @click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=str),
               help="Exported .onnx model. Default: the newest one under runs/.")
 @click.option("--output", "-o", default="-", show_default=True, type=click.Path(dir_okay=False, allow_dash=True),
