@@ -1,6 +1,7 @@
-"""The real images the parity gate (and int8 calibration) runs on: the run's validation
-split, re-created from the checkpoint's config, or a --verify-data folder. Files are decoded
-by the one preprocess implementation (cnnx.runtime.preprocess.load_image)."""
+"""The real images the parity gate (and int8 calibration) runs on: a --verify-data folder, or
+the run's validation split re-created from the checkpoint's config, for this user's own
+checkpoints only (see validation_images). Files are decoded by the one preprocess
+implementation (cnnx.runtime.preprocess.load_image)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 
 from cnnx.export.errors import ExportError
 from cnnx.runtime.contract import IMAGE_EXTENSIONS, is_image_name
-
+from cnnx.runtime.files import first_line
 
 
 @dataclass(frozen=True)
@@ -85,17 +86,43 @@ def load_verify_data(root, spec: dict, class_names, limit: int | None) -> Parity
                         tuple(notes))
 
 
-def validation_images(ckpt: dict, limit: int | None):
-    """(ParityImages or None, note): the run's validation split when its config can re-create it."""
+def _own_validation_split(config: dict, spec: dict):
+    """(images, labels, class names) of the validation split of the run `config` describes.
+    Of the paths in config only the data is read; the decoded-image cache goes to this user's
+    default cache (never the stored cache_dir) and CIFAR-10 is never downloaded here."""
+    from cnnx.train import data
+
+    need = [k for k in ("data", "val_fraction", "split_seed") if k not in config]
+    if need:
+        raise data.DataError(f"the checkpoint's config lacks {need}: it was not written by `cnnx train`")
+    if config["data"] == "cifar10":
+        root = config.get("data_root") or str(data.cache_dir(None) / "datasets")
+        x, y, names = data.load_cifar10(root, train=True, download=False)
+        _, val = data.stratified_split(y, config["val_fraction"], config["split_seed"])
+        return x[val], y[val], names
+    s = data.load_splits({"data": config["data"], "data_root": None, "cache_dir": None, "preprocess": spec,
+                          "val_fraction": config["val_fraction"], "split_seed": config["split_seed"]}, progress=False)
+    return s.val[0], s.val[1], s.class_names
+
+
+def validation_images(ckpt: dict, sha256: str, limit: int | None):
+    """(ParityImages or None, why not): the run's validation split, re-created from the
+    checkpoint's config only when the checkpoint is this user's own: its sha256 is in the
+    own-checkpoints file this user's cnnx appends to (cnnx.train.checkpoint), which a
+    checkpoint made or edited by someone else cannot be in. Anyone else's checkpoint gets
+    None: the data path stored in it is never read."""
+    from cnnx.train.checkpoint import is_own_checkpoint, own_checkpoints_file
+    from cnnx.train.data import DataError
+
+    registry = own_checkpoints_file()
+    if not is_own_checkpoint(sha256):
+        return None, (f"the checkpoint is not one this user's cnnx wrote (its sha256 is not in {registry}), "
+                      "so the data path stored in it is not read")
     config = ckpt.get("config") or {}
     try:
-        from cnnx.train.data import DataError, validation_split
-    except ImportError:  # the training stage's data module is not installed/available
-        return None, "no validation split: cnnx.train.data is unavailable"
-    try:
-        x, y, names = validation_split(config)
-    except (DataError, KeyError, TypeError, ValueError) as e:
-        return None, f"the run's validation split cannot be re-created ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})"
+        x, y, names = _own_validation_split(config, ckpt["preprocess"])
+    except (DataError, KeyError, TypeError, ValueError, OSError) as e:
+        return None, f"the run's validation split cannot be re-created ({first_line(e, 200)})"
     if len(y) == 0:
         return None, "the run's validation split is empty"
     if list(names) != list(ckpt["class_names"]):
@@ -104,8 +131,9 @@ def validation_images(ckpt: dict, limit: int | None):
     images = np.ascontiguousarray(np.asarray(x)[keep], dtype=np.uint8)
     if list(images.shape[2:]) != list(ckpt["preprocess"]["size"]):
         return None, f"the validation images are {list(images.shape[2:])}, not the model's {ckpt['preprocess']['size']}"
-    return ParityImages(images, np.asarray(y)[keep].astype(np.int64),
-                        f"validation split of {config.get('data')} ({len(keep)} of {len(y)} images)"), None
+    source = (f"validation split of {config['data']} ({len(keep)} of {len(y)} images; your own run: its sha256 "
+              f"is in {registry})")
+    return ParityImages(images, np.asarray(y)[keep].astype(np.int64), source), None
 
 
 def random_images(n: int, size, seed: int) -> np.ndarray:

@@ -9,7 +9,11 @@ import os
 import zipfile
 
 from cnnx.runtime.contract import EXTRA_FILE, cuda_driver_present
+from cnnx.runtime.files import first_line
 
+# cnnx writes a few KiB of metadata; a member claiming more is not one of its models (and a
+# deflated member of 2 GiB fits in 2 MiB of zip: its header says how much it would inflate to).
+MAX_METADATA_BYTES = 16 << 20
 ORT_TYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32", "tensor(float16)": "float16",
              "tensor(int64)": "int64", "tensor(int8)": "int8", "tensor(int32)": "int32"}
 
@@ -50,7 +54,7 @@ def _providers(path) -> dict:
             s = ort.InferenceSession(os.fspath(path), opts, providers=[p, "CPUExecutionProvider"])
             result[p] = "yes" if s.get_providers()[0] == p else "no (the session fell back to CPU)"
         except Exception as e:  # noqa: BLE001 - any failure means "not usable here"
-            result[p] = f"no ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})"
+            result[p] = f"no ({first_line(e, 120)})"
     return result
 
 
@@ -61,9 +65,8 @@ def describe_onnx(path) -> dict:
     opts.log_severity_level = 3
     try:
         s = ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own exception types for bad files
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelInfoError(f"onnxruntime cannot load {path}: {msg[:200]}") from None
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types for bad files
+        raise ModelInfoError(f"onnxruntime cannot load {path}: {first_line(e, 200)}") from None
 
     def io(args):
         return [{"name": a.name, "dtype": ORT_TYPES.get(a.type, a.type), "shape": list(a.shape)} for a in args]
@@ -82,6 +85,23 @@ def describe_onnx(path) -> dict:
     return info
 
 
+def _read_metadata(z: zipfile.ZipFile, name: str, path) -> dict:
+    """The member's JSON object, refused by its header's size beyond MAX_METADATA_BYTES and
+    read with a bounded read (a header that lies still cannot make it read more)."""
+    size = z.getinfo(name).file_size
+    if size > MAX_METADATA_BYTES:
+        raise ModelInfoError(f"{path}: its {EXTRA_FILE} would inflate to {size / (1 << 20):.1f} MiB, more than the "
+                             f"{MAX_METADATA_BYTES >> 20} MiB any cnnx metadata needs: not a model cnnx exported")
+    with z.open(name) as f:
+        data = f.read(MAX_METADATA_BYTES + 1)
+    if len(data) > MAX_METADATA_BYTES:
+        raise ModelInfoError(f"{path}: its {EXTRA_FILE} is larger than {MAX_METADATA_BYTES >> 20} MiB")
+    meta = json.loads(data)
+    if not isinstance(meta, dict):
+        raise ModelInfoError(f"{path}: its {EXTRA_FILE} is not a JSON object")
+    return meta
+
+
 def describe_archive(path) -> dict:
     try:
         with zipfile.ZipFile(os.fspath(path)) as z:
@@ -90,11 +110,11 @@ def describe_archive(path) -> dict:
             if not extra:
                 raise ModelInfoError(f"{path} is a torch archive without {EXTRA_FILE}: not a model cnnx exported "
                                      "(checkpoints are exported with `cnnx export`)")
-            meta = json.loads(z.read(extra[0]))
+            meta = _read_metadata(z, extra[0], path)
     except zipfile.BadZipFile:
         raise ModelInfoError(f"{path} is not an ONNX file or a TorchScript / pt2 archive") from None
-    except (ValueError, KeyError, OSError) as e:
-        raise ModelInfoError(f"cannot read the metadata of {path}: {e}") from None
+    except (ValueError, KeyError, OSError, RuntimeError, EOFError) as e:  # RuntimeError: encrypted members
+        raise ModelInfoError(f"cannot read the metadata of {path}: {first_line(e, 200)}") from None
     fmt = "pt2" if any(n.endswith("/models/model.json") or n.endswith("/archive_format") for n in names) else "torchscript"
     loader = "torch.export.load(path).module()" if fmt == "pt2" else "torch.jit.load(path)"
     return {"path": os.fspath(path), "format": fmt, "inputs": meta.get("cnnx.inputs", []),

@@ -15,6 +15,7 @@ import warnings
 
 from cnnx.export.errors import ExportError
 from cnnx.runtime.contract import INPUT_NAME, OUTPUT_NAME, metadata_props
+from cnnx.runtime.files import first_line
 
 # torchlib implements the ATen ops at opset 18; asked for less, torch runs onnx's version
 # converter and silently keeps 18 when that fails, so lower opsets are refused up front.
@@ -44,7 +45,7 @@ def check_opset(opset) -> int | None:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """The exporter talks on stdout and through logging; cnnx keeps stdout for results."""
     # "" is the root logger: onnxruntime.quantization warns through it.
     loggers = [logging.getLogger(n) for n in ("", "torch.onnx", "onnxscript", "torch.export", "torch._export")]
@@ -76,20 +77,17 @@ def save_model(model, path) -> None:
 
 
 def export_onnx(module, example, path, *, meta: dict, opset: int | None = None):
-    """Export `module` (uint8 images -> logits) to `path`; returns the checked ModelProto."""
+    """Export `module` (uint8 images -> logits) to `path`; returns the checked ModelProto. The
+    exporter's own exceptions propagate: cnnx.export.writers.run_writer turns them into one line."""
     import torch
 
     batch = torch.export.Dim("batch", min=1)
-    try:
-        with _quiet():
-            program = torch.onnx.export(
-                module, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_shapes={INPUT_NAME: {0: batch}}, opset_version=opset, dynamo=True,
-                external_data=False, verbose=False,
-            )
-    except Exception as e:  # the exporter raises many types; the user needs the first line
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"ONNX export failed: {msg[:300]}") from None
+    with quiet():
+        program = torch.onnx.export(
+            module, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_shapes={INPUT_NAME: {0: batch}}, opset_version=opset, dynamo=True,
+            external_data=False, verbose=False,
+        )
     model = program.model_proto
     if opset is not None:
         got = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
@@ -110,9 +108,8 @@ def check_onnx(path) -> None:
         onnx.checker.check_model(path, full_check=True)
         model = onnx.load(path)
         onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"the exported ONNX file fails onnx's checks: {msg[:300]}") from None
+    except Exception as e:  # noqa: BLE001 - onnx raises its own types for every kind of check
+        raise ExportError(f"the exported ONNX file fails onnx's checks: {first_line(e)}") from None
     ins = [(i.name, i.type.tensor_type.elem_type) for i in model.graph.input]
     outs = [o.name for o in model.graph.output]
     if ins != [(INPUT_NAME, onnx.TensorProto.UINT8)] or outs != [OUTPUT_NAME]:

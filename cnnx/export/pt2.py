@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import warnings
 
-from cnnx.export.errors import ExportError
 from cnnx.export.metadata import extra_file_bytes
-from cnnx.runtime.contract import EXTRA_FILE
+from cnnx.runtime.contract import EXTRA_FILE, INPUT_NAME
+from cnnx.train.checkpoint import save_torch_file
 
 
 def export_pt2(module, example, path, *, meta: dict):
@@ -16,13 +16,10 @@ def export_pt2(module, example, path, *, meta: dict):
     import torch
 
     batch = torch.export.Dim("batch", min=1)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.export.export(module, (example,), dynamic_shapes={"images": {0: batch}})
-            torch.export.save(program, os.fspath(path), extra_files={EXTRA_FILE: extra_file_bytes(meta).decode()})
-            loaded = torch.export.load(os.fspath(path))
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"pt2 export failed: {msg[:300]}") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(module, (example,), dynamic_shapes={INPUT_NAME: {0: batch}})
+        # through Python, not to the path: torch aborts the process on a full disk then
+        save_torch_file(path, lambda f: torch.export.save(program, f, extra_files={EXTRA_FILE: extra_file_bytes(meta).decode()}))
+        loaded = torch.export.load(os.fspath(path))
     return loaded.module()

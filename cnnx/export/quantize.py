@@ -16,7 +16,7 @@ import numpy as np
 
 from cnnx.export.errors import ExportError
 from cnnx.runtime.contract import INPUT_NAME
-from cnnx.export.onnx import _quiet, check_onnx, save_model, set_metadata
+from cnnx.export.onnx import check_onnx, quiet, save_model, set_metadata
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -25,11 +25,8 @@ def to_fp16(src, dst, *, meta: dict) -> None:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    try:
-        with _quiet():
-            model = convert_float_to_float16(onnx.load(os.fspath(src)), keep_io_types=True)
-    except Exception as e:
-        raise ExportError(f"fp16 conversion failed: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}") from None
+    with quiet():
+        model = convert_float_to_float16(onnx.load(os.fspath(src)), keep_io_types=True)
     set_metadata(model, meta)
     save_model(model, dst)
     check_onnx(dst)
@@ -97,7 +94,7 @@ def to_int8(src, dst, *, calibration: np.ndarray, meta: dict, batch_size: int = 
     pre = dst.with_name(dst.name + ".pre.onnx")
     reader = type("Reader", (_Reader, CalibrationDataReader), {})(np.ascontiguousarray(calibration, np.uint8), batch_size)
     try:
-        with _quiet():
+        with quiet():
             # symbolic shape inference (meant for transformers) fails on some zoo graphs (airnet);
             # onnx shape inference is enough: the only dynamic dim is the batch.
             quant_pre_process(os.fspath(src), os.fspath(pre), skip_symbolic_shape=True)
@@ -109,10 +106,6 @@ def to_int8(src, dst, *, calibration: np.ndarray, meta: dict, batch_size: int = 
                 # min/max averaged over calibration batches, not the extremes of one outlier batch
                 extra_options={"CalibMovingAverage": True},
             )
-    except ExportError:
-        raise
-    except Exception as e:
-        raise ExportError(f"int8 quantisation failed: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}") from None
     finally:
         pre.unlink(missing_ok=True)
     model = onnx.load(os.fspath(dst))

@@ -5,12 +5,11 @@ the very ScriptModule object that was saved, and the tests check the saved file.
 
 from __future__ import annotations
 
-import os
 import warnings
 
-from cnnx.export.errors import ExportError
 from cnnx.export.metadata import extra_file_bytes
 from cnnx.runtime.contract import EXTRA_FILE
+from cnnx.train.checkpoint import save_torch_file
 
 
 def export_torchscript(module, example, path, *, meta: dict):
@@ -18,12 +17,9 @@ def export_torchscript(module, example, path, *, meta: dict):
     cnnx metadata as an extra file; returns the traced module for the parity gate."""
     import torch
 
-    try:
-        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "torch.jit.trace is deprecated": said in the docs instead
-            traced = torch.jit.trace(module, (example,), check_trace=False)
-            traced.save(os.fspath(path), _extra_files={EXTRA_FILE: extra_file_bytes(meta)})
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"TorchScript export failed: {msg[:300]}") from None
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.jit.trace is deprecated": said in the docs instead
+        traced = torch.jit.trace(module, (example,), check_trace=False)
+        # through Python, not traced.save(path): torch aborts the process on a full disk then
+        save_torch_file(path, lambda f: torch.jit.save(traced, f, _extra_files={EXTRA_FILE: extra_file_bytes(meta)}))
     return traced

@@ -1,22 +1,34 @@
 """Self-describing checkpoints (DESIGN.md): plain types and tensors only, readable with
-torch.load(weights_only=True), written atomically so a killed run never leaves a corrupt file."""
+torch.load(weights_only=True), written atomically so a killed run never leaves a corrupt file.
+
+Every checkpoint this user's cnnx writes has its sha256 appended to the own-checkpoints file
+in the user's cache (`own_checkpoints_file`). `cnnx export` reads the data path stored in a
+checkpoint only when the checkpoint is listed there: a file someone else made (or edited)
+cannot be listed, because its bytes differ from everything this user's cnnx wrote.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import pickle
-import tempfile
+import sys
 import zipfile
+from pathlib import Path
 
 import torch
 
 from cnnx import __version__
+from cnnx.runtime.contract import ContractError, check_class_names, check_size
+from cnnx.runtime.files import atomic_file, first_line
 from cnnx.runtime.preprocess import SpecError, validate_spec
 
 FORMAT = "cnnx-checkpoint"
 FORMAT_VERSION = 1
 REQUIRED = ("format", "format_version", "arch", "arch_kwargs", "num_classes", "class_names",
             "preprocess", "state_dict", "epoch", "metrics", "config")
+OWN_CHECKPOINTS = "own-checkpoints.sha256"  # one lowercase hex sha256 a line, append-only
 
 
 class CheckpointError(Exception):
@@ -43,28 +55,117 @@ def build_checkpoint(*, model, arch, arch_kwargs, class_names, preprocess, epoch
     }
 
 
-def save_checkpoint(obj: dict, path) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over `path`."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+class _Writer(io.IOBase):
+    """What torch's zip writers write through: passes bytes to `f`, hashes them when asked,
+    and keeps the OSError a write raised. torch turns that error into a RuntimeError with an
+    internal message (and aborts the whole process on a full disk when it opens the path
+    itself), so writing through Python keeps the real one: ENOSPC is a full disk."""
+
+    def __init__(self, f, hash_sha256: bool):
+        super().__init__()
+        self._f = f
+        self.sha256 = hashlib.sha256() if hash_sha256 else None
+        self.error: OSError | None = None
+
+    def writable(self):
+        return True
+
+    def seekable(self):  # torch.export.save asks; it writes sequentially
+        return True
+
+    def tell(self):
+        return self._f.tell()
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        return self._f.seek(offset, whence)
+
+    def write(self, data):
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+            n = self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+        if self.sha256 is not None:
+            self.sha256.update(data)
+        return n
+
+    def flush(self):
+        if not self._f.closed:  # IOBase.close flushes too, also once `f` is closed
+            self._f.flush()
+
+
+def save_torch_file(path, save, *, hash_sha256: bool = False) -> str | None:
+    """Write what `save(file)` serialises (torch.save, torch.jit.save, torch.export.save) to
+    `path` atomically (cnnx.runtime.files.atomic_file: temp file, fsync, rename). A failed
+    write raises its OSError. Returns the file's sha256 (hex) when asked."""
+    with atomic_file(path, "wb") as f:
+        w = _Writer(f, hash_sha256)
+        try:
+            save(w)
+        except RuntimeError:
+            if w.error is not None:
+                raise w.error from None
+            raise
+    return w.sha256.hexdigest() if w.sha256 is not None else None
+
+
+def own_checkpoints_file() -> Path:
+    """This user's record of the checkpoints their cnnx wrote (in the user's default cache,
+    never a folder named by a checkpoint)."""
+    from cnnx.train.data import cache_dir
+
+    return cache_dir(None) / OWN_CHECKPOINTS
+
+
+_record_warned = False
+
+
+def _record_own(sha256_hex: str) -> None:
+    """Append one line with O_APPEND (concurrent runs interleave whole lines) and fsync it.
+    A cache that cannot be written costs the export's automatic validation split, not the run."""
+    global _record_warned
+    path = own_checkpoints_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, (sha256_hex + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        if not _record_warned:
+            _record_warned = True
+            print(f"warning: cannot record the checkpoint in {path} ({first_line(e)}); `cnnx export` will ask "
+                  "for --verify-data to gate it on real images", file=sys.stderr)
+
+
+def is_own_checkpoint(sha256_hex: str) -> bool:
+    """Whether this user's cnnx wrote a checkpoint with these exact bytes (see the module doc)."""
+    needle = sha256_hex.lower() + "\n"
+    try:
+        with open(own_checkpoints_file(), encoding="ascii", errors="replace") as f:
+            return any(line == needle for line in f)
+    except OSError:
+        return False
+
+
+def save_checkpoint(obj: dict, path) -> None:
+    """Write atomically (save_torch_file). A cnnx checkpoint is then recorded as this user's
+    own (own_checkpoints_file); one killed in between is treated by `cnnx export` as anyone
+    else's (it asks for --verify-data), never the other way round."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    is_cnnx = obj.get("format") == FORMAT  # else e.g. the decoded-data cache: nothing to record
+    sha256 = save_torch_file(path, lambda f: torch.save(obj, f), hash_sha256=is_cnnx)
+    if is_cnnx:
+        _record_own(sha256)
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
-    """Load and validate a cnnx checkpoint with weights_only=True; CheckpointError otherwise."""
+    """Load and validate a cnnx checkpoint with weights_only=True; CheckpointError otherwise.
+    Its fields must agree with each other: a preprocess spec this implementation applies (at
+    most MAX_INPUT_SIDE a side), class names that are strings, one per class."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -73,14 +174,12 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling failed"
         raise CheckpointError(
-            f"refused to load {path}: it holds objects that weights_only=True will not run ({first[:200]})"
+            f"refused to load {path}: it holds objects that weights_only=True will not run ({first_line(e, 200)})"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError) as e:
         # KeyError/IndexError: what the weights-only unpickler raises on some garbage files
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {path} (truncated or not a torch file): {msg[:200]}") from None
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated or not a torch file): {first_line(e, 200)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a cnnx checkpoint (no format={FORMAT!r} field)")
     if ckpt.get("format_version", 0) > FORMAT_VERSION:
@@ -89,19 +188,35 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if missing:
         raise CheckpointError(f"{path} lacks checkpoint fields {missing}")
     try:
-        validate_spec(ckpt["preprocess"])
-    except SpecError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+        check_size(validate_spec(ckpt["preprocess"]))
+        names = check_class_names(ckpt["class_names"])
+    except (SpecError, ContractError) as e:
+        raise CheckpointError(f"{path}: {first_line(e, 200)}") from None
+    if ckpt["num_classes"] != len(names):
+        raise CheckpointError(f"{path}: {len(names)} class names but num_classes is {ckpt['num_classes']!r}")
     return ckpt
 
 
 def model_from_checkpoint(ckpt: dict):
-    """Rebuild the module from the checkpoint's own arch fields and load its weights (eval mode)."""
+    """Rebuild the module from the checkpoint's own arch fields, load its weights (eval mode)
+    and run one image of the preprocess size through it: the logits must be one per class name."""
     from cnnx.train.zoo import UnknownArch, create_model
 
     try:
         model = create_model(ckpt["arch"], ckpt["num_classes"], **ckpt["arch_kwargs"])
         model.load_state_dict(ckpt["state_dict"])
-    except (UnknownArch, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint does not match its arch {ckpt['arch']!r}: {str(e).splitlines()[0][:200]}") from None
-    return model.eval()
+    except (UnknownArch, RuntimeError, TypeError, ValueError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint does not fit its arch {ckpt['arch']!r}: {first_line(e, 200)}") from None
+    model.eval()
+    h, w = ckpt["preprocess"]["size"]
+    try:
+        with torch.no_grad():
+            logits = model(torch.zeros(1, 3, h, w))
+    except (RuntimeError, ValueError) as e:
+        raise CheckpointError(f"the {ckpt['arch']!r} model of the checkpoint does not accept its preprocess size "
+                              f"{h}x{w}: {first_line(e, 200)}") from None
+    n = len(ckpt["class_names"])
+    if tuple(logits.shape) != (1, n):
+        raise CheckpointError(f"the {ckpt['arch']!r} model of the checkpoint gives logits of shape "
+                              f"{list(logits.shape)} for one image, not one per each of its {n} class names")
+    return model

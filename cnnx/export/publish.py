@@ -1,0 +1,142 @@
+"""How an export reaches its output folder: whole, or not at all.
+
+The export is built in a hidden staging folder beside the output folder (same filesystem,
+named `.cnnx-export-<pid>-*` so `cnnx classify`'s search for the newest model skips it and
+the next export can remove it when its process died), then swapped in:
+
+- the output folder does not exist yet: one rename;
+- it exists: Linux renameat2(RENAME_EXCHANGE) swaps the two folders in one step, then the
+  old export (now in the staging folder's place) is removed. Where the filesystem cannot
+  exchange, the old folder is renamed aside, the new one in, then the old one removed; a
+  kill between those two renames leaves the old export in a hidden `.cnnx-export-<pid>-*`
+  folder and no output folder (never a mix).
+
+An existing output folder is replaced only when everything in it is a file an export writes
+(`EXPORT_FILES`): the swap moves the whole folder, so a folder holding anything else (a
+user's notes, a run's best.pt) is refused instead — cnnx never moves or deletes files it did
+not write. Publishing file by file into such a folder would bring back the mixed folder a
+kill can leave, so it is not offered.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from cnnx.export.errors import ExportError
+from cnnx.runtime.files import fsync_dir, os_error_line, remove_stale_temps
+
+STAGING_PREFIX = ".cnnx-export-"
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def resolve_out_dir(out_dir, export_files) -> Path:
+    """The folder to publish to (a symlink's target: the link stays), checked up front: a
+    new or empty folder, or one holding only `export_files` (a previous export)."""
+    out_dir = Path(os.path.abspath(Path(out_dir).expanduser()))
+    if out_dir.is_symlink():
+        out_dir = Path(os.path.realpath(out_dir))
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"output folder {out_dir} is a file, not a folder")
+    if out_dir.is_dir():
+        try:
+            entries = list(os.scandir(out_dir))
+        except OSError as e:
+            raise ExportError(f"cannot read output folder: {os_error_line(e, out_dir)}") from None
+        foreign = sorted(e.name for e in entries if e.name not in export_files or not e.is_file(follow_symlinks=False))
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise ExportError(f"output folder {out_dir} holds files cnnx export did not write ({shown}); an export "
+                              "replaces its whole folder: choose a new or empty folder, or a previous export's")
+    return out_dir
+
+
+def make_staging(out_dir: Path):
+    """(staging folder, folders created for it, outermost last). Removes the staging folders
+    that exports killed earlier left beside out_dir."""
+    parent = out_dir.parent
+    created = [p for p in [parent, *parent.parents] if not p.exists()]
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(parent, (STAGING_PREFIX,))
+        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # it becomes the export folder: mkdtemp's 0700 would hide it
+    except OSError as e:
+        discard(None, created)
+        raise ExportError(f"cannot write to output folder {out_dir}: {e.strerror or e}") from None
+    return staging, created
+
+
+def discard(staging: Path | None, created) -> None:
+    """Remove a staging folder and the folders made for it (innermost first, only when empty)."""
+    if staging is not None:
+        shutil.rmtree(staging, ignore_errors=True)
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
+def _sync_tree(folder: Path) -> None:
+    """The writers (onnx, torch) do not fsync: the swap must not publish files a power cut
+    could still empty."""
+    for entry in os.scandir(folder):
+        fd = os.open(entry.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fsync_dir(folder)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (renameat2 RENAME_EXCHANGE); False where the platform or the
+    filesystem cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(b))
+
+
+def _swap_by_renames(staging: Path, out_dir: Path) -> None:
+    aside = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-old-", dir=out_dir.parent))
+    os.rename(out_dir, aside / "export")
+    try:
+        os.rename(staging, out_dir)
+    except OSError:
+        os.rename(aside / "export", out_dir)  # put the previous export back
+        os.rmdir(aside)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def publish(staging: Path, out_dir: Path, export_files) -> None:
+    """Swap the complete export in `staging` in as `out_dir` (see the module doc). On return
+    `staging` is gone; on an exception out_dir is the previous export, untouched."""
+    resolve_out_dir(out_dir, export_files)  # again: the folder may have changed while exporting
+    try:
+        _sync_tree(staging)
+        if not out_dir.exists():
+            os.rename(staging, out_dir)
+        elif _exchange(staging, out_dir):
+            shutil.rmtree(staging, ignore_errors=True)  # now the previous export
+        else:
+            _swap_by_renames(staging, out_dir)
+        fsync_dir(out_dir.parent)
+    except OSError as e:
+        raise ExportError(f"cannot publish the export: {os_error_line(e)}") from None

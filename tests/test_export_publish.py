@@ -1,0 +1,206 @@
+"""How an export reaches its folder (issue 12, items 11, 12, 13): built whole in a hidden
+staging folder beside --out and swapped in, so the folder is always the complete previous
+export or the complete new one (a SIGKILL at any moment, a full disk); files cnnx did not
+write are never moved or deleted; staging folders of killed exports are removed next time."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import pytest
+from click.testing import CliRunner
+
+from _export_util import make_checkpoint
+from cnnx.cli import cli
+from cnnx.export.api import export_checkpoint
+
+CLASSES = [f"c{i}" for i in range(10)]
+FAST = dict(random_batch_sizes=(1, 7))
+
+
+@pytest.fixture(scope="module")
+def two_ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    return (make_checkpoint(root / "a" / "best.pt", "seed-cnn", CLASSES, seed=0),
+            make_checkpoint(root / "b" / "best.pt", "seed-cnn", CLASSES, seed=1))
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _snapshot(folder):
+    return {p.name: _sha(p) for p in sorted(folder.iterdir())}
+
+
+def _hidden(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def _one_line_error(args, *needles):
+    r = CliRunner().invoke(cli, args)
+    lines = r.stderr.strip().splitlines()
+    # progress talk may come first; the failure itself is the last line and the only "Error:" one
+    errors = [line for line in lines if line.startswith("Error: ")]
+    assert r.exit_code == 1 and errors == lines[-1:], (r.exit_code, r.output)
+    assert "Traceback" not in r.output and r.stdout == ""
+    for n in needles:
+        assert n in errors[0], (n, errors[0])
+    return errors[0]
+
+
+def test_new_export_replaces_the_previous_one_whole(two_ckpts, tmp_path):
+    a, b = two_ckpts
+    out = tmp_path / "export"
+    first = export_checkpoint(a, out, ("onnx", "torchscript"), **FAST)
+    assert sorted(first.paths) == ["onnx", "parity", "torchscript"]
+    second = export_checkpoint(b, out, ("torchscript",), **FAST)
+    # a's model.onnx went with the rest of a's export: no file of another checkpoint stays beside b's
+    assert sorted(os.listdir(out)) == ["model.torchscript.pt", "parity.json"]
+    assert {k: p.name for k, p in second.paths.items()} == {"torchscript": "model.torchscript.pt",
+                                                            "parity": "parity.json"}
+    doc = json.loads((out / "parity.json").read_text())
+    assert doc["checkpoint_sha256"] == _sha(b) and doc["files"] == {"torchscript": "model.torchscript.pt"}
+    assert _hidden(tmp_path) == []  # no staging folder and no old export left beside it
+
+    # a symlinked --out stays a link; the folder it points to gets the export
+    target = tmp_path / "real"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    export_checkpoint(a, link, ("torchscript",), **FAST)
+    assert link.is_symlink() and sorted(os.listdir(target)) == ["model.torchscript.pt", "parity.json"]
+
+
+def test_out_folder_holding_other_files_is_refused_untouched(two_ckpts, tmp_path):
+    a, _ = two_ckpts
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    (mine / "model.onnx").write_bytes(b"my own model")
+    before = _snapshot(mine)
+    _one_line_error(["export", str(a), "--out", str(mine)], "notes.txt", "did not write")
+    assert _snapshot(mine) == before
+    # the run folder itself (best.pt, metrics...) is not an export folder either
+    _one_line_error(["export", str(a), "--out", str(a.parent)], "best.pt")
+    assert sorted(os.listdir(a.parent)) == ["best.pt"]
+    assert _hidden(tmp_path) == []
+
+
+def test_staging_folders_of_dead_exports_are_removed(two_ckpts, tmp_path):
+    a, _ = two_ckpts
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f".cnnx-export-{dead_pid}-abc"
+    (stale / "inner").mkdir(parents=True)
+    (stale / "inner" / "model.onnx").write_bytes(b"half")
+    live = tmp_path / f".cnnx-export-{os.getppid()}-xyz"  # a live process's (another export now)
+    live.mkdir()
+    export_checkpoint(a, tmp_path / "export", ("torchscript",), **FAST)
+    assert not stale.exists() and live.exists()
+
+
+# When to SIGKILL: as soon as the staging folder is complete (before the swap), as soon as the
+# swap is seen (while the old export is being removed), and at a random moment.
+KILL_TRIES = ("staged", "swapped", "any")
+
+
+def _inode(path):
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
+def _wait_for(proc, ready):
+    while proc.poll() is None and not ready():
+        time.sleep(0.0002)
+
+
+def _export_state(out, old, new_sha):
+    """'old' (the previous export, byte for byte) or 'new' (complete, of the new checkpoint)."""
+    names = sorted(os.listdir(out))
+    if names == sorted(old) and _snapshot(out) == old:
+        return "old"
+    doc = json.loads((out / "parity.json").read_text())
+    assert names == sorted([*doc["files"].values(), "parity.json"]), names
+    assert doc["checkpoint_sha256"] == new_sha
+    with zipfile.ZipFile(out / "model.torchscript.pt") as z:  # complete: every member's CRC checks
+        assert z.testzip() is None
+        meta = json.loads(z.read(next(n for n in z.namelist() if n.endswith("/extra/cnnx.json"))))
+    assert meta["cnnx.checkpoint_sha256"] == new_sha
+    return "new"
+
+
+def test_sigkill_at_any_moment_leaves_the_old_or_the_new_export(two_ckpts, tmp_path):
+    """Real kills: a subprocess export of checkpoint b (TorchScript: the quickest format) over
+    a's ONNX + TorchScript export, SIGKILLed around the publish window and at a random moment."""
+    a, b = two_ckpts
+    out = tmp_path / "export"
+    export_checkpoint(a, out, ("onnx", "torchscript"), **FAST)
+    old = _snapshot(out)
+    pristine = tmp_path / "pristine"
+    shutil.copytree(out, pristine)
+    rng = random.Random(12)
+    states = []
+    for when in KILL_TRIES:
+        shutil.rmtree(out)
+        shutil.copytree(pristine, out)
+        old_inode = _inode(out / "parity.json")
+        proc = subprocess.Popen([sys.executable, "-c", "from cnnx.cli import main; main()", "export", str(b),
+                                 "--format", "torchscript", "--out", str(out)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            if when == "staged":
+                _wait_for(proc, lambda: list(tmp_path.glob(".cnnx-export-*/parity.json")))
+            elif when == "swapped":
+                _wait_for(proc, lambda: _inode(out / "parity.json") != old_inode)
+            else:
+                time.sleep(rng.uniform(0.5, 3.0))
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.wait(timeout=120)
+        states.append(_export_state(out, old, _sha(b)))
+    assert set(states) <= {"old", "new"} and states[1] == "new", states
+    # the next export removes what the killed ones left (their pids are dead)
+    export_checkpoint(b, out, ("torchscript",), **FAST)
+    assert _hidden(tmp_path) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}): full-disk test needs root")
+    try:
+        yield disk
+    finally:
+        if subprocess.run(["umount", str(disk)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_full_disk_is_one_line_and_keeps_the_previous_export(two_ckpts, small_disk):
+    a, b = two_ckpts
+    out = small_disk / "export"
+    export_checkpoint(a, out, ("torchscript",), **FAST)  # ~8.4 MB of seed-cnn weights fit
+    before = _snapshot(out)
+    st = os.statvfs(small_disk)
+    with open(small_disk / "filler", "wb") as f:  # leave 2 MiB: less than one model file
+        f.write(b"\0" * (st.f_bavail * st.f_frsize - (2 << 20)))
+    # torch's writer fails with a RuntimeError, onnx's with an OSError: both are a full disk
+    for fmt in ("torchscript", "onnx"):
+        line = _one_line_error(["export", str(b), "--format", fmt, "--out", str(out)], "No space left on device")
+        assert str(small_disk) in line
+        assert _snapshot(out) == before
+        assert sorted(os.listdir(small_disk)) == ["export", "filler"]
