@@ -84,7 +84,7 @@ table.confusion td { text-align: right; min-width: 2.6em; font-variant-numeric: 
 table.confusion td.diag { outline: 2px solid #1a7f37; outline-offset: -2px; }
 table.confusion th { font-weight: 600; white-space: nowrap; max-width: 10em; overflow: hidden; text-overflow: ellipsis; }
 table.confusion thead th { writing-mode: vertical-rl; transform: rotate(180deg); max-height: 9em; vertical-align: bottom; }
-table.confusion thead th.corner { writing-mode: horizontal-tb; transform: none; vertical-align: bottom; font-weight: 400; color: var(--muted); }
+table.confusion thead th.corner { writing-mode: horizontal-tb; transform: none; vertical-align: bottom; font-weight: 400; color: var(--muted); white-space: normal; max-width: 7em; }
 .charts { display: grid; grid-template-columns: repeat(auto-fit, minmax(340px, 1fr)); gap: 12px; }
 svg.chart { width: 100%; height: auto; background: #fff; border: 1px solid var(--line); border-radius: 6px; }
 svg.chart text { font: 11px system-ui, sans-serif; fill: #444; }
