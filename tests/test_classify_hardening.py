@@ -400,3 +400,24 @@ def test_an_unreadable_file_named_on_the_command_line_gets_its_errors_row(model)
         assert row[0] == str(base / "secret.png") and row[1] == "open" and "Permission denied" in row[2]
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# -- --report ------------------------------------------------------------------------------
+
+def test_report_is_written_after_the_run_and_after_a_resume(images, model, tmp_path):
+    out, page = tmp_path / "p.csv", tmp_path / "report.html"
+    (tmp_path / "more").mkdir()
+    shutil.copytree(images, tmp_path / "more" / "imgs")
+    (tmp_path / "more" / "imgs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 30)
+    r = run([images, "--model", model, "-o", out, "--report", page])
+    assert r.exit_code == 0, r.stderr
+    assert page.read_text().lstrip().lower().startswith("<!doctype html") and f"report: {page}" in r.stderr
+    page.unlink()
+    r = run([images, tmp_path / "more" / "imgs", "--model", model, "-o", out, "--resume", "--report", page])
+    assert r.exit_code == 0, r.stderr
+    html = page.read_text()
+    assert "broken.png" in html and "img_11.png" in html
+    r = run([images, "--model", model, "--report", page])  # predictions on stdout: nothing to read back
+    assert r.exit_code == 2 and "--report needs --output FILE" in r.stderr
+    r = run([images, "--model", model, "-o", tmp_path / "q.csv", "--report", tmp_path / "q.csv"])
+    assert r.exit_code == 2 and "must be different files" in r.stderr

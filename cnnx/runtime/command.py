@@ -274,13 +274,15 @@ def _print_summary(tally: _Tally, rows, provider: str, errors_path, wall: float)
 
 
 def _write_report(report_path, output, fmt, errors_path, info):
-    from cnnx.report import write_classify_report
+    from cnnx.report import ReportError, write_classify_report
     from cnnx.runtime.files import os_error_line
 
     errors = errors_path if errors_path is not None and os.path.exists(errors_path) else None
     try:
         write_classify_report(report_path, output=output, fmt=fmt, errors=errors,
                               class_names=list(info.class_names), spec=info.spec)
+    except ReportError as e:
+        raise click.ClickException(f"cannot write the report: {e}") from None
     except OSError as e:
         raise click.ClickException(f"cannot write the report: {os_error_line(e, report_path)}") from None
     click.echo(f"report: {report_path}", err=True)
