@@ -428,3 +428,29 @@ def test_classify_cli_report_flag_writes_the_page_of_a_resumed_job(cifar_subset,
     assert re.search(r"classified<b>40</b>", text) and "broken.jpg" in text
     assert_self_contained(page)
     assert len(parse(page).imgs_in("least-confident-gallery")) == LEAST_CONFIDENT
+
+
+def test_counts_and_errors_tables_are_capped_for_a_model_with_many_classes(tmp_path):
+    from cnnx.report.classify import MAX_CELL_CHARS, MAX_COUNT_ROWS, MAX_ERROR_ROWS
+
+    names = [f"c{i:05d}" for i in range(5000)]
+    out = tmp_path / "pred.csv"
+    writer = PredictionWriter(str(out), "csv", names, 1)
+    writer.write_batch([f"img{i}.jpg" for i in range(3000)], [[i] for i in range(3000)], [[0.5]] * 3000)
+    writer.close()
+    errors = tmp_path / "pred.errors.csv"
+    long_name = "x" * 3000 + ".jpg"
+    with open(errors, "w", newline="") as f:
+        w = csv.writer(f, quoting=csv.QUOTE_ALL, lineterminator="\n")
+        w.writerow(["path", "stage", "error"])
+        w.writerows([[f"{long_name}{i}", "decode", "cannot identify image file"] for i in range(2000)])
+    page = tmp_path / "r.html"
+    write_classify_report(page, output=str(out), fmt="csv", errors=str(errors), class_names=names)
+    text = page.read_text(encoding="utf-8")
+    counts = text.split('id="counts-table"')[1].split("</table>")[0]
+    assert counts.count("<tr>") == 1 + MAX_COUNT_ROWS
+    assert f"and {5000 - MAX_COUNT_ROWS:,} more classes with {3000 - MAX_COUNT_ROWS:,} images" in text
+    table = text.split('id="errors-table"')[1].split("</table>")[0]
+    assert table.count("<tr>") == 1 + MAX_ERROR_ROWS
+    assert "x" * MAX_CELL_CHARS not in table and f"the first {MAX_ERROR_ROWS} of 2,000" in text
+    assert page.stat().st_size < SIZE_GOAL

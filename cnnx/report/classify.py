@@ -26,6 +26,8 @@ SAMPLE_PER_CLASS = 12
 MAX_GRID_THUMBS = 360  # ~4 KB each for photo crops: the grids stay under ~1.5 MB
 LEAST_CONFIDENT = 24
 MAX_ERROR_ROWS = 500
+MAX_COUNT_ROWS = 1000  # classes listed in the counts table (most predicted first)
+MAX_CELL_CHARS = 400  # of a path or message in the errors table (the errors file has them whole)
 FORMATS = ("csv", "jsonl")  # the predictions formats the page can read back
 
 
@@ -277,13 +279,19 @@ def _counts(stats, order) -> str:
     total = stats.total or 1
     head = [("class", False), ("images", True), ("share", True), ("mean score", True), ("", False)]
     rows = []
-    for label in order:
+    for label in order[:MAX_COUNT_ROWS]:
         n = stats.counts.get(label, 0)
         mean = stats.score_sums[label] / n if n else None
         bar = f'<span class="bar" style="width:{max(1, round(120 * n / top)) if n else 0}px"></span>'
         rows.append([(esc(label), None), (f"{n:,}", num_value(n)), (pct(n / total), num_value(n / total)),
                      (fmt_num(mean, 3), num_value(mean)), (bar, num_value(n))])
-    return sortable_table(head, rows, table_id="counts-table")
+    table = sortable_table(head, rows, table_id="counts-table")
+    rest = order[MAX_COUNT_ROWS:]
+    if rest:
+        images = sum(stats.counts.get(c, 0) for c in rest)
+        table += (f'<p class="muted">and {len(rest):,} more classes with {images:,} images in all '
+                  f"(the {MAX_COUNT_ROWS:,} most predicted are listed).</p>")
+    return table
 
 
 def _card(row, thumbs, caption) -> str:
@@ -324,6 +332,10 @@ def _least(rows, thumbs) -> str:
             f'<div class="gallery" id="least-confident-gallery">{cards}</div>')
 
 
+def clip(text: str) -> str:
+    return text if len(text) <= MAX_CELL_CHARS else text[: MAX_CELL_CHARS - 1] + "…"
+
+
 def _errors(errors, errs) -> str:
     if errors is None:
         return '<p class="muted">no errors file was given (skipped files went to stderr).</p>'
@@ -334,10 +346,10 @@ def _errors(errors, errs) -> str:
     if errs.errors:
         shown = f" (the first {len(errs.errors):,} of {skipped:,}; all in {errors})" if skipped > len(errs.errors) else ""
         head = [("path", False), ("stage", False), ("error", False)]
-        rows = [[(esc(p), None), (esc(s), None), (esc(m), None)] for p, s, m in errs.errors]
+        rows = [[(esc(clip(p)), None), (esc(s), None), (esc(clip(m)), None)] for p, s, m in errs.errors]
         parts.append(f"<h3>Errors{esc(shown)}</h3>" + sortable_table(head, rows, table_id="errors-table"))
     if errs.notes:
-        rows = [[(esc(p), None), (esc(m), None)] for p, m in errs.notes]
+        rows = [[(esc(clip(p)), None), (esc(clip(m)), None)] for p, m in errs.notes]
         parts.append("<details><summary>notes on classified files</summary>" +
                      sortable_table([("path", False), ("note", False)], rows) + "</details>")
     return "".join(parts)
