@@ -359,7 +359,7 @@ def test_sigint_exits_130_and_the_run_resumes(cifar_subset, model, tmp_path):
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "Aborted" not in stderr
     assert stderr.strip().splitlines()[-1] == "interrupted"
-    assert not (tmp_path / ".p.csv.lock").exists() or (tmp_path / ".p.csv.lock").read_text() != str(proc.pid)
+    assert not (tmp_path / ".p.csv.lock").exists()  # released on the way out
     r = run([folder, "--model", model, "-o", out, "--resume"])
     assert r.exit_code == 0, r.stderr
     paths = [row[0] for row in read_csv(out)[1:]]

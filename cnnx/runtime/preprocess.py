@@ -132,14 +132,11 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 _HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif", b"avis")
 
 
-def read_file(path) -> bytes:
-    """The bytes of a regular file. Never blocks on a FIFO or device (O_NONBLOCK + fstat
-    before any read) and refuses files over MAX_FILE_BYTES. Raises ImageError(stage='open')."""
-    return _read_file(path)[0]
-
-
-def _read_file(path):
-    """-> (bytes, note). A PNG's oversized metadata chunks are never read (see png_plan)."""
+def read_file(path):
+    """The bytes of a regular file -> (bytes, note). Never blocks on a FIFO or device
+    (O_NONBLOCK + fstat before any read) and refuses files over MAX_FILE_BYTES; a PNG's
+    oversized metadata chunks are never read (see png_plan; the note says so). Raises
+    ImageError(stage='open')."""
     import stat
 
     try:
@@ -211,8 +208,8 @@ def png_plan(read_at, size: int):
         keep.append((pos, size))  # whatever follows (or a cut-short chunk) is the decoder's to judge
     if not dropped:
         return [(0, size)], None
-    return keep, f"PNG metadata chunk{'s' if len(dropped) > 1 else ''} over {MAX_PNG_METADATA_BYTES >> 20} MiB ignored: " \
-                 + ", ".join(dropped)
+    chunks = "chunks" if len(dropped) > 1 else "chunk"
+    return keep, f"PNG metadata {chunks} over {MAX_PNG_METADATA_BYTES >> 20} MiB ignored: " + ", ".join(dropped)
 
 
 def _png_metadata_too_large(read_at, start: int, length: int, kind: bytes):
@@ -375,7 +372,7 @@ def load_image(source, spec: dict, *, max_pixels: int = DEFAULT_MAX_PIXELS):
     if isinstance(source, (bytes, bytearray, memoryview)):
         data, read_note = _from_bytes(bytes(source))
     else:
-        data, read_note = _read_file(source)
+        data, read_note = read_file(source)
     if not data:
         raise ImageError("open", "empty file (0 bytes)")
     done = None
