@@ -155,7 +155,7 @@ def classify_with_ray(paths, model, *, output, fmt="csv", errors=None, resume=Fa
             raise RayEngineError(f"no {'image ' if summary.ignored else ''}files found under "
                                  f"{', '.join(map(str, [*paths, *([manifest] if manifest else [])]))}")
         t_ray = time.perf_counter()
-        with _ray_session(ray, address, num_workers, needed=bool(todo)):  # joined before anything is written
+        with _ray_session(ray, address, num_workers, needed=bool(todo)), _data_context():  # before any row is written
             for path, reason in discover_skips:
                 sink.skip(path, "discover", reason, summary)
             if todo:
@@ -332,13 +332,7 @@ def _pool_size(ray, num_workers, num_gpus_per_worker) -> int:
 
 
 def _dataset(ray, todo, model, spec, topk, device, max_pixels, batch_size, workers, num_gpus_per_worker):
-    from ray.data import ActorPoolStrategy, DataContext
-
-    context = DataContext.get_current()
-    context.execution_options.preserve_order = True  # rows come back in path order, as locally
-    context.enable_progress_bars = False  # the CLI prints its own progress line
-    context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    from ray.data import ActorPoolStrategy
 
     with open(model, "rb") as f:
         model_ref = ray.put(f.read())
@@ -355,6 +349,35 @@ def _dataset(ray, todo, model, spec, topk, device, max_pixels, batch_size, worke
     return ds.map_batches(_ClassifyActor, fn_constructor_args=actor_args,
                           compute=ActorPoolStrategy(size=workers), batch_size=batch_size, batch_format="numpy",
                           num_gpus=num_gpus_per_worker if gpu else None, num_cpus=0 if gpu else 1)
+
+
+ACTORS_START_S = 600  # a pool the cluster cannot place (too few CPUs/GPUs) fails after this, not never
+
+
+@contextlib.contextmanager
+def _data_context():
+    """Ray Data settings for this run, restored after it (a notebook's own context stays its own)."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    settings = {"enable_progress_bars": False,  # the CLI prints its own progress line
+                "print_on_execution_start": False,
+                "wait_for_min_actors_s": ACTORS_START_S}  # and every actor is up before rows are sent
+    saved = {name: getattr(context, name) for name in settings}
+    saved_order = context.execution_options.preserve_order
+    data_logger = logging.getLogger("ray.data")
+    saved_level = data_logger.level
+    for name, value in settings.items():
+        setattr(context, name, value)
+    context.execution_options.preserve_order = True  # rows come back in path order, as locally
+    data_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(context, name, value)
+        context.execution_options.preserve_order = saved_order
+        data_logger.setLevel(saved_level)
 
 
 def _blocks(ray, dataset):
