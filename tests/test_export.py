@@ -104,7 +104,8 @@ def test_torchscript_and_pt2_same_numbers_and_metadata(exported, trained, verify
 
 def test_parity_json_reports_every_backend_and_input_set(exported):
     doc = json.loads(exported.paths["parity"].read_text())
-    assert doc["passed"] is True and doc["arch"] == "seed-cnn"
+    assert doc["arch"] == "seed-cnn" and doc["bounds"]["fp32"] == {"max_abs": 1e-4, "min_top1": 1.0}
+    assert sorted(doc["files"].values()) == sorted(p.name for p in exported.paths.values() if p.name != "parity.json")
     assert doc["inputs"]["real"]["count"] == 300 and doc["inputs"]["real"]["labelled"] is True
     rows = {(r["backend"], r["inputs"]): r for r in doc["results"]}
     for be in ("onnxruntime-cpu", "torchscript", "pt2", "onnxruntime-cpu fp16", "onnxruntime-cpu int8"):
@@ -221,11 +222,13 @@ def test_info_never_imports_torch_and_refuses_non_models(exported, trained, tmp_
     assert CliRunner().invoke(cli, ["info", str(tmp_path / "nope.onnx")]).exit_code == 2
 
 
-def test_default_parity_images_are_the_runs_validation_split(trained, cifar_subset, tmp_path):
-    """A checkpoint whose config names its data (as `cnnx train` writes it) is gated on that
-    run's validation split, re-created by cnnx.train.data.validation_split; none: random only."""
+def test_default_parity_images_are_the_runs_validation_split(trained, cifar_subset, tmp_path, monkeypatch):
+    """A checkpoint this user's cnnx wrote, whose config names its data (as `cnnx train` writes
+    it), is gated on that run's validation split, re-created through cnnx.train.data with the
+    user's own cache (never the cache_dir stored in the checkpoint); no data: random only."""
     from cnnx.train.checkpoint import load_checkpoint, save_checkpoint
 
+    monkeypatch.setenv("CNNX_CACHE", str(tmp_path / "my-cache"))
     ckpt = load_checkpoint(trained)
     ckpt["config"] = {"data": str(cifar_subset(10, offset=3000)), "data_root": None,
                       "cache_dir": str(tmp_path / "cache"), "preprocess": ckpt["preprocess"],
@@ -234,7 +237,8 @@ def test_default_parity_images_are_the_runs_validation_split(trained, cifar_subs
     result = export_checkpoint(tmp_path / "run" / "best.pt", tmp_path / "out", ("onnx",))
     real = json.loads(result.paths["parity"].read_text())["inputs"]["real"]
     assert real["source"].startswith("validation split of") and real["count"] == 50 and real["labelled"]
-    assert result.parity.eager_accuracy is not None
+    assert 0 <= result.parity.eager_accuracy <= 100
+    assert not (tmp_path / "cache").exists()
 
     ckpt["config"] = {}
     save_checkpoint(ckpt, tmp_path / "run2" / "best.pt")

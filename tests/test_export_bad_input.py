@@ -119,3 +119,24 @@ def test_bad_verify_data_and_int8_without_images(ckpt, tmp_path):
 def test_no_checkpoint_and_no_runs_is_a_usage_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _one_line_error(["export"], 2, "runs/*/best.pt")
+
+
+def test_verify_data_nested_deeper_than_the_recursion_limit(ckpt, cifar_subset, tmp_path):
+    """A --verify-data tree nested 1,100 folders deep is walked (an explicit stack, not
+    recursion): its image is found and gates the export."""
+    jpg = next((cifar_subset(1) / "cat").iterdir())
+    deep = tmp_path / "verify" / "c3"
+    deep.mkdir(parents=True)
+    cwd = os.getcwd()
+    os.chdir(deep)
+    try:
+        for _ in range(1100):
+            os.mkdir("d")
+            os.chdir("d")
+        with open("a.jpg", "wb") as f:
+            f.write(jpg.read_bytes())
+    finally:
+        os.chdir(cwd)
+    r, lines = _run(["export", str(ckpt), "--verify-data", str(tmp_path / "verify"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert "--verify-data" in r.stderr and "(1 of 1 images)" in r.stderr

@@ -204,3 +204,18 @@ def test_full_disk_is_one_line_and_keeps_the_previous_export(two_ckpts, small_di
         assert str(small_disk) in line
         assert _snapshot(out) == before
         assert sorted(os.listdir(small_disk)) == ["export", "filler"]
+
+
+def test_swap_by_renames_where_the_filesystem_cannot_exchange(tmp_path):
+    """The fallback of filesystems without RENAME_EXCHANGE, on real folders: the new export in,
+    the old one gone, nothing hidden left beside them."""
+    from cnnx.export.publish import _swap_by_renames
+
+    out, staging = tmp_path / "export", tmp_path / ".cnnx-export-1-x"
+    out.mkdir()
+    (out / "model.onnx").write_bytes(b"old")
+    staging.mkdir()
+    (staging / "model.pt2").write_bytes(b"new")
+    _swap_by_renames(staging, out)
+    assert sorted(os.listdir(out)) == ["model.pt2"] and (out / "model.pt2").read_bytes() == b"new"
+    assert sorted(os.listdir(tmp_path)) == ["export"]

@@ -14,8 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from cnnx.export import images
 from cnnx.export.errors import ExportError, ParityError
-from cnnx.export.writers import FILENAMES, WRITERS
+from cnnx.export.onnx import check_opset
+from cnnx.export.parity import RANDOM_BATCH_SIZES, run_parity
+from cnnx.export.publish import discard, make_staging, publish, resolve_out_dir
+from cnnx.export.writers import EXPORT_FILES, FILENAMES, WRITERS, Job, run_writer, torch_runner
+from cnnx.runtime.files import os_error_line
 
 FORMATS = ("onnx", "torchscript", "pt2")
 DEFAULT_PARITY_IMAGES = 1000
@@ -73,8 +78,6 @@ def _parity_images(ckpt, sha256, verify_data, int8: bool, limit: int, say, notes
     """The real images of the gate: --verify-data, else the run's validation split when the
     checkpoint is this user's own (cnnx.export.images.validation_images), else None (random
     inputs only, said in notes), which int8 cannot do without."""
-    from cnnx.export import images
-
     if verify_data is not None:
         real = images.load_verify_data(verify_data, ckpt["preprocess"], ckpt["class_names"], limit)
     else:
@@ -95,10 +98,6 @@ def _parity_images(ckpt, sha256, verify_data, int8: bool, limit: int, say, notes
 def _gate(job, backends, real, batch_sizes, progress: bool, notes: list, checkpoint_path: Path):
     """Run the parity gate and write parity.json into the staging folder; ParityError when a
     bound is broken (the staging folder is then discarded with it)."""
-    from cnnx.export.parity import run_parity
-    from cnnx.export.writers import torch_runner
-    from cnnx.runtime.files import os_error_line
-
     job.say("running the parity gate ...")
     report = run_parity(torch_runner(job.module), backends, real=real, size=job.ckpt["preprocess"]["size"],
                         batch_sizes=batch_sizes, progress=progress, notes=notes)
@@ -143,27 +142,20 @@ def export_checkpoint(checkpoint_path, out_dir=None, formats=("onnx",), *, opset
     new, empty or a previous export. Raises ExportError (ParityError when a bound is broken);
     on failure the output folder is as it was.
     """
-    from cnnx.export import images
-    from cnnx.export.onnx import check_opset
-    from cnnx.export.parity import RANDOM_BATCH_SIZES
-    from cnnx.export.publish import discard, make_staging, publish, resolve_out_dir
-    from cnnx.export.writers import Job, run_writer
-
     say = log or (lambda msg: None)
     artifacts = _artifacts(resolve_formats(formats, fp16=fp16, int8=int8), fp16, int8)
     opset = check_opset(opset)
     checkpoint_path = Path(checkpoint_path)
     ckpt, module, sha256 = _load(checkpoint_path)
-    export_files = set(FILENAMES.values())
     shown = Path(out_dir) if out_dir is not None else checkpoint_path.parent / "export"  # as the user wrote it
-    target = resolve_out_dir(shown, export_files)
+    target = resolve_out_dir(shown, EXPORT_FILES)
     staging, created = make_staging(target)
     try:
         notes = []
         real = _parity_images(ckpt, sha256, verify_data, int8, parity_images, say, notes)
         calibration = None if real is None else real.images[images.spread(len(real.images), CALIBRATION_IMAGES)]
         example = images.random_images(2, ckpt["preprocess"]["size"], seed=1)
-        job = Job(ckpt, sha256, module, _as_tensor(example), staging, opset, calibration, say)
+        job = Job(ckpt, sha256, module, example, staging, opset, calibration, say)
         backends = []
         for name in artifacts:
             backends += run_writer(name, job)
@@ -171,15 +163,10 @@ def export_checkpoint(checkpoint_path, out_dir=None, formats=("onnx",), *, opset
             notes.append(f"int8 calibrated on {len(calibration)} of the parity images")
         report = _gate(job, backends, real, tuple(random_batch_sizes or RANDOM_BATCH_SIZES), progress, notes,
                        checkpoint_path)
-        publish(staging, target, export_files)
+        publish(staging, target, EXPORT_FILES)
     except BaseException:
         discard(staging, created)
         raise
     paths = {name: shown / p.name for name, p in job.paths.items()}
     return ExportResult(out_dir=shown, paths=paths, parity=report, checkpoint=checkpoint_path, seconds=job.seconds)
 
-
-def _as_tensor(array):
-    import torch
-
-    return torch.from_numpy(array)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from cnnx.export.api import FORMATS
+from cnnx.export.api import DEFAULT_PARITY_IMAGES, FORMATS
 
 
 def newest_checkpoint(root: Path = Path("runs")) -> Path:
@@ -29,7 +29,7 @@ def newest_checkpoint(root: Path = Path("runs")) -> Path:
                    "[default: the run's validation split].")
 @click.option("--fp16", is_flag=True, help="Also write a float16 ONNX variant (input stays uint8).")
 @click.option("--int8", is_flag=True, help="Also write a statically quantised int8 ONNX variant for the CPU.")
-@click.option("--parity-images", type=click.IntRange(min=1), default=1000, show_default=True,
+@click.option("--parity-images", type=click.IntRange(min=1), default=DEFAULT_PARITY_IMAGES, show_default=True,
               help="At most this many real images in the parity gate.")
 def export(checkpoint, formats, out_dir, opset, verify_data, fp16, int8, parity_images):
     """Export CHECKPOINT (default: the newest runs/*/best.pt) behind a parity gate.

@@ -5,7 +5,6 @@ implementation (cnnx.runtime.preprocess.load_image)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,15 +36,17 @@ def spread(n_total: int, limit: int | None) -> np.ndarray:
 
 
 def _files(root: Path):
-    """(path, class folder name or None) for every image under root, sorted."""
+    """(path, class folder name or None) of every image under root, in sorted path order, hidden
+    names left out. The walk is the runtime's (an explicit stack: any depth of folders)."""
+    from cnnx.runtime.discover import Discovery
+
     out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel = Path(dirpath).relative_to(root)
-        cls = rel.parts[0] if rel.parts else None
-        for name in sorted(filenames):
-            if not name.startswith(".") and is_image_name(name):
-                out.append((Path(dirpath) / name, cls))
+    for found in Discovery([root]):
+        if found.reason is not None:  # unreadable folders, special files: nothing to decode
+            continue
+        parts = Path(found.path).relative_to(root).parts
+        if not any(p.startswith(".") for p in parts):
+            out.append((Path(found.path), parts[0] if len(parts) > 1 else None))
     return out
 
 

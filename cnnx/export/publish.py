@@ -8,14 +8,15 @@ the next export can remove it when its process died), then swapped in:
 - it exists: Linux renameat2(RENAME_EXCHANGE) swaps the two folders in one step, then the
   old export (now in the staging folder's place) is removed. Where the filesystem cannot
   exchange, the old folder is renamed aside, the new one in, then the old one removed; a
-  kill between those two renames leaves the old export in a hidden `.cnnx-export-<pid>-*`
-  folder and no output folder (never a mix).
+  kill between those two renames leaves no output folder and the old export whole in a
+  hidden `.cnnx-export-old-<pid>-*` folder, which is never removed automatically (never a
+  mix, and nothing lost).
 
-An existing output folder is replaced only when everything in it is a file an export writes
-(`EXPORT_FILES`): the swap moves the whole folder, so a folder holding anything else (a
-user's notes, a run's best.pt) is refused instead — cnnx never moves or deletes files it did
-not write. Publishing file by file into such a folder would bring back the mixed folder a
-kill can leave, so it is not offered.
+An existing output folder is replaced only when everything in it is a file an export
+writes (cnnx.export.writers.EXPORT_FILES): the swap moves the whole folder, so a folder
+holding anything else (a user's notes, a run's best.pt) is refused instead, and cnnx never
+moves or deletes files it did not write. Publishing file by file into such a folder would
+bring back the mixed folder a kill can leave, so it is not offered.
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _swap_by_renames(staging: Path, out_dir: Path) -> None:
-    aside = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-old-", dir=out_dir.parent))
+    # not "<STAGING_PREFIX><pid>-": remove_stale_temps must never take a previous export
+    aside = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}old-{os.getpid()}-", dir=out_dir.parent))
     os.rename(out_dir, aside / "export")
     try:
         os.rename(staging, out_dir)

@@ -28,6 +28,7 @@ FILENAMES = {
     "pt2": "model.pt2",
     "parity": "parity.json",
 }
+EXPORT_FILES = frozenset(FILENAMES.values())  # all an export folder may hold (cnnx.export.publish)
 LOW_SPACE = 1 << 20  # bytes free below which a failed write is reported as a full disk
 
 
@@ -38,13 +39,19 @@ class Job:
     ckpt: dict
     sha256: str
     module: object  # uint8 images -> logits (cnnx.train.zoo.Uint8Input), eval mode
-    example: object  # a uint8 batch of the preprocess size, for tracing
+    example_images: np.ndarray  # a uint8 batch of the preprocess size, for tracing
     staging: Path
     opset: int | None
     calibration: np.ndarray | None  # uint8 images for int8
     say: Callable[[str], None]
     paths: dict = field(default_factory=dict)  # artifact -> Path in staging
     seconds: dict = field(default_factory=dict)  # artifact -> seconds to write it
+
+    @property
+    def example(self):
+        import torch
+
+        return torch.from_numpy(self.example_images)
 
     def path(self, name: str) -> Path:
         return self.staging / FILENAMES[name]
