@@ -117,8 +117,10 @@ def default_errors_path(output: str):
     """OUTPUT's name + .errors.csv beside it (a folder's name for Parquet), None for stdout."""
     if output == "-":
         return None
-    root, ext = os.path.splitext(output.rstrip("/" + os.sep))
-    return (root if ext in (".csv", ".jsonl", ".parquet") else root + ext) + ".errors.csv"
+    if output_format(output, "csv") == "parquet":
+        folder = output.rstrip("/" + os.sep)
+        return folder.removesuffix(".parquet") + ".errors.csv"
+    return os.path.splitext(output)[0] + ".errors.csv"  # as local classify names it
 
 
 def classify_with_ray(paths, model, *, output, fmt="csv", errors=None, resume=False, manifest=None, address=None,
