@@ -277,9 +277,8 @@ def _write_report(report_path, output, fmt, errors_path, info):
     from cnnx.report import ReportError, write_classify_report
     from cnnx.runtime.files import os_error_line
 
-    errors = errors_path if errors_path is not None and os.path.exists(errors_path) else None
-    try:
-        write_classify_report(report_path, output=output, fmt=fmt, errors=errors,
+    try:  # a missing errors file means nothing was skipped; None would mean "no errors file given"
+        write_classify_report(report_path, output=output, fmt=fmt, errors=errors_path,
                               class_names=list(info.class_names), spec=info.spec)
     except ReportError as e:
         raise click.ClickException(f"cannot write the report: {e}") from None
