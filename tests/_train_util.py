@@ -29,3 +29,33 @@ def seed_args(data, out, name, cache, *extra):
     """Common, fast `cnnx train` arguments: seed-cnn, tiny batches, no progress bars."""
     return ["train", "--data", data, "--arch", "seed-cnn", "--out", out, "--name", name, "--cache-dir", cache,
             "--quiet", "--workers", "1", *extra]
+
+
+def remove_deep_tree(top: Path) -> None:
+    """Remove a folder tree of any depth without recursion (shutil.rmtree, and so pytest's
+    cleanup of old temp folders, raises RecursionError past ~1,000 levels): walk down by
+    relative names from an open folder, delete on the way back up."""
+    import os
+
+    fds = [os.open(top, os.O_RDONLY | os.O_DIRECTORY)]
+    names = []
+    try:
+        while fds:
+            fd = fds[-1]
+            sub = None
+            for entry in os.scandir(fd):
+                if entry.is_dir(follow_symlinks=False):
+                    sub = entry.name
+                else:
+                    os.unlink(entry.name, dir_fd=fd)
+            if sub is not None:
+                fds.append(os.open(sub, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd))
+                names.append(sub)
+                continue
+            os.close(fds.pop())
+            if names:
+                os.rmdir(names.pop(), dir_fd=fds[-1])
+    finally:
+        for fd in fds:
+            os.close(fd)
+    os.rmdir(top)

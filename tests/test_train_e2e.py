@@ -17,6 +17,7 @@ import torch
 from cnnx.train.checkpoint import load_checkpoint, model_from_checkpoint
 from cnnx.train.data import validation_split
 from cnnx.train.loop import evaluate
+from cnnx.train.run import LOCK_NAME
 
 from tests._train_util import run_cli, seed_args
 
@@ -41,7 +42,7 @@ def trained(cifar_subset, tmp_path_factory):
 
 def test_run_directory_and_checkpoint_contract(trained):
     data, run, r, _ = trained
-    for name in ("best.pt", "last.pt", "metrics.csv", "per_class.csv", "config.json"):
+    for name in ("best.pt", "last.pt", "metrics.csv", "per_class.csv", "config.json", "report.html"):
         assert (run / name).is_file(), name
     for png in ("top1", "loss", "top5", "per_class", "confusion"):
         assert (run / "plots" / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -55,7 +56,11 @@ def test_run_directory_and_checkpoint_contract(trained):
         assert key in raw, key
     assert raw["arch"] == "seed-cnn" and raw["num_classes"] == 10 and raw["preprocess"]["size"] == [32, 32]
     last = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
-    assert {"optimizer", "scheduler", "scaler", "rng", "history"} <= set(last)
+    assert {"optimizer", "scheduler", "history", "best"} <= set(last) and not {"scaler", "rng"} & set(last)
+    # report.html: the gallery is of the best epoch's validation images, with their files.
+    assert last["best"]["val_probs"].shape == (200, 10)
+    page = (run / "report.html").read_text()
+    assert "data:image/" in page and str(data) in page
 
     rows = _rows(run / "metrics.csv")
     assert len(rows) == 1 and float(rows[0]["seconds"]) > 0
@@ -136,7 +141,10 @@ def test_two_process_gloo_run_only_rank0_writes(cifar_subset, tmp_path):
     assert out.count("best val top-1") == 1  # one rank reports
     assert err.count("epoch 1/1 ") == 1
     run = tmp_path / "runs" / "ddp"
-    assert sorted(f.name for f in run.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.csv",
-                                                     "per_class.csv", "plots"]
+    assert sorted(f.name for f in run.iterdir()) == [LOCK_NAME, "best.pt", "config.json", "last.pt", "metrics.csv",
+                                                     "per_class.csv", "plots", "report.html"]
+    # The gallery holds every validation image: rank 1's shard was gathered to rank 0.
+    probs = torch.load(run / "last.pt", weights_only=True)["best"]["val_probs"]
+    assert probs.shape == (50, 10) and torch.allclose(probs.sum(1), torch.ones(50))
     ckpt = load_checkpoint(run / "best.pt")
     assert ckpt["config"]["world_size"] == 2 and len(_rows(run / "metrics.csv")) == 1

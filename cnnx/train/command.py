@@ -85,92 +85,116 @@ def _rank() -> int:
 def train(ctx, out, name, resume, stop_after, quiet, compile_, aug, **opts):
     """Train a CNN; keep the best checkpoint, curves and per-class accuracy under OUT/NAME/.
 
-    Writes best.pt, last.pt, metrics.csv, per_class.csv, config.json and plots/*.png. Under
-    `torchrun --nproc-per-node N -m cnnx train ...` each process trains a shard and only rank 0 writes.
+    Writes best.pt, last.pt, metrics.csv, per_class.csv, config.json, report.html and plots/*.png.
+    Under `torchrun --nproc-per-node N -m cnnx train ...` each process trains a shard and only rank 0 writes.
     """
+    import contextlib
+
+    from cnnx.runtime.files import first_line, os_error_line
     from cnnx.runtime.preprocess import SpecError
     from cnnx.train.checkpoint import CheckpointError
-    from cnnx.train.config import ConfigError, resolve_config
+    from cnnx.train.config import ConfigError
     from cnnx.train.data import DataError
-    from cnnx.train.zoo import ARCHS, UnknownArch
+    from cnnx.train.run import RunFolderError, fit, reserve_run_dir
+    from cnnx.train.zoo import UnknownArch
 
     opts["compile"] = compile_
     opts["aug"] = _parse_aug(aug)
     given = {k for k in CONFIG_OPTIONS
              if ctx.get_parameter_source(k if k != "compile" else "compile_") == click.core.ParameterSource.COMMANDLINE}
-    resume_ckpt = None
     try:
-        if resume:
-            from cnnx.train.run import resume_state
-
-            changed = sorted(given - set(RESUMABLE))
-            if changed:
-                raise click.UsageError(
-                    f"--resume continues the run's own config; cannot change {', '.join('--' + c.replace('_', '-') for c in changed)} "
-                    f"(only {', '.join('--' + c.replace('_', '-') for c in RESUMABLE)})")
-            cfg, resume_ckpt = resume_state(resume)
-            from dataclasses import replace
-
-            cfg = replace(cfg, **{k: opts[k] for k in given})
-            from cnnx.train.config import check_config
-
-            check_config(cfg)
-            if resume_ckpt["epoch"] >= cfg.epochs:
-                raise click.UsageError(f"{resume} already finished {resume_ckpt['epoch']} of {cfg.epochs} epochs; "
-                                       f"pass a larger --epochs to train further")
-            run_dir = Path(resume)
-            run_dir = run_dir if run_dir.is_dir() else run_dir.parent
-        else:
-            if opts["arch"] not in ARCHS:
-                raise click.BadParameter(f"unknown arch {opts['arch']!r}; valid: {', '.join(ARCHS)}",
-                                         param_hint="--arch")
-            data = opts["data"]
-            if data != "cifar10":
-                p = Path(data).expanduser()
-                if not p.exists():
-                    raise click.BadParameter(f"no such folder: {data} (or pass --data cifar10)", param_hint="--data")
-                if not p.is_dir():
-                    raise click.BadParameter(f"not a folder: {data}", param_hint="--data")
-                opts["data"] = str(p.resolve())
-            for k in ("data_root", "cache_dir"):
-                if opts.get(k):
-                    opts[k] = str(Path(opts[k]).expanduser().resolve())
-            if opts.get("pretrained"):
-                import inspect
-
-                if "pretrained" not in inspect.signature(ARCHS[opts["arch"]].build).parameters:
-                    able = [n for n, a in ARCHS.items() if "pretrained" in inspect.signature(a.build).parameters]
-                    raise click.BadParameter(f"{opts['arch']} has no pretrained weights; archs that do: {', '.join(able)}",
-                                             param_hint="--pretrained")
-            arch = opts.pop("arch")
-            cfg = resolve_config(arch, **opts)
-            if not name:
-                name = f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}"
-            if "/" in name or name in (".", ".."):
-                raise click.BadParameter(f"must be a plain folder name, got {name!r}", param_hint="--name")
-            run_dir = Path(out) / name
-            if _rank() == 0 and run_dir.exists() and any(run_dir.iterdir()):
-                raise click.ClickException(
-                    f"run folder {run_dir} already exists; continue it with --resume {run_dir} or choose another --name")
+        with contextlib.ExitStack() as held:
+            if resume:
+                run_dir = _resume_dir(resume, given)
+                if _rank() == 0:  # the folder is rank 0's: one writer, and never beside a live run
+                    held.enter_context(reserve_run_dir(run_dir, resume=True))
+                cfg, resume_ckpt = _resume_config(resume, given, opts)
+            else:
+                cfg, run_dir = _new_run_config(opts, out, name)
+                resume_ckpt = None
+                if _rank() == 0:
+                    held.enter_context(reserve_run_dir(run_dir, resume=False))
+            summary = fit(cfg, run_dir, resume=resume_ckpt, stop_after=stop_after, progress=not quiet)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
-    except (CheckpointError, DataError) as e:
-        raise click.ClickException(str(e)) from None
-
-    from cnnx.train.run import fit
-
-    try:
-        summary = fit(cfg, run_dir, resume=resume_ckpt, stop_after=stop_after, progress=not quiet)
-    except (DataError, CheckpointError, UnknownArch, SpecError) as e:
-        raise click.ClickException(str(e)) from None
+    except (CheckpointError, DataError, RunFolderError, UnknownArch, SpecError) as e:
+        raise click.ClickException(first_line(e)) from None
+    except OSError as e:  # a full disk (ENOSPC), a read-only or vanished --out: every write is atomic
+        raise click.ClickException(os_error_line(e)) from None
     except ValueError as e:  # device/config combinations only known at run time (e.g. --device cuda without CUDA)
-        raise click.ClickException(str(e).splitlines()[0]) from None
+        raise click.ClickException(first_line(e)) from None
     if _rank() == 0:
         line = (f"best val top-1 {summary['best_val_top1']:.4f} at epoch {summary['best_epoch']} "
                 f"({summary['epochs_run']} epochs, {summary['train_seconds']:.1f}s training)")
         if "test" in summary:
             line += f"; test top-1 {summary['test']['top1']:.4f}"
         click.echo(f"{summary['best']}\t{line}")
+
+
+def _option_names(names) -> str:
+    return ", ".join("--" + c.replace("_", "-") for c in names)
+
+
+def _resume_dir(resume, given) -> Path:
+    changed = sorted(given - set(RESUMABLE))
+    if changed:
+        raise click.UsageError(f"--resume continues the run's own config; cannot change {_option_names(changed)} "
+                               f"(only {_option_names(RESUMABLE)})")
+    path = Path(resume)
+    return path.parent if path.is_file() else path
+
+
+def _resume_config(resume, given, opts):
+    """(config, last.pt or None) of the run to continue, with the RESUMABLE options given now."""
+    from dataclasses import replace
+
+    from cnnx.train.config import check_config
+    from cnnx.train.run import resume_state, say
+
+    cfg, ckpt = resume_state(resume)
+    cfg = replace(cfg, **{k: opts[k] for k in given})
+    check_config(cfg)
+    if ckpt is None:
+        say(f"{resume} has no last.pt (its run was stopped before its first epoch ended): "
+            f"training it again from epoch 1 with its config.json")
+    elif ckpt["epoch"] >= cfg.epochs:
+        raise click.UsageError(f"{resume} already finished {ckpt['epoch']} of {cfg.epochs} epochs; "
+                               f"pass a larger --epochs to train further")
+    return cfg, ckpt
+
+
+def _new_run_config(opts, out, name):
+    """(config, run folder) of a new run from the command line's options."""
+    from cnnx.train.config import resolve_config
+    from cnnx.train.zoo import ARCHS
+
+    if opts["arch"] not in ARCHS:
+        raise click.BadParameter(f"unknown arch {opts['arch']!r}; valid: {', '.join(ARCHS)}", param_hint="--arch")
+    data = opts["data"]
+    if data != "cifar10":
+        p = Path(data).expanduser()
+        if not p.exists():
+            raise click.BadParameter(f"no such folder: {data} (or pass --data cifar10)", param_hint="--data")
+        if not p.is_dir():
+            raise click.BadParameter(f"not a folder: {data}", param_hint="--data")
+        opts["data"] = str(p.resolve())
+    for k in ("data_root", "cache_dir"):
+        if opts.get(k):
+            opts[k] = str(Path(opts[k]).expanduser().resolve())
+    if opts.get("pretrained"):
+        import inspect
+
+        if "pretrained" not in inspect.signature(ARCHS[opts["arch"]].build).parameters:
+            able = [n for n, a in ARCHS.items() if "pretrained" in inspect.signature(a.build).parameters]
+            raise click.BadParameter(f"{opts['arch']} has no pretrained weights; archs that do: {', '.join(able)}",
+                                     param_hint="--pretrained")
+    arch = opts.pop("arch")
+    cfg = resolve_config(arch, **opts)
+    if not name:
+        name = f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if "/" in name or name in (".", ".."):
+        raise click.BadParameter(f"must be a plain folder name, got {name!r}", param_hint="--name")
+    return cfg, Path(out) / name
 
 
 def _pick_split(layout, split, data):
@@ -200,22 +224,53 @@ def _pick_split(layout, split, data):
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache of decoded images (default as for cnnx train).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Confusion-matrix PNG to write (default <checkpoint folder>/confusion_<data name>.png).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object instead of a table.")
-def evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, plot, as_json):
+@click.option("--report", type=click.Path(dir_okay=False),
+              help="Also write one self-contained HTML page: per-class, confusion and the image galleries.")
+def evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, plot, as_json, report):
     """Top-1, top-5, per-class accuracy and confusion matrix of CHECKPOINT on a labelled image folder."""
-    import torch
-
-    from cnnx.train import loop, plots
-    from cnnx.train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-    from cnnx.train.data import DataError, folder_layout, load_image_folder
+    from cnnx.runtime.files import first_line, os_error_line
+    from cnnx.runtime.preprocess import SpecError
+    from cnnx.train.checkpoint import CheckpointError
+    from cnnx.train.data import DataError
 
     try:
-        ckpt = load_checkpoint(checkpoint)
-        model = model_from_checkpoint(ckpt)
-        layout = folder_layout(data)
-        folder = _pick_split(layout, split, data)
-        d = load_image_folder(folder, ckpt["preprocess"], progress=True, cache=cache_dir, workers=workers)
-    except (CheckpointError, DataError) as e:
-        raise click.ClickException(str(e)) from None
+        ev = _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, keep_probs=bool(report))
+        m, names = ev["metrics"], ev["class_names"]
+        plot_path = (Path(plot) if plot else
+                     Path(checkpoint).resolve().parent / f"confusion_{Path(ev['folder']).resolve().name}.png")
+        _write_evaluation_files(ev, checkpoint, plot_path, report)
+    except (CheckpointError, DataError, SpecError) as e:
+        raise click.ClickException(first_line(e)) from None
+    except OSError as e:
+        raise click.ClickException(os_error_line(e)) from None
+    if as_json:
+        click.echo(json.dumps({"checkpoint": str(checkpoint), "data": str(ev["folder"]), "n": m["n"], "loss": m["loss"],
+                               "top1": m["top1"], "top5": m["top5"],
+                               "per_class": {c: (None if v != v else v) for c, v in zip(names, m["per_class"])},
+                               "confusion": m["confusion"], "class_names": names, "skipped": len(ev["data"].skipped),
+                               "plot": str(plot_path)}))
+    else:
+        click.echo(f"images\t{m['n']}\ntop1\t{m['top1']:.4f}\ntop5\t{m['top5']:.4f}\nloss\t{m['loss']:.4f}")
+        for c, v in zip(names, m["per_class"]):
+            click.echo(f"top1[{c}]\t{'-' if v != v else f'{v:.4f}'}")
+    click.echo(f"confusion matrix: {plot_path}", err=True)
+    if report:
+        click.echo(f"report: {report}", err=True)
+    sys.stdout.flush()
+
+
+def _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, *, keep_probs) -> dict:
+    """Load, decode, run: {"ckpt", "folder", "data", "labels", "class_names", "metrics"}."""
+    import torch
+
+    from cnnx.train import loop
+    from cnnx.train.checkpoint import load_checkpoint, model_from_checkpoint
+    from cnnx.train.data import folder_layout, load_image_folder
+
+    ckpt = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(ckpt)
+    folder = _pick_split(folder_layout(data), split, data)
+    d = load_image_folder(folder, ckpt["preprocess"], progress=True, cache=cache_dir, workers=workers)
     names = list(ckpt["class_names"])
     unknown = [c for c in d.class_names if c not in names]
     if unknown:
@@ -229,27 +284,35 @@ def evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, pl
             click.echo(f"  ... and {len(d.skipped) - 20} more", err=True)
     if len(d.labels) == 0:
         raise click.ClickException(f"no readable images in {folder}")
-    remap = torch.tensor([names.index(c) for c in d.class_names])
-    labels = remap[d.labels]
+    labels = torch.tensor([names.index(c) for c in d.class_names])[d.labels]
     try:
         dev = loop.resolve_device(device, loop.Dist())
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     spec = ckpt["preprocess"]
     m = loop.evaluate(model, d.images, labels, mean=spec["mean"], std=spec["std"], batch_size=batch_size,
-                      device=dev, num_classes=len(names))
-    plot_path = Path(plot) if plot else Path(checkpoint).resolve().parent / f"confusion_{Path(folder).resolve().name}.png"
-    plots.plot_confusion(m["confusion"], names, plot_path,
-                         title=f"{Path(checkpoint).name} on {folder} ({m['n']} images)")
-    if as_json:
-        click.echo(json.dumps({"checkpoint": str(checkpoint), "data": str(folder), "n": m["n"], "loss": m["loss"],
-                               "top1": m["top1"], "top5": m["top5"],
-                               "per_class": {c: (None if v != v else v) for c, v in zip(names, m["per_class"])},
-                               "confusion": m["confusion"], "class_names": names, "skipped": len(d.skipped),
-                               "plot": str(plot_path)}))
-    else:
-        click.echo(f"images\t{m['n']}\ntop1\t{m['top1']:.4f}\ntop5\t{m['top5']:.4f}\nloss\t{m['loss']:.4f}")
-        for c, v in zip(names, m["per_class"]):
-            click.echo(f"top1[{c}]\t{'-' if v != v else f'{v:.4f}'}")
-    click.echo(f"confusion matrix: {plot_path}", err=True)
-    sys.stdout.flush()
+                      device=dev, num_classes=len(names), keep_probs=keep_probs)
+    if m["nonfinite"]:
+        raise click.ClickException(f"{checkpoint} gives non-finite outputs (NaN or inf) for {m['nonfinite']} of "
+                                   f"{m['n']} images: its weights are broken; no metrics")
+    return {"ckpt": ckpt, "folder": folder, "data": d, "labels": labels, "class_names": names, "metrics": m}
+
+
+def _write_evaluation_files(ev: dict, checkpoint, plot_path: Path, report):
+    from cnnx.train import plots
+
+    m = ev["metrics"]
+    plots.plot_confusion(m["confusion"], ev["class_names"], plot_path,
+                         title=f"{Path(checkpoint).name} on {ev['folder']} ({m['n']} images)")
+    if report:
+        from cnnx.report import Predictions, write_training_report
+
+        d = ev["data"]
+        write_training_report(
+            report, title=f"cnnx evaluate: {Path(checkpoint).name} on {ev['folder']}", config=ev["ckpt"]["config"],
+            history=[], class_names=ev["class_names"], confusion=m["confusion"],
+            val=Predictions(images=d.images.numpy(), labels=ev["labels"].numpy(), probs=m["probs"].numpy(),
+                            paths=d.paths),
+            summary={"checkpoint": str(checkpoint), "epoch": ev["ckpt"]["epoch"], "data": str(ev["folder"]),
+                     "images": m["n"], "top1": m["top1"], "top5": m["top5"], "loss": m["loss"],
+                     "skipped": len(d.skipped)})

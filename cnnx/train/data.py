@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from cnnx.runtime.contract import is_image_name
+from cnnx.runtime.files import atomic_file, first_line, remove_stale_temps
 from cnnx.runtime.preprocess import PREPROCESS_VERSION, ImageError, load_image
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -33,6 +35,7 @@ class ImageFolderData:
     class_names: list
     paths: list  # str, sorted per class, in the order of images
     skipped: list = field(default_factory=list)  # (path, reason) of files that could not be decoded
+    ignored: int = 0  # files skipped because their names are not image names
 
 
 def cache_dir(explicit=None) -> Path:
@@ -68,103 +71,220 @@ def folder_layout(root) -> dict:
     return {"all": root}
 
 
-def _list_files(root: Path):
+@dataclass
+class Listing:
+    class_names: list
+    files: list  # (path relative to the root, class index, mtime_ns, size), sorted per class
+    ignored: int = 0  # files whose names are not image names (a README beside the photos)
+    unlisted: list = field(default_factory=list)  # (folder, reason) of subfolders that cannot be read
+
+
+def _walk_images(top: str, listing: Listing, class_index: int, root: str):
+    """Append the image files under `top` to the listing: a folder's files (sorted by name)
+    before its subfolders, depth-first. A stack, not recursion, so a tree nested thousands of
+    levels deep cannot raise RecursionError. Hidden names are skipped; symlinked folders are
+    not followed (symlinked files are); names that are not image names are counted, not read."""
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            listing.unlisted.append((folder, f"cannot list folder: {e.strerror or first_line(e)}"))
+            continue
+        subfolders = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                if e.is_dir():
+                    if not e.is_symlink():
+                        subfolders.append(e.path)
+                    continue
+                if not is_image_name(e.name):
+                    listing.ignored += 1
+                    continue
+                st = e.stat()
+            except OSError:
+                continue  # vanished or a dangling link: nothing to decode
+            listing.files.append((os.path.relpath(e.path, root), class_index, st.st_mtime_ns, st.st_size))
+        stack.extend(reversed(subfolders))
+
+
+def list_image_folder(root: Path) -> Listing:
+    """Classes are the sorted visible subfolders of root; a class folder holding no image file
+    is a DataError (not a silent class the model can never learn)."""
     classes = [e for e in _visible(root.iterdir()) if e.is_dir()]
     if not classes:
         raise DataError(f"no class folders in {root} (expected {root}/<class>/<image files>)")
-    files = []  # (relative path, class index, mtime_ns, size)
+    listing = Listing([c.name for c in classes], [])
     for ci, c in enumerate(classes):
-        for dirpath, dirnames, filenames in os.walk(c):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(filenames):
-                if name.startswith("."):
-                    continue
-                p = os.path.join(dirpath, name)
-                try:
-                    st = os.stat(p)
-                except OSError:
-                    continue
-                files.append((os.path.relpath(p, root), ci, st.st_mtime_ns, st.st_size))
-    if not files:
-        raise DataError(f"no files in the class folders of {root}")
-    return [c.name for c in classes], files
+        before = len(listing.files)
+        _walk_images(str(c), listing, ci, str(root))
+        if len(listing.files) == before:
+            raise DataError(f"class folder {c} holds no image files; add images to it or remove it")
+    return listing
 
 
-def _decode_chunk(args):
-    """Worker: decode a list of paths; returns (uint8 bytes of the good ones, their indices in
-    the list, [(path, reason)] of the bad ones)."""
-    import numpy as np
-
-    paths, spec = args
-    good, idx, errors = [], [], []
+def _decode_chunk(paths, spec, out):
+    """Decode `paths` into the front rows of `out` (uint8 (len(paths), 3, H, W)); returns
+    (indices of the decoded paths in the list, [(path, reason)] of the others)."""
+    idx, errors = [], []
     for i, p in enumerate(paths):
         try:
             arr, _ = load_image(p, spec)
         except ImageError as e:
             errors.append((p, f"{e.stage}: {e}"))
             continue
-        good.append(arr)
+        out[len(idx)] = arr
         idx.append(i)
-    blob = np.stack(good).tobytes() if good else b""
-    return blob, idx, errors
+    return idx, errors
+
+
+def _decode_worker(conn, jobs, spec):
+    """A decode process: for each (job number, paths) send a header (job, indices, errors)
+    and then the decoded rows as raw bytes, over this worker's own pipe."""
+    import signal
+
+    import numpy as np
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends us
+    h, w = spec["size"]
+    buf = np.empty((max((len(p) for _, p in jobs), default=0), 3, h, w), dtype=np.uint8)
+    try:
+        for j, paths in jobs:
+            idx, errors = _decode_chunk(paths, spec, buf)
+            conn.send((j, idx, errors))
+            conn.send_bytes(memoryview(buf[:len(idx)]).cast("B"))
+    except BaseException as e:  # MemoryError and the like: say what, then end
+        try:
+            conn.send(("error", f"{type(e).__name__}: {first_line(e)}"))
+        except OSError:
+            pass
+    finally:
+        conn.close()
+
+
+class _WorkerDied(Exception):
+    pass
+
+
+def _worker_death(proc, n, spec) -> str:
+    """One line on a decode process that ended before sending all its results."""
+    import signal
+
+    proc.join(timeout=5)
+    code = proc.exitcode
+    h, w = spec["size"]
+    need = n * 3 * h * w
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        line = f"a decode worker process was killed by {name} while decoding {n} images"
+        if -code == signal.SIGKILL:
+            line += (f"; the usual cause is running out of memory (the decoded images alone need "
+                     f"{need / 2**30:.2f} GiB = {n} x 3 x {h} x {w} bytes): free memory, lower --image-size "
+                     f"or --workers, or split the data")
+        return line
+    return f"a decode worker process ended unexpectedly (exit status {code}) while decoding {n} images"
 
 
 def _decode_all(paths, spec, *, workers, progress):
-    """Decode paths in parallel worker processes; returns (uint8 tensor, kept indices, skipped)."""
-    import numpy as np
-    from concurrent.futures import ProcessPoolExecutor
-    import multiprocessing as mp
+    """Decode paths in worker processes; returns (uint8 tensor, kept indices, skipped).
 
+    Each worker has its own pipe, whose write end only it holds: a worker that dies (the OOM
+    killer's SIGKILL) even half-way through a message gives EOF here, and the run ends with
+    one line. (concurrent.futures' pool shares one result pipe among its workers; a worker
+    killed mid-message leaves a partial message that its manager thread waits on forever.)"""
+    import multiprocessing as mp
+    from multiprocessing.connection import wait
+
+    import numpy as np
     from tqdm import tqdm
 
     n = len(paths)
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
-    # Big chunks: a tiny JPEG decodes in ~30 us, so per-task overhead must stay small.
+    # Big chunks: a tiny JPEG decodes in ~30 us, so per-message overhead must stay small.
     chunk = max(256, -(-n // (max(workers, 1) * 8)))
-    jobs = [(paths[i:i + chunk], spec) for i in range(0, n, chunk)]
+    jobs = [(j, paths[i:i + chunk]) for j, i in enumerate(range(0, n, chunk))]
     h, w = spec["size"]
-    out = np.empty((n, 3, h, w), dtype=np.uint8)
-    kept, skipped, filled = [], [], 0
+    out = np.empty((n, 3, h, w), dtype=np.uint8)  # job j's decoded rows land at its start, packed
+    kept_by_job, errors_by_job = {}, {}
     bar = tqdm(total=n, desc="decoding images", unit="img", file=sys.stderr, disable=not progress, leave=False)
-    if workers <= 1 or len(jobs) == 1:
-        results = map(_decode_chunk, jobs)
-        pool = None
-    else:
-        # fork, not spawn: spawn re-runs the caller's __main__ (breaking scripts without a main
-        # guard). The children touch only Pillow and numpy, never torch's thread pools.
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
-        results = pool.map(_decode_chunk, jobs)
+    workers = min(workers, len(jobs))
+    procs = {}
     try:
-        for j, (blob, idx, errors) in enumerate(results):
-            base = j * chunk
-            if idx:
-                block = np.frombuffer(blob, dtype=np.uint8).reshape(len(idx), 3, h, w)
-                out[filled:filled + len(idx)] = block
-                filled += len(idx)
-                kept.extend(base + i for i in idx)
-            skipped.extend(errors)
-            bar.update(len(jobs[j][0]))
+        if workers <= 1:
+            for j, p in jobs:
+                kept_by_job[j], errors_by_job[j] = _decode_chunk(p, spec, out[j * chunk:])
+                bar.update(len(p))
+        else:
+            # fork, not spawn: spawn re-runs the caller's __main__ (breaking scripts without a main
+            # guard). The children touch only Pillow and numpy, never torch's thread pools.
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            for k in range(workers):
+                reader, writer = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_decode_worker, args=(writer, jobs[k::workers], spec), daemon=True)
+                proc.start()
+                writer.close()  # the worker holds the only write end: its death is EOF here
+                procs[reader] = (proc, len(jobs[k::workers]))
+            pending = dict(procs)
+            while pending:
+                for reader in wait(list(pending)):
+                    proc, left = pending[reader]
+                    try:
+                        header = reader.recv()
+                        if header[0] == "error":
+                            raise DataError(f"a decode worker process failed: {header[1]}")
+                        j, idx, errors = header
+                        start = j * chunk
+                        reader.recv_bytes_into(memoryview(out[start:start + len(idx)]).cast("B"))
+                    except (EOFError, OSError):
+                        raise _WorkerDied(_worker_death(proc, n, spec)) from None
+                    kept_by_job[j], errors_by_job[j] = idx, errors
+                    bar.update(len(jobs[j][1]))
+                    if left == 1:
+                        del pending[reader]
+                    else:
+                        pending[reader] = (proc, left - 1)
+    except _WorkerDied as e:
+        raise DataError(str(e)) from None
     finally:
         bar.close()
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    return torch.from_numpy(out[:filled].copy()), kept, skipped
+        for reader, (proc, _) in procs.items():
+            if proc.is_alive():
+                proc.kill()
+            proc.join()
+            reader.close()
+    # Pack the rows of all jobs to the front, in file order (every move is to a lower index).
+    kept, skipped, filled = [], [], 0
+    for j, _ in jobs:
+        skipped.extend(errors_by_job[j])
+        idx = kept_by_job[j]
+        if filled != j * chunk:
+            out[filled:filled + len(idx)] = out[j * chunk:j * chunk + len(idx)]
+        filled += len(idx)
+        kept.extend(j * chunk + i for i in idx)
+    return torch.from_numpy(out[:filled]), kept, skipped
 
 
 def load_image_folder(root, spec, *, progress=True, cache=None, workers=None, use_cache=True) -> ImageFolderData:
     """Decode DIR/<class>/<files> into uint8 (N, 3, H, W) through the preprocess spec.
 
-    Classes are the sorted visible subfolders (label id = index); files are sorted per
-    class; unreadable files are skipped and listed in `.skipped` as (path, reason). The
-    result is cached under the cache dir, keyed by the folder, its file list with mtimes
-    and sizes, the spec and PREPROCESS_VERSION."""
+    Classes are the sorted visible subfolders (label id = index); the image files (by name,
+    as `cnnx classify` picks them) are sorted per class; unreadable files are skipped and
+    listed in `.skipped` as (path, reason). The result is cached under the cache dir, keyed
+    by the folder, its file list with mtimes and sizes, the spec and PREPROCESS_VERSION."""
     root = Path(root).expanduser().resolve()
     if not root.exists():
         raise DataError(f"data folder not found: {root}")
     if not root.is_dir():
         raise DataError(f"data path is not a folder: {root}")
-    class_names, files = _list_files(root)
+    listing = list_image_folder(root)
+    class_names, files = listing.class_names, listing.files
     key_src = json.dumps(
         {"root": str(root), "files": files, "spec": spec, "preprocess_version": PREPROCESS_VERSION,
          "cache_format": CACHE_FORMAT},
@@ -172,29 +292,49 @@ def load_image_folder(root, spec, *, progress=True, cache=None, workers=None, us
     )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:32]
     cache_file = cache_dir(cache) / "folders" / f"{key}.pt"
-    if use_cache and cache_file.exists():
-        try:
-            c = torch.load(cache_file, map_location="cpu", weights_only=True)
-            return ImageFolderData(c["images"], c["labels"], list(c["class_names"]),
-                                   [str(root / p) for p in c["paths"]],
-                                   [(str(root / p), r) for p, r in c["skipped"]])
-        except Exception:  # a damaged cache file is rebuilt, never trusted
-            pass
-    abs_paths = [str(root / f[0]) for f in files]
-    images, kept, skipped = _decode_all(abs_paths, spec, workers=workers, progress=progress)
-    labels = torch.tensor([files[i][1] for i in kept], dtype=torch.int64)
-    paths = [files[i][0] for i in kept]
-    skipped_rel = [(os.path.relpath(p, root), r) for p, r in skipped]
-    if use_cache:
-        from cnnx.train.checkpoint import save_checkpoint  # atomic: temp file, fsync, rename
+    unlisted = [(str(p), r) for p, r in listing.unlisted]
+    data = _read_cache(cache_file, root) if use_cache else None
+    if data is None:
+        abs_paths = [str(root / f[0]) for f in files]
+        images, kept, skipped = _decode_all(abs_paths, spec, workers=workers, progress=progress)
+        labels = torch.tensor([files[i][1] for i in kept], dtype=torch.int64)
+        paths = [files[i][0] for i in kept]
+        skipped_rel = [(os.path.relpath(p, root), r) for p, r in skipped]
+        if use_cache:
+            _write_cache(cache_file, {"images": images, "labels": labels, "class_names": class_names,
+                                      "paths": paths, "skipped": skipped_rel})
+        data = ImageFolderData(images, labels, class_names, [str(root / p) for p in paths],
+                               [(str(root / p), r) for p, r in skipped_rel])
+    data.skipped = unlisted + data.skipped
+    data.ignored = listing.ignored
+    counts = torch.bincount(data.labels, minlength=len(class_names)).tolist()
+    empty = [c for c, k in zip(class_names, counts) if k == 0]
+    if empty:
+        raise DataError(f"class folder {root / empty[0]} holds no image that can be decoded "
+                        f"({len(empty)} such class(es)); fix or remove it")
+    return data
 
-        try:
-            save_checkpoint({"images": images, "labels": labels, "class_names": class_names,
-                                "paths": paths, "skipped": skipped_rel}, cache_file)
-        except OSError as e:  # a read-only cache costs speed, not correctness
-            print(f"warning: cannot write the data cache {cache_file}: {e}", file=sys.stderr)
-    return ImageFolderData(images, labels, class_names, [str(root / p) for p in paths],
-                           [(str(root / p), r) for p, r in skipped_rel])
+
+def _read_cache(cache_file: Path, root: Path):
+    if not cache_file.exists():
+        return None
+    try:
+        c = torch.load(cache_file, map_location="cpu", weights_only=True)
+        return ImageFolderData(c["images"], c["labels"], list(c["class_names"]), [str(root / p) for p in c["paths"]],
+                               [(str(root / p), r) for p, r in c["skipped"]])
+    except Exception:  # a damaged cache file is rebuilt, never trusted
+        return None
+
+
+def _write_cache(cache_file: Path, obj: dict):
+    """Complete or absent (files.atomic_file); temp files of killed runs are removed first."""
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(cache_file.parent)
+        with atomic_file(cache_file, "wb") as f:
+            torch.save(obj, f)
+    except OSError as e:  # a read-only or full cache costs speed, not correctness
+        print(f"warning: cannot write the data cache {cache_file}: {first_line(e)}", file=sys.stderr)
 
 
 # --- CIFAR-10 through torchvision ---------------------------------------------------------
@@ -212,14 +352,21 @@ def _online(host, timeout=3.0) -> bool:
         return False
 
 
+def _cifar10_present(root: Path) -> bool:
+    """Every batch file of the python version is there with its published md5."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import check_integrity
+
+    return all(check_integrity(str(root / CIFAR10.base_folder / name), md5)
+               for name, md5 in CIFAR10.train_list + CIFAR10.test_list)
+
+
 def load_cifar10(data_root, *, train: bool, download=True):
     """(images uint8 (N,3,32,32), labels int64, class_names) of the CIFAR-10 train or test split."""
     from torchvision.datasets import CIFAR10
 
     root = Path(data_root).expanduser()
-    probe = CIFAR10.__new__(CIFAR10)  # only to ask whether the files are already there
-    probe.root = str(root)
-    if not probe._check_integrity():
+    if not _cifar10_present(root):
         if not download or not _online(CIFAR10_HOST):
             raise DataError(
                 f"CIFAR-10 is not in {root} and cannot be downloaded (offline); pass --data-root with a "
@@ -229,7 +376,7 @@ def load_cifar10(data_root, *, train: bool, download=True):
             root.mkdir(parents=True, exist_ok=True)
             CIFAR10(str(root), train=True, download=True)
         except Exception as e:  # network errors arrive in many types
-            raise DataError(f"downloading CIFAR-10 into {root} failed: {str(e).splitlines()[0][:200]}") from None
+            raise DataError(f"downloading CIFAR-10 into {root} failed: {first_line(e, 200)}") from None
     ds = CIFAR10(str(root), train=train, download=False)
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
     return images, torch.tensor(ds.targets, dtype=torch.int64), list(ds.classes)
@@ -264,6 +411,8 @@ class Splits:
     class_names: list
     skipped: list
     source: str  # a one-line description for the log
+    val_paths: list | None = None  # source file of each validation image (image folders)
+    ignored: int = 0  # files skipped because their names are not image names
 
 
 def _check_classes(names, where):
@@ -295,18 +444,22 @@ def load_splits(config: dict, *, progress=True, workers=None) -> Splits:
         _check_classes(d.class_names, data)
         tr, va = stratified_split(d.labels, config["val_fraction"], config["split_seed"])
         return Splits((d.images[tr], d.labels[tr]), (d.images[va], d.labels[va]), None, d.class_names, d.skipped,
-                      f"{len(d.labels)} images in {len(d.class_names)} classes from {data}")
+                      f"{len(d.labels)} images in {len(d.class_names)} classes from {data}",
+                      [d.paths[i] for i in va.tolist()], d.ignored)
     if "train" not in layout:
         raise DataError(f"{data} has {'/'.join(sorted(layout))} but no train/ split to train on")
     d = load(layout["train"])
     _check_classes(d.class_names, layout["train"])
-    skipped = list(d.skipped)
+    skipped, ignored, paths = list(d.skipped), d.ignored, {}
 
     def other(name):
+        nonlocal ignored
         if name not in layout:
             return None
         o = load(layout[name])
         skipped.extend(o.skipped)
+        ignored += o.ignored
+        paths[name] = o.paths
         if o.class_names != d.class_names:
             extra = sorted(set(o.class_names) - set(d.class_names))
             if extra:
@@ -320,10 +473,12 @@ def load_splits(config: dict, *, progress=True, workers=None) -> Splits:
     if val is None:
         tr, va = stratified_split(d.labels, config["val_fraction"], config["split_seed"])
         train, val = (d.images[tr], d.labels[tr]), (d.images[va], d.labels[va])
+        paths["val"] = [d.paths[i] for i in va.tolist()]
     else:
         train = (d.images, d.labels)
     return Splits(train, val, test, d.class_names, skipped,
-                  f"{len(train[1])} train / {len(val[1])} val images in {len(d.class_names)} classes from {data}")
+                  f"{len(train[1])} train / {len(val[1])} val images in {len(d.class_names)} classes from {data}",
+                  paths["val"], ignored)
 
 
 def validation_split(config: dict):

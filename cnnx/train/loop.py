@@ -1,7 +1,8 @@
-"""The training loop: two small functions (`train_one_epoch`, `evaluate`) and `fit`, which
-reads top to bottom. Data stays one uint8 tensor on the device; batches are slices of a
-seeded random permutation; augmentation is one gather per batch; the learning rate is a
-pure function of the step (`lr_at`), so resuming needs only the step number.
+"""The pieces of the training loop: `train_one_epoch` and `evaluate` (two small functions
+that return plain metrics; cnnx.train.run.fit is the loop that calls them). Data stays one
+uint8 tensor on the device; batches are slices of a seeded random permutation; augmentation
+is one gather per batch; the learning rate is a pure function of the step (`lr_at`), so
+resuming needs only the step number.
 
 Randomness is reseeded from (seed, epoch, rank) at the start of every epoch, which makes a
 resumed run take exactly the same batches and augmentations as an uninterrupted one.
@@ -90,10 +91,12 @@ class Counts:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.top5 = torch.zeros((), dtype=torch.int64, device=device)
         self.confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # images with a NaN/inf logit
 
     @torch.no_grad()
     def add(self, logits, labels, loss_sum):
         k = min(5, self.c)
+        self.nonfinite += (~torch.isfinite(logits)).any(dim=1).sum()
         self.loss_sum += loss_sum.double()
         self.top5 += (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum()
         self.confusion += torch.bincount(labels * self.c + logits.argmax(1), minlength=self.c * self.c)
@@ -102,7 +105,7 @@ class Counts:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            for t in (self.loss_sum, self.top5, self.confusion):
+            for t in (self.loss_sum, self.top5, self.confusion, self.nonfinite):
                 dist.all_reduce(t)
         return self
 
@@ -118,11 +121,16 @@ class Counts:
             "per_class": [p if m > 0 else float("nan") for p, m in zip(per_class, per_class_n.tolist())],
             "confusion": cm.tolist(),
             "n": n,
+            "nonfinite": int(self.nonfinite),
         }
 
 
-def _eval_counts(wrapped, images, labels, num_classes, *, batch_size, device, bf16=False, channels_last=False):
+def eval_counts(wrapped, images, labels, num_classes, *, batch_size, device, bf16=False, channels_last=False,
+                keep_probs=False):
+    """(Counts, softmax probabilities float32 (N, C) on the device when keep_probs, else None)
+    of `wrapped` (a Uint8Input model) on uint8 images, in eval mode."""
     counts = Counts(num_classes, device)
+    probs = []
     was_training = wrapped.training
     wrapped.eval()
     try:
@@ -136,15 +144,22 @@ def _eval_counts(wrapped, images, labels, num_classes, *, batch_size, device, bf
                     logits = wrapped(x)
                 logits = logits.float()
                 counts.add(logits, y, F.cross_entropy(logits, y, reduction="sum"))
+                if keep_probs:
+                    probs.append(logits.softmax(dim=1))
     finally:
         wrapped.train(was_training)
-    return counts
+    if not keep_probs:
+        return counts, None
+    return counts, torch.cat(probs) if probs else torch.zeros((0, num_classes), device=device)
 
 
-def evaluate(model, images_uint8, labels, *, mean, std, batch_size=1024, device="cpu", num_classes=None) -> dict:
+def evaluate(model, images_uint8, labels, *, mean, std, batch_size=1024, device="cpu", num_classes=None,
+             keep_probs=False) -> dict:
     """Loss (plain cross-entropy), top-1, top-5, per-class top-1 (list, NaN for a class with
-    no images) and the confusion matrix (list of lists, rows = true label) of `model` on
-    uint8 images. The model is wrapped in zoo.Uint8Input, exactly as in training and export."""
+    no images), the confusion matrix (list of lists, rows = true label) and `nonfinite` (the
+    number of images with a NaN/inf logit) of `model` on uint8 images; with keep_probs also
+    "probs", the softmax float32 (N, C) on the CPU. The model is wrapped in zoo.Uint8Input,
+    exactly as in training and export."""
     from cnnx.train.zoo import Uint8Input
 
     model = getattr(model, "module", model)
@@ -160,7 +175,12 @@ def evaluate(model, images_uint8, labels, *, mean, std, batch_size=1024, device=
             num_classes = wrapped(images_uint8[:1].to(device)).shape[1]
             wrapped.train(was)
     labels = torch.as_tensor(labels, dtype=torch.int64)
-    return _eval_counts(wrapped, images_uint8, labels, num_classes, batch_size=batch_size, device=device).metrics()
+    counts, probs = eval_counts(wrapped, images_uint8, labels, num_classes, batch_size=batch_size, device=device,
+                                keep_probs=keep_probs)
+    m = counts.metrics()
+    if keep_probs:
+        m["probs"] = probs.cpu()
+    return m
 
 
 # --- one epoch ------------------------------------------------------------------------------
@@ -192,7 +212,7 @@ def train_one_epoch(train_model, optimizer, images, labels, *, cfg: TrainConfig,
         y = labels[idx.to(labels.device)]
         x = augment_batch(x, aug=cfg.aug, pad=cfg.crop_pad, cutout=cfg.cutout, generator=g_aug)
         # The augmentation gather already yields channels_last strides; make it explicit either way.
-        x = x.contiguous(memory_format=torch.channels_last if _channels_last(cfg, dev_type) else torch.contiguous_format)
+        x = x.contiguous(memory_format=torch.channels_last if channels_last_enabled(cfg, dev_type) else torch.contiguous_format)
         lr = lr_at(step, total_steps, peak=cfg.lr, schedule=cfg.schedule, warmup=cfg.warmup, final=cfg.final_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -213,11 +233,13 @@ def train_one_epoch(train_model, optimizer, images, labels, *, cfg: TrainConfig,
     return m, step
 
 
-def _channels_last(cfg: TrainConfig, dev_type: str) -> bool:
+def channels_last_enabled(cfg: TrainConfig, dev_type: str) -> bool:
+    """The config's choice, else on for CUDA and off for CPU."""
     return cfg.channels_last if cfg.channels_last is not None else dev_type == "cuda"
 
 
-def _bf16(cfg: TrainConfig, dev_type: str) -> bool:
+def bf16_enabled(cfg: TrainConfig, dev_type: str) -> bool:
+    """The config's choice, else on for CUDA and off for CPU."""
     return cfg.bf16 if cfg.bf16 is not None else dev_type == "cuda"
 
 

@@ -3,8 +3,9 @@ and a confusion matrix. Matplotlib's Agg backend, so no display is needed."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from cnnx.runtime.files import atomic_file
 
 
 def _plt():
@@ -19,9 +20,8 @@ def _plt():
 def _save(fig, path: Path):
     """Atomic like every other file of a run: a half-written PNG never replaces a good one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
 
 
 def plot_curves(history: list, folder) -> list:

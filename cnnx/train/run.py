@@ -1,22 +1,31 @@
 """One training run from a resolved TrainConfig to a run directory (DESIGN.md "Run directory").
 
+`fit` reads like torchvision's reference `main`: `setup`, then per epoch `train_epoch`,
+`evaluate_epoch`, `save_epoch`, then `finish`. What stays fixed during a run lives in `Run`;
+what changes per epoch (and what last.pt stores for an exact resume) lives in `State`.
+
 Only rank 0 writes files or talks; every rank trains its shard of each batch and joins the
 all-reduce of the metrics, so all ranks take the same early-stopping decision.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import enum
+import fcntl
 import io
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from cnnx import __version__
+from cnnx.runtime import files
 from cnnx.train import loop
 from cnnx.train.checkpoint import build_checkpoint, save_checkpoint
 from cnnx.train.config import TrainConfig, config_from_dict
@@ -24,6 +33,10 @@ from cnnx.train.data import load_splits
 
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_top1", "train_top5", "val_loss", "val_top1", "val_top5",
                   "seconds", "eval_seconds", "train_seconds_total")
+LOCK_NAME = ".cnnx-run.lock"  # flock'ed by the process that owns the folder, for the whole run
+RUN_FILES = frozenset({"config.json", "best.pt", "last.pt", "metrics.csv", "per_class.csv", "skipped.txt",
+                       "test_metrics.json", "report.html", "plots", LOCK_NAME})
+OLD_TEMP_PREFIX = ".tmp-"  # temp files of cnnx versions before cnnx.runtime.files
 
 
 def say(msg: str, d=None):
@@ -31,12 +44,135 @@ def say(msg: str, d=None):
         print(msg, file=sys.stderr, flush=True)
 
 
-def _write_text_atomic(path: Path, text: str):
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
+class Stop(enum.Enum):
+    """Why the epoch loop ended."""
 
+    FINISHED = "finished"  # all --epochs ran
+    EARLY = "early"  # --patience epochs without a better val top-1
+    PAUSED = "paused"  # --stop-after: the run continues later with --resume
+
+
+# --- the run folder ---------------------------------------------------------------------------
+
+class RunFolderError(Exception):
+    """A run folder that cannot be used (exists, in use, not writable); one line for the user."""
+
+
+class RunLock:
+    """An exclusive flock on OUT/NAME/.cnnx-run.lock, held until `release` (or process exit,
+    so a killed run never leaves the folder locked)."""
+
+    def __init__(self, fd: int, run_dir: Path):
+        self.fd, self.run_dir = fd, run_dir
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def reserve_run_dir(run_dir, *, resume: bool) -> RunLock:
+    """Make `run_dir` this process's, before any data is read. A new run creates the folder
+    (os.mkdir: exactly one of two racing runs creates it) and both a new run and --resume take
+    the folder's flock without waiting: whoever holds it owns the folder, the other gets one
+    line. A new run may reuse an existing folder only when it holds nothing a user could lose
+    (no last.pt, only a run's own files): that is how a run killed before its first epoch
+    ended is started again with the same --name. Temp files left by killed runs are removed."""
+    run_dir = Path(run_dir)
+    created = False
+    if not resume:
+        try:
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            os.mkdir(run_dir)
+            created = True
+        except FileExistsError:
+            if not run_dir.is_dir():
+                raise RunFolderError(f"{run_dir} exists and is not a folder; choose another --name") from None
+        except OSError as e:
+            raise RunFolderError(f"cannot create the run folder: {files.os_error_line(e, run_dir)}") from None
+    elif not run_dir.is_dir():
+        raise RunFolderError(f"run folder not found: {run_dir}")
+    if not created and not resume and not (run_dir / LOCK_NAME).exists():
+        _check_reusable(run_dir)  # a folder that is not a run's: refuse without writing into it
+    lock = _lock(run_dir)
+    try:
+        if not created and not resume:
+            _check_reusable(run_dir)
+            _clear_unfinished_run(run_dir)
+        os.ftruncate(lock.fd, 0)
+        os.write(lock.fd, f"{os.getpid()}\n".encode())
+    except BaseException:
+        lock.release()
+        raise
+    remove_stale_temps(run_dir)
+    return lock
+
+
+def _lock(run_dir: Path) -> RunLock:
+    path = run_dir / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise RunFolderError(f"cannot use the run folder: {files.os_error_line(e, path)}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise RunFolderError(f"run folder {run_dir} is in use by another cnnx train"
+                             f"{f' (pid {holder})' if holder.isdigit() else ''}; wait for it or choose another --name"
+                             ) from None
+    return RunLock(fd, run_dir)
+
+
+def _check_reusable(run_dir: Path):
+    names = {n for n in os.listdir(run_dir) if not n.startswith((files.TEMP_PREFIX, OLD_TEMP_PREFIX))}
+    if "last.pt" in names:
+        raise RunFolderError(f"run folder {run_dir} already exists; continue it with --resume {run_dir} "
+                             f"or choose another --name")
+    foreign = sorted(names - RUN_FILES)
+    if foreign:
+        raise RunFolderError(f"{run_dir} already exists and holds files that are not a cnnx run's "
+                             f"({foreign[0]}{', ...' if len(foreign) > 1 else ''}); choose another --name")
+
+
+def _clear_unfinished_run(run_dir: Path):
+    """Remove what a run killed before its first last.pt left (a reusable folder holds only
+    run files), so the new run's folder never mixes its files with the old run's."""
+    import shutil
+
+    old = sorted(n for n in os.listdir(run_dir) if n in RUN_FILES and n != LOCK_NAME)
+    if not old:
+        return
+    for n in old:
+        p = run_dir / n
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    say(f"reusing {run_dir}: its earlier run stopped before its first epoch ended (no last.pt); "
+        f"removed its {', '.join(old)}")
+
+
+def remove_stale_temps(run_dir: Path) -> list:
+    """Temp files that killed runs left in the run folder. `.cnnx-tmp-<pid>-*` of live
+    processes stay (files.remove_stale_temps); the caller holds the folder's lock, so the
+    pid-less `.tmp-*.pt` of older cnnx versions' checkpoint writer cannot be anyone's now."""
+    removed = []
+    for folder in (run_dir, run_dir / "plots"):
+        removed += files.remove_stale_temps(folder, (files.TEMP_PREFIX, OLD_TEMP_PREFIX))
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(folder):
+                if entry.name.startswith(OLD_TEMP_PREFIX) and entry.name.endswith(".pt") and entry.is_file():
+                    os.unlink(entry.path)
+                    removed.append(entry.path)
+    return removed
+
+
+# --- what the run writes ----------------------------------------------------------------------
 
 def write_csvs(run_dir: Path, history: list, class_names: list):
     buf = io.StringIO()
@@ -44,7 +180,7 @@ def write_csvs(run_dir: Path, history: list, class_names: list):
     w.writerow(METRIC_COLUMNS)
     for r in history:
         w.writerow([r["epoch"]] + [f"{r[c]:.6g}" for c in METRIC_COLUMNS[1:]])
-    _write_text_atomic(run_dir / "metrics.csv", buf.getvalue())
+    files.atomic_write(run_dir / "metrics.csv", buf.getvalue())
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["epoch", "split", "class", "top1"])
@@ -52,7 +188,7 @@ def write_csvs(run_dir: Path, history: list, class_names: list):
         for split in ("train", "val"):
             for name, v in zip(class_names, r[f"{split}_per_class"]):
                 w.writerow([r["epoch"], split, name, f"{v:.6g}"])
-    _write_text_atomic(run_dir / "per_class.csv", buf.getvalue())
+    files.atomic_write(run_dir / "per_class.csv", buf.getvalue())
 
 
 def resolved_config(cfg: TrainConfig, *, preprocess: dict, arch_kwargs: dict, extra: dict) -> dict:
@@ -81,28 +217,112 @@ def model_spec(cfg: TrainConfig):
     return kwargs, make_spec(size, arch.mean, arch.std)
 
 
+# --- the run ----------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """What stays fixed while the epochs run."""
+
+    cfg: TrainConfig
+    d: loop.Dist
+    device: str
+    run_dir: Path
+    progress: bool
+    splits: object
+    spec: dict
+    arch_kwargs: dict
+    config: dict
+    net: torch.nn.Module  # the bare model (what checkpoints hold)
+    wrapped: torch.nn.Module  # Uint8Input(net): what evaluation runs
+    train_model: torch.nn.Module  # wrapped, under DDP / torch.compile when asked
+    optimizer: object
+    xtr: torch.Tensor
+    ytr: torch.Tensor
+    xva_r: torch.Tensor  # this rank's shard of the validation images, on the device
+    yva_r: torch.Tensor
+    total_steps: int
+    bf16: bool
+    channels_last: bool
+
+    @property
+    def class_names(self) -> list:
+        return self.splits.class_names
+
+
+@dataclass
+class State:
+    """What changes per epoch; last.pt holds all of it, so a resumed run continues exactly."""
+
+    epoch: int = 0  # epochs finished
+    step: int = 0  # optimizer steps taken (the lr schedule's input)
+    history: list = field(default_factory=list)
+    best_top1: float = -1.0
+    best_epoch: int = 0
+    since_best: int = 0
+    train_seconds: float = 0.0
+    best_confusion: list | None = None  # of the best epoch, rows = true label (for the report)
+    best_probs: torch.Tensor | None = None  # float32 (N val, C) softmax of the best epoch (rank 0)
+
+    def record(self, row: dict, vm: dict, probs) -> bool:
+        """Append the epoch's row; True when it is the best so far (best.pt's rule)."""
+        self.history.append(row)
+        self.epoch = row["epoch"]
+        self.train_seconds = row["train_seconds_total"]
+        improved = vm["top1"] > self.best_top1
+        if improved:
+            self.best_top1, self.best_epoch, self.since_best = vm["top1"], row["epoch"], 0
+            self.best_confusion, self.best_probs = vm["confusion"], probs
+        else:
+            self.since_best += 1
+        return improved
+
+    def to_checkpoint(self) -> dict:
+        return {"history": self.history, "scheduler_step": self.step,
+                "best": {"top1": self.best_top1, "epoch": self.best_epoch, "since": self.since_best,
+                         "confusion": self.best_confusion, "val_probs": self.best_probs}}
+
+
 def fit(cfg: TrainConfig, run_dir, *, resume: dict | None = None, stop_after: int | None = None,
         progress: bool = True) -> dict:
-    """Train; write the run directory; return a summary dict (rank 0's view)."""
-    from cnnx.train.zoo import Uint8Input, create_model
-
+    """Train; write the run directory; return a summary dict (rank 0's view). The caller
+    holds the run folder (reserve_run_dir) on rank 0."""
     d = loop.dist_from_env()
-    run_dir = Path(run_dir)
     device = loop.resolve_device(cfg.device, d)
-    if d.world > 1:
-        import torch.distributed as dist
+    with _process_group(d, device):
+        run = setup(cfg, Path(run_dir), d, device, progress)
+        state = start_state(run, resume)
+        stop, first = Stop.FINISHED, state.epoch
+        for epoch in range(first, cfg.epochs):
+            if stop_after is not None and epoch - first >= stop_after:
+                stop = Stop.PAUSED
+                break
+            tm, seconds = train_epoch(run, state, epoch)
+            vm, probs, eval_seconds = evaluate_epoch(run)
+            improved = state.record(history_row(epoch, tm, vm, seconds, eval_seconds, state), vm, probs)
+            if d.main:
+                save_epoch(run, state, improved, tm, vm)
+            log_epoch(run, state, tm, vm, improved)
+            if cfg.patience and state.since_best >= cfg.patience and epoch + 1 < cfg.epochs:
+                stop = Stop.EARLY
+                break
+        return finish(run, state, stop, stop_after)
 
-        if device.startswith("cuda"):
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+
+@contextlib.contextmanager
+def _process_group(d: loop.Dist, device: str):
+    if d.world <= 1:
+        yield
+        return
+    import torch.distributed as dist
+
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     try:
-        return _fit(cfg, run_dir, d, device, resume, stop_after, progress, Uint8Input, create_model)
+        yield
     finally:
-        if d.world > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _barrier(d):
@@ -112,65 +332,33 @@ def _barrier(d):
         dist.barrier()
 
 
-def _fit(cfg, run_dir, d, device, resume, stop_after, progress, Uint8Input, create_model):
+def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: bool) -> Run:
+    """Data, config.json, model, optimizer, device placement."""
+    from cnnx.train.zoo import Uint8Input, create_model
+
     dev_type = torch.device(device).type
     torch.set_num_threads(loop.cpu_threads(cfg, d))
-    bf16 = loop._bf16(cfg, dev_type)
-    channels_last = loop._channels_last(cfg, dev_type)
     arch_kwargs, spec = model_spec(cfg)
-    base = {"data": cfg.data, "data_root": cfg.data_root, "cache_dir": cfg.cache_dir, "preprocess": spec,
-            "val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed}
-
-    # Rank 0 decodes (and caches) first; the others then read the cache instead of decoding too.
-    if d.main:
-        splits = load_splits(base, progress=progress, workers=cfg.workers)
-    _barrier(d)
-    if not d.main:
-        splits = load_splits(base, progress=False, workers=cfg.workers)
-    class_names = splits.class_names
-    nc = len(class_names)
-    say(f"data: {splits.source}", d)
-    if splits.skipped:
-        say(f"skipped {len(splits.skipped)} unreadable file(s):", d)
-        for p, why in splits.skipped[:20]:
-            say(f"  {p}: {why}", d)
-        if len(splits.skipped) > 20:
-            say(f"  ... and {len(splits.skipped) - 20} more (all listed in {run_dir / 'skipped.txt'})", d)
+    splits = load_run_data(cfg, spec, run_dir, d, progress)
     xtr, ytr = splits.train
     xva, yva = splits.val
-    if len(ytr) == 0 or len(yva) == 0:
-        raise ValueError(f"not enough images to train and validate ({len(ytr)} train, {len(yva)} val)")
-
     config = resolved_config(cfg, preprocess=spec, arch_kwargs=arch_kwargs, extra={
-        "num_classes": nc, "class_names": class_names, "world_size": d.world, "device_resolved": device,
-        "cnnx_version": __version__, "train_images": len(ytr), "val_images": len(yva),
+        "num_classes": len(splits.class_names), "class_names": splits.class_names, "world_size": d.world,
+        "device_resolved": device, "cnnx_version": __version__, "train_images": len(ytr), "val_images": len(yva),
         "test_images": 0 if splits.test is None else len(splits.test[1]), "skipped_files": len(splits.skipped),
     })
     if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+        files.atomic_write(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
         if splits.skipped:
-            _write_text_atomic(run_dir / "skipped.txt", "".join(f"{p}\t{r}\n" for p, r in splits.skipped))
+            files.atomic_write(run_dir / "skipped.txt", "".join(f"{p}\t{r}\n" for p, r in splits.skipped))
 
     torch.manual_seed(cfg.seed)
-    net = create_model(cfg.arch, nc, **arch_kwargs, **({"pretrained": True} if cfg.pretrained else {}))
+    net = create_model(cfg.arch, len(splits.class_names), **arch_kwargs,
+                       **({"pretrained": True} if cfg.pretrained else {}))
+    channels_last = loop.channels_last_enabled(cfg, dev_type)
     wrapped = Uint8Input(net, spec["mean"], spec["std"]).to(device)
     if channels_last:
         wrapped = wrapped.to(memory_format=torch.channels_last)
-    optimizer = loop.make_optimizer(wrapped.parameters(), cfg)
-
-    history, start_epoch, step = [], 0, 0
-    best_top1, best_epoch, since_best = -1.0, 0, 0
-    if resume is not None:
-        net.load_state_dict(resume["state_dict"])
-        optimizer.load_state_dict(resume["optimizer"])
-        history = list(resume["history"])
-        start_epoch = int(resume["epoch"])
-        step = int(resume["scheduler"]["step"])
-        best_top1, best_epoch = float(resume["best"]["top1"]), int(resume["best"]["epoch"])
-        since_best = int(resume["best"]["since"])
-        say(f"resuming {run_dir} after epoch {start_epoch} (step {step})", d)
-
     train_model = wrapped
     if d.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -178,127 +366,241 @@ def _fit(cfg, run_dir, d, device, resume, stop_after, progress, Uint8Input, crea
         train_model = DDP(wrapped, device_ids=[torch.device(device).index] if dev_type == "cuda" else None)
     if cfg.compile:
         train_model = torch.compile(train_model)
-
-    xtr, ytr = xtr.to(device), ytr.to(device)
-    # Validation is sharded across ranks and its counts all-reduced.
-    xva_r, yva_r = xva[d.rank::d.world].to(device), yva[d.rank::d.world].to(device)
     per_rank = max(1, cfg.batch_size // d.world)
     steps_per_epoch = max(1, (len(ytr) // d.world) // per_rank)
-    total_steps = cfg.epochs * steps_per_epoch
+    run = Run(cfg, d, device, run_dir, progress, splits, spec, arch_kwargs, config, net, wrapped, train_model,
+              loop.make_optimizer(wrapped.parameters(), cfg), xtr.to(device), ytr.to(device),
+              # Validation is sharded across ranks and its counts all-reduced.
+              xva[d.rank::d.world].to(device), yva[d.rank::d.world].to(device),
+              cfg.epochs * steps_per_epoch, loop.bf16_enabled(cfg, dev_type), channels_last)
     say(f"{cfg.arch}: {sum(p.numel() for p in net.parameters()):,} parameters on {device} x{d.world}, "
         f"{len(ytr)} train / {len(yva)} val images, {steps_per_epoch} steps/epoch, "
-        f"threads {torch.get_num_threads()}, bf16 {bf16}, channels_last {channels_last}", d)
+        f"threads {torch.get_num_threads()}, bf16 {run.bf16}, channels_last {channels_last}", d)
+    return run
 
-    train_total = history[-1]["train_seconds_total"] if history else 0.0
-    stopped = None
-    epoch = start_epoch
-    for epoch in range(start_epoch, cfg.epochs):
-        if stop_after is not None and epoch - start_epoch >= stop_after:
-            stopped = f"stopped after {stop_after} epoch(s) as asked; continue with --resume {run_dir}"
-            break
-        torch.manual_seed(cfg.seed * 7919 + epoch)  # dropout etc.: a resumed epoch draws the same
-        t0 = loop.timer_sync(device)
-        tm, step = loop.train_one_epoch(train_model, optimizer, xtr, ytr, cfg=cfg, epoch=epoch, step=step,
-                                        total_steps=total_steps, num_classes=nc, device=device, rank=d.rank,
-                                        world=d.world, bf16=bf16, progress=progress and d.main)
-        t1 = loop.timer_sync(device)
-        # Evaluation in float32 always: the metrics describe the function that export and
-        # `cnnx classify` run, and best.pt is chosen by them (bf16 is for training speed only).
-        vm = loop._eval_counts(wrapped, xva_r, yva_r, nc, batch_size=cfg.eval_batch_size, device=device,
-                               channels_last=channels_last).all_reduce().metrics()
-        t2 = loop.timer_sync(device)
-        train_total += t1 - t0
-        row = {"epoch": epoch + 1, "lr": tm["lr"],
-               "train_loss": tm["loss"], "train_top1": tm["top1"], "train_top5": tm["top5"],
-               "val_loss": vm["loss"], "val_top1": vm["top1"], "val_top5": vm["top5"],
-               "seconds": t1 - t0, "eval_seconds": t2 - t1, "train_seconds_total": train_total,
-               "train_per_class": tm["per_class"], "val_per_class": vm["per_class"]}
-        history.append(row)
-        improved = vm["top1"] > best_top1
-        if improved:
-            best_top1, best_epoch, since_best = vm["top1"], epoch + 1, 0
-        else:
-            since_best += 1
-        if d.main:
-            metrics = {"val_top1": vm["top1"], "val_top5": vm["top5"], "val_loss": vm["loss"],
-                       "train_top1": tm["top1"], "val_per_class": vm["per_class"], "val_confusion": vm["confusion"]}
-            ckpt = build_checkpoint(model=net, arch=cfg.arch, arch_kwargs=arch_kwargs, class_names=class_names,
-                                    preprocess=spec, epoch=epoch + 1, metrics=metrics, config=config)
-            if improved:
-                save_checkpoint(ckpt, run_dir / "best.pt")
-            save_checkpoint({**ckpt, "optimizer": optimizer.state_dict(),
-                             "scheduler": {"step": step, "total_steps": total_steps, "kind": cfg.schedule},
-                             "scaler": {}, "rng": {"torch": torch.get_rng_state()},
-                             "history": history, "best": {"top1": best_top1, "epoch": best_epoch, "since": since_best}},
-                            run_dir / "last.pt")
-            write_csvs(run_dir, history, class_names)
-        say(f"epoch {epoch + 1}/{cfg.epochs}  train loss {tm['loss']:.4f} top1 {tm['top1']:.4f}  "
-            f"val loss {vm['loss']:.4f} top1 {vm['top1']:.4f} top5 {vm['top5']:.4f}  lr {tm['lr']:.3g}  "
-            f"{t1 - t0:.1f}s (+{t2 - t1:.1f}s eval){'  *best' if improved else ''}", d)
-        if cfg.patience and since_best >= cfg.patience and epoch + 1 < cfg.epochs:
-            stopped = (f"early stop: val top-1 has not improved for {cfg.patience} epoch(s) "
-                       f"(best {best_top1:.4f} at epoch {best_epoch})")
-            break
-    if stopped:
-        say(stopped, d)
 
-    summary = {"run_dir": str(run_dir), "best": str(run_dir / "best.pt"), "best_val_top1": best_top1,
-               "best_epoch": best_epoch, "epochs_run": len(history), "train_seconds": train_total,
-               "stopped": stopped}
-    # The test split (when the data has one) is used once, on the best checkpoint, at the end.
-    if splits.test is not None and not (stopped and stopped.startswith("stopped after")) and history:
+def load_run_data(cfg: TrainConfig, spec: dict, run_dir: Path, d: loop.Dist, progress: bool):
+    """The splits; rank 0 decodes (and caches) first, the others then read its cache."""
+    base = {"data": cfg.data, "data_root": cfg.data_root, "cache_dir": cfg.cache_dir, "preprocess": spec,
+            "val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed}
+    if d.main:
+        splits = load_splits(base, progress=progress, workers=cfg.workers)
+    _barrier(d)
+    if not d.main:
+        splits = load_splits(base, progress=False, workers=cfg.workers)
+    say(f"data: {splits.source}", d)
+    if splits.ignored:
+        say(f"ignored {splits.ignored} file(s) whose names are not image names", d)
+    if splits.skipped:
+        say(f"skipped {len(splits.skipped)} unreadable file(s):", d)
+        for p, why in splits.skipped[:20]:
+            say(f"  {p}: {why}", d)
+        if len(splits.skipped) > 20:
+            say(f"  ... and {len(splits.skipped) - 20} more (all listed in {run_dir / 'skipped.txt'})", d)
+    if len(splits.train[1]) == 0 or len(splits.val[1]) == 0:
+        raise ValueError(f"not enough images to train and validate "
+                         f"({len(splits.train[1])} train, {len(splits.val[1])} val)")
+    return splits
+
+
+def start_state(run: Run, resume: dict | None) -> State:
+    """A fresh State, or last.pt's, with the model and optimizer restored from it."""
+    if resume is None:
+        return State()
+    run.net.load_state_dict(resume["state_dict"])
+    run.optimizer.load_state_dict(resume["optimizer"])
+    best = resume["best"]
+    if best.get("confusion") is None and best["epoch"]:  # last.pt of an older cnnx: best.pt has it
         from cnnx.train.checkpoint import load_checkpoint
 
-        best = load_checkpoint(run_dir / "best.pt") if d.main else None
-        if d.main:
-            net.load_state_dict(best["state_dict"])
-        if d.world > 1:  # every rank evaluates its shard with rank 0's best weights
-            import torch.distributed as dist
+        best = {**best, "confusion": load_checkpoint(run.run_dir / "best.pt")["metrics"]["val_confusion"]}
+    state = State(epoch=int(resume["epoch"]), step=int(resume["scheduler"]["step"]), history=list(resume["history"]),
+                  best_top1=float(best["top1"]), best_epoch=int(best["epoch"]), since_best=int(best["since"]),
+                  best_confusion=best.get("confusion"), best_probs=best.get("val_probs"))
+    state.train_seconds = state.history[-1]["train_seconds_total"] if state.history else 0.0
+    say(f"resuming {run.run_dir} after epoch {state.epoch} (step {state.step})", run.d)
+    return state
 
-            for t in wrapped.state_dict().values():
-                dist.broadcast(t, 0)
-        xt, yt = splits.test
-        tm_ = loop._eval_counts(wrapped, xt[d.rank::d.world].to(device), yt[d.rank::d.world].to(device), nc,
-                                batch_size=cfg.eval_batch_size, device=device,
-                                channels_last=channels_last).all_reduce().metrics()
-        summary["test"] = {k: tm_[k] for k in ("loss", "top1", "top5", "per_class", "n")}
-        if d.main:
-            _write_text_atomic(run_dir / "test_metrics.json", json.dumps(
-                {"checkpoint": "best.pt", "epoch": best_epoch, **{k: tm_[k] for k in
-                 ("loss", "top1", "top5", "per_class", "confusion", "n")}, "class_names": class_names}, indent=1))
-        say(f"test split ({tm_['n']} images), best checkpoint: top1 {tm_['top1']:.4f} top5 {tm_['top5']:.4f}", d)
-    if d.main and history:
-        _write_plots(run_dir, history, class_names, summary)
+
+def train_epoch(run: Run, state: State, epoch: int):
+    """One pass over the training split; returns (metrics, seconds) and advances state.step."""
+    torch.manual_seed(run.cfg.seed * 7919 + epoch)  # dropout etc.: a resumed epoch draws the same
+    t0 = loop.timer_sync(run.device)
+    tm, state.step = loop.train_one_epoch(
+        run.train_model, run.optimizer, run.xtr, run.ytr, cfg=run.cfg, epoch=epoch, step=state.step,
+        total_steps=run.total_steps, num_classes=len(run.class_names), device=run.device, rank=run.d.rank,
+        world=run.d.world, bf16=run.bf16, progress=run.progress and run.d.main)
+    return tm, loop.timer_sync(run.device) - t0
+
+
+def evaluate_epoch(run: Run):
+    """Validation metrics (all ranks' counts), the per-image softmax (gathered on rank 0) and
+    the seconds it took. Evaluation is float32 always: the metrics describe the function that
+    export and `cnnx classify` run, and best.pt is chosen by them (bf16 is for training speed)."""
+    t0 = loop.timer_sync(run.device)
+    counts, probs = loop.eval_counts(run.wrapped, run.xva_r, run.yva_r, len(run.class_names),
+                                     batch_size=run.cfg.eval_batch_size, device=run.device,
+                                     channels_last=run.channels_last, keep_probs=True)
+    vm = counts.all_reduce().metrics()
+    probs = _gather_val_rows(run, probs)
+    return vm, probs, loop.timer_sync(run.device) - t0
+
+
+def _gather_val_rows(run: Run, probs: torch.Tensor):
+    """Rank r holds validation rows r, r+world, ...: put them back in order on rank 0."""
+    d = run.d
+    if d.world == 1:
+        return probs.cpu()
+    import torch.distributed as dist
+
+    n = len(run.splits.val[1])
+    rows = -(-n // d.world)
+    padded = torch.zeros((rows, probs.shape[1]), dtype=probs.dtype, device=probs.device)
+    padded[:len(probs)] = probs
+    parts = [torch.empty_like(padded) for _ in range(d.world)]
+    dist.all_gather(parts, padded)
+    if not d.main:
+        return None
+    full = torch.empty((n, probs.shape[1]), dtype=probs.dtype)
+    for r, part in enumerate(parts):
+        full[r::d.world] = part[:len(range(r, n, d.world))].cpu()
+    return full
+
+
+def history_row(epoch: int, tm: dict, vm: dict, seconds: float, eval_seconds: float, state: State) -> dict:
+    return {"epoch": epoch + 1, "lr": tm["lr"],
+            "train_loss": tm["loss"], "train_top1": tm["top1"], "train_top5": tm["top5"],
+            "val_loss": vm["loss"], "val_top1": vm["top1"], "val_top5": vm["top5"],
+            "seconds": seconds, "eval_seconds": eval_seconds, "train_seconds_total": state.train_seconds + seconds,
+            "train_per_class": tm["per_class"], "val_per_class": vm["per_class"]}
+
+
+def save_epoch(run: Run, state: State, improved: bool, tm: dict, vm: dict):
+    """best.pt (when improved), last.pt, the CSVs and report.html, each atomically (rank 0)."""
+    metrics = {"val_top1": vm["top1"], "val_top5": vm["top5"], "val_loss": vm["loss"],
+               "train_top1": tm["top1"], "val_per_class": vm["per_class"], "val_confusion": vm["confusion"]}
+    ckpt = build_checkpoint(model=run.net, arch=run.cfg.arch, arch_kwargs=run.arch_kwargs,
+                            class_names=run.class_names, preprocess=run.spec, epoch=state.epoch, metrics=metrics,
+                            config=run.config)
+    if improved:
+        save_checkpoint(ckpt, run.run_dir / "best.pt")
+    resume = state.to_checkpoint()
+    save_checkpoint({**ckpt, "optimizer": run.optimizer.state_dict(),
+                     "scheduler": {"step": resume.pop("scheduler_step"), "total_steps": run.total_steps,
+                                   "kind": run.cfg.schedule}, **resume}, run.run_dir / "last.pt")
+    write_csvs(run.run_dir, state.history, run.class_names)
+    write_report(run, state)
+
+
+def write_report(run: Run, state: State, summary: dict | None = None):
+    """report.html: curves, per-class, confusion and the validation gallery of the best epoch."""
+    from cnnx.report import Predictions, write_training_report
+
+    if state.best_confusion is None:
+        return
+    xva, yva = run.splits.val
+    val = None
+    if state.best_probs is not None:
+        val = Predictions(images=xva.numpy(), labels=yva.numpy(), probs=state.best_probs.numpy(),
+                          paths=run.splits.val_paths)
+    write_training_report(run.run_dir / "report.html", title=f"cnnx train: {run.run_dir.name}", config=run.config,
+                          history=state.history, class_names=run.class_names, confusion=state.best_confusion,
+                          val=val, summary=summary or {"best_epoch": state.best_epoch,
+                                                       "best_val_top1": state.best_top1})
+
+
+def log_epoch(run: Run, state: State, tm: dict, vm: dict, improved: bool):
+    row = state.history[-1]
+    say(f"epoch {row['epoch']}/{run.cfg.epochs}  train loss {tm['loss']:.4f} top1 {tm['top1']:.4f}  "
+        f"val loss {vm['loss']:.4f} top1 {vm['top1']:.4f} top5 {vm['top5']:.4f}  lr {tm['lr']:.3g}  "
+        f"{row['seconds']:.1f}s (+{row['eval_seconds']:.1f}s eval){'  *best' if improved else ''}", run.d)
+
+
+def finish(run: Run, state: State, stop: Stop, stop_after: int | None) -> dict:
+    """Say why the loop ended, score the test split once (not when paused), write the plots."""
+    cfg, d = run.cfg, run.d
+    if stop is Stop.PAUSED:
+        say(f"stopped after {stop_after} epoch(s) as asked; continue with --resume {run.run_dir}", d)
+    elif stop is Stop.EARLY:
+        say(f"early stop: val top-1 has not improved for {cfg.patience} epoch(s) "
+            f"(best {state.best_top1:.4f} at epoch {state.best_epoch})", d)
+    summary = {"run_dir": str(run.run_dir), "best": str(run.run_dir / "best.pt"), "best_val_top1": state.best_top1,
+               "best_epoch": state.best_epoch, "epochs_run": len(state.history),
+               "train_seconds": state.train_seconds, "stopped": stop.value}
+    if run.splits.test is not None and stop is not Stop.PAUSED and state.history:
+        summary["test"] = evaluate_test_split(run, state)
+    if d.main and state.history:
+        _write_plots(run, state, summary)
     return summary
 
 
-def _write_plots(run_dir: Path, history, class_names, summary):
-    from cnnx.train import plots
+def evaluate_test_split(run: Run, state: State) -> dict:
+    """The test split is used once, on the best checkpoint, at the end."""
     from cnnx.train.checkpoint import load_checkpoint
 
+    d = run.d
+    if d.main:
+        run.net.load_state_dict(load_checkpoint(run.run_dir / "best.pt")["state_dict"])
+    if d.world > 1:  # every rank evaluates its shard with rank 0's best weights
+        import torch.distributed as dist
+
+        for t in run.wrapped.state_dict().values():
+            dist.broadcast(t, 0)
+    xt, yt = run.splits.test
+    counts, _ = loop.eval_counts(run.wrapped, xt[d.rank::d.world].to(run.device), yt[d.rank::d.world].to(run.device),
+                                 len(run.class_names), batch_size=run.cfg.eval_batch_size, device=run.device,
+                                 channels_last=run.channels_last)
+    tm = counts.all_reduce().metrics()
+    if d.main:
+        files.atomic_write(run.run_dir / "test_metrics.json", json.dumps(
+            {"checkpoint": "best.pt", "epoch": state.best_epoch, **{k: tm[k] for k in
+             ("loss", "top1", "top5", "per_class", "confusion", "n")}, "class_names": run.class_names}, indent=1))
+    say(f"test split ({tm['n']} images), best checkpoint: top1 {tm['top1']:.4f} top5 {tm['top5']:.4f}", d)
+    return {k: tm[k] for k in ("loss", "top1", "top5", "per_class", "n")}
+
+
+def _write_plots(run: Run, state: State, summary: dict):
+    from cnnx.train import plots
+
     t = time.perf_counter()
-    folder = run_dir / "plots"
-    plots.plot_curves(history, folder)
-    best_row = next(r for r in history if r["epoch"] == summary["best_epoch"])
-    plots.plot_per_class(class_names, best_row["train_per_class"], best_row["val_per_class"],
-                         folder / "per_class.png", title=f"per-class top-1 (epoch {summary['best_epoch']})")
-    best = load_checkpoint(run_dir / "best.pt")
-    plots.plot_confusion(best["metrics"]["val_confusion"], class_names, folder / "confusion.png",
-                         title=f"confusion matrix, val, best checkpoint (epoch {best['epoch']})")
+    folder = run.run_dir / "plots"
+    plots.plot_curves(state.history, folder)
+    best_row = next(r for r in state.history if r["epoch"] == state.best_epoch)
+    plots.plot_per_class(run.class_names, best_row["train_per_class"], best_row["val_per_class"],
+                         folder / "per_class.png", title=f"per-class top-1 (epoch {state.best_epoch})")
+    plots.plot_confusion(state.best_confusion, run.class_names, folder / "confusion.png",
+                         title=f"confusion matrix, val, best checkpoint (epoch {state.best_epoch})")
     say(f"plots in {folder} ({time.perf_counter() - t:.1f}s)")
 
 
-def resume_state(path) -> tuple[TrainConfig, dict]:
-    """(config, last.pt dict) for --resume of a run folder or its last.pt."""
-    from cnnx.train.checkpoint import load_checkpoint
+def resume_state(path) -> tuple[TrainConfig, dict | None]:
+    """(config, last.pt dict) for --resume of a run folder or its last.pt. A folder whose run
+    was killed before its first epoch ended has no last.pt: (its config.json's config, None),
+    so the run starts again from epoch 1, which is exactly what a resume would compute."""
+    from cnnx.train.checkpoint import CheckpointError, load_checkpoint
 
     p = Path(path)
     if p.is_dir():
+        if not (p / "last.pt").exists():
+            return _restart_config(p), None
         p = p / "last.pt"
     ckpt = load_checkpoint(p)
     missing = [k for k in ("optimizer", "scheduler", "history", "best") if k not in ckpt]
     if missing:
-        from cnnx.train.checkpoint import CheckpointError
-
         raise CheckpointError(f"{p} cannot be resumed: it lacks {missing} (resume from last.pt, not best.pt)")
     return config_from_dict(ckpt["config"]), ckpt
+
+
+def _restart_config(run_dir: Path) -> TrainConfig:
+    from cnnx.train.checkpoint import CheckpointError
+
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{run_dir} holds no last.pt and no config.json: its run was stopped before training began; "
+            f"start it again with the same cnnx train options and --name (the folder is reused)") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{run_dir} holds no last.pt and its config.json is unreadable: {files.first_line(e)}"
+                              ) from None
+    return config_from_dict(config)

@@ -8,7 +8,7 @@ from exactly those, so every constructor argument must be a plain JSON value.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -100,8 +100,8 @@ class AirNet(nn.Module):
     evaluation, export and deployment all see the same function.
 
     Default widths 32/128/128, not airbench94's 64/256/256: on a 2-core CPU (bf16) the
-    narrower net trains ~3x as many images/s (~1,500 vs ~490), so the 16 epochs that reach 88%
-    take ~8 minutes, where ten minutes at 64/256/256 buy fewer than 7 epochs
+    narrower net trains ~3x as many images/s (~1,500 vs ~490), so the 17 epochs that reach 88%
+    take ~8.5 minutes, where ten minutes at 64/256/256 buy fewer than 7 epochs
     (benchmarks/recipe_airnet.py). On a GPU, widths=[64, 256, 256] is the road to higher accuracy."""
 
     def __init__(self, num_classes: int, widths=(32, 128, 128), stem: int = 24, tta: bool = True, scale: float = 1 / 9):
@@ -189,7 +189,6 @@ class Arch:
     image_size: int = 32  # default input side when the data does not fix one
     mean: tuple = CIFAR_MEAN
     std: tuple = CIFAR_STD
-    defaults: dict = field(default_factory=dict)
 
 
 ARCHS: dict[str, Arch] = {
@@ -203,9 +202,6 @@ ARCHS: dict[str, Arch] = {
                   224, IMAGENET_MEAN, IMAGENET_STD),
 }
 
-DEFAULT_ARCH = "airnet"
-
-
 def get_arch(name: str) -> Arch:
     try:
         return ARCHS[name]
@@ -216,8 +212,7 @@ def get_arch(name: str) -> Arch:
 def create_model(name: str, num_classes: int, **arch_kwargs) -> nn.Module:
     """Build `name` with its plain-JSON kwargs. Unknown names and unknown kwargs fail loudly."""
     arch = get_arch(name)
-    kwargs = {**arch.defaults, **arch_kwargs}
     try:
-        return arch.build(num_classes=num_classes, **kwargs)
+        return arch.build(num_classes=num_classes, **arch_kwargs)
     except TypeError as e:
         raise UnknownArch(f"bad arguments for arch {name!r}: {e}") from None

@@ -1,0 +1,324 @@
+"""`cnnx train` / `cnnx evaluate` against a hostile machine (issue 12): racing runs, kills,
+a dead decode worker, a full or read-only disk, absurdly deep folders, broken checkpoints.
+Each gets one line and exit 1, and leaves every file complete or absent."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnnx.runtime.files import TEMP_PREFIX
+from cnnx.runtime.preprocess import make_spec
+from cnnx.train.checkpoint import build_checkpoint, load_checkpoint
+from cnnx.train.data import DataError, load_image_folder
+from cnnx.train.run import LOCK_NAME
+from cnnx.train.zoo import CIFAR_MEAN, CIFAR_STD, create_model
+
+from tests._train_util import copy_classes, remove_deep_tree, run_cli, seed_args
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _cnnx(args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "cnnx", *[str(a) for a in args]], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True, **kw)
+
+
+def _finish(p, timeout=180):
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        pytest.fail(f"cnnx did not finish within {timeout} s")
+    return p.returncode, out, err
+
+
+def _one_line(code, stderr, rc_expected=1):
+    assert code == rc_expected, stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: "), stderr[-2000:]
+    return last
+
+
+def _temps(folder: Path):
+    return [p for p in folder.rglob("*") if p.name.startswith((TEMP_PREFIX, ".tmp-"))]
+
+
+@pytest.fixture(scope="module")
+def small(cifar_train_dir, tmp_path_factory):
+    return copy_classes(cifar_train_dir, tmp_path_factory.mktemp("small") / "d", ["cat", "dog"], 20)
+
+
+# --- (1) two runs, one name ------------------------------------------------------------------
+
+def test_two_runs_with_the_same_name_one_runs_the_other_gets_one_line(small, tmp_path):
+    runs = tmp_path / "runs"
+    procs = [_cnnx(seed_args(small, runs, "same", tmp_path / f"cache{i}", "--epochs", "1", "--batch-size", "16"))
+             for i in range(2)]
+    results = [_finish(p) for p in procs]
+    codes = sorted(r[0] for r in results)
+    assert codes == [0, 1], [r[2][-1500:] for r in results]
+    loser = next(r for r in results if r[0] == 1)
+    msg = _one_line(loser[0], loser[2])
+    assert "in use by another cnnx train" in msg or "already exists" in msg, msg
+    winner = next(i for i, r in enumerate(results) if r[0] == 0)
+    # Every file of the folder is the winner's: config.json and both checkpoints agree.
+    config = json.loads((runs / "same" / "config.json").read_text())
+    assert config["cache_dir"] == str(tmp_path / f"cache{winner}")
+    for ckpt in ("best.pt", "last.pt"):
+        assert load_checkpoint(runs / "same" / ckpt)["config"]["cache_dir"] == config["cache_dir"]
+
+
+def test_a_live_run_folder_cannot_be_resumed_beside_it(small, tmp_path):
+    """The flock is held for the whole run: --resume of a run that is still training is refused."""
+    runs = tmp_path / "runs"
+    assert run_cli(seed_args(small, runs, "x", tmp_path / "c", "--epochs", "3", "--batch-size", "16",
+                             "--stop-after", "1")).exit_code == 0
+    import fcntl
+
+    with open(runs / "x" / LOCK_NAME, "r+") as held:  # what a live `cnnx train` holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = run_cli(["train", "--resume", runs / "x", "--quiet"])
+        assert r.exit_code == 1 and "in use by another cnnx train" in r.stderr.strip().splitlines()[-1]
+    assert run_cli(["train", "--resume", runs / "x", "--quiet"]).exit_code == 0
+
+
+# --- (13) a run killed before its first last.pt ----------------------------------------------
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_run_killed_before_its_first_epoch_restarts_with_the_same_name(small, tmp_path):
+    runs = tmp_path / "runs"
+    args = seed_args(small, runs, "k", tmp_path / "c", "--epochs", "1", "--batch-size", "16")
+    p = _cnnx(args)
+    deadline = time.monotonic() + 120
+    while not (runs / "k" / LOCK_NAME).exists():  # reserved: the run is past its start
+        assert p.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.communicate()
+    assert not (runs / "k" / "last.pt").exists()
+    # What a kill in the middle of a write leaves: temp files of a dead process.
+    dead = _dead_pid()
+    (runs / "k" / f"{TEMP_PREFIX}{dead}-abc").write_bytes(b"half a checkpoint")
+    (runs / "k" / ".tmp-x1y2z3.pt").write_bytes(b"half a checkpoint of an older cnnx")
+    r = run_cli(args)
+    assert r.exit_code == 0, r.stderr
+    assert (runs / "k" / "last.pt").is_file() and _temps(runs / "k") == []
+
+
+def test_resume_of_a_run_without_last_pt_trains_it_again_from_its_config(small, tmp_path):
+    runs = tmp_path / "runs"
+    args = seed_args(small, runs, "r", tmp_path / "c", "--epochs", "1", "--batch-size", "16")
+    assert run_cli(args).exit_code == 0
+    config = (runs / "r" / "config.json").read_text()
+    for f in ("last.pt", "best.pt", "metrics.csv"):
+        (runs / "r" / f).unlink()
+    r = run_cli(["train", "--resume", runs / "r", "--quiet"])
+    assert r.exit_code == 0, r.stderr
+    assert "training it again from epoch 1" in r.stderr and (runs / "r" / "last.pt").is_file()
+    assert (runs / "r" / "config.json").read_text() == config
+    # Killed during data loading: no config.json either; the line says how to restart.
+    (runs / "e").mkdir()
+    r = run_cli(["train", "--resume", runs / "e", "--quiet"])
+    assert r.exit_code == 1 and "start it again with the same cnnx train options and --name" in r.stderr
+
+
+def test_a_folder_holding_other_files_is_never_reused(small, tmp_path):
+    (tmp_path / "runs" / "mine").mkdir(parents=True)
+    (tmp_path / "runs" / "mine" / "thesis.tex").write_text("keep me")
+    r = run_cli(seed_args(small, tmp_path / "runs", "mine", tmp_path / "c", "--epochs", "1"))
+    assert r.exit_code == 1 and "not a cnnx run's (thesis.tex)" in r.stderr
+    assert sorted(os.listdir(tmp_path / "runs" / "mine")) == ["thesis.tex"]
+
+
+# --- (13) what a folder walk picks up --------------------------------------------------------
+
+def test_empty_class_folder_is_a_one_line_error(small, tmp_path):
+    data = copy_classes(small, tmp_path / "d", ["cat", "dog"], 10)
+    (data / "bird").mkdir()
+    (data / "bird" / "README.txt").write_text("not an image")
+    (data / "bird" / ".DS_Store").write_bytes(b"\0")
+    r = run_cli(seed_args(data, tmp_path / "runs", "x", tmp_path / "c", "--epochs", "1"))
+    assert r.exit_code == 1 and "Traceback" not in r.stderr
+    assert f"class folder {data / 'bird'} holds no image files" in r.stderr.strip().splitlines()[-1]
+
+
+def test_non_image_names_and_hidden_files_are_ignored_as_classify_does(small, tmp_path):
+    data = copy_classes(small, tmp_path / "d", ["cat", "dog"], 10)
+    (data / "cat" / "notes.md").write_text("a note")
+    (data / "cat" / ".thumb.jpg").write_bytes(b"hidden")
+    (data / ".git").mkdir()
+    (data / "dog" / "UPPER.JPG").write_bytes((data / "dog" / sorted(os.listdir(data / "dog"))[0]).read_bytes())
+    d = load_image_folder(data, make_spec(32, CIFAR_MEAN, CIFAR_STD), progress=False, use_cache=False)
+    assert d.class_names == ["cat", "dog"] and len(d.labels) == 21 and d.skipped == [] and d.ignored == 1
+    assert any(p.endswith("UPPER.JPG") for p in d.paths)
+
+
+def test_class_folder_nested_1500_levels_deep_is_listed_without_recursion(small, tmp_path):
+    data = copy_classes(small, tmp_path / "d", ["cat", "dog"], 5)
+    fd = os.open(data / "cat", os.O_RDONLY)
+    try:
+        for _ in range(1500):  # relative to the folder above: no path grows past PATH_MAX here
+            os.mkdir("n", dir_fd=fd)
+            nxt = os.open("n", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        image = (small / "cat" / sorted(os.listdir(small / "cat"))[0]).read_bytes()
+        out = os.open("deep.jpg", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(out, image)
+        os.close(out)
+    finally:
+        os.close(fd)
+    try:
+        d = load_image_folder(data, make_spec(32, CIFAR_MEAN, CIFAR_STD), progress=False, use_cache=False)
+    finally:  # pytest's own cleanup of old temp folders would recurse into it and fail
+        remove_deep_tree(data / "cat" / "n")
+    assert len(d.labels) == 11 and d.paths[5].endswith("/n/deep.jpg") and d.paths[5].count("/n") == 1500
+
+
+def test_decoding_with_two_workers_equals_one_process(cifar_subset, tmp_path):
+    """Rows, labels, paths and skipped files in file order, whichever worker finished first."""
+    data = copy_classes(cifar_subset(300), tmp_path / "d", ["cat", "dog"], 300)
+    for name in ("cat/0-broken.jpg", "dog/zz-broken.png"):
+        (data / name).write_bytes(b"\x89PNG not really")
+    spec = make_spec(32, CIFAR_MEAN, CIFAR_STD)
+    one = load_image_folder(data, spec, progress=False, use_cache=False, workers=1)
+    two = load_image_folder(data, spec, progress=False, use_cache=False, workers=2)
+    assert torch.equal(one.images, two.images) and torch.equal(one.labels, two.labels)
+    assert one.paths == two.paths and one.skipped == two.skipped and len(two.skipped) == 2
+
+
+# --- (7) a decode worker killed (the OOM killer's SIGKILL) -----------------------------------
+
+def test_killed_decode_worker_ends_the_run_with_one_line(cifar_subset, tmp_path):
+    """The worker is killed half-way through sending its decoded images (the parent is
+    stopped meanwhile, so the message is certainly cut), which hung the run forever before."""
+    psutil = pytest.importorskip("psutil")
+    data = cifar_subset(400, classes=["cat", "dog", "ship"])
+    p = _cnnx(seed_args(data, tmp_path / "runs", "oom", tmp_path / "c", "--epochs", "1", "--image-size", "224",
+                        "--workers", "2"))  # the last --workers wins
+    proc = psutil.Process(p.pid)
+    deadline = time.monotonic() + 120
+    try:
+        while len(proc.children()) < 2:
+            assert p.poll() is None and time.monotonic() < deadline, "no decode workers appeared"
+            time.sleep(0.02)
+        workers = proc.children()
+        os.kill(p.pid, signal.SIGSTOP)
+        victim = None
+        while victim is None:  # a worker that has begun to send: it blocks on the full pipe
+            assert time.monotonic() < deadline, "no worker began to send"
+            victim = next((w for w in workers if w.io_counters().write_chars > 0), None)
+            time.sleep(0.02)
+        time.sleep(0.2)
+        victim.kill()
+    finally:
+        os.kill(p.pid, signal.SIGCONT)
+    code, out, err = _finish(p, timeout=60)
+    msg = _one_line(code, err)
+    assert "decode worker process was killed by SIGKILL" in msg and "memory" in msg and "GiB" in msg, msg
+
+
+# --- (11) full disk, read-only --out ---------------------------------------------------------
+
+@contextlib.contextmanager
+def _tmpfs(path: Path, size: str):
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()[:100]})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.parametrize("size, what", [("4k", "config.json"), ("12m", "last.pt")])
+def test_full_disk_is_one_line_and_leaves_no_partial_file(small, tmp_path, size, what):
+    """seed-cnn's best.pt is ~8.5 MB and last.pt ~17 MB: 12m fills up at last.pt, 4k (one page,
+    the lock file's) at config.json."""
+    with _tmpfs(tmp_path / "disk", size) as disk:
+        r = run_cli(seed_args(small, disk / "runs", "x", tmp_path / "c", "--epochs", "1", "--batch-size", "16"))
+        assert r.exit_code == 1 and "Traceback" not in r.stderr, r.stderr
+        assert "No space left on device" in r.stderr.strip().splitlines()[-1], r.stderr
+        run = disk / "runs" / "x"
+        assert _temps(run) == [] and not (run / what).exists()
+        if (run / "best.pt").exists():
+            load_checkpoint(run / "best.pt")  # complete, not cut
+
+
+def test_read_only_out_is_one_line(small, tmp_path):
+    with _tmpfs(tmp_path / "ro", "1m") as ro:
+        (ro / "runs").mkdir()
+        if subprocess.run(["mount", "-o", "remount,ro", str(ro)], capture_output=True).returncode != 0:
+            pytest.skip("cannot remount the tmpfs read-only")
+        r = run_cli(seed_args(small, ro / "runs", "x", tmp_path / "c", "--epochs", "1"))
+        assert r.exit_code == 1 and "Traceback" not in r.stderr, r.stderr
+        msg = r.stderr.strip().splitlines()[-1]
+        assert "cannot create the run folder: Read-only file system" in msg and str(ro / "runs" / "x") in msg, msg
+
+
+# --- (11) evaluate on broken checkpoints ------------------------------------------------------
+
+def _crafted(tmp_path, name, *, nan=False, size=32, wrong_arch=False) -> Path:
+    torch.manual_seed(0)
+    model = create_model("seed-cnn", 3 if wrong_arch else 2, image_size=32)
+    if nan:
+        with torch.no_grad():
+            model.classifier[-1].weight.fill_(float("nan"))
+    spec = make_spec(32, CIFAR_MEAN, CIFAR_STD)
+    spec["size"] = [size, size]
+    ckpt = build_checkpoint(model=model, arch="seed-cnn", arch_kwargs={"image_size": 32}, class_names=["cat", "dog"],
+                            preprocess=spec, epoch=1, metrics={}, config={})
+    path = tmp_path / name
+    torch.save(ckpt, path)  # written as a stranger would: not through cnnx's own writer
+    return path
+
+
+@pytest.mark.parametrize("kind, needle", [
+    ("nan", "non-finite outputs (NaN or inf) for 10 of 10 images"),
+    ("size", "size"),
+    ("arch", "its arch 'seed-cnn'"),
+])
+def test_evaluate_broken_checkpoints_are_one_line(small, tmp_path, kind, needle):
+    data = copy_classes(small, tmp_path / "d", ["cat", "dog"], 5)
+    ckpt = _crafted(tmp_path, f"{kind}.pt", nan=kind == "nan", size=100_000 if kind == "size" else 32,
+                    wrong_arch=kind == "arch")
+    r = run_cli(["evaluate", ckpt, "--data", data, "--cache-dir", tmp_path / "c", "--workers", "1",
+                 "--plot", tmp_path / "cm.png"])
+    assert r.exit_code == 1 and "Traceback" not in r.stderr and r.stdout == "", (r.stdout, r.stderr)
+    msg = r.stderr.strip().splitlines()[-1]
+    assert msg.startswith("Error: ") and needle in msg, msg
+    assert not (tmp_path / "cm.png").exists()
+
+
+# --- reports ----------------------------------------------------------------------------------
+
+def test_evaluate_report_is_a_page_with_the_images(small, tmp_path):
+    runs = tmp_path / "runs"
+    assert run_cli(seed_args(small, runs, "x", tmp_path / "c", "--epochs", "1", "--batch-size", "16")).exit_code == 0
+    page = (runs / "x" / "report.html").read_text()
+    assert page.lstrip().lower().startswith("<!doctype html") and "data:image/" in page
+    report = tmp_path / "eval.html"
+    r = run_cli(["evaluate", runs / "x" / "best.pt", "--data", small, "--cache-dir", tmp_path / "c",
+                 "--report", report, "--plot", tmp_path / "cm.png"])
+    assert r.exit_code == 0, r.stderr
+    text = report.read_text()
+    assert "data:image/" in text and sorted(os.listdir(small / "cat"))[0] in text
