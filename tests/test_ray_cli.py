@@ -1,0 +1,95 @@
+"""`cnnx classify --engine ray` as a user runs it: a real `python -m cnnx` process, its exit
+code and its stderr. Skipped until the command has the --engine option."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests._ray_util import read_errors, read_predictions
+from tests._runtime_util import exported_model, photo_like
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def engine_option():
+    from click.testing import CliRunner
+
+    from cnnx.cli import cli
+
+    if "--engine" not in CliRunner().invoke(cli, ["classify", "--help"]).output:
+        pytest.skip("cnnx classify has no --engine option yet")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return exported_model(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    for i in range(6):
+        Image.fromarray(photo_like(40 + i, 50, seed=i)).save(root / f"img{i}.jpg", "JPEG", quality=90)
+    (root / "empty.jpg").write_bytes(b"")
+    return root
+
+
+def cnnx(*args, timeout=180, preamble=""):
+    code = textwrap.dedent(f"""
+        import sys
+        {preamble}
+        from cnnx.cli import main
+        sys.argv = ["cnnx", *{[str(a) for a in args]!r}]
+        main()
+    """) if preamble else None
+    cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "cnnx", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def error_lines(stderr: str) -> list:
+    return [line for line in stderr.splitlines() if line.startswith("Error:")]
+
+
+def test_ray_engine_writes_parquet_parts(model, images, tmp_path):
+    pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'cnnx[ray]')")
+    out = tmp_path / "preds.parquet"
+    result = cnnx("classify", "--engine", "ray", images, "--model", model, "-o", str(out) + "/", "--num-workers", 1)
+    assert result.returncode == 0, result.stderr
+    assert [p for p, _, _ in read_predictions(out)] == [str(images / f"img{i}.jpg") for i in range(6)]
+    assert read_errors(tmp_path / "preds.errors.csv") == [(str(images / "empty.jpg"), "open", "empty file (0 bytes)")]
+    assert "classified 6 images; skipped 1 (open: 1)" in result.stderr
+
+
+def test_unreachable_address_exit_1(model, images, tmp_path):
+    pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'cnnx[ray]')")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = cnnx("classify", "--engine", "ray", images, "--model", model, "-o", tmp_path / "p.csv",
+                  "--address", f"127.0.0.1:{port}", timeout=30)
+    assert result.returncode == 1
+    assert error_lines(result.stderr) == [f"Error: cannot reach the Ray cluster at 127.0.0.1:{port}: Connection "
+                                          "refused (is `ray start --head` running there, and the port open?)"]
+    assert "Traceback" not in result.stderr and not (tmp_path / "p.csv").exists()
+
+
+def test_ray_missing_exit_1(model, images, tmp_path):
+    result = cnnx("classify", "--engine", "ray", images, "--model", model, "-o", tmp_path / "p.csv",
+                  preamble='sys.modules["ray"] = None  # `import ray` fails as where Ray is not installed')
+    assert result.returncode == 1, result.stderr
+    assert error_lines(result.stderr) == [
+        "Error: --engine ray needs Ray Data, which is not installed: pip install 'cnnx[ray]'"]
+
+
+def test_ray_options_need_engine_ray(model, images, tmp_path):
+    result = cnnx("classify", images, "--model", model, "-o", tmp_path / "p.csv", "--num-workers", 2)
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == ["Error: --num-workers: only with --engine ray"]
