@@ -22,11 +22,12 @@ def newest_checkpoint(root: Path = Path("runs")) -> Path:
 @click.option("--format", "formats", multiple=True, default=("onnx",), show_default=True,
               type=click.Choice(FORMATS + ("all",)), help="What to write; repeat the option for several.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path),
-              help="Output folder [default: export/ beside the checkpoint].")
+              help="Output folder, replaced whole by the new export; it must be new, empty or a previous "
+                   "export [default: export/ beside the checkpoint].")
 @click.option("--opset", type=int, help="ONNX opset [default: the exporter's].")
 @click.option("--verify-data", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Image folder (DIR/<class>/*) for the parity gate and int8 calibration "
-                   "[default: the run's validation split].")
+                   "[default: the run's validation split, for checkpoints your own cnnx wrote].")
 @click.option("--fp16", is_flag=True, help="Also write a float16 ONNX variant (input stays uint8).")
 @click.option("--int8", is_flag=True, help="Also write a statically quantised int8 ONNX variant for the CPU.")
 @click.option("--parity-images", type=click.IntRange(min=1), default=DEFAULT_PARITY_IMAGES, show_default=True,

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnx.export.errors import ExportError
-from cnnx.runtime.contract import IMAGE_EXTENSIONS, is_image_name
+from cnnx.runtime.contract import IMAGE_EXTENSIONS
 from cnnx.runtime.files import first_line
 
 
