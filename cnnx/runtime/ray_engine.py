@@ -1,12 +1,14 @@
 """`cnnx classify --engine ray`: the same classification spread over a Ray cluster with Ray Data.
 
-    driver: list the inputs -> ray.data.from_items(paths) -> map_batches(_ClassifyActor,
+    driver: list the inputs -> ray.data.from_arrow(paths) -> map_batches(_ClassifyActor,
             ActorPoolStrategy): one onnxruntime session per actor, decoding with the one
             load_image -> rows streamed back in order -> cnnx.runtime.output's writers
 
 - Inputs: local files and folders go through the CLI's Discovery (the same files, the same
-  order, the same discover-stage errors rows); a manifest holds one path or URI a line (kept
-  in its order); `s3://`, `gs://` and `file://` prefixes are listed through pyarrow.fs.
+  order, the same discover-stage errors rows); a manifest holds one file path or URI a line
+  (kept in its order; relative paths are relative to the current folder, like PATH
+  arguments); `s3://`, `gs://` and `file://` prefixes are listed through pyarrow.fs. A path
+  given twice is classified once.
 - With GPU actors (`num_gpus_per_worker` > 0) decoding runs as a separate CPU map stage
   feeding them, so a GPU never waits for a JPEG decoder; on CPUs it runs inside the actor,
   so pixels never cross the object store.
@@ -256,9 +258,14 @@ def _manifest_lines(manifest):
 
 
 def _plan(found_iter, sink, summary):
-    """-> (paths still to classify, [(path, reason)] of discover-stage skips not yet recorded)."""
-    todo, skips = [], []
+    """-> (paths still to classify, [(path, reason)] of discover-stage skips not yet recorded).
+    A path given twice (a manifest line repeated, a folder and a file in it) is classified once."""
+    todo, skips, seen = [], [], set()
     for item in found_iter:
+        key = sink.key(item.path)
+        if key in seen:
+            continue
+        seen.add(key)
         summary.found += 1
         if sink.is_done(item.path):
             summary.resumed += item.reason is None
@@ -334,12 +341,16 @@ def _pool_size(ray, num_workers, num_gpus_per_worker) -> int:
 
 
 def _dataset(ray, todo, model, spec, topk, device, max_pixels, batch_size, workers, num_gpus_per_worker):
+    import pyarrow as pa
     from ray.data import ActorPoolStrategy
 
     with open(model, "rb") as f:
         model_ref = ray.put(f.read())
-    n_blocks = max(1, -(-len(todo) // batch_size))
-    ds = ray.data.from_items([{"path": os.fsencode(p)} for p in todo], override_num_blocks=n_blocks)
+    # One Arrow block of paths per batch: compact in the driver (a million paths are tens of MB,
+    # not Python dicts) and as many blocks as the actors need to share the work.
+    ds = ray.data.from_arrow([pa.table({"path": pa.array([os.fsencode(p) for p in todo[i:i + batch_size]],
+                                                         pa.binary())})
+                              for i in range(0, len(todo), batch_size)])
     decode_args = dict(spec=spec, max_pixels=max_pixels, cwd=os.getcwd())
     gpu = num_gpus_per_worker > 0
     if gpu:
@@ -404,13 +415,18 @@ def _decode_rows(batch, *, spec, max_pixels, cwd, filesystems=None):
     stage, message = [""] * n, [""] * n
     local = [i for i, name in enumerate(names) if not is_uri(name)]
     if local:
-        where = {os.path.join(cwd, names[i]): i for i in local}  # workers' cwd is not the driver's
+        where = {}  # location -> rows naming it; workers' cwd is not the driver's
+        for i in local:
+            where.setdefault(os.path.join(cwd, names[i]), []).append(i)
         decoded, ok, failed, notes = decode_images(list(where), spec, max_pixels)
-        images[[where[p] for p in ok]] = decoded
+        for image, p in zip(decoded, ok):
+            images[where[p]] = image
         for p, st, msg in failed:
-            stage[where[p]], message[where[p]] = st, msg
+            for i in where[p]:
+                stage[i], message[i] = st, msg
         for p, note in notes:
-            message[where[p]] = note
+            for i in where[p]:
+                message[i] = note
     filesystems = {} if filesystems is None else filesystems
     for i, name in enumerate(names):
         if not is_uri(name):
@@ -516,16 +532,16 @@ class _Sink:
         except OSError as e:
             raise RayEngineError(f"cannot resume: {os_error_line(e)}") from None
         self._keys = PathKeys()
-        self.done = {self._key(p) for p in done}
+        self.done = {self.key(p) for p in done}
         self.errors = ErrorsWriter(errors_path, append=resume)
 
-    def _key(self, path: str) -> str:
+    def key(self, path: str) -> str:
         """Local paths match however the folder is spelt (PathKeys, as local --resume); URIs as written."""
         return path if is_uri(path) else self._keys(path)
 
     def is_done(self, path) -> bool:
         # Parquet parts hold escaped names (parquet_name), the errors file the names themselves.
-        return self._key(path) in self.done or (self.fmt == "parquet" and self._key(parquet_name(path)) in self.done)
+        return self.key(path) in self.done or (self.fmt == "parquet" and self.key(parquet_name(path)) in self.done)
 
     def __enter__(self):
         return self
