@@ -63,11 +63,12 @@ class _Tally:
 
 
 @click.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(readable=False, path_type=str), metavar="PATH...")
+@click.argument("paths", nargs=-1, type=click.Path(readable=False, path_type=str), metavar="PATH...")
 @click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=str),
               help="Exported .onnx model. Default: the newest one under runs/.")
-@click.option("--output", "-o", default="-", show_default=True, type=click.Path(dir_okay=False, allow_dash=True),
-              help="Predictions file, or - for stdout. An existing file is only continued with --resume.")
+@click.option("--output", "-o", default="-", show_default=True, type=click.Path(allow_dash=True),
+              help="Predictions file, or - for stdout. An existing file is only continued with --resume. "
+                   "--engine ray: a folder (ending in / or .parquet) gets Parquet part files.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True,
               help="Output rows as CSV (path,label,score,top-k) or one JSON object per line.")
 @click.option("--topk", type=click.IntRange(1), default=5, show_default=True,
@@ -88,8 +89,22 @@ class _Tally:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False),
               help="Also write one self-contained HTML page of the results (everything in OUTPUT, "
                    "--resume'd runs included). Needs --output FILE.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process (decode threads, one onnxruntime session). ray: Ray Data actors, one "
+                   "session each, on this machine or the cluster at --address (pip install 'cnnx[ray]').")
+@click.option("--address", help="--engine ray: join the Ray cluster at HOST:PORT (`ray start --head` prints it; "
+                                "'auto': the one started on this machine). Default: $RAY_ADDRESS, else a private "
+                                "Ray on this machine.")
+@click.option("--num-workers", type=click.IntRange(1),
+              help="--engine ray: actors, one onnxruntime session each. Default: the cluster's CPUs (or its GPUs / "
+                   "--num-gpus-per-worker).")
+@click.option("--num-gpus-per-worker", type=click.FloatRange(0), default=0, show_default=True,
+              help="--engine ray: GPUs per actor (1, or 0.5 for two actors a GPU); decoding then runs in a "
+                   "separate CPU stage.")
+@click.option("--manifest", type=click.Path(exists=True, dir_okay=False),
+              help="--engine ray: a file of image paths or s3:// gs:// URIs, one a line (classified in its order).")
 def classify(paths, model_path, output, fmt, topk, batch_size, workers, device, errors_path, resume, strict,
-             follow_symlinks, report_path):
+             follow_symlinks, report_path, engine, address, num_workers, num_gpus_per_worker, manifest):
     """Batch-classify image files and folders (recursively) through onnxruntime.
 
     Rows come out in sorted path order, flushed as each batch finishes: CSV
@@ -98,6 +113,11 @@ def classify(paths, model_path, output, fmt, topk, batch_size, workers, device, 
     (skips are warnings), 1 on a fatal error or, with --strict, on any skip.
     """
     t0 = time.perf_counter()
+    if engine == "ray":
+        _classify_on_ray(paths, model_path, output, fmt, topk, batch_size, device, errors_path, resume, strict,
+                         follow_symlinks, report_path, address, num_workers, num_gpus_per_worker, manifest)
+        return
+    _check_local_usage(paths, output, address, num_workers, num_gpus_per_worker, manifest)
     if errors_path is None:
         errors_path = _default_errors_path(output)
     _check_usage(paths, output, errors_path, resume, report_path)
@@ -115,6 +135,57 @@ def classify(paths, model_path, output, fmt, topk, batch_size, workers, device, 
         _write_report(report_path, output, fmt, errors_path, classifier.info)
     if strict and tally.n_skipped:
         raise click.ClickException(f"--strict: {tally.n_skipped} file(s) skipped")
+
+
+def _check_local_usage(paths, output, address, num_workers, num_gpus_per_worker, manifest):
+    from cnnx.runtime.ray_engine import is_uri
+
+    ray_only = [name for name, value in (("--address", address), ("--num-workers", num_workers),
+                                         ("--num-gpus-per-worker", num_gpus_per_worker), ("--manifest", manifest))
+                if value]
+    if ray_only:
+        raise click.UsageError(f"{', '.join(ray_only)}: only with --engine ray")
+    if not paths:
+        raise click.UsageError("give at least one PATH")
+    if any(is_uri(p) for p in paths):
+        raise click.UsageError("s3:// gs:// file:// paths need --engine ray")
+    if os.path.isdir(output):
+        raise click.UsageError(f"--output {output} is a folder: give a file (Parquet folders need --engine ray)")
+
+
+def _classify_on_ray(paths, model_path, output, fmt, topk, batch_size, device, errors_path, resume, strict,
+                     follow_symlinks, report_path, address, num_workers, num_gpus_per_worker, manifest):
+    """--engine ray: cnnx.runtime.ray_engine does the work, with its own output lock and checks."""
+    from cnnx.runtime.model import find_newest_model
+    from cnnx.runtime.ray_engine import RayEngineError, classify_with_ray, is_uri
+
+    if not paths and manifest is None:
+        raise click.UsageError("give at least one PATH or --manifest FILE")
+    if report_path is not None:
+        raise click.UsageError("--report is not available with --engine ray")
+    if resume and output == "-":
+        raise click.UsageError("--resume needs --output FILE (it reads back what that file already holds)")
+    for path in paths:
+        if not is_uri(path) and not os.path.lexists(path):
+            raise click.BadParameter(f"{path!r} does not exist", param_hint="PATH...")
+    progress = _Progress()
+    try:
+        with _one_line_errors():
+            if model_path is None:
+                model_path = str(find_newest_model("runs"))
+                click.echo(f"model: {model_path} (newest under runs/)", err=True)
+            summary = classify_with_ray(paths, model_path, output=output, fmt=fmt, errors=errors_path, resume=resume,
+                                        manifest=manifest, address=address, num_workers=num_workers,
+                                        num_gpus_per_worker=num_gpus_per_worker, batch_size=batch_size, topk=topk,
+                                        follow_symlinks=follow_symlinks, device=device, on_progress=progress.update)
+    except RayEngineError as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        progress.close()
+    click.echo(summary.line(), err=True)
+    n_skipped = sum(summary.skipped.values())
+    if strict and n_skipped:
+        raise click.ClickException(f"--strict: {n_skipped} file(s) skipped")
 
 
 def _check_usage(paths, output, errors_path, resume, report_path):
