@@ -54,3 +54,22 @@ def test_library_names_follow_the_cuda_major():
 def test_with_a_driver_the_status_names_versions():
     status = cuda.diagnose()
     assert status.reason and "\n" not in status.reason
+
+
+def test_describe_is_one_line_for_cnnx_info():
+    line = cuda.describe()
+    assert "\n" not in line and line.startswith("CUDA provider: ")
+    assert line.endswith(cuda.diagnose().reason)
+
+
+@pytest.mark.skipif(cuda.cuda_driver_present(), reason="this machine has an NVIDIA driver")
+def test_tensorrt_diagnosis_names_the_cuda_cause_first():
+    # TensorRT runs on the CUDA provider's libraries: without CUDA, that is the reason.
+    assert cuda.diagnose_tensorrt() == cuda.diagnose()
+
+
+def test_tensorrt_clash_of_packages_is_named_first(tmp_path):
+    _dist_info(tmp_path, "onnxruntime", "1.31.1")
+    _dist_info(tmp_path, "onnxruntime-gpu", "1.31.1")
+    status = cuda.diagnose_tensorrt(dist_path=[str(tmp_path)])
+    assert not status.usable and "installed together" in status.reason

@@ -19,7 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cnnx.runtime.binding import CUDA_DEVICES, BoundRunner
+from cnnx.runtime.cuda import TENSORRT_PROVIDER as TENSORRT
 from cnnx.runtime.discover import Discovery, PathKeys
+from cnnx.runtime.files import first_line
 from cnnx.runtime.model import ModelError, open_model, softmax, softmax_topk
 from cnnx.runtime.pipeline import PipelineConfig, batch_size_within_budget, batched, decoded_batches
 from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS
@@ -58,19 +61,39 @@ class Classifier:
     """An exported cnnx ONNX model opened on a device (contract-checked; ModelError with one
     line otherwise). batch_size is the images per onnxruntime call; `batch_size` as used may
     be smaller when that many images of the model's size would exceed the pipeline's memory
-    budget (compare with `requested_batch_size`)."""
+    budget (compare with `requested_batch_size`).
+
+    io_binding: run classify()'s batches through IOBinding with two in flight and page-locked
+    host buffers (cnnx.runtime.binding); None (default) = on CUDA and TensorRT, off on the CPU,
+    where the plain loop is kept. `host_memory` says which buffers it got, or None when off."""
 
     def __init__(self, model, device: str = "auto", *, threads: int | None = None, batch_size: int = 256,
-                 workers: int = 0, topk: int = 5, max_pixels: int = DEFAULT_MAX_PIXELS):
+                 workers: int = 0, topk: int = 5, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 io_binding: bool | None = None):
         for name, value, least in (("batch_size", batch_size, 1), ("topk", topk, 1), ("workers", workers, 0),
                                    ("max_pixels", max_pixels, 1)):
             if not isinstance(value, int) or value < least:
                 raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
-        self.session, self.info, self.provider = open_model(model, device, threads=threads)
-        self.topk = min(topk, len(self.info.class_names))
+        if io_binding not in (None, True, False):
+            raise ValueError(f"io_binding must be None, True or False, got {io_binding!r}")
         self.requested_batch_size = batch_size
+        self.runner = None
+        self.session, self.info, self.provider = open_model(model, device, threads=threads, batch_size=batch_size)
         self.batch_size = batch_size_within_budget(batch_size, self.info.spec)
+        self.topk = min(topk, len(self.info.class_names))
         self.config = PipelineConfig(batch_size=self.batch_size, workers=workers, max_pixels=max_pixels)
+        on_gpu = self.provider in CUDA_DEVICES
+        if io_binding or (io_binding is None and on_gpu):
+            try:
+                self.runner = BoundRunner(self.session, self.info.input_name, self.info.output_name,
+                                          self.batch_size, self.info.spec["size"], pinned=on_gpu)
+            except Exception as e:  # onnxruntime's own types (a binding it refuses)
+                raise ModelError(f"{self.info.path}: cannot bind the model's input and output on "
+                                 f"{self.provider}: {first_line(e)}") from None
+
+    @property
+    def host_memory(self) -> str | None:
+        return None if self.runner is None else self.runner.host_memory
 
     def predict(self, images, *, probabilities: bool = False) -> np.ndarray:
         """uint8 (N, 3, H, W) at the model's size -> float32 (N, C) logits (or softmax
@@ -82,12 +105,24 @@ class Classifier:
                 and images.ndim == 4):
             got = f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
             raise ValueError(f"images must be uint8 (N, 3, {h}, {w}), got {got}")
-        logits = self.session.run([self.info.output_name], {self.info.input_name: images})[0]
-        want = (len(images), len(self.info.class_names))
+        logits = [self._run(images[i:i + self._max_rows]) for i in range(0, max(1, len(images)), self._max_rows)]
+        logits = logits[0] if len(logits) == 1 else np.concatenate(logits)
+        self._check_rows(logits, len(images))
+        return softmax(logits).astype(np.float32) if probabilities else logits.astype(np.float32, copy=False)
+
+    @property
+    def _max_rows(self) -> int:
+        # TensorRT's engine takes at most batch_size images a call (its shape profile).
+        return self.batch_size if self.provider == TENSORRT else 1 << 62
+
+    def _run(self, images):
+        return self.session.run([self.info.output_name], {self.info.input_name: images})[0]
+
+    def _check_rows(self, logits, n: int):
+        want = (n, len(self.info.class_names))
         if logits.shape != want:
             raise ModelError(f"{self.info.path}: the model returned {'x'.join(map(str, logits.shape))} logits "
                              f"for {want[0]} images and {want[1]} classes: not one row per image")
-        return softmax(logits).astype(np.float32) if probabilities else logits.astype(np.float32, copy=False)
 
     def classify(self, paths, *, follow_symlinks: bool = False, done=frozenset()) -> Classification:
         """Rows (Prediction | Skipped | Note) for files and folders, in sorted path order.
@@ -96,6 +131,9 @@ class Classifier:
         return Classification(self, paths, follow_symlinks=follow_symlinks, done=done)
 
     def close(self):
+        if self.runner is not None:
+            self.runner.close()
+            self.runner = None
         self.session = None  # onnxruntime frees a session with its last reference
 
     def __enter__(self):
@@ -139,8 +177,17 @@ class Classification:
 
     def _run(self):
         clf = self.classifier
-        for items, batch in decoded_batches(batched(self._todo(), clf.batch_size), clf.info.spec, clf.config):
-            yield self._rows_of(items, batch)
+        batches = decoded_batches(batched(self._todo(), clf.batch_size), clf.info.spec, clf.config)
+        if clf.runner is None:
+            for items, batch in batches:
+                yield self._rows_of(items, batch, self._logits(batch))
+        else:
+            # A batch where no file decoded is not run (images_of -> None, logits None).
+            images_of = lambda job: job[1].images if job[1].paths else None  # noqa: E731
+            for (items, batch), logits in clf.runner.run_in_order(batches, images_of):
+                if logits is not None:
+                    clf._check_rows(logits, clf.batch_size)
+                yield self._rows_of(items, batch, logits)
 
     def _todo(self):
         for item in self.discovery:
@@ -150,9 +197,9 @@ class Classification:
                 continue
             yield item
 
-    def _rows_of(self, items, batch) -> list:
+    def _rows_of(self, items, batch, logits) -> list:
         """One batch's rows in the order of its items (a Note follows its Prediction)."""
-        predictions = self._predict(batch)
+        predictions = self._predictions(batch, logits)
         failed = {path: (stage, error) for path, stage, error in batch.failed}
         notes = dict(batch.notes)
         rows, next_ok = [], 0
@@ -168,10 +215,13 @@ class Classification:
                 rows.append(Skipped(item.path, *failed[item.path]))
         return rows
 
-    def _predict(self, batch) -> list:
+    def _logits(self, batch):
+        return self.classifier.predict(batch.images) if batch.paths else None
+
+    def _predictions(self, batch, logits) -> list:
         n = len(batch.paths)
         if n == 0:
             return []
-        logits = self.classifier.predict(batch.images)[:n]  # the padded rows are dropped
+        logits = logits[:n]  # the padded rows are dropped
         idx, scores = softmax_topk(logits, self.classifier.topk)
         return [Prediction(path, tuple(i), tuple(s)) for path, i, s in zip(batch.paths, idx.tolist(), scores.tolist())]

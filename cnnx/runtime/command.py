@@ -75,11 +75,14 @@ class _Tally:
               help="Labels and scores per image (capped at the number of classes).")
 @click.option("--batch-size", type=click.IntRange(1, 65536), default=256, show_default=True,
               help="Images per onnxruntime call; every call has this shape (the last is padded). "
-                   "Reduced, with a note, when the images would exceed 256 MiB a batch.")
+                   "Reduced, with a note, when the images would exceed 256 MiB a batch. 256 is the CPU's "
+                   "measured choice; on CUDA it is kept until benchmarks/gpu_classify.py has measured one.")
 @click.option("--workers", type=click.IntRange(0, 256), default=0, show_default=True,
               help="Decode threads; 0 = one per CPU core.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="auto: CUDA when onnxruntime's CUDA provider loads, else CPU. cuda: CUDA or an error.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True,
+              help="auto: CUDA when onnxruntime's CUDA provider loads, else CPU. cuda: CUDA or a one-line "
+                   "error naming the cause. tensorrt: onnxruntime's TensorRT provider (TensorRT 10; engines "
+                   "cached under $CNNX_CACHE/trt) or an error.")
 @click.option("--errors", "errors_path", type=click.Path(dir_okay=False),
               help="CSV of files not classified (path,stage,error). Default: OUTPUT's name + .errors.csv, "
                    "or warnings on stderr when OUTPUT is stdout.")

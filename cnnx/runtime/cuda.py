@@ -1,5 +1,5 @@
 """Why onnxruntime's CUDA provider can or cannot run here, in one line (`cnnx info`,
-`cnnx classify --device cuda`).
+`cnnx classify --device cuda|tensorrt`).
 
 onnxruntime itself only logs a multi-line error and falls back to the CPU. The causes users
 hit most, checked in this order (each check is cheap: package metadata and dlopen, no GPU work):
@@ -111,3 +111,129 @@ def diagnose(*, dist_path=None) -> CudaStatus:
                 return CudaStatus(False, f"{what} library {soname} for CUDA {major} cannot be loaded{found}: {INSTALL_HINT}")
     return CudaStatus(True, f"onnxruntime {ort.__version__} built for CUDA {built_for}, driver supports "
                             f"{'?' if supported is None else f'{supported // 1000}.{supported % 1000 // 10}'}")
+
+
+def describe() -> str:
+    """The line `cnnx info` prints about the CUDA provider."""
+    status = diagnose()
+    return f"CUDA provider: {'usable' if status.usable else 'not usable'}: {status.reason}"
+
+
+# --- TensorRT -------------------------------------------------------------------------------
+TENSORRT_PROVIDER = "TensorrtExecutionProvider"
+# The libraries onnxruntime's TensorRT provider links against (TensorRT 10's sonames).
+TENSORRT_LIBRARIES = ("libnvinfer.so.10", "libnvonnxparser.so.10")
+TENSORRT_HINT = "pip install 'tensorrt-cu13-libs>=10,<11'"
+
+
+def _tensorrt_wheel_folder():
+    """Where the tensorrt-cu13-libs wheel keeps its libraries (not on the loader's path)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("tensorrt_libs")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return list(spec.submodule_search_locations)[0]
+
+
+def load_tensorrt_libraries() -> str | None:
+    """Load TensorRT 10's libraries globally (from the loader's path, else from the
+    tensorrt-cu13-libs wheel), so the provider's own dlopen finds them by soname.
+    -> None when they loaded, else the first soname that did not."""
+    import os
+
+    folder = _tensorrt_wheel_folder()
+    for soname in TENSORRT_LIBRARIES:
+        candidates = [soname] + ([os.path.join(folder, soname)] if folder else [])
+        for name in candidates:
+            try:
+                ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+                break
+            except OSError:
+                continue
+        else:
+            return soname
+    return None
+
+
+def diagnose_tensorrt(*, dist_path=None) -> CudaStatus:
+    """Why onnxruntime's TensorRT provider can or cannot run here: the CUDA checks first (it
+    runs on the CUDA provider's libraries), then the provider itself, then TensorRT 10."""
+    status = diagnose(dist_path=dist_path)
+    if not status.usable:
+        return status
+    import onnxruntime as ort
+
+    if TENSORRT_PROVIDER not in ort.get_available_providers():
+        return CudaStatus(False, f"this onnxruntime ({ort.__version__}) has no TensorRT provider")
+    missing = load_tensorrt_libraries()
+    if missing is not None:
+        return CudaStatus(False, f"TensorRT 10 library {missing} cannot be loaded: {TENSORRT_HINT}")
+    return CudaStatus(True, f"TensorRT 10 libraries loaded; {status.reason}")
+
+
+def cache_root() -> "Path":
+    """cnnx's cache folder: $CNNX_CACHE, else $XDG_CACHE_HOME/cnnx, else ~/.cache/cnnx."""
+    import os
+    from pathlib import Path
+
+    if os.environ.get("CNNX_CACHE"):
+        return Path(os.environ["CNNX_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cnnx"
+
+
+def gpu_identity(device_id: int = 0) -> str | None:
+    """'<name>-<uuid prefix>' of a GPU through the driver library (no torch), for cache keys:
+    an engine built for one card must not be loaded on another. None without a driver."""
+    import re
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    device = ctypes.c_int(0)
+    name = ctypes.create_string_buffer(256)
+    uuid = ctypes.create_string_buffer(16)
+    if (lib.cuInit(0) != 0 or lib.cuDeviceGet(ctypes.byref(device), device_id) != 0
+            or lib.cuDeviceGetName(name, 256, device) != 0 or lib.cuDeviceGetUuid(uuid, device) != 0):
+        return None
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", name.value.decode(errors="replace")).strip("-").lower()
+    return f"{slug}-{uuid.raw.hex()[:12]}"
+
+
+def file_sha256(path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tensorrt_options(model_path, batch_size: int, size, *, device_id: int = 0, gpu: str | None = None,
+                     fp16: bool = False) -> dict:
+    """Provider options for onnxruntime's TensorRT provider: engine and timing caches in
+    <cache>/trt/<model sha256[:16]>-<gpu>-b<batch> (an engine is specific to the model, the card
+    and the shape profile, so each gets its own folder and none is rebuilt over another), and
+    one profile of batches 1..batch_size optimised for batch_size (cnnx classify always runs
+    batch_size; predict() may send fewer). fp16 off: the fp32 model keeps its fp32 numbers."""
+    h, w = size
+    gpu = gpu or gpu_identity(device_id) or f"gpu{device_id}"
+    folder = cache_root() / "trt" / f"{file_sha256(model_path)[:16]}-{gpu}-b{batch_size}"
+    shape = lambda n: f"images:{n}x3x{h}x{w}"  # noqa: E731
+    return {
+        "device_id": str(device_id),
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": str(folder),
+        "trt_timing_cache_enable": "True",
+        "trt_timing_cache_path": str(folder),
+        "trt_fp16_enable": "True" if fp16 else "False",
+        "trt_profile_min_shapes": shape(1),
+        "trt_profile_opt_shapes": shape(batch_size),
+        "trt_profile_max_shapes": shape(batch_size),
+    }

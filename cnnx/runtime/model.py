@@ -14,7 +14,8 @@ import numpy as np
 
 from cnnx.runtime.contract import (CPU_PROVIDER as CPU, CUDA_PROVIDER as CUDA, DEVICES, ContractError,
                                    check_signature, cuda_driver_present, parse_metadata)
-from cnnx.runtime.files import first_line
+from cnnx.runtime.cuda import TENSORRT_PROVIDER as TENSORRT
+from cnnx.runtime.files import first_line, os_error_line
 
 
 class ModelError(Exception):
@@ -69,39 +70,33 @@ def _session_options(ort, threads: int | None, quiet: bool):
     return so
 
 
-def open_model(path, device: str = "auto", *, threads: int | None = None):
+# The devices the runtime opens models on: contract.DEVICES and TensorRT (optional provider).
+RUNTIME_DEVICES = tuple(dict.fromkeys((*DEVICES, "tensorrt")))
+
+
+def open_model(path, device: str = "auto", *, threads: int | None = None, batch_size: int | None = None):
     """-> (onnxruntime.InferenceSession, ModelInfo, provider actually running).
-    device auto: CUDA when its provider really loads, else CPU; cuda: CUDA or ModelError."""
+    device auto: CUDA when its provider really loads, else CPU (quietly); cuda / tensorrt:
+    that provider or ModelError naming the cause in one line (cnnx.runtime.cuda), never a
+    CPU run. batch_size: the --batch-size asked for; TensorRT's engine is built for it (as
+    reduced by the pipeline's memory budget, the batch classify runs)."""
     import onnxruntime as ort
 
-    if device not in DEVICES:
-        raise ModelError(f"unknown device {device!r}; known: {', '.join(DEVICES)}")
+    if device not in RUNTIME_DEVICES:
+        raise ModelError(f"unknown device {device!r}; known: {', '.join(RUNTIME_DEVICES)}")
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model not found: {path}")
-    want_cuda = device in ("auto", "cuda") and CUDA in ort.get_available_providers()
-    if device == "cuda" and not want_cuda:
-        raise ModelError("--device cuda: this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
-    if want_cuda and not cuda_driver_present():
-        # Without the driver library the CUDA provider cannot load; trying costs ~0.5 s of
-        # start-up (preload + provider library) for nothing, so auto goes straight to the CPU.
-        if device == "cuda":
-            raise ModelError("--device cuda: no NVIDIA driver here (libcuda cannot be loaded); use --device cpu or auto")
-        want_cuda = False
-    if want_cuda and hasattr(ort, "preload_dlls"):
-        try:
-            ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels, when installed
-        except Exception:  # noqa: BLE001 - a failed preload just means CUDA will not load below
-            pass
-    providers = [CUDA, CPU] if want_cuda else [CPU]
+    providers = _providers(ort, device, path, batch_size)
+    want_gpu = providers[0] != CPU
     old_severity = None
     try:
-        if want_cuda:
-            # onnxruntime logs a multi-line error when the CUDA provider cannot load; under auto
-            # that is the expected CPU fallback, and under cuda we say it in one line below.
+        if want_gpu:
+            # onnxruntime logs a multi-line error when a GPU provider cannot load; under auto
+            # that is the expected CPU fallback, and under cuda/tensorrt we say it in one line below.
             ort.set_default_logger_severity(4)
             old_severity = 2
-        session = ort.InferenceSession(str(path), _session_options(ort, threads, want_cuda), providers=providers)
+        session = ort.InferenceSession(str(path), _session_options(ort, threads, want_gpu), providers=providers)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
         raise ModelError(f"cannot load model {path}: {first_line(e)}") from None
     finally:
@@ -109,10 +104,64 @@ def open_model(path, device: str = "auto", *, threads: int | None = None):
             ort.set_default_logger_severity(old_severity)
     active = session.get_providers()
     provider = active[0] if active else CPU
-    if device == "cuda" and provider != CUDA:
-        raise ModelError("--device cuda: onnxruntime's CUDA provider did not load (the CUDA/cuDNN libraries "
-                         "it was built for are missing, or no usable GPU); use --device cpu or auto")
+    wanted = {"cuda": CUDA, "tensorrt": TENSORRT}.get(device)
+    if wanted is not None and provider != wanted:
+        raise ModelError(f"--device {device}: onnxruntime's {wanted} did not load although its libraries do "
+                         f"(no usable GPU visible? CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+                         "use --device cpu or auto")
     return session, check_contract(session, path), provider
+
+
+def _providers(ort, device: str, path: Path, batch_size: int | None) -> list:
+    """The provider list to ask onnxruntime for. cuda and tensorrt are diagnosed first
+    (cnnx.runtime.cuda: packages, driver, libraries) so a failure names its cause."""
+    from cnnx.runtime import cuda
+
+    if device == "cpu":
+        return [CPU]
+    if device == "auto":
+        # Cheap checks only (no package scan): without the provider or the driver library,
+        # trying CUDA costs ~0.5 s of start-up for nothing, so auto goes straight to the CPU.
+        if CUDA not in ort.get_available_providers() or not cuda_driver_present():
+            return [CPU]
+        _preload(ort)
+        return [CUDA, CPU]
+    status = cuda.diagnose() if device == "cuda" else cuda.diagnose_tensorrt()
+    if not status.usable:
+        raise ModelError(f"--device {device}: {status.reason}")
+    if device == "cuda":
+        return [CUDA, CPU]
+    from cnnx.runtime.pipeline import batch_size_within_budget
+
+    spec = _model_spec(ort, path)
+    batch = batch_size_within_budget(batch_size or 256, spec)
+    options = cuda.tensorrt_options(path, batch, spec["size"])
+    try:
+        os.makedirs(options["trt_engine_cache_path"], exist_ok=True)
+    except OSError as e:
+        raise ModelError(f"--device tensorrt: cannot create the engine cache: {os_error_line(e)}") from None
+    # Nodes TensorRT cannot take run on CUDA (then the CPU): onnxruntime's own partitioning.
+    return [(TENSORRT, options), CUDA, CPU]
+
+
+def _preload(ort):
+    if hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels, when installed
+        except Exception:  # noqa: BLE001 - a failed preload just means CUDA will not load
+            pass
+
+
+def _model_spec(ort, path: Path) -> dict:
+    """The preprocess spec of a model before a GPU session exists (TensorRT's shape profile
+    needs H and W): read from a CPU session without optimisation, which only parses."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        session = ort.InferenceSession(str(path), so, providers=[CPU])
+    except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
+        raise ModelError(f"cannot load model {path}: {first_line(e)}") from None
+    return check_contract(session, path).spec
 
 
 def check_contract(session, path) -> ModelInfo:

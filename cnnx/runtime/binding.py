@@ -1,0 +1,180 @@
+"""Batches through onnxruntime's IOBinding, several in flight: the GPU path of the pipeline.
+
+`session.run(feed)` on CUDA copies every uint8 batch from pageable memory, waits for the
+logits and only then returns, so upload, compute and the caller's work (softmax, top-k,
+writing rows) take turns. Here each of `slots` (default 2) slots owns
+
+  - a host input buffer of one batch, page-locked when CUDA can give us one (the copy to
+    the GPU then runs by DMA at full PCIe speed instead of through a staging buffer), bound
+    once as the model's uint8 input: 4x fewer bytes over the bus than float32;
+  - an IOBinding whose output is bound to host memory, so the logits come back in the same
+    `run_with_iobinding` call;
+
+and the runs go to a pool of `slots` threads (onnxruntime releases the GIL during a run and
+allows concurrent runs of one session), so batch k+1 can be uploaded while batch k computes
+and the caller post-processes batch k-1. Results come back in submission order. Decoding overlaps all of this already (pipeline.decoded_batches' threads).
+
+The same code runs on the CPU provider with plain host buffers (the tests exercise it there
+against `session.run`); cnnx classify uses it only on CUDA and TensorRT, where it pays: the
+CPU loop stays as it is (nothing to upload there; the shared 2-core CPU cannot show a gain).
+benchmarks/gpu_classify.py measures 1 vs 2 slots and the host memory kind on the GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+CUDA_DEVICES = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+class HostBuffer:
+    """A uint8 numpy array of `shape` in host memory; `kind` says which: "pinned-onnxruntime"
+    (onnxruntime's HOST_ACCESSIBLE allocator of its CUDA device), "pinned-cudart"
+    (cudaHostAlloc of the CUDA runtime onnxruntime loaded), or "pageable" (numpy)."""
+
+    def __init__(self, shape, pinned: bool):
+        self.shape = tuple(shape)
+        self._owner = None  # what keeps the memory alive (an OrtValue or a cudart pointer)
+        self._free = None
+        self.kind = "pageable"
+        nbytes = int(np.prod(self.shape))
+        if pinned:
+            for alloc in (_pinned_by_onnxruntime, _pinned_by_cudart):
+                got = alloc(nbytes)
+                if got is not None:
+                    self.kind, pointer, self._owner, self._free = got
+                    self.array = _view(pointer, self.shape)
+                    return
+        self.array = np.empty(self.shape, np.uint8)
+
+    def close(self):
+        self.array = None
+        if self._free is not None:
+            self._free()
+            self._free = None
+        self._owner = None
+
+
+def _view(pointer: int, shape) -> np.ndarray:
+    nbytes = int(np.prod(shape))
+    return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(pointer)).reshape(shape)
+
+
+def _pinned_by_onnxruntime(nbytes: int):
+    """Page-locked memory from the CUDA provider's own host allocator (onnxruntime >= 1.23
+    lists its devices in get_ep_devices and allocates their HOST_ACCESSIBLE memory)."""
+    import onnxruntime as ort
+
+    try:
+        devices = [d for d in ort.get_ep_devices() if d.ep_name == "CUDAExecutionProvider"]
+        if not devices:
+            return None
+        info = devices[0].memory_info(ort.OrtDeviceMemoryType.HOST_ACCESSIBLE)
+        if info is None:
+            return None
+        value = ort.OrtValue.ortvalue_from_shape_and_type([nbytes], np.uint8, memory_info=info)
+        return "pinned-onnxruntime", value.data_ptr(), value, None
+    except Exception:  # noqa: BLE001 - any refusal means: try the next way
+        return None
+
+
+def _pinned_by_cudart(nbytes: int):
+    """cudaHostAlloc of the CUDA runtime library the CUDA provider runs on (loaded by then)."""
+    import onnxruntime as ort
+
+    from cnnx.runtime.cuda import _library_names
+
+    built_for = getattr(ort, "cuda_version", None)
+    built_for = built_for() if callable(built_for) else built_for
+    try:
+        lib = ctypes.CDLL(dict(_library_names(int(str(built_for).split(".")[0])))["CUDA runtime"])
+    except (OSError, ValueError):
+        return None
+    pointer = ctypes.c_void_p()
+    if lib.cudaHostAlloc(ctypes.byref(pointer), ctypes.c_size_t(nbytes), 0) != 0 or not pointer.value:
+        return None
+    return "pinned-cudart", pointer.value, lib, lambda: lib.cudaFreeHost(pointer)
+
+
+class _Slot:
+    def __init__(self, session, input_name: str, output_name: str, shape, pinned: bool):
+        self.host = HostBuffer(shape, pinned)
+        self.binding = session.io_binding()
+        # Host memory bound as input: onnxruntime copies it to the device inside the run
+        # (straight from page-locked memory when it is), or uses it in place on the CPU.
+        self.binding.bind_input(input_name, "cpu", 0, np.uint8, list(shape), self.host.array.ctypes.data)
+        self.binding.bind_output(output_name, "cpu")
+
+    def run(self, session):
+        session.run_with_iobinding(self.binding)
+        self.binding.synchronize_outputs()
+        return self.binding.copy_outputs_to_cpu()[0]
+
+
+class BoundRunner:
+    """Runs fixed-shape uint8 batches (batch_size, 3, H, W) through `session` with `slots`
+    in flight. pinned: page-locked host buffers (for CUDA; plain numpy on the CPU)."""
+
+    def __init__(self, session, input_name: str, output_name: str, batch_size: int, size, *,
+                 slots: int = 2, pinned: bool = False):
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots!r}")
+        h, w = size
+        self.session = session
+        self.shape = (batch_size, 3, h, w)
+        self._slots = [_Slot(session, input_name, output_name, self.shape, pinned) for _ in range(slots)]
+        self._pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="cnnx-infer")
+
+    @property
+    def host_memory(self) -> str:
+        return self._slots[0].host.kind
+
+    def run_in_order(self, jobs, images_of):
+        """Yield (job, logits) for each job in order; images_of(job) is its uint8 batch of
+        exactly self.shape, or None for a job with nothing to run (its logits are None). A job
+        is copied into a free slot and started before the oldest running one is waited for,
+        so `slots` batches are in flight."""
+        free, running = deque(self._slots), deque()
+
+        def oldest():
+            job, slot, future = running.popleft()
+            if slot is None:
+                return job, None
+            try:
+                return job, future.result()
+            finally:
+                free.append(slot)
+
+        try:
+            for job in jobs:
+                images = images_of(job)
+                if images is None:
+                    running.append((job, None, None))
+                    continue
+                if images.shape != self.shape or images.dtype != np.uint8:
+                    raise ValueError(f"batch of {images.dtype} {images.shape}, expected uint8 {self.shape}")
+                while not free:
+                    yield oldest()
+                slot = free.popleft()
+                np.copyto(slot.host.array, images)
+                running.append((job, slot, self._pool.submit(slot.run, self.session)))
+            while running:
+                yield oldest()
+        finally:
+            for _job, _slot, future in running:  # a consumer that stopped early: let runs end
+                if future is not None and not future.cancel():
+                    try:
+                        future.result()
+                    except Exception:  # noqa: BLE001 - the consumer has gone; nothing reads this run
+                        pass
+
+    def close(self):
+        self._pool.shutdown(wait=True)
+        for slot in self._slots:
+            slot.binding = None
+            slot.host.close()
+        self._slots = []

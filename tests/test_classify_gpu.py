@@ -1,0 +1,265 @@
+"""The GPU path of `cnnx classify` (issue 8), tested where it can be: the IOBinding runner with
+two batches in flight runs on the CPU provider here (same code, host memory bound as 'cpu')
+and must give session.run's logits bit for bit, in order; the fp16 export variant runs
+through it; --device cuda / tensorrt that cannot run is one line naming the cause; the
+TensorRT provider options. Tests that need CUDA or TensorRT skip without them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cnnx.cli import cli
+from cnnx.runtime import cuda
+from tests._runtime_util import make_onnx_model, tiny_onnx_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def conv_model(tmp_path_factory) -> Path:
+    # A real convolutional net (seed-cnn, seeded weights) of the contract, 32x32.
+    return make_onnx_model(tmp_path_factory.mktemp("gpu-models") / "model.onnx")
+
+
+@pytest.fixture(scope="module")
+def fp16_model(conv_model) -> Path:
+    """The exporter's own fp16 variant of conv_model (cnnx.export.quantize.to_fp16)."""
+    import onnx
+
+    from cnnx.export.quantize import to_fp16
+
+    props = {p.key: p.value for p in onnx.load(str(conv_model)).metadata_props}
+    meta = {k: json.loads(v) if v[:1] in "[{" else v for k, v in props.items()}
+    dst = conv_model.with_name("model.fp16.onnx")
+    to_fp16(conv_model, dst, meta=meta)
+    return dst
+
+
+def cpu_session(path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def batches(n, batch_size, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (batch_size, 3, size, size), dtype=np.uint8) for _ in range(n)]
+
+
+def run_cli(args):
+    return CliRunner().invoke(cli, ["classify", *map(str, args)], catch_exceptions=False)
+
+
+# --- the IOBinding runner ----------------------------------------------------------------------
+
+def test_bound_runs_give_session_run_logits_bit_for_bit_in_order(conv_model):
+    from cnnx.runtime.binding import BoundRunner
+
+    session = cpu_session(conv_model)
+    jobs = batches(7, 16)
+    runner = BoundRunner(session, "images", "logits", 16, (32, 32), slots=2)
+    try:
+        got = list(runner.run_in_order(range(len(jobs)), lambda i: jobs[i]))
+    finally:
+        runner.close()
+    assert [i for i, _ in got] == list(range(7))
+    for i, logits in got:
+        want = session.run(["logits"], {"images": jobs[i]})[0]
+        assert logits.dtype == want.dtype and np.array_equal(logits, want), i
+    # Distinct batches give distinct logits, so a result handed to the wrong job would show.
+    assert not np.array_equal(got[0][1], got[1][1])
+
+
+def test_jobs_without_images_keep_their_place_and_are_not_run(conv_model):
+    from cnnx.runtime.binding import BoundRunner
+
+    session = cpu_session(conv_model)
+    jobs = [None, *batches(3, 4, seed=1), None, None, *batches(1, 4, seed=2)]
+    runner = BoundRunner(session, "images", "logits", 4, (32, 32), slots=2)
+    try:
+        got = list(runner.run_in_order(range(len(jobs)), lambda i: jobs[i]))
+    finally:
+        runner.close()
+    assert [i for i, _ in got] == list(range(len(jobs)))
+    for i, logits in got:
+        if jobs[i] is None:
+            assert logits is None
+        else:
+            assert np.array_equal(logits, session.run(["logits"], {"images": jobs[i]})[0])
+
+
+def test_a_batch_of_the_wrong_shape_is_refused(conv_model):
+    from cnnx.runtime.binding import BoundRunner
+
+    runner = BoundRunner(cpu_session(conv_model), "images", "logits", 4, (32, 32))
+    try:
+        with pytest.raises(ValueError, match="expected uint8"):
+            list(runner.run_in_order([0], lambda _: np.zeros((3, 3, 32, 32), np.uint8)))
+    finally:
+        runner.close()
+
+
+@pytest.mark.skipif(cuda.cuda_driver_present(), reason="this machine has an NVIDIA driver")
+def test_pinned_buffers_fall_back_to_pageable_memory_without_a_gpu():
+    from cnnx.runtime.binding import HostBuffer
+
+    buf = HostBuffer((2, 3, 8, 8), pinned=True)
+    assert buf.kind == "pageable" and buf.array.shape == (2, 3, 8, 8) and buf.array.dtype == np.uint8
+    buf.array[:] = 7
+    assert int(buf.array.sum()) == 7 * 2 * 3 * 8 * 8
+    buf.close()
+
+
+# --- Classifier / cnnx classify through the runner -------------------------------------------------
+
+def test_classify_rows_are_the_same_with_two_batches_in_flight(conv_model, cifar_subset, tmp_path):
+    from cnnx.runtime import Classifier
+
+    folder = cifar_subset(3)  # 30 files: 8 batches of 4, the last one padded
+    (folder / "cat" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    with Classifier(conv_model, "cpu", batch_size=4, topk=3) as plain:
+        assert plain.runner is None and plain.host_memory is None  # the CPU keeps its loop
+        want = list(plain.classify([folder]))
+    with Classifier(conv_model, "cpu", batch_size=4, topk=3, io_binding=True) as bound:
+        assert bound.host_memory == "pageable"
+        got = list(bound.classify([folder]))
+    assert got == want
+    assert len(got) == 31 and [r.path for r in got] == sorted(r.path for r in got)
+
+
+def test_a_model_giving_one_row_per_batch_is_refused_on_the_bound_path_too(cifar_subset, tmp_path):
+    from cnnx.runtime import Classifier, ModelError
+
+    model = tiny_onnx_model(tmp_path / "reduced.onnx", batch_out="first-row")
+    with Classifier(model, "cpu", batch_size=4, io_binding=True) as clf:
+        with pytest.raises(ModelError, match="not one row per image"):
+            list(clf.classify([cifar_subset(1)]))
+
+
+def test_fp16_variant_runs_through_the_binding_with_float32_logits(conv_model, fp16_model, cifar_subset):
+    from cnnx.runtime import Classifier, Prediction
+
+    outputs = cpu_session(fp16_model).get_outputs()
+    assert outputs[0].type == "tensor(float)"  # keep_io_types: float16 inside, float32 logits out
+    folder = cifar_subset(2)
+    with Classifier(fp16_model, "cpu", batch_size=8, io_binding=True) as half, \
+            Classifier(fp16_model, "cpu", batch_size=8) as half_plain, Classifier(conv_model, "cpu", batch_size=8) as full:
+        x = batches(1, 8)[0]
+        logits = half.predict(x)
+        assert logits.dtype == np.float32
+        assert np.array_equal(logits, cpu_session(fp16_model).run(["logits"], {"images": x})[0])
+        rows_half = list(half.classify([folder]))
+        assert rows_half == list(half_plain.classify([folder]))
+        rows_full = list(full.classify([folder]))
+    top1 = [(a.indices[0], b.indices[0]) for a, b in zip(rows_half, rows_full)
+            if isinstance(a, Prediction) and isinstance(b, Prediction)]
+    assert len(top1) == 20
+    # fp16 inside, but the same decisions on nearly every image (the export gate asks 99.5%).
+    assert sum(a == b for a, b in top1) >= 19
+
+
+# --- devices that cannot run: one line naming the cause -----------------------------------------
+
+def one_line(r):
+    assert r.exit_code == 1, (r.exit_code, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr + r.stdout, r.stderr
+    return lines[0]
+
+
+@pytest.mark.skipif(cuda.diagnose().usable, reason="CUDA runs here")
+def test_device_cuda_that_cannot_run_names_the_diagnosed_cause(conv_model, cifar_subset, tmp_path):
+    out = tmp_path / "p.csv"
+    line = one_line(run_cli([cifar_subset(1), "--model", conv_model, "--device", "cuda", "-o", out]))
+    assert line == f"Error: --device cuda: {cuda.diagnose().reason}"
+    assert not out.exists()  # never a silent CPU run
+
+
+@pytest.mark.skipif(cuda.diagnose_tensorrt().usable, reason="TensorRT runs here")
+def test_device_tensorrt_that_cannot_run_names_the_diagnosed_cause(conv_model, cifar_subset, tmp_path):
+    out = tmp_path / "p.csv"
+    line = one_line(run_cli([cifar_subset(1), "--model", conv_model, "--device", "tensorrt", "-o", out]))
+    assert line == f"Error: --device tensorrt: {cuda.diagnose_tensorrt().reason}"
+    assert not out.exists()
+
+
+def test_device_auto_without_cuda_stays_quiet_on_the_cpu(conv_model, cifar_subset):
+    if cuda.diagnose().usable:
+        pytest.skip("CUDA runs here")
+    r = run_cli([cifar_subset(1), "--model", conv_model, "--device", "auto"])
+    assert r.exit_code == 0 and "provider CPUExecutionProvider" in r.stderr
+    assert sum(1 for line in r.stderr.splitlines() if line.strip()) == 1  # the summary only
+
+
+def test_api_refuses_an_unknown_device_in_one_line(conv_model):
+    from cnnx.runtime import Classifier, ModelError
+
+    with pytest.raises(ModelError, match="unknown device 'tpu'; known: auto, cpu, cuda, tensorrt"):
+        Classifier(conv_model, "tpu")
+
+
+# --- TensorRT options ---------------------------------------------------------------------------
+
+def test_tensorrt_options_cache_engines_by_model_gpu_and_batch(conv_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("CNNX_CACHE", str(tmp_path / "cache"))
+    opts = cuda.tensorrt_options(conv_model, 64, (224, 200), gpu="nvidia-h100-80gb-hbm3-0123456789ab")
+    sha = cuda.file_sha256(conv_model)
+    folder = tmp_path / "cache" / "trt" / f"{sha[:16]}-nvidia-h100-80gb-hbm3-0123456789ab-b64"
+    assert opts["trt_engine_cache_enable"] == "True" and opts["trt_engine_cache_path"] == str(folder)
+    assert opts["trt_timing_cache_path"] == str(folder)
+    assert opts["trt_fp16_enable"] == "False"
+    assert (opts["trt_profile_min_shapes"], opts["trt_profile_opt_shapes"], opts["trt_profile_max_shapes"]) == (
+        "images:1x3x224x200", "images:64x3x224x200", "images:64x3x224x200")
+    # Another batch size is another engine, in its own folder (nothing rebuilt over it).
+    assert cuda.tensorrt_options(conv_model, 128, (224, 200), gpu="g")["trt_engine_cache_path"].endswith("-g-b128")
+
+
+def test_cache_root_follows_cnnx_cache_then_xdg(tmp_path, monkeypatch):
+    monkeypatch.delenv("CNNX_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cuda.cache_root() == tmp_path / "xdg" / "cnnx"
+    monkeypatch.setenv("CNNX_CACHE", str(tmp_path / "mine"))
+    assert cuda.cache_root() == tmp_path / "mine"
+
+
+def test_missing_tensorrt_libraries_are_named(monkeypatch):
+    if cuda.load_tensorrt_libraries() is None:
+        pytest.skip("TensorRT 10 loads here")
+    # The wheel's folder does not hold them either: the first soname is the one named.
+    assert cuda.load_tensorrt_libraries() == "libnvinfer.so.10"
+
+
+# --- on a GPU (skipped here) ----------------------------------------------------------------------
+
+@pytest.mark.skipif(not cuda.diagnose().usable, reason="onnxruntime's CUDA provider cannot run here")
+def test_cuda_classify_runs_bound_with_pinned_buffers_and_agrees_with_the_cpu(conv_model, cifar_subset):
+    from cnnx.runtime import Classifier, Prediction
+
+    folder = cifar_subset(5)
+    with Classifier(conv_model, "cuda", batch_size=16) as gpu, Classifier(conv_model, "cpu", batch_size=16) as cpu:
+        assert gpu.provider == "CUDAExecutionProvider" and gpu.runner is not None
+        assert gpu.host_memory.startswith("pinned"), gpu.host_memory
+        x = batches(1, 16)[0]
+        assert np.allclose(gpu.predict(x), cpu.predict(x), atol=1e-3)
+        on_gpu, on_cpu = list(gpu.classify([folder])), list(cpu.classify([folder]))
+    assert [r.path for r in on_gpu] == [r.path for r in on_cpu]
+    agree = sum(a.indices[0] == b.indices[0] for a, b in zip(on_gpu, on_cpu) if isinstance(a, Prediction))
+    assert agree >= 49
+
+
+@pytest.mark.skipif(not cuda.diagnose_tensorrt().usable, reason="onnxruntime's TensorRT provider cannot run here")
+def test_tensorrt_classify_caches_its_engine(conv_model, cifar_subset, tmp_path, monkeypatch):
+    from cnnx.runtime import Classifier
+
+    monkeypatch.setenv("CNNX_CACHE", str(tmp_path / "cache"))
+    with Classifier(conv_model, "tensorrt", batch_size=16) as trt:
+        assert trt.provider == "TensorrtExecutionProvider"
+        rows = list(trt.classify([cifar_subset(2)]))
+        assert len(rows) == 20
+        assert trt.predict(batches(1, 40)[0]).shape == (40, 10)  # more than the profile: in chunks
+    assert list((tmp_path / "cache" / "trt").rglob("*.engine"))
