@@ -19,7 +19,7 @@ import torch
 from cnnx.runtime.files import TEMP_PREFIX
 from cnnx.runtime.preprocess import make_spec
 from cnnx.train.checkpoint import build_checkpoint, load_checkpoint
-from cnnx.train.data import DataError, load_image_folder
+from cnnx.train.data import load_image_folder
 from cnnx.train.run import LOCK_NAME
 from cnnx.train.zoo import CIFAR_MEAN, CIFAR_STD, create_model
 
@@ -63,10 +63,13 @@ def small(cifar_train_dir, tmp_path_factory):
 
 # --- (1) two runs, one name ------------------------------------------------------------------
 
-def test_two_runs_with_the_same_name_one_runs_the_other_gets_one_line(small, tmp_path):
+def test_two_runs_with_the_same_name_one_runs_the_other_gets_one_line(cifar_subset, tmp_path):
+    """Started together (separate caches), both used to pass the "exists" check while the
+    other was still loading its data, and both wrote the folder."""
+    data = cifar_subset(500)  # 5,000 images: loading them takes longer than the two starts differ
     runs = tmp_path / "runs"
-    procs = [_cnnx(seed_args(small, runs, "same", tmp_path / f"cache{i}", "--epochs", "1", "--batch-size", "16"))
-             for i in range(2)]
+    procs = [_cnnx(seed_args(data, runs, "same", tmp_path / f"cache{i}", "--epochs", "1", "--batch-size", "256",
+                             "--image-size", "40")) for i in range(2)]
     results = [_finish(p) for p in procs]
     codes = sorted(r[0] for r in results)
     assert codes == [0, 1], [r[2][-1500:] for r in results]

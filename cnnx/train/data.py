@@ -242,7 +242,7 @@ def _decode_all(paths, spec, *, workers, progress):
                         j, idx, errors = header
                         start = j * chunk
                         reader.recv_bytes_into(memoryview(out[start:start + len(idx)]).cast("B"))
-                    except (EOFError, OSError):
+                    except (EOFError, OSError, mp.BufferTooShort):
                         raise _WorkerDied(_worker_death(proc, n, spec)) from None
                     kept_by_job[j], errors_by_job[j] = idx, errors
                     bar.update(len(jobs[j][1]))
