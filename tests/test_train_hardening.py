@@ -137,6 +137,14 @@ def test_resume_of_a_run_without_last_pt_trains_it_again_from_its_config(small, 
     assert r.exit_code == 0, r.stderr
     assert "training it again from epoch 1" in r.stderr and (runs / "r" / "last.pt").is_file()
     assert (runs / "r" / "config.json").read_text() == config
+    # A finished run whose last.pt was deleted to save space keeps its best.pt: no restart.
+    best = (runs / "r" / "best.pt").read_bytes()
+    (runs / "r" / "last.pt").unlink()
+    r = run_cli(["train", "--resume", runs / "r", "--quiet"])
+    assert r.exit_code == 1 and "holds best.pt but no last.pt" in r.stderr
+    r = run_cli(args)
+    assert r.exit_code == 1 and "holds best.pt; choose another --name" in r.stderr
+    assert (runs / "r" / "best.pt").read_bytes() == best
     # Killed during data loading: no config.json either; the line says how to restart.
     (runs / "e").mkdir()
     r = run_cli(["train", "--resume", runs / "e", "--quiet"])

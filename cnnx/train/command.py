@@ -154,7 +154,7 @@ def _resume_config(resume, given, opts):
     cfg, ckpt = resume_state(resume)
     cfg = replace(cfg, **{k: opts[k] for k in given})
     check_config(cfg)
-    if ckpt is None:
+    if ckpt is None and _rank() == 0:
         say(f"{resume} has no last.pt (its run was stopped before its first epoch ended): "
             f"training it again from epoch 1 with its config.json")
     elif ckpt["epoch"] >= cfg.epochs:

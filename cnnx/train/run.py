@@ -82,8 +82,8 @@ def reserve_run_dir(run_dir, *, resume: bool) -> RunLock:
     (os.mkdir: exactly one of two racing runs creates it) and both a new run and --resume take
     the folder's flock without waiting: whoever holds it owns the folder, the other gets one
     line. A new run may reuse an existing folder only when it holds nothing a user could lose
-    (no last.pt, only a run's own files): that is how a run killed before its first epoch
-    ended is started again with the same --name. Temp files left by killed runs are removed."""
+    (no last.pt or best.pt, only a run's own files): that is how a run killed before its first
+    epoch ended is started again with the same --name. Temp files of killed runs are removed."""
     run_dir = Path(run_dir)
     created = False
     if not resume:
@@ -136,6 +136,8 @@ def _check_reusable(run_dir: Path):
     if "last.pt" in names:
         raise RunFolderError(f"run folder {run_dir} already exists; continue it with --resume {run_dir} "
                              f"or choose another --name")
+    if "best.pt" in names:  # e.g. a finished run whose last.pt was deleted to save space
+        raise RunFolderError(f"run folder {run_dir} already exists and holds best.pt; choose another --name")
     foreign = sorted(names - RUN_FILES)
     if foreign:
         raise RunFolderError(f"{run_dir} already exists and holds files that are not a cnnx run's "
@@ -582,6 +584,9 @@ def resume_state(path) -> tuple[TrainConfig, dict | None]:
     p = Path(path)
     if p.is_dir():
         if not (p / "last.pt").exists():
+            if (p / "best.pt").exists():
+                raise CheckpointError(f"{p} holds best.pt but no last.pt: it cannot be continued "
+                                      f"(train a new run with another --name)")
             return _restart_config(p), None
         p = p / "last.pt"
     ckpt = load_checkpoint(p)
