@@ -73,3 +73,16 @@ def test_tensorrt_clash_of_packages_is_named_first(tmp_path):
     _dist_info(tmp_path, "onnxruntime-gpu", "1.31.1")
     status = cuda.diagnose_tensorrt(dist_path=[str(tmp_path)])
     assert not status.usable and "installed together" in status.reason
+
+
+def test_the_two_packages_in_different_folders_do_not_clash(tmp_path):
+    # onnxruntime-gpu installed with --target ahead of a system onnxruntime: the first on the
+    # path is imported whole; nothing was overwritten (how the GPU benchmark brings its wheel).
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _dist_info(tmp_path / "a", "onnxruntime-gpu", "1.31.1")
+    _dist_info(tmp_path / "b", "onnxruntime", "1.30.0")
+    path = [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert cuda.installed_ort_distributions(path) == ["onnxruntime", "onnxruntime-gpu"]
+    assert cuda.clashing_ort_distributions(path) == []
+    assert "installed together" not in cuda.diagnose(dist_path=path).reason

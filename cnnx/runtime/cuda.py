@@ -3,8 +3,8 @@
 
 onnxruntime itself only logs a multi-line error and falls back to the CPU. The causes users
 hit most, checked in this order (each check is cheap: package metadata and dlopen, no GPU work):
-  1. both `onnxruntime` and `onnxruntime-gpu` installed: they share the `onnxruntime` folder,
-     and whichever was installed last wins (often the CPU-only one);
+  1. both `onnxruntime` and `onnxruntime-gpu` installed into one folder: they share the
+     `onnxruntime` package folder, and whichever was installed last wins (often the CPU-only one);
   2. a CPU-only onnxruntime (no CUDAExecutionProvider at all);
   3. no NVIDIA driver (libcuda cannot be loaded), or a driver older than the CUDA major
      version this onnxruntime-gpu was built for;
@@ -15,8 +15,12 @@ hit most, checked in this order (each check is cheap: package metadata and dlope
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import os
+import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from cnnx.runtime.contract import CUDA_PROVIDER, cuda_driver_present
 
@@ -35,14 +39,27 @@ class CudaStatus:
 def installed_ort_distributions(path=None) -> list:
     """Names of installed distributions that provide the `onnxruntime` package (path: the
     sys.path-like list to search, default sys.path)."""
+    return sorted({name for name, _folder in _ort_distributions(path)})
+
+
+def clashing_ort_distributions(path=None) -> list:
+    """The onnxruntime distributions installed into one and the same folder (they overwrite
+    each other's files there), or []. Two in different folders do not clash: the first on
+    the path is imported whole (e.g. onnxruntime-gpu installed with --target before the
+    system's CPU-only onnxruntime)."""
+    by_folder = {}
+    for name, folder in _ort_distributions(path):
+        by_folder.setdefault(folder, set()).add(name)
+    return next((sorted(names) for names in by_folder.values() if len(names) > 1), [])
+
+
+def _ort_distributions(path):
     import importlib.metadata as md
 
-    names = set()
     for dist in md.distributions(path=path) if path is not None else md.distributions():
         name = (dist.metadata["Name"] or "").lower().replace("_", "-")
         if name in ORT_DISTRIBUTIONS:
-            names.add(name)
-    return sorted(names)
+            yield name, str(dist.locate_file(""))
 
 
 def _loads(name: str) -> bool:
@@ -78,8 +95,8 @@ def _library_names(major: int):
 def diagnose(*, dist_path=None) -> CudaStatus:
     """Check the causes listed in the module docstring, in order; the first that fails is the
     reason. dist_path: where to look for installed distributions (default sys.path)."""
-    dists = installed_ort_distributions(dist_path)
-    if len(dists) > 1:
+    dists = clashing_ort_distributions(dist_path)
+    if dists:
         return CudaStatus(False, f"{' and '.join(dists)} are installed together and overwrite each other's files: "
                                  f"pip uninstall -y {' '.join(dists)} && {INSTALL_HINT}")
     import onnxruntime as ort
@@ -143,8 +160,6 @@ def load_tensorrt_libraries() -> str | None:
     """Load TensorRT 10's libraries globally (from the loader's path, else from the
     tensorrt-cu13-libs wheel), so the provider's own dlopen finds them by soname.
     -> None when they loaded, else the first soname that did not."""
-    import os
-
     folder = _tensorrt_wheel_folder()
     for soname in TENSORRT_LIBRARIES:
         candidates = [soname] + ([os.path.join(folder, soname)] if folder else [])
@@ -175,11 +190,8 @@ def diagnose_tensorrt(*, dist_path=None) -> CudaStatus:
     return CudaStatus(True, f"TensorRT 10 libraries loaded; {status.reason}")
 
 
-def cache_root() -> "Path":
+def cache_root() -> Path:
     """cnnx's cache folder: $CNNX_CACHE, else $XDG_CACHE_HOME/cnnx, else ~/.cache/cnnx."""
-    import os
-    from pathlib import Path
-
     if os.environ.get("CNNX_CACHE"):
         return Path(os.environ["CNNX_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -189,8 +201,6 @@ def cache_root() -> "Path":
 def gpu_identity(device_id: int = 0) -> str | None:
     """'<name>-<uuid prefix>' of a GPU through the driver library (no torch), for cache keys:
     an engine built for one card must not be loaded on another. None without a driver."""
-    import re
-
     try:
         lib = ctypes.CDLL("libcuda.so.1")
     except OSError:
@@ -206,8 +216,6 @@ def gpu_identity(device_id: int = 0) -> str | None:
 
 
 def file_sha256(path) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
