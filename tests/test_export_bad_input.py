@@ -121,22 +121,35 @@ def test_no_checkpoint_and_no_runs_is_a_usage_error(tmp_path, monkeypatch):
     _one_line_error(["export"], 2, "runs/*/best.pt")
 
 
+def _remove_chain(top, depth: int):
+    """Remove top/d/d/.../d (depth levels) bottom-up. shutil.rmtree (pytest's cleanup of old
+    temp folders, for every engineer sharing /tmp) recurses and would fail on this tree."""
+    for level in range(depth, 0, -1):
+        folder = os.path.join(top, *(["d"] * level))
+        if not os.path.isdir(folder):
+            continue  # made only part of the way down
+        for name in os.listdir(folder):
+            if name != "d":
+                os.unlink(os.path.join(folder, name))
+        os.rmdir(folder)
+
+
 def test_verify_data_nested_deeper_than_the_recursion_limit(ckpt, cifar_subset, tmp_path):
     """A --verify-data tree nested 1,100 folders deep is walked (an explicit stack, not
     recursion): its image is found and gates the export."""
+    depth = 1100
     jpg = next((cifar_subset(1) / "cat").iterdir())
-    deep = tmp_path / "verify" / "c3"
-    deep.mkdir(parents=True)
-    cwd = os.getcwd()
-    os.chdir(deep)
+    top = tmp_path / "verify" / "c3"
+    top.mkdir(parents=True)
     try:
-        for _ in range(1100):
-            os.mkdir("d")
-            os.chdir("d")
-        with open("a.jpg", "wb") as f:
+        folder = str(top)
+        for _ in range(depth):  # os.makedirs recurses too
+            folder = os.path.join(folder, "d")
+            os.mkdir(folder)
+        with open(os.path.join(folder, "a.jpg"), "wb") as f:
             f.write(jpg.read_bytes())
+        r, lines = _run(["export", str(ckpt), "--verify-data", str(tmp_path / "verify"), "--out", str(tmp_path / "o")])
+        assert r.exit_code == 0, r.output
+        assert "--verify-data" in r.stderr and "(1 of 1 images)" in r.stderr
     finally:
-        os.chdir(cwd)
-    r, lines = _run(["export", str(ckpt), "--verify-data", str(tmp_path / "verify"), "--out", str(tmp_path / "o")])
-    assert r.exit_code == 0, r.output
-    assert "--verify-data" in r.stderr and "(1 of 1 images)" in r.stderr
+        _remove_chain(top, depth)
