@@ -70,11 +70,11 @@ def cnnx_throughput(images, labels, cfg, batches, warmup):
 
     torch.manual_seed(0)
     wrapped = Uint8Input(create_model("seed-cnn", 10), CIFAR_MEAN, CIFAR_STD)
-    cl = loop._channels_last(cfg, "cpu")
+    cl = loop.channels_last_enabled(cfg, "cpu")
     if cl:
         wrapped = wrapped.to(memory_format=torch.channels_last)
     opt = loop.make_optimizer(wrapped.parameters(), cfg)
-    bf16 = loop._bf16(cfg, "cpu")
+    bf16 = loop.bf16_enabled(cfg, "cpu")
     kw = dict(cfg=cfg, total_steps=10 ** 6, num_classes=10, device="cpu", bf16=bf16, progress=False)
     n_w = warmup * cfg.batch_size
     loop.train_one_epoch(wrapped, opt, images[:n_w], labels[:n_w], epoch=0, step=0, **kw)
@@ -93,12 +93,12 @@ def bound_throughput(images, cfg, batches, warmup):
     net = create_model("seed-cnn", 10)
     x = (images[: cfg.batch_size].float() / 255 - torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)) / torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
     y = torch.randint(0, 10, (cfg.batch_size,))
-    if loop._channels_last(cfg, "cpu"):
+    if loop.channels_last_enabled(cfg, "cpu"):
         net = net.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     opt = loop.make_optimizer(net.parameters(), cfg)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    bf16 = loop._bf16(cfg, "cpu")
+    bf16 = loop.bf16_enabled(cfg, "cpu")
     for i in range(warmup + batches):
         if i == warmup:
             t0 = time.perf_counter()

@@ -59,16 +59,16 @@ class TrainConfig:
 
 # Per-arch recipes: only what differs from the defaults above. Tuned by benchmarks/recipe_*.py.
 RECIPES: dict[str, dict] = {
-    # >= 88% val top-1 on CIFAR-10 in < 10 min of training on a 2-core CPU, with AirNet's
-    # default widths 32/128/128 (benchmarks/recipe_airnet.py). 17 epochs: 88.56% in 496 s;
-    # 16 gave 88.22% in 487 s (thin), 18 gave 89.10% in 589 s (too close to the 600 s budget).
+    # Goal: >= 88% val top-1 on CIFAR-10 within 10 min of training on a 2-core CPU, with AirNet's
+    # default widths. Measured by benchmarks/recipe_airnet.py (--epochs-sweep for the epoch count);
+    # the figures are in benchmarks/results/ and the README's Results table.
     "airnet": dict(
         epochs=17, batch_size=512, lr=0.4, optimizer="sgd", weight_decay=5e-4,
         label_smoothing=0.2, schedule="onecycle", warmup=0.2, aug=("crop", "flip"), crop_pad=2,
         bf16=True, channels_last=True,
     ),
-    # 69% val top-1 (the tutorial's 3 Adam epochs, ~165 s) in < 60 s on a 2-core CPU; bf16 +
-    # channels_last measured ~3x fp32 there (benchmarks/recipe_seed_cnn.py).
+    # Goal: the tutorial's 69% val top-1 (its 3 Adam epochs) within 60 s of training on a 2-core
+    # CPU; bf16 + channels_last for oneDNN's bf16 convolutions. Measured by benchmarks/recipe_seed_cnn.py.
     "seed-cnn": dict(
         epochs=3, batch_size=256, lr=0.05, optimizer="sgd", weight_decay=5e-4,
         label_smoothing=0.1, schedule="onecycle", warmup=0.15, aug=("flip",), bf16=True, channels_last=True,

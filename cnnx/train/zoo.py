@@ -99,10 +99,10 @@ class AirNet(nn.Module):
     averages the logits of the image and its mirror (flip test-time augmentation), so
     evaluation, export and deployment all see the same function.
 
-    Default widths 32/128/128, not airbench94's 64/256/256: on a 2-core CPU (bf16) the
-    narrower net trains ~3x as many images/s (~1,500 vs ~490), so the 17 epochs that reach 88%
-    take ~8.5 minutes, where ten minutes at 64/256/256 buy fewer than 7 epochs
-    (benchmarks/recipe_airnet.py). On a GPU, widths=[64, 256, 256] is the road to higher accuracy."""
+    Default widths 32/128/128, not airbench94's 64/256/256: on a 2-core CPU the narrower net
+    trains several times as many images/s, enough epochs to reach 88% within ten minutes (step
+    throughput of both widths: benchmarks/recipe_airnet.py, the README's results). On a GPU,
+    widths=[64, 256, 256] is the road to higher accuracy."""
 
     def __init__(self, num_classes: int, widths=(32, 128, 128), stem: int = 24, tta: bool = True, scale: float = 1 / 9):
         super().__init__()
