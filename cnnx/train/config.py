@@ -1,6 +1,7 @@
 """The hyperparameters of `cnnx train`: one frozen dataclass of defaults (units beside each
 value) and one dict of per-arch recipes that override them. Resolution order:
-TrainConfig defaults < RECIPES[arch] < what the user passed on the command line.
+TrainConfig defaults < RECIPES[arch] < FINETUNE_RECIPES[arch] (only when starting from weights)
+< what the user passed on the command line.
 
 To change a recipe, edit RECIPES only; the CLI, checkpoints and config.json follow.
 """
@@ -13,7 +14,8 @@ from cnnx.runtime.contract import DEVICES
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULES = ("onecycle", "cosine", "constant")
-AUGMENTATIONS = ("crop", "flip", "cutout")
+AUGMENTATIONS = ("crop", "flip", "cutout", "rrc")
+CACHE_MODES = ("auto", "memory", "disk")
 
 
 @dataclass(frozen=True)
@@ -49,11 +51,23 @@ class TrainConfig:
     channels_last: bool | None = None  # memory format; None = on for CUDA, off for CPU (recipes turn it on where measured faster)
     bf16: bool | None = None        # bf16 autocast; None = on for CUDA, off for CPU
     compile: bool = False           # torch.compile the model (CUDA: faster after a warm-up)
+    # Transfer learning (cnnx/train/finetune.py). The head = the tensors whose shape depends on num_classes.
+    weights: str | None = None      # a cnnx checkpoint whose backbone tensors start the model (path)
+    backbone_lr_mult: float = 1.0   # lr of the backbone's parameters / the scheduled lr (the head's)
+    freeze_backbone_epochs: int = 0  # epochs at the start with the backbone frozen (no grads, BN in eval mode)
+    # "rrc" (random-resized-crop, image folders): the training split is stored rrc_cache_scale x the
+    # model's side (ImageNet's 256/224: the border the eval centre crop drops is there to crop from).
+    rrc_scale: tuple = (0.25, 1.0)  # crop area as a fraction of the stored training image's area
+    rrc_ratio: tuple = (3 / 4, 4 / 3)  # crop width / height, drawn log-uniformly
+    rrc_cache_scale: float = 1.14   # side of a stored training image / the model's input side
+    cache: str = "auto"             # decoded images: memory | disk (memory-mapped file) | auto (disk when
+                                    # they would take more than half of the available memory)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["arch_kwargs"] = dict(self.arch_kwargs)
         d["aug"] = list(self.aug)
+        d["rrc_scale"], d["rrc_ratio"] = list(self.rrc_scale), list(self.rrc_ratio)
         return d
 
 
@@ -85,6 +99,22 @@ RECIPES: dict[str, dict] = {
     "vgg16": dict(epochs=10, batch_size=64, lr=1e-3, optimizer="adamw", weight_decay=0.05, crop_pad=16),
 }
 
+# Fine-tuning recipes, applied over RECIPES[arch] when the run starts from weights (--pretrained or
+# --weights): a head learning at the full lr over a backbone at a tenth of it, frozen for the first
+# epoch so the fresh head's large early gradients do not wreck the pretrained features. For the
+# ImageNet archs at 224 px: random-resized-crop + flip (the ImageNet training augmentation, scale
+# range narrowed from 0.08 because users' folders are small and their objects large). Not tuned by
+# a measurement yet: these are the field's usual starting values.
+FINETUNE_RECIPES: dict[str, dict] = {
+    "resnet18": dict(epochs=10, batch_size=64, lr=1e-3, optimizer="adamw", weight_decay=0.05, backbone_lr_mult=0.1,
+                     freeze_backbone_epochs=1, aug=("rrc", "flip"), rrc_scale=(0.25, 1.0), schedule="cosine",
+                     warmup=0.1),
+    "vgg16": dict(epochs=10, batch_size=32, lr=5e-4, optimizer="adamw", weight_decay=0.05, backbone_lr_mult=0.1,
+                  freeze_backbone_epochs=1, aug=("rrc", "flip"), rrc_scale=(0.25, 1.0), schedule="cosine",
+                  warmup=0.1),
+}
+FINETUNE_DEFAULT = dict(backbone_lr_mult=0.1, freeze_backbone_epochs=1)  # any other arch started from --weights
+
 FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
 
 
@@ -98,8 +128,9 @@ def resolve_config(arch: str, **given) -> TrainConfig:
     unknown = sorted(set(given) - set(FIELD_NAMES))
     if unknown:
         raise ConfigError(f"unknown config name(s) {', '.join(unknown)}; valid: {', '.join(FIELD_NAMES)}")
-    values = {**RECIPES.get(arch, {}), **{k: v for k, v in given.items() if v is not None}, "arch": arch}
-    for k in ("aug", "arch_kwargs"):
+    finetune = FINETUNE_RECIPES.get(arch, FINETUNE_DEFAULT) if given.get("pretrained") or given.get("weights") else {}
+    values = {**RECIPES.get(arch, {}), **finetune, **{k: v for k, v in given.items() if v is not None}, "arch": arch}
+    for k in ("aug", "arch_kwargs", "rrc_scale", "rrc_ratio"):
         if k in values and isinstance(values[k], (list, dict)):
             values[k] = tuple(values[k].items()) if isinstance(values[k], dict) else tuple(values[k])
     cfg = replace(TrainConfig(), **values)
@@ -112,6 +143,9 @@ def config_from_dict(d: dict) -> TrainConfig:
     values = {k: d[k] for k in FIELD_NAMES if k in d}
     values["aug"] = tuple(values.get("aug", ()))
     values["arch_kwargs"] = tuple(dict(values.get("arch_kwargs", {})).items())
+    for k in ("rrc_scale", "rrc_ratio"):
+        if k in values:
+            values[k] = tuple(values[k])
     cfg = replace(TrainConfig(), **values)
     check_config(cfg)
     return cfg
@@ -158,3 +192,24 @@ def check_config(c: TrainConfig) -> None:
         bad("workers", f"must be >= 0, got {c.workers}")
     if c.threads is not None and c.threads < 1:
         bad("threads", f"must be >= 1, got {c.threads}")
+    check_transfer_config(c, bad)
+
+
+def check_transfer_config(c: TrainConfig, bad) -> None:
+    """The fine-tuning, random-resized-crop and cache fields."""
+    if c.cache not in CACHE_MODES:
+        bad("cache", f"unknown {c.cache!r}; valid: {', '.join(CACHE_MODES)}")
+    if not c.backbone_lr_mult >= 0:
+        bad("backbone_lr_mult", f"must be >= 0, got {c.backbone_lr_mult}")
+    if c.freeze_backbone_epochs < 0:
+        bad("freeze_backbone_epochs", f"must be >= 0, got {c.freeze_backbone_epochs}")
+    if "rrc" in c.aug and "crop" in c.aug:
+        bad("aug", "rrc and crop are two kinds of crop; choose one")
+    lo, hi = c.rrc_scale
+    if not 0 < lo <= hi <= 1:
+        bad("rrc_scale", f"must be 0 < min <= max <= 1 (fractions of the area), got {lo}, {hi}")
+    lo, hi = c.rrc_ratio
+    if not 0 < lo <= hi:
+        bad("rrc_ratio", f"must be 0 < min <= max (width / height), got {lo}, {hi}")
+    if not c.rrc_cache_scale >= 1:
+        bad("rrc_cache_scale", f"must be >= 1, got {c.rrc_cache_scale}")

@@ -1,0 +1,91 @@
+"""Transfer learning: which tensors are the head, starting a model from another run's
+checkpoint (`--weights`), the backbone's learning-rate multiplier and the frozen first epochs.
+
+The head is found, not named: the tensors whose shape changes with num_classes (the model is
+built a second time, on the meta device, with one class more and the two state_dicts are
+compared). That holds for every zoo entry (fc, classifier[-1], AirNet's head) and for any
+arch added later, without a list of layer names to keep in step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cnnx.train.checkpoint import CheckpointError, load_checkpoint
+
+
+def head_names(arch: str, num_classes: int, arch_kwargs: dict) -> frozenset:
+    """Names (state_dict keys of the bare model) of the tensors whose shape depends on num_classes."""
+    from cnnx.train.zoo import create_model
+
+    with torch.device("meta"):
+        a = create_model(arch, num_classes, **arch_kwargs).state_dict()
+        b = create_model(arch, num_classes + 1, **arch_kwargs).state_dict()
+    return frozenset(k for k in a if a[k].shape != b[k].shape)
+
+
+def _shape(t) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def load_backbone(net: nn.Module, path, arch: str, num_classes: int, arch_kwargs: dict) -> int:
+    """Copy every non-head tensor of the cnnx checkpoint at `path` into `net` by name (the head
+    keeps its fresh initialisation for the new classes). Returns the number of tensors loaded.
+    CheckpointError (one line) naming the first tensor that is missing, extra or of another shape."""
+    ckpt = load_checkpoint(path)
+    src = ckpt["state_dict"]
+    head = head_names(arch, num_classes, arch_kwargs)
+    own = net.state_dict()
+    where = f"--weights {path} ({ckpt['arch']}, {ckpt['num_classes']} classes) does not fit {arch}"
+    for name, t in own.items():
+        if name in head:
+            continue
+        if name not in src:
+            raise CheckpointError(f"{where}: tensor {name} {_shape(t)} of the model is not in the checkpoint")
+        if src[name].shape != t.shape:
+            raise CheckpointError(f"{where}: tensor {name} is {_shape(src[name])} in the checkpoint "
+                                  f"and {_shape(t)} in the model")
+    extra = [k for k in src if k not in own]
+    if extra:
+        raise CheckpointError(f"{where}: tensor {extra[0]} {_shape(src[extra[0]])} of the checkpoint "
+                              f"is not in the model")
+    with torch.no_grad():
+        for name, t in own.items():
+            if name not in head:
+                t.copy_(src[name])
+    return len(own) - len(head)
+
+
+def split_parameters(net: nn.Module, head: frozenset):
+    """(backbone parameters, head parameters) of the bare model, in named_parameters order."""
+    backbone, top = [], []
+    for name, p in net.named_parameters():
+        (top if name in head else backbone).append(p)
+    return backbone, top
+
+
+def param_groups(net: nn.Module, head: frozenset, backbone_lr_mult: float):
+    """Optimizer groups: the backbone at `lr_mult` times the scheduled lr, the head at 1x
+    (cnnx.train.loop.train_one_epoch multiplies each group's lr by its lr_mult)."""
+    backbone, top = split_parameters(net, head)
+    return [{"params": backbone, "lr_mult": float(backbone_lr_mult)}, {"params": top, "lr_mult": 1.0}]
+
+
+def backbone_norm_layers(net: nn.Module, head: frozenset) -> list:
+    """The batch-norm layers outside the head: held in eval mode (running statistics fixed)
+    while the backbone is frozen, so a frozen epoch changes no backbone tensor at all."""
+    heads = {n.rsplit(".", 1)[0] for n in head}
+    return [m for name, m in net.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and name not in heads]
+
+
+def set_backbone_frozen(net: nn.Module, head: frozenset, frozen: bool) -> bool:
+    """requires_grad of the backbone's parameters = not frozen; True when that changed anything
+    (DDP is then rebuilt: it registers its hooks for the parameters that need grads)."""
+    changed = False
+    for name, p in net.named_parameters():
+        if name not in head and p.requires_grad == frozen:
+            p.requires_grad_(not frozen)
+            changed = True
+    return changed
