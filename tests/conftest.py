@@ -46,3 +46,13 @@ def cifar_subset(cifar_train_dir, tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cnnx_cache(tmp_path_factory):
+    """Tests never touch the real ~/.cache/cnnx (decoded data, own-checkpoints.sha256):
+    $CNNX_CACHE points at a session folder, for this process and its subprocesses."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CNNX_CACHE", str(tmp_path_factory.mktemp("cnnx-cache")))
+    yield
+    mp.undo()
