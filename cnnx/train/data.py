@@ -19,6 +19,7 @@ import torch
 from cnnx.runtime.contract import is_image_name
 from cnnx.runtime.files import atomic_file, first_line, remove_stale_temps
 from cnnx.runtime.preprocess import PREPROCESS_VERSION, ImageError, load_image
+from cnnx.train.cache import CacheError, build_disk_cache, read_disk_cache, take, use_disk
 
 SPLIT_NAMES = ("train", "val", "test")
 CACHE_FORMAT = 1  # bump when the cached file's layout changes
@@ -192,8 +193,10 @@ def _worker_death(proc, n, spec) -> str:
     return f"a decode worker process ended unexpectedly (exit status {code}) while decoding {n} images"
 
 
-def _decode_all(paths, spec, *, workers, progress):
-    """Decode paths in worker processes; returns (uint8 tensor, kept indices, skipped).
+def _decode_all(paths, spec, *, workers, progress, out=None):
+    """Decode paths in worker processes into `out` (uint8 (len(paths), 3, H, W); a new array
+    when None, or the disk cache's mapping); returns (uint8 tensor of the decoded rows, packed
+    to the front, kept indices, skipped).
 
     Each worker has its own pipe, whose write end only it holds: a worker that dies (the OOM
     killer's SIGKILL) even half-way through a message gives EOF here, and the run ends with
@@ -211,7 +214,8 @@ def _decode_all(paths, spec, *, workers, progress):
     chunk = max(256, -(-n // (max(workers, 1) * 8)))
     jobs = [(j, paths[i:i + chunk]) for j, i in enumerate(range(0, n, chunk))]
     h, w = spec["size"]
-    out = np.empty((n, 3, h, w), dtype=np.uint8)  # job j's decoded rows land at its start, packed
+    if out is None:
+        out = np.empty((n, 3, h, w), dtype=np.uint8)  # job j's decoded rows land at its start, packed
     kept_by_job, errors_by_job = {}, {}
     bar = tqdm(total=n, desc="decoding images", unit="img", file=sys.stderr, disable=not progress, leave=False)
     workers = min(workers, len(jobs))
@@ -271,13 +275,16 @@ def _decode_all(paths, spec, *, workers, progress):
     return torch.from_numpy(out[:filled]), kept, skipped
 
 
-def load_image_folder(root, spec, *, progress=True, cache=None, workers=None, use_cache=True) -> ImageFolderData:
+def load_image_folder(root, spec, *, progress=True, cache=None, workers=None, use_cache=True,
+                      cache_mode="memory") -> ImageFolderData:
     """Decode DIR/<class>/<files> into uint8 (N, 3, H, W) through the preprocess spec.
 
     Classes are the sorted visible subfolders (label id = index); the image files (by name,
     as `cnnx classify` picks them) are sorted per class; unreadable files are skipped and
     listed in `.skipped` as (path, reason). The result is cached under the cache dir, keyed
-    by the folder, its file list with mtimes and sizes, the spec and PREPROCESS_VERSION."""
+    by the folder, its file list with mtimes and sizes, the spec and PREPROCESS_VERSION.
+    cache_mode (memory | disk | auto, see cnnx.train.cache.use_disk): disk keeps the images in a
+    memory-mapped cache file and `.images` is a cnnx.train.cache.Rows (rows read when asked)."""
     root = Path(root).expanduser().resolve()
     if not root.exists():
         raise DataError(f"data folder not found: {root}")
@@ -293,7 +300,11 @@ def load_image_folder(root, spec, *, progress=True, cache=None, workers=None, us
     key = hashlib.sha256(key_src.encode()).hexdigest()[:32]
     cache_file = cache_dir(cache) / "folders" / f"{key}.pt"
     unlisted = [(str(p), r) for p, r in listing.unlisted]
-    data = _read_cache(cache_file, root) if use_cache else None
+    h, w = spec["size"]
+    if use_disk(cache_mode, len(files) * 3 * h * w):
+        data = _disk_cache_data(cache_file.with_suffix(".u8"), root, listing, spec, workers=workers, progress=progress)
+    else:
+        data = _read_cache(cache_file, root) if use_cache else None
     if data is None:
         abs_paths = [str(root / f[0]) for f in files]
         images, kept, skipped = _decode_all(abs_paths, spec, workers=workers, progress=progress)
@@ -313,6 +324,32 @@ def load_image_folder(root, spec, *, progress=True, cache=None, workers=None, us
         raise DataError(f"class folder {root / empty[0]} holds no image that can be decoded "
                         f"({len(empty)} such class(es)); fix or remove it")
     return data
+
+
+def _disk_cache_data(folder: Path, root: Path, listing: Listing, spec, *, workers, progress) -> ImageFolderData:
+    """The folder's images from its disk cache (built first when absent): Rows over the mapping."""
+    got = read_disk_cache(folder)
+    if got is None:
+        files = listing.files
+
+        def decode_into(out):
+            _, kept, skipped = _decode_all([str(root / f[0]) for f in files], spec, workers=workers,
+                                           progress=progress, out=out)
+            return len(kept), (kept, skipped)
+
+        def meta_of(extra):
+            kept, skipped = extra
+            return {"labels": [files[i][1] for i in kept], "class_names": listing.class_names,
+                    "paths": [files[i][0] for i in kept],
+                    "skipped": [(os.path.relpath(p, root), r) for p, r in skipped]}
+
+        try:
+            got = build_disk_cache(folder, len(files), spec["size"], decode_into, meta_of)
+        except CacheError as e:
+            raise DataError(str(e)) from None
+    rows, meta = got
+    return ImageFolderData(rows, torch.tensor(meta["labels"], dtype=torch.int64), list(meta["class_names"]),
+                           [str(root / p) for p in meta["paths"]], [(str(root / p), r) for p, r in meta["skipped"]])
 
 
 def _read_cache(cache_file: Path, root: Path):
@@ -420,10 +457,13 @@ def _check_classes(names, where):
         raise DataError(f"{where} has {len(names)} class ({', '.join(names) or 'none'}); training needs at least 2")
 
 
-def load_splits(config: dict, *, progress=True, workers=None) -> Splits:
+def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory", train_spec=None) -> Splits:
     """Train/val(/test) splits of the data a resolved run config names (keys: data, data_root,
     cache_dir, preprocess, val_fraction, split_seed). Validation is the folder's val split when it
-    has one, else a stratified `val_fraction` of train; the test split is never used to select."""
+    has one, else a stratified `val_fraction` of train; the test split is never used to select.
+    train_spec: the training images decoded through another spec (stored larger for random-resized-
+    crop); validation and test always go through `preprocess` exactly, as export and classify do.
+    cache_mode: see load_image_folder (the images of a disk cache are Rows, read per batch)."""
     spec = config["preprocess"]
     data = config["data"]
     if data == "cifar10":
@@ -436,19 +476,31 @@ def load_splits(config: dict, *, progress=True, workers=None) -> Splits:
         return Splits((x[tr], y[tr]), (x[va], y[va]), (xt, yt), names, [], f"CIFAR-10 from {root}")
     layout = folder_layout(data)
 
-    def load(folder):
-        return load_image_folder(folder, spec, progress=progress, cache=config.get("cache_dir"), workers=workers)
+    def load(folder, decode_spec=spec):
+        return load_image_folder(folder, decode_spec, progress=progress, cache=config.get("cache_dir"),
+                                 workers=workers, cache_mode=cache_mode)
+
+    def train_images(folder, d):
+        """The training split's images: d's own, or the same files decoded through train_spec."""
+        if train_spec is None or train_spec == spec:
+            return d.images
+        t = load(folder, train_spec)
+        if t.paths != d.paths:
+            raise DataError(f"{folder} changed while it was decoded twice (for training and validation); run again")
+        return t.images
 
     if "all" in layout:
         d = load(layout["all"])
         _check_classes(d.class_names, data)
         tr, va = stratified_split(d.labels, config["val_fraction"], config["split_seed"])
-        return Splits((d.images[tr], d.labels[tr]), (d.images[va], d.labels[va]), None, d.class_names, d.skipped,
+        xtr = train_images(layout["all"], d)
+        return Splits((take(xtr, tr), d.labels[tr]), (take(d.images, va), d.labels[va]), None, d.class_names, d.skipped,
                       f"{len(d.labels)} images in {len(d.class_names)} classes from {data}",
                       [d.paths[i] for i in va.tolist()], d.ignored)
     if "train" not in layout:
         raise DataError(f"{data} has {'/'.join(sorted(layout))} but no train/ split to train on")
-    d = load(layout["train"])
+    # With a val/ folder the training files are decoded once, through the training spec.
+    d = load(layout["train"], train_spec if "val" in layout and train_spec is not None else spec)
     _check_classes(d.class_names, layout["train"])
     skipped, ignored, paths = list(d.skipped), d.ignored, {}
 
@@ -470,12 +522,13 @@ def load_splits(config: dict, *, progress=True, workers=None) -> Splits:
 
     val = other("val")
     test = other("test")
+    xtr = d.images if "val" in layout else train_images(layout["train"], d)
     if val is None:
         tr, va = stratified_split(d.labels, config["val_fraction"], config["split_seed"])
-        train, val = (d.images[tr], d.labels[tr]), (d.images[va], d.labels[va])
+        train, val = (take(xtr, tr), d.labels[tr]), (take(d.images, va), d.labels[va])
         paths["val"] = [d.paths[i] for i in va.tolist()]
     else:
-        train = (d.images, d.labels)
+        train = (xtr, d.labels)
     return Splits(train, val, test, d.class_names, skipped,
                   f"{len(train[1])} train / {len(val[1])} val images in {len(d.class_names)} classes from {data}",
                   paths["val"], ignored)
