@@ -186,9 +186,17 @@ def evaluate(model, images_uint8, labels, *, mean, std, batch_size=1024, device=
 # --- one epoch ------------------------------------------------------------------------------
 
 def train_one_epoch(train_model, optimizer, images, labels, *, cfg: TrainConfig, epoch: int, step: int,
-                    total_steps: int, num_classes: int, device, rank=0, world=1, bf16=False, progress=True):
-    """One pass over this rank's shard. Returns (metrics dict, new global step)."""
+                    total_steps: int, num_classes: int, device, rank=0, world=1, bf16=False, progress=True,
+                    frozen_modules=(), out_size=None):
+    """One pass over this rank's shard. Returns (metrics dict, new global step). `images`: a
+    resident uint8 tensor, or cnnx.train.cache.Rows (read by a prefetching thread). frozen_modules
+    stay in eval mode (a frozen backbone's batch norm); out_size: the model's input (H, W), which
+    random-resized-crop ("rrc" in cfg.aug) cuts the larger stored images to. Each param group's lr
+    is the schedule's times its "lr_mult" (cnnx.train.finetune.param_groups)."""
     from tqdm import tqdm
+
+    from cnnx.train.cache import batches
+    from cnnx.train.resized_crop import random_resized_crop
 
     n = len(labels)
     per_rank = max(1, cfg.batch_size // world)
@@ -202,20 +210,22 @@ def train_one_epoch(train_model, optimizer, images, labels, *, cfg: TrainConfig,
     counts = Counts(num_classes, device)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     train_model.train()
+    for m in frozen_modules:
+        m.eval()
     dev_type = torch.device(device).type
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", file=sys.stderr,
                disable=not progress, leave=False, dynamic_ncols=True)
     lr = 0.0
-    for i in range(steps):
-        idx = shard[i * per_rank:(i + 1) * per_rank]
-        x = images[idx.to(images.device)]
-        y = labels[idx.to(labels.device)]
+    index_batches = [shard[i * per_rank:(i + 1) * per_rank] for i in range(steps)]
+    for i, (x, y) in enumerate(batches(images, labels, index_batches, device)):
+        if "rrc" in cfg.aug:
+            x = random_resized_crop(x, out_size, scale=cfg.rrc_scale, ratio=cfg.rrc_ratio, generator=g_aug)
         x = augment_batch(x, aug=cfg.aug, pad=cfg.crop_pad, cutout=cfg.cutout, generator=g_aug)
         # The augmentation gather already yields channels_last strides; make it explicit either way.
         x = x.contiguous(memory_format=torch.channels_last if channels_last_enabled(cfg, dev_type) else torch.contiguous_format)
         lr = lr_at(step, total_steps, peak=cfg.lr, schedule=cfg.schedule, warmup=cfg.warmup, final=cfg.final_lr)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)
         with torch.autocast(device_type=dev_type, dtype=torch.bfloat16, enabled=bf16):
             logits = train_model(x)
             loss = loss_fn(logits.float(), y)
