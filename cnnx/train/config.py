@@ -12,10 +12,11 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from cnnx.runtime.contract import DEVICES
 
-OPTIMIZERS = ("sgd", "adamw", "adam")
+OPTIMIZERS = ("sgd", "adamw", "adam", "muon")
 SCHEDULES = ("onecycle", "cosine", "constant")
 AUGMENTATIONS = ("crop", "flip", "cutout", "rrc")
 CACHE_MODES = ("auto", "memory", "disk")
+TTA_VIEWS = (1, 2, 6)  # zoo.TTA_VIEWS (this module imports no torch); a test keeps the two equal
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,20 @@ class TrainConfig:
     rrc_cache_scale: float = 1.14   # side of a stored training image / the model's input side
     cache: str = "auto"             # decoded images: memory | disk (memory-mapped file) | auto (disk when
                                     # they would take more than half of the available memory)
+    # Frontier techniques (after airbench94 / airbench94_muon; cnnx/train/whiten.py, optim.py). Off by
+    # default; recipes turn them on. See GPU_RECIPES for values that work together.
+    whiten: bool = False            # first conv := PCA whitening of the training patches, filters frozen: decorrelated unit-variance inputs let every layer take large steps at once
+    whiten_images: int = 5000       # training images (a seeded sample) whose patches estimate the covariance; more is slower, not better past a few thousand
+    whiten_bias_epochs: float = 3.0  # epochs the whitening bias trains (its lr falling linearly to 0), fixed after: the first layer settles early
+    dirac_init: bool = False        # identity (dirac) init of the later 3x3 convs: an implicit residual, so the deep stack starts as a shallow net
+    head_std: float | None = None   # std of the head's initial weights; None = torch's (airbench: 1, with the logit scale 1/width in arch_kwargs)
+    bn_scale_frozen: bool = False   # BatchNorm weights stay 1 (not trained): the next conv can scale anyway; fewer, better-conditioned parameters
+    bn_bias_lr: float = 1.0         # lr of BatchNorm biases (and the whitening bias) / the scheduled lr; their weight decay is divided by it, so lr x decay stays the rest's
+    muon_lr: float = 0.24           # --optimizer muon: step of the conv filters at the schedule's peak, relative to each filter tensor's norm (scale-free)
+    muon_momentum: float = 0.6      # --optimizer muon: Nesterov momentum of the filters (the other groups use `momentum`)
+    ema: float | None = None        # decay per optimizer step of a weight average that evaluation and best.pt use (None = off); averaging cancels the last steps' noise
+    tta: int | None = None          # views per image at evaluation: 1 none, 2 mirror, 6 mirror x 1-px shifts (zoo.TTA_VIEWS); None = the arch's default (airnet: 2)
+    recipe: str = ""                # which recipes were applied (set by resolve_config, kept in config.json): e.g. "airnet" or "airnet+gpu"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -115,6 +130,23 @@ FINETUNE_RECIPES: dict[str, dict] = {
 }
 FINETUNE_DEFAULT = dict(backbone_lr_mult=0.1, freeze_backbone_epochs=1)  # any other arch started from --weights
 
+# GPU recipes: applied over RECIPES[arch] when the run's device resolves to CUDA (before training
+# starts; config.json's `recipe` says "<arch>+gpu"). airnet: airbench94_muon's recipe (94.01% CIFAR-10
+# test top-1 on 50,000 training images) in cnnx's units: its SGD lrs are per *summed* loss over 2,000
+# images, cnnx's per mean loss, so lr = 0.67 x 2000 (the head), bn_bias_lr = 0.053 / 0.67, and weight
+# decay = 0.004 / lr (its decay per step, lr x decay, is 0.004). 9 epochs of 22 steps on the 45,000-image
+# split ~ airbench's 8 x 25 steps on 50,000. Not measured on a GPU yet: benchmarks/gpu_train.py measures it.
+GPU_RECIPES: dict[str, dict] = {
+    "airnet": dict(
+        arch_kwargs=(("widths", (64, 256, 256)), ("scale", 1 / 256), ("bn_eps", 1e-12), ("bn_momentum", 0.4)),
+        epochs=9, batch_size=2000, optimizer="muon", lr=0.67 * 2000, momentum=0.85, weight_decay=0.004 / (0.67 * 2000),
+        muon_lr=0.24, muon_momentum=0.6, bn_bias_lr=0.053 / 0.67, bn_scale_frozen=True, head_std=1.0,
+        dirac_init=True, whiten=True, whiten_images=5000, whiten_bias_epochs=3.0, label_smoothing=0.2,
+        schedule="onecycle", warmup=0.0, final_lr=0.0, aug=("crop", "flip"), crop_pad=2, tta=6,
+        eval_batch_size=2000, bf16=True, channels_last=True, compile=True,
+    ),
+}
+
 FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
 
 
@@ -122,14 +154,18 @@ class ConfigError(ValueError):
     pass
 
 
-def resolve_config(arch: str, **given) -> TrainConfig:
-    """Defaults < RECIPES[arch] < `given` (None values mean "not given"). Unknown names and
-    out-of-range values raise ConfigError with the valid choices."""
+def resolve_config(arch: str, *, cuda: bool = False, **given) -> TrainConfig:
+    """Defaults < RECIPES[arch] < GPU_RECIPES[arch] (when the run's device is CUDA: `cuda`) <
+    `given` (None values mean "not given"). Unknown names and out-of-range values raise
+    ConfigError with the valid choices."""
     unknown = sorted(set(given) - set(FIELD_NAMES))
     if unknown:
         raise ConfigError(f"unknown config name(s) {', '.join(unknown)}; valid: {', '.join(FIELD_NAMES)}")
     finetune = FINETUNE_RECIPES.get(arch, FINETUNE_DEFAULT) if given.get("pretrained") or given.get("weights") else {}
-    values = {**RECIPES.get(arch, {}), **finetune, **{k: v for k, v in given.items() if v is not None}, "arch": arch}
+    gpu = GPU_RECIPES.get(arch, {}) if cuda and not finetune else {}
+    recipe = "+".join([arch] * (arch in RECIPES) + ["gpu"] * bool(gpu) + ["finetune"] * bool(finetune))
+    values = {**RECIPES.get(arch, {}), **gpu, **finetune, **{k: v for k, v in given.items() if v is not None},
+              "arch": arch, "recipe": recipe}
     for k in ("aug", "arch_kwargs", "rrc_scale", "rrc_ratio"):
         if k in values and isinstance(values[k], (list, dict)):
             values[k] = tuple(values[k].items()) if isinstance(values[k], dict) else tuple(values[k])
@@ -193,6 +229,27 @@ def check_config(c: TrainConfig) -> None:
     if c.threads is not None and c.threads < 1:
         bad("threads", f"must be >= 1, got {c.threads}")
     check_transfer_config(c, bad)
+    check_frontier_config(c, bad)
+
+
+def check_frontier_config(c: TrainConfig, bad) -> None:
+    """The whitening, init, BatchNorm, Muon, weight-average and test-time-view fields."""
+    if c.ema is not None and not 0 < c.ema < 1:
+        bad("ema", f"the weight average's decay per step must be in (0, 1), got {c.ema}")
+    if c.tta is not None and c.tta not in TTA_VIEWS:
+        bad("tta", f"views per image must be one of {', '.join(map(str, TTA_VIEWS))} "
+                   f"(1 none, 2 mirror, 6 mirror x shifts), got {c.tta}")
+    if c.whiten_images < 1:
+        bad("whiten_images", f"must be at least 1, got {c.whiten_images}")
+    if c.whiten_bias_epochs < 0:
+        bad("whiten_bias_epochs", f"must be >= 0, got {c.whiten_bias_epochs}")
+    if c.head_std is not None and not c.head_std > 0:
+        bad("head_std", f"must be positive, got {c.head_std}")
+    for name in ("bn_bias_lr", "muon_lr"):
+        if not getattr(c, name) > 0:
+            bad(name, f"must be positive, got {getattr(c, name)}")
+    if not 0 <= c.muon_momentum < 1:
+        bad("muon_momentum", f"must be in [0, 1), got {c.muon_momentum}")
 
 
 def check_transfer_config(c: TrainConfig, bad) -> None:

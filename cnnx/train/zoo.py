@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -89,32 +90,63 @@ class SeedVGG(nn.Module):
         return self.classifier(self.features(x))
 
 
-def _conv_bn(cin, cout):
-    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU()]
+def _conv_bn(cin, cout, bn):
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), bn(cout), nn.GELU()]
+
+
+# AirNet's test-time views (eval mode): the mean of the logits of these views of each image.
+# 1: the image; 2: + its mirror; 6: {image, mirror} x {unshifted, content moved 1 px down-right, moved
+# 1 px up-left} (the row/column a shift uncovers is the reflected border, as airbench94's tta_level 2,
+# whose weights differ: here each view counts the same).
+TTA_VIEWS = (1, 2, 6)
+
+
+def tta_view_batches(x: torch.Tensor, views: int) -> list:
+    """The `views` views of the batch x (N, C, H, W), each (N, C, H, W), in TTA_VIEWS's order."""
+    if views not in TTA_VIEWS:
+        raise ValueError(f"test-time views must be one of {', '.join(map(str, TTA_VIEWS))}, got {views!r}")
+    bases = [x]
+    if views == 6:
+        h, w = x.shape[-2:]
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        bases += [padded[..., 0:h, 0:w], padded[..., 2:h + 2, 2:w + 2]]
+    if views == 1:
+        return bases
+    return [v for b in bases for v in (b, torch.flip(b, dims=[3]))]
 
 
 class AirNet(nn.Module):
     """The fast default for CIFAR-scale images, after airbench94: a wide first stage,
     conv-pool-bn blocks with max-pool downsampling, a scaled linear head. In eval mode it
-    averages the logits of the image and its mirror (flip test-time augmentation), so
-    evaluation, export and deployment all see the same function.
+    returns the mean logits of `tta` views of each image (TTA_VIEWS: 1 none, 2 mirror,
+    6 mirror x 1-px shifts), so evaluation, export and deployment all see the same function;
+    `set_tta_views` changes the count of a built model (export's --tta).
 
     Default widths 32/128/128, not airbench94's 64/256/256: on a 2-core CPU the narrower net
     trains several times as many images/s, enough epochs to reach 88% within ten minutes (step
-    throughput of both widths: benchmarks/recipe_airnet.py, the README's results). On a GPU,
-    widths=[64, 256, 256] is the road to higher accuracy."""
+    throughput of both widths: benchmarks/recipe_airnet.py, the README's results). The GPU
+    recipe (config.GPU_RECIPES) uses 64/256/256.
 
-    def __init__(self, num_classes: int, widths=(32, 128, 128), stem: int = 24, tta: bool = True, scale: float = 1 / 9):
+    The 2x2 stem has 2 x 3 x 2 x 2 = 24 channels: the shape of a whitening layer (cnnx.train.whiten).
+    bn_eps / bn_momentum are torch's BatchNorm2d eps and momentum (the weight of the newest batch)."""
+
+    def __init__(self, num_classes: int, widths=(32, 128, 128), stem: int = 24, tta: int | bool = 2,
+                 scale: float = 1 / 9, bn_eps: float = 1e-5, bn_momentum: float = 0.1):
         super().__init__()
         w1, w2, w3 = (int(w) for w in widths)
-        self.tta = bool(tta)
+        self.tta = 1  # replaced below; an attribute so set_tta_views can change a built model
+        set_tta_views(self, (2 if tta else 1) if isinstance(tta, bool) else tta)  # bool: checkpoints before 6 views
         self.scale = float(scale)
+
+        def bn(c):
+            return nn.BatchNorm2d(c, eps=float(bn_eps), momentum=float(bn_momentum))
+
         layers = [nn.Conv2d(3, stem, 2, padding=0, bias=True), nn.GELU()]
         c = stem
         for w in (w1, w2, w3):
             layers += [
-                nn.Conv2d(c, w, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(w), nn.GELU(),
-                *(_conv_bn(w, w)),
+                nn.Conv2d(c, w, 3, padding=1, bias=False), nn.MaxPool2d(2), bn(w), nn.GELU(),
+                *(_conv_bn(w, w, bn)),
             ]
             c = w
         self.features = nn.Sequential(*layers, nn.AdaptiveMaxPool2d(1), nn.Flatten())
@@ -124,9 +156,29 @@ class AirNet(nn.Module):
         return self.head(self.features(x)) * self.scale
 
     def forward(self, x):
-        if self.training or not self.tta:
+        if self.training or self.tta == 1:
             return self._logits(x)
-        return 0.5 * (self._logits(x) + self._logits(torch.flip(x, dims=[3])))
+        views = tta_view_batches(x, self.tta)
+        total = self._logits(views[0])
+        for v in views[1:]:
+            total = total + self._logits(v)
+        return total / len(views)
+
+
+def set_tta_views(model: nn.Module, views: int) -> None:
+    """Make `model` (an arch with test-time views, e.g. AirNet) average `views` views in eval
+    mode (TTA_VIEWS). ValueError for another count or a model without views."""
+    model = getattr(model, "model", model)  # Uint8Input
+    if not hasattr(model, "tta"):
+        raise ValueError(f"{type(model).__name__} has no test-time views")
+    if isinstance(views, bool) or views not in TTA_VIEWS:
+        raise ValueError(f"test-time views must be one of {', '.join(map(str, TTA_VIEWS))}, got {views!r}")
+    model.tta = int(views)
+
+
+def tta_views(model: nn.Module) -> int:
+    """How many views `model` runs per image in eval mode (1 for archs without TTA)."""
+    return int(getattr(getattr(model, "model", model), "tta", 1))
 
 
 def _cifar_resnet18(num_classes: int):
@@ -192,7 +244,7 @@ class Arch:
 
 
 ARCHS: dict[str, Arch] = {
-    "airnet": Arch(AirNet, "fast default for CIFAR-scale images (after airbench94), flip TTA"),
+    "airnet": Arch(AirNet, "fast default for CIFAR-scale images (after airbench94), test-time views"),
     "seed-cnn": Arch(SeedCNN, "the tutorial's two-conv CNN"),
     "seed-vgg": Arch(SeedVGG, "the tutorial's 13-conv VGG-style net"),
     "resnet18-cifar": Arch(_cifar_resnet18, "ResNet-18 with a 3x3 stem for 32x32 inputs"),
