@@ -100,7 +100,9 @@ def _pinned_by_cudart(nbytes: int):
     return "pinned-cudart", pointer.value, lib, lambda: lib.cudaFreeHost(pointer)
 
 
-class _Slot:
+class BoundSlot:
+    """One batch's host input buffer and the IOBinding that runs it; run() -> the logits."""
+
     def __init__(self, session, input_name: str, output_name: str, shape, pinned: bool):
         self.host = HostBuffer(shape, pinned)
         self.binding = session.io_binding()
@@ -126,7 +128,7 @@ class BoundRunner:
         h, w = size
         self.session = session
         self.shape = (batch_size, 3, h, w)
-        self._slots = [_Slot(session, input_name, output_name, self.shape, pinned) for _ in range(slots)]
+        self._slots = [BoundSlot(session, input_name, output_name, self.shape, pinned) for _ in range(slots)]
         self._pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="cnnx-infer")
 
     @property
