@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnx.train.config import TrainConfig
+from cnnx.train.optim import group_lr
 
 
 # --- schedule -------------------------------------------------------------------------------
@@ -99,7 +100,9 @@ class Counts:
         self.nonfinite += (~torch.isfinite(logits)).any(dim=1).sum()
         self.loss_sum += loss_sum.double()
         self.top5 += (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum()
-        self.confusion += torch.bincount(labels * self.c + logits.argmax(1), minlength=self.c * self.c)
+        # index_add_, not bincount: CUDA's bincount reads the max index back to the host (a sync per step).
+        cells = labels * self.c + logits.argmax(1)
+        self.confusion.index_add_(0, cells, torch.ones_like(cells))
 
     def all_reduce(self):
         import torch.distributed as dist
@@ -187,12 +190,13 @@ def evaluate(model, images_uint8, labels, *, mean, std, batch_size=1024, device=
 
 def train_one_epoch(train_model, optimizer, images, labels, *, cfg: TrainConfig, epoch: int, step: int,
                     total_steps: int, num_classes: int, device, rank=0, world=1, bf16=False, progress=True,
-                    frozen_modules=(), out_size=None):
+                    frozen_modules=(), out_size=None, ema=None):
     """One pass over this rank's shard. Returns (metrics dict, new global step). `images`: a
     resident uint8 tensor, or cnnx.train.cache.Rows (read by a prefetching thread). frozen_modules
     stay in eval mode (a frozen backbone's batch norm); out_size: the model's input (H, W), which
     random-resized-crop ("rrc" in cfg.aug) cuts the larger stored images to. Each param group's lr
-    is the schedule's times its "lr_mult" (cnnx.train.finetune.param_groups)."""
+    is the schedule's times its "lr_mult" (cnnx.train.finetune.param_groups; optim.group_lr). ema: a
+    cnnx.train.optim.WeightAverage of the trained net, updated after every optimizer step."""
     from tqdm import tqdm
 
     from cnnx.train.cache import batches
@@ -225,13 +229,15 @@ def train_one_epoch(train_model, optimizer, images, labels, *, cfg: TrainConfig,
         x = x.contiguous(memory_format=torch.channels_last if channels_last_enabled(cfg, dev_type) else torch.contiguous_format)
         lr = lr_at(step, total_steps, peak=cfg.lr, schedule=cfg.schedule, warmup=cfg.warmup, final=cfg.final_lr)
         for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["lr"] = group_lr(group, lr, cfg.lr, step)
         with torch.autocast(device_type=dev_type, dtype=torch.bfloat16, enabled=bf16):
             logits = train_model(x)
             loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if ema is not None:
+            ema.update(step + 1)
         counts.add(logits.detach().float(), y, loss.detach() * len(y))
         step += 1
         bar.update(1)
@@ -261,6 +267,10 @@ def make_optimizer(params, cfg: TrainConfig):
         return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "muon":  # orthogonalised steps for the groups optim.param_groups marks orthogonal
+        from cnnx.train.optim import Muon
+
+        return Muon(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 
