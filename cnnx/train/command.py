@@ -22,8 +22,9 @@ RECIPE = "default: the arch's recipe (cnnx/train/config.py)"
 CONFIG_OPTIONS = ("arch", "pretrained", "data", "data_root", "cache_dir", "image_size", "val_fraction",
                   "split_seed", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "label_smoothing",
                   "schedule", "warmup", "aug", "crop_pad", "patience", "seed", "device", "workers", "threads",
-                  "channels_last", "bf16", "compile")
-RESUMABLE = ("epochs", "patience", "device", "workers", "threads", "cache_dir", "data_root", "compile")
+                  "channels_last", "bf16", "compile", "weights", "backbone_lr_mult", "freeze_backbone_epochs",
+                  "rrc_scale", "rrc_ratio", "cache")
+RESUMABLE = ("epochs", "patience", "device", "workers", "threads", "cache_dir", "data_root", "compile", "cache")
 
 
 def _parse_aug(value):
@@ -75,6 +76,20 @@ def _rank() -> int:
 @click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the model (worth it on CUDA).")
 @click.option("--cache-dir", type=click.Path(file_okay=False),
               help="Cache of decoded images (default $CNNX_CACHE, else $XDG_CACHE_HOME/cnnx or ~/.cache/cnnx).")
+@click.option("--cache", type=click.Choice(("auto", "memory", "disk")),
+              help="Decoded images in memory, or in a memory-mapped file read per batch (for data larger than "
+                   "memory); auto: disk when they need more than half the available memory.")
+@click.option("--weights", type=click.Path(dir_okay=False),
+              help="Start from a cnnx checkpoint: every backbone tensor by name, a new head for this data's classes "
+                   "(--arch defaults to the checkpoint's).")
+@click.option("--backbone-lr-mult", type=float,
+              help="Learning rate of the backbone relative to the head (e.g. 0.1); default 0.1 from weights, else 1.")
+@click.option("--freeze-backbone-epochs", type=int,
+              help="Epochs at the start that train only the head (backbone frozen, its batch norm in eval mode).")
+@click.option("--rrc-scale", type=float, nargs=2,
+              help="Random-resized-crop (--aug rrc): min and max crop area, fractions of the stored image (0.25 1).")
+@click.option("--rrc-ratio", type=float, nargs=2,
+              help="Random-resized-crop: min and max crop width/height (0.75 1.333).")
 @click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False), help="Folder of run folders.")
 @click.option("--name", help="Run folder name under --out (default <arch>-<date>-<time>).")
 @click.option("--resume", type=click.Path(), help="Continue a run exactly from its folder or its last.pt.")
@@ -110,7 +125,7 @@ def train(ctx, out, name, resume, stop_after, quiet, compile_, aug, **opts):
                     held.enter_context(reserve_run_dir(run_dir, resume=True))
                 cfg, resume_ckpt = _resume_config(resume, given, opts)
             else:
-                cfg, run_dir = _new_run_config(opts, out, name)
+                cfg, run_dir = _new_run_config(opts, out, name, arch_given="arch" in given)
                 resume_ckpt = None
                 if _rank() == 0:
                     held.enter_context(reserve_run_dir(run_dir, resume=False))
@@ -163,10 +178,22 @@ def _resume_config(resume, given, opts):
     return cfg, ckpt
 
 
-def _new_run_config(opts, out, name):
+def _new_run_config(opts, out, name, arch_given=True):
     """(config, run folder) of a new run from the command line's options."""
     from cnnx.train.config import resolve_config
     from cnnx.train.zoo import ARCHS
+
+    if opts.get("weights"):
+        if opts.get("pretrained"):
+            raise click.UsageError("--weights and --pretrained both say where the model starts; pass one")
+        opts["weights"] = str(Path(opts["weights"]).expanduser().resolve())
+        if not arch_given:
+            from cnnx.train.checkpoint import load_checkpoint
+
+            opts["arch"] = load_checkpoint(opts["weights"])["arch"]
+    for k in ("rrc_scale", "rrc_ratio"):
+        if not opts.get(k):  # click gives () for an absent nargs=2 option
+            opts[k] = None
 
     if opts["arch"] not in ARCHS:
         raise click.BadParameter(f"unknown arch {opts['arch']!r}; valid: {', '.join(ARCHS)}", param_hint="--arch")

@@ -26,7 +26,8 @@ import torch
 
 from cnnx import __version__
 from cnnx.runtime import files
-from cnnx.train import loop
+from cnnx.train import finetune, loop
+from cnnx.train.cache import Rows, take
 from cnnx.train.checkpoint import build_checkpoint, save_checkpoint
 from cnnx.train.config import TrainConfig, config_from_dict
 from cnnx.train.data import load_splits
@@ -245,6 +246,8 @@ class Run:
     total_steps: int
     bf16: bool
     channels_last: bool
+    head: frozenset = frozenset()  # state_dict names of the head (cnnx.train.finetune.head_names)
+    frozen: bool = False  # the backbone is frozen now (--freeze-backbone-epochs)
 
     @property
     def class_names(self) -> list:
@@ -357,39 +360,69 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
     torch.manual_seed(cfg.seed)
     net = create_model(cfg.arch, len(splits.class_names), **arch_kwargs,
                        **({"pretrained": True} if cfg.pretrained else {}))
+    head = finetune.head_names(cfg.arch, len(splits.class_names), arch_kwargs)
     channels_last = loop.channels_last_enabled(cfg, dev_type)
     wrapped = Uint8Input(net, spec["mean"], spec["std"]).to(device)
     if channels_last:
         wrapped = wrapped.to(memory_format=torch.channels_last)
-    train_model = wrapped
-    if d.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        train_model = DDP(wrapped, device_ids=[torch.device(device).index] if dev_type == "cuda" else None)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
+    train_model = _training_module(wrapped, cfg, d, device)
+    # One parameter list unless fine-tuning options split it (keeps older runs' optimizer states resumable).
+    params = (finetune.param_groups(net, head, cfg.backbone_lr_mult)
+              if cfg.backbone_lr_mult != 1.0 or cfg.freeze_backbone_epochs else wrapped.parameters())
     per_rank = max(1, cfg.batch_size // d.world)
     steps_per_epoch = max(1, (len(ytr) // d.world) // per_rank)
     run = Run(cfg, d, device, run_dir, progress, splits, spec, arch_kwargs, config, net, wrapped, train_model,
-              loop.make_optimizer(wrapped.parameters(), cfg), xtr.to(device), ytr.to(device),
+              loop.make_optimizer(params, cfg), _resident(xtr, device), ytr.to(device),
               # Validation is sharded across ranks and its counts all-reduced.
-              xva[d.rank::d.world].to(device), yva[d.rank::d.world].to(device),
-              cfg.epochs * steps_per_epoch, loop.bf16_enabled(cfg, dev_type), channels_last)
+              _resident(take(xva, slice(d.rank, None, d.world)), device), yva[d.rank::d.world].to(device),
+              cfg.epochs * steps_per_epoch, loop.bf16_enabled(cfg, dev_type), channels_last, head)
     say(f"{cfg.arch}: {sum(p.numel() for p in net.parameters()):,} parameters on {device} x{d.world}, "
         f"{len(ytr)} train / {len(yva)} val images, {steps_per_epoch} steps/epoch, "
         f"threads {torch.get_num_threads()}, bf16 {run.bf16}, channels_last {channels_last}", d)
     return run
 
 
+def _training_module(wrapped, cfg: TrainConfig, d: loop.Dist, device: str):
+    """wrapped under DDP (several ranks) and torch.compile (when asked): what train steps call."""
+    train_model = wrapped
+    if d.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        dev = torch.device(device)
+        train_model = DDP(wrapped, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    return train_model
+
+
+def _resident(images, device):
+    """A tensor moves to the device; a disk cache's Rows stay where they are (read per batch)."""
+    return images if isinstance(images, Rows) else images.to(device)
+
+
+def train_spec(cfg: TrainConfig, spec: dict):
+    """The spec the training images are decoded through: for random-resized-crop on an image
+    folder, the same resize at rrc_cache_scale x the side (None: the model's spec)."""
+    import math
+
+    from cnnx.runtime.preprocess import validate_spec
+
+    if "rrc" not in cfg.aug or cfg.data == "cifar10" or cfg.rrc_cache_scale == 1:
+        return None
+    return validate_spec({**spec, "size": [math.ceil(s * cfg.rrc_cache_scale) for s in spec["size"]]})
+
+
 def load_run_data(cfg: TrainConfig, spec: dict, run_dir: Path, d: loop.Dist, progress: bool):
-    """The splits; rank 0 decodes (and caches) first, the others then read its cache."""
+    """The splits; rank 0 decodes (and caches) first, the others then read its cache (a disk
+    cache is mapped by every rank; each reads only its shard's rows)."""
     base = {"data": cfg.data, "data_root": cfg.data_root, "cache_dir": cfg.cache_dir, "preprocess": spec,
             "val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed}
+    how = {"workers": cfg.workers, "cache_mode": cfg.cache, "train_spec": train_spec(cfg, spec)}
     if d.main:
-        splits = load_splits(base, progress=progress, workers=cfg.workers)
+        splits = load_splits(base, progress=progress, **how)
     _barrier(d)
     if not d.main:
-        splits = load_splits(base, progress=False, workers=cfg.workers)
+        splits = load_splits(base, progress=False, **how)
     say(f"data: {splits.source}", d)
     if splits.ignored:
         say(f"ignored {splits.ignored} file(s) whose names are not image names", d)
@@ -408,6 +441,10 @@ def load_run_data(cfg: TrainConfig, spec: dict, run_dir: Path, d: loop.Dist, pro
 def start_state(run: Run, resume: dict | None) -> State:
     """A fresh State, or last.pt's, with the model and optimizer restored from it."""
     if resume is None:
+        if run.cfg.weights:
+            n = finetune.load_backbone(run.net, run.cfg.weights, run.cfg.arch, len(run.class_names), run.arch_kwargs)
+            say(f"started from {run.cfg.weights}: {n} backbone tensors loaded, a new head for "
+                f"{len(run.class_names)} classes ({', '.join(sorted(run.head))})", run.d)
         return State()
     run.net.load_state_dict(resume["state_dict"])
     run.optimizer.load_state_dict(resume["optimizer"])
@@ -427,11 +464,18 @@ def start_state(run: Run, resume: dict | None) -> State:
 def train_epoch(run: Run, state: State, epoch: int):
     """One pass over the training split; returns (metrics, seconds) and advances state.step."""
     torch.manual_seed(run.cfg.seed * 7919 + epoch)  # dropout etc.: a resumed epoch draws the same
+    frozen = epoch < run.cfg.freeze_backbone_epochs
+    if finetune.set_backbone_frozen(run.net, run.head, frozen) and run.d.world > 1:
+        run.train_model = _training_module(run.wrapped, run.cfg, run.d, run.device)  # DDP hooks follow requires_grad
+    if frozen != run.frozen:
+        say(f"epoch {epoch + 1}: backbone {'frozen' if frozen else 'unfrozen'}", run.d)
+        run.frozen = frozen
     t0 = loop.timer_sync(run.device)
     tm, state.step = loop.train_one_epoch(
         run.train_model, run.optimizer, run.xtr, run.ytr, cfg=run.cfg, epoch=epoch, step=state.step,
         total_steps=run.total_steps, num_classes=len(run.class_names), device=run.device, rank=run.d.rank,
-        world=run.d.world, bf16=run.bf16, progress=run.progress and run.d.main)
+        world=run.d.world, bf16=run.bf16, progress=run.progress and run.d.main,
+        frozen_modules=finetune.backbone_norm_layers(run.net, run.head) if frozen else (), out_size=run.spec["size"])
     return tm, loop.timer_sync(run.device) - t0
 
 
@@ -503,7 +547,7 @@ def write_report(run: Run, state: State, summary: dict | None = None):
     xva, yva = run.splits.val
     val = None
     if state.best_probs is not None:
-        val = Predictions(images=xva.numpy(), labels=yva.numpy(), probs=state.best_probs.numpy(),
+        val = Predictions(images=xva if isinstance(xva, Rows) else xva.numpy(), labels=yva.numpy(), probs=state.best_probs.numpy(),
                           paths=run.splits.val_paths)
     write_training_report(run.run_dir / "report.html", title=f"cnnx train: {run.run_dir.name}", config=run.config,
                           history=state.history, class_names=run.class_names, confusion=state.best_confusion,
@@ -549,7 +593,8 @@ def evaluate_test_split(run: Run, state: State) -> dict:
         for t in run.wrapped.state_dict().values():
             dist.broadcast(t, 0)
     xt, yt = run.splits.test
-    counts, _ = loop.eval_counts(run.wrapped, xt[d.rank::d.world].to(run.device), yt[d.rank::d.world].to(run.device),
+    counts, _ = loop.eval_counts(run.wrapped, _resident(take(xt, slice(d.rank, None, d.world)), run.device),
+                                 yt[d.rank::d.world].to(run.device),
                                  len(run.class_names), batch_size=run.cfg.eval_batch_size, device=run.device,
                                  channels_last=run.channels_last)
     tm = counts.all_reduce().metrics()
