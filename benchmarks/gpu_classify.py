@@ -46,11 +46,13 @@ Then on the GPU machine, with the device tool (`run`), while it stays warm betwe
 and the last one carries the last part and the CIFAR tarball, and measures:
 
     run(command="mkdir -p /tmp/ortgpu && cp .ortgpu5/* /tmp/ortgpu/ && "
-                "python3 benchmarks/gpu_classify.py --wheel-parts /tmp/ortgpu "
+                "python3 benchmarks/gpu_classify.py --wheel-parts /tmp/ortgpu --wheels .data/wheels "
                 "--cifar-tar .data/cifar10-train.tar.gz --results $OUT/results",
         carry=[".ortgpu5", ".data"], timeout_s=540)
 
-(`--prepare` prints the exact part count; the wheel is ~255 MB, so 5 parts of 55 MB.) The
+(`--prepare` prints the exact part count; the wheel is 256 MB: 4 parts of 55 MiB and one of 26 MB;
+.data holds the CIFAR tarball, 16 MB, and .data/wheels the small wheels cnnx needs there:
+simplejpeg, onnxscript, onnx-ir, ml_dtypes, 2 MB; the last call carries ~42 MB.) The
 JSON comes back under files_at/results/gpu_classify.json; copy it to benchmarks/results/.
 Smoke test of the whole script on a CPU (tiny sizes, CPU provider, IOBinding forced on):
 
@@ -76,6 +78,12 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 ORT_GPU = "onnxruntime-gpu==1.31.1"
+# What cnnx needs that the GPU machine lacks (GPU.md's list): simplejpeg (the runtime's JPEG
+# decoder) and the dynamo ONNX exporter's onnxscript / onnx-ir (ml_dtypes under them).
+SMALL_WHEELS = ("simplejpeg==1.9.0", "onnxscript==0.7.2", "onnx-ir==1.1.0", "ml_dtypes==0.6.0")
+PIP_TARGET = ["--no-deps", "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
+              "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_27_x86_64",
+              "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64"]
 PART_BYTES = 55 << 20  # under GPU.md's 60 MB a carried folder
 CIFAR_TAR = ROOT.parent / "shared" / "datasets" / "cifar10-train.tar.gz"
 BATCH = 256  # cnnx classify's default, measured on the CPU
@@ -92,10 +100,9 @@ def prepare(cifar_tar: Path):
     (ignored by .gitignore's /.ortgpu*/); copy the CIFAR tarball into .data/ (ignored)."""
     tmp = ROOT / ".ortgpu-download"
     shutil.rmtree(tmp, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version",
-                    "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64", "--platform",
-                    "manylinux_2_17_x86_64", "--platform", "manylinux_2_27_x86_64", "-d", str(tmp), ORT_GPU],
-                   check=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", *PIP_TARGET, "-d", str(tmp), ORT_GPU], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", *PIP_TARGET, "-d", str(ROOT / ".data" / "wheels"),
+                    *SMALL_WHEELS], check=True)
     wheel = next(tmp.glob("*.whl"))
     data = wheel.read_bytes()
     parts = [data[i:i + PART_BYTES] for i in range(0, len(data), PART_BYTES)]
@@ -110,7 +117,8 @@ def prepare(cifar_tar: Path):
     (ROOT / ".data").mkdir(exist_ok=True)
     shutil.copyfile(cifar_tar, ROOT / ".data" / cifar_tar.name)
     log(f"{wheel.name}: {len(data) / 1e6:.0f} MB in {len(parts)} parts: "
-        + ", ".join(f".ortgpu{i}" for i in range(1, len(parts) + 1)) + f"; .data/{cifar_tar.name}")
+        + ", ".join(f".ortgpu{i}" for i in range(1, len(parts) + 1)) + f"; .data/{cifar_tar.name}; .data/wheels: "
+        + ", ".join(sorted(w.name for w in (ROOT / ".data" / "wheels").glob("*.whl"))))
     log("device calls: one per part (cp .ortgpuN/* /tmp/ortgpu/), the last one also carrying .data and "
         "running this script with --wheel-parts /tmp/ortgpu (see the docstring)")
 
@@ -319,7 +327,15 @@ def export(arch: str, size: int, classes: int, work: Path, verify: Path, parity_
             break
         info["refusals"].append({"attempt": label, "error": (r.stderr.strip().splitlines() or ["?"])[-1][:500]})
     else:
-        raise RuntimeError(f"cnnx export {arch} failed: {info['refusals'][-1]['error']}")
+        # cnnx export failed every way (e.g. its dynamo exporter's packages missing there): the
+        # tests' TorchScript-exporter builder of the same contract model (seeded weights), so
+        # the speed figures still come; no parity report then.
+        sys.path.insert(0, str(ROOT))
+        from tests._runtime_util import make_onnx_model
+
+        out = work / f"fallback-{arch}"
+        make_onnx_model(out / "model.onnx", arch=arch, size=size, class_names=names)
+        info["export"] = "tests/_runtime_util.make_onnx_model (cnnx export failed: see refusals)"
     parity = out / "parity.json"
     if parity.exists():
         doc = json.loads(parity.read_text())
@@ -337,7 +353,7 @@ def export(arch: str, size: int, classes: int, work: Path, verify: Path, parity_
         meta = {k: json.loads(v) if v[:1] in "[{" else v for k, v in props.items()}
         fp16 = work / f"speed-only-{arch}.fp16.onnx"
         to_fp16(out / "model.onnx", fp16, meta=meta)
-        info["fp16_note"] = "refused by the parity gate (see refusals): converted for speed figures only"
+        info["fp16_note"] = "not written by cnnx export (see refusals): converted for speed figures only"
     info["fp16"] = str(fp16)
     return info
 

@@ -92,6 +92,16 @@ def _library_names(major: int):
             ("cuDNN 9", "libcudnn.so.9"))
 
 
+def preload(ort) -> None:
+    """Load the CUDA / cuDNN libraries of the nvidia-* wheels (`pip install 'cnnx[gpu]'`), when
+    installed, so the CUDA provider finds them; what is still missing, diagnose() names."""
+    if hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()
+        except Exception:  # noqa: BLE001 - a failed preload just means CUDA will not load
+            pass
+
+
 def diagnose(*, dist_path=None) -> CudaStatus:
     """Check the causes listed in the module docstring, in order; the first that fails is the
     reason. dist_path: where to look for installed distributions (default sys.path)."""
@@ -115,11 +125,7 @@ def diagnose(*, dist_path=None) -> CudaStatus:
     if major is not None and supported is not None and supported // 1000 < major:
         return CudaStatus(False, f"the NVIDIA driver supports CUDA {supported // 1000}.{supported % 1000 // 10}, "
                                  f"this onnxruntime-gpu needs CUDA {major}: update the driver")
-    if hasattr(ort, "preload_dlls"):
-        try:
-            ort.preload_dlls()  # the nvidia-* wheels' libraries, when installed
-        except Exception:  # noqa: BLE001 - what is still missing is named below
-            pass
+    preload(ort)
     if major is not None:
         for what, soname in _library_names(major):
             if not _loads(soname):

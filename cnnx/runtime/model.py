@@ -14,6 +14,7 @@ import numpy as np
 
 from cnnx.runtime.contract import (CPU_PROVIDER as CPU, CUDA_PROVIDER as CUDA, DEVICES, ContractError,
                                    check_signature, cuda_driver_present, parse_metadata)
+from cnnx.runtime import cuda
 from cnnx.runtime.cuda import TENSORRT_PROVIDER as TENSORRT
 from cnnx.runtime.files import first_line, os_error_line
 
@@ -115,8 +116,6 @@ def open_model(path, device: str = "auto", *, threads: int | None = None, batch_
 def _providers(ort, device: str, path: Path, batch_size: int | None) -> list:
     """The provider list to ask onnxruntime for. cuda and tensorrt are diagnosed first
     (cnnx.runtime.cuda: packages, driver, libraries) so a failure names its cause."""
-    from cnnx.runtime import cuda
-
     if device == "cpu":
         return [CPU]
     if device == "auto":
@@ -124,7 +123,7 @@ def _providers(ort, device: str, path: Path, batch_size: int | None) -> list:
         # trying CUDA costs ~0.5 s of start-up for nothing, so auto goes straight to the CPU.
         if CUDA not in ort.get_available_providers() or not cuda_driver_present():
             return [CPU]
-        _preload(ort)
+        cuda.preload(ort)
         return [CUDA, CPU]
     status = cuda.diagnose() if device == "cuda" else cuda.diagnose_tensorrt()
     if not status.usable:
@@ -142,14 +141,6 @@ def _providers(ort, device: str, path: Path, batch_size: int | None) -> list:
         raise ModelError(f"--device tensorrt: cannot create the engine cache: {os_error_line(e)}") from None
     # Nodes TensorRT cannot take run on CUDA (then the CPU): onnxruntime's own partitioning.
     return [(TENSORRT, options), CUDA, CPU]
-
-
-def _preload(ort):
-    if hasattr(ort, "preload_dlls"):
-        try:
-            ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels, when installed
-        except Exception:  # noqa: BLE001 - a failed preload just means CUDA will not load
-            pass
 
 
 def _model_spec(ort, path: Path) -> dict:
