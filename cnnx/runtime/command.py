@@ -141,7 +141,7 @@ def classify(paths, model_path, output, fmt, topk, batch_size, workers, device, 
 
 
 def _check_local_usage(paths, output, address, num_workers, num_gpus_per_worker, manifest):
-    from cnnx.runtime.ray_engine import is_uri
+    from cnnx.runtime.discover import is_uri
 
     ray_only = [name for name, value in (("--address", address), ("--num-workers", num_workers),
                                          ("--num-gpus-per-worker", num_gpus_per_worker), ("--manifest", manifest))
@@ -160,7 +160,8 @@ def _classify_on_ray(paths, model_path, output, fmt, topk, batch_size, device, e
                      follow_symlinks, report_path, address, num_workers, num_gpus_per_worker, manifest):
     """--engine ray: cnnx.runtime.ray_engine does the work, with its own output lock and checks."""
     from cnnx.runtime.model import find_newest_model
-    from cnnx.runtime.ray_engine import RayEngineError, classify_with_ray, is_uri
+    from cnnx.runtime.discover import is_uri
+    from cnnx.runtime.ray_engine import RayEngineError, classify_with_ray
 
     if not paths and manifest is None:
         raise click.UsageError("give at least one PATH or --manifest FILE")

@@ -12,11 +12,20 @@ entry, so a FIFO is reported, never read.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from dataclasses import dataclass
 
 from cnnx.runtime.contract import is_image_name
 from cnnx.runtime.files import first_line
+
+
+# scheme:// (s3, gs, file, ...): a location only --engine ray reads (through pyarrow.fs).
+URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def is_uri(path: str) -> bool:
+    return URI.match(path) is not None
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import socket
 import tempfile
 import time
@@ -38,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cnnx.runtime.api import Classifier
-from cnnx.runtime.discover import Discovery, Found, PathKeys
+from cnnx.runtime.discover import URI, Discovery, Found, PathKeys, is_uri
 from cnnx.runtime.files import TEMP_PREFIX, atomic_file, first_line, os_error_line, remove_stale_temps
 from cnnx.runtime.model import softmax_topk
 from cnnx.runtime.output import (ErrorsWriter, OutputBusy, OutputLock, PredictionWriter, ResumeError, WriteError,
@@ -51,7 +50,6 @@ URI_SCHEMES = ("s3", "gs", "file")  # listed and read through pyarrow.fs
 PART_PREFIX = "part-"
 CONNECT_TIMEOUT_S = 10.0  # an unreachable --address fails within this, not after Ray's own retries
 INSTALL_HINT = "pip install 'cnnx[ray]'"
-_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 class RayEngineError(Exception):
@@ -101,10 +99,6 @@ def import_ray():
     except ImportError:
         raise RayEngineError(f"--engine ray needs Ray Data, which is not installed: {INSTALL_HINT}") from None
     return ray
-
-
-def is_uri(path: str) -> bool:
-    return _URI.match(path) is not None
 
 
 def output_format(output: str, fmt: str) -> str:
@@ -212,7 +206,7 @@ def _found(paths, manifest, follow_symlinks, summary):
 
 def _list_uri(uri: str, summary):
     """A file or every image file under a prefix of a pyarrow filesystem, sorted by key."""
-    scheme = _URI.match(uri).group(1).lower()
+    scheme = URI.match(uri).group(1).lower()
     if scheme not in URI_SCHEMES:
         yield Found(uri, f"unsupported URI scheme {scheme}:// (known: {', '.join(s + '://' for s in URI_SCHEMES)})")
         return
