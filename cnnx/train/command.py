@@ -23,7 +23,7 @@ CONFIG_OPTIONS = ("arch", "pretrained", "data", "data_root", "cache_dir", "image
                   "split_seed", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "label_smoothing",
                   "schedule", "warmup", "aug", "crop_pad", "patience", "seed", "device", "workers", "threads",
                   "channels_last", "bf16", "compile", "weights", "backbone_lr_mult", "freeze_backbone_epochs",
-                  "rrc_scale", "rrc_ratio", "cache")
+                  "rrc_scale", "rrc_ratio", "cache", "ema", "tta", "whiten", "whiten_images")
 RESUMABLE = ("epochs", "patience", "device", "workers", "threads", "cache_dir", "data_root", "compile", "cache")
 
 
@@ -57,7 +57,7 @@ def _rank() -> int:
 @click.option("--epochs", type=int, help=f"Passes over the training split; {RECIPE}.")
 @click.option("--batch-size", type=int, help=f"Images per optimizer step, over all processes; {RECIPE}.")
 @click.option("--lr", type=float, help=f"Peak learning rate; {RECIPE}.")
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), help=f"Optimizer (sgd is Nesterov); {RECIPE}.")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), help=f"Optimizer (sgd is Nesterov; muon: orthogonalised steps for conv filters, Nesterov SGD for the rest); {RECIPE}.")
 @click.option("--weight-decay", type=float, help=f"Weight decay; {RECIPE}.")
 @click.option("--label-smoothing", type=float, help=f"Label smoothing in [0, 1); {RECIPE}.")
 @click.option("--schedule", type=click.Choice(SCHEDULES), help=f"Learning-rate schedule after the warm-up; {RECIPE}.")
@@ -90,6 +90,15 @@ def _rank() -> int:
               help="Random-resized-crop (--aug rrc): min and max crop area, fractions of the stored image (0.25 1).")
 @click.option("--rrc-ratio", type=float, nargs=2,
               help="Random-resized-crop: min and max crop width/height (0.75 1.333).")
+@click.option("--ema", type=float,
+              help="Evaluate (and keep in best.pt) an exponential moving average of the weights with this decay "
+                   "per step, in (0, 1), e.g. 0.99; default: the arch's recipe (off).")
+@click.option("--tta", type=int,
+              help="Views per image when evaluating: 1 none, 2 mirror, 6 mirror x 1-px shifts (airnet); "
+                   "stored in the checkpoint (cnnx export --tta can change it); default the arch's (2).")
+@click.option("--whiten/--no-whiten", default=None,
+              help="First conv initialised as a frozen PCA whitening of training patches (airnet; on in the GPU recipe).")
+@click.option("--whiten-images", type=int, help="Training images sampled for the whitening covariance (5000).")
 @click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False), help="Folder of run folders.")
 @click.option("--name", help="Run folder name under --out (default <arch>-<date>-<time>).")
 @click.option("--resume", type=click.Path(), help="Continue a run exactly from its folder or its last.pt.")
@@ -216,12 +225,24 @@ def _new_run_config(opts, out, name, arch_given=True):
             raise click.BadParameter(f"{opts['arch']} has no pretrained weights; archs that do: {', '.join(able)}",
                                      param_hint="--pretrained")
     arch = opts.pop("arch")
-    cfg = resolve_config(arch, **opts)
+    cfg = resolve_config(arch, cuda=_runs_on_cuda(opts.get("device")), **opts)
     if not name:
         name = f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}"
     if "/" in name or name in (".", ".."):
         raise click.BadParameter(f"must be a plain folder name, got {name!r}", param_hint="--name")
     return cfg, Path(out) / name
+
+
+def _runs_on_cuda(device) -> bool:
+    """Whether the run will train on CUDA (config.GPU_RECIPES apply), decided as fit's
+    loop.resolve_device will decide it."""
+    if device == "cpu":
+        return False
+    if device == "cuda":
+        return True
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _pick_split(layout, split, data):

@@ -144,6 +144,7 @@ class WeightAverage:
 
     def __init__(self, net: nn.Module, decay: float):
         self.decay = float(decay)
+        self.source = net  # the trained module; `update` reads its current state
         self.module = copy.deepcopy(net).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
@@ -152,9 +153,9 @@ class WeightAverage:
         return min(self.decay, (1.0 + step) / (10.0 + step))
 
     @torch.no_grad()
-    def update(self, net: nn.Module, step: int) -> None:
+    def update(self, step: int) -> None:
         d = self.decay_at(step)
-        live = net.state_dict()
+        live = self.source.state_dict()
         avg, avg_ints = [], []
         src, src_ints = [], []
         for k, v in self.module.state_dict().items():

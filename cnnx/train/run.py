@@ -26,7 +26,7 @@ import torch
 
 from cnnx import __version__
 from cnnx.runtime import files
-from cnnx.train import finetune, loop
+from cnnx.train import finetune, frontier, loop, optim
 from cnnx.train.cache import Rows, take
 from cnnx.train.checkpoint import build_checkpoint, save_checkpoint
 from cnnx.train.config import TrainConfig, config_from_dict
@@ -217,6 +217,12 @@ def model_spec(cfg: TrainConfig):
     params = inspect.signature(arch.build).parameters
     if "image_size" in params:
         kwargs.setdefault("image_size", size)
+    if cfg.tta is not None:  # the eval view count is the model's (and its checkpoint's) own
+        if "tta" not in params:
+            from cnnx.train.config import ConfigError
+
+            raise ConfigError(f"--tta: arch {cfg.arch} has no test-time views (airnet has)")
+        kwargs["tta"] = cfg.tta
     return kwargs, make_spec(size, arch.mean, arch.std)
 
 
@@ -247,6 +253,15 @@ class Run:
     bf16: bool
     channels_last: bool
     head: frozenset = frozenset()  # state_dict names of the head (cnnx.train.finetune.head_names)
+    ema: optim.WeightAverage | None = None  # --ema: the average that evaluation and best.pt use
+    averaged: torch.nn.Module | None = None  # Uint8Input(ema.module)
+    whiten_seconds: float = 0.0  # the whitening init (training time, as in airbench; in the summary)
+    compile_seconds: float = 0.0  # torch.compile's warm-up (reported apart, never in training time)
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """What validation runs: the weight average when there is one, else the trained model."""
+        return self.averaged if self.averaged is not None else self.wrapped
     frozen: bool = False  # the backbone is frozen now (--freeze-backbone-epochs)
 
     @property
@@ -365,17 +380,28 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
     wrapped = Uint8Input(net, spec["mean"], spec["std"]).to(device)
     if channels_last:
         wrapped = wrapped.to(memory_format=torch.channels_last)
+    whitening, whiten_seconds = frontier.initialise(net, cfg, xtr, spec["mean"], spec["std"])
     train_model = _training_module(wrapped, cfg, d, device)
     # One parameter list unless fine-tuning options split it (keeps older runs' optimizer states resumable).
     params = (finetune.param_groups(net, head, cfg.backbone_lr_mult)
               if cfg.backbone_lr_mult != 1.0 or cfg.freeze_backbone_epochs else wrapped.parameters())
     per_rank = max(1, cfg.batch_size // d.world)
     steps_per_epoch = max(1, (len(ytr) // d.world) // per_rank)
+    if frontier.wants_role_groups(cfg):  # Muon, BN biases at their own lr, the whitening bias's own schedule
+        params = optim.param_groups(net, cfg, steps_per_epoch=steps_per_epoch, whitening=whitening)
     run = Run(cfg, d, device, run_dir, progress, splits, spec, arch_kwargs, config, net, wrapped, train_model,
               loop.make_optimizer(params, cfg), _resident(xtr, device), ytr.to(device),
               # Validation is sharded across ranks and its counts all-reduced.
               _resident(take(xva, slice(d.rank, None, d.world)), device), yva[d.rank::d.world].to(device),
               cfg.epochs * steps_per_epoch, loop.bf16_enabled(cfg, dev_type), channels_last, head)
+    run.whiten_seconds = whiten_seconds
+    run.ema = frontier.weight_average(net, cfg)
+    if run.ema is not None:
+        run.averaged = Uint8Input(run.ema.module, spec["mean"], spec["std"]).to(device)
+    if cfg.compile:
+        run.compile_seconds = frontier.compile_warmup(train_model, net, run.xtr, run.ytr, batch=per_rank, device=device,
+                                                      bf16=run.bf16, channels_last=channels_last)
+        say(f"torch.compile warm-up: {run.compile_seconds:.1f}s (not counted as training time)", d)
     say(f"{cfg.arch}: {sum(p.numel() for p in net.parameters()):,} parameters on {device} x{d.world}, "
         f"{len(ytr)} train / {len(yva)} val images, {steps_per_epoch} steps/epoch, "
         f"threads {torch.get_num_threads()}, bf16 {run.bf16}, channels_last {channels_last}", d)
@@ -445,8 +471,13 @@ def start_state(run: Run, resume: dict | None) -> State:
             n = finetune.load_backbone(run.net, run.cfg.weights, run.cfg.arch, len(run.class_names), run.arch_kwargs)
             say(f"started from {run.cfg.weights}: {n} backbone tensors loaded, a new head for "
                 f"{len(run.class_names)} classes ({', '.join(sorted(run.head))})", run.d)
+        if run.ema is not None:
+            run.ema.load_state_dict(run.net.state_dict())  # the average starts at the starting weights
         return State()
-    run.net.load_state_dict(resume["state_dict"])
+    # With --ema a checkpoint's state_dict is the average (what was evaluated); the trained weights are beside it.
+    run.net.load_state_dict(resume.get("train_state_dict", resume["state_dict"]))
+    if run.ema is not None:
+        run.ema.load_state_dict(resume["state_dict"])
     run.optimizer.load_state_dict(resume["optimizer"])
     best = resume["best"]
     if best.get("confusion") is None and best["epoch"]:  # last.pt of an older cnnx: best.pt has it
@@ -475,7 +506,8 @@ def train_epoch(run: Run, state: State, epoch: int):
         run.train_model, run.optimizer, run.xtr, run.ytr, cfg=run.cfg, epoch=epoch, step=state.step,
         total_steps=run.total_steps, num_classes=len(run.class_names), device=run.device, rank=run.d.rank,
         world=run.d.world, bf16=run.bf16, progress=run.progress and run.d.main,
-        frozen_modules=finetune.backbone_norm_layers(run.net, run.head) if frozen else (), out_size=run.spec["size"])
+        frozen_modules=finetune.backbone_norm_layers(run.net, run.head) if frozen else (), out_size=run.spec["size"],
+        ema=run.ema)
     return tm, loop.timer_sync(run.device) - t0
 
 
@@ -484,7 +516,7 @@ def evaluate_epoch(run: Run):
     the seconds it took. Evaluation is float32 always: the metrics describe the function that
     export and `cnnx classify` run, and best.pt is chosen by them (bf16 is for training speed)."""
     t0 = loop.timer_sync(run.device)
-    counts, probs = loop.eval_counts(run.wrapped, run.xva_r, run.yva_r, len(run.class_names),
+    counts, probs = loop.eval_counts(run.eval_model, run.xva_r, run.yva_r, len(run.class_names),
                                      batch_size=run.cfg.eval_batch_size, device=run.device,
                                      channels_last=run.channels_last, keep_probs=True)
     vm = counts.all_reduce().metrics()
@@ -525,13 +557,15 @@ def save_epoch(run: Run, state: State, improved: bool, tm: dict, vm: dict):
     """best.pt (when improved), last.pt, the CSVs and report.html, each atomically (rank 0)."""
     metrics = {"val_top1": vm["top1"], "val_top5": vm["top5"], "val_loss": vm["loss"],
                "train_top1": tm["top1"], "val_per_class": vm["per_class"], "val_confusion": vm["confusion"]}
-    ckpt = build_checkpoint(model=run.net, arch=run.cfg.arch, arch_kwargs=run.arch_kwargs,
+    ckpt = build_checkpoint(model=run.ema.module if run.ema is not None else run.net, arch=run.cfg.arch,
+                            arch_kwargs=run.arch_kwargs,
                             class_names=run.class_names, preprocess=run.spec, epoch=state.epoch, metrics=metrics,
                             config=run.config)
     if improved:
         save_checkpoint(ckpt, run.run_dir / "best.pt")
     resume = state.to_checkpoint()
-    save_checkpoint({**ckpt, "optimizer": run.optimizer.state_dict(),
+    trained = {} if run.ema is None else {"train_state_dict": {k: v.detach().cpu() for k, v in run.net.state_dict().items()}}
+    save_checkpoint({**ckpt, **trained, "optimizer": run.optimizer.state_dict(),
                      "scheduler": {"step": resume.pop("scheduler_step"), "total_steps": run.total_steps,
                                    "kind": run.cfg.schedule}, **resume}, run.run_dir / "last.pt")
     write_csvs(run.run_dir, state.history, run.class_names)
@@ -572,7 +606,8 @@ def finish(run: Run, state: State, stop: Stop, stop_after: int | None) -> dict:
             f"(best {state.best_top1:.4f} at epoch {state.best_epoch})", d)
     summary = {"run_dir": str(run.run_dir), "best": str(run.run_dir / "best.pt"), "best_val_top1": state.best_top1,
                "best_epoch": state.best_epoch, "epochs_run": len(state.history),
-               "train_seconds": state.train_seconds, "stopped": stop.value}
+               "train_seconds": state.train_seconds, "stopped": stop.value,
+               "whiten_seconds": run.whiten_seconds, "compile_seconds": run.compile_seconds}
     if run.splits.test is not None and stop is not Stop.PAUSED and state.history:
         summary["test"] = evaluate_test_split(run, state)
     if d.main and state.history:
