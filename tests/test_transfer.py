@@ -1,0 +1,149 @@
+"""Transfer learning (issue 10): --weights loads a backbone by name with a fresh head, a frozen
+backbone stays bit-identical for its epochs and trains after them, resume is exact across the
+switch, a checkpoint that does not fit is one line naming the first mismatching tensor, and
+random-resized-crop boxes lie inside the stored image. Real JPEGs, real `cnnx train` runs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cnnx.runtime.preprocess import load_image, make_spec
+from cnnx.train.checkpoint import load_checkpoint
+from cnnx.train.config import resolve_config
+from cnnx.train.data import load_splits
+from cnnx.train.finetune import head_names, load_backbone
+from cnnx.train.resized_crop import random_resized_crop, rrc_boxes
+from cnnx.train.run import train_spec
+from cnnx.train.zoo import CIFAR_MEAN, CIFAR_STD, create_model
+
+from tests._train_util import run_cli
+
+VEHICLES = ["airplane", "automobile", "ship", "truck"]
+
+
+def _train(data, out, name, cache, *extra):
+    return run_cli(["train", "--data", data, "--out", out, "--name", name, "--cache-dir", cache, "--quiet",
+                    "--workers", "1", "--threads", "1", *extra])
+
+
+@pytest.fixture(scope="module")
+def ten_class_ckpt(cifar_subset, tmp_path_factory):
+    """A seed-vgg (batch norm in its backbone) checkpoint of 10 classes, one short epoch."""
+    base = tmp_path_factory.mktemp("pre")
+    r = _train(cifar_subset(8), base / "runs", "pre", base / "cache", "--arch", "seed-vgg", "--epochs", "1",
+               "--batch-size", "32")
+    assert r.exit_code == 0, r.stderr
+    return base / "runs" / "pre" / "best.pt"
+
+
+def _backbone(sd, head):
+    return {k: v for k, v in sd.items() if k not in head}
+
+
+def test_weights_load_every_backbone_tensor_and_a_fresh_head(ten_class_ckpt):
+    ckpt = load_checkpoint(ten_class_ckpt)
+    head = head_names("seed-vgg", 4, {})
+    assert head == {"classifier.7.weight", "classifier.7.bias"}
+    torch.manual_seed(3)
+    net = create_model("seed-vgg", 4)
+    torch.manual_seed(3)
+    fresh = create_model("seed-vgg", 4).state_dict()
+    n = load_backbone(net, ten_class_ckpt, "seed-vgg", 4, {})
+    sd = net.state_dict()
+    assert n == len(sd) - 2
+    for k, v in _backbone(sd, head).items():  # every backbone tensor, BN buffers included, by value
+        assert torch.equal(v, ckpt["state_dict"][k]), k
+    for k in head:  # the head is the new model's own initialisation, shaped for 4 classes
+        assert sd[k].shape[0] == 4 and torch.equal(sd[k], fresh[k]), k
+    assert not torch.equal(sd["features.0.weight"], fresh["features.0.weight"])
+
+
+@pytest.fixture(scope="module")
+def vehicles(cifar_subset):
+    return cifar_subset(10, offset=100, classes=VEHICLES)
+
+
+def test_frozen_backbone_unchanged_then_trains_and_resume_is_exact(ten_class_ckpt, vehicles, tmp_path):
+    common = ["--weights", ten_class_ckpt, "--epochs", "2", "--freeze-backbone-epochs", "1", "--batch-size", "8",
+              "--lr", "0.05"]
+    r = _train(vehicles, tmp_path / "runs", "ft", tmp_path / "cache", *common, "--stop-after", "1")
+    assert r.exit_code == 0, r.stderr
+    assert "seed-vgg" in r.stderr and "backbone frozen" in r.stderr  # --arch came from the checkpoint
+    pre = load_checkpoint(ten_class_ckpt)["state_dict"]
+    head = head_names("seed-vgg", 4, {})
+    after1 = load_checkpoint(tmp_path / "runs" / "ft" / "last.pt")
+    assert after1["num_classes"] == 4 and after1["config"]["backbone_lr_mult"] == 0.1  # the fine-tuning default
+    for k, v in _backbone(after1["state_dict"], head).items():
+        assert torch.equal(v, pre[k]), f"{k} changed while frozen"
+    r = run_cli(["train", "--resume", tmp_path / "runs" / "ft", "--quiet", "--workers", "1", "--threads", "1"])
+    assert r.exit_code == 0, r.stderr
+    resumed = load_checkpoint(tmp_path / "runs" / "ft" / "last.pt")["state_dict"]
+    changed = [k for k, v in _backbone(resumed, head).items() if v.is_floating_point() and not torch.equal(v, pre[k])]
+    assert "features.0.weight" in changed and "features.1.running_mean" in changed  # unfrozen: it trains
+    r = _train(vehicles, tmp_path / "runs", "straight", tmp_path / "cache", *common)
+    assert r.exit_code == 0, r.stderr
+    straight = load_checkpoint(tmp_path / "runs" / "straight" / "last.pt")["state_dict"]
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), f"{k}: resume across the unfreeze is not exact"
+
+
+@pytest.mark.parametrize("extra, tensor", [
+    (["--arch", "airnet"], "features.0.weight"),  # another arch
+    (["--image-size", "48"], "classifier.2.weight"),  # same arch, a backbone tensor of another shape
+])
+def test_weights_that_do_not_fit_are_one_line_naming_the_tensor(ten_class_ckpt, vehicles, tmp_path, extra, tensor):
+    r = _train(vehicles, tmp_path / "runs", "bad", tmp_path / "cache", "--weights", ten_class_ckpt, "--epochs", "1",
+               *extra)
+    assert r.exit_code == 1
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("Error: ") and tensor in lines[-1] and "Traceback" not in r.stderr
+    assert lines[-1].count("[") == 2  # both shapes (or the shape and where it is missing)
+
+
+def test_weights_with_pretrained_is_a_usage_error(ten_class_ckpt, vehicles, tmp_path):
+    r = _train(vehicles, tmp_path / "runs", "x", tmp_path / "cache", "--weights", ten_class_ckpt, "--pretrained")
+    assert r.exit_code == 2 and "--weights" in r.stderr
+
+
+def test_random_resized_crop_boxes_inside_the_image_for_many_seeds():
+    for seed in range(300):
+        g = torch.Generator().manual_seed(seed)
+        h, w = torch.randint(8, 80, (2,), generator=g).tolist()
+        lo = float(torch.empty(()).uniform_(0.01, 1.0, generator=g))
+        scale = (lo, float(torch.empty(()).uniform_(lo, 1.0, generator=g)))
+        rlo = float(torch.empty(()).uniform_(0.2, 2.0, generator=g))
+        ratio = (rlo, rlo * float(torch.empty(()).uniform_(1.0, 3.0, generator=g)))
+        boxes = rrc_boxes(16, h, w, scale=scale, ratio=ratio, generator=g)
+        top, left, bh, bw = boxes.unbind(1)
+        assert (top >= 0).all() and (left >= 0).all() and (bh >= 1).all() and (bw >= 1).all(), seed
+        assert (top + bh <= h).all() and (left + bw <= w).all(), (seed, h, w, boxes)
+        x = torch.randint(0, 256, (16, 3, h, w), dtype=torch.uint8, generator=g)
+        out = random_resized_crop(x, (12, 10), scale=scale, ratio=ratio, generator=g)
+        assert out.shape == (16, 3, 12, 10) and out.dtype == torch.uint8
+
+
+def test_random_resized_crop_of_the_whole_image_at_its_size_is_the_image():
+    x = torch.randint(0, 256, (4, 3, 20, 20), dtype=torch.uint8)
+    out = random_resized_crop(x, (20, 20), scale=(1.0, 1.0), ratio=(1.0, 1.0), generator=torch.Generator())
+    assert torch.equal(out, x)
+
+
+def test_rrc_trains_on_larger_stored_images_and_evaluates_through_the_spec_exactly(cifar_subset, tmp_path):
+    data = cifar_subset(6, classes=VEHICLES)
+    cfg = resolve_config("seed-cnn", data=str(data), image_size=40, aug=("rrc", "flip"))
+    spec = make_spec(40, CIFAR_MEAN, CIFAR_STD)
+    tspec = train_spec(cfg, spec)
+    assert tspec["size"] == [math.ceil(40 * 1.14)] * 2
+    base = {"data": str(data), "data_root": None, "cache_dir": str(tmp_path), "preprocess": spec,
+            "val_fraction": 0.25, "split_seed": 0}
+    s = load_splits(base, progress=False, workers=1, train_spec=tspec)
+    assert s.train[0].shape[-2:] == (46, 46) and s.val[0].shape[-2:] == (40, 40)
+    for i, p in enumerate(s.val_paths):  # what evaluation sees is what export / classify see
+        arr, _ = load_image(p, spec)
+        assert torch.equal(s.val[0][i], torch.from_numpy(arr)), p
+    r = _train(data, tmp_path / "runs", "rrc", tmp_path, "--arch", "seed-cnn", "--image-size", "40", "--aug",
+               "rrc,flip", "--epochs", "1", "--batch-size", "8")
+    assert r.exit_code == 0, r.stderr
