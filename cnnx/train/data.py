@@ -212,8 +212,10 @@ def _decode_all(paths, spec, *, workers, progress, out=None):
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
     # Big chunks: a tiny JPEG decodes in ~30 us, so per-message overhead must stay small.
     chunk = max(256, -(-n // (max(workers, 1) * 8)))
-    jobs = [(j, paths[i:i + chunk]) for j, i in enumerate(range(0, n, chunk))]
     h, w = spec["size"]
+    # ...but at most ~32 MB of decoded rows per message: a worker's buffer must not grow with the dataset.
+    chunk = min(chunk, max(16, (32 << 20) // (3 * h * w)))
+    jobs = [(j, paths[i:i + chunk]) for j, i in enumerate(range(0, n, chunk))]
     if out is None:
         out = np.empty((n, 3, h, w), dtype=np.uint8)  # job j's decoded rows land at its start, packed
     kept_by_job, errors_by_job = {}, {}
