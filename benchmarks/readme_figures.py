@@ -33,6 +33,8 @@ TRAIN_SPEEDUP = 1.6                      # seed-cnn training images/s vs the tut
 EXPORT_FP32_SPEEDUP = 2.0                # onnxruntime fp32 vs eager, every batch size measured
 EXPORT_INT8_SPEEDUP, EXPORT_INT8_LOSS_PT = 1.5, 0.5
 FIRST_ROW_S = 1.0                        # cnnx classify start-up to its first prediction row
+REPORT_SHARE = 0.02                      # report.html writing, share of a default cnnx train run's wall time
+RAY_VS_LOCAL = 0.8                       # --engine ray img/s vs the local pipeline once Ray is up
 # Recipe keys whose change makes a recipe measurement stale.
 RECIPE_KEYS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "label_smoothing", "schedule",
                "warmup", "final_lr", "aug", "crop_pad", "cutout", "channels_last", "bf16")
@@ -43,6 +45,8 @@ RERUN = {
     "bench_train.json": "python benchmarks/bench_train.py",
     "export-seed-cnn.json": "python benchmarks/bench_export.py --arch seed-cnn",
     "bench_classify.json": "python benchmarks/bench_classify.py",
+    "bench_report.json": "python benchmarks/bench_report.py",
+    "bench_ray.json": "python benchmarks/bench_ray.py",
 }
 BLOCK = re.compile(r"(<!-- figures:(?P<name>[\w-]+):begin[^>]*-->\n)(?P<body>.*?)(<!-- figures:(?P=name):end -->)",
                    re.S)
@@ -288,6 +292,18 @@ def block_results(res: Results) -> str:
                 f"<= {goal_ratio(limit)}", m["ratio"] <= limit, "bench_classify.json", d)
         row("`cnnx classify` start-up to its first prediction row", secs(d["first_batch_latency_s"]),
             f"< {FIRST_ROW_S:g} s", d["first_batch_latency_s"] < FIRST_ROW_S, "bench_classify.json", d)
+    if d := res.get("bench_ray.json"):
+        row(f"`cnnx classify --engine ray` (local Ray, {d['cores']} cores) vs the local pipeline, "
+            f"{num(d['images'])} CIFAR-10 JPEGs, once Ray is up",
+            f"**{ratio(d['ray_vs_local'])}** ({num(d['ray']['images_per_s'])} vs {num(d['local']['images_per_s'])} "
+            f"img/s, actors' start-up included; {ratio(d['ray_steady_vs_local'])} after the first rows); "
+            f"ray.init {secs(d['ray_startup_s'])}",
+            f">= {goal_ratio(RAY_VS_LOCAL)}", d["ray_vs_local"] >= RAY_VS_LOCAL, "bench_ray.json", d)
+    if d := res.get("bench_report.json"):
+        share = d["summary"]["share_of_wall_time"]
+        row("report.html written after every epoch, share of a default `cnnx train` run's wall time",
+            f"**{share:.2%}** ({secs(d['summary']['report_seconds_per_epoch'])} per epoch)",
+            f"<= {REPORT_SHARE:.0%}", share <= REPORT_SHARE, "bench_report.json", d)
     out = [table(["what", "result", "goal", "", "command", "machine (as recorded)"], rows)]
     missing = [f"not measured yet (no `results/{n}`): {code(RERUN[n])}" for n in RERUN if n in res.missing]
     if missing + notes:
@@ -484,6 +500,42 @@ def block_classify(res: Results) -> str:
     return "\n\n".join(out)
 
 
+def block_report(res: Results) -> str:
+    d = res.get("bench_report.json")
+    if d is None:
+        return not_measured(res, ["bench_report.json"])
+    sm, run = d["summary"], d["default_run"]
+    share = sm["share_of_wall_time"]
+    return "\n\n".join([bullets([
+        f"Writing report.html after every epoch: {secs(sm['report_seconds_per_epoch'])} per epoch for "
+        f"{num(d['setup']['val_images'])} validation images and {d['setup']['classes']} classes, "
+        f"**{share:.2%}** of a default `cnnx train` epoch's wall time ({secs(run['wall_seconds_per_epoch'])}, "
+        f"from `{run['source']}`); goal <= {REPORT_SHARE:.0%}: {met(share <= REPORT_SHARE)}.",
+        f"Page sizes: training {sm['training_report_bytes'] / 1e3:,.0f} kB; a classify job of "
+        f"{num(d['classify_report']['predictions'])} predictions {sm['classify_report_bytes_50k'] / 1e3:,.0f} kB "
+        f"(written in {secs(d['classify_report']['seconds'])}).",
+    ]), para(f"Source: {source('bench_report.json', d)}.")])
+
+
+def block_ray(res: Results) -> str:
+    d = res.get("bench_ray.json")
+    if d is None:
+        return not_measured(res, ["bench_ray.json"])
+    local, ray = d["local"], d["ray"]
+    rows = [[f"{num(d['images'])} CIFAR-10 JPEGs", f"{num(local['images_per_s'])} img/s",
+             f"{num(ray['images_per_s'])} img/s", f"**{ratio(d['ray_vs_local'])}**",
+             f"{num(ray['steady_images_per_s'])} img/s ({ratio(d['ray_steady_vs_local'])})",
+             secs(d["ray_startup_s"]),
+             f">= {goal_ratio(RAY_VS_LOCAL)}: {met(d['ray_vs_local'] >= RAY_VS_LOCAL)}"]]
+    return "\n\n".join([
+        table(["set", "local pipeline", "--engine ray (after ray.init, actors' start included)", "ray vs local",
+               "ray after its first rows", "ray.init", "goal"], rows, "lrrrrrl"),
+        para(f"Same labels for every file: {'yes' if d['same_labels'] else '**no**'}. Best of "
+             f"{len(d['rounds']['local'])} interleaved rounds, batch {d['batch_size']}, {d['cores']} cores. "
+             f"Source: {source('bench_ray.json', d)}."),
+    ])
+
+
 BLOCKS = {
     "results": block_results,
     "train-throughput": block_train_throughput,
@@ -491,6 +543,8 @@ BLOCKS = {
     "training-speed": block_training_speed,
     "export": block_export,
     "classify": block_classify,
+    "report": block_report,
+    "ray": block_ray,
 }
 
 

@@ -115,7 +115,9 @@ def test_every_result_records_its_command_and_machine(path):
     assert doc.get("machine"), "no machine recorded"
 
 
-def test_results_helper_records_command_and_machine(tmp_path):
+def test_results_helper_records_command_and_machine(tmp_path, monkeypatch):
+    for var in ("CNNX_CIFAR_DIR", "CNNX_BENCH_CACHE", "CNNX_CACHE"):  # recorded in the command when set
+        monkeypatch.delenv(var, raising=False)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import _results
