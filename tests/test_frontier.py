@@ -282,3 +282,19 @@ def test_whitened_tta_airnet_exports_through_the_fp32_gate(frontier_runs, tmp_pa
 def test_bad_frontier_input_is_one_line_exit_2(cifar_subset, tmp_path, extra, needles):
     r = _train(cifar_subset(20), tmp_path, "bad", tmp_path / "cache", "--epochs", "1", *extra)
     _one_line_usage_error(r, *needles)
+
+
+def test_compile_warmup_leaves_the_model_as_it_was():
+    from cnnx.train import frontier
+
+    torch.manual_seed(0)
+    net = zoo.AirNet(10, widths=(8, 16, 16))
+    wrapped = zoo.Uint8Input(net, zoo.CIFAR_MEAN, zoo.CIFAR_STD)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (12,))
+    seconds = frontier.compile_warmup(wrapped, net, images, labels, batch=8, device="cpu", bf16=False,
+                                      channels_last=False)
+    assert seconds > 0
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # BN statistics put back
+    assert all(p.grad is None for p in net.parameters())

@@ -220,6 +220,8 @@ def train_one_epoch(train_model, optimizer, images, labels, *, cfg: TrainConfig,
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", file=sys.stderr,
                disable=not progress, leave=False, dynamic_ncols=True)
     lr = 0.0
+    if isinstance(images, torch.Tensor):  # resident data: the epoch's order goes to its device once, not one
+        shard = shard.to(images.device)   # (host-synchronising) index copy per step
     index_batches = [shard[i * per_rank:(i + 1) * per_rank] for i in range(steps)]
     for i, (x, y) in enumerate(batches(images, labels, index_batches, device)):
         if "rrc" in cfg.aug:
