@@ -58,7 +58,7 @@ class Rows:
         return Rows(self.base, self.rows[idx])
 
     def __getitem__(self, key):
-        if isinstance(key, int):
+        if isinstance(key, (int, np.integer)):
             return np.asarray(self.base[int(self.rows[key])])
         return torch.from_numpy(gather(self.base, self.rows[key].numpy()))
 
@@ -82,8 +82,9 @@ def gather(base: np.ndarray, rows: np.ndarray, out: np.ndarray | None = None) ->
 # --- choosing and building --------------------------------------------------------------------
 
 def available_memory() -> int:
-    """Bytes this process may still take: MemAvailable, lowered by a cgroup memory limit."""
-    avail = None
+    """Bytes this process may still take: MemAvailable, lowered by the memory limit of its
+    cgroup (v2: memory.max; v1: the memory controller's memory.limit_in_bytes)."""
+    avail = 1 << 62
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -91,34 +92,29 @@ def available_memory() -> int:
                     avail = int(line.split()[1]) * 1024
     except OSError:
         pass
-    limits = []
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        try:
-            limit = open(limit_file).read().strip()
-            usage = int(open(usage_file).read().strip())
-        except (OSError, ValueError):
-            continue
-        if limit.isdigit() and int(limit) < 1 << 60:
-            limits.append(max(0, int(limit) - usage))
-    own = _own_cgroup_limit()
-    if own is not None:
-        limits.append(own)
-    candidates = [x for x in [avail, *limits] if x is not None]
-    return min(candidates) if candidates else 1 << 62
+    room = _cgroup_room()
+    return avail if room is None else min(avail, room)
 
 
-def _own_cgroup_limit():
-    """The v1 memory cgroup this process is in (e.g. a benchmark's cap): limit - usage, else None."""
+def _cgroup_room():
+    """limit - usage of this process's memory cgroup, None when unlimited or unknown."""
     try:
         for line in open("/proc/self/cgroup"):
             _, controllers, path = line.strip().split(":", 2)
-            if "memory" in controllers.split(",") and path not in ("", "/"):
+            if controllers == "":  # v2
+                base, limit_f, usage_f = Path("/sys/fs/cgroup") / path.lstrip("/"), "memory.max", "memory.current"
+            elif "memory" in controllers.split(","):
                 base = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
-                limit = int((base / "memory.limit_in_bytes").read_text())
-                usage = int((base / "memory.usage_in_bytes").read_text())
-                return max(0, limit - usage) if limit < 1 << 60 else None
+                limit_f, usage_f = "memory.limit_in_bytes", "memory.usage_in_bytes"
+            else:
+                continue
+            try:
+                limit = (base / limit_f).read_text().strip()
+                usage = int((base / usage_f).read_text())
+            except OSError:
+                continue
+            if limit.isdigit() and int(limit) < 1 << 60:
+                return max(0, int(limit) - usage)
     except (OSError, ValueError):
         return None
     return None
