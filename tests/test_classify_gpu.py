@@ -263,3 +263,51 @@ def test_tensorrt_classify_caches_its_engine(conv_model, cifar_subset, tmp_path,
         assert len(rows) == 20
         assert trt.predict(batches(1, 40)[0]).shape == (40, 10)  # more than the profile: in chunks
     assert list((tmp_path / "cache" / "trt").rglob("*.engine"))
+
+
+def failing_model(path: Path) -> Path:
+    """A contract model that fails inside onnxruntime on every run (a Gather of logit column
+    10 of 10, out of bounds): what a run that cannot go on (e.g. out of GPU memory) looks
+    like. Only running it shows the error: loading the model succeeds."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from cnnx.runtime.contract import encode_metadata, metadata_props
+    from cnnx.runtime.preprocess import make_spec
+    from tests._runtime_util import CIFAR_MEAN, CIFAR_STD, CLASSES
+
+    inits = [helper.make_tensor("W", TensorProto.FLOAT, [3, 10], [0.01 * i for i in range(30)]),
+             helper.make_tensor("columns", TensorProto.INT64, [10], [*range(9), 10])]
+    nodes = [helper.make_node("Cast", ["images"], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceMean", ["f"], ["pooled"], axes=[2, 3], keepdims=0),
+             helper.make_node("MatMul", ["pooled", "W"], ["scores"]),
+             helper.make_node("Gather", ["scores", "columns"], ["logits"], axis=1)]
+    graph = helper.make_graph(nodes, "fails", [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", 3, 32, 32])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    meta = encode_metadata(class_names=CLASSES, preprocess=make_spec(32, CIFAR_MEAN, CIFAR_STD), arch="fails",
+                           version="test", checkpoint_sha256="0" * 64)
+    for k, v in metadata_props(meta).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.save(proto, str(path))
+    return path
+
+
+@pytest.mark.parametrize("io_binding", [False, True])
+def test_a_run_that_fails_inside_onnxruntime_is_one_line(io_binding, cifar_subset, tmp_path):
+    from cnnx.runtime import Classifier, ModelError
+
+    model = failing_model(tmp_path / "fails.onnx")
+    with Classifier(model, "cpu", batch_size=4, io_binding=io_binding) as clf:
+        with pytest.raises(ModelError) as err:
+            list(clf.classify([cifar_subset(1)]))
+    line = str(err.value)
+    assert "onnxruntime failed on a batch of 4 on CPUExecutionProvider" in line and "\n" not in line
+
+
+def test_cnnx_classify_says_a_failed_run_in_one_line(cifar_subset, tmp_path):
+    model = failing_model(tmp_path / "fails.onnx")
+    line = one_line(run_cli([cifar_subset(1), "--model", model, "--device", "cpu", "--batch-size", "4"]))
+    assert line.startswith(f"Error: {model}: onnxruntime failed on a batch of 4 on CPUExecutionProvider: ")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cnnx.runtime.binding import CUDA_DEVICES, BoundRunner
+from cnnx.runtime.binding import CUDA_DEVICES, BoundRunner, RunFailed
 from cnnx.runtime.cuda import TENSORRT_PROVIDER as TENSORRT
 from cnnx.runtime.discover import Discovery, PathKeys
 from cnnx.runtime.files import first_line
@@ -116,7 +116,13 @@ class Classifier:
         return self.batch_size if self.provider == TENSORRT else 1 << 62
 
     def _run(self, images):
-        return self.session.run([self.info.output_name], {self.info.input_name: images})[0]
+        try:
+            return self.session.run([self.info.output_name], {self.info.input_name: images})[0]
+        except Exception as e:  # onnxruntime's own exception types
+            raise self._run_failed(len(images), first_line(e)) from None
+
+    def _run_failed(self, n: int, error: str) -> ModelError:
+        return ModelError(f"{self.info.path}: onnxruntime failed on a batch of {n} on {self.provider}: {error}")
 
     def _check_rows(self, logits, n: int):
         want = (n, len(self.info.class_names))
@@ -184,7 +190,14 @@ class Classification:
         else:
             # A batch where no file decoded is not run (images_of -> None, logits None).
             images_of = lambda job: job[1].images if job[1].paths else None  # noqa: E731
-            for (items, batch), logits in clf.runner.run_in_order(batches, images_of):
+            runs = clf.runner.run_in_order(batches, images_of)
+            while True:
+                try:
+                    (items, batch), logits = next(runs)
+                except StopIteration:
+                    return
+                except RunFailed as e:
+                    raise clf._run_failed(clf.batch_size, str(e)) from None
                 if logits is not None:
                     clf._check_rows(logits, clf.batch_size)
                 yield self._rows_of(items, batch, logits)

@@ -28,7 +28,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from cnnx.runtime.files import first_line
+
 CUDA_DEVICES = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+class RunFailed(Exception):
+    """onnxruntime failed on a batch (out of GPU memory, an op that cannot run this input):
+    the first line of its error."""
 
 
 class HostBuffer:
@@ -112,9 +119,12 @@ class BoundSlot:
         self.binding.bind_output(output_name, "cpu")
 
     def run(self, session):
-        session.run_with_iobinding(self.binding)
-        self.binding.synchronize_outputs()
-        return self.binding.copy_outputs_to_cpu()[0]
+        try:
+            session.run_with_iobinding(self.binding)
+            self.binding.synchronize_outputs()
+            return self.binding.copy_outputs_to_cpu()[0]
+        except Exception as e:  # onnxruntime's own exception types
+            raise RunFailed(first_line(e)) from e
 
 
 class BoundRunner:

@@ -60,14 +60,15 @@ def find_newest_model(runs_dir="runs") -> Path:
     return newest
 
 
-def _session_options(ort, threads: int | None, quiet: bool):
+def _session_options(ort, threads: int | None):
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
     # Spinning worker threads would burn the cores the decoders need between batches.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if quiet:
-        so.log_severity_level = 4  # a CUDA provider that fails to load is expected under auto
+    # onnxruntime's own log lines (a CUDA provider that fails to load, expected under auto;
+    # a failed run) would duplicate the one line cnnx says (ModelError).
+    so.log_severity_level = 4
     return so
 
 
@@ -97,7 +98,7 @@ def open_model(path, device: str = "auto", *, threads: int | None = None, batch_
             # that is the expected CPU fallback, and under cuda/tensorrt we say it in one line below.
             ort.set_default_logger_severity(4)
             old_severity = 2
-        session = ort.InferenceSession(str(path), _session_options(ort, threads, want_gpu), providers=providers)
+        session = ort.InferenceSession(str(path), _session_options(ort, threads), providers=providers)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
         raise ModelError(f"cannot load model {path}: {first_line(e)}") from None
     finally:
