@@ -37,13 +37,14 @@ into parts of < 60 MB, each in its own ignored folder, and copies the CIFAR tarb
 
     python benchmarks/gpu_classify.py --prepare
 
-Then on the GPU machine, with the device tool (`run`), while it stays warm between calls
-(/tmp survives between runs on the same machine): five calls that park one part each,
+Then on the GPU machine, with the device tool (`run`), five calls back to back (the machine
+is given back after ~30 s idle; /tmp survives between calls on the same machine). Calls 1-4
+park one part each:
 
     run(command="mkdir -p /tmp/ortgpu && cp .ortgpu1/* /tmp/ortgpu/ && ls -la /tmp/ortgpu",
         carry=[".ortgpu1"], timeout_s=120)            # then .ortgpu2, .ortgpu3, .ortgpu4
 
-and the last one carries the last part and the CIFAR tarball, and measures:
+and call 5 carries the last part, the CIFAR tarball and the small wheels, and measures:
 
     run(command="mkdir -p /tmp/ortgpu && cp .ortgpu5/* /tmp/ortgpu/ && "
                 "python3 benchmarks/gpu_classify.py --wheel-parts /tmp/ortgpu --wheels .data/wheels "
