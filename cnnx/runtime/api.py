@@ -184,23 +184,28 @@ class Classification:
     def _run(self):
         clf = self.classifier
         batches = decoded_batches(batched(self._todo(), clf.batch_size), clf.info.spec, clf.config)
-        if clf.runner is None:
-            for items, batch in batches:
-                yield self._rows_of(items, batch, self._logits(batch))
-        else:
-            # A batch where no file decoded is not run (images_of -> None, logits None).
-            images_of = lambda job: job[1].images if job[1].paths else None  # noqa: E731
-            runs = clf.runner.run_in_order(batches, images_of)
-            while True:
-                try:
-                    (items, batch), logits = next(runs)
-                except StopIteration:
-                    return
-                except RunFailed as e:
-                    raise clf._run_failed(clf.batch_size, str(e)) from None
-                if logits is not None:
-                    clf._check_rows(logits, clf.batch_size)
-                yield self._rows_of(items, batch, logits)
+        return self._plain(batches) if clf.runner is None else self._bound(batches)
+
+    def _plain(self, batches):
+        """The CPU loop: one session.run per batch, in this thread."""
+        for items, batch in batches:
+            yield self._rows_of(items, batch, self._logits(batch))
+
+    def _bound(self, batches):
+        """The GPU path: IOBinding, two batches in flight (cnnx.runtime.binding). A batch where
+        no file decoded is not run (images_of -> None, logits None)."""
+        clf = self.classifier
+        runs = clf.runner.run_in_order(batches, lambda job: job[1].images if job[1].paths else None)
+        while True:
+            try:
+                (items, batch), logits = next(runs)
+            except StopIteration:
+                return
+            except RunFailed as e:
+                raise clf._run_failed(clf.batch_size, str(e)) from None
+            if logits is not None:
+                clf._check_rows(logits, clf.batch_size)
+            yield self._rows_of(items, batch, logits)
 
     def _todo(self):
         for item in self.discovery:
