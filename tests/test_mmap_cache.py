@@ -95,3 +95,23 @@ def test_a_build_killed_half_way_is_never_read_back(tmp_path):
     rows, meta = build_disk_cache(folder, 4, (8, 8), lambda out: (2, None), lambda extra: {"labels": [0, 1]})
     assert rows.shape == (2, 3, 8, 8) and meta["labels"] == [0, 1]
     assert read_disk_cache(folder)[1]["shape"] == [2, 3, 8, 8]
+
+
+def test_torchrun_two_ranks_read_the_disk_cache_and_switch_freezing(cifar_subset, tmp_path):
+    """Each rank maps the cache rank 0 built and reads its shard's rows; DDP is rebuilt when
+    the backbone unfreezes (its hooks follow requires_grad)."""
+    import os
+    import sys
+
+    data = cifar_subset(12)
+    r = run_cli(seed_args(data, tmp_path / "runs", "pre", tmp_path / "c", "--epochs", "1", "--batch-size", "32"))
+    assert r.exit_code == 0, r.stderr
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "cnnx",
+           *[str(a) for a in seed_args(cifar_subset(6, classes=["cat", "dog"]), tmp_path / "runs", "ddp",
+                                       tmp_path / "c", "--weights", tmp_path / "runs" / "pre" / "best.pt",
+                                       "--epochs", "2", "--freeze-backbone-epochs", "1", "--batch-size", "4",
+                                       "--threads", "1", "--cache", "disk")]]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "backbone unfrozen" in p.stderr and "cpu x2" in p.stderr
+    assert load_checkpoint(tmp_path / "runs" / "ddp" / "last.pt")["epoch"] == 2
