@@ -298,3 +298,19 @@ def test_compile_warmup_leaves_the_model_as_it_was():
     assert seconds > 0
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # BN statistics put back
     assert all(p.grad is None for p in net.parameters())
+
+
+def test_frozen_parameters_stay_frozen_through_an_epoch(cifar_subset, tmp_path):
+    """Frozen BN scales get no step, also without Muon or whitening (the plain parameter list would
+    hold them, and the fine-tuning backbone toggle used to wake them at every epoch)."""
+    from cnnx.train.config import resolve_config
+    from cnnx.train.run import fit
+
+    cfg = resolve_config("airnet", data=str(cifar_subset(20)), cache_dir=str(tmp_path / "c"), device="cpu", epochs=1,
+                         batch_size=64, bn_scale_frozen=True, workers=1,
+                         arch_kwargs={"widths": (8, 16, 16)})
+    (tmp_path / "run").mkdir()
+    fit(cfg, tmp_path / "run", progress=False)
+    sd = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["state_dict"]
+    bn_weights = [v for k, v in sd.items() if k.endswith(".weight") and v.ndim == 1]
+    assert bn_weights and all(torch.equal(w, torch.ones_like(w)) for w in bn_weights)

@@ -79,4 +79,4 @@ def compile_warmup(train_model, net: nn.Module, images, labels, *, batch: int, d
 def wants_role_groups(cfg: TrainConfig) -> bool:
     """Whether the optimizer needs optim.param_groups' role-based groups (otherwise one list of
     parameters, which keeps older runs' optimizer states resumable)."""
-    return cfg.optimizer == "muon" or cfg.whiten or cfg.bn_bias_lr != 1.0
+    return cfg.optimizer == "muon" or cfg.whiten or cfg.bn_bias_lr != 1.0 or cfg.bn_scale_frozen

@@ -496,7 +496,9 @@ def train_epoch(run: Run, state: State, epoch: int):
     """One pass over the training split; returns (metrics, seconds) and advances state.step."""
     torch.manual_seed(run.cfg.seed * 7919 + epoch)  # dropout etc.: a resumed epoch draws the same
     frozen = epoch < run.cfg.freeze_backbone_epochs
-    if finetune.set_backbone_frozen(run.net, run.head, frozen) and run.d.world > 1:
+    # Only a run that freezes its backbone toggles it: unfreezing would also wake the parameters frozen for
+    # good (whitening filters, frozen BN scales), and a flipped requires_grad recompiles a compiled model.
+    if run.cfg.freeze_backbone_epochs and finetune.set_backbone_frozen(run.net, run.head, frozen) and run.d.world > 1:
         run.train_model = _training_module(run.wrapped, run.cfg, run.d, run.device)  # DDP hooks follow requires_grad
     if frozen != run.frozen:
         say(f"epoch {epoch + 1}: backbone {'frozen' if frozen else 'unfrozen'}", run.d)
