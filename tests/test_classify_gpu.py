@@ -120,7 +120,8 @@ def test_pinned_buffers_fall_back_to_pageable_memory_without_a_gpu():
 def test_classify_rows_are_the_same_with_two_batches_in_flight(conv_model, cifar_subset, tmp_path):
     from cnnx.runtime import Classifier
 
-    folder = cifar_subset(3)  # 30 files: 8 batches of 4, the last one padded
+    folder = tmp_path / "images"  # a copy: the session's cifar_subset folders are shared by other tests
+    shutil.copytree(cifar_subset(3), folder)  # 30 files + 1 broken: 8 batches of 4, the last one padded
     (folder / "cat" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     with Classifier(conv_model, "cpu", batch_size=4, topk=3) as plain:
         assert plain.runner is None and plain.host_memory is None  # the CPU keeps its loop
