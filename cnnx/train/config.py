@@ -1,7 +1,8 @@
 """The hyperparameters of `cnnx train`: one frozen dataclass of defaults (units beside each
 value) and one dict of per-arch recipes that override them. Resolution order:
-TrainConfig defaults < RECIPES[arch] < FINETUNE_RECIPES[arch] (only when starting from weights)
-< what the user passed on the command line.
+TrainConfig defaults < RECIPES[arch] < GPU_RECIPES[arch] (only when the device resolves to CUDA,
+and not when fine-tuning) < FINETUNE_RECIPES[arch] (only when starting from weights) < what the
+user passed on the command line. config.json's `recipe` names the recipes that were applied.
 
 To change a recipe, edit RECIPES only; the CLI, checkpoints and config.json follow.
 """
