@@ -7,6 +7,7 @@ TensorRT provider options. Tests that need CUDA or TensorRT skip without them.""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
