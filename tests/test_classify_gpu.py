@@ -222,11 +222,14 @@ def test_tensorrt_options_cache_engines_by_model_gpu_and_batch(conv_model, tmp_p
 
 
 def test_cache_root_follows_cnnx_cache_then_xdg(tmp_path, monkeypatch):
+    from cnnx.runtime import files
+
+    assert files.cache_root(tmp_path / "explicit") == tmp_path / "explicit"
     monkeypatch.delenv("CNNX_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert cuda.cache_root() == tmp_path / "xdg" / "cnnx"
+    assert files.cache_root() == tmp_path / "xdg" / "cnnx"
     monkeypatch.setenv("CNNX_CACHE", str(tmp_path / "mine"))
-    assert cuda.cache_root() == tmp_path / "mine"
+    assert files.cache_root() == tmp_path / "mine"
 
 
 def test_missing_tensorrt_libraries_are_named(monkeypatch):

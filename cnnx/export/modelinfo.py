@@ -8,7 +8,8 @@ import json
 import os
 import zipfile
 
-from cnnx.runtime.contract import EXTRA_FILE, cuda_driver_present
+from cnnx.runtime import cuda
+from cnnx.runtime.contract import EXTRA_FILE
 from cnnx.runtime.files import first_line
 
 # cnnx writes a few KiB of metadata; a member claiming more is not one of its models (and a
@@ -41,12 +42,17 @@ def _providers(path) -> dict:
         if p == "CPUExecutionProvider":
             result[p] = "yes"
             continue
+        if p == cuda.TENSORRT_PROVIDER:
+            status = cuda.diagnose_tensorrt()
+            # A TensorRT session builds its engine when created (minutes): diagnosed, not probed.
+            result[p] = "libraries load; engine built on first use" if status.usable else f"no ({status.reason})"
+            continue
         if p != "CUDAExecutionProvider":
-            # TensorRT and friends build engines when a session is created: minutes, not a probe.
             result[p] = "available, not checked"
             continue
-        if not cuda_driver_present():
-            result[p] = "no (no CUDA driver on this machine)"
+        status = cuda.diagnose()
+        if not status.usable:
+            result[p] = f"no ({status.reason})"
             continue
         try:
             opts = ort.SessionOptions()

@@ -16,7 +16,7 @@ import numpy as np
 
 from cnnx.export.errors import ExportError
 from cnnx.export.parity import Backend
-from cnnx.runtime.contract import CPU_PROVIDER, CUDA_PROVIDER, INPUT_NAME, cuda_driver_present
+from cnnx.runtime.contract import CPU_PROVIDER, CUDA_PROVIDER, INPUT_NAME
 from cnnx.runtime.files import first_line, is_disk_full
 
 # Output file per artifact; `cnnx classify` looks for model.onnx.
@@ -69,38 +69,53 @@ class Writer:
     backends: Callable[[Job, object], list]  # parity backends that run the written artifact
 
 
-def _ort_session(path, provider):
+# The largest batch the parity gate sends at once (real images go in chunks of this size):
+# the TensorRT engine's shape profile must cover it.
+PARITY_MAX_BATCH = 256
+
+
+def _ort_session(path, providers):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3 if provider == CPU_PROVIDER else 4  # a CUDA probe that fails is not news
-    if provider == CUDA_PROVIDER:
-        # TF32 would make CUDA disagree with eager fp32 by far more than the 1e-4 bound.
-        providers = [(CUDA_PROVIDER, {"use_tf32": 0}), CPU_PROVIDER]
-    else:
-        providers = [provider]
+    opts.log_severity_level = 3 if providers == [CPU_PROVIDER] else 4  # a GPU probe that fails is not news
     return ort.InferenceSession(os.fspath(path), opts, providers=providers)
 
 
-def _cuda_usable() -> bool:
-    """onnxruntime-gpu lists its CUDA provider even where no driver loads (and then only logs
-    errors): the one CUDA probe of the contract decides."""
-    import onnxruntime as ort
+def _gpu_providers(path, variant: str) -> list:
+    """(backend name, provider list) of the GPU providers that can run here, per
+    cnnx.runtime.cuda's diagnosis. TF32 off on CUDA: it would make CUDA disagree with eager
+    fp32 by far more than the 1e-4 bound. TensorRT with the engine cache and shape profile
+    `cnnx classify --device tensorrt` uses, so the gate checks the engine users will run."""
+    from cnnx.runtime import cuda
 
-    return CUDA_PROVIDER in ort.get_available_providers() and cuda_driver_present()
+    if variant == "int8" or not cuda.diagnose().usable:
+        return []
+    cuda_ep = (CUDA_PROVIDER, {"use_tf32": 0})
+    out = [("onnxruntime-cuda", [cuda_ep, CPU_PROVIDER])]
+    if cuda.diagnose_tensorrt().usable:
+        from cnnx.runtime.contract import parse_metadata
+
+        import onnx
+
+        meta = parse_metadata({p.key: p.value for p in onnx.load(os.fspath(path), load_external_data=False).metadata_props})
+        trt = (cuda.TENSORRT_PROVIDER, cuda.tensorrt_options(path, PARITY_MAX_BATCH, meta.spec["size"]))
+        out.append(("onnxruntime-tensorrt", [trt, cuda_ep, CPU_PROVIDER]))
+    return out
 
 
 def onnx_backends(path, variant: str, label: str) -> list:
-    """onnxruntime CPU always; CUDA too when a session really runs on it here."""
-    cpu = _ort_session(path, CPU_PROVIDER)
+    """onnxruntime CPU always; CUDA and TensorRT too when a session really runs on them here."""
+    cpu = _ort_session(path, [CPU_PROVIDER])
     out = [Backend(f"onnxruntime-cpu{label}", variant, lambda x, s=cpu: s.run(None, {INPUT_NAME: x})[0])]
-    if variant != "int8" and _cuda_usable():
+    for name, providers in _gpu_providers(path, variant):
+        first = providers[0][0]
         try:
-            cuda = _ort_session(path, CUDA_PROVIDER)
-        except Exception:  # noqa: BLE001 - provider present but unusable (no GPU): CPU only
-            cuda = None
-        if cuda is not None and cuda.get_providers()[0] == CUDA_PROVIDER:
-            out.append(Backend(f"onnxruntime-cuda{label}", variant, lambda x, s=cuda: s.run(None, {INPUT_NAME: x})[0]))
+            session = _ort_session(path, providers)
+        except Exception:  # noqa: BLE001 - diagnosed usable but the session failed: not this backend
+            continue
+        if session.get_providers()[0] == first:  # never a silent fallback counted as the GPU
+            out.append(Backend(f"{name}{label}", variant, lambda x, s=session: s.run(None, {INPUT_NAME: x})[0]))
     return out
 
 

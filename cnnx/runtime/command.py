@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import click
 
+from cnnx.runtime.contract import INFERENCE_DEVICES
+
 
 def _default_errors_path(output: str):
     if output == "-":
@@ -79,7 +81,7 @@ class _Tally:
                    "measured choice; on CUDA it is kept until benchmarks/gpu_classify.py has measured one.")
 @click.option("--workers", type=click.IntRange(0, 256), default=0, show_default=True,
               help="Decode threads; 0 = one per CPU core.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True,
+@click.option("--device", type=click.Choice(INFERENCE_DEVICES), default="auto", show_default=True,
               help="auto: CUDA when onnxruntime's CUDA provider loads, else CPU. cuda: CUDA or a one-line "
                    "error naming the cause. tensorrt: onnxruntime's TensorRT provider (TensorRT 10; engines "
                    "cached under $CNNX_CACHE/trt) or an error.")

@@ -29,7 +29,8 @@ KEY_INPUTS = "cnnx.inputs"  # the signature, for readers without the framework (
 KEY_OUTPUTS = "cnnx.outputs"
 REQUIRED_KEYS = (KEY_CLASS_NAMES, KEY_PREPROCESS)
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda")  # where cnnx trains and runs models
+INFERENCE_DEVICES = (*DEVICES, "tensorrt")  # runtime only: onnxruntime's TensorRT provider (optional)
 CPU_PROVIDER, CUDA_PROVIDER = "CPUExecutionProvider", "CUDAExecutionProvider"
 
 # The largest input side a model may ask for: 4096x4096x3 uint8 is 48 MiB an image, already

@@ -20,9 +20,9 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from cnnx.runtime.contract import CUDA_PROVIDER, cuda_driver_present
+from cnnx.runtime.files import cache_root
 
 INSTALL_HINT = "pip install 'cnnx[gpu]'"
 # Distributions that install the `onnxruntime` package folder; two of them at once clash.
@@ -194,14 +194,6 @@ def diagnose_tensorrt(*, dist_path=None) -> CudaStatus:
     if missing is not None:
         return CudaStatus(False, f"TensorRT 10 library {missing} cannot be loaded: {TENSORRT_HINT}")
     return CudaStatus(True, f"TensorRT 10 libraries loaded; {status.reason}")
-
-
-def cache_root() -> Path:
-    """cnnx's cache folder: $CNNX_CACHE, else $XDG_CACHE_HOME/cnnx, else ~/.cache/cnnx."""
-    if os.environ.get("CNNX_CACHE"):
-        return Path(os.environ["CNNX_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "cnnx"
 
 
 def gpu_identity(device_id: int = 0) -> str | None:

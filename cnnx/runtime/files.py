@@ -18,6 +18,19 @@ import tempfile
 TEMP_PREFIX = ".cnnx-tmp-"
 
 
+def cache_root(explicit=None):
+    """cnnx's cache folder: `explicit` (--cache-dir), else $CNNX_CACHE, else
+    $XDG_CACHE_HOME/cnnx, else ~/.cache/cnnx."""
+    from pathlib import Path
+
+    if explicit:
+        return Path(explicit).expanduser()
+    if os.environ.get("CNNX_CACHE"):
+        return Path(os.environ["CNNX_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cnnx"
+
+
 def first_line(error, limit: int = 300) -> str:
     """The first non-empty line of an exception's message (or of a string), at most `limit`
     characters; the exception's type name when it has no message."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnx.runtime.contract import (CPU_PROVIDER as CPU, CUDA_PROVIDER as CUDA, DEVICES, ContractError,
+from cnnx.runtime.contract import (CPU_PROVIDER as CPU, CUDA_PROVIDER as CUDA, INFERENCE_DEVICES, ContractError,
                                    check_signature, cuda_driver_present, parse_metadata)
 from cnnx.runtime import cuda
 from cnnx.runtime.cuda import TENSORRT_PROVIDER as TENSORRT
@@ -72,8 +72,6 @@ def _session_options(ort, threads: int | None):
     return so
 
 
-# The devices the runtime opens models on: contract.DEVICES and TensorRT (optional provider).
-RUNTIME_DEVICES = tuple(dict.fromkeys((*DEVICES, "tensorrt")))
 
 
 def open_model(path, device: str = "auto", *, threads: int | None = None, batch_size: int | None = None):
@@ -84,8 +82,8 @@ def open_model(path, device: str = "auto", *, threads: int | None = None, batch_
     reduced by the pipeline's memory budget, the batch classify runs)."""
     import onnxruntime as ort
 
-    if device not in RUNTIME_DEVICES:
-        raise ModelError(f"unknown device {device!r}; known: {', '.join(RUNTIME_DEVICES)}")
+    if device not in INFERENCE_DEVICES:
+        raise ModelError(f"unknown device {device!r}; known: {', '.join(INFERENCE_DEVICES)}")
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model not found: {path}")
