@@ -314,3 +314,19 @@ def test_frozen_parameters_stay_frozen_through_an_epoch(cifar_subset, tmp_path):
     sd = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["state_dict"]
     bn_weights = [v for k, v in sd.items() if k.endswith(".weight") and v.ndim == 1]
     assert bn_weights and all(torch.equal(w, torch.ones_like(w)) for w in bn_weights)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the GPU recipe's compiled path)")
+def test_gpu_recipe_trains_compiled_on_cuda(cifar_subset, tmp_path):
+    from cnnx.train.config import resolve_config
+    from cnnx.train.run import fit
+
+    cfg = resolve_config("airnet", cuda=True, data=str(cifar_subset(100)), cache_dir=str(tmp_path / "c"),
+                         device="cuda", epochs=2, batch_size=200, whiten_images=500)
+    assert cfg.recipe == "airnet+gpu" and cfg.compile and cfg.optimizer == "muon"
+    (tmp_path / "run").mkdir()
+    summary = fit(cfg, tmp_path / "run", progress=False)
+    assert summary["compile_seconds"] > 0 and summary["whiten_seconds"] > 0
+    assert summary["best_val_top1"] > 0.15  # 10 classes: better than chance after 2 short epochs
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert best["arch_kwargs"]["tta"] == 6 and best["config"]["recipe"] == "airnet+gpu"
