@@ -19,7 +19,14 @@ Next GPU session (device tool), from the repository root, one call:
         carry=[".data"], timeout_s=540)
 
 (`--seeds 5` is the default; the script stops starting seeds when the next one would not end
-within --budget-s, 450 s by default, and says so.) On the CPU, end to end in a minute or two:
+within --budget-s, 450 s by default, and says so.) If device time is left, the CUDA test of the
+recipe's compiled path (its fixture looks for the tarball in ../shared/datasets):
+
+    run(command="mkdir -p ../shared/datasets && cp .data/cifar10-train.tar.gz ../shared/datasets/ && "
+                "PYTHONPATH=. python3 -m pytest -q tests/test_frontier.py -k compiled_on_cuda", carry=[".data"],
+        timeout_s=300)
+
+On the CPU, end to end in a minute or two:
 
     python benchmarks/gpu_train.py --data /work/shared/datasets/cifar10-train.tar.gz --out /tmp/gt --smoke
 """
