@@ -86,7 +86,7 @@ def child(a):
             done.wait(0.02)
 
     threading.Thread(target=sample, daemon=True).start()
-    cfg = resolve_config("airnet", arch_kwargs=TINY_AIRNET, data=a.data, cache_dir=a.cache, cache=a.cache_mode,
+    cfg = resolve_config("airnet", arch_kwargs=TINY_AIRNET, data=a.data, image_size=a.side, cache_dir=a.cache, cache=a.cache_mode,
                          epochs=a.epochs, batch_size=128, eval_batch_size=128, lr=0.2, threads=2, workers=2,
                          aug=("flip",), bf16=False, channels_last=False)
     run_dir = Path(a.out)
@@ -99,7 +99,7 @@ def child(a):
                       "summary": history}), flush=True)
 
 
-def run_child(data, cache, out, cache_mode, epochs, limit_bytes=None) -> dict:
+def run_child(data, cache, out, cache_mode, epochs, side, limit_bytes=None) -> dict:
     """A child process (in a fresh memory cgroup of limit_bytes when given); its JSON line and
     the epoch seconds from its metrics.csv."""
     import csv
@@ -115,7 +115,7 @@ def run_child(data, cache, out, cache_mode, epochs, limit_bytes=None) -> dict:
             (group / "cgroup.procs").write_text(str(os.getpid()))
 
     cmd = [sys.executable, __file__, "--child", "--data", str(data), "--cache", str(cache), "--out", str(out),
-           "--cache-mode", cache_mode, "--epochs", str(epochs)]
+           "--cache-mode", cache_mode, "--epochs", str(epochs), "--side", str(side)]
     try:
         p = subprocess.run(cmd, preexec_fn=enter, capture_output=True, text=True)
         max_usage = int((group / "memory.max_usage_in_bytes").read_text()) if group else None
@@ -143,8 +143,8 @@ def beyond_memory(a, src, work) -> dict:
     limit = a.limit_mib * 2**20
     big = make_folder(src, work / "big", a.images, a.side, 2)
     small = make_folder(src, work / "small", a.images // 10, a.side, 2)
-    r_small = run_child(small, work / "cache-small", work / "run-small", "disk", 1, limit)
-    r_big = run_child(big, work / "cache-big", work / "run-big", "disk", 1, limit)
+    r_small = run_child(small, work / "cache-small", work / "run-small", "disk", 1, a.side, limit)
+    r_big = run_child(big, work / "cache-big", work / "run-big", "disk", 1, a.side, limit)
     decoded = cache_bytes(work / "cache-big")
     ratio = r_big["peak_anon_bytes"] / r_small["peak_anon_bytes"]
     return {"images_big": a.images, "images_small": a.images // 10, "side": a.side, "memory_limit_bytes": limit,
@@ -156,8 +156,8 @@ def beyond_memory(a, src, work) -> dict:
 def speed(a, src, work) -> dict:
     folder = work / "small" if (work / "small").exists() else make_folder(src, work / "small", a.images // 10,
                                                                          a.side, 2)
-    mem = run_child(folder, work / "cache-speed", work / "run-mem", "memory", 2)
-    disk = run_child(folder, work / "cache-speed", work / "run-disk", "disk", 2)
+    mem = run_child(folder, work / "cache-speed", work / "run-mem", "memory", 2, a.side)
+    disk = run_child(folder, work / "cache-speed", work / "run-disk", "disk", 2, a.side)
     n = mem["train_images"]
     ips_mem, ips_disk = n / mem["epoch_seconds"][-1], n / disk["epoch_seconds"][-1]
     return {"images": n, "epoch2_img_per_s_memory": round(ips_mem, 1), "epoch2_img_per_s_disk": round(ips_disk, 1),
