@@ -143,18 +143,26 @@ def _decode_chunk(paths, spec, out):
     return idx, errors
 
 
-def _decode_worker(conn, jobs, spec):
+def _decode_worker(conn, jobs, spec, mapped=None):
     """A decode process: for each (job number, paths) send a header (job, indices, errors)
-    and then the decoded rows as raw bytes, over this worker's own pipe."""
+    and then the decoded rows as raw bytes, over this worker's own pipe. With `mapped`
+    ((file, shape, chunk) of the disk cache) it decodes straight into the file's mapping at
+    job j's rows instead, and sends only the header: no copy through the pipe and the parent."""
     import signal
 
     import numpy as np
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends us
     h, w = spec["size"]
-    buf = np.empty((max((len(p) for _, p in jobs), default=0), 3, h, w), dtype=np.uint8)
+    if mapped is None:
+        buf = np.empty((max((len(p) for _, p in jobs), default=0), 3, h, w), dtype=np.uint8)
+    else:
+        mm = np.memmap(mapped[0], dtype=np.uint8, mode="r+", shape=mapped[1])
     try:
         for j, paths in jobs:
+            if mapped is not None:
+                conn.send((j, *_decode_chunk(paths, spec, mm[j * mapped[2]:])))
+                continue
             idx, errors = _decode_chunk(paths, spec, buf)
             conn.send((j, idx, errors))
             conn.send_bytes(memoryview(buf[:len(idx)]).cast("B"))
@@ -218,6 +226,8 @@ def _decode_all(paths, spec, *, workers, progress, out=None):
     jobs = [(j, paths[i:i + chunk]) for j, i in enumerate(range(0, n, chunk))]
     if out is None:
         out = np.empty((n, 3, h, w), dtype=np.uint8)  # job j's decoded rows land at its start, packed
+    # A disk cache's file: workers write their rows into it themselves (fork shares no mapping, so by name).
+    mapped = (out.filename, out.shape, chunk) if isinstance(out, np.memmap) and out.filename else None
     kept_by_job, errors_by_job = {}, {}
     bar = tqdm(total=n, desc="decoding images", unit="img", file=sys.stderr, disable=not progress, leave=False)
     workers = min(workers, len(jobs))
@@ -233,7 +243,7 @@ def _decode_all(paths, spec, *, workers, progress, out=None):
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
             for k in range(workers):
                 reader, writer = ctx.Pipe(duplex=False)
-                proc = ctx.Process(target=_decode_worker, args=(writer, jobs[k::workers], spec), daemon=True)
+                proc = ctx.Process(target=_decode_worker, args=(writer, jobs[k::workers], spec, mapped), daemon=True)
                 proc.start()
                 writer.close()  # the worker holds the only write end: its death is EOF here
                 procs[reader] = (proc, len(jobs[k::workers]))
@@ -247,7 +257,8 @@ def _decode_all(paths, spec, *, workers, progress, out=None):
                             raise DataError(f"a decode worker process failed: {header[1]}")
                         j, idx, errors = header
                         start = j * chunk
-                        reader.recv_bytes_into(memoryview(out[start:start + len(idx)]).cast("B"))
+                        if mapped is None:
+                            reader.recv_bytes_into(memoryview(out[start:start + len(idx)]).cast("B"))
                     except (EOFError, OSError, mp.BufferTooShort):
                         raise _WorkerDied(_worker_death(proc, n, spec)) from None
                     kept_by_job[j], errors_by_job[j] = idx, errors
