@@ -59,17 +59,24 @@ def _artifacts(formats, fp16: bool, int8: bool) -> list:
     return [name for name in WRITERS if name in wanted]
 
 
-def _load(checkpoint_path: Path):
-    """(checkpoint dict, uint8-input module, the file's sha256); ExportError for a bad checkpoint."""
+def _load(checkpoint_path: Path, tta: int | None):
+    """(checkpoint dict, uint8-input module, the file's sha256); ExportError for a bad checkpoint
+    or a view count the arch cannot run. tta: test-time views the exported model runs per image
+    (None: the checkpoint's own)."""
     from cnnx.export.metadata import file_sha256
     from cnnx.train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-    from cnnx.train.zoo import Uint8Input
+    from cnnx.train.zoo import Uint8Input, set_tta_views
 
     try:
         ckpt = load_checkpoint(checkpoint_path)
         model = model_from_checkpoint(ckpt)
     except CheckpointError as e:
         raise ExportError(str(e)) from None
+    if tta is not None:
+        try:
+            set_tta_views(model, tta)
+        except ValueError as e:
+            raise ExportError(f"--tta {tta}: {e}") from None
     spec = ckpt["preprocess"]
     return ckpt, Uint8Input(model, spec["mean"], spec["std"]).eval(), file_sha256(checkpoint_path)
 
@@ -98,7 +105,7 @@ def _parity_images(ckpt, sha256, verify_data, int8: bool, limit: int, say, notes
 def _gate(job, backends, real, batch_sizes, progress: bool, notes: list, checkpoint_path: Path):
     """Run the parity gate and write parity.json into the staging folder; ParityError when a
     bound is broken (the staging folder is then discarded with it)."""
-    job.say("running the parity gate ...")
+    job.say(f"running the parity gate ({job.tta_views} test-time view(s) per image) ...")
     report = run_parity(torch_runner(job.module), backends, real=real, size=job.ckpt["preprocess"]["size"],
                         batch_sizes=batch_sizes, progress=progress, notes=notes)
     doc = {
@@ -108,6 +115,7 @@ def _gate(job, backends, real, batch_sizes, progress: bool, notes: list, checkpo
         "files": {k: FILENAMES[k] for k in job.paths},
         "export_seconds": job.seconds,
         "opset": job.opset,
+        "tta_views": job.tta_views,
         **report.to_json(),
     }
     try:
@@ -128,7 +136,8 @@ def _gate(job, backends, real, batch_sizes, progress: bool, notes: list, checkpo
 
 def export_checkpoint(checkpoint_path, out_dir=None, formats=("onnx",), *, opset=None, verify_data=None,
                       fp16=False, int8=False, progress=False, parity_images: int = DEFAULT_PARITY_IMAGES,
-                      random_batch_sizes=None, log: Callable[[str], None] | None = None) -> ExportResult:
+                      random_batch_sizes=None, log: Callable[[str], None] | None = None,
+                      tta: int | None = None) -> ExportResult:
     """Export a cnnx checkpoint and gate it on parity with eager PyTorch.
 
     formats: names from FORMATS or "all"; fp16/int8 add ONNX variants. verify_data: a folder
@@ -138,7 +147,9 @@ def export_checkpoint(checkpoint_path, out_dir=None, formats=("onnx",), *, opset
     so; a checkpoint from anyone else is gated on random inputs only (int8 then needs
     verify_data): the paths stored in it are never read, and never decide where anything is
     written. parity_images caps the real images (fewer for the big torchvision models in
-    tests; the bounds never change). out_dir (default export/ beside the checkpoint) must be
+    tests; the bounds never change). tta: test-time views per image the exported models run
+    (cnnx.train.zoo.TTA_VIEWS; None keeps the checkpoint's), written to their metadata and
+    parity.json: the cost of views is a choice made here, never hidden. out_dir (default export/ beside the checkpoint) must be
     new, empty or a previous export. Raises ExportError (ParityError when a bound is broken);
     on failure the output folder is as it was.
     """
@@ -146,7 +157,7 @@ def export_checkpoint(checkpoint_path, out_dir=None, formats=("onnx",), *, opset
     artifacts = _artifacts(resolve_formats(formats, fp16=fp16, int8=int8), fp16, int8)
     opset = check_opset(opset)
     checkpoint_path = Path(checkpoint_path)
-    ckpt, module, sha256 = _load(checkpoint_path)
+    ckpt, module, sha256 = _load(checkpoint_path, tta)
     shown = Path(out_dir) if out_dir is not None else checkpoint_path.parent / "export"  # as the user wrote it
     target = resolve_out_dir(shown, EXPORT_FILES)
     staging, created = make_staging(target)

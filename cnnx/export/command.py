@@ -32,7 +32,10 @@ def newest_checkpoint(root: Path = Path("runs")) -> Path:
 @click.option("--int8", is_flag=True, help="Also write a statically quantised int8 ONNX variant for the CPU.")
 @click.option("--parity-images", type=click.IntRange(min=1), default=DEFAULT_PARITY_IMAGES, show_default=True,
               help="At most this many real images in the parity gate.")
-def export(checkpoint, formats, out_dir, opset, verify_data, fp16, int8, parity_images):
+@click.option("--tta", type=click.Choice(["1", "2", "6"]),
+              help="Test-time views per image in the exported model: 1 none, 2 + mirror, 6 mirror x 1-px "
+                   "shifts (archs with views, e.g. airnet) [default: the checkpoint's]. Each view costs a forward pass.")
+def export(checkpoint, formats, out_dir, opset, verify_data, fp16, int8, parity_images, tta):
     """Export CHECKPOINT (default: the newest runs/*/best.pt) behind a parity gate.
 
     Every export is compared with eager PyTorch on real and random images; a broken bound
@@ -54,7 +57,7 @@ def export(checkpoint, formats, out_dir, opset, verify_data, fp16, int8, parity_
     try:
         result = export_checkpoint(checkpoint, out_dir, formats, opset=opset, verify_data=verify_data, fp16=fp16,
                                    int8=int8, progress=True, parity_images=parity_images,
-                                   log=lambda msg: click.echo(msg, err=True))
+                                   log=lambda msg: click.echo(msg, err=True), tta=None if tta is None else int(tta))
     except ParityError as e:
         click.echo(e.report.table(), err=True)
         raise click.ClickException(str(e)) from None

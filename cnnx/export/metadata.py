@@ -19,10 +19,11 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
-def model_metadata(ckpt: dict, checkpoint_sha256: str, variant: str = "fp32") -> dict:
+def model_metadata(ckpt: dict, checkpoint_sha256: str, variant: str = "fp32", tta_views: int = 1) -> dict:
     """Plain-JSON metadata of an exported model; keys are the ONNX metadata_props names."""
     return encode_metadata(class_names=ckpt["class_names"], preprocess=ckpt["preprocess"], arch=ckpt["arch"],
-                           version=__version__, checkpoint_sha256=checkpoint_sha256, variant=variant)
+                           version=__version__, checkpoint_sha256=checkpoint_sha256, variant=variant,
+                           tta_views=tta_views)
 
 
 def extra_file_bytes(meta: dict) -> bytes:

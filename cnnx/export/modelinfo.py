@@ -9,7 +9,7 @@ import os
 import zipfile
 
 from cnnx.runtime import cuda
-from cnnx.runtime.contract import EXTRA_FILE
+from cnnx.runtime.contract import EXTRA_FILE, KEY_TTA_VIEWS
 from cnnx.runtime.files import first_line
 
 # cnnx writes a few KiB of metadata; a member claiming more is not one of its models (and a
@@ -87,6 +87,7 @@ def describe_onnx(path) -> dict:
         info["opset"] = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     except Exception:  # noqa: BLE001 - optional detail
         pass
+    info["tta_views"] = _views(info["metadata"])
     info["providers"] = _providers(path)
     return info
 
@@ -126,6 +127,7 @@ def describe_archive(path) -> dict:
     return {"path": os.fspath(path), "format": fmt, "inputs": meta.get("cnnx.inputs", []),
             "outputs": meta.get("cnnx.outputs", []),
             "metadata": {k: v for k, v in sorted(meta.items()) if k not in ("cnnx.inputs", "cnnx.outputs")},
+            "tta_views": _views(meta),
             "providers": {"onnxruntime": f"no: a {fmt} model runs in PyTorch ({loader})"}}
 
 
@@ -138,12 +140,19 @@ def describe(path) -> dict:
     return describe_onnx(path)
 
 
+def _views(metadata: dict) -> int:
+    """Test-time views per image the model runs (cnnx.tta_views; models without it run 1)."""
+    v = metadata.get(KEY_TTA_VIEWS, 1)
+    return int(v) if str(v).isdigit() else 1
+
+
 def format_info(info: dict) -> str:
     def shape(s):
         return "[" + ", ".join(str(d) if d not in (None, "") else "?" for d in s) + "]"
 
     lines = [f"model:    {info['path']}", f"format:   {info['format']}"
-             + (f" (opset {info['opset']})" if info.get("opset") else "")]
+             + (f" (opset {info['opset']})" if info.get("opset") else ""),
+             f"views:    {info.get('tta_views', 1)} per image (test-time augmentation; each view is a forward pass)"]
     for key in ("inputs", "outputs"):
         lines.append(f"{key}:")
         for t in info[key]:

@@ -56,10 +56,16 @@ class Job:
     def path(self, name: str) -> Path:
         return self.staging / FILENAMES[name]
 
+    @property
+    def tta_views(self) -> int:
+        from cnnx.train.zoo import tta_views
+
+        return tta_views(self.module)
+
     def meta(self, variant: str = "fp32") -> dict:
         from cnnx.export.metadata import model_metadata
 
-        return model_metadata(self.ckpt, self.sha256, variant)
+        return model_metadata(self.ckpt, self.sha256, variant, self.tta_views)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ KEY_CHECKPOINT_SHA256 = "cnnx.checkpoint_sha256"
 KEY_VARIANT = "cnnx.variant"  # fp32 | fp16 | int8
 KEY_INPUTS = "cnnx.inputs"  # the signature, for readers without the framework (cnnx info on a .pt2)
 KEY_OUTPUTS = "cnnx.outputs"
+KEY_TTA_VIEWS = "cnnx.tta_views"  # views each image is run through (test-time augmentation); absent = 1
+MAX_TTA_VIEWS = 64
 REQUIRED_KEYS = (KEY_CLASS_NAMES, KEY_PREPROCESS)
 
 DEVICES = ("auto", "cpu", "cuda")  # where cnnx trains and runs models
@@ -63,10 +65,11 @@ class ModelMeta:
     arch: str
     version: str
     variant: str
+    tta_views: int = 1
 
 
 def encode_metadata(*, class_names, preprocess: dict, arch: str, version: str, checkpoint_sha256: str,
-                    variant: str = "fp32") -> dict:
+                    variant: str = "fp32", tta_views: int = 1) -> dict:
     """Plain-JSON metadata of an exported model (what the exporter writes); keys above."""
     h, w = preprocess["size"]
     return {
@@ -76,6 +79,7 @@ def encode_metadata(*, class_names, preprocess: dict, arch: str, version: str, c
         KEY_VERSION: version,
         KEY_CHECKPOINT_SHA256: checkpoint_sha256,
         KEY_VARIANT: variant,
+        KEY_TTA_VIEWS: str(int(tta_views)),
         KEY_INPUTS: [{"name": INPUT_NAME, "dtype": "uint8", "shape": ["N", 3, int(h), int(w)]}],
         KEY_OUTPUTS: [{"name": OUTPUT_NAME, "dtype": "float32", "shape": ["N", len(class_names)]}],
     }
@@ -111,8 +115,13 @@ def parse_metadata(props: dict) -> ModelMeta:
         spec = validate_spec(json.loads(props[KEY_PREPROCESS]))
     except (ValueError, SpecError) as e:  # JSONDecodeError and SpecError are ValueErrors
         raise ContractError(f"bad cnnx metadata: {e}") from None
+    views = props.get(KEY_TTA_VIEWS, "1")
+    if not (views.isdigit() and 1 <= int(views) <= MAX_TTA_VIEWS):
+        raise ContractError(f"bad cnnx metadata: {KEY_TTA_VIEWS} must be a whole number 1..{MAX_TTA_VIEWS}, "
+                            f"got {views[:20]!r}")
     return ModelMeta(class_names=check_class_names(names), spec=check_size(spec), arch=props.get(KEY_ARCH, "?"),
-                     version=props.get(KEY_VERSION, "?"), variant=props.get(KEY_VARIANT, "fp32"))
+                     version=props.get(KEY_VERSION, "?"), variant=props.get(KEY_VARIANT, "fp32"),
+                     tta_views=int(views))
 
 
 def check_signature(inputs, outputs, meta: ModelMeta) -> None:
