@@ -1,7 +1,8 @@
 """The model contract between `cnnx export` (which writes it) and the runtime (which reads it),
 written once: tensor names, `cnnx.*` metadata keys and their parsing, the devices, the image
 extensions a folder walk picks up, and the one CUDA-driver probe. The exporter imports this
-module; nothing here imports torch.
+module; nothing here imports torch (or, at import time, anything beyond the standard library:
+click commands read DEVICES while `cnnx --help` runs).
 
 An exported ONNX model: input `images` uint8 [N, 3, H, W] (N dynamic), output `logits`
 float32 [N, num_classes]; metadata_props are strings (JSON for anything that is not a string).
@@ -11,8 +12,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-
-from cnnx.runtime.preprocess import SpecError, validate_spec
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
@@ -107,6 +106,8 @@ def check_size(spec: dict) -> dict:
 
 def parse_metadata(props: dict) -> ModelMeta:
     """metadata_props (str -> str) of a cnnx model -> ModelMeta; ContractError otherwise."""
+    from cnnx.runtime.preprocess import SpecError, validate_spec  # numpy + Pillow: not for `cnnx --help`
+
     missing = [k for k in REQUIRED_KEYS if k not in props]
     if missing:
         raise ContractError(f"metadata {missing[0]} is missing")
