@@ -20,7 +20,7 @@ All on a CPU shared with other engineers: one run each, noisy (10-20% between ru
 
 Run:  flock /tmp/cnnx-cpu.lock python benchmarks/bench_bigdata.py [--cifar DIR] [--images 40000]
       [--limit-mib 768] [--side 144] [--parts beyond-memory,speed,decode]
-(768 MiB: the process's own ~420 MiB of torch and libraries plus batch-32 activations at 144 px;
+(768 MiB: the process's own ~420 MiB of torch and libraries plus batch-16 activations at 144 px;
 40,000 x 3 x 144 x 144 bytes = 2.49 GB of decoded cache, 3.1x that limit.)
 Writes benchmarks/results/bench_bigdata.json.
 """
@@ -89,7 +89,7 @@ def child(a):
 
     threading.Thread(target=sample, daemon=True).start()
     cfg = resolve_config("airnet", arch_kwargs=TINY_AIRNET, data=a.data, image_size=a.side, cache_dir=a.cache, cache=a.cache_mode,
-                         epochs=a.epochs, batch_size=32, eval_batch_size=64, lr=0.2, threads=2, workers=2,
+                         epochs=a.epochs, batch_size=16, eval_batch_size=32, lr=0.2, threads=2, workers=2,
                          aug=("flip",), bf16=False, channels_last=False)
     run_dir = Path(a.out)
     with reserve_run_dir(run_dir, resume=False):
