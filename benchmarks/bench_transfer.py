@@ -86,7 +86,7 @@ def main():
         "arch": a.arch, "pretrain_images": a.pretrain_per_class * len(ANIMALS),
         "finetune_train_images": a.shots * len(VEHICLES), "val_images": a.val_per_class * len(VEHICLES),
         "pretrain": pre, "finetune": fine, "scratch": scratch,
-        "gain_points": round(100 * gain, 2), "goal_points": 10, "goal_met": gain >= 0.10,
+        "gain_points": round(100 * gain, 2), "goal_points": 10, "goal_met": round(100 * gain, 6) >= 10,  # 0.8245 - 0.7245 < 0.1 in floats
         "note": "one seed on a shared 2-core CPU: accuracies of 2,000 val images, ~1 point of noise",
     }
     print(f"fine-tuned {fine['best_val_top1']:.4f} vs scratch {scratch['best_val_top1']:.4f}: "
