@@ -35,6 +35,10 @@ EXPORT_INT8_SPEEDUP, EXPORT_INT8_LOSS_PT = 1.5, 0.5
 FIRST_ROW_S = 1.0                        # cnnx classify start-up to its first prediction row
 REPORT_SHARE = 0.02                      # report.html writing, share of a default cnnx train run's wall time
 RAY_VS_LOCAL = 0.8                       # --engine ray img/s vs the local pipeline once Ray is up
+TRANSFER_GAIN_PT = 10.0                  # fine-tuned with --weights vs scratch, val top-1 points
+BIGDATA_ANON_RATIO = 1.2                 # peak anonymous memory, 10x the data beyond memory vs in-size
+DISK_VS_MEMORY = 0.9                     # disk-cache img/s vs in-memory, cache in the page cache
+CACHE_BUILD_VS_DECODE = 0.9              # decoding into the cache vs the cores' decode ceiling
 # Recipe keys whose change makes a recipe measurement stale.
 RECIPE_KEYS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "label_smoothing", "schedule",
                "warmup", "final_lr", "aug", "crop_pad", "cutout", "channels_last", "bf16")
@@ -47,6 +51,8 @@ RERUN = {
     "bench_classify.json": "python benchmarks/bench_classify.py",
     "bench_report.json": "python benchmarks/bench_report.py",
     "bench_ray.json": "python benchmarks/bench_ray.py",
+    "bench_transfer.json": "python benchmarks/bench_transfer.py",
+    "bench_bigdata.json": "python benchmarks/bench_bigdata.py",
 }
 BLOCK = re.compile(r"(<!-- figures:(?P<name>[\w-]+):begin[^>]*-->\n)(?P<body>.*?)(<!-- figures:(?P=name):end -->)",
                    re.S)
@@ -536,6 +542,37 @@ def block_ray(res: Results) -> str:
     ])
 
 
+def block_transfer(res: Results) -> str:
+    notes = []
+    if d := res.get("bench_transfer.json"):
+        gain = 100 * (d["finetune"]["best_val_top1"] - d["scratch"]["best_val_top1"])
+        notes.append(
+            f"Transfer beats scratch: `{d['arch']}` pretrained on {num(d['pretrain_images'])} animal images "
+            f"({pct(d['pretrain']['best_val_top1'])} val), then trained on {num(d['finetune_train_images'])} vehicle "
+            f"images: with `--weights` **{pct(d['finetune']['best_val_top1'])}**, from scratch "
+            f"{pct(d['scratch']['best_val_top1'])} ({num(d['val_images'])} val images): **{gain:+.1f} points**; "
+            f"goal >= +{TRANSFER_GAIN_PT:g}: {met(round(gain, 6) >= TRANSFER_GAIN_PT)} ({d['note']}). "
+            f"Source: {source('bench_transfer.json', d)}.")
+    if d := res.get("bench_bigdata.json"):
+        b, sp, dec = d["beyond-memory"], d["speed"], d["decode"]
+        notes.append(
+            f"Beyond memory: {num(b['images_big'])} images at {b['side']} px (a {b['decoded_cache_bytes_big'] / 1e9:.2f} GB "
+            f"decoded cache, {b['cache_over_limit']:.1f}x the {b['memory_limit_bytes'] / 2**20:.0f} MiB cgroup limit) "
+            f"trained; peak anonymous memory **{b['peak_anon_ratio_big_over_small']:.2f}x** that of "
+            f"{num(b['images_small'])} images (goal <= {BIGDATA_ANON_RATIO:g}x: "
+            f"{met(b['peak_anon_ratio_big_over_small'] <= BIGDATA_ANON_RATIO)}).")
+        notes.append(
+            f"Disk cache (in the page cache) vs in memory: **{sp['disk_over_memory']:.2f}x** "
+            f"({num(sp['epoch2_img_per_s_disk'])} vs {num(sp['epoch2_img_per_s_memory'])} img/s; goal >= "
+            f"{DISK_VS_MEMORY:g}x: {met(sp['disk_over_memory'] >= DISK_VS_MEMORY)}). Decoding {num(dec['images'])} "
+            f"{dec['source_side']} px JPEGs into the cache: **{dec['build_over_ceiling']:.2f}x** the decode ceiling of "
+            f"{dec['processes']} processes ({num(dec['cache_build_img_per_s'])} vs {num(dec['decode_only_img_per_s'])} "
+            f"img/s; goal >= {CACHE_BUILD_VS_DECODE:g}x: {met(dec['build_over_ceiling'] >= CACHE_BUILD_VS_DECODE)}). "
+            f"{d['note'][:1].upper()}{d['note'][1:]}. Source: {source('bench_bigdata.json', d)}.")
+    missing = not_measured(res, ["bench_transfer.json", "bench_bigdata.json"])
+    return "\n\n".join(x for x in (bullets(notes) if notes else "", missing) if x)
+
+
 BLOCKS = {
     "results": block_results,
     "train-throughput": block_train_throughput,
@@ -545,6 +582,7 @@ BLOCKS = {
     "classify": block_classify,
     "report": block_report,
     "ray": block_ray,
+    "transfer": block_transfer,
 }
 
 
