@@ -305,6 +305,21 @@ def block_results(res: Results) -> str:
             f"img/s, actors' start-up included; {ratio(d['ray_steady_vs_local'])} after the first rows); "
             f"ray.init {secs(d['ray_startup_s'])}",
             f">= {goal_ratio(RAY_VS_LOCAL)}", d["ray_vs_local"] >= RAY_VS_LOCAL, "bench_ray.json", d)
+    if d := res.get("bench_transfer.json"):
+        gain = 100 * (d["finetune"]["best_val_top1"] - d["scratch"]["best_val_top1"])
+        row(f"fine-tuning with `--weights` ({d['arch']} pretrained on {num(d['pretrain_images'])} animal images) vs "
+            f"scratch, {num(d['finetune_train_images'])} vehicle images",
+            f"**{gain:+.1f} points** ({pct(d['finetune']['best_val_top1'])} vs {pct(d['scratch']['best_val_top1'])}; "
+            "one seed)", f">= +{TRANSFER_GAIN_PT:g} points", round(gain, 6) >= TRANSFER_GAIN_PT, "bench_transfer.json", d)
+    if d := res.get("bench_bigdata.json"):
+        b, sp, dec = d["beyond-memory"], d["speed"], d["decode"]
+        row(f"training beyond memory ({b['cache_over_limit']:.1f}x the cgroup limit), peak anonymous memory vs a 10x "
+            "smaller folder", f"**{b['peak_anon_ratio_big_over_small']:.2f}x**", f"<= {BIGDATA_ANON_RATIO:g}x",
+            b["peak_anon_ratio_big_over_small"] <= BIGDATA_ANON_RATIO, "bench_bigdata.json", d)
+        row("disk cache (page cache) vs in-memory training images/s", f"**{sp['disk_over_memory']:.2f}x**",
+            f">= {DISK_VS_MEMORY:g}x", sp["disk_over_memory"] >= DISK_VS_MEMORY, "bench_bigdata.json", d)
+        row("decoding photos into the cache vs the cores' decode ceiling", f"**{dec['build_over_ceiling']:.2f}x**",
+            f">= {CACHE_BUILD_VS_DECODE:g}x", dec["build_over_ceiling"] >= CACHE_BUILD_VS_DECODE, "bench_bigdata.json", d)
     if d := res.get("bench_report.json"):
         share = d["summary"]["share_of_wall_time"]
         row("report.html written after every epoch, share of a default `cnnx train` run's wall time",
