@@ -56,3 +56,4 @@ def _isolated_cnnx_cache(tmp_path_factory):
     mp.setenv("CNNX_CACHE", str(tmp_path_factory.mktemp("cnnx-cache")))
     yield
     mp.undo()
+

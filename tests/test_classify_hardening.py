@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _fs_util import mounted_tmpfs
 from click.testing import CliRunner
 from PIL import Image
 
@@ -246,15 +247,8 @@ def test_a_large_input_size_reduces_the_batch_instead_of_allocating_gigabytes(tm
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    mount = tmp_path / "small"
-    mount.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "small", "16k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_a_full_disk_is_one_line_and_no_traceback(cifar_subset, model, small_tmpfs):

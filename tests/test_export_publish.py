@@ -17,6 +17,7 @@ import time
 import zipfile
 
 import pytest
+from _fs_util import mounted_tmpfs
 from click.testing import CliRunner
 
 from _export_util import make_checkpoint
@@ -178,16 +179,8 @@ def test_sigkill_at_any_moment_leaves_the_old_or_the_new_export(two_ckpts, tmp_p
 
 @pytest.fixture
 def small_disk(tmp_path):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}): full-disk test needs root")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "24m") as disk:
         yield disk
-    finally:
-        if subprocess.run(["umount", str(disk)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
 def test_full_disk_is_one_line_and_keeps_the_previous_export(two_ckpts, small_disk):

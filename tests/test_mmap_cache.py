@@ -8,6 +8,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from _fs_util import mounted_tmpfs
 import torch
 
 from cnnx.runtime.preprocess import make_spec
@@ -60,15 +61,8 @@ def test_training_on_the_disk_cache_is_bit_identical_and_resumes_exactly(cifar_s
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    mount = tmp_path / "small"
-    mount.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "small", "256k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_a_full_disk_is_one_line_and_leaves_no_cache(cifar_subset, tmp_path, small_tmpfs):

@@ -4,7 +4,6 @@ Each gets one line and exit 1, and leaves every file complete or absent."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -14,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _fs_util import mounted_tmpfs
 import torch
 
 from cnnx.runtime.files import TEMP_PREFIX
@@ -249,23 +249,11 @@ def test_killed_decode_worker_ends_the_run_with_one_line(cifar_subset, tmp_path)
 
 # --- (11) full disk, read-only --out ---------------------------------------------------------
 
-@contextlib.contextmanager
-def _tmpfs(path: Path, size: str):
-    path.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()[:100]})")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 @pytest.mark.parametrize("size, what", [("4k", "config.json"), ("12m", "last.pt")])
 def test_full_disk_is_one_line_and_leaves_no_partial_file(small, tmp_path, size, what):
     """seed-cnn's best.pt is ~8.5 MB and last.pt ~17 MB: 12m fills up at last.pt, 4k (one page,
     the lock file's) at config.json."""
-    with _tmpfs(tmp_path / "disk", size) as disk:
+    with mounted_tmpfs(tmp_path / "disk", size) as disk:
         r = run_cli(seed_args(small, disk / "runs", "x", tmp_path / "c", "--epochs", "1", "--batch-size", "16"))
         assert r.exit_code == 1 and "Traceback" not in r.stderr, r.stderr
         assert "No space left on device" in r.stderr.strip().splitlines()[-1], r.stderr
@@ -276,7 +264,7 @@ def test_full_disk_is_one_line_and_leaves_no_partial_file(small, tmp_path, size,
 
 
 def test_read_only_out_is_one_line(small, tmp_path):
-    with _tmpfs(tmp_path / "ro", "1m") as ro:
+    with mounted_tmpfs(tmp_path / "ro", "1m") as ro:
         (ro / "runs").mkdir()
         if subprocess.run(["mount", "-o", "remount,ro", str(ro)], capture_output=True).returncode != 0:
             pytest.skip("cannot remount the tmpfs read-only")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from cnnx.runtime.contract import is_image_name
-from cnnx.runtime.files import atomic_file, first_line, remove_stale_temps
+from cnnx.runtime.files import atomic_file, cache_root, first_line, remove_stale_temps
 from cnnx.runtime.preprocess import PREPROCESS_VERSION, ImageError, load_image
 from cnnx.train.cache import CacheError, build_disk_cache, read_disk_cache, take, use_disk
 
@@ -41,12 +41,7 @@ class ImageFolderData:
 
 def cache_dir(explicit=None) -> Path:
     """--cache-dir, else $CNNX_CACHE, else $XDG_CACHE_HOME/cnnx, else ~/.cache/cnnx."""
-    if explicit:
-        return Path(explicit).expanduser()
-    if os.environ.get("CNNX_CACHE"):
-        return Path(os.environ["CNNX_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "cnnx"
+    return cache_root(explicit)
 
 
 def _visible(entries):
