@@ -330,18 +330,10 @@ def _write_rows(rows, output, fmt, errors_path, classifier, *, append: bool, t0:
 
 
 def _print_summary(tally: _Tally, rows, provider: str, errors_path, wall: float):
-    parts = [f"classified {tally.classified:,} images"]
-    if tally.n_skipped:
-        parts.append(f"skipped {tally.n_skipped:,} ("
-                     + ", ".join(f"{k}: {v}" for k, v in sorted(tally.skipped.items())) + ")")
-    else:
-        parts.append("skipped 0")
-    if rows.already_done:
-        parts.append(f"{rows.already_done:,} already done (--resume)")
-    if tally.noted:
-        parts.append(f"{tally.noted} with notes")
-    if rows.ignored:
-        parts.append(f"{rows.ignored:,} non-image files ignored")
+    from cnnx.runtime.output import summary_counts
+
+    parts = summary_counts(tally.classified, tally.skipped, already_done=rows.already_done, noted=tally.noted,
+                           ignored=rows.ignored)
     parts += [f"provider {provider}", f"{wall:.2f} s", f"{tally.classified / wall:,.0f} images/s"]
     if tally.first_batch_s is not None:
         parts.append(f"first batch after {tally.first_batch_s:.2f} s")

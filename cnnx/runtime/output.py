@@ -283,3 +283,19 @@ def read_done(path, fmt: str, topk: int | None):
             continue
         done.add(unescape_cell(row[0]))
     return done, len(good) - 1
+
+
+def summary_counts(classified: int, skipped: dict, *, already_done: int = 0, noted: int = 0, ignored: int = 0) -> list:
+    """The counts that begin the summary line of every classify engine (local and Ray), in
+    one wording: classified, skipped by stage, already done, with notes, non-image files."""
+    n_skipped = sum(skipped.values())
+    parts = [f"classified {classified:,} images", f"skipped {n_skipped:,}"]
+    if n_skipped:
+        parts[-1] += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) + ")"
+    if already_done:
+        parts.append(f"{already_done:,} already done (--resume)")
+    if noted:
+        parts.append(f"{noted} with notes")
+    if ignored:
+        parts.append(f"{ignored:,} non-image files ignored")
+    return parts

@@ -41,7 +41,7 @@ from cnnx.runtime.discover import URI, Discovery, Found, PathKeys, is_uri
 from cnnx.runtime.files import TEMP_PREFIX, atomic_file, first_line, os_error_line, remove_stale_temps
 from cnnx.runtime.model import softmax_topk
 from cnnx.runtime.output import (ErrorsWriter, OutputBusy, OutputLock, PredictionWriter, ResumeError, WriteError,
-                                 csv_header, read_done)
+                                 csv_header, read_done, summary_counts)
 from cnnx.runtime.pipeline import decode_images
 from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS
 
@@ -74,16 +74,8 @@ class RaySummary:
     seconds: float = 0.0
 
     def line(self) -> str:
-        n_skipped = sum(self.skipped.values())
-        parts = [f"classified {self.classified:,} images", f"skipped {n_skipped:,}"]
-        if n_skipped:
-            parts[-1] += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) + ")"
-        if self.resumed:
-            parts.append(f"{self.resumed:,} already done (--resume)")
-        if self.noted:
-            parts.append(f"{self.noted} with notes")
-        if self.ignored:
-            parts.append(f"{self.ignored:,} non-image files ignored")
+        parts = summary_counts(self.classified, self.skipped, already_done=self.resumed, noted=self.noted,
+                               ignored=self.ignored)
         providers = ", ".join(sorted(self.providers)) or "none"
         parts.append(f"ray: {self.workers} workers on {len(self.nodes)} node(s), provider {providers}")
         parts.append(f"{self.seconds:.2f} s (Ray start-up to the first rows {self.startup_seconds:.2f} s)")
