@@ -61,3 +61,21 @@ def eager_logits(checkpoint: Path, images: np.ndarray) -> np.ndarray:
     net = Uint8Input(model_from_checkpoint(ckpt), ckpt["preprocess"]["mean"], ckpt["preprocess"]["std"]).eval()
     with torch.no_grad():
         return net(torch.from_numpy(images)).numpy()
+
+
+def one_line_error(args, *needles):
+    """Run `cnnx ARGS` in-process; assert it failed with exit 1 and exactly one `Error:` line
+    (the last one), no traceback, nothing on stdout, holding every needle. Returns that line."""
+    from click.testing import CliRunner
+
+    from cnnx.cli import cli
+
+    r = CliRunner().invoke(cli, args)
+    lines = r.stderr.strip().splitlines()
+    # progress talk may come first; the failure itself is the last line and the only "Error:" one
+    errors = [line for line in lines if line.startswith("Error: ")]
+    assert r.exit_code == 1 and errors == lines[-1:], (r.exit_code, r.output)
+    assert "Traceback" not in r.output and r.stdout == ""
+    for n in needles:
+        assert n in errors[0], (n, errors[0])
+    return errors[0]

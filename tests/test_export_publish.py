@@ -18,10 +18,8 @@ import zipfile
 
 import pytest
 from _fs_util import mounted_tmpfs
-from click.testing import CliRunner
 
-from _export_util import make_checkpoint
-from cnnx.cli import cli
+from _export_util import make_checkpoint, one_line_error as _one_line_error
 from cnnx.export.api import export_checkpoint
 
 CLASSES = [f"c{i}" for i in range(10)]
@@ -46,17 +44,6 @@ def _snapshot(folder):
 def _hidden(folder):
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
-
-def _one_line_error(args, *needles):
-    r = CliRunner().invoke(cli, args)
-    lines = r.stderr.strip().splitlines()
-    # progress talk may come first; the failure itself is the last line and the only "Error:" one
-    errors = [line for line in lines if line.startswith("Error: ")]
-    assert r.exit_code == 1 and errors == lines[-1:], (r.exit_code, r.output)
-    assert "Traceback" not in r.output and r.stdout == ""
-    for n in needles:
-        assert n in errors[0], (n, errors[0])
-    return errors[0]
 
 
 def test_new_export_replaces_the_previous_one_whole(two_ckpts, tmp_path):

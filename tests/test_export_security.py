@@ -12,10 +12,8 @@ import sys
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from _export_util import make_checkpoint
-from cnnx.cli import cli
+from _export_util import make_checkpoint, one_line_error as _one_line_error
 from cnnx.export.api import export_checkpoint
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -43,17 +41,6 @@ def _config(data, stored_cache):
                            "channels": "RGB"},
             "val_fraction": 0.5, "split_seed": 0}
 
-
-def _one_line_error(args, *needles):
-    r = CliRunner().invoke(cli, args)
-    lines = r.stderr.strip().splitlines()
-    # progress talk may come first; the failure itself is the last line and the only "Error:" one
-    errors = [line for line in lines if line.startswith("Error: ")]
-    assert r.exit_code == 1 and errors == lines[-1:], (r.exit_code, r.output)
-    assert "Traceback" not in r.output and r.stdout == ""
-    for n in needles:
-        assert n in errors[0], (n, errors[0])
-    return errors[0]
 
 
 # Runs an export under an audit hook that records every path the process opens or lists
