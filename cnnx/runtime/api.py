@@ -23,6 +23,8 @@ from cnnx.runtime.binding import CUDA_DEVICES, BoundRunner, RunFailed
 from cnnx.runtime.cuda import TENSORRT_PROVIDER as TENSORRT
 from cnnx.runtime.discover import Discovery, PathKeys
 from cnnx.runtime.files import first_line
+from cnnx.runtime.gpudecode import DECODERS, GpuDecoder, open_decoder
+from cnnx.runtime.gpudecode import decoded_batches as gpu_decoded_batches
 from cnnx.runtime.model import ModelError, open_model, softmax, softmax_topk
 from cnnx.runtime.pipeline import PipelineConfig, batch_size_within_budget, batched, decoded_batches
 from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS
@@ -65,19 +67,29 @@ class Classifier:
 
     io_binding: run classify()'s batches through IOBinding with two in flight and page-locked
     host buffers (cnnx.runtime.binding); None (default) = on CUDA and TensorRT, off on the CPU,
-    where the plain loop is kept. `host_memory` says which buffers it got, or None when off."""
+    where the plain loop is kept. `host_memory` says which buffers it got, or None when off.
+
+    decoder: "cpu" (default) decodes with preprocess.load_image in threads; "gpu" decodes JPEGs
+    with nvImageCodec and resizes them on the GPU (cnnx.runtime.gpudecode; load_image still takes
+    every file the GPU does not), or raises gpudecode.DecoderUnavailable naming why it cannot run;
+    "auto": gpu where it runs, else cpu; or a GpuDecoder made by the caller (e.g. on
+    nvImageCodec's CPU backend), closed with this Classifier. `decoder` as used is "gpu" or
+    "cpu"; `gpu_decoder` counts the files it decoded and those it passed to the CPU."""
 
     def __init__(self, model, device: str = "auto", *, threads: int | None = None, batch_size: int = 256,
                  workers: int = 0, topk: int = 5, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 io_binding: bool | None = None):
+                 io_binding: bool | None = None, decoder: str | GpuDecoder = "cpu"):
         for name, value, least in (("batch_size", batch_size, 1), ("topk", topk, 1), ("workers", workers, 0),
                                    ("max_pixels", max_pixels, 1)):
             if not isinstance(value, int) or value < least:
                 raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
         if io_binding not in (None, True, False):
             raise ValueError(f"io_binding must be None, True or False, got {io_binding!r}")
+        if not isinstance(decoder, GpuDecoder) and decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
         self.requested_batch_size = batch_size
         self.runner = None
+        self.gpu_decoder = None
         self.session, self.info, self.provider = open_model(model, device, threads=threads, batch_size=batch_size)
         self.batch_size = batch_size_within_budget(batch_size, self.info.spec)
         self.topk = min(topk, len(self.info.class_names))
@@ -90,6 +102,13 @@ class Classifier:
             except Exception as e:  # onnxruntime's own types (a binding it refuses)
                 raise ModelError(f"{self.info.path}: cannot bind the model's input and output on "
                                  f"{self.provider}: {first_line(e)}") from None
+        try:
+            self.gpu_decoder = decoder if isinstance(decoder, GpuDecoder) else open_decoder(
+                decoder, workers=self.config.resolved_workers())
+        except BaseException:
+            self.close()
+            raise
+        self.decoder = "cpu" if self.gpu_decoder is None else "gpu"
 
     @property
     def host_memory(self) -> str | None:
@@ -140,6 +159,9 @@ class Classifier:
         if self.runner is not None:
             self.runner.close()
             self.runner = None
+        if self.gpu_decoder is not None:
+            self.gpu_decoder.close()
+            self.gpu_decoder = None
         self.session = None  # onnxruntime frees a session with its last reference
 
     def __enter__(self):
@@ -183,7 +205,11 @@ class Classification:
 
     def _run(self):
         clf = self.classifier
-        batches = decoded_batches(batched(self._todo(), clf.batch_size), clf.info.spec, clf.config)
+        todo = batched(self._todo(), clf.batch_size)
+        if clf.gpu_decoder is None:
+            batches = decoded_batches(todo, clf.info.spec, clf.config)
+        else:
+            batches = gpu_decoded_batches(todo, clf.info.spec, clf.config, clf.gpu_decoder)
         return self._plain(batches) if clf.runner is None else self._bound(batches)
 
     def _plain(self, batches):

@@ -85,6 +85,11 @@ class _Tally:
               help="auto: CUDA when onnxruntime's CUDA provider loads, else CPU. cuda: CUDA or a one-line "
                    "error naming the cause. tensorrt: onnxruntime's TensorRT provider (TensorRT 10; engines "
                    "cached under $CNNX_CACHE/trt) or an error.")
+@click.option("--decoder", type=click.Choice(["cpu", "gpu", "auto"]), default="cpu", show_default=True,
+              help="cpu: libjpeg-turbo/Pillow in --workers threads. gpu: JPEGs decoded by nvImageCodec and resized "
+                   "on the GPU (pip install 'cnnx[gpu-decode]'), every file it does not take (progressive, CMYK, "
+                   "corrupt, not JPEG) by the CPU; or a one-line error naming why it cannot run. auto: gpu where "
+                   "it runs, else cpu.")
 @click.option("--errors", "errors_path", type=click.Path(dir_okay=False),
               help="CSV of files not classified (path,stage,error). Default: OUTPUT's name + .errors.csv, "
                    "or warnings on stderr when OUTPUT is stdout.")
@@ -108,7 +113,7 @@ class _Tally:
                    "separate CPU stage.")
 @click.option("--manifest", type=click.Path(exists=True, dir_okay=False),
               help="--engine ray: a file of image paths or s3:// gs:// URIs, one a line (classified in its order).")
-def classify(paths, model_path, output, fmt, topk, batch_size, workers, device, errors_path, resume, strict,
+def classify(paths, model_path, output, fmt, topk, batch_size, workers, device, decoder, errors_path, resume, strict,
              follow_symlinks, report_path, engine, address, num_workers, num_gpus_per_worker, manifest):
     """Batch-classify image files and folders (recursively) through onnxruntime.
 
@@ -119,6 +124,8 @@ def classify(paths, model_path, output, fmt, topk, batch_size, workers, device, 
     """
     t0 = time.perf_counter()
     if engine == "ray":
+        if decoder != "cpu":
+            raise click.UsageError(f"--decoder {decoder}: only with --engine local")
         _classify_on_ray(paths, model_path, output, fmt, topk, batch_size, device, errors_path, resume, strict,
                          follow_symlinks, report_path, address, num_workers, num_gpus_per_worker, manifest)
         return
@@ -128,14 +135,15 @@ def classify(paths, model_path, output, fmt, topk, batch_size, workers, device, 
     _check_usage(paths, output, errors_path, resume, report_path)
     with _one_line_errors(), _one_writer(output):
         _check_not_there(output, errors_path, resume)
-        classifier = _open_classifier(model_path, device, batch_size=batch_size, workers=workers, topk=topk)
+        classifier = _open_classifier(model_path, device, batch_size=batch_size, workers=workers, topk=topk,
+                                      decoder=decoder)
         done = _read_done(output, errors_path, fmt, classifier.topk) if resume else set()
         rows = classifier.classify(paths, follow_symlinks=follow_symlinks, done=done)
         tally = _write_rows(rows, output, fmt, errors_path, classifier, append=resume, t0=t0)
     if rows.found == 0:
         what = "files" if rows.ignored == 0 else f"image files ({rows.ignored} other files ignored)"
         raise click.ClickException(f"no {what} found under {', '.join(paths)}")
-    _print_summary(tally, rows, classifier.provider, errors_path, time.perf_counter() - t0)
+    _print_summary(tally, rows, classifier, errors_path, time.perf_counter() - t0)
     if report_path is not None:
         _write_report(report_path, output, fmt, errors_path, classifier.info)
     if strict and tally.n_skipped:
@@ -222,12 +230,13 @@ def _check_not_there(output, errors_path, resume):
 @contextlib.contextmanager
 def _one_line_errors():
     """The runtime's failures as one line (exit 1); a closed stdout (`| head`) ends quietly."""
+    from cnnx.runtime.gpudecode import DecoderUnavailable
     from cnnx.runtime.model import ModelError
     from cnnx.runtime.output import WriteError
 
     try:
         yield
-    except ModelError as e:
+    except (ModelError, DecoderUnavailable) as e:
         raise click.ClickException(str(e)) from None
     except WriteError as e:
         raise click.ClickException(f"cannot write: {e}") from None
@@ -329,12 +338,15 @@ def _write_rows(rows, output, fmt, errors_path, classifier, *, append: bool, t0:
     return tally
 
 
-def _print_summary(tally: _Tally, rows, provider: str, errors_path, wall: float):
+def _print_summary(tally: _Tally, rows, classifier, errors_path, wall: float):
     from cnnx.runtime.output import summary_counts
 
     parts = summary_counts(tally.classified, tally.skipped, already_done=rows.already_done, noted=tally.noted,
                            ignored=rows.ignored)
-    parts += [f"provider {provider}", f"{wall:.2f} s", f"{tally.classified / wall:,.0f} images/s"]
+    parts += [f"provider {classifier.provider}"]
+    if classifier.gpu_decoder is not None:
+        parts.append(classifier.gpu_decoder.summary())
+    parts += [f"{wall:.2f} s", f"{tally.classified / wall:,.0f} images/s"]
     if tally.first_batch_s is not None:
         parts.append(f"first batch after {tally.first_batch_s:.2f} s")
     click.echo("; ".join(parts), err=True)

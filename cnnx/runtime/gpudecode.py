@@ -1,0 +1,523 @@
+"""JPEG decoding on the GPU (nvImageCodec) with the resize on the GPU (a small ONNX graph on
+onnxruntime's CUDA provider); `preprocess.load_image` on the CPU stays the reference and the
+fallback for every file the GPU path does not take.
+
+Optional: `pip install 'cnnx[gpu-decode]'` (nvidia-nvimgcodec-cu13 and the nvJPEG library,
+nvidia-nvjpeg). Nothing here imports torch; nvImageCodec and onnx are imported inside functions.
+
+Per batch of files (`decode_images`, the same contract as pipeline.decode_images):
+  1. read and route each file (CPU threads): `jpeg_route` reads the JPEG header only. A
+     baseline or extended-sequential 8-bit Huffman JPEG, gray or YCbCr, without an EXIF
+     rotation, within max_pixels, goes to the GPU; everything else (progressive, CMYK/YCCK,
+     12-bit, arithmetic, RGB-coded, rotated, not a JPEG, unreadable) to `load_image`, so its
+     pixels, notes and errors rows are exactly the CPU path's.
+  2. the GPU files in one nvImageCodec batch call per DEVICE_BYTES of decoded pixels; a file it
+     returns None for (corrupt, unsupported) goes to `load_image` as well.
+  3. each decoded image through the resize graph: the centre crop of the shorter-side resize
+     (whole pixels, within half a source pixel of load_image's box), then onnxruntime's Resize
+     (linear, antialias: Pillow's filter) to the model's H x W, uint8 NCHW out.
+The pixels differ a little from load_image's (which decodes JPEGs DCT-scaled by libjpeg-turbo
+before its resize): top-1 agreement through the model is the measure (benchmarks/).
+
+`device="cpu"` runs the same code path on nvImageCodec's libjpeg-turbo backend and onnxruntime's
+CPU provider: that is how it is tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import struct
+import sys
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from cnnx.runtime.files import first_line
+from cnnx.runtime.preprocess import ImageError, jpeg_orientation, read_file
+
+DECODERS = ("cpu", "gpu", "auto")  # --decoder
+INSTALL_HINT = "pip install 'cnnx[gpu-decode]'"
+DEVICE_BYTES = 1 << 30  # decoded pixels on the device per nvImageCodec call (12 MP RGB is 36 MB)
+RESIZE_OPSET = 18  # Resize's antialias attribute
+
+# Why a file goes to the CPU decoder (jpeg_route); None = the GPU decoder takes it.
+NOT_JPEG = "not a JPEG"
+PROGRESSIVE = "progressive JPEG"
+LOSSLESS = "lossless or hierarchical JPEG"
+ARITHMETIC = "arithmetic-coded JPEG"
+NOT_8_BIT = "not 8 bits a sample"
+COLOR = "CMYK, YCCK or RGB-coded JPEG"
+ROTATED = "EXIF orientation"
+TOO_LARGE = "more pixels than max_pixels"
+NO_HEADER = "no readable frame header"
+UNREADABLE = "cannot be read"  # load_image words the error
+REFUSED = "refused by the GPU decoder"  # step 2: nvImageCodec returned no image
+
+
+class DecoderUnavailable(Exception):
+    """--decoder gpu where it cannot run; the message is one line naming the cause."""
+
+
+# --- routing (pure Python, header bytes only) -----------------------------------------------------
+
+_SOF_PROGRESSIVE = (0xC2,)
+_SOF_LOSSLESS = (0xC3, 0xC5, 0xC6, 0xC7)  # lossless, differential (hierarchical) Huffman
+_SOF_ARITHMETIC = (0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
+_RGB_COMPONENT_IDS = (b"RGB", b"rgb")
+
+
+@dataclass(frozen=True)
+class JpegFrame:
+    """What a JPEG's frame header (SOF) and Adobe APP14 segment say."""
+
+    marker: int  # 0xC0 baseline, 0xC1 extended, 0xC2 progressive, ...
+    precision: int  # bits a sample
+    height: int
+    width: int
+    component_ids: bytes  # one byte a component
+    adobe_transform: int | None  # APP14's colour transform: 0 none (RGB/CMYK), 1 YCbCr, 2 YCCK
+
+
+def jpeg_frame(data: bytes) -> JpegFrame | None:
+    """The frame header of a JPEG, read from its markers without decoding; None when there is
+    none before the first scan (or the bytes end first)."""
+    adobe_transform = None
+    n, pos = len(data), 2
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length
+            pos += 2
+            continue
+        if marker in (0xDA, 0xD9):  # scan or end before any frame header
+            return None
+        (seglen,) = struct.unpack_from(">H", data, pos + 2)
+        if marker == 0xEE and data[pos + 4:pos + 9] == b"Adobe" and seglen >= 12 and pos + 15 < n:
+            adobe_transform = data[pos + 15]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn (not DHT, JPG, DAC)
+            if seglen < 8 or pos + 10 > n:
+                return None
+            precision, h, w, components = struct.unpack_from(">BHHB", data, pos + 4)
+            ids = bytes(data[pos + 10 + 3 * i] for i in range(components) if pos + 10 + 3 * i < n)
+            return JpegFrame(marker, precision, h, w, ids, adobe_transform)
+        pos += 2 + seglen
+    return None
+
+
+def jpeg_route(data: bytes, max_pixels: int) -> str | None:
+    """None when the GPU decoder takes this file, else why it goes to load_image (one of the
+    constants above). Reads the header only: the frame (SOF), the Adobe colour transform, and
+    the EXIF orientation as preprocess reads it."""
+    if data[:3] != b"\xff\xd8\xff":
+        return NOT_JPEG
+    frame = jpeg_frame(data)
+    if frame is None or frame.height == 0 or frame.width == 0:  # height 0: given later by a DNL marker
+        return NO_HEADER
+    if frame.marker in _SOF_PROGRESSIVE:
+        return PROGRESSIVE
+    if frame.marker in _SOF_LOSSLESS:
+        return LOSSLESS
+    if frame.marker in _SOF_ARITHMETIC:
+        return ARITHMETIC
+    if frame.precision != 8:
+        return NOT_8_BIT
+    if len(frame.component_ids) not in (1, 3):
+        return COLOR
+    # libjpeg's rules for 3 components: Adobe transform 0 means RGB; so do ids 'R','G','B'.
+    if len(frame.component_ids) == 3 and (frame.adobe_transform == 0 or frame.component_ids in _RGB_COMPONENT_IDS):
+        return COLOR
+    if frame.width * frame.height > max_pixels:
+        return TOO_LARGE
+    orientation, note = jpeg_orientation(data)
+    if orientation != 1 or note is not None:
+        return ROTATED
+    return None
+
+
+# --- the resize graph ----------------------------------------------------------------------------
+
+def resize_model_bytes() -> bytes:
+    """The ONNX graph that turns one decoded image into model input:
+    pixels uint8 [H, P] (rows of interleaved RGB, P >= 3W bytes: a device row pitch may pad)
+    -> Slice rows [top, bottom), bytes [3 left, 3 right) -> Reshape [h, w, 3] -> Transpose,
+    Unsqueeze [1, 3, h, w] -> Resize(linear, antialias, half_pixel) to `sizes` -> uint8 [1, 3, H', W']."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Slice", ["pixels", "starts", "ends"], ["crop"]),
+        helper.make_node("Reshape", ["crop", "hwc"], ["hwc_image"]),
+        helper.make_node("Transpose", ["hwc_image"], ["chw_image"], perm=[2, 0, 1]),
+        helper.make_node("Unsqueeze", ["chw_image", "axis0"], ["nchw_image"]),
+        helper.make_node("Resize", ["nchw_image", "", "", "sizes"], ["images"], mode="linear", antialias=1,
+                         coordinate_transformation_mode="half_pixel"),
+    ]
+    i64 = lambda name, n: helper.make_tensor_value_info(name, TensorProto.INT64, [n])  # noqa: E731
+    graph = helper.make_graph(
+        nodes, "cnnx_resize",
+        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["H", "P"]),
+         i64("starts", 2), i64("ends", 2), i64("hwc", 3), i64("sizes", 4)],
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, [1, 3, "out_h", "out_w"])],
+        initializer=[helper.make_tensor("axis0", TensorProto.INT64, [1], [0])])
+    # IR 9 (onnx 1.15's): read by every onnxruntime that has Resize-18's antialias.
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", RESIZE_OPSET)], ir_version=9)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def crop_feeds(h: int, w: int, out_h: int, out_w: int) -> dict:
+    """The small inputs of the resize graph for an h x w image: the centre crop of load_image's
+    shorter-side resize (preprocess._crop_box) in whole pixels, and the output size."""
+    from cnnx.runtime.preprocess import _crop_box
+
+    left, top, right, bottom = _crop_box(w, h, out_h, out_w)
+    left, top = min(round(left), w - 1), min(round(top), h - 1)
+    right, bottom = max(round(right), left + 1), max(round(bottom), top + 1)
+    return {"starts": np.array([top, 3 * left], np.int64), "ends": np.array([bottom, 3 * right], np.int64),
+            "hwc": np.array([bottom - top, right - left, 3], np.int64),
+            "sizes": np.array([1, 3, out_h, out_w], np.int64)}
+
+
+# --- nvImageCodec --------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """nvImageCodec prints, from C, a note for each optional library it lacks (nvJPEG2000,
+    nvTIFF) when it is imported; cnnx does not use them, so these lines are not shown."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+_IMPORT_LOCK = threading.Lock()
+
+
+def import_nvimgcodec():
+    """nvidia.nvimgcodec (ImportError when not installed), its import-time notes hidden and its
+    per-image warnings off (a file it refuses is handled: load_image decodes it)."""
+    with _IMPORT_LOCK:
+        if "nvidia.nvimgcodec" in sys.modules:
+            return sys.modules["nvidia.nvimgcodec"]
+        os.environ.setdefault("PYNVIMGCODEC_VERBOSITY", "0")
+        with _quiet_stderr():
+            import nvidia.nvimgcodec as nvimgcodec
+        return nvimgcodec
+
+
+def _nvidia_lib(soname: str):
+    """ctypes handle of a CUDA library by soname: already loaded or on the loader's path, else
+    from the nvidia-* wheels' folders (nvidia/cu13/lib, ...). None when it cannot be loaded."""
+    try:
+        return ctypes.CDLL(soname)
+    except OSError:
+        pass
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        for sub in sorted(os.listdir(root)):
+            candidate = os.path.join(root, sub, "lib", soname)
+            if os.path.exists(candidate):
+                try:
+                    return ctypes.CDLL(candidate)
+                except OSError:
+                    continue
+    return None
+
+
+@dataclass(frozen=True)
+class GpuDecodeStatus:
+    usable: bool
+    reason: str  # one line: what was found, or what is missing and how to fix it
+
+
+def diagnose(device_id: int = 0) -> GpuDecodeStatus:
+    """Can JPEGs be decoded on GPU device_id here? Checked in order, each cheap: nvImageCodec
+    installed; onnxruntime's CUDA provider usable (the resize runs on it; cnnx.runtime.cuda);
+    the nvJPEG library loadable; one tiny JPEG decoded on the GPU."""
+    import importlib.util
+
+    from cnnx.runtime import cuda
+
+    if importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.nvimgcodec") is None:
+        return GpuDecodeStatus(False, f"nvImageCodec is not installed: {INSTALL_HINT}")
+    status = cuda.diagnose()
+    if not status.usable:
+        return GpuDecodeStatus(False, f"the GPU resize needs onnxruntime's CUDA provider: {status.reason}")
+    try:
+        nvimgcodec = import_nvimgcodec()
+    except ImportError as e:
+        return GpuDecodeStatus(False, f"nvImageCodec cannot be imported ({first_line(e)}): {INSTALL_HINT}")
+    major = int(nvimgcodec.__cuda_version__) // 1000
+    if _nvidia_lib(f"libnvjpeg.so.{major}") is None:
+        return GpuDecodeStatus(False, f"nvJPEG library libnvjpeg.so.{major} cannot be loaded: {INSTALL_HINT}")
+    try:
+        probe = _gpu_decoder(nvimgcodec, device_id)
+        ok = probe.decode([nvimgcodec.CodeStream(_probe_jpeg())], params=_decode_params(nvimgcodec))[0] is not None
+    except Exception as e:  # noqa: BLE001 - nvImageCodec raises RuntimeError/ValueError of its own
+        return GpuDecodeStatus(False, f"nvImageCodec cannot decode on GPU {device_id}: {first_line(e)}")
+    if not ok:
+        return GpuDecodeStatus(False, f"nvImageCodec has no GPU JPEG decoder for GPU {device_id}")
+    return GpuDecodeStatus(True, f"nvImageCodec {nvimgcodec.__version__} on GPU {device_id}")
+
+
+def _probe_jpeg() -> bytes:
+    import simplejpeg
+
+    return simplejpeg.encode_jpeg(np.full((16, 16, 3), 128, np.uint8), quality=90, colorspace="RGB")
+
+
+def _decode_params(nvimgcodec):
+    # Orientation: rotated files never reach nvImageCodec (jpeg_route), so it has nothing to apply.
+    return nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB,
+                                   allow_any_depth=False)
+
+
+def _gpu_decoder(nvimgcodec, device_id: int):
+    """A decoder on the GPU's backends only: a file none of them takes comes back None (and
+    goes to load_image) rather than through nvImageCodec's own CPU decoder."""
+    kinds = (nvimgcodec.BackendKind.HW_GPU_ONLY, nvimgcodec.BackendKind.GPU_ONLY,
+             nvimgcodec.BackendKind.HYBRID_CPU_GPU)
+    return nvimgcodec.Decoder(device_id=device_id, backends=[nvimgcodec.Backend(k) for k in kinds])
+
+
+class _CudaRuntime:
+    """The two CUDA runtime calls this module needs, through ctypes (no torch, no cupy)."""
+
+    def __init__(self, device_id: int):
+        self.lib = _nvidia_lib("libcudart.so.13") or _nvidia_lib("libcudart.so.12")
+        if self.lib is None:
+            raise DecoderUnavailable(f"the CUDA runtime library (libcudart) cannot be loaded: {INSTALL_HINT}")
+        self.device_id = device_id
+
+    def synchronize_default_stream(self):
+        """Wait for the decodes nvImageCodec queued on the legacy default stream (stream 0, the
+        one its decode() is given): the resize on onnxruntime's own stream reads those pixels."""
+        for call, args in (("cudaSetDevice", (self.device_id,)), ("cudaStreamSynchronize", (ctypes.c_void_p(0),))):
+            err = getattr(self.lib, call)(*args)
+            if err != 0:
+                raise RuntimeError(f"{call} failed with CUDA error {err}")
+
+
+# --- the decoder ---------------------------------------------------------------------------------
+
+class GpuDecoder:
+    """nvImageCodec + the resize graph (any model spec). device "cuda": the GPU (device_id);
+    "cpu": nvImageCodec's libjpeg-turbo backend and onnxruntime's CPU provider (tests).
+    workers: CPU threads that read files and run load_image for the files the GPU does not take.
+    Counts what went where: `on_gpu`, `to_cpu` {reason: files} (read by --decoder's summary)."""
+
+    def __init__(self, *, device: str = "cuda", device_id: int = 0, workers: int = 1):
+        import onnxruntime as ort
+
+        if device not in ("cuda", "cpu"):
+            raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
+        self.device, self.device_id = device, device_id
+        self.nvimgcodec = import_nvimgcodec()
+        nv = self.nvimgcodec
+        if device == "cuda":
+            self.decoder = _gpu_decoder(nv, device_id)
+            self.cudart = _CudaRuntime(device_id)
+            providers = [("CUDAExecutionProvider", {"device_id": str(device_id)})]
+        else:
+            self.decoder = nv.Decoder(device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY,
+                                      backends=[nv.Backend(nv.BackendKind.CPU_ONLY)])
+            self.cudart = None
+            providers = ["CPUExecutionProvider"]
+        self.params = _decode_params(nv)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(resize_model_bytes(), options, providers=providers)
+        if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            raise DecoderUnavailable("the GPU resize did not get onnxruntime's CUDA provider")
+        self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="cnnx-gpudecode-cpu")
+        self._decode_lock = threading.Lock()  # one nvImageCodec batch call at a time
+        self._count_lock = threading.Lock()
+        self.on_gpu = 0
+        self.to_cpu = {}
+
+    def summary(self) -> str:
+        """One clause for cnnx classify's summary: how many files each decoder took."""
+        on_cpu = sum(self.to_cpu.values())
+        return f"decoder {'nvImageCodec' if self.device == 'cuda' else 'nvImageCodec-cpu'}: {self.on_gpu:,} files, " \
+               f"{on_cpu:,} by the CPU decoder"
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.session = self.decoder = None
+
+    def decode_images(self, paths, spec, max_pixels: int):
+        """Like pipeline.decode_images: paths in order -> (uint8 (k, 3, H, W) of the k that
+        decoded, their paths, failed [(path, stage, message)], notes [(path, note)])."""
+        from cnnx.runtime.pipeline import decode_images as cpu_decode
+
+        out_h, out_w = spec["size"]
+        routed = list(self.pool.map(lambda p: self._read_and_route(p, max_pixels), paths))
+        cpu_jobs = {path: self.pool.submit(cpu_decode, [path], spec, max_pixels)
+                    for path, _data, reason in routed if reason is not None}
+        gpu = [(path, data) for path, data, reason in routed if reason is None]
+        resized = {}
+        for group in _device_groups(gpu):
+            for path, arr in zip((p for p, _ in group), self._decode_on_gpu([d for _, d in group], out_h, out_w)):
+                if arr is None:
+                    self._count(REFUSED)
+                    cpu_jobs[path] = self.pool.submit(cpu_decode, [path], spec, max_pixels)
+                else:
+                    resized[path] = arr
+        self.on_gpu += len(resized)
+        images = np.empty((len(paths), 3, out_h, out_w), np.uint8)
+        ok, failed, notes = [], [], []
+        for path in paths:
+            if path in resized:
+                images[len(ok)] = resized[path]
+                ok.append(path)
+                continue
+            arr, ok_paths, fails, path_notes = cpu_jobs[path].result()
+            failed += fails
+            notes += path_notes
+            if ok_paths:
+                images[len(ok)] = arr[0]
+                ok.append(path)
+        return images[:len(ok)], ok, failed, notes
+
+    def _read_and_route(self, path, max_pixels):
+        """(path, bytes, None) for the GPU, (path, None, reason) for load_image."""
+        try:
+            data, _note = read_file(path)  # load_image re-reads a file it gets (and words its errors)
+        except ImageError:
+            reason = UNREADABLE
+        else:
+            reason = jpeg_route(data, max_pixels)
+            if reason is None:
+                return path, data, None
+        self._count(reason)
+        return path, None, reason
+
+    def _count(self, reason):
+        with self._count_lock:
+            self.to_cpu[reason] = self.to_cpu.get(reason, 0) + 1
+
+    def _decode_on_gpu(self, datas, out_h: int, out_w: int) -> list:
+        """One nvImageCodec batch call, then the resize of each image -> (3, out_h, out_w) uint8
+        arrays, None where nvImageCodec (or the resize) could not take the file."""
+        nv = self.nvimgcodec
+        streams = []
+        for data in datas:
+            try:
+                streams.append(nv.CodeStream(data))
+            except Exception:  # noqa: BLE001 - a header nvImageCodec cannot parse: load_image decides
+                streams.append(None)
+        valid = [s for s in streams if s is not None]
+        try:
+            with self._decode_lock:
+                decoded = iter(self.decoder.decode(valid, params=self.params) if valid else [])
+                if self.cudart is not None:
+                    self.cudart.synchronize_default_stream()
+        except Exception:  # noqa: BLE001 - the whole call failed (device error): every file to the CPU
+            return [None] * len(datas)
+        images = [next(decoded) if s is not None else None for s in streams]
+        return [None if img is None else self._resize(img, out_h, out_w) for img in images]
+
+    def _resize(self, img, out_h: int, out_w: int):
+        h, w = img.shape[0], img.shape[1]
+        if img.ndim != 3 or img.shape[2] != 3:
+            return None
+        feeds = crop_feeds(h, w, out_h, out_w)
+        try:
+            if self.device == "cpu":
+                pixels = np.ascontiguousarray(np.asarray(img)).reshape(h, 3 * w)
+                return self.session.run(None, {"pixels": pixels, **feeds})[0][0]
+            cai = img.__cuda_array_interface__
+            pitch = cai["strides"][0] if cai.get("strides") else 3 * w
+            binding = self.session.io_binding()
+            binding.bind_input("pixels", "cuda", self.device_id, np.uint8, (h, pitch), cai["data"][0])
+            for name, value in feeds.items():
+                binding.bind_cpu_input(name, value)
+            binding.bind_output("images", "cpu")
+            self.session.run_with_iobinding(binding)
+            return binding.copy_outputs_to_cpu()[0][0]
+        except Exception:  # noqa: BLE001 - onnxruntime's own types; load_image takes the file
+            return None
+
+
+def _device_groups(items):
+    """Split [(path, jpeg bytes)] into groups whose decoded pixels fit DEVICE_BYTES (from the
+    header's size; every item passed jpeg_route, so it has one)."""
+    group, total = [], 0
+    for path, data in items:
+        frame = jpeg_frame(data)
+        size = 3 * frame.height * frame.width
+        if group and total + size > DEVICE_BYTES:
+            yield group
+            group, total = [], 0
+        group.append((path, data))
+        total += size
+    if group:
+        yield group
+
+
+# --- choosing a decoder and the batches ------------------------------------------------------------
+
+def open_decoder(choice: str, *, workers: int, device_id: int = 0):
+    """--decoder: "cpu" -> None (pipeline.decode_images); "gpu" -> a GpuDecoder or
+    DecoderUnavailable naming the cause; "auto" -> a GpuDecoder where diagnose() says it runs,
+    else None."""
+    if choice not in DECODERS:
+        raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {choice!r}")
+    if choice == "cpu":
+        return None
+    status = diagnose(device_id)
+    if not status.usable:
+        if choice == "gpu":
+            raise DecoderUnavailable(f"--decoder gpu: {status.reason}")
+        return None
+    try:
+        return GpuDecoder(device="cuda", device_id=device_id, workers=workers)
+    except DecoderUnavailable as e:
+        if choice == "gpu":
+            raise DecoderUnavailable(f"--decoder gpu: {e}") from None
+        return None
+    except Exception as e:  # noqa: BLE001 - nvImageCodec / onnxruntime types
+        if choice == "gpu":
+            raise DecoderUnavailable(f"--decoder gpu: cannot start the GPU decoder: {first_line(e)}") from None
+        return None
+
+
+def decoded_batches(item_batches, spec, config, decoder: GpuDecoder):
+    """pipeline.decoded_batches with the GPU decoder: yield (items, DecodedBatch) in order. Each
+    batch is one decode_images call (one nvImageCodec batch per DEVICE_BYTES) in a feeder
+    thread, up to config.read_ahead(spec) batches ahead of the one being run: the same memory
+    bound as the CPU pipeline."""
+    from cnnx.runtime.pipeline import assemble
+
+    depth = config.read_ahead(spec)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnx-gpudecode") as feeder:
+        pending = deque()
+        try:
+            for items in item_batches:
+                paths = [item.path for item in items if item.reason is None]
+                pending.append((items, feeder.submit(decoder.decode_images, paths, spec, config.max_pixels)))
+                if len(pending) > depth:
+                    items, future = pending.popleft()
+                    yield items, assemble([future.result()], spec, config.batch_size)
+            while pending:
+                items, future = pending.popleft()
+                yield items, assemble([future.result()], spec, config.batch_size)
+        finally:
+            for _items, future in pending:
+                future.cancel()

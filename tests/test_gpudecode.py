@@ -1,0 +1,254 @@
+"""GPU JPEG decoding (cnnx.runtime.gpudecode, issue 8), tested where it can be: the header
+routing on real JPEG variants; the resize graph against Pillow on onnxruntime's CPU provider;
+the whole decoder on nvImageCodec's CPU backend against the CPU decoder (same rows, errors and
+notes; close pixels; top-1 through a real model); `--decoder gpu` without a GPU (one line,
+exit 1). The CUDA test skips without a usable GPU decoder and says why."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from cnnx.cli import cli
+from cnnx.runtime import gpudecode
+from cnnx.runtime.gpudecode import jpeg_route
+from cnnx.runtime.pipeline import decode_images
+from cnnx.runtime.preprocess import _crop_box, make_spec
+from tests._runtime_util import make_onnx_model, photo_like
+
+HAVE_NVIMGCODEC = importlib.util.find_spec("nvidia") is not None and \
+    importlib.util.find_spec("nvidia.nvimgcodec") is not None
+needs_nvimgcodec = pytest.mark.skipif(not HAVE_NVIMGCODEC, reason="nvImageCodec not installed "
+                                      "(pip install nvidia-nvimgcodec-cu13 nvidia-nvjpeg)")
+SPEC = make_spec(64, (0.5,) * 3, (0.25,) * 3)
+BIG = 1 << 40
+
+
+def jpeg(pixels, **kw) -> bytes:
+    """JPEG bytes of an (H, W[, 3]) array or a Pillow image (e.g. CMYK)."""
+    buf = io.BytesIO()
+    img = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
+    img.save(buf, "JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def rotated_exif(value: int) -> bytes:
+    ex = Image.Exif()
+    ex[0x0112] = value
+    return ex.tobytes()
+
+
+def sof_offset(data: bytes) -> int:
+    return data.index(b"\xff\xc0")
+
+
+def patched(data: bytes, offset: int, new: bytes) -> bytes:
+    return data[:offset] + new + data[offset + len(new):]
+
+
+# --- routing ---------------------------------------------------------------------------------------
+
+def test_baseline_and_gray_jpegs_go_to_the_gpu_the_rest_to_the_cpu_decoder():
+    rgb = photo_like(48, 64)
+    base = jpeg(rgb)
+    sof = sof_offset(base)
+    cases = {
+        "baseline": (base, None),
+        "gray": (jpeg(rgb[..., 0]), None),
+        "4:4:4": (jpeg(rgb, subsampling=0), None),
+        "exif orientation 1": (jpeg(rgb, exif=rotated_exif(1)), None),
+        "progressive": (jpeg(rgb, progressive=True), gpudecode.PROGRESSIVE),
+        "cmyk": (jpeg(Image.fromarray(rgb).convert("CMYK")), gpudecode.COLOR),
+        "rotated": (jpeg(rgb, exif=rotated_exif(6)), gpudecode.ROTATED),
+        "12-bit": (patched(base, sof + 4, b"\x0c"), gpudecode.NOT_8_BIT),
+        "arithmetic": (patched(base, sof, b"\xff\xc9"), gpudecode.ARITHMETIC),
+        "lossless": (patched(base, sof, b"\xff\xc3"), gpudecode.LOSSLESS),
+        "first id R": (patched(base, sof + 10, b"R"), None),  # libjpeg wants all three ids R, G, B
+        "png": (_png(rgb), gpudecode.NOT_JPEG),
+        "header only": (base[:sof], gpudecode.NO_HEADER),
+        "junk after SOI": (b"\xff\xd8\xff" + b"junk" * 20, gpudecode.NO_HEADER),
+    }
+    ids = base[sof + 10], base[sof + 13], base[sof + 16]
+    assert ids == (1, 2, 3)  # Pillow's YCbCr component ids, so the patch below is what makes RGB
+    rgb_coded = patched(patched(patched(base, sof + 10, b"R"), sof + 13, b"G"), sof + 16, b"B")
+    cases["rgb-coded"] = (rgb_coded, gpudecode.COLOR)
+    got = {name: jpeg_route(data, BIG) for name, (data, _want) in cases.items()}
+    assert got == {name: want for name, (_data, want) in cases.items()}
+    assert jpeg_route(base, 48 * 64) is None and jpeg_route(base, 48 * 64 - 1) == gpudecode.TOO_LARGE
+
+
+def _png(arr) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+# --- the resize graph on the CPU provider ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def resize_session():
+    import onnxruntime as ort
+
+    return ort.InferenceSession(gpudecode.resize_model_bytes(), providers=["CPUExecutionProvider"])
+
+
+def run_resize(session, arr, out_h, out_w, pad: int = 0):
+    h, w = arr.shape[:2]
+    rows = np.zeros((h, 3 * w + pad), np.uint8)  # a device row pitch may be wider than 3W
+    rows[:, :3 * w] = arr.reshape(h, 3 * w)
+    return session.run(None, {"pixels": rows, **gpudecode.crop_feeds(h, w, out_h, out_w)})[0][0]
+
+
+@pytest.mark.parametrize("h,w,out", [(600, 800, (64, 64)), (800, 450, (64, 64)), (500, 700, (48, 80)),
+                                     (40, 30, (64, 64))])
+def test_the_resize_graph_is_pillows_antialiased_crop_resize(resize_session, h, w, out):
+    """The same full-size pixels through the graph and through load_image's resize (Pillow,
+    bilinear with antialias, centre-crop box): 0.1 levels on average; up to 8 at the edges of a
+    crop whose box is not whole pixels (the graph cuts it at whole pixels)."""
+    arr = photo_like(h, w, seed=h)
+    mine = run_resize(resize_session, arr, *out)
+    box = _crop_box(w, h, *out)
+    pil = np.asarray(Image.fromarray(arr).resize(out[::-1], Image.Resampling.BILINEAR, box=box)).transpose(2, 0, 1)
+    diff = np.abs(mine.astype(int) - pil)
+    assert mine.shape == (3, *out) and mine.dtype == np.uint8
+    assert diff.max() <= 8 and diff.mean() < 0.1, (diff.max(), diff.mean())
+
+
+def test_the_resize_graph_passes_an_image_of_the_model_size_unchanged_and_ignores_row_padding(resize_session):
+    arr = photo_like(64, 64, seed=3)
+    assert np.array_equal(run_resize(resize_session, arr, 64, 64), arr.transpose(2, 0, 1))
+    big = photo_like(300, 400, seed=4)
+    assert np.array_equal(run_resize(resize_session, big, 64, 64, pad=0), run_resize(resize_session, big, 64, 64, pad=64))
+
+
+# --- the whole decoder on nvImageCodec's CPU backend -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory) -> Path:
+    """Real files of every kind the router sends somewhere: baseline photos (GPU), progressive,
+    CMYK, EXIF-rotated, PNG (CPU), a truncated JPEG that passes the router (the decoder refuses
+    it: CPU error row), junk, an empty file."""
+    d = tmp_path_factory.mktemp("mixed")
+    for i, (h, w) in enumerate([(480, 640), (640, 360), (300, 300), (700, 500), (50, 40)]):
+        (d / f"a_photo{i}.jpg").write_bytes(jpeg(photo_like(h, w, seed=i)))
+    rgb = photo_like(400, 520, seed=9)
+    (d / "b_progressive.jpg").write_bytes(jpeg(rgb, progressive=True))
+    (d / "c_cmyk.jpg").write_bytes(jpeg(Image.fromarray(rgb).convert("CMYK")))
+    (d / "d_rotated.jpg").write_bytes(jpeg(rgb, exif=rotated_exif(8)))
+    (d / "e_image.png").write_bytes(_png(rgb[:100, :120]))
+    full = jpeg(rgb)
+    (d / "f_truncated.jpg").write_bytes(full[:len(full) // 3])
+    (d / "g_junk.jpg").write_bytes(b"\xff\xd8\xff" + b"junk" * 40)
+    (d / "h_empty.jpg").write_bytes(b"")
+    return d
+
+
+@pytest.fixture(scope="module")
+def cpu_backend_decoder():
+    dec = gpudecode.GpuDecoder(device="cpu", workers=2)
+    yield dec
+    dec.close()
+
+
+@needs_nvimgcodec
+def test_the_decoder_gives_the_cpu_decoders_rows_errors_and_notes(mixed_folder, cpu_backend_decoder):
+    paths = sorted(str(p) for p in mixed_folder.iterdir()) + [str(mixed_folder / "missing.jpg")]
+    mine = cpu_backend_decoder.decode_images(paths, SPEC, BIG)
+    ref = decode_images(paths, SPEC, BIG)
+    assert mine[1] == ref[1]  # the same files decoded, in order
+    assert mine[2] == ref[2] and len(ref[2]) == 4  # truncated, junk, empty, missing: the CPU decoder's rows
+    assert mine[3] == ref[3]
+    on_gpu = [i for i, p in enumerate(ref[1]) if "a_photo" in p]
+    on_cpu = [i for i, p in enumerate(ref[1]) if "a_photo" not in p]
+    assert cpu_backend_decoder.on_gpu >= len(on_gpu) == 5
+    assert np.array_equal(mine[0][on_cpu], ref[0][on_cpu])  # routed files: load_image's own pixels
+    diff = np.abs(mine[0][on_gpu].astype(int) - ref[0][on_gpu])
+    # load_image decodes DCT-scaled before its resize; the GPU path resizes from full size.
+    assert diff.mean() < 1.5 and diff.max() <= 16, (diff.mean(), diff.max())
+    assert cpu_backend_decoder.to_cpu[gpudecode.REFUSED] >= 1  # the truncated file: refused, then load_image
+
+
+@pytest.fixture(scope="module")
+def photo_model(tmp_path_factory) -> Path:
+    return make_onnx_model(tmp_path_factory.mktemp("gpudecode-model") / "model.onnx", arch="airnet", size=64)
+
+
+@needs_nvimgcodec
+def test_classify_through_the_decoder_gives_the_same_rows_and_top1(photo_model, mixed_folder, tmp_path):
+    from cnnx.runtime import Classifier, Prediction, Skipped
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(24):
+        h, w = [(480, 640), (640, 480), (500, 500), (360, 640)][i % 4]
+        (photos / f"p{i:02d}.jpg").write_bytes(jpeg(photo_like(h, w, seed=100 + i)))
+    inputs = [str(photos), str(mixed_folder)]
+    with Classifier(photo_model, "cpu", batch_size=8) as clf:
+        ref = list(clf.classify(inputs))
+    with Classifier(photo_model, "cpu", batch_size=8, decoder=gpudecode.GpuDecoder(device="cpu", workers=2)) as clf:
+        assert clf.decoder == "gpu"
+        mine = list(clf.classify(inputs))
+    assert [(type(r), r.path) for r in mine] == [(type(r), r.path) for r in ref]
+    assert [r for r in mine if isinstance(r, Skipped)] == [r for r in ref if isinstance(r, Skipped)]
+    top1 = [(a.indices[0], b.indices[0]) for a, b in zip(mine, ref) if isinstance(a, Prediction)]
+    agree = sum(a == b for a, b in top1) / len(top1)
+    print(f"top-1 agreement nvImageCodec-CPU + ONNX resize vs load_image: {agree:.3f} on {len(top1)} images")
+    assert len(top1) == 24 + 9 and agree >= 0.9
+
+
+# --- --decoder on the command line -----------------------------------------------------------------
+
+def test_decoder_gpu_that_cannot_run_is_one_line_and_exit_1(photo_model, mixed_folder):
+    status = gpudecode.diagnose()
+    if status.usable:
+        pytest.skip(f"GPU decoding runs here ({status.reason})")
+    r = CliRunner().invoke(cli, ["classify", str(mixed_folder), "--model", str(photo_model), "--decoder", "gpu"])
+    assert r.exit_code == 1
+    lines = r.output.strip().splitlines()
+    assert lines == [f"Error: --decoder gpu: {status.reason}"]
+    assert "Traceback" not in r.output
+
+
+def test_decoder_auto_without_a_gpu_decoder_classifies_on_the_cpu(photo_model, mixed_folder):
+    if gpudecode.diagnose().usable:
+        pytest.skip("GPU decoding runs here: auto picks it")
+    r = CliRunner().invoke(cli, ["classify", str(mixed_folder), "--model", str(photo_model), "--decoder", "auto"])
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert len(rows) == 9  # 5 photos, progressive, CMYK, rotated, PNG
+    assert "decoder nvImageCodec" not in r.stderr
+
+
+def test_decoder_gpu_with_the_ray_engine_is_a_usage_error(photo_model, mixed_folder):
+    r = CliRunner().invoke(cli, ["classify", str(mixed_folder), "--model", str(photo_model), "--decoder", "gpu",
+                                 "--engine", "ray"])
+    assert r.exit_code == 2 and "--decoder gpu: only with --engine local" in r.output
+
+
+# --- on a GPU ----------------------------------------------------------------------------------------
+
+def test_gpu_decoding_on_cuda_gives_the_cpu_decoders_rows_and_close_pixels(mixed_folder, photo_model, tmp_path):
+    status = gpudecode.diagnose()
+    if not status.usable:
+        pytest.skip(f"no GPU decoding here: {status.reason}")
+    paths = sorted(str(p) for p in mixed_folder.iterdir())
+    dec = gpudecode.GpuDecoder(device="cuda", workers=2)
+    try:
+        mine = dec.decode_images(paths, SPEC, BIG)
+    finally:
+        dec.close()
+    ref = decode_images(paths, SPEC, BIG)
+    assert (mine[1], mine[2], mine[3]) == (ref[1], ref[2], ref[3])
+    assert dec.on_gpu >= 5
+    diff = np.abs(mine[0].astype(int) - ref[0])
+    assert diff.mean() < 2.5, diff.mean()
+    r = CliRunner().invoke(cli, ["classify", str(mixed_folder), "--model", str(photo_model), "--decoder", "gpu",
+                                 "-o", str(tmp_path / "out.csv")])
+    assert r.exit_code == 0 and "decoder nvImageCodec: " in r.output, r.output
