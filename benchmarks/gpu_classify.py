@@ -20,13 +20,19 @@ What one run measures (every figure with the card it ran on, all in the same pro
     resnet18 runs on N synthetic 2-12 MP JPEG photos (plus any --jpegs), airnet on the
     50,000 CIFAR-10 JPEGs of --cifar-tar.
   decode_only  the CPU decode pipeline alone on the photos (is decoding the limit there?)
+  gpu_decode   GPU JPEG decoding (cnnx.runtime.gpudecode: nvImageCodec + the ONNX resize on CUDA):
+               the GPU decoder alone on the photos (img/s, files it passed to the CPU); its pixels
+               vs load_image's on 64 photos; resnet18 fp32 classify of the photos with --decoder cpu
+               and gpu back to back in this process: img/s of each, the ratio (goal >= 3x where
+               decoding is the limit) and top-1 agreement of GPU- vs CPU-decoded (goal >= 99.5%)
   sweep        --batch-size 64..2048: ceilings of both models, cnnx classify img/s of airnet
                on CIFAR; the best is printed (the CUDA default of --batch-size stays 256 until
                a run of this script says otherwise)
   slots        ceiling and bound loop with 1 vs 2 batches in flight (resnet18 fp32)
   memory       peak RSS of cnnx classify (airnet fp32, CUDA) on 50,000 vs 5,000 files
-  pytest_gpu   tests/test_classify_gpu.py and test_cuda_diagnosis.py with CUDA (when time is left)
-Not measured: GPU JPEG decoding (nvImageCodec; not built yet), the CPU goal 2 of issue 8.
+  pytest_gpu   tests/test_classify_gpu.py, test_cuda_diagnosis.py and test_gpudecode.py with CUDA
+               (when time is left)
+Not measured: the CPU goal 2 of issue 8.
 
 Each stage checks the time left (--budget-s, default 420 s) and is skipped, with a note, when it
 would not fit; the JSON is rewritten after every stage (benchmarks/_results.write_result), so a
@@ -44,20 +50,32 @@ park one part each:
     run(command="mkdir -p /tmp/ortgpu && cp .ortgpu1/* /tmp/ortgpu/ && ls -la /tmp/ortgpu",
         carry=[".ortgpu1"], timeout_s=120)            # then .ortgpu2, .ortgpu3, .ortgpu4
 
-and call 5 carries the last part, the CIFAR tarball and the small wheels, and measures:
+call 5 parks the GPU-decoding wheels (nvidia-nvimgcodec-cu13 and nvidia-nvjpeg, ~30 MB):
+
+    run(command="mkdir -p /tmp/gpudecode && cp .ortgpu-decode/* /tmp/gpudecode/",
+        carry=[".ortgpu-decode"], timeout_s=120)
+
+and call 6 carries the last part, the CIFAR tarball and the small wheels, and measures:
 
     run(command="mkdir -p /tmp/ortgpu && cp .ortgpu5/* /tmp/ortgpu/ && "
                 "python3 benchmarks/gpu_classify.py --wheel-parts /tmp/ortgpu --wheels .data/wheels "
-                "--cifar-tar .data/cifar10-train.tar.gz --results $OUT/results",
+                "--wheels /tmp/gpudecode --cifar-tar .data/cifar10-train.tar.gz --results $OUT/results",
         carry=[".ortgpu5", ".data"], timeout_s=540)
 
 (`--prepare` prints the exact part count; the wheel is 256 MB: 4 parts of 55 MiB and one of 26 MB;
 .data holds the CIFAR tarball, 16 MB, and .data/wheels the small wheels cnnx needs there:
 simplejpeg, onnxscript, onnx-ir, ml_dtypes, 2 MB; the last call carries ~42 MB.) The
 JSON comes back under files_at/results/gpu_classify.json; copy it to benchmarks/results/.
-Smoke test of the whole script on a CPU (tiny sizes, CPU provider, IOBinding forced on):
+Smoke test of the whole script on a CPU (tiny sizes, CPU provider, IOBinding forced on; the
+GPU decoder on nvImageCodec's CPU backend):
 
     python benchmarks/gpu_classify.py --smoke --results /tmp/gpu-smoke
+
+What the GPU-decode path gives on this CPU (nvImageCodec's libjpeg-turbo backend + the same ONNX
+resize on the CPU provider, vs load_image: pixels and top-1 of a 224 px resnet18 on 2-12 MP
+photos) -> benchmarks/results/gpu_decode_cpu.json:
+
+    python benchmarks/gpu_classify.py --cpu-decode-check --photos 48
 """
 
 from __future__ import annotations
@@ -82,6 +100,11 @@ ORT_GPU = "onnxruntime-gpu==1.31.1"
 # What cnnx needs that the GPU machine lacks (GPU.md's list): simplejpeg (the runtime's JPEG
 # decoder) and the dynamo ONNX exporter's onnxscript / onnx-ir (ml_dtypes under them).
 SMALL_WHEELS = ("simplejpeg==1.9.0", "onnxscript==0.7.2", "onnx-ir==1.1.0", "ml_dtypes==0.6.0")
+# GPU JPEG decoding (the `gpu-decode` extra): nvImageCodec and the nvJPEG library it loads. nvJPEG
+# of CUDA 13.0, the CUDA of the machine's torch wheels; it travels in its own ignored folder (with
+# the last onnxruntime part and the CIFAR tarball it would pass the 64 MiB a call).
+GPU_DECODE_WHEELS = ("nvidia-nvimgcodec-cu13==0.9.0.20", "nvidia-nvjpeg==13.0.2.28")
+GPU_DECODE_DIR = ".ortgpu-decode"  # matches .gitignore's /.ortgpu*/
 PIP_TARGET = ["--no-deps", "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
               "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_27_x86_64",
               "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64"]
@@ -104,6 +127,10 @@ def prepare(cifar_tar: Path):
     subprocess.run([sys.executable, "-m", "pip", "download", *PIP_TARGET, "-d", str(tmp), ORT_GPU], check=True)
     subprocess.run([sys.executable, "-m", "pip", "download", *PIP_TARGET, "-d", str(ROOT / ".data" / "wheels"),
                     *SMALL_WHEELS], check=True)
+    decode_dir = ROOT / GPU_DECODE_DIR
+    shutil.rmtree(decode_dir, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", *PIP_TARGET, "-d", str(decode_dir), *GPU_DECODE_WHEELS],
+                   check=True)
     wheel = next(tmp.glob("*.whl"))
     data = wheel.read_bytes()
     parts = [data[i:i + PART_BYTES] for i in range(0, len(data), PART_BYTES)]
@@ -119,9 +146,12 @@ def prepare(cifar_tar: Path):
     shutil.copyfile(cifar_tar, ROOT / ".data" / cifar_tar.name)
     log(f"{wheel.name}: {len(data) / 1e6:.0f} MB in {len(parts)} parts: "
         + ", ".join(f".ortgpu{i}" for i in range(1, len(parts) + 1)) + f"; .data/{cifar_tar.name}; .data/wheels: "
-        + ", ".join(sorted(w.name for w in (ROOT / ".data" / "wheels").glob("*.whl"))))
-    log("device calls: one per part (cp .ortgpuN/* /tmp/ortgpu/), the last one also carrying .data and "
-        "running this script with --wheel-parts /tmp/ortgpu (see the docstring)")
+        + ", ".join(sorted(w.name for w in (ROOT / ".data" / "wheels").glob("*.whl")))
+        + f"; {GPU_DECODE_DIR}: " + ", ".join(f"{w.name} ({w.stat().st_size / 1e6:.0f} MB)"
+                                              for w in sorted(decode_dir.glob("*.whl"))))
+    log(f"device calls: one per part (cp .ortgpuN/* /tmp/ortgpu/), one for {GPU_DECODE_DIR} (cp to /tmp/gpudecode/), "
+        "the last one also carrying .data and running this script with --wheel-parts /tmp/ortgpu "
+        "--wheels /tmp/gpudecode (see the docstring)")
 
 
 def install_wheels(part_dirs, wheel_dirs, site: Path) -> list:
@@ -475,6 +505,112 @@ def decode_only(folder: Path, size: int) -> dict:
     return {"files": n, "img_s": round(n / (time.perf_counter() - t0), 1), "threads": PipelineConfig().resolved_workers()}
 
 
+def gpu_decoder(smoke: bool, workers: int = 0):
+    """The GPU decoder (nvImageCodec + the resize on CUDA); --smoke: the same code on nvImageCodec's
+    CPU backend and the CPU provider."""
+    from cnnx.runtime.gpudecode import GpuDecoder
+    from cnnx.runtime.pipeline import PipelineConfig
+
+    workers = workers or PipelineConfig().resolved_workers()
+    return GpuDecoder(device="cpu" if smoke else "cuda", workers=workers)
+
+
+def gpu_decode_only(folder: Path, size: int, smoke: bool) -> dict:
+    """images/s of the GPU decoder alone on the photos, to the model's size; what it passed to the CPU."""
+    from cnnx.runtime.discover import Discovery
+    from cnnx.runtime.gpudecode import decoded_batches
+    from cnnx.runtime.pipeline import PipelineConfig, batched
+    from cnnx.runtime.preprocess import make_spec
+
+    spec = make_spec(size, (0.5,) * 3, (0.25,) * 3)
+    dec = gpu_decoder(smoke)
+    try:
+        t0 = time.perf_counter()
+        n = sum(len(b.paths) for _items, b in decoded_batches(batched(Discovery([str(folder)]), BATCH), spec,
+                                                               PipelineConfig(batch_size=BATCH), dec))
+        rate = round(n / (time.perf_counter() - t0), 1)
+    finally:
+        dec.close()
+    return {"files": n, "img_s": rate, "on_gpu": dec.on_gpu, "to_cpu": dec.to_cpu, "device": dec.device}
+
+
+def gpu_decode_pixels(folder: Path, size: int, smoke: bool, n: int = 64) -> dict:
+    """The GPU decoder's uint8 model input vs load_image's on n photos: mean and max |diff| (levels)."""
+    import numpy as np
+
+    from cnnx.runtime.pipeline import decode_images
+    from cnnx.runtime.preprocess import make_spec
+
+    spec = make_spec(size, (0.5,) * 3, (0.25,) * 3)
+    paths = sorted(str(p) for p in folder.iterdir())[:n]
+    dec = gpu_decoder(smoke)
+    try:
+        mine, ok, failed, _notes = dec.decode_images(paths, spec, 1 << 40)
+    finally:
+        dec.close()
+    ref, ref_ok, _f, _n = decode_images(paths, spec, 1 << 40)
+    if ok != ref_ok:
+        raise SystemExit(f"the decoders decoded different files: {len(ok)} vs {len(ref_ok)}; failed {failed[:3]}")
+    diff = np.abs(mine.astype(np.int16) - ref.astype(np.int16))
+    per_image = diff.reshape(len(ok), -1).mean(1)
+    return {"n": len(ok), "mean_abs": round(float(diff.mean()), 3), "max_abs": int(diff.max()),
+            "worst_image_mean_abs": round(float(per_image.max()), 3), "on_gpu": dec.on_gpu, "to_cpu": dec.to_cpu}
+
+
+def gpu_decode_classify(model: str, folder: Path, device: str, batch: int, smoke: bool) -> dict:
+    """The photos through Classifier.classify (cnnx classify's pipeline, in this process) with the
+    CPU decoder and with the GPU decoder, back to back: img/s of each, the ratio, and top-1
+    agreement of the GPU-decoded predictions with the CPU-decoded ones (the reference)."""
+    from cnnx.runtime import Classifier, Prediction
+
+    out = {}
+    top1 = {}
+    for name in ("cpu", "gpu"):
+        decoder = "cpu" if name == "cpu" else gpu_decoder(smoke)
+        with Classifier(model, device, batch_size=batch, decoder=decoder) as clf:
+            t0 = time.perf_counter()
+            rows = [r for r in clf.classify([str(folder)]) if isinstance(r, Prediction)]
+            wall = time.perf_counter() - t0
+            out[f"{name}_decode"] = {"files": len(rows), "wall_s": round(wall, 2), "img_s": round(len(rows) / wall, 1),
+                                     "provider": clf.provider}
+            if clf.gpu_decoder is not None:
+                out[f"{name}_decode"].update(on_gpu=clf.gpu_decoder.on_gpu, to_cpu=clf.gpu_decoder.to_cpu)
+        top1[name] = {r.path: r.indices[0] for r in rows}
+    common = sorted(set(top1["cpu"]) & set(top1["gpu"]))
+    agree = sum(top1["cpu"][p] == top1["gpu"][p] for p in common) / max(1, len(common))
+    ratio = out["gpu_decode"]["img_s"] / max(out["cpu_decode"]["img_s"], 1e-9)
+    out.update(n=len(common), top1_agreement=round(agree, 4), agreement_goal=0.995, agreement_met=agree >= 0.995,
+               gpu_vs_cpu_decode=round(ratio, 2), speed_goal=3.0, speed_met=ratio >= 3.0)
+    return out
+
+
+def cpu_decode_check(n_photos: int, work: Path) -> int:
+    """On a machine without a GPU: what the GPU-decode code path gives on nvImageCodec's CPU
+    backend (libjpeg-turbo, full-size decode) + the same resize graph on the CPU provider, vs
+    load_image, on 2-12 MP photos: pixels and top-1 of a 224 px resnet18 (seeded random weights:
+    no pretrained weights here). -> benchmarks/results/gpu_decode_cpu.json"""
+    sys.path.insert(0, str(ROOT))
+    from _results import RESULTS, write_result
+
+    from tests._runtime_util import make_onnx_model
+
+    work.mkdir(parents=True, exist_ok=True)
+    out = {"what": "GPU-decode code path on nvImageCodec's CPU backend + ONNX resize (CPU provider) vs "
+                   "load_image; agreement through resnet18 224 px, seeded random weights"}
+    out["photos"] = photos(work / "photos-cpu-check", n_photos, (2, 4, 8, 12), None)
+    model = work / "resnet18-224" / "model.onnx"
+    if not model.exists():
+        make_onnx_model(model, arch="resnet18", size=224, class_names=[f"class{i:04d}" for i in range(1000)])
+    folder = work / "photos-cpu-check"
+    out["pixels"] = gpu_decode_pixels(folder, 224, True, n=n_photos)
+    out["classify"] = gpu_decode_classify(str(model), folder, "cpu", 16, True)
+    out["decode_only_cpu"] = decode_only(folder, 224)
+    out["decode_only_nvimgcodec_cpu"] = gpu_decode_only(folder, 224, True)
+    write_result(RESULTS / "gpu_decode_cpu.json", out, [__file__, "--cpu-decode-check", "--photos", str(n_photos)])
+    log(json.dumps(out, indent=1))
+    return 0
+
+
 # --- the run ----------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -491,9 +627,14 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=420.0, help="stages that would end later are skipped")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU provider: proves the script")
     ap.add_argument("--prepare", action="store_true", help="download and split the wheel here, then exit")
+    ap.add_argument("--cpu-decode-check", action="store_true",
+                    help="no GPU: the GPU-decode path on nvImageCodec's CPU backend vs load_image "
+                         "-> benchmarks/results/gpu_decode_cpu.json")
     a = ap.parse_args(argv)
     if a.prepare:
         return prepare(a.cifar_tar)
+    if a.cpu_decode_check:
+        return cpu_decode_check(a.photos, a.work)
     if a.results is None:
         ap.error("--results DIR is required")
     wheels = install_wheels(a.wheel_parts, a.wheels, a.site)  # before onnxruntime is imported
@@ -545,6 +686,12 @@ def main(argv=None):
             if not smoke:
                 run.stage(f"cuda_vs_cpu_{key}", agreement, path, dev, real, need_s=15)
     run.stage("decode_only_photos", decode_only, photo_dir, 224, need_s=20)
+    if models.get("resnet18"):
+        size = models["resnet18"]["size"]
+        run.stage("gpu_decode_only_photos", gpu_decode_only, photo_dir, size, smoke, need_s=20)
+        run.stage("gpu_decode_pixels", gpu_decode_pixels, photo_dir, size, smoke, need_s=15)
+        run.stage("gpu_decode_classify_resnet18", gpu_decode_classify, models["resnet18"]["fp32"], photo_dir,
+                  device, BATCH, smoke, need_s=40)
 
     sweep = (32, 64, 128) if smoke else (64, 128, 256, 512, 1024, 2048)
     for arch in ("resnet18", "airnet"):
@@ -578,7 +725,7 @@ def pytest_on_gpu(cifar_tar: Path) -> dict:
         shared.parent.mkdir(parents=True, exist_ok=True)
         shared.symlink_to(cifar_tar.resolve())
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                        "tests/test_classify_gpu.py", "tests/test_cuda_diagnosis.py"],
+                        "tests/test_classify_gpu.py", "tests/test_cuda_diagnosis.py", "tests/test_gpudecode.py"],
                        capture_output=True, text=True, cwd=ROOT, timeout=240)
     return {"returncode": r.returncode, "tail": r.stdout.strip().splitlines()[-12:]}
 
@@ -601,6 +748,17 @@ def summarize(r: dict):
                      f"({r['memory_airnet']['files_large']['files']} vs {r['memory_airnet']['files_small']['files']} files)")
     if r.get("decode_only_photos"):
         lines.append(f"decode only (photos, CPU threads): {r['decode_only_photos']}")
+    if r.get("gpu_decode_classify_resnet18"):
+        g, c = r["gpu_decode_classify_resnet18"], r.get("ceiling_resnet18_fp32", {})
+        limit = r.get("decode_only_photos", {}).get("img_s", 0) < c.get("ceiling_img_s", 0)
+        lines.append(f"GPU decode (resnet18 fp32 on the photos): {g['gpu_decode']['img_s']:,.0f} vs CPU decode "
+                     f"{g['cpu_decode']['img_s']:,.0f} img/s = {g['gpu_vs_cpu_decode']}x (goal 3x, "
+                     f"{'met' if g['speed_met'] else 'not met'}; CPU decoding is {'' if limit else 'not '}the limit), "
+                     f"top-1 agreement {g['top1_agreement']} on {g['n']} (goal 0.995, "
+                     f"{'met' if g['agreement_met'] else 'not met'})")
+    if r.get("gpu_decode_only_photos"):
+        lines.append(f"GPU decode only (photos): {r['gpu_decode_only_photos']}; pixels vs load_image: "
+                     f"{r.get('gpu_decode_pixels')}")
     if r.get("slots_resnet18"):
         lines.append(f"slots 1 vs 2: {r['slots_resnet18']}")
     if r["skipped"]:
