@@ -60,22 +60,37 @@ def find_newest_model(runs_dir="runs") -> Path:
     return newest
 
 
-def _session_options(ort, threads: int | None):
+# onnxruntime intra-op threads of a CPU session opened for concurrent runs (open_model's
+# concurrent=True, what the classify pipeline does: pipeline.decoded_batches' infer runs one
+# batch a core from its own threads), when the caller names none: each run takes one core. A
+# session spreading every operator over all cores would make each half wait for the other
+# while a decoder holds one of them (benchmarks/bench_classify.py, "tuning").
+CONCURRENT_CPU_INTRA_OP_THREADS = 1
+
+
+def _session_options(ort, threads: int | None, on_cpu: bool, concurrent: bool):
     so = ort.SessionOptions()
+    if threads is None and on_cpu and concurrent:
+        threads = CONCURRENT_CPU_INTRA_OP_THREADS
     if threads:
         so.intra_op_num_threads = threads
     # Spinning worker threads would burn the cores the decoders need between batches.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if on_cpu:
+        # The memory pattern (one planned block a shape) made concurrent runs of the same
+        # session slower, not faster, on the CPU (benchmarks/bench_classify.py, "tuning").
+        so.enable_mem_pattern = False
     # onnxruntime's own log lines (a CUDA provider that fails to load, expected under auto;
     # a failed run) would duplicate the one line cnnx says (ModelError).
     so.log_severity_level = 4
     return so
 
 
-
-
-def open_model(path, device: str = "auto", *, threads: int | None = None, batch_size: int | None = None):
+def open_model(path, device: str = "auto", *, threads: int | None = None, batch_size: int | None = None,
+               concurrent: bool = False):
     """-> (onnxruntime.InferenceSession, ModelInfo, provider actually running).
+    threads: onnxruntime's intra-op threads; None = all cores, or one with `concurrent` (the
+    caller runs batches from one thread a core) on the CPU.
     device auto: CUDA when its provider really loads, else CPU (quietly); cuda / tensorrt:
     that provider or ModelError naming the cause in one line (cnnx.runtime.cuda), never a
     CPU run. batch_size: the --batch-size asked for; TensorRT's engine is built for it (as
@@ -96,7 +111,8 @@ def open_model(path, device: str = "auto", *, threads: int | None = None, batch_
             # that is the expected CPU fallback, and under cuda/tensorrt we say it in one line below.
             ort.set_default_logger_severity(4)
             old_severity = 2
-        session = ort.InferenceSession(str(path), _session_options(ort, threads), providers=providers)
+        so = _session_options(ort, threads, not want_gpu, concurrent)
+        session = ort.InferenceSession(str(path), so, providers=providers)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
         raise ModelError(f"cannot load model {path}: {first_line(e)}") from None
     finally:

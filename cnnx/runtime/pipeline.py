@@ -1,4 +1,4 @@
-"""The classify pipeline: discovery -> parallel decoding -> fixed-shape batches.
+"""The classify pipeline: discovery -> parallel decoding (and inference) -> fixed-shape batches.
 
 Batches are cut from the discovery stream in order, split into chunks and handed to a pool
 of decode threads. Threads, not processes: libjpeg-turbo (simplejpeg), Pillow's decoders and
@@ -6,6 +6,12 @@ resize, and onnxruntime release the GIL (decode-only throughput on large JPEGs d
 1 to 2 threads, see benchmarks/), and no pixels are pickled between processes. Batches come
 back in order, i.e. in sorted path order, each with the same shape (the last one is padded)
 so onnxruntime sees one shape only.
+
+With an `infer` function (the CPU path), the thread that decodes a batch's last chunk also
+runs the batch through onnxruntime, so batches run concurrently, one a core, and a core is
+never idle while another decodes: on 2 cores a one-thread session run from both workers beats
+one two-thread session run from the caller, whose two halves of every operator wait for each
+other while a decoder holds one of the cores (benchmarks/bench_classify.py, "tuning").
 
 Memory does not grow with the number of files, nor past a fixed budget with the model's
 input size: a batch holds at most MAX_BATCH_BYTES of pixels (a smaller batch is used when
@@ -16,8 +22,9 @@ batch being run (at most `workers + 1` batches).
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,12 +70,15 @@ class PipelineConfig:
 class DecodedBatch:
     """One batch: `images[:len(paths)]` are the decoded images of `paths` (in order);
     `failed` the (path, stage, message) of those that could not be decoded; `notes` the
-    (path, note) of decoded images with a remark (first frame used, EXIF ignored)."""
+    (path, note) of decoded images with a remark (first frame used, EXIF ignored); `logits`
+    what decoded_batches' `infer` returned for `images` (None without infer, or when no file
+    of the batch decoded)."""
 
     images: np.ndarray
     paths: list = field(default_factory=list)
     failed: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    logits: np.ndarray | None = None
 
 
 def decode_images(paths, spec, max_pixels: int):
@@ -128,32 +138,78 @@ def batched(found_iter, batch_size: int):
         yield items
 
 
-def decoded_batches(item_batches, spec, config: PipelineConfig):
+class _BatchJob:
+    """One batch being decoded in chunks by the pool: the chunk that finishes last assembles
+    the batch (and runs `infer` on it) and resolves `done`, so no pool thread ever waits for
+    another."""
+
+    def __init__(self, spec, batch_size: int, infer):
+        self.spec, self.batch_size, self.infer = spec, batch_size, infer
+        self.lock = threading.Lock()
+        self.done = Future()
+        self.chunks = []  # the pool's futures, cancelled when the caller stops early
+
+    def start(self, pool, paths, chunk: int, max_pixels: int):
+        starts = range(0, len(paths), chunk)
+        self.parts = [None] * len(starts)
+        self.left = len(starts)
+        if not paths:
+            self.finish()
+        self.chunks = [pool.submit(self.decode_chunk, i, paths[start:start + chunk], max_pixels)
+                       for i, start in enumerate(starts)]
+        return self
+
+    def decode_chunk(self, i: int, paths, max_pixels: int):
+        try:
+            self.parts[i] = decode_images(paths, self.spec, max_pixels)
+            with self.lock:
+                self.left -= 1
+                last = self.left == 0
+            if last:
+                self.finish()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller of decoded_batches
+            with self.lock:
+                if not self.done.done():
+                    self.done.set_exception(e)
+
+    def finish(self):
+        batch = assemble([p for p in self.parts if p is not None], self.spec, self.batch_size)
+        self.parts = None
+        if self.infer is not None and batch.paths:
+            batch.logits = self.infer(batch.images)
+        with self.lock:
+            if not self.done.done():
+                self.done.set_result(batch)
+
+
+def decoded_batches(item_batches, spec, config: PipelineConfig, infer=None):
     """Yield (items, DecodedBatch) in order, decoding ahead in threads.
 
     Each batch is split into chunks of about batch_size / (4 * workers) files so that all
     workers share even a single batch (a few hundred large photos are one batch) and a slow
     file delays only its chunk. At most `config.read_ahead(spec)` batches are decoded ahead
-    of the one being run: the bound that keeps memory flat however many files there are."""
+    of the one being run: the bound that keeps memory flat however many files there are.
+
+    infer: None, or a function uint8 (batch_size, 3, H, W) -> logits that is run in the pool
+    thread that completes each batch (see the module's docstring); its result is the batch's
+    `logits`, its exception is raised here, in batch order."""
     workers = config.resolved_workers()
     chunk = max(1, -(-config.batch_size // (4 * workers)))
     depth = config.read_ahead(spec)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cnnx-decode") as pool:
         pending = deque()
-
-        def result(items, futures):
-            return items, assemble([f.result() for f in futures], spec, config.batch_size)
-
         try:
             for items in item_batches:
                 paths = [item.path for item in items if item.reason is None]
-                pending.append((items, [pool.submit(decode_images, paths[i:i + chunk], spec, config.max_pixels)
-                                        for i in range(0, len(paths), chunk)]))
+                job = _BatchJob(spec, config.batch_size, infer).start(pool, paths, chunk, config.max_pixels)
+                pending.append((items, job))
                 if len(pending) > depth:
-                    yield result(*pending.popleft())
+                    items, job = pending.popleft()
+                    yield items, job.done.result()
             while pending:
-                yield result(*pending.popleft())
+                items, job = pending.popleft()
+                yield items, job.done.result()
         finally:
-            for _items, futures in pending:
-                for f in futures:
+            for _items, job in pending:
+                for f in job.chunks:
                     f.cancel()
