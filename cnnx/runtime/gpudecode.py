@@ -2,8 +2,9 @@
 onnxruntime's CUDA provider); `preprocess.load_image` on the CPU stays the reference and the
 fallback for every file the GPU path does not take.
 
-Optional: `pip install 'cnnx[gpu-decode]'` (nvidia-nvimgcodec-cu13 and the nvJPEG library,
-nvidia-nvjpeg). Nothing here imports torch; nvImageCodec and onnx are imported inside functions.
+Optional: `pip install 'cnnx[gpu-decode]'` (nvidia-nvimgcodec-cu13, the nvJPEG library
+nvidia-nvjpeg, and onnx, which builds the resize graph). Nothing here imports torch;
+nvImageCodec, onnx and onnxruntime are imported inside functions.
 
 Per batch of files (`decode_images`, the same contract as pipeline.decode_images):
   1. read and route each file (CPU threads): `jpeg_route` reads the JPEG header only. A
@@ -248,14 +249,16 @@ class GpuDecodeStatus:
 
 def diagnose(device_id: int = 0) -> GpuDecodeStatus:
     """Can JPEGs be decoded on GPU device_id here? Checked in order, each cheap: nvImageCodec
-    installed; onnxruntime's CUDA provider usable (the resize runs on it; cnnx.runtime.cuda);
-    the nvJPEG library loadable; one tiny JPEG decoded on the GPU."""
+    and onnx installed; onnxruntime's CUDA provider usable (the resize runs on it;
+    cnnx.runtime.cuda); the nvJPEG library loadable; one tiny JPEG decoded on the GPU."""
     import importlib.util
 
     from cnnx.runtime import cuda
 
     if importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.nvimgcodec") is None:
         return GpuDecodeStatus(False, f"nvImageCodec is not installed: {INSTALL_HINT}")
+    if importlib.util.find_spec("onnx") is None:  # builds the resize graph (resize_model_bytes)
+        return GpuDecodeStatus(False, f"onnx is not installed: {INSTALL_HINT}")
     status = cuda.diagnose()
     if not status.usable:
         return GpuDecodeStatus(False, f"the GPU resize needs onnxruntime's CUDA provider: {status.reason}")
