@@ -4,7 +4,12 @@ exact, and a full disk (a real small tmpfs) is one line with nothing half-writte
 
 from __future__ import annotations
 
+import itertools
+import os
+import re
+import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +19,7 @@ import torch
 from cnnx.runtime.preprocess import make_spec
 from cnnx.train.cache import Rows, batches, build_disk_cache, read_disk_cache
 from cnnx.train.checkpoint import load_checkpoint
-from cnnx.train.data import load_image_folder
+from cnnx.train.data import JOB_SHARE, MAX_JOB_BYTES, MIN_JOB, decode_jobs, load_image_folder
 from cnnx.train.zoo import CIFAR_MEAN, CIFAR_STD
 
 from tests._train_util import run_cli, seed_args
@@ -38,6 +43,81 @@ def test_disk_cache_gives_the_same_images_and_batches(cifar_subset, tmp_path):
     for (xd, yd), (xm, ym) in zip(got, want):
         assert torch.equal(xd, xm) and torch.equal(yd, ym)
     assert disk.images[3].shape == (3, 32, 32)  # one row, as the report's gallery reads it
+
+
+def test_a_disk_cache_with_unreadable_files_packs_its_rows_as_memory_does(cifar_subset, tmp_path):
+    """Two decode workers write their rows into the file; the rows after a broken file move up."""
+    data = shutil.copytree(cifar_subset(12), tmp_path / "d")
+    for name in ("cat/0-broken.jpg", "dog/zz-broken.png"):
+        (data / name).write_bytes(b"\x89PNG not really")
+    mem = load_image_folder(data, SPEC, progress=False, cache=tmp_path / "c", workers=2, cache_mode="memory")
+    disk = load_image_folder(data, SPEC, progress=False, cache=tmp_path / "c", workers=2, cache_mode="disk")
+    assert len(disk.skipped) == 2 and disk.skipped == mem.skipped and disk.paths == mem.paths
+    assert torch.equal(disk.images[torch.arange(len(mem.labels))], mem.images)
+
+
+def _resident_kib(path: Path) -> int:
+    """KiB of this process's memory maps of `path` that are resident (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
+                inside = line.rstrip().endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+def test_rows_are_read_from_the_file_not_through_its_map(cifar_subset, tmp_path):
+    """The cache's pages never become the process's own: under a memory limit smaller than the
+    cache, faulting mapped pages in (and the kernel reclaiming them) cost ~30x pread's time."""
+    data = cifar_subset(12)
+    disk = load_image_folder(data, SPEC, progress=False, cache=tmp_path, workers=2, cache_mode="disk")
+    n = len(disk.labels)
+    idx = [torch.randperm(n, generator=torch.Generator().manual_seed(k))[:17] for k in range(4)]
+    assert len(list(batches(disk.images, disk.labels, idx, "cpu"))) == 4
+    assert disk.images[torch.arange(n)].shape == (n, 3, 32, 32) and disk.images[n - 1].shape == (3, 32, 32)
+    images_file = next((tmp_path / "folders").glob("*.u8/images.u8")).resolve()
+    assert _resident_kib(images_file) == 0
+
+
+def _small_cache(folder: Path):
+    def decode_into(out):
+        out[:] = np.arange(4, dtype=np.uint8)[:, None, None, None]  # row i holds i
+        return 4, None
+
+    return build_disk_cache(folder, 4, (8, 8), decode_into, lambda extra: {})[0]
+
+
+def test_a_cache_removed_while_in_use_is_still_read(tmp_path):
+    rows = _small_cache(tmp_path / "folders" / "k.u8")
+    shutil.rmtree(tmp_path / "folders")  # another run's cleanup, a user's rm -r
+    assert rows[torch.tensor([3, 1])][:, 0, 0, 0].tolist() == [3, 1]
+
+
+def test_a_cache_cut_short_while_in_use_is_one_line_not_a_crash(tmp_path):
+    """Through the map this was a SIGBUS: the training process died without a word."""
+    folder = tmp_path / "folders" / "k.u8"
+    rows = _small_cache(folder)
+    os.truncate(folder / "images.u8", 2 * 3 * 8 * 8)
+    assert rows[torch.tensor([1, 0])][:, 0, 0, 0].tolist() == [1, 0]
+    with pytest.raises(OSError, match="shorter than its header says") as e:
+        rows[torch.tensor([0, 3])]
+    assert "\n" not in str(e.value) and str(folder) in str(e.value)
+
+
+@pytest.mark.parametrize("n, workers, row_bytes", [(2000, 2, 3 * 224 * 224), (50_000, 8, 3 * 32 * 32), (5, 2, 10),
+                                                   (0, 2, 10), (1_000, 1, 3 * 2048 * 2048)])
+def test_decode_jobs_cover_the_files_in_order_biggest_first(n, workers, row_bytes):
+    """Handed out as workers finish them, shrinking jobs end all workers within a small job."""
+    jobs = decode_jobs(n, workers, row_bytes)
+    counts = [c for _, c in jobs]
+    assert [s for s, _ in jobs] == list(itertools.accumulate(counts, initial=0))[:-1] and sum(counts) == n
+    assert counts == sorted(counts, reverse=True) and all(c >= 1 for c in counts)
+    assert all(c * row_bytes <= MAX_JOB_BYTES for c in counts if c > 1)
+    if n >= 1000:
+        assert counts[-1] <= MIN_JOB
+    assert len(jobs) <= n / max(1, MAX_JOB_BYTES // row_bytes) + workers * JOB_SHARE * 10  # messages stay few
 
 
 def test_training_on_the_disk_cache_is_bit_identical_and_resumes_exactly(cifar_subset, tmp_path):

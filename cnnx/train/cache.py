@@ -1,7 +1,7 @@
 """The decoded-image cache on disk, for datasets larger than memory (DESIGN.md "Data larger
 than memory"): one uint8 (N, 3, H, W) array in a raw file beside a JSON header, memory-mapped
-for reading, and a prefetching reader that gathers the next batch's rows while the current
-one trains.
+for its shape, read row by row with pread, and a prefetching reader that reads the next
+batch's rows while the current one trains.
 
 The cache is a folder `<key>.u8/` holding `images.u8` and `meta.json`. It is built in a temp
 folder beside it (space for all rows reserved up front with posix_fallocate, so a full disk is
@@ -9,12 +9,14 @@ one error before any decoding, never a SIGBUS from a mapped page) and renamed in
 complete: a cache folder that exists is whole; a killed build leaves only a temp folder that
 the next run removes.
 
-Nothing here holds the images in the process's anonymous memory: decoded rows are written
-into the mapping (file-backed page cache), and `Rows` reads only the rows a batch asks for.
+Nothing here holds the images in the process's memory: decode workers write rows into the file
+(page cache), and `Rows` reads only the rows a batch asks for, into the batch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import queue
@@ -37,13 +39,16 @@ class CacheError(Exception):
 
 
 class Rows:
-    """Rows of a memory-mapped uint8 (N, 3, H, W) array, picked by an index (int64 tensor) and
-    read only when asked: `rows[idx]` (a tensor of indices or a slice) gathers a uint8 tensor,
-    `rows[i]` one image as a numpy array, `take(idx)` another Rows without reading anything."""
+    """Rows of a uint8 (N, 3, H, W) array in a cache file, picked by an index (int64 tensor) and
+    read only when asked: `rows[idx]` (a tensor of indices or a slice) reads a uint8 tensor,
+    `rows[i]` one image as a numpy array, `take(idx)` another Rows without reading anything.
+    `base` is the file's memory map (its shape; an array for whoever wants one); rows are read
+    from `file` with pread (read_rows), not through the map."""
 
-    def __init__(self, base: np.ndarray, rows: torch.Tensor | None = None):
+    def __init__(self, base: np.ndarray, rows: torch.Tensor | None = None, file=None):
         self.base = base
         self.rows = torch.arange(len(base)) if rows is None else rows
+        self.file = file  # the cache file open for reading; None: base is an array in memory
 
     device = torch.device("cpu")
 
@@ -55,12 +60,16 @@ class Rows:
         return (len(self.rows), *self.base.shape[1:])
 
     def take(self, idx) -> "Rows":
-        return Rows(self.base, self.rows[idx])
+        return Rows(self.base, self.rows[idx], self.file)
+
+    def read(self, idx, out: np.ndarray | None = None) -> np.ndarray:
+        """These Rows' rows `idx` (indices or a slice) into `out` (a new array when None)."""
+        return read_rows(self.base, self.file, self.rows[idx].numpy(), out)
 
     def __getitem__(self, key):
         if isinstance(key, (int, np.integer)):
-            return np.asarray(self.base[int(self.rows[key])])
-        return torch.from_numpy(gather(self.base, self.rows[key].numpy()))
+            return self.read([int(key)])[0]
+        return torch.from_numpy(self.read(key))
 
 
 def take(images, idx):
@@ -68,14 +77,27 @@ def take(images, idx):
     return images.take(idx) if isinstance(images, Rows) else images[idx]
 
 
-def gather(base: np.ndarray, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """base[rows] into `out` (a new array when None), read in ascending row order: a memory-mapped
-    file is read front to back, which the kernel's readahead serves best."""
-    order = np.argsort(rows, kind="stable")
+def read_rows(base: np.ndarray, file, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """base[rows] into `out` (a new array when None). From a cache file: one pread per row, in
+    ascending row order. Not through the memory map: there each 4 KiB page costs a page fault,
+    and when the cache is larger than the memory the process may use, every batch waits for the
+    kernel to reclaim mapped pages (bench_bigdata's reader part: ~30x pread's time per batch
+    under a memory cgroup a third of the cache's size; the same time when it is all in memory)."""
     if out is None:
         out = np.empty((len(rows), *base.shape[1:]), dtype=base.dtype)
-    for i in order:
-        out[i] = base[rows[i]]
+    if file is None:
+        out[...] = base[rows]
+        return out
+    row_bytes = base.itemsize * int(np.prod(base.shape[1:]))
+    fd = file.fileno()
+    for i in np.argsort(rows, kind="stable"):
+        buf, offset = memoryview(out[i]).cast("B"), int(rows[i]) * row_bytes
+        while buf:
+            n = os.preadv(fd, [buf], offset)
+            if n == 0:
+                raise OSError(errno.EIO, f"the decoded-image cache {file.name} is shorter than its header says "
+                                         f"(changed while in use?): run again to rebuild it")
+            buf, offset = buf[n:], offset + n
     return out
 
 
@@ -139,7 +161,10 @@ def read_disk_cache(folder: Path):
             return None
         if shape[0] == 0:
             return Rows(np.zeros(shape, dtype=np.uint8)), meta
-        return Rows(np.memmap(folder / IMAGES_FILE, dtype=np.uint8, mode="r", shape=shape)), meta
+        file = open(folder / IMAGES_FILE, "rb", buffering=0)  # closed when the last Rows over it is gone
+        if hasattr(os, "posix_fadvise"):  # batches pick rows at random: read just them, no readahead around them
+            os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+        return Rows(np.memmap(file, dtype=np.uint8, mode="r", shape=shape), file=file), meta
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -169,7 +194,8 @@ def build_disk_cache(folder: Path, n: int, size, decode_into, meta_of) -> tuple:
         finally:
             os.close(fd)
         out = np.memmap(path, dtype=np.uint8, mode="r+", shape=(n, 3, h, w)) if n else np.zeros((0, 3, h, w), np.uint8)
-        filled, extra = decode_into(out)
+        with _writing_back(path):
+            filled, extra = decode_into(out)
         if n:
             out.flush()
         del out
@@ -204,6 +230,36 @@ def build_disk_cache(folder: Path, n: int, size, decode_into, meta_of) -> tuple:
     return got
 
 
+WRITEBACK_EVERY = 0.25  # seconds between two syncs of the cache file while it is being filled
+
+
+@contextlib.contextmanager
+def _writing_back(path: Path):
+    """Sync the file every WRITEBACK_EVERY seconds in a thread while the body fills it: the
+    rows go to disk while later ones are decoded, and the final sync has only the last ones
+    left to write (it waited for all of them: ~6% of a build of 224 px photos on 2 cores).
+    Errors are left to the final sync, which reports them."""
+    fd = os.open(path, os.O_RDONLY)
+    stop = threading.Event()
+    sync = getattr(os, "fdatasync", os.fsync)
+
+    def work():
+        while not stop.wait(WRITEBACK_EVERY):
+            try:
+                sync(fd)
+            except OSError:
+                return
+
+    t = threading.Thread(target=work, name="cnnx-cache-writeback", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
+        os.close(fd)
+
+
 def _fsync_dir(path: Path):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -214,12 +270,12 @@ def _fsync_dir(path: Path):
 
 # --- reading batches ----------------------------------------------------------------------------
 
-PREFETCH = 2  # batches gathered ahead of the one training
+PREFETCH = 2  # batches read ahead of the one training
 
 
 def batches(images, labels, index_batches, device):
     """(x, y) per batch of indices, in order. Resident tensors are indexed on their device (as
-    always); Rows are gathered by a background thread PREFETCH batches ahead, into pinned
+    always); Rows are read by a background thread PREFETCH batches ahead, into pinned
     memory on CUDA, and copied with non_blocking=True."""
     if not isinstance(images, Rows):
         for idx in index_batches:
@@ -242,9 +298,8 @@ def batches(images, labels, index_batches, device):
     def work():
         try:
             for idx in index_batches:
-                rows = images.rows[idx].numpy()
-                buf = torch.empty((len(rows), *images.base.shape[1:]), dtype=torch.uint8, pin_memory=pin)
-                gather(images.base, rows, buf.numpy())
+                buf = torch.empty((len(idx), *images.base.shape[1:]), dtype=torch.uint8, pin_memory=pin)
+                images.read(idx, buf.numpy())
                 if not put((buf, idx)):
                     return
             put(None)

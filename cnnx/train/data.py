@@ -124,8 +124,8 @@ def list_image_folder(root: Path) -> Listing:
 
 
 def _decode_chunk(paths, spec, out):
-    """Decode `paths` into the front rows of `out` (uint8 (len(paths), 3, H, W)); returns
-    (indices of the decoded paths in the list, [(path, reason)] of the others)."""
+    """Decode `paths` into the front rows of `out` (uint8 (len(paths), 3, H, W), or _FileRows);
+    returns (indices of the decoded paths in the list, [(path, reason)] of the others)."""
     idx, errors = [], []
     for i, p in enumerate(paths):
         try:
@@ -138,27 +138,29 @@ def _decode_chunk(paths, spec, out):
     return idx, errors
 
 
-def _decode_worker(conn, jobs, spec, mapped=None):
-    """A decode process: for each (job number, paths) send a header (job, indices, errors)
-    and then the decoded rows as raw bytes, over this worker's own pipe. With `mapped`
-    ((file, shape, chunk) of the disk cache) it decodes straight into the file's mapping at
-    job j's rows instead, and sends only the header: no copy through the pipe and the parent."""
+def _decode_worker(conn, paths, jobs, spec, cache_file=None):
+    """A decode process: for each job number it receives ((start, count) in `jobs`; None: no
+    more) it decodes those paths into its own buffer and sends a header (job, indices, errors),
+    then the decoded rows as raw bytes, over its own pipe. With `cache_file` (the disk cache) it
+    writes each row into the file itself (_FileRows) and sends only the header."""
     import signal
 
     import numpy as np
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends us
     h, w = spec["size"]
-    if mapped is None:
-        buf = np.empty((max((len(p) for _, p in jobs), default=0), 3, h, w), dtype=np.uint8)
+    fd = buf = None
+    if cache_file is not None:
+        fd = os.open(cache_file, os.O_WRONLY)
     else:
-        mm = np.memmap(mapped[0], dtype=np.uint8, mode="r+", shape=mapped[1])
+        buf = np.empty((max((c for _, c in jobs), default=0), 3, h, w), dtype=np.uint8)
     try:
-        for j, paths in jobs:
-            if mapped is not None:
-                conn.send((j, *_decode_chunk(paths, spec, mm[j * mapped[2]:])))
+        while (j := conn.recv()) is not None:
+            start, count = jobs[j]
+            if fd is not None:
+                conn.send((j, *_decode_chunk(paths[start:start + count], spec, _FileRows(fd, start, 3 * h * w))))
                 continue
-            idx, errors = _decode_chunk(paths, spec, buf)
+            idx, errors = _decode_chunk(paths[start:start + count], spec, buf)
             conn.send((j, idx, errors))
             conn.send_bytes(memoryview(buf[:len(idx)]).cast("B"))
     except BaseException as e:  # MemoryError and the like: say what, then end
@@ -167,7 +169,45 @@ def _decode_worker(conn, jobs, spec, mapped=None):
         except OSError:
             pass
     finally:
+        if fd is not None:
+            os.close(fd)
         conn.close()
+
+
+class _FileRows:
+    """Rows start, start+1, ... of the disk cache's file as a write-only sequence: `rows[k] = arr`
+    is one pwrite, one copy into the page cache (writing through a mapping costs a page fault
+    per 4 KiB page as well: 2-5x the time of the copy)."""
+
+    def __init__(self, fd: int, start: int, row_bytes: int):
+        self.fd, self.start, self.row_bytes = fd, start, row_bytes
+
+    def __setitem__(self, k: int, arr):
+        import numpy as np
+
+        data, offset = memoryview(np.ascontiguousarray(arr)).cast("B"), (self.start + k) * self.row_bytes
+        while data:
+            n = os.pwrite(self.fd, data, offset)
+            data, offset = data[n:], offset + n
+
+
+JOB_SHARE = 4  # a job is 1/(workers x JOB_SHARE) of the images not yet handed out: big jobs first, small ones last
+MIN_JOB = 8  # images; a tiny JPEG decodes in ~30 us, so a message per job must not come more often
+MAX_JOB_BYTES = 32 << 20  # decoded rows per job: a worker's buffer must not grow with the dataset
+JOBS_AHEAD = 2  # jobs a worker holds, so it never waits for the parent between two
+
+
+def decode_jobs(n: int, workers: int, row_bytes: int) -> list:
+    """(start, count) of each decode job, in file order. Sizes shrink as the images left do
+    (guided scheduling): with jobs handed out as workers finish them, all workers end within
+    a small job of each other, whatever the images cost."""
+    cap = max(1, MAX_JOB_BYTES // row_bytes)
+    jobs, start = [], 0
+    while start < n:
+        count = min(n - start, cap, max(MIN_JOB, -(-(n - start) // (max(workers, 1) * JOB_SHARE))))
+        jobs.append((start, count))
+        start += count
+    return jobs
 
 
 class _WorkerDied(Exception):
@@ -201,86 +241,110 @@ def _decode_all(paths, spec, *, workers, progress, out=None):
     when None, or the disk cache's mapping); returns (uint8 tensor of the decoded rows, packed
     to the front, kept indices, skipped).
 
-    Each worker has its own pipe, whose write end only it holds: a worker that dies (the OOM
-    killer's SIGKILL) even half-way through a message gives EOF here, and the run ends with
-    one line. (concurrent.futures' pool shares one result pipe among its workers; a worker
-    killed mid-message leaves a partial message that its manager thread waits on forever.)"""
+    Jobs (decode_jobs) are handed out as workers finish them, JOBS_AHEAD at a time. Each worker
+    has its own pipe, whose other end only it holds: a worker that dies (the OOM killer's
+    SIGKILL) even half-way through a message gives EOF here, and the run ends with one line.
+    (concurrent.futures' pool shares one result pipe among its workers; a worker killed
+    mid-message leaves a partial message that its manager thread waits on forever.)"""
     import multiprocessing as mp
-    from multiprocessing.connection import wait
 
     import numpy as np
     from tqdm import tqdm
 
     n = len(paths)
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
-    # Big chunks: a tiny JPEG decodes in ~30 us, so per-message overhead must stay small.
-    chunk = max(256, -(-n // (max(workers, 1) * 8)))
     h, w = spec["size"]
-    # ...but at most ~32 MB of decoded rows per message: a worker's buffer must not grow with the dataset.
-    chunk = min(chunk, max(16, (32 << 20) // (3 * h * w)))
-    jobs = [(j, paths[i:i + chunk]) for j, i in enumerate(range(0, n, chunk))]
+    jobs = decode_jobs(n, workers, 3 * h * w)
     if out is None:
         out = np.empty((n, 3, h, w), dtype=np.uint8)  # job j's decoded rows land at its start, packed
-    # A disk cache's file: workers write their rows into it themselves (fork shares no mapping, so by name).
-    mapped = (out.filename, out.shape, chunk) if isinstance(out, np.memmap) and out.filename else None
+    # A disk cache's file: workers write their rows into it themselves, by name.
+    cache_file = out.filename if isinstance(out, np.memmap) and out.filename else None
     kept_by_job, errors_by_job = {}, {}
     bar = tqdm(total=n, desc="decoding images", unit="img", file=sys.stderr, disable=not progress, leave=False)
     workers = min(workers, len(jobs))
     procs = {}
     try:
         if workers <= 1:
-            for j, p in jobs:
-                kept_by_job[j], errors_by_job[j] = _decode_chunk(p, spec, out[j * chunk:])
-                bar.update(len(p))
+            for j, (start, count) in enumerate(jobs):
+                kept_by_job[j], errors_by_job[j] = _decode_chunk(paths[start:start + count], spec, out[start:])
+                bar.update(count)
         else:
             # fork, not spawn: spawn re-runs the caller's __main__ (breaking scripts without a main
             # guard). The children touch only Pillow and numpy, never torch's thread pools.
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            for k in range(workers):
-                reader, writer = ctx.Pipe(duplex=False)
-                proc = ctx.Process(target=_decode_worker, args=(writer, jobs[k::workers], spec, mapped), daemon=True)
+            for _ in range(workers):
+                mine, theirs = ctx.Pipe(duplex=True)
+                proc = ctx.Process(target=_decode_worker, args=(theirs, paths, jobs, spec, cache_file), daemon=True)
                 proc.start()
-                writer.close()  # the worker holds the only write end: its death is EOF here
-                procs[reader] = (proc, len(jobs[k::workers]))
-            pending = dict(procs)
-            while pending:
-                for reader in wait(list(pending)):
-                    proc, left = pending[reader]
-                    try:
-                        header = reader.recv()
-                        if header[0] == "error":
-                            raise DataError(f"a decode worker process failed: {header[1]}")
-                        j, idx, errors = header
-                        start = j * chunk
-                        if mapped is None:
-                            reader.recv_bytes_into(memoryview(out[start:start + len(idx)]).cast("B"))
-                    except (EOFError, OSError, mp.BufferTooShort):
-                        raise _WorkerDied(_worker_death(proc, n, spec)) from None
-                    kept_by_job[j], errors_by_job[j] = idx, errors
-                    bar.update(len(jobs[j][1]))
-                    if left == 1:
-                        del pending[reader]
-                    else:
-                        pending[reader] = (proc, left - 1)
+                theirs.close()  # the worker holds the only other end: its death is EOF here
+                procs[mine] = proc
+            _run_jobs(procs, jobs, out, cache_file is None, kept_by_job, errors_by_job, bar, n, spec)
     except _WorkerDied as e:
         raise DataError(str(e)) from None
     finally:
         bar.close()
-        for reader, (proc, _) in procs.items():
+        for conn, proc in procs.items():
             if proc.is_alive():
                 proc.kill()
             proc.join()
-            reader.close()
+            conn.close()
     # Pack the rows of all jobs to the front, in file order (every move is to a lower index).
     kept, skipped, filled = [], [], 0
-    for j, _ in jobs:
+    for j, (start, _) in enumerate(jobs):
         skipped.extend(errors_by_job[j])
         idx = kept_by_job[j]
-        if filled != j * chunk:
-            out[filled:filled + len(idx)] = out[j * chunk:j * chunk + len(idx)]
+        if filled != start:
+            out[filled:filled + len(idx)] = out[start:start + len(idx)]
         filled += len(idx)
-        kept.extend(j * chunk + i for i in idx)
+        kept.extend(start + i for i in idx)
     return torch.from_numpy(out[:filled]), kept, skipped
+
+
+def _run_jobs(procs, jobs, out, rows_by_pipe, kept_by_job, errors_by_job, bar, n, spec):
+    """Hand the jobs to the workers (JOBS_AHEAD each, then one per finished job) and collect
+    their headers (and rows when rows_by_pipe) into out / kept_by_job / errors_by_job."""
+    import multiprocessing as mp
+    from multiprocessing.connection import wait
+
+    given = 0
+    busy = {conn: 0 for conn in procs}  # jobs handed to a worker and not yet back
+    stopped = set()  # workers told there are no more jobs
+
+    def hand_out(conn):
+        nonlocal given
+        if conn in stopped:
+            return
+        if given < len(jobs):
+            conn.send(given)
+            given += 1
+            busy[conn] += 1
+        else:
+            conn.send(None)
+            stopped.add(conn)
+
+    def collect(conn):
+        header = conn.recv()
+        if header[0] == "error":
+            raise DataError(f"a decode worker process failed: {header[1]}")
+        j, idx, errors = header
+        start = jobs[j][0]
+        if rows_by_pipe:
+            conn.recv_bytes_into(memoryview(out[start:start + len(idx)]).cast("B"))
+        kept_by_job[j], errors_by_job[j] = idx, errors
+        bar.update(jobs[j][1])
+        busy[conn] -= 1
+        hand_out(conn)
+
+    conn = None
+    try:
+        for _ in range(JOBS_AHEAD):
+            for conn in procs:
+                hand_out(conn)
+        while any(busy.values()):
+            for conn in wait([c for c, b in busy.items() if b]):
+                collect(conn)
+    except (EOFError, OSError, mp.BufferTooShort):
+        raise _WorkerDied(_worker_death(procs[conn], n, spec)) from None
 
 
 def load_image_folder(root, spec, *, progress=True, cache=None, workers=None, use_cache=True,
@@ -335,7 +399,7 @@ def load_image_folder(root, spec, *, progress=True, cache=None, workers=None, us
 
 
 def _disk_cache_data(folder: Path, root: Path, listing: Listing, spec, *, workers, progress) -> ImageFolderData:
-    """The folder's images from its disk cache (built first when absent): Rows over the mapping."""
+    """The folder's images from its disk cache (built first when absent): Rows over its file."""
     got = read_disk_cache(folder)
     if got is None:
         files = listing.files
