@@ -132,6 +132,7 @@ class PredictionWriter:
 
     def __init__(self, target, fmt: str, class_names, topk: int, *, append: bool = False):
         self.target, self.fmt, self.class_names, self.topk, self.append = target, fmt, class_names, topk, append
+        self._name_cells = [escape_cell(name) for name in class_names]  # escaped once, not once a row
         self.stream = None
         self.rows = 0
 
@@ -158,11 +159,12 @@ class PredictionWriter:
             self._open()
         names = self.class_names
         if self.fmt == "csv":
+            cells = self._name_cells
             rows = []
             for path, idx, sc in zip(paths, indices, scores):
                 row = [escape_cell(path)]
                 for j, s in zip(idx, sc):
-                    row += [escape_cell(names[j]), f"{s:.6f}"]
+                    row += (cells[j], f"{s:.6f}")
                 rows.append(row)
             self._csv.writerows(rows)
         else:
