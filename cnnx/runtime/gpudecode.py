@@ -14,11 +14,12 @@ Per batch of files (`decode_images`, the same contract as pipeline.decode_images
      pixels, notes and errors rows are exactly the CPU path's.
   2. the GPU files in one nvImageCodec batch call per DEVICE_BYTES of decoded pixels; a file it
      returns None for (corrupt, unsupported) goes to `load_image` as well.
-  3. each decoded image through the resize graph: the centre crop of the shorter-side resize
-     (whole pixels, within half a source pixel of load_image's box), then onnxruntime's Resize
-     (linear, antialias: Pillow's filter) to the model's H x W, uint8 NCHW out.
-The pixels differ a little from load_image's (which decodes JPEGs DCT-scaled by libjpeg-turbo
-before its resize): top-1 agreement through the model is the measure (benchmarks/).
+  3. each decoded image through the resize graph: load_image's centre crop of the shorter-side
+     resize, with the geometry of its DCT-scaled decode (`crop_feeds`), then onnxruntime's
+     Resize (linear, antialias: Pillow's filter) to the model's H x W, uint8 NCHW out.
+The pixels differ a little from load_image's (which resizes from libjpeg-turbo's DCT-scaled
+decode, the GPU from the full-size one): top-1 agreement through the model is the measure
+(benchmarks/gpu_classify.py).
 
 `device="cpu"` runs the same code path on nvImageCodec's libjpeg-turbo backend and onnxruntime's
 CPU provider: that is how it is tested without a GPU.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import os
 import struct
 import sys
@@ -149,42 +151,71 @@ def jpeg_route(data: bytes, max_pixels: int) -> str | None:
 def resize_model_bytes() -> bytes:
     """The ONNX graph that turns one decoded image into model input:
     pixels uint8 [H, P] (rows of interleaved RGB, P >= 3W bytes: a device row pitch may pad)
-    -> Slice rows [top, bottom), bytes [3 left, 3 right) -> Reshape [h, w, 3] -> Transpose,
-    Unsqueeze [1, 3, h, w] -> Resize(linear, antialias, half_pixel) to `sizes` -> uint8 [1, 3, H', W']."""
+    -> Slice rows [top, bottom), bytes [3 left, 3 right) -> Reshape [h, w, 3]
+    -> the last column repeated `pad_right` [1, n, 1] times, the last row `pad_bottom` [n, 1, 1]
+       times (Expand + Concat; n may be 0)
+    -> Transpose, Unsqueeze [1, 3, h, w] -> Resize(linear, antialias, half_pixel) to `sizes`
+    -> uint8 [1, 3, H', W']."""
     import onnx
     from onnx import TensorProto, helper
 
     nodes = [
         helper.make_node("Slice", ["pixels", "starts", "ends"], ["crop"]),
-        helper.make_node("Reshape", ["crop", "hwc"], ["hwc_image"]),
-        helper.make_node("Transpose", ["hwc_image"], ["chw_image"], perm=[2, 0, 1]),
+        helper.make_node("Reshape", ["crop", "hwc"], ["cropped"]),
+        helper.make_node("Slice", ["cropped", "last", "end", "axis1"], ["last_column"]),
+        helper.make_node("Expand", ["last_column", "pad_right"], ["right_edge"]),
+        helper.make_node("Concat", ["cropped", "right_edge"], ["wide"], axis=1),
+        helper.make_node("Slice", ["wide", "last", "end", "axis0"], ["last_row"]),
+        helper.make_node("Expand", ["last_row", "pad_bottom"], ["bottom_edge"]),
+        helper.make_node("Concat", ["wide", "bottom_edge"], ["padded"], axis=0),
+        helper.make_node("Transpose", ["padded"], ["chw_image"], perm=[2, 0, 1]),
         helper.make_node("Unsqueeze", ["chw_image", "axis0"], ["nchw_image"]),
         helper.make_node("Resize", ["nchw_image", "", "", "sizes"], ["images"], mode="linear", antialias=1,
                          coordinate_transformation_mode="half_pixel"),
     ]
     i64 = lambda name, n: helper.make_tensor_value_info(name, TensorProto.INT64, [n])  # noqa: E731
+    const = lambda name, value: helper.make_tensor(name, TensorProto.INT64, [1], [value])  # noqa: E731
     graph = helper.make_graph(
         nodes, "cnnx_resize",
         [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["H", "P"]),
-         i64("starts", 2), i64("ends", 2), i64("hwc", 3), i64("sizes", 4)],
+         i64("starts", 2), i64("ends", 2), i64("hwc", 3), i64("pad_right", 3), i64("pad_bottom", 3),
+         i64("sizes", 4)],
         [helper.make_tensor_value_info("images", TensorProto.UINT8, [1, 3, "out_h", "out_w"])],
-        initializer=[helper.make_tensor("axis0", TensorProto.INT64, [1], [0])])
+        initializer=[const("axis0", 0), const("axis1", 1), const("last", -1), const("end", 1 << 62)])
     # IR 9 (onnx 1.15's): read by every onnxruntime that has Resize-18's antialias.
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", RESIZE_OPSET)], ir_version=9)
     onnx.checker.check_model(model)
     return model.SerializeToString()
 
 
+def dct_scale(h: int, w: int, out_h: int, out_w: int) -> tuple:
+    """(k, 8): the scale k/8 at which load_image has libjpeg-turbo decode an h x w JPEG for an
+    out_h x out_w model (preprocess._load_jpeg: the smallest k/8 whose decoded size still covers
+    the shorter-side resize); (8, 8) when the image is not larger than needed."""
+    scale = max(out_h / h, out_w / w)
+    if scale >= 1:
+        return 8, 8
+    min_h, min_w = math.ceil(h * scale - 1e-6), math.ceil(w * scale - 1e-6)
+    return next((k, 8) for k in range(1, 9) if -(-h * k // 8) >= min_h and -(-w * k // 8) >= min_w)
+
+
 def crop_feeds(h: int, w: int, out_h: int, out_w: int) -> dict:
-    """The small inputs of the resize graph for an h x w image: the centre crop of load_image's
-    shorter-side resize (preprocess._crop_box) in whole pixels, and the output size."""
+    """The small inputs of the resize graph for an h x w image: load_image's centre crop of the
+    shorter-side resize, taken as load_image takes it from the DCT-scaled image (whose last
+    block row/column stands for up to 8/k full-size pixels past the edge: those are the
+    edge repeated), in whole full-size pixels; and the output size."""
     from cnnx.runtime.preprocess import _crop_box
 
-    left, top, right, bottom = _crop_box(w, h, out_h, out_w)
-    left, top = min(round(left), w - 1), min(round(top), h - 1)
-    right, bottom = max(round(right), left + 1), max(round(bottom), top + 1)
+    k, d = dct_scale(h, w, out_h, out_w)
+    scaled_h, scaled_w = -(-h * k // d), -(-w * k // d)
+    left, top, right, bottom = (round(v * d / k) for v in _crop_box(scaled_w, scaled_h, out_h, out_w))
+    left, top = min(left, w - 1), min(top, h - 1)
+    right, bottom = max(right, left + 1), max(bottom, top + 1)
+    pad_right, pad_bottom = max(0, right - w), max(0, bottom - h)
+    right, bottom = min(right, w), min(bottom, h)
     return {"starts": np.array([top, 3 * left], np.int64), "ends": np.array([bottom, 3 * right], np.int64),
             "hwc": np.array([bottom - top, right - left, 3], np.int64),
+            "pad_right": np.array([1, pad_right, 1], np.int64), "pad_bottom": np.array([pad_bottom, 1, 1], np.int64),
             "sizes": np.array([1, 3, out_h, out_w], np.int64)}
 
 
