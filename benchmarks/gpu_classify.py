@@ -779,7 +779,8 @@ def summarize(r: dict):
         lines.append(f"GPU decode (resnet18 fp32 on the photos): {g['gpu_decode']['img_s']:,.0f} vs CPU decode "
                      f"{g['cpu_decode']['img_s']:,.0f} img/s = {g['gpu_vs_cpu_decode']}x (goal 3x, "
                      f"{'met' if g['speed_met'] else 'not met'}; CPU decoding is {'' if limit else 'not '}the limit), "
-                     f"top-1 agreement {g['top1_agreement']} on {g['n']} (goal 0.995, "
+                     f"top-1 agreement {g['top1_agreement']} on {g['n']}, {g['distinct_top1_classes']} classes given "
+                     f"(goal 0.995, "
                      f"{'met' if g['agreement_met'] else 'not met'})")
     if r.get("gpu_decode_only_photos"):
         lines.append(f"GPU decode only (photos): {r['gpu_decode_only_photos']}; pixels vs load_image: "
