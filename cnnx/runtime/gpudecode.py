@@ -468,19 +468,19 @@ class GpuDecoder:
         return [None if img is None else self._resize(img, out_h, out_w) for img in images]
 
     def _resize(self, img, out_h: int, out_w: int):
-        h, w = img.shape[0], img.shape[1]
+        """One decoded image (device or host memory, as nvImageCodec left it: rows may be padded)
+        bound in place to the resize graph's input -> (3, out_h, out_w) uint8 on the host."""
         if img.ndim != 3 or img.shape[2] != 3:
             return None
-        feeds = crop_feeds(h, w, out_h, out_w)
+        h, w = img.shape[0], img.shape[1]
+        on_gpu = self.device == "cuda"
+        buffer = img.__cuda_array_interface__ if on_gpu else img.__array_interface__
+        pitch = buffer["strides"][0] if buffer.get("strides") else 3 * w
         try:
-            if self.device == "cpu":
-                pixels = np.ascontiguousarray(np.asarray(img)).reshape(h, 3 * w)
-                return self.session.run(None, {"pixels": pixels, **feeds})[0][0]
-            cai = img.__cuda_array_interface__
-            pitch = cai["strides"][0] if cai.get("strides") else 3 * w
             binding = self.session.io_binding()
-            binding.bind_input("pixels", "cuda", self.device_id, np.uint8, (h, pitch), cai["data"][0])
-            for name, value in feeds.items():
+            binding.bind_input("pixels", "cuda" if on_gpu else "cpu", self.device_id if on_gpu else 0, np.uint8,
+                               [h, pitch], buffer["data"][0])
+            for name, value in crop_feeds(h, w, out_h, out_w).items():
                 binding.bind_cpu_input(name, value)
             binding.bind_output("images", "cpu")
             self.session.run_with_iobinding(binding)
