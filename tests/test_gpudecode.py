@@ -73,6 +73,8 @@ def test_baseline_and_gray_jpegs_go_to_the_gpu_the_rest_to_the_cpu_decoder():
         "first id R": (patched(base, sof + 10, b"R"), None),  # libjpeg wants all three ids R, G, B
         "png": (_png(rgb), gpudecode.NOT_JPEG),
         "header only": (base[:sof], gpudecode.NO_HEADER),
+        "truncated": (base[:len(base) * 2 // 3], gpudecode.NO_END),
+        "padded after EOI": (base + b"\0" * 100, None),
         "junk after SOI": (b"\xff\xd8\xff" + b"junk" * 20, gpudecode.NO_HEADER),
     }
     ids = base[sof + 10], base[sof + 13], base[sof + 16]
@@ -82,6 +84,12 @@ def test_baseline_and_gray_jpegs_go_to_the_gpu_the_rest_to_the_cpu_decoder():
     got = {name: jpeg_route(data, BIG) for name, (data, _want) in cases.items()}
     assert got == {name: want for name, (_data, want) in cases.items()}
     assert jpeg_route(base, 48 * 64) is None and jpeg_route(base, 48 * 64 - 1) == gpudecode.TOO_LARGE
+
+
+def bad_huffman_table(data: bytes) -> bytes:
+    """The JPEG with its first Huffman table's code counts overwritten (libjpeg: bogus table)."""
+    i = data.index(b"\xff\xc4")
+    return data[:i + 5] + b"\xff" * 16 + data[i + 21:]
 
 
 def _png(arr) -> bytes:
@@ -159,8 +167,8 @@ def test_the_resize_graph_passes_an_image_of_the_model_size_unchanged_and_ignore
 @pytest.fixture(scope="module")
 def mixed_folder(tmp_path_factory) -> Path:
     """Real files of every kind the router sends somewhere: baseline photos (GPU), progressive,
-    CMYK, EXIF-rotated, PNG (CPU), a truncated JPEG that passes the router (the decoder refuses
-    it: CPU error row), junk, an empty file."""
+    CMYK, EXIF-rotated, PNG, truncated (CPU), a JPEG with a bogus Huffman table that passes the
+    router (the decoder refuses it: CPU error row), junk, an empty file."""
     d = tmp_path_factory.mktemp("mixed")
     for i, (h, w) in enumerate([(480, 640), (640, 360), (300, 300), (700, 500), (50, 40)]):
         (d / f"a_photo{i}.jpg").write_bytes(jpeg(photo_like(h, w, seed=i)))
@@ -171,6 +179,7 @@ def mixed_folder(tmp_path_factory) -> Path:
     (d / "e_image.png").write_bytes(_png(rgb[:100, :120]))
     full = jpeg(rgb)
     (d / "f_truncated.jpg").write_bytes(full[:len(full) // 3])
+    (d / "f_bad_huffman_table.jpg").write_bytes(bad_huffman_table(full))
     (d / "g_junk.jpg").write_bytes(b"\xff\xd8\xff" + b"junk" * 40)
     (d / "h_empty.jpg").write_bytes(b"")
     return d
@@ -189,7 +198,7 @@ def test_the_decoder_gives_the_cpu_decoders_rows_errors_and_notes(mixed_folder, 
     mine = cpu_backend_decoder.decode_images(paths, SPEC, BIG)
     ref = decode_images(paths, SPEC, BIG)
     assert mine[1] == ref[1]  # the same files decoded, in order
-    assert mine[2] == ref[2] and len(ref[2]) == 4  # truncated, junk, empty, missing: the CPU decoder's rows
+    assert mine[2] == ref[2] and len(ref[2]) == 5  # 2 truncated, junk, empty, missing: the CPU decoder's rows
     assert mine[3] == ref[3]
     on_gpu = [i for i, p in enumerate(ref[1]) if "a_photo" in p]
     on_cpu = [i for i, p in enumerate(ref[1]) if "a_photo" not in p]
@@ -198,7 +207,21 @@ def test_the_decoder_gives_the_cpu_decoders_rows_errors_and_notes(mixed_folder, 
     diff = np.abs(mine[0][on_gpu].astype(int) - ref[0][on_gpu])
     # load_image decodes DCT-scaled before its resize; the GPU path resizes from full size.
     assert diff.mean() < 1.0 and diff.max() <= 12, (diff.mean(), diff.max())
-    assert cpu_backend_decoder.to_cpu[gpudecode.REFUSED] >= 1  # the truncated file: refused, then load_image
+    assert cpu_backend_decoder.to_cpu[gpudecode.NO_END] >= 1  # the truncated file
+    assert cpu_backend_decoder.to_cpu[gpudecode.REFUSED] >= 1  # the bad table: refused, then load_image
+
+
+@needs_nvimgcodec
+def test_a_file_damaged_inside_its_scan_is_the_gpu_decoders_to_judge(cpu_backend_decoder, tmp_path):
+    """Known difference, documented: scan data cut short but with the end marker in place passes
+    the router; nvImageCodec decodes it leniently (libjpeg's non-strict mode) where load_image,
+    strict, reports it corrupt. Only files the GPU decoder refuses fall back."""
+    full = jpeg(photo_like(300, 400, seed=5))
+    path = tmp_path / "damaged.jpg"
+    path.write_bytes(full[:len(full) // 2] + b"\xff\xd9")
+    assert jpeg_route(path.read_bytes(), BIG) is None
+    assert decode_images([str(path)], SPEC, BIG)[2][0][1] == "decode"
+    assert cpu_backend_decoder.decode_images([str(path)], SPEC, BIG)[1] == [str(path)]
 
 
 @pytest.fixture(scope="module")

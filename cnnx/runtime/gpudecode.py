@@ -9,14 +9,17 @@ nvImageCodec, onnx and onnxruntime are imported inside functions.
 Per batch of files (`decode_images`, the same contract as pipeline.decode_images):
   1. read and route each file (CPU threads): `jpeg_route` reads the JPEG header only. A
      baseline or extended-sequential 8-bit Huffman JPEG, gray or YCbCr, without an EXIF
-     rotation, within max_pixels, goes to the GPU; everything else (progressive, CMYK/YCCK,
-     12-bit, arithmetic, RGB-coded, rotated, not a JPEG, unreadable) to `load_image`, so its
-     pixels, notes and errors rows are exactly the CPU path's.
+     rotation, within max_pixels, ending in its EOI marker, goes to the GPU; everything else
+     (progressive, CMYK/YCCK, 12-bit, arithmetic, RGB-coded, rotated, truncated, not a JPEG,
+     unreadable) to `load_image`, so its pixels, notes and errors rows are exactly the CPU path's.
   2. the GPU files in one nvImageCodec batch call per DEVICE_BYTES of decoded pixels; a file it
      returns None for (corrupt, unsupported) goes to `load_image` as well.
   3. each decoded image through the resize graph: load_image's centre crop of the shorter-side
      resize, with the geometry of its DCT-scaled decode (`crop_feeds`), then onnxruntime's
      Resize (linear, antialias: Pillow's filter) to the model's H x W, uint8 NCHW out.
+A file damaged inside its scan data but ending in its EOI marker passes the router: the GPU
+decoder decodes what it can (as libjpeg's lenient mode does) where load_image, strict, reports
+it corrupt; only files the GPU decoder refuses fall back.
 The pixels differ a little from load_image's (which resizes from libjpeg-turbo's DCT-scaled
 decode, the GPU from the full-size one): top-1 agreement through the model is the measure
 (benchmarks/gpu_classify.py).
@@ -58,6 +61,7 @@ COLOR = "CMYK, YCCK or RGB-coded JPEG"
 ROTATED = "EXIF orientation"
 TOO_LARGE = "more pixels than max_pixels"
 NO_HEADER = "no readable frame header"
+NO_END = "no end-of-image marker (truncated?)"
 UNREADABLE = "cannot be read"  # load_image words the error
 REFUSED = "refused by the GPU decoder"  # step 2: nvImageCodec returned no image
 
@@ -72,6 +76,7 @@ _SOF_PROGRESSIVE = (0xC2,)
 _SOF_LOSSLESS = (0xC3, 0xC5, 0xC6, 0xC7)  # lossless, differential (hierarchical) Huffman
 _SOF_ARITHMETIC = (0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
 _RGB_COMPONENT_IDS = (b"RGB", b"rgb")
+_EOI_TAIL = 4096  # bytes at the end searched for the end-of-image marker (some writers pad after it)
 
 
 @dataclass(frozen=True)
@@ -143,6 +148,10 @@ def jpeg_route(data: bytes, max_pixels: int) -> str | None:
     orientation, note = jpeg_orientation(data)
     if orientation != 1 or note is not None:
         return ROTATED
+    # A cut-off file: load_image reports it (libjpeg in strict mode); nvJPEG might fill in the
+    # rest. EOI cannot occur inside entropy-coded data, so it is looked for near the end only.
+    if data.rfind(b"\xff\xd9", max(0, len(data) - _EOI_TAIL)) < 0:
+        return NO_END
     return None
 
 
