@@ -2,8 +2,8 @@
 
 What one run measures (every figure with the card it ran on, all in the same process/run):
   card        nvidia-smi and torch.cuda.get_device_name; onnxruntime's version, file, providers;
-              cnnx.runtime.cuda.diagnose() / diagnose_tensorrt(); the host memory kind the
-              IOBinding path got (pinned-onnxruntime / pinned-cudart / pageable)
+              cnnx.runtime.cuda.diagnose() / diagnose_tensorrt(), gpudecode.diagnose(); the host
+              memory kind the IOBinding path got (pinned-onnxruntime / pinned-cudart / pageable)
   exports     resnet18 (224 px, 1,000 classes; ImageNet weights when torchvision has them
               cached, else seeded random) and airnet (32 px, 10 classes, seeded random) through
               `cnnx export --fp16` on this machine's torch; its parity report (CPU and CUDA
@@ -247,6 +247,9 @@ def card() -> dict:
     out["onnxruntime"] = {"version": ort.__version__, "file": ort.__file__, "providers": ort.get_available_providers()}
     out["cuda_diagnosis"] = cuda.describe()
     out["tensorrt_diagnosis"] = cuda.diagnose_tensorrt().reason
+    from cnnx.runtime import gpudecode
+
+    out["gpu_decode_diagnosis"] = gpudecode.diagnose().reason
     out["cores"] = len(os.sched_getaffinity(0))
     return out
 
@@ -565,12 +568,12 @@ def gpu_decode_pixels(folder: Path, size: int, smoke: bool, n: int = 64, model: 
 
         with Classifier(model, device, batch_size=16) as clf:
             a, b = clf.predict(ref), clf.predict(mine)
-        centre = a.mean(0)
+        top_a, top_b = (a - a.mean(0)).argmax(1), (b - a.mean(0)).argmax(1)
         out["logits"] = {"max_abs": round(float(np.abs(a - b).max()), 4),
                          "top1_agreement": round(float((a.argmax(1) == b.argmax(1)).mean()), 4),
-                         "distinct_top1_classes": int(len(set(a.argmax(1).tolist()))),
-                         "centred_top1_agreement": round(float(((a - centre).argmax(1) == (b - centre).argmax(1)).mean()), 4),
-                         "centred_distinct_classes": int(len(set((a - centre).argmax(1).tolist())))}
+                         "distinct_top1_classes": len(set(a.argmax(1).tolist())),
+                         "centred_top1_agreement": round(float((top_a == top_b).mean()), 4),
+                         "centred_distinct_classes": len(set(top_a.tolist()))}
     return out
 
 

@@ -159,7 +159,8 @@ def test_the_resize_graph_passes_an_image_of_the_model_size_unchanged_and_ignore
     arr = photo_like(64, 64, seed=3)
     assert np.array_equal(run_resize(resize_session, arr, 64, 64), arr.transpose(2, 0, 1))
     big = photo_like(300, 400, seed=4)
-    assert np.array_equal(run_resize(resize_session, big, 64, 64, pad=0), run_resize(resize_session, big, 64, 64, pad=64))
+    assert np.array_equal(run_resize(resize_session, big, 64, 64, pad=0),
+                          run_resize(resize_session, big, 64, 64, pad=64))
 
 
 # --- the whole decoder on nvImageCodec's CPU backend -----------------------------------------------
