@@ -85,6 +85,34 @@ def test_same_rows_as_local_pipeline(ray_session, folder, model, local, tmp_path
     assert summary.classified == len(want) and summary.skipped == {k: v for k, v in stages.items() if k != "note"}
 
 
+def test_blocks_of_several_batches_same_rows(ray_session, folder, model, local, tmp_path):
+    """A Ray block holds up to MAX_BATCHES_PER_BLOCK batches (Ray's cost is per block): with
+    batch_size 4 the ~50 paths go in blocks of 2 batches, bad files among them, and the rows
+    are still local classify's, in its order."""
+    from cnnx.runtime.ray_engine import _block_rows
+
+    assert _block_rows(len(local[0]) + len(local[1]), 4, 2) == 8  # the case this test runs
+    out = tmp_path / "blocks.csv"
+    classify_with_ray([str(folder)], str(model), output=str(out), num_workers=2, batch_size=4)
+    assert_same_predictions(read_predictions(out), local[0])
+    assert sorted(read_errors(tmp_path / "blocks.errors.csv")) == sorted(local[1])
+
+
+def test_block_rows_share_the_work():
+    """Blocks are whole batches, at most MAX_BATCHES_PER_BLOCK of them, and small inputs are
+    cut so that each actor gets BLOCKS_PER_ACTOR blocks to work on."""
+    from cnnx.runtime.ray_engine import BLOCKS_PER_ACTOR, MAX_BATCHES_PER_BLOCK, _block_rows
+
+    assert _block_rows(50_000, 256, 2) == 256 * MAX_BATCHES_PER_BLOCK  # CIFAR on 2 cores: 25 blocks
+    assert _block_rows(10_000_000, 256, 64) == 256 * MAX_BATCHES_PER_BLOCK
+    assert _block_rows(40, 16, 2) == 16  # fewer paths than the actors' share: one batch a block
+    for paths, batch, workers in [(50_000, 256, 2), (3_000, 64, 3), (500, 8, 4), (1, 256, 8)]:
+        rows = _block_rows(paths, batch, workers)
+        assert rows % batch == 0
+        blocks = -(-paths // rows)
+        assert rows == batch or blocks >= BLOCKS_PER_ACTOR * workers
+
+
 def test_gpu_actor_plan_same_rows(ray_session, folder, model, local, tmp_path):
     """num_gpus_per_worker > 0: a CPU decode stage feeds GPU actors (the session declares one
     GPU; without a CUDA driver onnxruntime runs on the CPU, which is what this checks)."""
