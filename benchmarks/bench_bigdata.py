@@ -233,7 +233,9 @@ def beyond_memory(a, src, work) -> dict:
     limit = a.limit_mib * 2**20
     big = make_folder(src, work / "big", a.images, a.side, 2)
     small = make_folder(src, work / "small", a.images // 10, a.side, 2)
-    for name in ("run-small", "run-big"):
+    # Each child builds its cache: its pages are then charged to the child's cgroup (a cache built
+    # outside it would sit in page cache charged elsewhere, and the limit would not bind on it).
+    for name in ("run-small", "run-big", "cache-small", "cache-big"):
         shutil.rmtree(work / name, ignore_errors=True)
     r_small = run_child(small, work / "cache-small", work / "run-small", "disk", 1, a.side, limit)
     r_big = run_child(big, work / "cache-big", work / "run-big", "disk", 1, a.side, limit)
@@ -356,8 +358,8 @@ def main():
     p.add_argument("--photos", type=int, default=2000)
     p.add_argument("--photo-side", type=int, default=512)
     p.add_argument("--decode-workers", type=int, default=2)
-    p.add_argument("--decode-rounds", type=int, default=5)
-    p.add_argument("--reader-limit-mib", type=int, default=640, help="memory cgroup limit of the reader part's child")
+    p.add_argument("--decode-rounds", type=int, default=9)
+    p.add_argument("--reader-limit-mib", type=int, default=384, help="memory cgroup limit of the reader part's child")
     p.add_argument("--parts", default="beyond-memory,speed,decode,reader",
                    help="comma-separated; each replaces its own entry in the results JSON")
     p.add_argument("--work", type=Path, help="folder for the made image folders and caches, kept (default: a temp "

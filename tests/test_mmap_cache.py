@@ -70,7 +70,7 @@ def _resident_kib(path: Path) -> int:
 
 def test_rows_are_read_from_the_file_not_through_its_map(cifar_subset, tmp_path):
     """The cache's pages never become the process's own: under a memory limit smaller than the
-    cache, faulting mapped pages in (and the kernel reclaiming them) cost ~30x pread's time."""
+    cache, faulting mapped pages in (and the kernel reclaiming them) cost ~38x pread's time."""
     data = cifar_subset(12)
     disk = load_image_folder(data, SPEC, progress=False, cache=tmp_path, workers=2, cache_mode="disk")
     n = len(disk.labels)

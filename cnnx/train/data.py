@@ -140,9 +140,9 @@ def _decode_chunk(paths, spec, out):
 
 def _decode_worker(conn, paths, jobs, spec, cache_file=None):
     """A decode process: for each job number it receives ((start, count) in `jobs`; None: no
-    more) it decodes those paths into its own buffer and sends a header (job, indices, errors),
-    then the decoded rows as raw bytes, over its own pipe. With `cache_file` (the disk cache) it
-    writes each row into the file itself (_FileRows) and sends only the header."""
+    more) it decodes those paths and sends a header (job, indices, errors) over its own pipe,
+    then the decoded rows as raw bytes from its buffer; with `cache_file` (the disk cache) it
+    writes each row into the file itself (_FileRows) instead, and sends only the header."""
     import signal
 
     import numpy as np
@@ -176,8 +176,8 @@ def _decode_worker(conn, paths, jobs, spec, cache_file=None):
 
 class _FileRows:
     """Rows start, start+1, ... of the disk cache's file as a write-only sequence: `rows[k] = arr`
-    is one pwrite, one copy into the page cache (writing through a mapping costs a page fault
-    per 4 KiB page as well: 2-5x the time of the copy)."""
+    is one pwrite, one copy into the page cache (writing through a mapping adds a page fault per
+    4 KiB page to that copy)."""
 
     def __init__(self, fd: int, start: int, row_bytes: int):
         self.fd, self.start, self.row_bytes = fd, start, row_bytes
