@@ -1,6 +1,6 @@
 """`cnnx classify --engine ray`: the same classification spread over a Ray cluster with Ray Data.
 
-    driver: list the inputs -> ray.data.from_arrow(paths) -> map_batches(_ClassifyActor,
+    driver: list the inputs -> ray.data.from_blocks(paths) -> map_batches(_ClassifyActor,
             ActorPoolStrategy): one onnxruntime session per actor, decoding with the one
             load_image -> rows streamed back in order -> cnnx.runtime.output's writers
 
@@ -353,7 +353,8 @@ def _dataset(ray, todo, model, spec, topk, device, max_pixels, batch_size, worke
 
 BLOCKS_PER_ACTOR = 4  # at least this many blocks per actor where the input allows: an even share of the work
 # Ray's cost is per block (a task to schedule, its metadata, stats, an object to move): on 2
-# cores, blocks of one 256-image batch ran the pool at ~0.6x the rate of blocks of 8 (bench_ray).
+# cores, with blocks of one 256-image batch that cost was a large share of the run (profiled
+# with py-spy on bench_ray's 50,000 JPEGs); 8 batches a block make it small.
 MAX_BATCHES_PER_BLOCK = 8
 
 
