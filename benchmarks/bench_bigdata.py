@@ -399,7 +399,10 @@ def main():
     finally:
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)
-    write_result(path, {k: payload[k] for k in ("benchmark", "note", *[n for n in parts if n in payload])})
+    done = [n for n in parts if n in payload]
+    # The top-level command: each distinct command that measured a part here (write_result would name only this one).
+    commands = list(dict.fromkeys(payload[n]["measured"]["command"] for n in done))
+    write_result(path, {"command": " ; ".join(commands), **{k: payload[k] for k in ("benchmark", "note", *done)}})
 
 
 if __name__ == "__main__":
