@@ -458,13 +458,17 @@ def tune_pipeline(model: Path, cifar: Path, settings, reps: int) -> dict:
     return out
 
 
-def merge_result(path: Path, update: dict, argv) -> dict:
+def merge_result(path: Path, update: dict, parts, argv) -> dict:
     """The JSON at path (if any) with `update`'s keys replaced; goals judged on the merged
-    figures; written back with this command's provenance."""
+    figures; written back with this command's provenance, and each part's own (`parts`: the
+    command, time and commit that measured it)."""
+    from _results import provenance
+
     old = json.loads(path.read_text()) if path.exists() else {}
     for key in ("command", "machine", "recorded_at", "git_commit"):
         old.pop(key, None)
     doc = {**old, **update}
+    doc["parts"] = {**old.get("parts", {}), **{part: provenance(argv) for part in parts}}
     doc["goals"] = {"cpu_bound_ratio_min": 0.95, "memory_50k_vs_5k_max_ratio": 1.10}
     met = {}
     if b := doc.get("bound"):
@@ -489,6 +493,8 @@ def main(argv=None):
     ap.add_argument("--photos", type=int, default=200, help="number of 2-12 MP photos to make (default 200)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (best kept)")
     ap.add_argument("--batch-size", type=int, help="--part bound: at this batch size (default: cnnx classify's)")
+    ap.add_argument("--label", help="what this run measured, recorded as `label` (e.g. a change under review "
+                                    "run from a copy of the tree)")
     ap.add_argument("--out", type=Path, default=RESULTS / "bench_classify.json")
     args = ap.parse_args(argv)
     parts = args.part or ["bound", "memory"]
@@ -497,7 +503,10 @@ def main(argv=None):
     model = args.model or build_model()
     cifar = cifar_folder(args.cifar)
     small = linked_subset(cifar, 500)
-    update = {"model": str(model), "batch_size": args.batch_size or cli_default_batch_size()}
+    update = {"model": str(model), "batch_size": args.batch_size or cli_default_batch_size(),
+              "cnnx_source": str(Path(__import__("cnnx").__file__).parent)}
+    if args.label:
+        update["label"] = args.label
     if "bound" in parts:
         update["bound"] = measure_bound(model, cifar, args.rounds, args.batch_size)
         update["first_batch_latency_s"] = round(min(first_batch_latency(model, small) for _ in range(3)), 3)
@@ -537,7 +546,7 @@ def main(argv=None):
             update["cuda"] = {"cifar": {"images_per_s": round(len(labels) / wall, 1), "summary": summary}}
         else:
             update["cuda"] = "not measured: no NVIDIA driver on this machine"
-    doc = merge_result(args.out, update, None if argv is None else [__file__, *argv])
+    doc = merge_result(args.out, update, parts, None if argv is None else [__file__, *argv])
     print(json.dumps({k: doc[k] for k in ("bound", "memory", "goals_met") if k in doc}, indent=2))
 
 

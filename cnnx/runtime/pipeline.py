@@ -7,11 +7,11 @@ resize, and onnxruntime release the GIL (decode-only throughput on large JPEGs d
 back in order, i.e. in sorted path order, each with the same shape (the last one is padded)
 so onnxruntime sees one shape only.
 
-With an `infer` function (the CPU path), the thread that decodes a batch's last chunk also
-runs the batch through onnxruntime, so batches run concurrently, one a core, and a core is
-never idle while another decodes: on 2 cores a one-thread session run from both workers beats
-one two-thread session run from the caller, whose two halves of every operator wait for each
-other while a decoder holds one of the cores (benchmarks/bench_classify.py, "tuning").
+With an `infer` function, the thread that decodes a batch's last chunk also runs the batch
+through onnxruntime, so batches run concurrently, one a core, each on a one-thread session
+(model.open_model(concurrent=True)), rather than one session spreading every operator over
+all cores from the caller, whose halves wait for each other while a decoder holds a core
+(figures: benchmarks/results/bench_classify*.json).
 
 Memory does not grow with the number of files, nor past a fixed budget with the model's
 input size: a batch holds at most MAX_BATCH_BYTES of pixels (a smaller batch is used when
