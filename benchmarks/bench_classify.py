@@ -458,6 +458,10 @@ def tune_pipeline(model: Path, cifar: Path, settings, reps: int) -> dict:
     return out
 
 
+# Issue 8: goal 2 (cnnx classify >= 0.95 of the CPU bound) and goal 3 (peak memory flat).
+GOALS = {"cpu_bound_ratio_min": 0.95, "memory_50k_vs_5k_max_ratio": 1.10}
+
+
 def merge_result(path: Path, update: dict, parts, argv) -> dict:
     """The JSON at path (if any) with `update`'s keys replaced; goals judged on the merged
     figures; written back with this command's provenance, and each part's own (`parts`: the
@@ -465,23 +469,28 @@ def merge_result(path: Path, update: dict, parts, argv) -> dict:
     from _results import provenance
 
     old = json.loads(path.read_text()) if path.exists() else {}
-    for key in ("command", "machine", "recorded_at", "git_commit"):
-        old.pop(key, None)
+    # Only what a part of this version measured (and recorded in `parts`) is kept from before.
+    kept = {key for part in old.get("parts", {}) for key in PART_KEYS[part]}
+    old = {key: value for key, value in old.items() if key in kept or key in ("parts", "label")}
     doc = {**old, **update}
     doc["parts"] = {**old.get("parts", {}), **{part: provenance(argv) for part in parts}}
-    doc["goals"] = {"cpu_bound_ratio_min": 0.95, "memory_50k_vs_5k_max_ratio": 1.10}
+    doc["goals"] = GOALS
     met = {}
     if b := doc.get("bound"):
-        met["cpu_bound_ratio_process"] = b["ratio_process"] >= 0.95
-        met["cpu_bound_ratio_summary"] = b["ratio_summary"] >= 0.95
+        met["cpu_bound_ratio_process"] = b["ratio_process"] >= GOALS["cpu_bound_ratio_min"]
+        met["cpu_bound_ratio_summary"] = b["ratio_summary"] >= GOALS["cpu_bound_ratio_min"]
     if m := doc.get("memory"):
-        met["memory_50k_vs_5k"] = m["ratio"] <= doc["goals"]["memory_50k_vs_5k_max_ratio"]
+        met["memory_50k_vs_5k"] = m["ratio"] <= GOALS["memory_50k_vs_5k_max_ratio"]
     doc["goals_met"] = met
     write_result(path, doc, argv)
     return doc
 
 
-PARTS = ("bound", "tuning", "memory", "baselines", "photos", "decode", "cuda")
+# The keys each part writes.
+PART_KEYS = {"bound": ("bound", "first_batch_latency_s"), "tuning": ("tuning",), "memory": ("memory",),
+             "baselines": ("cifar",), "photos": ("photos", "photos_set"), "decode": ("decode_only",),
+             "cuda": ("cuda",)}
+PARTS = tuple(PART_KEYS)
 
 
 def main(argv=None):
