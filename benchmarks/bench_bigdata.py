@@ -339,6 +339,7 @@ def decode(a, src, work) -> dict:
             "decode_only_img_per_s": round(statistics.median(r["ceiling"] for r in rounds), 1),
             "cache_build_img_per_s": round(statistics.median(r["build"] for r in rounds), 1),
             "build_over_ceiling": round(ratio, 3), "build_over_ceiling_by_round": [round(x, 3) for x in ratios],
+            "rounds_img_per_s": [{k: round(v, 1) for k, v in r.items()} for r in rounds],
             "goal": 0.9, "goal_met": ratio >= 0.9}
 
 
