@@ -17,8 +17,9 @@ speed (goal 2): training img/s on the small folder (--images / 10) with the imag
   --speed-rounds rounds of one epoch each, in ABBA order, so load from elsewhere on the
   machine falls on both. Figure: the median over rounds of disk/memory epoch img/s. Goal >= 0.9x.
 decode (goal 3): photo-sized JPEGs (CIFAR upscaled to --photo-side px) decoded to 224 px:
-  load_image alone in N processes (the ceiling: DCT-scaled decoding as in cnnx classify, results
-  dropped) vs building the disk cache with N decode workers (listing, decoding, writing, syncing),
+  load_image alone in a pool of N processes taking tasks of 16 files as they finish (the ceiling:
+  DCT-scaled decoding as in cnnx classify, results dropped) vs building the disk cache with N
+  decode workers (listing, decoding, writing, syncing),
   --decode-rounds rounds in ABBA order; figure: the median over rounds of build/ceiling img/s.
   Goal >= 0.9x.
 reader (no goal; why the disk cache is read with pread): ms per batch of 16 random rows of the
@@ -311,14 +312,16 @@ def decode(a, src, work) -> dict:
     spec = make_spec(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     paths = [str(folder / f[0]) for f in list_image_folder(folder).files]
     n = a.decode_workers
-    chunks = [(paths[i::n], spec) for i in range(n)]
+    # Small tasks that the pool's processes take as they finish: when another program takes a core
+    # for a while, a fixed half each would wait for the slower process and understate the ceiling.
+    chunks = [(paths[i:i + 16], spec) for i in range(0, len(paths), 16)]
     _decode_files((paths[:50], spec))  # warm the file cache and the imports
     ctx = mp.get_context("fork")
 
     def ceiling() -> float:
         with ctx.Pool(n) as pool:
             t = time.perf_counter()
-            pool.map(_decode_files, chunks)
+            pool.map(_decode_files, chunks, chunksize=1)
             return len(paths) / (time.perf_counter() - t)
 
     def build() -> float:
