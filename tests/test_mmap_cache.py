@@ -96,7 +96,8 @@ def test_a_cache_removed_while_in_use_is_still_read(tmp_path):
 
 
 def test_a_cache_cut_short_while_in_use_is_one_line_not_a_crash(tmp_path):
-    """Through the map this was a SIGBUS: the training process died without a word."""
+    """Through the map, rows past the new end read as zeros (within the file's last page, as
+    here: the old reader returned them) or killed the process with SIGBUS (past that page)."""
     folder = tmp_path / "folders" / "k.u8"
     rows = _small_cache(folder)
     os.truncate(folder / "images.u8", 2 * 3 * 8 * 8)
