@@ -197,13 +197,18 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def run_driver(script: str, what: str) -> dict:
+    """Run a driver script in a fresh Python; -> the JSON object of its last stdout line."""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"{what} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run_ray(model: Path, folder: Path, batch_size: int, cores: int, out: Path) -> dict:
     script = RAY_DRIVER.format(root=str(ROOT), folder=str(folder), model=str(model), out=str(fresh(out)),
                                cores=cores, batch_size=batch_size)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode != 0:
-        raise SystemExit(f"ray driver failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = run_driver(script, "ray driver")
     return {"seconds": r["run_s"], "images_per_s": r["classified"] / r["run_s"], "ray_init_s": r["ray_init_s"],
             "first_rows_s": r["first_rows_s"], "steady_images_per_s": r["steady_images_per_s"],
             "classified": r["classified"], "summary": r["summary"], "cpu_s_after_init": r["cpu_s"]}
@@ -212,10 +217,7 @@ def run_ray(model: Path, folder: Path, batch_size: int, cores: int, out: Path) -
 def run_engine(folder: Path, batch_size: int, cores: int) -> dict:
     """Ray's own cost: the engine's plan with a no-op actor (ENGINE_DRIVER)."""
     script = ENGINE_DRIVER.format(root=str(ROOT), folder=str(folder), cores=cores, batch_size=batch_size)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode != 0:
-        raise SystemExit(f"engine-only driver failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = run_driver(script, "engine-only driver")
     return {"seconds": r["run_s"], "images_per_s": r["rows"] / r["run_s"], "rows": r["rows"],
             "ray_init_s": r["ray_init_s"], "cpu_s_after_init": r["cpu_s"],
             "cpu_s_total": round(sum(r["cpu_s"].values()), 2)}
