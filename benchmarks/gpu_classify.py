@@ -186,7 +186,8 @@ def install_wheels(part_dirs, wheel_dirs, site: Path) -> list:
 class Run:
     """Results, the deadline and the JSON written after every stage."""
 
-    def __init__(self, out: Path, budget_s: float, argv):
+    def __init__(self, out: Path, budget_s: float, argv, only=None):
+        self.only = only  # stage names to run (None: all)
         self.t0 = START
         self.deadline = START + budget_s
         self.out = out
@@ -198,7 +199,10 @@ class Run:
 
     def stage(self, name: str, fn, *args, need_s: float = 10.0, **kw):
         """fn(*args, **kw) -> its result stored under `name`; skipped when fewer than need_s
-        seconds are left; an exception is recorded as its first line (the run goes on)."""
+        seconds are left or when --stages leaves it out; an exception is recorded as its last
+        line (the run goes on)."""
+        if self.only is not None and name not in self.only | {"card", "cifar", "photos"}:  # the inputs always
+            return None
         if self.left() < need_s:
             self.results["skipped"][name] = f"out of time ({self.left():.0f} s left, needs ~{need_s:.0f} s)"
             log(f"[{name}] skipped: {self.results['skipped'][name]}")
@@ -359,7 +363,8 @@ def export(arch: str, size: int, classes: int, work: Path, verify: Path, parity_
         if r.returncode == 0:
             info.update(export=label, export_s=round(time.perf_counter() - t, 1))
             break
-        info["refusals"].append({"attempt": label, "error": (r.stderr.strip().splitlines() or ["?"])[-1][:500]})
+        info["refusals"].append({"attempt": label, "error": (r.stderr.strip().splitlines() or ["?"])[-1][:500],
+                                 "stderr_tail": r.stderr.strip().splitlines()[-40:]})
     else:
         # cnnx export failed every way (e.g. its dynamo exporter's packages missing there): the
         # tests' TorchScript-exporter builder of the same contract model (seeded weights), so
@@ -537,6 +542,88 @@ def gpu_decode_only(folder: Path, size: int, smoke: bool) -> dict:
     return {"files": n, "img_s": rate, "on_gpu": dec.on_gpu, "to_cpu": dec.to_cpu, "device": dec.device}
 
 
+def gpu_decode_ceiling(folder: Path, smoke: bool, batch: int = 32) -> dict:
+    """nvImageCodec's own decode rate on the photos (bytes already in memory, batches of `batch`,
+    every image synchronised, no resize, no copy back): the most any GPU-decode pipeline on this
+    card can give. Beside it the photos' megapixels, to compare with the CPU decode pipeline."""
+    from cnnx.runtime import gpudecode
+
+    nv = gpudecode.import_nvimgcodec()
+    datas = [p.read_bytes() for p in sorted(folder.iterdir())]
+    if smoke:
+        dec, cudart = nv.Decoder(device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY, backends=[nv.Backend(nv.BackendKind.CPU_ONLY)]), None
+    else:
+        dec, cudart = gpudecode._gpu_decoder(nv, 0), gpudecode._CudaRuntime(0)
+    params = gpudecode._decode_params(nv)
+
+    def run(chunk):
+        imgs = dec.decode([nv.CodeStream(d) for d in chunk], params=params)
+        if cudart is not None:
+            cudart.synchronize(i.cuda_stream for i in imgs if i is not None)
+        return imgs
+
+    run(datas[:batch])  # warm-up: the decoder's buffers and the hardware engines
+    t0 = time.perf_counter()
+    pixels, decoded = 0, 0
+    for i in range(0, len(datas), batch):
+        for img in run(datas[i:i + batch]):
+            if img is not None:
+                decoded += 1
+                pixels += img.shape[0] * img.shape[1]
+    wall = time.perf_counter() - t0
+    return {"files": len(datas), "decoded": decoded, "batch": batch, "img_s": round(decoded / wall, 1),
+            "megapixels_s": round(pixels / wall / 1e6, 1), "mean_megapixels": round(pixels / max(decoded, 1) / 1e6, 2)}
+
+
+def gpu_decode_diagnose(folder: Path, size: int, smoke: bool, n: int = 12) -> dict:
+    """Where GPU-decoded pixels part from load_image's, one step at a time, on n photos:
+    nvImageCodec's full-size decode (copied to the host) vs Pillow's; the resize graph on the
+    CPU provider on those host pixels vs load_image; the same graph on the device (pool 1 and
+    pool_factor's) vs on the CPU; and the image's stream and array interface."""
+    import numpy as np
+    import onnxruntime as ort
+    from PIL import Image
+
+    from cnnx.runtime import gpudecode
+    from cnnx.runtime.preprocess import load_image, make_spec
+
+    spec = make_spec(size, (0.5,) * 3, (0.25,) * 3)
+    dec = gpu_decoder(smoke)
+    nv = dec.nvimgcodec
+    cpu_sessions = {}
+    rows, first = [], None
+    try:
+        for path in sorted(folder.iterdir())[:n]:
+            img = dec.decoder.decode(nv.CodeStream(path.read_bytes()), params=dec.params)
+            if dec.cudart is not None:
+                dec.cudart.synchronize_device()
+            if first is None:
+                cai = img.__cuda_array_interface__ if dec.device == "cuda" else img.__array_interface__
+                first = {"shape": list(img.shape), "strides": str(img.strides), "cuda_stream": img.cuda_stream,
+                         "interface": {k: str(v) for k, v in cai.items() if k != "data"}, "buffer_kind": str(img.buffer_kind)}
+            host = np.asarray(img.cpu())
+            full = np.asarray(Image.open(path).convert("RGB"))
+            h, w = full.shape[:2]
+            load, _note = load_image(str(path), spec)
+            row = {"file": path.name, "hw": [h, w], "host_shape": list(host.shape),
+                   "nvjpeg_vs_pillow_full": round(float(np.abs(host.astype(int) - full).mean()), 3)}
+            for pool in sorted({1, gpudecode.pool_factor(h, w, size, size)}):
+                if pool not in cpu_sessions:
+                    cpu_sessions[pool] = ort.InferenceSession(gpudecode.resize_model_bytes(pool),
+                                                              providers=["CPUExecutionProvider"])
+                rgb = np.ascontiguousarray(host.reshape(h, -1))
+                on_cpu = cpu_sessions[pool].run(None, {"pixels": rgb, **gpudecode.crop_feeds(h, w, size, size, pool)})[0][0]
+                on_dev = dec._resize(img, size, size, pool)
+                row[f"pool{pool}"] = {
+                    "cpu_graph_vs_load_image": round(float(np.abs(on_cpu.astype(int) - load).mean()), 3),
+                    "device_graph_vs_cpu_graph": None if on_dev is None else round(float(np.abs(on_dev.astype(int) - on_cpu).mean()), 3),
+                    "device_graph_vs_load_image": None if on_dev is None else round(float(np.abs(on_dev.astype(int) - load).mean()), 3)}
+            rows.append(row)
+    finally:
+        dec.close()
+    return {"first_image": first, "rows": rows}
+
+
 def gpu_decode_pixels(folder: Path, size: int, smoke: bool, n: int = 64, model: str | None = None,
                       device: str = "cpu") -> dict:
     """The GPU decoder's uint8 model input vs load_image's on n photos: mean and max |diff| (levels).
@@ -658,6 +745,7 @@ def main(argv=None):
     ap.add_argument("--photos", type=int, default=480, help="synthetic 2-12 MP photos to make")
     ap.add_argument("--budget-s", type=float, default=420.0, help="stages that would end later are skipped")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU provider: proves the script")
+    ap.add_argument("--stages", help="comma-separated stage names to run (default: all); the others are not run")
     ap.add_argument("--prepare", action="store_true", help="download and split the wheel here, then exit")
     ap.add_argument("--cpu-decode-check", action="store_true",
                     help="no GPU: the GPU-decode path on nvImageCodec's CPU backend vs load_image "
@@ -676,7 +764,7 @@ def main(argv=None):
     device = "cpu" if smoke else "cuda"
     seconds = 0.5 if smoke else 3.0
     run = Run(a.results / ("gpu_classify-smoke.json" if smoke else "gpu_classify.json"), a.budget_s,
-              None if argv is None else [__file__, *argv])
+              None if argv is None else [__file__, *argv], only=a.stages and set(a.stages.split(",")))
     run.results.update(smoke=smoke, device=device, wheels_installed=wheels, batch_default=BATCH)
 
     info = run.stage("card", card, need_s=0)
@@ -720,6 +808,8 @@ def main(argv=None):
     run.stage("decode_only_photos", decode_only, photo_dir, 224, need_s=20)
     if models.get("resnet18"):
         size = models["resnet18"]["size"]
+        run.stage("gpu_decode_ceiling", gpu_decode_ceiling, photo_dir, smoke, need_s=20)
+        run.stage("gpu_decode_diagnose", gpu_decode_diagnose, photo_dir, size, smoke, need_s=20)
         run.stage("gpu_decode_only_photos", gpu_decode_only, photo_dir, size, smoke, need_s=20)
         run.stage("gpu_decode_pixels", gpu_decode_pixels, photo_dir, size, smoke, model=models["resnet18"]["fp32"],
                   device=device, need_s=15)

@@ -155,6 +155,35 @@ def test_crop_feeds_take_the_crop_where_load_image_does_from_its_dct_scaled_deco
     assert f["pad_right"][1] < d / k and f["pad_bottom"][0] < d / k
 
 
+@pytest.mark.parametrize("h,w,out", [(1200, 1600, (64, 64)), (701, 333, (48, 80)), (900, 900, (224, 224))])
+def test_the_pooled_graph_shrinks_whole_blocks_close_to_load_image(h, w, out):
+    """pool_factor's box filter before the Resize (how the GPU path shrinks large photos): the
+    crop grows by less than a block to whole blocks, and the pixels stay as close to
+    load_image's as the plain graph's (the DCT-scaled decode is near a box filter itself)."""
+    import onnxruntime as ort
+
+    from cnnx.runtime.preprocess import load_image
+
+    pool = gpudecode.pool_factor(h, w, *out)
+    k, d = gpudecode.dct_scale(h, w, *out)
+    assert pool > 1 and pool * k <= d < 2 * pool * k
+    plain, pooled = gpudecode.crop_feeds(h, w, *out), gpudecode.crop_feeds(h, w, *out, pool=pool)
+    size = [(e - b) // (3 if i else 1) + pad for i, (b, e, pad) in
+            enumerate(zip(pooled["starts"], pooled["ends"], (pooled["pad_bottom"][0], pooled["pad_right"][1])))]
+    assert size[0] % pool == 0 and size[1] % pool == 0
+    assert np.array_equal(pooled["starts"], plain["starts"])
+    arr = photo_like(h, w, seed=w)
+    ref = load_image(jpeg(arr), make_spec(out, (0.5,) * 3, (0.25,) * 3))[0].astype(int)
+    got = {}
+    for p in (1, pool):
+        session = ort.InferenceSession(gpudecode.resize_model_bytes(p), providers=["CPUExecutionProvider"])
+        got[p] = session.run(None, {"pixels": np.ascontiguousarray(arr.reshape(h, -1)),
+                                    **gpudecode.crop_feeds(h, w, *out, pool=p)})[0][0]
+        assert got[p].shape == (3, *out) and got[p].dtype == np.uint8
+    plain_diff, pooled_diff = (np.abs(got[p] - ref).mean() for p in (1, pool))
+    assert pooled_diff < 2.5 and pooled_diff < plain_diff + 1.0, (pooled_diff, plain_diff)
+
+
 def test_the_resize_graph_passes_an_image_of_the_model_size_unchanged_and_ignores_row_padding(resize_session):
     arr = photo_like(64, 64, seed=3)
     assert np.array_equal(run_resize(resize_session, arr, 64, 64), arr.transpose(2, 0, 1))

@@ -157,14 +157,28 @@ def jpeg_route(data: bytes, max_pixels: int) -> str | None:
 
 # --- the resize graph ----------------------------------------------------------------------------
 
-def resize_model_bytes() -> bytes:
+def pool_factor(h: int, w: int, out_h: int, out_w: int) -> int:
+    """The box filter (f x f average) the resize graph applies before its Resize: the largest
+    power of 2 <= 8/k, where k/8 is load_image's DCT scale for this image (dct_scale). libjpeg's
+    k/8 decode is close to a k/8 box filter, so the GPU path shrinks the way load_image does, and
+    the antialiased Resize after it only ever shrinks by less than about 2x."""
+    k, d = dct_scale(h, w, out_h, out_w)
+    f = 1
+    while 2 * f * k <= d:
+        f *= 2
+    return f
+
+
+def resize_model_bytes(pool: int = 1) -> bytes:
     """The ONNX graph that turns one decoded image into model input:
     pixels uint8 [H, P] (rows of interleaved RGB, P >= 3W bytes: a device row pitch may pad)
     -> Slice rows [top, bottom), bytes [3 left, 3 right) -> Reshape [h, w, 3]
     -> the last column repeated `pad_right` [1, n, 1] times, the last row `pad_bottom` [n, 1, 1]
        times (Expand + Concat; n may be 0)
     -> Transpose, Unsqueeze [1, 3, h, w] -> Resize(linear, antialias, half_pixel) to `sizes`
-    -> uint8 [1, 3, H', W']."""
+    -> uint8 [1, 3, H', W'].
+    pool > 1: the [1, 3, h, w] image (h and w multiples of pool: crop_feeds(pool=)) is averaged
+    over pool x pool blocks in float first (AveragePool), then resized and rounded back to uint8."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -179,9 +193,22 @@ def resize_model_bytes() -> bytes:
         helper.make_node("Concat", ["wide", "bottom_edge"], ["padded"], axis=0),
         helper.make_node("Transpose", ["padded"], ["chw_image"], perm=[2, 0, 1]),
         helper.make_node("Unsqueeze", ["chw_image", "axis0"], ["nchw_image"]),
-        helper.make_node("Resize", ["nchw_image", "", "", "sizes"], ["images"], mode="linear", antialias=1,
-                         coordinate_transformation_mode="half_pixel"),
     ]
+    resize = dict(mode="linear", antialias=1, coordinate_transformation_mode="half_pixel")
+    floats = []
+    if pool == 1:
+        nodes.append(helper.make_node("Resize", ["nchw_image", "", "", "sizes"], ["images"], **resize))
+    else:
+        nodes += [
+            helper.make_node("Cast", ["nchw_image"], ["float_image"], to=TensorProto.FLOAT),
+            helper.make_node("AveragePool", ["float_image"], ["pooled"], kernel_shape=[pool, pool], strides=[pool, pool]),
+            helper.make_node("Resize", ["pooled", "", "", "sizes"], ["resized"], **resize),
+            helper.make_node("Round", ["resized"], ["rounded"]),
+            helper.make_node("Clip", ["rounded", "zero", "max_level"], ["clipped"]),
+            helper.make_node("Cast", ["clipped"], ["images"], to=TensorProto.UINT8),
+        ]
+        floats = [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+                  helper.make_tensor("max_level", TensorProto.FLOAT, [], [255.0])]
     i64 = lambda name, n: helper.make_tensor_value_info(name, TensorProto.INT64, [n])  # noqa: E731
     const = lambda name, value: helper.make_tensor(name, TensorProto.INT64, [1], [value])  # noqa: E731
     graph = helper.make_graph(
@@ -190,7 +217,7 @@ def resize_model_bytes() -> bytes:
          i64("starts", 2), i64("ends", 2), i64("hwc", 3), i64("pad_right", 3), i64("pad_bottom", 3),
          i64("sizes", 4)],
         [helper.make_tensor_value_info("images", TensorProto.UINT8, [1, 3, "out_h", "out_w"])],
-        initializer=[const("axis0", 0), const("axis1", 1), const("last", -1), const("end", 1 << 62)])
+        initializer=[const("axis0", 0), const("axis1", 1), const("last", -1), const("end", 1 << 62), *floats])
     # IR 9 (onnx 1.15's): read by every onnxruntime that has Resize-18's antialias.
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", RESIZE_OPSET)], ir_version=9)
     onnx.checker.check_model(model)
@@ -208,11 +235,13 @@ def dct_scale(h: int, w: int, out_h: int, out_w: int) -> tuple:
     return next((k, 8) for k in range(1, 9) if -(-h * k // 8) >= min_h and -(-w * k // 8) >= min_w)
 
 
-def crop_feeds(h: int, w: int, out_h: int, out_w: int) -> dict:
+def crop_feeds(h: int, w: int, out_h: int, out_w: int, pool: int = 1) -> dict:
     """The small inputs of the resize graph for an h x w image: load_image's centre crop of the
     shorter-side resize, taken as load_image takes it from the DCT-scaled image (whose last
     block row/column stands for up to 8/k full-size pixels past the edge: those are the
-    edge repeated), in whole full-size pixels; and the output size."""
+    edge repeated), in whole full-size pixels; and the output size. With pool > 1 the crop
+    grows right and down (into the image, else by repeating its edge) by less than pool
+    pixels, to whole pool x pool blocks."""
     from cnnx.runtime.preprocess import _crop_box
 
     k, d = dct_scale(h, w, out_h, out_w)
@@ -220,6 +249,8 @@ def crop_feeds(h: int, w: int, out_h: int, out_w: int) -> dict:
     left, top, right, bottom = (round(v * d / k) for v in _crop_box(scaled_w, scaled_h, out_h, out_w))
     left, top = min(left, w - 1), min(top, h - 1)
     right, bottom = max(right, left + 1), max(bottom, top + 1)
+    right += -(right - left) % pool
+    bottom += -(bottom - top) % pool
     pad_right, pad_bottom = max(0, right - w), max(0, bottom - h)
     right, bottom = min(right, w), min(bottom, h)
     return {"starts": np.array([top, 3 * left], np.int64), "ends": np.array([bottom, 3 * right], np.int64),
@@ -340,7 +371,7 @@ def _gpu_decoder(nvimgcodec, device_id: int):
 
 
 class _CudaRuntime:
-    """The two CUDA runtime calls this module needs, through ctypes (no torch, no cupy)."""
+    """The CUDA runtime calls this module needs, through ctypes (no torch, no cupy)."""
 
     def __init__(self, device_id: int):
         self.lib = _nvidia_lib("libcudart.so.13") or _nvidia_lib("libcudart.so.12")
@@ -348,13 +379,23 @@ class _CudaRuntime:
             raise DecoderUnavailable(f"the CUDA runtime library (libcudart) cannot be loaded: {INSTALL_HINT}")
         self.device_id = device_id
 
-    def synchronize_default_stream(self):
-        """Wait for the decodes nvImageCodec queued on the legacy default stream (stream 0, the
-        one its decode() is given): the resize on onnxruntime's own stream reads those pixels."""
-        for call, args in (("cudaSetDevice", (self.device_id,)), ("cudaStreamSynchronize", (ctypes.c_void_p(0),))):
-            err = getattr(self.lib, call)(*args)
-            if err != 0:
-                raise RuntimeError(f"{call} failed with CUDA error {err}")
+    def synchronize(self, streams):
+        """Wait for the work queued on each of `streams` (cudaStream_t as integers): nvImageCodec
+        leaves each decoded image ready on its image's own stream (Image.cuda_stream), and the
+        resize on onnxruntime's stream reads those pixels."""
+        self._check("cudaSetDevice", self.device_id)
+        for stream in set(streams):
+            if stream is not None:
+                self._check("cudaStreamSynchronize", ctypes.c_void_p(stream))
+
+    def synchronize_device(self):
+        self._check("cudaSetDevice", self.device_id)
+        self._check("cudaDeviceSynchronize")
+
+    def _check(self, call, *args):
+        err = getattr(self.lib, call)(*args)
+        if err != 0:
+            raise RuntimeError(f"{call} failed with CUDA error {err}")
 
 
 # --- the decoder ---------------------------------------------------------------------------------
@@ -365,7 +406,7 @@ class GpuDecoder:
     workers: CPU threads that read files and run load_image for the files the GPU does not take.
     Counts what went where: `on_gpu`, `to_cpu` {reason: files} (read by --decoder's summary)."""
 
-    def __init__(self, *, device: str = "cuda", device_id: int = 0, workers: int = 1):
+    def __init__(self, *, device: str = "cuda", device_id: int = 0, workers: int = 1, prepool: bool = True):
         import onnxruntime as ort
 
         if device not in ("cuda", "cpu"):
@@ -383,10 +424,11 @@ class GpuDecoder:
             self.cudart = None
             providers = ["CPUExecutionProvider"]
         self.params = _decode_params(nv)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(resize_model_bytes(), options, providers=providers)
-        if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
+        self.prepool = prepool
+        self._providers = providers
+        self._sessions = {}
+        self._sessions_lock = threading.Lock()
+        if device == "cuda" and self.session(1).get_providers()[0] != "CUDAExecutionProvider":
             raise DecoderUnavailable("the GPU resize did not get onnxruntime's CUDA provider")
         self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="cnnx-gpudecode-cpu")
         self._decode_lock = threading.Lock()  # one nvImageCodec batch call at a time
@@ -402,7 +444,19 @@ class GpuDecoder:
 
     def close(self):
         self.pool.shutdown(wait=True, cancel_futures=True)
-        self.session = self.decoder = None
+        self._sessions, self.decoder = {}, None
+
+    def session(self, pool: int):
+        """The resize graph's session for this box-filter factor (made on first use)."""
+        import onnxruntime as ort
+
+        with self._sessions_lock:
+            if pool not in self._sessions:
+                options = ort.SessionOptions()
+                options.log_severity_level = 3
+                self._sessions[pool] = ort.InferenceSession(resize_model_bytes(pool), options,
+                                                            providers=self._providers)
+            return self._sessions[pool]
 
     def decode_images(self, paths, spec, max_pixels: int):
         """Like pipeline.decode_images: paths in order -> (uint8 (k, 3, H, W) of the k that
@@ -468,31 +522,36 @@ class GpuDecoder:
         valid = [s for s in streams if s is not None]
         try:
             with self._decode_lock:
-                decoded = iter(self.decoder.decode(valid, params=self.params) if valid else [])
+                decoded = self.decoder.decode(valid, params=self.params) if valid else []
                 if self.cudart is not None:
-                    self.cudart.synchronize_default_stream()
+                    self.cudart.synchronize(img.cuda_stream for img in decoded if img is not None)
+                decoded = iter(decoded)
         except Exception:  # noqa: BLE001 - the whole call failed (device error): every file to the CPU
             return [None] * len(datas)
         images = [next(decoded) if s is not None else None for s in streams]
         return [None if img is None else self._resize(img, out_h, out_w) for img in images]
 
-    def _resize(self, img, out_h: int, out_w: int):
+    def _resize(self, img, out_h: int, out_w: int, pool: int | None = None):
         """One decoded image (device or host memory, as nvImageCodec left it: rows may be padded)
-        bound in place to the resize graph's input -> (3, out_h, out_w) uint8 on the host."""
+        bound in place to the resize graph's input -> (3, out_h, out_w) uint8 on the host.
+        pool: the graph's box-filter factor; None = pool_factor's (1 without prepool)."""
         if img.ndim != 3 or img.shape[2] != 3:
             return None
         h, w = img.shape[0], img.shape[1]
+        if pool is None:
+            pool = pool_factor(h, w, out_h, out_w) if self.prepool else 1
         on_gpu = self.device == "cuda"
         buffer = img.__cuda_array_interface__ if on_gpu else img.__array_interface__
         pitch = buffer["strides"][0] if buffer.get("strides") else 3 * w
         try:
-            binding = self.session.io_binding()
+            session = self.session(pool)
+            binding = session.io_binding()
             binding.bind_input("pixels", "cuda" if on_gpu else "cpu", self.device_id if on_gpu else 0, np.uint8,
                                [h, pitch], buffer["data"][0])
-            for name, value in crop_feeds(h, w, out_h, out_w).items():
+            for name, value in crop_feeds(h, w, out_h, out_w, pool).items():
                 binding.bind_cpu_input(name, value)
             binding.bind_output("images", "cpu")
-            self.session.run_with_iobinding(binding)
+            session.run_with_iobinding(binding)
             return binding.copy_outputs_to_cpu()[0][0]
         except Exception:  # noqa: BLE001 - onnxruntime's own types; load_image takes the file
             return None
