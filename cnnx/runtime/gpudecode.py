@@ -407,7 +407,6 @@ class GpuDecoder:
     Counts what went where: `on_gpu`, `to_cpu` {reason: files} (read by --decoder's summary)."""
 
     def __init__(self, *, device: str = "cuda", device_id: int = 0, workers: int = 1, prepool: bool = True):
-
         if device not in ("cuda", "cpu"):
             raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
         self.device, self.device_id = device, device_id
