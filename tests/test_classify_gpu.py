@@ -76,6 +76,25 @@ def test_bound_runs_give_session_run_logits_bit_for_bit_in_order(conv_model):
     assert not np.array_equal(got[0][1], got[1][1])
 
 
+def test_a_slot_runs_its_device_buffer_which_each_run_refreshes_from_the_host(conv_model):
+    """IOBinding copies an input that is not on the session's device when it is *bound*, so a
+    host buffer bound once would be read once (on CUDA every batch then ran the first one's
+    pixels). The slot binds a buffer on the session's device and copies the host buffer into
+    it at each run: what the model reads is that buffer, never the host memory in place."""
+    from cnnx.runtime.binding import BoundSlot
+
+    session = cpu_session(conv_model)
+    a, b = batches(2, 4, seed=5)
+    slot = BoundSlot(session, "images", "logits", a.shape, pinned=False)
+    assert slot.device_input.data_ptr() != slot.host.array.ctypes.data
+    slot.host.array[:] = a
+    want_a = session.run(["logits"], {"images": a})[0]
+    assert np.array_equal(slot.run(session), want_a)
+    slot.host.array[:] = b
+    assert np.array_equal(slot.run(session, upload=False), want_a)  # the device buffer still holds a
+    assert np.array_equal(slot.run(session), session.run(["logits"], {"images": b})[0])
+
+
 def test_jobs_without_images_keep_their_place_and_are_not_run(conv_model):
     from cnnx.runtime.binding import BoundRunner
 
