@@ -153,3 +153,20 @@ def test_verify_data_nested_deeper_than_the_recursion_limit(ckpt, cifar_subset, 
         assert "--verify-data" in r.stderr and "(1 of 1 images)" in r.stderr
     finally:
         _remove_chain(top, depth)
+
+
+def test_a_writer_failure_names_the_reason_torch_wrapped_in_a_generic_error(tmp_path):
+    """torch's ONNX exporter says only 'Failed to convert the exported program' on its first
+    line; the missing op is in the exception it wraps: the one line names both."""
+    from cnnx.export.writers import _failure_line
+
+    try:
+        try:
+            raise LookupError("No ONNX function found for aten.adaptive_max_pool2d")
+        except LookupError as inner:
+            raise RuntimeError("Failed to convert the exported program to an ONNX model.\nNext steps: ...") from inner
+    except RuntimeError as e:
+        line = _failure_line("ONNX export", e, tmp_path / "model.onnx")
+    assert line == ("ONNX export failed: Failed to convert the exported program to an ONNX model. "
+                    "(cause: No ONNX function found for aten.adaptive_max_pool2d)")
+    assert "\n" not in line

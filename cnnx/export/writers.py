@@ -187,7 +187,13 @@ def _failure_line(label: str, error: Exception, folder: Path) -> str:
         low = False
     if is_disk_full(error) or low:
         return f"{label} failed: No space left on device in {folder.parent} (free some space and export again)"
-    return f"{label} failed: {first_line(error)}"
+    root = error
+    for _ in range(16):  # torch's exporter wraps the reason (a missing op) in generic errors
+        if root.__cause__ is None:
+            break
+        root = root.__cause__
+    because = f" (cause: {first_line(root)})" if root is not error else ""
+    return f"{label} failed: {first_line(error)}{because}"
 
 
 def run_writer(name: str, job: Job) -> list:

@@ -149,7 +149,7 @@ class AirNet(nn.Module):
                 *(_conv_bn(w, w, bn)),
             ]
             c = w
-        self.features = nn.Sequential(*layers, nn.AdaptiveMaxPool2d(1), nn.Flatten())
+        self.features = nn.Sequential(*layers, GlobalMaxPool(), nn.Flatten())
         self.head = nn.Linear(c, num_classes, bias=False)
 
     def _logits(self, x):
@@ -163,6 +163,15 @@ class AirNet(nn.Module):
         for v in views[1:]:
             total = total + self._logits(v)
         return total / len(views)
+
+
+class GlobalMaxPool(nn.Module):
+    """The largest value of each channel, (N, C, H, W) -> (N, C, 1, 1): nn.AdaptiveMaxPool2d(1)'s
+    function as an amax, which every torch ONNX exporter translates (torch 2.11's dynamo exporter
+    has no translation for adaptive_max_pool2d). No parameters: checkpoints are unchanged."""
+
+    def forward(self, x):
+        return torch.amax(x, dim=(2, 3), keepdim=True)
 
 
 def set_tta_views(model: nn.Module, views: int) -> None:
