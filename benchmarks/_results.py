@@ -52,6 +52,12 @@ def processor_model() -> str | None:
 
 
 def _version(names: tuple[str, ...]) -> str | None:
+    """The version of the module this process imported under names[0], when it did (a wheel
+    installed with --target on the GPU machine shadows another copy there), else of the first
+    of `names` installed."""
+    module = sys.modules.get(names[0].replace("-", "_"))
+    if getattr(module, "__version__", None):
+        return module.__version__.split("+")[0]
     for name in names:
         try:
             return metadata.version(name)
@@ -60,12 +66,23 @@ def _version(names: tuple[str, ...]) -> str | None:
     return None
 
 
-def _git_commit() -> str | None:
+def _git(*args) -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=10)
     except OSError:
         return None
-    return out.stdout.strip() or None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _git_commit() -> str | None:
+    return _git("rev-parse", "HEAD") or None
+
+
+def _git_dirty() -> bool | None:
+    """Whether tracked files differ from that commit: the figures then come from other code (the
+    GPU machine gets a copy of the working tree whose git metadata may be older than its files)."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status)
 
 
 def machine() -> dict:
@@ -89,6 +106,7 @@ def provenance(argv: list[str] | None = None) -> dict:
         "machine": machine(),
         "recorded_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
+        "git_dirty": _git_dirty(),
     }
 
 
