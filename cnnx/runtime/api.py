@@ -9,8 +9,8 @@ pipelines and other engines.
                 print(row.path, row.label(clf.info.class_names), row.scores[0])
 
 `classify` streams rows as batches finish: the CLI's discovery (files and folders,
-recursively, in sorted path order), decode pipeline (threads, bounded read-ahead, one batch
-shape), errors (Skipped, with the stage) and notes (Note: the image WAS classified).
+recursively, in sorted path order), decode pipeline (threads, or processes for
+small-input models; bounded read-ahead, one batch shape), errors (Skipped, with the stage) and notes (Note: the image WAS classified).
 """
 
 from __future__ import annotations
@@ -20,13 +20,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnnx.runtime.binding import CUDA_DEVICES, BoundRunner, RunFailed
+from cnnx.runtime.contract import CPU_PROVIDER as CPU
 from cnnx.runtime.cuda import TENSORRT_PROVIDER as TENSORRT
 from cnnx.runtime.discover import Discovery, PathKeys
 from cnnx.runtime.files import first_line
 from cnnx.runtime.gpudecode import DECODERS, GpuDecoder, open_decoder
 from cnnx.runtime.gpudecode import decoded_batches as gpu_decoded_batches
 from cnnx.runtime.model import ModelError, open_model, softmax, softmax_topk
-from cnnx.runtime.pipeline import PipelineConfig, batch_size_within_budget, batched, decoded_batches
+from cnnx.runtime import procdecode
+from cnnx.runtime.pipeline import DECODE_MODES, PipelineConfig, batch_size_within_budget, batched, decoded_batches
 from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS
 
 
@@ -74,11 +76,16 @@ class Classifier:
     every file the GPU does not), or raises gpudecode.DecoderUnavailable naming why it cannot run;
     "auto": gpu where it runs, else cpu; or a GpuDecoder made by the caller (e.g. on
     nvImageCodec's CPU backend), closed with this Classifier. `decoder` as used is "gpu" or
-    "cpu"; `gpu_decoder` counts the files it decoded and those it passed to the CPU."""
+    "cpu"; `gpu_decoder` counts the files it decoded and those it passed to the CPU.
+
+    decode: how the cpu decoder runs: "threads", "processes" (cnnx.runtime.procdecode: worker
+    processes started here, once, and reused by every classify call) or "auto" (processes
+    for small-input models, see PipelineConfig.decodes_in_processes). `decode_pool` is the
+    pool of processes, or None when threads (or the GPU) decode."""
 
     def __init__(self, model, device: str = "auto", *, threads: int | None = None, batch_size: int = 256,
                  workers: int = 0, topk: int = 5, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 io_binding: bool | None = None, decoder: str | GpuDecoder = "cpu"):
+                 io_binding: bool | None = None, decoder: str | GpuDecoder = "cpu", decode: str = "auto"):
         for name, value, least in (("batch_size", batch_size, 1), ("topk", topk, 1), ("workers", workers, 0),
                                    ("max_pixels", max_pixels, 1)):
             if not isinstance(value, int) or value < least:
@@ -87,13 +94,19 @@ class Classifier:
             raise ValueError(f"io_binding must be None, True or False, got {io_binding!r}")
         if not isinstance(decoder, GpuDecoder) and decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
         self.requested_batch_size = batch_size
         self.runner = None
         self.gpu_decoder = None
+        self.decode_pool = None
+        if decode != "threads" and decoder == "cpu":
+            procdecode.warm_up()  # the worker processes' imports overlap the model's load
         self.session, self.info, self.provider = open_model(model, device, threads=threads, batch_size=batch_size)
         self.batch_size = batch_size_within_budget(batch_size, self.info.spec)
         self.topk = min(topk, len(self.info.class_names))
-        self.config = PipelineConfig(batch_size=self.batch_size, workers=workers, max_pixels=max_pixels)
+        self.config = PipelineConfig(batch_size=self.batch_size, workers=workers, max_pixels=max_pixels,
+                                     decode=decode)
         on_gpu = self.provider in CUDA_DEVICES
         if io_binding or (io_binding is None and on_gpu):
             try:
@@ -109,6 +122,18 @@ class Classifier:
             self.close()
             raise
         self.decoder = "cpu" if self.gpu_decoder is None else "gpu"
+        if self.gpu_decoder is None and self.config.decodes_in_processes(self.info.spec):
+            try:
+                self.decode_pool = procdecode.DecodePool(self.config.resolved_workers())
+            except BaseException:
+                self.close()
+                raise
+
+    @property
+    def _runs_in_workers(self) -> bool:
+        """On the CPU the decode processes run the batches too, each on one thread
+        (procdecode._WorkerModel); the caller's session then serves predict() only."""
+        return self.decode_pool is not None and self.provider == CPU and self.runner is None
 
     @property
     def host_memory(self) -> str | None:
@@ -162,6 +187,9 @@ class Classifier:
         if self.gpu_decoder is not None:
             self.gpu_decoder.close()
             self.gpu_decoder = None
+        if self.decode_pool is not None:
+            self.decode_pool.close()
+            self.decode_pool = None
         self.session = None  # onnxruntime frees a session with its last reference
 
     def __enter__(self):
@@ -207,10 +235,20 @@ class Classification:
         clf = self.classifier
         todo = batched(self._todo(), clf.batch_size)
         if clf.gpu_decoder is None:
-            batches = decoded_batches(todo, clf.info.spec, clf.config)
+            batches = self._cpu_decoded(todo)
         else:
             batches = gpu_decoded_batches(todo, clf.info.spec, clf.config, clf.gpu_decoder)
         return self._plain(batches) if clf.runner is None else self._bound(batches)
+
+    def _cpu_decoded(self, todo):
+        """The decode processes, or threads where the Classifier has none or another
+        classify call (run first) holds them: the same rows either way."""
+        clf = self.classifier
+        if clf.decode_pool is not None and not clf.decode_pool.busy:
+            yield from clf.decode_pool.decoded_batches(todo, clf.info.spec, clf.config,
+                                                       model=clf.info.path if clf._runs_in_workers else None)
+        else:
+            yield from decoded_batches(todo, clf.info.spec, clf.config)
 
     def _plain(self, batches):
         """The CPU loop: one session.run per batch, in this thread."""
@@ -260,6 +298,10 @@ class Classification:
         return rows
 
     def _logits(self, batch):
+        """The decode processes' logits (they ran the batch), else the batch run here."""
+        if batch.logits is not None:
+            self.classifier._check_rows(batch.logits, self.classifier.batch_size)
+            return batch.logits
         return self.classifier.predict(batch.images) if batch.paths else None
 
     def _predictions(self, batch, logits) -> list:

@@ -34,6 +34,10 @@ from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS, ImageError, load_image
 
 MAX_BATCH_BYTES = 256 << 20  # uint8 pixels of one batch: 1,700 images of 3x224x224, 5 of 3x4096x4096
 MAX_READ_AHEAD_BYTES = 1 << 30  # pixels of the batches decoded ahead, all together
+DECODE_MODES = ("auto", "threads", "processes")
+# decode="auto" decodes in processes for models up to this input side (px); measured at 32
+# (benchmarks/results/bench_classify.json, "tuning").
+PROCESS_DECODE_MAX_SIDE = 64
 
 
 def image_bytes(spec) -> int:
@@ -51,6 +55,19 @@ class PipelineConfig:
     batch_size: int = 256  # images per onnxruntime call (fixed; the last batch is padded)
     workers: int = 0  # decode threads; 0 = one per CPU core
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused as decompression bombs
+    decode: str = "auto"  # "threads", "processes" (procdecode) or "auto": see decodes_in_processes
+
+    def __post_init__(self):
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
+
+    def decodes_in_processes(self, spec) -> bool:
+        """auto: processes for models of at most PROCESS_DECODE_MAX_SIDE px with 2 or more
+        workers (small images: decoding is mostly Python under the GIL), threads otherwise
+        (large photos: libjpeg-turbo and Pillow release the GIL, no start-up to pay)."""
+        if self.decode != "auto":
+            return self.decode == "processes"
+        return max(spec["size"]) <= PROCESS_DECODE_MAX_SIDE and self.resolved_workers() >= 2
 
     def resolved_workers(self) -> int:
         if self.workers > 0:
@@ -86,6 +103,14 @@ def decode_images(paths, spec, max_pixels: int):
     failed [(path, stage, message)], notes [(path, note)])."""
     h, w = spec["size"]
     images = np.empty((len(paths), 3, h, w), dtype=np.uint8)
+    ok, failed, notes = decode_into(paths, spec, max_pixels, images)
+    return images[: len(ok)], ok, failed, notes
+
+
+def decode_into(paths, spec, max_pixels: int, out):
+    """Decode paths in order into out[0], out[1], ... (the k that decoded, packed; `out` has a
+    row per path) -> (their paths, failed [(path, stage, message)], notes [(path, note)]).
+    What both the decode threads and the decode processes (procdecode) run."""
     ok, failed, notes = [], [], []
     for path in paths:
         try:
@@ -99,11 +124,11 @@ def decode_images(paths, spec, max_pixels: int):
         except Exception as e:  # noqa: BLE001 - a decoder bug on one file must not end the run
             failed.append((path, "decode", f"{type(e).__name__}: {first_line(e)}"))
             continue
-        images[len(ok)] = arr
+        out[len(ok)] = arr
         ok.append(path)
         if note:
             notes.append((path, note))
-    return images[: len(ok)], ok, failed, notes
+    return ok, failed, notes
 
 
 def assemble(parts, spec, batch_size: int) -> DecodedBatch:

@@ -1,0 +1,339 @@
+"""Decoding in worker processes: the pipeline for small images, where decoding is Python work.
+
+For a 32 px JPEG most of load_image's time is Python (reading the file, header checks, the
+simplejpeg call, numpy) under the GIL, so decode threads take turns instead of adding up
+(pipeline.py keeps threads for large photos, where libjpeg-turbo and Pillow release it).
+Here each worker process has its own interpreter:
+
+- the workers are forked by multiprocessing's forkserver (never a fork of this process,
+  which has onnxruntime's threads); `warm_up()` starts the server, which imports numpy,
+  Pillow and simplejpeg once, while the caller loads its model;
+- a run owns one shared-memory segment, a ring of batch slots (memory stays flat however
+  many files there are); a worker decodes a chunk of paths straight into its rows of a slot
+  and sends back only its failures and notes, never pixels;
+- batches are assembled in order in the caller, as pipeline.decoded_batches yields them,
+  with the same rows, errors and notes (both paths share pipeline.decode_into).
+
+A worker that dies (killed, out of memory) ends the run with DecodeWorkerDied, one line; a
+run that ends for any reason (done, an error, Ctrl-C) unlinks its segment, and a killed
+caller's segment is unlinked by multiprocessing's resource tracker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import sys
+import types
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cnnx.runtime.contract import CPU_PROVIDER
+from cnnx.runtime.files import first_line
+from cnnx.runtime.model import ModelError
+from cnnx.runtime.pipeline import DecodedBatch, decode_into, image_bytes
+
+SHM_PREFIX = "cnnx-decode-"  # /dev/shm/cnnx-decode-<pid>-<random>: whose segment it is
+MIN_CHUNK_FILES = 64  # a task's paths: fewer means more pipe round trips per image
+STOP_TIMEOUT_S = 5.0
+
+
+class DecodeWorkerDied(ModelError):
+    """A decode worker process ended during a run. A ModelError so that callers which turn
+    the runtime's failures into one line (cnnx classify) do so for this one too."""
+
+
+def _context():
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    # Forked from a server that has imported the decoders already: a worker starts in
+    # milliseconds rather than re-importing numpy and Pillow.
+    ctx.set_forkserver_preload(["cnnx.runtime.procdecode", "onnxruntime"])
+    return ctx
+
+
+@contextlib.contextmanager
+def _main_not_rerun():
+    """Workers run cnnx code only, but multiprocessing's start-up would run the caller's main
+    script again in each (as `__mp_main__`): slow for the `cnnx` console script, an error in
+    a script without a `__main__` guard. Hidden for the moment the start-up is prepared."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+def warm_up():
+    """Start the forkserver (and its imports) now, in the background: call it before the
+    model loads so the workers' start-up overlaps it."""
+    from multiprocessing import forkserver
+
+    _context()
+    with _main_not_rerun():
+        forkserver.ensure_running()
+
+
+# --- the worker -------------------------------------------------------------------------------
+
+def _worker(conn):
+    """Decode tasks until told to stop or the caller goes. Messages in: ("attach", shm name,
+    shape, spec, max_pixels, model), ("decode", slot, row, "\\0"-joined paths), ("stop",);
+    out: one (slot, row, decoded, failed, notes, logits) per decode task, logits None
+    without a model, or the line of an onnxruntime failure (a str)."""
+    from multiprocessing import shared_memory
+
+    # Ctrl-C reaches the whole process group; the caller cleans up and stops us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    shm, images, spec, max_pixels, model = None, None, None, None, None
+    try:
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):  # the caller has gone
+                return
+            if msg[0] == "decode":
+                _slot, row, joined = msg[1], msg[2], msg[3]
+                paths = joined.split("\0")
+                ok, failed, notes = decode_into(paths, spec, max_pixels, images[msg[1], row:row + len(paths)])
+                logits = model.run(images[msg[1]]) if model is not None and ok else None
+                try:
+                    conn.send((msg[1], row, len(ok), failed, notes, logits))
+                except OSError:  # the caller has gone (or ended its run on an error)
+                    return
+            elif msg[0] == "attach":
+                images = None
+                if shm is not None:
+                    shm.close()
+                _, name, shape, spec, max_pixels, model_path = msg
+                if model_path is None:
+                    model = None
+                elif model is None or model.path != model_path:
+                    model = _WorkerModel(model_path)
+                shm = shared_memory.SharedMemory(name=name)
+                images = np.ndarray(shape, dtype=np.uint8, buffer=shm.buf)
+            else:  # "stop"
+                return
+    finally:
+        images = None
+        if shm is not None:
+            shm.close()
+
+
+class _WorkerModel:
+    """The model opened in a worker on one CPU thread (each worker runs its own batches:
+    onnxruntime's operators split over the cores waited for the core a decoder held,
+    benchmarks/results/bench_classify.json "tuning")."""
+
+    def __init__(self, path):
+        from cnnx.runtime.model import open_model
+
+        self.path, self.error = path, None
+        try:
+            self.session, self.info, _ = open_model(path, "cpu", threads=1)
+        except ModelError as e:
+            self.error = str(e)
+
+    def run(self, images):
+        if self.error is not None:
+            return self.error
+        try:
+            return self.session.run([self.info.output_name], {self.info.input_name: images})[0]
+        except Exception as e:  # noqa: BLE001 - onnxruntime's own types: the caller says it in one line
+            return first_line(e)
+
+
+# --- the caller's side ------------------------------------------------------------------------
+
+@dataclass
+class _Batch:
+    """One batch being decoded into a slot: its chunks' results arrive in any order."""
+
+    items: list
+    paths: list
+    slot: int
+    chunks: list  # (row, paths) of each task, in order
+    results: dict = field(default_factory=dict)  # row -> (decoded, failed, notes)
+
+    def decoded(self) -> bool:
+        return len(self.results) == len(self.chunks)
+
+
+class DecodePool:
+    """`workers` decode processes, started once and reused by every run (`decoded_batches`)."""
+
+    def __init__(self, workers: int):
+        ctx = _context()
+        self.procs, self.conns = [], []
+        self.busy = False  # a run is using the workers (one at a time)
+        try:
+            for _ in range(workers):
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(target=_worker, args=(child,), daemon=True, name="cnnx-decode")
+                with _main_not_rerun():
+                    proc.start()
+                child.close()
+                self.procs.append(proc)
+                self.conns.append(parent)
+        except BaseException:
+            _stop(self.procs, self.conns)
+            raise
+        # A pool its owner never closed (a Classifier dropped without close()) stops once collected.
+        self._stop = weakref.finalize(self, _stop, self.procs, self.conns)
+
+    def decoded_batches(self, item_batches, spec, config, model=None):
+        """Yield (items, DecodedBatch) in order: what pipeline.decoded_batches yields for the
+        same input, decoded in the worker processes. model: None, or the path of the model
+        (opened by `Classifier(model, "cpu")`) that each worker then runs on the whole
+        batches it decodes, on one CPU thread: the batch's `logits` (batch_size rows; a
+        failed run raises ModelError here, in batch order)."""
+        from multiprocessing import shared_memory
+
+        if self.busy:
+            raise RuntimeError("this DecodePool is already running a classify call")
+        self.busy = True
+        slots = config.read_ahead(spec) + 1
+        shape = (slots, config.batch_size, 3, *spec["size"])
+        shm = shared_memory.SharedMemory(name=f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}", create=True,
+                                         size=max(1, slots * config.batch_size * image_bytes(spec)))
+        try:
+            images = np.ndarray(shape, dtype=np.uint8, buffer=shm.buf)
+            for conn in self.conns:
+                conn.send(("attach", shm.name, shape, spec, config.max_pixels, None if model is None else str(model)))
+            yield from _Run(self, images, config, slots, model).batches(item_batches, spec)
+        finally:
+            images = None
+            shm.close()
+            shm.unlink()
+            self.busy = False
+
+    def close(self):
+        """Stop the workers (those that do not stop in time are killed)."""
+        self._stop()
+
+
+def _stop(procs, conns):
+    for conn in conns:
+        try:
+            conn.send(("stop",))
+        except OSError:
+            pass
+    for proc in procs:
+        proc.join(STOP_TIMEOUT_S)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    for conn in conns:
+        conn.close()
+
+
+class _Run:
+    """One run's scheduling: batches take free slots in order, their chunks go to the worker
+    with the fewest outstanding, finished batches are copied out of their slot in order."""
+
+    def __init__(self, pool: DecodePool, images, config, slots: int, model):
+        self.pool, self.images, self.config, self.model = pool, images, config, model
+        self.free = deque(range(slots))
+        # A worker that runs the model takes whole batches.
+        self.chunk = (config.batch_size if model is not None
+                      else max(MIN_CHUNK_FILES, -(-config.batch_size // len(pool.conns))))
+        self.outstanding = [deque() for _ in pool.conns]  # (slot, row, paths) sent to each worker
+        self.pending = deque()  # _Batch in order
+        self.by_slot = {}
+
+    def batches(self, item_batches, spec):
+        item_batches = iter(item_batches)
+        more = True
+        while more or self.pending:
+            while more and self.free:
+                items = next(item_batches, None)
+                if items is None:
+                    more = False
+                else:
+                    self.start(items)
+            while self.pending and self.pending[0].decoded():
+                batch = self.pending.popleft()
+                yield batch.items, self.assemble(batch, spec)
+                if more and self.free:
+                    break  # give the freed slot a new batch before waiting
+            else:
+                if self.pending:
+                    self.wait()
+
+    def start(self, items):
+        paths = [item.path for item in items if item.reason is None]
+        slot = self.free.popleft()
+        chunks = [(row, paths[row:row + self.chunk]) for row in range(0, len(paths), self.chunk)]
+        batch = _Batch(items, paths, slot, chunks)
+        self.pending.append(batch)
+        self.by_slot[slot] = batch
+        for row, chunk in chunks:
+            worker = min(range(len(self.outstanding)), key=lambda i: len(self.outstanding[i]))
+            self.outstanding[worker].append((slot, row, chunk))
+            try:
+                self.pool.conns[worker].send(("decode", slot, row, "\0".join(chunk)))
+            except OSError:  # its end of the pipe has closed: it died
+                self.died(worker)
+
+    def wait(self):
+        """Take every result that is ready (blocking until one is); a worker that died ends the run."""
+        from multiprocessing.connection import wait
+
+        conns, procs = self.pool.conns, self.pool.procs
+        ready = wait(conns + [p.sentinel for p in procs])
+        for i, conn in enumerate(conns):
+            if conn in ready:
+                try:
+                    while conn.poll():
+                        self.take(i, conn.recv())
+                except (EOFError, OSError):
+                    self.died(i)
+        for i, proc in enumerate(procs):
+            if proc.sentinel in ready:  # even between tasks: the run cannot finish without it
+                self.died(i)
+
+    def take(self, worker: int, result):
+        slot, row, decoded, failed, notes, logits = result
+        self.outstanding[worker].popleft()
+        self.by_slot[slot].results[row] = (decoded, failed, notes, logits)
+
+    def died(self, worker: int):
+        proc = self.pool.procs[worker]
+        proc.join(1.0)
+        how = (f"killed by signal {-proc.exitcode}" if proc.exitcode is not None and proc.exitcode < 0
+               else f"exit status {proc.exitcode}")
+        doing = (f"while decoding {self.outstanding[worker][0][2][0]} or a file after it" if self.outstanding[worker]
+                 else "between tasks")
+        raise DecodeWorkerDied(f"decode worker process {proc.pid} ended ({how}) {doing}; "
+                               "run again (with fewer --workers if memory is short)")
+
+    def assemble(self, batch: _Batch, spec) -> DecodedBatch:
+        """The batch's decoded rows, in order, into a fixed-shape DecodedBatch (its slot is
+        free again); zero rows pad it."""
+        h, w = spec["size"]
+        out = DecodedBatch(np.zeros((self.config.batch_size, 3, h, w), dtype=np.uint8))
+        rows = self.images[batch.slot]
+        for row, chunk in batch.chunks:
+            decoded, failed, notes, out.logits = batch.results[row]  # logits: one chunk a batch
+            n = len(out.paths)
+            out.images[n:n + decoded] = rows[row:row + decoded]
+            if failed:
+                bad = {path for path, _stage, _error in failed}
+                out.paths += [path for path in chunk if path not in bad]
+            else:
+                out.paths += chunk
+            out.failed += failed
+            out.notes += notes
+        del self.by_slot[batch.slot]
+        self.free.append(batch.slot)
+        if isinstance(out.logits, str):
+            raise ModelError(f"{self.model}: onnxruntime failed on a batch of {self.config.batch_size} on "
+                             f"{CPU_PROVIDER}: {out.logits}")
+        return out

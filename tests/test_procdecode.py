@@ -1,0 +1,173 @@
+"""Decoding in worker processes (cnnx.runtime.procdecode): the same rows as the decode
+threads, a dead worker is one line and exit 1 (never a hang), and no shared-memory segment
+is left in /dev/shm after a run that ends normally, with an error, or by Ctrl-C."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cnnx.runtime.api import Classifier, Note, Prediction, Skipped
+from cnnx.runtime.pipeline import PipelineConfig
+from cnnx.runtime.procdecode import SHM_PREFIX, DecodeWorkerDied
+from tests._runtime_util import exported_model
+from tests.test_classify import make_bad_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return exported_model(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def mixed(cifar_subset, tmp_path_factory) -> Path:
+    """Real CIFAR JPEGs with the bad-input cases of test_classify among them."""
+    root = tmp_path_factory.mktemp("mixed")
+    make_bad_folder(root / "bad")
+    shutil.copytree(cifar_subset(6), root / "cifar")
+    return root
+
+
+def segments(pid: int) -> list:
+    return glob.glob(f"/dev/shm/{SHM_PREFIX}{pid}-*")
+
+
+def rows_of(model, folder, decode: str, **kw) -> list:
+    with Classifier(model, "cpu", decode=decode, **kw) as clf:
+        assert (clf.decode_pool is not None) == (decode == "processes")
+        return list(clf.classify([folder]))
+
+
+@pytest.mark.parametrize("batch_size, workers", [(8, 2), (256, 3)])
+def test_bad_files_among_good_ones_give_the_threads_rows(model, mixed, batch_size, workers):
+    # batch 8: many batches through the ring of slots, errors in several of them; 256: one batch
+    # in chunks of every worker.
+    threads = rows_of(model, mixed, "threads", batch_size=batch_size, workers=workers)
+    processes = rows_of(model, mixed, "processes", batch_size=batch_size, workers=workers)
+    kinds = {type(row) for row in threads}
+    assert kinds == {Prediction, Skipped, Note}, kinds  # the folder exercises every kind of row
+    assert processes == threads
+    assert not segments(os.getpid())
+
+
+def test_logits_from_the_workers_are_the_callers(model, mixed):
+    """On the CPU the workers run the model; on a bound runner (IOBinding) the caller does: same rows."""
+    in_workers = rows_of(model, mixed, "processes", batch_size=16)
+    in_caller = rows_of(model, mixed, "processes", batch_size=16, io_binding=True)
+    assert in_workers == in_caller
+
+
+def test_auto_picks_processes_for_small_inputs_only():
+    small, large = {"size": [32, 32]}, {"size": [224, 224]}
+    assert PipelineConfig(workers=2).decodes_in_processes(small)
+    assert not PipelineConfig(workers=2).decodes_in_processes(large)
+    assert not PipelineConfig(workers=1).decodes_in_processes(small)
+    assert PipelineConfig(workers=1, decode="processes").decodes_in_processes(small)
+    assert not PipelineConfig(workers=2, decode="threads").decodes_in_processes(small)
+    with pytest.raises(ValueError, match="decode must be one of"):
+        PipelineConfig(decode="fork")
+
+
+def test_a_worker_killed_mid_run_is_one_error_not_a_hang(model, cifar_subset):
+    with Classifier(model, "cpu", decode="processes", batch_size=8, workers=2) as clf:
+        rows = clf.classify([cifar_subset(20)])
+        next(rows)
+        victim = clf.decode_pool.procs[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        with pytest.raises(DecodeWorkerDied, match=f"decode worker process {victim.pid} ended "
+                                                   r"\(killed by signal 9\)"):
+            for _row in rows:
+                pass
+    assert not segments(os.getpid())
+
+
+def children(pid: int) -> list:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(k) for k in f.read().split()]
+    except OSError:
+        return []
+
+
+def workers_of(pid: int) -> list:
+    """The decode processes of a cnnx classify: children of its forkserver (its other child,
+    multiprocessing's resource tracker, has none)."""
+    return [w for kid in children(pid) for w in children(kid)]
+
+
+def start_cli(model, folder, *extra):
+    """`cnnx classify` writing to a pipe nobody reads yet: it stops mid-run once the pipe is
+    full (the folder's rows are several times a pipe's 64 KiB), with its workers started
+    and its segment in /dev/shm."""
+    proc = subprocess.Popen([sys.executable, "-m", "cnnx", "classify", str(folder), "--model", str(model),
+                             "--device", "cpu", "--batch-size", "16", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    proc.stdout.readline()  # the header
+    proc.stdout.readline()  # a first row: the run is under way
+    deadline = time.monotonic() + 30
+    while len(workers_of(proc.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert segments(proc.pid), "the run holds no segment: is it decoding in processes?"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def big(cifar_subset) -> Path:
+    return cifar_subset(300)  # 3,000 rows: ~200 KB of CSV
+
+
+def test_cli_worker_killed_mid_run_exits_1_with_one_line(model, big):
+    proc = start_cli(model, big, "--workers", "2")
+    victim = workers_of(proc.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    _out, err = proc.communicate(timeout=120)
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 1, err.decode()
+    assert lines[-1].startswith(f"Error: decode worker process {victim} ended (killed by signal 9)")
+    assert "Traceback" not in err.decode()
+    assert not segments(proc.pid)
+
+
+def test_cli_ctrl_c_leaves_no_segment_and_no_process(model, big):
+    proc = start_cli(model, big, "--workers", "2")
+    helpers = children(proc.pid) + workers_of(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert not segments(proc.pid)
+    time.sleep(0.5)
+    assert not [p for p in helpers if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2]
+                != "Z"], "a decode process outlived its caller"
+
+
+def test_cli_normal_run_leaves_no_segment(model, mixed, tmp_path):
+    out = tmp_path / "out.csv"
+    proc = subprocess.Popen([sys.executable, "-m", "cnnx", "classify", str(mixed), "--model", str(model),
+                             "--device", "cpu", "-o", str(out)], stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert any(line.startswith("classified") for line in err.splitlines()), err
+    assert not segments(proc.pid)
+
+
+def test_a_failing_model_run_in_the_workers_is_one_line(tmp_path, cifar_subset):
+    """An onnxruntime failure inside a worker reaches the caller as the one line the caller's
+    own run would give (ModelError), and the segment goes."""
+    from cnnx.runtime.model import ModelError
+
+    path = exported_model(tmp_path)
+    with Classifier(path, "cpu", decode="processes", batch_size=8, workers=2) as clf:
+        clf.info = clf.info.__class__(**{**clf.info.__dict__, "path": tmp_path / "gone.onnx"})
+        with pytest.raises(ModelError, match="gone.onnx"):
+            list(clf.classify([cifar_subset(2)]))
+    assert not segments(os.getpid())
