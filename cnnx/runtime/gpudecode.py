@@ -15,13 +15,18 @@ Per batch of files (`decode_images`, the same contract as pipeline.decode_images
   2. the GPU files in one nvImageCodec batch call per DEVICE_BYTES of decoded pixels; a file it
      returns None for (corrupt, unsupported) goes to `load_image` as well.
   3. each decoded image through the resize graph: load_image's centre crop of the shorter-side
-     resize, with the geometry of its DCT-scaled decode (`crop_feeds`), then onnxruntime's
-     Resize (linear, antialias: Pillow's filter) to the model's H x W, uint8 NCHW out.
+     resize, with the geometry of its DCT-scaled decode (`crop_feeds`), a box filter standing for
+     that DCT scaling (`pool_factor`), then onnxruntime's Resize (linear, antialias: Pillow's
+     filter) to the model's H x W, uint8 NCHW out. The box filter is also what makes the GPU
+     path right: onnxruntime's CUDA Resize with antialias gives wrong pixels when it shrinks
+     several-fold (measured on an H100, onnxruntime 1.31.1: 47 levels mean off its CPU provider
+     on a 2 MP photo at 224 px; after a 4x4 box filter, identical; benchmarks/gpu_classify.py's
+     gpu_decode_diagnose).
 A file damaged inside its scan data but ending in its EOI marker passes the router: the GPU
 decoder decodes what it can (as libjpeg's lenient mode does) where load_image, strict, reports
 it corrupt; only files the GPU decoder refuses fall back.
-The pixels differ a little from load_image's (which resizes from libjpeg-turbo's DCT-scaled
-decode, the GPU from the full-size one): top-1 agreement through the model is the measure
+The pixels differ a little from load_image's (libjpeg-turbo's DCT-scaled decode is close to a
+box filter, not equal to one): top-1 agreement through the model is the measure
 (benchmarks/gpu_classify.py).
 
 `device="cpu"` runs the same code path on nvImageCodec's libjpeg-turbo backend and onnxruntime's
@@ -161,7 +166,8 @@ def pool_factor(h: int, w: int, out_h: int, out_w: int) -> int:
     """The box filter (f x f average) the resize graph applies before its Resize: the largest
     power of 2 <= 8/k, where k/8 is load_image's DCT scale for this image (dct_scale). libjpeg's
     k/8 decode is close to a k/8 box filter, so the GPU path shrinks the way load_image does, and
-    the antialiased Resize after it only ever shrinks by less than about 2x."""
+    the antialiased Resize after it only ever shrinks by less than about 2x (onnxruntime's CUDA
+    Resize is wrong beyond that: see the module docstring)."""
     k, d = dct_scale(h, w, out_h, out_w)
     f = 1
     while 2 * f * k <= d:
