@@ -403,6 +403,16 @@ def block_gpu(res: Results) -> str:
             row(f"onnxruntime CUDA, `{model}` {variant}: pure-inference ceiling (IOBinding, batch {c['batch']} already on "
                 "the GPU, 2 in flight)", f"{num(c['ceiling_img_s'])} img/s (plain `session.run`: "
                 f"{num(c['session_run_img_s'])})", "(the reference)", None, d)
+    if last and (e := last.get("export_resnet18")) and e.get("parity"):
+        worst = {}
+        for r in e["parity"]["rows"]:
+            if r["backend"].startswith("onnxruntime-cuda"):
+                w = worst.setdefault(r["variant"], [0.0, 1.0])
+                w[0], w[1] = max(w[0], r["max_abs"]), min(w[1], r["top1_agreement"])
+        if worst:
+            row(f"`cnnx export --fp16` parity gate on CUDA, `resnet18` {e['size']} px (seeded random weights)",
+                "; ".join(f"{v} max abs logit difference {m:.1e}, top-1 agreement {pct(a)}" for v, (m, a) in worst.items()),
+                "the gate's bounds", e["parity"]["passed"], last)
     if last and (g := last.get("gpu_decode_ceiling")) and (cpu := last.get("decode_only_photos")):
         row(f"nvImageCodec alone on {num(g['files'])} 2-12 MP JPEG photos ({g['mean_megapixels']:g} MP mean) vs cnnx's "
             f"CPU decode pipeline ({cpu['threads']} threads)",
