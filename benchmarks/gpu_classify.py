@@ -25,6 +25,12 @@ What one run measures (every figure with the card it ran on, all in the same pro
                vs load_image's on 64 photos; resnet18 fp32 classify of the photos with --decoder cpu
                and gpu back to back in this process: img/s of each, the ratio (goal >= 3x where
                decoding is the limit) and top-1 agreement of GPU- vs CPU-decoded (goal >= 99.5%)
+               + nvImageCodec's own decode rate on the photos (gpu_decode_ceiling: the most GPU decoding
+               can give) and a step-by-step pixel diagnosis (gpu_decode_diagnose); with a trained airnet
+               (--airnet-checkpoint): --decoder cpu vs gpu on the 50,000 CIFAR JPEGs and on the photos at
+               32 px, where top-1 agreement means something (10 classes)
+  rows         classify_rows_cuda_vs_cpu_airnet: Classifier.classify on CUDA vs the CPU provider, same
+               5,000 files: top-1 agreement of the rows (every batch must run its own pixels)
   sweep        --batch-size 64..2048: ceilings of both models, cnnx classify img/s of airnet
                on CIFAR; the best is printed (the CUDA default of --batch-size stays 256 until
                a run of this script says otherwise)
@@ -43,29 +49,12 @@ into parts of < 60 MB, each in its own ignored folder, and copies the CIFAR tarb
 
     python benchmarks/gpu_classify.py --prepare
 
-Then on the GPU machine, with the device tool (`run`), five calls back to back (the machine
-is given back after ~30 s idle; /tmp survives between calls on the same machine). Calls 1-4
-park one part each:
-
-    run(command="mkdir -p /tmp/ortgpu && cp .ortgpu1/* /tmp/ortgpu/ && ls -la /tmp/ortgpu",
-        carry=[".ortgpu1"], timeout_s=120)            # then .ortgpu2, .ortgpu3, .ortgpu4
-
-call 5 parks the GPU-decoding wheels (nvidia-nvimgcodec-cu13 and nvidia-nvjpeg, ~30 MB):
-
-    run(command="mkdir -p /tmp/gpudecode && cp .ortgpu-decode/* /tmp/gpudecode/",
-        carry=[".ortgpu-decode"], timeout_s=120)
-
-and call 6 carries the last part, the CIFAR tarball and the small wheels, and measures:
-
-    run(command="mkdir -p /tmp/ortgpu && cp .ortgpu5/* /tmp/ortgpu/ && "
-                "python3 benchmarks/gpu_classify.py --wheel-parts /tmp/ortgpu --wheels .data/wheels "
-                "--wheels /tmp/gpudecode --cifar-tar .data/cifar10-train.tar.gz --results $OUT/results",
-        carry=[".ortgpu5", ".data"], timeout_s=540)
-
-(`--prepare` prints the exact part count; the wheel is 256 MB: 4 parts of 55 MiB and one of 26 MB;
-.data holds the CIFAR tarball, 16 MB, and .data/wheels the small wheels cnnx needs there:
-simplejpeg, onnxscript, onnx-ir, ml_dtypes, 2 MB; the last call carries ~42 MB.) The
-JSON comes back under files_at/results/gpu_classify.json; copy it to benchmarks/results/.
+Then on the GPU machine: the calls of benchmarks/gpu_run.sh, back to back (the first trains the
+airnet whose checkpoint the last one classifies with: `--airnet-checkpoint`). The wheel is 256 MB:
+4 parts of 55 MiB and one of 26 MB (`--prepare` prints the count); .data holds the CIFAR tarball
+(16 MB) and .data/wheels the small wheels cnnx needs there (simplejpeg, onnxscript, onnx-ir,
+ml_dtypes: 2 MB). The JSON comes back under files_at/results/gpu_classify.json; copy it to
+benchmarks/results/. `--stages a,b,...` runs only those stages (and the inputs they need).
 Smoke test of the whole script on a CPU (tiny sizes, CPU provider, IOBinding forced on; the
 GPU decoder on nvImageCodec's CPU backend):
 
@@ -322,11 +311,12 @@ def photos(dest: Path, n: int, megapixels, jpegs: Path | None) -> dict:
 
 # --- models -----------------------------------------------------------------------------------------
 
-def export(arch: str, size: int, classes: int, work: Path, verify: Path, parity_images: int) -> dict:
-    """A checkpoint of arch (ImageNet weights for resnet18 when cached, else seeded random)
-    exported with `cnnx export --fp16`; on a gate refusal the refusal is recorded, the export
-    is repeated with the CUDA backend hidden and then without --fp16, and fp16 is converted
-    for speed only (cnnx.export.quantize.to_fp16)."""
+def export(arch: str, size: int, classes: int, work: Path, verify: Path, parity_images: int,
+           trained: Path | None = None) -> dict:
+    """A checkpoint of arch (`trained`, a cnnx checkpoint, when given; else ImageNet weights for
+    resnet18 when cached, else seeded random) exported with `cnnx export --fp16`; on a gate refusal
+    the refusal is recorded, the export is repeated with the CUDA backend hidden and then without
+    --fp16, and fp16 is converted for speed only (cnnx.export.quantize.to_fp16)."""
     import torch
 
     from cnnx.runtime.preprocess import make_spec
@@ -337,7 +327,9 @@ def export(arch: str, size: int, classes: int, work: Path, verify: Path, parity_
     torch.manual_seed(0)
     weights = "seeded random"
     model = None
-    if arch == "resnet18":
+    if trained is not None:
+        weights = f"trained: {trained}"
+    elif arch == "resnet18":
         try:
             model = create_model(arch, classes, pretrained=True)
             weights = "ImageNet (torchvision cache)"
@@ -346,11 +338,12 @@ def export(arch: str, size: int, classes: int, work: Path, verify: Path, parity_
     model = model or create_model(arch, classes)
     names = [f"class{i:04d}" for i in range(classes)] if classes != 10 else \
         ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    ckpt = work / f"ckpt-{arch}" / "best.pt"
-    save_checkpoint(build_checkpoint(model=model, arch=arch, arch_kwargs={}, class_names=names,
-                                     preprocess=make_spec(size, spec_arch.mean, spec_arch.std), epoch=0, metrics={},
-                                     config={}), ckpt)
-    out = work / f"export-{arch}"
+    ckpt = trained or work / f"ckpt-{arch}" / "best.pt"
+    if trained is None:
+        save_checkpoint(build_checkpoint(model=model, arch=arch, arch_kwargs={}, class_names=names,
+                                         preprocess=make_spec(size, spec_arch.mean, spec_arch.std), epoch=0,
+                                         metrics={}, config={}), ckpt)
+    out = work / f"export-{arch}{'-trained' if trained else ''}"
     base = [sys.executable, "-m", "cnnx", "export", str(ckpt), "--out", str(out), "--verify-data", str(verify),
             "--parity-images", str(parity_images)]
     info = {"arch": arch, "size": size, "classes": classes, "weights": weights, "refusals": []}
@@ -699,6 +692,21 @@ def gpu_decode_classify(model: str, folder: Path, device: str, batch: int, smoke
     return out
 
 
+def classify_rows_agreement(model: str, folder: Path, device: str, batch: int) -> dict:
+    """Classifier.classify (cnnx classify's pipeline) on `device` vs on the CPU provider, same
+    files: top-1 agreement of the rows and how many classes they give (the IOBinding path's
+    end-to-end check: every batch must run its own pixels)."""
+    from cnnx.runtime import Classifier, Prediction
+
+    top1 = {}
+    for dev in (device, "cpu"):
+        with Classifier(model, dev, batch_size=batch) as clf:
+            top1[dev] = {r.path: r.indices[0] for r in clf.classify([str(folder)]) if isinstance(r, Prediction)}
+    common = sorted(set(top1[device]) & set(top1["cpu"]))
+    agree = sum(top1[device][p] == top1["cpu"][p] for p in common) / max(1, len(common))
+    return {"n": len(common), "top1_agreement": round(agree, 5), "distinct_top1_classes": len(set(top1["cpu"].values()))}
+
+
 def cpu_decode_check(n_photos: int, work: Path) -> int:
     """On a machine without a GPU: what the GPU-decode code path gives on nvImageCodec's CPU
     backend (libjpeg-turbo, full-size decode) + the same resize graph on the CPU provider, vs
@@ -738,6 +746,9 @@ def main(argv=None):
     ap.add_argument("--results", type=Path, help="folder for gpu_classify.json (required unless --prepare)")
     ap.add_argument("--cifar-tar", type=Path, default=CIFAR_TAR, help="tarball of cifar10/train/<class>/*.jpg")
     ap.add_argument("--jpegs", type=Path, help="real JPEG photos to classify beside the synthetic ones")
+    ap.add_argument("--airnet-checkpoint", type=Path,
+                    help="a trained airnet best.pt (e.g. gpu_train.py's) for the airnet figures and the GPU-decode "
+                         "agreement (a seeded random model gives nearly one class: its agreement shows nothing)")
     ap.add_argument("--wheel-parts", type=Path, action="append", default=[],
                     help="folder of NAME.whl.part-NN files to join and install (--target --site)")
     ap.add_argument("--wheels", type=Path, action="append", default=[], help="folder of wheels to install")
@@ -789,7 +800,7 @@ def main(argv=None):
     models = {}
     for arch, size, classes in (("resnet18", 64 if smoke else 224, 10 if smoke else 1000), ("airnet", 32, 10)):
         models[arch] = run.stage(f"export_{arch}", export, arch, size, classes, a.work, verify,
-                                 8 if smoke else 64, need_s=60)
+                                 8 if smoke else 64, a.airnet_checkpoint if arch == "airnet" else None, need_s=60)
 
     sets = {"resnet18": photo_dir, "airnet": cifar}
     real = sorted(str(p) for p in verify.rglob("*.jpg"))
@@ -816,6 +827,13 @@ def main(argv=None):
                   device=device, need_s=15)
         run.stage("gpu_decode_classify_resnet18", gpu_decode_classify, models["resnet18"]["fp32"], photo_dir,
                   device, BATCH, smoke, need_s=40)
+    if models.get("airnet"):
+        run.stage("classify_rows_cuda_vs_cpu_airnet", classify_rows_agreement, models["airnet"]["fp32"], cifar_small,
+                  device, BATCH, need_s=30)
+        run.stage("gpu_decode_classify_airnet_cifar", gpu_decode_classify, models["airnet"]["fp32"], cifar, device,
+                  BATCH, smoke, need_s=40)
+        run.stage("gpu_decode_classify_airnet_photos", gpu_decode_classify, models["airnet"]["fp32"], photo_dir,
+                  device, BATCH, smoke, need_s=30)
 
     sweep = (32, 64, 128) if smoke else (64, 128, 256, 512, 1024, 2048)
     for arch in ("resnet18", "airnet"):

@@ -12,19 +12,9 @@ plus the whitening init, as airbench counts it), the torch.compile warm-up (excl
 evaluation seconds (excluded, reported) and the wall time. Prints the card and every figure;
 writes <out>/gpu_train.json through benchmarks/_results.py.
 
-Next GPU session (device tool), from the repository root, one call:
-
-    mkdir -p .data && cp ../shared/datasets/cifar10-train.tar.gz .data/   # .data/ is git-ignored
-    run(command="PYTHONPATH=. python3 benchmarks/gpu_train.py --data .data/cifar10-train.tar.gz --out $OUT",
-        carry=[".data"], timeout_s=540)
-
-(`--seeds 5` is the default; the script stops starting seeds when the next one would not end
-within --budget-s, 450 s by default, and says so.) If device time is left, the CUDA test of the
-recipe's compiled path (its fixture looks for the tarball in ../shared/datasets):
-
-    run(command="mkdir -p ../shared/datasets && cp .data/cifar10-train.tar.gz ../shared/datasets/ && "
-                "PYTHONPATH=. python3 -m pytest -q tests/test_frontier.py -k compiled_on_cuda", carry=[".data"],
-        timeout_s=300)
+On the GPU machine: the first call of benchmarks/gpu_run.sh (`bash benchmarks/gpu_run.sh train`,
+carrying .data with the CIFAR tarball). `--seeds 5` is the default; the script stops starting seeds
+when the next one would not end within --budget-s (450 s by default), and says so.
 
 On the CPU, end to end in a minute or two:
 
