@@ -67,6 +67,18 @@ def test_logits_from_the_workers_are_the_callers(model, mixed):
     assert in_workers == in_caller
 
 
+def test_a_run_stopped_early_leaves_nothing_for_the_next_one(model, mixed):
+    """Tasks and results of a run the caller stopped (its segment gone) are not taken for the
+    next run's: the second run of the same workers gives the threads' rows."""
+    threads = rows_of(model, mixed, "threads", batch_size=8)
+    with Classifier(model, "cpu", decode="processes", batch_size=8, workers=2) as clf:
+        first = clf.classify([mixed])
+        next(first)
+        first.close()
+        assert not segments(os.getpid())
+        assert list(clf.classify([mixed])) == threads
+
+
 def test_auto_picks_processes_for_small_inputs_only():
     small, large = {"size": [32, 32]}, {"size": [224, 224]}
     assert PipelineConfig(workers=2).decodes_in_processes(small)

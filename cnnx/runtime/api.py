@@ -15,6 +15,7 @@ small-input models; bounded read-ahead, one batch shape), errors (Skipped, with 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,7 +102,8 @@ class Classifier:
         self.gpu_decoder = None
         self.decode_pool = None
         if decode != "threads" and decoder == "cpu":
-            procdecode.warm_up()  # the worker processes' imports overlap the model's load
+            with contextlib.suppress(Exception):  # (then _decode_pool says why, or uses threads)
+                procdecode.warm_up()  # the worker processes' imports overlap the model's load
         self.session, self.info, self.provider = open_model(model, device, threads=threads, batch_size=batch_size)
         self.batch_size = batch_size_within_budget(batch_size, self.info.spec)
         self.topk = min(topk, len(self.info.class_names))
@@ -123,11 +125,23 @@ class Classifier:
             raise
         self.decoder = "cpu" if self.gpu_decoder is None else "gpu"
         if self.gpu_decoder is None and self.config.decodes_in_processes(self.info.spec):
-            try:
-                self.decode_pool = procdecode.DecodePool(self.config.resolved_workers())
-            except BaseException:
-                self.close()
-                raise
+            self.decode_pool = self._decode_pool(decode)
+
+    def _decode_pool(self, decode: str):
+        """The decode processes; under auto, None (threads: the same rows) where they cannot
+        start: e.g. a process whose user changed since multiprocessing's forkserver started
+        (its socket is the old user's; its workers would read files as that user), or one that
+        may no longer run Python's executable."""
+        try:
+            return procdecode.DecodePool(self.config.resolved_workers())
+        except Exception:
+            if decode == "auto":
+                return None
+            self.close()
+            raise
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def _runs_in_workers(self) -> bool:

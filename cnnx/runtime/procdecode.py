@@ -22,6 +22,7 @@ caller's segment is unlinked by multiprocessing's resource tracker.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import secrets
 import signal
@@ -30,6 +31,8 @@ import types
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
+from multiprocessing import forkserver, shared_memory
+from multiprocessing.connection import wait
 
 import numpy as np
 
@@ -49,8 +52,6 @@ class DecodeWorkerDied(ModelError):
 
 
 def _context():
-    import multiprocessing
-
     ctx = multiprocessing.get_context("forkserver")
     # Forked from a server that has imported the decoders already: a worker starts in
     # milliseconds rather than re-importing numpy and Pillow.
@@ -74,8 +75,6 @@ def _main_not_rerun():
 def warm_up():
     """Start the forkserver (and its imports) now, in the background: call it before the
     model loads so the workers' start-up overlaps it."""
-    from multiprocessing import forkserver
-
     _context()
     with _main_not_rerun():
         forkserver.ensure_running()
@@ -84,15 +83,13 @@ def warm_up():
 # --- the worker -------------------------------------------------------------------------------
 
 def _worker(conn):
-    """Decode tasks until told to stop or the caller goes. Messages in: ("attach", shm name,
-    shape, spec, max_pixels, model), ("decode", slot, row, "\\0"-joined paths), ("stop",);
-    out: one (slot, row, decoded, failed, notes, logits) per decode task, logits None
-    without a model, or the line of an onnxruntime failure (a str)."""
-    from multiprocessing import shared_memory
-
+    """Decode tasks until told to stop or the caller goes. Messages in: ("attach", run, shm
+    name, shape, spec, max_pixels, model), ("decode", run, slot, row, "\\0"-joined paths),
+    ("stop",); out: one (run, slot, row, decoded, failed, notes, logits) per decode task of
+    the run attached, logits None without a model, or the line of an onnxruntime failure."""
     # Ctrl-C reaches the whole process group; the caller cleans up and stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    shm, images, spec, max_pixels, model = None, None, None, None, None
+    shm, images, run, model, spec, max_pixels = None, None, None, None, None, None
     try:
         while True:
             try:
@@ -100,24 +97,30 @@ def _worker(conn):
             except (EOFError, OSError):  # the caller has gone
                 return
             if msg[0] == "decode":
-                _slot, row, joined = msg[1], msg[2], msg[3]
+                _, task_run, slot, row, joined = msg
+                if task_run != run or images is None:  # of a run that has ended: nobody waits for it
+                    continue
                 paths = joined.split("\0")
-                ok, failed, notes = decode_into(paths, spec, max_pixels, images[msg[1], row:row + len(paths)])
-                logits = model.run(images[msg[1]]) if model is not None and ok else None
+                ok, failed, notes = decode_into(paths, spec, max_pixels, images[slot, row:row + len(paths)])
+                logits = model.run(images[slot]) if model is not None and ok else None
                 try:
-                    conn.send((msg[1], row, len(ok), failed, notes, logits))
-                except OSError:  # the caller has gone (or ended its run on an error)
+                    conn.send((run, slot, row, len(ok), failed, notes, logits))
+                except OSError:  # the caller has gone
                     return
             elif msg[0] == "attach":
                 images = None
                 if shm is not None:
                     shm.close()
-                _, name, shape, spec, max_pixels, model_path = msg
+                    shm = None
+                _, run, name, shape, spec, max_pixels, model_path = msg
                 if model_path is None:
                     model = None
                 elif model is None or model.path != model_path:
                     model = _WorkerModel(model_path)
-                shm = shared_memory.SharedMemory(name=name)
+                try:
+                    shm = shared_memory.SharedMemory(name=name)
+                except FileNotFoundError:  # the run ended (an error, Ctrl-C) before we got here
+                    continue
                 images = np.ndarray(shape, dtype=np.uint8, buffer=shm.buf)
             else:  # "stop"
                 return
@@ -173,6 +176,7 @@ class DecodePool:
         ctx = _context()
         self.procs, self.conns = [], []
         self.busy = False  # a run is using the workers (one at a time)
+        self.runs = 0  # runs started: results of an earlier one (ended early) are dropped
         try:
             for _ in range(workers):
                 parent, child = ctx.Pipe()
@@ -194,11 +198,10 @@ class DecodePool:
         (opened by `Classifier(model, "cpu")`) that each worker then runs on the whole
         batches it decodes, on one CPU thread: the batch's `logits` (batch_size rows; a
         failed run raises ModelError here, in batch order)."""
-        from multiprocessing import shared_memory
-
         if self.busy:
             raise RuntimeError("this DecodePool is already running a classify call")
         self.busy = True
+        self.runs += 1
         slots = config.read_ahead(spec) + 1
         shape = (slots, config.batch_size, 3, *spec["size"])
         shm = shared_memory.SharedMemory(name=f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}", create=True,
@@ -206,7 +209,8 @@ class DecodePool:
         try:
             images = np.ndarray(shape, dtype=np.uint8, buffer=shm.buf)
             for conn in self.conns:
-                conn.send(("attach", shm.name, shape, spec, config.max_pixels, None if model is None else str(model)))
+                conn.send(("attach", self.runs, shm.name, shape, spec, config.max_pixels,
+                           None if model is None else str(model)))
             yield from _Run(self, images, config, slots, model).batches(item_batches, spec)
         finally:
             images = None
@@ -278,14 +282,12 @@ class _Run:
             worker = min(range(len(self.outstanding)), key=lambda i: len(self.outstanding[i]))
             self.outstanding[worker].append((slot, row, chunk))
             try:
-                self.pool.conns[worker].send(("decode", slot, row, "\0".join(chunk)))
+                self.pool.conns[worker].send(("decode", self.pool.runs, slot, row, "\0".join(chunk)))
             except OSError:  # its end of the pipe has closed: it died
                 self.died(worker)
 
     def wait(self):
         """Take every result that is ready (blocking until one is); a worker that died ends the run."""
-        from multiprocessing.connection import wait
-
         conns, procs = self.pool.conns, self.pool.procs
         ready = wait(conns + [p.sentinel for p in procs])
         for i, conn in enumerate(conns):
@@ -300,7 +302,9 @@ class _Run:
                 self.died(i)
 
     def take(self, worker: int, result):
-        slot, row, decoded, failed, notes, logits = result
+        run, slot, row, decoded, failed, notes, logits = result
+        if run != self.pool.runs:
+            return
         self.outstanding[worker].popleft()
         self.by_slot[slot].results[row] = (decoded, failed, notes, logits)
 
