@@ -133,7 +133,8 @@ class Classifier:
         (its socket is the old user's; its workers would read files as that user), or one that
         may no longer run Python's executable."""
         try:
-            return procdecode.DecodePool(self.config.resolved_workers())
+            return procdecode.DecodePool(self.config.resolved_workers(),
+                                         model=self.info.path if self._cpu_loop else None)
         except Exception:
             if decode == "auto":
                 return None
@@ -144,10 +145,16 @@ class Classifier:
             raise
 
     @property
+    def _cpu_loop(self) -> bool:
+        return self.provider == CPU and self.runner is None
+
+    @property
     def _runs_in_workers(self) -> bool:
         """On the CPU the decode processes run the batches too, each on one thread
-        (procdecode._WorkerModel); the caller's session then serves predict() only."""
-        return self.decode_pool is not None and self.provider == CPU and self.runner is None
+        (procdecode._WorkerModel): 0.89-0.92 of the time of onnxruntime in this process beside
+        them (benchmarks/results/bench_classify.json "tuning_processes"); the caller's session
+        then serves predict() only."""
+        return self.decode_pool is not None and self._cpu_loop
 
     @property
     def host_memory(self) -> str | None:

@@ -83,9 +83,9 @@ def warm_up():
 # --- the worker -------------------------------------------------------------------------------
 
 def _worker(conn):
-    """Decode tasks until told to stop or the caller goes. Messages in: ("attach", run, shm
-    name, shape, spec, max_pixels, model), ("decode", run, slot, row, "\\0"-joined paths),
-    ("stop",); out: one (run, slot, row, decoded, failed, notes, logits) per decode task of
+    """Decode tasks until told to stop or the caller goes. Messages in: ("load", model),
+    ("attach", run, shm name, shape, spec, max_pixels, model), ("decode", run, slot, row,
+    "\\0"-joined paths), ("stop",); out: one (run, slot, row, decoded, failed, notes, logits) per decode task of
     the run attached, logits None without a model, or the line of an onnxruntime failure."""
     # Ctrl-C reaches the whole process group; the caller cleans up and stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -107,6 +107,8 @@ def _worker(conn):
                     conn.send((run, slot, row, len(ok), failed, notes, logits))
                 except OSError:  # the caller has gone
                     return
+            elif msg[0] == "load":
+                model = _WorkerModel(msg[1])
             elif msg[0] == "attach":
                 images = None
                 if shm is not None:
@@ -170,9 +172,11 @@ class _Batch:
 
 
 class DecodePool:
-    """`workers` decode processes, started once and reused by every run (`decoded_batches`)."""
+    """`workers` decode processes, started once and reused by every run (`decoded_batches`).
+    model: the path of the model the runs will pass to decoded_batches, opened by each worker
+    now, while the caller goes on."""
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, model=None):
         ctx = _context()
         self.procs, self.conns = [], []
         self.busy = False  # a run is using the workers (one at a time)
@@ -186,6 +190,8 @@ class DecodePool:
                 child.close()
                 self.procs.append(proc)
                 self.conns.append(parent)
+                if model is not None:
+                    parent.send(("load", str(model)))
         except BaseException:
             _stop(self.procs, self.conns)
             raise
