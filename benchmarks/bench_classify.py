@@ -198,7 +198,13 @@ def _tree(pid: int) -> list:
     return out
 
 
-def run_classify(model: Path, folder: Path, *extra, out: Path):
+# `python -m cnnx` with Classifier's decode default set to threads: the pipeline before the
+# decode processes, measured as a whole process beside them (cnnx classify has no --decode).
+THREADS_CLI = ("-c", "import sys, cnnx.runtime.api as api; api.Classifier.__init__.__kwdefaults__['decode'] = "
+                     "'threads'; from cnnx.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def run_classify(model: Path, folder: Path, *extra, out: Path, launch=("-m", "cnnx")):
     """Run the CLI; -> (wall s, peak RSS MiB, summary line, labels by path).
 
     Peak memory is the sum of the high-water marks (VmHWM, read every 10 ms until it exits; it
@@ -211,7 +217,7 @@ def run_classify(model: Path, folder: Path, *extra, out: Path):
     errors = out.with_name(out.stem + ".errors.csv")
     if errors.exists():
         errors.unlink()
-    cmd = [sys.executable, "-m", "cnnx", "classify", str(folder), "--model", str(model), "-o", str(out),
+    cmd = [sys.executable, *launch, "classify", str(folder), "--model", str(model), "-o", str(out),
            "--topk", "1", *extra]
     t0 = time.perf_counter()
     err_file = CACHE / "classify.stderr"
@@ -239,7 +245,7 @@ def run_classify(model: Path, folder: Path, *extra, out: Path):
 
 def first_batch_latency(model: Path, folder: Path) -> float:
     """Seconds from launching `cnnx classify ... -o -` to its first prediction row on stdout."""
-    cmd = [sys.executable, "-m", "cnnx", "classify", str(folder), "--model", str(model), "--device", "cpu"]
+    cmd = [sys.executable, *launch, "classify", str(folder), "--model", str(model), "--device", "cpu"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
     proc.stdout.readline()  # header
@@ -377,10 +383,14 @@ def measure_bound(model: Path, cifar: Path, rounds: int, batch_size: int | None)
             wall, rss, summary, labels = run_classify(model, cifar, "--device", "cpu", *extra,
                                                       out=CACHE / "out-bound.csv")
             assert len(labels) == n, (len(labels), n)
+            threads_wall, _rss, _summary, threads_labels = run_classify(
+                model, cifar, "--device", "cpu", *extra, out=CACHE / "out-bound-threads.csv", launch=THREADS_CLI)
+            assert threads_labels == labels
             per_round.append({"ort_only_1_caller_s": round(one, 3), f"ort_only_{workers}_callers_s": round(many, 3),
                               f"ort_only_1_thread_sessions_{workers}_callers_s": round(split, 3),
                               "decode_one_core_s": round(decode, 3), "classify_process_s": round(wall, 3),
-                              "classify_summary_s": summary_seconds(summary), "summary": summary})
+                              "classify_summary_s": summary_seconds(summary), "summary": summary,
+                              "classify_decode_threads_process_s": round(threads_wall, 3)})
             log(json.dumps(per_round[-1]))
     best = {key: min(r[key] for r in per_round) for key in per_round[0] if key != "summary"}
     ways = {"1 caller": best["ort_only_1_caller_s"], f"{workers} callers": best[f"ort_only_{workers}_callers_s"],
@@ -389,6 +399,7 @@ def measure_bound(model: Path, cifar: Path, rounds: int, batch_size: int | None)
     how, ort_s = min(ways.items(), key=lambda kv: kv[1])
     default_ort_s = min(best["ort_only_1_caller_s"], best[f"ort_only_{workers}_callers_s"])
     bound = ort_s + best["decode_one_core_s"] / cores()
+    best_default_bound = default_ort_s + best["decode_one_core_s"] / cores()
     return {
         "files": n, "batch_size": batch_size, "decode_workers": workers, "cores": cores(),
         "session": session_settings(session),
@@ -397,13 +408,17 @@ def measure_bound(model: Path, cifar: Path, rounds: int, batch_size: int | None)
         "decode_one_core_s": best["decode_one_core_s"],
         "bound_s": round(bound, 3),
         # The bound as first defined (the caller's default session only), for comparison.
-        "bound_default_session_s": round(default_ort_s + best["decode_one_core_s"] / cores(), 3),
+        "bound_default_session_s": round(best_default_bound, 3),
         "decode": "processes" if decode_in_processes else "threads",
         "classify_process_s": best["classify_process_s"],
         "classify_summary_s": best["classify_summary_s"],
         "ratio_process": round(bound / best["classify_process_s"], 3),
         "ratio_summary": round(bound / best["classify_summary_s"], 3),
         "classify_images_per_s": round(n / best["classify_process_s"], 1),
+        "ratio_process_default_session_bound": round(best_default_bound / best["classify_process_s"], 3),
+        # the same whole process with decode threads (the pipeline before), in the same rounds
+        "classify_decode_threads_process_s": best["classify_decode_threads_process_s"],
+        "ratio_process_decode_threads": round(bound / best["classify_decode_threads_process_s"], 3),
         "peak_rss_mib": round(rss, 1),
         "rounds": per_round,
     }
