@@ -245,7 +245,7 @@ def run_classify(model: Path, folder: Path, *extra, out: Path, launch=("-m", "cn
 
 def first_batch_latency(model: Path, folder: Path) -> float:
     """Seconds from launching `cnnx classify ... -o -` to its first prediction row on stdout."""
-    cmd = [sys.executable, *launch, "classify", str(folder), "--model", str(model), "--device", "cpu"]
+    cmd = [sys.executable, "-m", "cnnx", "classify", str(folder), "--model", str(model), "--device", "cpu"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
     proc.stdout.readline()  # header
