@@ -1,11 +1,14 @@
 """The classify pipeline: discovery -> parallel decoding (and inference) -> fixed-shape batches.
 
 Batches are cut from the discovery stream in order, split into chunks and handed to a pool
-of decode threads. Threads, not processes: libjpeg-turbo (simplejpeg), Pillow's decoders and
-resize, and onnxruntime release the GIL (decode-only throughput on large JPEGs doubles from
-1 to 2 threads, see benchmarks/), and no pixels are pickled between processes. Batches come
-back in order, i.e. in sorted path order, each with the same shape (the last one is padded)
-so onnxruntime sees one shape only.
+of decode threads. Threads for large images: libjpeg-turbo (simplejpeg), Pillow's decoders
+and resize, and onnxruntime release the GIL (decode-only throughput on large JPEGs doubles
+from 1 to 2 threads, see benchmarks/), and there is no process to start. Small images are
+another matter: a 32 px JPEG's decode is mostly Python under the GIL and threads take turns,
+so PipelineConfig.decode "auto" gives models up to PROCESS_DECODE_MAX_SIDE px to worker
+processes (cnnx.runtime.procdecode, the same rows). Batches come back in order, i.e. in
+sorted path order, each with the same shape (the last one is padded) so onnxruntime sees
+one shape only.
 
 With an `infer` function, the thread that decodes a batch's last chunk also runs the batch
 through onnxruntime, so batches run concurrently, one a core, each on a one-thread session
@@ -35,8 +38,10 @@ from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS, ImageError, load_image
 MAX_BATCH_BYTES = 256 << 20  # uint8 pixels of one batch: 1,700 images of 3x224x224, 5 of 3x4096x4096
 MAX_READ_AHEAD_BYTES = 1 << 30  # pixels of the batches decoded ahead, all together
 DECODE_MODES = ("auto", "threads", "processes")
-# decode="auto" decodes in processes for models up to this input side (px); measured at 32
-# (benchmarks/results/bench_classify.json, "tuning").
+# decode="auto" decodes in processes for models up to this input side (px). Measured at 32 px
+# on 2 cores, 50,000 CIFAR JPEGs: decode-only pipeline 31,300 vs 13,300 images/s, cnnx classify
+# 5.44 s vs 7.04 s as a whole process (benchmarks/results/bench_classify*.json, "bound" rounds).
+# Large photos were not measured with processes: threads stay theirs.
 PROCESS_DECODE_MAX_SIDE = 64
 
 
