@@ -44,8 +44,9 @@ def segments(pid: int) -> list:
 
 def rows_of(model, folder, decode: str, **kw) -> list:
     with Classifier(model, "cpu", decode=decode, **kw) as clf:
+        rows = list(clf.classify([folder]))
         assert (clf.decode_pool is not None) == (decode == "processes")
-        return list(clf.classify([folder]))
+        return rows
 
 
 @pytest.mark.parametrize("batch_size, workers", [(8, 2), (256, 3)])
@@ -65,6 +66,14 @@ def test_logits_from_the_workers_are_the_callers(model, mixed):
     in_workers = rows_of(model, mixed, "processes", batch_size=16)
     in_caller = rows_of(model, mixed, "processes", batch_size=16, io_binding=True)
     assert in_workers == in_caller
+
+
+def test_predict_alone_starts_no_process(model):
+    import numpy as np
+
+    with Classifier(model, "cpu", decode="processes") as clf:
+        clf.predict(np.zeros((2, 3, 32, 32), np.uint8))
+        assert clf.decode_pool is None
 
 
 def test_a_run_stopped_early_leaves_nothing_for_the_next_one(model, mixed):
@@ -94,7 +103,7 @@ def test_a_worker_killed_mid_run_is_one_error_not_a_hang(model, cifar_subset):
     with Classifier(model, "cpu", decode="processes", batch_size=8, workers=2) as clf:
         rows = clf.classify([cifar_subset(20)])
         next(rows)
-        victim = clf.decode_pool.procs[0]
+        victim = clf.decode_pool.procs[0]  # started by the first row
         os.kill(victim.pid, signal.SIGKILL)
         with pytest.raises(DecodeWorkerDied, match=f"decode worker process {victim.pid} ended "
                                                    r"\(killed by signal 9\)"):

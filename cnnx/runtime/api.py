@@ -80,9 +80,10 @@ class Classifier:
     "cpu"; `gpu_decoder` counts the files it decoded and those it passed to the CPU.
 
     decode: how the cpu decoder runs: "threads", "processes" (cnnx.runtime.procdecode: worker
-    processes started here, once, and reused by every classify call) or "auto" (processes
-    for small-input models, see PipelineConfig.decodes_in_processes). `decode_pool` is the
-    pool of processes, or None when threads (or the GPU) decode."""
+    processes started by the first classify call, once, and reused by the next ones; predict()
+    alone starts none) or "auto" (processes for small-input models, see
+    PipelineConfig.decodes_in_processes). `decode_pool` is the pool of processes once started,
+    or None (not yet, or threads or the GPU decode)."""
 
     def __init__(self, model, device: str = "auto", *, threads: int | None = None, batch_size: int = 256,
                  workers: int = 0, topk: int = 5, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -124,25 +125,24 @@ class Classifier:
             self.close()
             raise
         self.decoder = "cpu" if self.gpu_decoder is None else "gpu"
-        if self.gpu_decoder is None and self.config.decodes_in_processes(self.info.spec):
-            self.decode_pool = self._decode_pool(decode)
+        self._decode = decode
+        self._pool_wanted = self.gpu_decoder is None and self.config.decodes_in_processes(self.info.spec)
 
-    def _decode_pool(self, decode: str):
-        """The decode processes; under auto, None (threads: the same rows) where they cannot
-        start: e.g. a process whose user changed since multiprocessing's forkserver started
-        (its socket is the old user's; its workers would read files as that user), or one that
-        may no longer run Python's executable."""
-        try:
-            return procdecode.DecodePool(self.config.resolved_workers(),
-                                         model=self.info.path if self._cpu_loop else None)
-        except Exception:
-            if decode == "auto":
-                return None
-            self.close()
-            raise
-        except BaseException:
-            self.close()
-            raise
+    def _pool(self):
+        """The decode processes (started by the first call that wants them), or None: threads
+        decode. Under auto, processes that cannot start mean threads (the same rows): e.g. a
+        process whose user changed since multiprocessing's forkserver started (its socket is
+        the old user's; its workers would read files as that user), or one that may no longer
+        run Python's executable."""
+        if self._pool_wanted and self.decode_pool is None:
+            self._pool_wanted = False  # one try
+            try:
+                self.decode_pool = procdecode.DecodePool(self.config.resolved_workers(),
+                                                         model=self.info.path if self._cpu_loop else None)
+            except Exception:
+                if self._decode != "auto":
+                    raise
+        return self.decode_pool
 
     @property
     def _cpu_loop(self) -> bool:
@@ -265,9 +265,10 @@ class Classification:
         """The decode processes, or threads where the Classifier has none or another
         classify call (run first) holds them: the same rows either way."""
         clf = self.classifier
-        if clf.decode_pool is not None and not clf.decode_pool.busy:
-            yield from clf.decode_pool.decoded_batches(todo, clf.info.spec, clf.config,
-                                                       model=clf.info.path if clf._runs_in_workers else None)
+        pool = clf._pool()
+        if pool is not None and not pool.busy:
+            yield from pool.decoded_batches(todo, clf.info.spec, clf.config,
+                                            model=clf.info.path if clf._runs_in_workers else None)
         else:
             yield from decoded_batches(todo, clf.info.spec, clf.config)
 
