@@ -166,9 +166,37 @@ def test_cli_ctrl_c_leaves_no_segment_and_no_process(model, big):
     proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert not segments(proc.pid)
-    time.sleep(0.5)
-    assert not [p for p in helpers if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2]
-                != "Z"], "a decode process outlived its caller"
+    deadline = time.monotonic() + 20
+    while alive(helpers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(helpers), "a decode process outlived its caller"
+
+
+def test_cli_killed_leaves_no_segment_and_no_process(model, big):
+    """SIGKILL of cnnx classify itself: multiprocessing's resource tracker unlinks the segment;
+    the workers and the forkserver see their pipes close and exit."""
+    proc = start_cli(model, big, "--workers", "2")
+    helpers = children(proc.pid) + workers_of(proc.pid)
+    proc.kill()
+    proc.communicate(timeout=60)
+    deadline = time.monotonic() + 20
+    while (segments(proc.pid) or alive(helpers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not segments(proc.pid)
+    assert not alive(helpers), "a decode process outlived its killed caller"
+
+
+def alive(pids) -> list:
+    """pids still running (zombies and reused pids' other programs aside)."""
+    out = []
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                if f.read().split()[2] != "Z":
+                    out.append(p)
+        except OSError:
+            pass
+    return out
 
 
 def test_cli_normal_run_leaves_no_segment(model, mixed, tmp_path):

@@ -9,8 +9,9 @@ pipelines and other engines.
                 print(row.path, row.label(clf.info.class_names), row.scores[0])
 
 `classify` streams rows as batches finish: the CLI's discovery (files and folders,
-recursively, in sorted path order), decode pipeline (threads, or processes for
-small-input models; bounded read-ahead, one batch shape), errors (Skipped, with the stage) and notes (Note: the image WAS classified).
+recursively, in sorted path order), decode pipeline (threads, or processes for small-input
+models; bounded read-ahead, one batch shape), errors (Skipped, with the stage) and notes
+(Note: the image WAS classified).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cnnx.runtime import procdecode
 from cnnx.runtime.binding import CUDA_DEVICES, BoundRunner, RunFailed
 from cnnx.runtime.contract import CPU_PROVIDER as CPU
 from cnnx.runtime.cuda import TENSORRT_PROVIDER as TENSORRT
@@ -28,7 +30,6 @@ from cnnx.runtime.files import first_line
 from cnnx.runtime.gpudecode import DECODERS, GpuDecoder, open_decoder
 from cnnx.runtime.gpudecode import decoded_batches as gpu_decoded_batches
 from cnnx.runtime.model import ModelError, open_model, softmax, softmax_topk
-from cnnx.runtime import procdecode
 from cnnx.runtime.pipeline import DECODE_MODES, PipelineConfig, batch_size_within_budget, batched, decoded_batches
 from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS
 
@@ -103,8 +104,10 @@ class Classifier:
         self.gpu_decoder = None
         self.decode_pool = None
         if decode != "threads" and decoder == "cpu":
-            with contextlib.suppress(Exception):  # (then _decode_pool says why, or uses threads)
-                procdecode.warm_up()  # the worker processes' imports overlap the model's load
+            # The processes' imports overlap the model's load (whether they will decode depends
+            # on the model's input size, known once it has loaded). A failure here is _pool's.
+            with contextlib.suppress(Exception):
+                procdecode.warm_up()
         self.session, self.info, self.provider = open_model(model, device, threads=threads, batch_size=batch_size)
         self.batch_size = batch_size_within_budget(batch_size, self.info.spec)
         self.topk = min(topk, len(self.info.class_names))

@@ -7,10 +7,12 @@ Here each worker process has its own interpreter:
 
 - the workers are forked by multiprocessing's forkserver (never a fork of this process,
   which has onnxruntime's threads); `warm_up()` starts the server, which imports numpy,
-  Pillow and simplejpeg once, while the caller loads its model;
+  Pillow and onnxruntime once, while the caller loads its model;
 - a run owns one shared-memory segment, a ring of batch slots (memory stays flat however
   many files there are); a worker decodes a chunk of paths straight into its rows of a slot
   and sends back only its failures and notes, never pixels;
+- on the CPU a worker also runs the model on the whole batches it decodes, on one thread,
+  and sends back the logits (a few KB), so batches run side by side on the cores;
 - batches are assembled in order in the caller, as pipeline.decoded_batches yields them,
   with the same rows, errors and notes (both paths share pipeline.decode_into).
 
