@@ -164,10 +164,9 @@ class _Batch:
     """One batch being decoded into a slot: its chunks' results arrive in any order."""
 
     items: list
-    paths: list
     slot: int
     chunks: list  # (row, paths) of each task, in order
-    results: dict = field(default_factory=dict)  # row -> (decoded, failed, notes)
+    results: dict = field(default_factory=dict)  # row -> (decoded, failed, notes, logits)
 
     def decoded(self) -> bool:
         return len(self.results) == len(self.chunks)
@@ -283,7 +282,7 @@ class _Run:
         paths = [item.path for item in items if item.reason is None]
         slot = self.free.popleft()
         chunks = [(row, paths[row:row + self.chunk]) for row in range(0, len(paths), self.chunk)]
-        batch = _Batch(items, paths, slot, chunks)
+        batch = _Batch(items, slot, chunks)
         self.pending.append(batch)
         self.by_slot[slot] = batch
         for row, chunk in chunks:
