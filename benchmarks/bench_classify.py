@@ -198,12 +198,6 @@ def _tree(pid: int) -> list:
     return out
 
 
-# `python -m cnnx` with Classifier's decode default set to threads: the pipeline before the
-# decode processes, measured as a whole process beside them (cnnx classify has no --decode).
-THREADS_CLI = ("-c", "import sys, cnnx.runtime.api as api; api.Classifier.__init__.__kwdefaults__['decode'] = "
-                     "'threads'; from cnnx.cli import main; sys.exit(main(sys.argv[1:]))")
-
-
 def run_classify(model: Path, folder: Path, *extra, out: Path, launch=("-m", "cnnx")):
     """Run the CLI; -> (wall s, peak RSS MiB, summary line, labels by path).
 
@@ -384,7 +378,7 @@ def measure_bound(model: Path, cifar: Path, rounds: int, batch_size: int | None)
                                                       out=CACHE / "out-bound.csv")
             assert len(labels) == n, (len(labels), n)
             threads_wall, _rss, _summary, threads_labels = run_classify(
-                model, cifar, "--device", "cpu", *extra, out=CACHE / "out-bound-threads.csv", launch=THREADS_CLI)
+                model, cifar, "--device", "cpu", "--decode", "threads", *extra, out=CACHE / "out-bound-threads.csv")
             assert threads_labels == labels
             per_round.append({"ort_only_1_caller_s": round(one, 3), f"ort_only_{workers}_callers_s": round(many, 3),
                               f"ort_only_1_thread_sessions_{workers}_callers_s": round(split, 3),

@@ -77,10 +77,15 @@ class _Tally:
               help="Labels and scores per image (capped at the number of classes).")
 @click.option("--batch-size", type=click.IntRange(1, 65536), default=256, show_default=True,
               help="Images per onnxruntime call; every call has this shape (the last is padded). "
-                   "Reduced, with a note, when the images would exceed 256 MiB a batch. 256 is the CPU's "
-                   "measured choice; on CUDA it is kept until benchmarks/gpu_classify.py has measured one.")
+                   "Reduced, with a note, when the images would exceed 256 MiB a batch. 256 is the measured "
+                   "choice on the CPU and on an H100 (benchmarks/gpu_classify.py's sweep).")
 @click.option("--workers", type=click.IntRange(0, 256), default=0, show_default=True,
-              help="Decode threads; 0 = one per CPU core.")
+              help="Decode workers (threads or processes, see --decode); 0 = one per CPU core.")
+@click.option("--decode", "decode", type=click.Choice(["auto", "threads", "processes"]), default="auto",
+              show_default=True,
+              help="How the CPU decoder runs: processes (a small JPEG's decode is mostly Python, which threads "
+                   "cannot run in parallel), threads (large photos: libjpeg-turbo and Pillow release the GIL); "
+                   "auto: processes for models of up to 64 px, else threads.")
 @click.option("--device", type=click.Choice(INFERENCE_DEVICES), default="auto", show_default=True,
               help="auto: CUDA when onnxruntime's CUDA provider loads, else CPU. cuda: CUDA or a one-line "
                    "error naming the cause. tensorrt: onnxruntime's TensorRT provider (TensorRT 10; engines "
@@ -113,8 +118,8 @@ class _Tally:
                    "separate CPU stage.")
 @click.option("--manifest", type=click.Path(exists=True, dir_okay=False),
               help="--engine ray: a file of image paths or s3:// gs:// URIs, one a line (classified in its order).")
-def classify(paths, model_path, output, fmt, topk, batch_size, workers, device, decoder, errors_path, resume, strict,
-             follow_symlinks, report_path, engine, address, num_workers, num_gpus_per_worker, manifest):
+def classify(paths, model_path, output, fmt, topk, batch_size, workers, decode, device, decoder, errors_path, resume,
+             strict, follow_symlinks, report_path, engine, address, num_workers, num_gpus_per_worker, manifest):
     """Batch-classify image files and folders (recursively) through onnxruntime.
 
     Rows come out in sorted path order, flushed as each batch finishes: CSV
@@ -136,7 +141,7 @@ def classify(paths, model_path, output, fmt, topk, batch_size, workers, device, 
     with _one_line_errors(), _one_writer(output):
         _check_not_there(output, errors_path, resume)
         classifier = _open_classifier(model_path, device, batch_size=batch_size, workers=workers, topk=topk,
-                                      decoder=decoder)
+                                      decoder=decoder, decode=decode)
         done = _read_done(output, errors_path, fmt, classifier.topk) if resume else set()
         rows = classifier.classify(paths, follow_symlinks=follow_symlinks, done=done)
         tally = _write_rows(rows, output, fmt, errors_path, classifier, append=resume, t0=t0)

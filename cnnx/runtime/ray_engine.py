@@ -136,7 +136,8 @@ def classify_with_ray(paths, model, *, output, fmt="csv", errors=None, resume=Fa
     if errors is None:
         errors = default_errors_path(output)
     # The contract check, the top-k cap and the batch budget, once here rather than in N actors.
-    with Classifier(model, "cpu", threads=1, batch_size=batch_size, topk=topk, max_pixels=max_pixels) as clf:
+    with Classifier(model, "cpu", threads=1, batch_size=batch_size, topk=topk, max_pixels=max_pixels,
+                    decode="threads") as clf:  # the pool, not processes of its own, uses the cores
         info, topk, batch_size = clf.info, clf.topk, clf.batch_size
     summary = RaySummary()
     with _output_lock(output), _Sink(output, fmt, errors, info.class_names, topk, resume, rows_per_part) as sink:
@@ -477,7 +478,7 @@ class _ClassifyActor:
                 f.write(ray.get(model_ref[0]))
             # One intra-op thread: a CPU actor holds one CPU, and the pool, not threads, uses the cores.
             self.classifier = Classifier(path, device, threads=1, batch_size=batch_size, topk=topk,
-                                         max_pixels=max_pixels)
+                                         max_pixels=max_pixels, decode="threads")
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(path)
