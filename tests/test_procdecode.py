@@ -220,3 +220,18 @@ def test_a_failing_model_run_in_the_workers_is_one_line(tmp_path, cifar_subset):
         with pytest.raises(ModelError, match="gone.onnx"):
             list(clf.classify([cifar_subset(2)]))
     assert not segments(os.getpid())
+
+
+def test_cli_decode_option_gives_the_same_csv_threads_or_processes(model, mixed, tmp_path):
+    """`cnnx classify --decode threads|processes` reaches the Classifier: same output, same errors file."""
+    outs = {}
+    for mode in ("threads", "processes"):
+        out = tmp_path / f"{mode}.csv"
+        r = subprocess.run([sys.executable, "-m", "cnnx", "classify", str(mixed), "--model", str(model), "-o",
+                            str(out), "--decode", mode, "--workers", "2"], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        outs[mode] = (out.read_text(), (tmp_path / f"{mode}.errors.csv").read_text())
+    assert outs["threads"] == outs["processes"]
+    r = subprocess.run([sys.executable, "-m", "cnnx", "classify", str(mixed), "--model", str(model), "--decode",
+                        "forks"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "--decode" in r.stderr and "Traceback" not in r.stderr
