@@ -230,7 +230,7 @@ def test_cli_decode_option_gives_the_same_csv_threads_or_processes(model, mixed,
         r = subprocess.run([sys.executable, "-m", "cnnx", "classify", str(mixed), "--model", str(model), "-o",
                             str(out), "--decode", mode, "--workers", "2"], capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 0, r.stderr
-        outs[mode] = (out.read_text(), (tmp_path / f"{mode}.errors.csv").read_text())
+        outs[mode] = (out.read_bytes(), (tmp_path / f"{mode}.errors.csv").read_bytes())  # names may not be UTF-8
     assert outs["threads"] == outs["processes"]
     r = subprocess.run([sys.executable, "-m", "cnnx", "classify", str(mixed), "--model", str(model), "--decode",
                         "forks"], capture_output=True, text=True, cwd=ROOT)
