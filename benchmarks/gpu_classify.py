@@ -661,6 +661,12 @@ def gpu_decode_pixels(folder: Path, size: int, smoke: bool, n: int = 64, model: 
 MIN_CLASSES_SHOWN = 10  # top-1 agreement of a model giving fewer classes on the photos is not evidence
 
 
+def _top1_agreement(ref: dict, other: dict) -> tuple:
+    """{path: top-1 index} twice -> (files in both, share of them with the same top-1)."""
+    common = set(ref) & set(other)
+    return len(common), sum(ref[p] == other[p] for p in common) / max(1, len(common))
+
+
 def gpu_decode_classify(model: str, folder: Path, device: str, batch: int, smoke: bool) -> dict:
     """The photos through Classifier.classify (cnnx classify's pipeline, in this process) with the
     CPU decoder and with the GPU decoder, back to back: img/s of each, the ratio, and top-1
@@ -680,13 +686,12 @@ def gpu_decode_classify(model: str, folder: Path, device: str, batch: int, smoke
             if clf.gpu_decoder is not None:
                 out[f"{name}_decode"].update(on_gpu=clf.gpu_decoder.on_gpu, to_cpu=clf.gpu_decoder.to_cpu)
         top1[name] = {r.path: r.indices[0] for r in rows}
-    common = sorted(set(top1["cpu"]) & set(top1["gpu"]))
-    agree = sum(top1["cpu"][p] == top1["gpu"][p] for p in common) / max(1, len(common))
+    n, agree = _top1_agreement(top1["cpu"], top1["gpu"])
     ratio = out["gpu_decode"]["img_s"] / max(out["cpu_decode"]["img_s"], 1e-9)
     # A model that gives (nearly) every image one class agrees trivially: below MIN_CLASSES_SHOWN
     # classes the agreement shows nothing, and the goal is left undecided (None), not met.
     classes = len(set(top1["cpu"].values()))
-    out.update(n=len(common), distinct_top1_classes=classes, top1_agreement=round(agree, 4), agreement_goal=0.995,
+    out.update(n=n, distinct_top1_classes=classes, top1_agreement=round(agree, 4), agreement_goal=0.995,
                agreement_met=(agree >= 0.995) if classes >= MIN_CLASSES_SHOWN else None,
                gpu_vs_cpu_decode=round(ratio, 2), speed_goal=3.0, speed_met=ratio >= 3.0)
     return out
@@ -702,9 +707,8 @@ def classify_rows_agreement(model: str, folder: Path, device: str, batch: int) -
     for dev in (device, "cpu"):
         with Classifier(model, dev, batch_size=batch) as clf:
             top1[dev] = {r.path: r.indices[0] for r in clf.classify([str(folder)]) if isinstance(r, Prediction)}
-    common = sorted(set(top1[device]) & set(top1["cpu"]))
-    agree = sum(top1[device][p] == top1["cpu"][p] for p in common) / max(1, len(common))
-    return {"n": len(common), "top1_agreement": round(agree, 5), "distinct_top1_classes": len(set(top1["cpu"].values()))}
+    n, agree = _top1_agreement(top1["cpu"], top1[device])
+    return {"n": n, "top1_agreement": round(agree, 5), "distinct_top1_classes": len(set(top1["cpu"].values()))}
 
 
 def cpu_decode_check(n_photos: int, work: Path) -> int:

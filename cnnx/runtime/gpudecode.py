@@ -412,7 +412,7 @@ class GpuDecoder:
     workers: CPU threads that read files and run load_image for the files the GPU does not take.
     Counts what went where: `on_gpu`, `to_cpu` {reason: files} (read by --decoder's summary)."""
 
-    def __init__(self, *, device: str = "cuda", device_id: int = 0, workers: int = 1, prepool: bool = True):
+    def __init__(self, *, device: str = "cuda", device_id: int = 0, workers: int = 1):
         if device not in ("cuda", "cpu"):
             raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
         self.device, self.device_id = device, device_id
@@ -428,7 +428,6 @@ class GpuDecoder:
             self.cudart = None
             providers = ["CPUExecutionProvider"]
         self.params = _decode_params(nv)
-        self.prepool = prepool
         self._providers = providers
         self._sessions = {}
         self._sessions_lock = threading.Lock()
@@ -538,12 +537,12 @@ class GpuDecoder:
     def _resize(self, img, out_h: int, out_w: int, pool: int | None = None):
         """One decoded image (device or host memory, as nvImageCodec left it: rows may be padded)
         bound in place to the resize graph's input -> (3, out_h, out_w) uint8 on the host.
-        pool: the graph's box-filter factor; None = pool_factor's (1 without prepool)."""
+        pool: the graph's box-filter factor; None = pool_factor's."""
         if img.ndim != 3 or img.shape[2] != 3:
             return None
         h, w = img.shape[0], img.shape[1]
         if pool is None:
-            pool = pool_factor(h, w, out_h, out_w) if self.prepool else 1
+            pool = pool_factor(h, w, out_h, out_w)
         on_gpu = self.device == "cuda"
         buffer = img.__cuda_array_interface__ if on_gpu else img.__array_interface__
         pitch = buffer["strides"][0] if buffer.get("strides") else 3 * w

@@ -62,10 +62,11 @@ def find_newest_model(runs_dir="runs") -> Path:
 
 # onnxruntime intra-op threads of a CPU session opened for concurrent runs (open_model's
 # concurrent=True, for a caller that runs one batch a core from its own threads, as
-# pipeline.decoded_batches' infer does; Classifier does not, yet: its predict() callers would
-# get a one-thread session), when the caller names none: each run takes one core. A
-# session spreading every operator over all cores would make each half wait for the other
-# while a decoder holds one of them (benchmarks/bench_classify.py, "tuning").
+# pipeline.decoded_batches' infer does; Classifier does not: on the CPU its decode processes
+# run the batches on one-thread sessions of their own, procdecode), when the caller names
+# none: each run takes one core. A session spreading every operator over all cores would
+# make each half wait for the other while a decoder holds one of them
+# (benchmarks/bench_classify.py, "tuning").
 CONCURRENT_CPU_INTRA_OP_THREADS = 1
 
 
