@@ -154,9 +154,9 @@ class Classifier:
     @property
     def _runs_in_workers(self) -> bool:
         """On the CPU the decode processes run the batches too, each on one thread
-        (procdecode._WorkerModel): 5.76 s vs 6.66 s with onnxruntime here on all cores, 8.35 s
-        on one (benchmarks/results/bench_classify.json, "tuning_processes"); the caller's
-        session then serves predict() only."""
+        (procdecode._WorkerModel): faster than onnxruntime here on all cores or on one
+        (benchmarks/results/bench_classify.json, "tuning_processes"); the caller's session then
+        serves predict() only."""
         return self.decode_pool is not None and self._cpu_loop
 
     @property

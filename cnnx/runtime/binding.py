@@ -10,8 +10,8 @@ writing rows) take turns. Here each of `slots` (default 2) slots owns
     model's uint8 input (4x fewer bytes over the bus than float32), into which each run
     first copies the host buffer (`OrtValue.update_inplace`). Never the host buffer bound
     directly: IOBinding copies an input that is not on the session's device at *bind* time,
-    so every later run would reuse that first copy (measured on an H100: 14 of 50 CIFAR
-    predictions agreed with the CPU's before this);
+    so every later run would reuse that first copy (on CUDA, tests/test_classify_gpu.py's
+    agreement with the CPU failed that way);
   - an IOBinding whose output is bound to host memory, so the logits come back in the same
     `run_with_iobinding` call;
 

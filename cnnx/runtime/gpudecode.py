@@ -19,9 +19,8 @@ Per batch of files (`decode_images`, the same contract as pipeline.decode_images
      that DCT scaling (`pool_factor`), then onnxruntime's Resize (linear, antialias: Pillow's
      filter) to the model's H x W, uint8 NCHW out. The box filter is also what makes the GPU
      path right: onnxruntime's CUDA Resize with antialias gives wrong pixels when it shrinks
-     several-fold (measured on an H100, onnxruntime 1.31.1: 47 levels mean off its CPU provider
-     on a 2 MP photo at 224 px; after a 4x4 box filter, identical; benchmarks/gpu_classify.py's
-     gpu_decode_diagnose).
+     several-fold, and the same as its CPU provider after the box filter (measured on an H100,
+     onnxruntime 1.31.1: benchmarks/results/gpu_classify.json, "gpu_decode_diagnose").
 A file damaged inside its scan data but ending in its EOI marker passes the router: the GPU
 decoder decodes what it can (as libjpeg's lenient mode does) where load_image, strict, reports
 it corrupt; only files the GPU decoder refuses fall back.

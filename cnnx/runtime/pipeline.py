@@ -38,9 +38,9 @@ from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS, ImageError, load_image
 MAX_BATCH_BYTES = 256 << 20  # uint8 pixels of one batch: 1,700 images of 3x224x224, 5 of 3x4096x4096
 MAX_READ_AHEAD_BYTES = 1 << 30  # pixels of the batches decoded ahead, all together
 DECODE_MODES = ("auto", "threads", "processes")
-# decode="auto" decodes in processes for models up to this input side (px). Measured at 32 px
-# on 2 cores, 50,000 CIFAR JPEGs: decode-only pipeline 31,300 vs 13,300 images/s, cnnx classify
-# 5.44 s vs 7.04 s as a whole process (benchmarks/results/bench_classify*.json, "bound" rounds).
+# decode="auto" decodes in processes for models up to this input side (px): measured faster at
+# 32 px on 2 cores, decode alone and cnnx classify as a whole process (benchmarks/results/
+# bench_classify.json: "pipeline_decode", and the "bound" rounds with --decode threads beside).
 # Large photos were not measured with processes: threads stay theirs.
 PROCESS_DECODE_MAX_SIDE = 64
 

@@ -136,8 +136,8 @@ FINETUNE_DEFAULT = dict(backbone_lr_mult=0.1, freeze_backbone_epochs=1)  # any o
 # test top-1 on 50,000 training images) in cnnx's units: its SGD lrs are per *summed* loss over 2,000
 # images, cnnx's per mean loss, so lr = 0.67 x 2000 (the head), bn_bias_lr = 0.053 / 0.67, and weight
 # decay = 0.004 / lr (its decay per step, lr x decay, is 0.004). 14 epochs of 22 steps on the 45,000-image
-# split: the most that fits issue 7's 3 s of training on one H100 (airbench's 8 x 25 steps on 50,000 take
-# about 1.8 s there, for half a point less; benchmarks/gpu_train.py, results/gpu_train*.json).
+# split: the most that fits issue 7's 3 s of training on one H100, and more accurate there than airbench's
+# 8 x 25 steps on 50,000 (benchmarks/gpu_train.py; results/gpu_train.json and gpu_train_9epochs.json).
 GPU_RECIPES: dict[str, dict] = {
     "airnet": dict(
         arch_kwargs=(("widths", (64, 256, 256)), ("scale", 1 / 256), ("bn_eps", 1e-12), ("bn_momentum", 0.4)),
