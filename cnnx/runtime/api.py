@@ -103,11 +103,6 @@ class Classifier:
         self.runner = None
         self.gpu_decoder = None
         self.decode_pool = None
-        if decode != "threads" and decoder == "cpu":
-            # The processes' imports overlap the model's load (whether they will decode depends
-            # on the model's input size, known once it has loaded). A failure here is _pool's.
-            with contextlib.suppress(Exception):
-                procdecode.warm_up()
         self.session, self.info, self.provider = open_model(model, device, threads=threads, batch_size=batch_size)
         self.batch_size = batch_size_within_budget(batch_size, self.info.spec)
         self.topk = min(topk, len(self.info.class_names))
@@ -130,6 +125,12 @@ class Classifier:
         self.decoder = "cpu" if self.gpu_decoder is None else "gpu"
         self._decode = decode
         self._pool_wanted = self.gpu_decoder is None and self.config.decodes_in_processes(self.info.spec)
+        if self._pool_wanted:
+            # Only for a model whose batches the processes will decode (a photo model's threads
+            # need none); their imports then overlap the caller's own work until the first
+            # classify call. A failure here is _pool's to report.
+            with contextlib.suppress(Exception):
+                procdecode.warm_up()
 
     def _pool(self):
         """The decode processes (started by the first call that wants them), or None: threads
