@@ -79,6 +79,22 @@ def test_classify_yields_the_rows_the_cli_writes(model, mixed_folder, tmp_path):
     assert isinstance(got[note_at - 1], Prediction) and got[note_at - 1].path == got[note_at].path
 
 
+def test_results_hold_the_same_rows_as_arrays(model, mixed_folder):
+    """results(): what the CLI writes from, a BatchResult a batch; its arrays and its other
+    rows are the rows the iterator gives."""
+    from cnnx.runtime import Classifier, Prediction
+
+    with Classifier(model, "cpu", batch_size=4, topk=2) as clf:
+        rows = list(clf.classify([mixed_folder]))
+        results = list(clf.classify([mixed_folder]).results())
+    assert [row for r in results for row in r.rows()] == rows
+    predictions = [row for row in rows if isinstance(row, Prediction)]
+    assert [p for r in results for p in r.paths] == [p.path for p in predictions]
+    assert np.concatenate([r.indices for r in results if r.paths]).tolist() == [list(p.indices) for p in predictions]
+    assert [row for r in results for row in r.others()] == [row for row in rows if not isinstance(row, Prediction)]
+    assert any(not r.others() for r in results) and any(r.others() for r in results)
+
+
 def test_classify_skips_done_paths_silently_however_they_are_spelt(model, mixed_folder):
     from cnnx.runtime import Classifier, Prediction
 

@@ -5,7 +5,7 @@ The Python API (cnnx.runtime.api) is re-exported here and loaded on first use, s
 `import cnnx.runtime` stays cheap (no numpy, Pillow or onnxruntime until a name is used).
 """
 
-_API = ("Classifier", "Classification", "Prediction", "Skipped", "Note")
+_API = ("Classifier", "Classification", "BatchResult", "Prediction", "Skipped", "Note")
 __all__ = [*_API, "ModelError", "ModelInfo"]
 
 

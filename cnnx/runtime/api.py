@@ -11,7 +11,8 @@ pipelines and other engines.
 `classify` streams rows as batches finish: the CLI's discovery (files and folders,
 recursively, in sorted path order), decode pipeline (threads, or processes for small-input
 models; bounded read-ahead, one batch shape), errors (Skipped, with the stage) and notes
-(Note: the image WAS classified).
+(Note: the image WAS classified). A writer takes `classify(...).results()` instead: one
+BatchResult a batch, its predictions as arrays (no object a row).
 """
 
 from __future__ import annotations
@@ -224,11 +225,59 @@ class Classifier:
         self.close()
 
 
+@dataclass(eq=False)
+class BatchResult:
+    """One batch's outcome as arrays (what a writer takes): the `paths` classified, in order,
+    with their top-k class `indices` and softmax `scores` (len(paths) x topk, best first; None
+    when no file of the batch decoded); `others()`: its Skipped and Note rows, in path order.
+    `rows()`: all its rows as Classification iterates them (a Note follows its Prediction).
+    items: the batch's discovery.Found; failed: (path, stage, error); notes: (path, note)."""
+
+    items: list
+    paths: list
+    indices: np.ndarray | None
+    scores: np.ndarray | None
+    failed: list
+    notes: list
+
+    def predictions(self) -> list:
+        if not self.paths:
+            return []
+        return [Prediction(path, tuple(i), tuple(s))
+                for path, i, s in zip(self.paths, self.indices.tolist(), self.scores.tolist())]
+
+    def rows(self) -> list:
+        return self._in_order(self.predictions())
+
+    def others(self) -> list:
+        if len(self.items) == len(self.paths) and not self.notes:  # every file classified, no remark
+            return []
+        return self._in_order(None)
+
+    def _in_order(self, predictions) -> list:
+        """The rows in the order of the batch's items; predictions None: Skipped and Note only."""
+        failed = {path: (stage, error) for path, stage, error in self.failed}
+        notes = dict(self.notes)
+        rows, next_ok = [], 0
+        for item in self.items:
+            if item.reason is not None:
+                rows.append(Skipped(item.path, "discover", item.reason))
+            elif next_ok < len(self.paths) and self.paths[next_ok] == item.path:
+                if predictions is not None:
+                    rows.append(predictions[next_ok])
+                next_ok += 1
+                if item.path in notes:
+                    rows.append(Note(item.path, notes[item.path]))
+            else:
+                rows.append(Skipped(item.path, *failed[item.path]))
+        return rows
+
+
 class Classification:
-    """The rows of one Classifier.classify call: an iterator of rows, or of one list of
-    rows per batch (`batches()`, what a writer flushes at). Counts as it goes: `found`
-    (files found, skips and already-done ones included), `already_done`, `ignored`
-    (non-image files inside folders)."""
+    """The rows of one Classifier.classify call: an iterator of rows, of one list of rows per
+    batch (`batches()`), or of one BatchResult per batch (`results()`: arrays, what a writer
+    flushes at; no row objects made). Counts as it goes: `found` (files found, skips and
+    already-done ones included), `already_done`, `ignored` (non-image files inside folders)."""
 
     def __init__(self, classifier: Classifier, paths, *, follow_symlinks: bool, done):
         self.classifier = classifier
@@ -237,8 +286,8 @@ class Classification:
         self.already_done = 0
         self._keys = PathKeys()
         self._done = {self._keys(p) for p in done}
-        self._batches = self._run()
-        self._rows = (row for rows in self._batches for row in rows)
+        self._results = self._run()
+        self._rows = (row for result in self._results for row in result.rows())
 
     @property
     def ignored(self) -> int:
@@ -251,10 +300,13 @@ class Classification:
         return next(self._rows)
 
     def batches(self):
-        return self._batches
+        return (result.rows() for result in self._results)
+
+    def results(self):
+        return self._results
 
     def close(self):
-        self._batches.close()
+        self._results.close()
 
     def _run(self):
         clf = self.classifier
@@ -279,7 +331,7 @@ class Classification:
     def _plain(self, batches):
         """The CPU loop: one session.run per batch, in this thread."""
         for items, batch in batches:
-            yield self._rows_of(items, batch, self._logits(batch))
+            yield self._result(items, batch, self._logits(batch))
 
     def _bound(self, batches):
         """The GPU path: IOBinding, two batches in flight (cnnx.runtime.binding). A batch where
@@ -295,7 +347,7 @@ class Classification:
                 raise clf._run_failed(clf.batch_size, str(e)) from None
             if logits is not None:
                 clf._check_rows(logits, clf.batch_size)
-            yield self._rows_of(items, batch, logits)
+            yield self._result(items, batch, logits)
 
     def _todo(self):
         for item in self.discovery:
@@ -305,24 +357,6 @@ class Classification:
                 continue
             yield item
 
-    def _rows_of(self, items, batch, logits) -> list:
-        """One batch's rows in the order of its items (a Note follows its Prediction)."""
-        predictions = self._predictions(batch, logits)
-        failed = {path: (stage, error) for path, stage, error in batch.failed}
-        notes = dict(batch.notes)
-        rows, next_ok = [], 0
-        for item in items:
-            if item.reason is not None:
-                rows.append(Skipped(item.path, "discover", item.reason))
-            elif next_ok < len(predictions) and predictions[next_ok].path == item.path:
-                rows.append(predictions[next_ok])
-                next_ok += 1
-                if item.path in notes:
-                    rows.append(Note(item.path, notes[item.path]))
-            else:
-                rows.append(Skipped(item.path, *failed[item.path]))
-        return rows
-
     def _logits(self, batch):
         """The decode processes' logits (they ran the batch), else the batch run here."""
         if batch.logits is not None:
@@ -330,10 +364,9 @@ class Classification:
             return batch.logits
         return self.classifier.predict(batch.images) if batch.paths else None
 
-    def _predictions(self, batch, logits) -> list:
+    def _result(self, items, batch, logits) -> BatchResult:
         n = len(batch.paths)
-        if n == 0:
-            return []
-        logits = logits[:n]  # the padded rows are dropped
-        idx, scores = softmax_topk(logits, self.classifier.topk)
-        return [Prediction(path, tuple(i), tuple(s)) for path, i, s in zip(batch.paths, idx.tolist(), scores.tolist())]
+        indices = scores = None
+        if n:
+            indices, scores = softmax_topk(logits[:n], self.classifier.topk)  # the padded rows dropped
+        return BatchResult(items, batch.paths, indices, scores, batch.failed, batch.notes)

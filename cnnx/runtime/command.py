@@ -128,6 +128,7 @@ def classify(paths, model_path, output, fmt, topk, batch_size, workers, decode, 
     (skips are warnings), 1 on a fatal error or, with --strict, on any skip.
     """
     t0 = time.perf_counter()
+    _no_blas_threads()
     if engine == "ray":
         if decoder != "cpu":
             raise click.UsageError(f"--decoder {decoder}: only with --engine local")
@@ -153,6 +154,14 @@ def classify(paths, model_path, output, fmt, topk, batch_size, workers, decode, 
         _write_report(report_path, output, fmt, errors_path, classifier.info)
     if strict and tally.n_skipped:
         raise click.ClickException(f"--strict: {tally.n_skipped} file(s) skipped")
+
+
+def _no_blas_threads():
+    """numpy's OpenBLAS starts a thread per core at import and they spin a while: the import
+    then costs about twice its time in CPU, taken from decoding on a small machine, and the
+    runtime does no BLAS. Set before numpy is first imported, here and (inherited) in the
+    decode processes; a value the user set is kept."""
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def _check_local_usage(paths, output, address, num_workers, num_gpus_per_worker, manifest):
@@ -312,25 +321,25 @@ def _read_done(output, errors_path, fmt, topk) -> set:
 
 def _write_rows(rows, output, fmt, errors_path, classifier, *, append: bool, t0: float) -> _Tally:
     """Stream the rows into the predictions and errors files, one flush per batch."""
-    from cnnx.runtime.api import Note, Prediction, Skipped
+    from cnnx.runtime.api import Skipped
     from cnnx.runtime.output import ErrorsWriter, PredictionWriter
 
     writer = PredictionWriter(output, fmt, classifier.info.class_names, classifier.topk, append=append)
     errors = ErrorsWriter(errors_path, append=append)
     tally, progress = _Tally(), _Progress()
     try:
-        for batch in rows.batches():
-            predictions = [row for row in batch if isinstance(row, Prediction)]
-            for row in batch:
+        for result in rows.results():
+            for row in result.others():
                 if isinstance(row, Skipped):
                     tally.skipped[row.stage] = tally.skipped.get(row.stage, 0) + 1
                     errors.write(row.path, row.stage, row.error)
-                elif isinstance(row, Note):
+                else:  # a Note on an image that was classified
                     tally.noted += 1
                     errors.write(row.path, "note", row.note)
-            writer.write_predictions(predictions)
-            tally.classified += len(predictions)
-            if predictions and tally.first_batch_s is None:
+            if result.paths:
+                writer.write_batch(result.paths, result.indices, result.scores)
+            tally.classified += len(result.paths)
+            if result.paths and tally.first_batch_s is None:
                 tally.first_batch_s = time.perf_counter() - t0
             progress.update(tally.classified, tally.n_skipped)
     finally:
