@@ -235,3 +235,60 @@ def test_cli_decode_option_gives_the_same_csv_threads_or_processes(model, mixed,
     r = subprocess.run([sys.executable, "-m", "cnnx", "classify", str(mixed), "--model", str(model), "--decode",
                         "forks"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "--decode" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("size", [(32, 32), (224, 160)])
+def test_the_metadata_peek_reads_what_onnxruntime_reads(tmp_path, size):
+    """cnnx classify decides on decode processes from the file before onnxruntime loads."""
+    import onnxruntime as ort
+
+    from cnnx.runtime.contract import peek_metadata_props, peek_preprocess_size
+    from tests._runtime_util import tiny_onnx_model
+
+    path = tiny_onnx_model(tmp_path / "m.onnx", size=size)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert peek_metadata_props(path) == dict(session.get_modelmeta().custom_metadata_map)
+    assert peek_preprocess_size(path) == size
+    data = path.read_bytes()
+    (tmp_path / "cut.onnx").write_bytes(data[:len(data) - 7])  # the metadata entry cut short
+    (tmp_path / "text.onnx").write_text("not a model\n" * 100)
+    for bad in ("cut.onnx", "text.onnx", "missing.onnx"):
+        assert peek_preprocess_size(tmp_path / bad) is None
+
+
+def test_decode_processes_are_wanted_for_small_models_only(tmp_path):
+    from cnnx.runtime.workers import decodes_in_processes, warm_up_for
+    from tests._runtime_util import tiny_onnx_model
+
+    small = tiny_onnx_model(tmp_path / "small.onnx", size=(32, 32))
+    large = tiny_onnx_model(tmp_path / "large.onnx", size=(224, 224))
+    assert decodes_in_processes("auto", (64, 64), 2) and not decodes_in_processes("auto", (65, 64), 2)
+    assert not warm_up_for(large, decode="auto", workers=2)
+    assert not warm_up_for(small, decode="threads", workers=2)
+    assert not warm_up_for(small, decode="auto", workers=1)
+    assert not warm_up_for(tmp_path / "missing.onnx", decode="processes", workers=2)
+    assert warm_up_for(small, decode="auto", workers=2)
+
+
+def test_cli_starts_the_decode_server_before_it_imports_onnxruntime(model, mixed, tmp_path):
+    """The server's imports overlap this process's own (the first batch comes sooner)."""
+    script = f"""
+import sys
+from cnnx.runtime import workers
+real = workers.warm_up
+seen = []
+def warm_up():
+    seen.append("onnxruntime" in sys.modules)
+    real()
+workers.warm_up = warm_up
+from cnnx.cli import main
+try:
+    main(["classify", {str(mixed)!r}, "--model", {str(model)!r}, "-o", {str(tmp_path / 'p.csv')!r}, "--workers", "2"])
+except SystemExit as e:
+    assert e.code == 0, e.code
+print(seen)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    # the command's early start, then the Classifier's (which finds the server running)
+    assert out.stdout.strip() == "[False, True]"

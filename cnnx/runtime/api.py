@@ -31,8 +31,9 @@ from cnnx.runtime.files import first_line
 from cnnx.runtime.gpudecode import DECODERS, GpuDecoder, open_decoder
 from cnnx.runtime.gpudecode import decoded_batches as gpu_decoded_batches
 from cnnx.runtime.model import ModelError, open_model, softmax, softmax_topk
-from cnnx.runtime.pipeline import DECODE_MODES, PipelineConfig, batch_size_within_budget, batched, decoded_batches
+from cnnx.runtime.pipeline import PipelineConfig, batch_size_within_budget, batched, decoded_batches
 from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS
+from cnnx.runtime.workers import DECODE_MODES, warm_up
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ class Classifier:
             # need none); their imports then overlap the caller's own work until the first
             # classify call. A failure here is _pool's to report.
             with contextlib.suppress(Exception):
-                procdecode.warm_up()
+                warm_up()
 
     def _pool(self):
         """The decode processes (started by the first call that wants them), or None: threads

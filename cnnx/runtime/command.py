@@ -285,13 +285,19 @@ def _one_writer(output):
 
 
 def _open_classifier(model_path, device, **options):
-    from cnnx.runtime.api import Classifier
     from cnnx.runtime.model import find_newest_model
-    from cnnx.runtime.pipeline import MAX_BATCH_BYTES
+    from cnnx.runtime.workers import warm_up_for
 
     if model_path is None:
         model_path = str(find_newest_model("runs"))
         click.echo(f"model: {model_path} (newest under runs/)", err=True)
+    if options["decoder"] == "cpu":
+        # The decode processes' server imports on another core while this process imports the
+        # runtime below: the first batch starts sooner (benchmarks/results/bench_classify.json, "bound").
+        warm_up_for(model_path, decode=options["decode"], workers=options["workers"])
+    from cnnx.runtime.api import Classifier
+    from cnnx.runtime.pipeline import MAX_BATCH_BYTES
+
     classifier = Classifier(model_path, device, **options)
     if classifier.batch_size < classifier.requested_batch_size:
         h, w = classifier.info.spec["size"]

@@ -11,6 +11,7 @@ float32 [N, num_classes]; metadata_props are strings (JSON for anything that is 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 
 INPUT_NAME = "images"
@@ -151,6 +152,86 @@ def check_signature(inputs, outputs, meta: ModelMeta) -> None:
                             "the model would not give one row per image")
     if isinstance(k, int) and k != len(meta.class_names):
         raise ContractError(f"{k} logits but {len(meta.class_names)} class names")
+
+
+MAX_METADATA_ENTRY_BYTES = 64 << 20  # MAX_CLASSES names are a few MB of JSON: a larger entry is not read
+
+
+def peek_metadata_props(path) -> dict | None:
+    """An ONNX model's metadata_props read straight from its file (a few reads; the graph is
+    skipped, not read), for decisions taken before onnxruntime is imported; None when the file
+    is not a readable ONNX model (the loader then says why). ONNX's ModelProto is protobuf:
+    metadata_props is field 14, each entry a message of key (1) and value (2)."""
+    props = {}
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            while f.tell() < size:
+                field, wire = divmod(_varint(f), 8)
+                if wire == 0:
+                    _varint(f)
+                elif wire == 1 or wire == 5:
+                    f.seek(8 if wire == 1 else 4, os.SEEK_CUR)
+                elif wire == 2:
+                    length = _varint(f)
+                    if field != 14:
+                        f.seek(length, os.SEEK_CUR)
+                        continue
+                    if length > MAX_METADATA_ENTRY_BYTES:
+                        return None
+                    entry = f.read(length)
+                    if len(entry) != length:
+                        return None
+                    key, value = _string_pair(entry)
+                    props[key] = value
+                else:
+                    return None
+            if f.tell() != size:  # the last field runs past the end: a cut-short file
+                return None
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return props
+
+
+def _varint(f) -> int:
+    value = shift = 0
+    while True:
+        byte = f.read(1)
+        if not byte or shift > 63:
+            raise ValueError("truncated or bad varint")
+        value |= (byte[0] & 0x7F) << shift
+        if byte[0] < 0x80:
+            return value
+        shift += 7
+
+
+def _string_pair(entry: bytes):
+    """A StringStringEntryProto's (key, value)."""
+    import io
+
+    f, pair = io.BytesIO(entry), {1: "", 2: ""}
+    while f.tell() < len(entry):
+        field, wire = divmod(_varint(f), 8)
+        if wire != 2:
+            raise ValueError("not a string field")
+        length = _varint(f)
+        data = f.read(length)
+        if len(data) != length:
+            raise ValueError("a string cut short")
+        if field in pair:
+            pair[field] = data.decode("utf-8")
+    return pair[1], pair[2]
+
+
+def peek_preprocess_size(path):
+    """The model's input (H, W) from its cnnx.preprocess metadata, read without onnxruntime
+    (peek_metadata_props); None when it cannot be read. A hint only: the loader checks it."""
+    props = peek_metadata_props(path)
+    try:
+        h, w = json.loads(props[KEY_PREPROCESS])["size"]
+        return int(h), int(w)
+    except (TypeError, KeyError, ValueError):
+        return None
 
 
 def cuda_driver_present() -> bool:

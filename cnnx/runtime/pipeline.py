@@ -5,7 +5,7 @@ of decode threads. Threads for large images: libjpeg-turbo (simplejpeg), Pillow'
 and resize, and onnxruntime release the GIL (decode-only throughput on large JPEGs doubles
 from 1 to 2 threads, see benchmarks/), and there is no process to start. Small images are
 another matter: a 32 px JPEG's decode is mostly Python under the GIL and threads take turns,
-so PipelineConfig.decode "auto" gives models up to PROCESS_DECODE_MAX_SIDE px to worker
+so PipelineConfig.decode "auto" gives models up to workers.PROCESS_DECODE_MAX_SIDE px to worker
 processes (cnnx.runtime.procdecode, the same rows). Batches come back in order, i.e. in
 sorted path order, each with the same shape (the last one is padded) so onnxruntime sees
 one shape only.
@@ -24,7 +24,6 @@ batch being run (at most `workers + 1` batches).
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,15 +33,10 @@ import numpy as np
 
 from cnnx.runtime.files import first_line
 from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS, ImageError, load_image
+from cnnx.runtime.workers import DECODE_MODES, cores, decodes_in_processes
 
 MAX_BATCH_BYTES = 256 << 20  # uint8 pixels of one batch: 1,700 images of 3x224x224, 5 of 3x4096x4096
 MAX_READ_AHEAD_BYTES = 1 << 30  # pixels of the batches decoded ahead, all together
-DECODE_MODES = ("auto", "threads", "processes")
-# decode="auto" decodes in processes for models up to this input side (px): measured faster at
-# 32 px on 2 cores, decode alone and cnnx classify as a whole process (benchmarks/results/
-# bench_classify.json: "pipeline_decode", and the "bound" rounds with --decode threads beside).
-# Large photos were not measured with processes: threads stay theirs.
-PROCESS_DECODE_MAX_SIDE = 64
 
 
 def image_bytes(spec) -> int:
@@ -67,19 +61,11 @@ class PipelineConfig:
             raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
 
     def decodes_in_processes(self, spec) -> bool:
-        """auto: processes for models of at most PROCESS_DECODE_MAX_SIDE px with 2 or more
-        workers (small images: decoding is mostly Python under the GIL), threads otherwise
-        (large photos: libjpeg-turbo and Pillow release the GIL, no start-up to pay)."""
-        if self.decode != "auto":
-            return self.decode == "processes"
-        return max(spec["size"]) <= PROCESS_DECODE_MAX_SIDE and self.resolved_workers() >= 2
+        """Whether the CPU decoder runs in processes for this model (workers.decodes_in_processes)."""
+        return decodes_in_processes(self.decode, spec["size"], self.resolved_workers())
 
     def resolved_workers(self) -> int:
-        if self.workers > 0:
-            return self.workers
-        if hasattr(os, "sched_getaffinity"):  # the cores this process may run on (cgroups, taskset)
-            return max(1, len(os.sched_getaffinity(0)))
-        return os.cpu_count() or 1
+        return self.workers if self.workers > 0 else cores()
 
     def read_ahead(self, spec) -> int:
         """Batches decoded ahead of the one being run: one per worker and one more, within

@@ -1,0 +1,85 @@
+"""The CPU decode workers: how many (one a core), threads or processes, and the multiprocessing
+forkserver the processes are forked from. Standard library only, so that `cnnx classify` can
+start the server before it imports numpy and onnxruntime itself: the server's own imports then
+run on another core while this process does its own, instead of after them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import sys
+import types
+
+DECODE_MODES = ("auto", "threads", "processes")
+# decode="auto" decodes in processes for models up to this input side (px): measured faster at
+# 32 px on 2 cores, decode alone and cnnx classify as a whole process (benchmarks/results/
+# bench_classify.json: "pipeline_decode", and the "bound" rounds with --decode threads beside).
+# Large photos were not measured with processes: threads stay theirs.
+PROCESS_DECODE_MAX_SIDE = 64
+# Imported once by the server, before it forks a worker: a worker starts in milliseconds.
+SERVER_PRELOAD = ["cnnx.runtime.procdecode", "onnxruntime"]
+
+
+def cores() -> int:
+    """The cores this process may run on (cgroups, taskset), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def decodes_in_processes(decode: str, size, workers: int) -> bool:
+    """decode "auto": processes for models of at most PROCESS_DECODE_MAX_SIDE px with 2 or more
+    workers (a small JPEG's decode is mostly Python under the GIL, which threads take turns
+    at), threads otherwise (libjpeg-turbo and Pillow release the GIL on large photos, and there
+    is no process to start). size: the model's input (H, W); workers: the resolved count."""
+    if decode != "auto":
+        return decode == "processes"
+    return max(size) <= PROCESS_DECODE_MAX_SIDE and workers >= 2
+
+
+def context():
+    """The forkserver context: workers are never forks of the caller, which runs onnxruntime's
+    and numpy's threads."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(SERVER_PRELOAD)
+    return ctx
+
+
+@contextlib.contextmanager
+def main_not_rerun():
+    """Workers run cnnx code only, but multiprocessing's start-up would run the caller's main
+    script again in each (as `__mp_main__`): slow for the `cnnx` console script, an error in
+    a script without a `__main__` guard. Hidden for the moment the start-up is prepared."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+def warm_up():
+    """Start the forkserver (and its imports) now, in the background; at once if it runs."""
+    from multiprocessing import forkserver
+
+    context()
+    with main_not_rerun():
+        forkserver.ensure_running()
+
+
+def warm_up_for(model, *, decode: str, workers: int) -> bool:
+    """Start the forkserver now if the CPU decoder will run in processes for this model (its
+    input size read from the file's metadata, cnnx.runtime.contract.peek_preprocess_size);
+    whether it did. Never an error: an unreadable model is the loader's to report."""
+    from cnnx.runtime.contract import peek_preprocess_size
+
+    size = peek_preprocess_size(model)
+    if size is None or not decodes_in_processes(decode, size, workers or cores()):
+        return False
+    try:
+        warm_up()
+    except Exception:  # noqa: BLE001 - the Classifier tries again and falls back to threads
+        return False
+    return True
