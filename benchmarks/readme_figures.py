@@ -316,6 +316,10 @@ def block_results(res: Results) -> str:
                 f"**{b['ratio_process']:.2f}** as a process ({secs(b['classify_process_s'])} vs a "
                 f"{secs(b['bound_s'])} bound: {secs(b['ort_only_s'])} + {secs(b['decode_one_core_s'])} / "
                 f"{b['cores']}); {b['ratio_summary']:.2f} without start-up"
+                + (f"; median of each round's own ratio: {b['ratio_same_round_median']:.2f}; "
+                   f"vs the bound plus the {secs(b['startup_floor_s'])} any process needs to start "
+                   f"(Python, numpy, onnxruntime, the model): {b['ratio_process_vs_bound_with_startup_floor']:.2f}"
+                   if "startup_floor_s" in b else "")
                 + (f"; decode threads instead of processes: {b['ratio_process_decode_threads']:.2f}; vs the bound "
                    f"with the default session ({secs(b['bound_default_session_s'])}): "
                    f"{b['ratio_process_default_session_bound']:.2f}" if "ratio_process_decode_threads" in b else ""),
@@ -629,6 +633,12 @@ def block_classify(res: Results) -> str:
                      f"cnnx classify {secs(b['classify_process_s'])} as a process ({b['ratio_process']:.2f} of the "
                      f"bound), {secs(b['classify_summary_s'])} by its summary line ({b['ratio_summary']:.2f}); "
                      f"goal >= {goal:g}: {met(b['ratio_process'] >= goal)}."
+                     + (f" Each round's own ratio (its bound over its classify): median "
+                        f"{b['ratio_same_round_median']:.2f}, best {b['ratio_same_round_best']:.2f}. The least a "
+                        f"process needs to start (Python, numpy, onnxruntime, the model), which the bound leaves "
+                        f"out: {secs(b['startup_floor_s'])}, so a whole process can reach at most "
+                        f"{b['ratio_reachable_by_a_process']:.2f} of the bound on these files."
+                        if "startup_floor_s" in b else "")
                      + (f" With `--decode threads` in the same rounds: {secs(b['classify_decode_threads_process_s'])} "
                         f"({b['ratio_process_decode_threads']:.2f})." if "classify_decode_threads_process_s" in b else ""))
     agree = [f"{pct(d[key]['top1_agreement_with_batched_baseline'])} on {label}"
