@@ -33,19 +33,21 @@ from cifar_jpegs import cifar_folder  # noqa: E402
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _tree(pid: int) -> list:
+def _tree(pid: int, depth: int = 0) -> list:
+    """(pid, depth) of the process and everything under it: the command at 0, forkserver and
+    resource tracker at 1, the decode processes (forked by the forkserver) at 2."""
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
             kids = [int(k) for k in f.read().split()]
     except OSError:
-        return [pid]
-    return [pid] + [p for k in kids for p in _tree(k)]
+        return [(pid, depth)]
+    return [(pid, depth)] + [p for k in kids for p in _tree(k, depth + 1)]
 
 
-def _cpu_and_name(pid: int):
+def _cpu_and_cmdline(pid: int):
     try:
         with open(f"/proc/{pid}/stat") as f:
-            head, tail = f.read().rsplit(")", 1)
+            _head, tail = f.read().rsplit(")", 1)
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
@@ -54,14 +56,12 @@ def _cpu_and_name(pid: int):
     return (int(fields[11]) + int(fields[12])) / TICK, cmd
 
 
-def _kind(cmd: str, root: bool) -> str:
-    if root:
+def _kind(cmd: str, depth: int) -> str:
+    if depth == 0:
         return "command"
-    if "forkserver" in cmd:
-        return "forkserver"
-    if "resource_tracker" in cmd:
-        return "resource_tracker"
-    return "decode_processes"
+    if depth >= 2:  # a worker is a fork of the forkserver: the same command line, one level down
+        return "decode_processes"
+    return "resource_tracker" if "resource_tracker" in cmd else "forkserver"
 
 
 def run_once(tree: Path, model: Path, cifar: Path) -> dict:
@@ -74,10 +74,10 @@ def run_once(tree: Path, model: Path, cifar: Path) -> dict:
     proc = subprocess.Popen(cmd, cwd=tree, env=env, stderr=subprocess.PIPE)
     seen = {}  # pid -> (cpu s, kind)
     while proc.poll() is None:
-        for pid in _tree(proc.pid):
-            got = _cpu_and_name(pid)
+        for pid, depth in _tree(proc.pid):
+            got = _cpu_and_cmdline(pid)
             if got:
-                seen[pid] = (got[0], _kind(got[1], pid == proc.pid))
+                seen[pid] = (got[0], _kind(got[1], depth))
         time.sleep(0.005)
     wall = time.perf_counter() - t0
     stderr = proc.stderr.read().decode()
