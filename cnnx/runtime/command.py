@@ -157,10 +157,10 @@ def classify(paths, model_path, output, fmt, topk, batch_size, workers, decode, 
 
 
 def _no_blas_threads():
-    """numpy's OpenBLAS starts a thread per core at import and they spin a while: the import
-    then costs about twice its time in CPU, taken from decoding on a small machine, and the
-    runtime does no BLAS. Set before numpy is first imported, here and (inherited) in the
-    decode processes; a value the user set is kept."""
+    """numpy's OpenBLAS starts a thread per core at import and they spin a while: CPU taken
+    from decoding on a small machine, in this process and in the decode processes' server,
+    for a runtime that does no BLAS. Set before numpy is first imported (the server inherits
+    it); a value the user set is kept."""
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
@@ -293,7 +293,7 @@ def _open_classifier(model_path, device, **options):
         click.echo(f"model: {model_path} (newest under runs/)", err=True)
     if options["decoder"] == "cpu":
         # The decode processes' server imports on another core while this process imports the
-        # runtime below: the first batch starts sooner (benchmarks/results/bench_classify.json, "bound").
+        # runtime below: the first batch starts sooner (bench_classify.json, "first_batch_latency_s").
         warm_up_for(model_path, decode=options["decode"], workers=options["workers"])
     from cnnx.runtime.api import Classifier
     from cnnx.runtime.pipeline import MAX_BATCH_BYTES
