@@ -320,6 +320,8 @@ def block_results(res: Results) -> str:
                    f"vs the bound plus the {secs(b['startup_floor_s'])} any process needs to start "
                    f"(Python, numpy, onnxruntime, the model): {b['ratio_process_vs_bound_with_startup_floor']:.2f}"
                    if "startup_floor_s" in b else "")
+                + (f"; timed while its memory is polled, as this figure was before: "
+                   f"{b['ratio_process_memory_polled']:.2f}" if "ratio_process_memory_polled" in b else "")
                 + (f"; decode threads instead of processes: {b['ratio_process_decode_threads']:.2f}; vs the bound "
                    f"with the default session ({secs(b['bound_default_session_s'])}): "
                    f"{b['ratio_process_default_session_bound']:.2f}" if "ratio_process_decode_threads" in b else ""),
@@ -639,6 +641,9 @@ def block_classify(res: Results) -> str:
                         f"out: {secs(b['startup_floor_s'])}, so a whole process can reach at most "
                         f"{b['ratio_reachable_by_a_process']:.2f} of the bound on these files."
                         if "startup_floor_s" in b else "")
+                     + (f" Timed while the benchmark polls its memory (/proc, 100 times a second, as this figure was "
+                        f"timed before): {secs(b['classify_process_memory_polled_s'])} "
+                        f"({b['ratio_process_memory_polled']:.2f})." if "classify_process_memory_polled_s" in b else "")
                      + (f" With `--decode threads` in the same rounds: {secs(b['classify_decode_threads_process_s'])} "
                         f"({b['ratio_process_decode_threads']:.2f})." if "classify_decode_threads_process_s" in b else ""))
     if c := res.get("classify_cpu_by_process.json"):
