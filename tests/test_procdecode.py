@@ -252,7 +252,8 @@ def test_the_metadata_peek_reads_what_onnxruntime_reads(tmp_path, size):
     data = path.read_bytes()
     (tmp_path / "cut.onnx").write_bytes(data[:len(data) - 7])  # the metadata entry cut short
     (tmp_path / "text.onnx").write_text("not a model\n" * 100)
-    for bad in ("cut.onnx", "text.onnx", "missing.onnx"):
+    os.mkfifo(tmp_path / "fifo.onnx")  # never opened for writing: a blocking read would hang
+    for bad in ("cut.onnx", "text.onnx", "missing.onnx", "fifo.onnx", "."):
         assert peek_preprocess_size(tmp_path / bad) is None
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass
 
 INPUT_NAME = "images"
@@ -164,8 +165,13 @@ def peek_metadata_props(path) -> dict | None:
     metadata_props is field 14, each entry a message of key (1) and value (2)."""
     props = {}
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        # Non-blocking: a FIFO given as the model must not hang here before the loader refuses it.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        with open(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            size = st.st_size
             while f.tell() < size:
                 field, wire = divmod(_varint(f), 8)
                 if wire == 0:
