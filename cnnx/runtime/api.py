@@ -33,7 +33,7 @@ from cnnx.runtime.gpudecode import decoded_batches as gpu_decoded_batches
 from cnnx.runtime.model import ModelError, open_model, softmax, softmax_topk
 from cnnx.runtime.pipeline import PipelineConfig, batch_size_within_budget, batched, decoded_batches
 from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS
-from cnnx.runtime.workers import DECODE_MODES, warm_up
+from cnnx.runtime.workers import check_decode_mode, warm_up
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,7 @@ class Classifier:
             raise ValueError(f"io_binding must be None, True or False, got {io_binding!r}")
         if not isinstance(decoder, GpuDecoder) and decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
-        if decode not in DECODE_MODES:
-            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+        check_decode_mode(decode)  # before the model loads
         self.requested_batch_size = batch_size
         self.runner = None
         self.gpu_decoder = None

@@ -33,7 +33,7 @@ import numpy as np
 
 from cnnx.runtime.files import first_line
 from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS, ImageError, load_image
-from cnnx.runtime.workers import DECODE_MODES, cores, decodes_in_processes
+from cnnx.runtime.workers import check_decode_mode, cores, decodes_in_processes
 
 MAX_BATCH_BYTES = 256 << 20  # uint8 pixels of one batch: 1,700 images of 3x224x224, 5 of 3x4096x4096
 MAX_READ_AHEAD_BYTES = 1 << 30  # pixels of the batches decoded ahead, all together
@@ -57,8 +57,7 @@ class PipelineConfig:
     decode: str = "auto"  # "threads", "processes" (procdecode) or "auto": see decodes_in_processes
 
     def __post_init__(self):
-        if self.decode not in DECODE_MODES:
-            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
+        check_decode_mode(self.decode)
 
     def decodes_in_processes(self, spec) -> bool:
         """Whether the CPU decoder runs in processes for this model (workers.decodes_in_processes)."""

@@ -6,8 +6,9 @@ simplejpeg call, numpy) under the GIL, so decode threads take turns instead of a
 Here each worker process has its own interpreter:
 
 - the workers are forked by multiprocessing's forkserver (never a fork of this process,
-  which has onnxruntime's threads); `warm_up()` starts the server, which imports numpy,
-  Pillow and onnxruntime once, while the caller loads its model;
+  which has onnxruntime's threads); `cnnx.runtime.workers.warm_up()` starts the server,
+  which imports numpy, Pillow and onnxruntime once, while the caller does its own imports
+  or loads its model;
 - a run owns one shared-memory segment, a ring of batch slots (memory stays flat however
   many files there are); a worker decodes a chunk of paths straight into its rows of a slot
   and sends back only its failures and notes, never pixels;
@@ -23,17 +24,13 @@ caller's segment is unlinked by multiprocessing's resource tracker.
 
 from __future__ import annotations
 
-import contextlib
-import multiprocessing
 import os
 import secrets
 import signal
-import sys
-import types
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
-from multiprocessing import forkserver, shared_memory
+from multiprocessing import shared_memory
 from multiprocessing.connection import wait
 
 import numpy as np
@@ -42,6 +39,7 @@ from cnnx.runtime.contract import CPU_PROVIDER
 from cnnx.runtime.files import first_line
 from cnnx.runtime.model import ModelError
 from cnnx.runtime.pipeline import DecodedBatch, decode_into, image_bytes
+from cnnx.runtime.workers import context, main_not_rerun
 
 SHM_PREFIX = "cnnx-decode-"  # /dev/shm/cnnx-decode-<pid>-<random>: whose segment it is
 MIN_CHUNK_FILES = 64  # a task's paths: fewer means more pipe round trips per image
@@ -51,35 +49,6 @@ STOP_TIMEOUT_S = 5.0
 class DecodeWorkerDied(ModelError):
     """A decode worker process ended during a run. A ModelError so that callers which turn
     the runtime's failures into one line (cnnx classify) do so for this one too."""
-
-
-def _context():
-    ctx = multiprocessing.get_context("forkserver")
-    # Forked from a server that has imported the decoders already: a worker starts in
-    # milliseconds rather than re-importing numpy and Pillow.
-    ctx.set_forkserver_preload(["cnnx.runtime.procdecode", "onnxruntime"])
-    return ctx
-
-
-@contextlib.contextmanager
-def _main_not_rerun():
-    """Workers run cnnx code only, but multiprocessing's start-up would run the caller's main
-    script again in each (as `__mp_main__`): slow for the `cnnx` console script, an error in
-    a script without a `__main__` guard. Hidden for the moment the start-up is prepared."""
-    main = sys.modules["__main__"]
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        sys.modules["__main__"] = main
-
-
-def warm_up():
-    """Start the forkserver (and its imports) now, in the background: call it before the
-    model loads so the workers' start-up overlaps it."""
-    _context()
-    with _main_not_rerun():
-        forkserver.ensure_running()
 
 
 # --- the worker -------------------------------------------------------------------------------
@@ -178,7 +147,7 @@ class DecodePool:
     now, while the caller goes on."""
 
     def __init__(self, workers: int, model=None):
-        ctx = _context()
+        ctx = context()
         self.procs, self.conns = [], []
         self.busy = False  # a run is using the workers (one at a time)
         self.runs = 0  # runs started: results of an earlier one (ended early) are dropped
@@ -186,7 +155,7 @@ class DecodePool:
             for _ in range(workers):
                 parent, child = ctx.Pipe()
                 proc = ctx.Process(target=_worker, args=(child,), daemon=True, name="cnnx-decode")
-                with _main_not_rerun():
+                with main_not_rerun():
                     proc.start()
                 child.close()
                 self.procs.append(proc)

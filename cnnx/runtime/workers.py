@@ -22,6 +22,13 @@ PROCESS_DECODE_MAX_SIDE = 64
 SERVER_PRELOAD = ["cnnx.runtime.procdecode", "onnxruntime"]
 
 
+def check_decode_mode(decode) -> str:
+    """decode itself, or ValueError naming the modes."""
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    return decode
+
+
 def cores() -> int:
     """The cores this process may run on (cgroups, taskset), at least 1."""
     if hasattr(os, "sched_getaffinity"):
