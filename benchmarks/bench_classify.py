@@ -184,15 +184,16 @@ def _hwm_mib(pid: int):
     return None
 
 
-def _tree(pid: int) -> list:
-    """pid and its live descendants (the decode processes under multiprocessing's forkserver)."""
-    out, todo = [], [pid]
+def process_tree(pid: int) -> list:
+    """(pid, depth) of the process and its live descendants: the command at 0, multiprocessing's
+    forkserver and resource tracker at 1, the decode processes (forks of the forkserver) at 2."""
+    out, todo = [], [(pid, 0)]
     while todo:
-        p = todo.pop()
-        out.append(p)
+        p, depth = todo.pop()
+        out.append((p, depth))
         try:
             with open(f"/proc/{p}/task/{p}/children") as f:
-                todo += [int(k) for k in f.read().split()]
+                todo += [(int(k), depth + 1) for k in f.read().split()]
         except OSError:
             pass
     return out
@@ -221,7 +222,7 @@ def run_classify(model: Path, folder: Path, *extra, out: Path, launch=("-m", "cn
         proc = subprocess.Popen(cmd, stderr=err, cwd=ROOT)
         peaks = {}  # pid -> its VmHWM, MiB
         while peak and proc.poll() is None:
-            for pid in _tree(proc.pid):
+            for pid, _depth in process_tree(proc.pid):
                 hwm = _hwm_mib(pid)
                 if hwm:
                     peaks[pid] = max(peaks.get(pid, 0.0), hwm)

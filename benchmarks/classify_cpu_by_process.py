@@ -27,21 +27,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _results import RESULTS, write_result  # noqa: E402
-from bench_classify import CACHE, build_model, log  # noqa: E402
+from bench_classify import CACHE, build_model, log, process_tree  # noqa: E402
 from cifar_jpegs import cifar_folder  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _tree(pid: int, depth: int = 0) -> list:
-    """(pid, depth) of the process and everything under it: the command at 0, forkserver and
-    resource tracker at 1, the decode processes (forked by the forkserver) at 2."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            kids = [int(k) for k in f.read().split()]
-    except OSError:
-        return [(pid, depth)]
-    return [(pid, depth)] + [p for k in kids for p in _tree(k, depth + 1)]
 
 
 def _cpu_and_cmdline(pid: int):
@@ -74,7 +63,7 @@ def run_once(tree: Path, model: Path, cifar: Path) -> dict:
     proc = subprocess.Popen(cmd, cwd=tree, env=env, stderr=subprocess.PIPE)
     seen = {}  # pid -> (cpu s, kind)
     while proc.poll() is None:
-        for pid, depth in _tree(proc.pid):
+        for pid, depth in process_tree(proc.pid):
             got = _cpu_and_cmdline(pid)
             if got:
                 seen[pid] = (got[0], _kind(got[1], depth))
