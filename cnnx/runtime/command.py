@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import click
 
 from cnnx.runtime.contract import INFERENCE_DEVICES
+from cnnx.runtime.workers import DECODE_MODES, PROCESS_DECODE_MAX_SIDE
 
 
 def _default_errors_path(output: str):
@@ -81,11 +82,11 @@ class _Tally:
                    "choice on the CPU and on an H100 (benchmarks/gpu_classify.py's sweep).")
 @click.option("--workers", type=click.IntRange(0, 256), default=0, show_default=True,
               help="Decode workers (threads or processes, see --decode); 0 = one per CPU core.")
-@click.option("--decode", "decode", type=click.Choice(["auto", "threads", "processes"]), default="auto",
+@click.option("--decode", "decode", type=click.Choice(DECODE_MODES), default="auto",
               show_default=True,
               help="How the CPU decoder runs: processes (a small JPEG's decode is mostly Python, which threads "
                    "cannot run in parallel), threads (large photos: libjpeg-turbo and Pillow release the GIL); "
-                   "auto: processes for models of up to 64 px, else threads.")
+                   f"auto: processes for models of up to {PROCESS_DECODE_MAX_SIDE} px, else threads.")
 @click.option("--device", type=click.Choice(INFERENCE_DEVICES), default="auto", show_default=True,
               help="auto: CUDA when onnxruntime's CUDA provider loads, else CPU. cuda: CUDA or a one-line "
                    "error naming the cause. tensorrt: onnxruntime's TensorRT provider (TensorRT 10; engines "
