@@ -29,6 +29,9 @@ What one run measures (every figure with the card it ran on, all in the same pro
                can give) and a step-by-step pixel diagnosis (gpu_decode_diagnose); with a trained airnet
                (--airnet-checkpoint): --decoder cpu vs gpu on the 50,000 CIFAR JPEGs and on the photos at
                32 px, where top-1 agreement means something (10 classes)
+  decode_bound_cifar  what CPU decoding allows on the 50,000 CIFAR JPEGs: load_image alone in one
+               process per core (no pipeline), and cnnx's decode processes without a model; where it
+               is below the ceiling, classify's ratio to it says how close the pipeline comes
   rows         classify_rows_cuda_vs_cpu_airnet: Classifier.classify on CUDA vs the CPU provider, same
                5,000 files: top-1 agreement of the rows (every batch must run its own pixels)
   sweep        --batch-size 64..2048: ceilings of both models, cnnx classify img/s of airnet
@@ -45,15 +48,15 @@ would not fit; the JSON is rewritten after every stage (benchmarks/_results.writ
 run cut short still leaves its figures.
 
 Prepare here (once; downloads onnxruntime-gpu for the GPU machine's Python 3.12 and splits it
-into parts of < 60 MB, each in its own ignored folder, and copies the CIFAR tarball in):
+into parts of 61 MiB, each in its own ignored folder, and copies the CIFAR tarball in):
 
     python benchmarks/gpu_classify.py --prepare
 
-Then on the GPU machine: the calls of benchmarks/gpu_run.sh, back to back (the first trains the
-airnet whose checkpoint the last one classifies with: `--airnet-checkpoint`). The wheel is 256 MB:
-4 parts of 55 MiB and one of 26 MB (`--prepare` prints the count); .data holds the CIFAR tarball
-(16 MB) and .data/wheels the small wheels cnnx needs there (simplejpeg, onnxscript, onnx-ir,
-ml_dtypes: 2 MB). The JSON comes back under files_at/results/gpu_classify.json; copy it to
+Then on the GPU machine: the calls of benchmarks/gpu_run.sh, back to back: one per wheel part
+(`--prepare` prints the count: 4 of 61 MiB), then the run itself, carrying .data (the CIFAR tarball,
+16 MB; .data/wheels, the small wheels cnnx needs there: simplejpeg, onnxscript, onnx-ir, ml_dtypes,
+2 MB; .data/airnet-best.pt, a trained airnet for `--airnet-checkpoint`) and the GPU-decoding wheels.
+The JSON comes back under files_at/results/gpu_classify.json; copy it to
 benchmarks/results/. `--stages a,b,...` runs only those stages (and the inputs they need).
 Smoke test of the whole script on a CPU (tiny sizes, CPU provider, IOBinding forced on; the
 GPU decoder on nvImageCodec's CPU backend):
@@ -97,7 +100,7 @@ GPU_DECODE_DIR = ".ortgpu-decode"  # matches .gitignore's /.ortgpu*/
 PIP_TARGET = ["--no-deps", "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
               "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_27_x86_64",
               "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64"]
-PART_BYTES = 55 << 20  # under GPU.md's 60 MB a carried folder
+PART_BYTES = 61 << 20  # 4 parts; each call carries one and the repo (~1.3 MB) under the 64 MiB a call
 CIFAR_TAR = ROOT.parent / "shared" / "datasets" / "cifar10-train.tar.gz"
 BATCH = 256  # cnnx classify's default, measured on the CPU
 
@@ -507,6 +510,52 @@ def decode_only(folder: Path, size: int) -> dict:
     return {"files": n, "img_s": round(n / (time.perf_counter() - t0), 1), "threads": PipelineConfig().resolved_workers()}
 
 
+def _decode_shard(job):
+    """One process's share of decode_bound: load_image on each file; (files, seconds)."""
+    from cnnx.runtime.preprocess import load_image
+
+    paths, spec = job
+    t0 = time.perf_counter()
+    for p in paths:
+        load_image(p, spec)
+    return len(paths), time.perf_counter() - t0
+
+
+def decode_bound(folder: Path, model: str, batch: int) -> dict:
+    """What CPU decoding allows classify on these files: load_image alone in one process per
+    core (no pipeline, no model: the decode bound of issue 8's goal 1 where decoding is the
+    limit), and cnnx's decode processes (procdecode, as `cnnx classify` runs them) without a model."""
+    import multiprocessing as mp
+
+    from cnnx.runtime import Classifier, workers
+    from cnnx.runtime.discover import Discovery
+    from cnnx.runtime.pipeline import PipelineConfig, batched
+    from cnnx.runtime.procdecode import DecodePool
+
+    with Classifier(model, "cpu") as clf:
+        spec = clf.info.spec
+    files = sorted(str(p) for p in folder.rglob("*.jpg"))
+    cores = workers.cores()
+    shards = [(files[i::cores], spec) for i in range(cores)]
+    with mp.get_context("forkserver").Pool(cores) as pool:
+        pool.map(_decode_shard, [(s[:8], spec) for s, _ in shards])  # imports and page cache warm
+        t0 = time.perf_counter()
+        done = pool.map(_decode_shard, shards)
+        wall = time.perf_counter() - t0
+    out = {"files": len(files), "cores": cores, "load_image_img_s": round(len(files) / wall, 1),
+           "load_image_core_s_per_1000": round(1000 * sum(s for _, s in done) / len(files), 3)}
+    config = PipelineConfig(batch_size=batch)
+    pool = DecodePool(config.resolved_workers())
+    try:
+        t0 = time.perf_counter()
+        n = sum(len(b.paths) for _items, b in pool.decoded_batches(batched(Discovery([str(folder)]), batch), spec,
+                                                                    config))
+        out.update(procdecode_img_s=round(n / (time.perf_counter() - t0), 1), procdecode_workers=len(pool.procs))
+    finally:
+        pool.close()
+    return out
+
+
 def gpu_decoder(smoke: bool, workers: int = 0):
     """The GPU decoder (nvImageCodec + the resize on CUDA); --smoke: the same code on nvImageCodec's
     CPU backend and the CPU provider."""
@@ -821,6 +870,8 @@ def main(argv=None):
                       c and c["ceiling_img_s"], need_s=30)
             if not smoke:
                 run.stage(f"cuda_vs_cpu_{key}", agreement, path, dev, real, need_s=15)
+    if models.get("airnet"):
+        run.stage("decode_bound_cifar", decode_bound, cifar, models["airnet"]["fp32"], BATCH, need_s=20)
     run.stage("decode_only_photos", decode_only, photo_dir, 224, need_s=20)
     if models.get("resnet18"):
         size = models["resnet18"]["size"]
@@ -896,6 +947,11 @@ def summarize(r: dict):
     if r.get("memory_airnet"):
         lines.append(f"memory: peak RSS ratio {r['memory_airnet']['ratio']} "
                      f"({r['memory_airnet']['files_large']['files']} vs {r['memory_airnet']['files_small']['files']} files)")
+    if r.get("decode_bound_cifar"):
+        b, k = r["decode_bound_cifar"], r.get("classify_airnet_fp32", {})
+        lines.append(f"decode bound (CIFAR, {b['cores']} processes): load_image {b['load_image_img_s']:,.0f} img/s, "
+                     f"decode processes {b['procdecode_img_s']:,.0f} img/s; classify airnet fp32 "
+                     f"{k.get('img_s', 0):,.0f} img/s = {k.get('img_s', 0) / b['load_image_img_s']:.2f} of it")
     if r.get("decode_only_photos"):
         lines.append(f"decode only (photos, CPU threads): {r['decode_only_photos']}")
     if r.get("gpu_decode_classify_resnet18"):
