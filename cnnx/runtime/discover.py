@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import re
 import stat
+import sys
+from operator import itemgetter
 from dataclasses import dataclass
 
 from cnnx.runtime.contract import is_image_name
@@ -36,6 +38,9 @@ class Found:
     reason: str | None = None
 
 
+_first = itemgetter(0)
+
+
 def _kind(mode: int) -> str:
     for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
                        (stat.S_ISBLK, "block device")):
@@ -44,16 +49,18 @@ def _kind(mode: int) -> str:
     return "special file"
 
 
+_FS_ENCODING = sys.getfilesystemencoding()  # os.fsencode's, without its call per name
+
+
 def _sort_key(name: str, is_folder: bool) -> bytes:
-    return os.fsencode(name) + (b"/" if is_folder else b"")
+    return name.encode(_FS_ENCODING, "surrogateescape") + (b"/" if is_folder else b"")
 
 
 def _lists_as_folder(entry: os.DirEntry, follow_symlinks: bool) -> bool:
-    """Whether the walk will descend into this entry (decides its place in the order)."""
+    """Whether the walk will descend into this entry (decides its place in the order): a
+    folder, or a symlink to one when symlinks are followed."""
     try:
-        if entry.is_symlink() and not follow_symlinks:
-            return False
-        return entry.is_dir()
+        return entry.is_dir(follow_symlinks=follow_symlinks)
     except OSError:
         return False
 
@@ -110,7 +117,10 @@ class Discovery:
         subfolders to descend into."""
         try:
             with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: _sort_key(e.name, _lists_as_folder(e, self.follow_symlinks)))
+                follow = self.follow_symlinks
+                keyed = [(_sort_key(e.name, _lists_as_folder(e, follow)), e) for e in it]
+            keyed.sort(key=_first)  # names are unique in a folder: the keys never tie
+            entries = [e for _key, e in keyed]
         except OSError as e:
             yield Found(folder, f"cannot list folder: {e.strerror or first_line(e)}")
             return

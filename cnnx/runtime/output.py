@@ -117,6 +117,14 @@ def _rows(values):
     return values.tolist() if hasattr(values, "tolist") else values
 
 
+def _object_array(values):
+    import numpy as np
+
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    return array
+
+
 def csv_header(topk: int) -> list:
     head = ["path", "label", "score"]
     for i in range(2, topk + 1):
@@ -142,7 +150,8 @@ class PredictionWriter:
 
     def __init__(self, target, fmt: str, class_names, topk: int, *, append: bool = False):
         self.target, self.fmt, self.class_names, self.topk, self.append = target, fmt, class_names, topk, append
-        self._name_cells = [f'"{_csv_text(name)}"' for name in class_names]  # quoted once, not once a row
+        # Quoted once, not once a row; an object array, so that a batch's top-k picks them at once.
+        self._name_cells = _object_array([f'"{_csv_text(name)}"' for name in class_names])
         self.stream = None
         self.rows = 0
 
@@ -158,32 +167,41 @@ class PredictionWriter:
         """One batch (flushed once at its end): paths, and per path its top-k class indices and
         scores, best first (sequences or arrays of len(paths) x topk)."""
         with _write_errors(self.target):
-            self._write_batch(paths, _rows(indices), _rows(scores))
+            self._write_batch(paths, indices, scores)
 
     def _write_batch(self, paths, indices, scores):
         if self.stream is None:
             self._open()
         names = self.class_names
         if self.fmt == "csv":
-            # Formatted here rather than by csv.writer (a list a row): the same bytes as its
-            # QUOTE_ALL (tests/test_output.py compares them), without building a list for each row.
-            cells = self._name_cells
-            if self.topk == 1:
-                lines = [f'"{_csv_text(path)}",{cells[idx[0]]},"{sc[0]:.6f}"\n'
-                         for path, idx, sc in zip(paths, indices, scores)]
-            else:
-                lines = ['"%s",%s\n' % (_csv_text(path), ",".join([f'{cells[j]},"{s:.6f}"' for j, s in zip(idx, sc)]))
-                         for path, idx, sc in zip(paths, indices, scores)]
-            self.stream.write("".join(lines))
+            self.stream.write(self._csv_rows(paths, indices, scores))
         else:
             lines = []
-            for path, idx, sc in zip(paths, indices, scores):
+            for path, idx, sc in zip(paths, _rows(indices), _rows(scores)):
                 rec = {"path": path, "label": names[idx[0]], "score": round(float(sc[0]), 6),
                        "topk": [{"label": names[j], "score": round(float(s), 6)} for j, s in zip(idx, sc)]}
                 lines.append(json.dumps(rec) + "\n")  # ensure_ascii: a non-UTF-8 name stays valid JSON
             self.stream.write("".join(lines))
         self.stream.flush()
         self.rows += len(paths)
+
+    def _csv_rows(self, paths, indices, scores) -> str:
+        """The batch's CSV rows as one string: the same bytes as csv.writer's QUOTE_ALL with the
+        formula escape (tests/test_output.py compares them), made by one %-format of a row
+        template repeated len(paths) times, so that no Python code runs per cell."""
+        import numpy as np
+
+        n = len(paths)
+        if n == 0:
+            return ""
+        indices = np.asarray(indices).reshape(n, -1)
+        k = indices.shape[1]
+        cells = np.empty((n, 1 + 2 * k), dtype=object)
+        cells[:, 0] = [("'" + p if p[:1] in _FORMULA_START else p).replace('"', '""') for p in paths]
+        cells[:, 1::2] = self._name_cells[indices]
+        cells[:, 2::2] = np.asarray(scores).reshape(n, k)
+        row = '"%s",' + ",".join(['%s,"%.6f"'] * k) + "\n"
+        return (row * n) % tuple(cells.ravel().tolist())
 
     def close(self):
         stream, self.stream = self.stream, None
