@@ -32,6 +32,11 @@ What one run measures (every figure with the card it ran on, all in the same pro
   decode_bound_cifar  what CPU decoding allows on the 50,000 CIFAR JPEGs: load_image alone in one
                process per core (no pipeline), and cnnx's decode processes without a model; where it
                is below the ceiling, classify's ratio to it says how close the pipeline comes
+  startup_floor_airnet  a fresh Python importing numpy and onnxruntime, creating the CUDA session and
+               running one batch: what any process pays before its first result (the whole-process
+               ratio a run of N files can reach is N/ceiling over that plus N/ceiling)
+  steady_state_airnet_fp32  cnnx classify on the 50,000 CIFAR JPEGs and on 10 hard-linked copies of
+               them (500,000 files): the marginal rate, the pipeline's throughput without its start-up
   rows         classify_rows_cuda_vs_cpu_airnet: Classifier.classify on CUDA vs the CPU provider, same
                5,000 files: top-1 agreement of the rows (every batch must run its own pixels)
   sweep        --batch-size 64..2048: ceilings of both models, cnnx classify img/s of airnet
@@ -478,18 +483,22 @@ def agreement(model: str, device: str, files, n: int = 64) -> dict:
             "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean())}
 
 
-def classify(model: str, folder: Path, device: str, batch: int, work: Path, ceiling: float | None) -> dict:
+def classify(model: str, folder: Path, device: str, batch: int, work: Path, ceiling: float | None,
+             with_memory: bool = False) -> dict:
+    """`cnnx classify` as a subprocess. Timed without the memory polling (it reads /proc for every
+    process of the tree 100 times a second) unless with_memory (the memory stage)."""
     from bench_classify import run_classify
 
     wall, peak, summary, labels = run_classify(Path(model), folder, "--device", device, "--batch-size", str(batch),
-                                               out=work / "classify-out.csv")
+                                               out=work / "classify-out.csv", peak=with_memory)
     first = re.search(r"first batch after ([\d.]+) s", summary)
     inner = re.search(r"; ([\d.]+) s; ", summary)
     n = len(labels)
-    r = {"files": n, "wall_s": round(wall, 2), "img_s": round(n / wall, 1), "peak_rss_mib": round(peak, 1),
-         "summary": summary}
-    if first and inner and n > batch:
-        r["img_s_after_first_batch"] = round((n - batch) / max(float(inner.group(1)) - float(first.group(1)), 1e-9), 1)
+    r = {"files": n, "wall_s": round(wall, 3), "img_s": round(n / wall, 1), "summary": summary}
+    if peak is not None:
+        r["peak_rss_mib"] = round(peak, 1)
+    if first and inner and n > batch and float(inner.group(1)) - float(first.group(1)) >= 0.05:  # 10 ms digits
+        r["img_s_after_first_batch"] = round((n - batch) / (float(inner.group(1)) - float(first.group(1))), 1)
     if ceiling:
         r["ratio_to_ceiling"] = round(r["img_s"] / ceiling, 3)
         if "img_s_after_first_batch" in r:
@@ -554,6 +563,67 @@ def decode_bound(folder: Path, model: str, batch: int) -> dict:
     finally:
         pool.close()
     return out
+
+
+STARTUP_SCRIPT = """
+import sys, time
+t0 = time.perf_counter()
+import numpy as np, onnxruntime as ort
+from cnnx.runtime import cuda
+cuda.preload(ort)
+session = ort.InferenceSession(sys.argv[1], providers=[sys.argv[2], "CPUExecutionProvider"])
+inp = session.get_inputs()[0]
+x = np.zeros((int(sys.argv[3]), *inp.shape[1:]), dtype=np.uint8)
+session.run(None, {inp.name: x})
+print(time.perf_counter() - t0, session.get_providers()[0])
+"""
+
+
+def startup_floor(model: str, device: str, batch: int, rounds: int = 3) -> dict:
+    """What any onnxruntime process pays before its first result, which no pipeline can avoid:
+    a fresh Python that imports numpy and onnxruntime, loads the CUDA libraries, creates the
+    session and runs one batch (best of `rounds`; wall from the process start, and the same
+    from the first import)."""
+    provider = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}.get(device,
+                                                                                              "CPUExecutionProvider")
+    walls, inner = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, "-c", STARTUP_SCRIPT, model, provider, str(batch)], capture_output=True,
+                           text=True, check=True, cwd=ROOT)
+        walls.append(time.perf_counter() - t0)
+        inner.append(float(r.stdout.split()[0]))
+        ran = r.stdout.split()[1]
+    return {"provider": ran, "batch": batch, "process_s": round(min(walls), 3), "after_interpreter_s": round(min(inner), 3),
+            "rounds": rounds}
+
+
+def replicated(src: Path, dest: Path, copies: int) -> Path:
+    """dest/c<i>/<class>/ for i < copies, each with hard links to all of src's files: a folder
+    `copies` times as large, made in seconds, read from the same page cache."""
+    if dest.is_dir():
+        return dest
+    for i in range(copies):
+        for cls in sorted(os.listdir(src)):
+            (dest / f"c{i}" / cls).mkdir(parents=True)
+            for name in os.listdir(src / cls):
+                os.link(src / cls / name, dest / f"c{i}" / cls / name)
+    return dest
+
+
+def steady_state(model: str, small: Path, large: Path, device: str, batch: int, work: Path, ceiling: float,
+                 rounds: int = 2) -> dict:
+    """cnnx classify on `small` and `large` (best of `rounds` each): the marginal rate
+    (large - small files over the difference of the walls) is the pipeline's own throughput,
+    with the start-up (the same in both) taken out; its ratio to the ceiling."""
+    best = {}
+    for name, folder in (("small", small), ("large", large)):
+        runs = [classify(model, folder, device, batch, work, ceiling) for _ in range(rounds)]
+        best[name] = min(runs, key=lambda r: r["wall_s"])
+    extra = best["large"]["files"] - best["small"]["files"]
+    marginal = extra / max(best["large"]["wall_s"] - best["small"]["wall_s"], 1e-9)
+    return {**best, "marginal_img_s": round(marginal, 1), "marginal_ratio_to_ceiling": round(marginal / ceiling, 3),
+            "rounds": rounds}
 
 
 def gpu_decoder(smoke: bool, workers: int = 0):
@@ -872,6 +942,13 @@ def main(argv=None):
                 run.stage(f"cuda_vs_cpu_{key}", agreement, path, dev, real, need_s=15)
     if models.get("airnet"):
         run.stage("decode_bound_cifar", decode_bound, cifar, models["airnet"]["fp32"], BATCH, need_s=20)
+        run.stage("startup_floor_airnet", startup_floor, models["airnet"]["fp32"], device, BATCH, need_s=15)
+        ceiling = (run.results.get("ceiling_airnet_fp32") or {}).get("ceiling_img_s")
+        if ceiling:
+            large = run.stage("cifar_x10", replicated, cifar, a.work / "cifar-x10", 2 if smoke else 10, need_s=30)
+            if large:
+                run.stage("steady_state_airnet_fp32", steady_state, models["airnet"]["fp32"], cifar, large, device,
+                          BATCH, a.work, ceiling, need_s=40)
     run.stage("decode_only_photos", decode_only, photo_dir, 224, need_s=20)
     if models.get("resnet18"):
         size = models["resnet18"]["size"]
@@ -900,8 +977,8 @@ def main(argv=None):
             str(b): classify(models["airnet"]["fp32"], cifar, device, b, a.work, None)["img_s"] for b in sweep},
             need_s=60)
         run.stage("memory_airnet", lambda: {
-            "files_large": (big := classify(models["airnet"]["fp32"], cifar, device, BATCH, a.work, None)),
-            "files_small": (few := classify(models["airnet"]["fp32"], cifar_small, device, BATCH, a.work, None)),
+            "files_large": (big := classify(models["airnet"]["fp32"], cifar, device, BATCH, a.work, None, True)),
+            "files_small": (few := classify(models["airnet"]["fp32"], cifar_small, device, BATCH, a.work, None, True)),
             "ratio": round(big["peak_rss_mib"] / few["peak_rss_mib"], 3)}, need_s=40)
     if models.get("resnet18"):
         run.stage("slots_resnet18", ceilings, models["resnet18"]["fp32"], device, BATCH, seconds, slots=(1, 2),
@@ -952,6 +1029,16 @@ def summarize(r: dict):
         lines.append(f"decode bound (CIFAR, {b['cores']} processes): load_image {b['load_image_img_s']:,.0f} img/s, "
                      f"decode processes {b['procdecode_img_s']:,.0f} img/s; classify airnet fp32 "
                      f"{k.get('img_s', 0):,.0f} img/s = {k.get('img_s', 0) / b['load_image_img_s']:.2f} of it")
+    if r.get("startup_floor_airnet") and r.get("ceiling_airnet_fp32") and r.get("classify_airnet_fp32"):
+        f, c, k = r["startup_floor_airnet"], r["ceiling_airnet_fp32"], r["classify_airnet_fp32"]
+        infer_s = k["files"] / c["ceiling_img_s"]
+        lines.append(f"start-up floor {f['process_s']} s ({f['provider']}): a process classifying {k['files']:,} files "
+                     f"can reach at most {infer_s / (infer_s + f['process_s']):.3f} of the ceiling; classify took "
+                     f"{k['wall_s']} s")
+    if r.get("steady_state_airnet_fp32"):
+        st = r["steady_state_airnet_fp32"]
+        lines.append(f"steady state: {st['large']['files']:,} vs {st['small']['files']:,} files, marginal "
+                     f"{st['marginal_img_s']:,.0f} img/s = {st['marginal_ratio_to_ceiling']} of the ceiling")
     if r.get("decode_only_photos"):
         lines.append(f"decode only (photos, CPU threads): {r['decode_only_photos']}")
     if r.get("gpu_decode_classify_resnet18"):
