@@ -107,6 +107,9 @@ def provenance(argv: list[str] | None = None) -> dict:
         "recorded_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
         "git_dirty": _git_dirty(),
+        # The commit whose files ran, as the caller states it where the .git copy is older than
+        # the files (the GPU machine: benchmarks/gpu_run.sh).
+        **({"tree_commit": os.environ["CNNX_TREE_COMMIT"]} if os.environ.get("CNNX_TREE_COMMIT") else {}),
     }
 
 

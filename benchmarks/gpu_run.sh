@@ -7,7 +7,10 @@
 # agreement needs a model that gives every class).
 #
 #   run(command="bash benchmarks/gpu_run.sh part 1", carry=[".ortgpu1"], timeout_s=60)   # ... part 4
-#   run(command="bash benchmarks/gpu_run.sh classify", carry=[".data", ".ortgpu-decode"], timeout_s=440)
+#   run(command="CNNX_TREE_COMMIT=<git rev-parse HEAD here> bash benchmarks/gpu_run.sh classify",
+#       carry=[".data", ".ortgpu-decode"], timeout_s=440)
+# (the machine's copy of .git can be older than the files it gets: the JSON's tree_commit says
+# which commit's files ran; commit before the run)
 #
 # classify: joins and installs onnxruntime-gpu and the GPU-decoding wheels, then
 #        benchmarks/gpu_classify.py's whole run (issue 8) -> $OUT/results/gpu_classify.json.
