@@ -31,7 +31,7 @@ from cnnx.runtime.files import first_line
 from cnnx.runtime.gpudecode import DECODERS, GpuDecoder, open_decoder
 from cnnx.runtime.gpudecode import decoded_batches as gpu_decoded_batches
 from cnnx.runtime.model import ModelError, open_model, softmax, softmax_topk
-from cnnx.runtime.pipeline import PipelineConfig, batch_size_within_budget, batched, decoded_batches
+from cnnx.runtime.pipeline import PipelineConfig, batch_size_within_budget, batched_runs, decoded_batches
 from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS
 from cnnx.runtime.workers import check_decode_mode, warm_up
 
@@ -310,7 +310,7 @@ class Classification:
 
     def _run(self):
         clf = self.classifier
-        todo = batched(self._todo(), clf.batch_size)
+        todo = batched_runs(self._todo(), clf.batch_size)
         if clf.gpu_decoder is None:
             batches = self._cpu_decoded(todo)
         else:
@@ -350,12 +350,15 @@ class Classification:
             yield self._result(items, batch, logits)
 
     def _todo(self):
-        for item in self.discovery:
-            self.found += 1
-            if self._done and self._keys(item.path) in self._done:
-                self.already_done += 1
-                continue
-            yield item
+        """Discovery's runs, less the files an earlier run already classified (--resume)."""
+        for run in self.discovery.runs():
+            self.found += len(run)
+            if self._done:
+                kept = [item for item in run if self._keys(item.path) not in self._done]
+                self.already_done += len(run) - len(kept)
+                run = kept
+            if run:
+                yield run
 
     def _logits(self, batch):
         """The decode processes' logits (they ran the batch), else the batch run here."""

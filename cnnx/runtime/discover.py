@@ -16,7 +16,7 @@ import re
 import stat
 import sys
 from operator import itemgetter
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from cnnx.runtime.contract import is_image_name
 from cnnx.runtime.files import first_line
@@ -30,9 +30,9 @@ def is_uri(path: str) -> bool:
     return URI.match(path) is not None
 
 
-@dataclass(frozen=True)
-class Found:
-    """A path to classify (reason None) or one that is skipped, with the reason."""
+class Found(NamedTuple):
+    """A path to classify (reason None) or one that is skipped, with the reason. A named
+    tuple: one is made for every file found, and a tuple is the cheapest immutable record."""
 
     path: str
     reason: str | None = None
@@ -66,7 +66,8 @@ def _lists_as_folder(entry: os.DirEntry, follow_symlinks: bool) -> bool:
 
 
 class Discovery:
-    """Iterate over Found items for the given roots. Counts what it ignores (`ignored`)."""
+    """Iterate over Found items for the given roots (or over runs of them: `runs`). Counts
+    what it ignores (`ignored`)."""
 
     def __init__(self, roots, *, follow_symlinks: bool = False):
         self.roots = roots
@@ -74,6 +75,13 @@ class Discovery:
         self.ignored = 0  # files with a non-image extension inside walked folders
 
     def __iter__(self):
+        for run in self.runs():
+            yield from run
+
+    def runs(self):
+        """The same Found items, in the same order, as lists: each either files to classify
+        (reason None) or one skipped item. A folder's files come as one list, so a caller
+        (pipeline.batched_runs) handles them by the list, not one Python step a file."""
         stated = []
         for root in dict.fromkeys(os.fspath(r) for r in self.roots):
             try:
@@ -84,74 +92,86 @@ class Discovery:
             stated.append((_sort_key(root, stat.S_ISDIR(st.st_mode)), root, st))
         for _key, root, st in sorted(stated, key=lambda t: t[0]):
             if isinstance(st, OSError):
-                yield Found(root, f"cannot stat: {st.strerror or first_line(st)}")
+                yield [Found(root, f"cannot stat: {st.strerror or first_line(st)}")]
             elif stat.S_ISDIR(st.st_mode):
                 yield from self._walk(root, (st.st_dev, st.st_ino))
             elif stat.S_ISREG(st.st_mode):
-                yield Found(root)
+                yield [Found(root)]
             else:
-                yield Found(root, f"not a regular file ({_kind(st.st_mode)}); not opened")
+                yield [Found(root, f"not a regular file ({_kind(st.st_mode)}); not opened")]
 
     def _walk(self, top: str, top_ident):
-        """Depth-first over an explicit stack of (folder identity, its children)."""
+        """Depth-first over an explicit stack of (folder identity, its children's iterator)."""
         ancestors = {top_ident}  # (st_dev, st_ino) of the folders being walked: a cycle check
-        stack = [(top_ident, self._children(top))]
+        stack = [(top_ident, iter(self._children(top)))]
         while stack:
             ident, children = stack[-1]
             child = next(children, None)
             if child is None:
                 stack.pop()
                 ancestors.discard(ident)
-            elif isinstance(child, Found):
+            elif isinstance(child, list):
                 yield child
             else:
                 path, sub_ident = child
                 if sub_ident in ancestors:
-                    yield Found(path, "symlink loop (folder contains itself); not followed")
+                    yield [Found(path, "symlink loop (folder contains itself); not followed")]
                     continue
                 ancestors.add(sub_ident)
-                stack.append((sub_ident, self._children(path)))
+                stack.append((sub_ident, iter(self._children(path))))
 
-    def _children(self, folder: str):
-        """One folder's entries in order: Found for files and skips, (path, identity) for
-        subfolders to descend into."""
+    def _children(self, folder: str) -> list:
+        """One folder's entries in order: runs (lists) of Found for files to classify, a
+        skipped item as a list of its own, (path, identity) for subfolders to descend into."""
         try:
             with os.scandir(folder) as it:
                 follow = self.follow_symlinks
                 keyed = [(_sort_key(e.name, _lists_as_folder(e, follow)), e) for e in it]
-            keyed.sort(key=_first)  # names are unique in a folder: the keys never tie
-            entries = [e for _key, e in keyed]
         except OSError as e:
-            yield Found(folder, f"cannot list folder: {e.strerror or first_line(e)}")
-            return
-        for entry in entries:
+            return [[Found(folder, f"cannot list folder: {e.strerror or first_line(e)}")]]
+        keyed.sort(key=_first)  # names are unique in a folder: the keys never tie
+        out, run = [], []
+        for _key, entry in keyed:
             path = entry.path
             try:
                 if entry.is_symlink():
                     if not self.follow_symlinks:
-                        yield Found(path, "symlink not followed (use --follow-symlinks)")
+                        skip = Found(path, "symlink not followed (use --follow-symlinks)")
+                        run = _flush(out, run, skip)
                         continue
                     st = os.stat(path)  # ELOOP for a symlink cycle lands in the except below
                 elif entry.is_file(follow_symlinks=False):
                     # The common case answered from the directory entry's type: no stat call.
                     if is_image_name(entry.name):
-                        yield Found(path)
+                        run.append(Found(path))
                     else:
                         self.ignored += 1
                     continue
                 else:
                     st = entry.stat(follow_symlinks=False)
             except OSError as e:
-                yield Found(path, f"cannot stat: {e.strerror or first_line(e)}")
+                run = _flush(out, run, Found(path, f"cannot stat: {e.strerror or first_line(e)}"))
                 continue
             if stat.S_ISDIR(st.st_mode):
-                yield path, (st.st_dev, st.st_ino)
+                run = _flush(out, run, (path, (st.st_dev, st.st_ino)))
             elif not is_image_name(entry.name):
                 self.ignored += 1
             elif stat.S_ISREG(st.st_mode):
-                yield Found(path)
+                run.append(Found(path))
             else:
-                yield Found(path, f"not a regular file ({_kind(st.st_mode)}); not opened")
+                run = _flush(out, run, Found(path, f"not a regular file ({_kind(st.st_mode)}); not opened"))
+        if run:
+            out.append(run)
+        return out
+
+
+def _flush(out: list, run: list, other) -> list:
+    """End the current run of files (if any) before `other`: a skip (as a list of its own) or a
+    subfolder; -> a new, empty run."""
+    if run:
+        out.append(run)
+    out.append([other] if isinstance(other, Found) else other)
+    return []
 
 
 class PathKeys:

@@ -153,6 +153,32 @@ def batched(found_iter, batch_size: int):
         yield items
 
 
+def batched_runs(runs, batch_size: int):
+    """What batched(found_iter) yields, from discovery's runs (Discovery.runs: lists, each of
+    files to decode or one skipped item), cut by slicing rather than one Python step a file."""
+    most = 4 * batch_size + 1024  # batched's cut of a long stretch of skips
+    items, decodable = [], 0
+    for run in runs:
+        if run[0].reason is not None:  # one skipped item
+            items.append(run[0])
+        else:
+            start = 0
+            while start < len(run):
+                part = run[start:start + min(batch_size - decodable, most - len(items))]
+                items += part
+                decodable += len(part)
+                start += len(part)
+                if decodable == batch_size or len(items) >= most:
+                    yield items
+                    items, decodable = [], 0
+            continue
+        if len(items) >= most:
+            yield items
+            items, decodable = [], 0
+    if items:
+        yield items
+
+
 class _BatchJob:
     """One batch being decoded in chunks by the pool: the chunk that finishes last assembles
     the batch (and runs `infer` on it) and resolves `done`, so no pool thread ever waits for

@@ -1,0 +1,55 @@
+"""Discovery.runs and pipeline.batched_runs (the classify path) against Discovery's items and
+pipeline.batched (one item at a time): the same items, the same batches, on a tree where files
+to classify, skips of every kind and subfolders interleave."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from cnnx.runtime.discover import Discovery, Found
+from cnnx.runtime.pipeline import batched, batched_runs
+
+
+def _tree(root, seed: int):
+    rng = random.Random(seed)
+    for folder in ("", "a", "a/b", "a-b", "c", "c/d/e"):
+        os.makedirs(root / folder, exist_ok=True)
+        for i in range(rng.randrange(0, 40)):
+            kind = rng.random()
+            path = root / folder / f"{rng.choice('ab-_.0')}{i:03d}"
+            if kind < 0.7:
+                path.with_suffix(".jpg").write_bytes(b"x")
+            elif kind < 0.8:
+                path.with_suffix(".txt").write_bytes(b"x")  # ignored, not a skip
+            elif kind < 0.9:
+                os.symlink(root / "c", path.with_suffix(".jpg"))  # a skip: symlink not followed
+            else:
+                os.mkfifo(path.with_suffix(".png"))  # a skip: not a regular file
+    os.symlink(root / "missing", root / "a" / "dangling.jpg")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_runs_and_batched_runs_match_the_items_path(tmp_path, seed):
+    _tree(tmp_path, seed)
+    roots = [str(tmp_path / "a"), str(tmp_path), str(tmp_path / "nope.jpg")]
+    items = list(Discovery(roots))
+    runs = list(Discovery(roots).runs())
+    assert [i for run in runs for i in run] == items
+    skips = [i for i in items if i.reason is not None]
+    assert len(skips) >= 2 and len(skips) < len(items)
+    for run in runs:  # a run is files to classify, or one skip
+        assert run and (all(i.reason is None for i in run) or (len(run) == 1 and run[0].reason))
+    for size in (1, 3, 7, 64):
+        assert list(batched_runs(iter(runs), size)) == list(batched(iter(items), size))
+
+
+@pytest.mark.parametrize("skips", [2100, 1900, 2047])
+def test_a_long_stretch_of_skips_is_cut_as_batched_cuts_it(skips):
+    items = [Found(f"s{i}", "skipped") for i in range(skips)] + [Found(f"f{i}") for i in range(300)]
+    runs = [[i] for i in items[:skips]] + [items[skips:]]
+    want = list(batched(iter(items), 256))
+    assert len(want) >= 2
+    assert list(batched_runs(runs, 256)) == want
