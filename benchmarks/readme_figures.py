@@ -43,6 +43,7 @@ CACHE_BUILD_VS_DECODE = 0.9              # decoding into the cache vs the cores'
 GPU_TRAIN_TARGET, GPU_TRAIN_BUDGET_S = 0.94, 3.0  # issue 7: the GPU recipe, mean of >= 5 seeds, one H100
 GPU_DECODE_SPEEDUP = 3.0                 # issue 8: GPU decoding vs the CPU-decode pipeline, where decoding limits
 GPU_DECODE_AGREEMENT = 0.995             # top-1 of GPU- vs CPU-decoded predictions
+GPU_CLASSIFY_RATIO = 0.8                 # issue 8: cnnx classify img/s vs the pure-inference ceiling
 # Recipe keys whose change makes a recipe measurement stale.
 RECIPE_KEYS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "label_smoothing", "schedule",
                "warmup", "final_lr", "aug", "crop_pad", "cutout", "channels_last", "bf16")
@@ -410,59 +411,123 @@ def block_gpu(res: Results) -> str:
         train_row("the same with airbench94_muon's step count (9 epochs here)", d)
     if d := res.get("gpu_train_30epochs.json"):
         train_row("the same recipe trained 30 epochs: what this net reaches on this data", d, goal=False)
-    first, last = res.get("gpu_classify_first.json"), res.get("gpu_classify.json")
-    for d in (x for x in (first, last) if x):
-        for key in sorted(k for k in d if k.startswith("ceiling_")):
-            model, variant = key[len("ceiling_"):].rsplit("_", 1)
-            if any(r[0].startswith(f"onnxruntime CUDA, `{model}` {variant}") for r in rows):
-                continue
-            c = d[key]
-            row(f"onnxruntime CUDA, `{model}` {variant}: pure-inference ceiling (IOBinding, batch {c['batch']} already on "
-                "the GPU, 2 in flight)", f"{num(c['ceiling_img_s'])} img/s (plain `session.run`: "
-                f"{num(c['session_run_img_s'])})", "(the reference)", None, d)
-    if last and (e := last.get("export_resnet18")) and e.get("parity"):
-        worst = {}
-        for r in e["parity"]["rows"]:
-            if r["backend"].startswith("onnxruntime-cuda"):
-                w = worst.setdefault(r["variant"], [0.0, 1.0])
-                w[0], w[1] = max(w[0], r["max_abs"]), min(w[1], r["top1_agreement"])
-        if worst:
-            row(f"`cnnx export --fp16` parity gate on CUDA, `resnet18` {e['size']} px (seeded random weights)",
-                "; ".join(f"{v} max abs logit difference {m:.1e}, top-1 agreement {pct(a)}" for v, (m, a) in worst.items()),
-                "the gate's bounds", e["parity"]["passed"], last)
-    if last and (g := last.get("gpu_decode_ceiling")) and (cpu := last.get("decode_only_photos")):
-        row(f"nvImageCodec alone on {num(g['files'])} 2-12 MP JPEG photos ({g['mean_megapixels']:g} MP mean) vs cnnx's "
-            f"CPU decode pipeline ({cpu['threads']} threads)",
-            f"{num(g['img_s'])} vs {num(cpu['img_s'])} img/s: **{g['img_s'] / cpu['img_s']:.2f}x**, the most GPU "
-            f"decoding can give here ({goal_ratio(GPU_DECODE_SPEEDUP)} would be {num(GPU_DECODE_SPEEDUP * cpu['img_s'])} "
-            "img/s)", f"(the bound of the {goal_ratio(GPU_DECODE_SPEEDUP)} goal)", None, last)
-    if last and (o := last.get("gpu_decode_only_photos")) and (cpu := last.get("decode_only_photos")):
-        ratio_ = o["img_s"] / cpu["img_s"]
-        row("`--decoder gpu` pipeline (nvImageCodec + crop/resize on the GPU) vs the CPU decode pipeline, same photos",
-            f"**{ratio_:.2f}x** ({num(o['img_s'])} vs {num(cpu['img_s'])} img/s)",
-            f">= {goal_ratio(GPU_DECODE_SPEEDUP)}", ratio_ >= GPU_DECODE_SPEEDUP, last)
-    if last and (px := last.get("gpu_decode_pixels")):
-        lg = px.get("logits") or {}
-        row(f"`--decoder gpu` model input vs `load_image`'s, {px['n']} photos",
-            f"{px['mean_abs']:.2f} levels mean (max {px['max_abs']}); resnet18 logits max diff {lg.get('max_abs')}",
-            f"top-1 agreement >= {pct(GPU_DECODE_AGREEMENT)}", None, last)
-        notes.append(f"top-1 agreement of GPU- vs CPU-decoded predictions is **not measured**: the resnet18 there had "
-                     f"random weights (no pretrained weights on that machine), which give {lg.get('distinct_top1_classes')} "
-                     "classes for all the photos")
-    if first and (m := first.get("memory_airnet")):
-        row(f"`cnnx classify --device cuda` peak memory, {num(m['files_large']['files'])} vs "
-            f"{num(m['files_small']['files'])} files", f"{m['files_large']['peak_rss_mib']:.0f} vs "
-            f"{m['files_small']['peak_rss_mib']:.0f} MiB ({m['ratio']:.3f}x; host memory, measured before the "
-            "IOBinding fix below, which adds one device buffer per batch in flight)", "<= 1.1x", m["ratio"] <= 1.1, first)
-    if rows:
-        notes.append("`cnnx classify --device cuda`'s own images/s are **not shown**: these runs found that the "
-                     "IOBinding path ran every batch on the first batch's pixels (onnxruntime copies a host input "
-                     "when it is bound, not at each run; fixed in `cnnx/runtime/binding.py` since, not yet re-measured)")
+    if d := res.get("gpu_classify.json"):
+        gpu_classify_rows(d, res.get("gpu_classify_h200_run1.json"), row, notes)
     missing = [f"not measured yet (no `results/{n}`)" for n in ("gpu_train.json", "gpu_classify.json") if n in res.missing]
     out = [table(["what", "result", "goal", "", "command", "machine (as recorded)"], rows)] if rows else []
     if missing + notes:
         out.append(bullets(missing + notes))
     return "\n\n".join(out)
+
+
+def gpu_classify_rows(d: dict, other_run: dict | None, row, notes):
+    """Issue 8's figures from one gpu_classify.py run: the ceilings, cnnx classify against them
+    and against what bounds it (start-up, CPU decoding), GPU decoding, agreement, memory."""
+    for key in sorted(k for k in d if k.startswith("ceiling_")):
+        model, variant = key[len("ceiling_"):].rsplit("_", 1)
+        c = d[key]
+        row(f"onnxruntime CUDA, `{model}` {variant}: pure-inference ceiling (IOBinding, batch {c['batch']} already on "
+            "the GPU, 2 in flight)", f"{num(c['ceiling_img_s'])} img/s (plain `session.run`: "
+            f"{num(c['session_run_img_s'])})", "(the reference)", None, d)
+    for arch in ("resnet18", "airnet"):
+        e = d.get(f"export_{arch}") or {}
+        worst = {}
+        for r in (e.get("parity") or {}).get("rows", []):
+            if r["backend"].startswith("onnxruntime-cuda"):
+                w = worst.setdefault(r["variant"], [0.0, 1.0])
+                w[0], w[1] = max(w[0], r["max_abs"]), min(w[1], r["top1_agreement"])
+        if worst:
+            weights = "trained" if e["weights"].startswith("trained") else e["weights"].split(" (")[0]
+            row(f"`cnnx export --fp16` parity gate on CUDA, `{arch}` {e['size']} px ({weights} weights)",
+                "; ".join(f"{v} max abs logit difference {m:.1e}, top-1 agreement {pct(a)}" for v, (m, a) in worst.items()),
+                "the gate's bounds", e["parity"]["passed"], d)
+    for variant in ("fp32", "fp16"):
+        k, c = d.get(f"classify_airnet_{variant}"), d.get(f"ceiling_airnet_{variant}")
+        if k and c:
+            r = k["img_s"] / c["ceiling_img_s"]
+            row(f"`cnnx classify --device cuda`, trained `airnet` {variant}, {num(k['files'])} CIFAR-10 JPEGs, "
+                "whole process", f"{num(k['img_s'])} img/s ({secs(k['wall_s'])}): **{r:.3f}** of the ceiling",
+                f">= {goal_ratio_plain(GPU_CLASSIFY_RATIO)} of the ceiling", r >= GPU_CLASSIFY_RATIO, d)
+    f, c, k = d.get("startup_floor_airnet"), d.get("ceiling_airnet_fp32"), d.get("classify_airnet_fp32")
+    if f and c and k:
+        infer_s = k["files"] / c["ceiling_img_s"]
+        row("the start-up floor: a fresh Python importing numpy and onnxruntime, creating the CUDA session, running "
+            "one batch (best of 3)", f"{secs(f['process_s'])}: with the ceiling's {secs(infer_s)} for "
+            f"{num(k['files'])} files, a process reaches at most **{infer_s / (infer_s + f['process_s']):.3f}** of "
+            "the ceiling", f"(the bound of the {goal_ratio_plain(GPU_CLASSIFY_RATIO)} goal for {num(k['files'])} files)",
+            None, d)
+    if st := d.get("steady_state_airnet_fp32"):
+        big = st["large"]
+        row(f"`cnnx classify --device cuda` steady state, `airnet` fp32: {num(big['files'])} files (10 hard-linked "
+            f"copies of the CIFAR JPEGs) vs {num(st['small']['files'])}, marginal rate (start-up taken out)",
+            f"{num(st['marginal_img_s'])} img/s: **{st['marginal_ratio_to_ceiling']:.3f}** of the ceiling (whole "
+            f"process on {num(big['files'])} files: {num(big['img_s'])} img/s, {big['ratio_to_ceiling']:.3f})",
+            f">= {goal_ratio_plain(GPU_CLASSIFY_RATIO)} of the ceiling", st["marginal_ratio_to_ceiling"] >= GPU_CLASSIFY_RATIO,
+            d)
+    if (b := d.get("decode_bound_cifar")) and c:
+        row(f"CPU decoding alone, {num(b['files'])} CIFAR JPEGs: `load_image` in {b['cores']} processes; cnnx's "
+            f"{b['procdecode_workers']} decode processes without a model", f"{num(b['load_image_img_s'])} img/s "
+            f"({b['load_image_img_s'] / c['ceiling_img_s']:.2f} of the fp32 ceiling); {num(b['procdecode_img_s'])} "
+            f"img/s ({b['procdecode_img_s'] / c['ceiling_img_s']:.2f})", "(the decode bound)", None, d)
+    dec = d.get("decode_only_photos")
+    for variant in ("fp32", "fp16"):
+        k, c = d.get(f"classify_resnet18_{variant}"), d.get(f"ceiling_resnet18_{variant}")
+        if k and c and dec:
+            r = k["img_s"] / c["ceiling_img_s"]
+            row(f"`cnnx classify --device cuda`, `resnet18` {variant} 224 px, {num(k['files'])} 2-12 MP JPEG photos, "
+                "whole process", f"{num(k['img_s'])} img/s: {r:.3f} of the ceiling; the CPU decode pipeline alone: "
+                f"{num(dec['img_s'])} img/s ({dec['img_s'] / c['ceiling_img_s']:.3f}): decoding is the limit",
+                f">= {goal_ratio_plain(GPU_CLASSIFY_RATIO)} of the ceiling, or GPU decoding >= "
+                f"{goal_ratio(GPU_DECODE_SPEEDUP)} where decoding limits", None, d)
+    if (g := d.get("gpu_decode_ceiling")) and dec:
+        row(f"nvImageCodec alone on {num(g['files'])} 2-12 MP JPEG photos ({g['mean_megapixels']:g} MP mean) vs cnnx's "
+            f"CPU decode pipeline ({dec['threads']} threads)",
+            f"{num(g['img_s'])} vs {num(dec['img_s'])} img/s: **{g['img_s'] / dec['img_s']:.2f}x**, the most GPU "
+            f"decoding can give here ({goal_ratio(GPU_DECODE_SPEEDUP)} would be {num(GPU_DECODE_SPEEDUP * dec['img_s'])} "
+            "img/s)", f"(the bound of the {goal_ratio(GPU_DECODE_SPEEDUP)} goal)", None, d)
+    if (o := d.get("gpu_decode_only_photos")) and dec:
+        ratio_ = o["img_s"] / dec["img_s"]
+        row("`--decoder gpu` pipeline (nvImageCodec + crop/resize on the GPU) vs the CPU decode pipeline, same photos",
+            f"**{ratio_:.2f}x** ({num(o['img_s'])} vs {num(dec['img_s'])} img/s)",
+            f">= {goal_ratio(GPU_DECODE_SPEEDUP)}", ratio_ >= GPU_DECODE_SPEEDUP, d)
+    for key, what in (("gpu_decode_classify_airnet_cifar", "the CIFAR JPEGs"),
+                      ("gpu_decode_classify_airnet_photos", "the 2-12 MP photos (resized to 32 px)")):
+        if g := d.get(key):
+            row(f"`--decoder gpu` vs `--decoder cpu` top-1 agreement, trained `airnet`, {num(g['n'])} files: {what}",
+                f"**{pct(g['top1_agreement'])}** ({g['distinct_top1_classes']} of 10 classes given); "
+                f"{num(g['gpu_decode']['img_s'])} vs {num(g['cpu_decode']['img_s'])} img/s",
+                f">= {pct(GPU_DECODE_AGREEMENT)}", g["top1_agreement"] >= GPU_DECODE_AGREEMENT, d)
+    if px := d.get("gpu_decode_pixels"):
+        row(f"`--decoder gpu` model input vs `load_image`'s, {px['n']} photos",
+            f"{px['mean_abs']:.2f} levels mean (max {px['max_abs']})", "(how close the pixels are)", None, d)
+    if rows_ := d.get("classify_rows_cuda_vs_cpu_airnet"):
+        row(f"`cnnx classify` rows, CUDA (IOBinding) vs the CPU provider, trained `airnet`, {num(rows_['n'])} files",
+            f"top-1 agreement **{pct(rows_['top1_agreement'])}** ({rows_['distinct_top1_classes']} classes given)",
+            "every batch runs its own pixels", rows_["top1_agreement"] >= 0.999, d)
+    if m := d.get("memory_airnet"):
+        row(f"`cnnx classify --device cuda` peak memory (host, the whole process tree), {num(m['files_large']['files'])} "
+            f"vs {num(m['files_small']['files'])} files", f"{m['files_large']['peak_rss_mib']:.0f} vs "
+            f"{m['files_small']['peak_rss_mib']:.0f} MiB ({m['ratio']:.3f}x)", "<= 1.1x", m["ratio"] <= 1.1, d)
+    if sw := d.get("sweep_classify_airnet"):
+        best = max(sw, key=lambda b: sw[b])
+        row("`cnnx classify --device cuda --batch-size B`, `airnet` on the CIFAR JPEGs, whole process",
+            "; ".join(f"{b}: {num(v)}" for b, v in sw.items()) + f" img/s (best {best}; the default is "
+            f"{d['batch_default']})", "(the default's choice)", None, d)
+    if t := d.get("pytest_gpu"):
+        row("the CUDA, diagnosis and GPU-decode tests on that machine", t["tail"][-1].strip("= "), "pass",
+            t["returncode"] == 0, d)
+    k1, k2 = (other_run or {}).get("classify_airnet_fp32"), d.get("classify_airnet_fp32")
+    if k1 and k2:
+        notes.append(f"Whole-process figures vary from run to run on the same kind of machine: an earlier run "
+                     f"(`results/gpu_classify_h200_run1.json`, {gpu_machine(other_run).split(';')[0]}) timed the same "
+                     f"`airnet` fp32 classify at {num(k1['img_s'])} img/s ({secs(k1['wall_s'])}), this one at "
+                     f"{num(k2['img_s'])} img/s ({secs(k2['wall_s'])}); the difference is in the start-up (its first "
+                     "batch came after " + ", ".join(re.search(r"first batch after ([\d.]+ s)", k["summary"]).group(1)
+                                                     for k in (k1, k2)) + ").")
+
+
+def goal_ratio_plain(x) -> str:
+    return f"{x:g}"
 
 
 def block_train_throughput(res: Results) -> str:
