@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import os
 import secrets
+import selectors
 import signal
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
-from multiprocessing.connection import wait
 
 import numpy as np
 
@@ -227,9 +227,21 @@ class _Run:
         self.outstanding = [deque() for _ in pool.conns]  # (slot, row, paths) sent to each worker
         self.pending = deque()  # _Batch in order
         self.by_slot = {}
+        # Registered once for the run: multiprocessing.connection.wait would build and fill a
+        # new selector at every wait, with two file descriptors a worker.
+        self.selector = selectors.DefaultSelector()
+        for i, conn in enumerate(pool.conns):
+            self.selector.register(conn, selectors.EVENT_READ, (True, i))
+        for i, proc in enumerate(pool.procs):
+            self.selector.register(proc.sentinel, selectors.EVENT_READ, (False, i))
 
     def batches(self, item_batches, spec):
-        item_batches = iter(item_batches)
+        try:
+            yield from self._batches(iter(item_batches), spec)
+        finally:
+            self.selector.close()
+
+    def _batches(self, item_batches, spec):
         more = True
         while more or self.pending:
             while more and self.free:
@@ -264,18 +276,20 @@ class _Run:
 
     def wait(self):
         """Take every result that is ready (blocking until one is); a worker that died ends the run."""
-        conns, procs = self.pool.conns, self.pool.procs
-        ready = wait(conns + [p.sentinel for p in procs])
-        for i, conn in enumerate(conns):
-            if conn in ready:
-                try:
-                    while conn.poll():
-                        self.take(i, conn.recv())
-                except (EOFError, OSError):
-                    self.died(i)
-        for i, proc in enumerate(procs):
-            if proc.sentinel in ready:  # even between tasks: the run cannot finish without it
+        ended = []
+        for key, _events in self.selector.select():
+            is_conn, i = key.data
+            if not is_conn:
+                ended.append(i)
+                continue
+            conn = self.pool.conns[i]
+            try:
+                while conn.poll():
+                    self.take(i, conn.recv())
+            except (EOFError, OSError):
                 self.died(i)
+        for i in ended:  # after the results it sent: even between tasks, the run cannot finish without it
+            self.died(i)
 
     def take(self, worker: int, result):
         run, slot, row, decoded, failed, notes, logits = result
