@@ -18,7 +18,7 @@ import sys
 from operator import itemgetter
 from typing import NamedTuple
 
-from cnnx.runtime.contract import is_image_name
+from cnnx.runtime.contract import IMAGE_EXTENSIONS, is_image_name
 from cnnx.runtime.files import first_line
 
 
@@ -123,15 +123,31 @@ class Discovery:
     def _children(self, folder: str) -> list:
         """One folder's entries in order: runs (lists) of Found for files to classify, a
         skipped item as a list of its own, (path, identity) for subfolders to descend into."""
+        follow = self.follow_symlinks
         try:
             with os.scandir(folder) as it:
-                follow = self.follow_symlinks
-                keyed = [(_sort_key(e.name, _lists_as_folder(e, follow)), e) for e in it]
+                entries = list(it)
         except OSError as e:
             return [[Found(folder, f"cannot list folder: {e.strerror or first_line(e)}")]]
+        # A regular file (told by the entry's type: no stat call) is the common case: its sort
+        # key is its name's bytes, and an image name makes a Found with no more questions.
+        try:
+            plain = [e.is_file(follow_symlinks=False) for e in entries]
+        except OSError:  # an entry of unknown type that cannot be stat'ed: each is asked below
+            plain = [False] * len(entries)
+        keyed = [(e.name.encode(_FS_ENCODING, "surrogateescape"), e, True) if p
+                 else (_sort_key(e.name, _lists_as_folder(e, follow)), e, False) for e, p in zip(entries, plain)]
         keyed.sort(key=_first)  # names are unique in a folder: the keys never tie
         out, run = [], []
-        for _key, entry in keyed:
+        for _key, entry, is_plain in keyed:
+            if is_plain:
+                name = entry.name
+                dot = name.rfind(".")
+                if dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS:  # contract.is_image_name, inlined
+                    run.append(Found(entry.path))
+                else:
+                    self.ignored += 1
+                continue
             path = entry.path
             try:
                 if entry.is_symlink():

@@ -20,7 +20,7 @@ import sys
 from cnnx.runtime.files import atomic_write, os_error_line
 
 ERRORS_HEADER = ["path", "stage", "error"]
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
+_FORMULA_START = frozenset(("=", "+", "-", "@", "\t", "\r", "'"))
 
 
 class ResumeError(Exception):
@@ -197,7 +197,10 @@ class PredictionWriter:
         indices = np.asarray(indices).reshape(n, -1)
         k = indices.shape[1]
         cells = np.empty((n, 1 + 2 * k), dtype=object)
-        cells[:, 0] = [("'" + p if p[:1] in _FORMULA_START else p).replace('"', '""') for p in paths]
+        if '"' in "".join(paths) or not _FORMULA_START.isdisjoint({p[:1] for p in paths}):
+            cells[:, 0] = [_csv_text(p) for p in paths]
+        else:  # the common batch: no path to escape
+            cells[:, 0] = paths
         cells[:, 1::2] = self._name_cells[indices]
         cells[:, 2::2] = np.asarray(scores).reshape(n, k)
         row = '"%s",' + ",".join(['%s,"%.6f"'] * k) + "\n"

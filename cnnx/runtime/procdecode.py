@@ -312,7 +312,7 @@ class _Run:
         """The batch's decoded rows, in order, into a fixed-shape DecodedBatch (its slot is
         free again); zero rows pad it."""
         h, w = spec["size"]
-        out = DecodedBatch(np.zeros((self.config.batch_size, 3, h, w), dtype=np.uint8))
+        out = DecodedBatch(np.empty((self.config.batch_size, 3, h, w), dtype=np.uint8))
         rows = self.images[batch.slot]
         for row, chunk in batch.chunks:
             decoded, failed, notes, out.logits = batch.results[row]  # logits: one chunk a batch
@@ -325,6 +325,7 @@ class _Run:
                 out.paths += chunk
             out.failed += failed
             out.notes += notes
+        out.images[len(out.paths):] = 0
         del self.by_slot[batch.slot]
         self.free.append(batch.slot)
         if isinstance(out.logits, str):
