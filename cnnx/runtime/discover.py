@@ -18,7 +18,7 @@ import sys
 from operator import itemgetter
 from typing import NamedTuple
 
-from cnnx.runtime.contract import IMAGE_EXTENSIONS, is_image_name
+from cnnx.runtime.contract import is_image_name
 from cnnx.runtime.files import first_line
 
 
@@ -141,9 +141,7 @@ class Discovery:
         out, run = [], []
         for _key, entry, is_plain in keyed:
             if is_plain:
-                name = entry.name
-                dot = name.rfind(".")
-                if dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS:  # contract.is_image_name, inlined
+                if is_image_name(entry.name):
                     run.append(Found(entry.path))
                 else:
                     self.ignored += 1
@@ -157,7 +155,7 @@ class Discovery:
                         continue
                     st = os.stat(path)  # ELOOP for a symlink cycle lands in the except below
                 elif entry.is_file(follow_symlinks=False):
-                    # The common case answered from the directory entry's type: no stat call.
+                    # Here only when the folder's type check above failed: each entry on its own.
                     if is_image_name(entry.name):
                         run.append(Found(path))
                     else:

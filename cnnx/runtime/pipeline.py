@@ -138,15 +138,21 @@ def decode_batch(paths, spec, batch_size: int, max_pixels: int) -> DecodedBatch:
     return assemble([decode_images(paths, spec, max_pixels)], spec, batch_size)
 
 
+def _most_items(batch_size: int) -> int:
+    """Items a batch may hold: a long run of skips is cut here too, so it is reported as it
+    comes rather than held until the next decodable file."""
+    return 4 * batch_size + 1024
+
+
 def batched(found_iter, batch_size: int):
     """Cut a stream of discovery.Found into lists holding batch_size paths to decode, each
-    with the skipped items found among them (in order). A long run of skips is cut too, so
-    they are reported as they come rather than held until the next decodable file."""
+    with the skipped items found among them (in order), at most _most_items(batch_size)."""
+    most = _most_items(batch_size)
     items, decodable = [], 0
     for item in found_iter:
         items.append(item)
         decodable += item.reason is None
-        if decodable == batch_size or len(items) >= 4 * batch_size + 1024:
+        if decodable == batch_size or len(items) >= most:
             yield items
             items, decodable = [], 0
     if items:
@@ -156,25 +162,24 @@ def batched(found_iter, batch_size: int):
 def batched_runs(runs, batch_size: int):
     """What batched(found_iter) yields, from discovery's runs (Discovery.runs: lists, each of
     files to decode or one skipped item), cut by slicing rather than one Python step a file."""
-    most = 4 * batch_size + 1024  # batched's cut of a long stretch of skips
+    most = _most_items(batch_size)
     items, decodable = [], 0
     for run in runs:
         if run[0].reason is not None:  # one skipped item
             items.append(run[0])
-        else:
-            start = 0
-            while start < len(run):
-                part = run[start:start + min(batch_size - decodable, most - len(items))]
-                items += part
-                decodable += len(part)
-                start += len(part)
-                if decodable == batch_size or len(items) >= most:
-                    yield items
-                    items, decodable = [], 0
+            if len(items) >= most:
+                yield items
+                items, decodable = [], 0
             continue
-        if len(items) >= most:
-            yield items
-            items, decodable = [], 0
+        start = 0
+        while start < len(run):
+            part = run[start:start + min(batch_size - decodable, most - len(items))]
+            items += part
+            decodable += len(part)
+            start += len(part)
+            if decodable == batch_size or len(items) >= most:
+                yield items
+                items, decodable = [], 0
     if items:
         yield items
 
