@@ -360,6 +360,26 @@ def test_sigint_exits_130_and_the_run_resumes(cifar_subset, model, tmp_path):
     assert len(paths) == len(set(paths)) == 100
 
 
+# A run interrupted while a thread it must join never returns (exit would wait for it forever).
+STUCK_AFTER_SIGINT = """
+import os, signal, threading, time
+from cnnx.runtime import command
+command.INTERRUPT_GRACE_S = 0.5
+with command._ends_when_interrupted():
+    threading.Thread(target=threading.Event().wait).start()
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(30)
+"""
+
+
+def test_an_interrupted_run_whose_cleanup_hangs_still_ends_with_130():
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", STUCK_AFTER_SIGINT], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 130, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "interrupted (the cleanup did not finish in time)"
+    assert time.monotonic() - t0 < 20
+
+
 # Imports everything the run needs, then becomes user nobody for good (real and effective
 # uid: a `readable` check through os.access asks about the real one), then runs the CLI.
 AS_NOBODY = """
