@@ -72,7 +72,7 @@ def test_met_is_computed_from_the_json(copies):
     for value, verdict in ((goal + 0.03, "| met |"), (goal - 0.2, "| **not met** |")):
         edit_json(results / "bench_classify.json", lambda d: d["bound"].update(ratio_process=value))
         assert figures(readme=readme, results=results).returncode == 0
-        row = row_of(results_block(readme.read_text()), "`cnnx classify`, 50,000 CIFAR")
+        row = row_of(results_block(readme.read_text()), "`cnnx classify --topk 1`, 50,000 CIFAR")
         assert f"**{value:.2f}**" in row and verdict in row, row
 
 
