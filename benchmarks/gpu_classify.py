@@ -267,8 +267,8 @@ def cifar_folder(tar: Path, work: Path, per_class: int | None) -> Path:
     return dest
 
 
-def linked_subset(src: Path, dest: Path, per_class: int) -> Path:
-    """dest/<class>/ with hard links to the first per_class files of each class of src."""
+def linked_subset(src: Path, dest: Path, per_class: int | None) -> Path:
+    """dest/<class>/ with hard links to the first per_class files (None: all) of each class of src."""
     if dest.is_dir():
         return dest
     for cls in sorted(os.listdir(src)):
@@ -604,10 +604,7 @@ def replicated(src: Path, dest: Path, copies: int) -> Path:
     if dest.is_dir():
         return dest
     for i in range(copies):
-        for cls in sorted(os.listdir(src)):
-            (dest / f"c{i}" / cls).mkdir(parents=True)
-            for name in os.listdir(src / cls):
-                os.link(src / cls / name, dest / f"c{i}" / cls / name)
+        linked_subset(src, dest / f"c{i}", None)
     return dest
 
 

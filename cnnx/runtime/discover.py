@@ -135,8 +135,8 @@ class Discovery:
             plain = [e.is_file(follow_symlinks=False) for e in entries]
         except OSError:  # an entry of unknown type that cannot be stat'ed: each is asked below
             plain = [False] * len(entries)
-        keyed = [(e.name.encode(_FS_ENCODING, "surrogateescape"), e, True) if p
-                 else (_sort_key(e.name, _lists_as_folder(e, follow)), e, False) for e, p in zip(entries, plain)]
+        keyed = [(_sort_key(e.name, False), e, True) if p else (_sort_key(e.name, _lists_as_folder(e, follow)), e, False)
+                 for e, p in zip(entries, plain)]
         keyed.sort(key=_first)  # names are unique in a folder: the keys never tie
         out, run = [], []
         for _key, entry, is_plain in keyed:

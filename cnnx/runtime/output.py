@@ -117,14 +117,6 @@ def _rows(values):
     return values.tolist() if hasattr(values, "tolist") else values
 
 
-def _object_array(values):
-    import numpy as np
-
-    array = np.empty(len(values), dtype=object)
-    array[:] = values
-    return array
-
-
 def csv_header(topk: int) -> list:
     head = ["path", "label", "score"]
     for i in range(2, topk + 1):
@@ -150,8 +142,10 @@ class PredictionWriter:
 
     def __init__(self, target, fmt: str, class_names, topk: int, *, append: bool = False):
         self.target, self.fmt, self.class_names, self.topk, self.append = target, fmt, class_names, topk, append
+        import numpy as np
+
         # Quoted once, not once a row; an object array, so that a batch's top-k picks them at once.
-        self._name_cells = _object_array([f'"{_csv_text(name)}"' for name in class_names])
+        self._name_cells = np.array([f'"{_csv_text(name)}"' for name in class_names], dtype=object)
         self.stream = None
         self.rows = 0
 
