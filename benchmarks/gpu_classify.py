@@ -36,7 +36,14 @@ What one run measures (every figure with the card it ran on, all in the same pro
                running one batch: what any process pays before its first result (the whole-process
                ratio a run of N files can reach is N/ceiling over that plus N/ceiling)
   steady_state_airnet_fp32  cnnx classify on the 50,000 CIFAR JPEGs and on 10 hard-linked copies of
-               them (500,000 files): the marginal rate, the pipeline's throughput without its start-up
+               them (500,000 files): the marginal rate, the pipeline's throughput without its start-up;
+               with --baseline DIR (another commit's cnnx/ package: `git archive <commit> cnnx |
+               tar -x -C DIR` and the commit in DIR/COMMIT) the same for that version, rounds
+               interleaved, so a change to the pipeline is measured against its parent on one card
+  profile_airnet_fp32  py-spy (where a wheel of it was installed) on cnnx classify of the 500,000
+               files: every thread's stacks, idle included, 200 a second, collapsed (one line a
+               stack, its sample count last) -> profile_airnet_fp32.txt beside the JSON; the stage
+               records where the main thread's samples went
   rows         classify_rows_cuda_vs_cpu_airnet: Classifier.classify on CUDA vs the CPU provider, same
                5,000 files: top-1 agreement of the rows (every batch must run its own pixels)
   sweep        --batch-size 64..2048: ceilings of both models, cnnx classify img/s of airnet
@@ -483,14 +490,21 @@ def agreement(model: str, device: str, files, n: int = 64) -> dict:
             "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean())}
 
 
+# `python -c BOOT TREE classify ...`: the cnnx of TREE (a folder holding a cnnx/ package) runs, not
+# this checkout's; inserted before the path's other entries, so its forkserver's processes get it too.
+BOOT = "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); runpy.run_module('cnnx', run_name='__main__')"
+
+
 def classify(model: str, folder: Path, device: str, batch: int, work: Path, ceiling: float | None,
-             with_memory: bool = False) -> dict:
-    """`cnnx classify` as a subprocess. Timed without the memory polling (it reads /proc for every
-    process of the tree 100 times a second) unless with_memory (the memory stage)."""
+             with_memory: bool = False, tree: Path | None = None) -> dict:
+    """`cnnx classify` as a subprocess (of `tree`'s cnnx where given). Timed without the memory
+    polling (it reads /proc for every process of the tree 100 times a second) unless with_memory
+    (the memory stage)."""
     from bench_classify import run_classify
 
+    launch = ("-m", "cnnx") if tree is None else ("-c", BOOT, str(tree))
     wall, peak, summary, labels = run_classify(Path(model), folder, "--device", device, "--batch-size", str(batch),
-                                               out=work / "classify-out.csv", peak=with_memory)
+                                               out=work / "classify-out.csv", peak=with_memory, launch=launch)
     first = re.search(r"first batch after ([\d.]+) s", summary)
     inner = re.search(r"; ([\d.]+) s; ", summary)
     n = len(labels)
@@ -609,18 +623,80 @@ def replicated(src: Path, dest: Path, copies: int) -> Path:
 
 
 def steady_state(model: str, small: Path, large: Path, device: str, batch: int, work: Path, ceiling: float,
-                 rounds: int = 2) -> dict:
+                 rounds: int = 2, baseline: Path | None = None) -> dict:
     """cnnx classify on `small` and `large` (best of `rounds` each): the marginal rate
     (large - small files over the difference of the walls) is the pipeline's own throughput,
-    with the start-up (the same in both) taken out; its ratio to the ceiling."""
-    best = {}
-    for name, folder in (("small", small), ("large", large)):
-        runs = [classify(model, folder, device, batch, work, ceiling) for _ in range(rounds)]
-        best[name] = min(runs, key=lambda r: r["wall_s"])
-    extra = best["large"]["files"] - best["small"]["files"]
-    marginal = extra / max(best["large"]["wall_s"] - best["small"]["wall_s"], 1e-9)
-    return {**best, "marginal_img_s": round(marginal, 1), "marginal_ratio_to_ceiling": round(marginal / ceiling, 3),
-            "rounds": rounds}
+    with the start-up (the same in both) taken out; its ratio to the ceiling. baseline: a
+    folder with another version's cnnx/ (and its commit in COMMIT), measured the same way in
+    the same rounds (this checkout first in odd rounds, the baseline first in even ones)."""
+    trees = {"this": None} if baseline is None else {"this": None, "baseline": baseline}
+    runs = {(t, name): [] for t in trees for name in ("small", "large")}
+    for r in range(rounds):
+        for t in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
+            for name, folder in (("small", small), ("large", large)):
+                runs[t, name].append(classify(model, folder, device, batch, work, ceiling, tree=trees[t]))
+
+    def summary(t):
+        best = {name: min(runs[t, name], key=lambda x: x["wall_s"]) for name in ("small", "large")}
+        extra = best["large"]["files"] - best["small"]["files"]
+        marginal = extra / max(best["large"]["wall_s"] - best["small"]["wall_s"], 1e-9)
+        return {**best, "marginal_img_s": round(marginal, 1),
+                "marginal_ratio_to_ceiling": round(marginal / ceiling, 3), "rounds": rounds}
+
+    out = summary("this")
+    if baseline is not None:
+        commit = baseline / "COMMIT"
+        out["baseline"] = {"commit": commit.read_text().strip() if commit.is_file() else None, **summary("baseline")}
+        out["marginal_vs_baseline"] = round(out["marginal_img_s"] / out["baseline"]["marginal_img_s"], 3)
+    return out
+
+
+def profile(model: str, folder: Path, device: str, batch: int, work: Path, out: Path, site: Path) -> dict:
+    """py-spy record of `cnnx classify` on `folder`: every thread, idle samples included, 200
+    a second, collapsed stacks -> `out`; the main thread's share of samples by where they were."""
+    spy = site / "bin" / "py-spy"
+    if not spy.is_file():
+        spy = shutil.which("py-spy")
+        if spy is None:
+            raise RuntimeError(f"no py-spy in {site / 'bin'} or on PATH: put its wheel in a --wheels folder")
+    target = work / "profile-out.csv"
+    target.unlink(missing_ok=True)
+    Path(str(target.with_suffix("")) + ".errors.csv").unlink(missing_ok=True)
+    cmd = [str(spy), "record", "--format", "raw", "--idle", "--threads", "--rate", "200", "--output", str(out),
+           "--", sys.executable, "-m", "cnnx", "classify", str(folder), "--model", model, "-o", str(target),
+           "--topk", "1", "--device", device, "--batch-size", str(batch)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    if r.returncode != 0:
+        raise RuntimeError(f"py-spy exit {r.returncode}: {(r.stderr.strip().splitlines() or [''])[-1]}")
+    return {"file": out.name, **collapsed_summary(out)}
+
+
+def collapsed_summary(path: Path, top: int = 25) -> dict:
+    """Per thread: samples; for the thread with the most (the main one: it lives longest),
+    the samples by the innermost frame of cnnx's own code (else the innermost frame), the
+    top `top`. A line of py-spy's raw format: `thread (id);frame;frame... count`."""
+    threads, by_frame = {}, {}
+    # "thread (ID)" or "thread (ID): NAME" (py-spy names it once it knows): one thread by its ID
+    lines = [(stack.split(";")[0].split(")")[0] + ")", stack.split(";"), int(count))
+             for stack, count in (line.rsplit(" ", 1) for line in path.read_text().splitlines() if line.strip())]
+    for thread, _frames, count in lines:
+        threads[thread] = threads.get(thread, 0) + count
+    main = max(threads, key=threads.get)
+    for thread, frames, count in lines:
+        if thread != main:
+            continue
+        ours = [f for f in frames[1:] if "cnnx/" in f]
+        if len(frames) == 1:  # a sample with no Python frame (the thread starting or ending)
+            by_frame["(no Python frame)"] = by_frame.get("(no Python frame)", 0) + count
+            continue
+        key = (ours or frames[1:])[-1]
+        leaf = frames[-1]
+        key = key if leaf == key else f"{key} > {leaf}"
+        by_frame[key] = by_frame.get(key, 0) + count
+    total = threads[main]
+    ranked = sorted(by_frame.items(), key=lambda kv: -kv[1])[:top]
+    return {"threads": threads, "main_thread": main, "main_samples": total,
+            "main_top": [[k, v, round(v / total, 3)] for k, v in ranked]}
 
 
 def gpu_decoder(smoke: bool, workers: int = 0):
@@ -877,6 +953,8 @@ def main(argv=None):
     ap.add_argument("--photos", type=int, default=480, help="synthetic 2-12 MP photos to make")
     ap.add_argument("--budget-s", type=float, default=420.0, help="stages that would end later are skipped")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU provider: proves the script")
+    ap.add_argument("--baseline", type=Path,
+                    help="a folder with another commit's cnnx/ package (and COMMIT): steady state A/B")
     ap.add_argument("--stages", help="comma-separated stage names to run (default: all); the others are not run")
     ap.add_argument("--prepare", action="store_true", help="download and split the wheel here, then exit")
     ap.add_argument("--cpu-decode-check", action="store_true",
@@ -945,7 +1023,10 @@ def main(argv=None):
             large = run.stage("cifar_x10", replicated, cifar, a.work / "cifar-x10", 2 if smoke else 10, need_s=30)
             if large:
                 run.stage("steady_state_airnet_fp32", steady_state, models["airnet"]["fp32"], cifar, large, device,
-                          BATCH, a.work, ceiling, need_s=40)
+                          BATCH, a.work, ceiling, rounds=3 if a.baseline else 2, baseline=a.baseline,
+                          need_s=80 if a.baseline else 40)
+                run.stage("profile_airnet_fp32", profile, models["airnet"]["fp32"], large, device, BATCH, a.work,
+                          a.results / "profile_airnet_fp32.txt", a.site, need_s=30)
     run.stage("decode_only_photos", decode_only, photo_dir, 224, need_s=20)
     if models.get("resnet18"):
         size = models["resnet18"]["size"]
@@ -1036,6 +1117,15 @@ def summarize(r: dict):
         st = r["steady_state_airnet_fp32"]
         lines.append(f"steady state: {st['large']['files']:,} vs {st['small']['files']:,} files, marginal "
                      f"{st['marginal_img_s']:,.0f} img/s = {st['marginal_ratio_to_ceiling']} of the ceiling")
+        if st.get("baseline"):
+            b = st["baseline"]
+            lines.append(f"  baseline {b['commit']}: marginal {b['marginal_img_s']:,.0f} img/s = "
+                         f"{b['marginal_ratio_to_ceiling']} of the ceiling; this tree / baseline "
+                         f"{st['marginal_vs_baseline']}")
+    if r.get("profile_airnet_fp32"):
+        pr = r["profile_airnet_fp32"]
+        lines.append(f"profile ({pr['file']}): main thread {pr['main_samples']} samples; top: "
+                     + "; ".join(f"{k} {share}" for k, _n, share in pr["main_top"][:8]))
     if r.get("decode_only_photos"):
         lines.append(f"decode only (photos, CPU threads): {r['decode_only_photos']}")
     if r.get("gpu_decode_classify_resnet18"):

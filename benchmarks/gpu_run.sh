@@ -12,6 +12,12 @@
 # (the machine's copy of .git can be older than the files it gets: the JSON's tree_commit says
 # which commit's files ran; commit before the run)
 #
+# A steady-state A/B against another commit: put its cnnx/ in .data/baseline first
+#   rm -rf .data/baseline && mkdir -p .data/baseline && git archive <commit> cnnx | tar -x -C .data/baseline \
+#     && git rev-parse <commit> > .data/baseline/COMMIT
+# STAGES=a,b,... runs only those stages of gpu_classify.py (PHOTOS=N: fewer synthetic photos, made always).
+# py-spy's wheel in .data/wheels gives the profile stage.
+#
 # classify: joins and installs onnxruntime-gpu and the GPU-decoding wheels, then
 #        benchmarks/gpu_classify.py's whole run (issue 8) -> $OUT/results/gpu_classify.json.
 # train: cnnx's GPU recipe for 5 seeds (issue 7 goal 2) -> $OUT/train/gpu_train.json; its seed-0
@@ -34,8 +40,10 @@ case "${1:-}" in
     [ -f $trained ] || trained=/tmp/cnnx-gpu-train/runs/seed0-compiled/best.pt
     timeout $(( ${BUDGET_S:-380} + 40 )) python3 benchmarks/gpu_classify.py --wheel-parts /tmp/ortgpu \
       --wheels .data/wheels --wheels /tmp/gpudecode --cifar-tar .data/cifar10-train.tar.gz \
-      --results "$OUT/results" --budget-s ${BUDGET_S:-380} --photos 960 \
-      $( [ -f $trained ] && echo --airnet-checkpoint $trained )
+      --results "$OUT/results" --budget-s ${BUDGET_S:-380} --photos ${PHOTOS:-960} \
+      $( [ -f $trained ] && echo --airnet-checkpoint $trained ) \
+      $( [ -d .data/baseline ] && echo --baseline .data/baseline ) \
+      $( [ -n "${STAGES:-}" ] && echo --stages "$STAGES" )
     ;;
   *)
     echo "usage: gpu_run.sh train | part N | classify" >&2

@@ -10,6 +10,11 @@ in a fresh `python` with that tree first on its path:
                                    (10 class names, CIFAR-like paths), to a file
   discovery_s                      every Found of --folder, as classify takes them (Discovery.runs
                                    where the tree has it, else iterating Discovery)
+  loop_us_per_file                 the GPU path's main-process CPU (getrusage of the process, its
+                                   threads included, children not) per file for a whole classify
+                                   of --folder to CSV: Classifier(io_binding=True, decode processes)
+                                   with a tiny model on the CPU provider, so the model's compute is
+                                   ~nothing and what is left is cnnx's own work a file
   wait_us (tree-independent)       one message through one of 16 pipes and the wait for it:
                                    multiprocessing.connection.wait over the 16 pipes and 16
                                    sentinels at each call vs a selector registered once
@@ -59,6 +64,30 @@ n = sum(map(len, d.runs())) if hasattr(d, "runs") else sum(1 for _ in d)
 out["discovery_s"] = time.perf_counter() - t0
 out["files"] = n
 print(json.dumps(out))
+"""
+
+LOOP = r"""
+import json, os, resource, sys, tempfile, time
+sys.path.insert(0, sys.argv[3])  # tests/, for tiny_onnx_model
+from _runtime_util import tiny_onnx_model
+from pathlib import Path
+from cnnx.runtime import command
+from cnnx.runtime.api import Classifier
+
+folder, workers = sys.argv[1], int(sys.argv[2])
+work = Path(tempfile.mkdtemp())
+model = tiny_onnx_model(work / "tiny.onnx")
+with Classifier(model, "cpu", io_binding=True, decode="processes", workers=workers, threads=1, topk=1) as clf:
+    for _ in range(2):  # the first starts the decode processes
+        out = work / "p.csv"
+        for f in (out, work / "p.errors.csv"):
+            f.unlink(missing_ok=True)
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        rows = clf.classify([folder])
+        tally = command._write_rows(rows, str(out), "csv", str(work / "p.errors.csv"), clf, append=False, t0=t0)
+        wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+print(json.dumps({"loop_us_per_file": 1e6 * cpu / rows.found, "loop_wall_s": wall, "loop_files": rows.found}))
 """
 
 WAIT = r"""
@@ -116,6 +145,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--folder", type=Path, default=Path(os.environ.get("CNNX_CIFAR_DIR", "/tmp/cifar10/train")),
                     help="an image folder to discover (default $CNNX_CIFAR_DIR or /tmp/cifar10/train)")
+    ap.add_argument("--loop-workers", type=int, default=1, help="decode processes for loop_us_per_file")
     ap.add_argument("--out", type=Path, default=RESULTS / "main_process_parts.json")
     a = ap.parse_args(argv)
     if not a.folder.is_dir():
@@ -125,18 +155,19 @@ def main(argv=None) -> int:
     for r in range(a.rounds):
         for tree in a.tree:
             got = _run(PARTS, tree, a.folder)
+            got.update(_run(LOOP, tree, a.folder, a.loop_workers, HERE.parent / "tests"))
             rounds[str(tree)].append(got)
             log(f"round {r + 1}/{a.rounds} {tree}: {got}")
         waits.append(_run(WAIT, None))
         log(f"round {r + 1}/{a.rounds} wait: {waits[-1]}")
-    keys = ("writer_topk1_s", "writer_topk5_s", "discovery_s")
+    keys = ("writer_topk1_s", "writer_topk5_s", "discovery_s", "loop_us_per_file", "loop_wall_s")
     trees = {str(t): {"git_commit": _git_commit(t), "files": rounds[str(t)][0]["files"],
                       "best": {k: round(min(x[k] for x in rounds[str(t)]), 4) for k in keys},
                       "median": {k: round(statistics.median(x[k] for x in rounds[str(t)]), 4) for k in keys},
                       "rounds": rounds[str(t)]} for t in a.tree}
     wait_summary = {k: {"best": round(min(w[k] for w in waits), 1), "median": round(statistics.median(w[k] for w in waits), 1)}
                     for k in waits[0]}
-    write_result(a.out, {"folder": str(a.folder), "trees": trees, "wait_us_16_workers": wait_summary, "wait_rounds": waits},
+    write_result(a.out, {"folder": str(a.folder), "loop_workers": a.loop_workers, "trees": trees, "wait_us_16_workers": wait_summary, "wait_rounds": waits},
                  None if argv is None else [__file__, *argv])
     return 0
 

@@ -53,3 +53,36 @@ def test_a_long_stretch_of_skips_is_cut_as_batched_cuts_it(skips):
     want = list(batched(iter(items), 256))
     assert len(want) >= 2
     assert list(batched_runs(runs, 256)) == want
+
+
+_NAMES = [b"a.jpg", b"A.JPG", b"b.Jpeg", b"..jpg", b".jpg", b".hidden.png", b"no-ext", b"x.txt", b"x.jpg.txt",
+          b"\xc3\xa9.jpg", b"\xe6\x97\xa5.png", b"\xff\xfe.jpg", b"\x80b.jpg", b"\xc3.jpg", b"z-1.jpg", b"z.jpg",
+          b"z_1.webp", b"Z.tif", b"1.jpe", b"a b.jpg", b"jpg", b".", b"x."]
+
+
+def _expected(folder: bytes, names) -> tuple:
+    """What Discovery must give for a folder of regular files: the image names (is_image_name)
+    in the order of their bytes, and the count of the others."""
+    from cnnx.runtime.contract import is_image_name
+
+    names = [n for n in names if n != b"."]
+    images = sorted(n for n in names if is_image_name(os.fsdecode(n)))
+    return [os.fsdecode(os.path.join(folder, n)) for n in images], len(names) - len(images)
+
+
+@pytest.mark.parametrize("with_subfolder", [False, True])
+def test_a_folder_of_files_is_listed_in_byte_order_with_its_non_images_counted(tmp_path, with_subfolder):
+    """The files-only fast path (no Python call a file) and the general one (a subfolder
+    present) give the same order and count as a reference built from the bytes of the names."""
+    folder = os.fsencode(tmp_path / "f")
+    os.mkdir(folder)
+    for name in _NAMES:
+        if name != b".":
+            open(os.path.join(folder, name), "wb").close()
+    want, ignored = _expected(folder, _NAMES)
+    if with_subfolder:
+        os.mkdir(os.path.join(folder, b"zz-sub"))  # after every file name here: order unchanged
+    d = Discovery([os.fsdecode(folder)])
+    got = list(d)
+    assert [f.path for f in got] == want and all(f.reason is None for f in got)
+    assert d.ignored == ignored

@@ -15,10 +15,11 @@ import os
 import re
 import stat
 import sys
-from operator import itemgetter
+from itertools import repeat
+from operator import itemgetter, methodcaller
 from typing import NamedTuple
 
-from cnnx.runtime.contract import is_image_name
+from cnnx.runtime.contract import IMAGE_EXTENSIONS, is_image_name
 from cnnx.runtime.files import first_line
 
 
@@ -54,6 +55,22 @@ _FS_ENCODING = sys.getfilesystemencoding()  # os.fsencode's, without its call pe
 
 def _sort_key(name: str, is_folder: bool) -> bytes:
     return name.encode(_FS_ENCODING, "surrogateescape") + (b"/" if is_folder else b"")
+
+
+_name_bytes = methodcaller("encode", _FS_ENCODING, "surrogateescape")  # _sort_key of a file, in C
+
+
+def _files_only(folder: str, entries: list) -> tuple:
+    """A folder whose entries are all regular files (the common case), with no Python call
+    a file: -> ([the run of its image files, in order] or [], how many names were not images).
+    is_image_name inlined: rfind from index 1 finds no dot at 0, as its `dot > 0` wants."""
+    names = [e.name for e in entries]
+    images = [n for n in names if n[n.rfind(".", 1):].lower() in IMAGE_EXTENSIONS]
+    images.sort(key=_name_bytes)
+    prefix = os.path.join(folder, "")  # DirEntry.path is os.path.join(folder, name)
+    paths = [prefix + n for n in images]
+    run = list(map(tuple.__new__, repeat(Found), zip(paths, repeat(None))))  # Found(path), no __new__ in Python
+    return ([run] if run else []), len(names) - len(images)
 
 
 def _lists_as_folder(entry: os.DirEntry, follow_symlinks: bool) -> bool:
@@ -135,6 +152,10 @@ class Discovery:
             plain = [e.is_file(follow_symlinks=False) for e in entries]
         except OSError:  # an entry of unknown type that cannot be stat'ed: each is asked below
             plain = [False] * len(entries)
+        if all(plain):
+            out, ignored = _files_only(folder, entries)
+            self.ignored += ignored
+            return out
         keyed = [(_sort_key(e.name, False), e, True) if p else (_sort_key(e.name, _lists_as_folder(e, follow)), e, False)
                  for e, p in zip(entries, plain)]
         keyed.sort(key=_first)  # names are unique in a folder: the keys never tie
