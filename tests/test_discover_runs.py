@@ -70,16 +70,19 @@ def _expected(folder: bytes, names) -> tuple:
     return [os.fsdecode(os.path.join(folder, n)) for n in images], len(names) - len(images)
 
 
+@pytest.mark.parametrize("ascii_only", [False, True])
 @pytest.mark.parametrize("with_subfolder", [False, True])
-def test_a_folder_of_files_is_listed_in_byte_order_with_its_non_images_counted(tmp_path, with_subfolder):
-    """The files-only fast path (no Python call a file) and the general one (a subfolder
-    present) give the same order and count as a reference built from the bytes of the names."""
+def test_a_folder_of_files_is_listed_in_byte_order_with_its_non_images_counted(tmp_path, with_subfolder, ascii_only):
+    """The files-only fast path (no Python call a file; ASCII names sorted as str, others by
+    their bytes) and the general one (a subfolder present) give the same order and count as a
+    reference built from the bytes of the names."""
+    names = [n for n in _NAMES if n.isascii()] if ascii_only else _NAMES
     folder = os.fsencode(tmp_path / "f")
     os.mkdir(folder)
-    for name in _NAMES:
+    for name in names:
         if name != b".":
             open(os.path.join(folder, name), "wb").close()
-    want, ignored = _expected(folder, _NAMES)
+    want, ignored = _expected(folder, names)
     if with_subfolder:
         os.mkdir(os.path.join(folder, b"zz-sub"))  # after every file name here: order unchanged
     d = Discovery([os.fsdecode(folder)])

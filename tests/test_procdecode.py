@@ -88,6 +88,48 @@ def test_a_run_stopped_early_leaves_nothing_for_the_next_one(model, mixed):
         assert list(clf.classify([mixed])) == threads
 
 
+def _batches(folder, spec, batch_size: int, workers: int, lend: bool) -> list:
+    """Each batch of a DecodePool run, copied as it comes (a lent one is valid only until then):
+    (paths, failed, notes, images, whether the pool's batch owned its pixels)."""
+    from cnnx.runtime.discover import Discovery
+    from cnnx.runtime.pipeline import batched_runs
+    from cnnx.runtime.procdecode import DecodePool
+
+    config = PipelineConfig(batch_size=batch_size, workers=workers)
+    pool = DecodePool(workers)
+    try:
+        return [(b.paths, b.failed, b.notes, b.images.copy(), b.images.flags.owndata)
+                for _items, b in pool.decoded_batches(batched_runs(Discovery([str(folder)]).runs(), batch_size), spec,
+                                                      config, lend=lend)]
+    finally:
+        pool.close()
+
+
+def test_lent_batches_are_the_copied_ones_and_only_whole_ones_are_lent(model, mixed):
+    """lend (the IOBinding runner's way): a batch whose files all decoded is its slot, not a
+    copy; one with a failure is copied out as before; every batch holds the same pixels and rows."""
+    with Classifier(model, "cpu") as clf:
+        spec = clf.info.spec
+    copied = _batches(mixed, spec, 8, 2, lend=False)
+    lent = _batches(mixed, spec, 8, 2, lend=True)
+    assert len(lent) == len(copied) > 4
+    for (paths, failed, notes, images, _), (lpaths, lfailed, lnotes, limages, owns) in zip(copied, lent):
+        assert (lpaths, lfailed, lnotes) == (paths, failed, notes)
+        assert (limages == images).all()
+        assert owns == bool(failed)  # whole batches borrowed, the others copied
+    assert any(failed for _p, failed, *_ in copied) and any(not failed for _p, failed, *_ in copied)
+    assert not segments(os.getpid())
+
+
+def test_a_batch_is_one_task_when_the_slots_cover_the_workers():
+    from cnnx.runtime.procdecode import MIN_CHUNK_FILES, _chunk_files
+
+    assert _chunk_files(256, 18, 16, runs_model=False) == 256  # CIFAR on 16 cores: 18 slots
+    assert _chunk_files(256, 7, 16, runs_model=False) == 86  # 3 tasks a batch: 21 tasks for 16 workers
+    assert _chunk_files(256, 2, 16, runs_model=False) == MIN_CHUNK_FILES
+    assert _chunk_files(256, 2, 16, runs_model=True) == 256
+
+
 def test_auto_picks_processes_for_small_inputs_only():
     small, large = {"size": [32, 32]}, {"size": [224, 224]}
     assert PipelineConfig(workers=2).decodes_in_processes(small)

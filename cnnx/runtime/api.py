@@ -319,12 +319,14 @@ class Classification:
 
     def _cpu_decoded(self, todo):
         """The decode processes, or threads where the Classifier has none or another
-        classify call (run first) holds them: the same rows either way."""
+        classify call (run first) holds them: the same rows either way. The IOBinding runner
+        copies each batch into its own buffer before it asks for the next: it borrows them."""
         clf = self.classifier
         pool = clf._pool()
         if pool is not None and not pool.busy:
             yield from pool.decoded_batches(todo, clf.info.spec, clf.config,
-                                            model=clf.info.path if clf._runs_in_workers else None)
+                                            model=clf.info.path if clf._runs_in_workers else None,
+                                            lend=clf.runner is not None)
         else:
             yield from decoded_batches(todo, clf.info.spec, clf.config)
 

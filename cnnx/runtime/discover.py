@@ -66,7 +66,10 @@ def _files_only(folder: str, entries: list) -> tuple:
     is_image_name inlined: rfind from index 1 finds no dot at 0, as its `dot > 0` wants."""
     names = [e.name for e in entries]
     images = [n for n in names if n[n.rfind(".", 1):].lower() in IMAGE_EXTENSIONS]
-    images.sort(key=_name_bytes)
+    if all(map(str.isascii, images)):
+        images.sort()  # ASCII names: the order of the str is the order of the bytes, with no key to make
+    else:
+        images.sort(key=_name_bytes)
     prefix = os.path.join(folder, "")  # DirEntry.path is os.path.join(folder, name)
     paths = [prefix + n for n in images]
     run = list(map(tuple.__new__, repeat(Found), zip(paths, repeat(None))))  # Found(path), no __new__ in Python

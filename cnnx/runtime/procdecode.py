@@ -15,7 +15,10 @@ Here each worker process has its own interpreter:
 - on the CPU a worker also runs the model on the whole batches it decodes, on one thread,
   and sends back the logits (a few KB), so batches run side by side on the cores;
 - batches are assembled in order in the caller, as pipeline.decoded_batches yields them,
-  with the same rows, errors and notes (both paths share pipeline.decode_into).
+  with the same rows, errors and notes (both paths share pipeline.decode_into); a caller
+  that copies each batch before asking for the next (the IOBinding runner) can borrow it
+  from its slot instead (`lend`): no copy of the pixels in the caller, whose one process
+  bounds the rate on a GPU.
 
 A worker that dies (killed, out of memory) ends the run with DecodeWorkerDied, one line; a
 run that ends for any reason (done, an error, Ctrl-C) unlinks its segment, and a killed
@@ -168,12 +171,14 @@ class DecodePool:
         # A pool its owner never closed (a Classifier dropped without close()) stops once collected.
         self._stop = weakref.finalize(self, _stop, self.procs, self.conns)
 
-    def decoded_batches(self, item_batches, spec, config, model=None):
+    def decoded_batches(self, item_batches, spec, config, model=None, lend: bool = False):
         """Yield (items, DecodedBatch) in order: what pipeline.decoded_batches yields for the
         same input, decoded in the worker processes. model: None, or the path of the model
         (opened by `Classifier(model, "cpu")`) that each worker then runs on the whole
         batches it decodes, on one CPU thread: the batch's `logits` (batch_size rows; a
-        failed run raises ModelError here, in batch order)."""
+        failed run raises ModelError here, in batch order). lend: a batch whose files all
+        decoded comes as a view of its slot, valid only until the next batch is asked for
+        (the caller copies it first); others are copied out as without lend."""
         if self.busy:
             raise RuntimeError("this DecodePool is already running a classify call")
         self.busy = True
@@ -187,7 +192,7 @@ class DecodePool:
             for conn in self.conns:
                 conn.send(("attach", self.runs, shm.name, shape, spec, config.max_pixels,
                            None if model is None else str(model)))
-            yield from _Run(self, images, config, slots, model).batches(item_batches, spec)
+            yield from _Run(self, images, config, slots, model, lend).batches(item_batches, spec)
         finally:
             images = None
             shm.close()
@@ -218,12 +223,10 @@ class _Run:
     """One run's scheduling: batches take free slots in order, their chunks go to the worker
     with the fewest outstanding, finished batches are copied out of their slot in order."""
 
-    def __init__(self, pool: DecodePool, images, config, slots: int, model):
-        self.pool, self.images, self.config, self.model = pool, images, config, model
+    def __init__(self, pool: DecodePool, images, config, slots: int, model, lend: bool = False):
+        self.pool, self.images, self.config, self.model, self.lend = pool, images, config, model, lend
         self.free = deque(range(slots))
-        # A worker that runs the model takes whole batches.
-        self.chunk = (config.batch_size if model is not None
-                      else max(MIN_CHUNK_FILES, -(-config.batch_size // len(pool.conns))))
+        self.chunk = _chunk_files(config.batch_size, slots, len(pool.conns), model is not None)
         self.outstanding = [deque() for _ in pool.conns]  # (slot, row, paths) sent to each worker
         self.pending = deque()  # _Batch in order
         self.by_slot = {}
@@ -252,7 +255,10 @@ class _Run:
                     self.start(items)
             while self.pending and self.pending[0].decoded():
                 batch = self.pending.popleft()
-                yield batch.items, self.assemble(batch, spec)
+                lent = self.lend and self.whole(batch)
+                yield batch.items, (self.lent(batch) if lent else self.assemble(batch, spec))
+                if lent:  # the caller has asked for the next batch: it is done with this one
+                    self.release(batch.slot)
                 if more and self.free:
                     break  # give the freed slot a new batch before waiting
             else:
@@ -308,6 +314,33 @@ class _Run:
         raise DecodeWorkerDied(f"decode worker process {proc.pid} ended ({how}) {doing}; "
                                "run again (with fewer --workers if memory is short)")
 
+    def whole(self, batch: _Batch) -> bool:
+        """Every file of the batch decoded, so its slot's rows are the batch as it is."""
+        return all(batch.results[row][0] == len(chunk) for row, chunk in batch.chunks)
+
+    def lent(self, batch: _Batch) -> DecodedBatch:
+        """The batch as a view of its slot (whole(batch)): the rows past its files zeroed in
+        place, no copy; the slot stays taken until release()."""
+        rows = self.images[batch.slot]
+        out = DecodedBatch(rows)
+        for row, chunk in batch.chunks:
+            _decoded, _failed, notes, out.logits = batch.results[row]
+            out.paths += chunk
+            out.notes += notes
+        if len(out.paths) < len(rows):
+            rows[len(out.paths):] = 0
+        self._check_logits(out)
+        return out
+
+    def release(self, slot: int):
+        del self.by_slot[slot]
+        self.free.append(slot)
+
+    def _check_logits(self, out: DecodedBatch):
+        if isinstance(out.logits, str):
+            raise ModelError(f"{self.model}: onnxruntime failed on a batch of {self.config.batch_size} on "
+                             f"{CPU_PROVIDER}: {out.logits}")
+
     def assemble(self, batch: _Batch, spec) -> DecodedBatch:
         """The batch's decoded rows, in order, into a fixed-shape DecodedBatch (its slot is
         free again); zero rows pad it."""
@@ -326,9 +359,17 @@ class _Run:
             out.failed += failed
             out.notes += notes
         out.images[len(out.paths):] = 0
-        del self.by_slot[batch.slot]
-        self.free.append(batch.slot)
-        if isinstance(out.logits, str):
-            raise ModelError(f"{self.model}: onnxruntime failed on a batch of {self.config.batch_size} on "
-                             f"{CPU_PROVIDER}: {out.logits}")
+        self.release(batch.slot)
+        self._check_logits(out)
         return out
+
+
+def _chunk_files(batch_size: int, slots: int, workers: int, runs_model: bool) -> int:
+    """Files a decode task: a worker that runs the model takes whole batches; else as few
+    tasks a batch as still give every worker one when all slots are taken (each task is a
+    message each way and a wake-up of the caller, whose one process bounds the rate on a
+    GPU), and not under MIN_CHUNK_FILES."""
+    if runs_model:
+        return batch_size
+    tasks = -(-workers // slots)  # a batch's tasks, so that slots x tasks >= workers
+    return max(MIN_CHUNK_FILES, -(-batch_size // tasks))
