@@ -58,6 +58,30 @@ def run_cli(args):
 
 # --- the IOBinding runner ----------------------------------------------------------------------
 
+@pytest.mark.parametrize("stop_early", [False, True])
+def test_the_gil_switch_interval_is_short_while_batches_run_and_restored_after(conv_model, stop_early):
+    import sys
+
+    from cnnx.runtime.binding import GIL_SWITCH_S, BoundRunner
+
+    before = sys.getswitchinterval()
+    assert before > GIL_SWITCH_S  # Python's default, 5 ms
+    jobs = batches(4, 16)
+    runner = BoundRunner(cpu_session(conv_model), "images", "logits", 16, (32, 32), slots=2)
+    try:
+        seen = []
+        runs = runner.run_in_order(range(len(jobs)), lambda i: jobs[i])
+        for _ in runs:
+            seen.append(sys.getswitchinterval())
+            if stop_early:
+                runs.close()
+                break
+    finally:
+        runner.close()
+    assert seen and all(s == GIL_SWITCH_S for s in seen)
+    assert sys.getswitchinterval() == before
+
+
 def test_bound_runs_give_session_run_logits_bit_for_bit_in_order(conv_model):
     from cnnx.runtime.binding import BoundRunner
 

@@ -28,6 +28,7 @@ benchmarks/gpu_classify.py measures 1 vs 2 slots and the host memory kind on the
 from __future__ import annotations
 
 import ctypes
+import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -36,6 +37,11 @@ import numpy as np
 from cnnx.runtime.files import first_line
 
 CUDA_DEVICES = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+# While batches run: a run's thread that leaves onnxruntime needs the GIL back to hand over
+# its logits, and the caller's thread is then usually running Python (discovery, rows). At
+# Python's default of 5 ms between forced switches, the run's thread can wait that long, the
+# GPU idles, and the caller ends up waiting on it; with 0.5 ms it gets in sooner.
+GIL_SWITCH_S = 0.0005
 
 
 class RunFailed(Exception):
@@ -168,8 +174,12 @@ class BoundRunner:
         """Yield (job, logits) for each job in order; images_of(job) is its uint8 batch of
         exactly self.shape, or None for a job with nothing to run (its logits are None). A job
         is copied into a free slot and started before the oldest running one is waited for,
-        so `slots` batches are in flight."""
+        so `slots` batches are in flight. A job's images are copied before the next job is
+        taken from `jobs`: they may be borrowed until then (procdecode's `lend`). Python's
+        thread switch interval is GIL_SWITCH_S (at most) until the generator ends."""
         free, running = deque(self._slots), deque()
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, GIL_SWITCH_S))
 
         def oldest():
             job, slot, future = running.popleft()
@@ -196,6 +206,7 @@ class BoundRunner:
             while running:
                 yield oldest()
         finally:
+            sys.setswitchinterval(switch)
             for _job, _slot, future in running:  # a consumer that stopped early: let runs end
                 if future is not None and not future.cancel():
                     try:
