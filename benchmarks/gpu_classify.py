@@ -37,9 +37,9 @@ What one run measures (every figure with the card it ran on, all in the same pro
                ratio a run of N files can reach is N/ceiling over that plus N/ceiling)
   steady_state_airnet_fp32  cnnx classify on the 50,000 CIFAR JPEGs and on 10 hard-linked copies of
                them (500,000 files): the marginal rate, the pipeline's throughput without its start-up;
-               with --baseline DIR (another commit's cnnx/ package: `git archive <commit> cnnx |
-               tar -x -C DIR` and the commit in DIR/COMMIT) the same for that version, rounds
-               interleaved, so a change to the pipeline is measured against its parent on one card
+               with --baseline DIR (repeatable; another commit's cnnx/ package: `git archive
+               <commit> cnnx | tar -x -C DIR` and the commit in DIR/COMMIT) the same for that
+               version, rounds interleaved, so a change is measured against its parents on one card
   profile_airnet_fp32  py-spy (where a wheel of it was installed) on cnnx classify of the 500,000
                files: every thread's stacks, idle included, 200 a second, collapsed (one line a
                stack, its sample count last) -> profile_airnet_fp32.txt beside the JSON; the stage
@@ -623,31 +623,34 @@ def replicated(src: Path, dest: Path, copies: int) -> Path:
 
 
 def steady_state(model: str, small: Path, large: Path, device: str, batch: int, work: Path, ceiling: float,
-                 rounds: int = 2, baseline: Path | None = None) -> dict:
+                 rounds: int = 2, baselines=()) -> dict:
     """cnnx classify on `small` and `large` (best of `rounds` each): the marginal rate
     (large - small files over the difference of the walls) is the pipeline's own throughput,
-    with the start-up (the same in both) taken out; its ratio to the ceiling. baseline: a
-    folder with another version's cnnx/ (and its commit in COMMIT), measured the same way in
-    the same rounds (this checkout first in odd rounds, the baseline first in even ones)."""
-    trees = {"this": None} if baseline is None else {"this": None, "baseline": baseline}
-    runs = {(t, name): [] for t in trees for name in ("small", "large")}
+    with the start-up (the same in both) taken out; its ratio to the ceiling. baselines:
+    folders each with another version's cnnx/ (and its commit in COMMIT), measured the same
+    way in the same rounds (the order of the versions reversed every other round)."""
+    trees = [None, *baselines]
+    runs = {(i, name): [] for i in range(len(trees)) for name in ("small", "large")}
     for r in range(rounds):
-        for t in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
+        for i in (range(len(trees)) if r % 2 == 0 else reversed(range(len(trees)))):
             for name, folder in (("small", small), ("large", large)):
-                runs[t, name].append(classify(model, folder, device, batch, work, ceiling, tree=trees[t]))
+                runs[i, name].append(classify(model, folder, device, batch, work, ceiling, tree=trees[i]))
 
-    def summary(t):
-        best = {name: min(runs[t, name], key=lambda x: x["wall_s"]) for name in ("small", "large")}
+    def summary(i):
+        best = {name: min(runs[i, name], key=lambda x: x["wall_s"]) for name in ("small", "large")}
         extra = best["large"]["files"] - best["small"]["files"]
         marginal = extra / max(best["large"]["wall_s"] - best["small"]["wall_s"], 1e-9)
         return {**best, "marginal_img_s": round(marginal, 1),
                 "marginal_ratio_to_ceiling": round(marginal / ceiling, 3), "rounds": rounds}
 
-    out = summary("this")
-    if baseline is not None:
-        commit = baseline / "COMMIT"
-        out["baseline"] = {"commit": commit.read_text().strip() if commit.is_file() else None, **summary("baseline")}
-        out["marginal_vs_baseline"] = round(out["marginal_img_s"] / out["baseline"]["marginal_img_s"], 3)
+    out = summary(0)
+    if baselines:
+        out["baselines"] = []
+        for i, folder in enumerate(baselines, 1):
+            commit = Path(folder) / "COMMIT"
+            b = {"commit": commit.read_text().strip() if commit.is_file() else None, **summary(i)}
+            b["this_vs_it"] = round(out["marginal_img_s"] / b["marginal_img_s"], 3)
+            out["baselines"].append(b)
     return out
 
 
@@ -953,8 +956,8 @@ def main(argv=None):
     ap.add_argument("--photos", type=int, default=480, help="synthetic 2-12 MP photos to make")
     ap.add_argument("--budget-s", type=float, default=420.0, help="stages that would end later are skipped")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU provider: proves the script")
-    ap.add_argument("--baseline", type=Path,
-                    help="a folder with another commit's cnnx/ package (and COMMIT): steady state A/B")
+    ap.add_argument("--baseline", type=Path, action="append", default=[],
+                    help="a folder with another commit's cnnx/ package (and COMMIT): steady state A/B (repeatable)")
     ap.add_argument("--stages", help="comma-separated stage names to run (default: all); the others are not run")
     ap.add_argument("--prepare", action="store_true", help="download and split the wheel here, then exit")
     ap.add_argument("--cpu-decode-check", action="store_true",
@@ -1023,8 +1026,8 @@ def main(argv=None):
             large = run.stage("cifar_x10", replicated, cifar, a.work / "cifar-x10", 2 if smoke else 10, need_s=30)
             if large:
                 run.stage("steady_state_airnet_fp32", steady_state, models["airnet"]["fp32"], cifar, large, device,
-                          BATCH, a.work, ceiling, rounds=3 if a.baseline else 2, baseline=a.baseline,
-                          need_s=80 if a.baseline else 40)
+                          BATCH, a.work, ceiling, rounds=2, baselines=a.baseline,
+                          need_s=40 * (1 + len(a.baseline)))
                 run.stage("profile_airnet_fp32", profile, models["airnet"]["fp32"], large, device, BATCH, a.work,
                           a.results / "profile_airnet_fp32.txt", a.site, need_s=30)
     run.stage("decode_only_photos", decode_only, photo_dir, 224, need_s=20)
@@ -1117,11 +1120,9 @@ def summarize(r: dict):
         st = r["steady_state_airnet_fp32"]
         lines.append(f"steady state: {st['large']['files']:,} vs {st['small']['files']:,} files, marginal "
                      f"{st['marginal_img_s']:,.0f} img/s = {st['marginal_ratio_to_ceiling']} of the ceiling")
-        if st.get("baseline"):
-            b = st["baseline"]
+        for b in st.get("baselines", []):
             lines.append(f"  baseline {b['commit']}: marginal {b['marginal_img_s']:,.0f} img/s = "
-                         f"{b['marginal_ratio_to_ceiling']} of the ceiling; this tree / baseline "
-                         f"{st['marginal_vs_baseline']}")
+                         f"{b['marginal_ratio_to_ceiling']} of the ceiling; this tree / it {b['this_vs_it']}")
     if r.get("profile_airnet_fp32"):
         pr = r["profile_airnet_fp32"]
         lines.append(f"profile ({pr['file']}): main thread {pr['main_samples']} samples; top: "

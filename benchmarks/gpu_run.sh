@@ -12,9 +12,9 @@
 # (the machine's copy of .git can be older than the files it gets: the JSON's tree_commit says
 # which commit's files ran; commit before the run)
 #
-# A steady-state A/B against another commit: put its cnnx/ in .data/baseline first
-#   rm -rf .data/baseline && mkdir -p .data/baseline && git archive <commit> cnnx | tar -x -C .data/baseline \
-#     && git rev-parse <commit> > .data/baseline/COMMIT
+# A steady-state A/B against other commits: put each one's cnnx/ in .data/baseline-<name> first
+#   d=.data/baseline-<name>; rm -rf $d && mkdir -p $d && git archive <commit> cnnx | tar -x -C $d \
+#     && git rev-parse <commit> > $d/COMMIT
 # STAGES=a,b,... runs only those stages of gpu_classify.py (PHOTOS=N: fewer synthetic photos, made always).
 # py-spy's wheel in .data/wheels gives the profile stage.
 #
@@ -42,7 +42,7 @@ case "${1:-}" in
       --wheels .data/wheels --wheels /tmp/gpudecode --cifar-tar .data/cifar10-train.tar.gz \
       --results "$OUT/results" --budget-s ${BUDGET_S:-380} --photos ${PHOTOS:-960} \
       $( [ -f $trained ] && echo --airnet-checkpoint $trained ) \
-      $( [ -d .data/baseline ] && echo --baseline .data/baseline ) \
+      $( for b in .data/baseline*/; do [ -d "$b" ] && echo --baseline "$b"; done ) \
       $( [ -n "${STAGES:-}" ] && echo --stages "$STAGES" )
     ;;
   *)
