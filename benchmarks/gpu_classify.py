@@ -1027,7 +1027,7 @@ def main(argv=None):
             if large:
                 run.stage("steady_state_airnet_fp32", steady_state, models["airnet"]["fp32"], cifar, large, device,
                           BATCH, a.work, ceiling, rounds=2, baselines=a.baseline,
-                          need_s=40 * (1 + len(a.baseline)))
+                          need_s=20 * (1 + len(a.baseline)))
                 run.stage("profile_airnet_fp32", profile, models["airnet"]["fp32"], large, device, BATCH, a.work,
                           a.results / "profile_airnet_fp32.txt", a.site, need_s=30)
     run.stage("decode_only_photos", decode_only, photo_dir, 224, need_s=20)
