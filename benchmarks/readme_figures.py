@@ -412,12 +412,31 @@ def block_gpu(res: Results) -> str:
     if d := res.get("gpu_train_30epochs.json"):
         train_row("the same recipe trained 30 epochs: what this net reaches on this data", d, goal=False)
     if d := res.get("gpu_classify.json"):
-        gpu_classify_rows(d, res.get("gpu_classify_h200_run1.json"), row, notes)
+        gpu_classify_rows(d, res.get(OTHER_GPU_RUN), row, notes)
+    for name in sorted(p.name for p in res.folder.glob("gpu_steady_state_*.json")):
+        steady_state_ab_row(res.get(name), name, row)
     missing = [f"not measured yet (no `results/{n}`)" for n in ("gpu_train.json", "gpu_classify.json") if n in res.missing]
     out = [table(["what", "result", "goal", "", "command", "machine (as recorded)"], rows)] if rows else []
     if missing + notes:
         out.append(bullets(missing + notes))
     return "\n\n".join(out)
+
+
+OTHER_GPU_RUN = "gpu_classify_h200.json"  # the same script's whole run on the other card
+
+
+def steady_state_ab_row(d: dict, name: str, row):
+    """A steady-state A/B of gpu_classify.py --baseline: each version's marginal rate, same
+    run, same card, rounds interleaved."""
+    st = d["steady_state_airnet_fp32"]
+    versions = [(b["commit"][:7], b) for b in st.get("baselines", [])]
+    if "baseline" in st:  # the first runs' one baseline
+        versions.append((st["baseline"]["commit"][:7], st["baseline"]))
+    versions.append(((d.get("tree_commit") or d["git_commit"])[:7], st))
+    row(f"steady state by version, `airnet` fp32, {num(st['large']['files'])} vs {num(st['small']['files'])} files, "
+        f"same run (`results/{name}`)", "; ".join(f"{c}: {num(v['marginal_img_s'])} img/s "
+                                                   f"({v['marginal_ratio_to_ceiling']:.3f})" for c, v in versions),
+        "(what each change gave)", None, d)
 
 
 def gpu_classify_rows(d: dict, other_run: dict | None, row, notes):
@@ -517,13 +536,19 @@ def gpu_classify_rows(d: dict, other_run: dict | None, row, notes):
         row("the CUDA, diagnosis and GPU-decode tests on that machine", t["tail"][-1].strip("= "), "pass",
             t["returncode"] == 0, d)
     k1, k2 = (other_run or {}).get("classify_airnet_fp32"), d.get("classify_airnet_fp32")
+    s1, s2 = (other_run or {}).get("steady_state_airnet_fp32"), d.get("steady_state_airnet_fp32")
     if k1 and k2:
-        notes.append(f"Whole-process figures vary from run to run on the same kind of machine: an earlier run "
-                     f"(`results/gpu_classify_h200_run1.json`, {gpu_machine(other_run).split(';')[0]}) timed the same "
-                     f"`airnet` fp32 classify at {num(k1['img_s'])} img/s ({secs(k1['wall_s'])}), this one at "
-                     f"{num(k2['img_s'])} img/s ({secs(k2['wall_s'])}); the difference is in the start-up (its first "
-                     "batch came after " + ", ".join(re.search(r"first batch after ([\d.]+ s)", k["summary"]).group(1)
-                                                     for k in (k1, k2)) + ").")
+        steady = (f"; steady state {num(s1['marginal_img_s'])} img/s ({s1['marginal_ratio_to_ceiling']:.3f} of its "
+                  f"ceiling) there, {num(s2['marginal_img_s'])} ({s2['marginal_ratio_to_ceiling']:.3f}) here"
+                  if s1 and s2 else "")
+        notes.append(f"The same script's whole run on the other card (`results/{OTHER_GPU_RUN}`, "
+                     f"{gpu_machine(other_run).split(';')[0]}, commit "
+                     f"{(other_run.get('tree_commit') or other_run['git_commit'])[:7]}): `airnet` fp32 classify of "
+                     f"{num(k1['files'])} files {num(k1['img_s'])} img/s ({secs(k1['wall_s'])}), here "
+                     f"{num(k2['img_s'])} img/s ({secs(k2['wall_s'])}){steady}. Whole-process figures also vary from "
+                     "run to run on one kind of machine, mostly in the start-up (first batch after "
+                     + ", ".join(re.search(r"first batch after ([\d.]+ s)", k["summary"]).group(1) for k in (k1, k2))
+                     + ").")
 
 
 def goal_ratio_plain(x) -> str:
