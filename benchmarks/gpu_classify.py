@@ -40,6 +40,8 @@ What one run measures (every figure with the card it ran on, all in the same pro
                with --baseline DIR (repeatable; another commit's cnnx/ package: `git archive
                <commit> cnnx | tar -x -C DIR` and the commit in DIR/COMMIT) the same for that
                version, rounds interleaved, so a change is measured against its parents on one card
+  steady_state_workers_airnet_fp32  the same marginal rate with --workers cores-4, cores-2 and
+               cores: do the decode processes leave the caller's threads the core they need?
   profile_airnet_fp32  py-spy (where a wheel of it was installed) on cnnx classify of the 500,000
                files: every thread's stacks, idle included, 200 a second, collapsed (one line a
                stack, its sample count last) -> profile_airnet_fp32.txt beside the JSON; the stage
@@ -496,7 +498,7 @@ BOOT = "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); runpy.run_module
 
 
 def classify(model: str, folder: Path, device: str, batch: int, work: Path, ceiling: float | None,
-             with_memory: bool = False, tree: Path | None = None) -> dict:
+             with_memory: bool = False, tree: Path | None = None, extra=()) -> dict:
     """`cnnx classify` as a subprocess (of `tree`'s cnnx where given). Timed without the memory
     polling (it reads /proc for every process of the tree 100 times a second) unless with_memory
     (the memory stage)."""
@@ -504,7 +506,7 @@ def classify(model: str, folder: Path, device: str, batch: int, work: Path, ceil
 
     launch = ("-m", "cnnx") if tree is None else ("-c", BOOT, str(tree))
     wall, peak, summary, labels = run_classify(Path(model), folder, "--device", device, "--batch-size", str(batch),
-                                               out=work / "classify-out.csv", peak=with_memory, launch=launch)
+                                               *extra, out=work / "classify-out.csv", peak=with_memory, launch=launch)
     first = re.search(r"first batch after ([\d.]+) s", summary)
     inner = re.search(r"; ([\d.]+) s; ", summary)
     n = len(labels)
@@ -623,7 +625,7 @@ def replicated(src: Path, dest: Path, copies: int) -> Path:
 
 
 def steady_state(model: str, small: Path, large: Path, device: str, batch: int, work: Path, ceiling: float,
-                 rounds: int = 2, baselines=()) -> dict:
+                 rounds: int = 2, baselines=(), extra=()) -> dict:
     """cnnx classify on `small` and `large` (best of `rounds` each): the marginal rate
     (large - small files over the difference of the walls) is the pipeline's own throughput,
     with the start-up (the same in both) taken out; its ratio to the ceiling. baselines:
@@ -634,7 +636,7 @@ def steady_state(model: str, small: Path, large: Path, device: str, batch: int, 
     for r in range(rounds):
         for i in (range(len(trees)) if r % 2 == 0 else reversed(range(len(trees)))):
             for name, folder in (("small", small), ("large", large)):
-                runs[i, name].append(classify(model, folder, device, batch, work, ceiling, tree=trees[i]))
+                runs[i, name].append(classify(model, folder, device, batch, work, ceiling, tree=trees[i], extra=extra))
 
     def summary(i):
         best = {name: min(runs[i, name], key=lambda x: x["wall_s"]) for name in ("small", "large")}
@@ -1028,6 +1030,11 @@ def main(argv=None):
                 run.stage("steady_state_airnet_fp32", steady_state, models["airnet"]["fp32"], cifar, large, device,
                           BATCH, a.work, ceiling, rounds=2, baselines=a.baseline,
                           need_s=20 * (1 + len(a.baseline)))
+                cores = os.cpu_count() or 1
+                run.stage("steady_state_workers_airnet_fp32", lambda: {
+                    str(w): steady_state(models["airnet"]["fp32"], cifar, large, device, BATCH, a.work, ceiling,
+                                         extra=("--workers", str(w)))
+                    for w in sorted({max(1, cores - 4), max(1, cores - 2), cores})}, need_s=60)
                 run.stage("profile_airnet_fp32", profile, models["airnet"]["fp32"], large, device, BATCH, a.work,
                           a.results / "profile_airnet_fp32.txt", a.site, need_s=30)
     run.stage("decode_only_photos", decode_only, photo_dir, 224, need_s=20)
@@ -1120,6 +1127,8 @@ def summarize(r: dict):
         st = r["steady_state_airnet_fp32"]
         lines.append(f"steady state: {st['large']['files']:,} vs {st['small']['files']:,} files, marginal "
                      f"{st['marginal_img_s']:,.0f} img/s = {st['marginal_ratio_to_ceiling']} of the ceiling")
+        for w, sw in (r.get("steady_state_workers_airnet_fp32") or {}).items():
+            lines.append(f"  --workers {w}: marginal {sw['marginal_img_s']:,.0f} img/s = {sw['marginal_ratio_to_ceiling']}")
         for b in st.get("baselines", []):
             lines.append(f"  baseline {b['commit']}: marginal {b['marginal_img_s']:,.0f} img/s = "
                          f"{b['marginal_ratio_to_ceiling']} of the ceiling; this tree / it {b['this_vs_it']}")

@@ -121,6 +121,20 @@ def test_lent_batches_are_the_copied_ones_and_only_whole_ones_are_lent(model, mi
     assert not segments(os.getpid())
 
 
+@pytest.mark.parametrize("io_binding", [False, True])
+def test_decode_processes_yield_to_a_caller_that_feeds_a_gpu(model, mixed, io_binding):
+    """With a bound runner (the GPU path; forced on the CPU here) the workers run at
+    FEEDING_NICE more niceness than this process; on the CPU loop, where they run the model
+    too, at the same."""
+    from cnnx.runtime.procdecode import FEEDING_NICE
+
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    with Classifier(model, "cpu", decode="processes", workers=2, batch_size=16, io_binding=io_binding) as clf:
+        rows = list(clf.classify([mixed]))
+        niceness = {os.getpriority(os.PRIO_PROCESS, p.pid) for p in clf.decode_pool.procs}
+    assert rows and niceness == {min(19, mine + FEEDING_NICE) if io_binding else mine}
+
+
 def test_a_batch_is_one_task_when_the_slots_cover_the_workers():
     from cnnx.runtime.procdecode import MIN_CHUNK_FILES, _chunk_files
 

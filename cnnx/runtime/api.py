@@ -142,8 +142,9 @@ class Classifier:
         if self._pool_wanted and self.decode_pool is None:
             self._pool_wanted = False  # one try
             try:
-                self.decode_pool = procdecode.DecodePool(self.config.resolved_workers(),
-                                                         model=self.info.path if self._cpu_loop else None)
+                self.decode_pool = procdecode.DecodePool(
+                    self.config.resolved_workers(), model=self.info.path if self._cpu_loop else None,
+                    nice=procdecode.FEEDING_NICE if self.runner is not None else 0)
             except Exception:
                 if self._decode != "auto":
                     raise

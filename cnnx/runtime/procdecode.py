@@ -46,6 +46,11 @@ from cnnx.runtime.workers import context, main_not_rerun
 
 SHM_PREFIX = "cnnx-decode-"  # /dev/shm/cnnx-decode-<pid>-<random>: whose segment it is
 MIN_CHUNK_FILES = 64  # a task's paths: fewer means more pipe round trips per image
+# Added to the workers' niceness when the caller's threads feed a GPU (Classifier with a bound
+# runner): with a worker on every core, the caller's thread and the runs' threads otherwise wait
+# for a time slice, or hold the GIL while descheduled; at +10 they get a core as they wake, and
+# the workers still have every cycle those threads leave.
+FEEDING_NICE = 10
 STOP_TIMEOUT_S = 5.0
 
 
@@ -56,13 +61,16 @@ class DecodeWorkerDied(ModelError):
 
 # --- the worker -------------------------------------------------------------------------------
 
-def _worker(conn):
-    """Decode tasks until told to stop or the caller goes. Messages in: ("load", model),
+def _worker(conn, nice: int = 0):
+    """Decode tasks until told to stop or the caller goes (at `nice` more niceness than the
+    process it was forked from). Messages in: ("load", model),
     ("attach", run, shm name, shape, spec, max_pixels, model), ("decode", run, slot, row,
     "\\0"-joined paths), ("stop",); out: one (run, slot, row, decoded, failed, notes, logits) per decode task of
     the run attached, logits None without a model, or the line of an onnxruntime failure."""
     # Ctrl-C reaches the whole process group; the caller cleans up and stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if nice:
+        os.nice(nice)  # only ever more: allowed to any user
     shm, images, run, model, spec, max_pixels = None, None, None, None, None, None
     try:
         while True:
@@ -147,9 +155,10 @@ class _Batch:
 class DecodePool:
     """`workers` decode processes, started once and reused by every run (`decoded_batches`).
     model: the path of the model the runs will pass to decoded_batches, opened by each worker
-    now, while the caller goes on."""
+    now, while the caller goes on. nice: added to the workers' niceness (FEEDING_NICE when the
+    caller's threads feed a GPU)."""
 
-    def __init__(self, workers: int, model=None):
+    def __init__(self, workers: int, model=None, nice: int = 0):
         ctx = context()
         self.procs, self.conns = [], []
         self.busy = False  # a run is using the workers (one at a time)
@@ -157,7 +166,7 @@ class DecodePool:
         try:
             for _ in range(workers):
                 parent, child = ctx.Pipe()
-                proc = ctx.Process(target=_worker, args=(child,), daemon=True, name="cnnx-decode")
+                proc = ctx.Process(target=_worker, args=(child, nice), daemon=True, name="cnnx-decode")
                 with main_not_rerun():
                     proc.start()
                 child.close()
