@@ -42,6 +42,8 @@ What one run measures (every figure with the card it ran on, all in the same pro
                version, rounds interleaved, so a change is measured against its parents on one card
   steady_state_workers_airnet_fp32  the same marginal rate with --workers cores-4, cores-2 and
                cores: do the decode processes leave the caller's threads the core they need?
+  steady_state_batch_airnet_fp32  the same at --batch-size 512 and 1024, each against the ceiling at
+               its own batch
   profile_airnet_fp32  py-spy (where a wheel of it was installed) on cnnx classify of the 500,000
                files: every thread's stacks, idle included, 200 a second, collapsed (one line a
                stack, its sample count last) -> profile_airnet_fp32.txt beside the JSON; the stage
@@ -641,7 +643,10 @@ def steady_state(model: str, small: Path, large: Path, device: str, batch: int, 
     def summary(i):
         best = {name: min(runs[i, name], key=lambda x: x["wall_s"]) for name in ("small", "large")}
         extra = best["large"]["files"] - best["small"]["files"]
-        marginal = extra / max(best["large"]["wall_s"] - best["small"]["wall_s"], 1e-9)
+        more_s = best["large"]["wall_s"] - best["small"]["wall_s"]
+        if more_s <= 0:  # the larger run was not slower (a tiny --smoke run): no rate to give
+            return {**best, "marginal_img_s": None, "marginal_ratio_to_ceiling": None, "rounds": rounds}
+        marginal = extra / more_s
         return {**best, "marginal_img_s": round(marginal, 1),
                 "marginal_ratio_to_ceiling": round(marginal / ceiling, 3), "rounds": rounds}
 
@@ -651,8 +656,20 @@ def steady_state(model: str, small: Path, large: Path, device: str, batch: int, 
         for i, folder in enumerate(baselines, 1):
             commit = Path(folder) / "COMMIT"
             b = {"commit": commit.read_text().strip() if commit.is_file() else None, **summary(i)}
-            b["this_vs_it"] = round(out["marginal_img_s"] / b["marginal_img_s"], 3)
+            b["this_vs_it"] = (round(out["marginal_img_s"] / b["marginal_img_s"], 3)
+                               if out["marginal_img_s"] and b["marginal_img_s"] else None)
             out["baselines"].append(b)
+    return out
+
+
+def steady_state_by_batch(model: str, small: Path, large: Path, device: str, work: Path, batches, seconds: float) -> dict:
+    """The steady state at other --batch-size values, each against the ceiling at its own batch:
+    a batch's fixed costs in the caller (its messages, the numpy calls on its logits, the hand-over
+    to a run's thread) are paid once for more files."""
+    out = {}
+    for b in batches:
+        ceiling = ceilings(model, device, b, seconds, only_ceiling=True)["ceiling_img_s"]
+        out[str(b)] = {"ceiling_img_s": ceiling, **steady_state(model, small, large, device, b, work, ceiling)}
     return out
 
 
@@ -1035,6 +1052,8 @@ def main(argv=None):
                     str(w): steady_state(models["airnet"]["fp32"], cifar, large, device, BATCH, a.work, ceiling,
                                          extra=("--workers", str(w)))
                     for w in sorted({max(1, cores - 4), max(1, cores - 2), cores})}, need_s=60)
+                run.stage("steady_state_batch_airnet_fp32", steady_state_by_batch, models["airnet"]["fp32"], cifar,
+                          large, device, a.work, (512, 1024), seconds / 2, need_s=60)
                 run.stage("profile_airnet_fp32", profile, models["airnet"]["fp32"], large, device, BATCH, a.work,
                           a.results / "profile_airnet_fp32.txt", a.site, need_s=30)
     run.stage("decode_only_photos", decode_only, photo_dir, 224, need_s=20)
@@ -1096,6 +1115,10 @@ def _met(flag) -> str:
     return {True: "met", False: "not met", None: "not shown: too few classes"}[flag]
 
 
+def _img_s(x) -> str:
+    return "-" if x is None else f"{x:,.0f}"
+
+
 def summarize(r: dict):
     """The figures a reader wants first, on stdout."""
     lines = [f"card: {r.get('card', {}).get('nvidia_smi')} | torch: {r.get('card', {}).get('torch')}"]
@@ -1126,11 +1149,14 @@ def summarize(r: dict):
     if r.get("steady_state_airnet_fp32"):
         st = r["steady_state_airnet_fp32"]
         lines.append(f"steady state: {st['large']['files']:,} vs {st['small']['files']:,} files, marginal "
-                     f"{st['marginal_img_s']:,.0f} img/s = {st['marginal_ratio_to_ceiling']} of the ceiling")
+                     f"{_img_s(st['marginal_img_s'])} img/s = {st['marginal_ratio_to_ceiling']} of the ceiling")
+        for b, sb in (r.get("steady_state_batch_airnet_fp32") or {}).items():
+            lines.append(f"  --batch-size {b}: marginal {_img_s(sb['marginal_img_s'])} img/s = "
+                         f"{sb['marginal_ratio_to_ceiling']} of its ceiling {sb['ceiling_img_s']:,.0f}")
         for w, sw in (r.get("steady_state_workers_airnet_fp32") or {}).items():
-            lines.append(f"  --workers {w}: marginal {sw['marginal_img_s']:,.0f} img/s = {sw['marginal_ratio_to_ceiling']}")
+            lines.append(f"  --workers {w}: marginal {_img_s(sw['marginal_img_s'])} img/s = {sw['marginal_ratio_to_ceiling']}")
         for b in st.get("baselines", []):
-            lines.append(f"  baseline {b['commit']}: marginal {b['marginal_img_s']:,.0f} img/s = "
+            lines.append(f"  baseline {b['commit']}: marginal {_img_s(b['marginal_img_s'])} img/s = "
                          f"{b['marginal_ratio_to_ceiling']} of the ceiling; this tree / it {b['this_vs_it']}")
     if r.get("profile_airnet_fp32"):
         pr = r["profile_airnet_fp32"]

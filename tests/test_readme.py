@@ -135,3 +135,27 @@ def test_results_helper_records_command_and_machine(tmp_path, monkeypatch):
     if cpuinfo.exists() and "model name" in cpuinfo.read_text():
         assert m["processor"] and m["processor"] in cpuinfo.read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temp file left beside it
+
+
+def test_profile_summary_merges_a_threads_names_and_ranks_the_main_threads_samples(tmp_path):
+    """gpu_classify.collapsed_summary on py-spy's raw format: a thread named late ("thread (ID)"
+    and "thread (ID): NAME") is one thread; the main one is the one with the most samples; its
+    samples go to the innermost frame of cnnx's code, ranked."""
+    raw = tmp_path / "p.txt"
+    raw.write_text("\n".join([
+        "thread (7);main (cnnx/cli.py:1);_children (cnnx/runtime/discover.py:146) 30",
+        "thread (7): MainThread;main (cnnx/cli.py:1);write (cnnx/runtime/output.py:9);flush (io.py:3) 50",
+        "thread (7): MainThread 5",
+        "thread (9): cnnx-infer;run (cnnx/runtime/binding.py:148) 60",
+    ]) + "\n")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from gpu_classify import collapsed_summary
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    got = collapsed_summary(raw)
+    assert got["threads"] == {"thread (7)": 85, "thread (9)": 60}
+    assert got["main_thread"] == "thread (7)" and got["main_samples"] == 85
+    assert got["main_top"] == [["write (cnnx/runtime/output.py:9) > flush (io.py:3)", 50, 0.588],
+                               ["_children (cnnx/runtime/discover.py:146)", 30, 0.353],
+                               ["(no Python frame)", 5, 0.059]]
