@@ -42,6 +42,8 @@ What one run measures (every figure with the card it ran on, all in the same pro
                version, rounds interleaved, so a change is measured against its parents on one card
   steady_state_workers_airnet_fp32  the same marginal rate with --workers cores-4, cores-2 and
                cores: do the decode processes leave the caller's threads the core they need?
+  steady_state_api_airnet_fp32  Classifier.classify(...).results() in one warm process, nothing
+               written: the runtime's marginal rate without the CLI's rows and start-up
   steady_state_batch_airnet_fp32  the same at --batch-size 512 and 1024, each against the ceiling at
                its own batch
   profile_airnet_fp32  py-spy (where a wheel of it was installed) on cnnx classify of the 500,000
@@ -662,6 +664,36 @@ def steady_state(model: str, small: Path, large: Path, device: str, batch: int, 
     return out
 
 
+API_LOOP = """
+import json, sys, time
+from cnnx.runtime.api import Classifier
+model, device, batch, small, large = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+out = {}
+with Classifier(model, device, batch_size=batch, topk=1) as clf:
+    for name, folder in (("warm-up", small), ("small", small), ("large", large), ("small", small), ("large", large)):
+        t0 = time.perf_counter()
+        n = sum(len(r.paths) for r in clf.classify([folder]).results())
+        wall = time.perf_counter() - t0
+        if name in out and out[name]["wall_s"] <= wall:
+            continue
+        out[name] = {"files": n, "wall_s": round(wall, 3)}
+print(json.dumps(out))
+"""
+
+
+def steady_state_api(model: str, small: Path, large: Path, device: str, batch: int, ceiling: float) -> dict:
+    """Classifier.classify(...).results() in one process (the decode processes and the session
+    started once), nothing written: the marginal rate of the runtime alone, without the CLI's CSV
+    rows, progress and start-up; against the CLI's, what its rows cost."""
+    r = subprocess.run([sys.executable, "-c", API_LOOP, model, device, str(batch), str(small), str(large)],
+                       capture_output=True, text=True, check=True, cwd=ROOT, timeout=120)
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    more_s = out["large"]["wall_s"] - out["small"]["wall_s"]
+    marginal = (out["large"]["files"] - out["small"]["files"]) / more_s if more_s > 0 else None
+    return {**out, "marginal_img_s": marginal and round(marginal, 1),
+            "marginal_ratio_to_ceiling": marginal and round(marginal / ceiling, 3)}
+
+
 def steady_state_by_batch(model: str, small: Path, large: Path, device: str, work: Path, batches, seconds: float) -> dict:
     """The steady state at other --batch-size values, each against the ceiling at its own batch:
     a batch's fixed costs in the caller (its messages, the numpy calls on its logits, the hand-over
@@ -1052,6 +1084,8 @@ def main(argv=None):
                     str(w): steady_state(models["airnet"]["fp32"], cifar, large, device, BATCH, a.work, ceiling,
                                          extra=("--workers", str(w)))
                     for w in sorted({max(1, cores - 4), max(1, cores - 2), cores})}, need_s=60)
+                run.stage("steady_state_api_airnet_fp32", steady_state_api, models["airnet"]["fp32"], cifar, large,
+                          device, BATCH, ceiling, need_s=30)
                 run.stage("steady_state_batch_airnet_fp32", steady_state_by_batch, models["airnet"]["fp32"], cifar,
                           large, device, a.work, (512, 1024), seconds / 2, need_s=60)
                 run.stage("profile_airnet_fp32", profile, models["airnet"]["fp32"], large, device, BATCH, a.work,
@@ -1150,6 +1184,9 @@ def summarize(r: dict):
         st = r["steady_state_airnet_fp32"]
         lines.append(f"steady state: {st['large']['files']:,} vs {st['small']['files']:,} files, marginal "
                      f"{_img_s(st['marginal_img_s'])} img/s = {st['marginal_ratio_to_ceiling']} of the ceiling")
+        if sa := r.get("steady_state_api_airnet_fp32"):
+            lines.append(f"  the Python API, nothing written: marginal {_img_s(sa['marginal_img_s'])} img/s = "
+                         f"{sa['marginal_ratio_to_ceiling']}")
         for b, sb in (r.get("steady_state_batch_airnet_fp32") or {}).items():
             lines.append(f"  --batch-size {b}: marginal {_img_s(sb['marginal_img_s'])} img/s = "
                          f"{sb['marginal_ratio_to_ceiling']} of its ceiling {sb['ceiling_img_s']:,.0f}")
