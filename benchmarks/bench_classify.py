@@ -516,7 +516,7 @@ def tune_pipeline(model: Path, cifar: Path, settings, reps: int) -> dict:
     folder for (batch size, decode workers, intra-op threads, infer in the workers?)."""
     from cnnx.runtime.discover import Discovery
     from cnnx.runtime.model import open_model
-    from cnnx.runtime.pipeline import PipelineConfig, batched, decoded_batches
+    from cnnx.runtime.pipeline import PipelineConfig, batched_runs, decoded_batches
 
     out = {}
     for bs, workers, threads, in_workers in settings:
@@ -529,7 +529,7 @@ def tune_pipeline(model: Path, cifar: Path, settings, reps: int) -> dict:
         for _ in range(reps):
             t0, n = time.perf_counter(), 0
             config = PipelineConfig(batch_size=bs, workers=workers)
-            for _items, batch in decoded_batches(batched(iter(Discovery([str(cifar)])), bs), info.spec, config,
+            for _items, batch in decoded_batches(batched_runs(Discovery([str(cifar)]).runs(), bs), info.spec, config,
                                                  infer=infer if in_workers else None):
                 if not in_workers:
                     infer(batch.images)
@@ -549,7 +549,7 @@ def tune_processes(model: Path, cifar: Path, settings, reps: int) -> dict:
     caller runs each batch on its own session. The workers' start-up is not counted."""
     from cnnx.runtime.discover import Discovery
     from cnnx.runtime.model import open_model
-    from cnnx.runtime.pipeline import PipelineConfig, batched
+    from cnnx.runtime.pipeline import PipelineConfig, batched_runs
     from cnnx.runtime.procdecode import DecodePool
 
     out = {}
@@ -561,7 +561,7 @@ def tune_processes(model: Path, cifar: Path, settings, reps: int) -> dict:
         try:
             for _ in range(reps):
                 t0, n = time.perf_counter(), 0
-                for _items, batch in pool.decoded_batches(batched(iter(Discovery([str(cifar)])), bs), info.spec,
+                for _items, batch in pool.decoded_batches(batched_runs(Discovery([str(cifar)]).runs(), bs), info.spec,
                                                           config, model=model if in_workers else None):
                     if not in_workers:
                         session.run([info.output_name], {info.input_name: batch.images})
@@ -582,7 +582,7 @@ def pipeline_decode(cifar: Path, reps: int) -> dict:
     the folder, decode threads vs decode processes, one worker a core: the most images/s a
     GPU run of cnnx classify could be fed (issue 8 goal 1 on the GPU machine's 16 cores)."""
     from cnnx.runtime.discover import Discovery
-    from cnnx.runtime.pipeline import PipelineConfig, batched, decoded_batches
+    from cnnx.runtime.pipeline import PipelineConfig, batched_runs, decoded_batches
     from cnnx.runtime.preprocess import make_spec
     from cnnx.runtime.procdecode import DecodePool
 
@@ -592,7 +592,7 @@ def pipeline_decode(cifar: Path, reps: int) -> dict:
     try:
         for mode in ("threads", "processes") * reps:
             config = PipelineConfig(batch_size=256, decode=mode)
-            todo = batched(iter(Discovery([str(cifar)])), 256)
+            todo = batched_runs(Discovery([str(cifar)]).runs(), 256)
             t0, n = time.perf_counter(), 0
             batches = pool.decoded_batches(todo, spec, config) if mode == "processes" else decoded_batches(
                 todo, spec, config)

@@ -529,12 +529,12 @@ def classify(model: str, folder: Path, device: str, batch: int, work: Path, ceil
 def decode_only(folder: Path, size: int) -> dict:
     """images/s of cnnx's decode pipeline alone (threads = cores), to the model's size."""
     from cnnx.runtime.discover import Discovery
-    from cnnx.runtime.pipeline import PipelineConfig, batched, decoded_batches
+    from cnnx.runtime.pipeline import PipelineConfig, batched_runs, decoded_batches
     from cnnx.runtime.preprocess import make_spec
 
     spec = make_spec(size, (0.5,) * 3, (0.25,) * 3)
     t0 = time.perf_counter()
-    n = sum(len(b.paths) for _items, b in decoded_batches(batched(Discovery([str(folder)]), BATCH), spec,
+    n = sum(len(b.paths) for _items, b in decoded_batches(batched_runs(Discovery([str(folder)]).runs(), BATCH), spec,
                                                            PipelineConfig(batch_size=BATCH)))
     return {"files": n, "img_s": round(n / (time.perf_counter() - t0), 1), "threads": PipelineConfig().resolved_workers()}
 
@@ -558,7 +558,7 @@ def decode_bound(folder: Path, model: str, batch: int) -> dict:
 
     from cnnx.runtime import Classifier, workers
     from cnnx.runtime.discover import Discovery
-    from cnnx.runtime.pipeline import PipelineConfig, batched
+    from cnnx.runtime.pipeline import PipelineConfig, batched_runs
     from cnnx.runtime.procdecode import DecodePool
 
     with Classifier(model, "cpu") as clf:
@@ -577,7 +577,7 @@ def decode_bound(folder: Path, model: str, batch: int) -> dict:
     pool = DecodePool(config.resolved_workers())
     try:
         t0 = time.perf_counter()
-        n = sum(len(b.paths) for _items, b in pool.decoded_batches(batched(Discovery([str(folder)]), batch), spec,
+        n = sum(len(b.paths) for _items, b in pool.decoded_batches(batched_runs(Discovery([str(folder)]).runs(), batch), spec,
                                                                     config))
         out.update(procdecode_img_s=round(n / (time.perf_counter() - t0), 1), procdecode_workers=len(pool.procs))
     finally:
@@ -767,14 +767,14 @@ def gpu_decode_only(folder: Path, size: int, smoke: bool) -> dict:
     """images/s of the GPU decoder alone on the photos, to the model's size; what it passed to the CPU."""
     from cnnx.runtime.discover import Discovery
     from cnnx.runtime.gpudecode import decoded_batches
-    from cnnx.runtime.pipeline import PipelineConfig, batched
+    from cnnx.runtime.pipeline import PipelineConfig, batched_runs
     from cnnx.runtime.preprocess import make_spec
 
     spec = make_spec(size, (0.5,) * 3, (0.25,) * 3)
     dec = gpu_decoder(smoke)
     try:
         t0 = time.perf_counter()
-        n = sum(len(b.paths) for _items, b in decoded_batches(batched(Discovery([str(folder)]), BATCH), spec,
+        n = sum(len(b.paths) for _items, b in decoded_batches(batched_runs(Discovery([str(folder)]).runs(), BATCH), spec,
                                                                PipelineConfig(batch_size=BATCH), dec))
         rate = round(n / (time.perf_counter() - t0), 1)
     finally:

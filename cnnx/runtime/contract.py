@@ -55,6 +55,12 @@ def is_image_name(name: str) -> bool:
     return dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS
 
 
+def image_names(names) -> list:
+    """The names is_image_name keeps, in one comprehension with no Python call a name (a
+    folder walk's hot path): rfind from index 1 finds no dot at 0, as `dot > 0` wants."""
+    return [n for n in names if n[n.rfind(".", 1):].lower() in IMAGE_EXTENSIONS]
+
+
 class ContractError(ValueError):
     """Metadata or a signature that is not the cnnx contract; one line for the user."""
 

@@ -19,7 +19,7 @@ from itertools import repeat
 from operator import itemgetter, methodcaller
 from typing import NamedTuple
 
-from cnnx.runtime.contract import IMAGE_EXTENSIONS, is_image_name
+from cnnx.runtime.contract import image_names, is_image_name
 from cnnx.runtime.files import first_line
 
 
@@ -53,19 +53,18 @@ def _kind(mode: int) -> str:
 _FS_ENCODING = sys.getfilesystemencoding()  # os.fsencode's, without its call per name
 
 
-def _sort_key(name: str, is_folder: bool) -> bytes:
-    return name.encode(_FS_ENCODING, "surrogateescape") + (b"/" if is_folder else b"")
-
-
 _name_bytes = methodcaller("encode", _FS_ENCODING, "surrogateescape")  # _sort_key of a file, in C
+
+
+def _sort_key(name: str, is_folder: bool) -> bytes:
+    return _name_bytes(name) + (b"/" if is_folder else b"")
 
 
 def _files_only(folder: str, entries: list) -> tuple:
     """A folder whose entries are all regular files (the common case), with no Python call
-    a file: -> ([the run of its image files, in order] or [], how many names were not images).
-    is_image_name inlined: rfind from index 1 finds no dot at 0, as its `dot > 0` wants."""
+    a file: -> ([the run of its image files, in order] or [], how many names were not images)."""
     names = [e.name for e in entries]
-    images = [n for n in names if n[n.rfind(".", 1):].lower() in IMAGE_EXTENSIONS]
+    images = image_names(names)
     if all(map(str.isascii, images)):
         images.sort()  # ASCII names: the order of the str is the order of the bytes, with no key to make
     else:

@@ -201,7 +201,7 @@ class DecodePool:
             for conn in self.conns:
                 conn.send(("attach", self.runs, shm.name, shape, spec, config.max_pixels,
                            None if model is None else str(model)))
-            yield from _Run(self, images, config, slots, model, lend).batches(item_batches, spec)
+            yield from _Run(self, images, config, slots, model, lend).batches(item_batches)
         finally:
             images = None
             shm.close()
@@ -230,7 +230,7 @@ def _stop(procs, conns):
 
 class _Run:
     """One run's scheduling: batches take free slots in order, their chunks go to the worker
-    with the fewest outstanding, finished batches are copied out of their slot in order."""
+    with the fewest outstanding, finished batches are copied out of their slot (or lent) in order."""
 
     def __init__(self, pool: DecodePool, images, config, slots: int, model, lend: bool = False):
         self.pool, self.images, self.config, self.model, self.lend = pool, images, config, model, lend
@@ -247,13 +247,13 @@ class _Run:
         for i, proc in enumerate(pool.procs):
             self.selector.register(proc.sentinel, selectors.EVENT_READ, (False, i))
 
-    def batches(self, item_batches, spec):
+    def batches(self, item_batches):
         try:
-            yield from self._batches(iter(item_batches), spec)
+            yield from self._batches(iter(item_batches))
         finally:
             self.selector.close()
 
-    def _batches(self, item_batches, spec):
+    def _batches(self, item_batches):
         more = True
         while more or self.pending:
             while more and self.free:
@@ -265,7 +265,7 @@ class _Run:
             while self.pending and self.pending[0].decoded():
                 batch = self.pending.popleft()
                 lent = self.lend and self.whole(batch)
-                yield batch.items, (self.lent(batch) if lent else self.assemble(batch, spec))
+                yield batch.items, self.assemble(batch, lent)
                 if lent:  # the caller has asked for the next batch: it is done with this one
                     self.release(batch.slot)
                 if more and self.free:
@@ -327,39 +327,21 @@ class _Run:
         """Every file of the batch decoded, so its slot's rows are the batch as it is."""
         return all(batch.results[row][0] == len(chunk) for row, chunk in batch.chunks)
 
-    def lent(self, batch: _Batch) -> DecodedBatch:
-        """The batch as a view of its slot (whole(batch)): the rows past its files zeroed in
-        place, no copy; the slot stays taken until release()."""
-        rows = self.images[batch.slot]
-        out = DecodedBatch(rows)
-        for row, chunk in batch.chunks:
-            _decoded, _failed, notes, out.logits = batch.results[row]
-            out.paths += chunk
-            out.notes += notes
-        if len(out.paths) < len(rows):
-            rows[len(out.paths):] = 0
-        self._check_logits(out)
-        return out
-
     def release(self, slot: int):
         del self.by_slot[slot]
         self.free.append(slot)
 
-    def _check_logits(self, out: DecodedBatch):
-        if isinstance(out.logits, str):
-            raise ModelError(f"{self.model}: onnxruntime failed on a batch of {self.config.batch_size} on "
-                             f"{CPU_PROVIDER}: {out.logits}")
-
-    def assemble(self, batch: _Batch, spec) -> DecodedBatch:
+    def assemble(self, batch: _Batch, lent: bool = False) -> DecodedBatch:
         """The batch's decoded rows, in order, into a fixed-shape DecodedBatch (its slot is
-        free again); zero rows pad it."""
-        h, w = spec["size"]
-        out = DecodedBatch(np.empty((self.config.batch_size, 3, h, w), dtype=np.uint8))
+        free again); zero rows pad it. lent (whole(batch)): the slot itself, padded in place,
+        no copy; it stays taken until release()."""
         rows = self.images[batch.slot]
+        out = DecodedBatch(rows if lent else np.empty_like(rows))
         for row, chunk in batch.chunks:
             decoded, failed, notes, out.logits = batch.results[row]  # logits: one chunk a batch
             n = len(out.paths)
-            out.images[n:n + decoded] = rows[row:row + decoded]
+            if not lent:
+                out.images[n:n + decoded] = rows[row:row + decoded]
             if failed:
                 bad = {path for path, _stage, _error in failed}
                 out.paths += [path for path in chunk if path not in bad]
@@ -368,8 +350,11 @@ class _Run:
             out.failed += failed
             out.notes += notes
         out.images[len(out.paths):] = 0
-        self.release(batch.slot)
-        self._check_logits(out)
+        if not lent:
+            self.release(batch.slot)
+        if isinstance(out.logits, str):
+            raise ModelError(f"{self.model}: onnxruntime failed on a batch of {self.config.batch_size} on "
+                             f"{CPU_PROVIDER}: {out.logits}")
         return out
 
 
