@@ -628,6 +628,16 @@ def replicated(src: Path, dest: Path, copies: int) -> Path:
     return dest
 
 
+def marginal_rate(small: dict, large: dict, ceiling: float) -> dict:
+    """The extra files of the larger run over its extra seconds (start-up taken out), and its
+    ratio to the ceiling; None where the larger run was not slower (a tiny --smoke run)."""
+    more_s = large["wall_s"] - small["wall_s"]
+    if more_s <= 0:
+        return {"marginal_img_s": None, "marginal_ratio_to_ceiling": None}
+    marginal = (large["files"] - small["files"]) / more_s
+    return {"marginal_img_s": round(marginal, 1), "marginal_ratio_to_ceiling": round(marginal / ceiling, 3)}
+
+
 def steady_state(model: str, small: Path, large: Path, device: str, batch: int, work: Path, ceiling: float,
                  rounds: int = 2, baselines=(), extra=()) -> dict:
     """cnnx classify on `small` and `large` (best of `rounds` each): the marginal rate
@@ -644,13 +654,7 @@ def steady_state(model: str, small: Path, large: Path, device: str, batch: int, 
 
     def summary(i):
         best = {name: min(runs[i, name], key=lambda x: x["wall_s"]) for name in ("small", "large")}
-        extra = best["large"]["files"] - best["small"]["files"]
-        more_s = best["large"]["wall_s"] - best["small"]["wall_s"]
-        if more_s <= 0:  # the larger run was not slower (a tiny --smoke run): no rate to give
-            return {**best, "marginal_img_s": None, "marginal_ratio_to_ceiling": None, "rounds": rounds}
-        marginal = extra / more_s
-        return {**best, "marginal_img_s": round(marginal, 1),
-                "marginal_ratio_to_ceiling": round(marginal / ceiling, 3), "rounds": rounds}
+        return {**best, **marginal_rate(best["small"], best["large"], ceiling), "rounds": rounds}
 
     out = summary(0)
     if baselines:
@@ -688,10 +692,7 @@ def steady_state_api(model: str, small: Path, large: Path, device: str, batch: i
     r = subprocess.run([sys.executable, "-c", API_LOOP, model, device, str(batch), str(small), str(large)],
                        capture_output=True, text=True, check=True, cwd=ROOT, timeout=120)
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    more_s = out["large"]["wall_s"] - out["small"]["wall_s"]
-    marginal = (out["large"]["files"] - out["small"]["files"]) / more_s if more_s > 0 else None
-    return {**out, "marginal_img_s": marginal and round(marginal, 1),
-            "marginal_ratio_to_ceiling": marginal and round(marginal / ceiling, 3)}
+    return {**out, **marginal_rate(out["small"], out["large"], ceiling)}
 
 
 def steady_state_by_batch(model: str, small: Path, large: Path, device: str, work: Path, batches, seconds: float) -> dict:
