@@ -142,6 +142,7 @@ def classify(paths, model_path, output, fmt, topk, batch_size, workers, decode, 
     if errors_path is None:
         errors_path = _default_errors_path(output)
     _check_usage(paths, output, errors_path, resume, report_path)
+    _warm_up(model_path, decoder, decode, workers)
     with _ends_when_interrupted(), _one_line_errors(), _one_writer(output):
         _check_not_there(output, errors_path, resume)
         classifier = _open_classifier(model_path, device, batch_size=batch_size, workers=workers, topk=topk,
@@ -321,17 +322,24 @@ def _one_writer(output):
         lock.release()
 
 
+def _warm_up(model_path, decoder, decode, workers):
+    """Start the decode processes' server now if they will run (model_path None: not known
+    yet): its imports (numpy, Pillow, onnxruntime) then run on another core while this process
+    does its own, which come next, and the first batch starts sooner (bench_classify.json,
+    "first_batch_latency_s")."""
+    if model_path is not None and decoder == "cpu":
+        from cnnx.runtime.workers import warm_up_for
+
+        warm_up_for(model_path, decode=decode, workers=workers)
+
+
 def _open_classifier(model_path, device, **options):
     from cnnx.runtime.model import find_newest_model
-    from cnnx.runtime.workers import warm_up_for
 
     if model_path is None:
         model_path = str(find_newest_model("runs"))
         click.echo(f"model: {model_path} (newest under runs/)", err=True)
-    if options["decoder"] == "cpu":
-        # The decode processes' server imports on another core while this process imports the
-        # runtime below: the first batch starts sooner (bench_classify.json, "first_batch_latency_s").
-        warm_up_for(model_path, decode=options["decode"], workers=options["workers"])
+        _warm_up(model_path, options["decoder"], options["decode"], options["workers"])
     from cnnx.runtime.api import Classifier
     from cnnx.runtime.pipeline import MAX_BATCH_BYTES
 
