@@ -54,12 +54,17 @@ def clashing_ort_distributions(path=None) -> list:
 
 
 def _ort_distributions(path):
+    """(name, folder) of each onnxruntime distribution installed on path. Looked up by name (the
+    finders match the dist-info folders' names), not by reading every installed distribution's
+    metadata, a scan that grows with the environment and stood before every --device cuda run
+    (benchmarks/results/classify_startup.json, "ort_distributions_s")."""
     import importlib.metadata as md
 
-    for dist in md.distributions(path=path) if path is not None else md.distributions():
-        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
-        if name in ORT_DISTRIBUTIONS:
-            yield name, str(dist.locate_file(""))
+    for wanted in ORT_DISTRIBUTIONS:
+        for dist in md.distributions(name=wanted, path=path) if path is not None else md.distributions(name=wanted):
+            name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+            if name == wanted:
+                yield name, str(dist.locate_file(""))
 
 
 def _loads(name: str) -> bool:
