@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import click
 
+from cnnx.cli import ExitNow
 from cnnx.runtime.contract import INFERENCE_DEVICES
 from cnnx.runtime.workers import DECODE_MODES, PROCESS_DECODE_MAX_SIDE
 
@@ -158,6 +159,7 @@ def classify(paths, model_path, output, fmt, topk, batch_size, workers, decode, 
         _write_report(report_path, output, fmt, errors_path, classifier.info)
     if strict and tally.n_skipped:
         raise click.ClickException(f"--strict: {tally.n_skipped} file(s) skipped")
+    return ExitNow(0)
 
 
 INTERRUPT_GRACE_S = 20.0  # after Ctrl-C: time for the run's own cleanup before the process is ended
