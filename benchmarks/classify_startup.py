@@ -1,0 +1,122 @@
+"""What `cnnx classify` costs around its images, for versions of cnnx in the same interleaved
+rounds: the start (to the first batch), the end (after the last line), and the onnxruntime
+package check that stands before every --device cuda run.
+
+    flock /tmp/cnnx-cpu.lock python benchmarks/classify_startup.py --tree /tmp/base --tree . --rounds 7
+
+A tree is a checkout of this repository (git worktree add /tmp/base <commit>); each run is a
+fresh `python -m cnnx` with that tree first on its path, on the CPU (seed-cnn export, decode
+processes, --topk 1), its stderr read as it comes:
+  one_file_s         wall seconds of a whole process classifying one CIFAR JPEG: start-up, one
+                     batch, exit (waiting for that process only, as a shell does)
+  first_batch_s      the summary's "first batch after" of that run (from the command's start)
+  cifar_s            wall seconds of a whole process on the 50,000 CIFAR JPEGs (--cifar)
+  exit_s             from the summary line of the 50,000-file run reaching the pipe to the
+                     process's end (the interpreter's teardown, or none)
+  ort_distributions_s  cnnx.runtime.cuda.clashing_ort_distributions() in a fresh process, on this
+                     machine's environment (the first check of `--device cuda`)
+Best and median of --rounds. Writes benchmarks/results/classify_startup.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _results import RESULTS, write_result  # noqa: E402
+from bench_classify import CACHE, build_model, log  # noqa: E402
+
+KEYS = ("one_file_s", "first_batch_s", "cifar_s", "exit_s", "ort_distributions_s")
+
+DISTRIBUTIONS = """
+import time
+from cnnx.runtime.cuda import clashing_ort_distributions
+t0 = time.perf_counter()
+clashing_ort_distributions()
+print(time.perf_counter() - t0)
+"""
+
+
+def _env(tree: Path) -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree.resolve()), os.environ.get("PYTHONPATH", "")])}
+
+
+def classify(tree: Path, model: Path, folder: Path) -> dict:
+    """One whole `cnnx classify` process: wall seconds, the summary's first-batch seconds, and
+    the seconds from its summary line to its end."""
+    out = CACHE / "startup-out.csv"
+    for f in (out, out.with_name(out.stem + ".errors.csv")):
+        f.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "cnnx", "classify", str(folder), "--model", str(model), "-o", str(out),
+           "--device", "cpu", "--topk", "1"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=_env(tree), cwd=tree)
+    summary = summary_at = None
+    for line in proc.stderr:  # until the summary: the decode server may hold the pipe open after
+        if line.startswith("classified"):
+            summary, summary_at = line.strip(), time.perf_counter()
+            break
+    code = proc.wait()
+    end = time.perf_counter()
+    proc.stderr.close()
+    if code != 0 or summary is None:
+        raise SystemExit(f"cnnx classify in {tree} failed ({code}): {summary}")
+    first = float(summary.split("first batch after ")[1].split(" s")[0])
+    return {"wall_s": end - t0, "first_batch_s": first, "exit_s": end - summary_at}
+
+
+def one_round(tree: Path, model: Path, one: Path, cifar: Path) -> dict:
+    small = classify(tree, model, one)
+    large = classify(tree, model, cifar)
+    dist = subprocess.run([sys.executable, "-c", DISTRIBUTIONS], capture_output=True, text=True, env=_env(tree),
+                          cwd=tree, check=True)
+    return {"one_file_s": small["wall_s"], "first_batch_s": small["first_batch_s"], "cifar_s": large["wall_s"],
+            "exit_s": large["exit_s"], "ort_distributions_s": float(dist.stdout.strip())}
+
+
+def _git_commit(tree: Path) -> str | None:
+    r = subprocess.run(["git", "-C", str(tree), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return r.stdout.strip() or None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tree", type=Path, action="append", required=True, help="a checkout of cnnx (repeatable)")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--cifar", type=Path, default=Path(os.environ.get("CNNX_CIFAR_DIR", "/tmp/cifar10/train")),
+                    help="the 50,000 CIFAR JPEGs as DIR/<class>/*.jpg (default $CNNX_CIFAR_DIR or /tmp/cifar10/train)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "classify_startup.json")
+    a = ap.parse_args(argv)
+    if not a.cifar.is_dir():
+        raise SystemExit(f"no CIFAR folder at {a.cifar}: make one with `python benchmarks/cifar_jpegs.py {a.cifar}`")
+    model = build_model()
+    one = CACHE / "one-jpeg"
+    if not one.is_dir():
+        first = sorted(sorted(a.cifar.iterdir())[0].glob("*.jpg"))[0]
+        (one / "a").mkdir(parents=True)
+        shutil.copyfile(first, one / "a" / first.name)
+    rounds = {str(t): [] for t in a.tree}
+    for r in range(a.rounds):
+        for tree in a.tree:
+            rounds[str(tree)].append(one_round(tree, model, one, a.cifar))
+            log(f"round {r + 1}/{a.rounds} {tree}: " + ", ".join(f"{k} {v:.3f}" for k, v in rounds[str(tree)][-1].items()))
+    trees = {str(t): {"git_commit": _git_commit(t),
+                      "best": {k: round(min(x[k] for x in rounds[str(t)]), 4) for k in KEYS},
+                      "median": {k: round(statistics.median(x[k] for x in rounds[str(t)]), 4) for k in KEYS},
+                      "rounds": rounds[str(t)]} for t in a.tree}
+    write_result(a.out, {"model": str(model), "cifar": str(a.cifar), "trees": trees},
+                 None if argv is None else [__file__, *argv])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
