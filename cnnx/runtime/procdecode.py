@@ -28,6 +28,7 @@ caller's segment is unlinked by multiprocessing's resource tracker.
 from __future__ import annotations
 
 import os
+import pickle
 import secrets
 import selectors
 import signal
@@ -285,25 +286,35 @@ class _Run:
             worker = min(range(len(self.outstanding)), key=lambda i: len(self.outstanding[i]))
             self.outstanding[worker].append((slot, row, chunk))
             try:
-                self.pool.conns[worker].send(("decode", self.pool.runs, slot, row, "\0".join(chunk)))
+                # What Connection.send does, less its ForkingPickler (made anew at each call, for
+                # reducers that a tuple of str and int never needs): the caller's one process
+                # sends every task.
+                self.pool.conns[worker].send_bytes(pickle.dumps(
+                    ("decode", self.pool.runs, slot, row, "\0".join(chunk)), pickle.HIGHEST_PROTOCOL))
             except OSError:  # its end of the pipe has closed: it died
                 self.died(worker)
 
     def wait(self):
-        """Take every result that is ready (blocking until one is); a worker that died ends the run."""
+        """Take one result of each worker with one ready (blocking until one is: the selector
+        reports a worker again while it has more; Connection.poll would build a new selector
+        at each call); a worker that died ends the run, once the results it sent are taken."""
         ended = []
         for key, _events in self.selector.select():
             is_conn, i = key.data
             if not is_conn:
                 ended.append(i)
                 continue
-            conn = self.pool.conns[i]
             try:
-                while conn.poll():
-                    self.take(i, conn.recv())
+                self.take(i, self.pool.conns[i].recv())
             except (EOFError, OSError):
                 self.died(i)
-        for i in ended:  # after the results it sent: even between tasks, the run cannot finish without it
+        for i in ended:  # even between tasks, the run cannot finish without it
+            conn = self.pool.conns[i]
+            try:
+                while conn.poll():  # what it sent before it ended: `died` then names its task
+                    self.take(i, conn.recv())
+            except (EOFError, OSError):
+                pass
             self.died(i)
 
     def take(self, worker: int, result):
