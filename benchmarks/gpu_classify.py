@@ -664,6 +664,8 @@ def steady_state(model: str, small: Path, large: Path, device: str, batch: int, 
             b = {"commit": commit.read_text().strip() if commit.is_file() else None, **summary(i)}
             b["this_vs_it"] = (round(out["marginal_img_s"] / b["marginal_img_s"], 3)
                                if out["marginal_img_s"] and b["marginal_img_s"] else None)
+            # The whole process on `small` (start-up, its files, exit): what a user times.
+            b["small_wall_it_over_this"] = round(b["small"]["wall_s"] / out["small"]["wall_s"], 3)
             out["baselines"].append(b)
     return out
 
@@ -1195,7 +1197,9 @@ def summarize(r: dict):
             lines.append(f"  --workers {w}: marginal {_img_s(sw['marginal_img_s'])} img/s = {sw['marginal_ratio_to_ceiling']}")
         for b in st.get("baselines", []):
             lines.append(f"  baseline {b['commit']}: marginal {_img_s(b['marginal_img_s'])} img/s = "
-                         f"{b['marginal_ratio_to_ceiling']} of the ceiling; this tree / it {b['this_vs_it']}")
+                         f"{b['marginal_ratio_to_ceiling']} of the ceiling; this tree / it {b['this_vs_it']}; "
+                         f"{st['small']['files']:,} files, whole process: it {b['small']['wall_s']} s, "
+                         f"this tree {st['small']['wall_s']} s")
     if r.get("profile_airnet_fp32"):
         pr = r["profile_airnet_fp32"]
         lines.append(f"profile ({pr['file']}): main thread {pr['main_samples']} samples; top: "
