@@ -337,20 +337,24 @@ class Classification:
             yield self._result(items, batch, self._logits(batch))
 
     def _bound(self, batches):
-        """The GPU path: IOBinding, two batches in flight (cnnx.runtime.binding). A batch where
-        no file decoded is not run (images_of -> None, logits None)."""
+        """The GPU path: IOBinding, two batches in flight (cnnx.runtime.binding), each batch's
+        top-k taken on its run's thread (this one, which bounds the rate, meanwhile feeds the
+        next). A batch where no file decoded is not run (images_of -> None, top None)."""
         clf = self.classifier
-        runs = clf.runner.run_in_order(batches, lambda job: job[1].images if job[1].paths else None)
+
+        def finish(job, logits):
+            clf._check_rows(logits, clf.batch_size)
+            return self._top(job[1], logits)
+
+        runs = clf.runner.run_in_order(batches, lambda job: job[1].images if job[1].paths else None, finish)
         while True:
             try:
-                (items, batch), logits = next(runs)
+                (items, batch), top = next(runs)
             except StopIteration:
                 return
             except RunFailed as e:
                 raise clf._run_failed(clf.batch_size, str(e)) from None
-            if logits is not None:
-                clf._check_rows(logits, clf.batch_size)
-            yield self._result(items, batch, logits)
+            yield BatchResult(items, batch.paths, *(top or (None, None)), batch.failed, batch.notes)
 
     def _todo(self):
         """Discovery's runs, less the files an earlier run already classified (--resume)."""
@@ -371,8 +375,9 @@ class Classification:
         return self.classifier.predict(batch.images) if batch.paths else None
 
     def _result(self, items, batch, logits) -> BatchResult:
-        n = len(batch.paths)
-        indices = scores = None
-        if n:
-            indices, scores = softmax_topk(logits[:n], self.classifier.topk)  # the padded rows dropped
-        return BatchResult(items, batch.paths, indices, scores, batch.failed, batch.notes)
+        top = self._top(batch, logits) if batch.paths else (None, None)
+        return BatchResult(items, batch.paths, *top, batch.failed, batch.notes)
+
+    def _top(self, batch, logits):
+        """(indices, scores) of the batch's decoded files (the padded rows dropped)."""
+        return softmax_topk(logits[:len(batch.paths)], self.classifier.topk)

@@ -170,13 +170,16 @@ class BoundRunner:
     def host_memory(self) -> str:
         return self._slots[0].host.kind
 
-    def run_in_order(self, jobs, images_of):
+    def run_in_order(self, jobs, images_of, finish=None):
         """Yield (job, logits) for each job in order; images_of(job) is its uint8 batch of
         exactly self.shape, or None for a job with nothing to run (its logits are None). A job
         is copied into a free slot and started before the oldest running one is waited for,
         so `slots` batches are in flight. A job's images are copied before the next job is
         taken from `jobs`: they may be borrowed until then (procdecode's `lend`). Python's
-        thread switch interval is GIL_SWITCH_S (at most) until the generator ends."""
+        thread switch interval is GIL_SWITCH_S (at most) until the generator ends.
+        finish(job, logits): run on the run's thread once its logits are back (what it returns,
+        or raises, comes instead of the logits): work on a batch's result off the caller's
+        thread, which feeds the next batches meanwhile."""
         free, running = deque(self._slots), deque()
         switch = sys.getswitchinterval()
         sys.setswitchinterval(min(switch, GIL_SWITCH_S))
@@ -202,7 +205,7 @@ class BoundRunner:
                     yield oldest()
                 slot = free.popleft()
                 np.copyto(slot.host.array, images)
-                running.append((job, slot, self._pool.submit(slot.run, self.session)))
+                running.append((job, slot, self._pool.submit(self._run, slot, job, finish)))
             while running:
                 yield oldest()
         finally:
@@ -213,6 +216,10 @@ class BoundRunner:
                         future.result()
                     except Exception:  # noqa: BLE001 - the consumer has gone; nothing reads this run
                         pass
+
+    def _run(self, slot: BoundSlot, job, finish):
+        logits = slot.run(self.session)
+        return logits if finish is None else finish(job, logits)
 
     def close(self):
         self._pool.shutdown(wait=True)
