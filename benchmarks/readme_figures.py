@@ -747,6 +747,14 @@ def block_classify(res: Results) -> str:
                          f"{len(trees[0]['rounds'])} interleaved rounds ({code(c['command'])}): " + "; ".join(by_tree)
                          + ". On 2 cores what the command spends on its own is taken from the decode processes; on "
                          "a GPU machine the command's own work per file bounds the steady state.")
+    if c := res.get("classify_startup.json"):
+        by_tree = [f"`{t['git_commit'][:7]}`: one JPEG {secs(t['median']['one_file_s'])} (first batch after "
+                   f"{secs(t['median']['first_batch_s'])}), 50,000 {secs(t['median']['cifar_s'])}, of which "
+                   f"{secs(t['median']['exit_s'])} after the summary line; the --device cuda package check "
+                   f"{secs(t['median']['ort_distributions_s'])}" for t in c["trees"].values()]
+        notes.append(f"A whole `cnnx classify` process around its images, median of "
+                     f"{len(next(iter(c['trees'].values()))['rounds'])} interleaved rounds ({code(c['command'])}): "
+                     + "; ".join(by_tree) + ".")
     agree = [f"{pct(d[key]['top1_agreement_with_batched_baseline'])} on {label}"
              for key, label in (("cifar", "CIFAR"), ("photos", "the photos")) if key in d]
     if agree:
