@@ -320,14 +320,15 @@ class Classification:
 
     def _cpu_decoded(self, todo):
         """The decode processes, or threads where the Classifier has none or another
-        classify call (run first) holds them: the same rows either way. The IOBinding runner
-        copies each batch into its own buffer before it asks for the next: it borrows them."""
+        classify call (run first) holds them: the same rows either way. Both consumers are
+        done with a batch's pixels before they ask for the next (the IOBinding runner copies
+        them into its own buffer; on the CPU the processes ran the model and `_logits` never
+        reads them): they borrow them from the processes' slots, never copied here."""
         clf = self.classifier
         pool = clf._pool()
         if pool is not None and not pool.busy:
             yield from pool.decoded_batches(todo, clf.info.spec, clf.config,
-                                            model=clf.info.path if clf._runs_in_workers else None,
-                                            lend=clf.runner is not None)
+                                            model=clf.info.path if clf._runs_in_workers else None, lend=True)
         else:
             yield from decoded_batches(todo, clf.info.spec, clf.config)
 

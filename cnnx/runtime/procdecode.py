@@ -16,9 +16,9 @@ Here each worker process has its own interpreter:
   and sends back the logits (a few KB), so batches run side by side on the cores;
 - batches are assembled in order in the caller, as pipeline.decoded_batches yields them,
   with the same rows, errors and notes (both paths share pipeline.decode_into); a caller
-  that copies each batch before asking for the next (the IOBinding runner) can borrow it
-  from its slot instead (`lend`): no copy of the pixels in the caller, whose one process
-  bounds the rate on a GPU.
+  that is done with each batch's pixels before asking for the next (the IOBinding runner
+  copies them; on the CPU the workers ran the model) can borrow it from its slot instead
+  (`lend`): no copy of the pixels in the caller, whose one process bounds the rate on a GPU.
 
 A worker that dies (killed, out of memory) ends the run with DecodeWorkerDied, one line; a
 run that ends for any reason (done, an error, Ctrl-C) unlinks its segment, and a killed
