@@ -89,3 +89,21 @@ def test_a_folder_of_files_is_listed_in_byte_order_with_its_non_images_counted(t
     got = list(d)
     assert [f.path for f in got] == want and all(f.reason is None for f in got)
     assert d.ignored == ignored
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_image_names_keeps_what_is_image_name_keeps(seed):
+    """contract.image_names (a folder's names at once; a fast path where they all end in one
+    3-letter image extension) against is_image_name a name, on lists built to hit that path
+    and its edges: hidden ".jpg", upper case, other and no extensions, ".jpg" inside a name."""
+    from cnnx.runtime.contract import IMAGE_EXTENSIONS, image_names, is_image_name
+
+    rng = random.Random(seed)
+    exts = [*sorted(IMAGE_EXTENSIONS), ".JPG", ".Jpg", ".txt", "", ".tar.gz", ".jpgx", "jpg"]
+    for _ in range(3000):
+        common = rng.choice(exts)
+        names = list(dict.fromkeys(
+            "".join(rng.choice("ab.") for _ in range(rng.choice([0, 0, 1, 2, 5])))
+            + (common if rng.random() < 0.8 else rng.choice(exts))
+            for _ in range(rng.choice([0, 1, 2, 5]))))
+        assert image_names(names) == [n for n in names if is_image_name(n)], names
