@@ -223,7 +223,11 @@ def cpu_backend_decoder():
 
 
 @needs_nvimgcodec
-def test_the_decoder_gives_the_cpu_decoders_rows_errors_and_notes(mixed_folder, cpu_backend_decoder):
+@pytest.mark.parametrize("device_bytes", [gpudecode.DEVICE_BYTES, 1])
+def test_the_decoder_gives_the_cpu_decoders_rows_errors_and_notes(mixed_folder, cpu_backend_decoder, device_bytes,
+                                                                   monkeypatch):
+    """device_bytes 1: one nvImageCodec call a file, each group resized while the next decodes."""
+    monkeypatch.setattr(gpudecode, "DEVICE_BYTES", device_bytes)
     paths = sorted(str(p) for p in mixed_folder.iterdir()) + [str(mixed_folder / "missing.jpg")]
     mine = cpu_backend_decoder.decode_images(paths, SPEC, BIG)
     ref = decode_images(paths, SPEC, BIG)

@@ -14,7 +14,8 @@ Per batch of files (`decode_images`, the same contract as pipeline.decode_images
      unreadable) to `load_image`, so its pixels, notes and errors rows are exactly the CPU path's.
   2. the GPU files in one nvImageCodec batch call per DEVICE_BYTES of decoded pixels; a file it
      returns None for (corrupt, unsupported) goes to `load_image` as well.
-  3. each decoded image through the resize graph: load_image's centre crop of the shorter-side
+  3. each decoded image through the resize graph (a run of it in the CPU threads, while the
+     next group decodes): load_image's centre crop of the shorter-side
      resize, with the geometry of its DCT-scaled decode (`crop_feeds`), a box filter standing for
      that DCT scaling (`pool_factor`), then onnxruntime's Resize (linear, antialias: Pillow's
      filter) to the model's H x W, uint8 NCHW out. The box filter is also what makes the GPU
@@ -52,7 +53,10 @@ from cnnx.runtime.preprocess import ImageError, jpeg_orientation, read_file
 
 DECODERS = ("cpu", "gpu", "auto")  # --decoder
 INSTALL_HINT = "pip install 'cnnx[gpu-decode]'"
-DEVICE_BYTES = 1 << 30  # decoded pixels on the device per nvImageCodec call (12 MP RGB is 36 MB)
+DEVICE_BYTES = 1 << 29  # decoded pixels on the device per nvImageCodec call (12 MP RGB is 36 MB)
+# Batches decoded at once: one reads its files, or resizes, while the other's nvImageCodec call
+# runs (one call at a time). Each holds at most two calls' pixels on the device: 4 x DEVICE_BYTES.
+FEEDERS = 2
 RESIZE_OPSET = 18  # Resize's antialias attribute
 
 # Why a file goes to the CPU decoder (jpeg_route); None = the GPU decoder takes it.
@@ -471,14 +475,29 @@ class GpuDecoder:
                     for path, _data, reason in routed if reason is not None}
         gpu = [(path, data) for path, data, reason in routed if reason is None]
         resized = {}
-        for group in _device_groups(gpu):
-            for path, arr in zip((p for p, _ in group), self._decode_on_gpu([d for _, d in group], out_h, out_w)):
+
+        def take(resizes):
+            for path, future in resizes:
+                arr = None if future is None else future.result()
                 if arr is None:
                     self._count(REFUSED)
                     cpu_jobs[path] = self.pool.submit(cpu_decode, [path], spec, max_pixels)
                 else:
                     resized[path] = arr
-        self.on_gpu += len(resized)
+
+        # Each group's images are resized in the pool's threads (each a run of the resize graph)
+        # while the next group decodes; a group's decoded pixels are freed once resized, and
+        # at most two groups' are held.
+        previous = []
+        for group in _device_groups(gpu):
+            images = self._decode_on_gpu([d for _, d in group])
+            current = [(path, None if img is None else self.pool.submit(self._resize, img, out_h, out_w))
+                       for (path, _data), img in zip(group, images)]
+            take(previous)
+            previous = current
+        take(previous)
+        with self._count_lock:
+            self.on_gpu += len(resized)
         images = np.empty((len(paths), 3, out_h, out_w), np.uint8)
         ok, failed, notes = [], [], []
         for path in paths:
@@ -511,9 +530,9 @@ class GpuDecoder:
         with self._count_lock:
             self.to_cpu[reason] = self.to_cpu.get(reason, 0) + 1
 
-    def _decode_on_gpu(self, datas, out_h: int, out_w: int) -> list:
-        """One nvImageCodec batch call, then the resize of each image -> (3, out_h, out_w) uint8
-        arrays, None where nvImageCodec (or the resize) could not take the file."""
+    def _decode_on_gpu(self, datas) -> list:
+        """One nvImageCodec batch call -> its decoded images (on the device, synchronised), None
+        where nvImageCodec could not take the file."""
         nv = self.nvimgcodec
         streams = []
         for data in datas:
@@ -530,8 +549,7 @@ class GpuDecoder:
                 decoded = iter(decoded)
         except Exception:  # noqa: BLE001 - the whole call failed (device error): every file to the CPU
             return [None] * len(datas)
-        images = [next(decoded) if s is not None else None for s in streams]
-        return [None if img is None else self._resize(img, out_h, out_w) for img in images]
+        return [next(decoded) if s is not None else None for s in streams]
 
     def _resize(self, img, out_h: int, out_w: int, pool: int | None = None):
         """One decoded image (device or host memory, as nvImageCodec left it: rows may be padded)
@@ -604,13 +622,13 @@ def open_decoder(choice: str, *, workers: int, device_id: int = 0):
 
 def decoded_batches(item_batches, spec, config, decoder: GpuDecoder):
     """pipeline.decoded_batches with the GPU decoder: yield (items, DecodedBatch) in order. Each
-    batch is one decode_images call (one nvImageCodec batch per DEVICE_BYTES) in a feeder
-    thread, up to config.read_ahead(spec) batches ahead of the one being run: the same memory
+    batch is one decode_images call (one nvImageCodec batch per DEVICE_BYTES) in one of FEEDERS
+    threads, up to config.read_ahead(spec) batches ahead of the one being run: the same memory
     bound as the CPU pipeline."""
     from cnnx.runtime.pipeline import assemble
 
     depth = config.read_ahead(spec)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnx-gpudecode") as feeder:
+    with ThreadPoolExecutor(max_workers=FEEDERS, thread_name_prefix="cnnx-gpudecode") as feeder:
         pending = deque()
         try:
             for items in item_batches:
