@@ -335,3 +335,18 @@ def test_gpu_decoding_on_cuda_gives_the_cpu_decoders_rows_and_close_pixels(mixed
     r = CliRunner().invoke(cli, ["classify", str(mixed_folder), "--model", str(photo_model), "--decoder", "gpu",
                                  "-o", str(tmp_path / "out.csv")])
     assert r.exit_code == 0 and "decoder nvImageCodec: " in r.output, r.output
+
+
+def test_decoder_auto_keeps_the_cpu_decoder_for_small_inputs(monkeypatch):
+    """auto takes the GPU decoder only where it runs and the model's input is over
+    PROCESS_DECODE_MAX_SIDE px: a 32 px model keeps the CPU decoder without trying it."""
+    from cnnx.runtime.workers import PROCESS_DECODE_MAX_SIDE
+
+    made = []
+    monkeypatch.setattr(gpudecode, "diagnose", lambda device_id=0: gpudecode.GpuDecodeStatus(True, "stand-in"))
+    monkeypatch.setattr(gpudecode, "GpuDecoder", lambda **kw: made.append(kw) or "a GPU decoder")
+    small, large = (PROCESS_DECODE_MAX_SIDE,) * 2, (PROCESS_DECODE_MAX_SIDE + 1, 32)
+    assert gpudecode.open_decoder("auto", workers=2, size=small) is None
+    assert made == []
+    assert gpudecode.open_decoder("auto", workers=2, size=large) == "a GPU decoder"
+    assert gpudecode.open_decoder("gpu", workers=2, size=small) == "a GPU decoder"  # asked for: given

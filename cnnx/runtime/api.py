@@ -78,7 +78,8 @@ class Classifier:
     decoder: "cpu" (default) decodes with preprocess.load_image in threads; "gpu" decodes JPEGs
     with nvImageCodec and resizes them on the GPU (cnnx.runtime.gpudecode; load_image still takes
     every file the GPU does not), or raises gpudecode.DecoderUnavailable naming why it cannot run;
-    "auto": gpu where it runs, else cpu; or a GpuDecoder made by the caller (e.g. on
+    "auto": gpu where it runs and the model's input is over workers.PROCESS_DECODE_MAX_SIDE px a side,
+    else cpu; or a GpuDecoder made by the caller (e.g. on
     nvImageCodec's CPU backend), closed with this Classifier. `decoder` as used is "gpu" or
     "cpu"; `gpu_decoder` counts the files it decoded and those it passed to the CPU.
 
@@ -119,7 +120,7 @@ class Classifier:
                                  f"{self.provider}: {first_line(e)}") from None
         try:
             self.gpu_decoder = decoder if isinstance(decoder, GpuDecoder) else open_decoder(
-                decoder, workers=self.config.resolved_workers())
+                decoder, workers=self.config.resolved_workers(), size=self.info.spec["size"])
         except BaseException:
             self.close()
             raise

@@ -98,7 +98,8 @@ class _Tally:
               help="cpu: libjpeg-turbo/Pillow in --workers threads. gpu: JPEGs decoded by nvImageCodec and resized "
                    "on the GPU (pip install 'cnnx[gpu-decode]'), every file it does not take (progressive, CMYK, "
                    "corrupt, not JPEG) by the CPU; or a one-line error naming why it cannot run. auto: gpu where "
-                   "it runs, else cpu.")
+                   f"it runs and the model's input is over {PROCESS_DECODE_MAX_SIDE} px a side (smaller images "
+                   "decode faster on the CPU), else cpu.")
 @click.option("--errors", "errors_path", type=click.Path(dir_okay=False),
               help="CSV of files not classified (path,stage,error). Default: OUTPUT's name + .errors.csv, "
                    "or warnings on stderr when OUTPUT is stdout.")

@@ -595,13 +595,17 @@ def _device_groups(items):
 
 # --- choosing a decoder and the batches ------------------------------------------------------------
 
-def open_decoder(choice: str, *, workers: int, device_id: int = 0):
+def open_decoder(choice: str, *, workers: int, size=None, device_id: int = 0):
     """--decoder: "cpu" -> None (pipeline.decode_images); "gpu" -> a GpuDecoder or
-    DecoderUnavailable naming the cause; "auto" -> a GpuDecoder where diagnose() says it runs,
-    else None."""
+    DecoderUnavailable naming the cause; "auto" -> a GpuDecoder where diagnose() says it runs
+    and the model's input (size: (H, W)) is larger than PROCESS_DECODE_MAX_SIDE, else None:
+    images that small decode many times faster in the CPU decode processes (on an H100,
+    benchmarks/results/gpu_classify.json, "gpu_decode_classify_airnet_cifar")."""
+    from cnnx.runtime.workers import PROCESS_DECODE_MAX_SIDE
+
     if choice not in DECODERS:
         raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {choice!r}")
-    if choice == "cpu":
+    if choice == "cpu" or (choice == "auto" and size is not None and max(size) <= PROCESS_DECODE_MAX_SIDE):
         return None
     status = diagnose(device_id)
     if not status.usable:
