@@ -50,6 +50,8 @@ What one run measures (every figure with the card it ran on, all in the same pro
                files: every thread's stacks, idle included, 200 a second, collapsed (one line a
                stack, its sample count last) -> profile_airnet_fp32.txt beside the JSON; the stage
                records where the main thread's samples went
+  profile_gil_airnet_fp32  the same with py-spy --gil (only the thread holding the GIL is sampled):
+               how much of the wall some thread held it, and the main thread's share of that
   rows         classify_rows_cuda_vs_cpu_airnet: Classifier.classify on CUDA vs the CPU provider, same
                5,000 files: top-1 agreement of the rows (every batch must run its own pixels)
   sweep        --batch-size 64..2048: ceilings of both models, cnnx classify img/s of airnet
@@ -708,9 +710,16 @@ def steady_state_by_batch(model: str, small: Path, large: Path, device: str, wor
     return out
 
 
-def profile(model: str, folder: Path, device: str, batch: int, work: Path, out: Path, site: Path) -> dict:
-    """py-spy record of `cnnx classify` on `folder`: every thread, idle samples included, 200
-    a second, collapsed stacks -> `out`; the main thread's share of samples by where they were."""
+PROFILE_RATE = 200  # py-spy samples a second
+
+
+def profile(model: str, folder: Path, device: str, batch: int, work: Path, out: Path, site: Path,
+            gil: bool = False) -> dict:
+    """py-spy record of `cnnx classify` on `folder`: every thread, idle samples included,
+    PROFILE_RATE a second, collapsed stacks -> `out`; the main thread's share of samples by where
+    they were. gil: only the samples of the thread holding the GIL (py-spy --gil): their sum
+    over the run's wall x PROFILE_RATE is how busy the GIL was (near 1: the one process's threads
+    wait for each other), the main thread's share of them what it holds."""
     spy = site / "bin" / "py-spy"
     if not spy.is_file():
         spy = shutil.which("py-spy")
@@ -719,13 +728,21 @@ def profile(model: str, folder: Path, device: str, batch: int, work: Path, out: 
     target = work / "profile-out.csv"
     target.unlink(missing_ok=True)
     Path(str(target.with_suffix("")) + ".errors.csv").unlink(missing_ok=True)
-    cmd = [str(spy), "record", "--format", "raw", "--idle", "--threads", "--rate", "200", "--output", str(out),
-           "--", sys.executable, "-m", "cnnx", "classify", str(folder), "--model", model, "-o", str(target),
-           "--topk", "1", "--device", device, "--batch-size", str(batch)]
+    cmd = [str(spy), "record", "--format", "raw", "--gil" if gil else "--idle", "--threads", "--rate",
+           str(PROFILE_RATE), "--output", str(out), "--", sys.executable, "-m", "cnnx", "classify", str(folder),
+           "--model", model, "-o", str(target), "--topk", "1", "--device", device, "--batch-size", str(batch)]
+    t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise RuntimeError(f"py-spy exit {r.returncode}: {(r.stderr.strip().splitlines() or [''])[-1]}")
-    return {"file": out.name, **collapsed_summary(out)}
+    summary = collapsed_summary(out)
+    extra = {}
+    if gil:
+        held = sum(summary["threads"].values())
+        extra = {"wall_s": round(wall, 3), "gil_held_share_of_wall": round(held / (wall * PROFILE_RATE), 3),
+                 "main_thread_share_of_gil": round(summary["main_samples"] / held, 3) if held else None}
+    return {"file": out.name, **summary, **extra}
 
 
 def collapsed_summary(path: Path, top: int = 25) -> dict:
@@ -1093,6 +1110,8 @@ def main(argv=None):
                           large, device, a.work, (512, 1024), seconds / 2, need_s=60)
                 run.stage("profile_airnet_fp32", profile, models["airnet"]["fp32"], large, device, BATCH, a.work,
                           a.results / "profile_airnet_fp32.txt", a.site, need_s=30)
+                run.stage("profile_gil_airnet_fp32", profile, models["airnet"]["fp32"], large, device, BATCH,
+                          a.work, a.results / "profile_gil_airnet_fp32.txt", a.site, gil=True, need_s=30)
     run.stage("decode_only_photos", decode_only, photo_dir, 224, need_s=20)
     if models.get("resnet18"):
         size = models["resnet18"]["size"]
@@ -1204,6 +1223,10 @@ def summarize(r: dict):
         pr = r["profile_airnet_fp32"]
         lines.append(f"profile ({pr['file']}): main thread {pr['main_samples']} samples; top: "
                      + "; ".join(f"{k} {share}" for k, _n, share in pr["main_top"][:8]))
+    if pg := r.get("profile_gil_airnet_fp32"):
+        lines.append(f"GIL ({pg['file']}): held {pg['gil_held_share_of_wall']} of the wall, the main thread "
+                     f"{pg['main_thread_share_of_gil']} of that; its top: "
+                     + "; ".join(f"{k} {share}" for k, _n, share in pg["main_top"][:6]))
     if r.get("decode_only_photos"):
         lines.append(f"decode only (photos, CPU threads): {r['decode_only_photos']}")
     if r.get("gpu_decode_classify_resnet18"):
