@@ -17,7 +17,9 @@ writing rows) take turns. Here each of `slots` (default 2) slots owns
 
 and the runs go to a pool of `slots` threads (onnxruntime releases the GIL during a run and
 allows concurrent runs of one session), so batch k+1 can be uploaded while batch k computes
-and the caller post-processes batch k-1. Results come back in submission order. Decoding overlaps all of this already (pipeline.decoded_batches' threads).
+and the caller writes the rows of batch k-1; a run's thread also does the work on its own
+result that the caller gives it (`finish`: classify's softmax and top-k). Results come back in
+submission order. Decoding overlaps all of this already (the decode threads or processes).
 
 The same code runs on the CPU provider with plain host buffers (the tests exercise it there
 against `session.run`); cnnx classify uses it only on CUDA and TensorRT, where it pays: the
