@@ -100,6 +100,33 @@ def test_bound_runs_give_session_run_logits_bit_for_bit_in_order(conv_model):
     assert not np.array_equal(got[0][1], got[1][1])
 
 
+@pytest.mark.parametrize("slots", [1, 2, 3])
+def test_borrowed_images_are_copied_before_the_next_job_is_taken(conv_model, slots):
+    """run_in_order copies a job's images on the run's thread, and must have done so before it
+    takes the next job: here every job lends one buffer, spoilt the moment the next is asked
+    for (as procdecode reuses a lent slot), so a copy made late would run the spoilt pixels."""
+    from cnnx.runtime.binding import BoundRunner
+
+    session = cpu_session(conv_model)
+    want = batches(9, 8, seed=3)
+    lent = np.empty_like(want[0])
+
+    def jobs():
+        for i, images in enumerate(want):
+            lent[:] = images
+            yield i
+            lent[:] = 255  # the slot taken back and refilled
+
+    runner = BoundRunner(session, "images", "logits", 8, (32, 32), slots=slots)
+    try:
+        got = list(runner.run_in_order(jobs(), lambda i: lent))
+    finally:
+        runner.close()
+    assert [i for i, _ in got] == list(range(len(want)))
+    for i, logits in got:
+        assert np.array_equal(logits, session.run(["logits"], {"images": want[i]})[0]), i
+
+
 def test_a_slot_runs_its_device_buffer_which_each_run_refreshes_from_the_host(conv_model):
     """IOBinding copies an input that is not on the session's device when it is *bound*, so a
     host buffer bound once would be read once (on CUDA every batch then ran the first one's

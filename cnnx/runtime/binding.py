@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -44,6 +45,9 @@ CUDA_DEVICES = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 # Python's default of 5 ms between forced switches, the run's thread can wait that long, the
 # GPU idles, and the caller ends up waiting on it; with 0.5 ms it gets in sooner.
 GIL_SWITCH_S = 0.0005
+
+
+_NO_MORE = object()  # what next(jobs, ...) gives once the jobs are done
 
 
 class RunFailed(Exception):
@@ -176,9 +180,10 @@ class BoundRunner:
         """Yield (job, logits) for each job in order; images_of(job) is its uint8 batch of
         exactly self.shape, or None for a job with nothing to run (its logits are None). A job
         is copied into a free slot and started before the oldest running one is waited for,
-        so `slots` batches are in flight. A job's images are copied before the next job is
-        taken from `jobs`: they may be borrowed until then (procdecode's `lend`). Python's
-        thread switch interval is GIL_SWITCH_S (at most) until the generator ends.
+        so `slots` batches are in flight. The copy is made on the run's thread (the caller's
+        one, which bounds the rate, goes on meanwhile) and waited for before the next job is
+        taken from `jobs`: a job's images may be borrowed until then (procdecode's `lend`).
+        Python's thread switch interval is GIL_SWITCH_S (at most) until the generator ends.
         finish(job, logits): run on the run's thread once its logits are back (what it returns,
         or raises, comes instead of the logits): work on a batch's result off the caller's
         thread, which feeds the next batches meanwhile."""
@@ -195,19 +200,25 @@ class BoundRunner:
             finally:
                 free.append(slot)
 
+        jobs, copied = iter(jobs), None  # copied: set once the last job's images are in its slot
         try:
-            for job in jobs:
+            while True:
+                if copied is not None:
+                    copied.wait()
+                job = next(jobs, _NO_MORE)
+                if job is _NO_MORE:
+                    break
                 images = images_of(job)
                 if images is None:
                     running.append((job, None, None))
+                    copied = None
                     continue
                 if images.shape != self.shape or images.dtype != np.uint8:
                     raise ValueError(f"batch of {images.dtype} {images.shape}, expected uint8 {self.shape}")
                 while not free:
                     yield oldest()
-                slot = free.popleft()
-                np.copyto(slot.host.array, images)
-                running.append((job, slot, self._pool.submit(self._run, slot, job, finish)))
+                slot, copied = free.popleft(), threading.Event()
+                running.append((job, slot, self._pool.submit(self._run, slot, job, images, copied, finish)))
             while running:
                 yield oldest()
         finally:
@@ -219,7 +230,11 @@ class BoundRunner:
                     except Exception:  # noqa: BLE001 - the consumer has gone; nothing reads this run
                         pass
 
-    def _run(self, slot: BoundSlot, job, finish):
+    def _run(self, slot: BoundSlot, job, images, copied: threading.Event, finish):
+        try:
+            np.copyto(slot.host.array, images)
+        finally:
+            copied.set()
         logits = slot.run(self.session)
         return logits if finish is None else finish(job, logits)
 
