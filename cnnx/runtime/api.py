@@ -78,10 +78,10 @@ class Classifier:
     decoder: "cpu" (default) decodes with preprocess.load_image in threads; "gpu" decodes JPEGs
     with nvImageCodec and resizes them on the GPU (cnnx.runtime.gpudecode; load_image still takes
     every file the GPU does not), or raises gpudecode.DecoderUnavailable naming why it cannot run;
-    "auto": gpu where it runs and the model's input is over workers.PROCESS_DECODE_MAX_SIDE px a side,
-    else cpu; or a GpuDecoder made by the caller (e.g. on
-    nvImageCodec's CPU backend), closed with this Classifier. `decoder` as used is "gpu" or
-    "cpu"; `gpu_decoder` counts the files it decoded and those it passed to the CPU.
+    "auto": gpu where it runs and the model's input is over workers.PROCESS_DECODE_MAX_SIDE px a
+    side, else cpu; or a GpuDecoder made by the caller (e.g. on nvImageCodec's CPU backend),
+    closed with this Classifier. `decoder` as used is "gpu" or "cpu"; `gpu_decoder` counts the
+    files it decoded and those it passed to the CPU.
 
     decode: how the cpu decoder runs: "threads", "processes" (cnnx.runtime.procdecode: worker
     processes started by the first classify call, once, and reused by the next ones; predict()

@@ -14,11 +14,11 @@ Per batch of files (`decode_images`, the same contract as pipeline.decode_images
      unreadable) to `load_image`, so its pixels, notes and errors rows are exactly the CPU path's.
   2. the GPU files in one nvImageCodec batch call per DEVICE_BYTES of decoded pixels; a file it
      returns None for (corrupt, unsupported) goes to `load_image` as well.
-  3. each decoded image through the resize graph (a run of it in the CPU threads, while the
-     next group decodes): load_image's centre crop of the shorter-side
-     resize, with the geometry of its DCT-scaled decode (`crop_feeds`), a box filter standing for
-     that DCT scaling (`pool_factor`), then onnxruntime's Resize (linear, antialias: Pillow's
-     filter) to the model's H x W, uint8 NCHW out. The box filter is also what makes the GPU
+  3. each decoded image through the resize graph, one run of it per image in the CPU threads
+     while the next group decodes: load_image's centre crop of the shorter-side resize, with
+     the geometry of its DCT-scaled decode (`crop_feeds`), a box filter standing for that DCT
+     scaling (`pool_factor`), then onnxruntime's Resize (linear, antialias: Pillow's filter)
+     to the model's H x W, uint8 NCHW out. The box filter is also what makes the GPU
      path right: onnxruntime's CUDA Resize with antialias gives wrong pixels when it shrinks
      several-fold, and the same as its CPU provider after the box filter (measured on an H100,
      onnxruntime 1.31.1: benchmarks/results/gpu_classify.json, "gpu_decode_diagnose").
@@ -55,7 +55,8 @@ DECODERS = ("cpu", "gpu", "auto")  # --decoder
 INSTALL_HINT = "pip install 'cnnx[gpu-decode]'"
 DEVICE_BYTES = 1 << 29  # decoded pixels on the device per nvImageCodec call (12 MP RGB is 36 MB)
 # Batches decoded at once: one reads its files, or resizes, while the other's nvImageCodec call
-# runs (one call at a time). Each holds at most two calls' pixels on the device: 4 x DEVICE_BYTES.
+# runs (one call at a time). Each holds at most two calls' pixels on the device, so together
+# they hold at most 4 x DEVICE_BYTES.
 FEEDERS = 2
 RESIZE_OPSET = 18  # Resize's antialias attribute
 
