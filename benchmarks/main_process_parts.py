@@ -15,6 +15,8 @@ in a fresh `python` with that tree first on its path:
                                    of --folder to CSV: Classifier(io_binding=True, decode processes)
                                    with a tiny model on the CPU provider, so the model's compute is
                                    ~nothing and what is left is cnnx's own work a file
+  loop_main_thread_us_per_file     the same run's CPU of the caller's one thread alone (thread_time):
+                                   on a GPU machine its work a file bounds the steady state
   wait_us (tree-independent)       one message through one of 16 pipes and the wait for it:
                                    multiprocessing.connection.wait over the 16 pipes and 16
                                    sentinels at each call vs a selector registered once
@@ -82,12 +84,14 @@ with Classifier(model, "cpu", io_binding=True, decode="processes", workers=worke
         out = work / "p.csv"
         for f in (out, work / "p.errors.csv"):
             f.unlink(missing_ok=True)
-        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        r0, t0, m0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), time.thread_time()
         rows = clf.classify([folder])
         tally = command._write_rows(rows, str(out), "csv", str(work / "p.errors.csv"), clf, append=False, t0=t0)
+        main = time.thread_time() - m0
         wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
 cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-print(json.dumps({"loop_us_per_file": 1e6 * cpu / rows.found, "loop_wall_s": wall, "loop_files": rows.found}))
+print(json.dumps({"loop_us_per_file": 1e6 * cpu / rows.found, "loop_main_thread_us_per_file": 1e6 * main / rows.found,
+                  "loop_wall_s": wall, "loop_files": rows.found}))
 """
 
 WAIT = r"""
@@ -160,7 +164,8 @@ def main(argv=None) -> int:
             log(f"round {r + 1}/{a.rounds} {tree}: {got}")
         waits.append(_run(WAIT, None))
         log(f"round {r + 1}/{a.rounds} wait: {waits[-1]}")
-    keys = ("writer_topk1_s", "writer_topk5_s", "discovery_s", "loop_us_per_file", "loop_wall_s")
+    keys = ("writer_topk1_s", "writer_topk5_s", "discovery_s", "loop_us_per_file", "loop_main_thread_us_per_file",
+            "loop_wall_s")
     trees = {str(t): {"git_commit": _git_commit(t), "files": rounds[str(t)][0]["files"],
                       "best": {k: round(min(x[k] for x in rounds[str(t)]), 4) for k in keys},
                       "median": {k: round(statistics.median(x[k] for x in rounds[str(t)]), 4) for k in keys},
