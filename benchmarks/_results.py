@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 from importlib import metadata
@@ -66,16 +67,31 @@ def _version(names: tuple[str, ...]) -> str | None:
     return None
 
 
-def _git(*args) -> str | None:
+def _git(*args, tree: Path = ROOT) -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True, timeout=10)
     except OSError:
         return None
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def _git_commit() -> str | None:
-    return _git("rev-parse", "HEAD") or None
+def git_commit(tree: Path = ROOT) -> str | None:
+    """The commit checked out in `tree` (this repository, or a worktree of it)."""
+    return _git("rev-parse", "HEAD", tree=tree) or None
+
+
+# --- versions compared in interleaved rounds (--tree DIR, repeatable) -----------------------------
+
+def tree_env(tree: Path) -> dict:
+    """os.environ with `tree` (a checkout of this repository) first on PYTHONPATH: a `python`
+    started with it imports that version's cnnx."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(tree).resolve()), os.environ.get("PYTHONPATH", "")])}
+
+
+def best_and_median(rows: list, keys) -> dict:
+    """{"best": the least of each key over the rounds, "median": its median}, 4 decimals."""
+    return {"best": {k: round(min(row[k] for row in rows), 4) for k in keys},
+            "median": {k: round(statistics.median(row[k] for row in rows), 4) for k in keys}}
 
 
 def _git_dirty() -> bool | None:
@@ -105,7 +121,7 @@ def provenance(argv: list[str] | None = None) -> dict:
         "command": command_line(argv),
         "machine": machine(),
         "recorded_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "git_dirty": _git_dirty(),
         # The commit whose files ran, as the caller states it where the .git copy is older than
         # the files (the GPU machine: benchmarks/gpu_run.sh).

@@ -26,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _results import RESULTS, write_result  # noqa: E402
+from _results import RESULTS, git_commit, tree_env, write_result  # noqa: E402
 from bench_classify import CACHE, build_model, log, process_tree  # noqa: E402
 from cifar_jpegs import cifar_folder  # noqa: E402
 
@@ -58,7 +58,7 @@ def run_once(tree: Path, model: Path, cifar: Path) -> dict:
     out.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "cnnx", "classify", str(cifar), "--model", str(model), "-o", str(out),
            "--topk", "1", "--device", "cpu"]
-    env = {**os.environ, "PYTHONPATH": str(tree)}
+    env = tree_env(tree)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=tree, env=env, stderr=subprocess.PIPE)
     seen = {}  # pid -> (cpu s, kind)
@@ -77,10 +77,6 @@ def run_once(tree: Path, model: Path, cifar: Path) -> dict:
         cpu[kind] = cpu.get(kind, 0.0) + seconds
     return {"wall_s": round(wall, 3), **{f"cpu_{k}_s": round(v, 3) for k, v in sorted(cpu.items())},
             "cpu_all_s": round(sum(cpu.values()), 3)}
-
-
-def git_commit(tree: Path) -> str:
-    return subprocess.run(["git", "-C", str(tree), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
 
 
 def main(argv=None):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _results import RESULTS, write_result  # noqa: E402
+from _results import RESULTS, best_and_median, git_commit, tree_env, write_result  # noqa: E402
 from bench_classify import CACHE, build_model, log  # noqa: E402
 
 KEYS = ("one_file_s", "first_batch_s", "cifar_s", "exit_s", "ort_distributions_s")
@@ -46,10 +45,6 @@ print(time.perf_counter() - t0)
 """
 
 
-def _env(tree: Path) -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree.resolve()), os.environ.get("PYTHONPATH", "")])}
-
-
 def classify(tree: Path, model: Path, folder: Path) -> dict:
     """One whole `cnnx classify` process: wall seconds, the summary's first-batch seconds, and
     the seconds from its summary line to its end."""
@@ -59,7 +54,7 @@ def classify(tree: Path, model: Path, folder: Path) -> dict:
     cmd = [sys.executable, "-m", "cnnx", "classify", str(folder), "--model", str(model), "-o", str(out),
            "--device", "cpu", "--topk", "1"]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=_env(tree), cwd=tree)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=tree_env(tree), cwd=tree)
     summary = summary_at = None
     for line in proc.stderr:  # until the summary: the decode server may hold the pipe open after
         if line.startswith("classified"):
@@ -77,15 +72,10 @@ def classify(tree: Path, model: Path, folder: Path) -> dict:
 def one_round(tree: Path, model: Path, one: Path, cifar: Path) -> dict:
     small = classify(tree, model, one)
     large = classify(tree, model, cifar)
-    dist = subprocess.run([sys.executable, "-c", DISTRIBUTIONS], capture_output=True, text=True, env=_env(tree),
+    dist = subprocess.run([sys.executable, "-c", DISTRIBUTIONS], capture_output=True, text=True, env=tree_env(tree),
                           cwd=tree, check=True)
     return {"one_file_s": small["wall_s"], "first_batch_s": small["first_batch_s"], "cifar_s": large["wall_s"],
             "exit_s": large["exit_s"], "ort_distributions_s": float(dist.stdout.strip())}
-
-
-def _git_commit(tree: Path) -> str | None:
-    r = subprocess.run(["git", "-C", str(tree), "rev-parse", "HEAD"], capture_output=True, text=True)
-    return r.stdout.strip() or None
 
 
 def main(argv=None) -> int:
@@ -109,10 +99,8 @@ def main(argv=None) -> int:
         for tree in a.tree:
             rounds[str(tree)].append(one_round(tree, model, one, a.cifar))
             log(f"round {r + 1}/{a.rounds} {tree}: " + ", ".join(f"{k} {v:.3f}" for k, v in rounds[str(tree)][-1].items()))
-    trees = {str(t): {"git_commit": _git_commit(t),
-                      "best": {k: round(min(x[k] for x in rounds[str(t)]), 4) for k in KEYS},
-                      "median": {k: round(statistics.median(x[k] for x in rounds[str(t)]), 4) for k in KEYS},
-                      "rounds": rounds[str(t)]} for t in a.tree}
+    trees = {str(t): {"git_commit": git_commit(t), **best_and_median(rounds[str(t)], KEYS), "rounds": rounds[str(t)]}
+             for t in a.tree}
     write_result(a.out, {"model": str(model), "cifar": str(a.cifar), "trees": trees},
                  None if argv is None else [__file__, *argv])
     return 0

@@ -35,7 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _results import RESULTS, write_result  # noqa: E402
+from _results import RESULTS, best_and_median, git_commit, tree_env, write_result  # noqa: E402
 from bench_classify import log  # noqa: E402
 
 PARTS = r"""
@@ -130,17 +130,9 @@ print(json.dumps({"connection_wait_us": 1e6 * each_call / n, "selector_once_us":
 def _run(code: str, tree: Path | None, *args) -> dict:
     import json
 
-    env = dict(os.environ)
-    if tree is not None:
-        env["PYTHONPATH"] = os.pathsep.join([str(tree.resolve()), env.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env,
-                       check=True, cwd=tree or HERE)
+    r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                       env=dict(os.environ) if tree is None else tree_env(tree), check=True, cwd=tree or HERE)
     return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def _git_commit(tree: Path) -> str | None:
-    r = subprocess.run(["git", "-C", str(tree), "rev-parse", "HEAD"], capture_output=True, text=True)
-    return r.stdout.strip() or None
 
 
 def main(argv=None) -> int:
@@ -166,10 +158,8 @@ def main(argv=None) -> int:
         log(f"round {r + 1}/{a.rounds} wait: {waits[-1]}")
     keys = ("writer_topk1_s", "writer_topk5_s", "discovery_s", "loop_us_per_file", "loop_main_thread_us_per_file",
             "loop_wall_s")
-    trees = {str(t): {"git_commit": _git_commit(t), "files": rounds[str(t)][0]["files"],
-                      "best": {k: round(min(x[k] for x in rounds[str(t)]), 4) for k in keys},
-                      "median": {k: round(statistics.median(x[k] for x in rounds[str(t)]), 4) for k in keys},
-                      "rounds": rounds[str(t)]} for t in a.tree}
+    trees = {str(t): {"git_commit": git_commit(t), "files": rounds[str(t)][0]["files"],
+                      **best_and_median(rounds[str(t)], keys), "rounds": rounds[str(t)]} for t in a.tree}
     wait_summary = {k: {"best": round(min(w[k] for w in waits), 1), "median": round(statistics.median(w[k] for w in waits), 1)}
                     for k in waits[0]}
     write_result(a.out, {"folder": str(a.folder), "loop_workers": a.loop_workers, "trees": trees, "wait_us_16_workers": wait_summary, "wait_rounds": waits},
