@@ -50,6 +50,7 @@ import numpy as np
 
 from cnnx.runtime.files import first_line
 from cnnx.runtime.preprocess import ImageError, jpeg_orientation, read_file
+from cnnx.runtime.workers import PROCESS_DECODE_MAX_SIDE
 
 DECODERS = ("cpu", "gpu", "auto")  # --decoder
 INSTALL_HINT = "pip install 'cnnx[gpu-decode]'"
@@ -602,8 +603,6 @@ def open_decoder(choice: str, *, workers: int, size=None, device_id: int = 0):
     and the model's input (size: (H, W)) is larger than PROCESS_DECODE_MAX_SIDE, else None:
     images that small decode many times faster in the CPU decode processes (on an H100,
     benchmarks/results/gpu_classify.json, "gpu_decode_classify_airnet_cifar")."""
-    from cnnx.runtime.workers import PROCESS_DECODE_MAX_SIDE
-
     if choice not in DECODERS:
         raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {choice!r}")
     if choice == "cpu" or (choice == "auto" and size is not None and max(size) <= PROCESS_DECODE_MAX_SIDE):

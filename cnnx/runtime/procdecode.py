@@ -188,7 +188,7 @@ class DecodePool:
         batches it decodes, on one CPU thread: the batch's `logits` (batch_size rows; a
         failed run raises ModelError here, in batch order). lend: a batch whose files all
         decoded comes as a view of its slot, valid only until the next batch is asked for
-        (the caller copies it first); others are copied out as without lend."""
+        (the caller is done with its pixels by then); others are copied out as without lend."""
         if self.busy:
             raise RuntimeError("this DecodePool is already running a classify call")
         self.busy = True
