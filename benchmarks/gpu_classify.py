@@ -749,13 +749,10 @@ def collapsed_summary(path: Path, top: int = 25) -> dict:
     """Per thread: samples; for the thread with the most (the main one: it lives longest),
     the samples by the innermost frame of cnnx's own code (else the innermost frame), the
     top `top`. A line of py-spy's raw format: `thread (id);frame;frame... count`."""
-    threads, by_frame = {}, {}
-    # "thread (ID)" or "thread (ID): NAME" (py-spy names it once it knows): one thread by its ID
-    lines = [(stack.split(";")[0].split(")")[0] + ")", stack.split(";"), int(count))
-             for stack, count in (line.rsplit(" ", 1) for line in path.read_text().splitlines() if line.strip())]
-    for thread, _frames, count in lines:
-        threads[thread] = threads.get(thread, 0) + count
-    main = max(threads, key=threads.get)
+    from profile_parts import raw_profile
+
+    lines, threads, main = raw_profile(path)
+    by_frame = {}
     for thread, frames, count in lines:
         if thread != main:
             continue

@@ -24,19 +24,29 @@ PARTS = [  # (part, markers in the stack)
 ]
 
 
-def parts(path: Path) -> dict:
+def raw_profile(path: Path):
+    """py-spy's raw format, a line a stack with its sample count last ("thread (ID)[: NAME];frame;
+    ...;frame N") -> ([(thread, [frames], count)], samples by thread, the main thread: the one
+    with the most samples, as it lives longest). A thread is its "thread (ID)", whatever name
+    py-spy gave it."""
     rows, threads = [], {}
     for line in path.read_text().splitlines():
         if not line.strip():
             continue
         stack, count = line.rsplit(" ", 1)
-        thread = stack.split(";")[0].split(")")[0] + ")"  # "thread (ID)" whatever name py-spy gave it
+        frames = stack.split(";")
+        thread = frames[0].split(")")[0] + ")"
         threads[thread] = threads.get(thread, 0) + int(count)
-        rows.append((thread, stack, int(count)))
-    main = max(threads, key=threads.get)
+        rows.append((thread, frames, int(count)))
+    return rows, threads, max(threads, key=threads.get)
+
+
+def parts(path: Path) -> dict:
+    rows, _threads, main = raw_profile(path)
     out = {}
-    for thread, stack, count in rows:
+    for thread, frames, count in rows:
         if thread == main:
+            stack = ";".join(frames)
             part = next((name for name, marks in PARTS if any(m in stack for m in marks)), "start-up and the rest")
             out[part] = out.get(part, 0) + count
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
