@@ -746,8 +746,9 @@ def profile(model: str, folder: Path, device: str, batch: int, work: Path, out: 
 
 
 def collapsed_summary(path: Path, top: int = 25) -> dict:
-    """Per thread: samples; for the thread with the most (the main one: it lives longest),
-    the samples by the innermost frame of cnnx's own code (else the innermost frame), the
+    """Per thread: samples; for the main thread (profile_parts.raw_profile's: by its name, the
+    thread with the most samples where it has none; with --gil not always the busiest), the
+    samples by the innermost frame of cnnx's own code (else the innermost frame), the
     top `top`. A line of py-spy's raw format: `thread (id);frame;frame... count`."""
     from profile_parts import raw_profile
 

@@ -27,18 +27,20 @@ PARTS = [  # (part, markers in the stack)
 def raw_profile(path: Path):
     """py-spy's raw format, a line a stack with its sample count last ("thread (ID)[: NAME];frame;
     ...;frame N") -> ([(thread, [frames], count)], samples by thread, the main thread: the one
-    with the most samples, as it lives longest). A thread is its "thread (ID)", whatever name
-    py-spy gave it."""
-    rows, threads = [], {}
+    py-spy named MainThread, else the one with the most samples, as it lives longest). A thread
+    is its "thread (ID)", whatever name py-spy gave it (it names a thread once it knows)."""
+    rows, threads, named_main = [], {}, None
     for line in path.read_text().splitlines():
         if not line.strip():
             continue
         stack, count = line.rsplit(" ", 1)
         frames = stack.split(";")
         thread = frames[0].split(")")[0] + ")"
+        if frames[0].endswith(": MainThread"):
+            named_main = thread
         threads[thread] = threads.get(thread, 0) + int(count)
         rows.append((thread, frames, int(count)))
-    return rows, threads, max(threads, key=threads.get)
+    return rows, threads, named_main or max(threads, key=threads.get)
 
 
 def parts(path: Path) -> dict:
