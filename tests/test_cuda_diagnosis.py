@@ -86,3 +86,44 @@ def test_the_two_packages_in_different_folders_do_not_clash(tmp_path):
     assert cuda.installed_ort_distributions(path) == ["onnxruntime", "onnxruntime-gpu"]
     assert cuda.clashing_ort_distributions(path) == []
     assert "installed together" not in cuda.diagnose(dist_path=path).reason
+
+
+_SESSION_SCRIPT = """
+import sys
+import onnxruntime as ort
+from cnnx.runtime import cuda, gpudecode
+quiet = sys.argv[1] == "quiet"
+providers = [("CUDAExecutionProvider", {"device_id": "0"}), "CPUExecutionProvider"]
+options = ort.SessionOptions()
+options.log_severity_level = 3
+model = gpudecode.resize_model_bytes(1)
+s = cuda.new_session(ort, model, options, providers) if quiet else ort.InferenceSession(model, options, providers=providers)
+print(s.get_providers()[0])
+"""
+
+
+def test_a_gpu_session_is_made_without_onnxruntime_log_lines():
+    # onnxruntime 1.31 logs through its default logger, which the session's options do not
+    # reach: a warning for every CUDA provider given options, and where CUDA cannot load, a
+    # multi-line error. cnnx makes its GPU sessions through cuda.new_session, quiet.
+    import subprocess
+
+    import onnxruntime as ort
+
+    def run(mode):
+        r = subprocess.run([sys.executable, "-W", "ignore", "-c", _SESSION_SCRIPT, mode],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r
+
+    quiet = run("quiet")
+    assert "onnxruntime" not in quiet.stderr, quiet.stderr
+    assert quiet.stdout.strip() in ("CUDAExecutionProvider", "CPUExecutionProvider")
+    if "CUDAExecutionProvider" in ort.get_available_providers():  # the control: the same session made plainly
+        assert "onnxruntime" in run("plain").stderr
+    # and the logger is back at its default afterwards: a later plain session still logs
+    after = subprocess.run([sys.executable, "-W", "ignore", "-c", _SESSION_SCRIPT.replace(
+        "print(s.get_providers()[0])", "ort.InferenceSession(model, options, providers=providers)"), "quiet"],
+        capture_output=True, text=True, timeout=60)
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        assert "onnxruntime" in after.stderr

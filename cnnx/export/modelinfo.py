@@ -57,7 +57,7 @@ def _providers(path) -> dict:
         try:
             opts = ort.SessionOptions()
             opts.log_severity_level = 4
-            s = ort.InferenceSession(os.fspath(path), opts, providers=[p, "CPUExecutionProvider"])
+            s = cuda.new_session(ort, os.fspath(path), opts, [p, "CPUExecutionProvider"])
             result[p] = "yes" if s.get_providers()[0] == p else "no (the session fell back to CPU)"
         except Exception as e:  # noqa: BLE001 - any failure means "not usable here"
             result[p] = f"no ({first_line(e, 120)})"

@@ -83,9 +83,11 @@ PARITY_MAX_BATCH = 256
 def _ort_session(path, providers):
     import onnxruntime as ort
 
+    from cnnx.runtime.cuda import new_session
+
     opts = ort.SessionOptions()
     opts.log_severity_level = 3 if providers == [CPU_PROVIDER] else 4  # a GPU probe that fails is not news
-    return ort.InferenceSession(os.fspath(path), opts, providers=providers)
+    return new_session(ort, os.fspath(path), opts, providers)
 
 
 def _gpu_providers(path, variant: str) -> list:

@@ -21,7 +21,7 @@ import re
 import sys
 from dataclasses import dataclass
 
-from cnnx.runtime.contract import CUDA_PROVIDER, cuda_driver_present
+from cnnx.runtime.contract import CPU_PROVIDER, CUDA_PROVIDER, cuda_driver_present
 from cnnx.runtime.files import cache_root
 
 INSTALL_HINT = "pip install 'cnnx[gpu]'"
@@ -34,6 +34,23 @@ ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "
 class CudaStatus:
     usable: bool  # every check passed: a session asking for CUDA should get it
     reason: str  # one line: what was found (when usable) or what is missing and how to fix it
+
+
+def new_session(ort, model, options, providers):
+    """ort.InferenceSession(model, options, providers=providers), with onnxruntime's default
+    logger silenced meanwhile where a GPU provider is asked for. That logger, not the
+    session's (options.log_severity_level), is where onnxruntime writes a multi-line error
+    when a GPU provider cannot load (the callers word it in one line, or fall back to the CPU
+    on purpose) and, in 1.31, a warning for every session whose CUDA provider gets options
+    ("No registered plugin EP device found"). The logger is process-wide and has no getter:
+    it goes back to onnxruntime's default, WARNING."""
+    if all((p if isinstance(p, str) else p[0]) == CPU_PROVIDER for p in providers):
+        return ort.InferenceSession(model, options, providers=providers)
+    ort.set_default_logger_severity(4)
+    try:
+        return ort.InferenceSession(model, options, providers=providers)
+    finally:
+        ort.set_default_logger_severity(2)
 
 
 def installed_ort_distributions(path=None) -> list:

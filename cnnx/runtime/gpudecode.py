@@ -458,12 +458,13 @@ class GpuDecoder:
         """The resize graph's session for this box-filter factor (made on first use)."""
         import onnxruntime as ort
 
+        from cnnx.runtime.cuda import new_session
+
         with self._sessions_lock:
             if pool not in self._sessions:
                 options = ort.SessionOptions()
                 options.log_severity_level = 3
-                self._sessions[pool] = ort.InferenceSession(resize_model_bytes(pool), options,
-                                                            providers=self._providers)
+                self._sessions[pool] = new_session(ort, resize_model_bytes(pool), options, self._providers)
             return self._sessions[pool]
 
     def decode_images(self, paths, spec, max_pixels: int):

@@ -106,20 +106,13 @@ def open_model(path, device: str = "auto", *, threads: int | None = None, batch_
         raise ModelError(f"model not found: {path}")
     providers = _providers(ort, device, path, batch_size)
     want_gpu = providers[0] != CPU
-    old_severity = None
     try:
-        if want_gpu:
-            # onnxruntime logs a multi-line error when a GPU provider cannot load; under auto
-            # that is the expected CPU fallback, and under cuda/tensorrt we say it in one line below.
-            ort.set_default_logger_severity(4)
-            old_severity = 2
+        # A GPU provider that cannot load: under auto the expected CPU fallback, under
+        # cuda/tensorrt said in one line below (new_session keeps onnxruntime's log quiet).
         so = _session_options(ort, threads, not want_gpu, concurrent)
-        session = ort.InferenceSession(str(path), so, providers=providers)
+        session = cuda.new_session(ort, str(path), so, providers)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
         raise ModelError(f"cannot load model {path}: {first_line(e)}") from None
-    finally:
-        if old_severity is not None:
-            ort.set_default_logger_severity(old_severity)
     active = session.get_providers()
     provider = active[0] if active else CPU
     wanted = {"cuda": CUDA, "tensorrt": TENSORRT}.get(device)
