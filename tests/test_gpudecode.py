@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
+import time
 from pathlib import Path
 
 import numpy as np
@@ -246,6 +247,40 @@ def test_the_decoder_gives_the_cpu_decoders_rows_errors_and_notes(mixed_folder, 
 
 
 @needs_nvimgcodec
+def test_share_threads_take_files_from_the_other_end_with_load_images_pixels(mixed_folder, monkeypatch):
+    """--decoder auto's sharing: CPU threads decode files the GPU could take, from the end of the
+    batch, until the two sides meet. The rows, errors and notes are the CPU decoder's; a shared
+    file's pixels are load_image's own. The GPU side is slowed (one file a call, each call 0.3 s)
+    so that both sides surely take some."""
+    monkeypatch.setattr(gpudecode, "DEVICE_BYTES", 1)
+    dec = gpudecode.GpuDecoder(device="cpu", workers=2, share_threads=2)
+    slow = dec._decode_on_gpu
+
+    def slow_decode(datas):
+        time.sleep(0.3)
+        return slow(datas)
+
+    monkeypatch.setattr(dec, "_decode_on_gpu", slow_decode)
+    paths = sorted(str(p) for p in mixed_folder.iterdir())
+    eligible = [p for p in paths if jpeg_route(Path(p).read_bytes(), BIG) is None]
+    try:
+        mine = dec.decode_images(paths, SPEC, BIG)
+    finally:
+        dec.close()
+    ref = decode_images(paths, SPEC, BIG)
+    assert mine[1] == ref[1] and mine[2] == ref[2] and mine[3] == ref[3]
+    shared = dec.to_cpu.get(gpudecode.SHARED, 0)
+    refused = dec.to_cpu.get(gpudecode.REFUSED, 0)
+    assert shared >= 1 and dec.on_gpu >= 1, dec.to_cpu
+    assert dec.on_gpu + shared + refused == len(eligible) == 6
+    # the GPU took from the front: its files are the first ones; the rest are load_image's pixels exactly
+    decoded = {p: i for i, p in enumerate(mine[1])}
+    tail = [p for p in eligible[dec.on_gpu + refused:] if p in decoded]
+    assert tail and all(np.array_equal(mine[0][decoded[p]], ref[0][decoded[p]]) for p in tail)
+    assert f"({shared:,} of them shared)" in dec.summary()
+
+
+@needs_nvimgcodec
 def test_a_file_damaged_inside_its_scan_is_the_gpu_decoders_to_judge(cpu_backend_decoder, tmp_path):
     """Known difference, documented: scan data cut short but with the end marker in place passes
     the router; nvImageCodec decodes it leniently (libjpeg's non-strict mode) where load_image,
@@ -350,3 +385,5 @@ def test_decoder_auto_keeps_the_cpu_decoder_for_small_inputs(monkeypatch):
     assert made == []
     assert gpudecode.open_decoder("auto", workers=2, size=large) == "a GPU decoder"
     assert gpudecode.open_decoder("gpu", workers=2, size=small) == "a GPU decoder"  # asked for: given
+    # auto shares each batch with as many CPU threads as workers; gpu, asked for, leaves the CPU be
+    assert [kw["share_threads"] for kw in made] == [2, 0]

@@ -97,9 +97,10 @@ class _Tally:
 @click.option("--decoder", type=click.Choice(["cpu", "gpu", "auto"]), default="cpu", show_default=True,
               help="cpu: libjpeg-turbo/Pillow in --workers threads. gpu: JPEGs decoded by nvImageCodec and resized "
                    "on the GPU (pip install 'cnnx[gpu-decode]'), every file it does not take (progressive, CMYK, "
-                   "corrupt, not JPEG) by the CPU; or a one-line error naming why it cannot run. auto: gpu where "
-                   f"it runs and the model's input is over {PROCESS_DECODE_MAX_SIDE} px a side (smaller images "
-                   "decode faster on the CPU), else cpu.")
+                   "corrupt, not JPEG) by the CPU; or a one-line error naming why it cannot run. auto: where gpu "
+                   f"runs and the model's input is over {PROCESS_DECODE_MAX_SIDE} px a side (smaller images "
+                   "decode faster on the CPU), the GPU and --workers CPU threads share each batch, from its two "
+                   "ends; else cpu.")
 @click.option("--errors", "errors_path", type=click.Path(dir_okay=False),
               help="CSV of files not classified (path,stage,error). Default: OUTPUT's name + .errors.csv, "
                    "or warnings on stderr when OUTPUT is stdout.")

@@ -13,7 +13,9 @@ Per batch of files (`decode_images`, the same contract as pipeline.decode_images
      (progressive, CMYK/YCCK, 12-bit, arithmetic, RGB-coded, rotated, truncated, not a JPEG,
      unreadable) to `load_image`, so its pixels, notes and errors rows are exactly the CPU path's.
   2. the GPU files in one nvImageCodec batch call per DEVICE_BYTES of decoded pixels; a file it
-     returns None for (corrupt, unsupported) goes to `load_image` as well.
+     returns None for (corrupt, unsupported) goes to `load_image` as well. With share_threads
+     (--decoder auto), CPU threads take files from the other end of the batch meanwhile and
+     decode them with `load_image`, until the two ends meet.
   3. each decoded image through the resize graph, one run of it per image in the CPU threads
      while the next group decodes: load_image's centre crop of the shorter-side resize, with
      the geometry of its DCT-scaled decode (`crop_feeds`), a box filter standing for that DCT
@@ -74,6 +76,7 @@ NO_HEADER = "no readable frame header"
 NO_END = "no end-of-image marker (truncated?)"
 UNREADABLE = "cannot be read"  # load_image words the error
 REFUSED = "refused by the GPU decoder"  # step 2: nvImageCodec returned no image
+SHARED = "shared with the CPU threads"  # not a fallback: share_threads took it (--decoder auto)
 
 
 class DecoderUnavailable(Exception):
@@ -415,9 +418,13 @@ class GpuDecoder:
     """nvImageCodec + the resize graph (any model spec). device "cuda": the GPU (device_id);
     "cpu": nvImageCodec's libjpeg-turbo backend and onnxruntime's CPU provider (tests).
     workers: CPU threads that read files and run load_image for the files the GPU does not take.
+    share_threads: CPU threads, at a lower priority, that also decode files the GPU could take
+    (load_image, the reference), from the other end of each batch, until the two meet: where
+    CPU decoding is a good share of GPU decoding (photos: the CPU decodes them DCT-scaled, the
+    GPU at full size), the two together beat either. 0: the GPU takes all it can.
     Counts what went where: `on_gpu`, `to_cpu` {reason: files} (read by --decoder's summary)."""
 
-    def __init__(self, *, device: str = "cuda", device_id: int = 0, workers: int = 1):
+    def __init__(self, *, device: str = "cuda", device_id: int = 0, workers: int = 1, share_threads: int = 0):
         if device not in ("cuda", "cpu"):
             raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
         self.device, self.device_id = device, device_id
@@ -439,6 +446,9 @@ class GpuDecoder:
         if device == "cuda" and self.session(1).get_providers()[0] != "CUDAExecutionProvider":
             raise DecoderUnavailable("the GPU resize did not get onnxruntime's CUDA provider")
         self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="cnnx-gpudecode-cpu")
+        self.share_threads = max(0, share_threads)
+        self.share_pool = ThreadPoolExecutor(self.share_threads, thread_name_prefix="cnnx-gpudecode-share",
+                                             initializer=_lower_priority) if self.share_threads else None
         self._decode_lock = threading.Lock()  # one nvImageCodec batch call at a time
         self._count_lock = threading.Lock()
         self.on_gpu = 0
@@ -447,11 +457,14 @@ class GpuDecoder:
     def summary(self) -> str:
         """One clause for cnnx classify's summary: how many files each decoder took."""
         on_cpu = sum(self.to_cpu.values())
+        shared = self.to_cpu.get(SHARED, 0)
         return f"decoder {'nvImageCodec' if self.device == 'cuda' else 'nvImageCodec-cpu'}: {self.on_gpu:,} files, " \
-               f"{on_cpu:,} by the CPU decoder"
+               f"{on_cpu:,} by the CPU decoder" + (f" ({shared:,} of them shared)" if shared else "")
 
     def close(self):
         self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.share_pool is not None:
+            self.share_pool.shutdown(wait=True, cancel_futures=True)
         self._sessions, self.decoder = {}, None
 
     def session(self, pool: int):
@@ -476,8 +489,20 @@ class GpuDecoder:
         routed = list(self.pool.map(lambda p: self._read_and_route(p, max_pixels), paths))
         cpu_jobs = {path: self.pool.submit(cpu_decode, [path], spec, max_pixels)
                     for path, _data, reason in routed if reason is not None}
-        gpu = [(path, data) for path, data, reason in routed if reason is None]
-        resized = {}
+        gpu = deque((path, data) for path, data, reason in routed if reason is None)
+        gpu_lock = threading.Lock()  # the GPU takes groups from the left, share_threads files from the right
+        resized, shared = {}, {}
+
+        def share():
+            while True:
+                with gpu_lock:
+                    if not gpu:
+                        return
+                    path, _data = gpu.pop()
+                shared[path] = cpu_decode([path], spec, max_pixels)
+                self._count(SHARED)
+
+        sharing = [self.share_pool.submit(share) for _ in range(self.share_threads)] if gpu and self.share_pool else []
 
         def take(resizes):
             for path, future in resizes:
@@ -492,13 +517,15 @@ class GpuDecoder:
         # while the next group decodes; a group's decoded pixels are freed once resized, and
         # at most two groups' are held.
         previous = []
-        for group in _device_groups(gpu):
+        while group := _device_group(gpu, gpu_lock):
             images = self._decode_on_gpu([d for _, d in group])
             current = [(path, None if img is None else self.pool.submit(self._resize, img, out_h, out_w))
                        for (path, _data), img in zip(group, images)]
             take(previous)
             previous = current
         take(previous)
+        for future in sharing:
+            future.result()
         with self._count_lock:
             self.on_gpu += len(resized)
         images = np.empty((len(paths), 3, out_h, out_w), np.uint8)
@@ -508,7 +535,7 @@ class GpuDecoder:
                 images[len(ok)] = resized[path]
                 ok.append(path)
                 continue
-            arr, ok_paths, fails, path_notes = cpu_jobs[path].result()
+            arr, ok_paths, fails, path_notes = shared[path] if path in shared else cpu_jobs[path].result()
             failed += fails
             notes += path_notes
             if ok_paths:
@@ -580,29 +607,37 @@ class GpuDecoder:
             return None
 
 
-def _device_groups(items):
-    """Split [(path, jpeg bytes)] into groups whose decoded pixels fit DEVICE_BYTES (from the
-    header's size; every item passed jpeg_route, so it has one)."""
+def _device_group(items: deque, lock) -> list:
+    """Take from the left of `items` [(path, jpeg bytes)] the next group whose decoded pixels fit
+    DEVICE_BYTES (from the header's size; every item passed jpeg_route, so it has one); [] when
+    none are left."""
     group, total = [], 0
-    for path, data in items:
-        frame = jpeg_frame(data)
-        size = 3 * frame.height * frame.width
-        if group and total + size > DEVICE_BYTES:
-            yield group
-            group, total = [], 0
-        group.append((path, data))
-        total += size
-    if group:
-        yield group
+    with lock:
+        while items:
+            frame = jpeg_frame(items[0][1])
+            size = 3 * frame.height * frame.width
+            if group and total + size > DEVICE_BYTES:
+                break
+            group.append(items.popleft())
+            total += size
+    return group
+
+
+def _lower_priority():
+    """A share thread's initializer: a lower CPU priority (Linux sets it per thread), so the
+    GPU's feeding threads (reads, nvImageCodec and resize calls) are not kept waiting by it."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 # --- choosing a decoder and the batches ------------------------------------------------------------
 
 def open_decoder(choice: str, *, workers: int, size=None, device_id: int = 0):
     """--decoder: "cpu" -> None (pipeline.decode_images); "gpu" -> a GpuDecoder or
-    DecoderUnavailable naming the cause; "auto" -> a GpuDecoder where diagnose() says it runs
-    and the model's input (size: (H, W)) is larger than PROCESS_DECODE_MAX_SIDE, else None:
-    images that small decode many times faster in the CPU decode processes (on an H100,
+    DecoderUnavailable naming the cause; "auto" -> a GpuDecoder that shares each batch with
+    `workers` CPU threads (share_threads) where diagnose() says it runs and the model's input
+    (size: (H, W)) is larger than PROCESS_DECODE_MAX_SIDE, else None: images that small decode
+    many times faster in the CPU decode processes (on an H100,
     benchmarks/results/gpu_classify.json, "gpu_decode_classify_airnet_cifar")."""
     if choice not in DECODERS:
         raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {choice!r}")
@@ -614,7 +649,8 @@ def open_decoder(choice: str, *, workers: int, size=None, device_id: int = 0):
             raise DecoderUnavailable(f"--decoder gpu: {status.reason}")
         return None
     try:
-        return GpuDecoder(device="cuda", device_id=device_id, workers=workers)
+        return GpuDecoder(device="cuda", device_id=device_id, workers=workers,
+                          share_threads=workers if choice == "auto" else 0)
     except DecoderUnavailable as e:
         if choice == "gpu":
             raise DecoderUnavailable(f"--decoder gpu: {e}") from None
