@@ -771,14 +771,15 @@ def collapsed_summary(path: Path, top: int = 25) -> dict:
             "main_top": [[k, v, round(v / total, 3)] for k, v in ranked]}
 
 
-def gpu_decoder(smoke: bool, workers: int = 0):
+def gpu_decoder(smoke: bool, workers: int = 0, shared: bool = False):
     """The GPU decoder (nvImageCodec + the resize on CUDA); --smoke: the same code on nvImageCodec's
-    CPU backend and the CPU provider."""
+    CPU backend and the CPU provider. shared: as --decoder auto makes it, each batch shared with
+    `workers` CPU threads."""
     from cnnx.runtime.gpudecode import GpuDecoder
     from cnnx.runtime.pipeline import PipelineConfig
 
     workers = workers or PipelineConfig().resolved_workers()
-    return GpuDecoder(device="cpu" if smoke else "cuda", workers=workers)
+    return GpuDecoder(device="cpu" if smoke else "cuda", workers=workers, share_threads=workers if shared else 0)
 
 
 def gpu_decode_only(folder: Path, size: int, smoke: bool) -> dict:
@@ -931,16 +932,19 @@ def _top1_agreement(ref: dict, other: dict) -> tuple:
     return len(common), sum(ref[p] == other[p] for p in common) / max(1, len(common))
 
 
-def gpu_decode_classify(model: str, folder: Path, device: str, batch: int, smoke: bool) -> dict:
+def gpu_decode_classify(model: str, folder: Path, device: str, batch: int, smoke: bool,
+                        shared: bool = False) -> dict:
     """The photos through Classifier.classify (cnnx classify's pipeline, in this process) with the
     CPU decoder and with the GPU decoder, back to back: img/s of each, the ratio, and top-1
-    agreement of the GPU-decoded predictions with the CPU-decoded ones (the reference)."""
+    agreement of the GPU-decoded predictions with the CPU-decoded ones (the reference).
+    shared: also the GPU decoder as --decoder auto makes it (each batch shared with CPU threads),
+    its ratio to the CPU decoder and its agreement ("auto_decode", "auto_vs_cpu_decode")."""
     from cnnx.runtime import Classifier, Prediction
 
     out = {}
     top1 = {}
-    for name in ("cpu", "gpu"):
-        decoder = "cpu" if name == "cpu" else gpu_decoder(smoke)
+    for name in ("cpu", "gpu", "auto") if shared else ("cpu", "gpu"):
+        decoder = "cpu" if name == "cpu" else gpu_decoder(smoke, shared=name == "auto")
         with Classifier(model, device, batch_size=batch, decoder=decoder) as clf:
             t0 = time.perf_counter()
             rows = [r for r in clf.classify([str(folder)]) if isinstance(r, Prediction)]
@@ -958,6 +962,10 @@ def gpu_decode_classify(model: str, folder: Path, device: str, batch: int, smoke
     out.update(n=n, distinct_top1_classes=classes, top1_agreement=round(agree, 4), agreement_goal=0.995,
                agreement_met=(agree >= 0.995) if classes >= MIN_CLASSES_SHOWN else None,
                gpu_vs_cpu_decode=round(ratio, 2), speed_goal=3.0, speed_met=ratio >= 3.0)
+    if shared:
+        auto_ratio = out["auto_decode"]["img_s"] / max(out["cpu_decode"]["img_s"], 1e-9)
+        out.update(auto_vs_cpu_decode=round(auto_ratio, 2), auto_top1_agreement=round(
+            _top1_agreement(top1["cpu"], top1["auto"])[1], 4), speed_met=max(ratio, auto_ratio) >= 3.0)
     return out
 
 
@@ -1095,7 +1103,7 @@ def main(argv=None):
             large = run.stage("cifar_x10", replicated, cifar, a.work / "cifar-x10", 2 if smoke else 10, need_s=30)
             if large:
                 run.stage("steady_state_airnet_fp32", steady_state, models["airnet"]["fp32"], cifar, large, device,
-                          BATCH, a.work, ceiling, rounds=2, baselines=a.baseline,
+                          BATCH, a.work, ceiling, rounds=3, baselines=a.baseline,
                           need_s=20 * (1 + len(a.baseline)))
                 cores = os.cpu_count() or 1
                 run.stage("steady_state_workers_airnet_fp32", lambda: {
@@ -1119,7 +1127,7 @@ def main(argv=None):
         run.stage("gpu_decode_pixels", gpu_decode_pixels, photo_dir, size, smoke, model=models["resnet18"]["fp32"],
                   device=device, need_s=15)
         run.stage("gpu_decode_classify_resnet18", gpu_decode_classify, models["resnet18"]["fp32"], photo_dir,
-                  device, BATCH, smoke, need_s=40)
+                  device, BATCH, smoke, shared=True, need_s=50)
     if models.get("airnet"):
         run.stage("classify_rows_cuda_vs_cpu_airnet", classify_rows_agreement, models["airnet"]["fp32"], cifar_small,
                   device, BATCH, need_s=30)
@@ -1235,6 +1243,10 @@ def summarize(r: dict):
                      f"{'met' if g['speed_met'] else 'not met'}; CPU decoding is {'' if limit else 'not '}the limit), "
                      f"top-1 agreement {g['top1_agreement']} on {g['n']}, {g['distinct_top1_classes']} classes given "
                      f"(goal 0.995, {_met(g['agreement_met'])})")
+        if "auto_decode" in g:
+            lines.append(f"  --decoder auto (the batch shared with CPU threads): {g['auto_decode']['img_s']:,.0f} img/s = "
+                         f"{g['auto_vs_cpu_decode']}x the CPU decoder; on the GPU {g['auto_decode'].get('on_gpu')}, "
+                         f"to the CPU {g['auto_decode'].get('to_cpu')}; top-1 agreement {g['auto_top1_agreement']}")
     if r.get("gpu_decode_only_photos"):
         lines.append(f"GPU decode only (photos): {r['gpu_decode_only_photos']}; pixels vs load_image: "
                      f"{r.get('gpu_decode_pixels')}")

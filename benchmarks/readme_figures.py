@@ -509,6 +509,14 @@ def gpu_classify_rows(d: dict, other_run: dict | None, row, notes):
         row("`--decoder gpu` pipeline (nvImageCodec + crop/resize on the GPU) vs the CPU decode pipeline, same photos",
             f"**{ratio_:.2f}x** ({num(o['img_s'])} vs {num(dec['img_s'])} img/s)",
             f">= {goal_ratio(GPU_DECODE_SPEEDUP)}", ratio_ >= GPU_DECODE_SPEEDUP, d)
+    if (g := d.get("gpu_decode_classify_resnet18")) and "auto_decode" in g:
+        a, cpu = g["auto_decode"], g["cpu_decode"]
+        row(f"`cnnx classify --decoder auto` (nvImageCodec and CPU threads share each batch) vs `--decoder cpu`, "
+            f"`resnet18` 224 px, {num(a['files'])} 2-12 MP photos, the classify pipeline",
+            f"**{g['auto_vs_cpu_decode']:.2f}x** ({num(a['img_s'])} vs {num(cpu['img_s'])} img/s; files decoded by the "
+            f"GPU {num(a['on_gpu'])}, by the CPU {num(sum(a['to_cpu'].values()))}); `--decoder gpu` alone "
+            f"{g['gpu_vs_cpu_decode']:.2f}x", f">= {goal_ratio(GPU_DECODE_SPEEDUP)}",
+            g["auto_vs_cpu_decode"] >= GPU_DECODE_SPEEDUP, d)
     for key, what in (("gpu_decode_classify_airnet_cifar", "the CIFAR JPEGs"),
                       ("gpu_decode_classify_airnet_photos", "the 2-12 MP photos (resized to 32 px)")):
         if g := d.get(key):
