@@ -250,24 +250,28 @@ def test_the_decoder_gives_the_cpu_decoders_rows_errors_and_notes(mixed_folder, 
 def test_share_threads_take_files_from_the_other_end_with_load_images_pixels(mixed_folder, monkeypatch):
     """--decoder auto's sharing: CPU threads decode files the GPU could take, from the end of the
     batch, until the two sides meet. The rows, errors and notes are the CPU decoder's; a shared
-    file's pixels are load_image's own. The GPU side is slowed (one file a call, each call 0.3 s)
-    so that both sides surely take some."""
-    monkeypatch.setattr(gpudecode, "DEVICE_BYTES", 1)
-    dec = gpudecode.GpuDecoder(device="cpu", workers=2, share_threads=2)
-    slow = dec._decode_on_gpu
+    file's pixels are load_image's own. Both sides are slowed (the GPU one file a call, 0.3 s each;
+    the CPU 0.2 s a file) so that both surely take some, even on a loaded machine."""
+    import cnnx.runtime.pipeline as pipeline
 
-    def slow_decode(datas):
-        time.sleep(0.3)
-        return slow(datas)
-
-    monkeypatch.setattr(dec, "_decode_on_gpu", slow_decode)
     paths = sorted(str(p) for p in mixed_folder.iterdir())
     eligible = [p for p in paths if jpeg_route(Path(p).read_bytes(), BIG) is None]
+    ref = decode_images(paths, SPEC, BIG)
+    monkeypatch.setattr(gpudecode, "DEVICE_BYTES", 1)
+    dec = gpudecode.GpuDecoder(device="cpu", workers=2, share_threads=2)
+
+    def slowly(fn, seconds):
+        def slow(*args):
+            time.sleep(seconds)
+            return fn(*args)
+        return slow
+
+    monkeypatch.setattr(dec, "_decode_on_gpu", slowly(dec._decode_on_gpu, 0.3))
+    monkeypatch.setattr(pipeline, "decode_images", slowly(pipeline.decode_images, 0.2))
     try:
         mine = dec.decode_images(paths, SPEC, BIG)
     finally:
         dec.close()
-    ref = decode_images(paths, SPEC, BIG)
     assert mine[1] == ref[1] and mine[2] == ref[2] and mine[3] == ref[3]
     shared = dec.to_cpu.get(gpudecode.SHARED, 0)
     refused = dec.to_cpu.get(gpudecode.REFUSED, 0)
