@@ -101,28 +101,25 @@ def test_bound_runs_give_session_run_logits_bit_for_bit_in_order(conv_model):
 
 
 @pytest.mark.parametrize("slots", [1, 2, 3])
-def test_borrowed_images_are_copied_before_the_job_after_the_next_is_taken(conv_model, slots):
+def test_borrowed_images_are_copied_before_the_next_job_is_taken(conv_model, slots):
     """run_in_order copies a job's images on the run's thread, and must have done so before it
-    takes the job after the next (procdecode's LENT_HELD): here the jobs lend LENT_HELD + 1
-    buffers in turn, each spoilt and refilled the moment it is lent again, as procdecode reuses a
-    lent slot, so a copy made late would run the spoilt pixels."""
+    takes the next job: here every job lends one buffer, spoilt the moment the next is asked
+    for (as procdecode reuses a lent slot), so a copy made late would run the spoilt pixels."""
     from cnnx.runtime.binding import BoundRunner
-    from cnnx.runtime.procdecode import LENT_HELD
 
     session = cpu_session(conv_model)
     want = batches(9, 8, seed=3)
-    lent = [np.empty_like(want[0]) for _ in range(LENT_HELD + 1)]
+    lent = np.empty_like(want[0])
 
     def jobs():
         for i, images in enumerate(want):
-            buffer = lent[i % len(lent)]
-            buffer[:] = 255  # the slot taken back ...
-            buffer[:] = images  # ... and refilled
+            lent[:] = images
             yield i
+            lent[:] = 255  # the slot taken back and refilled
 
     runner = BoundRunner(session, "images", "logits", 8, (32, 32), slots=slots)
     try:
-        got = list(runner.run_in_order(jobs(), lambda i: lent[i % len(lent)]))
+        got = list(runner.run_in_order(jobs(), lambda i: lent))
     finally:
         runner.close()
     assert [i for i, _ in got] == list(range(len(want)))

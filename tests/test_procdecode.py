@@ -121,40 +121,6 @@ def test_lent_batches_are_the_copied_ones_and_only_whole_ones_are_lent(model, mi
     assert not segments(os.getpid())
 
 
-def test_a_lent_batch_stays_valid_until_the_batch_after_the_next_is_asked_for(model, cifar_subset):
-    """LENT_HELD = 1: the IOBinding runner copies a batch on its run's thread and waits for that
-    copy only before it takes the batch after the next. So each lent batch must still hold its
-    pixels while the next one is taken, and the last ones after the run has ended, until the
-    pool's next run or close (the segment's name is gone at once)."""
-    import numpy as np
-
-    from cnnx.runtime.discover import Discovery
-    from cnnx.runtime.pipeline import batched_runs
-    from cnnx.runtime.procdecode import LENT_HELD, DecodePool
-
-    assert LENT_HELD == 1
-    folder = cifar_subset(6)
-    with Classifier(model, "cpu") as clf:
-        spec = clf.info.spec
-    want = _batches(folder, spec, 8, 2, lend=False)
-    config = PipelineConfig(batch_size=8, workers=2)
-    pool = DecodePool(2)
-    try:
-        before = None  # (index, the lent view) of the batch before
-        for i, (_items, b) in enumerate(pool.decoded_batches(batched_runs(Discovery([str(folder)]).runs(), 8),
-                                                             spec, config, lend=True)):
-            assert not b.images.flags.owndata  # every batch is whole here: all lent
-            if before is not None:  # asked for this one, the caller may still be copying that one
-                assert (before[1] == want[before[0]][3]).all(), before[0]
-            before = (i, b.images)
-        assert i == len(want) - 1 > 3
-        assert not segments(os.getpid())  # the run has ended: no name left in /dev/shm ...
-        assert (before[1] == want[i][3]).all()  # ... but the last batch lent is still there to copy
-        del before, b
-    finally:
-        pool.close()
-
-
 @pytest.mark.parametrize("io_binding", [False, True])
 def test_decode_processes_yield_to_a_caller_that_feeds_a_gpu(model, mixed, io_binding):
     """With a bound runner (the GPU path; forced on the CPU here) the workers run at

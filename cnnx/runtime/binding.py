@@ -38,11 +38,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from cnnx.runtime.files import first_line
-# A job's images may be borrowed (procdecode's `lend`) until LENT_HELD more jobs after it have
-# been taken: its copy, on its run's thread, is waited for only then, not before the next job
-# is taken (on an H100 the caller's one thread waited there for a fifth of its time:
-# benchmarks/results/gpu_profile_airnet_e9f6c17.txt).
-from cnnx.runtime.procdecode import LENT_HELD
 
 CUDA_DEVICES = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 # While batches run: a run's thread that leaves onnxruntime needs the GIL back to hand over
@@ -186,9 +181,8 @@ class BoundRunner:
         exactly self.shape, or None for a job with nothing to run (its logits are None). A job
         is copied into a free slot and started before the oldest running one is waited for,
         so `slots` batches are in flight. The copy is made on the run's thread (the caller's
-        one, which bounds the rate, goes on meanwhile) and waited for before the job after
-        the next is taken from `jobs` (LENT_HELD): a job's images may be borrowed until then
-        (procdecode's `lend`).
+        one, which bounds the rate, goes on meanwhile) and waited for before the next job is
+        taken from `jobs`: a job's images may be borrowed until then (procdecode's `lend`).
         Python's thread switch interval is GIL_SWITCH_S (at most) until the generator ends.
         finish(job, logits): run on the run's thread once its logits are back (what it returns,
         or raises, comes instead of the logits): work on a batch's result off the caller's
@@ -206,28 +200,24 @@ class BoundRunner:
             finally:
                 free.append(slot)
 
-        # copies: per job taken, an Event set once its images are in its slot (None: nothing to copy)
-        jobs, copies = iter(jobs), deque()
+        jobs, copied = iter(jobs), None  # copied: set once the last job's images are in its slot
         try:
             while True:
-                while len(copies) > LENT_HELD:
-                    copied = copies.popleft()
-                    if copied is not None:
-                        copied.wait()
+                if copied is not None:
+                    copied.wait()
                 job = next(jobs, _NO_MORE)
                 if job is _NO_MORE:
                     break
                 images = images_of(job)
                 if images is None:
                     running.append((job, None, None))
-                    copies.append(None)
+                    copied = None
                     continue
                 if images.shape != self.shape or images.dtype != np.uint8:
                     raise ValueError(f"batch of {images.dtype} {images.shape}, expected uint8 {self.shape}")
                 while not free:
                     yield oldest()
                 slot, copied = free.popleft(), threading.Event()
-                copies.append(copied)
                 running.append((job, slot, self._pool.submit(self._run, slot, job, images, copied, finish)))
             while running:
                 yield oldest()

@@ -16,10 +16,9 @@ Here each worker process has its own interpreter:
   and sends back the logits (a few KB), so batches run side by side on the cores;
 - batches are assembled in order in the caller, as pipeline.decoded_batches yields them,
   with the same rows, errors and notes (both paths share pipeline.decode_into); a caller
-  that is done with each batch's pixels before asking for the one after the next (the
-  IOBinding runner copies them on its runs' threads; on the CPU the workers ran the model)
-  can borrow it from its slot instead (`lend`): no copy of the pixels in the caller, whose
-  one process bounds the rate on a GPU.
+  that is done with each batch's pixels before asking for the next (the IOBinding runner
+  copies them; on the CPU the workers ran the model) can borrow it from its slot instead
+  (`lend`): no copy of the pixels in the caller, whose one process bounds the rate on a GPU.
 
 A worker that dies (killed, out of memory) ends the run with DecodeWorkerDied, one line; a
 run that ends for any reason (done, an error, Ctrl-C) unlinks its segment, and a killed
@@ -54,9 +53,6 @@ MIN_CHUNK_FILES = 64  # a task's paths: fewer means more pipe round trips per im
 # the workers still have every cycle those threads leave.
 FEEDING_NICE = 10
 STOP_TIMEOUT_S = 5.0
-# A lent batch stays valid while the caller takes this many more (binding.BoundRunner's
-# run_in_order copies it on its run's thread and waits for that copy only then).
-LENT_HELD = 1
 
 
 class DecodeWorkerDied(ModelError):
@@ -168,7 +164,6 @@ class DecodePool:
         self.procs, self.conns = [], []
         self.busy = False  # a run is using the workers (one at a time)
         self.runs = 0  # runs started: results of an earlier one (ended early) are dropped
-        self._retired = None  # the last run's segment, unlinked, still mapped (see decoded_batches)
         try:
             for _ in range(workers):
                 parent, child = ctx.Pipe()
@@ -192,15 +187,13 @@ class DecodePool:
         (opened by `Classifier(model, "cpu")`) that each worker then runs on the whole
         batches it decodes, on one CPU thread: the batch's `logits` (batch_size rows; a
         failed run raises ModelError here, in batch order). lend: a batch whose files all
-        decoded comes as a view of its slot, valid until the batch after the next is asked
-        for (the caller is done with its pixels by then: so it need not wait for its own copy
-        before it takes the next batch), the last ones until the pool's next run or close();
-        others are copied out as without lend."""
+        decoded comes as a view of its slot, valid only until the next batch is asked for
+        (the caller is done with its pixels by then); others are copied out as without lend."""
         if self.busy:
             raise RuntimeError("this DecodePool is already running a classify call")
         self.busy = True
         self.runs += 1
-        slots = config.read_ahead(spec) + 1 + (LENT_HELD if lend else 0)
+        slots = config.read_ahead(spec) + 1
         shape = (slots, config.batch_size, 3, *spec["size"])
         shm = shared_memory.SharedMemory(name=f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}", create=True,
                                          size=max(1, slots * config.batch_size * image_bytes(spec)))
@@ -212,22 +205,13 @@ class DecodePool:
             yield from _Run(self, images, config, slots, model, lend).batches(item_batches)
         finally:
             images = None
-            shm.unlink()  # nothing left in /dev/shm; the mapping lives on as long as needed:
-            # the last batches lent are still the caller's when this generator ends (their
-            # copies may be running), and numpy views do not keep a mapping alive.
-            self._retire(shm)
+            shm.close()
+            shm.unlink()
             self.busy = False
 
-    def _retire(self, shm):
-        """Unmap the previous run's segment (its lent batches are done with by now); keep `shm`."""
-        if self._retired is not None:
-            self._retired.close()
-        self._retired = shm
-
     def close(self):
-        """Stop the workers (those that do not stop in time are killed); unmap the last segment."""
+        """Stop the workers (those that do not stop in time are killed)."""
         self._stop()
-        self._retire(None)
 
 
 def _stop(procs, conns):
@@ -256,7 +240,6 @@ class _Run:
         self.outstanding = [deque() for _ in pool.conns]  # (slot, row, paths) sent to each worker
         self.pending = deque()  # _Batch in order
         self.by_slot = {}
-        self.lent = deque()  # the slots of the last batches yielded (None: not lent), oldest first
         # Registered once for the run: multiprocessing.connection.wait would build and fill a
         # new selector at every wait, with two file descriptors a worker.
         self.selector = selectors.DefaultSelector()
@@ -284,12 +267,8 @@ class _Run:
                 batch = self.pending.popleft()
                 lent = self.lend and self.whole(batch)
                 yield batch.items, self.assemble(batch, lent)
-                # The caller has asked for the next batch: it is done with the one LENT_HELD before.
-                self.lent.append(batch.slot if lent else None)
-                if len(self.lent) > LENT_HELD:
-                    slot = self.lent.popleft()
-                    if slot is not None:
-                        self.release(slot)
+                if lent:  # the caller has asked for the next batch: it is done with this one
+                    self.release(batch.slot)
                 if more and self.free:
                     break  # give the freed slot a new batch before waiting
             else:
