@@ -1095,6 +1095,17 @@ def main(argv=None):
                       c and c["ceiling_img_s"], need_s=30)
             if not smoke:
                 run.stage(f"cuda_vs_cpu_{key}", agreement, path, dev, real, need_s=15)
+    # The photos and GPU decoding, before the CIFAR steady state: a short --budget-s skips the last stages
+    run.stage("decode_only_photos", decode_only, photo_dir, 224, need_s=20)
+    if models.get("resnet18"):
+        size = models["resnet18"]["size"]
+        run.stage("gpu_decode_ceiling", gpu_decode_ceiling, photo_dir, smoke, need_s=20)
+        run.stage("gpu_decode_diagnose", gpu_decode_diagnose, photo_dir, size, smoke, need_s=20)
+        run.stage("gpu_decode_only_photos", gpu_decode_only, photo_dir, size, smoke, need_s=20)
+        run.stage("gpu_decode_pixels", gpu_decode_pixels, photo_dir, size, smoke, model=models["resnet18"]["fp32"],
+                  device=device, need_s=15)
+        run.stage("gpu_decode_classify_resnet18", gpu_decode_classify, models["resnet18"]["fp32"], photo_dir,
+                  device, BATCH, smoke, shared=True, need_s=50)
     if models.get("airnet"):
         run.stage("decode_bound_cifar", decode_bound, cifar, models["airnet"]["fp32"], BATCH, need_s=20)
         run.stage("startup_floor_airnet", startup_floor, models["airnet"]["fp32"], device, BATCH, need_s=15)
@@ -1118,16 +1129,6 @@ def main(argv=None):
                           a.results / "profile_airnet_fp32.txt", a.site, need_s=30)
                 run.stage("profile_gil_airnet_fp32", profile, models["airnet"]["fp32"], large, device, BATCH,
                           a.work, a.results / "profile_gil_airnet_fp32.txt", a.site, gil=True, need_s=30)
-    run.stage("decode_only_photos", decode_only, photo_dir, 224, need_s=20)
-    if models.get("resnet18"):
-        size = models["resnet18"]["size"]
-        run.stage("gpu_decode_ceiling", gpu_decode_ceiling, photo_dir, smoke, need_s=20)
-        run.stage("gpu_decode_diagnose", gpu_decode_diagnose, photo_dir, size, smoke, need_s=20)
-        run.stage("gpu_decode_only_photos", gpu_decode_only, photo_dir, size, smoke, need_s=20)
-        run.stage("gpu_decode_pixels", gpu_decode_pixels, photo_dir, size, smoke, model=models["resnet18"]["fp32"],
-                  device=device, need_s=15)
-        run.stage("gpu_decode_classify_resnet18", gpu_decode_classify, models["resnet18"]["fp32"], photo_dir,
-                  device, BATCH, smoke, shared=True, need_s=50)
     if models.get("airnet"):
         run.stage("classify_rows_cuda_vs_cpu_airnet", classify_rows_agreement, models["airnet"]["fp32"], cifar_small,
                   device, BATCH, need_s=30)

@@ -425,11 +425,16 @@ def block_gpu(res: Results) -> str:
 OTHER_GPU_RUN = "gpu_classify_h200.json"  # the same script's whole run on the other card
 
 
+def _version_label(commit: str) -> str:
+    """A commit's short hash; a variant's own words (its COMMIT file, e.g. "slots=3 on <commit>") as they are."""
+    return commit[:7] if re.fullmatch(r"[0-9a-f]{40}", commit) else commit
+
+
 def steady_state_ab_row(d: dict, name: str, row):
     """A steady-state A/B of gpu_classify.py --baseline: each version's marginal rate, same
     run, same card, rounds interleaved."""
     st = d["steady_state_airnet_fp32"]
-    versions = [(b["commit"][:7], b) for b in st.get("baselines", [])]
+    versions = [(_version_label(b["commit"]), b) for b in st.get("baselines", [])]
     if "baseline" in st:  # the first runs' one baseline
         versions.append((st["baseline"]["commit"][:7], st["baseline"]))
     versions.append(((d.get("tree_commit") or d["git_commit"])[:7], st))
