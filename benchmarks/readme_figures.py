@@ -415,6 +415,7 @@ def block_gpu(res: Results) -> str:
         gpu_classify_rows(d, res.get(OTHER_GPU_RUN), row, notes)
     for name in sorted(p.name for p in res.folder.glob("gpu_steady_state_*.json")):
         steady_state_ab_row(res.get(name), name, row)
+        shared_decode_row(res.get(name), name, row)
     missing = [f"not measured yet (no `results/{n}`)" for n in ("gpu_train.json", "gpu_classify.json") if n in res.missing]
     out = [table(["what", "result", "goal", "", "command", "machine (as recorded)"], rows)] if rows else []
     if missing + notes:
@@ -444,6 +445,22 @@ def steady_state_ab_row(d: dict, name: str, row):
         "(what each change gave)", None, d)
 
 
+def shared_decode_row(d: dict, name: str | None, row):
+    """--decoder auto (each batch shared by nvImageCodec and CPU threads) against --decoder cpu
+    and gpu, from one gpu_classify.py run that measured it (name: its file, where not the main run)."""
+    g = d.get("gpu_decode_classify_resnet18")
+    if not g or "auto_decode" not in g:
+        return
+    a, cpu = g["auto_decode"], g["cpu_decode"]
+    where = f" (`results/{name}`)" if name else ""
+    row(f"`cnnx classify --decoder auto` (nvImageCodec and CPU threads share each batch) vs `--decoder cpu`, "
+        f"`resnet18` 224 px, {num(a['files'])} 2-12 MP photos, the classify pipeline{where}",
+        f"**{g['auto_vs_cpu_decode']:.2f}x** ({num(a['img_s'])} vs {num(cpu['img_s'])} img/s; files decoded by the "
+        f"GPU {num(a['on_gpu'])}, by the CPU {num(sum(a['to_cpu'].values()))}); `--decoder gpu` alone "
+        f"{g['gpu_vs_cpu_decode']:.2f}x ({num(g['gpu_decode']['img_s'])} img/s)", f">= {goal_ratio(GPU_DECODE_SPEEDUP)}",
+        g["auto_vs_cpu_decode"] >= GPU_DECODE_SPEEDUP, d)
+
+
 def gpu_classify_rows(d: dict, other_run: dict | None, row, notes):
     """Issue 8's figures from one gpu_classify.py run: the ceilings, cnnx classify against them
     and against what bounds it (start-up, CPU decoding), GPU decoding, agreement, memory."""
@@ -451,7 +468,7 @@ def gpu_classify_rows(d: dict, other_run: dict | None, row, notes):
         model, variant = key[len("ceiling_"):].rsplit("_", 1)
         c = d[key]
         row(f"onnxruntime CUDA, `{model}` {variant}: pure-inference ceiling (IOBinding, batch {c['batch']} already on "
-            "the GPU, 2 in flight)", f"{num(c['ceiling_img_s'])} img/s (plain `session.run`: "
+            f"the GPU, {c.get('ceiling_slots', 2)} in flight)", f"{num(c['ceiling_img_s'])} img/s (plain `session.run`: "
             f"{num(c['session_run_img_s'])})", "(the reference)", None, d)
     for arch in ("resnet18", "airnet"):
         e = d.get(f"export_{arch}") or {}
@@ -514,14 +531,7 @@ def gpu_classify_rows(d: dict, other_run: dict | None, row, notes):
         row("`--decoder gpu` pipeline (nvImageCodec + crop/resize on the GPU) vs the CPU decode pipeline, same photos",
             f"**{ratio_:.2f}x** ({num(o['img_s'])} vs {num(dec['img_s'])} img/s)",
             f">= {goal_ratio(GPU_DECODE_SPEEDUP)}", ratio_ >= GPU_DECODE_SPEEDUP, d)
-    if (g := d.get("gpu_decode_classify_resnet18")) and "auto_decode" in g:
-        a, cpu = g["auto_decode"], g["cpu_decode"]
-        row(f"`cnnx classify --decoder auto` (nvImageCodec and CPU threads share each batch) vs `--decoder cpu`, "
-            f"`resnet18` 224 px, {num(a['files'])} 2-12 MP photos, the classify pipeline",
-            f"**{g['auto_vs_cpu_decode']:.2f}x** ({num(a['img_s'])} vs {num(cpu['img_s'])} img/s; files decoded by the "
-            f"GPU {num(a['on_gpu'])}, by the CPU {num(sum(a['to_cpu'].values()))}); `--decoder gpu` alone "
-            f"{g['gpu_vs_cpu_decode']:.2f}x", f">= {goal_ratio(GPU_DECODE_SPEEDUP)}",
-            g["auto_vs_cpu_decode"] >= GPU_DECODE_SPEEDUP, d)
+    shared_decode_row(d, None, row)
     for key, what in (("gpu_decode_classify_airnet_cifar", "the CIFAR JPEGs"),
                       ("gpu_decode_classify_airnet_photos", "the 2-12 MP photos (resized to 32 px)")):
         if g := d.get(key):

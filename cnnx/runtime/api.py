@@ -71,7 +71,7 @@ class Classifier:
     be smaller when that many images of the model's size would exceed the pipeline's memory
     budget (compare with `requested_batch_size`).
 
-    io_binding: run classify()'s batches through IOBinding with two in flight and page-locked
+    io_binding: run classify()'s batches through IOBinding with several in flight and page-locked
     host buffers (cnnx.runtime.binding); None (default) = on CUDA and TensorRT, off on the CPU,
     where the plain loop is kept. `host_memory` says which buffers it got, or None when off.
 
@@ -339,7 +339,7 @@ class Classification:
             yield self._result(items, batch, self._logits(batch))
 
     def _bound(self, batches):
-        """The GPU path: IOBinding, two batches in flight (cnnx.runtime.binding), each batch's
+        """The GPU path: IOBinding, binding.SLOTS batches in flight, each batch's
         top-k taken on its run's thread (this one, which bounds the rate, meanwhile feeds the
         next). A batch where no file decoded is not run (images_of -> None, top None)."""
         clf = self.classifier

@@ -2,7 +2,7 @@
 
 `session.run(feed)` on CUDA copies every uint8 batch from pageable memory, waits for the
 logits and only then returns, so upload, compute and the caller's work (softmax, top-k,
-writing rows) take turns. Here each of `slots` (default 2) slots owns
+writing rows) take turns. Here each of `slots` (default SLOTS) slots owns
 
   - a host input buffer of one batch, page-locked when CUDA can give us one (the copy to
     the GPU then runs by DMA at full PCIe speed instead of through a staging buffer);
@@ -24,7 +24,7 @@ submission order. Decoding overlaps all of this already (the decode threads or p
 The same code runs on the CPU provider with plain host buffers (the tests exercise it there
 against `session.run`); cnnx classify uses it only on CUDA and TensorRT, where it pays: the
 CPU loop stays as it is (nothing to upload there; the shared 2-core CPU cannot show a gain).
-benchmarks/gpu_classify.py measures 1 vs 2 slots and the host memory kind on the GPU.
+benchmarks/gpu_classify.py measures the ceiling with 2 and SLOTS slots and the host memory kind on the GPU.
 """
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ import numpy as np
 from cnnx.runtime.files import first_line
 
 CUDA_DEVICES = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+# Batches in flight. The caller's one thread waited on the oldest run a good part of its time
+# with 2 (benchmarks/results/gpu_profile_airnet_e9f6c17.txt); 3 gave the CIFAR steady state more
+# (benchmarks/results/gpu_steady_state_5906b62.json, same H100 run).
+SLOTS = 3
 # While batches run: a run's thread that leaves onnxruntime needs the GIL back to hand over
 # its logits, and the caller's thread is then usually running Python (discovery, rows). At
 # Python's default of 5 ms between forced switches, the run's thread can wait that long, the
@@ -163,7 +167,7 @@ class BoundRunner:
     in flight. pinned: page-locked host buffers (for CUDA; plain numpy on the CPU)."""
 
     def __init__(self, session, input_name: str, output_name: str, batch_size: int, size, *,
-                 slots: int = 2, pinned: bool = False):
+                 slots: int = SLOTS, pinned: bool = False):
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots!r}")
         h, w = size
