@@ -22,9 +22,11 @@ What one run measures (every figure with the card it ran on, all in the same pro
   decode_only  the CPU decode pipeline alone on the photos (is decoding the limit there?)
   gpu_decode   GPU JPEG decoding (cnnx.runtime.gpudecode: nvImageCodec + the ONNX resize on CUDA):
                the GPU decoder alone on the photos (img/s, files it passed to the CPU); its pixels
-               vs load_image's on 64 photos; resnet18 fp32 classify of the photos with --decoder cpu
-               and gpu back to back in this process: img/s of each, the ratio (goal >= 3x where
-               decoding is the limit) and top-1 agreement of GPU- vs CPU-decoded (goal >= 99.5%)
+               vs load_image's on 64 photos; resnet18 fp32 classify of the photos with --decoder cpu,
+               gpu and auto's sharing back to back in this process: img/s of each, the ratio (goal
+               >= 3x where decoding is the limit) and top-1 agreement of GPU- vs CPU-decoded (goal
+               >= 99.5%); py-spy on `cnnx classify --decoder gpu` of the photos (every thread,
+               profile_gpu_decode_resnet18.txt)
                + nvImageCodec's own decode rate on the photos (gpu_decode_ceiling: the most GPU decoding
                can give) and a step-by-step pixel diagnosis (gpu_decode_diagnose); with a trained airnet
                (--airnet-checkpoint): --decoder cpu vs gpu on the 50,000 CIFAR JPEGs and on the photos at
@@ -57,7 +59,7 @@ What one run measures (every figure with the card it ran on, all in the same pro
   sweep        --batch-size 64..2048: ceilings of both models, cnnx classify img/s of airnet
                on CIFAR; the best is printed (the CUDA default of --batch-size stays 256 until
                a run of this script says otherwise)
-  slots        ceiling and bound loop with 1 vs 2 batches in flight (resnet18 fp32)
+  slots        ceiling and bound loop with 1, 2 and 3 batches in flight (resnet18 fp32)
   memory       peak RSS of cnnx classify (airnet fp32, CUDA) on 50,000 vs 5,000 files
   pytest_gpu   tests/test_classify_gpu.py, test_cuda_diagnosis.py and test_gpudecode.py with CUDA
                (when time is left)
@@ -717,7 +719,7 @@ PROFILE_RATE = 200  # py-spy samples a second
 
 
 def profile(model: str, folder: Path, device: str, batch: int, work: Path, out: Path, site: Path,
-            gil: bool = False) -> dict:
+            gil: bool = False, extra=()) -> dict:
     """py-spy record of `cnnx classify` on `folder`: every thread, idle samples included,
     PROFILE_RATE a second, collapsed stacks -> `out`; the main thread's share of samples by where
     they were. gil: only the samples of the thread holding the GIL (py-spy --gil): their sum
@@ -733,7 +735,7 @@ def profile(model: str, folder: Path, device: str, batch: int, work: Path, out: 
     Path(str(target.with_suffix("")) + ".errors.csv").unlink(missing_ok=True)
     cmd = [str(spy), "record", "--format", "raw", "--gil" if gil else "--idle", "--threads", "--rate",
            str(PROFILE_RATE), "--output", str(out), "--", sys.executable, "-m", "cnnx", "classify", str(folder),
-           "--model", model, "-o", str(target), "--topk", "1", "--device", device, "--batch-size", str(batch)]
+           "--model", model, "-o", str(target), "--topk", "1", "--device", device, "--batch-size", str(batch), *extra]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
     wall = time.perf_counter() - t0
@@ -1109,6 +1111,9 @@ def main(argv=None):
                   device=device, need_s=15)
         run.stage("gpu_decode_classify_resnet18", gpu_decode_classify, models["resnet18"]["fp32"], photo_dir,
                   device, BATCH, smoke, shared=True, need_s=50)
+        # Where --decoder gpu's time goes (it reached a third of nvImageCodec's own rate on the H100)
+        run.stage("profile_gpu_decode_resnet18", profile, models["resnet18"]["fp32"], photo_dir, device, BATCH,
+                  a.work, a.results / "profile_gpu_decode_resnet18.txt", a.site, extra=("--decoder", "gpu"), need_s=30)
     if models.get("airnet"):
         run.stage("decode_bound_cifar", decode_bound, cifar, models["airnet"]["fp32"], BATCH, need_s=20)
         run.stage("startup_floor_airnet", startup_floor, models["airnet"]["fp32"], device, BATCH, need_s=15)
