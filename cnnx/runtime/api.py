@@ -79,7 +79,8 @@ class Classifier:
     with nvImageCodec and resizes them on the GPU (cnnx.runtime.gpudecode; load_image still takes
     every file the GPU does not), or raises gpudecode.DecoderUnavailable naming why it cannot run;
     "auto": gpu where it runs and the model's input is over workers.PROCESS_DECODE_MAX_SIDE px a
-    side, else cpu; or a GpuDecoder made by the caller (e.g. on nvImageCodec's CPU backend),
+    side, with `workers` CPU threads sharing each batch (GpuDecoder's share_threads), else cpu;
+    or a GpuDecoder made by the caller (e.g. on nvImageCodec's CPU backend),
     closed with this Classifier. `decoder` as used is "gpu" or "cpu"; `gpu_decoder` counts the
     files it decoded and those it passed to the CPU.
 
