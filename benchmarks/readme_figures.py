@@ -325,7 +325,10 @@ def block_results(res: Results) -> str:
                    f"{b['ratio_process_memory_polled']:.2f}" if "ratio_process_memory_polled" in b else "")
                 + (f"; decode threads instead of processes: {b['ratio_process_decode_threads']:.2f}; vs the bound "
                    f"with the default session ({secs(b['bound_default_session_s'])}): "
-                   f"{b['ratio_process_default_session_bound']:.2f}" if "ratio_process_decode_threads" in b else ""),
+                   f"{b['ratio_process_default_session_bound']:.2f}" if "ratio_process_decode_threads" in b else "")
+                + (f"; vs the bound with whole-batch runs ({secs(b['bound_whole_batch_runs_s'])}), the lowest before "
+                   f"the decode processes ran their batches in slices: {b['ratio_process_whole_batch_runs_bound']:.2f}"
+                   if "bound_whole_batch_runs_s" in b else ""),
                 f">= {goal:g}", b["ratio_process"] >= goal, "bench_classify.json", measured(d, "bound"))
         if m := d.get("memory"):
             limit = goals["memory_50k_vs_5k_max_ratio"]

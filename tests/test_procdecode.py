@@ -362,3 +362,22 @@ main(["classify", {str(mixed)!r}, "--model", {str(model)!r}, "-o", {str(tmp_path
     assert out.returncode == 0, out.stderr
     # the command's early start, then the Classifier's (which finds the server running)
     assert out.stdout.split("\n")[:2] == ["False False", "True True"]
+
+
+def test_a_worker_runs_its_batch_in_slices_with_the_logits_of_one_run(model):
+    """WORKER_RUN_ROWS: a worker's batch runs in slices (the activations of a slice stay in the
+    caches); the logits come back in order, as one run of the whole batch gives them."""
+    import numpy as np
+
+    from cnnx.runtime.model import open_model
+    from cnnx.runtime.procdecode import WORKER_RUN_ROWS, run_in_rows
+
+    session, info, _ = open_model(model, "cpu", threads=1)
+    h, w = info.spec["size"]
+    for n in (1, WORKER_RUN_ROWS, 2 * WORKER_RUN_ROWS + 3):
+        images = np.random.default_rng(n).integers(0, 256, (n, 3, h, w), dtype=np.uint8)
+        whole = session.run([info.output_name], {info.input_name: images})[0]
+        sliced = run_in_rows(session, info.input_name, info.output_name, images, WORKER_RUN_ROWS)
+        assert sliced.shape == whole.shape
+        np.testing.assert_allclose(sliced, whole, rtol=1e-5, atol=1e-5)
+        assert (sliced.argmax(1) == whole.argmax(1)).all()

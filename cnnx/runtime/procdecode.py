@@ -53,6 +53,11 @@ MIN_CHUNK_FILES = 64  # a task's paths: fewer means more pipe round trips per im
 # the workers still have every cycle those threads leave.
 FEEDING_NICE = 10
 STOP_TIMEOUT_S = 5.0
+# A worker runs its model on a batch WORKER_RUN_ROWS images at a time: a small model's
+# activations for 64 images stay in the CPU's caches, for 256 they do not (seed-cnn on 2 cores:
+# benchmarks/results/bench_classify.json, "bound", the ORT-only ways). Only models of at most
+# PROCESS_DECODE_MAX_SIDE px a side run in the workers.
+WORKER_RUN_ROWS = 64
 
 
 class DecodeWorkerDied(ModelError):
@@ -130,12 +135,23 @@ class _WorkerModel:
             self.error = str(e)
 
     def run(self, images):
+        """The logits of every row of `images`, run WORKER_RUN_ROWS rows at a time."""
         if self.error is not None:
             return self.error
         try:
-            return self.session.run([self.info.output_name], {self.info.input_name: images})[0]
+            return run_in_rows(self.session, self.info.input_name, self.info.output_name, images, WORKER_RUN_ROWS)
         except Exception as e:  # noqa: BLE001 - onnxruntime's own types: the caller says it in one line
             return first_line(e)
+
+
+def run_in_rows(session, input_name: str, output_name: str, images, rows: int):
+    """session.run on `images` in slices of `rows` -> the logits of all of them, in order (each
+    image's logits depend on that image alone: the numbers of one run, up to the rounding
+    onnxruntime may do differently at another batch size)."""
+    if len(images) <= rows:
+        return session.run([output_name], {input_name: images})[0]
+    return np.concatenate([session.run([output_name], {input_name: images[i:i + rows]})[0]
+                           for i in range(0, len(images), rows)])
 
 
 # --- the caller's side ------------------------------------------------------------------------
