@@ -4,8 +4,9 @@ package check that stands before every --device cuda run.
 
     flock /tmp/cnnx-cpu.lock python benchmarks/classify_startup.py --tree /tmp/base --tree . --rounds 7
 
-A tree is a checkout of this repository (git worktree add /tmp/base <commit>); each run is a
-fresh `python -m cnnx` with that tree first on its path, on the CPU (seed-cnn export, decode
+A tree is a checkout of this repository (git worktree add /tmp/base <commit>), optionally with
+`cnnx classify` options after "::" (`--tree ".::--workers 3"`); each run is a fresh
+`python -m cnnx` with that tree first on its path, on the CPU (seed-cnn export, decode
 processes, --topk 1), its stderr read as it comes:
   one_file_s         wall seconds of a whole process classifying one CIFAR JPEG: start-up, one
                      batch, exit (waiting for that process only, as a shell does)
@@ -45,14 +46,14 @@ print(time.perf_counter() - t0)
 """
 
 
-def classify(tree: Path, model: Path, folder: Path) -> dict:
+def classify(tree: Path, model: Path, folder: Path, extra=()) -> dict:
     """One whole `cnnx classify` process: wall seconds, the summary's first-batch seconds, and
     the seconds from its summary line to its end."""
     out = CACHE / "startup-out.csv"
     for f in (out, out.with_name(out.stem + ".errors.csv")):
         f.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "cnnx", "classify", str(folder), "--model", str(model), "-o", str(out),
-           "--device", "cpu", "--topk", "1"]
+           "--device", "cpu", "--topk", "1", *extra]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=tree_env(tree), cwd=tree)
     summary = summary_at = None
@@ -69,18 +70,26 @@ def classify(tree: Path, model: Path, folder: Path) -> dict:
     return {"wall_s": end - t0, "first_batch_s": first, "exit_s": end - summary_at}
 
 
-def one_round(tree: Path, model: Path, one: Path, cifar: Path) -> dict:
-    small = classify(tree, model, one)
-    large = classify(tree, model, cifar)
+def one_round(spec: str, model: Path, one: Path, cifar: Path) -> dict:
+    tree, extra = parse_tree(spec)
+    small = classify(tree, model, one, extra)
+    large = classify(tree, model, cifar, extra)
     dist = subprocess.run([sys.executable, "-c", DISTRIBUTIONS], capture_output=True, text=True, env=tree_env(tree),
                           cwd=tree, check=True)
     return {"one_file_s": small["wall_s"], "first_batch_s": small["first_batch_s"], "cifar_s": large["wall_s"],
             "exit_s": large["exit_s"], "ort_distributions_s": float(dist.stdout.strip())}
 
 
+def parse_tree(spec: str) -> tuple[Path, list]:
+    """"DIR" or "DIR::options" -> (the tree, cnnx classify options for it)."""
+    tree, _, options = spec.partition("::")
+    return Path(tree), options.split()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tree", type=Path, action="append", required=True, help="a checkout of cnnx (repeatable)")
+    ap.add_argument("--tree", action="append", required=True,
+                    help="a checkout of cnnx, optionally with cnnx classify options after '::' (repeatable)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--cifar", type=Path, default=Path(os.environ.get("CNNX_CIFAR_DIR", "/tmp/cifar10/train")),
                     help="the 50,000 CIFAR JPEGs as DIR/<class>/*.jpg (default $CNNX_CIFAR_DIR or /tmp/cifar10/train)")
@@ -94,12 +103,12 @@ def main(argv=None) -> int:
         first = sorted(sorted(a.cifar.iterdir())[0].glob("*.jpg"))[0]
         (one / "a").mkdir(parents=True)
         shutil.copyfile(first, one / "a" / first.name)
-    rounds = {str(t): [] for t in a.tree}
+    rounds = {t: [] for t in a.tree}
     for r in range(a.rounds):
         for tree in a.tree:
-            rounds[str(tree)].append(one_round(tree, model, one, a.cifar))
-            log(f"round {r + 1}/{a.rounds} {tree}: " + ", ".join(f"{k} {v:.3f}" for k, v in rounds[str(tree)][-1].items()))
-    trees = {str(t): {"git_commit": git_commit(t), **best_and_median(rounds[str(t)], KEYS), "rounds": rounds[str(t)]}
+            rounds[tree].append(one_round(tree, model, one, a.cifar))
+            log(f"round {r + 1}/{a.rounds} {tree}: " + ", ".join(f"{k} {v:.3f}" for k, v in rounds[tree][-1].items()))
+    trees = {t: {"git_commit": git_commit(parse_tree(t)[0]), **best_and_median(rounds[t], KEYS), "rounds": rounds[t]}
              for t in a.tree}
     write_result(a.out, {"model": str(model), "cifar": str(a.cifar), "trees": trees},
                  None if argv is None else [__file__, *argv])
