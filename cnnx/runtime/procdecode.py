@@ -54,9 +54,9 @@ MIN_CHUNK_FILES = 64  # a task's paths: fewer means more pipe round trips per im
 FEEDING_NICE = 10
 STOP_TIMEOUT_S = 5.0
 # A worker runs its model on a batch WORKER_RUN_ROWS images at a time: a small model's
-# activations for 64 images stay in the CPU's caches, for 256 they do not (seed-cnn on 2 cores:
-# benchmarks/results/bench_classify.json, "bound", the ORT-only ways). Only models of at most
-# PROCESS_DECODE_MAX_SIDE px a side run in the workers.
+# activations for 64 images stay in the CPU's caches, for 256 they do not (seed-cnn, 50,000
+# CIFAR JPEGs on 2 cores, against whole-batch runs: benchmarks/results/classify_worker_rows.json).
+# Only models of at most PROCESS_DECODE_MAX_SIDE px a side run in the workers.
 WORKER_RUN_ROWS = 64
 
 
