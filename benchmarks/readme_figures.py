@@ -781,6 +781,14 @@ def block_classify(res: Results) -> str:
         notes.append(f"A whole `cnnx classify` process around its images, median of "
                      f"{len(next(iter(c['trees'].values()))['rounds'])} interleaved rounds ({code(c['command'])}): "
                      + "; ".join(by_tree) + ".")
+    if c := res.get("classify_worker_rows.json"):
+        by_tree = [f"`{t['git_commit'][:7]}`{' ' + spec.split('::', 1)[1] if '::' in spec else ''}: "
+                   f"{secs(t['best']['cifar_s'])} best, {secs(t['median']['cifar_s'])} median"
+                   for spec, t in c["trees"].items()]
+        notes.append(f"Decode processes running their batches 64 images a run against whole-batch runs, `cnnx "
+                     f"classify` of the 50,000 CIFAR JPEGs as a whole process, "
+                     f"{len(next(iter(c['trees'].values()))['rounds'])} interleaved rounds ({code(c['command'])}): "
+                     + "; ".join(by_tree) + ".")
     agree = [f"{pct(d[key]['top1_agreement_with_batched_baseline'])} on {label}"
              for key, label in (("cifar", "CIFAR"), ("photos", "the photos")) if key in d]
     if agree:
