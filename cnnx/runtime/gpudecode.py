@@ -29,7 +29,8 @@ decoder decodes what it can (as libjpeg's lenient mode does) where load_image, s
 it corrupt; only files the GPU decoder refuses fall back.
 The pixels differ a little from load_image's (libjpeg-turbo's DCT-scaled decode is close to a
 box filter, not equal to one): top-1 agreement through the model is the measure
-(benchmarks/gpu_classify.py).
+(benchmarks/gpu_classify.py). With share_threads, which side takes a file depends on timing,
+and with it these two differences: a run is then not repeatable to the pixel.
 
 `device="cpu"` runs the same code path on nvImageCodec's libjpeg-turbo backend and onnxruntime's
 CPU provider: that is how it is tested without a GPU.
