@@ -91,3 +91,80 @@ def test_concurrent_cpu_session_takes_one_thread_and_no_memory_pattern(model):
     assert default.get_session_options().intra_op_num_threads == 0  # onnxruntime's own: all cores
     named, _info, _ = open_model(model, "cpu", threads=2, concurrent=True)
     assert named.get_session_options().intra_op_num_threads == 2  # the caller's choice wins
+
+
+# --- ahead_in_thread: the GPU path's discovery in a thread of its own ---------------------------------
+
+def test_ahead_in_thread_gives_every_item_in_order_and_raises_where_the_source_did():
+    import itertools
+
+    from cnnx.runtime.pipeline import ahead_in_thread
+
+    assert list(ahead_in_thread(range(1000), 3)) == list(range(1000))
+    assert list(ahead_in_thread([], 3)) == []
+
+    def failing():
+        yield from (1, 2)
+        raise OSError("the disk went away")
+
+    got = []
+    with pytest.raises(OSError, match="the disk went away"):
+        for item in ahead_in_thread(failing(), 2):
+            got.append(item)
+    assert got == [1, 2]  # what came before the error, then the error itself
+    # and the depth bounds how far it runs ahead: never more than depth + 1 beyond what was taken
+    produced = []
+    counting = (produced.append(i) or i for i in itertools.count())
+    ahead = ahead_in_thread(counting, 3)
+    assert next(ahead) == 0
+    import time
+
+    time.sleep(0.3)
+    assert 1 <= len(produced) <= 1 + 3 + 1, produced
+    ahead.close()
+
+
+def test_ahead_in_thread_stops_when_its_consumer_does():
+    import itertools
+    import threading
+    import time
+
+    from cnnx.runtime.pipeline import ahead_in_thread
+
+    ahead = ahead_in_thread(itertools.count(), 2, name="cnnx-ahead-test")
+    assert [next(ahead) for _ in range(5)] == [0, 1, 2, 3, 4]
+    ahead.close()  # the consumer stops early: an endless source must not keep the thread alive
+    deadline = time.monotonic() + 5
+    while any(t.name == "cnnx-ahead-test" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "cnnx-ahead-test" for t in threading.enumerate())
+
+
+def test_the_gpu_path_counts_and_rows_with_discovery_in_its_thread(model, folder, monkeypatch):
+    """io_binding=True (the GPU path, forced on the CPU) walks the folders in a thread of its
+    own: the same rows, in the same order, and the same counts as the CPU loop (which keeps
+    the walk in its one thread)."""
+    from cnnx.runtime import Classifier, api
+
+    threads = []
+
+    def recorded(iterable, depth, name):
+        threads.append(name)
+        return ahead(iterable, depth, name)
+
+    ahead = api.ahead_in_thread
+    monkeypatch.setattr(api, "ahead_in_thread", recorded)
+    (folder / "notes.txt").write_text("not an image")
+    try:
+        with Classifier(model, "cpu", batch_size=8) as clf:
+            plain = clf.classify([str(folder)])
+            plain_rows = list(plain)
+        assert threads == []
+        with Classifier(model, "cpu", batch_size=8, io_binding=True) as clf:
+            bound = clf.classify([str(folder)])
+            bound_rows = list(bound)
+    finally:
+        (folder / "notes.txt").unlink()
+    assert bound_rows == plain_rows and len(plain_rows) > 8
+    assert (bound.found, bound.ignored, bound.already_done) == (plain.found, plain.ignored, plain.already_done)
+    assert bound.ignored == 1 and threads == ["cnnx-discover"]

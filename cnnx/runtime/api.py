@@ -31,9 +31,12 @@ from cnnx.runtime.files import first_line
 from cnnx.runtime.gpudecode import DECODERS, GpuDecoder, open_decoder
 from cnnx.runtime.gpudecode import decoded_batches as gpu_decoded_batches
 from cnnx.runtime.model import ModelError, open_model, softmax, softmax_topk
-from cnnx.runtime.pipeline import PipelineConfig, batch_size_within_budget, batched_runs, decoded_batches
+from cnnx.runtime.pipeline import (PipelineConfig, ahead_in_thread, batch_size_within_budget, batched_runs,
+                                   decoded_batches)
 from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS
 from cnnx.runtime.workers import check_decode_mode, warm_up
+
+DISCOVERY_AHEAD = 4  # batches of found files the GPU path's discovery thread may hold ready
 
 
 @dataclass(frozen=True)
@@ -314,6 +317,11 @@ class Classification:
     def _run(self):
         clf = self.classifier
         todo = batched_runs(self._todo(), clf.batch_size)
+        if clf.runner is not None:
+            # The GPU path's one thread bounds its rate and waits on the runs for part of its
+            # time (benchmarks/results/gpu_profile_airnet_e9f6c17.txt): the folder walk, a fifth
+            # of what it holds the GIL for, goes to a thread of its own, to run in those waits.
+            todo = ahead_in_thread(todo, DISCOVERY_AHEAD, name="cnnx-discover")
         if clf.gpu_decoder is None:
             batches = self._cpu_decoded(todo)
         else:

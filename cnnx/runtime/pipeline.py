@@ -184,6 +184,51 @@ def batched_runs(runs, batch_size: int):
         yield items
 
 
+def ahead_in_thread(iterable, depth: int, name: str = "cnnx-ahead"):
+    """Yield what `iterable` yields, in order, produced by a thread of its own up to `depth`
+    items ahead of the consumer; what it raises is raised here, in its place. Where the
+    consumer's thread bounds the rate (the GPU path: it feeds the decode processes, copies
+    batches and writes rows), work such as walking the folders then runs while that thread
+    waits (on the GPU, on a decode process). A consumer that stops early stops the thread (at
+    its next item) and is not kept waiting for it."""
+    import queue
+
+    items, stop = queue.Queue(maxsize=max(1, depth)), threading.Event()
+    done = object()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in iterable:
+                if not put((True, item)):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            put((False, e))
+            return
+        put((True, done))
+
+    thread = threading.Thread(target=produce, name=name, daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = items.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+
+
 class _BatchJob:
     """One batch being decoded in chunks by the pool: the chunk that finishes last assembles
     the batch (and runs `infer` on it) and resolves `done`, so no pool thread ever waits for
