@@ -28,7 +28,8 @@ What one run measures (every figure with the card it ran on, all in the same pro
                >= 99.5%); py-spy on `cnnx classify --decoder gpu` of the photos (every thread,
                profile_gpu_decode_resnet18.txt)
                + nvImageCodec's own decode rate on the photos (gpu_decode_ceiling: the most GPU decoding
-               can give) and a step-by-step pixel diagnosis (gpu_decode_diagnose); with a trained airnet
+               can give), the same for each of its GPU backends alone with the cores it kept busy
+               (gpu_decode_backends), and a step-by-step pixel diagnosis (gpu_decode_diagnose); with a trained airnet
                (--airnet-checkpoint): --decoder cpu vs gpu on the 50,000 CIFAR JPEGs and on the photos at
                32 px, where top-1 agreement means something (10 classes)
   decode_bound_cifar  what CPU decoding allows on the 50,000 CIFAR JPEGs: load_image alone in one
@@ -852,6 +853,40 @@ def gpu_decode_ceiling(folder: Path, smoke: bool, batch: int = 32) -> dict:
             "cores_busy": round((_cpu_s() - cpu0) / wall, 2)}
 
 
+def gpu_decode_backends(folder: Path, smoke: bool, batch: int = 32) -> dict:
+    """gpu_decode_ceiling's measure for each of nvImageCodec's GPU backends alone (the hardware
+    JPEG engines, CUDA, and the hybrid that decodes the Huffman stream on the CPU): img/s, files
+    it took, and the cores it kept busy. Which one takes the photos, and at what CPU cost, is what
+    decides whether GPU decoding leaves the CPU free (cnnx's decoder lists all three, in this order)."""
+    from cnnx.runtime import gpudecode
+
+    if smoke:
+        return {"skipped": "no GPU backends on the CPU"}
+    nv = gpudecode.import_nvimgcodec()
+    datas = [p.read_bytes() for p in sorted(folder.iterdir())]
+    params, cudart = gpudecode._decode_params(nv), gpudecode._CudaRuntime(0)
+    out = {}
+    for kind in ("HW_GPU_ONLY", "GPU_ONLY", "HYBRID_CPU_GPU"):
+        try:
+            dec = nv.Decoder(device_id=0, backends=[nv.Backend(getattr(nv.BackendKind, kind))])
+
+            def run(chunk):
+                imgs = dec.decode([nv.CodeStream(d) for d in chunk], params=params)
+                cudart.synchronize(i.cuda_stream for i in imgs if i is not None)
+                return imgs
+
+            run(datas[:batch])
+            t0, cpu0, decoded = time.perf_counter(), _cpu_s(), 0
+            for i in range(0, len(datas), batch):
+                decoded += sum(img is not None for img in run(datas[i:i + batch]))
+            wall = time.perf_counter() - t0
+            out[kind] = {"decoded": decoded, "files": len(datas), "img_s": round(decoded / wall, 1),
+                         "cores_busy": round((_cpu_s() - cpu0) / wall, 2)}
+        except Exception as e:  # noqa: BLE001 - a backend this build or card lacks: say so, go on
+            out[kind] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    return out
+
+
 def gpu_decode_diagnose(folder: Path, size: int, smoke: bool, n: int = 12) -> dict:
     """Where GPU-decoded pixels part from load_image's, one step at a time, on n photos:
     nvImageCodec's full-size decode (copied to the host) vs Pillow's; the resize graph on the
@@ -1118,6 +1153,7 @@ def main(argv=None):
     if models.get("resnet18"):
         size = models["resnet18"]["size"]
         run.stage("gpu_decode_ceiling", gpu_decode_ceiling, photo_dir, smoke, need_s=20)
+        run.stage("gpu_decode_backends", gpu_decode_backends, photo_dir, smoke, need_s=30)
         run.stage("gpu_decode_diagnose", gpu_decode_diagnose, photo_dir, size, smoke, need_s=20)
         run.stage("gpu_decode_only_photos", gpu_decode_only, photo_dir, size, smoke, need_s=20)
         run.stage("gpu_decode_pixels", gpu_decode_pixels, photo_dir, size, smoke, model=models["resnet18"]["fp32"],
@@ -1269,6 +1305,8 @@ def summarize(r: dict):
             lines.append(f"  --decoder auto (the batch shared with CPU threads): {g['auto_decode']['img_s']:,.0f} img/s = "
                          f"{g['auto_vs_cpu_decode']}x the CPU decoder; on the GPU {g['auto_decode'].get('on_gpu')}, "
                          f"to the CPU {g['auto_decode'].get('to_cpu')}; top-1 agreement {g['auto_top1_agreement']}")
+    if r.get("gpu_decode_backends"):
+        lines.append(f"nvImageCodec by backend (photos): {r['gpu_decode_backends']}")
     if r.get("gpu_decode_only_photos"):
         lines.append(f"GPU decode only (photos): {r['gpu_decode_only_photos']}; pixels vs load_image: "
                      f"{r.get('gpu_decode_pixels')}")
