@@ -416,7 +416,9 @@ def block_gpu(res: Results) -> str:
         train_row("the same recipe trained 30 epochs: what this net reaches on this data", d, goal=False)
     if d := res.get("gpu_classify.json"):
         gpu_classify_rows(d, res.get(OTHER_GPU_RUN), row, notes)
-    for name in sorted(p.name for p in res.folder.glob("gpu_steady_state_*.json")):
+    # In the order they were measured: each row says what the changes since the one above gave.
+    for name in sorted((p.name for p in res.folder.glob("gpu_steady_state_*.json")),
+                       key=lambda n: (res.get(n).get("recorded_at") or "", n)):
         steady_state_ab_row(res.get(name), name, row)
         shared_decode_row(res.get(name), name, row)
     missing = [f"not measured yet (no `results/{n}`)" for n in ("gpu_train.json", "gpu_classify.json") if n in res.missing]
