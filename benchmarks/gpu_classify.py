@@ -768,22 +768,28 @@ def collapsed_summary(path: Path, top: int = 25) -> dict:
     from profile_parts import raw_profile
 
     lines, threads, main = raw_profile(path)
-    by_frame = {}
+    by_thread, names = {}, {}
     for thread, frames, count in lines:
-        if thread != main:
-            continue
+        if ": " in frames[0]:
+            names[thread] = frames[0].split(": ", 1)[1]
         ours = [f for f in frames[1:] if "cnnx/" in f]
         if len(frames) == 1:  # a sample with no Python frame (the thread starting or ending)
-            by_frame["(no Python frame)"] = by_frame.get("(no Python frame)", 0) + count
-            continue
-        key = (ours or frames[1:])[-1]
-        leaf = frames[-1]
-        key = key if leaf == key else f"{key} > {leaf}"
-        by_frame[key] = by_frame.get(key, 0) + count
-    total = threads[main]
-    ranked = sorted(by_frame.items(), key=lambda kv: -kv[1])[:top]
-    return {"threads": threads, "main_thread": main, "main_samples": total,
-            "main_top": [[k, v, round(v / total, 3)] for k, v in ranked]}
+            key = "(no Python frame)"
+        else:
+            key, leaf = (ours or frames[1:])[-1], frames[-1]
+            key = key if leaf == key else f"{key} > {leaf}"
+        counts = by_thread.setdefault(thread, {})
+        counts[key] = counts.get(key, 0) + count
+
+    def ranked(thread, n):
+        return [[k, v, round(v / threads[thread], 3)]
+                for k, v in sorted(by_thread[thread].items(), key=lambda kv: -kv[1])[:n]]
+
+    # The other threads (decode feeders, resize pool, runs): where each spent its samples, by name.
+    others = {f"{names.get(t, '?')} {t}": {"samples": threads[t], "top": ranked(t, 5)}
+              for t in sorted(threads, key=threads.get, reverse=True) if t != main}
+    return {"threads": threads, "main_thread": main, "main_samples": threads[main],
+            "main_top": ranked(main, top), "other_threads": others}
 
 
 def gpu_decoder(smoke: bool, workers: int = 0, shared: bool = False):

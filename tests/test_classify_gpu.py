@@ -102,9 +102,9 @@ def test_bound_runs_give_session_run_logits_bit_for_bit_in_order(conv_model):
 
 @pytest.mark.parametrize("slots", [1, 2, 3])
 def test_borrowed_images_are_copied_before_the_next_job_is_taken(conv_model, slots):
-    """run_in_order copies a job's images on the run's thread, and must have done so before it
-    takes the next job: here every job lends one buffer, spoilt the moment the next is asked
-    for (as procdecode reuses a lent slot), so a copy made late would run the spoilt pixels."""
+    """run_in_order copies a job's images into its slot, and must have done so before it takes
+    the next job: here every job lends one buffer, spoilt the moment the next is asked for (as
+    procdecode reuses a lent slot), so a copy made late would run the spoilt pixels."""
     from cnnx.runtime.binding import BoundRunner
 
     session = cpu_session(conv_model)

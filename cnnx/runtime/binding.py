@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import ctypes
 import sys
-import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -184,9 +183,11 @@ class BoundRunner:
         """Yield (job, logits) for each job in order; images_of(job) is its uint8 batch of
         exactly self.shape, or None for a job with nothing to run (its logits are None). A job
         is copied into a free slot and started before the oldest running one is waited for,
-        so `slots` batches are in flight. The copy is made on the run's thread (the caller's
-        one, which bounds the rate, goes on meanwhile) and waited for before the next job is
-        taken from `jobs`: a job's images may be borrowed until then (procdecode's `lend`).
+        so `slots` batches are in flight. The copy is made here, on the caller's thread, before
+        the next job is taken from `jobs`: a job's images may be borrowed until then
+        (procdecode's `lend`). Made on the run's thread instead, the caller waited for it a fifth
+        of its time on an H100 (benchmarks/results/gpu_profile_airnet_e9f6c17.txt): a hand-over
+        to that thread and back, each needing the GIL, costs more than the copy.
         Python's thread switch interval is GIL_SWITCH_S (at most) until the generator ends.
         finish(job, logits): run on the run's thread once its logits are back (what it returns,
         or raises, comes instead of the logits): work on a batch's result off the caller's
@@ -204,25 +205,23 @@ class BoundRunner:
             finally:
                 free.append(slot)
 
-        jobs, copied = iter(jobs), None  # copied: set once the last job's images are in its slot
+        jobs = iter(jobs)
         try:
             while True:
-                if copied is not None:
-                    copied.wait()
                 job = next(jobs, _NO_MORE)
                 if job is _NO_MORE:
                     break
                 images = images_of(job)
                 if images is None:
                     running.append((job, None, None))
-                    copied = None
                     continue
                 if images.shape != self.shape or images.dtype != np.uint8:
                     raise ValueError(f"batch of {images.dtype} {images.shape}, expected uint8 {self.shape}")
                 while not free:
                     yield oldest()
-                slot, copied = free.popleft(), threading.Event()
-                running.append((job, slot, self._pool.submit(self._run, slot, job, images, copied, finish)))
+                slot = free.popleft()
+                np.copyto(slot.host.array, images)
+                running.append((job, slot, self._pool.submit(self._run, slot, job, finish)))
             while running:
                 yield oldest()
         finally:
@@ -234,11 +233,7 @@ class BoundRunner:
                     except Exception:  # noqa: BLE001 - the consumer has gone; nothing reads this run
                         pass
 
-    def _run(self, slot: BoundSlot, job, images, copied: threading.Event, finish):
-        try:
-            np.copyto(slot.host.array, images)
-        finally:
-            copied.set()
+    def _run(self, slot: BoundSlot, job, finish):
         logits = slot.run(self.session)
         return logits if finish is None else finish(job, logits)
 
