@@ -189,8 +189,8 @@ def ahead_in_thread(iterable, depth: int, name: str = "cnnx-ahead"):
     items ahead of the consumer; what it raises is raised here, in its place. Where the
     consumer's thread bounds the rate (the GPU path: it feeds the decode processes, copies
     batches and writes rows), work such as walking the folders then runs while that thread
-    waits (on the GPU, on a decode process). A consumer that stops early stops the thread (at
-    its next item) and is not kept waiting for it."""
+    waits (on the GPU, on a decode process). A consumer that stops early stops the thread, at
+    its next item, and waits for it: nothing it reads or writes is used after the consumer left."""
     import queue
 
     items, stop = queue.Queue(maxsize=max(1, depth)), threading.Event()
@@ -227,6 +227,7 @@ def ahead_in_thread(iterable, depth: int, name: str = "cnnx-ahead"):
             yield item
     finally:
         stop.set()
+        thread.join()
 
 
 class _BatchJob:

@@ -19,7 +19,6 @@ import contextlib
 import errno
 import json
 import os
-import queue
 import shutil
 import threading
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from cnnx.runtime.files import TEMP_PREFIX, first_line, is_disk_full, remove_stale_temps
+from cnnx.runtime.pipeline import ahead_in_thread
 
 DISK_CACHE_FORMAT = 1
 IMAGES_FILE, META_FILE = "images.u8", "meta.json"
@@ -283,40 +283,13 @@ def batches(images, labels, index_batches, device):
         return
     dev = torch.device(device)
     pin = dev.type == "cuda"
-    q: queue.Queue = queue.Queue(maxsize=PREFETCH)
-    stop = threading.Event()
 
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False  # the training loop left early
+    def read():
+        for idx in index_batches:
+            buf = torch.empty((len(idx), *images.base.shape[1:]), dtype=torch.uint8, pin_memory=pin)
+            images.read(idx, buf.numpy())
+            yield buf, idx
 
-    def work():
-        try:
-            for idx in index_batches:
-                buf = torch.empty((len(idx), *images.base.shape[1:]), dtype=torch.uint8, pin_memory=pin)
-                images.read(idx, buf.numpy())
-                if not put((buf, idx)):
-                    return
-            put(None)
-        except BaseException as e:  # raised again in the training thread
-            put(e)
-
-    t = threading.Thread(target=work, name="cnnx-prefetch", daemon=True)
-    t.start()
-    try:
-        while True:
-            item = q.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            buf, idx = item
+    with contextlib.closing(ahead_in_thread(read(), PREFETCH, name="cnnx-prefetch")) as ahead:
+        for buf, idx in ahead:
             yield buf.to(dev, non_blocking=pin), labels[idx.to(labels.device)]
-    finally:
-        stop.set()
-        t.join()
