@@ -835,6 +835,20 @@ def gpu_decode_ceiling(folder: Path, smoke: bool, batch: int = 32) -> dict:
         dec, cudart = nv.Decoder(device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY, backends=[nv.Backend(nv.BackendKind.CPU_ONLY)]), None
     else:
         dec, cudart = gpudecode._gpu_decoder(nv, 0), gpudecode._CudaRuntime(0)
+    r = _nvimgcodec_rate(nv, dec, cudart, datas, batch)
+    pixels, decoded = r.pop("pixels"), r["decoded"]
+    return {"files": len(datas), "batch": batch, **r, "megapixels_s": round(pixels / r["wall_s"] / 1e6, 1),
+            "mean_megapixels": round(pixels / max(decoded, 1) / 1e6, 2)}
+
+
+def _nvimgcodec_rate(nv, dec, cudart, datas, batch: int) -> dict:
+    """nvImageCodec decoder `dec` on the bytes `datas`, `batch` a call, every image synchronised
+    (cudart None: host images), after one warm-up call (its buffers, the hardware engines):
+    decoded images, their pixels, img/s, wall seconds and cores_busy, nvImageCodec's own CPU work
+    (parsing; Huffman decoding where its hybrid backend takes an image): what it leaves the CPU
+    decoder when the two share the files."""
+    from cnnx.runtime import gpudecode
+
     params = gpudecode._decode_params(nv)
 
     def run(chunk):
@@ -843,7 +857,7 @@ def gpu_decode_ceiling(folder: Path, smoke: bool, batch: int = 32) -> dict:
             cudart.synchronize(i.cuda_stream for i in imgs if i is not None)
         return imgs
 
-    run(datas[:batch])  # warm-up: the decoder's buffers and the hardware engines
+    run(datas[:batch])
     t0, cpu0 = time.perf_counter(), _cpu_s()
     pixels, decoded = 0, 0
     for i in range(0, len(datas), batch):
@@ -852,10 +866,7 @@ def gpu_decode_ceiling(folder: Path, smoke: bool, batch: int = 32) -> dict:
                 decoded += 1
                 pixels += img.shape[0] * img.shape[1]
     wall = time.perf_counter() - t0
-    # cores_busy: nvImageCodec's own CPU work (parsing; Huffman decoding where its hybrid backend
-    # takes an image): what it leaves the CPU decoder when the two share the files
-    return {"files": len(datas), "decoded": decoded, "batch": batch, "img_s": round(decoded / wall, 1),
-            "megapixels_s": round(pixels / wall / 1e6, 1), "mean_megapixels": round(pixels / max(decoded, 1) / 1e6, 2),
+    return {"decoded": decoded, "pixels": pixels, "img_s": round(decoded / wall, 1), "wall_s": round(wall, 3),
             "cores_busy": round((_cpu_s() - cpu0) / wall, 2)}
 
 
@@ -870,24 +881,14 @@ def gpu_decode_backends(folder: Path, smoke: bool, batch: int = 32) -> dict:
         return {"skipped": "no GPU backends on the CPU"}
     nv = gpudecode.import_nvimgcodec()
     datas = [p.read_bytes() for p in sorted(folder.iterdir())]
-    params, cudart = gpudecode._decode_params(nv), gpudecode._CudaRuntime(0)
+    cudart = gpudecode._CudaRuntime(0)
     out = {}
     for kind in ("HW_GPU_ONLY", "GPU_ONLY", "HYBRID_CPU_GPU"):
         try:
             dec = nv.Decoder(device_id=0, backends=[nv.Backend(getattr(nv.BackendKind, kind))])
-
-            def run(chunk):
-                imgs = dec.decode([nv.CodeStream(d) for d in chunk], params=params)
-                cudart.synchronize(i.cuda_stream for i in imgs if i is not None)
-                return imgs
-
-            run(datas[:batch])
-            t0, cpu0, decoded = time.perf_counter(), _cpu_s(), 0
-            for i in range(0, len(datas), batch):
-                decoded += sum(img is not None for img in run(datas[i:i + batch]))
-            wall = time.perf_counter() - t0
-            out[kind] = {"decoded": decoded, "files": len(datas), "img_s": round(decoded / wall, 1),
-                         "cores_busy": round((_cpu_s() - cpu0) / wall, 2)}
+            r = _nvimgcodec_rate(nv, dec, cudart, datas, batch)
+            out[kind] = {"decoded": r["decoded"], "files": len(datas), "img_s": r["img_s"],
+                         "cores_busy": r["cores_busy"]}
         except Exception as e:  # noqa: BLE001 - a backend this build or card lacks: say so, go on
             out[kind] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
     return out
