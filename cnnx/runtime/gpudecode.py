@@ -470,6 +470,9 @@ class GpuDecoder:
 
     def session(self, pool: int):
         """The resize graph's session for this box-filter factor (made on first use)."""
+        session = self._sessions.get(pool)  # every resize asks: no lock, no import once made
+        if session is not None:
+            return session
         import onnxruntime as ort
 
         from cnnx.runtime.cuda import new_session
