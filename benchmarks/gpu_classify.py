@@ -103,6 +103,8 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -792,7 +794,7 @@ def collapsed_summary(path: Path, top: int = 25) -> dict:
             "main_top": ranked(main, top), "other_threads": others}
 
 
-def gpu_decoder(smoke: bool, workers: int = 0, shared: bool = False):
+def gpu_decoder(smoke: bool, workers: int = 0, shared: bool = False, resize_sessions: int = 1):
     """The GPU decoder (nvImageCodec + the resize on CUDA); --smoke: the same code on nvImageCodec's
     CPU backend and the CPU provider. shared: as --decoder auto makes it, each batch shared with
     `workers` CPU threads."""
@@ -800,10 +802,11 @@ def gpu_decoder(smoke: bool, workers: int = 0, shared: bool = False):
     from cnnx.runtime.pipeline import PipelineConfig
 
     workers = workers or PipelineConfig().resolved_workers()
-    return GpuDecoder(device="cpu" if smoke else "cuda", workers=workers, share_threads=workers if shared else 0)
+    return GpuDecoder(device="cpu" if smoke else "cuda", workers=workers, share_threads=workers if shared else 0,
+                      resize_sessions=resize_sessions)
 
 
-def gpu_decode_only(folder: Path, size: int, smoke: bool) -> dict:
+def gpu_decode_only(folder: Path, size: int, smoke: bool, resize_sessions: int = 1) -> dict:
     """images/s of the GPU decoder alone on the photos, to the model's size; what it passed to the CPU."""
     from cnnx.runtime.discover import Discovery
     from cnnx.runtime.gpudecode import decoded_batches
@@ -811,7 +814,7 @@ def gpu_decode_only(folder: Path, size: int, smoke: bool) -> dict:
     from cnnx.runtime.preprocess import make_spec
 
     spec = make_spec(size, (0.5,) * 3, (0.25,) * 3)
-    dec = gpu_decoder(smoke)
+    dec = gpu_decoder(smoke, resize_sessions=resize_sessions)
     try:
         t0, cpu0 = time.perf_counter(), _cpu_s()
         n = sum(len(b.paths) for _items, b in decoded_batches(batched_runs(Discovery([str(folder)]).runs(), BATCH), spec,
@@ -891,6 +894,103 @@ def gpu_decode_backends(folder: Path, smoke: bool, batch: int = 32) -> dict:
                          "cores_busy": r["cores_busy"]}
         except Exception as e:  # noqa: BLE001 - a backend this build or card lacks: say so, go on
             out[kind] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    return out
+
+
+def gpu_decode_steps(folder: Path, size: int, smoke: bool, n: int = 96) -> dict:
+    """--decoder gpu's steps one at a time, each alone, on n photos (which one holds GpuDecoder at a
+    third of nvImageCodec's own rate?):
+      read_route_img_s    reading each file and jpeg_route, in the decoder's CPU threads
+      decode_img_s        nvImageCodec on the groups decode_images forms (_device_group), one call at
+                          a time, synchronised (GpuDecoder._decode_on_gpu)
+      resize_ms_one_thread  the resize graph on those decoded images one after another, one thread:
+                          ms an image, copy back included (GpuDecoder._resize)
+      resize_img_s        the same in the decoder's CPU threads, with resize_sessions 1 (what runs),
+                          4 and one a thread
+      resize_profile      onnxruntime's profile of the resize graph on 8 of the images: the share of
+                          each operator in the nodes' time, and the mean of a whole run (on CUDA a
+                          node's time is its launch, the run's includes the wait for the copy back)
+      decode_only         GpuDecoder alone on every photo (gpu_decode_only) with one resize session
+                          and with one a thread"""
+    from collections import deque
+
+    import onnxruntime as ort
+
+    from cnnx.runtime import gpudecode
+    from cnnx.runtime.cuda import new_session
+    from cnnx.runtime.pipeline import PipelineConfig
+
+    workers = PipelineConfig().resolved_workers()
+    paths = sorted(str(p) for p in folder.iterdir())
+    dec = gpu_decoder(smoke)
+    out = {"photos": min(n, len(paths)), "workers": workers}
+    try:
+        t0 = time.perf_counter()
+        routed = list(dec.pool.map(lambda p: dec._read_and_route(p, 1 << 40), paths[:n]))
+        out["read_route_img_s"] = round(len(routed) / (time.perf_counter() - t0), 1)
+        todo = deque((p, d) for p, d, reason in routed if reason is None)
+        groups = []
+        while group := gpudecode._device_group(todo, threading.Lock()):
+            groups.append([d for _p, d in group])
+        dec._decode_on_gpu(groups[0][:2])  # warm-up: buffers, the engines
+        t0 = time.perf_counter()
+        images = [img for g in groups for img in dec._decode_on_gpu(g) if img is not None]
+        out["decode_img_s"] = round(len(images) / (time.perf_counter() - t0), 1)
+        out["decoded"] = len(images)
+        for img in images[:4]:
+            dec._resize(img, size, size)  # warm-up: each box-filter factor's session
+        t0 = time.perf_counter()
+        for img in images:
+            dec._resize(img, size, size)
+        out["resize_ms_one_thread"] = round(1000 * (time.perf_counter() - t0) / len(images), 3)
+        out["resize_img_s"] = {}
+        for sessions in sorted({1, 4, workers}):
+            d = gpu_decoder(smoke, workers=workers, resize_sessions=sessions)
+            try:
+                list(d.pool.map(lambda img: d._resize(img, size, size), images))  # every thread's sessions made
+                t0, cpu0 = time.perf_counter(), _cpu_s()
+                done = sum(r is not None for r in d.pool.map(lambda img: d._resize(img, size, size), images))
+                wall = time.perf_counter() - t0
+                out["resize_img_s"][str(sessions)] = {"img_s": round(done / wall, 1),
+                                                      "cores_busy": round((_cpu_s() - cpu0) / wall, 2)}
+            finally:
+                d.close()
+        # onnxruntime's own profile of the resize, per operator
+        prof_dir = Path(tempfile.mkdtemp(prefix="cnnx-resize-prof-"))
+        by_op, runs, files = {}, [], []
+        sample = images[:8]
+        for pool in sorted({gpudecode.pool_factor(i.shape[0], i.shape[1], size, size) for i in sample}):
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            options.enable_profiling = True
+            options.profile_file_prefix = str(prof_dir / f"pool{pool}")
+            session = new_session(ort, gpudecode.resize_model_bytes(pool), options, dec._providers)
+            d = gpu_decoder(smoke, workers=1)
+            d._sessions[pool] = session  # resize_sessions 1: keyed by the factor alone
+            try:
+                for img in sample:
+                    if gpudecode.pool_factor(img.shape[0], img.shape[1], size, size) == pool:
+                        d._resize(img, size, size, pool)
+            finally:
+                d.close()
+            files.append(session.end_profiling())
+        for f in files:
+            for e in json.loads(Path(f).read_text()):
+                if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                    key = f"{e['args'].get('op_name')} ({e['args'].get('provider', '?')})"
+                    by_op[key] = by_op.get(key, 0) + e["dur"]
+                elif e.get("cat") == "Session" and e["name"] == "model_run":
+                    runs.append(e["dur"])
+        total = sum(by_op.values()) or 1
+        out["resize_profile"] = {
+            "runs": len(runs), "run_us_mean": round(sum(runs) / max(1, len(runs)), 1),
+            "nodes_us_per_run": round(total / max(1, len(runs)), 1),
+            "by_op_share": {k: round(v / total, 3) for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])}}
+        shutil.rmtree(prof_dir, ignore_errors=True)
+    finally:
+        images = None
+        dec.close()
+    out["decode_only"] = {str(s): gpu_decode_only(folder, size, smoke, resize_sessions=s) for s in (1, workers)}
     return out
 
 
@@ -1161,6 +1261,7 @@ def main(argv=None):
         size = models["resnet18"]["size"]
         run.stage("gpu_decode_ceiling", gpu_decode_ceiling, photo_dir, smoke, need_s=20)
         run.stage("gpu_decode_backends", gpu_decode_backends, photo_dir, smoke, need_s=30)
+        run.stage("gpu_decode_steps", gpu_decode_steps, photo_dir, size, smoke, need_s=30)
         run.stage("gpu_decode_diagnose", gpu_decode_diagnose, photo_dir, size, smoke, need_s=20)
         run.stage("gpu_decode_only_photos", gpu_decode_only, photo_dir, size, smoke, need_s=20)
         run.stage("gpu_decode_pixels", gpu_decode_pixels, photo_dir, size, smoke, model=models["resnet18"]["fp32"],
@@ -1317,6 +1418,12 @@ def summarize(r: dict):
     if r.get("gpu_decode_only_photos"):
         lines.append(f"GPU decode only (photos): {r['gpu_decode_only_photos']}; pixels vs load_image: "
                      f"{r.get('gpu_decode_pixels')}")
+    if st := r.get("gpu_decode_steps"):
+        lines.append(f"GPU decode steps (photos): read+route {st['read_route_img_s']:,} img/s, nvImageCodec "
+                     f"{st['decode_img_s']:,}, resize {st['resize_ms_one_thread']} ms in one thread, by resize "
+                     f"sessions {st['resize_img_s']}; decoder alone by sessions "
+                     f"{ {k: v['img_s'] for k, v in st['decode_only'].items()} }; resize run "
+                     f"{st['resize_profile']['run_us_mean']} us, ops {list(st['resize_profile']['by_op_share'].items())[:4]}")
     if r.get("slots_resnet18"):
         lines.append(f"slots 1 vs 2: {r['slots_resnet18']}")
     if r["skipped"]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
+import threading
 import time
 from pathlib import Path
 
@@ -244,6 +245,34 @@ def test_the_decoder_gives_the_cpu_decoders_rows_errors_and_notes(mixed_folder, 
     assert diff.mean() < 1.0 and diff.max() <= 12, (diff.mean(), diff.max())
     assert cpu_backend_decoder.to_cpu[gpudecode.NO_END] >= 1  # the truncated file
     assert cpu_backend_decoder.to_cpu[gpudecode.REFUSED] >= 1  # the bad table: refused, then load_image
+
+
+@needs_nvimgcodec
+def test_resize_sessions_spread_the_threads_over_that_many_sessions_with_the_same_pixels(mixed_folder,
+                                                                                       cpu_backend_decoder):
+    """resize_sessions 2: each thread takes the next of two sessions of a box-filter factor, and
+    keeps it; the pixels are those of the one shared session."""
+    paths = sorted(str(p) for p in mixed_folder.iterdir())
+    one = cpu_backend_decoder.decode_images(paths, SPEC, BIG)
+    dec = gpudecode.GpuDecoder(device="cpu", workers=3, resize_sessions=2)
+    seen, both_there = [], threading.Barrier(2)
+
+    def ask():
+        both_there.wait()  # two live threads: two slots
+        seen.append((dec.session(1), dec.session(1)))
+
+    try:
+        two = dec.decode_images(paths, SPEC, BIG)
+        threads = [threading.Thread(target=ask) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        dec.close()
+    assert two[1] == one[1] and two[2] == one[2] and np.array_equal(two[0], one[0])
+    assert all(first is again for first, again in seen)  # a thread keeps its session
+    assert seen[0][0] is not seen[1][0]
 
 
 @needs_nvimgcodec

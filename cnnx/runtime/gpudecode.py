@@ -423,9 +423,13 @@ class GpuDecoder:
     (load_image, the reference), from the other end of each batch, until the two meet: where
     CPU decoding is a good share of GPU decoding (photos: the CPU decodes them DCT-scaled, the
     GPU at full size), the two together beat either. 0: the GPU takes all it can.
+    resize_sessions: sessions of the resize graph per box-filter factor, the threads spread over
+    them (each thread keeps its own): whether the resizes of one session wait for each other is
+    what benchmarks/gpu_classify.py's gpu_decode_steps measures against more of them.
     Counts what went where: `on_gpu`, `to_cpu` {reason: files} (read by --decoder's summary)."""
 
-    def __init__(self, *, device: str = "cuda", device_id: int = 0, workers: int = 1, share_threads: int = 0):
+    def __init__(self, *, device: str = "cuda", device_id: int = 0, workers: int = 1, share_threads: int = 0,
+                 resize_sessions: int = 1):
         if device not in ("cuda", "cpu"):
             raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
         self.device, self.device_id = device, device_id
@@ -444,6 +448,9 @@ class GpuDecoder:
         self._providers = providers
         self._sessions = {}
         self._sessions_lock = threading.Lock()
+        self.resize_sessions = max(1, resize_sessions)
+        self._thread_slot = threading.local()  # which of the resize_sessions this thread uses
+        self._slots_given = 0
         if device == "cuda" and self.session(1).get_providers()[0] != "CUDAExecutionProvider":
             raise DecoderUnavailable("the GPU resize did not get onnxruntime's CUDA provider")
         self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="cnnx-gpudecode-cpu")
@@ -469,8 +476,9 @@ class GpuDecoder:
         self._sessions, self.decoder = {}, None
 
     def session(self, pool: int):
-        """The resize graph's session for this box-filter factor (made on first use)."""
-        session = self._sessions.get(pool)  # every resize asks: no lock, no import once made
+        """This thread's session of the resize graph for this box-filter factor (made on first use)."""
+        key = pool if self.resize_sessions == 1 else (pool, self._slot())
+        session = self._sessions.get(key)  # every resize asks: no lock, no import once made
         if session is not None:
             return session
         import onnxruntime as ort
@@ -478,11 +486,19 @@ class GpuDecoder:
         from cnnx.runtime.cuda import new_session
 
         with self._sessions_lock:
-            if pool not in self._sessions:
+            if key not in self._sessions:
                 options = ort.SessionOptions()
                 options.log_severity_level = 3
-                self._sessions[pool] = new_session(ort, resize_model_bytes(pool), options, self._providers)
-            return self._sessions[pool]
+                self._sessions[key] = new_session(ort, resize_model_bytes(pool), options, self._providers)
+            return self._sessions[key]
+
+    def _slot(self) -> int:
+        slot = getattr(self._thread_slot, "slot", None)
+        if slot is None:
+            with self._sessions_lock:
+                slot = self._thread_slot.slot = self._slots_given % self.resize_sessions
+                self._slots_given += 1
+        return slot
 
     def decode_images(self, paths, spec, max_pixels: int):
         """Like pipeline.decode_images: paths in order -> (uint8 (k, 3, H, W) of the k that
