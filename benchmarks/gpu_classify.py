@@ -910,6 +910,8 @@ def gpu_decode_steps(folder: Path, size: int, smoke: bool, n: int = 96) -> dict:
       resize_profile      onnxruntime's profile of the resize graph on 8 of the images: the share of
                           each operator in the nodes' time, and the mean of a whole run (on CUDA a
                           node's time is its launch, the run's includes the wait for the copy back)
+      padded_share        the share of the photos whose crop needs its edge repeated (the graph with
+                          Expand and Concat; camera sizes, multiples of 8, need none)
       decode_only         GpuDecoder alone on every photo (gpu_decode_only) with one resize session
                           and with one a thread"""
     from collections import deque
@@ -959,21 +961,28 @@ def gpu_decode_steps(folder: Path, size: int, smoke: bool, n: int = 96) -> dict:
         prof_dir = Path(tempfile.mkdtemp(prefix="cnnx-resize-prof-"))
         by_op, runs, files = {}, [], []
         sample = images[:8]
-        for pool in sorted({gpudecode.pool_factor(i.shape[0], i.shape[1], size, size) for i in sample}):
+
+        def graph(img):  # the resize graph _resize takes for this image: (pool, padded)
+            pool = gpudecode.pool_factor(img.shape[0], img.shape[1], size, size)
+            f = gpudecode.crop_feeds(img.shape[0], img.shape[1], size, size, pool)
+            return pool, bool(f["pad_right"][1] or f["pad_bottom"][0])
+
+        for key in sorted({graph(i) for i in sample}):
             options = ort.SessionOptions()
             options.log_severity_level = 3
             options.enable_profiling = True
-            options.profile_file_prefix = str(prof_dir / f"pool{pool}")
-            session = new_session(ort, gpudecode.resize_model_bytes(pool), options, dec._providers)
+            options.profile_file_prefix = str(prof_dir / f"pool{key[0]}-{'padded' if key[1] else 'plain'}")
+            session = new_session(ort, gpudecode.resize_model_bytes(*key), options, dec._providers)
             d = gpu_decoder(smoke, workers=1)
-            d._sessions[pool] = session  # resize_sessions 1: keyed by the factor alone
+            d._sessions[key] = session  # resize_sessions 1: keyed by (pool, padded) alone
             try:
                 for img in sample:
-                    if gpudecode.pool_factor(img.shape[0], img.shape[1], size, size) == pool:
-                        d._resize(img, size, size, pool)
+                    if graph(img) == key:
+                        d._resize(img, size, size)
             finally:
                 d.close()
             files.append(session.end_profiling())
+        out["padded_share"] = round(sum(graph(i)[1] for i in images) / len(images), 3)
         for f in files:
             for e in json.loads(Path(f).read_text()):
                 if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):

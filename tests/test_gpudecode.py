@@ -186,6 +186,25 @@ def test_the_pooled_graph_shrinks_whole_blocks_close_to_load_image(h, w, out):
     assert pooled_diff < 2.5 and pooled_diff < plain_diff + 1.0, (pooled_diff, plain_diff)
 
 
+@pytest.mark.parametrize("h,w,out", [(3024, 4032, (224, 224)), (1080, 1920, (224, 224)), (600, 800, (64, 64))])
+def test_the_graph_without_edge_padding_gives_the_padded_graphs_pixels_where_the_crop_needs_none(h, w, out):
+    """Camera sizes (multiples of 8) need no edge repeated: the plain graph (no Expand, no Concat,
+    no pad inputs) gives exactly the padded graph's pixels, at each box-filter factor."""
+    import onnxruntime as ort
+
+    arr = photo_like(h, w, seed=h + w)
+    rows = np.ascontiguousarray(arr.reshape(h, -1))
+    for pool in sorted({1, gpudecode.pool_factor(h, w, *out)}):
+        feeds = gpudecode.crop_feeds(h, w, *out, pool=pool)
+        assert feeds["pad_right"][1] == 0 and feeds["pad_bottom"][0] == 0
+        padded, plain = (ort.InferenceSession(gpudecode.resize_model_bytes(pool, p), providers=["CPUExecutionProvider"])
+                         for p in (True, False))
+        want = padded.run(None, {"pixels": rows, **feeds})[0]
+        assert {i.name for i in plain.get_inputs()} == set(feeds) - {"pad_right", "pad_bottom"} | {"pixels"}
+        got = plain.run(None, {"pixels": rows, **{k: v for k, v in feeds.items() if not k.startswith("pad_")}})[0]
+        assert np.array_equal(got, want)
+
+
 def test_the_resize_graph_passes_an_image_of_the_model_size_unchanged_and_ignores_row_padding(resize_session):
     arr = photo_like(64, 64, seed=3)
     assert np.array_equal(run_resize(resize_session, arr, 64, 64), arr.transpose(2, 0, 1))
@@ -273,6 +292,17 @@ def test_resize_sessions_spread_the_threads_over_that_many_sessions_with_the_sam
     assert two[1] == one[1] and two[2] == one[2] and np.array_equal(two[0], one[0])
     assert all(first is again for first, again in seen)  # a thread keeps its session
     assert seen[0][0] is not seen[1][0]
+
+
+@needs_nvimgcodec
+def test_the_decoder_resizes_a_camera_size_image_with_the_plain_graph_and_an_odd_size_with_the_padded(
+        cpu_backend_decoder):
+    dec = cpu_backend_decoder
+    camera, odd = photo_like(1080, 1920, seed=5), photo_like(1081, 1923, seed=6)
+    for arr in (camera, odd):
+        assert dec._resize(arr, 224, 224).shape == (3, 224, 224)
+    pool = gpudecode.pool_factor(1080, 1920, 224, 224)
+    assert (pool, False) in dec._sessions and (gpudecode.pool_factor(1081, 1923, 224, 224), True) in dec._sessions
 
 
 @needs_nvimgcodec

@@ -20,10 +20,12 @@ Per batch of files (`decode_images`, the same contract as pipeline.decode_images
      while the next group decodes: load_image's centre crop of the shorter-side resize, with
      the geometry of its DCT-scaled decode (`crop_feeds`), a box filter standing for that DCT
      scaling (`pool_factor`), then onnxruntime's Resize (linear, antialias: Pillow's filter)
-     to the model's H x W, uint8 NCHW out. The box filter is also what makes the GPU
-     path right: onnxruntime's CUDA Resize with antialias gives wrong pixels when it shrinks
-     several-fold, and the same as its CPU provider after the box filter (measured on an H100,
-     onnxruntime 1.31.1: benchmarks/results/gpu_classify.json, "gpu_decode_diagnose").
+     to the model's H x W, uint8 NCHW out; the edge is repeated past the image only where the
+     crop needs it (a second graph, without those copies, takes the rest). The box filter is
+     also what makes the GPU path right: onnxruntime's CUDA Resize with antialias gives wrong
+     pixels when it shrinks several-fold, and the same as its CPU provider after the box filter
+     (measured on an H100, onnxruntime 1.31.1: benchmarks/results/gpu_classify.json,
+     "gpu_decode_diagnose").
 A file damaged inside its scan data but ending in its EOI marker passes the router: the GPU
 decoder decodes what it can (as libjpeg's lenient mode does) where load_image, strict, reports
 it corrupt; only files the GPU decoder refuses fall back.
@@ -184,7 +186,7 @@ def pool_factor(h: int, w: int, out_h: int, out_w: int) -> int:
     return f
 
 
-def resize_model_bytes(pool: int = 1) -> bytes:
+def resize_model_bytes(pool: int = 1, padded: bool = True) -> bytes:
     """The ONNX graph that turns one decoded image into model input:
     pixels uint8 [H, P] (rows of interleaved RGB, P >= 3W bytes: a device row pitch may pad)
     -> Slice rows [top, bottom), bytes [3 left, 3 right) -> Reshape [h, w, 3]
@@ -193,19 +195,27 @@ def resize_model_bytes(pool: int = 1) -> bytes:
     -> Transpose, Unsqueeze [1, 3, h, w] -> Resize(linear, antialias, half_pixel) to `sizes`
     -> uint8 [1, 3, H', W'].
     pool > 1: the [1, 3, h, w] image (h and w multiples of pool: crop_feeds(pool=)) is averaged
-    over pool x pool blocks in float first (AveragePool), then resized and rounded back to uint8."""
+    over pool x pool blocks in float first (AveragePool), then resized and rounded back to uint8.
+    padded False: the graph for a crop that needs no edge repeated (pad_right and pad_bottom 0,
+    as for most cameras' sizes): no Expand and Concat, which copy the whole image twice, and no
+    inputs for them."""
     import onnx
     from onnx import TensorProto, helper
 
     nodes = [
         helper.make_node("Slice", ["pixels", "starts", "ends"], ["crop"]),
-        helper.make_node("Reshape", ["crop", "hwc"], ["cropped"]),
-        helper.make_node("Slice", ["cropped", "last", "end", "axis1"], ["last_column"]),
-        helper.make_node("Expand", ["last_column", "pad_right"], ["right_edge"]),
-        helper.make_node("Concat", ["cropped", "right_edge"], ["wide"], axis=1),
-        helper.make_node("Slice", ["wide", "last", "end", "axis0"], ["last_row"]),
-        helper.make_node("Expand", ["last_row", "pad_bottom"], ["bottom_edge"]),
-        helper.make_node("Concat", ["wide", "bottom_edge"], ["padded"], axis=0),
+        helper.make_node("Reshape", ["crop", "hwc"], ["cropped" if padded else "padded"]),
+    ]
+    if padded:
+        nodes += [
+            helper.make_node("Slice", ["cropped", "last", "end", "axis1"], ["last_column"]),
+            helper.make_node("Expand", ["last_column", "pad_right"], ["right_edge"]),
+            helper.make_node("Concat", ["cropped", "right_edge"], ["wide"], axis=1),
+            helper.make_node("Slice", ["wide", "last", "end", "axis0"], ["last_row"]),
+            helper.make_node("Expand", ["last_row", "pad_bottom"], ["bottom_edge"]),
+            helper.make_node("Concat", ["wide", "bottom_edge"], ["padded"], axis=0),
+        ]
+    nodes += [
         helper.make_node("Transpose", ["padded"], ["chw_image"], perm=[2, 0, 1]),
         helper.make_node("Unsqueeze", ["chw_image", "axis0"], ["nchw_image"]),
     ]
@@ -226,13 +236,14 @@ def resize_model_bytes(pool: int = 1) -> bytes:
                   helper.make_tensor("max_level", TensorProto.FLOAT, [], [255.0])]
     i64 = lambda name, n: helper.make_tensor_value_info(name, TensorProto.INT64, [n])  # noqa: E731
     const = lambda name, value: helper.make_tensor(name, TensorProto.INT64, [1], [value])  # noqa: E731
+    pads = [i64("pad_right", 3), i64("pad_bottom", 3)] if padded else []
+    edges = [const("axis1", 1), const("last", -1), const("end", 1 << 62)] if padded else []
     graph = helper.make_graph(
         nodes, "cnnx_resize",
         [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["H", "P"]),
-         i64("starts", 2), i64("ends", 2), i64("hwc", 3), i64("pad_right", 3), i64("pad_bottom", 3),
-         i64("sizes", 4)],
+         i64("starts", 2), i64("ends", 2), i64("hwc", 3), *pads, i64("sizes", 4)],
         [helper.make_tensor_value_info("images", TensorProto.UINT8, [1, 3, "out_h", "out_w"])],
-        initializer=[const("axis0", 0), const("axis1", 1), const("last", -1), const("end", 1 << 62), *floats])
+        initializer=[const("axis0", 0), *edges, *floats])
     # IR 9 (onnx 1.15's): read by every onnxruntime that has Resize-18's antialias.
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", RESIZE_OPSET)], ir_version=9)
     onnx.checker.check_model(model)
@@ -475,9 +486,10 @@ class GpuDecoder:
             self.share_pool.shutdown(wait=True, cancel_futures=True)
         self._sessions, self.decoder = {}, None
 
-    def session(self, pool: int):
-        """This thread's session of the resize graph for this box-filter factor (made on first use)."""
-        key = pool if self.resize_sessions == 1 else (pool, self._slot())
+    def session(self, pool: int, padded: bool = True):
+        """This thread's session of the resize graph for this box-filter factor, with or without
+        the edge padding (made on first use)."""
+        key = (pool, padded) if self.resize_sessions == 1 else (pool, padded, self._slot())
         session = self._sessions.get(key)  # every resize asks: no lock, no import once made
         if session is not None:
             return session
@@ -489,7 +501,7 @@ class GpuDecoder:
             if key not in self._sessions:
                 options = ort.SessionOptions()
                 options.log_severity_level = 3
-                self._sessions[key] = new_session(ort, resize_model_bytes(pool), options, self._providers)
+                self._sessions[key] = new_session(ort, resize_model_bytes(pool, padded), options, self._providers)
             return self._sessions[key]
 
     def _slot(self) -> int:
@@ -613,12 +625,16 @@ class GpuDecoder:
         on_gpu = self.device == "cuda"
         buffer = img.__cuda_array_interface__ if on_gpu else img.__array_interface__
         pitch = buffer["strides"][0] if buffer.get("strides") else 3 * w
+        feeds = crop_feeds(h, w, out_h, out_w, pool)
+        padded = bool(feeds["pad_right"][1] or feeds["pad_bottom"][0])
+        if not padded:
+            del feeds["pad_right"], feeds["pad_bottom"]
         try:
-            session = self.session(pool)
+            session = self.session(pool, padded)
             binding = session.io_binding()
             binding.bind_input("pixels", "cuda" if on_gpu else "cpu", self.device_id if on_gpu else 0, np.uint8,
                                [h, pitch], buffer["data"][0])
-            for name, value in crop_feeds(h, w, out_h, out_w, pool).items():
+            for name, value in feeds.items():
                 binding.bind_cpu_input(name, value)
             binding.bind_output("images", "cpu")
             session.run_with_iobinding(binding)
