@@ -806,19 +806,24 @@ def gpu_decoder(smoke: bool, workers: int = 0, shared: bool = False, resize_sess
                       resize_sessions=resize_sessions)
 
 
-def gpu_decode_only(folder: Path, size: int, smoke: bool, resize_sessions: int = 1) -> dict:
-    """images/s of the GPU decoder alone on the photos, to the model's size; what it passed to the CPU."""
+def gpu_decode_only(folder: Path, size: int, smoke: bool, resize_sessions: int = 1, module=None) -> dict:
+    """images/s of the GPU decoder alone on the photos, to the model's size; what it passed to the CPU.
+    module: another version's gpudecode (_baseline_gpudecodes), whose decoder then runs."""
     from cnnx.runtime.discover import Discovery
-    from cnnx.runtime.gpudecode import decoded_batches
     from cnnx.runtime.pipeline import PipelineConfig, batched_runs
     from cnnx.runtime.preprocess import make_spec
 
     spec = make_spec(size, (0.5,) * 3, (0.25,) * 3)
-    dec = gpu_decoder(smoke, resize_sessions=resize_sessions)
+    if module is None:
+        from cnnx.runtime import gpudecode as module
+
+        dec = gpu_decoder(smoke, resize_sessions=resize_sessions)
+    else:
+        dec = module.GpuDecoder(device="cpu" if smoke else "cuda", workers=PipelineConfig().resolved_workers())
     try:
         t0, cpu0 = time.perf_counter(), _cpu_s()
-        n = sum(len(b.paths) for _items, b in decoded_batches(batched_runs(Discovery([str(folder)]).runs(), BATCH), spec,
-                                                               PipelineConfig(batch_size=BATCH), dec))
+        n = sum(len(b.paths) for _items, b in module.decoded_batches(batched_runs(Discovery([str(folder)]).runs(), BATCH),
+                                                                      spec, PipelineConfig(batch_size=BATCH), dec))
         wall = time.perf_counter() - t0
     finally:
         dec.close()
@@ -897,7 +902,37 @@ def gpu_decode_backends(folder: Path, smoke: bool, batch: int = 32) -> dict:
     return out
 
 
-def gpu_decode_steps(folder: Path, size: int, smoke: bool, n: int = 96) -> dict:
+def _baseline_gpudecodes(baselines) -> dict:
+    """{commit: the gpudecode module of that --baseline tree, loaded beside this tree's} for each
+    distinct gpudecode.py among the baselines that differs from this tree's (its own imports of
+    cnnx resolve to this tree: only its decoder and resize graph are the baseline's)."""
+    import hashlib
+    import importlib.util
+
+    def digest(path):
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    seen, out = {digest(ROOT / "cnnx" / "runtime" / "gpudecode.py")}, {}
+    for folder in baselines:
+        path = Path(folder) / "cnnx" / "runtime" / "gpudecode.py"
+        if not path.is_file() or digest(path) in seen:
+            continue
+        seen.add(digest(path))
+        commit = (Path(folder) / "COMMIT").read_text().strip() if (Path(folder) / "COMMIT").is_file() else str(folder)
+        name = f"baseline_gpudecode_{len(out)}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses look it up there
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:  # noqa: BLE001 - a baseline needing what this tree no longer has: say so
+            del sys.modules[name]
+            out[commit] = f"{type(e).__name__}: {str(e)[:200]}"
+            continue
+        out[commit] = module
+    return out
+
+
+def gpu_decode_steps(folder: Path, size: int, smoke: bool, n: int = 96, baselines=()) -> dict:
     """--decoder gpu's steps one at a time, each alone, on n photos (which one holds GpuDecoder at a
     third of nvImageCodec's own rate?):
       read_route_img_s    reading each file and jpeg_route, in the decoder's CPU threads
@@ -913,7 +948,9 @@ def gpu_decode_steps(folder: Path, size: int, smoke: bool, n: int = 96) -> dict:
       padded_share        the share of the photos whose crop needs its edge repeated (the graph with
                           Expand and Concat; camera sizes, multiples of 8, need none)
       decode_only         GpuDecoder alone on every photo (gpu_decode_only) with one resize session
-                          and with one a thread"""
+                          and with one a thread
+      baselines           for each --baseline tree with another gpudecode.py: its resize_img_s (its
+                          own graph and sessions, the same images and threads) and its decode_only"""
     from collections import deque
 
     import onnxruntime as ort
@@ -983,6 +1020,20 @@ def gpu_decode_steps(folder: Path, size: int, smoke: bool, n: int = 96) -> dict:
                 d.close()
             files.append(session.end_profiling())
         out["padded_share"] = round(sum(graph(i)[1] for i in images) / len(images), 3)
+        out["baselines"] = {}
+        for commit, module in _baseline_gpudecodes(baselines).items():
+            if isinstance(module, str):
+                out["baselines"][commit] = {"error": module}
+                continue
+            d = module.GpuDecoder(device="cpu" if smoke else "cuda", workers=workers)
+            try:
+                list(d.pool.map(lambda img: d._resize(img, size, size), images))
+                t0 = time.perf_counter()
+                done = sum(r is not None for r in d.pool.map(lambda img: d._resize(img, size, size), images))
+                out["baselines"][commit] = {"resize_img_s": round(done / (time.perf_counter() - t0), 1)}
+            finally:
+                d.close()
+            out["baselines"][commit]["decode_only"] = gpu_decode_only(folder, size, smoke, module=module)
         for f in files:
             for e in json.loads(Path(f).read_text()):
                 if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
@@ -1270,7 +1321,7 @@ def main(argv=None):
         size = models["resnet18"]["size"]
         run.stage("gpu_decode_ceiling", gpu_decode_ceiling, photo_dir, smoke, need_s=20)
         run.stage("gpu_decode_backends", gpu_decode_backends, photo_dir, smoke, need_s=30)
-        run.stage("gpu_decode_steps", gpu_decode_steps, photo_dir, size, smoke, need_s=30)
+        run.stage("gpu_decode_steps", gpu_decode_steps, photo_dir, size, smoke, baselines=a.baseline, need_s=40)
         run.stage("gpu_decode_diagnose", gpu_decode_diagnose, photo_dir, size, smoke, need_s=20)
         run.stage("gpu_decode_only_photos", gpu_decode_only, photo_dir, size, smoke, need_s=20)
         run.stage("gpu_decode_pixels", gpu_decode_pixels, photo_dir, size, smoke, model=models["resnet18"]["fp32"],
@@ -1433,6 +1484,9 @@ def summarize(r: dict):
                      f"sessions {st['resize_img_s']}; decoder alone by sessions "
                      f"{ {k: v['img_s'] for k, v in st['decode_only'].items()} }; resize run "
                      f"{st['resize_profile']['run_us_mean']} us, ops {list(st['resize_profile']['by_op_share'].items())[:4]}")
+        for commit, b in st.get("baselines", {}).items():
+            lines.append(f"  baseline {commit[:12]}: " + (b["error"] if "error" in b else
+                         f"resize {b['resize_img_s']:,} img/s, decoder alone {b['decode_only']['img_s']:,}"))
     if r.get("slots_resnet18"):
         lines.append(f"slots 1 vs 2: {r['slots_resnet18']}")
     if r["skipped"]:
