@@ -29,6 +29,9 @@ JSON; the goals are judged on what the JSON holds):
     flock /tmp/cnnx-cpu.lock python benchmarks/bench_classify.py --part processes
     flock /tmp/cnnx-cpu.lock python benchmarks/bench_classify.py --part memory
     flock /tmp/cnnx-cpu.lock python benchmarks/bench_classify.py --part baselines
+    flock /tmp/cnnx-cpu.lock python benchmarks/bench_classify.py --part accounting
+"accounting": where a whole process's time beyond the bound goes, in core-seconds, each round
+with its own bound: CPU of the cnnx process, of the processes it started, and idle cores.
 --cifar: a CIFAR-10 JPEG folder (default $CNNX_CIFAR_DIR or /tmp/cifar10/train; cifar_jpegs.py).
 Writes benchmarks/results/bench_classify.json. Needs the [train] extra only to build the
 default model (a seeded, untrained seed-cnn exported with cnnx.export); pass --model to skip.
@@ -478,6 +481,94 @@ def measure_bound(model: Path, cifar: Path, rounds: int, batch_size: int | None)
     }
 
 
+PR_SET_CHILD_SUBREAPER = 36  # prctl(2): orphans of our children are re-parented to us
+
+
+def classify_cpu_accounting(model: Path, folder: Path, *extra) -> dict:
+    """One `cnnx classify` process, timed, with the CPU seconds of every process it made:
+    this process becomes a child subreaper (Linux), so the forkserver, the resource tracker
+    and any decode process still alive when cnnx exits are re-parented here and reaped with
+    os.wait4, whose rusage counts a process and the children it reaped itself (the forkserver
+    reaps the decode processes). -> wall s, main_cpu_s (the cnnx process), others_cpu_s
+    (forkserver + decode processes + resource tracker), total_cpu_s."""
+    import ctypes
+
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise SystemExit("prctl(PR_SET_CHILD_SUBREAPER) failed: --part accounting needs Linux")
+    out = CACHE / "out-accounting.csv"
+    for f in (out, out.with_name(out.stem + ".errors.csv")):
+        if f.exists():
+            f.unlink()
+    cmd = [sys.executable, "-m", "cnnx", "classify", str(folder), "--model", str(model), "-o", str(out), "--topk", "1",
+           *extra]
+    ours = _children()  # this process's own (a forkserver of its own, ...): never waited for here
+    t0 = time.perf_counter()
+    with open(CACHE / "classify.stderr", "w") as err:
+        proc = subprocess.Popen(cmd, stderr=err, cwd=ROOT)
+        _pid, status, main_ru = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+    others = 0.0
+    while orphans := _children() - ours:  # they end once their pipes to cnnx close
+        for pid in orphans:
+            _pid, _status, ru = os.wait4(pid, 0)
+            others += ru.ru_utime + ru.ru_stime
+    if proc.returncode != 0:
+        raise SystemExit(f"cnnx classify failed ({proc.returncode}): {(CACHE / 'classify.stderr').read_text()}")
+    main = main_ru.ru_utime + main_ru.ru_stime
+    return {"wall_s": round(wall, 3), "main_cpu_s": round(main, 3), "others_cpu_s": round(others, 3),
+            "total_cpu_s": round(main + others, 3)}
+
+
+def _children() -> set:
+    """Pids of this process's live children (every thread's), from /proc."""
+    out = set()
+    for tid in os.listdir(f"/proc/{os.getpid()}/task"):
+        try:
+            with open(f"/proc/{os.getpid()}/task/{tid}/children") as f:
+                out.update(int(p) for p in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
+def measure_accounting(model: Path, cifar: Path, rounds: int) -> dict:
+    """Where the wall time beyond the bound goes (goal 2), in core-seconds, each round on its
+    own: the bound's work is cores x bound_s (onnxruntime as the decode processes run it, 2
+    callers, + load_image's one-core seconds), measured in the same round as one cnnx classify
+    whose every process's CPU is counted (classify_cpu_accounting). Then
+      cores x wall = bound work + extra CPU (CPU beyond the bound's work: the cnnx process
+                     itself, the forkserver, what the decode processes do besides decoding
+                     and running the model) + idle (core-seconds no process of the run used),
+    and 1 - ratio = (extra CPU + idle) / (cores x wall)."""
+    from cnnx.runtime.model import open_model
+    from cnnx.runtime.pipeline import PipelineConfig
+    from cnnx.runtime.procdecode import WORKER_RUN_ROWS
+
+    files = list_images(cifar)
+    n, batch_size = len(files), cli_default_batch_size()
+    session, info, _ = open_model(model, "cpu", threads=1)
+    spec, workers = info.spec, PipelineConfig().resolved_workers()
+    h, w = spec["size"]
+    k = cores()
+    per_round = []
+    for r in range(rounds):
+        log(f"[accounting] round {r + 1}/{rounds}")
+        ort = ort_only_s(session, n, batch_size, h, w, workers, WORKER_RUN_ROWS)
+        decode = decode_one_core_s(files, spec)
+        run = classify_cpu_accounting(model, cifar, "--device", "cpu")
+        bound = ort + decode / k
+        row = {"ort_only_s": round(ort, 3), "decode_one_core_s": round(decode, 3), "bound_s": round(bound, 3), **run,
+               "ratio": round(bound / run["wall_s"], 3),
+               "bound_work_core_s": round(k * bound, 3),
+               "extra_cpu_core_s": round(run["total_cpu_s"] - k * bound, 3),
+               "idle_core_s": round(k * run["wall_s"] - run["total_cpu_s"], 3)}
+        per_round.append(row)
+        log(json.dumps(row))
+    median = sorted(per_round, key=lambda x: x["ratio"])[len(per_round) // 2]
+    return {"files": n, "cores": k, "decode_workers": workers, "rounds": per_round, "median_round": median}
+
+
 def session_settings(session) -> dict:
     """The options an onnxruntime session actually runs with (what the bound was measured on)."""
     so = session.get_session_options()
@@ -658,7 +749,7 @@ def merge_result(path: Path, update: dict, parts, argv) -> dict:
 PART_KEYS = {"bound": ("bound", "first_batch_latency_s"), "tuning": ("tuning",), "memory": ("memory",),
              "processes": ("tuning_processes",), "pipeline_decode": ("pipeline_decode",),
              "baselines": ("cifar",), "photos": ("photos", "photos_set"), "decode": ("decode_only",),
-             "cuda": ("cuda",)}
+             "cuda": ("cuda",), "accounting": ("accounting",)}
 PARTS = tuple(PART_KEYS)
 
 
@@ -704,6 +795,8 @@ def main(argv=None):
         }
     if "pipeline_decode" in parts:
         update["pipeline_decode"] = pipeline_decode(cifar, reps=2)
+    if "accounting" in parts:
+        update["accounting"] = measure_accounting(model, cifar, args.rounds)
     if "memory" in parts:
         big = run_classify(model, cifar, "--device", "cpu", out=CACHE / "out-mem50k.csv")
         few = run_classify(model, small, "--device", "cpu", out=CACHE / "out-mem5k.csv")
