@@ -540,7 +540,9 @@ def measure_accounting(model: Path, cifar: Path, rounds: int) -> dict:
       cores x wall = bound work + extra CPU (CPU beyond the bound's work: the cnnx process
                      itself, the forkserver, what the decode processes do besides decoding
                      and running the model) + idle (core-seconds no process of the run used),
-    and 1 - ratio = (extra CPU + idle) / (cores x wall)."""
+    and 1 - ratio = (extra CPU + idle) / (cores x wall). (classify_cpu_by_process.py splits the
+    CPU further, the forkserver apart from the decode processes, by polling /proc, for two
+    versions side by side; this counts it exactly, against the bound.)"""
     from cnnx.runtime.model import open_model
     from cnnx.runtime.pipeline import PipelineConfig
     from cnnx.runtime.procdecode import WORKER_RUN_ROWS

@@ -764,6 +764,14 @@ def block_classify(res: Results) -> str:
                         f"({b['ratio_process_memory_polled']:.2f})." if "classify_process_memory_polled_s" in b else "")
                      + (f" With `--decode threads` in the same rounds: {secs(b['classify_decode_threads_process_s'])} "
                         f"({b['ratio_process_decode_threads']:.2f})." if "classify_decode_threads_process_s" in b else ""))
+    if a := d.get("accounting"):
+        r, k = a["median_round"], a["cores"]
+        notes.append(f"Where a whole process's time beyond the bound goes, in core-seconds, the median of "
+                     f"{len(a['rounds'])} rounds each against its own bound ({code(measured(d, 'accounting')['command'])}): "
+                     f"{k} cores x {secs(r['wall_s'])} = the bound's work {r['bound_work_core_s']:.2f} "
+                     f"({r['ratio']:.2f} of the wall) + CPU beyond it {r['extra_cpu_core_s']:.2f} (the command "
+                     f"itself used {r['main_cpu_s']:.2f}, the processes it started {r['others_cpu_s']:.2f}) + idle "
+                     f"cores {r['idle_core_s']:.2f}.")
     for name in ("classify_cpu_by_process.json", "classify_cpu_by_process_500k.json"):
         if c := res.get(name):
             trees = list(c["trees"].values())
@@ -808,7 +816,7 @@ def block_classify(res: Results) -> str:
         notes.append("CUDA: " + "; ".join(f"{k} {num(v['images_per_s'])} img/s" for k, v in cuda.items()) + ".")
     out.append(bullets(notes))
     out.append(para(f"Batch size {d['batch_size']}; the baselines (information) and cnnx classify ran interleaved, best of each. "
-               f"Source: {source('bench_classify.json', d)}."))
+               f"Source: {source('bench_classify.json', measured(d, 'bound') if 'bound' in d else d)}."))
     return "\n\n".join(out)
 
 
