@@ -380,6 +380,40 @@ def test_an_interrupted_run_whose_cleanup_hangs_still_ends_with_130():
     assert time.monotonic() - t0 < 20
 
 
+# Ctrl-C while rows stream: deferred to the end of the batch in hand, then KeyboardInterrupt
+# at a point where no lock is held; a second Ctrl-C raises at once.
+DEFERRED_SIGINT = """
+import os, signal, sys
+from cnnx.runtime import command
+command.INTERRUPT_GRACE_S = 60
+seen = []
+with command._ends_when_interrupted() as interrupts:
+    try:
+        with interrupts.deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            seen.append("still running")
+            interrupts.stop_if_asked()
+            seen.append("not stopped")
+    except KeyboardInterrupt:
+        seen.append("stopped at the check")
+    try:
+        with command.Interrupts().deferred():  # a new run's: not asked
+            pass
+        os.kill(os.getpid(), signal.SIGINT)  # outside the rows: at once
+        seen.append("not raised")
+    except KeyboardInterrupt:
+        seen.append("raised at once")
+print(seen, flush=True)
+os._exit(0)  # the armed timers
+"""
+
+
+def test_a_ctrl_c_while_rows_stream_stops_the_loop_at_its_check_not_where_it_lands():
+    r = subprocess.run([sys.executable, "-c", DEFERRED_SIGINT], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(["still running", "stopped at the check", "raised at once"])
+
+
 # Imports everything the run needs, then becomes user nobody for good (real and effective
 # uid: a `readable` check through os.access asks about the real one), then runs the CLI.
 AS_NOBODY = """

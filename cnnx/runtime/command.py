@@ -146,13 +146,13 @@ def classify(paths, model_path, output, fmt, topk, batch_size, workers, decode, 
         errors_path = _default_errors_path(output)
     _check_usage(paths, output, errors_path, resume, report_path)
     _warm_up(model_path, decoder, decode, workers)
-    with _ends_when_interrupted(), _one_line_errors(), _one_writer(output):
+    with _ends_when_interrupted() as interrupts, _one_line_errors(), _one_writer(output):
         _check_not_there(output, errors_path, resume)
         classifier = _open_classifier(model_path, device, batch_size=batch_size, workers=workers, topk=topk,
                                       decoder=decoder, decode=decode)
         done = _read_done(output, errors_path, fmt, classifier.topk) if resume else set()
         rows = classifier.classify(paths, follow_symlinks=follow_symlinks, done=done)
-        tally = _write_rows(rows, output, fmt, errors_path, classifier, append=resume, t0=t0)
+        tally = _write_rows(rows, output, fmt, errors_path, classifier, append=resume, t0=t0, interrupts=interrupts)
     if rows.found == 0:
         what = "files" if rows.ignored == 0 else f"image files ({rows.ignored} other files ignored)"
         raise click.ClickException(f"no {what} found under {', '.join(paths)}")
@@ -167,27 +167,64 @@ def classify(paths, model_path, output, fmt, topk, batch_size, workers, decode, 
 INTERRUPT_GRACE_S = 20.0  # after Ctrl-C: time for the run's own cleanup before the process is ended
 
 
+class Interrupts:
+    """What Ctrl-C does to a run (_ends_when_interrupted). While rows stream (`deferred()`), the
+    first Ctrl-C only asks the row loop to stop after the batch in hand (`stop_if_asked`), where
+    its thread holds no lock: a KeyboardInterrupt raised at whatever instruction the signal
+    lands on can leave one taken. threading.Condition.__enter__ is Python code, and a signal
+    handled just after it acquired its lock raises before the `with` owns the lock; the pool
+    thread that then finishes the Future waits for that lock forever, and the exit waits for
+    the thread. (A CI run hung after Ctrl-C; a loop of Future.result() calls hit by SIGINT does
+    it too, now and then, py-spy showing the pool thread in Condition.__enter__.) A second
+    Ctrl-C, or one outside the rows, raises at once."""
+
+    def __init__(self):
+        self.deferring = False
+        self.asked = False
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+
+    def stop_if_asked(self):
+        """Raise KeyboardInterrupt if Ctrl-C was pressed while deferred."""
+        if self.asked:
+            self.deferring = False  # the cleanup starts: another Ctrl-C raises at once
+            raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def _ends_when_interrupted():
-    """Ctrl-C raises KeyboardInterrupt as Python's own handler does (the run then flushes its
-    rows, releases the output lock and exits 130), and also arms a timer: should a thread the
-    exit must join never return (one CI run saw `cnnx classify` hang after SIGINT), the process
-    still ends, with exit 130, INTERRUPT_GRACE_S later. Nothing changes where SIGINT is ignored
-    or handled by someone else, or off the main thread."""
+    """Ctrl-C ends the run as Python's own handler does, with KeyboardInterrupt (the run then
+    flushes its rows, releases the output lock and exits 130), at once or, while rows stream,
+    after the batch in hand (Interrupts); and it arms a timer: should a thread the exit must
+    join never return, the process still ends, with exit 130, INTERRUPT_GRACE_S later. Yields
+    the run's Interrupts. Nothing changes where SIGINT is ignored or handled by someone else,
+    or off the main thread (nothing then asks the Interrupts to stop)."""
+    interrupts = Interrupts()
     if threading.current_thread() is not threading.main_thread() or \
             signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield
+        yield interrupts
         return
 
     def interrupted(_signum, _frame):
-        timer = threading.Timer(INTERRUPT_GRACE_S, _exit_interrupted)
-        timer.daemon = True
-        timer.start()
+        if not interrupts.asked:
+            timer = threading.Timer(INTERRUPT_GRACE_S, _exit_interrupted)
+            timer.daemon = True
+            timer.start()
+        if interrupts.deferring and not interrupts.asked:
+            interrupts.asked = True
+            return
+        interrupts.asked = True
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, interrupted)
     try:
-        yield
+        yield interrupts
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
@@ -374,29 +411,35 @@ def _read_done(output, errors_path, fmt, topk) -> set:
     return done
 
 
-def _write_rows(rows, output, fmt, errors_path, classifier, *, append: bool, t0: float) -> _Tally:
-    """Stream the rows into the predictions and errors files, one flush per batch."""
+def _write_rows(rows, output, fmt, errors_path, classifier, *, append: bool, t0: float,
+                interrupts: Interrupts | None = None) -> _Tally:
+    """Stream the rows into the predictions and errors files, one flush per batch (a Ctrl-C
+    deferred by `interrupts` stops the loop once a batch is written)."""
     from cnnx.runtime.api import Skipped
     from cnnx.runtime.output import ErrorsWriter, PredictionWriter
 
+    interrupts = interrupts or Interrupts()
     writer = PredictionWriter(output, fmt, classifier.info.class_names, classifier.topk, append=append)
     errors = ErrorsWriter(errors_path, append=append)
     tally, progress = _Tally(), _Progress()
     try:
-        for result in rows.results():
-            for row in result.others():
-                if isinstance(row, Skipped):
-                    tally.skipped[row.stage] = tally.skipped.get(row.stage, 0) + 1
-                    errors.write(row.path, row.stage, row.error)
-                else:  # a Note on an image that was classified
-                    tally.noted += 1
-                    errors.write(row.path, "note", row.note)
-            if result.paths:
-                writer.write_batch(result.paths, result.indices, result.scores)
-            tally.classified += len(result.paths)
-            if result.paths and tally.first_batch_s is None:
-                tally.first_batch_s = time.perf_counter() - t0
-            progress.update(tally.classified, tally.n_skipped)
+        with interrupts.deferred():
+            for result in rows.results():
+                for row in result.others():
+                    if isinstance(row, Skipped):
+                        tally.skipped[row.stage] = tally.skipped.get(row.stage, 0) + 1
+                        errors.write(row.path, row.stage, row.error)
+                    else:  # a Note on an image that was classified
+                        tally.noted += 1
+                        errors.write(row.path, "note", row.note)
+                if result.paths:
+                    writer.write_batch(result.paths, result.indices, result.scores)
+                tally.classified += len(result.paths)
+                if result.paths and tally.first_batch_s is None:
+                    tally.first_batch_s = time.perf_counter() - t0
+                progress.update(tally.classified, tally.n_skipped)
+                interrupts.stop_if_asked()
+            interrupts.stop_if_asked()  # pressed while the pipeline wound down
     finally:
         rows.close()
         progress.close()
