@@ -15,11 +15,16 @@ writing rows) take turns. Here each of `slots` (default SLOTS) slots owns
   - an IOBinding whose output is bound to host memory, so the logits come back in the same
     `run_with_iobinding` call;
 
-and the runs go to a pool of `slots` threads (onnxruntime releases the GIL during a run and
-allows concurrent runs of one session), so batch k+1 can be uploaded while batch k computes
-and the caller writes the rows of batch k-1; a run's thread also does the work on its own
-result that the caller gives it (`finish`: classify's softmax and top-k). Results come back in
-submission order. Decoding overlaps all of this already (the decode threads or processes).
+and each slot has a thread of its own that runs its batches (onnxruntime releases the GIL
+during a run and allows concurrent runs of one session), so batch k+1 can be uploaded while
+batch k computes and the caller writes the rows of batch k-1; a run's thread also does the
+work on its own result that the caller gives it (`finish`: classify's softmax and top-k).
+Results come back in submission order. Decoding overlaps all of this already (the decode
+threads or processes). A batch goes to its slot's thread, and its result comes back, through
+a queue.SimpleQueue each way (C code, no lock taken in Python): the caller's one thread bounds
+the rate on a GPU, and a ThreadPoolExecutor's Futures, Conditions and Semaphore cost it a
+hand-over of the GIL at every lock (most of its samples in a CPU profile of the loop,
+benchmarks/results/main_process_parts_queues.json).
 
 The same code runs on the CPU provider with plain host buffers (the tests exercise it there
 against `session.run`); cnnx classify uses it only on CUDA and TensorRT, where it pays: the
@@ -30,9 +35,10 @@ benchmarks/gpu_classify.py measures the ceiling with 2 and SLOTS slots and the h
 from __future__ import annotations
 
 import ctypes
+import queue
 import sys
+import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -173,7 +179,12 @@ class BoundRunner:
         self.session = session
         self.shape = (batch_size, 3, h, w)
         self._slots = [BoundSlot(session, input_name, output_name, self.shape, pinned) for _ in range(slots)]
-        self._pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="cnnx-infer")
+        self._threads = []
+        for i, slot in enumerate(self._slots):
+            slot.todo, slot.done = queue.SimpleQueue(), queue.SimpleQueue()
+            thread = threading.Thread(target=self._serve, args=(slot,), name=f"cnnx-infer_{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     @property
     def host_memory(self) -> str:
@@ -197,13 +208,14 @@ class BoundRunner:
         sys.setswitchinterval(min(switch, GIL_SWITCH_S))
 
         def oldest():
-            job, slot, future = running.popleft()
+            job, slot = running.popleft()
             if slot is None:
                 return job, None
-            try:
-                return job, future.result()
-            finally:
-                free.append(slot)
+            ok, value = slot.done.get()
+            free.append(slot)
+            if not ok:
+                raise value
+            return job, value
 
         jobs = iter(jobs)
         try:
@@ -213,7 +225,7 @@ class BoundRunner:
                     break
                 images = images_of(job)
                 if images is None:
-                    running.append((job, None, None))
+                    running.append((job, None))
                     continue
                 if images.shape != self.shape or images.dtype != np.uint8:
                     raise ValueError(f"batch of {images.dtype} {images.shape}, expected uint8 {self.shape}")
@@ -221,25 +233,33 @@ class BoundRunner:
                     yield oldest()
                 slot = free.popleft()
                 np.copyto(slot.host.array, images)
-                running.append((job, slot, self._pool.submit(self._run, slot, job, finish)))
+                slot.todo.put((job, finish))
+                running.append((job, slot))
             while running:
                 yield oldest()
         finally:
             sys.setswitchinterval(switch)
-            for _job, _slot, future in running:  # a consumer that stopped early: let runs end
-                if future is not None and not future.cancel():
-                    try:
-                        future.result()
-                    except Exception:  # noqa: BLE001 - the consumer has gone; nothing reads this run
-                        pass
+            for _job, slot in running:  # a consumer that stopped early: let its runs end (nothing reads them)
+                if slot is not None:
+                    slot.done.get()
 
-    def _run(self, slot: BoundSlot, job, finish):
-        logits = slot.run(self.session)
-        return logits if finish is None else finish(job, logits)
+    def _serve(self, slot: BoundSlot):
+        """A slot's thread: (job, finish) from slot.todo -> (True, result) or (False, the
+        exception) into slot.done, until None."""
+        while (task := slot.todo.get()) is not None:
+            job, finish = task
+            try:
+                logits = slot.run(self.session)
+                slot.done.put((True, logits if finish is None else finish(job, logits)))
+            except BaseException as e:  # noqa: BLE001 - raised in the caller's thread, in order
+                slot.done.put((False, e))
 
     def close(self):
-        self._pool.shutdown(wait=True)
+        for slot in self._slots:
+            slot.todo.put(None)
+        for thread in self._threads:
+            thread.join()
         for slot in self._slots:
             slot.binding = slot.device_input = None
             slot.host.close()
-        self._slots = []
+        self._slots, self._threads = [], []
