@@ -190,30 +190,29 @@ def ahead_in_thread(iterable, depth: int, name: str = "cnnx-ahead"):
     consumer's thread bounds the rate (the GPU path: it feeds the decode processes, copies
     batches and writes rows), work such as walking the folders then runs while that thread
     waits (on the GPU, on a decode process). A consumer that stops early stops the thread, at
-    its next item, and waits for it: nothing it reads or writes is used after the consumer left."""
+    its next item, and waits for it: nothing it reads or writes is used after the consumer left.
+    Items and the room for them pass through queue.SimpleQueue (C code): a queue.Queue's
+    Conditions take locks in Python, each a hand-over of the GIL by the consumer's thread, and
+    a KeyboardInterrupt landing inside one can leave its lock held and the producer, then the
+    join, waiting for ever."""
     import queue
 
-    items, stop = queue.Queue(maxsize=max(1, depth)), threading.Event()
+    items, room, stop = queue.SimpleQueue(), queue.SimpleQueue(), threading.Event()
+    for _ in range(max(1, depth)):
+        room.put(True)
     done = object()
-
-    def put(entry) -> bool:
-        while not stop.is_set():
-            try:
-                items.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
 
     def produce():
         try:
             for item in iterable:
-                if not put((True, item)):
+                room.get()  # while `depth` items wait for the consumer
+                if stop.is_set():
                     return
+                items.put((True, item))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
-            put((False, e))
+            items.put((False, e))
             return
-        put((True, done))
+        items.put((True, done))
 
     thread = threading.Thread(target=produce, name=name, daemon=True)
     thread.start()
@@ -224,9 +223,11 @@ def ahead_in_thread(iterable, depth: int, name: str = "cnnx-ahead"):
                 raise item
             if item is done:
                 return
+            room.put(True)
             yield item
     finally:
         stop.set()
+        room.put(True)  # a producer waiting for room wakes, and sees `stop`
         thread.join()
 
 
