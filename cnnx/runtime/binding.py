@@ -22,9 +22,10 @@ work on its own result that the caller gives it (`finish`: classify's softmax an
 Results come back in submission order. Decoding overlaps all of this already (the decode
 threads or processes). A batch goes to its slot's thread, and its result comes back, through
 a queue.SimpleQueue each way (C code, no lock taken in Python): the caller's one thread bounds
-the rate on a GPU, and a ThreadPoolExecutor's Futures, Conditions and Semaphore cost it a
-hand-over of the GIL at every lock (most of its samples in a CPU profile of the loop,
-benchmarks/results/main_process_parts_queues.json).
+the rate on a GPU, and a ThreadPoolExecutor's Futures, Conditions and Semaphore can cost it a
+hand-over of the GIL at every lock (py-spy found it in `submit` a good part of the time, on the
+CPU: benchmarks/results/gpu_path_loop_profile_cpu_e93bc56.txt; whether the GPU's steady state
+gains is for its A/B run to say).
 
 The same code runs on the CPU provider with plain host buffers (the tests exercise it there
 against `session.run`); cnnx classify uses it only on CUDA and TensorRT, where it pays: the
