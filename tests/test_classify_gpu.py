@@ -127,6 +127,34 @@ def test_borrowed_images_are_copied_before_the_next_job_is_taken(conv_model, slo
         assert np.array_equal(logits, session.run(["logits"], {"images": want[i]})[0]), i
 
 
+def test_a_failed_run_is_raised_in_its_place_and_close_ends_every_slots_thread(conv_model, monkeypatch):
+    """The 4th run fails: the 3 batches before it come out first, then its error, in the caller's
+    thread; the runs started after it are waited for, and close() ends each slot's thread."""
+    from cnnx.runtime.binding import BoundRunner, BoundSlot, RunFailed
+
+    real, calls = BoundSlot.run, []
+
+    def run(self, session, upload=True):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RunFailed("out of memory")
+        return real(self, session, upload)
+
+    monkeypatch.setattr(BoundSlot, "run", run)
+    want = batches(6, 8, seed=4)
+    runner = BoundRunner(cpu_session(conv_model), "images", "logits", 8, (32, 32), slots=3)
+    threads, got = list(runner._threads), []
+    try:
+        with pytest.raises(RunFailed, match="out of memory"):
+            for i, _logits in runner.run_in_order(range(6), lambda i: want[i]):
+                got.append(i)
+    finally:
+        runner.close()
+    assert got == [0, 1, 2]
+    assert len(calls) == 6  # the two started after the failed one ran to their end
+    assert len(threads) == 3 and not any(t.is_alive() for t in threads)
+
+
 def test_a_slot_runs_its_device_buffer_which_each_run_refreshes_from_the_host(conv_model):
     """IOBinding copies an input that is not on the session's device when it is *bound*, so a
     host buffer bound once would be read once (on CUDA every batch then ran the first one's
