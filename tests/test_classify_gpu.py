@@ -155,6 +155,25 @@ def test_a_failed_run_is_raised_in_its_place_and_close_ends_every_slots_thread(c
     assert len(threads) == 3 and not any(t.is_alive() for t in threads)
 
 
+def test_a_result_nobody_took_is_never_given_for_a_later_batch(conv_model):
+    """A consumer interrupted while it waited (Ctrl-C in a notebook) leaves its run's result in
+    the slot's queue; the next run_in_order drops it by its ticket and gives each batch its own
+    logits."""
+    from cnnx.runtime.binding import BoundRunner
+
+    session = cpu_session(conv_model)
+    want = batches(4, 8, seed=5)
+    runner = BoundRunner(session, "images", "logits", 8, (32, 32), slots=2)
+    try:
+        for slot in runner._slots:  # what an interrupted wait leaves behind
+            slot.done.put((-1, True, np.zeros((8, 10), np.float32)))
+        got = list(runner.run_in_order(range(4), lambda i: want[i]))
+    finally:
+        runner.close()
+    for i, logits in got:
+        assert np.array_equal(logits, session.run(["logits"], {"images": want[i]})[0]), i
+
+
 def test_a_slot_runs_its_device_buffer_which_each_run_refreshes_from_the_host(conv_model):
     """IOBinding copies an input that is not on the session's device when it is *bound*, so a
     host buffer bound once would be read once (on CUDA every batch then ran the first one's

@@ -36,6 +36,7 @@ benchmarks/gpu_classify.py measures the ceiling with 2 and SLOTS slots and the h
 from __future__ import annotations
 
 import ctypes
+import itertools
 import queue
 import sys
 import threading
@@ -181,6 +182,10 @@ class BoundRunner:
         self.shape = (batch_size, 3, h, w)
         self._slots = [BoundSlot(session, input_name, output_name, self.shape, pinned) for _ in range(slots)]
         self._threads = []
+        # Each run's result carries its ticket: a result nobody took (its consumer was
+        # interrupted while waiting for it) is dropped by the next wait on that slot, never
+        # taken for another batch's.
+        self._tickets = itertools.count()
         for i, slot in enumerate(self._slots):
             slot.todo, slot.done = queue.SimpleQueue(), queue.SimpleQueue()
             thread = threading.Thread(target=self._serve, args=(slot,), name=f"cnnx-infer_{i}", daemon=True)
@@ -209,10 +214,10 @@ class BoundRunner:
         sys.setswitchinterval(min(switch, GIL_SWITCH_S))
 
         def oldest():
-            job, slot = running.popleft()
+            job, slot, ticket = running.popleft()
             if slot is None:
                 return job, None
-            ok, value = slot.done.get()
+            ok, value = _result(slot, ticket)
             free.append(slot)
             if not ok:
                 raise value
@@ -226,7 +231,7 @@ class BoundRunner:
                     break
                 images = images_of(job)
                 if images is None:
-                    running.append((job, None))
+                    running.append((job, None, None))
                     continue
                 if images.shape != self.shape or images.dtype != np.uint8:
                     raise ValueError(f"batch of {images.dtype} {images.shape}, expected uint8 {self.shape}")
@@ -234,26 +239,27 @@ class BoundRunner:
                     yield oldest()
                 slot = free.popleft()
                 np.copyto(slot.host.array, images)
-                slot.todo.put((job, finish))
-                running.append((job, slot))
+                ticket = next(self._tickets)
+                slot.todo.put((ticket, job, finish))
+                running.append((job, slot, ticket))
             while running:
                 yield oldest()
         finally:
             sys.setswitchinterval(switch)
-            for _job, slot in running:  # a consumer that stopped early: let its runs end (nothing reads them)
+            for _job, slot, ticket in running:  # a consumer that stopped early: let its runs end
                 if slot is not None:
-                    slot.done.get()
+                    _result(slot, ticket)
 
     def _serve(self, slot: BoundSlot):
-        """A slot's thread: (job, finish) from slot.todo -> (True, result) or (False, the
-        exception) into slot.done, until None."""
+        """A slot's thread: (ticket, job, finish) from slot.todo -> (ticket, True, result) or
+        (ticket, False, the exception) into slot.done, until None."""
         while (task := slot.todo.get()) is not None:
-            job, finish = task
+            ticket, job, finish = task
             try:
                 logits = slot.run(self.session)
-                slot.done.put((True, logits if finish is None else finish(job, logits)))
+                slot.done.put((ticket, True, logits if finish is None else finish(job, logits)))
             except BaseException as e:  # noqa: BLE001 - raised in the caller's thread, in order
-                slot.done.put((False, e))
+                slot.done.put((ticket, False, e))
 
     def close(self):
         for slot in self._slots:
@@ -264,3 +270,12 @@ class BoundRunner:
             slot.binding = slot.device_input = None
             slot.host.close()
         self._slots, self._threads = [], []
+
+
+def _result(slot: BoundSlot, ticket: int) -> tuple:
+    """(ok, value) of the run `ticket` on `slot`, dropping the results of earlier runs that
+    nobody took."""
+    while True:
+        got, ok, value = slot.done.get()
+        if got == ticket:
+            return ok, value
