@@ -932,6 +932,16 @@ def _baseline_gpudecodes(baselines) -> dict:
     return out
 
 
+def _resize_rate(decoder, images, size: int) -> dict:
+    """img/s of decoder._resize over `images` in the decoder's CPU threads, after one untimed pass
+    (each thread's sessions made), and the cores this process kept busy meanwhile."""
+    list(decoder.pool.map(lambda img: decoder._resize(img, size, size), images))
+    t0, cpu0 = time.perf_counter(), _cpu_s()
+    done = sum(r is not None for r in decoder.pool.map(lambda img: decoder._resize(img, size, size), images))
+    wall = time.perf_counter() - t0
+    return {"img_s": round(done / wall, 1), "cores_busy": round((_cpu_s() - cpu0) / wall, 2)}
+
+
 def gpu_decode_steps(folder: Path, size: int, smoke: bool, n: int = 96, baselines=()) -> dict:
     """--decoder gpu's steps one at a time, each alone, on n photos (which one holds GpuDecoder at a
     third of nvImageCodec's own rate?):
@@ -947,6 +957,8 @@ def gpu_decode_steps(folder: Path, size: int, smoke: bool, n: int = 96, baseline
                           node's time is its launch, the run's includes the wait for the copy back)
       padded_share        the share of the photos whose crop needs its edge repeated (the graph with
                           Expand and Concat; camera sizes, multiples of 8, need none)
+      resize_img_s_by_graph  the resize rate on the photos of each graph ("plain", "padded"), here
+                          and for each baseline on the same photos: what the plain graph gains
       decode_only         GpuDecoder alone on every photo (gpu_decode_only) with one resize session
                           and with one a thread
       baselines           for each --baseline tree with another gpudecode.py: its resize_img_s (its
@@ -986,12 +998,7 @@ def gpu_decode_steps(folder: Path, size: int, smoke: bool, n: int = 96, baseline
         for sessions in sorted({1, 4, workers}):
             d = gpu_decoder(smoke, workers=workers, resize_sessions=sessions)
             try:
-                list(d.pool.map(lambda img: d._resize(img, size, size), images))  # every thread's sessions made
-                t0, cpu0 = time.perf_counter(), _cpu_s()
-                done = sum(r is not None for r in d.pool.map(lambda img: d._resize(img, size, size), images))
-                wall = time.perf_counter() - t0
-                out["resize_img_s"][str(sessions)] = {"img_s": round(done / wall, 1),
-                                                      "cores_busy": round((_cpu_s() - cpu0) / wall, 2)}
+                out["resize_img_s"][str(sessions)] = _resize_rate(d, images, size)
             finally:
                 d.close()
         # onnxruntime's own profile of the resize, per operator
@@ -1020,6 +1027,16 @@ def gpu_decode_steps(folder: Path, size: int, smoke: bool, n: int = 96, baseline
                 d.close()
             files.append(session.end_profiling())
         out["padded_share"] = round(sum(graph(i)[1] for i in images) / len(images), 3)
+        groups = {"plain": [i for i in images if not graph(i)[1]], "padded": [i for i in images if graph(i)[1]]}
+
+        def by_graph(d):  # the same decoder's resize rate on the images of each graph of this tree
+            return {name: _resize_rate(d, group, size) for name, group in groups.items() if group}
+
+        d = gpu_decoder(smoke, workers=workers)
+        try:
+            out["resize_img_s_by_graph"] = by_graph(d)
+        finally:
+            d.close()
         out["baselines"] = {}
         for commit, module in _baseline_gpudecodes(baselines).items():
             if isinstance(module, str):
@@ -1027,10 +1044,8 @@ def gpu_decode_steps(folder: Path, size: int, smoke: bool, n: int = 96, baseline
                 continue
             d = module.GpuDecoder(device="cpu" if smoke else "cuda", workers=workers)
             try:
-                list(d.pool.map(lambda img: d._resize(img, size, size), images))
-                t0 = time.perf_counter()
-                done = sum(r is not None for r in d.pool.map(lambda img: d._resize(img, size, size), images))
-                out["baselines"][commit] = {"resize_img_s": round(done / (time.perf_counter() - t0), 1)}
+                out["baselines"][commit] = {"resize_img_s": _resize_rate(d, images, size),
+                                            "resize_img_s_by_graph": by_graph(d)}
             finally:
                 d.close()
             out["baselines"][commit]["decode_only"] = gpu_decode_only(folder, size, smoke, module=module)
@@ -1484,9 +1499,11 @@ def summarize(r: dict):
                      f"sessions {st['resize_img_s']}; decoder alone by sessions "
                      f"{ {k: v['img_s'] for k, v in st['decode_only'].items()} }; resize run "
                      f"{st['resize_profile']['run_us_mean']} us, ops {list(st['resize_profile']['by_op_share'].items())[:4]}")
+        lines.append(f"  resize by graph (plain / padded photos): {st.get('resize_img_s_by_graph')}")
         for commit, b in st.get("baselines", {}).items():
             lines.append(f"  baseline {commit[:12]}: " + (b["error"] if "error" in b else
-                         f"resize {b['resize_img_s']:,} img/s, decoder alone {b['decode_only']['img_s']:,}"))
+                         f"resize {b['resize_img_s']['img_s']:,} img/s (by graph {b['resize_img_s_by_graph']}), "
+                         f"decoder alone {b['decode_only']['img_s']:,}"))
     if r.get("slots_resnet18"):
         lines.append(f"slots 1 vs 2: {r['slots_resnet18']}")
     if r["skipped"]:
