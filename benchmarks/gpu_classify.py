@@ -1008,8 +1008,7 @@ def gpu_decode_steps(folder: Path, size: int, smoke: bool, n: int = 96, baseline
 
         def graph(img):  # the resize graph _resize takes for this image: (pool, padded)
             pool = gpudecode.pool_factor(img.shape[0], img.shape[1], size, size)
-            f = gpudecode.crop_feeds(img.shape[0], img.shape[1], size, size, pool)
-            return pool, bool(f["pad_right"][1] or f["pad_bottom"][0])
+            return pool, gpudecode.resize_feeds(img.shape[0], img.shape[1], size, size, pool)[0]
 
         for key in sorted({graph(i) for i in sample}):
             options = ort.SessionOptions()

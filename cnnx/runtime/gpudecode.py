@@ -285,6 +285,17 @@ def crop_feeds(h: int, w: int, out_h: int, out_w: int, pool: int = 1) -> dict:
             "sizes": np.array([1, 3, out_h, out_w], np.int64)}
 
 
+def resize_feeds(h: int, w: int, out_h: int, out_w: int, pool: int) -> tuple:
+    """(padded, feeds): whether this crop needs the edge repeated past the image (the graph
+    resize_model_bytes(pool, padded) then runs it), and the feeds of that graph: crop_feeds',
+    less the pad inputs where it needs none."""
+    feeds = crop_feeds(h, w, out_h, out_w, pool)
+    padded = bool(feeds["pad_right"][1] or feeds["pad_bottom"][0])
+    if not padded:
+        del feeds["pad_right"], feeds["pad_bottom"]
+    return padded, feeds
+
+
 # --- nvImageCodec --------------------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -625,10 +636,7 @@ class GpuDecoder:
         on_gpu = self.device == "cuda"
         buffer = img.__cuda_array_interface__ if on_gpu else img.__array_interface__
         pitch = buffer["strides"][0] if buffer.get("strides") else 3 * w
-        feeds = crop_feeds(h, w, out_h, out_w, pool)
-        padded = bool(feeds["pad_right"][1] or feeds["pad_bottom"][0])
-        if not padded:
-            del feeds["pad_right"], feeds["pad_bottom"]
+        padded, feeds = resize_feeds(h, w, out_h, out_w, pool)
         try:
             session = self.session(pool, padded)
             binding = session.io_binding()
