@@ -204,6 +204,16 @@ def process_tree(pid: int) -> list:
     return out
 
 
+def classify_command(model: Path, folder: Path, out: Path, extra=(), launch=("-m", "cnnx")) -> list:
+    """The `cnnx classify` command line the benchmark runs (top-1, to `out`), with `out` and its
+    errors file removed first."""
+    for f in (out, out.with_name(out.stem + ".errors.csv")):
+        if f.exists():
+            f.unlink()
+    return [sys.executable, *launch, "classify", str(folder), "--model", str(model), "-o", str(out),
+            "--topk", "1", *extra]
+
+
 def run_classify(model: Path, folder: Path, *extra, out: Path, launch=("-m", "cnnx"), peak: bool = True):
     """Run the CLI; -> (wall s, peak RSS MiB, summary line, labels by path). peak=False: no
     memory polling (None for the peak), for a timing that nothing else shares the cores with:
@@ -214,13 +224,7 @@ def run_classify(model: Path, folder: Path, *extra, out: Path, launch=("-m", "cn
     every process under it (decode processes, multiprocessing's forkserver and resource
     tracker): an upper bound, the shared batch slots counted in each process that maps them.
     Not getrusage: on Linux a child's ru_maxrss includes the parent's RSS at fork/exec time."""
-    if out.exists():
-        out.unlink()
-    errors = out.with_name(out.stem + ".errors.csv")
-    if errors.exists():
-        errors.unlink()
-    cmd = [sys.executable, *launch, "classify", str(folder), "--model", str(model), "-o", str(out),
-           "--topk", "1", *extra]
+    cmd = classify_command(model, folder, out, extra, launch)
     t0 = time.perf_counter()
     err_file = CACHE / "classify.stderr"
     with open(err_file, "w") as err:
@@ -495,12 +499,7 @@ def classify_cpu_accounting(model: Path, folder: Path, *extra) -> dict:
 
     if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise SystemExit("prctl(PR_SET_CHILD_SUBREAPER) failed: --part accounting needs Linux")
-    out = CACHE / "out-accounting.csv"
-    for f in (out, out.with_name(out.stem + ".errors.csv")):
-        if f.exists():
-            f.unlink()
-    cmd = [sys.executable, "-m", "cnnx", "classify", str(folder), "--model", str(model), "-o", str(out), "--topk", "1",
-           *extra]
+    cmd = classify_command(model, folder, CACHE / "out-accounting.csv", extra)
     ours = _children()  # this process's own (a forkserver of its own, ...): never waited for here
     t0 = time.perf_counter()
     with open(CACHE / "classify.stderr", "w") as err:
