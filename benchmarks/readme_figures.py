@@ -725,19 +725,27 @@ def classify_set(d: dict, key: str) -> str:
 def _reachable_note(a: dict) -> str:
     """The accounting part's reachable ratio: what any whole process adds to the bound."""
     rounds, goal = a["rounds"], 0.95
-    floor = sorted(r["startup_floor_s"] for r in rounds)[len(rounds) // 2]
-    work = sorted(r["command_work_core_s"] for r in rounds)[len(rounds) // 2]
-    interleave = sorted(r["interleave_core_s"] for r in rounds)[len(rounds) // 2]
+
+    def spread(key, fmt="{:.3f}"):
+        values = sorted(r[key] for r in rounds)
+        return values[len(values) // 2], f"from {fmt.format(values[0])} to {fmt.format(values[-1])}", values
+
+    floor, _, _ = spread("startup_floor_s")
+    work, _, _ = spread("command_work_core_s")
+    reachable, reachable_range, _ = spread("ratio_reachable")
+    interleave, interleave_range, values = spread("interleave_core_s", "{:+.2f}")
+    to_reachable, to_reachable_range, _ = spread("ratio_to_reachable")
     below = sum(r["ratio_reachable"] < goal for r in rounds)
     return (f" What any whole process adds to the bound, measured in each round (medians): starting "
             f"(Python, numpy, onnxruntime, the model, and the exit) {secs(floor)}, and walking the folder and "
             f"writing a row a file {work:.2f} core-s, which adds to the wall on busy cores. So a whole process "
-            f"can reach at most {a['ratio_reachable_median']:.3f} of the bound (median; best round "
-            f"{a['ratio_reachable_max']:.3f}): the goal's {goal:g} is above that in {below} of "
-            f"{plural(len(rounds), 'round')}. Decoding a batch and then running the model on it, on one core, "
-            f"costs {interleave:.2f} core-s more than doing each for all files apart (the bound measures them "
-            f"apart); with that, at most {a['ratio_reachable_interleaved_median']:.3f}. cnnx classify reaches "
-            f"{a['ratio_to_reachable_median']:.3f} of the reachable (median).")
+            f"can reach at most {reachable:.3f} of the bound (median; {reachable_range}): the goal's {goal:g} "
+            f"is above that in {below} of {plural(len(rounds), 'round')}. cnnx classify reaches {to_reachable:.3f} "
+            f"of that (median; {to_reachable_range}). Decoding a batch and then running the model on it, on one "
+            f"core, against doing each for all the files apart (as the bound measures them): {interleave:+.2f} "
+            f"core-s (median; {interleave_range}"
+            + ("; both signs, so not established on this host)." if values[0] < 0 < values[-1] else ").")
+            )
 
 
 def block_classify(res: Results) -> str:
