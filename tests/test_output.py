@@ -9,7 +9,7 @@ import io
 import numpy as np
 import pytest
 
-from cnnx.runtime.output import PredictionWriter, csv_header, escape_cell, unescape_cell
+from cnnx.runtime.output import PredictionWriter, csv_header, escape_cell, summary_counts, unescape_cell
 
 NAMES = ["plain", 'say "cheese"', "=cmd", "-neg", "a,b", "new\nline", "tab\tin", "+1", "@home", "'quoted"]
 # The first three need no escaping (a batch of them takes the writer's fast path).
@@ -48,3 +48,9 @@ def test_csv_rows_are_csv_writers_bytes(tmp_path, topk, as_arrays):
         rows = list(csv.reader(f))[1:]
     assert [unescape_cell(row[0]) for row in rows] == PATHS  # read back as the names they were
     assert len(rows) == len(PATHS) and all(len(row) == 1 + 2 * topk for row in rows)
+
+
+def test_the_summary_counts_one_image_in_the_singular():
+    assert summary_counts(1, {})[0] == "classified 1 image"
+    assert summary_counts(0, {})[0] == "classified 0 images"
+    assert summary_counts(1_500, {"open": 1}) == ["classified 1,500 images", "skipped 1 (open: 1)"]

@@ -314,7 +314,7 @@ def summary_counts(classified: int, skipped: dict, *, already_done: int = 0, not
     """The counts that begin the summary line of every classify engine (local and Ray), in
     one wording: classified, skipped by stage, already done, with notes, non-image files."""
     n_skipped = sum(skipped.values())
-    parts = [f"classified {classified:,} images", f"skipped {n_skipped:,}"]
+    parts = [f"classified {classified:,} image{'' if classified == 1 else 's'}", f"skipped {n_skipped:,}"]
     if n_skipped:
         parts[-1] += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) + ")"
     if already_done:
