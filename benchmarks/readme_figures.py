@@ -782,7 +782,7 @@ def block_classify(res: Results) -> str:
                      + (f" Each round's own ratio (its bound over its classify): median "
                         f"{b['ratio_same_round_median']:.2f}, best {b['ratio_same_round_best']:.2f}. The least a "
                         f"process needs to start (Python, numpy, onnxruntime, the model), which the bound leaves "
-                        f"out: {secs(b['startup_floor_s'])}, so a whole process can reach at most "
+                        f"out: {secs(b['startup_floor_s'])}, so start-up alone lets a whole process reach at most "
                         f"{b['ratio_reachable_by_a_process']:.2f} of the bound on these files."
                         if "startup_floor_s" in b else "")
                      + (f" Timed while the benchmark polls its memory (/proc, 100 times a second, as this figure was "
