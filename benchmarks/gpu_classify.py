@@ -79,8 +79,9 @@ Then on the GPU machine: the calls of benchmarks/gpu_run.sh, back to back: one p
 (`--prepare` prints the count: 4 of 61 MiB), then the run itself, carrying .data (the CIFAR tarball,
 16 MB; .data/wheels, the small wheels cnnx needs there: simplejpeg, onnxscript, onnx-ir, ml_dtypes,
 2 MB; .data/airnet-best.pt, a trained airnet for `--airnet-checkpoint`) and the GPU-decoding wheels.
-The JSON comes back under files_at/results/gpu_classify.json; copy it to
-benchmarks/results/. `--stages a,b,...` runs only those stages (and the inputs they need).
+The JSON comes back under files_at/results/gpu_classify.json; `python benchmarks/gpu_collect.py
+files_at/results` puts it and its profiles in benchmarks/results/ under the commit that ran.
+`--stages a,b,...` runs only those stages (and the inputs they need).
 Smoke test of the whole script on a CPU (tiny sizes, CPU provider, IOBinding forced on; the
 GPU decoder on nvImageCodec's CPU backend):
 

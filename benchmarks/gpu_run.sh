@@ -23,7 +23,7 @@
 # train: cnnx's GPU recipe for 5 seeds (issue 7 goal 2) -> $OUT/train/gpu_train.json; its seed-0
 #        best.pt stays in /tmp, where classify takes it when .data has no airnet-best.pt.
 #   run(command="bash benchmarks/gpu_run.sh train", carry=[".data"], timeout_s=200)
-# Copy the JSONs to benchmarks/results/.
+# Then `python benchmarks/gpu_collect.py <files_at>/results` (classify; train: copy $OUT/train/gpu_train.json).
 set -euo pipefail
 case "${1:-}" in
   train)

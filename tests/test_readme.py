@@ -159,3 +159,33 @@ def test_profile_summary_merges_a_threads_names_and_ranks_the_main_threads_sampl
     assert got["main_top"] == [["write (cnnx/runtime/output.py:9) > flush (io.py:3)", 50, 0.588],
                                ["_children (cnnx/runtime/discover.py:146)", 30, 0.353],
                                ["(no Python frame)", 5, 0.059]]
+
+
+def test_gpu_collect_names_a_runs_files_by_its_commit_and_never_overwrites(tmp_path):
+    """benchmarks/gpu_collect.py: the run's JSON and py-spy profiles land under the commit whose
+    files ran (tree_commit over git_commit), the JSON's "file" fields renamed with them; a
+    second collect of the same run is refused before it writes anything."""
+    run = tmp_path / "results"
+    run.mkdir()
+    (run / "profile_airnet_fp32.txt").write_text("thread (7);main (cnnx/cli.py:1) 3\n")
+    (run / "gpu_classify.json").write_text(json.dumps({
+        "command": "python benchmarks/gpu_classify.py", "git_commit": "f" * 40, "tree_commit": "0123456" + "a" * 33,
+        "profile_airnet_fp32": {"file": "profile_airnet_fp32.txt", "main_samples": 3},
+        "other": [{"file": "not_a_profile.txt"}]}))
+    dest = tmp_path / "dest"
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_collect
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert gpu_collect.main([str(run), "--dest", str(dest), "--no-readme"]) == 0
+    assert sorted(p.name for p in dest.iterdir()) == ["gpu_profile_airnet_0123456.txt", "gpu_steady_state_0123456.json"]
+    doc = json.loads((dest / "gpu_steady_state_0123456.json").read_text())
+    assert doc["profile_airnet_fp32"] == {"file": "gpu_profile_airnet_0123456.txt", "main_samples": 3}
+    assert doc["other"] == [{"file": "not_a_profile.txt"}]
+    assert (dest / "gpu_profile_airnet_0123456.txt").read_text() == "thread (7);main (cnnx/cli.py:1) 3\n"
+    (dest / "gpu_steady_state_0123456.json").unlink()  # the profile is still there: refused, nothing written
+    assert gpu_collect.main([str(run), "--dest", str(dest), "--no-readme"]) == 1
+    assert sorted(p.name for p in dest.iterdir()) == ["gpu_profile_airnet_0123456.txt"]
+    assert gpu_collect.main([str(run), "--dest", str(dest), "--no-readme", "--suffix=-b"]) == 0
+    assert (dest / "gpu_steady_state_0123456-b.json").is_file()
