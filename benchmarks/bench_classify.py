@@ -407,30 +407,30 @@ def interleave_extra_core_s(session, info, files, batch_size: int, rows: int) ->
 
     spec = info.spec
     slots = np.zeros((4, batch_size, 3, *spec["size"]), np.uint8)
-    starts = range(0, len(files), batch_size)
+    batches = [(files[i:i + batch_size], slots[k % 4]) for k, i in enumerate(range(0, len(files), batch_size))]
 
-    def decode(k, i):
-        decode_into(files[i:i + batch_size], spec, DEFAULT_MAX_PIXELS, slots[k % 4])
+    def decode(paths, out):
+        decode_into(paths, spec, DEFAULT_MAX_PIXELS, out)
 
-    def run(k, _i):
-        run_in_rows(session, info.input_name, info.output_name, slots[k % 4], rows)
+    def run(_paths, images):
+        run_in_rows(session, info.input_name, info.output_name, images, rows)
 
     def apart():
         t0 = time.process_time()
-        for k, i in enumerate(starts):
-            decode(k, i)
-        for k, i in enumerate(starts):
-            run(k, i)
+        for batch in batches:
+            decode(*batch)
+        for batch in batches:
+            run(*batch)
         return time.process_time() - t0
 
     def interleaved():
         t0 = time.process_time()
-        for k, i in enumerate(starts):
-            decode(k, i)
-            run(k, i)
+        for batch in batches:
+            decode(*batch)
+            run(*batch)
         return time.process_time() - t0
 
-    run(0, 0)
+    run(*batches[0])
     ways = {"apart": [], "interleaved": []}
     for _ in range(2):
         ways["apart"].append(apart())

@@ -54,7 +54,7 @@ def collect(run_dir: Path, dest: Path, suffix: str = "") -> list[Path]:
     if not commit:
         raise ValueError(f"{run_dir / RUN_JSON} names no commit (tree_commit or git_commit)")
     tag = commit[:7] + suffix
-    profiles = sorted(p for p in run_dir.glob("profile_*.txt"))
+    profiles = sorted(run_dir.glob("profile_*.txt"))
     names = {p.name: profile_name(p.name, tag) for p in profiles}
     targets = [dest / f"gpu_steady_state_{tag}.json", *(dest / names[p.name] for p in profiles)]
     there = [str(t) for t in targets if t.exists()]

@@ -18,6 +18,7 @@ import argparse
 import difflib
 import json
 import re
+import statistics
 import sys
 import textwrap
 from pathlib import Path
@@ -727,8 +728,9 @@ def _reachable_note(a: dict) -> str:
     rounds, goal = a["rounds"], 0.95
 
     def spread(key, fmt="{:.3f}"):
+        # statistics.median, as the JSON's *_median keys (numpy's): the two agree on an even count
         values = sorted(r[key] for r in rounds)
-        return values[len(values) // 2], f"from {fmt.format(values[0])} to {fmt.format(values[-1])}", values
+        return statistics.median(values), f"from {fmt.format(values[0])} to {fmt.format(values[-1])}", values
 
     floor, _, _ = spread("startup_floor_s")
     work, _, _ = spread("command_work_core_s")
