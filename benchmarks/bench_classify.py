@@ -395,6 +395,80 @@ def command_work_one_core_s(folder: Path, class_names, batch_size: int, topk: in
         return time.process_time() - t0
 
 
+def reference_rows(fmt: str, class_names, paths, indices, scores) -> str:
+    """A batch's rows as the standard library writes them, a row at a time: csv.writer
+    (QUOTE_ALL, the formula escape) or json.dumps of each row's record. PredictionWriter
+    formats whole batches itself and must write these same bytes."""
+    import csv
+    import io
+
+    from cnnx.runtime.output import escape_cell
+
+    buf = io.StringIO(newline="")
+    if fmt == "csv":
+        w = csv.writer(buf, quoting=csv.QUOTE_ALL, lineterminator="\n")
+        for path, idx, sc in zip(paths, indices.tolist(), scores.tolist()):
+            row = [escape_cell(path)]
+            for j, s in zip(idx, sc):
+                row += (escape_cell(class_names[j]), f"{s:.6f}")
+            w.writerow(row)
+    else:
+        for path, idx, sc in zip(paths, indices.tolist(), scores.tolist()):
+            buf.write(json.dumps({"path": path, "label": class_names[idx[0]], "score": round(sc[0], 6),
+                                  "topk": [{"label": class_names[j], "score": round(s, 6)} for j, s in zip(idx, sc)]})
+                      + "\n")
+    return buf.getvalue()
+
+
+def measure_writers(cifar: Path, rounds: int, batch_size: int) -> dict:
+    """One-core microseconds a row of PredictionWriter.write_batch (the command's row loop,
+    which on a GPU machine bounds the rate with the rest of the command's per-file work),
+    CSV and JSONL, top-1 and top-5, against reference_rows writing the same rows to a file,
+    over every CIFAR path with softmax_topk of seeded random logits; the bytes must match.
+    Interleaved rounds, medians."""
+    import tempfile
+
+    from cnnx.runtime.discover import Discovery
+    from cnnx.runtime.model import softmax_topk
+    from cnnx.runtime.output import PredictionWriter, csv_header
+
+    paths = [item.path for run in Discovery([cifar]).runs() for item in run]
+    names = sorted(p.name for p in cifar.iterdir() if p.is_dir())
+    logits = (3 * np.random.default_rng(0).standard_normal((len(paths), len(names)))).astype(np.float32)
+    out = {}
+    for fmt, k in (("csv", 1), ("csv", 5), ("jsonl", 1), ("jsonl", 5)):
+        batches = [(paths[i:i + batch_size], *softmax_topk(logits[i:i + batch_size], k))
+                   for i in range(0, len(paths), batch_size)]
+        times = {"cnnx": [], "reference": []}
+        with tempfile.TemporaryDirectory() as tmp:
+            for _ in range(rounds):
+                mine, ref = os.path.join(tmp, f"cnnx.{fmt}"), os.path.join(tmp, f"ref.{fmt}")
+                for f in (mine, ref):
+                    if os.path.exists(f):
+                        os.remove(f)
+                t0 = time.process_time()
+                writer = PredictionWriter(mine, fmt, names, k)
+                for batch in batches:
+                    writer.write_batch(*batch)
+                writer.close()
+                times["cnnx"].append(time.process_time() - t0)
+                t0 = time.process_time()
+                with open(ref, "x", encoding="utf-8", errors="surrogateescape", newline="") as f:
+                    if fmt == "csv":
+                        f.write(",".join(f'"{h}"' for h in csv_header(k)) + "\n")
+                    for batch in batches:
+                        f.write(reference_rows(fmt, names, *batch))
+                        f.flush()
+                times["reference"].append(time.process_time() - t0)
+                with open(mine, "rb") as a, open(ref, "rb") as b:
+                    assert a.read() == b.read(), f"{fmt} top-{k}: PredictionWriter's bytes differ from the reference"
+        cnnx, ref = (float(np.median(times[key])) * 1e6 / len(paths) for key in ("cnnx", "reference"))
+        out[f"{fmt}_top{k}"] = {"cnnx_us_per_row": round(cnnx, 3), "reference_us_per_row": round(ref, 3),
+                                "speedup": round(ref / cnnx, 2)}
+        log(f"[writers] {fmt} top-{k}: {json.dumps(out[f'{fmt}_top{k}'])}")
+    return {"rows": len(paths), "batch_size": batch_size, "rounds": rounds, "same_bytes": True, **out}
+
+
 def interleave_extra_core_s(session, info, files, batch_size: int, rows: int) -> dict:
     """What a decode process pays for decoding a batch and then running the model on it, batch
     after batch, over doing each for all the files apart: one-core CPU seconds of
@@ -844,7 +918,7 @@ def merge_result(path: Path, update: dict, parts, argv) -> dict:
 PART_KEYS = {"bound": ("bound", "first_batch_latency_s"), "tuning": ("tuning",), "memory": ("memory",),
              "processes": ("tuning_processes",), "pipeline_decode": ("pipeline_decode",),
              "baselines": ("cifar",), "photos": ("photos", "photos_set"), "decode": ("decode_only",),
-             "cuda": ("cuda",), "accounting": ("accounting",)}
+             "cuda": ("cuda",), "accounting": ("accounting",), "writers": ("writers",)}
 PARTS = tuple(PART_KEYS)
 
 
@@ -892,6 +966,8 @@ def main(argv=None):
         update["pipeline_decode"] = pipeline_decode(cifar, reps=2)
     if "accounting" in parts:
         update["accounting"] = measure_accounting(model, cifar, args.rounds)
+    if "writers" in parts:
+        update["writers"] = measure_writers(cifar, args.rounds, update["batch_size"])
     if "memory" in parts:
         big = run_classify(model, cifar, "--device", "cpu", out=CACHE / "out-mem50k.csv")
         few = run_classify(model, small, "--device", "cpu", out=CACHE / "out-mem5k.csv")

@@ -1,15 +1,17 @@
-"""The predictions writer formats CSV itself (the hot loop of `cnnx classify`): its bytes must
-be csv.writer's QUOTE_ALL bytes with the formula escape, for every name a file system allows."""
+"""The predictions writer formats CSV and JSONL itself (the hot loop of `cnnx classify`): its
+bytes must be csv.writer's QUOTE_ALL bytes with the formula escape, and json.dumps' bytes of
+each row's record, for every name a file system allows."""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 
 import numpy as np
 import pytest
 
-from cnnx.runtime.output import PredictionWriter, csv_header, escape_cell, summary_counts, unescape_cell
+from cnnx.runtime.output import PredictionWriter, _json_scores, csv_header, escape_cell, summary_counts, unescape_cell
 
 NAMES = ["plain", 'say "cheese"', "=cmd", "-neg", "a,b", "new\nline", "tab\tin", "+1", "@home", "'quoted"]
 # The first three need no escaping (a batch of them takes the writer's fast path).
@@ -48,6 +50,50 @@ def test_csv_rows_are_csv_writers_bytes(tmp_path, topk, as_arrays):
         rows = list(csv.reader(f))[1:]
     assert [unescape_cell(row[0]) for row in rows] == PATHS  # read back as the names they were
     assert len(rows) == len(PATHS) and all(len(row) == 1 + 2 * topk for row in rows)
+
+
+def json_reference(paths, indices, scores):
+    """What the writer wrote before: json.dumps of each row's record."""
+    return "".join(json.dumps({"path": p, "label": NAMES[idx[0]], "score": round(float(sc[0]), 6),
+                               "topk": [{"label": NAMES[j], "score": round(float(s), 6)} for j, s in zip(idx, sc)]}) + "\n"
+                   for p, idx, sc in zip(paths, indices.tolist(), scores.tolist())).encode("ascii")
+
+
+@pytest.mark.parametrize("topk", [1, 3])
+@pytest.mark.parametrize("kind", ["float64", "float32", "lists", "edges", "nan"])
+def test_jsonl_rows_are_json_dumps_bytes(tmp_path, topk, kind):
+    rng = np.random.default_rng(topk)
+    indices = rng.integers(0, len(NAMES), (len(PATHS), topk))
+    scores = rng.random((len(PATHS), topk))
+    if kind == "float32":
+        scores = scores.astype(np.float32)
+    elif kind == "edges":
+        # repr's whole numbers, exponents and rounding to 0; two near-ties np.round(x, 6) rounds the other way
+        scores.ravel()[:8] = [1.0, 0.0, 5e-06, 1e-07, 0.6369615, 0.8132705, 0.9999996, 1e-300]
+    elif kind == "nan":  # a NaN logit: json.dumps writes NaN, as it did
+        scores[4, 0] = np.nan
+    given_indices, given_scores = indices, scores
+    if kind == "lists":
+        given_indices, given_scores = [tuple(r) for r in indices.tolist()], [tuple(r) for r in scores.tolist()]
+    out = tmp_path / "p.jsonl"
+    writer = PredictionWriter(str(out), "jsonl", NAMES, topk)
+    for start, end in ((0, 3), (3, 7), (7, None)):
+        writer.write_batch(PATHS[start:end], given_indices[start:end], given_scores[start:end])
+    writer.close()
+    assert out.read_bytes() == json_reference(PATHS, indices, scores)
+    records = [json.loads(line) for line in out.read_text(encoding="ascii").splitlines()]
+    assert [r["path"] for r in records] == PATHS  # read back as the names they were
+    assert all(len(r["topk"]) == topk and r["label"] == r["topk"][0]["label"] for r in records)
+
+
+def test_json_scores_are_the_repr_of_the_rounded_score_for_every_six_place_value():
+    six = np.arange(1_000_001) / 1e6
+    scores = np.concatenate([six, (np.arange(1_000_000) + 0.5) / 1e6,  # and the ties, as near as a double gets
+                             np.random.default_rng(0).random(100_000)])
+    first, second = _json_scores(scores)
+    got = [a + b for a, b in zip(first.tolist(), second.tolist())]
+    want = [repr(round(s, 6)) for s in scores.tolist()]
+    assert got == want
 
 
 def test_the_summary_counts_one_image_in_the_singular():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import json
 import os
@@ -112,9 +113,48 @@ def _csv_text(value: str) -> str:
     return escape_cell(value).replace('"', '""')
 
 
-def _rows(values):
-    """An array's rows as lists (what the per-row formatting iterates fastest); lists as they are."""
-    return values.tolist() if hasattr(values, "tolist") else values
+# A str as json.dumps writes it (quoted, ASCII-escaped: lone surrogates as \\udcXX), in C.
+_json_text = json.encoder.encode_basestring_ascii
+
+
+def _json_scores(scores):
+    """Scores in [0, 1] -> two object arrays of their shape whose strings, joined cell by cell,
+    are repr(round(score, 6)): what json.dumps writes of the rounded score, made with no
+    Python call a score. The score's micro-units m are rint(score x 1e6), exact but within
+    1e-9 of a tie, where the double's rounding could tip them (those take "%.6f", which rounds
+    the exact value as round() does); repr then writes m / 1e6 at its shortest: trailing zeros
+    dropped down to one, and below 1e-4 an exponent (5e-06, 1.2e-05), read from tables."""
+    import numpy as np
+
+    head, tail, small = _score_tables()
+    x = scores * 1e6
+    m = np.rint(x).astype(np.int64)
+    tie = np.abs(x - np.floor(x) - 0.5) < 1e-9
+    if tie.any():
+        m[tie] = [int(("%.6f" % v).replace(".", "")) for v in scores[tie].tolist()]
+    whole, low = m // 1000, m % 1000
+    first, second = head[2 * whole + (low == 0)], tail[low]
+    tiny = (m > 0) & (m < 100)
+    if tiny.any():
+        first[tiny], second[tiny] = small[m[tiny]], ""
+    return first, second
+
+
+@functools.cache
+def _score_tables():
+    """_json_scores' tables: by 2 x (m // 1000) + (the last 3 digits are 0), "i.ddd" with the
+    3 digits whole, or stripped of trailing zeros (down to one); by m % 1000, the last 3
+    digits stripped of trailing zeros; by m < 100, repr(m / 1e6)."""
+    import numpy as np
+
+    head = np.empty(2 * 1001, dtype=object)
+    for whole in range(1001):
+        digits = "%03d" % (whole % 1000)
+        head[2 * whole] = f"{whole // 1000}.{digits}"
+        head[2 * whole + 1] = f"{whole // 1000}.{digits.rstrip('0') or '0'}"
+    tail = np.array([("%03d" % low).rstrip("0") for low in range(1000)], dtype=object)
+    small = np.array([repr(m / 1e6) for m in range(100)], dtype=object)
+    return head, tail, small
 
 
 def csv_header(topk: int) -> list:
@@ -146,6 +186,7 @@ class PredictionWriter:
 
         # Quoted once, not once a row; an object array, so that a batch's top-k picks them at once.
         self._name_cells = np.array([f'"{_csv_text(name)}"' for name in class_names], dtype=object)
+        self._name_json = np.array([_json_text(name) for name in class_names], dtype=object)
         self.stream = None
         self.rows = 0
 
@@ -166,16 +207,10 @@ class PredictionWriter:
     def _write_batch(self, paths, indices, scores):
         if self.stream is None:
             self._open()
-        names = self.class_names
         if self.fmt == "csv":
             self.stream.write(self._csv_rows(paths, indices, scores))
         else:
-            lines = []
-            for path, idx, sc in zip(paths, _rows(indices), _rows(scores)):
-                rec = {"path": path, "label": names[idx[0]], "score": round(float(sc[0]), 6),
-                       "topk": [{"label": names[j], "score": round(float(s), 6)} for j, s in zip(idx, sc)]}
-                lines.append(json.dumps(rec) + "\n")  # ensure_ascii: a non-UTF-8 name stays valid JSON
-            self.stream.write("".join(lines))
+            self.stream.write(self._jsonl_rows(paths, indices, scores))
         self.stream.flush()
         self.rows += len(paths)
 
@@ -199,6 +234,34 @@ class PredictionWriter:
         cells[:, 2::2] = np.asarray(scores).reshape(n, k)
         row = '"%s",' + ",".join(['%s,"%.6f"'] * k) + "\n"
         return (row * n) % tuple(cells.ravel().tolist())
+
+    def _jsonl_rows(self, paths, indices, scores) -> str:
+        """The batch's JSONL lines as one string: the bytes of json.dumps (ASCII, so a name that
+        is not UTF-8 stays valid JSON) of {"path", "label", "score", "topk": [{"label",
+        "score"}, ...]}, each score as round(score, 6) (tests/test_output.py compares them).
+        Made as _csv_rows makes its rows, one %-format of a line template, the scores' text
+        from _json_scores. Scores outside [0, 1] (NaN from a NaN logit) take json.dumps itself."""
+        import numpy as np
+
+        n = len(paths)
+        if n == 0:
+            return ""
+        indices = np.asarray(indices).reshape(n, -1)
+        k = indices.shape[1]
+        scores = np.asarray(scores, dtype=np.float64).reshape(n, k)
+        if not ((scores >= 0) & (scores <= 1)).all():
+            names = self.class_names
+            return "".join(json.dumps({"path": path, "label": names[idx[0]], "score": round(sc[0], 6),
+                                       "topk": [{"label": names[j], "score": round(s, 6)} for j, s in zip(idx, sc)]})
+                           + "\n" for path, idx, sc in zip(paths, indices.tolist(), scores.tolist()))
+        cells = np.empty((n, 1 + 3 * (k + 1)), dtype=object)  # path; label, score's 2 parts; then each of the top k
+        cells[:, 0] = list(map(_json_text, paths))
+        cells[:, 4::3] = self._name_json[indices]
+        cells[:, 5::3], cells[:, 6::3] = _json_scores(scores)
+        cells[:, 1:4] = cells[:, 4:7]  # "label" and "score": the top-k's first
+        line = ('{"path": %s, "label": %s, "score": %s%s, "topk": ['
+                + ", ".join(['{"label": %s, "score": %s%s}'] * k) + "]}\n")
+        return (line * n) % tuple(cells.ravel().tolist())
 
     def close(self):
         stream, self.stream = self.stream, None
