@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from cnnx.runtime.output import PredictionWriter, _json_scores, csv_header, escape_cell, summary_counts, unescape_cell
+from cnnx.runtime.output import PredictionWriter, _score_texts, csv_header, escape_cell, summary_counts, unescape_cell
 
 NAMES = ["plain", 'say "cheese"', "=cmd", "-neg", "a,b", "new\nline", "tab\tin", "+1", "@home", "'quoted"]
 # The first three need no escaping (a batch of them takes the writer's fast path).
@@ -52,6 +52,20 @@ def test_csv_rows_are_csv_writers_bytes(tmp_path, topk, as_arrays):
     assert len(rows) == len(PATHS) and all(len(row) == 1 + 2 * topk for row in rows)
 
 
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_scores_that_are_not_probabilities_are_written_as_before(tmp_path, fmt):
+    """Out of [0, 1] (a caller's own scores, NaN from a NaN logit): "%.6f" / json.dumps itself."""
+    indices = np.arange(len(PATHS)).reshape(-1, 1) % len(NAMES)
+    scores = np.linspace(-0.5, 1.5, len(PATHS)).reshape(-1, 1)
+    scores[3, 0] = np.nan
+    out = tmp_path / f"p.{fmt}"
+    writer = PredictionWriter(str(out), fmt, NAMES, 1)
+    writer.write_batch(PATHS, indices, scores)
+    writer.close()
+    want = reference(PATHS, indices, scores, 1) if fmt == "csv" else json_reference(PATHS, indices, scores)
+    assert out.read_bytes() == want
+
+
 def json_reference(paths, indices, scores):
     """What the writer wrote before: json.dumps of each row's record."""
     return "".join(json.dumps({"path": p, "label": NAMES[idx[0]], "score": round(float(sc[0]), 6),
@@ -86,14 +100,13 @@ def test_jsonl_rows_are_json_dumps_bytes(tmp_path, topk, kind):
     assert all(len(r["topk"]) == topk and r["label"] == r["topk"][0]["label"] for r in records)
 
 
-def test_json_scores_are_the_repr_of_the_rounded_score_for_every_six_place_value():
+def test_score_texts_are_the_formatted_score_for_every_six_place_value():
     six = np.arange(1_000_001) / 1e6
-    scores = np.concatenate([six, (np.arange(1_000_000) + 0.5) / 1e6,  # and the ties, as near as a double gets
-                             np.random.default_rng(0).random(100_000)])
-    first, second = _json_scores(scores)
-    got = [a + b for a, b in zip(first.tolist(), second.tolist())]
-    want = [repr(round(s, 6)) for s in scores.tolist()]
-    assert got == want
+    scores = np.concatenate([six, (np.arange(0, 1_000_000, 7) + 0.5) / 1e6,  # ties, as near as a double gets
+                             np.random.default_rng(0).random(20_000)])
+    for shortest, text in ((True, lambda s: repr(round(s, 6))), (False, lambda s: "%.6f" % s)):
+        first, second = _score_texts(scores, shortest)
+        assert [a + b for a, b in zip(first.tolist(), second.tolist())] == [text(s) for s in scores.tolist()]
 
 
 def test_the_summary_counts_one_image_in_the_singular():

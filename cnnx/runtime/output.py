@@ -117,23 +117,26 @@ def _csv_text(value: str) -> str:
 _json_text = json.encoder.encode_basestring_ascii
 
 
-def _json_scores(scores):
+def _score_texts(scores, shortest: bool):
     """Scores in [0, 1] -> two object arrays of their shape whose strings, joined cell by cell,
-    are repr(round(score, 6)): what json.dumps writes of the rounded score, made with no
-    Python call a score. The score's micro-units m are rint(score x 1e6), exact but within
-    1e-9 of a tie, where the double's rounding could tip them (those take "%.6f", which rounds
-    the exact value as round() does); repr then writes m / 1e6 at its shortest: trailing zeros
-    dropped down to one, and below 1e-4 an exponent (5e-06, 1.2e-05), read from tables."""
+    are "%.6f" % score (shortest False: CSV's cell) or repr(round(score, 6)) (shortest True:
+    what json.dumps writes of the rounded score), made with no Python call a score. The score's
+    micro-units m are rint(score x 1e6), exact but within 1e-9 of a tie, where the double's
+    rounding could tip them (those take "%.6f", which rounds the exact value as round() does);
+    the text is m's digits, read from tables; repr writes m / 1e6 at its shortest: trailing
+    zeros dropped down to one, and below 1e-4 an exponent (5e-06, 1.2e-05)."""
     import numpy as np
 
-    head, tail, small = _score_tables()
+    head, tail, tail_shortest, small = _score_tables()
     x = scores * 1e6
     m = np.rint(x).astype(np.int64)
     tie = np.abs(x - np.floor(x) - 0.5) < 1e-9
     if tie.any():
         m[tie] = [int(("%.6f" % v).replace(".", "")) for v in scores[tie].tolist()]
     whole, low = m // 1000, m % 1000
-    first, second = head[2 * whole + (low == 0)], tail[low]
+    if not shortest:
+        return head[2 * whole], tail[low]
+    first, second = head[2 * whole + (low == 0)], tail_shortest[low]
     tiny = (m > 0) & (m < 100)
     if tiny.any():
         first[tiny], second[tiny] = small[m[tiny]], ""
@@ -142,9 +145,9 @@ def _json_scores(scores):
 
 @functools.cache
 def _score_tables():
-    """_json_scores' tables: by 2 x (m // 1000) + (the last 3 digits are 0), "i.ddd" with the
+    """_score_texts' tables: by 2 x (m // 1000) + (the last 3 digits are 0), "i.ddd" with the
     3 digits whole, or stripped of trailing zeros (down to one); by m % 1000, the last 3
-    digits stripped of trailing zeros; by m < 100, repr(m / 1e6)."""
+    digits, whole or stripped of trailing zeros; by m < 100, repr(m / 1e6)."""
     import numpy as np
 
     head = np.empty(2 * 1001, dtype=object)
@@ -152,9 +155,14 @@ def _score_tables():
         digits = "%03d" % (whole % 1000)
         head[2 * whole] = f"{whole // 1000}.{digits}"
         head[2 * whole + 1] = f"{whole // 1000}.{digits.rstrip('0') or '0'}"
-    tail = np.array([("%03d" % low).rstrip("0") for low in range(1000)], dtype=object)
+    tail = np.array(["%03d" % low for low in range(1000)], dtype=object)
+    tail_shortest = np.array([("%03d" % low).rstrip("0") for low in range(1000)], dtype=object)
     small = np.array([repr(m / 1e6) for m in range(100)], dtype=object)
-    return head, tail, small
+    return head, tail, tail_shortest, small
+
+
+def _unit_interval(scores) -> bool:
+    return bool(((scores >= 0) & (scores <= 1)).all())  # False for NaN
 
 
 def csv_header(topk: int) -> list:
@@ -225,14 +233,21 @@ class PredictionWriter:
             return ""
         indices = np.asarray(indices).reshape(n, -1)
         k = indices.shape[1]
-        cells = np.empty((n, 1 + 2 * k), dtype=object)
+        scores = np.asarray(scores, dtype=np.float64).reshape(n, k)
+        tables = _unit_interval(scores)  # else "%.6f" itself (scores that are not probabilities)
+        cells = np.empty((n, 1 + (3 if tables else 2) * k), dtype=object)
         if '"' in "".join(paths) or not _FORMULA_START.isdisjoint({p[:1] for p in paths}):
             cells[:, 0] = [_csv_text(p) for p in paths]
         else:  # the common batch: no path to escape
             cells[:, 0] = paths
-        cells[:, 1::2] = self._name_cells[indices]
-        cells[:, 2::2] = np.asarray(scores).reshape(n, k)
-        row = '"%s",' + ",".join(['%s,"%.6f"'] * k) + "\n"
+        if tables:
+            cells[:, 1::3] = self._name_cells[indices]
+            cells[:, 2::3], cells[:, 3::3] = _score_texts(scores, shortest=False)
+            row = '"%s",' + ",".join(['%s,"%s%s"'] * k) + "\n"
+        else:
+            cells[:, 1::2] = self._name_cells[indices]
+            cells[:, 2::2] = scores
+            row = '"%s",' + ",".join(['%s,"%.6f"'] * k) + "\n"
         return (row * n) % tuple(cells.ravel().tolist())
 
     def _jsonl_rows(self, paths, indices, scores) -> str:
@@ -240,7 +255,7 @@ class PredictionWriter:
         is not UTF-8 stays valid JSON) of {"path", "label", "score", "topk": [{"label",
         "score"}, ...]}, each score as round(score, 6) (tests/test_output.py compares them).
         Made as _csv_rows makes its rows, one %-format of a line template, the scores' text
-        from _json_scores. Scores outside [0, 1] (NaN from a NaN logit) take json.dumps itself."""
+        from _score_texts. Scores outside [0, 1] (NaN from a NaN logit) take json.dumps itself."""
         import numpy as np
 
         n = len(paths)
@@ -249,7 +264,7 @@ class PredictionWriter:
         indices = np.asarray(indices).reshape(n, -1)
         k = indices.shape[1]
         scores = np.asarray(scores, dtype=np.float64).reshape(n, k)
-        if not ((scores >= 0) & (scores <= 1)).all():
+        if not _unit_interval(scores):
             names = self.class_names
             return "".join(json.dumps({"path": path, "label": names[idx[0]], "score": round(sc[0], 6),
                                        "topk": [{"label": names[j], "score": round(s, 6)} for j, s in zip(idx, sc)]})
@@ -257,7 +272,7 @@ class PredictionWriter:
         cells = np.empty((n, 1 + 3 * (k + 1)), dtype=object)  # path; label, score's 2 parts; then each of the top k
         cells[:, 0] = list(map(_json_text, paths))
         cells[:, 4::3] = self._name_json[indices]
-        cells[:, 5::3], cells[:, 6::3] = _json_scores(scores)
+        cells[:, 5::3], cells[:, 6::3] = _score_texts(scores, shortest=True)
         cells[:, 1:4] = cells[:, 4:7]  # "label" and "score": the top-k's first
         line = ('{"path": %s, "label": %s, "score": %s%s, "topk": ['
                 + ", ".join(['{"label": %s, "score": %s%s}'] * k) + "]}\n")
