@@ -801,6 +801,14 @@ def block_classify(res: Results) -> str:
                      f"itself used {r['main_cpu_s']:.2f}, the processes it started {r['others_cpu_s']:.2f}) + idle "
                      f"cores {r['idle_core_s']:.2f}."
                      + (_reachable_note(a) if "ratio_reachable_median" in a else ""))
+    if w := d.get("writers"):
+        each = [f"{fmt.upper()} top-{k} {w[f'{fmt}_top{k}']['cnnx_us_per_row']:.2f} µs "
+                f"({w[f'{fmt}_top{k}']['reference_us_per_row']:.2f} µs, {ratio(w[f'{fmt}_top{k}']['speedup'])})"
+                for fmt in ("csv", "jsonl") for k in (1, 5)]
+        notes.append(f"Writing the prediction rows, one-core time a row over {num(w['rows'])} rows in batches of "
+                     f"{w['batch_size']}, median of {w['rounds']} rounds, against the same bytes written a row at a "
+                     f"time by `csv.writer` or `json.dumps` ({code(measured(d, 'writers')['command'])}): "
+                     + "; ".join(each) + ". On a GPU machine the command's one process writes every row.")
     for name in ("classify_cpu_by_process.json", "classify_cpu_by_process_500k.json"):
         if c := res.get(name):
             trees = list(c["trees"].values())

@@ -11,8 +11,9 @@ import pytest
 import simplejpeg
 from PIL import Image, ImageOps
 
-from cnnx.runtime.preprocess import (PREPROCESS_VERSION, ImageError, SpecError, _crop_box, jpeg_orientation,
-                                     load_image, make_spec, orient, validate_spec)
+from cnnx.runtime.preprocess import (PREPROCESS_VERSION, READ_WHOLE_BYTES, ImageError, SpecError, _crop_box,
+                                     jpeg_orientation, load_image, load_image_into, make_spec, orient, read_file,
+                                     validate_spec)
 from tests._runtime_util import photo_like
 
 SPEC32 = make_spec(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
@@ -152,6 +153,44 @@ def test_sixteen_bit_gray_is_scaled_not_clipped():
     Image.fromarray(a).save(buf, "PNG")
     out, _ = load_image(buf.getvalue(), SPEC32)
     assert out.min() == out.max() == 40000 >> 8
+
+
+def test_load_image_into_writes_what_load_image_returns(tmp_path):
+    """The decoders' rows (pipeline.decode_into) are filled by load_image_into: the same pixels
+    and note as load_image for every path a file can take."""
+    gray = io.BytesIO()
+    Image.fromarray(photo_like(50, 70, seed=2)).convert("L").save(gray, "PNG")
+    cmyk = io.BytesIO()
+    Image.fromarray(photo_like(40, 40, seed=5)).convert("CMYK").save(cmyk, "JPEG", quality=95)
+    sources = {"jpeg, rotated": jpeg_bytes(quadrants(), exif=exif_with_orientation(6)),
+               "jpeg, DCT-scaled": jpeg_bytes(photo_like(300, 200, seed=1)),
+               "jpeg, model size": jpeg_bytes(photo_like(32, 32, seed=3)),
+               "png, gray": gray.getvalue(), "jpeg, cmyk": cmyk.getvalue()}
+    rows = np.full((len(sources), 3, 32, 32), 7, np.uint8)
+    for row, (what, data) in zip(rows, sources.items()):
+        path = tmp_path / what.replace(", ", "-")
+        path.write_bytes(data)
+        want, note = load_image(str(path), SPEC32)
+        assert load_image_into(row, str(path), SPEC32) == note, what
+        assert np.array_equal(row, want), what
+
+
+def test_a_small_file_is_read_in_one_go_with_the_same_png_plan(tmp_path):
+    """Up to READ_WHOLE_BYTES a file is read whole and a PNG's oversized metadata is dropped
+    from the bytes in memory, as read_file drops it reading a larger file by the plan: the
+    file's bytes less that chunk (IEND once: the plan once kept it twice)."""
+    import zlib
+
+    pixels = io.BytesIO()
+    Image.fromarray(photo_like(20, 20, seed=4)).save(pixels, "PNG")
+    png = pixels.getvalue()
+    text = b"Comment\0\0" + zlib.compress(b"A" * (40 << 20), 9)  # 40 MiB of text, a few KB on disk
+    chunk = struct.pack(">I", len(text)) + b"zTXt" + text + struct.pack(">I", zlib.crc32(b"zTXt" + text))
+    path = tmp_path / "t.png"
+    path.write_bytes(png[:33] + chunk + png[33:])  # after IHDR (8 + 25 bytes)
+    assert path.stat().st_size <= READ_WHOLE_BYTES
+    data, note = read_file(str(path))
+    assert data == png and note.startswith("PNG metadata chunk over") and "zTXt" in note
 
 
 def test_empty_and_not_an_image():

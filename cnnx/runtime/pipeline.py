@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cnnx.runtime.files import first_line
-from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS, ImageError, load_image
+from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS, ImageError, load_image_into
 from cnnx.runtime.workers import check_decode_mode, cores, decodes_in_processes
 
 MAX_BATCH_BYTES = 256 << 20  # uint8 pixels of one batch: 1,700 images of 3x224x224, 5 of 3x4096x4096
@@ -104,7 +104,7 @@ def decode_into(paths, spec, max_pixels: int, out):
     ok, failed, notes = [], [], []
     for path in paths:
         try:
-            arr, note = load_image(path, spec, max_pixels=max_pixels)
+            note = load_image_into(out[len(ok)], path, spec, max_pixels=max_pixels)
         except ImageError as e:
             failed.append((path, e.stage, str(e)))
             continue
@@ -114,7 +114,6 @@ def decode_into(paths, spec, max_pixels: int, out):
         except Exception as e:  # noqa: BLE001 - a decoder bug on one file must not end the run
             failed.append((path, "decode", f"{type(e).__name__}: {first_line(e)}"))
             continue
-        out[len(ok)] = arr
         ok.append(path)
         if note:
             notes.append((path, note))

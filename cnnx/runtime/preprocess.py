@@ -127,6 +127,9 @@ def _crop_box(w: int, h: int, out_h: int, out_w: int):
 # Files larger than this are refused before reading: no photo is this big, and reading one
 # whole into a worker would make memory depend on the input.
 MAX_FILE_BYTES = 1 << 30
+# Files up to this size are read whole at once, before their type is looked at: a PNG's
+# metadata chunks are then dropped from the bytes in memory (the same plan), not left unread.
+READ_WHOLE_BYTES = 1 << 20
 _JPEG_MAGIC = b"\xff\xd8\xff"
 # ISO-BMFF brands of HEIF/HEIC/AVIF; Pillow reads AVIF itself (when built with it), never HEIC.
 _HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif", b"avis")
@@ -149,6 +152,8 @@ def read_file(path):
             raise ImageError("open", "not a regular file")
         if st.st_size > MAX_FILE_BYTES:
             raise ImageError("open", f"file of {st.st_size} bytes exceeds the limit of {MAX_FILE_BYTES}")
+        if st.st_size <= READ_WHOLE_BYTES:  # one read; a PNG's plan is then made in memory (_from_bytes)
+            return _from_bytes(_read_exactly(fd, 0, st.st_size + 1))
         if os.pread(fd, len(PNG_SIGNATURE), 0) == PNG_SIGNATURE:
             keep, note = png_plan(lambda pos, n: os.pread(fd, n, pos), st.st_size)
             if note is not None:
@@ -201,9 +206,9 @@ def png_plan(read_at, size: int):
             keep.append((pos, end))
         else:
             dropped.append(f"{kind.decode('latin-1')} {too_large}")
+        pos = end
         if kind == b"IEND":
             break
-        pos = end
     if pos < size:
         keep.append((pos, size))  # whatever follows (or a cut-short chunk) is the decoder's to judge
     if not dropped:
@@ -244,6 +249,8 @@ def jpeg_orientation(data: bytes):
     """EXIF orientation (1..8) of a JPEG from its APP1 segment, read without decoding.
     Returns (orientation, note): 1 and no note when there is no EXIF or no orientation tag;
     1 and "malformed EXIF ignored" when the EXIF block cannot be parsed (pixels are kept)."""
+    if b"Exif\0\0" not in data:  # no EXIF block: what the walk below would find, without a Python step a marker
+        return 1, None
     n, pos = len(data), 2
     while pos + 4 <= n:
         if data[pos] != 0xFF:
@@ -308,12 +315,12 @@ def orient(arr: np.ndarray, orientation: int) -> np.ndarray:
 
 
 def _resize_array(arr: np.ndarray, out_h: int, out_w: int, resample) -> np.ndarray:
-    """(H, W, 3) uint8 -> (3, out_h, out_w): shorter side to the output size, centre crop."""
+    """(H, W, 3) uint8 -> (out_h, out_w, 3): shorter side to the output size, centre crop."""
     h, w = arr.shape[:2]
     if (h, w) != (out_h, out_w):
         img = Image.fromarray(np.ascontiguousarray(arr), "RGB")
         arr = np.asarray(img.resize((out_w, out_h), resample, box=_crop_box(w, h, out_h, out_w)))
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    return arr
 
 
 def _load_jpeg(data: bytes, out_h: int, out_w: int, resample, max_pixels: int):
@@ -367,6 +374,20 @@ def load_image(source, spec: dict, *, max_pixels: int = DEFAULT_MAX_PIXELS):
     JPEGs go through libjpeg-turbo (simplejpeg, DCT-scaled); everything else, and the JPEGs
     it declines, through Pillow. Which path a file takes depends only on its bytes.
     """
+    arr, note = _decode(source, spec, max_pixels)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1)), note
+
+
+def load_image_into(out: np.ndarray, source, spec: dict, *, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """load_image, its pixels written into `out` (a (3, H, W) uint8 view, e.g. a batch's row)
+    as they are laid out there: one copy, not a contiguous array and then a copy. -> note."""
+    arr, note = _decode(source, spec, max_pixels)
+    out[...] = arr.transpose(2, 0, 1)
+    return note
+
+
+def _decode(source, spec: dict, max_pixels: int):
+    """load_image's work -> ((H, W, 3) uint8 array, note): the layout decoders give."""
     out_h, out_w = spec["size"]
     resample = INTERPOLATIONS[spec["interpolation"]]
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -437,4 +458,4 @@ def _load_with_pillow(data: bytes, out_h: int, out_w: int, resample, max_pixels:
         if (h, w) != (out_h, out_w):
             img = img.resize((out_w, out_h), resample, box=_crop_box(w, h, out_h, out_w))
         arr = np.asarray(img, dtype=np.uint8)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1)), note
+    return arr, note
