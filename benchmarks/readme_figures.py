@@ -820,6 +820,14 @@ def block_classify(res: Results) -> str:
                          f"{len(trees[0]['rounds'])} interleaved rounds ({code(c['command'])}): " + "; ".join(by_tree)
                          + ". On 2 cores what the command spends on its own is taken from the decode processes; on "
                          "a GPU machine the command's own work per file bounds the steady state.")
+    if c := res.get("decode_by_tree.json"):
+        trees = list(c["trees"].values())
+        by_tree = [f"`{t['git_commit'][:7]}` {t['median_us_per_file']:.1f} µs"
+                   + (f" ({t['ratio_to_first_median']:.3f} of the first, median of the rounds' own ratios)" if i else "")
+                   for i, t in enumerate(trees)]
+        notes.append(f"The decoders' own loop (`decode_into`: read, decode, write the batch's rows), one-core CPU a "
+                     f"file over {num(c['files'])} CIFAR JPEGs, median of {len(trees[0]['rounds'])} interleaved "
+                     f"rounds ({code(c['command'])}): " + "; ".join(by_tree) + ".")
     if c := res.get("classify_startup.json"):
         by_tree = [f"`{t['git_commit'][:7]}`: one JPEG {secs(t['median']['one_file_s'])} (first batch after "
                    f"{secs(t['median']['first_batch_s'])}), 50,000 {secs(t['median']['cifar_s'])}, of which "
