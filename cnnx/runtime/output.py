@@ -121,10 +121,10 @@ def _score_texts(scores, shortest: bool):
     """Scores in [0, 1] -> two object arrays of their shape whose strings, joined cell by cell,
     are "%.6f" % score (shortest False: CSV's cell) or repr(round(score, 6)) (shortest True:
     what json.dumps writes of the rounded score), made with no Python call a score. The score's
-    micro-units m are rint(score x 1e6), exact but within 1e-9 of a tie, where the double's
-    rounding could tip them (those take "%.6f", which rounds the exact value as round() does);
-    the text is m's digits, read from tables; repr writes m / 1e6 at its shortest: trailing
-    zeros dropped down to one, and below 1e-4 an exponent (5e-06, 1.2e-05)."""
+    micro-units m = rint(score x 1e6), which the product's rounding can tip only within 1e-9
+    of a tie: there m comes from "%.6f" (it rounds the exact value, as round() does). The text
+    is m's digits, read from tables; repr writes m / 1e6 at its shortest: trailing zeros
+    dropped down to one, and below 1e-4 an exponent (5e-06, 1.2e-05)."""
     import numpy as np
 
     head, tail, tail_shortest, small = _score_tables()

@@ -127,8 +127,9 @@ def _crop_box(w: int, h: int, out_h: int, out_w: int):
 # Files larger than this are refused before reading: no photo is this big, and reading one
 # whole into a worker would make memory depend on the input.
 MAX_FILE_BYTES = 1 << 30
-# Files up to this size are read whole at once, before their type is looked at: a PNG's
-# metadata chunks are then dropped from the bytes in memory (the same plan), not left unread.
+# Files up to this size are read whole in one call before their type is looked at (one read,
+# not a peek and a read); a small PNG's oversized metadata chunk (an inflating zTXt) is then
+# dropped from the bytes in memory by the same plan that reads a larger file around it.
 READ_WHOLE_BYTES = 1 << 20
 _JPEG_MAGIC = b"\xff\xd8\xff"
 # ISO-BMFF brands of HEIF/HEIC/AVIF; Pillow reads AVIF itself (when built with it), never HEIC.
