@@ -54,16 +54,18 @@ def test_csv_rows_are_csv_writers_bytes(tmp_path, topk, as_arrays):
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
 def test_scores_that_are_not_probabilities_are_written_as_before(tmp_path, fmt):
-    """Out of [0, 1] (a caller's own scores, NaN from a NaN logit): "%.6f" / json.dumps itself."""
+    """Out of [0, 1] (a caller's own scores, NaN from a NaN logit, -0.0): "%.6f" / json.dumps itself."""
     indices = np.arange(len(PATHS)).reshape(-1, 1) % len(NAMES)
     scores = np.linspace(-0.5, 1.5, len(PATHS)).reshape(-1, 1)
     scores[3, 0] = np.nan
-    out = tmp_path / f"p.{fmt}"
-    writer = PredictionWriter(str(out), fmt, NAMES, 1)
-    writer.write_batch(PATHS, indices, scores)
-    writer.close()
-    want = reference(PATHS, indices, scores, 1) if fmt == "csv" else json_reference(PATHS, indices, scores)
-    assert out.read_bytes() == want
+    writes = {"out of range": scores, "-0.0": np.where(np.arange(len(PATHS)) == 2, -0.0, 0.5).reshape(-1, 1)}
+    for what, scores in writes.items():
+        out = tmp_path / f"{what}.{fmt}"
+        writer = PredictionWriter(str(out), fmt, NAMES, 1)
+        writer.write_batch(PATHS, indices, scores)
+        writer.close()
+        want = reference(PATHS, indices, scores, 1) if fmt == "csv" else json_reference(PATHS, indices, scores)
+        assert out.read_bytes() == want, what
 
 
 def json_reference(paths, indices, scores):

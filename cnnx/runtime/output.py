@@ -162,7 +162,10 @@ def _score_tables():
 
 
 def _unit_interval(scores) -> bool:
-    return bool(((scores >= 0) & (scores <= 1)).all())  # False for NaN
+    """Every score in [0, 1] (no NaN, no -0.0, which "%.6f" and repr write with its sign)."""
+    import numpy as np
+
+    return bool(((scores >= 0) & (scores <= 1)).all()) and not np.signbit(scores).any()
 
 
 def csv_header(topk: int) -> list:
