@@ -474,7 +474,9 @@ def interleave_extra_core_s(session, info, files, batch_size: int, rows: int) ->
     after batch, over doing each for all the files apart: one-core CPU seconds of
     decode_into + run_in_rows per batch (as procdecode's workers do) minus decode_into over all
     then run_in_rows over all, on the same files and the same 4 batch buffers, the two ways
-    alternated twice (medians). Both ways write every pixel and run every batch."""
+    alternated twice (medians). Both ways write every pixel and run every batch. Each way's
+    decodes and runs are also timed on their own (thread CPU time): the model's runs after a
+    decode against back to back (run_extra_share), and the decodes after a run (decode_extra_share)."""
     from cnnx.runtime.pipeline import decode_into
     from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS
     from cnnx.runtime.procdecode import run_in_rows
@@ -482,36 +484,48 @@ def interleave_extra_core_s(session, info, files, batch_size: int, rows: int) ->
     spec = info.spec
     slots = np.zeros((4, batch_size, 3, *spec["size"]), np.uint8)
     batches = [(files[i:i + batch_size], slots[k % 4]) for k, i in enumerate(range(0, len(files), batch_size))]
+    spent = {"decode": 0.0, "run": 0.0}
 
     def decode(paths, out):
+        t0 = time.thread_time()
         decode_into(paths, spec, DEFAULT_MAX_PIXELS, out)
+        spent["decode"] += time.thread_time() - t0
 
     def run(_paths, images):
+        t0 = time.thread_time()
         run_in_rows(session, info.input_name, info.output_name, images, rows)
+        spent["run"] += time.thread_time() - t0
 
     def apart():
-        t0 = time.process_time()
         for batch in batches:
             decode(*batch)
         for batch in batches:
             run(*batch)
-        return time.process_time() - t0
 
     def interleaved():
-        t0 = time.process_time()
         for batch in batches:
             decode(*batch)
             run(*batch)
-        return time.process_time() - t0
+
+    def timed(way):
+        spent.update(decode=0.0, run=0.0)
+        t0 = time.process_time()
+        way()
+        return {"all": time.process_time() - t0, **spent}
 
     run(*batches[0])
     ways = {"apart": [], "interleaved": []}
     for _ in range(2):
-        ways["apart"].append(apart())
-        ways["interleaved"].append(interleaved())
-    a, b = (float(np.median(ways[k])) for k in ("apart", "interleaved"))
-    return {"files": len(files), "apart_core_s": round(a, 3), "interleaved_core_s": round(b, 3),
-            "extra_core_s": round(b - a, 3), "extra_share": round(b / a - 1, 4)}
+        ways["apart"].append(timed(apart))
+        ways["interleaved"].append(timed(interleaved))
+    a, b = ({part: float(np.median([x[part] for x in ways[way]])) for part in ("all", "decode", "run")}
+            for way in ("apart", "interleaved"))
+    return {"files": len(files), "apart_core_s": round(a["all"], 3), "interleaved_core_s": round(b["all"], 3),
+            "extra_core_s": round(b["all"] - a["all"], 3), "extra_share": round(b["all"] / a["all"] - 1, 4),
+            "run_apart_core_s": round(a["run"], 3), "run_interleaved_core_s": round(b["run"], 3),
+            "run_extra_share": round(b["run"] / a["run"] - 1, 4),
+            "decode_apart_core_s": round(a["decode"], 3), "decode_interleaved_core_s": round(b["decode"], 3),
+            "decode_extra_share": round(b["decode"] / a["decode"] - 1, 4)}
 
 
 def cores() -> int:

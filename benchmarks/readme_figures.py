@@ -747,7 +747,16 @@ def _reachable_note(a: dict) -> str:
             f"core, against doing each for all the files apart (as the bound measures them): {interleave:+.2f} "
             f"core-s (median; {interleave_range}"
             + ("; both signs, so not established on this host)." if values[0] < 0 < values[-1] else ").")
-            )
+            + (_run_extra_note(rounds) if all("run_extra_share" in r["interleave"] for r in rounds) else ""))
+
+
+def _run_extra_note(rounds) -> str:
+    """The model's runs alone (thread CPU) after a decode, against back to back."""
+    shares = sorted(r["interleave"]["run_extra_share"] for r in rounds)
+    more = sum(s > 0 for s in shares)
+    return (f" The model's runs on their own take {statistics.median(shares):+.1%} (median; from {shares[0]:+.1%} to "
+            f"{shares[-1]:+.1%}) when each follows a batch's decoding than when they run back to back: more in "
+            f"{more} of {plural(len(shares), 'round')}.")
 
 
 def block_classify(res: Results) -> str:
