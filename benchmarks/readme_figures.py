@@ -754,9 +754,9 @@ def _run_extra_note(rounds) -> str:
     """The model's runs alone (thread CPU) after a decode, against back to back."""
     shares = sorted(r["interleave"]["run_extra_share"] for r in rounds)
     more = sum(s > 0 for s in shares)
-    return (f" The model's runs on their own take {statistics.median(shares):+.1%} (median; from {shares[0]:+.1%} to "
-            f"{shares[-1]:+.1%}) when each follows a batch's decoding than when they run back to back: more in "
-            f"{more} of {plural(len(shares), 'round')}.")
+    return (f" The model's runs alone, when each follows its batch's decoding against all of them back to back: "
+            f"{statistics.median(shares):+.1%} CPU (median; from {shares[0]:+.1%} to {shares[-1]:+.1%}; more in "
+            f"{more} of {plural(len(shares), 'round')}).")
 
 
 def block_classify(res: Results) -> str:
