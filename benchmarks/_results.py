@@ -88,6 +88,19 @@ def tree_env(tree: Path) -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(tree).resolve()), os.environ.get("PYTHONPATH", "")])}
 
 
+def tree_arguments(description: str, rounds: int, out_name: str):
+    """The command line of a script that measures versions side by side on the CIFAR JPEGs:
+    --tree (repeatable), --rounds, --cifar, --out (default results/<out_name>)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--tree", type=Path, action="append", required=True, help="a checkout of cnnx (repeatable)")
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--cifar", type=Path, help="CIFAR-10 JPEG folder (default $CNNX_CIFAR_DIR or /tmp/cifar10/train)")
+    ap.add_argument("--out", type=Path, default=RESULTS / out_name)
+    return ap
+
+
 def best_and_median(rows: list, keys) -> dict:
     """{"best": the least of each key over the rounds, "median": its median}, 4 decimals."""
     return {"best": {k: round(min(row[k] for row in rows), 4) for k in keys},

@@ -15,7 +15,6 @@ benchmarks/results/classify_cpu_by_process.json.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
@@ -26,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _results import RESULTS, git_commit, tree_env, write_result  # noqa: E402
+from _results import git_commit, tree_arguments, tree_env, write_result  # noqa: E402
 from bench_classify import CACHE, build_model, log, process_tree  # noqa: E402
 from cifar_jpegs import cifar_folder  # noqa: E402
 
@@ -80,12 +79,7 @@ def run_once(tree: Path, model: Path, cifar: Path) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tree", type=Path, action="append", required=True, help="a checkout of cnnx (repeatable)")
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--cifar", type=Path, help="CIFAR-10 JPEG folder (default $CNNX_CIFAR_DIR or /tmp/cifar10/train)")
-    ap.add_argument("--out", type=Path, default=RESULTS / "classify_cpu_by_process.json")
-    args = ap.parse_args(argv)
+    args = tree_arguments(__doc__.split("\n")[0], 6, "classify_cpu_by_process.json").parse_args(argv)
     model, cifar = build_model(), cifar_folder(args.cifar)
     trees = [t.resolve() for t in args.tree]
     runs = {str(t): [] for t in trees}

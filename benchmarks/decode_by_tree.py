@@ -13,7 +13,6 @@ Writes benchmarks/results/decode_by_tree.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -23,7 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _results import RESULTS, git_commit, tree_env, write_result  # noqa: E402
+from _results import git_commit, tree_arguments, tree_env, write_result  # noqa: E402
 from bench_classify import log  # noqa: E402
 from cifar_jpegs import cifar_folder  # noqa: E402
 
@@ -60,12 +59,7 @@ def run_once(tree: Path, cifar: Path) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tree", type=Path, action="append", required=True, help="a checkout of cnnx (repeatable)")
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--cifar", type=Path, help="CIFAR-10 JPEG folder (default $CNNX_CIFAR_DIR or /tmp/cifar10/train)")
-    ap.add_argument("--out", type=Path, default=RESULTS / "decode_by_tree.json")
-    args = ap.parse_args(argv)
+    args = tree_arguments(__doc__.split("\n")[0], 7, "decode_by_tree.json").parse_args(argv)
     cifar = cifar_folder(args.cifar)
     trees = [t.resolve() for t in args.tree]
     runs = {str(t): [] for t in trees}

@@ -218,25 +218,24 @@ class PredictionWriter:
     def _write_batch(self, paths, indices, scores):
         if self.stream is None:
             self._open()
-        if self.fmt == "csv":
-            self.stream.write(self._csv_rows(paths, indices, scores))
-        else:
-            self.stream.write(self._jsonl_rows(paths, indices, scores))
+        if len(paths):
+            import numpy as np
+
+            indices = np.asarray(indices).reshape(len(paths), -1)  # (n, k), however the caller held them
+            scores = np.asarray(scores, dtype=np.float64).reshape(indices.shape)
+            rows = self._csv_rows if self.fmt == "csv" else self._jsonl_rows
+            self.stream.write(rows(paths, indices, scores))
         self.stream.flush()
         self.rows += len(paths)
 
     def _csv_rows(self, paths, indices, scores) -> str:
         """The batch's CSV rows as one string: the same bytes as csv.writer's QUOTE_ALL with the
         formula escape (tests/test_output.py compares them), made by one %-format of a row
-        template repeated len(paths) times, so that no Python code runs per cell."""
+        template repeated len(paths) times, so that no Python code runs per cell. indices and
+        scores: (n, k) arrays."""
         import numpy as np
 
-        n = len(paths)
-        if n == 0:
-            return ""
-        indices = np.asarray(indices).reshape(n, -1)
-        k = indices.shape[1]
-        scores = np.asarray(scores, dtype=np.float64).reshape(n, k)
+        n, k = indices.shape
         tables = _unit_interval(scores)  # else "%.6f" itself (scores that are not probabilities)
         cells = np.empty((n, 1 + (3 if tables else 2) * k), dtype=object)
         if '"' in "".join(paths) or not _FORMULA_START.isdisjoint({p[:1] for p in paths}):
@@ -258,15 +257,11 @@ class PredictionWriter:
         is not UTF-8 stays valid JSON) of {"path", "label", "score", "topk": [{"label",
         "score"}, ...]}, each score as round(score, 6) (tests/test_output.py compares them).
         Made as _csv_rows makes its rows, one %-format of a line template, the scores' text
-        from _score_texts. Scores outside [0, 1] (NaN from a NaN logit) take json.dumps itself."""
+        from _score_texts. Scores outside [0, 1] (NaN from a NaN logit) take json.dumps itself.
+        indices and scores: (n, k) arrays."""
         import numpy as np
 
-        n = len(paths)
-        if n == 0:
-            return ""
-        indices = np.asarray(indices).reshape(n, -1)
-        k = indices.shape[1]
-        scores = np.asarray(scores, dtype=np.float64).reshape(n, k)
+        n, k = indices.shape
         if not _unit_interval(scores):
             names = self.class_names
             return "".join(json.dumps({"path": path, "label": names[idx[0]], "score": round(sc[0], 6),
