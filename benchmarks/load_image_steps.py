@@ -50,7 +50,8 @@ def main(argv=None):
     from cnnx.runtime.model import softmax_topk
 
     folder = sorted(p for p in cifar_folder(args.cifar).iterdir() if p.is_dir())[0]
-    files = sorted(str(p) for p in folder.glob("*.jpg"))[:FILES]
+    in_folder = sorted(str(p) for p in folder.glob("*.jpg"))
+    files = in_folder[:FILES]
     n = len(files)
     spec = pp.make_spec(32, (0.5,) * 3, (0.25,) * 3)
     datas = [pp.read_file(f)[0] for f in files]
@@ -77,7 +78,8 @@ def main(argv=None):
         "(3, H, W) contiguous array": per_file_us(
             lambda: [np.ascontiguousarray(a.transpose(2, 0, 1)) for a in decoded], n),
         "Pillow decode (for comparison)": per_file_us(lambda: [pillow(d) for d in datas], n),
-        "walking the folder (Discovery._children)": per_file_us(lambda: Discovery([folder])._children(str(folder)), n),
+        "walking the folder (Discovery._children)": per_file_us(lambda: Discovery([folder])._children(str(folder)),
+                                                                len(in_folder)),
         "softmax_topk, top-1 (a row)": per_file_us(lambda: [softmax_topk(logits, 1) for _ in range(n // 256)],
                                                    n // 256 * 256),
     }
