@@ -10,7 +10,7 @@ import random
 import pytest
 
 from cnnx.runtime.discover import Discovery, Found
-from cnnx.runtime.pipeline import batched, batched_runs
+from cnnx.runtime.pipeline import batched, batched_runs, peek_files
 
 
 def _tree(root, seed: int):
@@ -53,6 +53,18 @@ def test_a_long_stretch_of_skips_is_cut_as_batched_cuts_it(skips):
     want = list(batched(iter(items), 256))
     assert len(want) >= 2
     assert list(batched_runs(runs, 256)) == want
+
+
+def test_peek_files_counts_only_files_to_decode_and_leaves_the_rest_in_order():
+    items = [Found("s0", "skipped")] + [Found(f"f{i}") for i in range(10)] + [Found("s1", "skipped")]
+    want = list(batched(iter(items), 3))  # [s0 f0 f1 f2] [f3 f4 f5] [f6 f7 f8] [f9 s1]
+    for files, taken, ended in ((0, 1, False), (3, 2, False), (8, 3, False), (9, 4, False), (10, 4, True),
+                                (50, 4, True)):
+        rest = batched(iter(items), 3)
+        head, done = peek_files(rest, files)
+        assert (head, done) == (want[:taken], ended), files
+        assert head + list(rest) == want
+    assert peek_files(iter([]), 5) == ([], True)
 
 
 _NAMES = [b"a.jpg", b"A.JPG", b"b.Jpeg", b"..jpg", b".jpg", b".hidden.png", b"no-ext", b"x.txt", b"x.jpg.txt",

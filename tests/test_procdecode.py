@@ -76,6 +76,28 @@ def test_predict_alone_starts_no_process(model):
         assert clf.decode_pool is None
 
 
+def test_auto_decodes_a_small_job_in_threads_and_a_larger_one_in_processes(model, mixed, monkeypatch):
+    """decode "auto": a call with at most PROCESS_DECODE_MIN_FILES files to decode takes threads
+    (no process started); one with more starts the processes, which a later small call then uses.
+    The same rows every way."""
+    import cnnx.runtime.api as api
+
+    threads = rows_of(model, mixed, "threads", batch_size=8, workers=2)
+    files = sum(isinstance(row, Prediction) or (isinstance(row, Skipped) and row.stage != "discover")
+                for row in threads)  # the files that discovery hands on to be decoded
+    with Classifier(model, "cpu", decode="auto", batch_size=8, workers=2) as clf:
+        monkeypatch.setattr(api, "PROCESS_DECODE_MIN_FILES", files)
+        assert list(clf.classify([mixed])) == threads
+        assert clf.decode_pool is None  # `files` files: not more than the least for processes
+        monkeypatch.setattr(api, "PROCESS_DECODE_MIN_FILES", files - 1)
+        assert list(clf.classify([mixed])) == threads
+        pool = clf.decode_pool
+        assert pool is not None and pool.runs == 1
+        monkeypatch.setattr(api, "PROCESS_DECODE_MIN_FILES", files)
+        assert list(clf.classify([mixed])) == threads
+        assert pool.runs == 2  # started already: a small call uses them too
+
+
 def test_a_run_stopped_early_leaves_nothing_for_the_next_one(model, mixed):
     """Tasks and results of a run the caller stopped (its segment gone) are not taken for the
     next run's: the second run of the same workers gives the threads' rows."""
@@ -183,11 +205,12 @@ def workers_of(pid: int) -> list:
 
 
 def start_cli(model, folder, *extra):
-    """`cnnx classify` writing to a pipe nobody reads yet: it stops mid-run once the pipe is
-    full (the folder's rows are several times a pipe's 64 KiB), with its workers started
-    and its segment in /dev/shm."""
+    """`cnnx classify --decode processes` writing to a pipe nobody reads yet: it stops mid-run
+    once the pipe is full (the folder's rows are several times a pipe's 64 KiB), with its
+    workers started and its segment in /dev/shm. (Under --decode auto, a folder this small
+    would be decoded in threads.)"""
     proc = subprocess.Popen([sys.executable, "-m", "cnnx", "classify", str(folder), "--model", str(model),
-                             "--device", "cpu", "--batch-size", "16", *extra],
+                             "--device", "cpu", "--batch-size", "16", "--decode", "processes", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     proc.stdout.readline()  # the header
     proc.stdout.readline()  # a first row: the run is under way
@@ -276,7 +299,8 @@ def test_cli_finished_run_leaves_its_rows_and_no_segment_or_process(model, big):
 def test_cli_normal_run_leaves_no_segment(model, mixed, tmp_path):
     out = tmp_path / "out.csv"
     proc = subprocess.Popen([sys.executable, "-m", "cnnx", "classify", str(mixed), "--model", str(model),
-                             "--device", "cpu", "-o", str(out)], stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                             "--device", "cpu", "-o", str(out), "--decode", "processes"],
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
     _out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert any(line.startswith("classified") for line in err.splitlines()), err

@@ -18,6 +18,7 @@ BatchResult a batch, its predictions as arrays (no object a row).
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,9 +33,9 @@ from cnnx.runtime.gpudecode import DECODERS, GpuDecoder, open_decoder
 from cnnx.runtime.gpudecode import decoded_batches as gpu_decoded_batches
 from cnnx.runtime.model import ModelError, open_model, softmax, softmax_topk
 from cnnx.runtime.pipeline import (PipelineConfig, ahead_in_thread, batch_size_within_budget, batched_runs,
-                                   decoded_batches)
+                                   decoded_batches, peek_files)
 from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS
-from cnnx.runtime.workers import check_decode_mode, warm_up
+from cnnx.runtime.workers import PROCESS_DECODE_MIN_FILES, check_decode_mode, warm_up
 
 DISCOVERY_AHEAD = 4  # batches of found files the GPU path's discovery thread may hold ready
 
@@ -333,8 +334,16 @@ class Classification:
         classify call (run first) holds them: the same rows either way. Both consumers are
         done with a batch's pixels before they ask for the next (the IOBinding runner copies
         them into its own buffer; on the CPU the processes ran the model and `_logits` never
-        reads them): they borrow them from the processes' slots, never copied here."""
+        reads them): they borrow them from the processes' slots, never copied here.
+        Under decode "auto", a call with at most PROCESS_DECODE_MIN_FILES files to decode
+        (counted ahead) takes threads, unless an earlier call started the processes."""
         clf = self.classifier
+        if clf._pool_wanted and clf._decode == "auto":  # processes for this model, not started yet
+            head, ended = peek_files(todo, PROCESS_DECODE_MIN_FILES)
+            todo = itertools.chain(head, todo)
+            if ended:  # a small job: threads finish it before processes would have started
+                yield from decoded_batches(todo, clf.info.spec, clf.config)
+                return
         pool = clf._pool()
         if pool is not None and not pool.busy:
             yield from pool.decoded_batches(todo, clf.info.spec, clf.config,

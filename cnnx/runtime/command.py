@@ -19,7 +19,7 @@ import click
 
 from cnnx.cli import ExitNow
 from cnnx.runtime.contract import INFERENCE_DEVICES
-from cnnx.runtime.workers import DECODE_MODES, PROCESS_DECODE_MAX_SIDE
+from cnnx.runtime.workers import DECODE_MODES, PROCESS_DECODE_MAX_SIDE, PROCESS_DECODE_MIN_FILES
 
 
 def _default_errors_path(output: str):
@@ -89,7 +89,9 @@ class _Tally:
               show_default=True,
               help="How the CPU decoder runs: processes (a small JPEG's decode is mostly Python, which threads "
                    "cannot run in parallel), threads (large photos: libjpeg-turbo and Pillow release the GIL); "
-                   f"auto: processes for models of up to {PROCESS_DECODE_MAX_SIDE} px, else threads.")
+                   f"auto: processes for models of up to {PROCESS_DECODE_MAX_SIDE} px on more than "
+                   f"{PROCESS_DECODE_MIN_FILES:,} files, else threads (starting processes costs more than "
+                   "they save on fewer).")
 @click.option("--device", type=click.Choice(INFERENCE_DEVICES), default="auto", show_default=True,
               help="auto: CUDA when onnxruntime's CUDA provider loads, else CPU. cuda: CUDA or a one-line "
                    "error naming the cause. tensorrt: onnxruntime's TensorRT provider (TensorRT 10; engines "

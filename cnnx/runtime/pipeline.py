@@ -183,6 +183,19 @@ def batched_runs(runs, batch_size: int):
         yield items
 
 
+def peek_files(item_batches, files: int) -> tuple:
+    """Take batches from item_batches until they hold more than `files` files to decode, or
+    until there are no more -> (those batches, whether item_batches ended within them). The
+    caller goes on with itertools.chain(head, item_batches)."""
+    head, decodable = [], 0
+    for items in item_batches:
+        head.append(items)
+        decodable += sum(item.reason is None for item in items)
+        if decodable > files:
+            return head, False
+    return head, True
+
+
 def ahead_in_thread(iterable, depth: int, name: str = "cnnx-ahead"):
     """Yield what `iterable` yields, in order, produced by a thread of its own up to `depth`
     items ahead of the consumer; what it raises is raised here, in its place. Where the

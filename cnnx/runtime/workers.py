@@ -18,6 +18,11 @@ DECODE_MODES = ("auto", "threads", "processes")
 # bench_classify.json: "pipeline_decode", and the "bound" rounds with --decode threads beside).
 # Large photos were not measured with processes: threads stay theirs.
 PROCESS_DECODE_MAX_SIDE = 64
+# ... and for jobs of more than this many files to decode: on fewer, starting the processes (the
+# server's imports, the model opened in each) costs more wall time than they save, and threads
+# finish first (whole `cnnx classify` processes on 2 cores by file count: benchmarks/results/
+# small_jobs.json). A Classifier whose processes already run (an earlier call) uses them anyway.
+PROCESS_DECODE_MIN_FILES = 4096
 # Imported once by the server, before it forks a worker: a worker starts in milliseconds.
 SERVER_PRELOAD = ["cnnx.runtime.procdecode", "onnxruntime"]
 
