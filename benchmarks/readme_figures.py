@@ -845,6 +845,18 @@ def block_classify(res: Results) -> str:
         notes.append(f"A whole `cnnx classify` process around its images, median of "
                      f"{len(next(iter(c['trees'].values()))['rounds'])} interleaved rounds ({code(c['command'])}): "
                      + "; ".join(by_tree) + ".")
+    if c := res.get("small_jobs.json"):
+        from cnnx.runtime.workers import PROCESS_DECODE_MIN_FILES
+
+        by_files = [f"{num(r['files'])} files: threads {secs(r['threads_median_s'])}, processes "
+                    f"{secs(r['processes_median_s'])}, auto {secs(r['auto_median_s'])}" for r in c["by_files"]]
+        first = c["processes_first_faster_at_files"]
+        notes.append(f"`cnnx classify` of small folders (the first N CIFAR JPEGs) by `--decode` mode, whole "
+                     f"processes, median of {c['rounds']} interleaved rounds ({code(c['command'])}): "
+                     + "; ".join(by_files) + ". "
+                     + (f"Processes first finish before threads at {num(first)} files"
+                        if first else "Processes finished before threads at none of these counts")
+                     + f"; `--decode auto` takes threads up to {num(PROCESS_DECODE_MIN_FILES)} files to decode.")
     if c := res.get("classify_worker_rows.json"):
         by_tree = [f"`{t['git_commit'][:7]}`{' ' + spec.split('::', 1)[1] if '::' in spec else ''}: "
                    f"{secs(t['best']['cifar_s'])} best, {secs(t['median']['cifar_s'])} median"

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from cnnx.runtime.discover import Discovery, Found
+from cnnx.runtime.discover import Discovery, Found, holds_at_most
 from cnnx.runtime.pipeline import batched, batched_runs, peek_files
 
 
@@ -65,6 +65,24 @@ def test_peek_files_counts_only_files_to_decode_and_leaves_the_rest_in_order():
         assert (head, done) == (want[:taken], ended), files
         assert head + list(rest) == want
     assert peek_files(iter([]), 5) == ([], True)
+
+
+def test_holds_at_most_tells_few_files_only_where_it_needs_no_walk(tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(5):
+        (flat / f"{i}.jpg").write_bytes(b"x")
+    (flat / "notes.txt").write_bytes(b"x")  # counted too: 6 entries
+    one = flat / "0.jpg"
+    assert holds_at_most([flat], 6) and not holds_at_most([flat], 5)
+    assert holds_at_most([flat, one], 7) and not holds_at_most([flat, one], 6)
+    assert holds_at_most([one], 1) and holds_at_most([], 0)
+    nested = tmp_path / "nested"
+    (nested / "sub").mkdir(parents=True)
+    os.mkfifo(tmp_path / "fifo")
+    os.symlink(one, flat / "link.jpg")
+    for unsure in ([nested], [tmp_path / "missing.jpg"], [tmp_path / "fifo"], [flat]):
+        assert not holds_at_most(unsure, 1000), unsure  # a subfolder, an error, not a file, a symlink
 
 
 _NAMES = [b"a.jpg", b"A.JPG", b"b.Jpeg", b"..jpg", b".jpg", b".hidden.png", b"no-ext", b"x.txt", b"x.jpg.txt",

@@ -388,6 +388,36 @@ main(["classify", {str(mixed)!r}, "--model", {str(model)!r}, "-o", {str(tmp_path
     assert out.stdout.split("\n")[:2] == ["False False", "True True"]
 
 
+def test_cli_on_a_few_files_starts_no_decode_server(model, cifar_subset, tmp_path):
+    """Under --decode auto, paths that plainly hold at most PROCESS_DECODE_MIN_FILES files (a flat
+    folder, single files) are decoded in threads and the server is never started; the rows are
+    those of --decode processes."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for src in sorted(cifar_subset(2).rglob("*.jpg")):
+        shutil.copyfile(src, flat / f"{src.parent.name}-{src.name}")
+    script = """
+import sys
+from cnnx.runtime import procdecode, workers
+def refuse(*args, **kwargs):
+    raise SystemExit("a decode process or its server was started")
+workers.warm_up = refuse
+procdecode.DecodePool = refuse
+from cnnx.cli import main
+main(sys.argv[1:])
+"""
+    outs = {}
+    for mode in ("auto", "processes"):
+        out = tmp_path / f"{mode}.csv"
+        cmd = [sys.executable, "-c", script] if mode == "auto" else [sys.executable, "-m", "cnnx"]
+        r = subprocess.run([*cmd, "classify", str(flat), str(flat / sorted(os.listdir(flat))[0]), "--model",
+                            str(model), "-o", str(out), "--workers", "2", "--decode", mode],
+                           capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert r.returncode == 0, r.stderr
+        outs[mode] = out.read_bytes()
+    assert outs["auto"] == outs["processes"] and outs["auto"].count(b"\n") == 1 + 20 + 1  # the file given twice
+
+
 def test_a_worker_runs_its_batch_in_slices_with_the_logits_of_one_run(model):
     """WORKER_RUN_ROWS: a worker's batch runs in slices (the activations of a slice stay in the
     caches); the logits come back in order, as one run of the whole batch gives them."""

@@ -147,6 +147,7 @@ def classify(paths, model_path, output, fmt, topk, batch_size, workers, decode, 
     if errors_path is None:
         errors_path = _default_errors_path(output)
     _check_usage(paths, output, errors_path, resume, report_path)
+    decode = _small_job_threads(paths, decode)
     _warm_up(model_path, decoder, decode, workers)
     with _ends_when_interrupted() as interrupts, _one_line_errors(), _one_writer(output):
         _check_not_there(output, errors_path, resume)
@@ -363,6 +364,18 @@ def _one_writer(output):
         yield
     finally:
         lock.release()
+
+
+def _small_job_threads(paths, decode: str) -> str:
+    """decode "auto" -> "threads" for paths that plainly hold at most PROCESS_DECODE_MIN_FILES
+    files (a few files, a flat folder of them), which the Classifier would decode in threads
+    anyway (it counts the files as discovery finds them): then neither the decode processes' server
+    nor its imports start ahead, for nothing (benchmarks/results/small_jobs.json)."""
+    from cnnx.runtime.discover import holds_at_most
+
+    if decode == "auto" and holds_at_most(paths, PROCESS_DECODE_MIN_FILES):
+        return "threads"
+    return decode
 
 
 def _warm_up(model_path, decoder, decode, workers):

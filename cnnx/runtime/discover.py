@@ -211,6 +211,34 @@ def _flush(out: list, run: list, other) -> list:
     return []
 
 
+def holds_at_most(roots, files: int) -> bool:
+    """Whether `roots` hold at most `files` files, told without a walk: each root a regular file
+    or a folder of regular files only, listed until one entry too many. False wherever that
+    cannot be told so cheaply (a subfolder, a symlink, anything else, an error): the caller then
+    plans for more. Non-image files count too."""
+    seen = 0
+    for root in roots:
+        try:
+            st = os.stat(root)
+            if stat.S_ISREG(st.st_mode):
+                seen += 1
+            elif stat.S_ISDIR(st.st_mode):
+                with os.scandir(root) as it:
+                    for entry in it:
+                        if not entry.is_file(follow_symlinks=False):
+                            return False
+                        seen += 1
+                        if seen > files:
+                            return False
+            else:
+                return False
+        except OSError:
+            return False
+        if seen > files:
+            return False
+    return True
+
+
 class PathKeys:
     """Compare paths by the directory entry they name, not by their spelling: `DIR/a.jpg`,
     `./DIR/a.jpg` and `DIR/../DIR/a.jpg` are one key. The folder part is resolved
