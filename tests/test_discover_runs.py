@@ -78,11 +78,14 @@ def test_holds_at_most_tells_few_files_only_where_it_needs_no_walk(tmp_path):
     assert holds_at_most([flat, one], 7) and not holds_at_most([flat, one], 6)
     assert holds_at_most([one], 1) and holds_at_most([], 0)
     nested = tmp_path / "nested"
-    (nested / "sub").mkdir(parents=True)
+    (nested / "a" / "b").mkdir(parents=True)
+    for folder in (nested, nested / "a", nested / "a" / "b"):
+        (folder / "x.jpg").write_bytes(b"x")
+    assert holds_at_most([nested], 5) and not holds_at_most([nested], 4)  # 3 files and 2 folders' entries
     os.mkfifo(tmp_path / "fifo")
     os.symlink(one, flat / "link.jpg")
-    for unsure in ([nested], [tmp_path / "missing.jpg"], [tmp_path / "fifo"], [flat]):
-        assert not holds_at_most(unsure, 1000), unsure  # a subfolder, an error, not a file, a symlink
+    for unsure in ([tmp_path / "missing.jpg"], [tmp_path / "fifo"], [flat]):
+        assert not holds_at_most(unsure, 1000), unsure  # an error, not a file, a symlink inside
 
 
 _NAMES = [b"a.jpg", b"A.JPG", b"b.Jpeg", b"..jpg", b".jpg", b".hidden.png", b"no-ext", b"x.txt", b"x.jpg.txt",

@@ -368,7 +368,7 @@ def _one_writer(output):
 
 def _small_job_threads(paths, decode: str) -> str:
     """decode "auto" -> "threads" for paths that plainly hold at most PROCESS_DECODE_MIN_FILES
-    files (a few files, a flat folder of them), which the Classifier would decode in threads
+    files (a few files, a small tree of them), which the Classifier would decode in threads
     anyway (it counts the files as discovery finds them): then neither the decode processes' server
     nor its imports start ahead, for nothing (benchmarks/results/small_jobs.json)."""
     from cnnx.runtime.discover import holds_at_most

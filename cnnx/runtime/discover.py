@@ -212,31 +212,36 @@ def _flush(out: list, run: list, other) -> list:
 
 
 def holds_at_most(roots, files: int) -> bool:
-    """Whether `roots` hold at most `files` files, told without a walk: each root a regular file
-    or a folder of regular files only, listed until one entry too many. False wherever that
-    cannot be told so cheaply (a subfolder, a symlink, anything else, an error): the caller then
-    plans for more. Non-image files count too."""
-    seen = 0
+    """Whether `roots` hold at most `files` files, told from at most `files` + 1 directory
+    entries (a folder's entry counts as one): single files and small trees of folders and
+    files. False wherever it cannot be told so cheaply (more entries, a symlink inside a folder,
+    anything but files and folders, an error): the caller then plans for more."""
+    entries, folders = 0, []
     for root in roots:
         try:
-            st = os.stat(root)
-            if stat.S_ISREG(st.st_mode):
-                seen += 1
-            elif stat.S_ISDIR(st.st_mode):
-                with os.scandir(root) as it:
-                    for entry in it:
-                        if not entry.is_file(follow_symlinks=False):
-                            return False
-                        seen += 1
-                        if seen > files:
-                            return False
-            else:
-                return False
+            st = os.stat(root)  # a root is followed if a symlink, as the walk does
         except OSError:
             return False
-        if seen > files:
+        if stat.S_ISDIR(st.st_mode):
+            folders.append(root)
+        elif stat.S_ISREG(st.st_mode):
+            entries += 1
+        else:
             return False
-    return True
+    while folders and entries <= files:
+        try:
+            with os.scandir(folders.pop()) as it:
+                for entry in it:
+                    entries += 1
+                    if entries > files:
+                        return False
+                    if entry.is_dir(follow_symlinks=False):
+                        folders.append(entry.path)
+                    elif not entry.is_file(follow_symlinks=False):
+                        return False
+        except OSError:
+            return False
+    return entries <= files
 
 
 class PathKeys:
