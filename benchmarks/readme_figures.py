@@ -818,7 +818,8 @@ def block_classify(res: Results) -> str:
                      f"{w['batch_size']}, median of {w['rounds']} rounds, against the same bytes written a row at a "
                      f"time by `csv.writer` or `json.dumps` ({code(measured(d, 'writers')['command'])}): "
                      + "; ".join(each) + ". On a GPU machine the command's one process writes every row.")
-    for name in ("classify_cpu_by_process.json", "classify_cpu_by_process_500k.json"):
+    for name in ("classify_cpu_by_process.json", "classify_cpu_by_process_500k.json",
+                 "classify_cpu_by_process_small_jobs.json"):
         if c := res.get(name):
             trees = list(c["trees"].values())
             by_tree = [f"`{t['git_commit'][:7]}`: the command {secs(t['median']['cpu_command_s'])}, the decode "
@@ -848,7 +849,7 @@ def block_classify(res: Results) -> str:
     if c := res.get("small_jobs.json"):
         from cnnx.runtime.workers import PROCESS_DECODE_MIN_FILES
 
-        by_files = [f"{num(r['files'])} files: threads {secs(r['threads_median_s'])}, processes "
+        by_files = [f"{num(r['files'])} {'file' if r['files'] == 1 else 'files'}: threads {secs(r['threads_median_s'])}, processes "
                     f"{secs(r['processes_median_s'])}, auto {secs(r['auto_median_s'])}" for r in c["by_files"]]
         first = c["processes_first_faster_at_files"]
         notes.append(f"`cnnx classify` of small folders (the first N CIFAR JPEGs) by `--decode` mode, whole "
