@@ -91,8 +91,10 @@ class Classifier:
     decode: how the cpu decoder runs: "threads", "processes" (cnnx.runtime.procdecode: worker
     processes started by the first classify call, once, and reused by the next ones; predict()
     alone starts none) or "auto" (processes for small-input models, see
-    PipelineConfig.decodes_in_processes). `decode_pool` is the pool of processes once started,
-    or None (not yet, or threads or the GPU decode)."""
+    PipelineConfig.decodes_in_processes, started by the first call with more than
+    workers.PROCESS_DECODE_MIN_FILES files to decode; smaller calls before it take threads).
+    `decode_pool` is the pool of processes once started, or None (not yet, or threads or the
+    GPU decode)."""
 
     def __init__(self, model, device: str = "auto", *, threads: int | None = None, batch_size: int = 256,
                  workers: int = 0, topk: int = 5, max_pixels: int = DEFAULT_MAX_PIXELS,
