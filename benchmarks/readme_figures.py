@@ -15,6 +15,7 @@ No torch: reads JSON and cnnx.train.config only.
 from __future__ import annotations
 
 import argparse
+import collections
 import difflib
 import json
 import re
@@ -858,6 +859,22 @@ def block_classify(res: Results) -> str:
                      + (f"Processes first finish before threads at {num(first)} files"
                         if first else "Processes finished before threads at none of these counts")
                      + f"; `--decode auto` takes threads up to {num(PROCESS_DECODE_MIN_FILES)} files to decode.")
+    if c := res.get("ort_ops.json"):
+        g = c["group_share"]
+        ops = collections.Counter()
+        for n in c["nodes"]:
+            if n["group"] == "input":
+                ops[n["op"]] += n["share"]
+        notes.append(f"The model's own time by operator, as a decode process runs it (one thread, {c['rows']} "
+                     f"images a run, onnxruntime's profiler over {c['runs']} runs, {code(c['command'])}): "
+                     f"convolutions and pooling {pct(g['convolution'])}, dense layers {pct(g['dense'])}, the "
+                     f"blocked-layout reorders {pct(g['layout'])}, the input made float and normalized in the "
+                     f"graph {pct(g['input'])} ("
+                     + ", ".join(f"{op} {pct(share)}" for op, share in ops.most_common()) + "). So a channels-last "
+                     f"input, or the normalization folded into the first convolution, could take at most "
+                     f"{pct(g['input'])} off the bound's onnxruntime part (and the fold is not exact where that "
+                     "convolution pads with zeros, which stand for other pixels before the normalization); the "
+                     "rest is the layers' arithmetic.")
     if c := res.get("classify_worker_rows.json"):
         by_tree = [f"`{t['git_commit'][:7]}`{' ' + spec.split('::', 1)[1] if '::' in spec else ''}: "
                    f"{secs(t['best']['cifar_s'])} best, {secs(t['median']['cifar_s'])} median"
