@@ -16,6 +16,9 @@ processes, --topk 1), its stderr read as it comes:
                      process's end (the interpreter's teardown, or none)
   ort_distributions_s  cnnx.runtime.cuda.clashing_ort_distributions() in a fresh process, on this
                      machine's environment (the first check of `--device cuda`)
+  api_one_file_s     wall seconds of a whole process that opens a Python API Classifier on the
+                     CPU and classifies that one JPEG, to the process's end (a decode server it
+                     started is not waited for)
 Best and median of --rounds. Writes benchmarks/results/classify_startup.json.
 """
 
@@ -35,7 +38,17 @@ sys.path.insert(0, str(HERE))
 from _results import RESULTS, best_and_median, git_commit, tree_env, write_result  # noqa: E402
 from bench_classify import CACHE, build_model, log  # noqa: E402
 
-KEYS = ("one_file_s", "first_batch_s", "cifar_s", "exit_s", "ort_distributions_s")
+KEYS = ("one_file_s", "first_batch_s", "cifar_s", "exit_s", "ort_distributions_s", "api_one_file_s")
+
+# The Python API's shortest job: a fresh process that opens a Classifier on the CPU and classifies
+# one file (its options as the command's: decode auto, the workers by default).
+API_ONE_FILE = """
+import sys
+from cnnx.runtime.api import Classifier
+with Classifier(sys.argv[1], "cpu", topk=1) as clf:
+    rows = list(clf.classify([sys.argv[2]]))
+assert len(rows) == 1, rows
+"""
 
 DISTRIBUTIONS = """
 import time
@@ -76,8 +89,12 @@ def one_round(spec: str, model: Path, one: Path, cifar: Path) -> dict:
     large = classify(tree, model, cifar, extra)
     dist = subprocess.run([sys.executable, "-c", DISTRIBUTIONS], capture_output=True, text=True, env=tree_env(tree),
                           cwd=tree, check=True)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", API_ONE_FILE, str(model), str(one)], env=tree_env(tree), cwd=tree,
+                   check=True)
+    api = time.perf_counter() - t0
     return {"one_file_s": small["wall_s"], "first_batch_s": small["first_batch_s"], "cifar_s": large["wall_s"],
-            "exit_s": large["exit_s"], "ort_distributions_s": float(dist.stdout.strip())}
+            "exit_s": large["exit_s"], "ort_distributions_s": float(dist.stdout.strip()), "api_one_file_s": api}
 
 
 def parse_tree(spec: str) -> tuple[Path, list]:

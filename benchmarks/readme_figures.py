@@ -843,7 +843,10 @@ def block_classify(res: Results) -> str:
         by_tree = [f"`{t['git_commit'][:7]}`: one JPEG {secs(t['median']['one_file_s'])} (first batch after "
                    f"{secs(t['median']['first_batch_s'])}), 50,000 {secs(t['median']['cifar_s'])}, of which "
                    f"{secs(t['median']['exit_s'])} after the summary line; the --device cuda package check "
-                   f"{secs(t['median']['ort_distributions_s'])}" for t in c["trees"].values()]
+                   f"{secs(t['median']['ort_distributions_s'])}"
+                   + (f"; the Python API's `Classifier(...).classify([one JPEG])` as a whole process "
+                      f"{secs(t['median']['api_one_file_s'])}" if "api_one_file_s" in t["median"] else "")
+                   for t in c["trees"].values()]
         notes.append(f"A whole `cnnx classify` process around its images, median of "
                      f"{len(next(iter(c['trees'].values()))['rounds'])} interleaved rounds ({code(c['command'])}): "
                      + "; ".join(by_tree) + ".")

@@ -98,6 +98,18 @@ def test_auto_decodes_a_small_job_in_threads_and_a_larger_one_in_processes(model
         assert pool.runs == 2  # started already: a small call uses them too
 
 
+@pytest.mark.parametrize("decode, warmed", [("auto", False), ("processes", True), ("threads", False)])
+def test_only_decode_processes_start_their_server_with_the_classifier(model, monkeypatch, decode, warmed):
+    """Under auto a call's size decides (a small one needs no server), so the Classifier starts
+    none ahead; under processes every call uses it, and its imports start at once."""
+    import cnnx.runtime.api as api
+
+    calls = []
+    monkeypatch.setattr(api, "warm_up", lambda: calls.append(1))
+    with Classifier(model, "cpu", decode=decode, workers=2):
+        assert bool(calls) == warmed
+
+
 def test_a_run_stopped_early_leaves_nothing_for_the_next_one(model, mixed):
     """Tasks and results of a run the caller stopped (its segment gone) are not taken for the
     next run's: the second run of the same workers gives the threads' rows."""
@@ -384,8 +396,8 @@ main(["classify", {str(mixed)!r}, "--model", {str(model)!r}, "-o", {str(tmp_path
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
-    # the command's early start, then the Classifier's (which finds the server running)
-    assert out.stdout.split("\n")[:2] == ["False False", "True True"]
+    # the command's early start; under auto the Classifier leaves it to the pool
+    assert out.stdout.split("\n")[:2] == ["False False", ""]
 
 
 def test_cli_on_a_few_files_starts_no_decode_server(model, cifar_subset, tmp_path):

@@ -134,10 +134,12 @@ class Classifier:
         self.decoder = "cpu" if self.gpu_decoder is None else "gpu"
         self._decode = decode
         self._pool_wanted = self.gpu_decoder is None and self.config.decodes_in_processes(self.info.spec)
-        if self._pool_wanted:
-            # Only for a model whose batches the processes will decode (a photo model's threads
-            # need none); their imports then overlap the caller's own work until the first
-            # classify call. A failure here is _pool's to report.
+        if self._pool_wanted and decode == "processes":
+            # Every call's batches will be decoded there: the server's imports then overlap the
+            # caller's own work until the first classify call. Under auto a call's size decides
+            # first (PROCESS_DECODE_MIN_FILES), and a small one, often the only one, needs no
+            # server (benchmarks/results/classify_startup.json, api_one_file_s): it starts with
+            # the pool. A failure here is _pool's to report.
             with contextlib.suppress(Exception):
                 warm_up()
 
