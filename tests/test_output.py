@@ -32,6 +32,15 @@ def reference(paths, indices, scores, topk):
     return buf.getvalue().encode("utf-8", "surrogateescape")
 
 
+def write_in_batches(out, fmt: str, topk: int, indices, scores):
+    """PATHS with their indices and scores written to `out` in three uneven batches -> out."""
+    writer = PredictionWriter(str(out), fmt, NAMES, topk)
+    for start, end in ((0, 3), (3, 7), (7, None)):
+        writer.write_batch(PATHS[start:end], indices[start:end], scores[start:end])
+    writer.close()
+    return out
+
+
 @pytest.mark.parametrize("topk", [1, 3])
 @pytest.mark.parametrize("as_arrays", [True, False])
 def test_csv_rows_are_csv_writers_bytes(tmp_path, topk, as_arrays):
@@ -40,11 +49,7 @@ def test_csv_rows_are_csv_writers_bytes(tmp_path, topk, as_arrays):
     scores = rng.random((len(PATHS), topk))
     if not as_arrays:
         indices, scores = [tuple(r) for r in indices.tolist()], [tuple(r) for r in scores.tolist()]
-    out = tmp_path / "p.csv"
-    writer = PredictionWriter(str(out), "csv", NAMES, topk)
-    for start, end in ((0, 3), (3, 7), (7, None)):
-        writer.write_batch(PATHS[start:end], indices[start:end], scores[start:end])
-    writer.close()
+    out = write_in_batches(tmp_path / "p.csv", "csv", topk, indices, scores)
     assert out.read_bytes() == reference(PATHS, np.asarray(indices), np.asarray(scores), topk)
     with open(out, encoding="utf-8", errors="surrogateescape", newline="") as f:
         rows = list(csv.reader(f))[1:]
@@ -91,11 +96,7 @@ def test_jsonl_rows_are_json_dumps_bytes(tmp_path, topk, kind):
     given_indices, given_scores = indices, scores
     if kind == "lists":
         given_indices, given_scores = [tuple(r) for r in indices.tolist()], [tuple(r) for r in scores.tolist()]
-    out = tmp_path / "p.jsonl"
-    writer = PredictionWriter(str(out), "jsonl", NAMES, topk)
-    for start, end in ((0, 3), (3, 7), (7, None)):
-        writer.write_batch(PATHS[start:end], given_indices[start:end], given_scores[start:end])
-    writer.close()
+    out = write_in_batches(tmp_path / "p.jsonl", "jsonl", topk, given_indices, given_scores)
     assert out.read_bytes() == json_reference(PATHS, indices, scores)
     records = [json.loads(line) for line in out.read_text(encoding="ascii").splitlines()]
     assert [r["path"] for r in records] == PATHS  # read back as the names they were
