@@ -140,3 +140,40 @@ def test_image_names_keeps_what_is_image_name_keeps(seed):
             + (common if rng.random() < 0.8 else rng.choice(exts))
             for _ in range(rng.choice([0, 1, 2, 5]))))
         assert image_names(names) == [n for n in names if is_image_name(n)], names
+
+
+@pytest.mark.parametrize("follow", [False, True])
+def test_roots_that_overlap_yield_each_file_once(tmp_path, monkeypatch, follow):
+    """A folder under several spellings, a folder inside another, a file inside one: each file
+    once, in the order of the walk of the outer folder (the review's `DIR DIR/0000.jpg`, `DIR
+    DIR/`, `DIR ./DIR` each gave every file twice). What the walk does not yield itself stays:
+    a file with another extension, a symlinked file where symlinks are not followed."""
+    monkeypatch.chdir(tmp_path)
+    for folder in ("d", "d/sub", "other"):
+        os.makedirs(folder)
+        for name in ("a.jpg", "b.png"):
+            (tmp_path / folder / name).write_bytes(b"x")
+    (tmp_path / "d" / "notes.txt").write_bytes(b"x")
+    os.symlink(tmp_path / "other" / "a.jpg", tmp_path / "d" / "link.jpg")
+    os.symlink(tmp_path / "d", tmp_path / "alias")
+
+    def paths(roots):
+        return [(f.path, f.reason) for f in Discovery(roots, follow_symlinks=follow)]
+
+    once = paths(["d"])
+    assert len({p for p, _ in once}) == len(once)
+    for roots in (["d", "d/"], ["d", "./d"], ["d", "d/sub"], ["d", "d/sub/a.jpg"], ["d/sub/a.jpg", "d"],
+                  ["d", "d/../d", "alias", str(tmp_path / "d")], ["d/sub", "d/sub/../sub/a.jpg", "d"]):
+        found = paths(roots)
+        kept = sorted(roots, key=lambda r: (os.fsencode(r.rstrip("/")) + b"/"))[0]
+        assert sorted(found) == sorted(paths([kept])), roots
+        assert len({os.path.realpath(p) for p, r in found if r is None}) == len([p for p, r in found if r is None])
+    # Given twice, the same file once; files given beside a folder they are not walked in stay.
+    assert paths(["d/sub/a.jpg", "./d/sub/a.jpg"]) == [("./d/sub/a.jpg", None)]  # the first in the order
+    assert paths(["other", "d/sub/a.jpg"]) == paths(["d/sub/a.jpg"]) + paths(["other"])
+    assert ("d/notes.txt", None) in paths(["d", "d/notes.txt"])
+    with_link = paths(["d", "d/link.jpg"])
+    if follow:  # the walk classifies it: once
+        assert with_link == once
+    else:  # the walk skips the link, the file given by name is classified
+        assert ("d/link.jpg", None) in with_link and len(with_link) == len(once) + 1

@@ -109,7 +109,8 @@ class Discovery:
                 stated.append((_sort_key(root, False), root, e))
                 continue
             stated.append((_sort_key(root, stat.S_ISDIR(st.st_mode)), root, st))
-        for _key, root, st in sorted(stated, key=lambda t: t[0]):
+        stated.sort(key=_first)
+        for _key, root, st in _not_walked_twice(stated, self.follow_symlinks):
             if isinstance(st, OSError):
                 yield [Found(root, f"cannot stat: {st.strerror or first_line(st)}")]
             elif stat.S_ISDIR(st.st_mode):
@@ -200,6 +201,52 @@ class Discovery:
         if run:
             out.append(run)
         return out
+
+
+def _not_walked_twice(stated: list, follow_symlinks: bool) -> list:
+    """The roots (sort key, root, stat result or OSError), in order, less those whose files
+    another root already yields: a folder given twice (`DIR`, `DIR/`, `./DIR`, a symlink to
+    it), a folder inside another given folder, a file inside one that the walk reaches (an
+    image name, and a regular file, not a symlink, unless symlinks are followed). The first in
+    the order is kept. Without this, each spelling would be walked and every file under it
+    classified twice, the second row out of the sorted order."""
+    folders = {}  # resolved folder -> its position in stated
+    for i, (_key, root, st) in enumerate(stated):
+        if not isinstance(st, OSError) and stat.S_ISDIR(st.st_mode):
+            folders.setdefault(os.path.realpath(root), i)
+    files = PathKeys()
+    seen_files = set()
+    kept = []
+    for i, item in enumerate(stated):
+        _key, root, st = item
+        if isinstance(st, OSError):
+            kept.append(item)
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            real = os.path.realpath(root)
+            if folders[real] != i or _inside(os.path.dirname(real), folders):
+                continue
+        elif stat.S_ISREG(st.st_mode):
+            real = files(root)
+            if real in seen_files:
+                continue
+            seen_files.add(real)
+            if is_image_name(os.path.basename(root)) and _inside(os.path.dirname(real), folders) and \
+                    (follow_symlinks or not os.path.islink(root)):
+                continue
+        kept.append(item)
+    return kept
+
+
+def _inside(folder: str, folders: dict) -> bool:
+    """Whether the resolved `folder` is one of `folders` or lies under one."""
+    while True:
+        if folder in folders:
+            return True
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return False
+        folder = parent
 
 
 def _flush(out: list, run: list, other) -> list:
