@@ -70,10 +70,13 @@ Each stage checks the time left (--budget-s, default 420 s) and is skipped, with
 would not fit; the JSON is rewritten after every stage (benchmarks/_results.write_result), so a
 run cut short still leaves its figures.
 
-Prepare here (once; downloads onnxruntime-gpu for the GPU machine's Python 3.12 and splits it
-into parts of 61 MiB, each in its own ignored folder, and copies the CIFAR tarball in):
+Prepare here (once a machine: a session's machine starts without these ignored folders). It
+downloads onnxruntime-gpu for the GPU machine's Python 3.12 and splits it into parts of 61 MiB,
+each in its own ignored folder, the other wheels, copies the CIFAR tarball in, puts each
+--baseline-commit's cnnx/ in .data/baseline-<commit>, and with --train-airnet trains
+.data/airnet-best.pt with `cnnx train`'s airnet recipe (about 7 minutes on 2 cores):
 
-    python benchmarks/gpu_classify.py --prepare
+    python benchmarks/gpu_classify.py --prepare --train-airnet --baseline-commit 5906b62
 
 Then on the GPU machine: the calls of benchmarks/gpu_run.sh, back to back: one per wheel part
 (`--prepare` prints the count: 4 of 61 MiB), then the run itself, carrying .data (the CIFAR tarball,
@@ -97,6 +100,7 @@ photos) -> benchmarks/results/gpu_decode_cpu.json:
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import re
@@ -123,6 +127,8 @@ SMALL_WHEELS = ("simplejpeg==1.9.0", "onnxscript==0.7.2", "onnx-ir==1.1.0", "ml_
 # the last onnxruntime part and the CIFAR tarball it would pass the 64 MiB a call).
 GPU_DECODE_WHEELS = ("nvidia-nvimgcodec-cu13==0.9.0.20", "nvidia-nvjpeg==13.0.2.28")
 GPU_DECODE_DIR = ".ortgpu-decode"  # matches .gitignore's /.ortgpu*/
+PROFILER_WHEELS = ("py-spy==0.4.3",)  # the profile stages' sampler, from .data/wheels
+CARRY_BYTES = 64 << 20  # what one device call may carry, all carried folders together
 PIP_TARGET = ["--no-deps", "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
               "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_27_x86_64",
               "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64"]
@@ -137,21 +143,29 @@ def log(msg):
 
 # --- preparation (here, with a network) -------------------------------------------------------------
 
-def prepare(cifar_tar: Path):
-    """Download onnxruntime-gpu for cp312 manylinux x86-64 and split it into .ortgpuN/ folders
-    (ignored by .gitignore's /.ortgpu*/); copy the CIFAR tarball into .data/ (ignored)."""
+def prepare(cifar_tar: Path, baselines=(), airnet: str | None = None):
+    """Everything the GPU run carries, made here on a fresh machine (with the package registry):
+    onnxruntime-gpu for cp312 manylinux x86-64 split into .ortgpuN/ folders (ignored by
+    .gitignore's /.ortgpu*/), the GPU-decoding wheels, the small wheels and py-spy in .data/wheels,
+    the CIFAR tarball in .data/; for each commit in baselines its cnnx/ in .data/baseline-<commit>
+    (the steady-state A/B); airnet: "train" trains one with `cnnx train`'s airnet recipe on the
+    tarball's JPEGs (minutes on 2 cores), a path copies that best.pt, into .data/airnet-best.pt."""
+    data = ROOT / ".data"
+    data.mkdir(exist_ok=True)
+    for commit in baselines:  # first: a commit that does not exist stops before any download
+        prepare_baseline(commit, data)
     tmp = ROOT / ".ortgpu-download"
     shutil.rmtree(tmp, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "pip", "download", *PIP_TARGET, "-d", str(tmp), ORT_GPU], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", *PIP_TARGET, "-d", str(ROOT / ".data" / "wheels"),
-                    *SMALL_WHEELS], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", *PIP_TARGET, "-d", str(data / "wheels"),
+                    *SMALL_WHEELS, *PROFILER_WHEELS], check=True)
     decode_dir = ROOT / GPU_DECODE_DIR
     shutil.rmtree(decode_dir, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "pip", "download", *PIP_TARGET, "-d", str(decode_dir), *GPU_DECODE_WHEELS],
                    check=True)
     wheel = next(tmp.glob("*.whl"))
-    data = wheel.read_bytes()
-    parts = [data[i:i + PART_BYTES] for i in range(0, len(data), PART_BYTES)]
+    blob = wheel.read_bytes()
+    parts = [blob[i:i + PART_BYTES] for i in range(0, len(blob), PART_BYTES)]
     for i, part in enumerate(parts, 1):
         folder = ROOT / f".ortgpu{i}"
         folder.mkdir(exist_ok=True)
@@ -160,16 +174,58 @@ def prepare(cifar_tar: Path):
             raise SystemExit(f"{folder} holds other files ({stale[0].name}): move them away and run again")
         (folder / f"{wheel.name}.part-{i:02d}").write_bytes(part)
     shutil.rmtree(tmp)
-    (ROOT / ".data").mkdir(exist_ok=True)
-    shutil.copyfile(cifar_tar, ROOT / ".data" / cifar_tar.name)
-    log(f"{wheel.name}: {len(data) / 1e6:.0f} MB in {len(parts)} parts: "
+    shutil.copyfile(cifar_tar, data / cifar_tar.name)
+    if airnet == "train":
+        train_airnet(cifar_tar, data / "airnet-best.pt")
+    elif airnet:
+        shutil.copyfile(airnet, data / "airnet-best.pt")
+    log(f"{wheel.name}: {len(blob) / 1e6:.0f} MB in {len(parts)} parts: "
         + ", ".join(f".ortgpu{i}" for i in range(1, len(parts) + 1)) + f"; .data/{cifar_tar.name}; .data/wheels: "
-        + ", ".join(sorted(w.name for w in (ROOT / ".data" / "wheels").glob("*.whl")))
+        + ", ".join(sorted(w.name for w in (data / "wheels").glob("*.whl")))
         + f"; {GPU_DECODE_DIR}: " + ", ".join(f"{w.name} ({w.stat().st_size / 1e6:.0f} MB)"
-                                              for w in sorted(decode_dir.glob("*.whl"))))
+                                              for w in sorted(decode_dir.glob("*.whl")))
+        + "; baselines: " + (", ".join(sorted(b.name for b in data.glob("baseline-*"))) or "none")
+        + "; .data/airnet-best.pt: " + ("yes" if (data / "airnet-best.pt").is_file() else
+                                         "no (the airnet figures then use a seeded random model)"))
+    calls = [[f".ortgpu{i}"] for i in range(1, len(parts) + 1)] + [[".data", GPU_DECODE_DIR]]
+    for carried in calls:
+        size = sum(f.stat().st_size for folder in carried for f in (ROOT / folder).rglob("*") if f.is_file())
+        if size > CARRY_BYTES:
+            log(f"warning: {' + '.join(carried)} hold {size / 2**20:.0f} MiB, over the {CARRY_BYTES >> 20} MiB "
+                "a call carries")
     log(f"device calls: one per part (cp .ortgpuN/* /tmp/ortgpu/), one for {GPU_DECODE_DIR} (cp to /tmp/gpudecode/), "
         "the last one also carrying .data and running this script with --wheel-parts /tmp/ortgpu "
         "--wheels /tmp/gpudecode (see the docstring)")
+
+
+def prepare_baseline(commit: str, data: Path) -> Path:
+    """.data/baseline-<short commit>: that commit's cnnx/ package and a COMMIT file naming it."""
+    r = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}"],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"--baseline-commit {commit}: no such commit in this repository")
+    sha = r.stdout.strip()
+    folder = data / f"baseline-{sha[:7]}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", sha, "cnnx"], capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    (folder / "COMMIT").write_text(sha + "\n")
+    return folder
+
+
+def train_airnet(cifar_tar: Path, dest: Path):
+    """`cnnx train` with no options but the data (the airnet recipe) on the tarball's 50,000
+    JPEGs; its best.pt copied to dest."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(cifar_tar) as tar:
+            tar.extractall(tmp, filter="data")
+        train = next(Path(tmp).glob("**/train"))
+        log(f"training airnet on {train} (cnnx train's recipe; minutes on a 2-core CPU)")
+        subprocess.run([sys.executable, "-m", "cnnx", "train", "--data", str(train), "--out", f"{tmp}/runs",
+                        "--name", "airnet", "--cache-dir", f"{tmp}/cache", "--quiet"], check=True, cwd=ROOT)
+        shutil.copyfile(Path(tmp) / "runs" / "airnet" / "best.pt", dest)
 
 
 def install_wheels(part_dirs, wheel_dirs, site: Path) -> list:
@@ -1271,13 +1327,20 @@ def main(argv=None):
     ap.add_argument("--baseline", type=Path, action="append", default=[],
                     help="a folder with another commit's cnnx/ package (and COMMIT): steady state A/B (repeatable)")
     ap.add_argument("--stages", help="comma-separated stage names to run (default: all); the others are not run")
-    ap.add_argument("--prepare", action="store_true", help="download and split the wheel here, then exit")
+    ap.add_argument("--prepare", action="store_true",
+                    help="make here what the GPU run carries (wheels, tarball, baselines, checkpoint), then exit")
+    ap.add_argument("--baseline-commit", action="append", default=[],
+                    help="--prepare: put this commit's cnnx/ in .data/baseline-<commit> (repeatable)")
+    ap.add_argument("--train-airnet", action="store_true",
+                    help="--prepare: train .data/airnet-best.pt with cnnx train's airnet recipe (minutes here), "
+                         "unless --airnet-checkpoint gives one")
     ap.add_argument("--cpu-decode-check", action="store_true",
                     help="no GPU: the GPU-decode path on nvImageCodec's CPU backend vs load_image "
                          "-> benchmarks/results/gpu_decode_cpu.json")
     a = ap.parse_args(argv)
     if a.prepare:
-        return prepare(a.cifar_tar)
+        airnet = str(a.airnet_checkpoint) if a.airnet_checkpoint else ("train" if a.train_airnet else None)
+        return prepare(a.cifar_tar, a.baseline_commit, airnet)
     if a.cpu_decode_check:
         return cpu_decode_check(a.photos, a.work)
     if a.results is None:

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU machine's calls for issues 7 and 8 (device tool `run`, from the repository root; the
 # machine is given back after ~30 s idle, so make them back to back; /tmp survives between calls on
-# the same machine). Prepare here once: `python benchmarks/gpu_classify.py --prepare` (the wheel in
-# 4 parts of 61 MiB: each call carries one, under the 64 MiB a call), and put a trained airnet
-# checkpoint at .data/airnet-best.pt (e.g. benchmarks/recipe_airnet.py's best.pt: GPU-decode
-# agreement needs a model that gives every class).
+# the same machine). Prepare here first, on this session's machine (the ignored folders do not
+# outlive a machine), about 10 minutes of this CPU and no device time:
+#   python benchmarks/gpu_classify.py --prepare --train-airnet --baseline-commit <commit to compare>
+# (the onnxruntime-gpu wheel in 4 parts of 61 MiB: each call carries one, under the 64 MiB a call;
+# .data/airnet-best.pt, a trained airnet: GPU-decode agreement needs a model that gives every class).
 #
 #   run(command="bash benchmarks/gpu_run.sh part 1", carry=[".ortgpu1"], timeout_s=60)   # ... part 4
 #   run(command="CNNX_TREE_COMMIT=<git rev-parse HEAD here> bash benchmarks/gpu_run.sh classify",
@@ -12,9 +13,8 @@
 # (the machine's copy of .git can be older than the files it gets: the JSON's tree_commit says
 # which commit's files ran; commit before the run)
 #
-# A steady-state A/B against other commits: put each one's cnnx/ in .data/baseline-<name> first
-#   d=.data/baseline-<name>; rm -rf $d && mkdir -p $d && git archive <commit> cnnx | tar -x -C $d \
-#     && git rev-parse <commit> > $d/COMMIT
+# A steady-state A/B against other commits: --prepare's --baseline-commit (repeatable) puts each
+# one's cnnx/ in .data/baseline-<commit>, with a COMMIT file.
 # STAGES=a,b,... runs only those stages of gpu_classify.py (PHOTOS=N: fewer synthetic photos, made always).
 # py-spy's wheel in .data/wheels gives the profile stage.
 #
