@@ -5,6 +5,7 @@ contract, real CIFAR JPEGs and bad files, real onnxruntime."""
 from __future__ import annotations
 
 import csv
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -149,3 +150,88 @@ def test_importing_the_api_is_cheap_until_it_is_used():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[] []"
+
+
+def _cnnx_threads():
+    import threading
+
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("cnnx-") and
+                  not t.name.startswith("cnnx-infer"))  # the runner's own threads live as long as it
+
+
+def _rows(rows):
+    return [(type(r).__name__, r.path, getattr(r, "indices", None)) for r in rows]
+
+
+def test_one_path_alone_is_one_root_and_any_path_type_is_taken(model, mixed_folder, monkeypatch):
+    """clf.classify("imgs") once walked "i", "m", "g", "s" (and "/" in "a/b" walked the whole
+    file system): a str, bytes or os.PathLike alone is one path."""
+    from cnnx.runtime import Classifier
+
+    monkeypatch.chdir(mixed_folder.parent)
+    with Classifier(model, "cpu", batch_size=4) as clf:
+        want = _rows(clf.classify([mixed_folder.name]))
+        assert len(want) > 10
+        for paths in (mixed_folder.name, mixed_folder.name.encode(), Path(mixed_folder.name),
+                      [Path(mixed_folder.name)], [mixed_folder.name.encode()]):
+            assert _rows(clf.classify(paths)) == want, paths
+        with pytest.raises(TypeError):
+            clf.classify([3])
+
+
+def test_two_runs_read_in_turn_on_one_bound_classifier_give_their_own_rows(model, cifar_subset):
+    """IOBinding (the default on CUDA; forced here on the CPU) holds one run's batches in its
+    slots: a second run read meanwhile once got the first one's scores, or waited for ever. It
+    now runs with session.run, and Python's switch interval comes back to what it was."""
+    import sys
+    from itertools import zip_longest
+
+    from cnnx.runtime import Classifier
+
+    a_dir, b_dir = cifar_subset(3), cifar_subset(12, offset=3)
+    switch = sys.getswitchinterval()
+    with Classifier(model, "cpu", batch_size=4, io_binding=True, decode="threads") as clf:
+        alone = _rows(clf.classify([a_dir])), _rows(clf.classify([b_dir]))
+        for a_per_b in (1, 3):  # read at the same rate, and A one row for three of B
+            a, b = clf.classify([a_dir]), clf.classify([b_dir])
+            got_a, got_b = [], []
+            for i, row in enumerate(zip_longest(b, [], fillvalue=None)):
+                got_b.append(row[0])
+                if i % a_per_b == 0:
+                    got_a.extend(itertools.islice(a, 1))
+            got_a.extend(a)
+            assert (_rows(got_a), _rows(got_b)) == alone, a_per_b
+        assert sys.getswitchinterval() == switch
+
+
+@pytest.mark.parametrize("decode", ["threads", "processes"])
+@pytest.mark.parametrize("io_binding", [False, True])
+def test_a_loop_left_early_gives_back_threads_processes_and_runner(model, cifar_subset, decode, io_binding):
+    """A `break` out of classify(): its threads end and the decode processes and the IOBinding
+    runner are free for the next call at once, without the cyclic collector (a thread of the
+    GPU path once held the run for ever); close() ends a run still open."""
+    import gc
+    import sys
+
+    from cnnx.runtime import Classifier
+
+    folder = cifar_subset(12)
+    switch = sys.getswitchinterval()
+    gc.disable()
+    try:
+        with Classifier(model, "cpu", batch_size=4, io_binding=io_binding, decode=decode) as clf:
+            want = _rows(clf.classify([folder]))
+            for _ in range(2):
+                for i, _row in enumerate(clf.classify([folder])):
+                    if i == 9:
+                        break
+                assert _cnnx_threads() == []
+                assert clf.decode_pool is None or not clf.decode_pool.busy
+                assert sys.getswitchinterval() == switch
+            assert _rows(clf.classify([folder])) == want
+            held = clf.classify([folder])
+            next(held)
+        assert _cnnx_threads() == []
+        assert sys.getswitchinterval() == switch
+    finally:
+        gc.enable()

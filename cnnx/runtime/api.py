@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,6 +80,8 @@ class Classifier:
     io_binding: run classify()'s batches through IOBinding with several in flight and page-locked
     host buffers (cnnx.runtime.binding); None (default) = on CUDA and TensorRT, off on the CPU,
     where the plain loop is kept. `host_memory` says which buffers it got, or None when off.
+    One classify run at a time uses them; another read meanwhile runs its batches with
+    session.run.
 
     decoder: "cpu" (default) decodes with preprocess.load_image in threads; "gpu" decodes JPEGs
     with nvImageCodec and resizes them on the GPU (cnnx.runtime.gpudecode; load_image still takes
@@ -110,6 +114,7 @@ class Classifier:
         check_decode_mode(decode)  # before the model loads
         self.requested_batch_size = batch_size
         self.runner = None
+        self._runs = weakref.WeakSet()  # the Classifications not yet finished, stopped by close()
         self.gpu_decoder = None
         self.decode_pool = None
         self.session, self.info, self.provider = open_model(model, device, threads=threads, batch_size=batch_size)
@@ -214,10 +219,19 @@ class Classifier:
     def classify(self, paths, *, follow_symlinks: bool = False, done=frozenset()) -> Classification:
         """Rows (Prediction | Skipped | Note) for files and folders, in sorted path order.
         Paths in `done` (e.g. read back from an output by --resume) are skipped silently;
-        they match however the folder is spelt (`DIR`, `./DIR`, `DIR/../DIR`)."""
+        they match however the folder is spelt (`DIR`, `./DIR`, `DIR/../DIR`). paths: a list
+        of str, bytes or os.PathLike, or one of them alone (one path, never its characters)."""
+        if self.session is None:
+            raise ValueError("this Classifier is closed")
+        if isinstance(paths, (str, bytes, os.PathLike)):
+            paths = [paths]
+        paths = [os.fsdecode(p) for p in paths]  # TypeError naming the type of one that is not a path
         return Classification(self, paths, follow_symlinks=follow_symlinks, done=done)
 
     def close(self):
+        for run in list(self._runs):
+            with contextlib.suppress(ValueError):  # being read in another thread right now: it ends there
+                run.close()
         if self.runner is not None:
             self.runner.close()
             self.runner = None
@@ -284,21 +298,47 @@ class BatchResult:
         return rows
 
 
+class _Counts:
+    """What the walk found so far (Classification's counts), apart from the Classification: the
+    generators that count hold this, not the Classification, so nothing they hold (a thread
+    among them) keeps it alive once its caller lets go of it."""
+
+    __slots__ = ("found", "already_done")
+
+    def __init__(self):
+        self.found = 0
+        self.already_done = 0
+
+
 class Classification:
     """The rows of one Classifier.classify call: an iterator of rows, of one list of rows per
     batch (`batches()`), or of one BatchResult per batch (`results()`: arrays, what a writer
     flushes at; no row objects made). Counts as it goes: `found` (files found, skips and
-    already-done ones included), `already_done`, `ignored` (non-image files inside folders)."""
+    already-done ones included), `already_done`, `ignored` (non-image files inside folders).
+    A run stopped before its end (`close()`, `with`, or the Classification let go of: a
+    `break` out of the loop) stops its threads and gives back the decode processes and the
+    IOBinding runner; Classifier.close() stops the runs still open."""
 
     def __init__(self, classifier: Classifier, paths, *, follow_symlinks: bool, done):
         self.classifier = classifier
         self.discovery = Discovery(paths, follow_symlinks=follow_symlinks)
-        self.found = 0
-        self.already_done = 0
-        self._keys = PathKeys()
-        self._done = {self._keys(p) for p in done}
-        self._results = self._run()
+        self._counts = _Counts()
+        keys = PathKeys()
+        todo = _todo(self.discovery, self._counts, keys, {keys(p) for p in done})
+        # Module functions, not methods: a generator of a method would hold this object (a
+        # cycle, freed only by the cyclic collector), and the discovery thread of the GPU path
+        # would hold it for ever once the caller stopped reading.
+        self._results = _run(classifier, todo)
         self._rows = (row for result in self._results for row in result.rows())
+        classifier._runs.add(self)
+
+    @property
+    def found(self) -> int:
+        return self._counts.found
+
+    @property
+    def already_done(self) -> int:
+        return self._counts.already_done
 
     @property
     def ignored(self) -> int:
@@ -319,89 +359,108 @@ class Classification:
     def close(self):
         self._results.close()
 
-    def _run(self):
-        clf = self.classifier
-        todo = batched_runs(self._todo(), clf.batch_size)
-        if clf.runner is not None:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _run(clf: Classifier, todo):
+    """BatchResults of the files `todo` yields. A generator: the IOBinding runner is taken
+    by the first call that starts reading, one at a time (its slots hold one run's batches);
+    another call meanwhile runs its batches with session.run (the same rows)."""
+    todo = batched_runs(todo, clf.batch_size)
+    runner = clf.runner if clf.runner is not None and clf.runner.claim() else None
+    try:
+        if runner is not None:
             # The GPU path's one thread bounds its rate and waits on the runs for part of its
             # time (benchmarks/results/gpu_profile_airnet_e9f6c17.txt): the folder walk, a fifth
             # of what it holds the GIL for, goes to a thread of its own, to run in those waits.
             todo = ahead_in_thread(todo, DISCOVERY_AHEAD, name="cnnx-discover")
         if clf.gpu_decoder is None:
-            batches = self._cpu_decoded(todo)
+            batches = _cpu_decoded(clf, todo)
         else:
             batches = gpu_decoded_batches(todo, clf.info.spec, clf.config, clf.gpu_decoder)
-        return self._plain(batches) if clf.runner is None else self._bound(batches)
+        yield from (_plain(clf, batches) if runner is None else _bound(clf, runner, batches))
+    finally:
+        if runner is not None:
+            runner.release()
 
-    def _cpu_decoded(self, todo):
-        """The decode processes, or threads where the Classifier has none or another
-        classify call (run first) holds them: the same rows either way. Both consumers are
-        done with a batch's pixels before they ask for the next (the IOBinding runner copies
-        them into its own buffer; on the CPU the processes ran the model and `_logits` never
-        reads them): they borrow them from the processes' slots, never copied here.
-        Under decode "auto", a call with at most PROCESS_DECODE_MIN_FILES files to decode
-        (counted ahead) takes threads, unless an earlier call started the processes."""
-        clf = self.classifier
-        if clf._pool_wanted and clf._decode == "auto":  # processes for this model, not started yet
-            head, ended = peek_files(todo, PROCESS_DECODE_MIN_FILES)
-            todo = itertools.chain(head, todo)
-            if ended:  # a small job: threads finish it before processes would have started
-                yield from decoded_batches(todo, clf.info.spec, clf.config)
-                return
-        pool = clf._pool()
-        if pool is not None and not pool.busy:
-            yield from pool.decoded_batches(todo, clf.info.spec, clf.config,
-                                            model=clf.info.path if clf._runs_in_workers else None, lend=True)
-        else:
+
+def _cpu_decoded(clf: Classifier, todo):
+    """The decode processes, or threads where the Classifier has none or another
+    classify call (run first) holds them: the same rows either way. Both consumers are
+    done with a batch's pixels before they ask for the next (the IOBinding runner copies
+    them into its own buffer; on the CPU the processes ran the model and `_logits` never
+    reads them): they borrow them from the processes' slots, never copied here.
+    Under decode "auto", a call with at most PROCESS_DECODE_MIN_FILES files to decode
+    (counted ahead) takes threads, unless an earlier call started the processes."""
+    if clf._pool_wanted and clf._decode == "auto":  # processes for this model, not started yet
+        head, ended = peek_files(todo, PROCESS_DECODE_MIN_FILES)
+        todo = itertools.chain(head, todo)
+        if ended:  # a small job: threads finish it before processes would have started
             yield from decoded_batches(todo, clf.info.spec, clf.config)
+            return
+    pool = clf._pool()
+    if pool is not None and not pool.busy:
+        yield from pool.decoded_batches(todo, clf.info.spec, clf.config,
+                                        model=clf.info.path if clf._runs_in_workers else None, lend=True)
+    else:
+        yield from decoded_batches(todo, clf.info.spec, clf.config)
 
-    def _plain(self, batches):
-        """The CPU loop: one session.run per batch, in this thread."""
-        for items, batch in batches:
-            yield self._result(items, batch, self._logits(batch))
 
-    def _bound(self, batches):
-        """The GPU path: IOBinding, binding.SLOTS batches in flight, each batch's
-        top-k taken on its run's thread (this one, which bounds the rate, meanwhile feeds the
-        next). A batch where no file decoded is not run (images_of -> None, top None)."""
-        clf = self.classifier
+def _plain(clf: Classifier, batches):
+    """The CPU loop: one session.run per batch, in this thread."""
+    for items, batch in batches:
+        yield _result(clf, items, batch, _logits(clf, batch))
 
-        def finish(job, logits):
-            clf._check_rows(logits, clf.batch_size)
-            return self._top(job[1], logits)
 
-        runs = clf.runner.run_in_order(batches, lambda job: job[1].images if job[1].paths else None, finish)
-        while True:
-            try:
-                (items, batch), top = next(runs)
-            except StopIteration:
-                return
-            except RunFailed as e:
-                raise clf._run_failed(clf.batch_size, str(e)) from None
-            yield BatchResult(items, batch.paths, *(top or (None, None)), batch.failed, batch.notes)
+def _bound(clf: Classifier, runner: BoundRunner, batches):
+    """The GPU path: IOBinding, binding.SLOTS batches in flight, each batch's
+    top-k taken on its run's thread (this one, which bounds the rate, meanwhile feeds the
+    next). A batch where no file decoded is not run (images_of -> None, top None)."""
 
-    def _todo(self):
-        """Discovery's runs, less the files an earlier run already classified (--resume)."""
-        for run in self.discovery.runs():
-            self.found += len(run)
-            if self._done:
-                kept = [item for item in run if self._keys(item.path) not in self._done]
-                self.already_done += len(run) - len(kept)
-                run = kept
-            if run:
-                yield run
+    def finish(job, logits):
+        clf._check_rows(logits, clf.batch_size)
+        return _top(clf, job[1], logits)
 
-    def _logits(self, batch):
-        """The decode processes' logits (they ran the batch), else the batch run here."""
-        if batch.logits is not None:
-            self.classifier._check_rows(batch.logits, self.classifier.batch_size)
-            return batch.logits
-        return self.classifier.predict(batch.images) if batch.paths else None
+    runs = runner.run_in_order(batches, lambda job: job[1].images if job[1].paths else None, finish)
+    while True:
+        try:
+            (items, batch), top = next(runs)
+        except StopIteration:
+            return
+        except RunFailed as e:
+            raise clf._run_failed(clf.batch_size, str(e)) from None
+        yield BatchResult(items, batch.paths, *(top or (None, None)), batch.failed, batch.notes)
 
-    def _result(self, items, batch, logits) -> BatchResult:
-        top = self._top(batch, logits) if batch.paths else (None, None)
-        return BatchResult(items, batch.paths, *top, batch.failed, batch.notes)
 
-    def _top(self, batch, logits):
-        """(indices, scores) of the batch's decoded files (the padded rows dropped)."""
-        return softmax_topk(logits[:len(batch.paths)], self.classifier.topk)
+def _todo(discovery: Discovery, counts: _Counts, keys: PathKeys, done: set):
+    """Discovery's runs, less the files an earlier run already classified (--resume)."""
+    for run in discovery.runs():
+        counts.found += len(run)
+        if done:
+            kept = [item for item in run if keys(item.path) not in done]
+            counts.already_done += len(run) - len(kept)
+            run = kept
+        if run:
+            yield run
+
+
+def _logits(clf: Classifier, batch):
+    """The decode processes' logits (they ran the batch), else the batch run here."""
+    if batch.logits is not None:
+        clf._check_rows(batch.logits, clf.batch_size)
+        return batch.logits
+    return clf.predict(batch.images) if batch.paths else None
+
+
+def _result(clf: Classifier, items, batch, logits) -> BatchResult:
+    top = _top(clf, batch, logits) if batch.paths else (None, None)
+    return BatchResult(items, batch.paths, *top, batch.failed, batch.notes)
+
+
+def _top(clf: Classifier, batch, logits):
+    """(indices, scores) of the batch's decoded files (the padded rows dropped)."""
+    return softmax_topk(logits[:len(batch.paths)], clf.topk)

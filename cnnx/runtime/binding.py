@@ -182,6 +182,7 @@ class BoundRunner:
         self.shape = (batch_size, 3, h, w)
         self._slots = [BoundSlot(session, input_name, output_name, self.shape, pinned) for _ in range(slots)]
         self._threads = []
+        self._user = threading.Lock()  # held by the run that uses the slots (claim, release)
         # Each run's result carries its ticket: a result nobody took (its consumer was
         # interrupted while waiting for it) is dropped by the next wait on that slot, never
         # taken for another batch's.
@@ -195,6 +196,15 @@ class BoundRunner:
     @property
     def host_memory(self) -> str:
         return self._slots[0].host.kind
+
+    def claim(self) -> bool:
+        """Take the runner for one run of run_in_order (True), or False where another run has
+        it: the slots hold one run's batches, and two runs sharing them would run each other's
+        pixels and take each other's results. release() gives it back (from any thread)."""
+        return self._user.acquire(blocking=False)
+
+    def release(self):
+        self._user.release()
 
     def run_in_order(self, jobs, images_of, finish=None):
         """Yield (job, logits) for each job in order; images_of(job) is its uint8 batch of
@@ -210,8 +220,7 @@ class BoundRunner:
         or raises, comes instead of the logits): work on a batch's result off the caller's
         thread, which feeds the next batches meanwhile."""
         free, running = deque(self._slots), deque()
-        switch = sys.getswitchinterval()
-        sys.setswitchinterval(min(switch, GIL_SWITCH_S))
+        _short_switch_interval(+1)
 
         def oldest():
             job, slot, ticket = running.popleft()
@@ -245,7 +254,7 @@ class BoundRunner:
             while running:
                 yield oldest()
         finally:
-            sys.setswitchinterval(switch)
+            _short_switch_interval(-1)
             for _job, slot, ticket in running:  # a consumer that stopped early: let its runs end
                 if slot is not None:
                     _result(slot, ticket)
@@ -270,6 +279,23 @@ class BoundRunner:
             slot.binding = slot.device_input = None
             slot.host.close()
         self._slots, self._threads = [], []
+
+
+_switch = {"runs": 0, "saved": None}  # the runs that lowered the interval; its value before the first
+_switch_lock = threading.Lock()
+
+
+def _short_switch_interval(change: int):
+    """+1: a run starts; the switch interval is lowered to GIL_SWITCH_S if no run had done so.
+    -1: a run ends; the last one puts back the interval from before the first. (Each run saving
+    and restoring it on its own left it lowered for good where two runs overlapped.)"""
+    with _switch_lock:
+        if change > 0 and _switch["runs"] == 0:
+            _switch["saved"] = sys.getswitchinterval()
+            sys.setswitchinterval(min(_switch["saved"], GIL_SWITCH_S))
+        _switch["runs"] += change
+        if change < 0 and _switch["runs"] == 0:
+            sys.setswitchinterval(_switch["saved"])
 
 
 def _result(slot: BoundSlot, ticket: int) -> tuple:
