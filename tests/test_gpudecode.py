@@ -83,6 +83,16 @@ def test_baseline_and_gray_jpegs_go_to_the_gpu_the_rest_to_the_cpu_decoder():
     assert ids == (1, 2, 3)  # Pillow's YCbCr component ids, so the patch below is what makes RGB
     rgb_coded = patched(patched(patched(base, sof + 10, b"R"), sof + 13, b"G"), sof + 16, b"B")
     cases["rgb-coded"] = (rgb_coded, gpudecode.COLOR)
+    # libjpeg reads every marker up to the first scan: an Adobe segment saying RGB (transform 0)
+    # after the frame header makes an RGB-coded file too.
+    adobe_rgb = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+    sof_end = sof + 2 + int.from_bytes(base[sof + 2:sof + 4], "big")
+    cases["adobe rgb after the frame"] = (base[:sof_end] + adobe_rgb + base[sof_end:], gpudecode.COLOR)
+    # Cut inside the scan, with the end-of-image marker's bytes in the header (a table, a
+    # thumbnail, a comment): it is looked for after the scan starts only.
+    comment = b"\xff\xfe\x00\x04\xff\xd9"
+    sos = base.index(b"\xff\xda")
+    cases["truncated, ff d9 in the header"] = (base[:2] + comment + base[2:sos + 40], gpudecode.NO_END)
     got = {name: jpeg_route(data, BIG) for name, (data, _want) in cases.items()}
     assert got == {name: want for name, (_data, want) in cases.items()}
     assert jpeg_route(base, 48 * 64) is None and jpeg_route(base, 48 * 64 - 1) == gpudecode.TOO_LARGE

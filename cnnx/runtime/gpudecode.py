@@ -97,7 +97,8 @@ _EOI_TAIL = 4096  # bytes at the end searched for the end-of-image marker (some 
 
 @dataclass(frozen=True)
 class JpegFrame:
-    """What a JPEG's frame header (SOF) and Adobe APP14 segment say."""
+    """What a JPEG's frame header (SOF) and Adobe APP14 segment say, and where its first scan
+    starts."""
 
     marker: int  # 0xC0 baseline, 0xC1 extended, 0xC2 progressive, ...
     precision: int  # bits a sample
@@ -105,16 +106,18 @@ class JpegFrame:
     width: int
     component_ids: bytes  # one byte a component
     adobe_transform: int | None  # APP14's colour transform: 0 none (RGB/CMYK), 1 YCbCr, 2 YCCK
+    scan_offset: int | None  # the first SOS marker's offset; None when the bytes end before it
 
 
 def jpeg_frame(data: bytes) -> JpegFrame | None:
     """The frame header of a JPEG, read from its markers without decoding; None when there is
-    none before the first scan (or the bytes end first)."""
-    adobe_transform = None
+    none before the first scan (or the bytes end first). The markers are read on to the first
+    scan, as libjpeg reads them: an APP14 segment may come after the frame header."""
+    adobe_transform = frame = None
     n, pos = len(data), 2
     while pos + 4 <= n:
         if data[pos] != 0xFF:
-            return None
+            break
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
@@ -122,19 +125,21 @@ def jpeg_frame(data: bytes) -> JpegFrame | None:
         if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length
             pos += 2
             continue
-        if marker in (0xDA, 0xD9):  # scan or end before any frame header
-            return None
+        if marker in (0xDA, 0xD9):  # the first scan, or the end
+            if frame is None:
+                return None
+            return JpegFrame(*frame, adobe_transform, pos if marker == 0xDA else None)
         (seglen,) = struct.unpack_from(">H", data, pos + 2)
         if marker == 0xEE and data[pos + 4:pos + 9] == b"Adobe" and seglen >= 12 and pos + 15 < n:
             adobe_transform = data[pos + 15]
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn (not DHT, JPG, DAC)
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and frame is None:  # SOFn (not DHT, JPG, DAC)
             if seglen < 8 or pos + 10 > n:
                 return None
             precision, h, w, components = struct.unpack_from(">BHHB", data, pos + 4)
             ids = bytes(data[pos + 10 + 3 * i] for i in range(components) if pos + 10 + 3 * i < n)
-            return JpegFrame(marker, precision, h, w, ids, adobe_transform)
+            frame = (marker, precision, h, w, ids)
         pos += 2 + seglen
-    return None
+    return None if frame is None else JpegFrame(*frame, adobe_transform, None)
 
 
 def jpeg_route(data: bytes, max_pixels: int) -> str | None:
@@ -165,8 +170,9 @@ def jpeg_route(data: bytes, max_pixels: int) -> str | None:
     if orientation != 1 or note is not None:
         return ROTATED
     # A cut-off file: load_image reports it (libjpeg in strict mode); nvJPEG might fill in the
-    # rest. EOI cannot occur inside entropy-coded data, so it is looked for near the end only.
-    if data.rfind(b"\xff\xd9", max(0, len(data) - _EOI_TAIL)) < 0:
+    # rest. EOI cannot occur inside entropy-coded data, so it is looked for near the end only,
+    # and after the first scan starts: the header's tables and thumbnails may hold its bytes.
+    if frame.scan_offset is None or data.rfind(b"\xff\xd9", max(frame.scan_offset, len(data) - _EOI_TAIL)) < 0:
         return NO_END
     return None
 
