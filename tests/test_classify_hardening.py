@@ -469,3 +469,19 @@ def test_report_is_written_after_the_run_and_after_a_resume(images, model, tmp_p
     assert r.exit_code == 2 and "--report needs --output FILE" in r.stderr
     r = run([images, "--model", model, "-o", tmp_path / "q.csv", "--report", tmp_path / "q.csv"])
     assert r.exit_code == 2 and "must be different files" in r.stderr
+
+
+def test_files_to_write_in_a_missing_folder_or_two_on_stdout_are_refused_before_the_run(images, model, tmp_path):
+    """The errors file is first written at the first skip, the report after the run: a folder
+    that is not there once failed there (2,048 rows written, then exit 1). And `--errors -`
+    beside predictions on stdout made one stream of two CSVs."""
+    out = tmp_path / "p.csv"
+    for option, target in (("--output", tmp_path / "nodir" / "p.csv"), ("--errors", tmp_path / "nodir" / "e.csv"),
+                           ("--report", tmp_path / "nodir" / "r.html")):
+        r = run([images, "--model", model, option, target] + ([] if option == "--output" else ["-o", out]))
+        assert r.exit_code == 2 and f"{option} {target}: no folder {target.parent} to write it in" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and not out.exists() and not target.parent.exists()
+    r = run([images, "--model", model, "--errors", "-"])
+    assert r.exit_code == 2 and "--output and --errors must be different files" in r.stderr and r.stdout == ""
+    r = run([images, "--model", model, "-o", out, "--errors", "-"])  # a file and stdout: allowed
+    assert r.exit_code == 0, r.stderr

@@ -304,11 +304,15 @@ def _check_usage(paths, output, errors_path, resume, report_path):
     if report_path is not None and output == "-":
         raise click.UsageError("--report needs --output FILE (the page is made from what that file holds)")
     files = [("--output", output), ("--errors", errors_path), ("--report", report_path)]
-    named = [(label, os.path.abspath(p)) for label, p in files if p not in (None, "-")]
-    for i, (label, path) in enumerate(named):
-        for other, other_path in named[i + 1:]:
-            if path == other_path:
+    named = [(label, p, p if p == "-" else os.path.abspath(p)) for label, p in files if p is not None]
+    for i, (label, given, path) in enumerate(named):
+        for other, _other_given, other_path in named[i + 1:]:
+            if path == other_path:  # stdout too: two CSVs on one stream are not one CSV
                 raise click.UsageError(f"{label} and {other} must be different files")
+        # Checked now, not when the file is first written (the errors file at the first skip,
+        # the report after the run): a typo must not cost the run.
+        if path != "-" and not os.path.isdir(os.path.dirname(path)):
+            raise click.UsageError(f"{label} {given}: no folder {os.path.dirname(path)} to write it in")
     for path in paths:
         # A path that is not there is a typo; one that cannot be stat'ed or read (permissions)
         # gets its errors row like any other unreadable file, and the rest still run.
