@@ -102,7 +102,7 @@ def exported_model(base: Path, *, arch: str = "seed-cnn", class_names=CLASSES, s
 
 
 def tiny_onnx_model(path: Path, *, size=(32, 32), fixed_hw: bool = True, class_names=CLASSES,
-                    batch_out: str = "per-image") -> Path:
+                    batch_out: str = "per-image", checkpoint_sha256: str = "0" * 64) -> Path:
     """A small cnnx-contract model built with onnx.helper (no torch): logits = the mean of the
     top-left 2x2 pixels of each channel times a fixed (3, C) matrix, so any H x W is cheap.
 
@@ -150,7 +150,7 @@ def tiny_onnx_model(path: Path, *, size=(32, 32), fixed_hw: bool = True, class_n
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     proto.ir_version = 8
     meta = encode_metadata(class_names=class_names, preprocess=make_spec((h, w), CIFAR_MEAN, CIFAR_STD),
-                           arch="tiny", version="test", checkpoint_sha256="0" * 64)
+                           arch="tiny", version="test", checkpoint_sha256=checkpoint_sha256)
     for k, v in metadata_props(meta).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v

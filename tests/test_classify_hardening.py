@@ -485,3 +485,38 @@ def test_files_to_write_in_a_missing_folder_or_two_on_stdout_are_refused_before_
     assert r.exit_code == 2 and "--output and --errors must be different files" in r.stderr and r.stdout == ""
     r = run([images, "--model", model, "-o", out, "--errors", "-"])  # a file and stdout: allowed
     assert r.exit_code == 0, r.stderr
+
+
+def test_resume_refuses_another_model_and_another_folder_than_its_first_run(images, model, tmp_path, monkeypatch):
+    """A run records beside its output the model and the folder it ran in (.NAME.run.json).
+    A --resume with another model once appended that model's rows to the first one's (the
+    default --model is the newest export: a re-export between the two runs was enough), and
+    one from another folder matched none of the relative paths: every file classified again."""
+    from cnnx.runtime.output import run_record_path
+
+    work = tmp_path / "work"
+    shutil.copytree(images, work / "imgs")
+    monkeypatch.chdir(work)
+    out = tmp_path / "p.csv"
+    assert run(["imgs", "--model", model, "-o", out, "--batch-size", "5"]).exit_code == 0
+    out.write_text("".join(out.read_text().splitlines(keepends=True)[:6]))  # a run cut short: 5 rows
+    text = out.read_text()
+    assert os.path.exists(run_record_path(out))
+    others = {"classes": tiny_onnx_model(tmp_path / "m1.onnx", class_names=["a", "b", "c"]),
+              "weights": tiny_onnx_model(tmp_path / "m2.onnx", checkpoint_sha256="1" * 64)}
+    for what, other in others.items():
+        r = run(["imgs", "--model", other, "-o", out, "--resume"])
+        assert r.exit_code == 1 and f"written with another model (its {what} differ)" in r.stderr, r.stderr
+        assert out.read_text() == text
+    monkeypatch.chdir(tmp_path)
+    r = run([work / "imgs", "--model", model, "-o", out, "--resume"])
+    assert r.exit_code == 1 and f"holds paths relative to {work}, where its first run ran" in r.stderr, r.stderr
+    assert out.read_text() == text
+    monkeypatch.chdir(work)
+    shutil.copyfile(model, tmp_path / "moved.onnx")  # the same model elsewhere: the same rows
+    r = run([work / "imgs", "--model", tmp_path / "moved.onnx", "-o", out, "--resume"])
+    assert r.exit_code == 0 and "7 images" in r.stderr and "5 already done" in r.stderr, r.stderr
+    assert len(read_csv(out)) == 13
+    os.remove(run_record_path(out))  # an output of an older cnnx: the columns are checked only
+    r = run(["imgs", "--model", others["weights"], "-o", out, "--resume"])
+    assert r.exit_code == 0 and "12 already done" in r.stderr, r.stderr

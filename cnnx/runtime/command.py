@@ -153,7 +153,8 @@ def classify(paths, model_path, output, fmt, topk, batch_size, workers, decode, 
         _check_not_there(output, errors_path, resume)
         classifier = _open_classifier(model_path, device, batch_size=batch_size, workers=workers, topk=topk,
                                       decoder=decoder, decode=decode)
-        done = _read_done(output, errors_path, fmt, classifier.topk) if resume else set()
+        done = _read_done(output, errors_path, fmt, classifier) if resume else set()
+        _record_the_run(output, classifier, resume)
         rows = classifier.classify(paths, follow_symlinks=follow_symlinks, done=done)
         tally = _write_rows(rows, output, fmt, errors_path, classifier, append=resume, t0=t0, interrupts=interrupts)
     if rows.found == 0:
@@ -411,23 +412,42 @@ def _open_classifier(model_path, device, **options):
     return classifier
 
 
-def _read_done(output, errors_path, fmt, topk) -> set:
-    """Paths already in OUTPUT (and in the errors file) for --resume."""
+def _read_done(output, errors_path, fmt, classifier) -> set:
+    """Paths already in OUTPUT (and in the errors file) for --resume, once its run record
+    (output.check_resume) says this run may append to it."""
     from cnnx.runtime.files import os_error_line
-    from cnnx.runtime.output import ResumeError, read_done
+    from cnnx.runtime.output import ResumeError, check_resume, read_done, read_run_record
 
-    done = set()
+    done, n = set(), None
     try:
+        record = read_run_record(output) if os.path.exists(output) else None
+        check_resume(output, record, classifier.info.identity(), ())  # the model, before the columns
         if os.path.exists(output):
-            done, n = read_done(output, fmt, topk)
-            click.echo(f"resume: {n:,} images already in {output}", err=True)
+            done, n = read_done(output, fmt, classifier.topk)
         if errors_path is not None and os.path.exists(errors_path):
             done |= read_done(errors_path, "errors", None)[0]
+        check_resume(output, record, classifier.info.identity(), done)
+        if n is not None:
+            click.echo(f"resume: {n:,} images already in {output}", err=True)
     except ResumeError as e:
         raise click.ClickException(f"cannot resume: {e}") from None
     except OSError as e:
         raise click.ClickException(f"cannot resume: {os_error_line(e)}") from None
     return done
+
+
+def _record_the_run(output, classifier, resume: bool):
+    """A run that starts OUTPUT records, beside it, what a --resume must match
+    (output.write_run_record); a resumed output keeps the record it has."""
+    from cnnx.runtime.files import os_error_line
+    from cnnx.runtime.output import write_run_record
+
+    if output == "-" or (resume and os.path.exists(output)):
+        return
+    try:
+        write_run_record(output, classifier.info.identity())
+    except OSError as e:
+        raise click.ClickException(f"cannot write: {os_error_line(e)}") from None
 
 
 def _write_rows(rows, output, fmt, errors_path, classifier, *, append: bool, t0: float,

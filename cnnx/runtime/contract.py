@@ -84,6 +84,7 @@ class ModelMeta:
     version: str
     variant: str
     tta_views: int = 1
+    checkpoint_sha256: str | None = None  # the weights the model was exported from
 
 
 def encode_metadata(*, class_names, preprocess: dict, arch: str, version: str, checkpoint_sha256: str,
@@ -141,7 +142,7 @@ def parse_metadata(props: dict) -> ModelMeta:
                             f"got {views[:20]!r}")
     return ModelMeta(class_names=check_class_names(names), spec=check_size(spec), arch=props.get(KEY_ARCH, "?"),
                      version=props.get(KEY_VERSION, "?"), variant=props.get(KEY_VARIANT, "fp32"),
-                     tta_views=int(views))
+                     tta_views=int(views), checkpoint_sha256=props.get(KEY_CHECKPOINT_SHA256))
 
 
 def check_signature(inputs, outputs, meta: ModelMeta) -> None:

@@ -32,6 +32,15 @@ class ModelInfo:
     version: str
     input_name: str
     output_name: str
+    variant: str = "fp32"
+    tta_views: int = 1
+    checkpoint_sha256: str | None = None
+
+    def identity(self) -> dict:
+        """What makes two models give the same rows, whatever their file (what --resume
+        compares): the weights they were exported from, the variant, the views, the classes."""
+        return {"checkpoint_sha256": self.checkpoint_sha256, "variant": self.variant, "tta_views": self.tta_views,
+                "class_names": list(self.class_names)}
 
 
 def find_newest_model(runs_dir="runs") -> Path:
@@ -174,7 +183,8 @@ def check_contract(session, path) -> ModelInfo:
     except ContractError as e:
         raise ModelError(f"{path}: not a cnnx model: {e}") from None
     return ModelInfo(path=Path(path), class_names=meta.class_names, spec=meta.spec, arch=meta.arch,
-                     version=meta.version, input_name=inputs[0].name, output_name=outputs[0].name)
+                     version=meta.version, input_name=inputs[0].name, output_name=outputs[0].name,
+                     variant=meta.variant, tta_views=meta.tta_views, checkpoint_sha256=meta.checkpoint_sha256)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -332,6 +332,55 @@ def _drop_cut_short_row(path, text: str):
     atomic_write(path, text.encode("utf-8", "surrogateescape"), keep_mode_of_target=True)
 
 
+def run_record_path(output) -> str:
+    """`.<name>.run.json` beside the output (beside the real file when it is a symlink)."""
+    real = os.path.realpath(output)
+    return os.path.join(os.path.dirname(real), f".{os.path.basename(real)}.run.json")
+
+
+def write_run_record(output, model: dict):
+    """Record, beside a new output, what a --resume of it must match: the model (its
+    ModelInfo.identity()) and the folder this run runs in (the paths it writes as the user
+    typed them are relative to it). Written atomically before the first row."""
+    record = {"cnnx_run_record": 1, "cwd": os.getcwd(), "model": model}
+    atomic_write(run_record_path(output), json.dumps(record, indent=1) + "\n")
+
+
+def read_run_record(output) -> dict | None:
+    """The output's run record; None where there is none (an output of an older cnnx, or one
+    moved without it): --resume then checks the columns only."""
+    path = run_record_path(output)
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or record.get("cnnx_run_record") != 1:
+        raise ResumeError(f"{path} is not a cnnx run record (remove it to resume without its checks)")
+    return record
+
+
+def check_resume(output, record: dict | None, model: dict, done) -> None:
+    """ResumeError where appending to `output` would mix runs: its record names another model
+    (rows of two models in one file), or another folder where `done` holds relative paths (none
+    would match here: every file would be classified again, and written twice)."""
+    if record is None:
+        return
+    if record.get("model") != model:
+        was = record.get("model") if isinstance(record.get("model"), dict) else {}
+        what = next((k for k in ("class_names", "checkpoint_sha256", "variant", "tta_views") if was.get(k) != model[k]),
+                    "model")
+        what = {"class_names": "classes", "checkpoint_sha256": "weights"}.get(what, what)
+        raise ResumeError(f"{output} was written with another model (its {what} differ): resume with that "
+                          "model (--model), or write to a new file")
+    cwd = record.get("cwd")
+    if isinstance(cwd, str) and os.path.realpath(cwd) != os.path.realpath(os.getcwd()) and \
+            any(not os.path.isabs(p) for p in done):
+        raise ResumeError(f"{output} holds paths relative to {cwd}, where its first run ran: resume from there")
+
+
 def read_done(path, fmt: str, topk: int | None):
     """Paths already in an output (or errors, fmt='errors') file, for --resume. A last row cut
     short by a killed run is dropped (the file is rewritten without it, atomically); anything
