@@ -427,7 +427,7 @@ main(sys.argv[1:])
                            capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert r.returncode == 0, r.stderr
         outs[mode] = out.read_bytes()
-    assert outs["auto"] == outs["processes"] and outs["auto"].count(b"\n") == 1 + 20 + 1  # the file given twice
+    assert outs["auto"] == outs["processes"] and outs["auto"].count(b"\n") == 1 + 20  # the file beside its folder: once
 
 
 def test_a_worker_runs_its_batch_in_slices_with_the_logits_of_one_run(model):
