@@ -61,3 +61,45 @@ def test_info_refuses_metadata_that_is_not_a_json_object(tmp_path):
     with zipfile.ZipFile(broken, "w") as z:
         z.writestr("model/extra/cnnx.json", b"{not json")
     assert "cannot read the metadata" in _one_line(["info", str(broken)])
+
+
+def test_crafted_metadata_is_one_line_for_info_and_classify(tmp_path):
+    """Metadata values that once gave tracebacks: a view count of "²" (str.isdigit takes it,
+    int() does not), JSON nested 100,000 deep (RecursionError), an archive's cnnx.inputs that
+    is not a list of tensors."""
+    import json
+
+    import onnx
+
+    from tests._runtime_util import tiny_onnx_model
+
+    good = tiny_onnx_model(tmp_path / "good.onnx")
+    deep = "[" * 100_000 + "]" * 100_000
+
+    def with_meta(name, **values):
+        proto = onnx.load(str(good))
+        props = {p.key: p for p in proto.metadata_props}
+        for key, value in values.items():
+            props[key].value = value
+        onnx.save(proto, str(tmp_path / name))
+        return tmp_path / name
+
+    views = with_meta("views.onnx", **{"cnnx.tta_views": "\u00b2"})
+    names = with_meta("names.onnx", **{"cnnx.class_names": deep})
+    images = tmp_path / "imgs"
+    images.mkdir()
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(images / "a.png")
+    for model, needle in ((views, "cnnx.tta_views must be a whole number"), (names, "JSON nested too deep")):
+        r = CliRunner().invoke(cli, ["classify", str(images), "--model", str(model)])
+        assert r.exit_code == 1 and needle in r.stderr and "Traceback" not in r.output, r.output
+    r = CliRunner().invoke(cli, ["info", str(views)])
+    assert r.exit_code == 0 and "views:    1 per image" in r.stdout, r.output
+    for name, payload in (("inputs.pt", json.dumps({"cnnx.inputs": [1, "x"]})),
+                          ("views.pt", json.dumps({"cnnx.tta_views": "\u00b2"}))):
+        with zipfile.ZipFile(tmp_path / name, "w") as z:
+            z.writestr("model/extra/cnnx.json", payload)
+            z.writestr("model/data.pkl", b"\x80\x02}q\x00.")
+    assert "bad cnnx.inputs" in _one_line(["info", str(tmp_path / "inputs.pt")])
+    r = CliRunner().invoke(cli, ["info", str(tmp_path / "views.pt")])
+    assert r.exit_code == 0 and "views:    1 per image" in r.stdout, r.output

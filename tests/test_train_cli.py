@@ -97,6 +97,7 @@ def test_cifar10_offline_tells_how_to_point_at_a_local_copy(tmp_path, monkeypatc
     (["--aug", "crop,mixup"], "unknown augmentation 'mixup'"),
     (["--epochs", "many"], "'many' is not a valid integer"),
     (["--name", "a/b"], "plain folder name"),
+    (["--image-size", "5000"], "must be 8 to 4096 pixels"),  # once: a 13 GB decode cache, then a traceback
 ])
 def test_bad_option_values_are_usage_errors(tmp_path, args, needle):
     (tmp_path / "d" / "a").mkdir(parents=True)

@@ -28,7 +28,7 @@ def _decode(meta: dict) -> dict:
     for k, v in sorted(meta.items()):
         try:
             out[k] = json.loads(v) if k.startswith("cnnx.") and v[:1] in "[{" else v
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
             out[k] = v
     return out
 
@@ -124,11 +124,24 @@ def describe_archive(path) -> dict:
         raise ModelInfoError(f"cannot read the metadata of {path}: {first_line(e, 200)}") from None
     fmt = "pt2" if any(n.endswith("/models/model.json") or n.endswith("/archive_format") for n in names) else "torchscript"
     loader = "torch.export.load(path).module()" if fmt == "pt2" else "torch.jit.load(path)"
-    return {"path": os.fspath(path), "format": fmt, "inputs": meta.get("cnnx.inputs", []),
-            "outputs": meta.get("cnnx.outputs", []),
+    return {"path": os.fspath(path), "format": fmt, "inputs": _signature(meta, "cnnx.inputs", path),
+            "outputs": _signature(meta, "cnnx.outputs", path),
             "metadata": {k: v for k, v in sorted(meta.items()) if k not in ("cnnx.inputs", "cnnx.outputs")},
             "tta_views": _views(meta),
             "providers": {"onnxruntime": f"no: a {fmt} model runs in PyTorch ({loader})"}}
+
+
+def _signature(meta: dict, key: str, path) -> list:
+    """The archive's cnnx.inputs / cnnx.outputs: a list of {name, dtype, shape}, or
+    ModelInfoError (format_info prints each of them)."""
+    value = meta.get(key, [])
+    ok = isinstance(value, list) and all(
+        isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("dtype"), str)
+        and isinstance(t.get("shape"), list) for t in value)
+    if not ok:
+        raise ModelInfoError(f"{path}: bad {key} in its {EXTRA_FILE} (a list of name, dtype, shape): "
+                             "not a model cnnx exported")
+    return value
 
 
 def describe(path) -> dict:
@@ -142,8 +155,8 @@ def describe(path) -> dict:
 
 def _views(metadata: dict) -> int:
     """Test-time views per image the model runs (cnnx.tta_views; models without it run 1)."""
-    v = metadata.get(KEY_TTA_VIEWS, 1)
-    return int(v) if str(v).isdigit() else 1
+    v = str(metadata.get(KEY_TTA_VIEWS, 1))
+    return int(v) if v.isascii() and v.isdigit() else 1  # isdigit alone takes "²", which int() refuses
 
 
 def format_info(info: dict) -> str:

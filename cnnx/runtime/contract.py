@@ -136,8 +136,10 @@ def parse_metadata(props: dict) -> ModelMeta:
         spec = validate_spec(json.loads(props[KEY_PREPROCESS]))
     except (ValueError, SpecError) as e:  # JSONDecodeError and SpecError are ValueErrors
         raise ContractError(f"bad cnnx metadata: {e}") from None
+    except RecursionError:  # JSON nested thousands deep
+        raise ContractError("bad cnnx metadata: JSON nested too deep") from None
     views = props.get(KEY_TTA_VIEWS, "1")
-    if not (views.isdigit() and 1 <= int(views) <= MAX_TTA_VIEWS):
+    if not (views.isascii() and views.isdigit() and 1 <= int(views) <= MAX_TTA_VIEWS):  # isdigit takes "²"
         raise ContractError(f"bad cnnx metadata: {KEY_TTA_VIEWS} must be a whole number 1..{MAX_TTA_VIEWS}, "
                             f"got {views[:20]!r}")
     return ModelMeta(class_names=check_class_names(names), spec=check_size(spec), arch=props.get(KEY_ARCH, "?"),

@@ -102,9 +102,11 @@ def save_torch_file(path, save, *, hash_sha256: bool = False) -> str | None:
         w = _Writer(f, hash_sha256)
         try:
             save(w)
-        except RuntimeError:
+        except RuntimeError as e:
             if w.error is not None:
                 raise w.error from None
+            if isinstance(e.__context__, KeyboardInterrupt):  # Ctrl-C inside torch's writer, which
+                raise e.__context__ from None                # then fails on its own: an interrupt
             raise
     return w.sha256.hexdigest() if w.sha256 is not None else None
 
@@ -173,17 +175,20 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise CheckpointError(f"checkpoint is a folder, not a file: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"refused to load {path}: it holds objects that weights_only=True will not run ({first_line(e, 200)})"
-        ) from None
+    except pickle.UnpicklingError:
+        # torch's text here advises weights_only=False: never done (the file may run code)
+        raise CheckpointError(f"refused to load {path}: not a torch checkpoint, or one holding objects "
+                              "that a safe (weights-only) load refuses") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError) as e:
         # KeyError/IndexError: what the weights-only unpickler raises on some garbage files
         raise CheckpointError(f"cannot read checkpoint {path} (truncated or not a torch file): {first_line(e, 200)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a cnnx checkpoint (no format={FORMAT!r} field)")
-    if ckpt.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path} was written by a newer cnnx (format {ckpt['format_version']}); upgrade cnnx")
+    version = ckpt.get("format_version", 0)
+    if not isinstance(version, int):
+        raise CheckpointError(f"{path}: format_version must be a whole number, got {version!r:.40}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer cnnx (format {version}); upgrade cnnx")
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} lacks checkpoint fields {missing}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
-from cnnx.runtime.contract import DEVICES
+from cnnx.runtime.contract import DEVICES, MAX_INPUT_SIDE
 
 OPTIMIZERS = ("sgd", "adamw", "adam", "muon")
 SCHEDULES = ("onecycle", "cosine", "constant")
@@ -224,8 +224,9 @@ def check_config(c: TrainConfig) -> None:
         bad("patience", f"must be >= 0, got {c.patience}")
     if c.crop_pad < 0 or c.cutout < 0:
         bad("crop_pad", "padding and cutout sizes must be >= 0")
-    if c.image_size is not None and c.image_size < 8:
-        bad("image_size", f"must be at least 8 pixels, got {c.image_size}")
+    if c.image_size is not None and not 8 <= c.image_size <= MAX_INPUT_SIDE:
+        # above it: a decode cache of that size first, then a checkpoint no export takes
+        bad("image_size", f"must be 8 to {MAX_INPUT_SIDE} pixels, got {c.image_size}")
     if c.workers is not None and c.workers < 0:
         bad("workers", f"must be >= 0, got {c.workers}")
     if c.threads is not None and c.threads < 1:
