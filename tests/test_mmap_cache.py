@@ -139,6 +139,26 @@ def test_training_on_the_disk_cache_is_bit_identical_and_resumes_exactly(cifar_s
         assert torch.equal(v, disk["state_dict"][k]), k
     assert mem["history"][-1]["val_top1"] == disk["history"][-1]["val_top1"]
 
+    # Export's parity images of the disk run: the same as the memory run's, read from a disk
+    # cache row by row (the whole folder was once decoded into memory, and cached again as .pt).
+    from cnnx.export.images import validation_images
+    from cnnx.export.metadata import file_sha256
+    from cnnx.train import data as train_data
+
+    decoded = []
+    real = train_data.load_image_folder
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(train_data, "load_image_folder", lambda *a, **k: decoded.append(k["cache_mode"]) or real(*a, **k))
+    try:
+        got = {name: validation_images(load_checkpoint(tmp_path / "runs" / name / "best.pt"),
+                                       file_sha256(tmp_path / "runs" / name / "best.pt"), 7)
+               for name in ("mem", "disk")}
+    finally:
+        monkey.undo()
+    assert decoded == ["memory", "disk"]
+    assert got["mem"][0] is not None and got["disk"][0] is not None, (got["mem"][1], got["disk"][1])
+    assert len(got["disk"][0].images) == 7 and np.array_equal(got["mem"][0].images, got["disk"][0].images)
+
 
 @pytest.fixture
 def small_tmpfs(tmp_path):

@@ -90,8 +90,11 @@ def load_verify_data(root, spec: dict, class_names, limit: int | None) -> Parity
 def _own_validation_split(config: dict, spec: dict):
     """(images, labels, class names) of the validation split of the run `config` describes.
     Of the paths in config only the data is read; the decoded-image cache goes to this user's
-    default cache (never the stored cache_dir) and CIFAR-10 is never downloaded here."""
+    default cache (never the stored cache_dir) and CIFAR-10 is never downloaded here. The run's
+    cache mode is kept: a run on data larger than memory (`--cache disk`, or auto that chose
+    disk) reuses its disk cache, whose images are read per row (cache.Rows), not all at once."""
     from cnnx.train import data
+    from cnnx.train.config import CACHE_MODES
 
     need = [k for k in ("data", "val_fraction", "split_seed") if k not in config]
     if need:
@@ -102,7 +105,8 @@ def _own_validation_split(config: dict, spec: dict):
         _, val = data.stratified_split(y, config["val_fraction"], config["split_seed"])
         return x[val], y[val], names
     s = data.load_splits({"data": config["data"], "data_root": None, "cache_dir": None, "preprocess": spec,
-                          "val_fraction": config["val_fraction"], "split_seed": config["split_seed"]}, progress=False)
+                          "val_fraction": config["val_fraction"], "split_seed": config["split_seed"]}, progress=False,
+                         cache_mode=config.get("cache") if config.get("cache") in CACHE_MODES else "auto")
     return s.val[0], s.val[1], s.class_names
 
 
@@ -112,6 +116,7 @@ def validation_images(ckpt: dict, sha256: str, limit: int | None):
     own-checkpoints file this user's cnnx appends to (cnnx.train.checkpoint), which a
     checkpoint made or edited by someone else cannot be in. Anyone else's checkpoint gets
     None: the data path stored in it is never read."""
+    from cnnx.train.cache import Rows
     from cnnx.train.checkpoint import is_own_checkpoint, own_checkpoints_file
     from cnnx.train.data import DataError
 
@@ -129,7 +134,8 @@ def validation_images(ckpt: dict, sha256: str, limit: int | None):
     if list(names) != list(ckpt["class_names"]):
         return None, "the run's data no longer has the checkpoint's classes"
     keep = spread(len(y), limit)
-    images = np.ascontiguousarray(np.asarray(x)[keep], dtype=np.uint8)
+    images = x.read(keep) if isinstance(x, Rows) else np.asarray(x)[keep]  # Rows: only these rows are read
+    images = np.ascontiguousarray(images, dtype=np.uint8)
     if list(images.shape[2:]) != list(ckpt["preprocess"]["size"]):
         return None, f"the validation images are {list(images.shape[2:])}, not the model's {ckpt['preprocess']['size']}"
     source = (f"validation split of {config['data']} ({len(keep)} of {len(y)} images; your own run: its sha256 "
