@@ -9,6 +9,7 @@ import socket
 import pytest
 import torch
 
+from cnnx.train.checkpoint import load_checkpoint
 from tests._train_util import copy_classes, run_cli, seed_args
 
 
@@ -171,3 +172,36 @@ def test_split_layout_early_stopping_and_test_split_once(cifar_train_dir, tmp_pa
     assert (config["train_images"], config["val_images"], config["test_images"]) == (48, 16, 16)
     test = json.loads((run / "test_metrics.json").read_text())
     assert test["n"] == 16 and test["checkpoint"] == "best.pt" and "test top-1" in r.stdout
+
+
+def test_resume_refuses_data_that_changed_and_rebuilds_a_best_pt_it_lacks(cifar_train_dir, tmp_path):
+    """--resume decodes the data again: files added since the run began once gave a new split
+    silently (then an error every epoch), a class added a traceback, and config.json was
+    rewritten first. last.pt is written before best.pt: a run stopped between them resumes,
+    its best.pt rebuilt from last.pt (best.pt first once left a run that could neither resume
+    nor start again)."""
+    import shutil
+
+    data = copy_classes(cifar_train_dir, tmp_path / "d", ["cat", "dog"], 20)
+    run = tmp_path / "runs" / "x"
+    args = seed_args(data, tmp_path / "runs", "x", tmp_path / "c", "--epochs", "2", "--batch-size", "16")
+    assert run_cli(args + ["--stop-after", "1"]).exit_code == 0
+    config = (run / "config.json").read_bytes()
+    extra = sorted((cifar_train_dir / "cat").iterdir())[100:103]
+    for f in extra:
+        shutil.copyfile(f, data / "cat" / f"new-{f.name}")
+    r = run_cli(["train", "--resume", run])
+    _one_line_error(r, 1, "changed since the run began", "training images")
+    for f in extra:
+        (data / "cat" / f"new-{f.name}").unlink()
+    copy_classes(cifar_train_dir, data, ["frog"], 5)
+    r = run_cli(["train", "--resume", run])
+    _one_line_error(r, 1, "changed since the run began", "classes: 2 then, 3 now")
+    assert (run / "config.json").read_bytes() == config
+    shutil.rmtree(data / "frog")
+
+    (run / "best.pt").unlink()  # stopped after last.pt, before best.pt
+    r = run_cli(["train", "--resume", run])
+    assert r.exit_code == 0, r.stderr
+    assert "best.pt of epoch 1 rebuilt from last.pt" in r.stderr
+    assert (run / "best.pt").exists() and load_checkpoint(run / "last.pt")["epoch"] == 2

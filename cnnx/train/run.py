@@ -309,7 +309,7 @@ def fit(cfg: TrainConfig, run_dir, *, resume: dict | None = None, stop_after: in
     d = loop.dist_from_env()
     device = loop.resolve_device(cfg.device, d)
     with _process_group(d, device):
-        run = setup(cfg, Path(run_dir), d, device, progress)
+        run = setup(cfg, Path(run_dir), d, device, progress, resume)
         state = start_state(run, resume)
         stop, first = Stop.FINISHED, state.epoch
         for epoch in range(first, cfg.epochs):
@@ -352,8 +352,11 @@ def _barrier(d):
         dist.barrier()
 
 
-def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: bool) -> Run:
-    """Data, config.json, model, optimizer, device placement."""
+def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: bool,
+          resume: dict | None = None) -> Run:
+    """Data, config.json, model, optimizer, device placement. resume: the last.pt being
+    continued, whose data must be the data found now (check_same_data), before anything is
+    written."""
     from cnnx.train.zoo import Uint8Input, create_model
 
     dev_type = torch.device(device).type
@@ -366,7 +369,10 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
         "num_classes": len(splits.class_names), "class_names": splits.class_names, "world_size": d.world,
         "device_resolved": device, "cnnx_version": __version__, "train_images": len(ytr), "val_images": len(yva),
         "test_images": 0 if splits.test is None else len(splits.test[1]), "skipped_files": len(splits.skipped),
+        "val_files_sha256": files_digest(splits.val_paths),
     })
+    if resume is not None:
+        check_same_data(config, resume["config"], cfg.data)
     if d.main:
         files.atomic_write(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
         if splits.skipped:
@@ -464,6 +470,38 @@ def load_run_data(cfg: TrainConfig, spec: dict, run_dir: Path, d: loop.Dist, pro
     return splits
 
 
+def files_digest(paths) -> str | None:
+    """sha256 of a split's file list (what --resume compares), None where there is no list (CIFAR-10)."""
+    if paths is None:
+        return None
+    import hashlib
+
+    return hashlib.sha256("\n".join(paths).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def check_same_data(now: dict, then: dict, data: str):
+    """DataError where the data found for a --resume is not the data the run began with: other
+    classes, another number of images, other validation files (a new split: former validation
+    images trained on, best.pt chosen on two validation sets). Checkpoints of an older cnnx
+    have no file digest: their counts and classes are compared."""
+    from cnnx.train.data import DataError
+
+    for key, what in (("class_names", "classes"), ("train_images", "training images"),
+                      ("val_images", "validation images"), ("test_images", "test images"),
+                      ("val_files_sha256", "validation files")):
+        if key not in then or then[key] == now[key]:
+            continue
+        if key == "class_names":
+            change = (f"{len(then[key])} then, {len(now[key])} now" if len(then[key]) != len(now[key])
+                      else "other names")
+        elif key == "val_files_sha256":
+            change = "other files"
+        else:
+            change = f"{then[key]} then, {now[key]} now"
+        raise DataError(f"the data in {data} changed since the run began ({what}: {change}): --resume would "
+                        "continue on another split; restore the data, or train a new run (another --name)")
+
+
 def start_state(run: Run, resume: dict | None) -> State:
     """A fresh State, or last.pt's, with the model and optimizer restored from it."""
     if resume is None:
@@ -474,6 +512,8 @@ def start_state(run: Run, resume: dict | None) -> State:
         if run.ema is not None:
             run.ema.load_state_dict(run.net.state_dict())  # the average starts at the starting weights
         return State()
+    if run.d.main:
+        _restore_best(run.run_dir, resume)
     # With --ema a checkpoint's state_dict is the average (what was evaluated); the trained weights are beside it.
     run.net.load_state_dict(resume.get("train_state_dict", resume["state_dict"]))
     if run.ema is not None:
@@ -490,6 +530,27 @@ def start_state(run: Run, resume: dict | None) -> State:
     state.train_seconds = state.history[-1]["train_seconds_total"] if state.history else 0.0
     say(f"resuming {run.run_dir} after epoch {state.epoch} (step {state.step})", run.d)
     return state
+
+
+LAST_ONLY = ("train_state_dict", "optimizer", "scheduler", "history", "best")  # last.pt's fields beyond best.pt's
+
+
+def _restore_best(run_dir: Path, last: dict):
+    """best.pt from last.pt where the run was killed after writing last.pt and before best.pt
+    (save_epoch): its last epoch was the best, and best.pt is missing or of an earlier epoch."""
+    from cnnx.train.checkpoint import CheckpointError, load_checkpoint
+
+    if last["best"]["epoch"] != last["epoch"]:
+        return
+    path = run_dir / "best.pt"
+    if path.exists():
+        try:
+            if load_checkpoint(path)["epoch"] == last["epoch"]:
+                return
+        except CheckpointError:
+            pass
+    save_checkpoint({k: v for k, v in last.items() if k not in LAST_ONLY}, path)
+    say(f"best.pt of epoch {last['epoch']} rebuilt from last.pt (the run was stopped between the two)")
 
 
 def train_epoch(run: Run, state: State, epoch: int):
@@ -556,20 +617,23 @@ def history_row(epoch: int, tm: dict, vm: dict, seconds: float, eval_seconds: fl
 
 
 def save_epoch(run: Run, state: State, improved: bool, tm: dict, vm: dict):
-    """best.pt (when improved), last.pt, the CSVs and report.html, each atomically (rank 0)."""
+    """last.pt, best.pt (when improved), the CSVs and report.html, each atomically (rank 0).
+    last.pt first: it holds all of best.pt, so a run killed between the two writes resumes
+    and rebuilds best.pt from it (start_state); best.pt first left a run of one epoch with
+    best.pt and no last.pt, which could neither resume nor start again."""
     metrics = {"val_top1": vm["top1"], "val_top5": vm["top5"], "val_loss": vm["loss"],
                "train_top1": tm["top1"], "val_per_class": vm["per_class"], "val_confusion": vm["confusion"]}
     ckpt = build_checkpoint(model=run.ema.module if run.ema is not None else run.net, arch=run.cfg.arch,
                             arch_kwargs=run.arch_kwargs,
                             class_names=run.class_names, preprocess=run.spec, epoch=state.epoch, metrics=metrics,
                             config=run.config)
-    if improved:
-        save_checkpoint(ckpt, run.run_dir / "best.pt")
     resume = state.to_checkpoint()
     trained = {} if run.ema is None else {"train_state_dict": {k: v.detach().cpu() for k, v in run.net.state_dict().items()}}
     save_checkpoint({**ckpt, **trained, "optimizer": run.optimizer.state_dict(),
                      "scheduler": {"step": resume.pop("scheduler_step"), "total_steps": run.total_steps,
                                    "kind": run.cfg.schedule}, **resume}, run.run_dir / "last.pt")
+    if improved:
+        save_checkpoint(ckpt, run.run_dir / "best.pt")
     write_csvs(run.run_dir, state.history, run.class_names)
     write_report(run, state)
 
