@@ -135,3 +135,18 @@ def test_evaluate_metrics_agree_with_a_direct_computation():
         sel = y == c
         if sel.any():
             assert m["per_class"][c] == pytest.approx((pred[sel] == c).float().mean().item())
+
+
+def test_a_config_with_a_value_of_another_type_is_a_config_error():
+    """A hand-edited config.json or last.pt ("epochs": "2") once gave a TypeError traceback on --resume."""
+    from dataclasses import asdict
+
+    from cnnx.train.config import ConfigError, TrainConfig, config_from_dict
+
+    good = asdict(TrainConfig())
+    assert config_from_dict({**good, "lr": 1}).lr == 1  # a whole number where a number belongs
+    for key, value, words in (("epochs", "2", "not a whole number"), ("lr", "x", "not a number"),
+                              ("pretrained", 1, "not a true or false"), ("epochs", True, "not a whole number"),
+                              ("optimizer", 3, "not a text")):
+        with pytest.raises(ConfigError, match=words):
+            config_from_dict({**good, key: value})

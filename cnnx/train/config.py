@@ -179,6 +179,13 @@ def resolve_config(arch: str, *, cuda: bool = False, **given) -> TrainConfig:
 def config_from_dict(d: dict) -> TrainConfig:
     """Rebuild a TrainConfig from config.json / a checkpoint's config (extra resolved keys ignored)."""
     values = {k: d[k] for k in FIELD_NAMES if k in d}
+    defaults = TrainConfig()
+    for k, v in values.items():  # a hand-edited config.json or last.pt: "2" where 2 belongs
+        want = type(getattr(defaults, k))
+        if want in (bool, int, float, str) and v is not None and not (
+                isinstance(v, want) or (want is float and isinstance(v, int))) or (want is int and isinstance(v, bool)):
+            what = {bool: "true or false", int: "whole number", float: "number", str: "text"}[want]
+            raise ConfigError(f"--{k.replace('_', '-')}: the run's config holds {v!r:.40}, not a {what}")
     values["aug"] = tuple(values.get("aug", ()))
     values["arch_kwargs"] = tuple(dict(values.get("arch_kwargs", {})).items())
     for k in ("rrc_scale", "rrc_ratio"):
