@@ -205,3 +205,17 @@ def test_resume_refuses_data_that_changed_and_rebuilds_a_best_pt_it_lacks(cifar_
     assert r.exit_code == 0, r.stderr
     assert "best.pt of epoch 1 rebuilt from last.pt" in r.stderr
     assert (run / "best.pt").exists() and load_checkpoint(run / "last.pt")["epoch"] == 2
+
+
+def test_a_model_that_cannot_be_built_is_one_line(cifar_train_dir, tmp_path, monkeypatch):
+    """seed-cnn's dense layer grows with the side squared: at 2048 px torch could not allocate it
+    and the run ended in a traceback."""
+    from cnnx.train import zoo
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 34359738368 bytes")
+
+    monkeypatch.setattr(zoo, "create_model", no_memory)
+    data = copy_classes(cifar_train_dir, tmp_path / "d", ["cat", "dog"], 5)
+    r = run_cli(seed_args(data, tmp_path / "runs", "x", tmp_path / "c", "--image-size", "48"))
+    _one_line_error(r, 1, "cannot build seed-cnn for 2 classes at 48x48 px", "can't allocate memory")

@@ -379,8 +379,13 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
             files.atomic_write(run_dir / "skipped.txt", "".join(f"{p}\t{r}\n" for p, r in splits.skipped))
 
     torch.manual_seed(cfg.seed)
-    net = create_model(cfg.arch, len(splits.class_names), **arch_kwargs,
-                       **({"pretrained": True} if cfg.pretrained else {}))
+    try:
+        net = create_model(cfg.arch, len(splits.class_names), **arch_kwargs,
+                           **({"pretrained": True} if cfg.pretrained else {}))
+    except (RuntimeError, MemoryError) as e:  # e.g. seed-cnn's dense layer grows with the side squared
+        h, w = spec["size"]
+        raise ValueError(f"cannot build {cfg.arch} for {len(splits.class_names)} classes at {h}x{w} px "
+                         f"(a smaller --image-size?): {files.first_line(e, 200)}") from None
     head = finetune.head_names(cfg.arch, len(splits.class_names), arch_kwargs)
     channels_last = loop.channels_last_enabled(cfg, dev_type)
     wrapped = Uint8Input(net, spec["mean"], spec["std"]).to(device)
