@@ -520,3 +520,28 @@ def test_resume_refuses_another_model_and_another_folder_than_its_first_run(imag
     os.remove(run_record_path(out))  # an output of an older cnnx: the columns are checked only
     r = run(["imgs", "--model", others["weights"], "-o", out, "--resume"])
     assert r.exit_code == 0 and "12 already done" in r.stderr, r.stderr
+
+
+def test_report_replaces_only_a_page_cnnx_wrote(images, model, tmp_path):
+    """--report once replaced whatever it named: `--report model.onnx` left an HTML page where the
+    model was, and a report symlinked to the output replaced the predictions just written."""
+    out, page = tmp_path / "p.csv", tmp_path / "page.html"
+    own_model = tmp_path / "model.onnx"
+    shutil.copyfile(model, own_model)
+    model_bytes = own_model.read_bytes()
+    r = run([images, "--model", own_model, "-o", out, "--report", own_model])
+    assert r.exit_code == 2 and "--report and --model must be different files" in r.stderr, r.stderr
+    os.symlink(out, tmp_path / "link.html")
+    r = run([images, "--model", own_model, "-o", out, "--report", tmp_path / "link.html"])
+    assert r.exit_code == 2 and "--output and --report must be different files" in r.stderr, r.stderr
+    photo = tmp_path / "photo.png"
+    shutil.copyfile(images / "img_00.png", photo)
+    r = run([images, "--model", own_model, "-o", out, "--report", photo])
+    assert r.exit_code == 2 and f"--report {photo} exists and is not a page cnnx wrote" in r.stderr, r.stderr
+    assert own_model.read_bytes() == model_bytes and not out.exists()
+    assert photo.read_bytes() == (images / "img_00.png").read_bytes()
+    assert run([images, "--model", own_model, "-o", out, "--report", page]).exit_code == 0
+    first = os.stat(page).st_ino
+    r = run([images, "--model", own_model, "-o", out, "--resume", "--report", page])  # its own page: rewritten
+    assert r.exit_code == 0, r.stderr
+    assert os.stat(page).st_ino != first and 'content="cnnx"' in page.read_text()  # a new file, renamed in

@@ -147,6 +147,29 @@ def num_value(v) -> str:
     return repr(float(v))
 
 
+GENERATOR = '<meta name="generator" content="cnnx">'  # what tells a page cnnx wrote (report_replaceable)
+
+
+def report_replaceable(path) -> str | None:
+    """None where a report may be written to `path`: nothing is there yet, or a page cnnx wrote
+    (a resumed job's page is written again); else why not, for one line. A report path is the
+    user's to choose, and the write replaces the file (through a symlink: its target), so a
+    model, an image or a results file named there by mistake would be lost."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        return "is a folder"
+    except OSError:
+        return None  # unreadable: the write says why, in one line
+    # Pages of an older cnnx lack the generator tag; their first lines end "written ... by cnnx <version>".
+    if head.startswith(b"<!DOCTYPE html>") and (GENERATOR.encode() in head or b" by cnnx " in head):
+        return None
+    return "exists and is not a page cnnx wrote"
+
+
 def page(title: str, sections: list[tuple[str, str, str]], *, subtitle: str = "") -> str:
     """The whole document. sections: (anchor id, heading, body HTML) in order; the heading
     is text (escaped here), the body is markup already built with `esc`."""
@@ -155,7 +178,7 @@ def page(title: str, sections: list[tuple[str, str, str]], *, subtitle: str = ""
                    for anchor, heading, html_ in sections)
     written = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">{GENERATOR}"
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         '<meta name="referrer" content="no-referrer">'

@@ -146,7 +146,7 @@ def classify(paths, model_path, output, fmt, topk, batch_size, workers, decode, 
     _check_local_usage(paths, output, address, num_workers, num_gpus_per_worker, manifest)
     if errors_path is None:
         errors_path = _default_errors_path(output)
-    _check_usage(paths, output, errors_path, resume, report_path)
+    _check_usage(paths, output, errors_path, resume, report_path, model_path)
     decode = _small_job_threads(paths, decode)
     _warm_up(model_path, decoder, decode, workers)
     with _ends_when_interrupted() as interrupts, _one_line_errors(), _one_writer(output):
@@ -268,7 +268,7 @@ def _classify_on_ray(paths, model_path, output, fmt, topk, batch_size, device, e
     """--engine ray: cnnx.runtime.ray_engine does the work, with its own output lock and checks."""
     from cnnx.runtime.model import find_newest_model
     from cnnx.runtime.discover import is_uri
-    from cnnx.runtime.ray_engine import RayEngineError, classify_with_ray
+    from cnnx.runtime.ray_engine import RayEngineError, classify_with_ray, default_errors_path
 
     if not paths and manifest is None:
         raise click.UsageError("give at least one PATH or --manifest FILE")
@@ -276,6 +276,9 @@ def _classify_on_ray(paths, model_path, output, fmt, topk, batch_size, device, e
         raise click.UsageError("--report is not available with --engine ray")
     if resume and output == "-":
         raise click.UsageError("--resume needs --output FILE (it reads back what that file already holds)")
+    if errors_path is None:
+        errors_path = default_errors_path(output)
+    _check_files(output, errors_path, None, model_path)
     for path in paths:
         if not is_uri(path) and not os.path.lexists(path):
             raise click.BadParameter(f"{path!r} does not exist", param_hint="PATH...")
@@ -299,26 +302,40 @@ def _classify_on_ray(paths, model_path, output, fmt, topk, batch_size, device, e
         raise click.ClickException(f"--strict: {n_skipped} file(s) skipped")
 
 
-def _check_usage(paths, output, errors_path, resume, report_path):
+def _check_usage(paths, output, errors_path, resume, report_path, model_path):
     if resume and output == "-":
         raise click.UsageError("--resume needs --output FILE (it reads back what that file already holds)")
     if report_path is not None and output == "-":
         raise click.UsageError("--report needs --output FILE (the page is made from what that file holds)")
-    files = [("--output", output), ("--errors", errors_path), ("--report", report_path)]
-    named = [(label, p, p if p == "-" else os.path.abspath(p)) for label, p in files if p is not None]
-    for i, (label, given, path) in enumerate(named):
-        for other, _other_given, other_path in named[i + 1:]:
-            if path == other_path:  # stdout too: two CSVs on one stream are not one CSV
-                raise click.UsageError(f"{label} and {other} must be different files")
-        # Checked now, not when the file is first written (the errors file at the first skip,
-        # the report after the run): a typo must not cost the run.
-        if path != "-" and not os.path.isdir(os.path.dirname(path)):
-            raise click.UsageError(f"{label} {given}: no folder {os.path.dirname(path)} to write it in")
+    _check_files(output, errors_path, report_path, model_path)
     for path in paths:
         # A path that is not there is a typo; one that cannot be stat'ed or read (permissions)
         # gets its errors row like any other unreadable file, and the rest still run.
         if not os.path.lexists(path):
             raise click.BadParameter(f"{path!r} does not exist", param_hint="PATH...")
+
+
+def _check_files(output, errors_path, report_path, model_path):
+    """What both engines check of the files they will write, before the run: no two the same
+    file (symlinks resolved: a report through a link to the output replaced the predictions)
+    or the model, stdout once at most (two CSVs on one stream are not one CSV), each in a
+    folder that is there (the errors file is first written at the first skip, the report after
+    the run: a typo must not cost the run), and a --report that replaces only a page cnnx wrote."""
+    files = [("--output", output), ("--errors", errors_path), ("--report", report_path), ("--model", model_path)]
+    named = [(label, p, p if p == "-" else os.path.realpath(p.rstrip("/" + os.sep) or p))
+             for label, p in files if p is not None]
+    for i, (label, given, path) in enumerate(named):
+        for other, _other_given, other_path in named[i + 1:]:
+            if path == other_path:
+                raise click.UsageError(f"{label} and {other} must be different files")
+        if label != "--model" and path != "-" and not os.path.isdir(os.path.dirname(path)):
+            raise click.UsageError(f"{label} {given}: no folder {os.path.dirname(path)} to write it in")
+    if report_path is not None:
+        from cnnx.report import report_replaceable  # the report's imports only where one is asked for
+
+        why = report_replaceable(report_path)
+        if why is not None:
+            raise click.UsageError(f"--report {report_path} {why}: remove it or name another file")
 
 
 def _check_not_there(output, errors_path, resume):

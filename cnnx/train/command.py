@@ -281,6 +281,14 @@ def evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, pl
     from cnnx.train.checkpoint import CheckpointError
     from cnnx.train.data import DataError
 
+    if report:
+        from cnnx.report import report_replaceable
+
+        why = report_replaceable(report)
+        if why is None and os.path.realpath(report) == os.path.realpath(checkpoint):
+            why = "is the checkpoint"
+        if why is not None:  # before the evaluation: the page is written after it, over the file
+            raise click.UsageError(f"--report {report} {why}: remove it or name another file")
     try:
         ev = _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, keep_probs=bool(report))
         m, names = ev["metrics"], ev["class_names"]
