@@ -263,3 +263,55 @@ def test_unreachable_address_is_one_line(model, folder, tmp_path):
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"cannot reach the Ray cluster at 127.0.0.1:{port}:"), lines
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_resume_refuses_another_model_and_another_folder(ray_session, folder, model, tmp_path, monkeypatch):
+    """The Ray engine keeps the local engine's run record (.NAME.run.json) and its checks: a
+    --resume with another model once appended that model's rows, and one from another folder
+    classified every file again under a second spelling. The CLI's file checks run before Ray
+    starts, as the local engine's do."""
+    import onnx
+
+    other = tmp_path / "other.onnx"
+    proto = onnx.load(str(model))
+    for prop in proto.metadata_props:
+        if prop.key == "cnnx.checkpoint_sha256":
+            prop.value = "1" * 64
+    onnx.save(proto, str(other))
+    monkeypatch.chdir(folder.parent)
+    out = tmp_path / "p.csv"
+    classify_with_ray([f"{folder.name}/airplane"], str(model), output=str(out), num_workers=1, batch_size=16)
+    text = out.read_text()
+    with pytest.raises(RayEngineError, match=r"written with another model \(its weights differ\)"):
+        classify_with_ray([folder.name], str(other), output=str(out), resume=True, num_workers=1, batch_size=16)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RayEngineError, match="holds paths relative to"):
+        classify_with_ray([str(folder)], str(model), output=str(out), resume=True, num_workers=1, batch_size=16)
+    assert out.read_text() == text
+    parts = tmp_path / "p.parquet"
+    classify_with_ray([str(folder / "airplane")], str(model), output=str(parts), num_workers=1, batch_size=16)
+    with pytest.raises(RayEngineError, match="written with another model"):
+        classify_with_ray([str(folder)], str(other), output=str(parts), resume=True, num_workers=1, batch_size=16)
+    for args, needle in (([folder, "--errors", "-"], "--output and --errors must be different files"),
+                         ([folder, "-o", tmp_path / "q.csv", "--errors", tmp_path / "q.csv"], "must be different"),
+                         ([folder, "-o", tmp_path / "q.csv", "--errors", tmp_path / "no" / "e.csv"], "no folder")):
+        r = CliRunner().invoke(cli, ["classify", "--engine", "ray", "--model", str(model), *map(str, args)])
+        assert r.exit_code == 2 and needle in r.stderr, r.output
+    assert not (tmp_path / "q.csv").exists()
+
+
+def test_a_uri_folder_with_a_name_that_is_not_utf8_is_an_errors_row(ray_session, folder, model, tmp_path):
+    """pyarrow lists names as UTF-8: a file:// folder holding another name ended the run in a
+    UnicodeDecodeError traceback. Its other files are classified; the folder gets an errors row."""
+    import shutil
+
+    src = sorted((folder / "airplane").iterdir())
+    root = tmp_path / "odd"
+    root.mkdir()
+    shutil.copyfile(src[0], root / "ok.jpg")
+    shutil.copyfile(src[1], os.fsdecode(bytes(root) + b"/caf\xe9.jpg"))
+    out = tmp_path / "odd.csv"
+    summary = classify_with_ray([f"file://{root}"], str(model), output=str(out), num_workers=1, batch_size=16)
+    assert summary.classified == 1
+    (row,) = read_errors(tmp_path / "odd.errors.csv")
+    assert row[0] == f"file://{root}" and row[1] == "discover" and "not UTF-8" in row[2]

@@ -41,7 +41,8 @@ from cnnx.runtime.discover import URI, Discovery, Found, PathKeys, is_uri
 from cnnx.runtime.files import TEMP_PREFIX, atomic_file, first_line, os_error_line, remove_stale_temps
 from cnnx.runtime.model import softmax_topk
 from cnnx.runtime.output import (ErrorsWriter, OutputBusy, OutputLock, PredictionWriter, ResumeError, WriteError,
-                                 csv_header, read_done, summary_counts)
+                                 check_resume, csv_header, read_done, read_run_record, summary_counts,
+                                 write_run_record)
 from cnnx.runtime.pipeline import decode_images
 from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS
 
@@ -140,7 +141,8 @@ def classify_with_ray(paths, model, *, output, fmt="csv", errors=None, resume=Fa
                     decode="threads") as clf:  # the pool, not processes of its own, uses the cores
         info, topk, batch_size = clf.info, clf.topk, clf.batch_size
     summary = RaySummary()
-    with _output_lock(output), _Sink(output, fmt, errors, info.class_names, topk, resume, rows_per_part) as sink:
+    with _output_lock(output), _Sink(output, fmt, errors, info.class_names, topk, resume, rows_per_part,
+                                     info.identity()) as sink:
         todo, discover_skips = _plan(_found(paths, manifest, follow_symlinks, summary), sink, summary)
         if summary.found == 0:
             raise RayEngineError(f"no {'image ' if summary.ignored else ''}files found under "
@@ -220,14 +222,22 @@ def _list_uri(uri: str, summary):
     except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError, its I/O errors OSErrors
         yield Found(uri, f"cannot list: {first_line(e)}")
         return
-    files = []
+    files, not_utf8 = [], 0
     for entry in listed:
-        if entry.type != pafs.FileType.File:
+        try:
+            if entry.type != pafs.FileType.File:
+                continue
+            name, path = entry.base_name, entry.path
+        except UnicodeDecodeError:  # pyarrow decodes names as UTF-8: this one cannot be named here
+            not_utf8 += 1
             continue
-        if is_image_name(entry.base_name):
-            files.append(entry.path)
+        if is_image_name(name):
+            files.append(path)
         else:
             summary.ignored += 1
+    if not_utf8:
+        yield Found(uri, f"{not_utf8} name(s) under it are not UTF-8, which pyarrow cannot list: not classified "
+                         "(give the folder as a local path)")
     prefix = "file://" if scheme == "file" else f"{scheme}://"
     for path in sorted(files, key=os.fsencode):
         yield Found(prefix + path)
@@ -536,7 +546,9 @@ class _Sink:
     """Predictions (CSV/JSONL through PredictionWriter, or Parquet parts) and the errors file,
     and what both already hold when resuming."""
 
-    def __init__(self, output, fmt, errors_path, class_names, topk, resume, rows_per_part):
+    def __init__(self, output, fmt, errors_path, class_names, topk, resume, rows_per_part, model):
+        """model: the model's ModelInfo.identity(), kept in the output's run record (as local
+        classify keeps it: output.write_run_record) and checked by a --resume (check_resume)."""
         self.fmt, self.class_names, self.topk = fmt, class_names, topk
         if resume and output == "-":
             raise RayEngineError("--resume needs --output FILE (it reads back what that file already holds)")
@@ -545,7 +557,11 @@ class _Sink:
                     fmt == "parquet" and target == output and not _parts(output)):
                 raise RayEngineError(f"{label} {target} already exists: pass --resume to continue it, or remove it")
         done = set()
+        target = None if output == "-" else output.rstrip("/" + os.sep)  # a Parquet folder's record is beside it
+        started = target is not None and os.path.exists(target) and (fmt != "parquet" or bool(_parts(output)))
         try:
+            record = read_run_record(target) if resume and started else None
+            check_resume(target, record, model, ())  # the model, before anything is read
             if fmt == "parquet":
                 self.writer = _ParquetParts(output, class_names, topk, rows_per_part)
                 if resume:
@@ -556,10 +572,16 @@ class _Sink:
                 self.writer = PredictionWriter(output, fmt, class_names, topk, append=resume)
             if resume and errors_path is not None and os.path.exists(errors_path):
                 done |= read_done(errors_path, "errors", None)[0]
+            check_resume(target, record, model, done)  # and the folder its relative paths are relative to
         except ResumeError as e:
             raise RayEngineError(f"cannot resume: {e}") from None
         except OSError as e:
             raise RayEngineError(f"cannot resume: {os_error_line(e)}") from None
+        if target is not None and not (resume and started):
+            try:
+                write_run_record(target, model)
+            except OSError as e:
+                raise RayEngineError(f"cannot write: {os_error_line(e)}") from None
         self._keys = PathKeys()
         self.done = {self.key(p) for p in done}
         self.errors = ErrorsWriter(errors_path, append=resume)
