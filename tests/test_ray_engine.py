@@ -300,9 +300,10 @@ def test_resume_refuses_another_model_and_another_folder(ray_session, folder, mo
     assert not (tmp_path / "q.csv").exists()
 
 
-def test_a_uri_folder_with_a_name_that_is_not_utf8_is_an_errors_row(ray_session, folder, model, tmp_path):
-    """pyarrow lists names as UTF-8: a file:// folder holding another name ended the run in a
-    UnicodeDecodeError traceback. Its other files are classified; the folder gets an errors row."""
+def test_a_file_uri_folder_is_walked_as_a_local_path_is(ray_session, folder, model, tmp_path):
+    """pyarrow's listing of a file:// folder ended the run in a UnicodeDecodeError traceback on a
+    name that is not UTF-8, and left dangling and looping symlinks out without a row. file://
+    folders are walked by Discovery: every entry a row or an errors row, as for a local path."""
     import shutil
 
     src = sorted((folder / "airplane").iterdir())
@@ -310,8 +311,12 @@ def test_a_uri_folder_with_a_name_that_is_not_utf8_is_an_errors_row(ray_session,
     root.mkdir()
     shutil.copyfile(src[0], root / "ok.jpg")
     shutil.copyfile(src[1], os.fsdecode(bytes(root) + b"/caf\xe9.jpg"))
+    os.symlink("/nonexistent/x.jpg", root / "dangling.jpg")
+    os.symlink("loop.jpg", root / "loop.jpg")
     out = tmp_path / "odd.csv"
     summary = classify_with_ray([f"file://{root}"], str(model), output=str(out), num_workers=1, batch_size=16)
-    assert summary.classified == 1
-    (row,) = read_errors(tmp_path / "odd.errors.csv")
-    assert row[0] == f"file://{root}" and row[1] == "discover" and "not UTF-8" in row[2]
+    rows = {p for p, *_ in read_predictions(out)} | {p for p, *_ in read_errors(tmp_path / "odd.errors.csv")}
+    want = {f"file://{root}/{name}" for name in ("ok.jpg", "dangling.jpg", "loop.jpg")}
+    assert want <= rows and len(rows) == 4 and summary.classified >= 1, rows
+    discover = {p for p, stage, _ in read_errors(tmp_path / "odd.errors.csv") if stage == "discover"}
+    assert discover == {f"file://{root}/dangling.jpg", f"file://{root}/loop.jpg"}

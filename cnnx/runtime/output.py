@@ -372,8 +372,9 @@ def check_resume(output, record: dict | None, model: dict, done) -> None:
         was = record.get("model") if isinstance(record.get("model"), dict) else {}
         what = next((k for k in ("class_names", "checkpoint_sha256", "variant", "tta_views") if was.get(k) != model[k]),
                     "model")
-        what = {"class_names": "classes", "checkpoint_sha256": "weights"}.get(what, what)
-        raise ResumeError(f"{output} was written with another model (its {what} differ): resume with that "
+        what = {"class_names": "classes differ", "checkpoint_sha256": "weights differ", "variant": "variant differs",
+                "tta_views": "test-time views differ"}.get(what, "metadata differs")
+        raise ResumeError(f"{output} was written with another model (its {what}): resume with that "
                           "model (--model), or write to a new file")
     cwd = record.get("cwd")
     if isinstance(cwd, str) and os.path.realpath(cwd) != os.path.realpath(os.getcwd()) and \

@@ -7,7 +7,8 @@
 - Inputs: local files and folders go through the CLI's Discovery (the same files, the same
   order, the same discover-stage errors rows); a manifest holds one file path or URI a line
   (kept in its order; relative paths are relative to the current folder, like PATH
-  arguments); `s3://`, `gs://` and `file://` prefixes are listed through pyarrow.fs. A path
+  arguments); `s3://` and `gs://` prefixes are listed through pyarrow.fs, `file://` ones by
+  Discovery (the same skips as a local path; their rows keep the file:// spelling). A path
   given twice is classified once.
 - With GPU actors (`num_gpus_per_worker` > 0) decoding runs as a separate CPU map stage
   feeding them, so a GPU never waits for a JPEG decoder; on CPUs it runs inside the actor,
@@ -194,9 +195,30 @@ def _found(paths, manifest, follow_symlinks, summary):
         yield from discovery
         summary.ignored += discovery.ignored
     for uri in sorted(dict.fromkeys(p for p in map(os.fspath, paths) if is_uri(p))):
-        yield from _list_uri(uri, summary)
+        if URI.match(uri).group(1).lower() == "file":
+            yield from _list_file_uri(uri, follow_symlinks, summary)
+        else:
+            yield from _list_uri(uri, summary)
     if manifest is not None:
         yield from _manifest_lines(manifest)
+
+
+def _list_file_uri(uri: str, follow_symlinks: bool, summary):
+    """A file:// prefix walked by Discovery, as a local path is: the same skips (symlinks not
+    followed, loops, special files) and order. pyarrow's listing left dangling and looping
+    symlinks out without a row, and failed on a name that is not UTF-8. The rows keep the
+    file:// spelling (the actors read them through pyarrow)."""
+    import pyarrow.fs as pafs
+
+    try:
+        local = pafs.FileSystem.from_uri(uri)[1]
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        yield Found(uri, f"cannot list: {first_line(e)}")
+        return
+    discovery = Discovery([local], follow_symlinks=follow_symlinks)
+    for found in discovery:
+        yield Found("file://" + found.path, found.reason)
+    summary.ignored += discovery.ignored
 
 
 def _list_uri(uri: str, summary):
