@@ -545,3 +545,23 @@ def test_report_replaces_only_a_page_cnnx_wrote(images, model, tmp_path):
     r = run([images, "--model", own_model, "-o", out, "--resume", "--report", page])  # its own page: rewritten
     assert r.exit_code == 0, r.stderr
     assert os.stat(page).st_ino != first and 'content="cnnx"' in page.read_text()  # a new file, renamed in
+
+
+def test_a_resume_writes_a_note_once_where_the_kill_came_after_the_note(model, tmp_path):
+    """A batch writes its errors rows (notes among them), then its predictions: a kill between
+    the two left a note for a file not yet in the output, and the resume, which classifies it
+    again, wrote the note a second time."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(photo_like(30, 30, seed=1)).save(folder / "a.png")
+    frames = [Image.fromarray(photo_like(40, 40, seed=s)).convert("P") for s in range(3)]
+    frames[0].save(folder / "b.gif", save_all=True, append_images=frames[1:])
+    out, errors = tmp_path / "p.csv", tmp_path / "p.errors.csv"
+    assert run([folder, "--model", model, "-o", out]).exit_code == 0
+    (note,) = read_csv(errors)[1:]
+    assert note[0] == str(folder / "b.gif") and note[1] == "note"
+    rows = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(r for r in rows if "b.gif" not in r))  # as the kill left it: the note, not the row
+    r = run([folder, "--model", model, "-o", out, "--resume"])
+    assert r.exit_code == 0 and "classified 1 image" in r.stderr, r.stderr
+    assert read_csv(errors)[1:] == [note] and len(read_csv(out)) == 3

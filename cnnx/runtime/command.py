@@ -153,10 +153,11 @@ def classify(paths, model_path, output, fmt, topk, batch_size, workers, decode, 
         _check_not_there(output, errors_path, resume)
         classifier = _open_classifier(model_path, device, batch_size=batch_size, workers=workers, topk=topk,
                                       decoder=decoder, decode=decode)
-        done = _read_done(output, errors_path, fmt, classifier) if resume else set()
+        done, noted = _read_done(output, errors_path, fmt, classifier) if resume else (set(), set())
         _record_the_run(output, classifier, resume)
         rows = classifier.classify(paths, follow_symlinks=follow_symlinks, done=done)
-        tally = _write_rows(rows, output, fmt, errors_path, classifier, append=resume, t0=t0, interrupts=interrupts)
+        tally = _write_rows(rows, output, fmt, errors_path, classifier, append=resume, t0=t0, interrupts=interrupts,
+                            noted=noted)
     if rows.found == 0:
         what = "files" if rows.ignored == 0 else f"image files ({rows.ignored} other files ignored)"
         raise click.ClickException(f"no {what} found under {', '.join(paths)}")
@@ -429,20 +430,20 @@ def _open_classifier(model_path, device, **options):
     return classifier
 
 
-def _read_done(output, errors_path, fmt, classifier) -> set:
-    """Paths already in OUTPUT (and in the errors file) for --resume, once its run record
-    (output.check_resume) says this run may append to it."""
+def _read_done(output, errors_path, fmt, classifier) -> tuple[set, set]:
+    """(paths already in OUTPUT and in the errors file, paths the errors file has a note on)
+    for --resume, once its run record (output.check_resume) says this run may append to it."""
     from cnnx.runtime.files import os_error_line
     from cnnx.runtime.output import ResumeError, check_resume, read_done, read_run_record
 
-    done, n = set(), None
+    done, n, noted = set(), None, set()
     try:
         record = read_run_record(output) if os.path.exists(output) else None
         check_resume(output, record, classifier.info.identity(), ())  # the model, before the columns
         if os.path.exists(output):
             done, n = read_done(output, fmt, classifier.topk)
         if errors_path is not None and os.path.exists(errors_path):
-            done |= read_done(errors_path, "errors", None)[0]
+            done |= read_done(errors_path, "errors", None, notes=noted)[0]
         check_resume(output, record, classifier.info.identity(), done)
         if n is not None:
             click.echo(f"resume: {n:,} images already in {output}", err=True)
@@ -450,7 +451,7 @@ def _read_done(output, errors_path, fmt, classifier) -> set:
         raise click.ClickException(f"cannot resume: {e}") from None
     except OSError as e:
         raise click.ClickException(f"cannot resume: {os_error_line(e)}") from None
-    return done
+    return done, noted
 
 
 def _record_the_run(output, classifier, resume: bool):
@@ -468,7 +469,7 @@ def _record_the_run(output, classifier, resume: bool):
 
 
 def _write_rows(rows, output, fmt, errors_path, classifier, *, append: bool, t0: float,
-                interrupts: Interrupts | None = None) -> _Tally:
+                interrupts: Interrupts | None = None, noted=frozenset()) -> _Tally:
     """Stream the rows into the predictions and errors files, one flush per batch (a Ctrl-C
     deferred by `interrupts` stops the loop once a batch is written)."""
     from cnnx.runtime.api import Skipped
@@ -476,7 +477,7 @@ def _write_rows(rows, output, fmt, errors_path, classifier, *, append: bool, t0:
 
     interrupts = interrupts or Interrupts()
     writer = PredictionWriter(output, fmt, classifier.info.class_names, classifier.topk, append=append)
-    errors = ErrorsWriter(errors_path, append=append)
+    errors = ErrorsWriter(errors_path, append=append, noted=noted)
     tally, progress = _Tally(), _Progress()
     try:
         with interrupts.deferred():

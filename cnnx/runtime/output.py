@@ -294,12 +294,17 @@ class ErrorsWriter:
     """`path,stage,error` rows for every file not classified (and notes on those that were).
     With no file (output on stdout and no --errors) the rows go to stderr as warnings."""
 
-    def __init__(self, target, *, append: bool = False):
-        self.target, self.append = target, append
+    def __init__(self, target, *, append: bool = False, noted=frozenset()):
+        """noted: paths whose note row the file already holds (read_done's `notes`): a run
+        killed between a batch's errors and its predictions wrote the note, not the row that
+        makes the file done, and the resume classifies it again."""
+        self.target, self.append, self.noted = target, append, noted
         self.stream = None
         self.rows = 0
 
     def write(self, path: str, stage: str, message: str):
+        if stage == "note" and path in self.noted:
+            return
         message = " ".join(str(message).split())  # one line per row, whatever the error said
         if self.target is None:
             print(f"warning: {path!r}: {stage}: {message}", file=sys.stderr)
@@ -382,11 +387,12 @@ def check_resume(output, record: dict | None, model: dict, done) -> None:
         raise ResumeError(f"{output} holds paths relative to {cwd}, where its first run ran: resume from there")
 
 
-def read_done(path, fmt: str, topk: int | None):
+def read_done(path, fmt: str, topk: int | None, *, notes: set | None = None):
     """Paths already in an output (or errors, fmt='errors') file, for --resume. A last row cut
     short by a killed run is dropped (the file is rewritten without it, atomically); anything
     else that does not parse is a ResumeError, so a wrong file is never appended to.
-    Returns (paths set, rows kept). For errors files, note rows are not counted as done."""
+    Returns (paths set, rows kept). For errors files, note rows are not counted as done; their
+    paths go into `notes` when it is given."""
     with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
         text = f.read()
     if not text:
@@ -431,6 +437,8 @@ def read_done(path, fmt: str, topk: int | None):
         _drop_cut_short_row(path, text[:pos])
     for row in good[1:]:
         if fmt == "errors" and row[1] == "note":
+            if notes is not None:
+                notes.add(unescape_cell(row[0]))
             continue
         done.add(unescape_cell(row[0]))
     return done, len(good) - 1

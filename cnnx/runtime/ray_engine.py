@@ -578,7 +578,7 @@ class _Sink:
             if target not in (None, "-") and os.path.exists(target) and not resume and not (
                     fmt == "parquet" and target == output and not _parts(output)):
                 raise RayEngineError(f"{label} {target} already exists: pass --resume to continue it, or remove it")
-        done = set()
+        done, noted = set(), set()
         target = None if output == "-" else output.rstrip("/" + os.sep)  # a Parquet folder's record is beside it
         started = target is not None and os.path.exists(target) and (fmt != "parquet" or bool(_parts(output)))
         try:
@@ -593,7 +593,7 @@ class _Sink:
                     done = read_done(output, fmt, topk)[0]
                 self.writer = PredictionWriter(output, fmt, class_names, topk, append=resume)
             if resume and errors_path is not None and os.path.exists(errors_path):
-                done |= read_done(errors_path, "errors", None)[0]
+                done |= read_done(errors_path, "errors", None, notes=noted)[0]
             check_resume(target, record, model, done)  # and the folder its relative paths are relative to
         except ResumeError as e:
             raise RayEngineError(f"cannot resume: {e}") from None
@@ -606,7 +606,7 @@ class _Sink:
                 raise RayEngineError(f"cannot write: {os_error_line(e)}") from None
         self._keys = PathKeys()
         self.done = {self.key(p) for p in done}
-        self.errors = ErrorsWriter(errors_path, append=resume)
+        self.errors = ErrorsWriter(errors_path, append=resume, noted=noted)
 
     def key(self, path: str) -> str:
         """Local paths match however the folder is spelt (PathKeys, as local --resume); URIs as written."""
