@@ -45,7 +45,7 @@ def read_predictions(path) -> list:
         rows = []
         for part in sorted(path.glob("part-*.parquet")):
             for rec in pq.read_table(part).to_pylist():
-                k = (len(rec) - 1) // 2
+                k = sum(1 for c in rec if c.startswith("label"))
                 labels = [rec["label"]] + [rec[f"label_{i}"] for i in range(2, k + 1)]
                 scores = [rec["score"]] + [rec[f"score_{i}"] for i in range(2, k + 1)]
                 rows.append((rec["path"], labels, scores))  # names that are not UTF-8 as parquet_name() writes them

@@ -320,3 +320,37 @@ def test_a_file_uri_folder_is_walked_as_a_local_path_is(ray_session, folder, mod
     assert want <= rows and len(rows) == 4 and summary.classified >= 1, rows
     discover = {p for p, stage, _ in read_errors(tmp_path / "odd.errors.csv") if stage == "discover"}
     assert discover == {f"file://{root}/dangling.jpg", f"file://{root}/loop.jpg"}
+
+
+def test_parquet_keeps_each_name_exactly_and_resumes_on_it(ray_session, folder, model, tmp_path):
+    """The `path` column writes a name that is not UTF-8 with \\x escapes: it was the same string
+    as a real name spelt with a literal \\xNN, and a resume counted that other file as done.
+    path_bytes holds each name's bytes, and a resume matches on them."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    src = sorted((folder / "airplane").iterdir())
+    root = tmp_path / "names"
+    root.mkdir()
+    literal, raw = root / "a\\xe9.jpg", os.fsdecode(bytes(root) + b"/a\xe9.jpg")
+    shutil.copyfile(src[0], literal)
+    shutil.copyfile(src[1], raw)
+    out = tmp_path / "names.parquet"
+    classify_with_ray([str(literal)], str(model), output=str(out), num_workers=1, batch_size=16)
+    summary = classify_with_ray([str(root)], str(model), output=str(out), resume=True, num_workers=1, batch_size=16)
+    assert summary.resumed == 1 and summary.classified == 1
+    names = [b for part in sorted(out.glob("part-*.parquet")) for b in pq.read_table(part).column("path_bytes").to_pylist()]
+    assert sorted(names) == sorted([os.fsencode(literal), os.fsencode(raw)])
+    # Parts an older cnnx wrote have no path_bytes: resumed on their `path` strings, as before.
+    import pyarrow as pa
+
+    from cnnx.runtime.output import csv_header
+
+    old = tmp_path / "old.parquet"
+    old.mkdir()
+    row = {c: [str(literal) if c == "path" else "airplane" if c.startswith("label") else 0.5]
+           for c in csv_header(5)}  # the default --topk, the model having 10 classes
+    pq.write_table(pa.table(row), old / "part-00000.parquet")
+    again = classify_with_ray([str(literal)], str(model), output=str(old), resume=True, num_workers=1, batch_size=16)
+    assert again.resumed == 1 and again.classified == 0

@@ -578,7 +578,7 @@ class _Sink:
             if target not in (None, "-") and os.path.exists(target) and not resume and not (
                     fmt == "parquet" and target == output and not _parts(output)):
                 raise RayEngineError(f"{label} {target} already exists: pass --resume to continue it, or remove it")
-        done, noted = set(), set()
+        done, noted, escaped = set(), set(), set()
         target = None if output == "-" else output.rstrip("/" + os.sep)  # a Parquet folder's record is beside it
         started = target is not None and os.path.exists(target) and (fmt != "parquet" or bool(_parts(output)))
         try:
@@ -587,14 +587,14 @@ class _Sink:
             if fmt == "parquet":
                 self.writer = _ParquetParts(output, class_names, topk, rows_per_part)
                 if resume:
-                    done = self.writer.read_done()
+                    done, escaped = self.writer.read_done()
             else:
                 if resume and os.path.exists(output):
                     done = read_done(output, fmt, topk)[0]
                 self.writer = PredictionWriter(output, fmt, class_names, topk, append=resume)
             if resume and errors_path is not None and os.path.exists(errors_path):
                 done |= read_done(errors_path, "errors", None, notes=noted)[0]
-            check_resume(target, record, model, done)  # and the folder its relative paths are relative to
+            check_resume(target, record, model, done | escaped)  # and the folder its relative paths are relative to
         except ResumeError as e:
             raise RayEngineError(f"cannot resume: {e}") from None
         except OSError as e:
@@ -606,6 +606,7 @@ class _Sink:
                 raise RayEngineError(f"cannot write: {os_error_line(e)}") from None
         self._keys = PathKeys()
         self.done = {self.key(p) for p in done}
+        self.done_escaped = {self.key(p) for p in escaped}  # parts of an older cnnx: parquet_name() spellings
         self.errors = ErrorsWriter(errors_path, append=resume, noted=noted)
 
     def key(self, path: str) -> str:
@@ -613,8 +614,8 @@ class _Sink:
         return path if is_uri(path) else self._keys(path)
 
     def is_done(self, path) -> bool:
-        # Parquet parts hold escaped names (parquet_name), the errors file the names themselves.
-        return self.key(path) in self.done or (self.fmt == "parquet" and self.key(parquet_name(path)) in self.done)
+        return self.key(path) in self.done or (bool(self.done_escaped) and
+                                               self.key(parquet_name(path)) in self.done_escaped)
 
     def __enter__(self):
         return self
@@ -664,14 +665,16 @@ def _parts(folder) -> list:
 
 class _ParquetParts:
     """Predictions as FOLDER/part-NNNNN.parquet with local classify's CSV columns (path, label,
-    score, label_i, score_i; scores rounded to 6 places like CSV and JSONL). Each part is
-    written to a hidden temp file and renamed, so every part on disk is complete."""
+    score, label_i, score_i; scores rounded to 6 places like CSV and JSONL) and `path_bytes`,
+    the name's exact bytes: `path` is an Arrow string (parquet_name), in which a name that is
+    not UTF-8 cannot be told from one spelt with a literal \\xNN. Each part is written to a
+    hidden temp file and renamed, so every part on disk is complete."""
 
     FLUSH_SECONDS = 60.0  # a part at least this often, so a killed run loses at most a minute of rows
 
     def __init__(self, folder, class_names, topk, rows_per_part):
         self.folder, self.class_names, self.topk, self.rows_per_part = folder, class_names, topk, rows_per_part
-        self.columns = csv_header(topk)
+        self.columns = csv_header(topk) + ["path_bytes"]
         self.last_flush = time.monotonic()
         self.pending = []  # (path, indices, scores) not yet in a part
         self.rows = 0
@@ -682,21 +685,26 @@ class _ParquetParts:
             raise WriteError(os_error_line(e, folder)) from None
         remove_stale_temps(folder, (TEMP_PREFIX,))  # parts a killed run was writing
 
-    def read_done(self) -> set:
+    def read_done(self) -> tuple[set, set]:
+        """(the names already in the parts, exactly; the escaped `path` names of parts an older
+        cnnx wrote, without path_bytes)."""
         import pyarrow.parquet as pq
 
-        done = set()
+        done, escaped = set(), set()
         for name in _parts(self.folder):
             try:
                 table = pq.read_table(os.path.join(self.folder, name))
             except (OSError, ValueError) as e:
                 raise ResumeError(f"{self.folder}/{name}: not readable as Parquet: {first_line(e)}") from None
-            if table.column_names != self.columns:
+            if table.column_names == self.columns:
+                done.update(map(os.fsdecode, table.column("path_bytes").to_pylist()))
+            elif table.column_names == self.columns[:-1]:
+                escaped.update(table.column("path").to_pylist())
+            else:
                 raise ResumeError(f"{self.folder}/{name}: columns are {','.join(table.column_names)!r}, this run "
                                   f"writes {','.join(self.columns)!r} (resume with the same --topk)")
-            done.update(table.column("path").to_pylist())
             self.next_part = max(self.next_part, int(name[len(PART_PREFIX):].split(".")[0]) + 1)
-        return done
+        return done, escaped
 
     def write_batch(self, paths, indices, scores):
         self.pending.extend(zip(paths, indices, scores))
@@ -710,7 +718,8 @@ class _ParquetParts:
         import pyarrow.parquet as pq
 
         names = self.class_names
-        cols = {"path": [parquet_name(p) for p, _, _ in self.pending]}
+        cols = {"path": [parquet_name(p) for p, _, _ in self.pending],
+                "path_bytes": pa.array([os.fsencode(p) for p, _, _ in self.pending], pa.binary())}
         for j in range(self.topk):
             suffix = "" if j == 0 else f"_{j + 1}"
             cols["label" + suffix] = [names[idx[j]] for _, idx, _ in self.pending]
