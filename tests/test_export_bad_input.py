@@ -62,10 +62,10 @@ def test_missing_truncated_and_foreign_checkpoints(ckpt, tmp_path):
     text.write_text("hello")
     _one_line_error(["export", str(text), "--out", str(out)], 1, "cannot read checkpoint")
     _one_line_error(["export", str(tmp_path), "--out", str(out)], 1, "is a folder")
-    garbage = tmp_path / "garbage.pt"  # random bytes: torch's own text advises weights_only=False
+    garbage = tmp_path / "garbage.pt"  # random bytes: torch's own text advises turning the safe load off
     garbage.write_bytes(bytes(range(256)) * 20)
     line = _one_line_error(["export", str(garbage), "--out", str(out)], 1)
-    assert "weights_only=False" not in line and ("not a torch checkpoint" in line or "not a torch file" in line), line
+    assert "weights_only" not in line and ("not a torch checkpoint" in line or "not a torch file" in line), line
     versioned = tmp_path / "versioned.pt"
     torch.save({**torch.load(ckpt, weights_only=True), "format_version": "2"}, versioned)
     _one_line_error(["export", str(versioned), "--out", str(out)], 1, "format_version must be a whole number")

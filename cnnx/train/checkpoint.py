@@ -176,7 +176,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
-        # torch's text here advises weights_only=False: never done (the file may run code)
+        # torch's text here advises turning the weights-only load off: never done (the file may run code)
         raise CheckpointError(f"refused to load {path}: not a torch checkpoint, or one holding objects "
                               "that a safe (weights-only) load refuses") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError) as e:
