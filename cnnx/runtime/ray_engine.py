@@ -222,7 +222,7 @@ def _list_file_uri(uri: str, follow_symlinks: bool, summary):
 
 
 def _list_uri(uri: str, summary):
-    """A file or every image file under a prefix of a pyarrow filesystem, sorted by key."""
+    """A file or every image file under an s3:// or gs:// prefix (pyarrow.fs), sorted by key."""
     scheme = URI.match(uri).group(1).lower()
     if scheme not in URI_SCHEMES:
         yield Found(uri, f"unsupported URI scheme {scheme}:// (known: {', '.join(s + '://' for s in URI_SCHEMES)})")
@@ -244,25 +244,16 @@ def _list_uri(uri: str, summary):
     except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError, its I/O errors OSErrors
         yield Found(uri, f"cannot list: {first_line(e)}")
         return
-    files, not_utf8 = [], 0
-    for entry in listed:
-        try:
-            if entry.type != pafs.FileType.File:
-                continue
-            name, path = entry.base_name, entry.path
-        except UnicodeDecodeError:  # pyarrow decodes names as UTF-8: this one cannot be named here
-            not_utf8 += 1
+    files = []
+    for entry in listed:  # s3 and gs keys are UTF-8 (file:// folders are Discovery's: _list_file_uri)
+        if entry.type != pafs.FileType.File:
             continue
-        if is_image_name(name):
-            files.append(path)
+        if is_image_name(entry.base_name):
+            files.append(entry.path)
         else:
             summary.ignored += 1
-    if not_utf8:
-        yield Found(uri, f"{not_utf8} name(s) under it are not UTF-8, which pyarrow cannot list: not classified "
-                         "(give the folder as a local path)")
-    prefix = "file://" if scheme == "file" else f"{scheme}://"
     for path in sorted(files, key=os.fsencode):
-        yield Found(prefix + path)
+        yield Found(f"{scheme}://{path}")
 
 
 def _manifest_lines(manifest):
