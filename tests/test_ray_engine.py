@@ -320,6 +320,14 @@ def test_a_file_uri_folder_is_walked_as_a_local_path_is(ray_session, folder, mod
     assert want <= rows and len(rows) == 4 and summary.classified >= 1, rows
     discover = {p for p, stage, _ in read_errors(tmp_path / "odd.errors.csv") if stage == "discover"}
     assert discover == {f"file://{root}/dangling.jpg", f"file://{root}/loop.jpg"}
+    # The folder as a path and as file:// URIs (and a file inside it): walked once, as two
+    # local spellings are; before, the file:// rows came a second time.
+    out = tmp_path / "twice.csv"
+    classify_with_ray([str(root), f"file://{root}/", f"file://{root}/ok.jpg", f"file://{tmp_path}/odd"], str(model),
+                      output=str(out), num_workers=1, batch_size=16)
+    rows = [p for p, *_ in read_predictions(out)] + [p for p, *_ in read_errors(tmp_path / "twice.errors.csv")]
+    assert sorted(rows) == sorted({f"{root}/{name}" for name in ("ok.jpg", "dangling.jpg", "loop.jpg")}
+                                  | {os.fsdecode(bytes(root) + b"/caf\xe9.jpg")}), rows
 
 
 def test_parquet_keeps_each_name_exactly_and_resumes_on_it(ray_session, folder, model, tmp_path):

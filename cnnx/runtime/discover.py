@@ -86,11 +86,14 @@ def _lists_as_folder(entry: os.DirEntry, follow_symlinks: bool) -> bool:
 
 class Discovery:
     """Iterate over Found items for the given roots (or over runs of them: `runs`). Counts
-    what it ignores (`ignored`)."""
+    what it ignores (`ignored`). spelt: {root: prefix} for roots whose items are spelt with
+    the prefix before them (--engine ray's file:// folders): walked with the other roots, so a
+    file under two of them is found once, as for any two roots that overlap."""
 
-    def __init__(self, roots, *, follow_symlinks: bool = False):
+    def __init__(self, roots, *, follow_symlinks: bool = False, spelt: dict | None = None):
         self.roots = roots
         self.follow_symlinks = follow_symlinks
+        self.spelt = spelt or {}
         self.ignored = 0  # files with a non-image extension inside walked folders
 
     def __iter__(self):
@@ -111,14 +114,23 @@ class Discovery:
             stated.append((_sort_key(root, stat.S_ISDIR(st.st_mode)), root, st))
         stated.sort(key=_first)
         for _key, root, st in _not_walked_twice(stated, self.follow_symlinks):
-            if isinstance(st, OSError):
-                yield [Found(root, f"cannot stat: {st.strerror or first_line(st)}")]
-            elif stat.S_ISDIR(st.st_mode):
-                yield from self._walk(root, (st.st_dev, st.st_ino))
-            elif stat.S_ISREG(st.st_mode):
-                yield [Found(root)]
+            runs = self._root_runs(root, st)
+            prefix = self.spelt.get(root)
+            if prefix is None:
+                yield from runs
             else:
-                yield [Found(root, f"not a regular file ({_kind(st.st_mode)}); not opened")]
+                for run in runs:
+                    yield [Found(prefix + found.path, found.reason) for found in run]
+
+    def _root_runs(self, root: str, st):
+        if isinstance(st, OSError):
+            yield [Found(root, f"cannot stat: {st.strerror or first_line(st)}")]
+        elif stat.S_ISDIR(st.st_mode):
+            yield from self._walk(root, (st.st_dev, st.st_ino))
+        elif stat.S_ISREG(st.st_mode):
+            yield [Found(root)]
+        else:
+            yield [Found(root, f"not a regular file ({_kind(st.st_mode)}); not opened")]
 
     def _walk(self, top: str, top_ident):
         """Depth-first over an explicit stack of (folder identity, its children's iterator)."""

@@ -7,9 +7,9 @@
 - Inputs: local files and folders go through the CLI's Discovery (the same files, the same
   order, the same discover-stage errors rows); a manifest holds one file path or URI a line
   (kept in its order; relative paths are relative to the current folder, like PATH
-  arguments); `s3://` and `gs://` prefixes are listed through pyarrow.fs, `file://` ones by
-  Discovery (the same skips as a local path; their rows keep the file:// spelling). A path
-  given twice is classified once.
+  arguments); `s3://` and `gs://` prefixes are listed through pyarrow.fs, `file://` ones are
+  walked with the local paths by Discovery (the same skips as a local path; their rows keep
+  the file:// spelling). A path given twice, in either spelling, is classified once.
 - With GPU actors (`num_gpus_per_worker` > 0) decoding runs as a separate CPU map stage
   feeding them, so a GPU never waits for a JPEG decoder; on CPUs it runs inside the actor,
   so pixels never cross the object store.
@@ -188,37 +188,39 @@ def _output_lock(output):
 # ---- inputs ---------------------------------------------------------------------------------
 
 def _found(paths, manifest, follow_symlinks, summary):
-    """Found items in output order: local paths (Discovery's order), URIs (sorted), manifest lines."""
-    local = [os.fspath(p) for p in paths if not is_uri(os.fspath(p))]
-    if local:
-        discovery = Discovery(local, follow_symlinks=follow_symlinks)
+    """Found items in output order: local paths and file:// folders (one walk, Discovery's
+    order), s3:// and gs:// prefixes (sorted), manifest lines."""
+    paths = list(dict.fromkeys(map(os.fspath, paths)))
+    local = [p for p in paths if not is_uri(p)]
+    spelt = {}
+    for uri in (p for p in paths if is_uri(p) and URI.match(p).group(1).lower() == "file"):
+        root = _file_uri_path(uri)
+        if isinstance(root, Found):
+            yield root
+        elif root not in local and root not in spelt:  # given twice: one walk, the plain spelling first
+            spelt[root] = "file://"
+    if local or spelt:
+        discovery = Discovery([*local, *spelt], follow_symlinks=follow_symlinks, spelt=spelt)
         yield from discovery
         summary.ignored += discovery.ignored
-    for uri in sorted(dict.fromkeys(p for p in map(os.fspath, paths) if is_uri(p))):
-        if URI.match(uri).group(1).lower() == "file":
-            yield from _list_file_uri(uri, follow_symlinks, summary)
-        else:
-            yield from _list_uri(uri, summary)
+    for uri in sorted(p for p in paths if is_uri(p) and URI.match(p).group(1).lower() != "file"):
+        yield from _list_uri(uri, summary)
     if manifest is not None:
         yield from _manifest_lines(manifest)
 
 
-def _list_file_uri(uri: str, follow_symlinks: bool, summary):
-    """A file:// prefix walked by Discovery, as a local path is: the same skips (symlinks not
-    followed, loops, special files) and order. pyarrow's listing left dangling and looping
-    symlinks out without a row, and failed on a name that is not UTF-8. The rows keep the
-    file:// spelling (the actors read them through pyarrow)."""
+def _file_uri_path(uri: str):
+    """The local path of a file:// URI, walked by Discovery as a local path is (the same skips:
+    symlinks not followed, loops, special files; pyarrow's listing left dangling and looping
+    symlinks out without a row, and failed on a name that is not UTF-8); its rows keep the
+    file:// spelling (the actors read them through pyarrow). A Found skip when pyarrow cannot
+    take the URI."""
     import pyarrow.fs as pafs
 
     try:
-        local = pafs.FileSystem.from_uri(uri)[1]
+        return pafs.FileSystem.from_uri(uri)[1]
     except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
-        yield Found(uri, f"cannot list: {first_line(e)}")
-        return
-    discovery = Discovery([local], follow_symlinks=follow_symlinks)
-    for found in discovery:
-        yield Found("file://" + found.path, found.reason)
-    summary.ignored += discovery.ignored
+        return Found(uri, f"cannot list: {first_line(e)}")
 
 
 def _list_uri(uri: str, summary):
@@ -245,7 +247,7 @@ def _list_uri(uri: str, summary):
         yield Found(uri, f"cannot list: {first_line(e)}")
         return
     files = []
-    for entry in listed:  # s3 and gs keys are UTF-8 (file:// folders are Discovery's: _list_file_uri)
+    for entry in listed:  # s3 and gs keys are UTF-8 (file:// folders are walked by Discovery: _found)
         if entry.type != pafs.FileType.File:
             continue
         if is_image_name(entry.base_name):
