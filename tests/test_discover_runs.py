@@ -177,3 +177,20 @@ def test_roots_that_overlap_yield_each_file_once(tmp_path, monkeypatch, follow):
         assert with_link == once
     else:  # the walk skips the link, the file given by name is classified
         assert ("d/link.jpg", None) in with_link and len(with_link) == len(once) + 1
+
+
+def test_hidden_names_are_passed_over_and_counted_unless_named(tmp_path, monkeypatch):
+    """macOS leaves a "._" AppleDouble file beside each photo it copies (and __MACOSX folders of
+    them in zips): classify read each as an image and gave it an `open` errors row (and --strict
+    failed). Hidden names, files and folders, are passed over and counted as train counts them;
+    one named on the command line is classified, also beside a folder that holds it."""
+    monkeypatch.chdir(tmp_path)
+    for folder in ("d", "d/.thumbs", "d/__MACOSX", "d/sub"):
+        os.makedirs(folder)
+    for name in ("d/a.jpg", "d/._a.jpg", "d/.DS_Store", "d/.thumbs/t.jpg", "d/__MACOSX/._a.jpg", "d/sub/b.jpg",
+                 "d/sub/._b.jpg"):
+        (tmp_path / name).write_bytes(b"x")
+    walk = Discovery(["d"])
+    assert [f.path for f in walk] == ["d/a.jpg", "d/sub/b.jpg"] and walk.ignored == 5
+    assert [f.path for f in Discovery(["d", "d/.thumbs"])] == ["d/a.jpg", "d/sub/b.jpg", "d/.thumbs/t.jpg"]
+    assert [f.path for f in Discovery(["d", "d/._a.jpg"])] == ["d/a.jpg", "d/sub/b.jpg", "d/._a.jpg"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -178,8 +179,86 @@ def test_non_image_names_and_hidden_files_are_ignored_as_classify_does(small, tm
     (data / ".git").mkdir()
     (data / "dog" / "UPPER.JPG").write_bytes((data / "dog" / sorted(os.listdir(data / "dog"))[0]).read_bytes())
     d = load_image_folder(data, make_spec(32, CIFAR_MEAN, CIFAR_STD), progress=False, use_cache=False)
-    assert d.class_names == ["cat", "dog"] and len(d.labels) == 21 and d.skipped == [] and d.ignored == 1
+    assert d.class_names == ["cat", "dog"] and len(d.labels) == 21 and d.skipped == [] and d.ignored == 3
     assert any(p.endswith("UPPER.JPG") for p in d.paths)
+
+
+def test_links_loose_images_and_mac_leftovers_are_used_or_listed_as_classify_follow_symlinks_sees_them(small, tmp_path):
+    """The review's folders: train dropped a loose image beside the class folders, a dangling
+    link, a loop and a symlinked subfolder without a word, read symlinked files but not
+    symlinked folders, and (classify) read macOS's "._" files as images. Now train follows
+    links as `cnnx classify --follow-symlinks` does, lists what it leaves with why, and both
+    pass over hidden names, __MACOSX among them, counting them."""
+    from cnnx.runtime.discover import Discovery
+
+    data = copy_classes(small, tmp_path / "d", ["cat", "dog"], 6)
+    outside = copy_classes(small, tmp_path / "elsewhere", ["dog"], 9)
+    cats = sorted(os.listdir(data / "cat"))
+    shutil.copyfile(data / "cat" / cats[0], data / "loose.jpg")
+    (data / "cat" / f"._{cats[0]}").write_bytes(b"\0\5\x16\7 AppleDouble")
+    (data / "__MACOSX" / "cat").mkdir(parents=True)
+    (data / "__MACOSX" / "cat" / f"._{cats[1]}").write_bytes(b"\0\5\x16\7")
+    os.symlink("/nonexistent/x.jpg", data / "dog" / "dangling.jpg")
+    os.symlink("..", data / "dog" / "loop")
+    os.symlink(outside / "dog", data / "dog" / "more")  # 9 images: followed, as classify --follow-symlinks does
+    os.symlink(cats[2], data / "cat" / "again.jpg")  # the same file twice in its class: once
+    d = load_image_folder(data, make_spec(32, CIFAR_MEAN, CIFAR_STD), progress=False, use_cache=False)
+    skipped = {os.path.relpath(p, data): why for p, why in d.skipped}
+    assert d.class_names == ["cat", "dog"] and len(d.labels) == 6 + 6 + 9, d.paths
+    assert skipped == {"loose.jpg": "not in a class folder; not used",
+                       "dog/dangling.jpg": "cannot stat: No such file or directory",
+                       "dog/loop": "a folder walked already (a symlink loop, or a second link to it); not followed",
+                       "cat/again.jpg": f"the same file as cat/{cats[2]} (a link); used once"}, skipped
+    assert d.ignored == 2  # the ._ file in cat/ and __MACOSX
+    walk = Discovery([str(data)], follow_symlinks=True)
+    found = {os.path.relpath(f.path, data) for f in walk if f.reason is None}
+    assert found - {"loose.jpg", "cat/again.jpg"} == {os.path.relpath(p, data) for p in d.paths} and walk.ignored == 2
+
+
+def test_a_folder_that_cannot_be_labelled_one_way_is_a_one_line_error(small, tmp_path):
+    """Each of these trained a model with exit 0 (or, for the name, failed after an epoch):
+    a class that is a link to the data folder (every image twice, under two labels), one file
+    linked into two classes, train/ beside valid/ (two classes, "train" and "valid"), an
+    unlabelled Kaggle test/ of loose files, an empty val/, a class name that is not UTF-8."""
+    def error(data):
+        r = run_cli(seed_args(data, tmp_path / "runs", f"x{len(os.listdir(tmp_path))}", tmp_path / "c", "--epochs", "1"))
+        assert r.exit_code == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        return r.stderr.strip().splitlines()[-1]
+
+    a = copy_classes(small, tmp_path / "a", ["cat", "dog"], 5)
+    os.symlink(".", a / "everything")
+    assert "class folder" in error(a) and "is the data folder itself (a symlink)" in error(a)
+    b = copy_classes(small, tmp_path / "b", ["cat", "dog"], 5)
+    os.symlink(b / "cat" / sorted(os.listdir(b / "cat"))[0], b / "dog" / "a_cat.jpg")
+    assert "are one file (a link) in two classes, cat and dog" in error(b)
+    for split, files in (("valid", "classes"), ("test", "loose"), ("val", "none")):
+        c = tmp_path / f"split-{split}-{files}"
+        copy_classes(small, c / "train", ["cat", "dog"], 5)
+        (c / split).mkdir()
+        if files == "classes":
+            copy_classes(small, c / split, ["cat", "dog"], 3)
+        elif files == "loose":
+            shutil.copyfile(next((small / "cat").iterdir()), c / split / "0001.jpg")
+        if files == "classes":  # valid/ is val/: it trains on train/ and validates on valid/
+            r = run_cli(seed_args(c, tmp_path / "runs", split, tmp_path / "c", "--epochs", "1"))
+            assert r.exit_code == 0 and "10 train / 6 val images in 2 classes" in r.stderr, r.stderr[-2000:]
+        else:
+            assert f"{c / split} holds no class folders, beside train/ (an unlabelled {split} split?)" in error(c)
+    n = copy_classes(small, tmp_path / "n", ["cat", "dog"], 5)
+    os.rename(n / "dog", os.fsdecode(bytes(n) + b"/caf\xe9"))
+    assert "caf\\xe9: its name is not UTF-8 text" in error(n)
+
+
+def test_skipped_txt_holds_one_line_a_file_whatever_its_name(tmp_path):
+    """A name with a newline split its skipped.txt line in two; a name that is not UTF-8 ended
+    the run when skipped.txt was written, after the decoding."""
+    from cnnx.train.run import skipped_text
+
+    odd = ["d/new\nline\ttab.jpg", "d/back\\slash.jpg", os.fsdecode(b"d/broken\xfe.jpg")]
+    text = skipped_text([(p, "open: not an image") for p in odd])
+    lines = text.split(b"\n")[:-1]
+    assert lines == [b"d/new\\nline\\ttab.jpg\topen: not an image", b"d/back\\\\slash.jpg\topen: not an image",
+                     b"d/broken\xfe.jpg\topen: not an image"]
 
 
 def test_class_folder_nested_1500_levels_deep_is_listed_without_recursion(small, tmp_path):

@@ -14,7 +14,7 @@ import json
 import os
 import stat
 from dataclasses import dataclass
-from operator import itemgetter
+from operator import itemgetter, methodcaller
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
@@ -51,25 +51,35 @@ IMAGE_EXTENSIONS = frozenset(
 )
 
 
+def is_hidden_name(name: str) -> bool:
+    """A name every folder walk passes over (counted as ignored): a dot name (Unix hidden; the
+    "._" AppleDouble file macOS writes beside each photo copied to a foreign disk, which is no
+    image) and __MACOSX (the folder of those in a zip made on a Mac)."""
+    return name[:1] == "." or name == "__MACOSX"
+
+
 def is_image_name(name: str) -> bool:
+    """A visible name with an image extension: what a folder walk classifies or trains on."""
     dot = name.rfind(".")
-    return dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS
+    return dot > 0 and name[0] != "." and name[dot:].lower() in IMAGE_EXTENSIONS
 
 
 _LAST_4 = itemgetter(slice(-4, None))
+_HIDDEN = methodcaller("startswith", ".")
 
 
 def image_names(names: list) -> list:
     """The names is_image_name keeps (a folder walk's hot path). A folder whose names all end
-    in one image extension of 3 letters (".jpg"), after at least one character, keeps them all:
-    told with no Python code run a name. Else one comprehension: rfind from index 1 finds no
-    dot at 0, as `dot > 0` wants."""
+    in one image extension of 3 letters (".jpg"), after at least one character, none of them a
+    dot name, keeps them all: told with no Python code run a name. Else one comprehension:
+    rfind from index 1 finds no dot at 0, as `dot > 0` wants."""
     tails = set(map(_LAST_4, names))
     if len(tails) == 1:
         tail = tails.pop()
-        if tail[:1] == "." and tail.lower() in IMAGE_EXTENSIONS and min(map(len, names)) > 4:
+        if tail[:1] == "." and tail.lower() in IMAGE_EXTENSIONS and min(map(len, names)) > 4 \
+                and not any(map(_HIDDEN, names)):
             return list(names)
-    return [n for n in names if n[n.rfind(".", 1):].lower() in IMAGE_EXTENSIONS]
+    return [n for n in names if n[n.rfind(".", 1):].lower() in IMAGE_EXTENSIONS and n[0] != "."]
 
 
 class ContractError(ValueError):

@@ -19,7 +19,7 @@ from itertools import repeat
 from operator import itemgetter, methodcaller
 from typing import NamedTuple
 
-from cnnx.runtime.contract import image_names, is_image_name
+from cnnx.runtime.contract import image_names, is_hidden_name, is_image_name
 from cnnx.runtime.files import first_line
 
 
@@ -182,6 +182,9 @@ class Discovery:
                 else:
                     self.ignored += 1
                 continue
+            if is_hidden_name(entry.name):  # a hidden folder, link or special file: passed over as a hidden file is
+                self.ignored += 1
+                continue
             path = entry.path
             try:
                 if entry.is_symlink():
@@ -218,8 +221,9 @@ class Discovery:
 def _not_walked_twice(stated: list, follow_symlinks: bool) -> list:
     """The roots (sort key, root, stat result or OSError), in order, less those whose files
     another root already yields: a folder given twice (`DIR`, `DIR/`, `./DIR`, a symlink to
-    it), a folder inside another given folder, a file inside one that the walk reaches (an
-    image name, and a regular file, not a symlink, unless symlinks are followed). The first in
+    it), a folder inside another given folder that its walk reaches (no hidden name on the way),
+    a file inside one that the walk reaches (an image name, and a regular file, not a symlink,
+    unless symlinks are followed). The first in
     the order is kept. Without this, each spelling would be walked and every file under it
     classified twice, the second row out of the sorted order."""
     folders = {}  # resolved folder -> its position in stated
@@ -236,29 +240,31 @@ def _not_walked_twice(stated: list, follow_symlinks: bool) -> list:
             continue
         if stat.S_ISDIR(st.st_mode):
             real = os.path.realpath(root)
-            if folders[real] != i or _inside(os.path.dirname(real), folders):
+            if folders[real] != i or _reached(real, folders):
                 continue
         elif stat.S_ISREG(st.st_mode):
             real = files(root)
             if real in seen_files:
                 continue
             seen_files.add(real)
-            if is_image_name(os.path.basename(root)) and _inside(os.path.dirname(real), folders) and \
+            if is_image_name(os.path.basename(root)) and _reached(real, folders) and \
                     (follow_symlinks or not os.path.islink(root)):
                 continue
         kept.append(item)
     return kept
 
 
-def _inside(folder: str, folders: dict) -> bool:
-    """Whether the resolved `folder` is one of `folders` or lies under one."""
+def _reached(path: str, folders: dict) -> bool:
+    """Whether the walk of one of `folders` (resolved) reaches the resolved `path` below it: it
+    lies under one, and no name on the way, its own included, is hidden (the walk passes over
+    hidden names)."""
     while True:
-        if folder in folders:
-            return True
-        parent = os.path.dirname(folder)
-        if parent == folder:
+        parent = os.path.dirname(path)
+        if parent == path or is_hidden_name(os.path.basename(path)):
             return False
-        folder = parent
+        if parent in folders:
+            return True
+        path = parent
 
 
 def _flush(out: list, run: list, other) -> list:

@@ -332,8 +332,10 @@ def _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, *
     if unknown:
         raise click.ClickException(f"{folder} has classes the checkpoint does not know: {', '.join(unknown[:10])}"
                                    f"{' ...' if len(unknown) > 10 else ''} (it knows: {', '.join(names)})")
+    for note in d.notes:
+        click.echo(f"note: {note}", err=True)
     if d.skipped:
-        click.echo(f"skipped {len(d.skipped)} unreadable file(s):", err=True)
+        click.echo(f"skipped {len(d.skipped)} file(s):", err=True)
         for p, why in d.skipped[:20]:
             click.echo(f"  {p}: {why}", err=True)
         if len(d.skipped) > 20:

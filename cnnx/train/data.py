@@ -10,18 +10,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from cnnx.runtime.contract import is_image_name
+from cnnx.runtime.contract import is_hidden_name, is_image_name
 from cnnx.runtime.files import atomic_file, cache_root, first_line, remove_stale_temps
 from cnnx.runtime.preprocess import PREPROCESS_VERSION, ImageError, load_image
 from cnnx.train.cache import CacheError, build_disk_cache, read_disk_cache, take, use_disk
 
 SPLIT_NAMES = ("train", "val", "test")
+# The names a split folder goes by (any case): DIR/{train,valid}/<class>/* is the split layout too.
+SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 CACHE_FORMAT = 1  # bump when the cached file's layout changes
 
 
@@ -35,8 +38,9 @@ class ImageFolderData:
     labels: torch.Tensor  # int64 (N,), index into class_names
     class_names: list
     paths: list  # str, sorted per class, in the order of images
-    skipped: list = field(default_factory=list)  # (path, reason) of files that could not be decoded
-    ignored: int = 0  # files skipped because their names are not image names
+    skipped: list = field(default_factory=list)  # (path, reason) of files not used: not decoded, not listed
+    ignored: int = 0  # hidden names and files whose names are not image names
+    notes: list = field(default_factory=list)  # lines for the user about the layout (nothing is wrong)
 
 
 def cache_dir(explicit=None) -> Path:
@@ -45,12 +49,19 @@ def cache_dir(explicit=None) -> Path:
 
 
 def _visible(entries):
-    return sorted(e for e in entries if not e.name.startswith("."))
+    return sorted(e for e in entries if not is_hidden_name(e.name))
+
+
+def _shown(path) -> str:
+    """A path for a message: a name that is not UTF-8 with its bytes as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def folder_layout(root) -> dict:
     """{split: folder}: {"all": root} for DIR/<class>/*, or the present subset of
-    train/val/test for DIR/{train,val,test}/<class>/*. DataError for a missing/empty path."""
+    train/val/test for DIR/{train,val,test}/<class>/* (SPLIT_FOLDERS: valid/ and validation/
+    are val/). DataError for a missing/empty path, and for a split folder of that layout that
+    holds no class folders (an unlabelled test/ of loose files, an empty val/): not a class."""
     root = Path(root).expanduser()
     if not root.exists():
         raise DataError(f"data folder not found: {root}")
@@ -59,30 +70,49 @@ def folder_layout(root) -> dict:
     subdirs = [e for e in _visible(root.iterdir()) if e.is_dir()]
     if not subdirs:
         raise DataError(f"no class folders in {root} (expected DIR/<class>/* or DIR/train/<class>/*)")
-    names = {d.name for d in subdirs}
-    # A folder is the split layout when its subfolders are split names that hold folders
-    # themselves; a dataset whose classes happen to be called "train"/"test" holds files.
-    if names <= set(SPLIT_NAMES) and all(any(e.is_dir() for e in d.iterdir()) for d in subdirs):
-        return {d.name: d for d in subdirs}
-    return {"all": root}
+    splits = {}
+    for d in subdirs:
+        split = SPLIT_FOLDERS.get(d.name.lower())
+        if split is None or split in splits:
+            return {"all": root}
+        splits[split] = d
+    # The split layout: subfolders that are split names, a train/ among them holding folders
+    # itself; a dataset whose classes happen to be called "train"/"test" holds files.
+    if "train" not in splits or not _class_folders(splits["train"]):
+        return {"all": root}
+    for split, d in splits.items():
+        if not _class_folders(d):
+            raise DataError(f"{d} holds no class folders, beside {splits['train'].name}/ (an unlabelled "
+                            f"{split} split?): the layout is {root}/{{train,val,test}}/<class>/*; "
+                            f"move {d.name}/ out of {root}")
+    return splits
+
+
+def _class_folders(folder: Path) -> list:
+    return [e for e in _visible(folder.iterdir()) if e.is_dir()]
 
 
 @dataclass
 class Listing:
     class_names: list
     files: list  # (path relative to the root, class index, mtime_ns, size), sorted per class
-    ignored: int = 0  # files whose names are not image names (a README beside the photos)
-    unlisted: list = field(default_factory=list)  # (folder, reason) of subfolders that cannot be read
+    ignored: int = 0  # hidden names, and files whose names are not image names (a README beside the photos)
+    unlisted: list = field(default_factory=list)  # (path, reason) of what the walk cannot or will not take
+    linked: int = 0  # files reached through a symlink (to a file, or in a symlinked folder)
+    nested: list = field(default_factory=list)  # class folders whose images are all in subfolders
 
 
-def _walk_images(top: str, listing: Listing, class_index: int, root: str):
+def _walk_images(top: str, listing: Listing, class_index: int, root: str, walked: set):
     """Append the image files under `top` to the listing: a folder's files (sorted by name)
     before its subfolders, depth-first. A stack, not recursion, so a tree nested thousands of
-    levels deep cannot raise RecursionError. Hidden names are skipped; symlinked folders are
-    not followed (symlinked files are); names that are not image names are counted, not read."""
-    stack = [top]
+    levels deep cannot raise RecursionError. Hidden names (contract.is_hidden_name) and names
+    that are not image names are counted, not read. Symlinks, to files and to folders, are
+    followed (as `cnnx classify --follow-symlinks` follows them); a folder is walked once
+    (`walked`: (st_dev, st_ino) of those walked), so a loop or a second link to it is listed in
+    `unlisted` with why, as is a link that points nowhere and a file that is not a regular one."""
+    stack = [(top, os.path.islink(top))]
     while stack:
-        folder = stack.pop()
+        folder, in_link = stack.pop()
         try:
             with os.scandir(folder) as it:
                 entries = sorted(it, key=lambda e: e.name)
@@ -90,37 +120,107 @@ def _walk_images(top: str, listing: Listing, class_index: int, root: str):
             listing.unlisted.append((folder, f"cannot list folder: {e.strerror or first_line(e)}"))
             continue
         subfolders = []
+        own = 0
         for e in entries:
-            if e.name.startswith("."):
+            if is_hidden_name(e.name):
+                listing.ignored += 1
                 continue
             try:
-                if e.is_dir():
-                    if not e.is_symlink():
-                        subfolders.append(e.path)
-                    continue
-                if not is_image_name(e.name):
-                    listing.ignored += 1
-                    continue
-                st = e.stat()
+                is_dir = e.is_dir()  # follows a symlink
             except OSError:
-                continue  # vanished or a dangling link: nothing to decode
+                is_dir = False
+            if not is_dir and not is_image_name(e.name):
+                listing.ignored += 1
+                continue
+            try:
+                st = e.stat()
+                link = in_link or e.is_symlink()
+            except OSError as err:  # a link that points nowhere, or to itself; a file gone meanwhile
+                listing.unlisted.append((e.path, f"cannot stat: {err.strerror or first_line(err)}"))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if (st.st_dev, st.st_ino) in walked:
+                    listing.unlisted.append((e.path, "a folder walked already (a symlink loop, or a second link "
+                                                     "to it); not followed"))
+                else:
+                    walked.add((st.st_dev, st.st_ino))
+                    subfolders.append((e.path, link))
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                listing.unlisted.append((e.path, "not a regular file (a FIFO, socket or device); not opened"))
+                continue
+            listing.linked += link
+            own += 1
             listing.files.append((os.path.relpath(e.path, root), class_index, st.st_mtime_ns, st.st_size))
+        if folder == top and not own and subfolders:
+            listing.nested.append(top)
         stack.extend(reversed(subfolders))
 
 
 def list_image_folder(root: Path) -> Listing:
     """Classes are the sorted visible subfolders of root; a class folder holding no image file
-    is a DataError (not a silent class the model can never learn)."""
-    classes = [e for e in _visible(root.iterdir()) if e.is_dir()]
+    is a DataError (not a silent class the model can never learn), as is a class folder that is
+    the root or another class (a symlink), a class name that is not UTF-8 (it travels in the
+    model's metadata), and one file under two classes (through links). Image files beside the
+    class folders belong to no class: they are listed in `unlisted`."""
+    classes, listing = [], Listing([], [])
+    for e in sorted(root.iterdir()):
+        if is_hidden_name(e.name):
+            listing.ignored += 1
+        elif e.is_dir():
+            classes.append(e)
+        elif is_image_name(e.name):
+            listing.unlisted.append((str(e), "not in a class folder; not used"))
+        else:
+            listing.ignored += 1
     if not classes:
         raise DataError(f"no class folders in {root} (expected {root}/<class>/<image files>)")
-    listing = Listing([c.name for c in classes], [])
+    st = root.stat()
+    walked, idents = {(st.st_dev, st.st_ino)}, {(st.st_dev, st.st_ino): root}
+    for c in classes:
+        st = c.stat()
+        same = idents.get((st.st_dev, st.st_ino))
+        if same is not None:
+            raise DataError(f"class folder {_shown(c)} is {'the data folder itself' if same == root else _shown(same)} "
+                            f"(a symlink): each image needs one class; remove the link")
+        idents[(st.st_dev, st.st_ino)] = c
+        walked.add((st.st_dev, st.st_ino))
+        try:
+            c.name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"class folder {_shown(c)}: its name is not UTF-8 text (class names travel in the "
+                            f"model's metadata); rename it") from None
+    listing.class_names = [c.name for c in classes]
     for ci, c in enumerate(classes):
         before = len(listing.files)
-        _walk_images(str(c), listing, ci, str(root))
+        _walk_images(str(c), listing, ci, str(root), walked)
         if len(listing.files) == before:
-            raise DataError(f"class folder {c} holds no image files; add images to it or remove it")
+            raise DataError(f"class folder {_shown(c)} holds no image files; add images to it or remove it")
+    if listing.linked:
+        _one_entry_a_file(listing, root)
     return listing
+
+
+def _one_entry_a_file(listing: Listing, root: Path):
+    """Links can name one file twice: once in its class is once too many (the later one is
+    listed in `unlisted`), in two classes it is two labels for one image (a DataError)."""
+    seen, kept = {}, []
+    for f in listing.files:
+        try:
+            st = os.stat(root / f[0])
+        except OSError as err:
+            listing.unlisted.append((str(root / f[0]), f"cannot stat: {err.strerror or first_line(err)}"))
+            continue
+        first = seen.setdefault((st.st_dev, st.st_ino), f)
+        if first is f:
+            kept.append(f)
+        elif first[1] == f[1]:
+            listing.unlisted.append((str(root / f[0]), f"the same file as {_shown(first[0])} (a link); used once"))
+        else:
+            raise DataError(f"{_shown(root / first[0])} and {_shown(root / f[0])} are one file (a link) in two classes, "
+                            f"{listing.class_names[first[1]]} and {listing.class_names[f[1]]}: "
+                            f"each image needs one class; remove one")
+    listing.files = kept
 
 
 def _decode_chunk(paths, spec, out):
@@ -390,6 +490,10 @@ def load_image_folder(root, spec, *, progress=True, cache=None, workers=None, us
                                [(str(root / p), r) for p, r in skipped_rel])
     data.skipped = unlisted + data.skipped
     data.ignored = listing.ignored
+    if len(listing.nested) == len(class_names):
+        data.notes.append(f"every class folder of {_shown(root)} holds its images in subfolders only: the classes are "
+                          f"the folders directly under it ({', '.join(class_names[:5])}"
+                          f"{', ...' if len(class_names) > 5 else ''}), each with all its subfolders")
     counts = torch.bincount(data.labels, minlength=len(class_names)).tolist()
     empty = [c for c, k in zip(class_names, counts) if k == 0]
     if empty:
@@ -521,7 +625,8 @@ class Splits:
     skipped: list
     source: str  # a one-line description for the log
     val_paths: list | None = None  # source file of each validation image (image folders)
-    ignored: int = 0  # files skipped because their names are not image names
+    ignored: int = 0  # hidden names and files whose names are not image names
+    notes: list = field(default_factory=list)  # ImageFolderData.notes of each split, and the splits' own
 
 
 def _check_classes(names, where):
@@ -568,13 +673,13 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
         xtr = train_images(layout["all"], d)
         return Splits((take(xtr, tr), d.labels[tr]), (take(d.images, va), d.labels[va]), None, d.class_names, d.skipped,
                       f"{len(d.labels)} images in {len(d.class_names)} classes from {data}",
-                      [d.paths[i] for i in va.tolist()], d.ignored)
+                      [d.paths[i] for i in va.tolist()], d.ignored, d.notes)
     if "train" not in layout:
         raise DataError(f"{data} has {'/'.join(sorted(layout))} but no train/ split to train on")
     # With a val/ folder the training files are decoded once, through the training spec.
     d = load(layout["train"], train_spec if "val" in layout and train_spec is not None else spec)
     _check_classes(d.class_names, layout["train"])
-    skipped, ignored, paths = list(d.skipped), d.ignored, {}
+    skipped, ignored, paths, notes = list(d.skipped), d.ignored, {}, list(d.notes)
 
     def other(name):
         nonlocal ignored
@@ -583,11 +688,21 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
         o = load(layout[name])
         skipped.extend(o.skipped)
         ignored += o.ignored
+        notes.extend(o.notes)
         paths[name] = o.paths
         if o.class_names != d.class_names:
             extra = sorted(set(o.class_names) - set(d.class_names))
             if extra:
-                raise DataError(f"{layout[name]} has classes that train/ lacks: {', '.join(extra)}")
+                import unicodedata
+
+                nfc = {unicodedata.normalize("NFC", c) for c in d.class_names}
+                respelt = [c for c in extra if unicodedata.normalize("NFC", c) in nfc]
+                raise DataError(f"{layout[name]} has classes that train/ lacks: {', '.join(extra)}" + (
+                    f" ({', '.join(respelt)}: the same letters as in train/, in other Unicode code points "
+                    f"(composed vs decomposed accents); rename one folder)" if respelt else ""))
+            missing = [c for c in d.class_names if c not in o.class_names]
+            notes.append(f"{layout[name]} has no folder for {len(missing)} class(es) of train/: "
+                         f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''} (no {name} images of them)")
             remap = torch.tensor([d.class_names.index(c) for c in o.class_names])
             return o.images, remap[o.labels]
         return o.images, o.labels
@@ -603,7 +718,7 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
         train = (xtr, d.labels)
     return Splits(train, val, test, d.class_names, skipped,
                   f"{len(train[1])} train / {len(val[1])} val images in {len(d.class_names)} classes from {data}",
-                  paths["val"], ignored)
+                  paths["val"], ignored, notes)
 
 
 def validation_split(config: dict):

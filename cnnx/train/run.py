@@ -376,7 +376,7 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
     if d.main:
         files.atomic_write(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
         if splits.skipped:
-            files.atomic_write(run_dir / "skipped.txt", "".join(f"{p}\t{r}\n" for p, r in splits.skipped))
+            files.atomic_write(run_dir / "skipped.txt", skipped_text(splits.skipped))
 
     torch.manual_seed(cfg.seed)
     try:
@@ -461,10 +461,12 @@ def load_run_data(cfg: TrainConfig, spec: dict, run_dir: Path, d: loop.Dist, pro
     if not d.main:
         splits = load_splits(base, progress=False, **how)
     say(f"data: {splits.source}", d)
+    for note in splits.notes:
+        say(f"note: {note}", d)
     if splits.ignored:
-        say(f"ignored {splits.ignored} file(s) whose names are not image names", d)
+        say(f"ignored {splits.ignored} file(s) that are hidden or not image names", d)
     if splits.skipped:
-        say(f"skipped {len(splits.skipped)} unreadable file(s):", d)
+        say(f"skipped {len(splits.skipped)} file(s):", d)
         for p, why in splits.skipped[:20]:
             say(f"  {p}: {why}", d)
         if len(splits.skipped) > 20:
@@ -473,6 +475,17 @@ def load_run_data(cfg: TrainConfig, spec: dict, run_dir: Path, d: loop.Dist, pro
         raise ValueError(f"not enough images to train and validate "
                          f"({len(splits.train[1])} train, {len(splits.val[1])} val)")
     return splits
+
+
+_SKIPPED_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def skipped_text(skipped) -> bytes:
+    """skipped.txt: a line `path<TAB>reason` a file; a backslash, tab, newline or CR in a name is
+    written \\\\, \\t, \\n, \\r (one line a file, whatever its name); a name that is not UTF-8
+    as its own bytes (surrogateescape), as cnnx classify's errors file writes it."""
+    return "".join(f"{p.translate(_SKIPPED_ESCAPES)}\t{r.translate(_SKIPPED_ESCAPES)}\n"
+                   for p, r in skipped).encode("utf-8", "surrogateescape")
 
 
 def files_digest(paths) -> str | None:
