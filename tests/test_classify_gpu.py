@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from cnnx.cli import cli
 from cnnx.runtime import cuda
+from cnnx.runtime.contract import cuda_driver_present
 from tests._runtime_util import make_onnx_model, tiny_onnx_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,7 +224,7 @@ def test_a_batch_of_the_wrong_shape_is_refused(conv_model):
         runner.close()
 
 
-@pytest.mark.skipif(cuda.cuda_driver_present(), reason="this machine has an NVIDIA driver")
+@pytest.mark.skipif(cuda_driver_present(), reason="this machine has an NVIDIA driver")
 def test_pinned_buffers_fall_back_to_pageable_memory_without_a_gpu():
     from cnnx.runtime.binding import HostBuffer
 

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from cnnx.runtime import cuda
+from cnnx.runtime.contract import cuda_driver_present
 
 
 def _dist_info(site, name, version):
@@ -32,7 +33,7 @@ def test_one_package_is_not_a_clash(tmp_path):
     assert cuda.installed_ort_distributions([str(tmp_path)]) == ["onnxruntime-gpu"]
 
 
-@pytest.mark.skipif(cuda.cuda_driver_present(), reason="this machine has an NVIDIA driver")
+@pytest.mark.skipif(cuda_driver_present(), reason="this machine has an NVIDIA driver")
 def test_no_driver_is_the_reason_here():
     import onnxruntime as ort
 
@@ -50,7 +51,7 @@ def test_library_names_follow_the_cuda_major():
         assert names == {"CUDA runtime": "libcudart.so.13", "cuBLAS": "libcublas.so.13", "cuDNN 9": "libcudnn.so.9"}
 
 
-@pytest.mark.skipif(not cuda.cuda_driver_present(), reason="no NVIDIA driver on this machine")
+@pytest.mark.skipif(not cuda_driver_present(), reason="no NVIDIA driver on this machine")
 def test_with_a_driver_the_status_names_versions():
     status = cuda.diagnose()
     assert status.reason and "\n" not in status.reason
@@ -62,7 +63,7 @@ def test_describe_is_one_line_for_cnnx_info():
     assert line.endswith(cuda.diagnose().reason)
 
 
-@pytest.mark.skipif(cuda.cuda_driver_present(), reason="this machine has an NVIDIA driver")
+@pytest.mark.skipif(cuda_driver_present(), reason="this machine has an NVIDIA driver")
 def test_tensorrt_diagnosis_names_the_cuda_cause_first():
     # TensorRT runs on the CUDA provider's libraries: without CUDA, that is the reason.
     assert cuda.diagnose_tensorrt() == cuda.diagnose()
@@ -127,3 +128,127 @@ def test_a_gpu_session_is_made_without_onnxruntime_log_lines():
         capture_output=True, text=True, timeout=60)
     if "CUDAExecutionProvider" in ort.get_available_providers():
         assert "onnxruntime" in after.stderr
+
+
+# --- a driver library that loads but cannot run: a real libcuda.so.1 built here -------------------
+
+_FAKE_LIBCUDA = r"""
+#include <stdlib.h>
+#include <string.h>
+/* FAKE_CUDA=stub: every call returns 34 (CUDA_ERROR_STUB_LIBRARY), as the toolkit's stubs/libcuda.so
+   does; FAKE_CUDA=nogpu: a CUDA 13.0 driver that starts and counts 0 devices. */
+static int stub(void) { const char *m = getenv("FAKE_CUDA"); return !m || strcmp(m, "nogpu"); }
+int cuDriverGetVersion(int *v) { if (stub()) return 34; *v = 13000; return 0; }
+int cuInit(unsigned flags) { return stub() ? 34 : 0; }
+int cuDeviceGetCount(int *n) { if (stub()) return 34; *n = 0; return 0; }
+"""
+
+
+@pytest.fixture(scope="module")
+def fake_driver(tmp_path_factory):
+    """A folder holding a libcuda.so.1 compiled from _FAKE_LIBCUDA (dlopen finds it through
+    LD_LIBRARY_PATH in a subprocess)."""
+    import shutil
+    import subprocess
+
+    if sys.platform != "linux" or shutil.which("cc") is None:
+        pytest.skip("needs Linux and a C compiler to build the stand-in driver library")
+    if cuda_driver_present():
+        pytest.skip("this machine has an NVIDIA driver: the real one would be found first")
+    folder = tmp_path_factory.mktemp("fakecuda")
+    (folder / "fake.c").write_text(_FAKE_LIBCUDA)
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(folder / "libcuda.so.1"), str(folder / "fake.c")], check=True)
+    return folder
+
+
+def _with_driver(folder, mode, args, **env):
+    import os
+    import subprocess
+
+    env = {**os.environ, "LD_LIBRARY_PATH": str(folder), "FAKE_CUDA": mode, **env}
+    if "CUDA_VISIBLE_DEVICES" not in env or env["CUDA_VISIBLE_DEVICES"] is None:
+        env.pop("CUDA_VISIBLE_DEVICES", None)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=180)
+
+
+def test_a_driver_library_that_cannot_run_is_named_not_passed(fake_driver, tmp_path):
+    """The toolkit's stub libcuda and a driver that sees no GPU passed the check: --device cuda
+    then guessed the cause, --device tensorrt asked for TensorRT, cnnx info gave none."""
+    import onnxruntime as ort
+
+    if cuda.CUDA_PROVIDER not in ort.get_available_providers():
+        pytest.skip("a CPU-only onnxruntime: that is the reason named first")
+    probe = ["-c", "from cnnx.runtime import cuda; print(cuda.diagnose().reason); print(cuda.diagnose_tensorrt().reason)"]
+    stub = _with_driver(fake_driver, "stub", probe)
+    assert stub.returncode == 0 and stub.stdout.splitlines() == [
+        "libcuda is the CUDA toolkit's stub library, not the NVIDIA driver's: install the driver, "
+        "or take the stub folder off LD_LIBRARY_PATH"] * 2, stub.stderr
+    nogpu = _with_driver(fake_driver, "nogpu", probe, CUDA_VISIBLE_DEVICES=None)
+    assert nogpu.stdout.splitlines() == ["the NVIDIA driver sees no GPU"] * 2, nogpu.stderr
+    hidden = _with_driver(fake_driver, "nogpu", probe, CUDA_VISIBLE_DEVICES="-1")
+    assert hidden.stdout.splitlines()[0] == "the NVIDIA driver sees no GPU (CUDA_VISIBLE_DEVICES='-1')"
+
+
+def test_cuda_causes_stay_off_stdout_and_are_one_line(fake_driver, tmp_path):
+    """Where a driver is present, onnxruntime's preload printed a line for each CUDA library it
+    missed to stdout: into `cnnx classify`'s CSV and `cnnx info --json`. stdout now holds only
+    the rows and the JSON, and `cnnx info` names the CUDA cause whatever the build."""
+    import csv
+    import json
+
+    from tests._runtime_util import tiny_onnx_model
+
+    model = tiny_onnx_model(tmp_path / "m.onnx")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (40, 30), (60 * i, 90, 20)).save(folder / f"{i}.jpg")
+    info = _with_driver(fake_driver, "nogpu", ["-m", "cnnx", "info", "--json", str(model)])
+    assert info.returncode == 0, info.stderr
+    providers = json.loads(info.stdout)["providers"]
+    assert providers["CUDAExecutionProvider"] == "no (the NVIDIA driver sees no GPU)", providers
+    rows = _with_driver(fake_driver, "nogpu", ["-m", "cnnx", "classify", str(folder), "--model", str(model)])
+    assert rows.returncode == 0, rows.stderr
+    assert next(csv.reader(rows.stdout.splitlines()))[:2] == ["path", "label"] and len(rows.stdout.splitlines()) == 4
+    cuda_run = _with_driver(fake_driver, "stub", ["-m", "cnnx", "classify", str(folder), "--model", str(model),
+                                                  "--device", "cuda"])
+    assert cuda_run.returncode == 1 and cuda_run.stdout == "", cuda_run.stdout
+    assert cuda_run.stderr.strip().splitlines() == [
+        "Error: --device cuda: libcuda is the CUDA toolkit's stub library, not the NVIDIA driver's: install the "
+        "driver, or take the stub folder off LD_LIBRARY_PATH"], cuda_run.stderr
+
+
+def test_preload_keeps_onnxruntime_prints_off_stdout(capsys):
+    """onnxruntime.preload_dlls prints what it misses; cnnx's stdout carries predictions."""
+    import types
+
+    def preload_dlls():
+        print("Failed to load libcublasLt.so.13: cannot open shared object file")
+
+    cuda.preload(types.SimpleNamespace(preload_dlls=preload_dlls))
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.skipif(cuda_driver_present(), reason="this machine has an NVIDIA driver")
+def test_ray_engine_device_cuda_without_cuda_is_one_line_before_ray_starts(tmp_path):
+    """It started Ray, then ended in a 66-line actor traceback and 'SystemException'."""
+    pytest.importorskip("ray")
+    import time
+
+    from click.testing import CliRunner
+
+    from cnnx.cli import cli
+    from tests._runtime_util import tiny_onnx_model
+
+    model = tiny_onnx_model(tmp_path / "m.onnx")
+    (tmp_path / "imgs").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "imgs" / "a.jpg")
+    t0 = time.perf_counter()
+    r = CliRunner().invoke(cli, ["classify", "--engine", "ray", "--device", "cuda", "--model", str(model),
+                                 str(tmp_path / "imgs"), "-o", str(tmp_path / "p.csv")])
+    assert r.exit_code == 1 and r.stderr.strip().splitlines() == [f"Error: --device cuda: {cuda.diagnose().reason}"]
+    assert time.perf_counter() - t0 < 20 and not (tmp_path / "p.csv").exists()

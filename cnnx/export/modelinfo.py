@@ -61,6 +61,8 @@ def _providers(path) -> dict:
             result[p] = "yes" if s.get_providers()[0] == p else "no (the session fell back to CPU)"
         except Exception as e:  # noqa: BLE001 - any failure means "not usable here"
             result[p] = f"no ({first_line(e, 120)})"
+    if "CUDAExecutionProvider" not in result:  # a CPU-only build, or two builds in one folder: say which and why
+        result["CUDAExecutionProvider"] = f"no ({cuda.diagnose().reason})"
     return result
 
 

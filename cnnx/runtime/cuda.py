@@ -6,22 +6,27 @@ hit most, checked in this order (each check is cheap: package metadata and dlope
   1. both `onnxruntime` and `onnxruntime-gpu` installed into one folder: they share the
      `onnxruntime` package folder, and whichever was installed last wins (often the CPU-only one);
   2. a CPU-only onnxruntime (no CUDAExecutionProvider at all);
-  3. no NVIDIA driver (libcuda cannot be loaded), or a driver older than the CUDA major
-     version this onnxruntime-gpu was built for;
+  3. no NVIDIA driver (libcuda cannot be loaded), a libcuda that loads but cannot start (the
+     CUDA toolkit's stub library, a driver that does not match its kernel module), a driver
+     that sees no GPU (CUDA_VISIBLE_DEVICES), or a driver older than the CUDA major version
+     this onnxruntime-gpu was built for;
   4. the CUDA runtime / cuBLAS / cuDNN libraries of that major version not loadable (the
-     `nvidia-*` wheels that `pip install 'cnnx[gpu]'` brings are preloaded first).
+     `nvidia-*` wheels that `pip install 'cnnx[gpu]'` brings are preloaded first), then the
+     provider's own library, which names any other library it lacks (cuRAND, cuFFT, ...).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
+import io
 import os
 import re
 import sys
 from dataclasses import dataclass
 
-from cnnx.runtime.contract import CPU_PROVIDER, CUDA_PROVIDER, cuda_driver_present
+from cnnx.runtime.contract import CPU_PROVIDER, CUDA_PROVIDER
 from cnnx.runtime.files import cache_root
 
 INSTALL_HINT = "pip install 'cnnx[gpu]'"
@@ -92,16 +97,56 @@ def _loads(name: str) -> bool:
         return False
 
 
-def driver_cuda_version() -> int | None:
-    """The CUDA version the driver supports (e.g. 13000 for 13.0), or None without a driver."""
+def _driver_library():
+    """ctypes handle of the driver's CUDA library, or None where it cannot be loaded."""
     for name in {"linux": ("libcuda.so.1", "libcuda.so"), "win32": ("nvcuda.dll",)}.get(sys.platform, ()):
         try:
-            lib = ctypes.CDLL(name)
+            return ctypes.CDLL(name)
         except OSError:
             continue
-        version = ctypes.c_int(0)
-        if lib.cuDriverGetVersion(ctypes.byref(version)) == 0:
-            return version.value
+    return None
+
+
+def _driver_call(lib, name: str, *args) -> int:
+    """A driver API call's CUDA error code (0: success); -1 where the library lacks it."""
+    try:
+        return getattr(lib, name)(*args)
+    except AttributeError:
+        return -1
+
+
+def driver_cuda_version() -> int | None:
+    """The CUDA version the driver supports (e.g. 13000 for 13.0), or None without a driver."""
+    lib = _driver_library()
+    version = ctypes.c_int(0)
+    if lib is None or _driver_call(lib, "cuDriverGetVersion", ctypes.byref(version)) != 0:
+        return None
+    return version.value
+
+
+# The driver API's errors that say why cuInit cannot start (cuda.h's CUresult).
+_NO_DEVICE, _STUB_LIBRARY = 100, 34
+
+
+def driver_problem() -> str | None:
+    """Why the loaded driver library cannot run CUDA, in words (None: it starts and sees a GPU).
+    cuInit and cuDeviceGetCount: what the CUDA provider does first, and cheap once done."""
+    lib = _driver_library()
+    if lib is None:
+        return "no NVIDIA driver here (libcuda cannot be loaded)"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    hidden = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+    err = _driver_call(lib, "cuInit", 0)
+    if err == _STUB_LIBRARY:
+        return "libcuda is the CUDA toolkit's stub library, not the NVIDIA driver's: install the driver, " \
+               "or take the stub folder off LD_LIBRARY_PATH"
+    if err == _NO_DEVICE:
+        return f"the NVIDIA driver sees no GPU{hidden}"
+    if err != 0:
+        return f"the NVIDIA driver does not start (cuInit error {err}; nvidia-smi tells more)"
+    count = ctypes.c_int(0)
+    if _driver_call(lib, "cuDeviceGetCount", ctypes.byref(count)) == 0 and count.value == 0:
+        return f"the NVIDIA driver sees no GPU{hidden}"
     return None
 
 
@@ -118,10 +163,31 @@ def preload(ort) -> None:
     """Load the CUDA / cuDNN libraries of the nvidia-* wheels (`pip install 'cnnx[gpu]'`), when
     installed, so the CUDA provider finds them; what is still missing, diagnose() names."""
     if hasattr(ort, "preload_dlls"):
-        try:
-            ort.preload_dlls()
-        except Exception:  # noqa: BLE001 - a failed preload just means CUDA will not load
-            pass
+        # It prints a line for each library it misses, to stdout: where cnnx writes predictions
+        # and JSON. What is missing, diagnose() says in one line.
+        with contextlib.redirect_stdout(io.StringIO()):
+            try:
+                ort.preload_dlls()
+            except Exception:  # noqa: BLE001 - a failed preload just means CUDA will not load
+                pass
+
+
+def provider_library_problem(ort) -> str | None:
+    """The loader's error for onnxruntime's CUDA provider library (it links cuRAND, cuFFT,
+    cuBLASLt, ... besides what diagnose() checks by name), None when it loads. Loaded after
+    the shared provider library, globally, as onnxruntime loads them."""
+    capi = os.path.join(os.path.dirname(ort.__file__), "capi")
+    names = {"win32": ("onnxruntime_providers_shared.dll", "onnxruntime_providers_cuda.dll")}.get(
+        sys.platform, ("libonnxruntime_providers_shared.so", "libonnxruntime_providers_cuda.so"))
+    paths = [os.path.join(capi, n) for n in names]
+    if not all(map(os.path.exists, paths)):
+        return None  # another layout: the session's own load is the test
+    try:
+        ctypes.CDLL(paths[0], mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(paths[1])
+    except OSError as e:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
 
 
 def diagnose(*, dist_path=None) -> CudaStatus:
@@ -134,9 +200,12 @@ def diagnose(*, dist_path=None) -> CudaStatus:
     import onnxruntime as ort
 
     if CUDA_PROVIDER not in ort.get_available_providers():
-        return CudaStatus(False, f"this onnxruntime ({ort.__version__}) is the CPU-only build: {INSTALL_HINT}")
-    if not cuda_driver_present():
-        return CudaStatus(False, "no NVIDIA driver here (libcuda cannot be loaded)")
+        dists = installed_ort_distributions(dist_path) or ["onnxruntime"]
+        return CudaStatus(False, f"this onnxruntime ({ort.__version__}) is the CPU-only build: "
+                                 f"pip uninstall -y {' '.join(dists)} && {INSTALL_HINT}")
+    problem = driver_problem()
+    if problem is not None:
+        return CudaStatus(False, problem)
     built_for = getattr(ort, "cuda_version", None)
     built_for = built_for() if callable(built_for) else built_for
     try:
@@ -154,6 +223,9 @@ def diagnose(*, dist_path=None) -> CudaStatus:
                 other = next((m for m in (major - 1, major + 1) if _loads(soname.replace(str(major), str(m), 1))), None)
                 found = f" (found CUDA {other}'s, the wrong major version)" if other and what != "cuDNN 9" else ""
                 return CudaStatus(False, f"{what} library {soname} for CUDA {major} cannot be loaded{found}: {INSTALL_HINT}")
+    problem = provider_library_problem(ort)
+    if problem is not None:
+        return CudaStatus(False, f"onnxruntime's CUDA provider library cannot be loaded ({problem}): {INSTALL_HINT}")
     return CudaStatus(True, f"onnxruntime {ort.__version__} built for CUDA {built_for}, driver supports "
                             f"{'?' if supported is None else f'{supported // 1000}.{supported % 1000 // 10}'}")
 

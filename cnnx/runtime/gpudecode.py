@@ -362,20 +362,22 @@ class GpuDecodeStatus:
 
 
 def diagnose(device_id: int = 0) -> GpuDecodeStatus:
-    """Can JPEGs be decoded on GPU device_id here? Checked in order, each cheap: nvImageCodec
-    and onnx installed; onnxruntime's CUDA provider usable (the resize runs on it;
-    cnnx.runtime.cuda); the nvJPEG library loadable; one tiny JPEG decoded on the GPU."""
+    """Can JPEGs be decoded on GPU device_id here? Checked in order, each cheap: onnxruntime's
+    CUDA provider usable (cnnx.runtime.cuda: the driver and the GPU first, whose fixes come
+    before any package's; the resize runs on that provider); nvImageCodec and onnx installed;
+    the nvJPEG library loadable; one tiny JPEG decoded on the GPU (nvImageCodec's own error
+    lines kept off stderr: the reason is this status's one line)."""
     import importlib.util
 
     from cnnx.runtime import cuda
 
+    status = cuda.diagnose()
+    if not status.usable:
+        return GpuDecodeStatus(False, f"GPU decoding needs onnxruntime's CUDA provider: {status.reason}")
     if importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.nvimgcodec") is None:
         return GpuDecodeStatus(False, f"nvImageCodec is not installed: {INSTALL_HINT}")
     if importlib.util.find_spec("onnx") is None:  # builds the resize graph (resize_model_bytes)
         return GpuDecodeStatus(False, f"onnx is not installed: {INSTALL_HINT}")
-    status = cuda.diagnose()
-    if not status.usable:
-        return GpuDecodeStatus(False, f"the GPU resize needs onnxruntime's CUDA provider: {status.reason}")
     try:
         nvimgcodec = import_nvimgcodec()
     except ImportError as e:
@@ -384,8 +386,9 @@ def diagnose(device_id: int = 0) -> GpuDecodeStatus:
     if _nvidia_lib(f"libnvjpeg.so.{major}") is None:
         return GpuDecodeStatus(False, f"nvJPEG library libnvjpeg.so.{major} cannot be loaded: {INSTALL_HINT}")
     try:
-        probe = _gpu_decoder(nvimgcodec, device_id)
-        ok = probe.decode([nvimgcodec.CodeStream(_probe_jpeg())], params=_decode_params(nvimgcodec))[0] is not None
+        with _quiet_stderr():
+            probe = _gpu_decoder(nvimgcodec, device_id)
+            ok = probe.decode([nvimgcodec.CodeStream(_probe_jpeg())], params=_decode_params(nvimgcodec))[0] is not None
     except Exception as e:  # noqa: BLE001 - nvImageCodec raises RuntimeError/ValueError of its own
         return GpuDecodeStatus(False, f"nvImageCodec cannot decode on GPU {device_id}: {first_line(e)}")
     if not ok:

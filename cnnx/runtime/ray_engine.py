@@ -141,6 +141,15 @@ def classify_with_ray(paths, model, *, output, fmt="csv", errors=None, resume=Fa
     with Classifier(model, "cpu", threads=1, batch_size=batch_size, topk=topk, max_pixels=max_pixels,
                     decode="threads") as clf:  # the pool, not processes of its own, uses the cores
         info, topk, batch_size = clf.info, clf.topk, clf.batch_size
+    if device in ("cuda", "tensorrt") and address is None and not os.environ.get("RAY_ADDRESS") \
+            and not ray.is_initialized():
+        # A private Ray starts on this machine, whose actors open the model here: why they could
+        # not is one line now, before Ray starts, not an actor's traceback after it.
+        from cnnx.runtime import cuda
+
+        status = cuda.diagnose() if device == "cuda" else cuda.diagnose_tensorrt()
+        if not status.usable:
+            raise RayEngineError(f"--device {device}: {status.reason}")
     summary = RaySummary()
     with _output_lock(output), _Sink(output, fmt, errors, info.class_names, topk, resume, rows_per_part,
                                      info.identity()) as sink:
