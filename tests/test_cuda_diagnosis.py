@@ -136,11 +136,13 @@ _FAKE_LIBCUDA = r"""
 #include <stdlib.h>
 #include <string.h>
 /* FAKE_CUDA=stub: every call returns 34 (CUDA_ERROR_STUB_LIBRARY), as the toolkit's stubs/libcuda.so
-   does; FAKE_CUDA=nogpu: a CUDA 13.0 driver that starts and counts 0 devices. */
-static int stub(void) { const char *m = getenv("FAKE_CUDA"); return !m || strcmp(m, "nogpu"); }
+   does; FAKE_CUDA=nogpu: a CUDA 13.0 driver that starts and counts 0 devices; FAKE_CUDA=onegpu: 1
+   device, and none of the rest of the driver API (onnxruntime's CUDA provider library, which
+   links against it, then cannot be loaded). */
+static int stub(void) { const char *m = getenv("FAKE_CUDA"); return !m || (strcmp(m, "nogpu") && strcmp(m, "onegpu")); }
 int cuDriverGetVersion(int *v) { if (stub()) return 34; *v = 13000; return 0; }
 int cuInit(unsigned flags) { return stub() ? 34 : 0; }
-int cuDeviceGetCount(int *n) { if (stub()) return 34; *n = 0; return 0; }
+int cuDeviceGetCount(int *n) { if (stub()) return 34; *n = strcmp(getenv("FAKE_CUDA"), "onegpu") ? 0 : 1; return 0; }
 """
 
 
@@ -187,6 +189,30 @@ def test_a_driver_library_that_cannot_run_is_named_not_passed(fake_driver, tmp_p
     assert nogpu.stdout.splitlines() == ["the NVIDIA driver sees no GPU"] * 2, nogpu.stderr
     hidden = _with_driver(fake_driver, "nogpu", probe, CUDA_VISIBLE_DEVICES="-1")
     assert hidden.stdout.splitlines()[0] == "the NVIDIA driver sees no GPU (CUDA_VISIBLE_DEVICES='-1')"
+
+
+def test_a_provider_library_that_cannot_load_is_named_where_the_session_falls_back(fake_driver, tmp_path):
+    """Past every named check (driver, GPU, cuda runtime, cuBLAS, cuDNN), the provider library
+    itself links more (cuRAND, cuFFT, the driver API): its loader error is the reason given,
+    not "no usable GPU visible?"."""
+    import onnxruntime as ort
+
+    from tests._runtime_util import tiny_onnx_model
+
+    probe = _with_driver(fake_driver, "onegpu", ["-c", "from cnnx.runtime import cuda; print(cuda.diagnose().usable)"])
+    if cuda.CUDA_PROVIDER not in ort.get_available_providers() or probe.stdout.strip() != "True":
+        pytest.skip("the CUDA runtime, cuBLAS or cuDNN wheels are not installed here")
+    model = tiny_onnx_model(tmp_path / "m.onnx")
+    (tmp_path / "imgs").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "imgs" / "a.jpg")
+    r = _with_driver(fake_driver, "onegpu", ["-m", "cnnx", "classify", str(tmp_path / "imgs"), "--model", str(model),
+                                             "--device", "cuda"])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("Error: --device cuda: onnxruntime's CUDA provider library cannot be loaded (")
+    assert lines[0].endswith(f"): {cuda.INSTALL_HINT}") and "symbol" in lines[0], lines[0]  # the stand-in's gaps
 
 
 def test_cuda_causes_stay_off_stdout_and_are_one_line(fake_driver, tmp_path):

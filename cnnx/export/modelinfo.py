@@ -58,7 +58,9 @@ def _providers(path) -> dict:
             opts = ort.SessionOptions()
             opts.log_severity_level = 4
             s = cuda.new_session(ort, os.fspath(path), opts, [p, "CPUExecutionProvider"])
-            result[p] = "yes" if s.get_providers()[0] == p else "no (the session fell back to CPU)"
+            problem = None if s.get_providers()[0] == p else cuda.provider_library_problem(ort)
+            result[p] = "yes" if s.get_providers()[0] == p else \
+                f"no (the session fell back to CPU{f': {problem}' if problem else ''})"
         except Exception as e:  # noqa: BLE001 - any failure means "not usable here"
             result[p] = f"no ({first_line(e, 120)})"
     if "CUDAExecutionProvider" not in result:  # a CPU-only build, or two builds in one folder: say which and why

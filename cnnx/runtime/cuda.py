@@ -11,8 +11,10 @@ hit most, checked in this order (each check is cheap: package metadata and dlope
      that sees no GPU (CUDA_VISIBLE_DEVICES), or a driver older than the CUDA major version
      this onnxruntime-gpu was built for;
   4. the CUDA runtime / cuBLAS / cuDNN libraries of that major version not loadable (the
-     `nvidia-*` wheels that `pip install 'cnnx[gpu]'` brings are preloaded first), then the
-     provider's own library, which names any other library it lacks (cuRAND, cuFFT, ...).
+     `nvidia-*` wheels that `pip install 'cnnx[gpu]'` brings are preloaded first).
+Where a session still falls back to the CPU after these, provider_library_problem names what
+else the provider's own library lacks (cuRAND, cuFFT, ...): asked only then, as an explanation,
+so that a check of cnnx's own can never stop a provider that loads.
 """
 
 from __future__ import annotations
@@ -223,9 +225,6 @@ def diagnose(*, dist_path=None) -> CudaStatus:
                 other = next((m for m in (major - 1, major + 1) if _loads(soname.replace(str(major), str(m), 1))), None)
                 found = f" (found CUDA {other}'s, the wrong major version)" if other and what != "cuDNN 9" else ""
                 return CudaStatus(False, f"{what} library {soname} for CUDA {major} cannot be loaded{found}: {INSTALL_HINT}")
-    problem = provider_library_problem(ort)
-    if problem is not None:
-        return CudaStatus(False, f"onnxruntime's CUDA provider library cannot be loaded ({problem}): {INSTALL_HINT}")
     return CudaStatus(True, f"onnxruntime {ort.__version__} built for CUDA {built_for}, driver supports "
                             f"{'?' if supported is None else f'{supported // 1000}.{supported % 1000 // 10}'}")
 

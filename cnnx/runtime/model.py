@@ -126,6 +126,10 @@ def open_model(path, device: str = "auto", *, threads: int | None = None, batch_
     provider = active[0] if active else CPU
     wanted = {"cuda": CUDA, "tensorrt": TENSORRT}.get(device)
     if wanted is not None and provider != wanted:
+        problem = cuda.provider_library_problem(ort)
+        if problem is not None:
+            raise ModelError(f"--device {device}: onnxruntime's CUDA provider library cannot be loaded "
+                             f"({problem}): {cuda.INSTALL_HINT}")
         raise ModelError(f"--device {device}: onnxruntime's {wanted} did not load although its libraries do "
                          f"(no usable GPU visible? CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
                          "use --device cpu or auto")
