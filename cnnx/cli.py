@@ -12,6 +12,10 @@ import click
 
 from cnnx import __version__
 
+# What the [train] extra installs (import names): train, evaluate and export need them; the
+# base install (classify, info) does not.
+TRAIN_EXTRA_MODULES = frozenset({"torch", "torchvision", "onnx", "onnxscript", "matplotlib", "tqdm"})
+
 # name -> "module:attribute" of a click.Command; modules must be cheap to import.
 COMMANDS = {
     "train": "cnnx.train.command:train",
@@ -72,6 +76,13 @@ def main(argv=None):
     except KeyboardInterrupt:  # before or after click's own handling
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except ModuleNotFoundError as e:  # the runtime-only install running a training command
+        top = (e.name or "").split(".")[0]
+        if top not in TRAIN_EXTRA_MODULES:
+            raise
+        click.echo(f"Error: this command needs cnnx's training extra ({top} is not installed): "
+                   f"pip install 'cnnx[train]' (PyTorch first for a CUDA build of your choice)", err=True)
+        sys.exit(1)
     if isinstance(code, ExitNow):
         _exit_now(code)
     sys.exit(code if isinstance(code, int) else 0)

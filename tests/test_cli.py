@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 
 from cnnx import __version__
@@ -45,3 +46,16 @@ def test_every_option_of_every_command_has_help_text():
         if isinstance(p, click.Option) and not p.help and "--help" not in p.opts
     ]
     assert not missing, missing
+
+
+@pytest.mark.parametrize("args", [["train", "--data", "."], ["export", "x.pt"], ["evaluate", "x.pt", "--data", "."]])
+def test_training_commands_without_torch_are_one_line(args, tmp_path):
+    """The runtime-only install (`pip install .`, no torch) gave a 27-line traceback ending in
+    ModuleNotFoundError for train, export and evaluate. The interpreter here has torch: it is
+    hidden from this subprocess (None in sys.modules, as Python reports a missing module)."""
+    (tmp_path / "x.pt").write_bytes(b"a checkpoint")
+    code = "import sys; sys.modules['torch'] = None; from cnnx.cli import main; main(sys.argv[1:])"
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "Error: this command needs cnnx's training extra (torch is not installed): pip install 'cnnx[train]' "
+        "(PyTorch first for a CUDA build of your choice)"], r.stderr
