@@ -1,9 +1,11 @@
-"""Shared fixtures. Data comes from ../shared/datasets (real CIFAR-10 JPEGs); tests that
-need it skip with a reason when the checkout has no such folder beside it.
+"""Shared fixtures. Data comes from $CNNX_CIFAR_DIR (the real CIFAR-10 JPEGs as
+benchmarks/cifar_jpegs.py writes them, DIR/<class>/*.jpg), else ../shared/datasets (the
+development checkout's tarball of them); tests that need it skip with a reason without either.
 Stage-specific fixtures live in their own test modules (or tests/_<stage>_util.py)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -17,9 +19,16 @@ CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
 
 @pytest.fixture(scope="session")
 def cifar_train_dir(tmp_path_factory) -> Path:
-    """The 50,000 CIFAR-10 training JPEGs as DIR/<class>/*.jpg (extracted once per session)."""
+    """The 50,000 CIFAR-10 training JPEGs as DIR/<class>/*.jpg (extracted once per session);
+    read, never written, by the tests."""
+    given = os.environ.get("CNNX_CIFAR_DIR")
+    if given:
+        if not all((Path(given) / c).is_dir() for c in CIFAR_CLASSES):
+            pytest.skip(f"CNNX_CIFAR_DIR={given} is not DIR/<class>/*.jpg of the 10 CIFAR-10 classes")
+        return Path(given)
     if not CIFAR_TAR.exists():
-        pytest.skip(f"{CIFAR_TAR} not found (the shared datasets folder is not beside this checkout)")
+        pytest.skip("no CIFAR-10 JPEGs: set CNNX_CIFAR_DIR to the folder `python benchmarks/cifar_jpegs.py DIR` "
+                    f"writes (the development checkout has {CIFAR_TAR.relative_to(ROOT.parent)} beside it)")
     dest = tmp_path_factory.mktemp("cifar")
     with tarfile.open(CIFAR_TAR) as tar:
         tar.extractall(dest, filter="data")

@@ -294,7 +294,8 @@ def test_resume_refuses_another_model_and_another_folder(ray_session, folder, mo
         classify_with_ray([str(folder)], str(other), output=str(parts), resume=True, num_workers=1, batch_size=16)
     for args, needle in (([folder, "--errors", "-"], "--output and --errors must be different files"),
                          ([folder, "-o", tmp_path / "q.csv", "--errors", tmp_path / "q.csv"], "must be different"),
-                         ([folder, "-o", tmp_path / "q.csv", "--errors", tmp_path / "no" / "e.csv"], "no folder")):
+                         ([folder, "-o", tmp_path / "q.csv", "--errors", tmp_path / "no" / "e.csv"], "no folder"),
+                         ([folder, "-o", out], "already exists: pass --resume")):  # exit 2 as local, not 1
         r = CliRunner().invoke(cli, ["classify", "--engine", "ray", "--model", str(model), *map(str, args)])
         assert r.exit_code == 2 and needle in r.stderr, r.output
     assert not (tmp_path / "q.csv").exists()

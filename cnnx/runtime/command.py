@@ -269,7 +269,7 @@ def _classify_on_ray(paths, model_path, output, fmt, topk, batch_size, device, e
     """--engine ray: cnnx.runtime.ray_engine does the work, with its own output lock and checks."""
     from cnnx.runtime.model import find_newest_model
     from cnnx.runtime.discover import is_uri
-    from cnnx.runtime.ray_engine import RayEngineError, classify_with_ray, default_errors_path
+    from cnnx.runtime.ray_engine import RayEngineError, RayUsageError, classify_with_ray, default_errors_path
 
     if not paths and manifest is None:
         raise click.UsageError("give at least one PATH or --manifest FILE")
@@ -293,6 +293,8 @@ def _classify_on_ray(paths, model_path, output, fmt, topk, batch_size, device, e
                                         manifest=manifest, address=address, num_workers=num_workers,
                                         num_gpus_per_worker=num_gpus_per_worker, batch_size=batch_size, topk=topk,
                                         follow_symlinks=follow_symlinks, device=device, on_progress=progress.update)
+    except RayUsageError as e:
+        raise click.UsageError(str(e)) from None
     except RayEngineError as e:
         raise click.ClickException(str(e)) from None
     finally:

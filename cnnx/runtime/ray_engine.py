@@ -59,6 +59,11 @@ class RayEngineError(Exception):
     cluster that cannot be reached, an output that cannot be continued, a failed run."""
 
 
+class RayUsageError(RayEngineError):
+    """A usage mistake the engine finds (an output that exists without --resume): exit 2 at the
+    command line, as the local engine's."""
+
+
 @dataclass
 class RaySummary:
     """What a run did, for the summary line (the same counts local classify prints)."""
@@ -575,11 +580,11 @@ class _Sink:
         classify keeps it: output.write_run_record) and checked by a --resume (check_resume)."""
         self.fmt, self.class_names, self.topk = fmt, class_names, topk
         if resume and output == "-":
-            raise RayEngineError("--resume needs --output FILE (it reads back what that file already holds)")
+            raise RayUsageError("--resume needs --output FILE (it reads back what that file already holds)")
         for label, target in (("--output", output), ("--errors", errors_path)):
             if target not in (None, "-") and os.path.exists(target) and not resume and not (
                     fmt == "parquet" and target == output and not _parts(output)):
-                raise RayEngineError(f"{label} {target} already exists: pass --resume to continue it, or remove it")
+                raise RayUsageError(f"{label} {target} already exists: pass --resume to continue it, or remove it")
         done, noted, escaped = set(), set(), set()
         target = None if output == "-" else output.rstrip("/" + os.sep)  # a Parquet folder's record is beside it
         started = target is not None and os.path.exists(target) and (fmt != "parquet" or bool(_parts(output)))
