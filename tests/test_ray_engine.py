@@ -363,3 +363,17 @@ def test_parquet_keeps_each_name_exactly_and_resumes_on_it(ray_session, folder, 
     pq.write_table(pa.table(row), old / "part-00000.parquet")
     again = classify_with_ray([str(literal)], str(model), output=str(old), resume=True, num_workers=1, batch_size=16)
     assert again.resumed == 1 and again.classified == 0
+
+
+def test_a_run_that_fails_before_its_first_row_leaves_nothing_behind(folder, model, tmp_path):
+    """A cluster that could not be joined left the run record (and an empty Parquet folder)
+    behind: files of a run that never wrote a row."""
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    out.mkdir()
+    for output in (out / "p.csv", out / "p.jsonl", out / "pp.parquet"):
+        with pytest.raises(RayEngineError):
+            classify_with_ray([str(folder / "airplane")], str(model), output=str(output), address=f"127.0.0.1:{port}")
+    assert sorted(os.listdir(out)) == []

@@ -42,8 +42,8 @@ from cnnx.runtime.discover import URI, Discovery, Found, PathKeys, is_uri
 from cnnx.runtime.files import TEMP_PREFIX, atomic_file, first_line, os_error_line, remove_stale_temps
 from cnnx.runtime.model import softmax_topk
 from cnnx.runtime.output import (ErrorsWriter, OutputBusy, OutputLock, PredictionWriter, ResumeError, WriteError,
-                                 check_resume, csv_header, read_done, read_run_record, summary_counts,
-                                 write_run_record)
+                                 check_resume, csv_header, read_done, read_run_record, run_record_path,
+                                 summary_counts, write_run_record)
 from cnnx.runtime.pipeline import decode_images
 from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS
 
@@ -588,6 +588,9 @@ class _Sink:
         done, noted, escaped = set(), set(), set()
         target = None if output == "-" else output.rstrip("/" + os.sep)  # a Parquet folder's record is beside it
         started = target is not None and os.path.exists(target) and (fmt != "parquet" or bool(_parts(output)))
+        self._output, self._errors_path = output, errors_path
+        self._fresh = None  # (record, whether the Parquet folder is new): a run that ends before its first row takes them back
+        folder_is_new = fmt == "parquet" and not os.path.exists(output)
         try:
             record = read_run_record(target) if resume and started else None
             check_resume(target, record, model, ())  # the model, before anything is read
@@ -611,6 +614,7 @@ class _Sink:
                 write_run_record(target, model)
             except OSError as e:
                 raise RayEngineError(f"cannot write: {os_error_line(e)}") from None
+            self._fresh = (run_record_path(target), folder_is_new)
         self._keys = PathKeys()
         self.done = {self.key(p) for p in done}
         self.done_escaped = {self.key(p) for p in escaped}  # parts of an older cnnx: parquet_name() spellings
@@ -627,8 +631,21 @@ class _Sink:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         self.close()
+        if exc_type is not None and self._fresh is not None and not self._wrote_anything():
+            # Failed before its first row (a cluster that cannot be joined, a model no actor can
+            # open): nothing of it stays behind, as nothing of a local run that fails so early.
+            record, new_folder = self._fresh
+            with contextlib.suppress(OSError):
+                os.remove(record)
+                if new_folder:
+                    os.rmdir(self._output)
+
+    def _wrote_anything(self) -> bool:
+        if os.path.exists(self._errors_path):
+            return True
+        return bool(_parts(self._output)) if self.fmt == "parquet" else os.path.exists(self._output)
 
     def skip(self, path, stage, message, summary):
         summary.skipped[stage] = summary.skipped.get(stage, 0) + 1
