@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from cnnx.cli import cli
 from cnnx.runtime import cuda
 from cnnx.runtime.contract import cuda_driver_present
+from cnnx.runtime.files import sha256_of
 from tests._runtime_util import make_onnx_model, tiny_onnx_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -329,7 +330,7 @@ def test_api_refuses_an_unknown_device_in_one_line(conv_model):
 def test_tensorrt_options_cache_engines_by_model_gpu_and_batch(conv_model, tmp_path, monkeypatch):
     monkeypatch.setenv("CNNX_CACHE", str(tmp_path / "cache"))
     opts = cuda.tensorrt_options(conv_model, 64, (224, 200), gpu="nvidia-h100-80gb-hbm3-0123456789ab")
-    sha = cuda.file_sha256(conv_model)
+    sha = sha256_of(conv_model)
     folder = tmp_path / "cache" / "trt" / f"{sha[:16]}-nvidia-h100-80gb-hbm3-0123456789ab-b64"
     assert opts["trt_engine_cache_enable"] == "True" and opts["trt_engine_cache_path"] == str(folder)
     assert opts["trt_timing_cache_path"] == str(folder)

@@ -177,3 +177,29 @@ def test_a_writer_failure_names_the_reason_torch_wrapped_in_a_generic_error(tmp_
     assert line == ("ONNX export failed: Failed to convert the exported program to an ONNX model. "
                     "(cause: No ONNX function found for aten.adaptive_max_pool2d)")
     assert "\n" not in line
+
+
+def test_a_checkpoint_replaced_during_the_load_keeps_the_hash_of_what_was_loaded(tmp_path, monkeypatch):
+    """Export during training: the checkpoint was loaded, then its path hashed again; a best.pt
+    replaced in between gave the exported model one epoch's weights and the next one's sha256,
+    and a --resume then took that next epoch's export for the same model. Here the replace comes
+    at the worst moment, right after the hash (the way a training run replaces best.pt)."""
+    from cnnx.runtime.files import sha256_of
+    from cnnx.train import checkpoint
+
+    path = make_checkpoint(tmp_path / "best.pt", "seed-cnn", ["cat", "dog"], size=32, seed=0)
+    newer = make_checkpoint(tmp_path / "newer.pt", "seed-cnn", ["cat", "dog"], size=32, seed=1)
+    first = sha256_of(path)
+
+    def hash_then_replace(source):
+        digest = sha256_of(source)
+        os.replace(newer, path)
+        return digest
+
+    monkeypatch.setattr(checkpoint, "sha256_of", hash_then_replace)
+    ckpt, sha = checkpoint.load_checkpoint_and_sha256(path)
+    assert sha == first != sha256_of(path)
+    monkeypatch.undo()
+    again = make_checkpoint(tmp_path / "again.pt", "seed-cnn", ["cat", "dog"], size=32, seed=0)
+    want = checkpoint.load_checkpoint(again)["state_dict"]
+    assert all(torch.equal(ckpt["state_dict"][k], v) for k, v in want.items())

@@ -142,7 +142,7 @@ def test_training_on_the_disk_cache_is_bit_identical_and_resumes_exactly(cifar_s
     # Export's parity images of the disk run: the same as the memory run's, read from a disk
     # cache row by row (the whole folder was once decoded into memory, and cached again as .pt).
     from cnnx.export.images import validation_images
-    from cnnx.export.metadata import file_sha256
+    from cnnx.runtime.files import sha256_of
     from cnnx.train import data as train_data
 
     decoded = []
@@ -151,7 +151,7 @@ def test_training_on_the_disk_cache_is_bit_identical_and_resumes_exactly(cifar_s
     monkey.setattr(train_data, "load_image_folder", lambda *a, **k: decoded.append(k["cache_mode"]) or real(*a, **k))
     try:
         got = {name: validation_images(load_checkpoint(tmp_path / "runs" / name / "best.pt"),
-                                       file_sha256(tmp_path / "runs" / name / "best.pt"), 7)
+                                       sha256_of(tmp_path / "runs" / name / "best.pt"), 7)
                for name in ("mem", "disk")}
     finally:
         monkey.undo()

@@ -63,12 +63,11 @@ def _load(checkpoint_path: Path, tta: int | None):
     """(checkpoint dict, uint8-input module, the file's sha256); ExportError for a bad checkpoint
     or a view count the arch cannot run. tta: test-time views the exported model runs per image
     (None: the checkpoint's own)."""
-    from cnnx.export.metadata import file_sha256
-    from cnnx.train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+    from cnnx.train.checkpoint import CheckpointError, load_checkpoint_and_sha256, model_from_checkpoint
     from cnnx.train.zoo import Uint8Input, set_tta_views
 
     try:
-        ckpt = load_checkpoint(checkpoint_path)
+        ckpt, sha256 = load_checkpoint_and_sha256(checkpoint_path)
         model = model_from_checkpoint(ckpt)
     except CheckpointError as e:
         raise ExportError(str(e)) from None
@@ -78,7 +77,7 @@ def _load(checkpoint_path: Path, tta: int | None):
         except ValueError as e:
             raise ExportError(f"--tta {tta}: {e}") from None
     spec = ckpt["preprocess"]
-    return ckpt, Uint8Input(model, spec["mean"], spec["std"]).eval(), file_sha256(checkpoint_path)
+    return ckpt, Uint8Input(model, spec["mean"], spec["std"]).eval(), sha256
 
 
 def _parity_images(ckpt, sha256, verify_data, int8: bool, limit: int, say, notes: list):

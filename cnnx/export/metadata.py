@@ -1,22 +1,12 @@
 """What every exported model carries: the contract's metadata (cnnx.runtime.contract, which
-`cnnx classify` reads with) filled in from a checkpoint, and the checkpoint's hash."""
+`cnnx classify` reads with) filled in from a checkpoint."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 
 from cnnx import __version__
 from cnnx.runtime.contract import encode_metadata
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(os.fspath(path), "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def model_metadata(ckpt: dict, checkpoint_sha256: str, variant: str = "fp32", tta_views: int = 1) -> dict:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import io
 import os
 import re
@@ -29,7 +28,7 @@ import sys
 from dataclasses import dataclass
 
 from cnnx.runtime.contract import CPU_PROVIDER, CUDA_PROVIDER
-from cnnx.runtime.files import cache_root
+from cnnx.runtime.files import cache_root, sha256_of
 
 INSTALL_HINT = "pip install 'cnnx[gpu]'"
 # Distributions that install the `onnxruntime` package folder; two of them at once clash.
@@ -306,14 +305,6 @@ def gpu_identity(device_id: int = 0) -> str | None:
     return f"{slug}-{uuid.raw.hex()[:12]}"
 
 
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def tensorrt_options(model_path, batch_size: int, size, *, device_id: int = 0, gpu: str | None = None,
                      fp16: bool = False) -> dict:
     """Provider options for onnxruntime's TensorRT provider: engine and timing caches in
@@ -323,7 +314,7 @@ def tensorrt_options(model_path, batch_size: int, size, *, device_id: int = 0, g
     batch_size; predict() may send fewer). fp16 off: the fp32 model keeps its fp32 numbers."""
     h, w = size
     gpu = gpu or gpu_identity(device_id) or f"gpu{device_id}"
-    folder = cache_root() / "trt" / f"{file_sha256(model_path)[:16]}-{gpu}-b{batch_size}"
+    folder = cache_root() / "trt" / f"{sha256_of(model_path)[:16]}-{gpu}-b{batch_size}"
     shape = lambda n: f"images:{n}x3x{h}x{w}"  # noqa: E731
     return {
         "device_id": str(device_id),

@@ -107,6 +107,18 @@ def atomic_write(path, data, *, keep_mode_of_target: bool = False) -> None:
             f.write(data)
 
 
+def sha256_of(source) -> str:
+    """Hex sha256 of a file: a path, or a binary file object read from where it stands."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with contextlib.ExitStack() as stack:
+        f = source if hasattr(source, "read") else stack.enter_context(open(os.fspath(source), "rb"))
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False

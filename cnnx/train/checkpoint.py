@@ -21,7 +21,7 @@ import torch
 
 from cnnx import __version__
 from cnnx.runtime.contract import ContractError, check_class_names, check_size
-from cnnx.runtime.files import atomic_file, first_line
+from cnnx.runtime.files import atomic_file, first_line, sha256_of
 from cnnx.runtime.preprocess import SpecError, validate_spec
 
 FORMAT = "cnnx-checkpoint"
@@ -168,13 +168,23 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     """Load and validate a cnnx checkpoint with weights_only=True; CheckpointError otherwise.
     Its fields must agree with each other: a preprocess spec this implementation applies (at
     most MAX_INPUT_SIDE a side), class names that are strings, one per class."""
+    return load_checkpoint_and_sha256(path, map_location, digest=False)[0]
+
+
+def load_checkpoint_and_sha256(path, map_location="cpu", *, digest: bool = True) -> tuple:
+    """(load_checkpoint's dict, the sha256 of the very bytes it was loaded from): the file is
+    opened once and hashed through that open file, so a best.pt that a run still training
+    replaces meanwhile cannot give one epoch's weights and another's hash. digest False: None."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
         raise CheckpointError(f"checkpoint is a folder, not a file: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with open(path, "rb") as f:
+            sha256 = sha256_of(f) if digest else None
+            f.seek(0)
+            ckpt = torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         # torch's text here advises turning the weights-only load off: never done (the file may run code)
         raise CheckpointError(f"refused to load {path}: not a torch checkpoint, or one holding objects "
@@ -199,7 +209,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: {first_line(e, 200)}") from None
     if ckpt["num_classes"] != len(names):
         raise CheckpointError(f"{path}: {len(names)} class names but num_classes is {ckpt['num_classes']!r}")
-    return ckpt
+    return ckpt, sha256
 
 
 def model_from_checkpoint(ckpt: dict):
