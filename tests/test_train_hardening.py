@@ -326,6 +326,30 @@ def test_killed_decode_worker_ends_the_run_with_one_line(cifar_subset, tmp_path)
     assert "decode worker process was killed by SIGKILL" in msg and "memory" in msg and "GiB" in msg, msg
 
 
+def test_a_killed_run_takes_its_decode_workers_with_it_and_can_start_again(cifar_subset, tmp_path):
+    """SIGKILL during decoding left the forked workers alive for ever (each held its own pipe's
+    other end, so it never read EOF), and holding the run folder's lock: "in use by another cnnx
+    train" for a pid that was gone. They now end with their parent."""
+    psutil = pytest.importorskip("psutil")
+    data = cifar_subset(400, classes=["cat", "dog", "ship"])
+    args = seed_args(data, tmp_path / "runs", "k", tmp_path / "c", "--epochs", "1", "--image-size", "224",
+                     "--workers", "2")
+    p = _cnnx(args)
+    proc = psutil.Process(p.pid)
+    deadline = time.monotonic() + 120
+    while len(proc.children()) < 2:
+        assert p.poll() is None and time.monotonic() < deadline, "no decode workers appeared"
+        time.sleep(0.02)
+    workers = proc.children()
+    os.kill(p.pid, signal.SIGSTOP)  # the workers block on their full pipes: alive when the parent dies
+    os.kill(p.pid, signal.SIGKILL)
+    p.communicate(timeout=60)
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, [w.pid for w in alive]
+    code, out, err = _finish(_cnnx([*args[:-2], "--workers", "1", "--image-size", "32"]))
+    assert code == 0 and "in use by another" not in err, err[-2000:]
+
+
 # --- (11) full disk, read-only --out ---------------------------------------------------------
 
 @pytest.mark.parametrize("size, what", [("4k", "config.json"), ("12m", "last.pt")])

@@ -238,15 +238,35 @@ def _decode_chunk(paths, spec, out):
     return idx, errors
 
 
-def _decode_worker(conn, paths, jobs, spec, cache_file=None):
+def _end_with_parent(parent: int):
+    """In a forked decode worker: the kernel ends it when its parent dies, SIGKILL included
+    (Linux's PR_SET_PDEATHSIG). A fork holds copies of the parent's files: the run folder's lock
+    (so a killed run stayed locked) and the parent's ends of the workers' pipes (so it never read
+    EOF), and lived on. A parent gone before the call: exit now."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _decode_worker(conn, paths, jobs, spec, cache_file=None, parent=None):
     """A decode process: for each job number it receives ((start, count) in `jobs`; None: no
     more) it decodes those paths and sends a header (job, indices, errors) over its own pipe,
     then the decoded rows as raw bytes from its buffer; with `cache_file` (the disk cache) it
-    writes each row into the file itself (_FileRows) instead, and sends only the header."""
+    writes each row into the file itself (_FileRows) instead, and sends only the header.
+    parent: the parent's pid, whose death ends this process (_end_with_parent)."""
     import signal
 
     import numpy as np
 
+    if parent is not None:
+        _end_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends us
     h, w = spec["size"]
     fd = buf = None
@@ -374,7 +394,8 @@ def _decode_all(paths, spec, *, workers, progress, out=None):
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
             for _ in range(workers):
                 mine, theirs = ctx.Pipe(duplex=True)
-                proc = ctx.Process(target=_decode_worker, args=(theirs, paths, jobs, spec, cache_file), daemon=True)
+                proc = ctx.Process(target=_decode_worker, args=(theirs, paths, jobs, spec, cache_file, os.getpid()),
+                                   daemon=True)
                 proc.start()
                 theirs.close()  # the worker holds the only other end: its death is EOF here
                 procs[mine] = proc
