@@ -192,6 +192,30 @@ def test_a_build_killed_half_way_is_never_read_back(tmp_path):
     assert read_disk_cache(folder)[1]["shape"] == [2, 3, 8, 8]
 
 
+def test_a_damaged_cache_is_rebuilt_and_temp_folders_do_not_collide(tmp_path, monkeypatch):
+    """A cache folder cut short was never rebuilt: the new one could not be renamed over the
+    damaged folder, and every run on that data failed until the user removed it by hand. And
+    the temp folder was named by the pid alone: two containers sharing the cache, both pid 1,
+    removed each other's."""
+    folder = tmp_path / "folders" / "k.u8"
+    _small_cache(folder)
+    os.truncate(folder / "images.u8", 2 * 3 * 8 * 8)
+    assert read_disk_cache(folder) is None
+    rows, meta = build_disk_cache(folder, 4, (8, 8), lambda out: (3, None), lambda extra: {"labels": [0, 1, 0]})
+    assert rows.shape == (3, 3, 8, 8) and read_disk_cache(folder)[1]["labels"] == [0, 1, 0]
+    assert sorted(p.name for p in (tmp_path / "folders").iterdir()) == ["k.u8"]
+    temps = []
+
+    def decode_into(out):  # another run of the same pid is building the same cache meanwhile
+        temps.extend(p.name for p in (tmp_path / "folders").iterdir() if p.name != "k.u8")
+        return 1, None
+
+    for _ in range(2):  # one pid, one cache: two temp names
+        shutil.rmtree(folder)
+        build_disk_cache(folder, 1, (8, 8), decode_into, lambda extra: {})
+    assert len(temps) == 2 and temps[0] != temps[1] and all(str(os.getpid()) in t for t in temps)
+
+
 def test_torchrun_two_ranks_read_the_disk_cache_and_switch_freezing(cifar_subset, tmp_path):
     """Each rank maps the cache rank 0 built and reads its shard's rows; DDP is rebuilt when
     the backbone unfreezes (its hooks follow requires_grad)."""

@@ -20,6 +20,7 @@ import errno
 import json
 import os
 import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -179,9 +180,9 @@ def build_disk_cache(folder: Path, n: int, size, decode_into, meta_of) -> tuple:
     try:
         parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(parent)
-        tmp = parent / f"{TEMP_PREFIX}{os.getpid()}-{folder.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        # pid and a random part (mkdtemp): two containers sharing the cache folder are often both
+        # pid 1, and a name of the pid alone was the other run's temp folder too.
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=f"-{folder.name}", dir=parent))
     except OSError as e:
         raise CacheError(f"cannot create the image cache in {parent}: {first_line(e)}") from None
     try:
@@ -213,8 +214,8 @@ def build_disk_cache(folder: Path, n: int, size, decode_into, meta_of) -> tuple:
         try:
             os.rename(tmp, folder)
         except OSError:
-            if read_disk_cache(folder) is None:  # not a racing run's complete cache
-                raise
+            if read_disk_cache(folder) is None:  # not a racing run's complete cache: a damaged one, replaced
+                _replace_damaged(folder, tmp)
         _fsync_dir(parent)
     except OSError as e:
         if is_disk_full(e):
@@ -228,6 +229,23 @@ def build_disk_cache(folder: Path, n: int, size, decode_into, meta_of) -> tuple:
     if got is None:
         raise CacheError(f"the decoded-image cache {folder} could not be read back")
     return got
+
+
+def _replace_damaged(folder: Path, tmp: Path):
+    """Rename the new cache `tmp` over a damaged cache folder (cut short, its header lost: a
+    rename cannot replace a folder that holds files): the damaged one is moved aside first,
+    then removed. A run racing to do the same may move it first, or put a complete cache there."""
+    aside = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix="-damaged", dir=folder.parent))
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(folder, aside / "cache")
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if read_disk_cache(folder) is None:
+                raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 WRITEBACK_EVERY = 0.25  # seconds between two syncs of the cache file while it is being filled
