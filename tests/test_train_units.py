@@ -150,3 +150,28 @@ def test_a_config_with_a_value_of_another_type_is_a_config_error():
                               ("optimizer", 3, "not a text")):
         with pytest.raises(ConfigError, match=words):
             config_from_dict({**good, key: value})
+
+
+def test_a_file_rewritten_with_its_size_and_mtime_put_back_is_decoded_again(tmp_path):
+    """The cache was keyed by names, mtimes and sizes: a file rewritten in place (same size)
+    with its mtime put back (touch -r, a copy keeping times) kept its stale cached pixels.
+    The key holds each file's ctime and inode too, which no such copy can put back."""
+    from PIL import Image
+
+    root = tmp_path / "data"
+    for c, colour in (("cat", (200, 0, 0)), ("dog", (0, 200, 0))):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (32, 32), colour).save(root / c / f"{i}.bmp")
+    spec = make_spec(32, CIFAR_MEAN, CIFAR_STD)
+    first = load_image_folder(root, spec, progress=False, cache=tmp_path / "cache", workers=1)
+    target = root / "cat" / "0.bmp"
+    st = target.stat()
+    blue = tmp_path / "blue.bmp"
+    Image.new("RGB", (32, 32), (0, 0, 200)).save(blue)
+    with open(target, "r+b") as f:  # in place: the same inode, the same size
+        f.write(blue.read_bytes())
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert target.stat().st_size == st.st_size and target.stat().st_mtime_ns == st.st_mtime_ns
+    again = load_image_folder(root, spec, progress=False, cache=tmp_path / "cache", workers=1)
+    assert first.images[0, 2, 0, 0] == 0 and again.images[0, 2, 0, 0] == 200 and again.images[0, 0, 0, 0] == 0

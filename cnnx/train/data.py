@@ -95,7 +95,10 @@ def _class_folders(folder: Path) -> list:
 @dataclass
 class Listing:
     class_names: list
-    files: list  # (path relative to the root, class index, mtime_ns, size), sorted per class
+    # (path relative to the root, class index, mtime_ns, size, ctime_ns, inode), sorted per class: the
+    # cache key. ctime and inode too: a file rewritten in place with its size and mtime put back
+    # (touch -r, a copy that keeps times) keeps those two, and its cached pixels would be stale.
+    files: list
     ignored: int = 0  # hidden names, and files whose names are not image names (a README beside the photos)
     unlisted: list = field(default_factory=list)  # (path, reason) of what the walk cannot or will not take
     linked: int = 0  # files reached through a symlink (to a file, or in a symlinked folder)
@@ -151,7 +154,8 @@ def _walk_images(top: str, listing: Listing, class_index: int, root: str, walked
                 continue
             listing.linked += link
             own += 1
-            listing.files.append((os.path.relpath(e.path, root), class_index, st.st_mtime_ns, st.st_size))
+            listing.files.append((os.path.relpath(e.path, root), class_index, st.st_mtime_ns, st.st_size,
+                                  st.st_ctime_ns, st.st_ino))
         if folder == top and not own and subfolders:
             listing.nested.append(top)
         stack.extend(reversed(subfolders))
@@ -475,7 +479,7 @@ def load_image_folder(root, spec, *, progress=True, cache=None, workers=None, us
     Classes are the sorted visible subfolders (label id = index); the image files (by name,
     as `cnnx classify` picks them) are sorted per class; unreadable files are skipped and
     listed in `.skipped` as (path, reason). The result is cached under the cache dir, keyed
-    by the folder, its file list with mtimes and sizes, the spec and PREPROCESS_VERSION.
+    by the folder, its file list with mtimes, sizes, ctimes and inodes, the spec and PREPROCESS_VERSION.
     cache_mode (memory | disk | auto, see cnnx.train.cache.use_disk): disk keeps the images in a
     memory-mapped cache file and `.images` is a cnnx.train.cache.Rows (rows read when asked)."""
     root = Path(root).expanduser().resolve()
