@@ -332,6 +332,23 @@ def test_a_failing_model_run_in_the_workers_is_one_line(tmp_path, cifar_subset):
     assert not segments(os.getpid())
 
 
+def test_a_model_replaced_before_the_workers_open_it_is_one_line_not_its_rows(tmp_path, cifar_subset):
+    """The workers open the model again by its path: a new export moved into its place after
+    the caller opened it gave the other model's rows under the caller's run record (the
+    review's swaps: 17 of 25 runs). A worker that opens another model says so instead."""
+    from cnnx.runtime.procdecode import ModelChanged
+
+    path = tmp_path / "deploy" / "model.onnx"
+    path.parent.mkdir()
+    shutil.copyfile(exported_model(tmp_path, seed=0), path)
+    with Classifier(path, "cpu", decode="processes", batch_size=8, workers=2) as clf:
+        shutil.copyfile(exported_model(tmp_path, seed=1), tmp_path / "new.onnx")
+        os.replace(tmp_path / "new.onnx", path)  # a new export, published while this run starts
+        with pytest.raises(ModelChanged, match="was replaced by another model"):
+            list(clf.classify([cifar_subset(2)]))
+    assert not segments(os.getpid())
+
+
 def test_cli_decode_option_gives_the_same_csv_threads_or_processes(model, mixed, tmp_path):
     """`cnnx classify --decode threads|processes` reaches the Classifier: same output, same errors file."""
     outs = {}

@@ -6,6 +6,7 @@ scheduled; onnxruntime runs it on the CPU) is shared by the tests of this module
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -377,3 +378,26 @@ def test_a_run_that_fails_before_its_first_row_leaves_nothing_behind(folder, mod
         with pytest.raises(RayEngineError):
             classify_with_ray([str(folder / "airplane")], str(model), output=str(output), address=f"127.0.0.1:{port}")
     assert sorted(os.listdir(out)) == []
+
+
+def test_a_model_replaced_while_the_run_starts_is_one_line(folder, tmp_path, monkeypatch):
+    """The driver opened the model (its identity went into the run record), then read its bytes
+    again for the actors seconds later, after Ray started: a new export moved in between gave
+    the actors another model than the record names. Here the replace comes right after the
+    driver's open."""
+    from cnnx.runtime import ray_engine
+
+    path = tmp_path / "model.onnx"
+    shutil.copyfile(exported_model(tmp_path, seed=0), path)
+    real = ray_engine.Classifier
+
+    def open_then_replace(*args, **kwargs):
+        clf = real(*args, **kwargs)
+        shutil.copyfile(exported_model(tmp_path, seed=1), tmp_path / "new.onnx")
+        os.replace(tmp_path / "new.onnx", path)
+        return clf
+
+    monkeypatch.setattr(ray_engine, "Classifier", open_then_replace)
+    with pytest.raises(RayEngineError, match="was replaced by another model"):
+        classify_with_ray([str(folder / "airplane")], str(path), output=str(tmp_path / "p.csv"), num_workers=1)
+    assert not (tmp_path / "p.csv").exists()

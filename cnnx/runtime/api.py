@@ -158,7 +158,7 @@ class Classifier:
             self._pool_wanted = False  # one try
             try:
                 self.decode_pool = procdecode.DecodePool(
-                    self.config.resolved_workers(), model=self.info.path if self._cpu_loop else None,
+                    self.config.resolved_workers(), model=self.info if self._cpu_loop else None,
                     nice=procdecode.FEEDING_NICE if self.runner is not None else 0)
             except Exception:
                 if self._decode != "auto":
@@ -405,7 +405,7 @@ def _cpu_decoded(clf: Classifier, todo):
     pool = clf._pool()
     if pool is not None and not pool.busy:
         yield from pool.decoded_batches(todo, clf.info.spec, clf.config,
-                                        model=clf.info.path if clf._runs_in_workers else None, lend=True)
+                                        model=clf.info if clf._runs_in_workers else None, lend=True)
     else:
         yield from decoded_batches(todo, clf.info.spec, clf.config)
 

@@ -65,14 +65,21 @@ class DecodeWorkerDied(ModelError):
     the runtime's failures into one line (cnnx classify) do so for this one too."""
 
 
+class ModelChanged(ModelError):
+    """The model file a worker opened is not the model the caller opened (a new export was
+    moved into its place in between): the worker's rows would be another model's."""
+
+
 # --- the worker -------------------------------------------------------------------------------
 
 def _worker(conn, nice: int = 0):
     """Decode tasks until told to stop or the caller goes (at `nice` more niceness than the
     process it was forked from). Messages in: ("load", model),
     ("attach", run, shm name, shape, spec, max_pixels, model), ("decode", run, slot, row,
-    "\\0"-joined paths), ("stop",); out: one (run, slot, row, decoded, failed, notes, logits) per decode task of
-    the run attached, logits None without a model, or the line of an onnxruntime failure."""
+    "\\0"-joined paths), ("stop",), where model is None or (path, the identity the caller's
+    model has: ModelInfo.identity()); out: one (run, slot, row, decoded, failed, notes, logits)
+    per decode task of the run attached, logits None without a model, the line of an
+    onnxruntime failure, or a ModelChanged."""
     # Ctrl-C reaches the whole process group; the caller cleans up and stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if nice:
@@ -96,17 +103,17 @@ def _worker(conn, nice: int = 0):
                 except OSError:  # the caller has gone
                     return
             elif msg[0] == "load":
-                model = _WorkerModel(msg[1])
+                model = _WorkerModel(*msg[1])
             elif msg[0] == "attach":
                 images = None
                 if shm is not None:
                     shm.close()
                     shm = None
-                _, run, name, shape, spec, max_pixels, model_path = msg
-                if model_path is None:
+                _, run, name, shape, spec, max_pixels, wanted = msg
+                if wanted is None:
                     model = None
-                elif model is None or model.path != model_path:
-                    model = _WorkerModel(model_path)
+                elif model is None or (model.path, model.expected) != wanted:
+                    model = _WorkerModel(*wanted)
                 try:
                     shm = shared_memory.SharedMemory(name=name)
                 except FileNotFoundError:  # the run ended (an error, Ctrl-C) before we got here
@@ -125,14 +132,20 @@ class _WorkerModel:
     onnxruntime's operators split over the cores waited for the core a decoder held,
     benchmarks/results/bench_classify.json "tuning")."""
 
-    def __init__(self, path):
+    def __init__(self, path, expected: dict):
+        """expected: the identity of the model the caller opened from `path`: the file is opened
+        again here, by name, and a new export moved into its place meanwhile is another model."""
         from cnnx.runtime.model import open_model
 
-        self.path, self.error = path, None
+        self.path, self.expected, self.error = path, expected, None
         try:
             self.session, self.info, _ = open_model(path, "cpu", threads=1)
         except ModelError as e:
             self.error = str(e)
+            return
+        if self.info.identity() != expected:
+            self.error = ModelChanged(f"{path} was replaced by another model (a new export?) while this run "
+                                      f"started: run it again")
 
     def run(self, images):
         """The logits of every row of `images`, run WORKER_RUN_ROWS rows at a time."""
@@ -171,8 +184,8 @@ class _Batch:
 
 class DecodePool:
     """`workers` decode processes, started once and reused by every run (`decoded_batches`).
-    model: the path of the model the runs will pass to decoded_batches, opened by each worker
-    now, while the caller goes on. nice: added to the workers' niceness (FEEDING_NICE when the
+    model: the ModelInfo of the model the runs will pass to decoded_batches (the caller opened
+    it), opened by each worker now, while the caller goes on. nice: added to the workers' niceness (FEEDING_NICE when the
     caller's threads feed a GPU)."""
 
     def __init__(self, workers: int, model=None, nice: int = 0):
@@ -190,7 +203,7 @@ class DecodePool:
                 self.procs.append(proc)
                 self.conns.append(parent)
                 if model is not None:
-                    parent.send(("load", str(model)))
+                    parent.send(("load", _wanted(model)))
         except BaseException:
             _stop(self.procs, self.conns)
             raise
@@ -199,7 +212,7 @@ class DecodePool:
 
     def decoded_batches(self, item_batches, spec, config, model=None, lend: bool = False):
         """Yield (items, DecodedBatch) in order: what pipeline.decoded_batches yields for the
-        same input, decoded in the worker processes. model: None, or the path of the model
+        same input, decoded in the worker processes. model: None, or the ModelInfo of the model
         (opened by `Classifier(model, "cpu")`) that each worker then runs on the whole
         batches it decodes, on one CPU thread: the batch's `logits` (batch_size rows; a
         failed run raises ModelError here, in batch order). lend: a batch whose files all
@@ -217,7 +230,7 @@ class DecodePool:
             images = np.ndarray(shape, dtype=np.uint8, buffer=shm.buf)
             for conn in self.conns:
                 conn.send(("attach", self.runs, shm.name, shape, spec, config.max_pixels,
-                           None if model is None else str(model)))
+                           None if model is None else _wanted(model)))
             yield from _Run(self, images, config, slots, model, lend).batches(item_batches)
         finally:
             images = None
@@ -228,6 +241,11 @@ class DecodePool:
     def close(self):
         """Stop the workers (those that do not stop in time are killed)."""
         self._stop()
+
+
+def _wanted(model) -> tuple:
+    """What a worker is told to open: (the path, the identity the caller's model has)."""
+    return str(model.path), model.identity()
 
 
 def _stop(procs, conns):
@@ -379,8 +397,10 @@ class _Run:
         out.images[len(out.paths):] = 0
         if not lent:
             self.release(batch.slot)
+        if isinstance(out.logits, ModelChanged):
+            raise out.logits
         if isinstance(out.logits, str):
-            raise ModelError(f"{self.model}: onnxruntime failed on a batch of {self.config.batch_size} on "
+            raise ModelError(f"{self.model.path}: onnxruntime failed on a batch of {self.config.batch_size} on "
                              f"{CPU_PROVIDER}: {out.logits}")
         return out
 

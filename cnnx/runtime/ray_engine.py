@@ -142,10 +142,16 @@ def classify_with_ray(paths, model, *, output, fmt="csv", errors=None, resume=Fa
         raise RayEngineError(f"unknown output format {fmt!r}; known: {', '.join(FORMATS)}")
     if errors is None:
         errors = default_errors_path(output)
-    # The contract check, the top-k cap and the batch budget, once here rather than in N actors.
+    # The contract check, the top-k cap and the batch budget, once here rather than in N actors,
+    # on the bytes the actors get: read before and after the model is opened here, the same both
+    # times (a new export moved into its place meanwhile would give the actors another model).
+    model_bytes = _read_model(model)
     with Classifier(model, "cpu", threads=1, batch_size=batch_size, topk=topk, max_pixels=max_pixels,
                     decode="threads") as clf:  # the pool, not processes of its own, uses the cores
         info, topk, batch_size = clf.info, clf.topk, clf.batch_size
+    if model_bytes is None or _read_model(model) != model_bytes:
+        raise RayEngineError(f"{model} was replaced by another model (a new export?) while this run started: "
+                             f"run it again")
     if device in ("cuda", "tensorrt") and address is None and not os.environ.get("RAY_ADDRESS") \
             and not ray.is_initialized():
         # A private Ray starts on this machine, whose actors open the model here: why they could
@@ -168,7 +174,7 @@ def classify_with_ray(paths, model, *, output, fmt="csv", errors=None, resume=Fa
                 sink.skip(path, "discover", reason, summary)
             if todo:
                 summary.workers = _pool_size(ray, num_workers, num_gpus_per_worker)
-                dataset = _dataset(ray, todo, model, info.spec, topk, device, max_pixels, batch_size,
+                dataset = _dataset(ray, todo, model_bytes, info.spec, topk, device, max_pixels, batch_size,
                                    summary.workers, num_gpus_per_worker)
                 for block in _blocks(ray, dataset):
                     summary.startup_seconds = summary.startup_seconds or time.perf_counter() - t_ray
@@ -366,12 +372,20 @@ def _pool_size(ray, num_workers, num_gpus_per_worker) -> int:
     return max(1, int(resources.get("CPU", 1)))
 
 
-def _dataset(ray, todo, model, spec, topk, device, max_pixels, batch_size, workers, num_gpus_per_worker):
+def _read_model(model) -> bytes | None:
+    """The model file's bytes; None where it cannot be read (the Classifier's open says why)."""
+    try:
+        with open(model, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _dataset(ray, todo, model_bytes, spec, topk, device, max_pixels, batch_size, workers, num_gpus_per_worker):
     import pyarrow as pa
     from ray.data import ActorPoolStrategy
 
-    with open(model, "rb") as f:
-        model_ref = ray.put(f.read())
+    model_ref = ray.put(model_bytes)
     # Arrow blocks of paths: compact in the driver (a million paths are tens of MB, not Python
     # dicts). from_blocks keeps them as they are and reads their row counts here; from_arrow
     # would run a Ray task per block to do that (worker processes importing Ray Data).
