@@ -85,6 +85,21 @@ def test_two_runs_with_the_same_name_one_runs_the_other_gets_one_line(cifar_subs
         assert load_checkpoint(runs / "same" / ckpt)["config"]["cache_dir"] == config["cache_dir"]
 
 
+def test_two_runs_with_the_default_name_in_one_second_get_two_folders(small, tmp_path, monkeypatch):
+    """The default name is the arch and the second the run started: a second run in that
+    second (a script starting two) was refused ("in use" or "already exists") though its user
+    never chose a name. It now gets NAME-2."""
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20260101-000000")
+    args = [a for a in seed_args(small, tmp_path / "runs", "x", tmp_path / "c", "--epochs", "1") if a != "x"]
+    args.remove("--name")
+    for _ in range(2):
+        r = run_cli(args)
+        assert r.exit_code == 0, r.stderr[-2000:]
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs == ["seed-cnn-20260101-000000", "seed-cnn-20260101-000000-2"]
+    assert all((tmp_path / "runs" / n / "best.pt").is_file() for n in runs)
+
+
 def test_a_live_run_folder_cannot_be_resumed_beside_it(small, tmp_path):
     """The flock is held for the whole run: --resume of a run that is still training is refused."""
     runs = tmp_path / "runs"

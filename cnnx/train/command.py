@@ -136,8 +136,8 @@ def train(ctx, out, name, resume, stop_after, quiet, compile_, aug, **opts):
             else:
                 cfg, run_dir = _new_run_config(opts, out, name, arch_given="arch" in given)
                 resume_ckpt = None
-                if _rank() == 0:
-                    held.enter_context(reserve_run_dir(run_dir, resume=False))
+                if _rank() == 0:  # a default name taken (two runs in one second): NAME-2, ...
+                    run_dir = held.enter_context(reserve_run_dir(run_dir, resume=False, unique=not name)).run_dir
             summary = fit(cfg, run_dir, resume=resume_ckpt, stop_after=stop_after, progress=not quiet)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None

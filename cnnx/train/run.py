@@ -78,16 +78,21 @@ class RunLock:
         self.release()
 
 
-def reserve_run_dir(run_dir, *, resume: bool) -> RunLock:
+def reserve_run_dir(run_dir, *, resume: bool, unique: bool = False) -> RunLock:
     """Make `run_dir` this process's, before any data is read. A new run creates the folder
     (os.mkdir: exactly one of two racing runs creates it) and both a new run and --resume take
     the folder's flock without waiting: whoever holds it owns the folder, the other gets one
     line. A new run may reuse an existing folder only when it holds nothing a user could lose
     (no last.pt or best.pt, only a run's own files): that is how a run killed before its first
-    epoch ended is started again with the same --name. Temp files of killed runs are removed."""
+    epoch ended is started again with the same --name. Temp files of killed runs are removed.
+    unique (a name the user did not choose: the arch and the second it started): a folder of
+    that name already there means NAME-2, NAME-3, ... (the lock's run_dir), never a reuse."""
     run_dir = Path(run_dir)
     created = False
-    if not resume:
+    if unique and not resume:
+        run_dir = _new_unique_folder(run_dir)
+        created = True
+    elif not resume:
         try:
             run_dir.parent.mkdir(parents=True, exist_ok=True)
             os.mkdir(run_dir)
@@ -113,6 +118,24 @@ def reserve_run_dir(run_dir, *, resume: bool) -> RunLock:
         raise
     remove_stale_temps(run_dir)
     return lock
+
+
+def _new_unique_folder(run_dir: Path) -> Path:
+    """Create run_dir, else the first of run_dir-2, -3, ... that is not there yet."""
+    try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunFolderError(f"cannot create the run folder: {files.os_error_line(e, run_dir)}") from None
+    for i in range(1, 1000):
+        candidate = run_dir if i == 1 else run_dir.with_name(f"{run_dir.name}-{i}")
+        try:
+            os.mkdir(candidate)
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise RunFolderError(f"cannot create the run folder: {files.os_error_line(e, candidate)}") from None
+    raise RunFolderError(f"{run_dir} and 998 folders named after it exist already; choose a --name")
 
 
 def _lock(run_dir: Path) -> RunLock:
