@@ -185,6 +185,12 @@ def test_empty_class_folder_is_a_one_line_error(small, tmp_path):
     r = run_cli(seed_args(data, tmp_path / "runs", "x", tmp_path / "c", "--epochs", "1"))
     assert r.exit_code == 1 and "Traceback" not in r.stderr
     assert f"class folder {data / 'bird'} holds no image files" in r.stderr.strip().splitlines()[-1]
+    # A run that fails before its first checkpoint takes back the folder it made (it left one
+    # holding only its lock, beside the real runs); a folder it did not make stays.
+    assert list((tmp_path / "runs").iterdir()) == []
+    (tmp_path / "runs" / "x").mkdir()
+    r = run_cli(seed_args(data, tmp_path / "runs", "x", tmp_path / "c", "--epochs", "1"))
+    assert r.exit_code == 1 and (tmp_path / "runs" / "x").is_dir()
 
 
 def test_non_image_names_and_hidden_files_are_ignored_as_classify_does(small, tmp_path):

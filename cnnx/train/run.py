@@ -61,10 +61,11 @@ class RunFolderError(Exception):
 
 class RunLock:
     """An exclusive flock on OUT/NAME/.cnnx-run.lock, held until `release` (or process exit,
-    so a killed run never leaves the folder locked)."""
+    so a killed run never leaves the folder locked). created: this run made the folder; one
+    that fails before its first checkpoint then takes it back (__exit__), still holding the lock."""
 
-    def __init__(self, fd: int, run_dir: Path):
-        self.fd, self.run_dir = fd, run_dir
+    def __init__(self, fd: int, run_dir: Path, created: bool = False):
+        self.fd, self.run_dir, self.created = fd, run_dir, created
 
     def release(self):
         if self.fd is not None:
@@ -74,8 +75,27 @@ class RunLock:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.release()
+    def __exit__(self, exc_type, *exc):
+        try:
+            if exc_type is not None and self.created:
+                _remove_if_unstarted(self.run_dir)
+        finally:
+            self.release()
+
+
+def _remove_if_unstarted(run_dir: Path):
+    """Remove a run folder that holds only what a run writes before its first checkpoint (its
+    lock, config.json, skipped.txt, temp files): a run that failed that early (no data, no
+    network for the weights) leaves no folder to tell apart from real runs."""
+    import shutil
+
+    try:
+        names = set(os.listdir(run_dir))
+    except OSError:
+        return
+    early = {LOCK_NAME, "config.json", "skipped.txt"}
+    if all(n in early or n.startswith((files.TEMP_PREFIX, OLD_TEMP_PREFIX)) for n in names):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def reserve_run_dir(run_dir, *, resume: bool, unique: bool = False) -> RunLock:
@@ -107,6 +127,7 @@ def reserve_run_dir(run_dir, *, resume: bool, unique: bool = False) -> RunLock:
     if not created and not resume and not (run_dir / LOCK_NAME).exists():
         _check_reusable(run_dir)  # a folder that is not a run's: refuse without writing into it
     lock = _lock(run_dir)
+    lock.created = created
     try:
         if not created and not resume:
             _check_reusable(run_dir)
