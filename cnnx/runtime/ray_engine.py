@@ -174,8 +174,8 @@ def classify_with_ray(paths, model, *, output, fmt="csv", errors=None, resume=Fa
                 sink.skip(path, "discover", reason, summary)
             if todo:
                 summary.workers = _pool_size(ray, num_workers, num_gpus_per_worker)
-                dataset = _dataset(ray, todo, model_bytes, info.spec, topk, device, max_pixels, batch_size,
-                                   summary.workers, num_gpus_per_worker)
+                dataset, summary.workers = _dataset(ray, todo, model_bytes, info.spec, topk, device, max_pixels,
+                                                    batch_size, summary.workers, num_gpus_per_worker)
                 for block in _blocks(ray, dataset):
                     summary.startup_seconds = summary.startup_seconds or time.perf_counter() - t_ray
                     sink.write_block(block, summary)
@@ -390,6 +390,9 @@ def _dataset(ray, todo, model_bytes, spec, topk, device, max_pixels, batch_size,
     # dicts). from_blocks keeps them as they are and reads their row counts here; from_arrow
     # would run a Ray task per block to do that (worker processes importing Ray Data).
     rows = _block_rows(len(todo), batch_size, workers)
+    # No more actors than blocks: an actor with no block to take only costs its start-up (and
+    # Ray Data warns of it).
+    workers = min(workers, -(-len(todo) // rows))
     ds = ray.data.from_blocks([pa.table({"path": pa.array(list(map(os.fsencode, todo[i:i + rows])), pa.binary())})
                                for i in range(0, len(todo), rows)])
     decode_args = dict(spec=spec, max_pixels=max_pixels, cwd=os.getcwd())
@@ -402,7 +405,7 @@ def _dataset(ray, todo, model_bytes, spec, topk, device, max_pixels, batch_size,
     actor_args = ([model_ref], device, topk, batch_size, max_pixels, decode_args)
     return ds.map_batches(_ClassifyActor, fn_constructor_args=actor_args,
                           compute=ActorPoolStrategy(size=workers), batch_size=batch_size, batch_format="numpy",
-                          num_gpus=num_gpus_per_worker if gpu else None, num_cpus=0 if gpu else 1)
+                          num_gpus=num_gpus_per_worker if gpu else None, num_cpus=0 if gpu else 1), workers
 
 
 BLOCKS_PER_ACTOR = 4  # at least this many blocks per actor where the input allows: an even share of the work
