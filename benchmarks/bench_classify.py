@@ -214,10 +214,12 @@ def classify_command(model: Path, folder: Path, out: Path, extra=(), launch=("-m
             "--topk", "1", *extra]
 
 
-def run_classify(model: Path, folder: Path, *extra, out: Path, launch=("-m", "cnnx"), peak: bool = True):
+def run_classify(model: Path, folder: Path, *extra, out: Path, launch=("-m", "cnnx"), peak: bool = True,
+                 cwd: Path = ROOT, env: dict | None = None):
     """Run the CLI; -> (wall s, peak RSS MiB, summary line, labels by path). peak=False: no
     memory polling (None for the peak), for a timing that nothing else shares the cores with:
-    the polling reads /proc for every process of the tree 100 times a second.
+    the polling reads /proc for every process of the tree 100 times a second. cwd, env: of the
+    process (another version's tree: _results.tree_env, and that tree as cwd).
 
     Peak memory is the sum of the high-water marks (VmHWM, read every 10 ms until it exits; it
     only grows, so the last reading is the peak up to the final 10 ms) of the process and of
@@ -228,7 +230,7 @@ def run_classify(model: Path, folder: Path, *extra, out: Path, launch=("-m", "cn
     t0 = time.perf_counter()
     err_file = CACHE / "classify.stderr"
     with open(err_file, "w") as err:
-        proc = subprocess.Popen(cmd, stderr=err, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stderr=err, cwd=cwd, env=env)
         peaks = {}  # pid -> its VmHWM, MiB
         while peak and proc.poll() is None:
             for pid, _depth in process_tree(proc.pid):

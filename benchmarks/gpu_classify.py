@@ -563,21 +563,22 @@ def agreement(model: str, device: str, files, n: int = 64) -> dict:
             "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean())}
 
 
-# `python -c BOOT TREE classify ...`: the cnnx of TREE (a folder holding a cnnx/ package) runs, not
-# this checkout's; inserted before the path's other entries, so its forkserver's processes get it too.
-BOOT = "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); runpy.run_module('cnnx', run_name='__main__')"
-
-
 def classify(model: str, folder: Path, device: str, batch: int, work: Path, ceiling: float | None,
              with_memory: bool = False, tree: Path | None = None, extra=()) -> dict:
     """`cnnx classify` as a subprocess (of `tree`'s cnnx where given). Timed without the memory
     polling (it reads /proc for every process of the tree 100 times a second) unless with_memory
-    (the memory stage)."""
+    (the memory stage). A tree runs with itself first on PYTHONPATH and as the cwd (which
+    `python -c`, multiprocessing's forkserver among them, puts first on sys.path): inserting it
+    into the CLI's sys.path alone left the forkserver, a fresh interpreter whose preload ignores
+    the caller's sys.path on Python 3.11, importing this tree's decode workers."""
+    from _results import tree_env
     from bench_classify import run_classify
 
-    launch = ("-m", "cnnx") if tree is None else ("-c", BOOT, str(tree))
-    wall, peak, summary, labels = run_classify(Path(model), folder, "--device", device, "--batch-size", str(batch),
-                                               *extra, out=work / "classify-out.csv", peak=with_memory, launch=launch)
+    where = {} if tree is None else {"cwd": Path(tree).resolve(), "env": tree_env(tree)}
+    wall, peak, summary, labels = run_classify(Path(model).resolve(), Path(folder).resolve(), "--device", device,
+                                               "--batch-size", str(batch), *extra,
+                                               out=(Path(work) / "classify-out.csv").resolve(), peak=with_memory,
+                                               **where)
     first = re.search(r"first batch after ([\d.]+) s", summary)
     inner = re.search(r"; ([\d.]+) s; ", summary)
     n = len(labels)
