@@ -19,7 +19,7 @@ from cnnx.export.errors import ExportError, ParityError
 from cnnx.export.onnx import check_opset
 from cnnx.export.parity import RANDOM_BATCH_SIZES, run_parity
 from cnnx.export.publish import discard, make_staging, publish, resolve_out_dir
-from cnnx.export.writers import EXPORT_FILES, FILENAMES, WRITERS, Job, run_writer, torch_runner
+from cnnx.export.writers import EXPORT_FILES, FILENAMES, WRITERS, Job, activation_peak, run_writer, torch_runner
 from cnnx.runtime.files import os_error_line
 
 FORMATS = ("onnx", "torchscript", "pt2")
@@ -106,7 +106,8 @@ def _gate(job, backends, real, batch_sizes, progress: bool, notes: list, checkpo
     bound is broken (the staging folder is then discarded with it)."""
     job.say(f"running the parity gate ({job.tta_views} test-time view(s) per image) ...")
     report = run_parity(torch_runner(job.module), backends, real=real, size=job.ckpt["preprocess"]["size"],
-                        batch_sizes=batch_sizes, progress=progress, notes=notes)
+                        batch_sizes=batch_sizes, progress=progress, notes=notes,
+                        activation_peak=lambda x: activation_peak(job.module, x))
     doc = {
         "checkpoint": str(checkpoint_path),
         "checkpoint_sha256": job.sha256,

@@ -12,6 +12,10 @@ import numpy as np
 
 RANDOM_BATCH_SIZES = (1, 7, 256)
 RANDOM_SEED = 0
+# Real images the fp16/int8 bounds need before they rest on them alone: below this, the largest
+# random batch is gated too (one image that agrees proves nothing; int8 is calibrated on them).
+MIN_QUANTISED_GATE_IMAGES = 100
+FP16_MAX = 65504.0  # float16's largest finite number
 
 
 @dataclass(frozen=True)
@@ -20,7 +24,9 @@ class Bound:
     min_top1: float  # fraction of inputs whose top-1 class must agree with eager
 
 
-# fp32 must reproduce the checkpoint; fp16/int8 are approximations judged by their decisions.
+# fp32 must reproduce the checkpoint (max_abs relative to the logits' scale: the bound is
+# max_abs x max(1, |largest eager logit|), float32's rounding grows with it); fp16/int8 are
+# approximations judged by their decisions. Every variant must give finite logits.
 BOUNDS = {
     "fp32": Bound(max_abs=1e-4, min_top1=1.0),
     "fp16": Bound(max_abs=None, min_top1=0.995),
@@ -84,7 +90,11 @@ class ParityReport:
             lines.append((r.backend, r.variant, r.inputs, str(r.n), f"{r.max_abs:.2e}", f"{r.mean_abs:.2e}",
                           f"{100 * r.top1_agreement:.2f}%", acc, status))
         widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines)
+        text = "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines)
+        if self.eager_accuracy is not None:  # what the checkpoint itself scores: a wrong mean/std or class order shows here
+            text += f"\neager (the checkpoint) top-1 on the {self.inputs['real']['count']} labelled real images: " \
+                    f"{self.eager_accuracy:.2f}%"
+        return text
 
 
 def _batched(fn, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -97,7 +107,10 @@ def _accuracy(logits, labels):
 
 
 def compare(reference: np.ndarray, got: np.ndarray, *, backend: Backend, inputs: str, gated: bool,
-            labels=None, eager_accuracy=None) -> ParityRow:
+            labels=None, eager_accuracy=None, activation_peak: float | None = None) -> ParityRow:
+    """activation_peak: the eager model's largest |activation| on these inputs (writers.
+    activation_peak), for fp16: beyond FP16_MAX the fp16 model overflows where it computes in
+    float16, whatever this backend's logits show."""
     bound = BOUNDS[backend.variant]
     if got.shape != reference.shape:
         return ParityRow(backend.name, backend.variant, inputs, len(reference), float("inf"), float("inf"), 0.0,
@@ -105,7 +118,8 @@ def compare(reference: np.ndarray, got: np.ndarray, *, backend: Backend, inputs:
     diff = np.abs(got.astype(np.float64) - reference.astype(np.float64))
     max_abs = float(diff.max()) if diff.size else 0.0
     mean_abs = float(diff.mean()) if diff.size else 0.0
-    if not np.isfinite(got).all():
+    finite = np.isfinite(got).all(axis=1) if got.ndim == 2 else np.isfinite(got)
+    if not finite.all():
         max_abs = mean_abs = float("inf")
     agree = float((got.argmax(1) == reference.argmax(1)).mean()) if len(got) else 1.0
     acc = change = None
@@ -113,10 +127,17 @@ def compare(reference: np.ndarray, got: np.ndarray, *, backend: Backend, inputs:
         acc = _accuracy(got, labels)
         change = acc - eager_accuracy
     failure = None
+    scale = max(1.0, float(np.abs(reference).max())) if reference.size else 1.0
     if gated:
         what = f"{backend.name} ({backend.variant}) on {inputs} inputs"
-        if bound.max_abs is not None and not max_abs <= bound.max_abs:
-            failure = f"{what}: max abs logit difference {max_abs:.3g} > {bound.max_abs:g}"
+        if not finite.all():
+            failure = f"{what}: non-finite logits (inf or NaN) for {int((~finite).sum())} of {len(got)} images"
+        elif backend.variant == "fp16" and activation_peak is not None and activation_peak > FP16_MAX:
+            failure = (f"{what}: the model's activations reach {activation_peak:.3g}, beyond float16's "
+                       f"{FP16_MAX:,.0f}: the fp16 model overflows (inf/NaN) where it computes in float16")
+        elif bound.max_abs is not None and not max_abs <= bound.max_abs * scale:
+            failure = (f"{what}: max abs logit difference {max_abs:.3g} > {bound.max_abs:g}"
+                       + (f" x {scale:.3g} (the largest eager logit)" if scale > 1 else ""))
         elif agree < bound.min_top1:
             failure = (f"{what}: top-1 agreement {100 * agree:.2f}% < {100 * bound.min_top1:g}% "
                        f"({int(round((1 - agree) * len(got)))} of {len(got)} differ)")
@@ -125,12 +146,15 @@ def compare(reference: np.ndarray, got: np.ndarray, *, backend: Backend, inputs:
 
 
 def run_parity(eager, backends, *, real=None, size, batch_sizes=RANDOM_BATCH_SIZES, batch_size: int = 256,
-               progress: bool = False, notes=()) -> ParityReport:
+               progress: bool = False, notes=(), activation_peak=None) -> ParityReport:
     """Compare every backend with `eager` (a callable like theirs).
 
     real: cnnx.export.images.ParityImages or None. fp32 bounds apply to every input set; the
     fp16/int8 agreement bounds apply to the real images (random noise is far from what a
-    quantised model is calibrated for), or to the largest random batch when there are none.
+    quantised model is calibrated for), to the largest random batch when there are none, and
+    to both when there are fewer than MIN_QUANTISED_GATE_IMAGES real ones.
+    activation_peak: a callable uint8 images -> the eager model's largest |activation| on them
+    (writers.activation_peak), asked for the gated inputs when an fp16 backend is checked.
     """
     sets = []  # (name, images, labels or None)
     if real is not None:
@@ -139,7 +163,11 @@ def run_parity(eager, backends, *, real=None, size, batch_sizes=RANDOM_BATCH_SIZ
         from cnnx.export.images import random_images
 
         sets.append((f"random b={b}", random_images(b, size, RANDOM_SEED + i), None))
-    gate_set = "real" if real is not None else f"random b={max(batch_sizes)}"
+    largest = f"random b={max(batch_sizes)}"
+    gate_sets = {"real"} if real is not None else {largest}
+    if real is not None and len(real.images) < MIN_QUANTISED_GATE_IMAGES:
+        gate_sets.add(largest)
+    fp16 = activation_peak is not None and any(be.variant == "fp16" for be in backends)
 
     steps = len(sets) * (1 + len(backends))
     bar = None
@@ -158,11 +186,12 @@ def run_parity(eager, backends, *, real=None, size, batch_sizes=RANDOM_BATCH_SIZ
             acc0 = _accuracy(ref, labels) if labels is not None else None
             if name == "real":
                 eager_accuracy = acc0
+            peak = activation_peak(images) if fp16 and name in gate_sets else None
             for be in backends:
                 got = _batched(be.run, images, bs)
-                gated = be.variant == "fp32" or name == gate_set
+                gated = be.variant == "fp32" or name in gate_sets
                 rows.append(compare(ref, got, backend=be, inputs=name, gated=gated, labels=labels,
-                                    eager_accuracy=acc0))
+                                    eager_accuracy=acc0, activation_peak=peak))
                 if bar:
                     bar.update()
     finally:
@@ -174,6 +203,6 @@ def run_parity(eager, backends, *, real=None, size, batch_sizes=RANDOM_BATCH_SIZ
         "real": None if real is None else {"source": real.source, "count": int(len(real.images)),
                                            "labelled": real.labelled, "notes": list(real.notes)},
         "random": {"batch_sizes": list(batch_sizes), "seed": RANDOM_SEED, "dtype": "uint8"},
-        "quantised_gate": gate_set,
+        "quantised_gate": sorted(gate_sets),
     }
     return ParityReport(tuple(rows), inputs, eager_accuracy, tuple(notes))

@@ -127,6 +127,33 @@ def onnx_backends(path, variant: str, label: str) -> list:
     return out
 
 
+def activation_peak(module, images, batch_size: int = 256) -> float:
+    """The largest |value| any submodule of `module` outputs on `images` (uint8 N,3,H,W numpy),
+    eager, float32: where it passes float16's largest number (65,504), an fp16 model that
+    computes in float16 (onnxruntime's CUDA provider) overflows to inf/NaN. The gate needs it
+    from here: onnxruntime's CPU provider runs an fp16 model's operators in float32 (it casts
+    around them), so its logits never show the overflow."""
+    import torch
+
+    peak = 0.0
+
+    def hook(_mod, _inputs, output):
+        nonlocal peak
+        for t in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+                peak = max(peak, float(t.detach().abs().max()))
+
+    handles = [m.register_forward_hook(hook) for m in module.modules()]
+    try:
+        with torch.no_grad():
+            for i in range(0, len(images), batch_size):
+                module(torch.from_numpy(images[i:i + batch_size]))
+    finally:
+        for h in handles:
+            h.remove()
+    return peak
+
+
 def torch_runner(module):
     import torch
 

@@ -1,0 +1,74 @@
+"""The parity gate's bounds against models that are wrong in ways the logits alone can hide
+(the review of issue 8's session): an fp16 model that overflows only where it computes in
+float16, non-finite logits, a gate resting on one image, large logits' float32 rounding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from _export_util import make_checkpoint
+from cnnx.export.api import export_checkpoint
+from cnnx.export.errors import ParityError
+from cnnx.export.images import ParityImages
+from cnnx.export.parity import FP16_MAX, MIN_QUANTISED_GATE_IMAGES, Backend, compare, run_parity
+
+
+def _scaled(path, out, fc1: float, fc2: float):
+    """The checkpoint with seed-cnn's hidden layer scaled by fc1 and its last layer by fc2."""
+    from cnnx.train.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(path)
+    sd = ckpt["state_dict"]
+    sd["classifier.1.weight"] *= fc1
+    sd["classifier.1.bias"] *= fc1
+    sd["classifier.3.weight"] *= fc2
+    save_checkpoint(ckpt, out)
+    return out
+
+
+def test_an_fp16_model_that_overflows_in_float16_fails_the_gate_on_a_cpu(tmp_path):
+    """fc1 x 1e5 and fc2 / 1e5: the same fp32 logits, hidden activations past float16's largest
+    number. onnxruntime's CPU provider runs the fp16 model in float32, so its logits agreed and
+    the gate passed a model that gives NaN for every image on a GPU."""
+    base = make_checkpoint(tmp_path / "base.pt", "seed-cnn", ["a", "b", "c"], size=32)
+    hidden = _scaled(base, tmp_path / "hidden.pt", 1e5, 1e-5)
+    with pytest.raises(ParityError, match="beyond float16's 65,504: the fp16 model overflows") as e:
+        export_checkpoint(hidden, tmp_path / "exp", fp16=True)
+    fp16 = [r for r in e.value.report.rows if r.variant == "fp16" and r.failure]
+    assert fp16 and all(r.backend.startswith("onnxruntime") for r in fp16)
+    export_checkpoint(base, tmp_path / "fine", fp16=True)  # the same net unscaled passes
+
+
+def test_non_finite_logits_and_a_one_image_gate_fail_large_logits_pass():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(300, 4)).astype(np.float32)
+    nan_where_class_0 = np.where(ref.argmax(1)[:, None] == 0, np.nan, ref).astype(np.float32)
+    for variant in ("fp16", "int8", "fp32"):
+        row = compare(ref, nan_where_class_0, backend=Backend("b", variant, None), inputs="real", gated=True)
+        assert row.failure and "non-finite logits (inf or NaN) for" in row.failure, row
+    big = ref * 3000
+    close = (big.astype(np.float64) * (1 + 3e-7)).astype(np.float32)  # float32 rounding at that scale
+    assert compare(big, close, backend=Backend("b", "fp32", None), inputs="real", gated=True).failure is None
+    off = big.copy()
+    off[0, 0] += 2.0
+    assert "x " in compare(big, off, backend=Backend("b", "fp32", None), inputs="real", gated=True).failure
+
+    # One real image: the largest random batch is gated too (it was "report", and one image
+    # that agrees let an int8 model through that 4% of held-out images disagree with).
+    def eager(x):
+        return x.reshape(len(x), -1)[:, :4].astype(np.float32)
+
+    def flips(x):  # agrees on the real image, not on random ones
+        out = eager(x)
+        return out[:, ::-1].copy() if len(x) > 1 else out
+
+    one = ParityImages(np.zeros((1, 3, 8, 8), np.uint8), np.full(1, -1), "test")
+    report = run_parity(eager, [Backend("q", "int8", flips)], real=one, size=(8, 8), batch_sizes=(1, 64))
+    gated = {r.inputs for r in report.rows if r.gated}
+    assert gated == {"real", "random b=64"} and not report.passed
+    many = ParityImages(np.zeros((MIN_QUANTISED_GATE_IMAGES, 3, 8, 8), np.uint8),
+                        np.full(MIN_QUANTISED_GATE_IMAGES, -1), "test")
+    report = run_parity(eager, [Backend("q", "int8", eager)], real=many, size=(8, 8), batch_sizes=(1, 64))
+    assert {r.inputs for r in report.rows if r.gated} == {"real"} and report.passed
+    assert FP16_MAX == float(np.finfo(np.float16).max)
