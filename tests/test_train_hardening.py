@@ -387,6 +387,41 @@ def test_full_disk_is_one_line_and_leaves_no_partial_file(small, tmp_path, size,
             load_checkpoint(run / "best.pt")  # complete, not cut
 
 
+def test_a_diverging_run_stops_with_one_line_and_saves_no_best_pt(small, tmp_path):
+    """--lr 1e6 trained to NaN and still wrote best.pt with a "best val top-1" (a NaN row's
+    argmax is class 0: the share of that class), exit 0. inf and NaN values of the float
+    options were accepted too, and fine-tuning with muon silently trained the backbone at
+    the full rate."""
+    r = run_cli(seed_args(small, tmp_path / "runs", "nan", tmp_path / "c", "--epochs", "2", "--lr", "1e6"))
+    assert r.exit_code == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: training diverged in epoch ") and "nothing of this epoch is saved" in last, last
+    diverged = int(last.split("epoch ")[1].split(":")[0])
+    best = tmp_path / "runs" / "nan" / "best.pt"
+    if best.exists():  # an earlier epoch's, finite
+        ckpt = load_checkpoint(best)
+        assert ckpt["epoch"] < diverged and all(torch.isfinite(t).all() for t in ckpt["state_dict"].values()
+                                                if t.is_floating_point())
+    for option, value in (("--lr", "inf"), ("--weight-decay", "nan"), ("--backbone-lr-mult", "inf")):
+        r = run_cli(seed_args(small, tmp_path / "runs", "inf", tmp_path / "c", option, value))
+        assert r.exit_code == 2 and "must be a finite number" in r.stderr, r.stderr[-2000:]
+    ok = run_cli(seed_args(small, tmp_path / "runs", "base", tmp_path / "c", "--epochs", "1"))
+    assert ok.exit_code == 0, ok.stderr[-2000:]
+    r = run_cli(seed_args(small, tmp_path / "runs", "ft", tmp_path / "c", "--weights", tmp_path / "runs" / "base" /
+                          "best.pt", "--optimizer", "muon"))
+    assert r.exit_code == 2 and "cannot be combined with --optimizer muon" in r.stderr, r.stderr[-2000:]
+
+
+def test_a_full_cache_folder_is_a_warning_and_the_run_trains(small, tmp_path):
+    """The decoded data did not fit the cache folder: torch's writer said RuntimeError, not
+    OSError, and the run ended in a 50-line traceback where a warning was meant."""
+    with mounted_tmpfs(tmp_path / "cache", "64k") as cache:
+        r = run_cli(seed_args(small, tmp_path / "runs", "x", cache, "--epochs", "1", "--cache", "memory"))
+        assert r.exit_code == 0, r.stderr[-2000:]
+        assert "warning: cannot write the data cache" in r.stderr and "No space left" in r.stderr
+        assert [p.name for p in (cache / "folders").iterdir()] == []
+
+
 def test_read_only_out_is_one_line(small, tmp_path):
     with mounted_tmpfs(tmp_path / "ro", "1m") as ro:
         (ro / "runs").mkdir()

@@ -9,6 +9,7 @@ To change a recipe, edit RECIPES only; the CLI, checkpoints and config.json foll
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 
 from cnnx.runtime.contract import DEVICES, MAX_INPUT_SIDE
@@ -200,6 +201,11 @@ def check_config(c: TrainConfig) -> None:
     def bad(name, msg):
         raise ConfigError(f"--{name.replace('_', '-')}: {msg}")
 
+    for f in fields(c):  # inf and NaN pass comparisons such as `< 0`, and train straight to NaN
+        value = getattr(c, f.name)
+        numbers = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            bad(f.name, f"must be a finite number, got {value}")
     if c.optimizer not in OPTIMIZERS:
         bad("optimizer", f"unknown {c.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
     if c.schedule not in SCHEDULES:
@@ -270,6 +276,12 @@ def check_transfer_config(c: TrainConfig, bad) -> None:
         bad("backbone_lr_mult", f"must be >= 0, got {c.backbone_lr_mult}")
     if c.freeze_backbone_epochs < 0:
         bad("freeze_backbone_epochs", f"must be >= 0, got {c.freeze_backbone_epochs}")
+    if (c.weights or c.pretrained) and (c.optimizer == "muon" or c.whiten or c.bn_bias_lr != 1.0 or c.bn_scale_frozen):
+        # Their parameter groups (frontier.wants_role_groups) replace the head/backbone groups:
+        # the backbone would train at the full rate, and whitening would be overwritten.
+        bad("weights" if c.weights else "pretrained",
+            "fine-tuning keeps the backbone at --backbone-lr-mult with SGD/AdamW groups: it cannot be combined "
+            "with --optimizer muon, --whiten or the BatchNorm recipe fields")
     if "rrc" in c.aug and "crop" in c.aug:
         bad("aug", "rrc and crop are two kinds of crop; choose one")
     lo, hi = c.rrc_scale

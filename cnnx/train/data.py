@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from cnnx.runtime.contract import is_hidden_name, is_image_name
-from cnnx.runtime.files import atomic_file, cache_root, first_line, remove_stale_temps
+from cnnx.runtime.files import cache_root, first_line, remove_stale_temps
 from cnnx.runtime.preprocess import PREPROCESS_VERSION, ImageError, load_image
 from cnnx.train.cache import CacheError, build_disk_cache, read_disk_cache, take, use_disk
 
@@ -566,11 +566,12 @@ def _read_cache(cache_file: Path, root: Path):
 
 def _write_cache(cache_file: Path, obj: dict):
     """Complete or absent (files.atomic_file); temp files of killed runs are removed first."""
+    from cnnx.train.checkpoint import save_torch_file  # torch's writer turns ENOSPC into a RuntimeError; this says OSError
+
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(cache_file.parent)
-        with atomic_file(cache_file, "wb") as f:
-            torch.save(obj, f)
+        save_torch_file(cache_file, lambda f: torch.save(obj, f))
     except OSError as e:  # a read-only or full cache costs speed, not correctness
         print(f"warning: cannot write the data cache {cache_file}: {first_line(e)}", file=sys.stderr)
 

@@ -16,6 +16,7 @@ import enum
 import fcntl
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -362,6 +363,7 @@ def fit(cfg: TrainConfig, run_dir, *, resume: dict | None = None, stop_after: in
                 break
             tm, seconds = train_epoch(run, state, epoch)
             vm, probs, eval_seconds = evaluate_epoch(run)
+            check_finite(tm, vm, epoch)
             improved = state.record(history_row(epoch, tm, vm, seconds, eval_seconds, state), vm, probs)
             if d.main:
                 save_epoch(run, state, improved, tm, vm)
@@ -370,6 +372,21 @@ def fit(cfg: TrainConfig, run_dir, *, resume: dict | None = None, stop_after: in
                 stop = Stop.EARLY
                 break
         return finish(run, state, stop, stop_after)
+
+
+class Diverged(ValueError):
+    """Training reached non-finite values: one line for the user (exit 1)."""
+
+
+def check_finite(tm: dict, vm: dict, epoch: int):
+    """Diverged where this epoch's training loss is not finite or a validation image gets a
+    non-finite logit: nothing of the epoch is saved (a NaN row's argmax is class 0, so its
+    "top-1" could even look good and make best.pt of broken weights)."""
+    if math.isfinite(tm["loss"]) and not vm.get("nonfinite"):
+        return
+    raise Diverged(f"training diverged in epoch {epoch + 1}: train loss {tm['loss']:.4g}, non-finite logits for "
+                   f"{vm.get('nonfinite', 0)} of {vm.get('n', '?')} validation images; nothing of this epoch is "
+                   f"saved (a lower --lr, or --warmup?)")
 
 
 @contextlib.contextmanager
