@@ -235,3 +235,39 @@ def test_a_loop_left_early_gives_back_threads_processes_and_runner(model, cifar_
         assert sys.getswitchinterval() == switch
     finally:
         gc.enable()
+
+
+def test_a_run_cut_short_by_close_says_so_and_odd_uses_are_one_line(model, mixed_folder, tmp_path):
+    """A Classification read row by row ended silently, as if complete, when its Classifier was
+    closed (the review's 16 rows of 200); a Classifier could be pickled into an obscure error;
+    a folder or a pt2 archive as the model was "not found" or a protobuf error."""
+    import pickle
+
+    from cnnx.runtime import Classifier, ModelError
+
+    with Classifier(model, "cpu", batch_size=8) as clf:
+        rows = clf.classify([mixed_folder])
+        first = next(rows)
+        clf.close()
+        with pytest.raises(ValueError, match="closed before the run ended"):
+            list(rows)
+        assert first is not None
+    with Classifier(model, "cpu", batch_size=8) as clf:
+        run = clf.classify([mixed_folder])
+        results = run.results()
+        next(results)
+        clf.close()
+        with pytest.raises(ValueError, match="closed before the run ended"):
+            list(results)
+    with Classifier(model, "cpu", batch_size=8) as clf:
+        run = clf.classify([mixed_folder])
+        next(run)
+        run.close()  # its reader's own stop: the rows of the batch in hand at most, then an end, no error
+        list(run)
+        with pytest.raises(TypeError, match="cannot be pickled"):
+            pickle.dumps(clf)
+    with pytest.raises(ModelError, match="is a folder, not a model file"):
+        Classifier(tmp_path, "cpu")
+    (tmp_path / "model.pt2").write_bytes(b"PK\x03\x04" + bytes(60))
+    with pytest.raises(ModelError, match="TorchScript or pt2 archive"):
+        Classifier(tmp_path / "model.pt2", "cpu")

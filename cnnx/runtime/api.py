@@ -28,7 +28,6 @@ import numpy as np
 from cnnx.runtime import procdecode
 from cnnx.runtime.binding import CUDA_DEVICES, BoundRunner, RunFailed
 from cnnx.runtime.contract import CPU_PROVIDER as CPU
-from cnnx.runtime.cuda import TENSORRT_PROVIDER as TENSORRT
 from cnnx.runtime.discover import Discovery, PathKeys
 from cnnx.runtime.files import first_line
 from cnnx.runtime.gpudecode import DECODERS, GpuDecoder, open_decoder
@@ -198,8 +197,10 @@ class Classifier:
 
     @property
     def _max_rows(self) -> int:
-        # TensorRT's engine takes at most batch_size images a call (its shape profile).
-        return self.batch_size if self.provider == TENSORRT else 1 << 62
+        # batch_size images a run at most: TensorRT's engine takes no more (its shape profile),
+        # and onnxruntime's CPU arena keeps the memory of the largest batch it ran: a predict() of
+        # a whole dataset at once held gigabytes after the call.
+        return self.batch_size
 
     def _run(self, images):
         try:
@@ -228,10 +229,14 @@ class Classifier:
         paths = [os.fsdecode(p) for p in paths]  # TypeError naming the type of one that is not a path
         return Classification(self, paths, follow_symlinks=follow_symlinks, done=done)
 
+    def __reduce__(self):
+        raise TypeError("a Classifier cannot be pickled (it holds an onnxruntime session and threads): "
+                        "open one in each process from the model's path")
+
     def close(self):
         for run in list(self._runs):
             with contextlib.suppress(ValueError):  # being read in another thread right now: it ends there
-                run.close()
+                run.close(stopped="this Classifier was closed before the run ended: its rows stop here")
         if self.runner is not None:
             self.runner.close()
             self.runner = None
@@ -298,6 +303,14 @@ class BatchResult:
         return rows
 
 
+def _until_stopped(items, stopped: list):
+    """items, then ValueError(stopped[0]) where the run was stopped by another hand than its
+    reader's (a module function: it must not hold the Classification)."""
+    yield from items
+    if stopped[0] is not None:
+        raise ValueError(stopped[0])
+
+
 class _Counts:
     """What the walk found so far (Classification's counts), apart from the Classification: the
     generators that count hold this, not the Classification, so nothing they hold (a thread
@@ -329,7 +342,8 @@ class Classification:
         # cycle, freed only by the cyclic collector), and the discovery thread of the GPU path
         # would hold it for ever once the caller stopped reading.
         self._results = _run(classifier, todo)
-        self._rows = (row for result in self._results for row in result.rows())
+        self._stopped = [None]  # why a run its reader did not stop ended early (Classifier.close)
+        self._rows = _until_stopped((row for result in self._results for row in result.rows()), self._stopped)
         classifier._runs.add(self)
 
     @property
@@ -351,12 +365,15 @@ class Classification:
         return next(self._rows)
 
     def batches(self):
-        return (result.rows() for result in self._results)
+        return (result.rows() for result in self.results())
 
     def results(self):
-        return self._results
+        return _until_stopped(self._results, self._stopped)
 
-    def close(self):
+    def close(self, *, stopped: str | None = None):
+        """Stop the run. stopped: why, when its reader did not ask: the next read raises
+        ValueError with it, rather than ending as if every row had come."""
+        self._stopped[0] = stopped
         self._results.close()
 
     def __enter__(self):

@@ -97,6 +97,16 @@ def _session_options(ort, threads: int | None, on_cpu: bool, concurrent: bool):
     return so
 
 
+def _is_zip(path: Path) -> bool:
+    """Whether the file is a zip archive (TorchScript's and torch.export's format; an ONNX model
+    is a protobuf, which never starts with a zip's local-header signature)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False  # the loader says why
+
+
 def open_model(path, device: str = "auto", *, threads: int | None = None, batch_size: int | None = None,
                concurrent: bool = False):
     """-> (onnxruntime.InferenceSession, ModelInfo, provider actually running).
@@ -111,8 +121,13 @@ def open_model(path, device: str = "auto", *, threads: int | None = None, batch_
     if device not in INFERENCE_DEVICES:
         raise ModelError(f"unknown device {device!r}; known: {', '.join(INFERENCE_DEVICES)}")
     path = Path(path)
+    if path.is_dir():
+        raise ModelError(f"{path} is a folder, not a model file (the model is {path}/model.onnx after cnnx export)")
     if not path.is_file():
         raise ModelError(f"model not found: {path}")
+    if _is_zip(path):
+        raise ModelError(f"{path} is a TorchScript or pt2 archive, which run in PyTorch: onnxruntime runs the ONNX "
+                         f"export (cnnx export --format onnx writes model.onnx)")
     providers = _providers(ort, device, path, batch_size)
     want_gpu = providers[0] != CPU
     try:
