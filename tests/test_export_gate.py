@@ -9,7 +9,7 @@ import pytest
 
 from _export_util import make_checkpoint
 from cnnx.export.api import export_checkpoint
-from cnnx.export.errors import ParityError
+from cnnx.export.errors import ExportError, ParityError
 from cnnx.export.images import ParityImages
 from cnnx.export.parity import FP16_MAX, MIN_QUANTISED_GATE_IMAGES, Backend, compare, run_parity
 
@@ -72,3 +72,44 @@ def test_non_finite_logits_and_a_one_image_gate_fail_large_logits_pass():
     report = run_parity(eager, [Backend("q", "int8", eager)], real=many, size=(8, 8), batch_sizes=(1, 64))
     assert {r.inputs for r in report.rows if r.gated} == {"real"} and report.passed
     assert FP16_MAX == float(np.finfo(np.float16).max)
+
+
+def test_parity_images_keep_every_class_and_api_arguments_are_checked(tmp_path):
+    """--parity-images 30 of cat 100 / dog 3 / frog 200 took no dog (evenly spaced over the
+    sorted list); parity_images 0 or -5 and a batch size of 0 were other functions' errors."""
+    from collections import Counter
+
+    from cnnx.export.images import spread
+
+    groups = ["cat"] * 100 + ["dog"] * 3 + ["frog"] * 200
+    picked = spread(len(groups), 30, groups)
+    assert len(picked) == 30 and Counter(groups[i] for i in picked) == {"cat": 14, "frog": 13, "dog": 3}
+    assert list(spread(10, 4)) == [0, 3, 6, 9] and list(spread(3, 30, ["a", "b", "b"])) == [0, 1, 2]
+    ckpt = make_checkpoint(tmp_path / "c.pt", "seed-cnn", ["a", "b"], size=32)
+    for kwargs in ({"parity_images": 0}, {"parity_images": -5}, {"random_batch_sizes": (0,)},
+                   {"random_batch_sizes": ()}):
+        with pytest.raises(ValueError, match="must be (a whole number|whole numbers) >= 1"):
+            export_checkpoint(ckpt, tmp_path / "x", **kwargs)
+
+
+def test_a_checkpoint_edited_against_its_run_config_is_refused(tmp_path):
+    """Class names reversed, or another mean/std, in the checkpoint: the gate compares the model
+    with itself, so it passed, and classify labelled airplanes "truck". cnnx train writes the
+    top-level fields and the run's config from one value: a difference is an edit."""
+    from cnnx.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+    path = make_checkpoint(tmp_path / "c.pt", "seed-cnn", ["a", "b", "c"], size=32,
+                           config={"class_names": ["a", "b", "c"]})
+    ckpt = load_checkpoint(path)
+    ckpt["config"]["preprocess"] = dict(ckpt["preprocess"])
+    save_checkpoint(ckpt, tmp_path / "ok.pt")
+    load_checkpoint(tmp_path / "ok.pt")
+    for key, edit in (("class_names", lambda c: c["class_names"].reverse()),
+                      ("preprocess", lambda c: c["preprocess"].update(mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0]))):
+        edited = load_checkpoint(tmp_path / "ok.pt")
+        edit(edited)
+        save_checkpoint(edited, tmp_path / f"{key}.pt")
+        with pytest.raises(CheckpointError, match=f"differ from those of the run that trained it \\(config.{key}\\)"):
+            load_checkpoint(tmp_path / f"{key}.pt")
+        with pytest.raises(ExportError, match="an edited checkpoint; refused"):
+            export_checkpoint(tmp_path / f"{key}.pt", tmp_path / f"x-{key}")

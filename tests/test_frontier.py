@@ -132,6 +132,7 @@ def test_set_tta_views_and_bad_counts():
             zoo.set_tta_views(net, bad)
     with pytest.raises(ValueError, match="no test-time views"):
         zoo.set_tta_views(zoo.SeedCNN(10), 2)
+    zoo.set_tta_views(zoo.SeedCNN(10), 1)  # one view, the image alone: what it does (--tta 1 was refused)
     assert zoo.tta_views(zoo.SeedCNN(10)) == 1
     assert zoo.AirNet(10, tta=False).tta == 1 and zoo.AirNet(10, tta=True).tta == 2  # older checkpoints' bools
     assert config.TTA_VIEWS == zoo.TTA_VIEWS

@@ -154,6 +154,11 @@ def export_checkpoint(checkpoint_path, out_dir=None, formats=("onnx",), *, opset
     on failure the output folder is as it was.
     """
     say = log or (lambda msg: None)
+    if not (isinstance(parity_images, int) and parity_images >= 1):
+        raise ValueError(f"parity_images must be a whole number >= 1, got {parity_images!r}")
+    if random_batch_sizes is not None and not (
+            random_batch_sizes and all(isinstance(b, int) and b >= 1 for b in random_batch_sizes)):
+        raise ValueError(f"random_batch_sizes must be whole numbers >= 1, got {random_batch_sizes!r}")
     artifacts = _artifacts(resolve_formats(formats, fp16=fp16, int8=int8), fp16, int8)
     opset = check_opset(opset)
     checkpoint_path = Path(checkpoint_path)

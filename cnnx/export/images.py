@@ -27,12 +27,35 @@ class ParityImages:
         return bool(len(self.labels)) and bool((self.labels >= 0).all())
 
 
-def spread(n_total: int, limit: int | None) -> np.ndarray:
-    """Indices of `limit` items evenly spaced over n_total sorted items (every class of a
-    class-sorted list is represented), or all of them."""
+def spread(n_total: int, limit: int | None, groups=None) -> np.ndarray:
+    """Indices (sorted) of `limit` of n_total items, or all of them: evenly spaced over the
+    items, or, given `groups` (each item's class), over each class in turn, every class getting
+    an even share (at least one while limit allows): evenly spaced over a class-sorted list, a
+    small class between two large ones could get none."""
     if limit is None or n_total <= limit:
         return np.arange(n_total)
-    return np.unique(np.linspace(0, n_total - 1, num=limit).round().astype(np.int64))
+    if groups is None:
+        return np.unique(np.linspace(0, n_total - 1, num=limit).round().astype(np.int64))
+    members = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    classes = sorted(members, key=lambda g: members[g][0])
+    share = {g: 0 for g in classes}
+    left = limit
+    while left > 0:  # round robin: each class one more while it has items left
+        grew = False
+        for g in classes:
+            if left and share[g] < len(members[g]):
+                share[g] += 1
+                left -= 1
+                grew = True
+        if not grew:
+            break
+    picked = []
+    for g in classes:
+        idx = members[g]
+        picked += [idx[j] for j in np.unique(np.linspace(0, len(idx) - 1, num=share[g]).round().astype(np.int64))]
+    return np.array(sorted(picked), dtype=np.int64)
 
 
 def _files(root: Path):
@@ -63,7 +86,7 @@ def load_verify_data(root, spec: dict, class_names, limit: int | None) -> Parity
         raise ExportError(f"--verify-data {root}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     index = {c: i for i, c in enumerate(class_names)}
     images, labels, skipped = [], [], 0
-    for i in spread(len(files), limit):
+    for i in spread(len(files), limit, [cls for _path, cls in files]):
         path, cls = files[i]
         try:
             arr, _ = load_image(path, spec)
@@ -133,7 +156,7 @@ def validation_images(ckpt: dict, sha256: str, limit: int | None):
         return None, "the run's validation split is empty"
     if list(names) != list(ckpt["class_names"]):
         return None, "the run's data no longer has the checkpoint's classes"
-    keep = spread(len(y), limit)
+    keep = spread(len(y), limit, np.asarray(y).tolist())
     images = x.read(keep) if isinstance(x, Rows) else np.asarray(x)[keep]  # Rows: only these rows are read
     images = np.ascontiguousarray(images, dtype=np.uint8)
     if list(images.shape[2:]) != list(ckpt["preprocess"]["size"]):

@@ -209,6 +209,13 @@ def load_checkpoint_and_sha256(path, map_location="cpu", *, digest: bool = True)
         raise CheckpointError(f"{path}: {first_line(e, 200)}") from None
     if ckpt["num_classes"] != len(names):
         raise CheckpointError(f"{path}: {len(names)} class names but num_classes is {ckpt['num_classes']!r}")
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    for key, what in (("class_names", "class names (or their order)"), ("preprocess", "preprocess spec")):
+        # cnnx train writes both from one value: they differ only in an edited checkpoint, whose
+        # logits would be read with other labels or fed other pixels than it was trained on
+        if key in config and config[key] != ckpt[key]:
+            raise CheckpointError(f"{path}: its {what} differ from those of the run that trained it "
+                                  f"(config.{key}): an edited checkpoint; refused")
     return ckpt, sha256
 
 

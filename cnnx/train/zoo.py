@@ -176,9 +176,12 @@ class GlobalMaxPool(nn.Module):
 
 def set_tta_views(model: nn.Module, views: int) -> None:
     """Make `model` (an arch with test-time views, e.g. AirNet) average `views` views in eval
-    mode (TTA_VIEWS). ValueError for another count or a model without views."""
+    mode (TTA_VIEWS). ValueError for another count or a model without views (for which 1, the
+    image alone, is what it already does)."""
     model = getattr(model, "model", model)  # Uint8Input
     if not hasattr(model, "tta"):
+        if views == 1:
+            return
         raise ValueError(f"{type(model).__name__} has no test-time views")
     if isinstance(views, bool) or views not in TTA_VIEWS:
         raise ValueError(f"test-time views must be one of {', '.join(map(str, TTA_VIEWS))}, got {views!r}")
