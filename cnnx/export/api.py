@@ -169,7 +169,8 @@ def export_checkpoint(checkpoint_path, out_dir=None, formats=("onnx",), *, opset
     try:
         notes = []
         real = _parity_images(ckpt, sha256, verify_data, int8, parity_images, say, notes)
-        calibration = None if real is None else real.images[images.spread(len(real.images), CALIBRATION_IMAGES)]
+        calibration = None if real is None else real.images[
+            images.spread(len(real.images), CALIBRATION_IMAGES, real.labels.tolist())]  # every class, where known
         example = images.random_images(2, ckpt["preprocess"]["size"], seed=1)
         job = Job(ckpt, sha256, module, example, staging, opset, calibration, say)
         backends = []
