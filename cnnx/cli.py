@@ -76,6 +76,11 @@ def main(argv=None):
     except KeyboardInterrupt:  # before or after click's own handling
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as e:  # what the command printed could not be written: stdout full (> /dev/full) or gone
+        from cnnx.runtime.files import os_error_line
+
+        click.echo(f"Error: cannot write the output: {os_error_line(e)}", err=True)
+        sys.exit(1)
     except ModuleNotFoundError as e:  # the runtime-only install running a training command
         top = (e.name or "").split(".")[0]
         if top not in TRAIN_EXTRA_MODULES:

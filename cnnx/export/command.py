@@ -21,7 +21,7 @@ def newest_checkpoint(root: Path = Path("runs")) -> Path:
 @click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
 @click.option("--format", "formats", multiple=True, default=("onnx",), show_default=True,
               type=click.Choice(FORMATS + ("all",)), help="What to write; repeat the option for several.")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+@click.option("--out", "out_dir", type=click.Path(),
               help="Output folder, replaced whole by the new export; it must be new, empty or a previous "
                    "export [default: export/ beside the checkpoint].")
 @click.option("--opset", type=int, help="ONNX opset [default: the exporter's].")
@@ -44,6 +44,9 @@ def export(checkpoint, formats, out_dir, opset, verify_data, fp16, int8, parity_
     from cnnx.export.errors import ExportError, ParityError
     from cnnx.export.onnx import check_opset
 
+    if out_dir == "":  # Path("") is the current folder: not what an empty --out meant
+        raise click.BadParameter("needs a folder name", param_hint="--out")
+    out_dir = None if out_dir is None else Path(out_dir)
     try:
         check_opset(opset)
     except ExportError as e:

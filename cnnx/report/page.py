@@ -11,6 +11,8 @@ only thing the script adds.
 
 from __future__ import annotations
 
+import os
+
 import base64
 import hashlib
 import html
@@ -155,6 +157,8 @@ def report_replaceable(path) -> str | None:
     (a resumed job's page is written again); else why not, for one line. A report path is the
     user's to choose, and the write replaces the file (through a symlink: its target), so a
     model, an image or a results file named there by mistake would be lost."""
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO would block the read below
+        return "is a folder" if os.path.isdir(path) else "exists and is not a regular file"
     try:
         with open(path, "rb") as f:
             head = f.read(1 << 16)

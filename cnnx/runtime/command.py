@@ -118,10 +118,10 @@ class _Tally:
 @click.option("--address", help="--engine ray: join the Ray cluster at HOST:PORT (`ray start --head` prints it; "
                                 "'auto': the one started on this machine). Default: $RAY_ADDRESS, else a private "
                                 "Ray on this machine.")
-@click.option("--num-workers", type=click.IntRange(1),
+@click.option("--num-workers", type=click.IntRange(1, 100_000),
               help="--engine ray: actors, one onnxruntime session each. Default: the cluster's CPUs (or its GPUs / "
                    "--num-gpus-per-worker).")
-@click.option("--num-gpus-per-worker", type=click.FloatRange(0), default=0, show_default=True,
+@click.option("--num-gpus-per-worker", type=click.FloatRange(0, 64), default=0, show_default=True,
               help="--engine ray: GPUs per actor (1, or 0.5 for two actors a GPU); decoding then runs in a "
                    "separate CPU stage.")
 @click.option("--manifest", type=click.Path(exists=True, dir_okay=False),
@@ -273,6 +273,8 @@ def _classify_on_ray(paths, model_path, output, fmt, topk, batch_size, device, e
 
     if not paths and manifest is None:
         raise click.UsageError("give at least one PATH or --manifest FILE")
+    if num_gpus_per_worker != num_gpus_per_worker:  # NaN passes click's FloatRange
+        raise click.BadParameter("must be a number from 0 to 64, got nan", param_hint="--num-gpus-per-worker")
     if report_path is not None:
         raise click.UsageError("--report is not available with --engine ray")
     if resume and output == "-":
@@ -325,6 +327,9 @@ def _check_files(output, errors_path, report_path, model_path):
     folder that is there (the errors file is first written at the first skip, the report after
     the run: a typo must not cost the run), and a --report that replaces only a page cnnx wrote."""
     files = [("--output", output), ("--errors", errors_path), ("--report", report_path), ("--model", model_path)]
+    for label, p in files:
+        if p == "":
+            raise click.UsageError(f"{label} needs a file name")
     named = [(label, p, p if p == "-" else os.path.realpath(p.rstrip("/" + os.sep) or p))
              for label, p in files if p is not None]
     for i, (label, given, path) in enumerate(named):
@@ -333,6 +338,10 @@ def _check_files(output, errors_path, report_path, model_path):
                 raise click.UsageError(f"{label} and {other} must be different files")
         if label != "--model" and path != "-" and not os.path.isdir(os.path.dirname(path)):
             raise click.UsageError(f"{label} {given}: no folder {os.path.dirname(path)} to write it in")
+        if label in ("--output", "--errors") and path != "-" and os.path.exists(path) and not (
+                os.path.isfile(path) or os.path.isdir(path)):  # a Parquet output is a folder
+            # /dev/null, a FIFO: a --resume would read it for ever, a lock would go beside it in /dev
+            raise click.UsageError(f"{label} {given} exists and is not a regular file: name a file, or - for stdout")
     if report_path is not None:
         from cnnx.report import report_replaceable  # the report's imports only where one is asked for
 

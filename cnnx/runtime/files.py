@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import tempfile
 
 TEMP_PREFIX = ".cnnx-tmp-"
@@ -73,6 +74,13 @@ def atomic_file(path, mode: str = "wb", *, encoding: str | None = None, newline:
     path = os.fspath(path)
     if os.path.islink(path):
         path = os.path.realpath(path)
+    try:
+        mode_there = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode_there = None
+    if mode_there is not None and not stat.S_ISREG(mode_there):
+        # A rename would replace a device node (/dev/null, as root), a FIFO or a socket by a file.
+        raise OSError(errno.EEXIST, "exists and is not a regular file; not replaced", path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=folder)
     try:

@@ -180,6 +180,8 @@ def load_checkpoint_and_sha256(path, map_location="cpu", *, digest: bool = True)
         raise CheckpointError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
         raise CheckpointError(f"checkpoint is a folder, not a file: {path}")
+    if not os.path.isfile(path):  # a FIFO would block the read for ever
+        raise CheckpointError(f"checkpoint is not a regular file: {path}")
     try:
         with open(path, "rb") as f:
             sha256 = sha256_of(f) if digest else None

@@ -33,15 +33,20 @@ def _parse_aug(value):
     items = [a.strip() for a in value.split(",") if a.strip()]
     if items == ["none"]:
         return ()
+    if not items:  # "" or ",": say none to mean none
+        raise click.BadParameter(f"give augmentations ({', '.join(AUGMENTATIONS)}) or none", param_hint="--aug")
     bad = [a for a in items if a not in AUGMENTATIONS]
     if bad:
         raise click.BadParameter(f"unknown augmentation {bad[0]!r}; valid: {', '.join(AUGMENTATIONS)} or none",
                                  param_hint="--aug")
-    return tuple(items)
+    return tuple(dict.fromkeys(items))  # each once: flip,flip is flip
 
 
 def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    rank = os.environ.get("RANK", "0")
+    if not rank.isdigit():
+        raise click.UsageError(f"the environment's RANK must be a whole number (torchrun sets it), got {rank!r}")
+    return int(rank)
 
 
 @click.command()
@@ -126,6 +131,8 @@ def train(ctx, out, name, resume, stop_after, quiet, compile_, aug, **opts):
     opts["aug"] = _parse_aug(aug)
     given = {k for k in CONFIG_OPTIONS
              if ctx.get_parameter_source(k if k != "compile" else "compile_") == click.core.ParameterSource.COMMANDLINE}
+    if resume == "":  # falsy: it started a new run
+        raise click.UsageError("--resume needs a run folder (or its last.pt)")
     try:
         with contextlib.ExitStack() as held:
             if resume:
@@ -165,7 +172,12 @@ def _resume_dir(resume, given) -> Path:
         raise click.UsageError(f"--resume continues the run's own config; cannot change {_option_names(changed)} "
                                f"(only {_option_names(RESUMABLE)})")
     path = Path(resume)
-    return path.parent if path.is_file() else path
+    folder = path.parent if path.is_file() else path
+    if not ((folder / "last.pt").is_file() or (folder / "config.json").is_file()):
+        # checked before the folder is reserved: a lock file must not be left in a user's folder
+        raise click.ClickException(f"{folder} holds no last.pt and no config.json: not a run to continue "
+                                   f"(a run stopped before training began is started again with its --name)")
+    return folder
 
 
 def _resume_config(resume, given, opts):
@@ -192,6 +204,10 @@ def _new_run_config(opts, out, name, arch_given=True):
     from cnnx.train.config import resolve_config
     from cnnx.train.zoo import ARCHS
 
+    if opts.get("weights") == "":
+        raise click.UsageError("--weights needs a checkpoint file")
+    if out == "":
+        raise click.UsageError("--out needs a folder name")
     if opts.get("weights"):
         if opts.get("pretrained"):
             raise click.UsageError("--weights and --pretrained both say where the model starts; pass one")
@@ -281,14 +297,7 @@ def evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, pl
     from cnnx.train.checkpoint import CheckpointError
     from cnnx.train.data import DataError
 
-    if report:
-        from cnnx.report import report_replaceable
-
-        why = report_replaceable(report)
-        if why is None and os.path.realpath(report) == os.path.realpath(checkpoint):
-            why = "is the checkpoint"
-        if why is not None:  # before the evaluation: the page is written after it, over the file
-            raise click.UsageError(f"--report {report} {why}: remove it or name another file")
+    _check_evaluation_files(checkpoint, report, plot)
     try:
         ev = _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, keep_probs=bool(report))
         m, names = ev["metrics"], ev["class_names"]
@@ -313,6 +322,41 @@ def evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, pl
     if report:
         click.echo(f"report: {report}", err=True)
     sys.stdout.flush()
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_evaluation_files(checkpoint, report, plot):
+    """Before the evaluation (the files are written after it, over what is there): --report
+    replaces only a page cnnx wrote, --plot only a PNG (a plot of an earlier evaluation); neither
+    is the checkpoint or the other, and each has a folder to go in. UsageError otherwise."""
+    from cnnx.report import report_replaceable
+
+    given = [("--report", report), ("--plot", plot)]
+    for label, path in given:
+        if path is None:
+            continue
+        if path == "":
+            raise click.UsageError(f"{label} needs a file name")
+        why = None
+        if os.path.realpath(path) == os.path.realpath(checkpoint):
+            why = "is the checkpoint"
+        elif not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            why = f"has no folder {os.path.dirname(os.path.abspath(path))} to go in"
+        elif label == "--report":
+            why = report_replaceable(path)
+        elif os.path.lexists(path):
+            if not os.path.isfile(path):
+                why = "exists and is not a regular file"
+            else:
+                with open(path, "rb") as f:
+                    if f.read(8) != PNG_SIGNATURE:
+                        why = "exists and is not a PNG image (a plot would replace it)"
+        if why is not None:
+            raise click.UsageError(f"{label} {path} {why}: remove it or name another file")
+    if report and plot and os.path.realpath(report) == os.path.realpath(plot):
+        raise click.UsageError("--report and --plot must be different files")
 
 
 def _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, *, keep_probs) -> dict:

@@ -197,6 +197,14 @@ def config_from_dict(d: dict) -> TrainConfig:
     return cfg
 
 
+# Upper bounds of values no run needs more of: past them torch crashed (100,000 threads: a
+# segfault), overflowed (an lr past float32's range), or a typo trained for ever.
+MAX_EPOCHS = 100_000
+MAX_BATCH = 1 << 20
+MAX_THREADS = 1024
+MAX_LR = 1e6
+
+
 def check_config(c: TrainConfig) -> None:
     def bad(name, msg):
         raise ConfigError(f"--{name.replace('_', '-')}: {msg}")
@@ -215,10 +223,15 @@ def check_config(c: TrainConfig) -> None:
     for a in c.aug:
         if a not in AUGMENTATIONS:
             bad("aug", f"unknown augmentation {a!r}; valid: {', '.join(AUGMENTATIONS)} (or none)")
-    if c.epochs < 1:
-        bad("epochs", f"must be at least 1, got {c.epochs}")
-    if c.batch_size < 1:
-        bad("batch_size", f"must be at least 1, got {c.batch_size}")
+    if not 1 <= c.epochs <= MAX_EPOCHS:
+        bad("epochs", f"must be 1 to {MAX_EPOCHS:,}, got {c.epochs}")
+    if not 1 <= c.batch_size <= MAX_BATCH:
+        bad("batch_size", f"must be 1 to {MAX_BATCH:,}, got {c.batch_size}")
+    for name in ("seed", "split_seed"):  # torch and numpy take seeds below 2**63 (2**32 for numpy's legacy)
+        if not 0 <= getattr(c, name) < 2**32:
+            bad(name, f"must be 0 to {2**32 - 1}, got {getattr(c, name)}")
+    if not c.lr <= MAX_LR:
+        bad("lr", f"must be at most {MAX_LR:g}, got {c.lr}")
     if c.eval_batch_size < 1:
         bad("eval_batch_size", f"must be at least 1, got {c.eval_batch_size}")
     if not c.lr > 0:
@@ -237,13 +250,15 @@ def check_config(c: TrainConfig) -> None:
         bad("patience", f"must be >= 0, got {c.patience}")
     if c.crop_pad < 0 or c.cutout < 0:
         bad("crop_pad", "padding and cutout sizes must be >= 0")
+    if c.crop_pad > MAX_INPUT_SIDE or c.cutout > MAX_INPUT_SIDE:
+        bad("crop_pad", f"padding and cutout sizes must be at most {MAX_INPUT_SIDE}")
     if c.image_size is not None and not 8 <= c.image_size <= MAX_INPUT_SIDE:
         # above it: a decode cache of that size first, then a checkpoint no export takes
         bad("image_size", f"must be 8 to {MAX_INPUT_SIDE} pixels, got {c.image_size}")
     if c.workers is not None and c.workers < 0:
         bad("workers", f"must be >= 0, got {c.workers}")
-    if c.threads is not None and c.threads < 1:
-        bad("threads", f"must be >= 1, got {c.threads}")
+    if c.threads is not None and not 1 <= c.threads <= MAX_THREADS:
+        bad("threads", f"must be 1 to {MAX_THREADS}, got {c.threads}")
     check_transfer_config(c, bad)
     check_frontier_config(c, bad)
 

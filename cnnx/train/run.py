@@ -423,6 +423,9 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
     dev_type = torch.device(device).type
     torch.set_num_threads(loop.cpu_threads(cfg, d))
     arch_kwargs, spec = model_spec(cfg)
+    side = min(spec["size"])
+    if "crop" in cfg.aug and cfg.crop_pad >= side:  # reflect padding takes at most side - 1 pixels
+        raise ValueError(f"--crop-pad {cfg.crop_pad} must be smaller than the image side ({side} px)")
     splits = load_run_data(cfg, spec, run_dir, d, progress)
     xtr, ytr = splits.train
     xva, yva = splits.val

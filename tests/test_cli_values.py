@@ -1,0 +1,114 @@
+"""Values a user types by mistake, found by the review's 502-case harness (issue 8's session):
+each is one line and exit 2 (usage) or 1 (failure), before anything is read or written, and
+nothing the user had is replaced: not a checkpoint by a PNG, not /dev/null by a file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cnnx.runtime.files import atomic_write
+from tests._train_util import copy_classes, run_cli, seed_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run(cifar_train_dir, tmp_path_factory):
+    """(data folder, a trained seed-cnn best.pt, its ONNX export)."""
+    base = tmp_path_factory.mktemp("values")
+    data = copy_classes(cifar_train_dir, base / "d", ["cat", "dog"], 20)
+    r = run_cli(seed_args(data, base / "runs", "r", base / "c", "--epochs", "1"))
+    assert r.exit_code == 0, r.stderr[-2000:]
+    ckpt = base / "runs" / "r" / "best.pt"
+    r = run_cli(["export", ckpt, "--out", base / "exp"])
+    assert r.exit_code == 0, r.stderr[-2000:]
+    return data, ckpt, base / "exp" / "model.onnx"
+
+
+def _usage(r, needle, code=2):
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == code and "Traceback" not in r.stderr and needle in lines[-1], r.stderr[-2000:]
+
+
+def test_evaluate_replaces_only_its_own_plot_and_page(run, tmp_path):
+    """--plot replaced whatever it named with a PNG, exit 0: the checkpoint being evaluated, a
+    training image, /dev/null as root (made a regular file)."""
+    data, ckpt, _model = run
+    before = ckpt.read_bytes()
+    text = tmp_path / "notes.txt"
+    text.write_text("mine\n")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    base = ["evaluate", ckpt, "--data", data, "--workers", "1"]
+    _usage(run_cli([*base, "--plot", ckpt]), "is the checkpoint")
+    _usage(run_cli([*base, "--plot", text]), "is not a PNG image")
+    _usage(run_cli([*base, "--plot", fifo]), "is not a regular file")
+    _usage(run_cli([*base, "--report", fifo]), "is not a regular file")
+    _usage(run_cli([*base, "--plot", tmp_path / "p.png", "--report", tmp_path / "p.png"]), "must be different")
+    _usage(run_cli([*base, "--report", tmp_path / "no" / "r.html"]), "has no folder")
+    _usage(run_cli([*base, "--report", ""]), "needs a file name")
+    assert ckpt.read_bytes() == before and text.read_text() == "mine\n" and fifo.is_fifo()
+    ok = run_cli([*base, "--plot", tmp_path / "p.png"])
+    assert ok.exit_code == 0 and (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    assert run_cli([*base, "--plot", tmp_path / "p.png"]).exit_code == 0  # its own plot: replaced
+
+
+def test_the_atomic_writer_never_replaces_what_is_not_a_regular_file(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="not a regular file"):
+        atomic_write(fifo, b"x")
+    assert fifo.is_fifo() and os.listdir(tmp_path) == ["fifo"]
+
+
+def test_classify_outputs_that_are_not_files_and_empty_names_are_usage_errors(run, tmp_path):
+    """-o /dev/zero --resume read the endless output into memory until the OOM killer came;
+    -o FIFO --resume hung; empty names failed after the run, or wrote into the cwd."""
+    data, _ckpt, model = run
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    base = ["classify", data, "--model", model, "--workers", "1"]
+    _usage(run_cli([*base, "-o", fifo, "--resume"]), "is not a regular file")
+    _usage(run_cli([*base, "-o", "/dev/zero", "--resume"]), "is not a regular file")
+    _usage(run_cli([*base, "-o", tmp_path / "p.csv", "--errors", fifo]), "is not a regular file")
+    for extra in (["-o", ""], ["--errors", ""], ["-o", tmp_path / "p.csv", "--report", ""]):
+        _usage(run_cli([*base, *extra]), "needs a file name")
+    assert sorted(os.listdir(tmp_path)) == ["fifo"]
+
+
+def test_train_and_export_values_that_made_tracebacks_hangs_or_silent_runs(run, tmp_path):
+    data, ckpt, _model = run
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    base = seed_args(data, tmp_path / "runs", "v", tmp_path / "c", "--epochs", "1")
+    for extra, needle in ((["--threads", "100000"], "--threads: must be 1 to 1024"),  # a segfault
+                          (["--lr", "1e308"], "--lr: must be at most"),  # an overflow traceback
+                          (["--epochs", str(2**63)], "--epochs: must be 1 to"),
+                          (["--seed", str(2**64)], "--seed: must be 0 to"),
+                          (["--aug", ","], "give augmentations"),  # meant no augmentation, silently
+                          (["--weights", ""], "--weights needs a checkpoint file"),  # trained from scratch
+                          (["--resume", ""], "--resume needs a run folder")):  # started a new run
+        _usage(run_cli([*base, *extra]), needle)
+    _usage(run_cli([*base, "--aug", "crop", "--crop-pad", "1000"]), "must be smaller than the image side", 1)
+    _usage(run_cli([*base, "--weights", fifo]), "checkpoint is not a regular file", 1)  # hung
+    # --resume of a folder that is not a run left a .cnnx-run.lock in it, and refused after
+    _usage(run_cli(["train", "--resume", data, "--quiet"]), "not a run to continue", 1)
+    assert not (data / ".cnnx-run.lock").exists()
+    _usage(run_cli(["export", ckpt, "--out", ""]), "needs a folder name")  # wrote into the cwd
+    _usage(run_cli(["export", fifo]), "checkpoint is not a regular file", 1)  # hung
+
+
+def test_a_full_stdout_is_one_line(run):
+    """cnnx info > /dev/full (and export, evaluate, train after their work) ended in an
+    OSError traceback."""
+    _data, _ckpt, model = run
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "cnnx", "info", str(model)], stdout=full, stderr=subprocess.PIPE,
+                           text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "Error: cannot write the output: No space left on device"], r.stderr
