@@ -97,7 +97,7 @@ def test_train_and_export_values_that_made_tracebacks_hangs_or_silent_runs(run, 
     _usage(run_cli([*base, "--aug", "crop", "--crop-pad", "1000"]), "must be smaller than the image side", 1)
     _usage(run_cli([*base, "--weights", fifo]), "checkpoint is not a regular file", 1)  # hung
     # --resume of a folder that is not a run left a .cnnx-run.lock in it, and refused after
-    _usage(run_cli(["train", "--resume", data, "--quiet"]), "not a run to continue", 1)
+    _usage(run_cli(["train", "--resume", data, "--quiet"]), "not a run to continue, or one stopped", 1)
     assert not (data / ".cnnx-run.lock").exists()
     _usage(run_cli(["export", ckpt, "--out", ""]), "needs a folder name")  # wrote into the cwd
     _usage(run_cli(["export", fifo]), "checkpoint is not a regular file", 1)  # hung

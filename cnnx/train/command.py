@@ -173,10 +173,13 @@ def _resume_dir(resume, given) -> Path:
                                f"(only {_option_names(RESUMABLE)})")
     path = Path(resume)
     folder = path.parent if path.is_file() else path
+    if not folder.is_dir():
+        raise click.ClickException(f"run folder not found: {folder}")
     if not ((folder / "last.pt").is_file() or (folder / "config.json").is_file()):
         # checked before the folder is reserved: a lock file must not be left in a user's folder
-        raise click.ClickException(f"{folder} holds no last.pt and no config.json: not a run to continue "
-                                   f"(a run stopped before training began is started again with its --name)")
+        raise click.ClickException(
+            f"{folder} holds no last.pt and no config.json: not a run to continue, or one stopped before training "
+            f"began; start it again with the same cnnx train options and --name (the folder is reused)")
     return folder
 
 
