@@ -480,3 +480,30 @@ def test_evaluate_report_is_a_page_with_the_images(small, tmp_path):
     assert r.exit_code == 0, r.stderr
     text = report.read_text()
     assert "data:image/" in text and sorted(os.listdir(small / "cat"))[0] in text
+
+
+def test_weights_bring_their_own_widths_and_image_size(small, tmp_path):
+    """--weights took only the arch from the checkpoint: a wider (GPU-recipe) airnet could not
+    be fine-tuned at all, and a seed-cnn trained at 48 px failed on a tensor shape unless the
+    user guessed --image-size 48."""
+    import json
+
+    from cnnx.runtime.preprocess import make_spec
+    from cnnx.train.checkpoint import build_checkpoint, save_checkpoint
+
+    r = run_cli(seed_args(small, tmp_path / "runs", "s48", tmp_path / "c", "--epochs", "1", "--image-size", "48"))
+    assert r.exit_code == 0, r.stderr[-2000:]
+    r = run_cli(seed_args(small, tmp_path / "runs", "ft48", tmp_path / "c", "--epochs", "1",
+                          "--weights", tmp_path / "runs" / "s48" / "best.pt"))
+    assert r.exit_code == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "runs" / "ft48" / "config.json").read_text())["preprocess"]["size"] == [48, 48]
+    wide = create_model("airnet", 3, widths=(8, 16, 16))
+    ckpt = build_checkpoint(model=wide, arch="airnet", arch_kwargs={"widths": [8, 16, 16]}, class_names=["a", "b", "c"],
+                            preprocess=make_spec(32, CIFAR_MEAN, CIFAR_STD), epoch=1, metrics={}, config={})
+    save_checkpoint(ckpt, tmp_path / "wide.pt")
+    args = [a for a in seed_args(small, tmp_path / "runs", "ftw", tmp_path / "c", "--epochs", "1",
+                                 "--weights", tmp_path / "wide.pt")]
+    args[args.index("--arch") + 1] = "airnet"
+    r = run_cli(args)
+    assert r.exit_code == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "runs" / "ftw" / "config.json").read_text())["arch_kwargs"]["widths"] == [8, 16, 16]

@@ -215,10 +215,18 @@ def _new_run_config(opts, out, name, arch_given=True):
         if opts.get("pretrained"):
             raise click.UsageError("--weights and --pretrained both say where the model starts; pass one")
         opts["weights"] = str(Path(opts["weights"]).expanduser().resolve())
-        if not arch_given:
-            from cnnx.train.checkpoint import load_checkpoint
+        from cnnx.train.checkpoint import load_checkpoint
 
-            opts["arch"] = load_checkpoint(opts["weights"])["arch"]
+        source = load_checkpoint(opts["weights"])
+        if not arch_given:
+            opts["arch"] = source["arch"]
+        h, w = source["preprocess"]["size"]
+        if opts["arch"] == source["arch"] and h == w and opts.get("image_size") in (None, h):
+            # The backbone's own shape at its own size: its widths (a GPU recipe's airnet is wider
+            # than the CPU one; seed-cnn's dense layer follows the side), unless --image-size asks
+            # for another size (then the load names the tensor that does not fit).
+            opts["arch_kwargs"] = dict(source["arch_kwargs"])
+            opts["image_size"] = h
     for k in ("rrc_scale", "rrc_ratio"):
         if not opts.get(k):  # click gives () for an absent nargs=2 option
             opts[k] = None
