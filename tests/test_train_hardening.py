@@ -507,3 +507,13 @@ def test_weights_bring_their_own_widths_and_image_size(small, tmp_path):
     r = run_cli(args)
     assert r.exit_code == 0, r.stderr[-2000:]
     assert json.loads((tmp_path / "runs" / "ftw" / "config.json").read_text())["arch_kwargs"]["widths"] == [8, 16, 16]
+
+
+def test_a_class_too_small_for_a_validation_image_is_said(small, tmp_path):
+    """A 1-image class got no validation image: per_class.csv held nan for it, and nothing was said."""
+    data = copy_classes(small, tmp_path / "d", ["cat", "dog"], 10)
+    (data / "one").mkdir()
+    shutil.copyfile(next((small / "cat").iterdir()), data / "one" / "only.jpg")
+    r = run_cli(seed_args(data, tmp_path / "runs", "x", tmp_path / "c", "--epochs", "1"))
+    assert r.exit_code == 0, r.stderr[-2000:]
+    assert "note: 1 class(es) too small for a validation image: one (their val top-1 is not measured)" in r.stderr

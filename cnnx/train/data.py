@@ -697,9 +697,13 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
         _check_classes(d.class_names, data)
         tr, va = stratified_split(d.labels, config["val_fraction"], config["split_seed"])
         xtr = train_images(layout["all"], d)
+        in_val = torch.bincount(d.labels[va], minlength=len(d.class_names)).tolist()
+        unseen = [c for c, k in zip(d.class_names, in_val) if k == 0]
+        notes = d.notes + ([f"{len(unseen)} class(es) too small for a validation image: {', '.join(unseen[:5])}"
+                            f"{', ...' if len(unseen) > 5 else ''} (their val top-1 is not measured)"] if unseen else [])
         return Splits((take(xtr, tr), d.labels[tr]), (take(d.images, va), d.labels[va]), None, d.class_names, d.skipped,
                       f"{len(d.labels)} images in {len(d.class_names)} classes from {data}",
-                      [d.paths[i] for i in va.tolist()], d.ignored, d.notes)
+                      [d.paths[i] for i in va.tolist()], d.ignored, notes)
     if "train" not in layout:
         raise DataError(f"{data} has {'/'.join(sorted(layout))} but no train/ split to train on")
     # With a val/ folder the training files are decoded once, through the training spec.
