@@ -99,6 +99,9 @@ def test_train_and_export_values_that_made_tracebacks_hangs_or_silent_runs(run, 
     # --resume of a folder that is not a run left a .cnnx-run.lock in it, and refused after
     _usage(run_cli(["train", "--resume", data, "--quiet"]), "not a run to continue, or one stopped", 1)
     assert not (data / ".cnnx-run.lock").exists()
+    # --out and --name with --resume were ignored: the run went on in its own folder
+    _usage(run_cli(["train", "--resume", ckpt.parent, "--name", "other", "--out", tmp_path / "elsewhere"]),
+           "--resume continues the run in its own folder; --out and --name do not apply")
     _usage(run_cli(["export", ckpt, "--out", ""]), "needs a folder name")  # wrote into the cwd
     _usage(run_cli(["export", fifo]), "checkpoint is not a regular file", 1)  # hung
 

@@ -133,6 +133,9 @@ def train(ctx, out, name, resume, stop_after, quiet, compile_, aug, **opts):
              if ctx.get_parameter_source(k if k != "compile" else "compile_") == click.core.ParameterSource.COMMANDLINE}
     if resume == "":  # falsy: it started a new run
         raise click.UsageError("--resume needs a run folder (or its last.pt)")
+    placed = [f"--{p}" for p in ("out", "name") if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
+    if resume and placed:  # they were ignored: the run went on in its own folder, the user looking elsewhere
+        raise click.UsageError(f"--resume continues the run in its own folder; {' and '.join(placed)} do not apply")
     try:
         with contextlib.ExitStack() as held:
             if resume:
