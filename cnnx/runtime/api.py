@@ -190,17 +190,14 @@ class Classifier:
                 and images.ndim == 4):
             got = f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
             raise ValueError(f"images must be uint8 (N, 3, {h}, {w}), got {got}")
-        logits = [self._run(images[i:i + self._max_rows]) for i in range(0, max(1, len(images)), self._max_rows)]
-        logits = logits[0] if len(logits) == 1 else np.concatenate(logits)
-        self._check_rows(logits, len(images))
-        return softmax(logits).astype(np.float32) if probabilities else logits.astype(np.float32, copy=False)
-
-    @property
-    def _max_rows(self) -> int:
         # batch_size images a run at most: TensorRT's engine takes no more (its shape profile),
         # and onnxruntime's CPU arena keeps the memory of the largest batch it ran: a predict() of
         # a whole dataset at once held gigabytes after the call.
-        return self.batch_size
+        step = self.batch_size
+        logits = [self._run(images[i:i + step]) for i in range(0, max(1, len(images)), step)]
+        logits = logits[0] if len(logits) == 1 else np.concatenate(logits)
+        self._check_rows(logits, len(images))
+        return softmax(logits).astype(np.float32) if probabilities else logits.astype(np.float32, copy=False)
 
     def _run(self, images):
         try:

@@ -269,17 +269,21 @@ def peek_preprocess_size(path):
         return None
 
 
-def cuda_driver_present() -> bool:
-    """Whether the NVIDIA driver's CUDA library loads (a cheap dlopen, no GPU work): without
-    it onnxruntime's CUDA provider cannot load and only logs errors when asked to."""
+def driver_library():
+    """ctypes handle of the NVIDIA driver's CUDA library (a cheap dlopen, no GPU work), or None
+    where it cannot be loaded."""
     import ctypes
     import sys
 
-    names = {"linux": ("libcuda.so.1", "libcuda.so"), "win32": ("nvcuda.dll",)}.get(sys.platform, ())
-    for name in names:
+    for name in {"linux": ("libcuda.so.1", "libcuda.so"), "win32": ("nvcuda.dll",)}.get(sys.platform, ()):
         try:
-            ctypes.CDLL(name)
-            return True
+            return ctypes.CDLL(name)
         except OSError:
             continue
-    return False
+    return None
+
+
+def cuda_driver_present() -> bool:
+    """Whether the driver's CUDA library loads: without it onnxruntime's CUDA provider cannot
+    load and only logs errors when asked to."""
+    return driver_library() is not None

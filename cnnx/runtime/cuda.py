@@ -27,7 +27,7 @@ import re
 import sys
 from dataclasses import dataclass
 
-from cnnx.runtime.contract import CPU_PROVIDER, CUDA_PROVIDER
+from cnnx.runtime.contract import CPU_PROVIDER, CUDA_PROVIDER, driver_library
 from cnnx.runtime.files import cache_root, sha256_of
 
 INSTALL_HINT = "pip install 'cnnx[gpu]'"
@@ -98,16 +98,6 @@ def _loads(name: str) -> bool:
         return False
 
 
-def _driver_library():
-    """ctypes handle of the driver's CUDA library, or None where it cannot be loaded."""
-    for name in {"linux": ("libcuda.so.1", "libcuda.so"), "win32": ("nvcuda.dll",)}.get(sys.platform, ()):
-        try:
-            return ctypes.CDLL(name)
-        except OSError:
-            continue
-    return None
-
-
 def _driver_call(lib, name: str, *args) -> int:
     """A driver API call's CUDA error code (0: success); -1 where the library lacks it."""
     try:
@@ -118,7 +108,7 @@ def _driver_call(lib, name: str, *args) -> int:
 
 def driver_cuda_version() -> int | None:
     """The CUDA version the driver supports (e.g. 13000 for 13.0), or None without a driver."""
-    lib = _driver_library()
+    lib = driver_library()
     version = ctypes.c_int(0)
     if lib is None or _driver_call(lib, "cuDriverGetVersion", ctypes.byref(version)) != 0:
         return None
@@ -132,7 +122,7 @@ _NO_DEVICE, _STUB_LIBRARY = 100, 34
 def driver_problem() -> str | None:
     """Why the loaded driver library cannot run CUDA, in words (None: it starts and sees a GPU).
     cuInit and cuDeviceGetCount: what the CUDA provider does first, and cheap once done."""
-    lib = _driver_library()
+    lib = driver_library()
     if lib is None:
         return "no NVIDIA driver here (libcuda cannot be loaded)"
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -291,9 +281,8 @@ def diagnose_tensorrt(*, dist_path=None) -> CudaStatus:
 def gpu_identity(device_id: int = 0) -> str | None:
     """'<name>-<uuid prefix>' of a GPU through the driver library (no torch), for cache keys:
     an engine built for one card must not be loaded on another. None without a driver."""
-    try:
-        lib = ctypes.CDLL("libcuda.so.1")
-    except OSError:
+    lib = driver_library()
+    if lib is None:
         return None
     device = ctypes.c_int(0)
     name = ctypes.create_string_buffer(256)

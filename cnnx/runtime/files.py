@@ -115,6 +115,12 @@ def atomic_write(path, data, *, keep_mode_of_target: bool = False) -> None:
             f.write(data)
 
 
+def escaped_name(path) -> str:
+    """A path as UTF-8 text: the bytes of a name that is not UTF-8 as \\xNN escapes (for a
+    message, or a column that holds text only)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def sha256_of(source) -> str:
     """Hex sha256 of a file: a path, or a binary file object read from where it stands."""
     import hashlib

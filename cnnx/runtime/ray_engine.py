@@ -39,7 +39,7 @@ import numpy as np
 
 from cnnx.runtime.api import Classifier
 from cnnx.runtime.discover import URI, Discovery, Found, PathKeys, is_uri
-from cnnx.runtime.files import TEMP_PREFIX, atomic_file, first_line, os_error_line, remove_stale_temps
+from cnnx.runtime.files import TEMP_PREFIX, atomic_file, escaped_name, first_line, os_error_line, remove_stale_temps
 from cnnx.runtime.model import softmax_topk
 from cnnx.runtime.output import (ErrorsWriter, OutputBusy, OutputLock, PredictionWriter, ResumeError, WriteError,
                                  check_resume, csv_header, read_done, read_run_record, run_record_path,
@@ -694,7 +694,7 @@ class _Sink:
 def parquet_name(path: str) -> str:
     """A path as the Parquet `path` column holds it: Arrow strings are UTF-8, so the bytes of a
     name that is not are written as \\x escapes (and compared in that form on --resume)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    return escaped_name(path)
 
 
 def _parts(folder) -> list:

@@ -338,14 +338,12 @@ def evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, pl
     sys.stdout.flush()
 
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
 def _check_evaluation_files(checkpoint, report, plot):
     """Before the evaluation (the files are written after it, over what is there): --report
     replaces only a page cnnx wrote, --plot only a PNG (a plot of an earlier evaluation); neither
     is the checkpoint or the other, and each has a folder to go in. UsageError otherwise."""
     from cnnx.report import report_replaceable
+    from cnnx.runtime.preprocess import PNG_SIGNATURE
 
     given = [("--report", report), ("--plot", plot)]
     for label, path in given:
@@ -365,7 +363,7 @@ def _check_evaluation_files(checkpoint, report, plot):
                 why = "exists and is not a regular file"
             else:
                 with open(path, "rb") as f:
-                    if f.read(8) != PNG_SIGNATURE:
+                    if f.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
                         why = "exists and is not a PNG image (a plot would replace it)"
         if why is not None:
             raise click.UsageError(f"{label} {path} {why}: remove it or name another file")

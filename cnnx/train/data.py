@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from cnnx.runtime.contract import is_hidden_name, is_image_name
-from cnnx.runtime.files import cache_root, first_line, remove_stale_temps
+from cnnx.runtime.files import cache_root, escaped_name, first_line, remove_stale_temps
 from cnnx.runtime.preprocess import PREPROCESS_VERSION, ImageError, load_image
 from cnnx.train.cache import CacheError, build_disk_cache, read_disk_cache, take, use_disk
 
@@ -50,11 +50,6 @@ def cache_dir(explicit=None) -> Path:
 
 def _visible(entries):
     return sorted(e for e in entries if not is_hidden_name(e.name))
-
-
-def _shown(path) -> str:
-    """A path for a message: a name that is not UTF-8 with its bytes as \\xNN escapes."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def folder_layout(root) -> dict:
@@ -185,21 +180,21 @@ def list_image_folder(root: Path) -> Listing:
         st = c.stat()
         same = idents.get((st.st_dev, st.st_ino))
         if same is not None:
-            raise DataError(f"class folder {_shown(c)} is {'the data folder itself' if same == root else _shown(same)} "
+            raise DataError(f"class folder {escaped_name(c)} is {'the data folder itself' if same == root else escaped_name(same)} "
                             f"(a symlink): each image needs one class; remove the link")
         idents[(st.st_dev, st.st_ino)] = c
         walked.add((st.st_dev, st.st_ino))
         try:
             c.name.encode("utf-8")
         except UnicodeEncodeError:
-            raise DataError(f"class folder {_shown(c)}: its name is not UTF-8 text (class names travel in the "
+            raise DataError(f"class folder {escaped_name(c)}: its name is not UTF-8 text (class names travel in the "
                             f"model's metadata); rename it") from None
     listing.class_names = [c.name for c in classes]
     for ci, c in enumerate(classes):
         before = len(listing.files)
         _walk_images(str(c), listing, ci, str(root), walked)
         if len(listing.files) == before:
-            raise DataError(f"class folder {_shown(c)} holds no image files; add images to it or remove it")
+            raise DataError(f"class folder {escaped_name(c)} holds no image files; add images to it or remove it")
     if listing.linked:
         _one_entry_a_file(listing, root)
     return listing
@@ -219,9 +214,9 @@ def _one_entry_a_file(listing: Listing, root: Path):
         if first is f:
             kept.append(f)
         elif first[1] == f[1]:
-            listing.unlisted.append((str(root / f[0]), f"the same file as {_shown(first[0])} (a link); used once"))
+            listing.unlisted.append((str(root / f[0]), f"the same file as {escaped_name(first[0])} (a link); used once"))
         else:
-            raise DataError(f"{_shown(root / first[0])} and {_shown(root / f[0])} are one file (a link) in two classes, "
+            raise DataError(f"{escaped_name(root / first[0])} and {escaped_name(root / f[0])} are one file (a link) in two classes, "
                             f"{listing.class_names[first[1]]} and {listing.class_names[f[1]]}: "
                             f"each image needs one class; remove one")
     listing.files = kept
@@ -516,7 +511,7 @@ def load_image_folder(root, spec, *, progress=True, cache=None, workers=None, us
     data.skipped = unlisted + data.skipped
     data.ignored = listing.ignored
     if len(listing.nested) == len(class_names):
-        data.notes.append(f"every class folder of {_shown(root)} holds its images in subfolders only: the classes are "
+        data.notes.append(f"every class folder of {escaped_name(root)} holds its images in subfolders only: the classes are "
                           f"the folders directly under it ({', '.join(class_names[:5])}"
                           f"{', ...' if len(class_names) > 5 else ''}), each with all its subfolders")
     counts = torch.bincount(data.labels, minlength=len(class_names)).tolist()
