@@ -172,6 +172,13 @@ def test_split_layout_early_stopping_and_test_split_once(cifar_train_dir, tmp_pa
     assert (config["train_images"], config["val_images"], config["test_images"]) == (48, 16, 16)
     test = json.loads((run / "test_metrics.json").read_text())
     assert test["n"] == 16 and test["checkpoint"] == "best.pt" and "test top-1" in r.stdout
+    # Its --resume stopped again after one more epoch; it is refused unless the patience grows.
+    r = run_cli(["train", "--resume", run, "--quiet"])
+    assert r.exit_code == 2 and "stopped early after epoch 2" in r.stderr and "--patience" in r.stderr, r.stderr
+    assert len((run / "metrics.csv").read_text().strip().splitlines()) == 1 + 2
+    r = run_cli(["train", "--resume", run, "--quiet", "--patience", "0"])
+    assert r.exit_code == 0, r.stderr
+    assert len((run / "metrics.csv").read_text().strip().splitlines()) == 1 + 5
 
 
 def test_resume_refuses_data_that_changed_and_rebuilds_a_best_pt_it_lacks(cifar_train_dir, tmp_path):

@@ -119,14 +119,20 @@ def test_resume_after_one_of_two_epochs_equals_two_straight_epochs(cifar_subset,
     # A finished run cannot be "resumed" without more epochs.
     r = run_cli(["train", "--resume", tmp_path / "split", "--quiet"])
     assert r.exit_code == 2 and "already finished 2 of 2" in r.stderr
+    # More epochs plan the schedule again (the lr rises from the first plan's end): said, with both rates.
+    r = run_cli(["train", "--resume", tmp_path / "split", "--quiet", "--epochs", "3"])
+    assert r.exit_code == 0, r.stderr
+    said = [line for line in r.stderr.splitlines() if "planned again over 3 epochs" in line]
+    assert len(said) == 1 and said[0].endswith("where the first plan gave 0"), r.stderr
+    assert float(said[0].split("lr is ")[1].split()[0]) > 0
+    assert len(_rows(tmp_path / "split" / "metrics.csv")) == 3
 
 
-def test_two_process_gloo_run_only_rank0_writes(cifar_subset, tmp_path):
-    data = cifar_subset(50)
+def _torchrun(args) -> tuple[int, str, str]:
+    """`torchrun --standalone --nproc-per-node 2 -m cnnx ARGS` on the CPU: (exit code, stdout, stderr)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "cnnx", *seed_args(data, tmp_path / "runs", "ddp", tmp_path / "cache", "--epochs", "1",
-                                     "--batch-size", "64", "--device", "cpu")]
+           "-m", "cnnx", *[str(a) for a in args]]
     # Own process group: on a timeout the workers die with the launcher instead of lingering.
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                          start_new_session=True)
@@ -136,7 +142,33 @@ def test_two_process_gloo_run_only_rank0_writes(cifar_subset, tmp_path):
         os.killpg(p.pid, signal.SIGKILL)
         p.communicate()
         pytest.fail("the 2-process run did not finish in 240 s")
-    assert p.returncode == 0, err[-3000:]
+    return p.returncode, out, err
+
+
+def test_a_rank_whose_peer_stopped_says_one_line_and_a_resume_on_more_ranks_is_said(cifar_subset, tmp_path):
+    """Rank 0 stops with its own line (a metrics.csv it may not replace); rank 1, in a collective,
+    printed gloo's traceback after it. The resume also goes from 1 process to 2: said, not silent."""
+    data = cifar_subset(6)
+    r = run_cli(seed_args(data, tmp_path / "runs", "r", tmp_path / "cache", "--epochs", "3", "--stop-after", "1",
+                          "--device", "cpu"))
+    assert r.exit_code == 0, r.stderr
+    run = tmp_path / "runs" / "r"
+    (run / "metrics.csv").unlink()
+    (run / "metrics.csv").mkdir()
+    code, _out, err = _torchrun(["train", "--resume", run, "--quiet"])
+    assert code != 0
+    assert "this run began on 1 process(es) and continues on 2" in err
+    lines = err.splitlines()
+    assert any(line.startswith("Error: exists and is not a regular file") for line in lines), err[-3000:]
+    assert any(line.startswith("Error: rank 1 stopped: ") for line in lines), err[-3000:]
+    assert str(ROOT / "cnnx") not in err, err[-3000:]  # no traceback through cnnx's code (torchrun prints its own)
+
+
+def test_two_process_gloo_run_only_rank0_writes(cifar_subset, tmp_path):
+    data = cifar_subset(50)
+    code, out, err = _torchrun(seed_args(data, tmp_path / "runs", "ddp", tmp_path / "cache", "--epochs", "1",
+                                         "--batch-size", "64", "--device", "cpu"))
+    assert code == 0, err[-3000:]
     assert "cpu x2" in err  # both processes joined one process group
     assert out.count("best val top-1") == 1  # one rank reports
     assert err.count("epoch 1/1 ") == 1

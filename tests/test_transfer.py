@@ -101,6 +101,8 @@ def test_weights_that_do_not_fit_are_one_line_naming_the_tensor(ten_class_ckpt, 
     lines = r.stderr.strip().splitlines()
     assert lines[-1].startswith("Error: ") and tensor in lines[-1] and "Traceback" not in r.stderr
     assert lines[-1].count("[") == 2  # both shapes (or the shape and where it is missing)
+    cache = tmp_path / "cache"  # found before any image was decoded, and no run folder is left
+    assert not (cache.exists() and any(cache.iterdir())) and not (tmp_path / "runs" / "bad").exists()
 
 
 def test_weights_with_pretrained_is_a_usage_error(ten_class_ckpt, vehicles, tmp_path):

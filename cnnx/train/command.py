@@ -157,6 +157,12 @@ def train(ctx, out, name, resume, stop_after, quiet, compile_, aug, **opts):
         raise click.ClickException(os_error_line(e)) from None
     except ValueError as e:  # device/config combinations only known at run time (e.g. --device cuda without CUDA)
         raise click.ClickException(first_line(e)) from None
+    except RuntimeError as e:
+        if _rank() == 0:
+            raise
+        # torchrun's other ranks: a collective whose peer ended (rank 0 stopped with its own line
+        # above) raises gloo's or NCCL's RuntimeError here; its traceback says nothing more.
+        raise click.ClickException(f"rank {_rank()} stopped: {first_line(e)}") from None
     if _rank() == 0:
         line = (f"best val top-1 {summary['best_val_top1']:.4f} at epoch {summary['best_epoch']} "
                 f"({summary['epochs_run']} epochs, {summary['train_seconds']:.1f}s training)")
@@ -202,6 +208,10 @@ def _resume_config(resume, given, opts):
     elif ckpt["epoch"] >= cfg.epochs:
         raise click.UsageError(f"{resume} already finished {ckpt['epoch']} of {cfg.epochs} epochs; "
                                f"pass a larger --epochs to train further")
+    elif cfg.patience and ckpt["best"]["since"] >= cfg.patience:  # it would stop again after one epoch
+        raise click.UsageError(f"{resume} stopped early after epoch {ckpt['epoch']}: val top-1 had not improved "
+                               f"for {ckpt['best']['since']} epoch(s) (--patience {cfg.patience}); pass a larger "
+                               f"--patience, or --patience 0 for none, to train further")
     return cfg, ckpt
 
 

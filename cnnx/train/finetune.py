@@ -34,9 +34,31 @@ def load_backbone(net: nn.Module, path, arch: str, num_classes: int, arch_kwargs
     keeps its fresh initialisation for the new classes). Returns the number of tensors loaded.
     CheckpointError (one line) naming the first tensor that is missing, extra or of another shape."""
     ckpt = load_checkpoint(path)
-    src = ckpt["state_dict"]
     head = head_names(arch, num_classes, arch_kwargs)
     own = net.state_dict()
+    _check_fit(ckpt, path, arch, own, head)
+    with torch.no_grad():
+        for name, t in own.items():
+            if name not in head:
+                t.copy_(ckpt["state_dict"][name])
+    return len(own) - len(head)
+
+
+def check_backbone(path, arch: str, arch_kwargs: dict) -> None:
+    """load_backbone's CheckpointError, before the data is read (the head's size is not known
+    yet, and is not compared): the model is built on the meta device with the checkpoint's
+    number of classes, so a --weights that does not fit stops before minutes of decoding."""
+    from cnnx.train.zoo import create_model
+
+    ckpt = load_checkpoint(path)
+    n = ckpt["num_classes"]
+    with torch.device("meta"):
+        own = create_model(arch, n, **arch_kwargs).state_dict()
+    _check_fit(ckpt, path, arch, own, head_names(arch, n, arch_kwargs))
+
+
+def _check_fit(ckpt: dict, path, arch: str, own: dict, head: frozenset) -> None:
+    src = ckpt["state_dict"]
     where = f"--weights {path} ({ckpt['arch']}, {ckpt['num_classes']} classes) does not fit {arch}"
     for name, t in own.items():
         if name in head:
@@ -50,11 +72,6 @@ def load_backbone(net: nn.Module, path, arch: str, num_classes: int, arch_kwargs
     if extra:
         raise CheckpointError(f"{where}: tensor {extra[0]} {_shape(src[extra[0]])} of the checkpoint "
                               f"is not in the model")
-    with torch.no_grad():
-        for name, t in own.items():
-            if name not in head:
-                t.copy_(src[name])
-    return len(own) - len(head)
 
 
 def split_parameters(net: nn.Module, head: frozenset):

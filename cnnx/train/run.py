@@ -426,6 +426,8 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
     side = min(spec["size"])
     if "crop" in cfg.aug and cfg.crop_pad >= side:  # reflect padding takes at most side - 1 pixels
         raise ValueError(f"--crop-pad {cfg.crop_pad} must be smaller than the image side ({side} px)")
+    if cfg.weights and resume is None:
+        finetune.check_backbone(cfg.weights, cfg.arch, arch_kwargs)
     splits = load_run_data(cfg, spec, run_dir, d, progress)
     xtr, ytr = splits.train
     xva, yva = splits.val
@@ -611,7 +613,25 @@ def start_state(run: Run, resume: dict | None) -> State:
                   best_confusion=best.get("confusion"), best_probs=best.get("val_probs"))
     state.train_seconds = state.history[-1]["train_seconds_total"] if state.history else 0.0
     say(f"resuming {run.run_dir} after epoch {state.epoch} (step {state.step})", run.d)
+    _say_what_resume_changes(run, resume, state.step)
     return state
+
+
+def _say_what_resume_changes(run: Run, resume: dict, step: int):
+    """A resume is exact on the run's own terms; say where it is not: another number of
+    processes (other batches), or a schedule planned again over another --epochs (the lr of
+    the next step is not the one the first plan gave: for a finished cosine run it rises)."""
+    began = resume["config"].get("world_size", 1)
+    if began != run.d.world:
+        say(f"this run began on {began} process(es) and continues on {run.d.world}: its batches differ "
+            f"from an uninterrupted run's from here on", run.d)
+    planned = int(resume["scheduler"].get("total_steps", run.total_steps))
+    cfg = run.cfg
+    kw = dict(peak=cfg.lr, schedule=cfg.schedule, warmup=cfg.warmup, final=cfg.final_lr)
+    now, was = loop.lr_at(step, run.total_steps, **kw), loop.lr_at(step, planned, **kw)
+    if planned != run.total_steps and not math.isclose(now, was, rel_tol=1e-6, abs_tol=1e-12):
+        say(f"the {cfg.schedule} schedule is planned again over {cfg.epochs} epochs ({run.total_steps} steps, "
+            f"first {planned}): the next step's lr is {now:.3g} where the first plan gave {was:.3g}", run.d)
 
 
 LAST_ONLY = ("train_state_dict", "optimizer", "scheduler", "history", "best")  # last.pt's fields beyond best.pt's
