@@ -4,6 +4,7 @@ Command modules import torch inside their functions, never at module level."""
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -62,6 +63,7 @@ def cli():
 def main(argv=None):
     """Run a command; exit 0, 1 (failure), 2 (usage) or 130 (SIGINT, as shells expect, where
     click's standalone mode would say "Aborted!" and exit 1)."""
+    _hold_standard_streams()
     try:
         code = cli.main(args=argv, prog_name="cnnx", standalone_mode=False)
     except click.ClickException as e:
@@ -76,13 +78,20 @@ def main(argv=None):
     except KeyboardInterrupt:  # before or after click's own handling
         click.echo("interrupted", err=True)
         sys.exit(130)
-    except OSError as e:  # what the command printed could not be written: stdout full (> /dev/full) or gone
+    except OSError as e:  # what the command printed could not be written: stdout full (> /dev/full), gone or closed
         from cnnx.runtime.files import os_error_line
 
-        click.echo(f"Error: cannot write the output: {os_error_line(e)}", err=True)
+        why = "stdout is closed" if e.errno == errno.EBADF else os_error_line(e)
+        click.echo(f"Error: cannot write the output: {why}", err=True)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # the exit's flush of what is left then fails no more
         sys.exit(1)
     except ModuleNotFoundError as e:  # the runtime-only install running a training command
         top = (e.name or "").split(".")[0]
+        if top == "onnxruntime":  # cnnx.runtime.cuda.onnxruntime()'s line says which and how to mend it
+            from cnnx.runtime.files import first_line
+
+            click.echo(f"Error: {first_line(e)}", err=True)
+            sys.exit(1)
         if top not in TRAIN_EXTRA_MODULES:
             raise
         click.echo(f"Error: this command needs cnnx's training extra ({top} is not installed): "
@@ -91,6 +100,25 @@ def main(argv=None):
     if isinstance(code, ExitNow):
         _exit_now(code)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _hold_standard_streams():
+    """Give a closed stdin, stdout or stderr (`cnnx classify >&-`) a /dev/null of its own. Else
+    the first file cnnx opens takes its number, and whatever prints to it (a library's C code
+    included) writes into that file, a CSV or a checkpoint. stdout's /dev/null is opened for
+    reading only: a write to it fails (EBADF, one line below) rather than losing predictions."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            got = os.open(os.devnull, os.O_WRONLY if fd == 2 else os.O_RDONLY)  # the lowest free number
+            if got != fd:
+                os.dup2(got, fd)
+                os.close(got)
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", closefd=False)
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)
 
 
 def _exit_now(code: int):

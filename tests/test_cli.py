@@ -59,3 +59,21 @@ def test_training_commands_without_torch_are_one_line(args, tmp_path):
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         "Error: this command needs cnnx's training extra (torch is not installed): pip install 'cnnx[train]' "
         "(PyTorch first for a CUDA build of your choice)"], r.stderr
+
+
+@pytest.mark.parametrize("args", [["classify", ".", "--model", "m.onnx", "-o", "p.csv"], ["info", "m.onnx"]])
+@pytest.mark.parametrize("state", ["missing", "empty folder"])
+def test_an_onnxruntime_that_cannot_be_used_is_one_line(args, state, tmp_path):
+    """An `onnxruntime` folder left empty by an uninstall cut short imports as an empty namespace
+    package: cnnx classify and info ended in an AttributeError traceback; a missing onnxruntime
+    in a ModuleNotFoundError one. Both are simulated in sys.modules, as Python sees them."""
+    (tmp_path / "m.onnx").write_bytes(b"a model")
+    fake = ("None" if state == "missing"
+            else "types.ModuleType('onnxruntime'); sys.modules['onnxruntime'].__path__ = ['/x/onnxruntime']")
+    code = f"import sys, types; sys.modules['onnxruntime'] = {fake}; from cnnx.cli import main; main(sys.argv[1:])"
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    why = "is an empty folder, /x/onnxruntime" if state == "empty folder" else "cannot be imported"
+    assert lines[0].startswith(f"Error: onnxruntime {why}") and "pip install --force-reinstall" in lines[0]
+    assert not (tmp_path / "p.csv").exists()

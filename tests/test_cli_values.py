@@ -104,6 +104,8 @@ def test_train_and_export_values_that_made_tracebacks_hangs_or_silent_runs(run, 
            "--resume continues the run in its own folder; --out and --name do not apply")
     _usage(run_cli(["export", ckpt, "--out", ""]), "needs a folder name")  # wrote into the cwd
     _usage(run_cli(["export", fifo]), "checkpoint is not a regular file", 1)  # hung
+    # click's file_okay=False let a device through: exit 1 from the export, where a file was 2
+    _usage(run_cli(["export", ckpt, "--out", tmp_path / "e", "--verify-data", os.devnull]), "is not a folder")
 
 
 def test_a_full_stdout_is_one_line(run):
@@ -115,3 +117,30 @@ def test_a_full_stdout_is_one_line(run):
                            text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         "Error: cannot write the output: No space left on device"], r.stderr
+
+
+def _closed_stdout():
+    os.close(1)
+
+
+def test_a_closed_stdout_is_one_line_and_no_file_takes_its_place(run, tmp_path):
+    """`cnnx classify >&-` was an AttributeError traceback (sys.stdout is None), and the first
+    file opened took descriptor 1, where anything printed to stdout would land."""
+    data, _ckpt, model = run
+
+    def classify(*extra):
+        return subprocess.run([sys.executable, "-m", "cnnx", "classify", str(data), "--model", str(model), *extra],
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=120, preexec_fn=_closed_stdout)
+
+    r = classify()  # the predictions were to go to stdout
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Bad file descriptor" in r.stderr
+    out = tmp_path / "p.csv"
+    r = classify("-o", str(out))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith('"path"') and len(lines) == 1 + 40
+    r = subprocess.run([sys.executable, "-m", "cnnx", "info", str(model)], stderr=subprocess.PIPE, text=True,
+                       cwd=ROOT, timeout=120, preexec_fn=_closed_stdout)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "Error: cannot write the output: stdout is closed"], r.stderr

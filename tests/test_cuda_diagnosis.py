@@ -40,7 +40,7 @@ def test_no_driver_is_the_reason_here():
     status = cuda.diagnose()
     assert not status.usable
     if cuda.CUDA_PROVIDER in ort.get_available_providers():
-        assert status.reason == "no NVIDIA driver here (libcuda cannot be loaded)"
+        assert status.reason.startswith("no usable NVIDIA driver here (libcuda cannot be loaded: libcuda.so")
     else:
         assert "CPU-only build" in status.reason
 
@@ -189,6 +189,20 @@ def test_a_driver_library_that_cannot_run_is_named_not_passed(fake_driver, tmp_p
     assert nogpu.stdout.splitlines() == ["the NVIDIA driver sees no GPU"] * 2, nogpu.stderr
     hidden = _with_driver(fake_driver, "nogpu", probe, CUDA_VISIBLE_DEVICES="-1")
     assert hidden.stdout.splitlines()[0] == "the NVIDIA driver sees no GPU (CUDA_VISIBLE_DEVICES='-1')"
+
+
+def test_a_libcuda_that_is_there_but_cannot_load_is_named_by_the_loader(fake_driver, tmp_path):
+    """A libcuda.so.1 that does not load (here: not a library at all) was "no NVIDIA driver",
+    the same words as none: the loader's own line now tells the two apart."""
+    import onnxruntime as ort
+
+    if cuda.CUDA_PROVIDER not in ort.get_available_providers():
+        pytest.skip("a CPU-only onnxruntime: that is the reason named first")
+    (tmp_path / "libcuda.so.1").write_bytes(b"not a shared library\n")
+    r = _with_driver(tmp_path, "onegpu", ["-c", "from cnnx.runtime import cuda; print(cuda.diagnose().reason)"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().startswith(f"no usable NVIDIA driver here (libcuda cannot be loaded: "
+                                       f"{tmp_path / 'libcuda.so.1'}: "), r.stdout
 
 
 def test_a_provider_library_that_cannot_load_is_named_where_the_session_falls_back(fake_driver, tmp_path):

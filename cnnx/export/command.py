@@ -17,6 +17,13 @@ def newest_checkpoint(root: Path = Path("runs")) -> Path:
     return max(found, key=lambda p: p.stat().st_mtime_ns)
 
 
+def _a_folder(ctx, param, value):
+    """click's file_okay=False refuses a regular file only: a device or FIFO (/dev/null) passed."""
+    if value is not None and not value.is_dir():
+        raise click.BadParameter(f"{value} is not a folder", ctx=ctx, param=param)
+    return value
+
+
 @click.command()
 @click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
 @click.option("--format", "formats", multiple=True, default=("onnx",), show_default=True,
@@ -25,7 +32,7 @@ def newest_checkpoint(root: Path = Path("runs")) -> Path:
               help="Output folder, replaced whole by the new export; it must be new, empty or a previous "
                    "export [default: export/ beside the checkpoint].")
 @click.option("--opset", type=int, help="ONNX opset [default: the exporter's].")
-@click.option("--verify-data", type=click.Path(exists=True, file_okay=False, path_type=Path),
+@click.option("--verify-data", type=click.Path(exists=True, file_okay=False, path_type=Path), callback=_a_folder,
               help="Image folder (DIR/<class>/*) for the parity gate and int8 calibration "
                    "[default: the run's validation split, for checkpoints your own cnnx wrote].")
 @click.option("--fp16", is_flag=True, help="Also write a float16 ONNX variant (input stays uint8).")

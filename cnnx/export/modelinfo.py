@@ -35,8 +35,7 @@ def _decode(meta: dict) -> dict:
 
 def _providers(path) -> dict:
     """provider -> "yes" / "no (why)" / "not checked": whether a session really runs on it."""
-    import onnxruntime as ort
-
+    ort = cuda.onnxruntime()
     result = {}
     for p in ort.get_available_providers():
         if p == "CPUExecutionProvider":
@@ -69,8 +68,7 @@ def _providers(path) -> dict:
 
 
 def describe_onnx(path) -> dict:
-    import onnxruntime as ort
-
+    ort = cuda.onnxruntime()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     try:

@@ -81,9 +81,9 @@ PARITY_MAX_BATCH = 256
 
 
 def _ort_session(path, providers):
-    import onnxruntime as ort
+    from cnnx.runtime.cuda import new_session, onnxruntime
 
-    from cnnx.runtime.cuda import new_session
+    ort = onnxruntime()
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3 if providers == [CPU_PROVIDER] else 4  # a GPU probe that fails is not news

@@ -271,16 +271,31 @@ def peek_preprocess_size(path):
 
 def driver_library():
     """ctypes handle of the NVIDIA driver's CUDA library (a cheap dlopen, no GPU work), or None
-    where it cannot be loaded."""
+    where it cannot be loaded (driver_library_error says why)."""
+    return _load_driver_library()[0]
+
+
+def driver_library_error() -> str | None:
+    """The dynamic loader's line for why the driver's CUDA library does not load (None where it
+    does): a libcuda.so.1 that is there but cannot load (another architecture, a missing
+    dependency) is not the same fix as no driver."""
+    return _load_driver_library()[1]
+
+
+def _load_driver_library():
     import ctypes
     import sys
 
-    for name in {"linux": ("libcuda.so.1", "libcuda.so"), "win32": ("nvcuda.dll",)}.get(sys.platform, ()):
+    from cnnx.runtime.files import first_line
+
+    error = "no CUDA driver library on this platform"
+    for i, name in enumerate({"linux": ("libcuda.so.1", "libcuda.so"), "win32": ("nvcuda.dll",)}.get(sys.platform, ())):
         try:
-            return ctypes.CDLL(name)
-        except OSError:
-            continue
-    return None
+            return ctypes.CDLL(name), None
+        except OSError as e:
+            if i == 0:  # the driver's own name; the unversioned one is a development link
+                error = first_line(e)
+    return None, error
 
 
 def cuda_driver_present() -> bool:

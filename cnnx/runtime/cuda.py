@@ -6,7 +6,8 @@ hit most, checked in this order (each check is cheap: package metadata and dlope
   1. both `onnxruntime` and `onnxruntime-gpu` installed into one folder: they share the
      `onnxruntime` package folder, and whichever was installed last wins (often the CPU-only one);
   2. a CPU-only onnxruntime (no CUDAExecutionProvider at all);
-  3. no NVIDIA driver (libcuda cannot be loaded), a libcuda that loads but cannot start (the
+  3. no NVIDIA driver (libcuda cannot be loaded: the loader's line tells a missing library
+     from one that is there and broken), a libcuda that loads but cannot start (the
      CUDA toolkit's stub library, a driver that does not match its kernel module), a driver
      that sees no GPU (CUDA_VISIBLE_DEVICES), or a driver older than the CUDA major version
      this onnxruntime-gpu was built for;
@@ -23,14 +24,17 @@ import contextlib
 import ctypes
 import io
 import os
+import platform
 import re
 import sys
 from dataclasses import dataclass
 
-from cnnx.runtime.contract import CPU_PROVIDER, CUDA_PROVIDER, driver_library
-from cnnx.runtime.files import cache_root, sha256_of
+from cnnx.runtime.contract import CPU_PROVIDER, CUDA_PROVIDER, driver_library, driver_library_error
+from cnnx.runtime.files import cache_root, first_line, sha256_of
 
 INSTALL_HINT = "pip install 'cnnx[gpu]'"
+# What cnnx's own install brings (pyproject.toml's dependencies).
+PLATFORM_ORT = "onnxruntime-gpu" if sys.platform == "linux" and platform.machine() == "x86_64" else "onnxruntime"
 # Distributions that install the `onnxruntime` package folder; two of them at once clash.
 ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino",
                      "onnxruntime-qnn", "ort-nightly", "ort-nightly-gpu")
@@ -57,6 +61,23 @@ def new_session(ort, model, options, providers):
         return ort.InferenceSession(model, options, providers=providers)
     finally:
         ort.set_default_logger_severity(2)
+
+
+def onnxruntime():
+    """The onnxruntime module, or ModuleNotFoundError (name "onnxruntime", one line: cnnx.cli
+    prints it) where it cannot be used: not installed, its folder left empty by an uninstall
+    cut short (it then imports as an empty namespace package), or its library failing to load."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        why = f"cannot be imported ({first_line(e)})"
+    else:
+        if hasattr(ort, "InferenceSession"):
+            return ort
+        why = f"is an empty folder, {list(ort.__path__)[0]} (an uninstall cut short?)"
+    dists = installed_ort_distributions() or [PLATFORM_ORT]
+    raise ModuleNotFoundError(f"onnxruntime {why}: pip install --force-reinstall --no-deps {dists[0]}",
+                              name="onnxruntime")
 
 
 def installed_ort_distributions(path=None) -> list:
@@ -124,7 +145,7 @@ def driver_problem() -> str | None:
     cuInit and cuDeviceGetCount: what the CUDA provider does first, and cheap once done."""
     lib = driver_library()
     if lib is None:
-        return "no NVIDIA driver here (libcuda cannot be loaded)"
+        return f"no usable NVIDIA driver here (libcuda cannot be loaded: {driver_library_error()})"
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     hidden = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
     err = _driver_call(lib, "cuInit", 0)
@@ -188,7 +209,7 @@ def diagnose(*, dist_path=None) -> CudaStatus:
     if dists:
         return CudaStatus(False, f"{' and '.join(dists)} are installed together and overwrite each other's files: "
                                  f"pip uninstall -y {' '.join(dists)} && {INSTALL_HINT}")
-    import onnxruntime as ort
+    ort = onnxruntime()
 
     if CUDA_PROVIDER not in ort.get_available_providers():
         dists = installed_ort_distributions(dist_path) or ["onnxruntime"]
@@ -268,7 +289,7 @@ def diagnose_tensorrt(*, dist_path=None) -> CudaStatus:
     status = diagnose(dist_path=dist_path)
     if not status.usable:
         return status
-    import onnxruntime as ort
+    ort = onnxruntime()
 
     if TENSORRT_PROVIDER not in ort.get_available_providers():
         return CudaStatus(False, f"this onnxruntime ({ort.__version__}) has no TensorRT provider")

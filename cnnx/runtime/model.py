@@ -116,7 +116,7 @@ def open_model(path, device: str = "auto", *, threads: int | None = None, batch_
     that provider or ModelError naming the cause in one line (cnnx.runtime.cuda), never a
     CPU run. batch_size: the --batch-size asked for; TensorRT's engine is built for it (as
     reduced by the pipeline's memory budget, the batch classify runs)."""
-    import onnxruntime as ort
+    ort = cuda.onnxruntime()
 
     if device not in INFERENCE_DEVICES:
         raise ModelError(f"unknown device {device!r}; known: {', '.join(INFERENCE_DEVICES)}")
