@@ -82,6 +82,18 @@ def git_commit(tree: Path = ROOT) -> str | None:
 
 # --- versions compared in interleaved rounds (--tree DIR, repeatable) -----------------------------
 
+def compile_bytecode(*trees: Path) -> str:
+    """Write the .pyc files of each tree's cnnx package (default: this checkout's), as `pip
+    install` leaves an installed package. Where PYTHONDONTWRITEBYTECODE is set (this machine's
+    environment sets it) every cnnx process would otherwise compile its modules from source at
+    start, a cost no installed cnnx pays. Returns what the results record."""
+    import compileall
+
+    for tree in trees or (ROOT,):
+        compileall.compile_dir(str(Path(tree) / "cnnx"), quiet=2)
+    return "cnnx's .pyc files written first (compileall), as pip install leaves an installed package"
+
+
 def tree_env(tree: Path) -> dict:
     """os.environ with `tree` (a checkout of this repository) first on PYTHONPATH: a `python`
     started with it imports that version's cnnx."""

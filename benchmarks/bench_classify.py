@@ -56,7 +56,7 @@ CACHE = Path(os.environ.get("CNNX_BENCH_CACHE", "/tmp/cnnx-bench"))
 
 sys.path.insert(0, str(HERE))
 
-from _results import RESULTS, write_result  # noqa: E402
+from _results import RESULTS, compile_bytecode, write_result  # noqa: E402
 from cifar_jpegs import cifar_folder  # noqa: E402
 
 
@@ -957,8 +957,9 @@ def main(argv=None):
     model = args.model or build_model()
     cifar = cifar_folder(args.cifar)
     small = linked_subset(cifar, 500)
+    cnnx_source = Path(__import__("cnnx").__file__).parent
     update = {"model": str(model), "batch_size": args.batch_size or cli_default_batch_size(),
-              "cnnx_source": str(Path(__import__("cnnx").__file__).parent)}
+              "cnnx_source": str(cnnx_source), "bytecode": compile_bytecode(cnnx_source.parent)}
     if args.label:
         update["label"] = args.label
     if "bound" in parts:

@@ -1354,7 +1354,10 @@ def main(argv=None):
     seconds = 0.5 if smoke else 3.0
     run = Run(a.results / ("gpu_classify-smoke.json" if smoke else "gpu_classify.json"), a.budget_s,
               None if argv is None else [__file__, *argv], only=a.stages and set(a.stages.split(",")))
-    run.results.update(smoke=smoke, device=device, wheels_installed=wheels, batch_default=BATCH)
+    from _results import compile_bytecode
+
+    run.results.update(smoke=smoke, device=device, wheels_installed=wheels, batch_default=BATCH,
+                       bytecode=compile_bytecode(ROOT, *a.baseline))
 
     info = run.stage("card", card, need_s=0)
     if not smoke and not (info or {}).get("cuda_diagnosis", "").startswith("CUDA provider: usable"):
