@@ -144,3 +144,25 @@ def test_a_closed_stdout_is_one_line_and_no_file_takes_its_place(run, tmp_path):
                        cwd=ROOT, timeout=120, preexec_fn=_closed_stdout)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         "Error: cannot write the output: stdout is closed"], r.stderr
+
+
+def test_temps_a_killed_command_left_beside_its_files_are_removed_by_its_next_run(run, tmp_path):
+    """A classify or evaluate killed while writing (its run record, --report, --plot) left a
+    .cnnx-tmp-<pid>-* file that its later runs never removed (train, the cache and export did)."""
+    from cnnx.runtime.files import TEMP_PREFIX
+
+    data, ckpt, model = run
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    for name, args in (("c", ["classify", data, "--model", model, "-o", "{}/p.csv", "--report", "{}/page.html"]),
+                       ("e", ["evaluate", ckpt, "--data", data, "--plot", "{}/c.png", "--report", "{}/page.html"])):
+        folder = tmp_path / name
+        folder.mkdir()
+        left = folder / f"{TEMP_PREFIX}{dead}-x1y2z3"
+        left.write_bytes(b"half a file")
+        live = folder / f"{TEMP_PREFIX}{os.getpid()}-a1b2c3"  # a live process's: being written now
+        live.write_bytes(b"being written")
+        r = subprocess.run([sys.executable, "-m", "cnnx", *[str(a).replace("{}", str(folder)) for a in args]],
+                           capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert not left.exists() and live.exists(), sorted(p.name for p in folder.iterdir())

@@ -19,6 +19,7 @@ import click
 
 from cnnx.cli import ExitNow
 from cnnx.runtime.contract import INFERENCE_DEVICES
+from cnnx.runtime.files import remove_stale_temps_beside
 from cnnx.runtime.workers import DECODE_MODES, PROCESS_DECODE_MAX_SIDE, PROCESS_DECODE_MIN_FILES
 
 
@@ -147,6 +148,7 @@ def classify(paths, model_path, output, fmt, topk, batch_size, workers, decode, 
     if errors_path is None:
         errors_path = _default_errors_path(output)
     _check_usage(paths, output, errors_path, resume, report_path, model_path)
+    remove_stale_temps_beside(output, errors_path, report_path)
     decode = _small_job_threads(paths, decode)
     _warm_up(model_path, decoder, decode, workers)
     with _ends_when_interrupted() as interrupts, _one_line_errors(), _one_writer(output):

@@ -174,5 +174,13 @@ def remove_stale_temps(folder, prefixes=(TEMP_PREFIX,)) -> list:
     return removed
 
 
+def remove_stale_temps_beside(*paths) -> None:
+    """remove_stale_temps in the folder of each file a command writes with atomic_file (None and
+    "-" skipped): a command killed while writing one left its temp there, which its next run
+    removes, as train does in its run folder."""
+    for folder in dict.fromkeys(os.path.dirname(os.path.abspath(p)) for p in paths if p not in (None, "-")):
+        remove_stale_temps(folder)
+
+
 def is_disk_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
