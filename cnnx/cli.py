@@ -67,17 +67,16 @@ def main(argv=None):
     try:
         code = cli.main(args=argv, prog_name="cnnx", standalone_mode=False)
     except click.ClickException as e:
-        e.show()
+        if not (isinstance(e, click.UsageError) and _another_rank()):
+            e.show()
         sys.exit(e.exit_code)
     except click.Abort as e:  # click turns KeyboardInterrupt (and EOF at a prompt) into Abort
         if isinstance(e.__cause__, KeyboardInterrupt):
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+            _interrupted()
         click.echo("Aborted!", err=True)
         sys.exit(1)
     except KeyboardInterrupt:  # before or after click's own handling
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+        _interrupted()
     except OSError as e:  # what the command printed could not be written: stdout full (> /dev/full), gone or closed
         from cnnx.runtime.files import os_error_line
 
@@ -100,6 +99,19 @@ def main(argv=None):
     if isinstance(code, ExitNow):
         _exit_now(code)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _another_rank() -> bool:
+    """A process of a torchrun launch other than rank 0: usage errors and Ctrl-C come to every
+    rank alike (the same command line, one process group), and rank 0 says them once."""
+    rank = os.environ.get("RANK", "0")
+    return rank.isdigit() and int(rank) > 0
+
+
+def _interrupted():
+    if not _another_rank():
+        click.echo("interrupted", err=True)
+    sys.exit(130)
 
 
 def _hold_standard_streams():

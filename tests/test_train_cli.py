@@ -172,6 +172,14 @@ def test_split_layout_early_stopping_and_test_split_once(cifar_train_dir, tmp_pa
     assert (config["train_images"], config["val_images"], config["test_images"]) == (48, 16, 16)
     test = json.loads((run / "test_metrics.json").read_text())
     assert test["n"] == 16 and test["checkpoint"] == "best.pt" and "test top-1" in r.stdout
+    # Killed after its last checkpoint, before the test split and the plots: --resume writes them, trains nothing.
+    before = (run / "test_metrics.json").read_bytes()
+    (run / "test_metrics.json").unlink()
+    (run / "plots" / "confusion.png").unlink()
+    r = run_cli(["train", "--resume", run, "--quiet"])
+    assert r.exit_code == 0 and "stopped before it wrote plots/confusion.png, test_metrics.json" in r.stderr, r.stderr
+    assert (run / "test_metrics.json").read_bytes() == before and (run / "plots" / "confusion.png").exists()
+    assert len((run / "metrics.csv").read_text().strip().splitlines()) == 1 + 2
     # Its --resume stopped again after one more epoch; it is refused unless the patience grows.
     r = run_cli(["train", "--resume", run, "--quiet"])
     assert r.exit_code == 2 and "stopped early after epoch 2" in r.stderr and "--patience" in r.stderr, r.stderr

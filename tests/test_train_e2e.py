@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from cnnx.train.data import validation_split
 from cnnx.train.loop import evaluate
 from cnnx.train.run import LOCK_NAME
 
-from tests._train_util import run_cli, seed_args
+from tests._train_util import copy_classes, run_cli, seed_args
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_KEYS = ("lr", "train_loss", "train_top1", "train_top5", "val_loss", "val_top1", "val_top5")
@@ -118,20 +119,20 @@ def test_resume_after_one_of_two_epochs_equals_two_straight_epochs(cifar_subset,
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     # A finished run cannot be "resumed" without more epochs.
     r = run_cli(["train", "--resume", tmp_path / "split", "--quiet"])
-    assert r.exit_code == 2 and "already finished 2 of 2" in r.stderr
+    assert r.exit_code == 2 and "has trained 2 epochs, as many as --epochs 2 asks" in r.stderr
     # More epochs plan the schedule again (the lr rises from the first plan's end): said, with both rates.
     r = run_cli(["train", "--resume", tmp_path / "split", "--quiet", "--epochs", "3"])
     assert r.exit_code == 0, r.stderr
-    said = [line for line in r.stderr.splitlines() if "planned again over 3 epochs" in line]
+    said = [line for line in r.stderr.splitlines() if "planned again for --epochs 3 (was 2)" in line]
     assert len(said) == 1 and said[0].endswith("where the first plan gave 0"), r.stderr
     assert float(said[0].split("lr is ")[1].split()[0]) > 0
     assert len(_rows(tmp_path / "split" / "metrics.csv")) == 3
 
 
-def _torchrun(args) -> tuple[int, str, str]:
-    """`torchrun --standalone --nproc-per-node 2 -m cnnx ARGS` on the CPU: (exit code, stdout, stderr)."""
+def _torchrun(args, processes: int = 2) -> tuple[int, str, str]:
+    """`torchrun --standalone --nproc-per-node PROCESSES -m cnnx ARGS` on the CPU: (exit code, stdout, stderr)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
            "-m", "cnnx", *[str(a) for a in args]]
     # Own process group: on a timeout the workers die with the launcher instead of lingering.
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -162,6 +163,66 @@ def test_a_rank_whose_peer_stopped_says_one_line_and_a_resume_on_more_ranks_is_s
     assert any(line.startswith("Error: exists and is not a regular file") for line in lines), err[-3000:]
     assert any(line.startswith("Error: rank 1 stopped: ") for line in lines), err[-3000:]
     assert str(ROOT / "cnnx") not in err, err[-3000:]  # no traceback through cnnx's code (torchrun prints its own)
+
+
+def test_a_resume_on_more_processes_ends_its_schedule_and_an_unstarted_run_resumes_under_torchrun(cifar_subset,
+                                                                                                     tmp_path):
+    """Two processes take half the steps an epoch: the resumed schedule was planned for the
+    old rate (onecycle never reached 0; the other way its last steps ran at lr 0) and blamed
+    --epochs. A run with only config.json gave rank 1 a TypeError traceback on --resume."""
+    data = cifar_subset(6)  # 50 training images: 10 steps an epoch at batch 5; 12 of 2 images on each of 2 ranks
+    r = run_cli(seed_args(data, tmp_path / "runs", "r", tmp_path / "cache", "--epochs", "3", "--stop-after", "1",
+                          "--batch-size", "5", "--device", "cpu"))
+    assert r.exit_code == 0, r.stderr
+    run = tmp_path / "runs" / "r"
+    code, _out, err = _torchrun(["train", "--resume", run, "--quiet"])
+    assert code == 0, err[-3000:]
+    said = [line for line in err.splitlines() if "schedule is planned again" in line]
+    assert len(said) == 1 and "planned again for 2 process(es): 34 steps (first 30)" in said[0], err[-3000:]
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert last["scheduler"]["step"] == last["scheduler"]["total_steps"] == 34  # the schedule ended with the run
+    # Only config.json: stopped before its first epoch ended; every rank trains it from epoch 1.
+    for name in os.listdir(run):
+        if name != "config.json":
+            shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+    code, _out, err = _torchrun(["train", "--resume", run, "--quiet", "--epochs", "1"])
+    assert code == 0 and "Traceback" not in err, err[-3000:]
+    assert err.count("training it again from epoch 1") == 1 and len(_rows(run / "metrics.csv")) == 1
+
+
+def test_processes_that_find_other_data_or_too_few_images_stop_with_one_line(cifar_subset, tmp_path):
+    """Each rank lists --data itself: a rank that found other data than rank 0 went on (a
+    traceback inside DDP, or its own split under rank 0's config.json). Fewer training images
+    than processes was "training diverged". A usage error was printed by every rank."""
+    script = tmp_path / "ranks.py"
+    script.write_text(
+        "import os, torch.distributed as dist\n"
+        "from cnnx.train import loop, run\n"
+        "from cnnx.train.data import DataError\n"
+        "dist.init_process_group('gloo'); d = loop.dist_from_env()\n"
+        "config = {'class_names': ['a', 'b'], 'train_images': 10 + d.rank * int(os.environ['EXTRA']),\n"
+        "          'val_images': 4, 'test_images': 0, 'val_files_sha256': 'x'}\n"
+        "try:\n"
+        "    run.check_ranks_see_same_data(config, d, 'D'); print('same', d.rank)\n"
+        "except DataError as e:\n"
+        "    print(f'rank {d.rank}: {e}')\n"
+        "dist.destroy_process_group()\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for extra, want in (("0", ["same 0", "same 1"]),
+                        ("2", [f"rank {r}: process 1 of 2 found other data in D than process 0 (training images: "
+                               f"10 on process 0, 12 here): every process must see the same files" for r in (0, 1)])):
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            str(script)], capture_output=True, text=True, env={**env, "EXTRA": extra}, timeout=120)
+        assert p.returncode == 0 and sorted(p.stdout.splitlines()) == want, p.stderr[-2000:]
+    few = tmp_path / "few"
+    for split, n in (("train", 1), ("val", 1)):
+        copy_classes(cifar_subset(2), few / split, ["cat", "dog"], n)
+    code, _out, err = _torchrun(seed_args(few, tmp_path / "runs", "few", tmp_path / "cache", "--epochs", "1",
+                                          "--device", "cpu"), processes=3)
+    assert code != 0 and err.count("Error: 2 training image(s) for 3 processes: each needs at least one") == 3, \
+        err[-3000:]
+    code, _out, err = _torchrun(seed_args(few, tmp_path / "runs", "few2", tmp_path / "cache", "--patience", "-1"))
+    assert code != 0 and err.count("Usage:") == 1 and err.count("--patience") >= 1, err[-3000:]
 
 
 def test_two_process_gloo_run_only_rank0_writes(cifar_subset, tmp_path):

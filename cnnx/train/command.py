@@ -142,13 +142,14 @@ def train(ctx, out, name, resume, stop_after, quiet, compile_, aug, **opts):
                 run_dir = _resume_dir(resume, given)
                 if _rank() == 0:  # the folder is rank 0's: one writer, and never beside a live run
                     held.enter_context(reserve_run_dir(run_dir, resume=True))
-                cfg, resume_ckpt = _resume_config(resume, given, opts)
+                cfg, resume_ckpt, end_only = _resume_config(resume, run_dir, given, opts)
             else:
                 cfg, run_dir = _new_run_config(opts, out, name, arch_given="arch" in given)
-                resume_ckpt = None
+                resume_ckpt, end_only = None, False
                 if _rank() == 0:  # a default name taken (two runs in one second): NAME-2, ...
                     run_dir = held.enter_context(reserve_run_dir(run_dir, resume=False, unique=not name)).run_dir
-            summary = fit(cfg, run_dir, resume=resume_ckpt, stop_after=stop_after, progress=not quiet)
+            summary = fit(cfg, run_dir, resume=resume_ckpt, stop_after=stop_after, progress=not quiet,
+                          end_only=end_only)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
     except (CheckpointError, DataError, RunFolderError, UnknownArch, SpecError) as e:
@@ -192,27 +193,40 @@ def _resume_dir(resume, given) -> Path:
     return folder
 
 
-def _resume_config(resume, given, opts):
-    """(config, last.pt or None) of the run to continue, with the RESUMABLE options given now."""
+def _resume_config(resume, folder: Path, given, opts):
+    """(config, last.pt or None, end_only) of the run in `folder` to continue, with the
+    RESUMABLE options given now. end_only: it has ended, and only what a kill after its last
+    checkpoint left unwritten is to be written (run.unwritten_end)."""
     from dataclasses import replace
 
     from cnnx.train.config import check_config
-    from cnnx.train.run import resume_state, say
+    from cnnx.train.run import resume_state, say, unwritten_end
 
-    cfg, ckpt = resume_state(resume)
-    cfg = replace(cfg, **{k: opts[k] for k in given})
+    began, ckpt = resume_state(resume)
+    cfg = replace(began, **{k: opts[k] for k in given})
     check_config(cfg)
-    if ckpt is None and _rank() == 0:
-        say(f"{resume} has no last.pt (its run was stopped before its first epoch ended): "
-            f"training it again from epoch 1 with its config.json")
-    elif ckpt["epoch"] >= cfg.epochs:
-        raise click.UsageError(f"{resume} already finished {ckpt['epoch']} of {cfg.epochs} epochs; "
+    if ckpt is None:
+        if _rank() == 0:
+            say(f"{resume} has no last.pt (its run was stopped before its first epoch ended): "
+                f"training it again from epoch 1 with its config.json")
+        return cfg, ckpt, False
+    done, since = ckpt["epoch"], ckpt["best"]["since"]
+    early = bool(began.patience and since >= began.patience)  # it stopped early
+    if (done >= began.epochs or early) and not given & {"epochs", "patience"}:  # not asked to train further
+        left = unwritten_end(folder, ckpt["config"])
+        if left:  # stopped after its last checkpoint: what comes after it is written now
+            if _rank() == 0:
+                say(f"{resume} has ended but was stopped before it wrote {', '.join(left)}: writing them "
+                    f"(no more training)")
+            return cfg, ckpt, True
+    if done >= cfg.epochs:
+        raise click.UsageError(f"{resume} has trained {done} epochs, as many as --epochs {cfg.epochs} asks; "
                                f"pass a larger --epochs to train further")
-    elif cfg.patience and ckpt["best"]["since"] >= cfg.patience:  # it would stop again after one epoch
-        raise click.UsageError(f"{resume} stopped early after epoch {ckpt['epoch']}: val top-1 had not improved "
-                               f"for {ckpt['best']['since']} epoch(s) (--patience {cfg.patience}); pass a larger "
-                               f"--patience, or --patience 0 for none, to train further")
-    return cfg, ckpt
+    if early and cfg.patience and since >= cfg.patience:  # it would stop again after one epoch
+        raise click.UsageError(f"{resume} stopped early after epoch {done}: val top-1 had not improved for {since} "
+                               f"epoch(s) (--patience {began.patience}); pass a --patience above {since}, "
+                               f"or --patience 0 for none, to train further")
+    return cfg, ckpt, False
 
 
 def _new_run_config(opts, out, name, arch_given=True):
@@ -316,7 +330,7 @@ def _pick_split(layout, split, data):
               help="Also write one self-contained HTML page: per-class, confusion and the image galleries.")
 def evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, plot, as_json, report):
     """Top-1, top-5, per-class accuracy and confusion matrix of CHECKPOINT on a labelled image folder."""
-    from cnnx.runtime.files import first_line, os_error_line
+    from cnnx.runtime.files import first_line, os_error_line, remove_stale_temps_beside
     from cnnx.runtime.preprocess import SpecError
     from cnnx.train.checkpoint import CheckpointError
     from cnnx.train.data import DataError
@@ -327,6 +341,7 @@ def evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, pl
         m, names = ev["metrics"], ev["class_names"]
         plot_path = (Path(plot) if plot else
                      Path(checkpoint).resolve().parent / f"confusion_{Path(ev['folder']).resolve().name}.png")
+        remove_stale_temps_beside(plot_path, report)
         _write_evaluation_files(ev, checkpoint, plot_path, report)
     except (CheckpointError, DataError, SpecError) as e:
         raise click.ClickException(first_line(e)) from None

@@ -348,14 +348,21 @@ class State:
 
 
 def fit(cfg: TrainConfig, run_dir, *, resume: dict | None = None, stop_after: int | None = None,
-        progress: bool = True) -> dict:
+        progress: bool = True, end_only: bool = False) -> dict:
     """Train; write the run directory; return a summary dict (rank 0's view). The caller
-    holds the run folder (reserve_run_dir) on rank 0."""
+    holds the run folder (reserve_run_dir) on rank 0. end_only: the resumed run has ended
+    (all --epochs, or an early stop) but was stopped before it wrote what comes after its
+    last checkpoint (unwritten_end): write that, train nothing."""
     d = loop.dist_from_env()
     device = loop.resolve_device(cfg.device, d)
     with _process_group(d, device):
         run = setup(cfg, Path(run_dir), d, device, progress, resume)
         state = start_state(run, resume)
+        if end_only:
+            if d.main:
+                write_csvs(run.run_dir, state.history, run.class_names)
+                write_report(run, state)
+            return finish(run, state, Stop.FINISHED if state.epoch >= cfg.epochs else Stop.EARLY, None)
         stop, first = Stop.FINISHED, state.epoch
         for epoch in range(first, cfg.epochs):
             if stop_after is not None and epoch - first >= stop_after:
@@ -437,6 +444,7 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
         "test_images": 0 if splits.test is None else len(splits.test[1]), "skipped_files": len(splits.skipped),
         "val_files_sha256": files_digest(splits.val_paths),
     })
+    check_ranks_see_same_data(config, d, cfg.data)
     if resume is not None:
         check_same_data(config, resume["config"], cfg.data)
     if d.main:
@@ -470,7 +478,7 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
               loop.make_optimizer(params, cfg), _resident(xtr, device), ytr.to(device),
               # Validation is sharded across ranks and its counts all-reduced.
               _resident(take(xva, slice(d.rank, None, d.world)), device), yva[d.rank::d.world].to(device),
-              cfg.epochs * steps_per_epoch, loop.bf16_enabled(cfg, dev_type), channels_last, head)
+              planned_steps(cfg, steps_per_epoch, resume), loop.bf16_enabled(cfg, dev_type), channels_last, head)
     run.whiten_seconds = whiten_seconds
     run.ema = frontier.weight_average(net, cfg)
     if run.ema is not None:
@@ -483,6 +491,16 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
         f"{len(ytr)} train / {len(yva)} val images, {steps_per_epoch} steps/epoch, "
         f"threads {torch.get_num_threads()}, bf16 {run.bf16}, channels_last {channels_last}", d)
     return run
+
+
+def planned_steps(cfg: TrainConfig, steps_per_epoch: int, resume: dict | None) -> int:
+    """The schedule's length in steps: --epochs at this run's steps an epoch; for a resume, the
+    steps last.pt has taken (at the rate they were taken: another number of processes takes
+    another number a epoch) and the epochs left at this rate, so the schedule ends with the
+    last epoch. Unchanged world and --epochs: the same number as the first plan."""
+    if resume is None:
+        return cfg.epochs * steps_per_epoch
+    return int(resume["scheduler"]["step"]) + (cfg.epochs - int(resume["epoch"])) * steps_per_epoch
 
 
 def _training_module(wrapped, cfg: TrainConfig, d: loop.Dist, device: str):
@@ -540,6 +558,8 @@ def load_run_data(cfg: TrainConfig, spec: dict, run_dir: Path, d: loop.Dist, pro
     if len(splits.train[1]) == 0 or len(splits.val[1]) == 0:
         raise ValueError(f"not enough images to train and validate "
                          f"({len(splits.train[1])} train, {len(splits.val[1])} val)")
+    if len(splits.train[1]) < d.world:  # a rank with no training image trains on an empty batch (a NaN loss)
+        raise ValueError(f"{len(splits.train[1])} training image(s) for {d.world} processes: each needs at least one")
     return splits
 
 
@@ -563,27 +583,58 @@ def files_digest(paths) -> str | None:
     return hashlib.sha256("\n".join(paths).encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def check_same_data(now: dict, then: dict, data: str):
-    """DataError where the data found for a --resume is not the data the run began with: other
-    classes, another number of images, other validation files (a new split: former validation
-    images trained on, best.pt chosen on two validation sets). Checkpoints of an older cnnx
-    have no file digest: their counts and classes are compared."""
-    from cnnx.train.data import DataError
+DATA_KEYS = (("class_names", "classes"), ("train_images", "training images"), ("val_images", "validation images"),
+             ("test_images", "test images"), ("val_files_sha256", "validation files"))
 
-    for key, what in (("class_names", "classes"), ("train_images", "training images"),
-                      ("val_images", "validation images"), ("test_images", "test images"),
-                      ("val_files_sha256", "validation files")):
+
+def data_difference(now: dict, then: dict, was: str = "then", now_is: str = "now") -> str | None:
+    """The first of DATA_KEYS in which two resolved configs' data differ, in words, or None.
+    A key `then` lacks (a checkpoint of an older cnnx) is not compared."""
+    for key, what in DATA_KEYS:
         if key not in then or then[key] == now[key]:
             continue
         if key == "class_names":
-            change = (f"{len(then[key])} then, {len(now[key])} now" if len(then[key]) != len(now[key])
+            change = (f"{len(then[key])} {was}, {len(now[key])} {now_is}" if len(then[key]) != len(now[key])
                       else "other names")
         elif key == "val_files_sha256":
             change = "other files"
         else:
-            change = f"{then[key]} then, {now[key]} now"
-        raise DataError(f"the data in {data} changed since the run began ({what}: {change}): --resume would "
+            change = f"{then[key]} {was}, {now[key]} {now_is}"
+        return f"{what}: {change}"
+    return None
+
+
+def check_same_data(now: dict, then: dict, data: str):
+    """DataError where the data found for a --resume is not the data the run began with: other
+    classes, another number of images, other validation files (a new split: former validation
+    images trained on, best.pt chosen on two validation sets)."""
+    from cnnx.train.data import DataError
+
+    change = data_difference(now, then)
+    if change is not None:
+        raise DataError(f"the data in {data} changed since the run began ({change}): --resume would "
                         "continue on another split; restore the data, or train a new run (another --name)")
+
+
+def check_ranks_see_same_data(config: dict, d: loop.Dist, data: str):
+    """DataError on every rank where any rank found other data than rank 0 (each lists the
+    folder itself: another node's copy, or a folder changed while rank 0 decoded). Without it
+    a rank with another class fails inside DDP with a traceback, and one with a few more
+    images trains and validates on its own split while config.json says rank 0's."""
+    if d.world <= 1:
+        return
+    import torch.distributed as dist
+
+    from cnnx.train.data import DataError
+
+    box = [{k: config[k] for k, _ in DATA_KEYS} if d.main else None]
+    dist.broadcast_object_list(box)
+    changes = [None] * d.world
+    dist.all_gather_object(changes, data_difference(config, box[0], "on process 0", "here"))
+    bad = next(((rank, change) for rank, change in enumerate(changes) if change is not None), None)
+    if bad is not None:
+        raise DataError(f"process {bad[0]} of {d.world} found other data in {data} than process 0 ({bad[1]}): "
+                        f"every process must see the same files")
 
 
 def start_state(run: Run, resume: dict | None) -> State:
@@ -619,19 +670,22 @@ def start_state(run: Run, resume: dict | None) -> State:
 
 def _say_what_resume_changes(run: Run, resume: dict, step: int):
     """A resume is exact on the run's own terms; say where it is not: another number of
-    processes (other batches), or a schedule planned again over another --epochs (the lr of
-    the next step is not the one the first plan gave: for a finished cosine run it rises)."""
-    began = resume["config"].get("world_size", 1)
+    processes (other batches, another number of steps an epoch), or a schedule planned again
+    (planned_steps) for another --epochs or that rate: the lr of the next step is not the one
+    the first plan gave (after a finished cosine run it rises)."""
+    began, epochs_then = resume["config"].get("world_size", 1), resume["config"]["epochs"]
+    cfg = run.cfg
     if began != run.d.world:
         say(f"this run began on {began} process(es) and continues on {run.d.world}: its batches differ "
             f"from an uninterrupted run's from here on", run.d)
     planned = int(resume["scheduler"].get("total_steps", run.total_steps))
-    cfg = run.cfg
     kw = dict(peak=cfg.lr, schedule=cfg.schedule, warmup=cfg.warmup, final=cfg.final_lr)
     now, was = loop.lr_at(step, run.total_steps, **kw), loop.lr_at(step, planned, **kw)
     if planned != run.total_steps and not math.isclose(now, was, rel_tol=1e-6, abs_tol=1e-12):
-        say(f"the {cfg.schedule} schedule is planned again over {cfg.epochs} epochs ({run.total_steps} steps, "
-            f"first {planned}): the next step's lr is {now:.3g} where the first plan gave {was:.3g}", run.d)
+        why = ([f"--epochs {cfg.epochs} (was {epochs_then})"] if cfg.epochs != epochs_then else []) + \
+              ([f"{run.d.world} process(es)"] if began != run.d.world else [])
+        say(f"the {cfg.schedule} schedule is planned again for {' and '.join(why)}: {run.total_steps} steps "
+            f"(first {planned}); the next step's lr is {now:.3g} where the first plan gave {was:.3g}", run.d)
 
 
 LAST_ONLY = ("train_state_dict", "optimizer", "scheduler", "history", "best")  # last.pt's fields beyond best.pt's
@@ -821,6 +875,23 @@ def _write_plots(run: Run, state: State, summary: dict):
     plots.plot_confusion(state.best_confusion, run.class_names, folder / "confusion.png",
                          title=f"confusion matrix, val, best checkpoint (epoch {state.best_epoch})")
     say(f"plots in {folder} ({time.perf_counter() - t:.1f}s)")
+
+
+def unwritten_end(run_dir: Path, config: dict) -> list:
+    """What a run that has ended writes after its last checkpoint, where missing or older than
+    last.pt (a kill in between: its CSVs, report, the test split's metrics, the plots)."""
+    last = os.stat(run_dir / "last.pt").st_mtime_ns
+    names = ["metrics.csv", "per_class.csv", "report.html", "plots/top1.png", "plots/per_class.png",
+             "plots/confusion.png"] + (["test_metrics.json"] if config.get("test_images") else [])
+    left = []
+    for name in names:
+        try:
+            if os.stat(run_dir / name).st_mtime_ns >= last:
+                continue
+        except OSError:
+            pass
+        left.append(name)
+    return left
 
 
 def resume_state(path) -> tuple[TrainConfig, dict | None]:
