@@ -203,3 +203,36 @@ def test_a_checkpoint_replaced_during_the_load_keeps_the_hash_of_what_was_loaded
     again = make_checkpoint(tmp_path / "again.pt", "seed-cnn", ["cat", "dog"], size=32, seed=0)
     want = checkpoint.load_checkpoint(again)["state_dict"]
     assert all(torch.equal(ckpt["state_dict"][k], v) for k, v in want.items())
+
+
+def test_a_ctrl_c_the_exporter_swallows_is_still_an_interrupt(monkeypatch, tmp_path):
+    """torch's exporters import modules lazily: a Ctrl-C there is caught inside torch, which then
+    fails with an AttributeError, and the export said "ONNX export failed" (exit 1) where the
+    user had pressed Ctrl-C. A real SIGINT to this process, inside a writer that swallows it as
+    torch's import does; without a Ctrl-C the same failure stays an export failure."""
+    import os
+    import signal
+
+    import numpy as np
+
+    from cnnx.export import writers
+    from cnnx.export.errors import ExportError
+
+    def swallowing(sigint: bool):
+        def write(job):
+            try:
+                if sigint:
+                    os.kill(os.getpid(), signal.SIGINT)  # Python raises it at the next instruction
+                raise ImportError("cannot import triton.language")
+            except (KeyboardInterrupt, ImportError):
+                pass
+            raise AttributeError("module 'triton.language' has no attribute 'core'")
+        return write
+
+    job = writers.Job(ckpt={}, sha256="", module=None, example_images=np.zeros((1, 3, 2, 2), np.uint8),
+                      staging=tmp_path, opset=None, calibration=None, say=lambda line: None)
+    for sigint, raised in ((True, KeyboardInterrupt), (False, ExportError)):
+        monkeypatch.setitem(writers.WRITERS, "onnx", writers.Writer("ONNX export", swallowing(sigint), lambda j, m: []))
+        with pytest.raises(raised):
+            writers.run_writer("onnx", job)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

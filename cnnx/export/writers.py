@@ -5,8 +5,11 @@ parity backends check the file it wrote."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,6 +228,30 @@ def _failure_line(label: str, error: Exception, folder: Path) -> str:
     return f"{label} failed: {first_line(error)}{because}"
 
 
+@contextlib.contextmanager
+def _noticing_interrupts():
+    """Yield an Event set by a Ctrl-C, which still raises KeyboardInterrupt as Python's own
+    handler does: torch's exporters import modules lazily (triton), and an import interrupted
+    there is caught inside torch and fails later as an AttributeError, which read as a failed
+    export (exit 1) where the user had pressed Ctrl-C (130). Only where Python's own handler is
+    in place (the main thread; not where SIGINT is ignored)."""
+    seen = threading.Event()
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield seen
+        return
+
+    def interrupted(signum, frame):
+        seen.set()
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, interrupted)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def run_writer(name: str, job: Job) -> list:
     """Write one artifact: log, time, record its path; any failure becomes one ExportError
     line. Returns the parity backends for it."""
@@ -232,13 +259,16 @@ def run_writer(name: str, job: Job) -> list:
     job.say(f"exporting {name} ...")
     t0 = time.perf_counter()
     try:
-        made = writer.write(job)
+        with _noticing_interrupts() as interrupted:
+            made = writer.write(job)
         job.seconds[name] = round(time.perf_counter() - t0, 3)
         job.paths[name] = job.path(name)
         backends = writer.backends(job, made)
     except ExportError:
         raise
     except Exception as e:  # noqa: BLE001 - the exporters raise many types; the user gets one line
+        if interrupted.is_set():  # a Ctrl-C that the exporter swallowed and failed on: still a Ctrl-C
+            raise KeyboardInterrupt from None
         raise ExportError(_failure_line(writer.label, e, job.staging)) from None
     size = job.paths[name].stat().st_size / (1 << 20)
     job.say(f"exported {name} in {job.seconds[name]:.1f} s ({size:.1f} MiB)")
