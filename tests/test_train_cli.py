@@ -123,6 +123,13 @@ def test_existing_run_is_never_overwritten_and_resume_keeps_its_config(cifar_tra
     _one_line_error(r, 1, "cannot be resumed", "last.pt")
     r = run_cli(["train", "--resume", tmp_path / "runs" / "nope"])
     _one_line_error(r, 1, "not found")
+    # The command that started the run, --resume added, continues it (its --data, --arch, --lr,
+    # --out and --name were refused); another value still is.
+    r = run_cli(args + ["--resume", tmp_path / "runs" / "x", "--batch-size", "32"])
+    _one_line_error(r, 2, "cannot change --batch-size")
+    r = run_cli(args + ["--resume", tmp_path / "runs" / "x"])
+    assert r.exit_code == 0 and "resuming" in r.stderr, r.stderr
+    assert len((tmp_path / "runs" / "x" / "metrics.csv").read_text().strip().splitlines()) == 1 + 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

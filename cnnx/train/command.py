@@ -134,12 +134,13 @@ def train(ctx, out, name, resume, stop_after, quiet, compile_, aug, **opts):
     if resume == "":  # falsy: it started a new run
         raise click.UsageError("--resume needs a run folder (or its last.pt)")
     placed = [f"--{p}" for p in ("out", "name") if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
-    if resume and placed:  # they were ignored: the run went on in its own folder, the user looking elsewhere
+    if resume and placed and not (name and _same_folder(Path(out) / name, resume)):
+        # they were ignored: the run went on in its own folder, the user looking elsewhere
         raise click.UsageError(f"--resume continues the run in its own folder; {' and '.join(placed)} do not apply")
     try:
         with contextlib.ExitStack() as held:
             if resume:
-                run_dir = _resume_dir(resume, given)
+                run_dir, given = _resume_dir(resume, given, opts)
                 if _rank() == 0:  # the folder is rank 0's: one writer, and never beside a live run
                     held.enter_context(reserve_run_dir(run_dir, resume=True))
                 cfg, resume_ckpt, end_only = _resume_config(resume, run_dir, given, opts)
@@ -176,11 +177,10 @@ def _option_names(names) -> str:
     return ", ".join("--" + c.replace("_", "-") for c in names)
 
 
-def _resume_dir(resume, given) -> Path:
-    changed = sorted(given - set(RESUMABLE))
-    if changed:
-        raise click.UsageError(f"--resume continues the run's own config; cannot change {_option_names(changed)} "
-                               f"(only {_option_names(RESUMABLE)})")
+def _resume_dir(resume, given, opts) -> tuple:
+    """(the run's folder, the options given that --resume applies): those of RESUMABLE, as the
+    others may only be given with the run's own values (the command that started the run, with
+    --resume added, continues it)."""
     path = Path(resume)
     folder = path.parent if path.is_file() else path
     if not folder.is_dir():
@@ -190,7 +190,42 @@ def _resume_dir(resume, given) -> Path:
         raise click.ClickException(
             f"{folder} holds no last.pt and no config.json: not a run to continue, or one stopped before training "
             f"began; start it again with the same cnnx train options and --name (the folder is reused)")
-    return folder
+    fixed = given - set(RESUMABLE)
+    run_config = _run_config(folder) if fixed else {}
+    same = {k for k in fixed if k in run_config and _normalised(k, opts[k]) == _normalised(k, run_config[k])}
+    changed = sorted(fixed - same)
+    if changed:
+        raise click.UsageError(f"--resume continues the run's own config; cannot change {_option_names(changed)} "
+                               f"(only {_option_names(RESUMABLE)})")
+    return folder, given - same
+
+
+def _same_folder(run_dir: Path, resume) -> bool:
+    """Whether --out/--name name the folder --resume continues (the command that started the
+    run, with --resume added)."""
+    path = Path(resume)
+    return run_dir.resolve() == (path.parent if path.is_file() else path).resolve()
+
+
+PATH_OPTIONS = ("data", "weights")  # resolved to absolute paths in a run's config
+
+
+def _run_config(folder: Path) -> dict:
+    import json
+
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _normalised(key: str, value):
+    """An option's value as a run's config.json holds it (lists for tuples, absolute paths)."""
+    import json
+
+    if key in PATH_OPTIONS and isinstance(value, str) and value != "cifar10":
+        return str(Path(value).expanduser().resolve())
+    return json.loads(json.dumps(value))
 
 
 def _resume_config(resume, folder: Path, given, opts):
