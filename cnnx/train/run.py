@@ -683,7 +683,7 @@ def _say_what_resume_changes(run: Run, resume: dict, step: int):
     now, was = loop.lr_at(step, run.total_steps, **kw), loop.lr_at(step, planned, **kw)
     if planned != run.total_steps and not math.isclose(now, was, rel_tol=1e-6, abs_tol=1e-12):
         why = ([f"--epochs {cfg.epochs} (was {epochs_then})"] if cfg.epochs != epochs_then else []) + \
-              ([f"{run.d.world} process(es)"] if began != run.d.world else [])
+              ([f"{run.d.world} process(es)"] if began != run.d.world else []) or ["this run's steps an epoch"]
         say(f"the {cfg.schedule} schedule is planned again for {' and '.join(why)}: {run.total_steps} steps "
             f"(first {planned}); the next step's lr is {now:.3g} where the first plan gave {was:.3g}", run.d)
 
