@@ -124,7 +124,7 @@ def train(ctx, out, name, resume, stop_after, quiet, compile_, aug, **opts):
     from cnnx.train.checkpoint import CheckpointError
     from cnnx.train.config import ConfigError
     from cnnx.train.data import DataError
-    from cnnx.train.run import RunFolderError, fit, reserve_run_dir
+    from cnnx.train.run import Diverged, PeerStopped, RunFolderError, fit, reserve_run_dir
     from cnnx.train.zoo import UnknownArch
 
     opts["compile"] = compile_
@@ -158,13 +158,11 @@ def train(ctx, out, name, resume, stop_after, quiet, compile_, aug, **opts):
     except OSError as e:  # a full disk (ENOSPC), a read-only or vanished --out: every write is atomic
         raise click.ClickException(os_error_line(e)) from None
     except ValueError as e:  # device/config combinations only known at run time (e.g. --device cuda without CUDA)
+        if isinstance(e, Diverged) and _rank() != 0:  # every rank has the same all-reduced loss: rank 0 says it
+            raise click.exceptions.Exit(1) from None
         raise click.ClickException(first_line(e)) from None
-    except RuntimeError as e:
-        if _rank() == 0:
-            raise
-        # torchrun's other ranks: a collective whose peer ended (rank 0 stopped with its own line
-        # above) raises gloo's or NCCL's RuntimeError here; its traceback says nothing more.
-        raise click.ClickException(f"rank {_rank()} stopped: {first_line(e)}") from None
+    except PeerStopped as e:  # under torchrun: another process failed first and said why
+        raise click.ClickException(str(e)) from None
     if _rank() == 0:
         line = (f"best val top-1 {summary['best_val_top1']:.4f} at epoch {summary['best_epoch']} "
                 f"({summary['epochs_run']} epochs, {summary['train_seconds']:.1f}s training)")

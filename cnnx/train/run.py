@@ -396,8 +396,20 @@ def check_finite(tm: dict, vm: dict, epoch: int):
                    f"saved (a lower --lr, or --warmup?)")
 
 
+class PeerStopped(Exception):
+    """Another process of the run stopped with an error (it says which, in its own line), and
+    this one's collective then failed: one line here too, not gloo's or NCCL's traceback."""
+
+
+FAILED_KEY = "cnnx/failed/"  # + rank, in the process group's store: that process stopped with an error
+
+
 @contextlib.contextmanager
 def _process_group(d: loop.Dist, device: str):
+    """Every rank that fails says so in the process group's store (torchrun's agent holds it,
+    so it outlives the rank) before it ends; a rank whose collective then fails with a
+    RuntimeError raises PeerStopped where another rank had failed first. A RuntimeError with
+    no failed peer is a failure of this rank's own, and keeps its traceback."""
     if d.world <= 1:
         yield
         return
@@ -408,9 +420,35 @@ def _process_group(d: loop.Dist, device: str):
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     try:
         yield
+    except BaseException as e:
+        peer = _failed_peer(d) if isinstance(e, RuntimeError) else None
+        _say_failed(d)
+        if peer is not None:
+            raise PeerStopped(f"process {peer} of the run stopped (its error is above); process {d.rank} "
+                              f"stopped with it") from None
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _say_failed(d: loop.Dist):
+    from torch.distributed import distributed_c10d
+
+    try:
+        distributed_c10d._get_default_store().set(f"{FAILED_KEY}{d.rank}", "1")
+    except Exception:  # noqa: BLE001 - the store may be gone with the launcher: nothing to tell then
+        pass
+
+
+def _failed_peer(d: loop.Dist) -> int | None:
+    from torch.distributed import distributed_c10d
+
+    try:
+        store = distributed_c10d._get_default_store()
+        return next((r for r in range(d.world) if r != d.rank and store.check([f"{FAILED_KEY}{r}"])), None)
+    except Exception:  # noqa: BLE001 - no store to ask: the error is this rank's own
+        return None
 
 
 def _barrier(d):
