@@ -146,43 +146,39 @@ def _torchrun(args, processes: int = 2) -> tuple[int, str, str]:
     return p.returncode, out, err
 
 
-def test_a_rank_whose_peer_stopped_says_one_line_and_a_resume_on_more_ranks_is_said(cifar_subset, tmp_path):
-    """Rank 0 stops with its own line (a metrics.csv it may not replace); rank 1, in a collective,
-    printed gloo's traceback after it (now: rank 0 marks its failure in the process group's store). The resume also goes from 1 process to 2: said, not silent."""
-    data = cifar_subset(6)
+def test_resumes_under_torchrun_a_peer_that_stopped_another_number_of_processes_an_unstarted_run(cifar_subset,
+                                                                                                    tmp_path):
+    """A run of 1 process resumed on 2:
+    - rank 0 stops with its own line (a metrics.csv it may not replace); rank 1, in a collective,
+      printed gloo's traceback after it (now: rank 0 marks its failure in the process group's store);
+    - the change of processes was silent, and the schedule stayed planned for the old steps an
+      epoch (onecycle never reached 0; the other way its last steps ran at lr 0), the note
+      blaming --epochs;
+    - a run with only config.json gave rank 1 a TypeError traceback on --resume."""
+    data = cifar_subset(6)  # 50 training images: 10 steps an epoch at batch 5; 12 of 2 images on each of 2 ranks
     r = run_cli(seed_args(data, tmp_path / "runs", "r", tmp_path / "cache", "--epochs", "3", "--stop-after", "1",
-                          "--device", "cpu"))
+                          "--batch-size", "5", "--device", "cpu"))
     assert r.exit_code == 0, r.stderr
     run = tmp_path / "runs" / "r"
     (run / "metrics.csv").unlink()
     (run / "metrics.csv").mkdir()
     code, _out, err = _torchrun(["train", "--resume", run, "--quiet"])
     assert code != 0
-    assert "this run began on 1 process(es) and continues on 2" in err
+    assert err.count("this run began on 1 process(es) and continues on 2") == 1
+    said = [line for line in err.splitlines() if "schedule is planned again" in line]
+    assert len(said) == 1 and "planned again for 2 process(es): 34 steps (first 30)" in said[0], err[-3000:]
     lines = err.splitlines()
     assert any(line.startswith("Error: exists and is not a regular file") for line in lines), err[-3000:]
     # rank 1 says its line, unless torchrun's SIGTERM (sent once rank 0 has ended) comes first
-    said = "Error: process 0 of the run stopped (its error is above); process 1 stopped with it"
-    assert said in lines or "SIGTERM" in err, err[-3000:]
+    stopped = "Error: process 0 of the run stopped (its error is above); process 1 stopped with it"
+    assert stopped in lines or "SIGTERM" in err, err[-3000:]
     assert str(ROOT / "cnnx") not in err, err[-3000:]  # no traceback through cnnx's code (torchrun prints its own)
-
-
-def test_a_resume_on_more_processes_ends_its_schedule_and_an_unstarted_run_resumes_under_torchrun(cifar_subset,
-                                                                                                     tmp_path):
-    """Two processes take half the steps an epoch: the resumed schedule was planned for the
-    old rate (onecycle never reached 0; the other way its last steps ran at lr 0) and blamed
-    --epochs. A run with only config.json gave rank 1 a TypeError traceback on --resume."""
-    data = cifar_subset(6)  # 50 training images: 10 steps an epoch at batch 5; 12 of 2 images on each of 2 ranks
-    r = run_cli(seed_args(data, tmp_path / "runs", "r", tmp_path / "cache", "--epochs", "3", "--stop-after", "1",
-                          "--batch-size", "5", "--device", "cpu"))
-    assert r.exit_code == 0, r.stderr
-    run = tmp_path / "runs" / "r"
+    (run / "metrics.csv").rmdir()  # last.pt of epoch 2 was written before it: the run goes on from there
     code, _out, err = _torchrun(["train", "--resume", run, "--quiet"])
     assert code == 0, err[-3000:]
-    said = [line for line in err.splitlines() if "schedule is planned again" in line]
-    assert len(said) == 1 and "planned again for 2 process(es): 34 steps (first 30)" in said[0], err[-3000:]
     last = torch.load(run / "last.pt", weights_only=True)
     assert last["scheduler"]["step"] == last["scheduler"]["total_steps"] == 34  # the schedule ended with the run
+    assert len(_rows(run / "metrics.csv")) == 3
     # Only config.json: stopped before its first epoch ended; every rank trains it from epoch 1.
     for name in os.listdir(run):
         if name != "config.json":
@@ -202,20 +198,20 @@ def test_processes_that_find_other_data_or_too_few_images_stop_with_one_line(cif
         "from cnnx.train import loop, run\n"
         "from cnnx.train.data import DataError\n"
         "dist.init_process_group('gloo'); d = loop.dist_from_env()\n"
-        "config = {'class_names': ['a', 'b'], 'train_images': 10 + d.rank * int(os.environ['EXTRA']),\n"
-        "          'val_images': 4, 'test_images': 0, 'val_files_sha256': 'x'}\n"
-        "try:\n"  # one write a line: the two ranks share the pipe
-        "    run.check_ranks_see_same_data(config, d, 'D'); os.write(1, f'same {d.rank}\\n'.encode())\n"
-        "except DataError as e:\n"
-        "    os.write(1, f'rank {d.rank}: {e}\\n'.encode())\n"
+        "for extra in (0, 2):\n"
+        "    config = {'class_names': ['a', 'b'], 'train_images': 10 + d.rank * extra,\n"
+        "              'val_images': 4, 'test_images': 0, 'val_files_sha256': 'x'}\n"
+        "    try:\n"  # one write a line: the two ranks share the pipe
+        "        run.check_ranks_see_same_data(config, d, 'D'); os.write(1, f'same {d.rank}\\n'.encode())\n"
+        "    except DataError as e:\n"
+        "        os.write(1, f'rank {d.rank}: {e}\\n'.encode())\n"
         "dist.destroy_process_group()\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    for extra, want in (("0", ["same 0", "same 1"]),
-                        ("2", [f"rank {r}: process 1 of 2 found other data in D than process 0 (training images: "
-                               f"10 on process 0, 12 here): every process must see the same files" for r in (0, 1)])):
-        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                            str(script)], capture_output=True, text=True, env={**env, "EXTRA": extra}, timeout=120)
-        assert p.returncode == 0 and sorted(p.stdout.splitlines()) == want, p.stderr[-2000:]
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0 and sorted(p.stdout.splitlines()) == [
+        f"rank {r}: process 1 of 2 found other data in D than process 0 (training images: 10 on process 0, 12 here): "
+        f"every process must see the same files" for r in (0, 1)] + ["same 0", "same 1"], p.stderr[-2000:]
     few = tmp_path / "few"
     for split, n in (("train", 1), ("val", 1)):
         copy_classes(cifar_subset(2), few / split, ["cat", "dog"], n)
