@@ -8,6 +8,7 @@ import errno
 import importlib
 import os
 import sys
+import time
 
 import click
 
@@ -67,8 +68,9 @@ def main(argv=None):
     try:
         code = cli.main(args=argv, prog_name="cnnx", standalone_mode=False)
     except click.ClickException as e:
-        if not (isinstance(e, click.UsageError) and _another_rank()):
-            e.show()
+        if isinstance(e, click.UsageError) and _another_rank():
+            leave_it_to_rank_0(e.exit_code)
+        e.show()
         sys.exit(e.exit_code)
     except click.Abort as e:  # click turns KeyboardInterrupt (and EOF at a prompt) into Abort
         if isinstance(e.__cause__, KeyboardInterrupt):
@@ -106,6 +108,18 @@ def _another_rank() -> bool:
     rank alike (the same command line, one process group), and rank 0 says them once."""
     rank = os.environ.get("RANK", "0")
     return rank.isdigit() and int(rank) > 0
+
+
+RANK_0_GRACE_S = 3.0
+
+
+def leave_it_to_rank_0(code: int):
+    """Exit with `code`, saying nothing, a moment after rank 0 has said the same error (torchrun
+    ends every rank once one has ended: a rank that exits at once can have rank 0 killed
+    before it printed anything)."""
+    sys.stderr.flush()
+    time.sleep(RANK_0_GRACE_S)
+    sys.exit(code)
 
 
 def _interrupted():

@@ -159,7 +159,9 @@ def train(ctx, out, name, resume, stop_after, quiet, compile_, aug, **opts):
         raise click.ClickException(os_error_line(e)) from None
     except ValueError as e:  # device/config combinations only known at run time (e.g. --device cuda without CUDA)
         if isinstance(e, Diverged) and _rank() != 0:  # every rank has the same all-reduced loss: rank 0 says it
-            raise click.exceptions.Exit(1) from None
+            from cnnx.cli import leave_it_to_rank_0
+
+            leave_it_to_rank_0(1)
         raise click.ClickException(first_line(e)) from None
     except PeerStopped as e:  # under torchrun: another process failed first and said why
         raise click.ClickException(str(e)) from None
