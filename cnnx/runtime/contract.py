@@ -271,18 +271,14 @@ def peek_preprocess_size(path):
 
 def driver_library():
     """ctypes handle of the NVIDIA driver's CUDA library (a cheap dlopen, no GPU work), or None
-    where it cannot be loaded (driver_library_error says why)."""
-    return _load_driver_library()[0]
+    where it cannot be loaded (load_driver_library also says why)."""
+    return load_driver_library()[0]
 
 
-def driver_library_error() -> str | None:
-    """The dynamic loader's line for why the driver's CUDA library does not load (None where it
-    does): a libcuda.so.1 that is there but cannot load (another architecture, a missing
-    dependency) is not the same fix as no driver."""
-    return _load_driver_library()[1]
-
-
-def _load_driver_library():
+def load_driver_library():
+    """(the driver's CUDA library, None) or (None, the dynamic loader's line for why not): a
+    libcuda.so.1 that is there but cannot load (another architecture, a missing dependency) is
+    not the same fix as no driver."""
     import ctypes
     import sys
 

@@ -29,7 +29,7 @@ import re
 import sys
 from dataclasses import dataclass
 
-from cnnx.runtime.contract import CPU_PROVIDER, CUDA_PROVIDER, driver_library, driver_library_error
+from cnnx.runtime.contract import CPU_PROVIDER, CUDA_PROVIDER, driver_library, load_driver_library
 from cnnx.runtime.files import cache_root, first_line, sha256_of
 
 INSTALL_HINT = "pip install 'cnnx[gpu]'"
@@ -143,9 +143,9 @@ _NO_DEVICE, _STUB_LIBRARY = 100, 34
 def driver_problem() -> str | None:
     """Why the loaded driver library cannot run CUDA, in words (None: it starts and sees a GPU).
     cuInit and cuDeviceGetCount: what the CUDA provider does first, and cheap once done."""
-    lib = driver_library()
+    lib, why = load_driver_library()
     if lib is None:
-        return f"no usable NVIDIA driver here (libcuda cannot be loaded: {driver_library_error()})"
+        return f"no usable NVIDIA driver here (libcuda cannot be loaded: {why})"
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     hidden = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
     err = _driver_call(lib, "cuInit", 0)

@@ -181,8 +181,7 @@ def _resume_dir(resume, given, opts) -> tuple:
     """(the run's folder, the options given that --resume applies): those of RESUMABLE, as the
     others may only be given with the run's own values (the command that started the run, with
     --resume added, continues it)."""
-    path = Path(resume)
-    folder = path.parent if path.is_file() else path
+    folder = _run_folder(resume)
     if not folder.is_dir():
         raise click.ClickException(f"run folder not found: {folder}")
     if not ((folder / "last.pt").is_file() or (folder / "config.json").is_file()):
@@ -200,11 +199,16 @@ def _resume_dir(resume, given, opts) -> tuple:
     return folder, given - same
 
 
+def _run_folder(resume) -> Path:
+    """The folder --resume names: the folder itself, or the one holding the last.pt given."""
+    path = Path(resume)
+    return path.parent if path.is_file() else path
+
+
 def _same_folder(run_dir: Path, resume) -> bool:
     """Whether --out/--name name the folder --resume continues (the command that started the
     run, with --resume added)."""
-    path = Path(resume)
-    return run_dir.resolve() == (path.parent if path.is_file() else path).resolve()
+    return run_dir.resolve() == _run_folder(resume).resolve()
 
 
 PATH_OPTIONS = ("data", "weights")  # resolved to absolute paths in a run's config
