@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -30,8 +31,11 @@ def cifar_train_dir(tmp_path_factory) -> Path:
         pytest.skip("no CIFAR-10 JPEGs: set CNNX_CIFAR_DIR to the folder `python benchmarks/cifar_jpegs.py DIR` "
                     f"writes (the development checkout has {CIFAR_TAR.relative_to(ROOT.parent)} beside it)")
     dest = tmp_path_factory.mktemp("cifar")
-    with tarfile.open(CIFAR_TAR) as tar:
-        tar.extractall(dest, filter="data")
+    if shutil.which("tar"):  # a third of tarfile's time for 50,000 members (the suite's first data fixture)
+        subprocess.run(["tar", "-xzf", str(CIFAR_TAR), "-C", str(dest), "--no-same-owner"], check=True)
+    else:
+        with tarfile.open(CIFAR_TAR) as tar:
+            tar.extractall(dest, filter="data")
     return dest / "cifar10" / "train"
 
 
