@@ -149,3 +149,55 @@ def test_rrc_trains_on_larger_stored_images_and_evaluates_through_the_spec_exact
     r = _train(data, tmp_path / "runs", "rrc", tmp_path, "--arch", "seed-cnn", "--image-size", "40", "--aug",
                "rrc,flip", "--epochs", "1", "--batch-size", "8")
     assert r.exit_code == 0, r.stderr
+
+
+class _RunsCode:
+    """A pickle that would create a file when unpickled by anything but weights_only loading."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pretrained_weights_are_read_as_tensors_checked_before_decoding_and_not_needed_to_resume(
+        vehicles, tmp_path, monkeypatch):
+    """--pretrained read torch's hub cache through torchvision, which unpickles it: a file planted
+    there ran its code during a run that ended well. A text, truncated or other-arch file gave a
+    traceback or blamed --image-size, after all the data was decoded; a resume needed the file again."""
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    url = torchvision.models.get_model_weights("resnet18").DEFAULT.url
+    cached = tmp_path / "torch-home" / "hub" / "checkpoints" / url.rsplit("/", 1)[1]
+    cached.parent.mkdir(parents=True)
+    marker = tmp_path / "code-ran"
+    args = ["--arch", "resnet18", "--pretrained", "--image-size", "32", "--epochs", "2", "--batch-size", "8"]
+    torch.save({"conv1.weight": _RunsCode(marker)}, cached)
+    wrong = {"evil": "cannot be read", "text": "cannot be read", "vgg": "tensor conv1.weight [64, 3, 7, 7] of the model is not in"}
+    for kind, needle in wrong.items():
+        if kind == "text":
+            cached.write_text("<html>a proxy's page</html>\n")
+        elif kind == "vgg":
+            torch.save(torchvision.models.vgg11(weights=None).features.state_dict(prefix="features."), cached)
+        r = _train(vehicles, tmp_path / "runs", kind, tmp_path / "cache", *args)
+        lines = r.stderr.strip().splitlines()
+        assert r.exit_code == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert lines[-1].startswith("Error: the pretrained weights ") and str(cached) in lines[-1], lines[-1]
+        assert needle in lines[-1] and "delete it to download it again" in lines[-1], lines[-1]
+        cache = tmp_path / "cache"  # found before any image was decoded
+        assert not (cache.exists() and any(cache.iterdir())) and not (tmp_path / "runs" / kind).exists()
+    assert not marker.exists(), "the planted file's code ran"
+    torch.manual_seed(0)
+    imagenet = torchvision.models.resnet18(weights=None).state_dict()  # stands in for the download
+    torch.save(imagenet, cached)
+    r = _train(vehicles, tmp_path / "runs", "ok", tmp_path / "cache", *args, "--stop-after", "1")
+    assert r.exit_code == 0, r.stderr[-2000:]
+    first = load_checkpoint(tmp_path / "runs" / "ok" / "last.pt")["state_dict"]
+    # the recipe freezes the backbone for the first epoch: every tensor but the new head is the file's
+    assert all(torch.equal(first[k], v) for k, v in imagenet.items() if not k.startswith("fc."))
+    cached.unlink()  # last.pt holds every weight: resuming needs no ImageNet file (nor a download)
+    r = run_cli(["train", "--resume", tmp_path / "runs" / "ok", "--quiet", "--workers", "1", "--threads", "1"])
+    assert r.exit_code == 0, r.stderr[-2000:]
+    assert len(load_checkpoint(tmp_path / "runs" / "ok" / "last.pt")["history"]) == 2

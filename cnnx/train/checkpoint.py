@@ -164,6 +164,28 @@ def save_checkpoint(obj: dict, path) -> None:
         _record_own(sha256)
 
 
+class UnreadableTorchFile(CheckpointError):
+    """A file torch.load(weights_only=True) cannot read; its text is the reason alone (the
+    caller names the file and what it was meant to be)."""
+
+
+def load_tensors(f, map_location="cpu"):
+    """torch.load of the open file `f` with weights_only=True: the one way cnnx reads a torch
+    file (never with the weights-only load turned off: the file may run code).
+    UnreadableTorchFile for a truncated file, one that is not a torch file, or one holding
+    objects that a weights-only load refuses."""
+    try:
+        return torch.load(f, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's text here advises turning the weights-only load off: never repeated to the user
+        raise UnreadableTorchFile("a safe, weights-only load refused it: not a torch file, or one holding other "
+                                  "objects than tensors") from None
+    except (KeyError, IndexError):  # what the weights-only unpickler raises on some garbage files: a bare key
+        raise UnreadableTorchFile("truncated or not a torch file") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        raise UnreadableTorchFile(f"truncated or not a torch file: {first_line(e, 200)}") from None
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
     """Load and validate a cnnx checkpoint with weights_only=True; CheckpointError otherwise.
     Its fields must agree with each other: a preprocess spec this implementation applies (at
@@ -186,14 +208,11 @@ def load_checkpoint_and_sha256(path, map_location="cpu", *, digest: bool = True)
         with open(path, "rb") as f:
             sha256 = sha256_of(f) if digest else None
             f.seek(0)
-            ckpt = torch.load(f, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        # torch's text here advises turning the weights-only load off: never done (the file may run code)
-        raise CheckpointError(f"refused to load {path}: not a torch checkpoint, or one holding objects "
-                              "that a safe (weights-only) load refuses") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError) as e:
-        # KeyError/IndexError: what the weights-only unpickler raises on some garbage files
-        raise CheckpointError(f"cannot read checkpoint {path} (truncated or not a torch file): {first_line(e, 200)}") from None
+            ckpt = load_tensors(f, map_location)
+    except UnreadableTorchFile as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {first_line(e, 200)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a cnnx checkpoint (no format={FORMAT!r} field)")
     version = ckpt.get("format_version", 0)

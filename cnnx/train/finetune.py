@@ -26,7 +26,8 @@ def head_names(arch: str, num_classes: int, arch_kwargs: dict) -> frozenset:
 
 
 def _shape(t) -> str:
-    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+    shape = getattr(t, "shape", None)
+    return "not a tensor" if shape is None else "[" + ", ".join(str(s) for s in shape) + "]"
 
 
 def load_backbone(net: nn.Module, path, arch: str, num_classes: int, arch_kwargs: dict) -> int:
@@ -58,20 +59,26 @@ def check_backbone(path, arch: str, arch_kwargs: dict) -> None:
 
 
 def _check_fit(ckpt: dict, path, arch: str, own: dict, head: frozenset) -> None:
-    src = ckpt["state_dict"]
-    where = f"--weights {path} ({ckpt['arch']}, {ckpt['num_classes']} classes) does not fit {arch}"
+    wrong = state_dict_mismatch(own, ckpt["state_dict"], skip=head)
+    if wrong:
+        raise CheckpointError(f"--weights {path} ({ckpt['arch']}, {ckpt['num_classes']} classes) does not fit "
+                              f"{arch}: {wrong}")
+
+
+def state_dict_mismatch(own: dict, src: dict, skip=frozenset()) -> str | None:
+    """What keeps `src` from loading into a model whose state_dict is `own` (names in `skip`
+    aside), naming the first tensor missing, extra or of another shape; None when it fits."""
     for name, t in own.items():
-        if name in head:
+        if name in skip:
             continue
         if name not in src:
-            raise CheckpointError(f"{where}: tensor {name} {_shape(t)} of the model is not in the checkpoint")
-        if src[name].shape != t.shape:
-            raise CheckpointError(f"{where}: tensor {name} is {_shape(src[name])} in the checkpoint "
-                                  f"and {_shape(t)} in the model")
+            return f"tensor {name} {_shape(t)} of the model is not in the checkpoint"
+        if getattr(src[name], "shape", None) != t.shape:
+            return f"tensor {name} is {_shape(src[name])} in the checkpoint and {_shape(t)} in the model"
     extra = [k for k in src if k not in own]
     if extra:
-        raise CheckpointError(f"{where}: tensor {extra[0]} {_shape(src[extra[0]])} of the checkpoint "
-                              f"is not in the model")
+        return f"tensor {extra[0]} {_shape(src[extra[0]])} of the checkpoint is not in the model"
+    return None
 
 
 def split_parameters(net: nn.Module, head: frozenset):

@@ -463,7 +463,7 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
     """Data, config.json, model, optimizer, device placement. resume: the last.pt being
     continued, whose data must be the data found now (check_same_data), before anything is
     written."""
-    from cnnx.train.zoo import Uint8Input, create_model
+    from cnnx.train.zoo import Uint8Input, create_model, pretrained_state_dict
 
     dev_type = torch.device(device).type
     torch.set_num_threads(loop.cpu_threads(cfg, d))
@@ -473,6 +473,10 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
         raise ValueError(f"--crop-pad {cfg.crop_pad} must be smaller than the image side ({side} px)")
     if cfg.weights and resume is None:
         finetune.check_backbone(cfg.weights, cfg.arch, arch_kwargs)
+    # A resume takes every weight from last.pt: the ImageNet file is needed (and read) only to start.
+    pretrained = cfg.pretrained and resume is None
+    if pretrained:  # read and checked now, before minutes of decoding, and again where the model is built
+        pretrained_state_dict(cfg.arch)
     splits = load_run_data(cfg, spec, run_dir, d, progress)
     xtr, ytr = splits.train
     xva, yva = splits.val
@@ -493,7 +497,7 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
     torch.manual_seed(cfg.seed)
     try:
         net = create_model(cfg.arch, len(splits.class_names), **arch_kwargs,
-                           **({"pretrained": True} if cfg.pretrained else {}))
+                           **({"pretrained": True} if pretrained else {}))
     except (RuntimeError, MemoryError) as e:  # e.g. seed-cnn's dense layer grows with the side squared
         h, w = spec["size"]
         raise ValueError(f"cannot build {cfg.arch} for {len(splits.class_names)} classes at {h}x{w} px "

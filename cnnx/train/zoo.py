@@ -207,20 +207,64 @@ def _torchvision(name: str, head: Callable[[nn.Module, int], None]):
     def build(num_classes: int, pretrained: bool = False):
         import torchvision.models as tvm
 
-        weights = None
+        # Built bare and then loaded by cnnx, never through get_model(weights=...): torchvision
+        # reads its cached file with torch.hub's default, which unpickles it (the same random
+        # initialisation is drawn before the load either way).
+        m = tvm.get_model(name, weights=None)
         if pretrained:
-            weights = tvm.get_model_weights(name).DEFAULT
-            _require_cached_weights(weights)
-        m = tvm.get_model(name, weights=weights)
+            m.load_state_dict(pretrained_state_dict(name))
         head(m, num_classes)
         return m
 
     return build
 
 
-def _require_cached_weights(weights):
-    """torchvision downloads weights on first use. Offline, that is a hang or a traceback;
-    say instead where they are expected so the user can copy them in."""
+class WeightsFileError(ValueError):
+    """The pretrained weights in torch's hub cache cannot be used: one line naming the file."""
+
+
+def pretrained_state_dict(name: str) -> dict:
+    """torchvision's ImageNet weights for `name`, read from torch's hub cache as tensors only
+    (a file there is data, never code), downloaded there first when absent (its hash checked,
+    as torchvision does), and checked against the bare model: WeightsFileError otherwise."""
+    import os
+
+    import torchvision.models as tvm
+
+    from cnnx.runtime.files import first_line, os_error_line
+    from cnnx.train.checkpoint import UnreadableTorchFile, load_tensors
+    from cnnx.train.finetune import state_dict_mismatch
+
+    weights = tvm.get_model_weights(name).DEFAULT
+    path = _require_cached_weights(weights)
+    again = "delete it to download it again"
+    if not os.path.exists(path):  # as torch.hub does: a temp file moved into place, its hash checked
+        match = torch.hub.HASH_REGEX.search(os.path.basename(path))
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.hub.download_url_to_file(weights.url, path, match.group(1) if match else None, progress=True)
+        except (OSError, RuntimeError) as e:  # RuntimeError: the download's hash is not the one its name gives
+            why = os_error_line(e) if isinstance(e, OSError) else first_line(e, 200)
+            raise WeightsFileError(f"cannot download {weights.url} to {path} ({why})") from None
+    try:
+        with open(path, "rb") as f:
+            state = load_tensors(f)
+    except (UnreadableTorchFile, OSError) as e:
+        why = e if isinstance(e, UnreadableTorchFile) else os_error_line(e)
+        raise WeightsFileError(f"the pretrained weights {path} cannot be read ({why}): {again}") from None
+    if not isinstance(state, dict):
+        raise WeightsFileError(f"the pretrained weights {path} are not a state_dict: {again}")
+    with torch.device("meta"):
+        own = tvm.get_model(name, weights=None).state_dict()
+    wrong = state_dict_mismatch(own, state)
+    if wrong:
+        raise WeightsFileError(f"the pretrained weights {path} are not torchvision's {name} ({wrong}): {again}")
+    return state
+
+
+def _require_cached_weights(weights) -> str:
+    """The hub cache's path of `weights`. torchvision downloads weights on first use. Offline,
+    that is a hang or a traceback; say instead where they are expected so the user can copy them in."""
     import os
     import socket
 
@@ -228,7 +272,7 @@ def _require_cached_weights(weights):
 
     path = os.path.join(get_dir(), "checkpoints", os.path.basename(weights.url))
     if os.path.exists(path):
-        return
+        return path
     try:
         socket.create_connection(("download.pytorch.org", 443), timeout=3).close()
     except OSError:
@@ -236,6 +280,7 @@ def _require_cached_weights(weights):
             f"pretrained weights are not in the local cache ({path}) and download.pytorch.org is unreachable; "
             f"download {weights.url} to that path (or set TORCH_HOME) and run again"
         ) from None
+    return path
 
 
 def _replace_fc(m, n):
