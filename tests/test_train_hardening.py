@@ -270,6 +270,49 @@ def test_a_folder_that_cannot_be_labelled_one_way_is_a_one_line_error(small, tmp
     assert "caf\\xe9: its name is not UTF-8 text" in error(n)
 
 
+def test_splits_with_a_folder_beside_them_or_files_in_two_of_them_are_one_line(small, tmp_path):
+    """Each trained with exit 0: train/ val/ beside an unlabelled/ (or beside valid/ too) became
+    3 classes named train, unlabelled and val; a val/ (or test/) that is train/ through a link,
+    or hard links of its files (cp -al), scored training images as held-out ones; a file
+    hard-linked into two classes gave one image two labels, which a symlink could not."""
+    def error(data):
+        r = run_cli(seed_args(data, tmp_path / "runs", f"x{len(os.listdir(tmp_path))}", tmp_path / "c", "--epochs", "1"))
+        assert r.exit_code == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        return r.stderr.strip().splitlines()[-1]
+
+    def splits(name):
+        d = tmp_path / name
+        copy_classes(small, d / "train", ["cat", "dog"], 5)
+        copy_classes(small, d / "val", ["cat", "dog"], 3)
+        return d
+
+    a = splits("beside")
+    shutil.copytree(small / "cat", a / "unlabelled")
+    assert f"{a / 'unlabelled'} is not a split folder, beside train/ and its class folders" in error(a)
+    b = splits("twice")
+    copy_classes(small, b / "valid", ["cat", "dog"], 3)
+    assert "val/ and valid/ are both the val split of" in error(b)
+    c = splits("linked-folder")
+    os.symlink("train", c / "test")
+    assert "test/ is train/ (a link)" in error(c)
+    d = splits("hard-linked")
+    shutil.rmtree(d / "val")
+    shutil.copytree(d / "train", d / "val", copy_function=os.link)  # cp -al
+    assert "is a file of train/ too (a link): the val split would hold train images" in error(d)
+    e = splits("linked-class")
+    shutil.rmtree(e / "val" / "dog")
+    os.symlink("../train/dog", e / "val" / "dog")
+    assert "is a file of train/ too (a link): the val split would hold train images" in error(e)
+    f = copy_classes(small, tmp_path / "f", ["cat", "dog"], 5)
+    cat = sorted(os.listdir(f / "cat"))
+    os.link(f / "cat" / cat[0], f / "dog" / "a_cat.jpg")
+    assert "are one file (a link) in two classes, cat and dog" in error(f)
+    os.unlink(f / "dog" / "a_cat.jpg")
+    os.link(f / "cat" / cat[0], f / "cat" / "again.jpg")  # twice in its class: used once, and said
+    r = run_cli(seed_args(f, tmp_path / "runs", "once", tmp_path / "c", "--epochs", "1"))
+    assert r.exit_code == 0 and "data: 10 images" in r.stderr and "(a link); used once" in r.stderr, r.stderr[-2000:]
+
+
 def test_skipped_txt_holds_one_line_a_file_whatever_its_name(tmp_path):
     """A name with a newline split its skipped.txt line in two; a name that is not UTF-8 ended
     the run when skipped.txt was written, after the decoding."""

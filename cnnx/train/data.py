@@ -41,6 +41,7 @@ class ImageFolderData:
     skipped: list = field(default_factory=list)  # (path, reason) of files not used: not decoded, not listed
     ignored: int = 0  # hidden names and files whose names are not image names
     notes: list = field(default_factory=list)  # lines for the user about the layout (nothing is wrong)
+    linked: list = field(default_factory=list)  # paths another name can reach: a symlink, or other hard links
 
 
 def cache_dir(explicit=None) -> Path:
@@ -65,21 +66,32 @@ def folder_layout(root) -> dict:
     subdirs = [e for e in _visible(root.iterdir()) if e.is_dir()]
     if not subdirs:
         raise DataError(f"no class folders in {root} (expected DIR/<class>/* or DIR/train/<class>/*)")
-    splits = {}
+    # The split layout: a train/ holding folders itself (a dataset whose classes happen to be
+    # called "train"/"test" holds files in them). Then every folder beside it must be a split: an
+    # unlabelled/ or a second val/ taken as classes named train, val, ... trains a wrong model.
+    trains = [d for d in subdirs if SPLIT_FOLDERS.get(d.name.lower()) == "train" and _class_folders(d)]
+    if not trains:
+        return {"all": root}
+    layout = f"the layout is {root}/{{train,val,test}}/<class>/*"
+    splits, seen = {}, {}
     for d in subdirs:
         split = SPLIT_FOLDERS.get(d.name.lower())
-        if split is None or split in splits:
-            return {"all": root}
+        if split is None:
+            raise DataError(f"{d} is not a split folder, beside {trains[0].name}/ and its class folders: {layout}; "
+                            f"move {d.name}/ out of {root}")
+        if split in splits:
+            raise DataError(f"{splits[split].name}/ and {d.name}/ are both the {split} split of {root}: keep one")
+        st = d.stat()
+        same = seen.setdefault((st.st_dev, st.st_ino), d)
+        if same is not d:
+            link, target = (same, d) if same.is_symlink() else (d, same)
+            raise DataError(f"{link.name}/ is {target.name}/ (a link) in {root}: the {SPLIT_FOLDERS[link.name.lower()]} "
+                            f"split would be {SPLIT_FOLDERS[target.name.lower()]} images; each image belongs to one split")
         splits[split] = d
-    # The split layout: subfolders that are split names, a train/ among them holding folders
-    # itself; a dataset whose classes happen to be called "train"/"test" holds files.
-    if "train" not in splits or not _class_folders(splits["train"]):
-        return {"all": root}
     for split, d in splits.items():
         if not _class_folders(d):
             raise DataError(f"{d} holds no class folders, beside {splits['train'].name}/ (an unlabelled "
-                            f"{split} split?): the layout is {root}/{{train,val,test}}/<class>/*; "
-                            f"move {d.name}/ out of {root}")
+                            f"{split} split?): {layout}; move {d.name}/ out of {root}")
     return splits
 
 
@@ -96,7 +108,8 @@ class Listing:
     files: list
     ignored: int = 0  # hidden names, and files whose names are not image names (a README beside the photos)
     unlisted: list = field(default_factory=list)  # (path, reason) of what the walk cannot or will not take
-    linked: int = 0  # files reached through a symlink (to a file, or in a symlinked folder)
+    # files reached through a symlink (to a file, or in a symlinked folder) or with other hard links
+    linked: list = field(default_factory=list)
     nested: list = field(default_factory=list)  # class folders whose images are all in subfolders
 
 
@@ -147,7 +160,8 @@ def _walk_images(top: str, listing: Listing, class_index: int, root: str, walked
             if not stat.S_ISREG(st.st_mode):
                 listing.unlisted.append((e.path, "not a regular file (a FIFO, socket or device); not opened"))
                 continue
-            listing.linked += link
+            if link or st.st_nlink > 1:
+                listing.linked.append(e.path)
             own += 1
             listing.files.append((os.path.relpath(e.path, root), class_index, st.st_mtime_ns, st.st_size,
                                   st.st_ctime_ns, st.st_ino))
@@ -510,6 +524,7 @@ def load_image_folder(root, spec, *, progress=True, cache=None, workers=None, us
                                [(str(root / p), r) for p, r in skipped_rel])
     data.skipped = unlisted + data.skipped
     data.ignored = listing.ignored
+    data.linked = listing.linked
     if len(listing.nested) == len(class_names):
         data.notes.append(f"every class folder of {escaped_name(root)} holds its images in subfolders only: the classes are "
                           f"the folders directly under it ({', '.join(class_names[:5])}"
@@ -706,11 +721,13 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
     _check_classes(d.class_names, layout["train"])
     skipped, ignored, paths, notes = list(d.skipped), d.ignored, {}, list(d.notes)
 
+    loaded = {"train": d}
+
     def other(name):
         nonlocal ignored
         if name not in layout:
             return None
-        o = load(layout[name])
+        o = loaded[name] = load(layout[name])
         skipped.extend(o.skipped)
         ignored += o.ignored
         notes.extend(o.notes)
@@ -734,6 +751,7 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
 
     val = other("val")
     test = other("test")
+    _check_apart(layout, loaded)
     xtr = d.images if "val" in layout else train_images(layout["train"], d)
     if val is None:
         tr, va = stratified_split(d.labels, config["val_fraction"], config["split_seed"])
@@ -744,6 +762,32 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
     return Splits(train, val, test, d.class_names, skipped,
                   f"{len(train[1])} train / {len(val[1])} val images in {len(d.class_names)} classes from {data}",
                   paths["val"], ignored, notes)
+
+
+def _check_apart(layout: dict, loaded: dict) -> None:
+    """DataError where a file of one split is a file of another: a hard link, or a symlink into
+    the other split's folder (cp -al train val, val/cat -> ../train/cat) would score images the
+    model trained on (or was chosen on) as unseen ones. Only files another name can reach
+    (ImageFolderData.linked) are looked at: a plain tree costs nothing."""
+    def shared(path, a, b):
+        return DataError(f"{escaped_name(path)} is a file of {layout[a].name}/ too (a link): the {b} split would "
+                         f"hold {a} images; each image belongs to one split")
+
+    first = {}  # (st_dev, st_ino) -> (split, path)
+    folders = {name: os.path.realpath(layout[name]) for name in loaded}
+    for b, data in loaded.items():
+        for path in data.linked:
+            try:
+                st = os.stat(path)
+            except OSError:  # gone meanwhile: the decode said so
+                continue
+            a, _ = first.setdefault((st.st_dev, st.st_ino), (b, path))
+            if a != b:
+                raise shared(path, a, b)
+            real = os.path.realpath(path)
+            for a, folder in folders.items():
+                if a != b and os.path.commonpath([real, folder]) == folder:
+                    raise shared(path, a, b)
 
 
 def validation_split(config: dict):
