@@ -94,7 +94,13 @@ def test_train_and_export_values_that_made_tracebacks_hangs_or_silent_runs(run, 
                           (["--weights", ""], "--weights needs a checkpoint file"),  # trained from scratch
                           (["--resume", ""], "--resume needs a run folder")):  # started a new run
         _usage(run_cli([*base, *extra]), needle)
-    _usage(run_cli([*base, "--aug", "crop", "--crop-pad", "1000"]), "must be smaller than the image side", 1)
+    _usage(run_cli([*base, "--aug", "crop", "--crop-pad", "1000"]), "must be smaller than the image side")
+    # a traceback at the first step, after all the data was decoded
+    for arch, side, smallest in (("airnet", 8, 9), ("vgg16", 31, 32), ("seed-vgg", 8, 16)):
+        _usage(run_cli([*base, "--arch", arch, "--image-size", str(side)]),
+               f"{arch} cannot take {side}x{side} px images (its layers shrink them to nothing); "
+               f"the smallest it takes is {smallest}")
+    assert not (tmp_path / "c").exists()  # before any image was decoded
     _usage(run_cli([*base, "--weights", fifo]), "checkpoint is not a regular file", 1)  # hung
     # --resume of a folder that is not a run left a .cnnx-run.lock in it, and refused after
     _usage(run_cli(["train", "--resume", data, "--quiet"]), "not a run to continue, or one stopped", 1)

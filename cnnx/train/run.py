@@ -463,14 +463,21 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
     """Data, config.json, model, optimizer, device placement. resume: the last.pt being
     continued, whose data must be the data found now (check_same_data), before anything is
     written."""
-    from cnnx.train.zoo import Uint8Input, create_model, pretrained_state_dict
+    from cnnx.train.config import ConfigError
+    from cnnx.train.zoo import Uint8Input, create_model, pretrained_state_dict, smallest_side
 
     dev_type = torch.device(device).type
     torch.set_num_threads(loop.cpu_threads(cfg, d))
     arch_kwargs, spec = model_spec(cfg)
     side = min(spec["size"])
+    smallest = smallest_side(cfg.arch, arch_kwargs, spec["size"])
+    if smallest is not None:
+        h, w = spec["size"]
+        raise ConfigError(f"--image-size: {cfg.arch} cannot take {h}x{w} px images (its layers shrink them to "
+                          f"nothing); " + (f"the smallest it takes is {smallest}" if smallest else "no size fits"))
     if "crop" in cfg.aug and cfg.crop_pad >= side:  # reflect padding takes at most side - 1 pixels
-        raise ValueError(f"--crop-pad {cfg.crop_pad} must be smaller than the image side ({side} px)")
+        raise ConfigError(f"--crop-pad {cfg.crop_pad} (the {cfg.arch} recipe's, unless given) must be smaller than "
+                          f"the image side ({side} px): pass a smaller --crop-pad, or --aug without crop")
     if cfg.weights and resume is None:
         finetune.check_backbone(cfg.weights, cfg.arch, arch_kwargs)
     # A resume takes every weight from last.pt: the ImageNet file is needed (and read) only to start.

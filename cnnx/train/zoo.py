@@ -283,6 +283,42 @@ def _require_cached_weights(weights) -> str:
     return path
 
 
+def smallest_side(name: str, arch_kwargs: dict, size) -> int | None:
+    """None where `name` takes (h, w) images; else the smallest square side it takes (0: none
+    up to MAX_INPUT_SIDE): its layers shrink smaller ones to nothing. Forward passes on the meta
+    device (shapes only: milliseconds, no memory), so a --image-size too small stops before the
+    data is read, not at the first step. An op without a meta kernel is not checked here."""
+    import warnings
+
+    from cnnx.runtime.contract import MAX_INPUT_SIDE
+
+    def takes(h, w) -> bool:
+        kwargs = {**arch_kwargs, **({"image_size": h} if "image_size" in arch_kwargs else {})}
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a layer of no elements at a size too small says so
+            net = create_model(name, 2, **kwargs).train()
+            try:
+                net(torch.empty(2, 3, h, w))
+            except NotImplementedError:
+                return True
+            except RuntimeError:
+                return False
+        return True
+
+    h, w = size
+    # Each layer's output grows with its input, and every arch takes its own default side: only a
+    # smaller one is tried (the first forward on the meta device costs seconds of imports).
+    if min(h, w) >= get_arch(name).image_size or takes(h, w):
+        return None
+    lo, hi = max(h, w), MAX_INPUT_SIDE  # lo is refused; bisect (each layer's output grows with its input)
+    if not takes(hi, hi):
+        return 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if takes(mid, mid) else (mid, hi)
+    return hi
+
+
 def _replace_fc(m, n):
     m.fc = nn.Linear(m.fc.in_features, n)
 
