@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import os
 import shutil
 import signal
@@ -98,6 +99,18 @@ def test_evaluate_command_prints_metrics_and_writes_confusion_png(trained, tmp_p
                  base / "cache"])
     m = json.loads(r.stdout)
     assert m["n"] == 2000 and sum(map(sum, m["confusion"])) == 2000 and m["top1"] == pytest.approx(float(lines["top1"]), abs=1e-4)
+    # the folder the run trained on: its figures include the training images, which was not said
+    assert m["trained_on"] is True and "is the folder this model was trained on" in r.stderr
+    # a folder larger than memory is read from a memory-mapped file, batch by batch: the same figures
+    pages = {}
+    for mode in ("memory", "disk"):
+        r = run_cli(["evaluate", run / "best.pt", "--data", data, "--plot", plot, "--json", "--cache-dir",
+                     base / "cache", "--cache", mode, "--report", tmp_path / f"{mode}.html"])
+        assert r.exit_code == 0, r.stderr
+        assert json.loads(r.stdout) == m
+        page = (tmp_path / f"{mode}.html").read_text()
+        pages[mode] = re.sub(r"written \S+ \S+ UTC", "", page)
+    assert pages["disk"] == pages["memory"]  # the page's images too (read from the file: a traceback)
 
 
 def test_resume_after_one_of_two_epochs_equals_two_straight_epochs(cifar_subset, tmp_path):

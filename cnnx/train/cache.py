@@ -33,6 +33,9 @@ from cnnx.runtime.pipeline import ahead_in_thread
 DISK_CACHE_FORMAT = 1
 IMAGES_FILE, META_FILE = "images.u8", "meta.json"
 MEMORY_SHARE = 0.5  # --cache auto: the disk cache when decoded images need more than this share of free memory
+# ... counted this many times: while the run's splits are made, the training rows are copied out of
+# the decoded whole (cache.take), which is freed only after (a peak of about twice the images)
+LOADING_COPIES = 2
 
 
 class CacheError(Exception):
@@ -144,11 +147,12 @@ def _cgroup_room():
 
 
 def use_disk(mode: str, nbytes: int) -> bool:
-    """--cache memory|disk|auto: auto keeps images in memory when they take at most MEMORY_SHARE
-    of the memory available now (the rest is for the model, the batches and other programs)."""
+    """--cache memory|disk|auto: auto keeps images in memory when, counted LOADING_COPIES times,
+    they take at most MEMORY_SHARE of the memory available now (the rest is for the model, the
+    batches and other programs)."""
     if mode in ("memory", "disk"):
         return mode == "disk"
-    return nbytes > MEMORY_SHARE * available_memory()
+    return nbytes * LOADING_COPIES > MEMORY_SHARE * available_memory()
 
 
 def read_disk_cache(folder: Path):

@@ -19,6 +19,7 @@ from cnnx.train.config import AUGMENTATIONS, DEVICES, OPTIMIZERS, SCHEDULES, Tra
 RECIPE = "default: the arch's recipe (cnnx/train/config.py)"
 
 # Options that are part of the run's config; on --resume only RESUMABLE may change.
+EVAL_BATCH = 512  # cnnx evaluate's images per forward pass, unless the arch needs fewer
 CONFIG_OPTIONS = ("arch", "pretrained", "data", "data_root", "cache_dir", "image_size", "val_fraction",
                   "split_seed", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "label_smoothing",
                   "schedule", "warmup", "aug", "crop_pad", "patience", "seed", "device", "workers", "threads",
@@ -83,7 +84,8 @@ def _rank() -> int:
               help="Cache of decoded images (default $CNNX_CACHE, else $XDG_CACHE_HOME/cnnx or ~/.cache/cnnx).")
 @click.option("--cache", type=click.Choice(("auto", "memory", "disk")),
               help="Decoded images in memory, or in a memory-mapped file read per batch (for data larger than "
-                   "memory); auto: disk when they need more than half the available memory.")
+                   "memory); auto: disk when they need more than a quarter of the available memory (loading "
+                   "them takes twice that).")
 @click.option("--weights", type=click.Path(dir_okay=False),
               help="Start from a cnnx checkpoint: every backbone tensor by name, a new head for this data's classes "
                    "(--arch defaults to the checkpoint's).")
@@ -359,15 +361,20 @@ def _pick_split(layout, split, data):
 @click.argument("checkpoint", type=click.Path())
 @click.option("--data", required=True, type=click.Path(), help="Labelled image folder: DIR/<class>/* or DIR/{train,val,test}/<class>/*.")
 @click.option("--split", type=click.Choice(("train", "val", "test")), help="Which split of a DIR/{train,val,test} folder (default test, else val).")
-@click.option("--batch-size", default=512, show_default=True, type=click.IntRange(min=1), help="Images per forward pass.")
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help=f"Images per forward pass [default: {EVAL_BATCH}, or the arch recipe's evaluation batch where "
+                   f"smaller (vgg16 64, resnet18 256: their activations at 224 px)].")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES), help="Where to run the model.")
 @click.option("--workers", type=click.IntRange(min=0), help="Processes decoding image files (default one per core, at most 8).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache of decoded images (default as for cnnx train).")
+@click.option("--cache", default="auto", show_default=True, type=click.Choice(("auto", "memory", "disk")),
+              help="Decoded images in memory, or in a memory-mapped file read per batch (a folder larger than "
+                   "memory), as for cnnx train.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Confusion-matrix PNG to write (default <checkpoint folder>/confusion_<data name>.png).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object instead of a table.")
 @click.option("--report", type=click.Path(dir_okay=False),
               help="Also write one self-contained HTML page: per-class, confusion and the image galleries.")
-def evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, plot, as_json, report):
+def evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, cache, plot, as_json, report):
     """Top-1, top-5, per-class accuracy and confusion matrix of CHECKPOINT on a labelled image folder."""
     from cnnx.runtime.files import first_line, os_error_line, remove_stale_temps_beside
     from cnnx.runtime.preprocess import SpecError
@@ -376,7 +383,7 @@ def evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, pl
 
     _check_evaluation_files(checkpoint, report, plot)
     try:
-        ev = _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, keep_probs=bool(report))
+        ev = _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, cache, keep_probs=bool(report))
         m, names = ev["metrics"], ev["class_names"]
         plot_path = (Path(plot) if plot else
                      Path(checkpoint).resolve().parent / f"confusion_{Path(ev['folder']).resolve().name}.png")
@@ -391,7 +398,7 @@ def evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, pl
                                "top1": m["top1"], "top5": m["top5"],
                                "per_class": {c: (None if v != v else v) for c, v in zip(names, m["per_class"])},
                                "confusion": m["confusion"], "class_names": names, "skipped": len(ev["data"].skipped),
-                               "plot": str(plot_path)}))
+                               "trained_on": ev["trained_on"], "plot": str(plot_path)}))
     else:
         click.echo(f"images\t{m['n']}\ntop1\t{m['top1']:.4f}\ntop5\t{m['top5']:.4f}\nloss\t{m['loss']:.4f}")
         for c, v in zip(names, m["per_class"]):
@@ -435,23 +442,31 @@ def _check_evaluation_files(checkpoint, report, plot):
         raise click.UsageError("--report and --plot must be different files")
 
 
-def _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, *, keep_probs) -> dict:
-    """Load, decode, run: {"ckpt", "folder", "data", "labels", "class_names", "metrics"}."""
+def _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, cache_mode, *, keep_probs) -> dict:
+    """Load, decode, run: {"ckpt", "folder", "data", "labels", "class_names", "metrics", "trained_on"}."""
     import torch
 
     from cnnx.train import loop
     from cnnx.train.checkpoint import load_checkpoint, model_from_checkpoint
-    from cnnx.train.data import folder_layout, load_image_folder
+    from cnnx.train.data import folder_layout, load_image_folder, respelt_note
 
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt)
     folder = _pick_split(folder_layout(data), split, data)
-    d = load_image_folder(folder, ckpt["preprocess"], progress=True, cache=cache_dir, workers=workers)
+    d = load_image_folder(folder, ckpt["preprocess"], progress=True, cache=cache_dir, workers=workers,
+                          cache_mode=cache_mode)
     names = list(ckpt["class_names"])
     unknown = [c for c in d.class_names if c not in names]
     if unknown:
         raise click.ClickException(f"{folder} has classes the checkpoint does not know: {', '.join(unknown[:10])}"
-                                   f"{' ...' if len(unknown) > 10 else ''} (it knows: {', '.join(names)})")
+                                   f"{' ...' if len(unknown) > 10 else ''} (it knows: {', '.join(names)})"
+                                   f"{respelt_note(unknown, names, 'the checkpoint')}")
+    trained_on = _trained_on(ckpt, folder)
+    if trained_on:
+        config = ckpt["config"]
+        click.echo(f"note: {folder} is the folder this model was trained on: these figures include its "
+                   f"{config.get('train_images', 'training')} training images (the run held out "
+                   f"{config.get('val_images', 'some')} for validation; their figures are in its metrics.csv)", err=True)
     for note in d.notes:
         click.echo(f"note: {note}", err=True)
     if d.skipped:
@@ -468,12 +483,41 @@ def _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, *
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     spec = ckpt["preprocess"]
-    m = loop.evaluate(model, d.images, labels, mean=spec["mean"], std=spec["std"], batch_size=batch_size,
-                      device=dev, num_classes=len(names), keep_probs=keep_probs)
+    m = loop.evaluate(model, d.images, labels, mean=spec["mean"], std=spec["std"],
+                      batch_size=batch_size or _evaluation_batch(ckpt["arch"]), device=dev, num_classes=len(names),
+                      keep_probs=keep_probs)
     if m["nonfinite"]:
         raise click.ClickException(f"{checkpoint} gives non-finite outputs (NaN or inf) for {m['nonfinite']} of "
                                    f"{m['n']} images: its weights are broken; no metrics")
-    return {"ckpt": ckpt, "folder": folder, "data": d, "labels": labels, "class_names": names, "metrics": m}
+    return {"ckpt": ckpt, "folder": folder, "data": d, "labels": labels, "class_names": names, "metrics": m,
+            "trained_on": trained_on}
+
+
+def _evaluation_batch(arch: str) -> int:
+    """EVAL_BATCH, or the arch recipe's evaluation batch where smaller (activations at 224 px)."""
+    from cnnx.train.config import resolve_config
+
+    try:
+        return min(EVAL_BATCH, resolve_config(arch).eval_batch_size)
+    except ValueError:  # an arch this cnnx does not know: model_from_checkpoint said so already
+        return EVAL_BATCH
+
+
+def _trained_on(ckpt: dict, folder) -> bool:
+    """Whether `folder` is the one the checkpoint's run trained on (a flat DIR/<class>/*, or the
+    train/ of its split layout): its figures are then no held-out ones."""
+    from cnnx.train.data import DataError, folder_layout
+
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    data = config.get("data")
+    if not isinstance(data, str) or data == "cifar10":
+        return False
+    try:
+        layout = folder_layout(data)
+    except (DataError, OSError):  # moved or gone since: nothing to compare
+        return False
+    trained = layout.get("all", layout.get("train"))
+    return trained is not None and os.path.realpath(trained) == os.path.realpath(folder)
 
 
 def _write_evaluation_files(ev: dict, checkpoint, plot_path: Path, report):
@@ -484,12 +528,14 @@ def _write_evaluation_files(ev: dict, checkpoint, plot_path: Path, report):
                          title=f"{Path(checkpoint).name} on {ev['folder']} ({m['n']} images)")
     if report:
         from cnnx.report import Predictions, write_training_report
+        from cnnx.train.cache import Rows
 
         d = ev["data"]
         write_training_report(
             report, title=f"cnnx evaluate: {Path(checkpoint).name} on {ev['folder']}", config=ev["ckpt"]["config"],
             history=[], class_names=ev["class_names"], confusion=m["confusion"],
-            val=Predictions(images=d.images.numpy(), labels=ev["labels"].numpy(), probs=m["probs"].numpy(),
+            val=Predictions(images=d.images if isinstance(d.images, Rows) else d.images.numpy(),  # Rows: --cache disk
+                            labels=ev["labels"].numpy(), probs=m["probs"].numpy(),
                             paths=d.paths),
             summary={"checkpoint": str(checkpoint), "epoch": ev["ckpt"]["epoch"], "data": str(ev["folder"]),
                      "images": m["n"], "top1": m["top1"], "top5": m["top5"], "loss": m["loss"],

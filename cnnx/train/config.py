@@ -64,7 +64,7 @@ class TrainConfig:
     rrc_ratio: tuple = (3 / 4, 4 / 3)  # crop width / height, drawn log-uniformly
     rrc_cache_scale: float = 1.14   # side of a stored training image / the model's input side
     cache: str = "auto"             # decoded images: memory | disk (memory-mapped file) | auto (disk when
-                                    # they would take more than half of the available memory)
+                                    # they would take more than a quarter of the available memory)
     # Frontier techniques (after airbench94 / airbench94_muon; cnnx/train/whiten.py, optim.py). Off by
     # default; recipes turn them on. See GPU_RECIPES for values that work together.
     whiten: bool = False            # first conv := PCA whitening of the training patches, filters frozen: decorrelated unit-variance inputs let every layer take large steps at once
@@ -112,8 +112,12 @@ RECIPES: dict[str, dict] = {
         epochs=30, batch_size=256, lr=0.1, optimizer="sgd", weight_decay=5e-4,
         label_smoothing=0.1, schedule="onecycle", warmup=0.15,
     ),
-    "resnet18": dict(epochs=10, batch_size=128, lr=1e-3, optimizer="adamw", weight_decay=0.05, crop_pad=16),
-    "vgg16": dict(epochs=10, batch_size=64, lr=1e-3, optimizer="adamw", weight_decay=0.05, crop_pad=16),
+    # eval_batch_size: a forward pass's activations at 224 px take megabytes an image (tens for
+    # vgg16): the default 1024 of them would not fit most machines or GPUs
+    "resnet18": dict(epochs=10, batch_size=128, lr=1e-3, optimizer="adamw", weight_decay=0.05, crop_pad=16,
+                     eval_batch_size=256),
+    "vgg16": dict(epochs=10, batch_size=64, lr=1e-3, optimizer="adamw", weight_decay=0.05, crop_pad=16,
+                  eval_batch_size=64),
 }
 
 # Fine-tuning recipes, applied over RECIPES[arch] when the run starts from weights (--pretrained or

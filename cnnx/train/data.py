@@ -735,13 +735,8 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
         if o.class_names != d.class_names:
             extra = sorted(set(o.class_names) - set(d.class_names))
             if extra:
-                import unicodedata
-
-                nfc = {unicodedata.normalize("NFC", c) for c in d.class_names}
-                respelt = [c for c in extra if unicodedata.normalize("NFC", c) in nfc]
-                raise DataError(f"{layout[name]} has classes that train/ lacks: {', '.join(extra)}" + (
-                    f" ({', '.join(respelt)}: the same letters as in train/, in other Unicode code points "
-                    f"(composed vs decomposed accents); rename one folder)" if respelt else ""))
+                raise DataError(f"{layout[name]} has classes that train/ lacks: {', '.join(extra)}"
+                                f"{respelt_note(extra, d.class_names, 'train/')}")
             missing = [c for c in d.class_names if c not in o.class_names]
             notes.append(f"{layout[name]} has no folder for {len(missing)} class(es) of train/: "
                          f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''} (no {name} images of them)")
@@ -762,6 +757,17 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
     return Splits(train, val, test, d.class_names, skipped,
                   f"{len(train[1])} train / {len(val[1])} val images in {len(d.class_names)} classes from {data}",
                   paths["val"], ignored, notes)
+
+
+def respelt_note(names, known, where: str) -> str:
+    """' (café: the same letters as in WHERE, ...)' for the names of `names` that are names of
+    `known` in other Unicode code points (a folder copied from macOS: decomposed accents), else ''."""
+    import unicodedata
+
+    nfc = {unicodedata.normalize("NFC", c) for c in known}
+    respelt = [c for c in names if unicodedata.normalize("NFC", c) in nfc]
+    return (f" ({', '.join(respelt)}: the same letters as in {where}, in other Unicode code points (composed vs "
+            f"decomposed accents); rename one folder)" if respelt else "")
 
 
 def _check_apart(layout: dict, loaded: dict) -> None:
