@@ -92,3 +92,31 @@ def test_first_line():
     e = OSError(28, "No space left on device", "/out/model.onnx")
     assert files.os_error_line(e) == "No space left on device: /out/model.onnx"
     assert files.is_disk_full(e)
+
+
+def test_temps_a_writer_holds_are_kept_when_their_pid_names_no_process_here(tmp_path, monkeypatch):
+    """Two containers sharing a cache folder (or two hosts, an NFS home): a run's pid names no
+    process in the other's PID namespace, and the other removed the cache it was building, as if
+    its writer had been killed. A writer now holds its temps (flock); a killed one holds nothing."""
+    import numpy as np
+
+    from cnnx.train.cache import build_disk_cache
+
+    monkeypatch.setattr(files, "pid_alive", lambda pid: False)  # every pid, as seen from the other namespace
+    seen = {}
+
+    def decode_into(out):  # while the cache is being built, another run cleans the folder
+        seen["removed"] = files.remove_stale_temps(tmp_path)
+        seen["temps"] = [p.name for p in tmp_path.iterdir() if p.name.startswith(files.TEMP_PREFIX)]
+        out[...] = 7
+        return len(out), None
+
+    rows, _meta = build_disk_cache(tmp_path / "cache", 4, (8, 8), decode_into, lambda extra: {})
+    assert seen["removed"] == [] and len(seen["temps"]) == 1, seen
+    assert (np.asarray(rows[np.arange(4)]) == 7).all()
+    with files.atomic_file(tmp_path / "out.txt", "w") as f:  # an atomic file's temp, the same
+        f.write("x")
+        assert files.remove_stale_temps(tmp_path) == []
+    left = tmp_path / f"{files.TEMP_PREFIX}999999-left"  # what a killed writer left: no one holds it
+    left.mkdir()
+    assert files.remove_stale_temps(tmp_path) == [str(left)] and (tmp_path / "out.txt").read_text() == "x"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import stat
 import tempfile
@@ -84,6 +85,7 @@ def atomic_file(path, mode: str = "wb", *, encoding: str | None = None, newline:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=folder)
     try:
+        hold_as_writer(fd)
         if keep_mode_of_target:
             try:
                 os.fchmod(fd, os.stat(path).st_mode & 0o7777)
@@ -145,10 +147,34 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def hold_as_writer(fd) -> None:
+    """flock the temp file or folder open at `fd`, which this process is writing, for as long as
+    that descriptor stays open: remove_stale_temps leaves it alone also when its pid names no
+    process here (a container sharing the folder: another PID namespace; another host)."""
+    fcntl.flock(fd, fcntl.LOCK_EX)  # just made: nobody else holds it
+
+
+def held_by_a_writer(path) -> bool:
+    """Whether a process holds `path` with hold_as_writer (a killed one holds nothing)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:  # a filesystem without locks: the pid alone decides
+        return False
+    finally:
+        os.close(fd)  # and with it the lock just taken
+
+
 def remove_stale_temps(folder, prefixes=(TEMP_PREFIX,)) -> list:
     """Remove `<prefix><pid>-*` files and folders in `folder` whose process is gone (left by a
     kill -9). Returns what was removed. Entries of live processes (another run writing right
-    now) and names without a pid are left alone."""
+    now), entries a writer holds (hold_as_writer) and names without a pid are left alone."""
     import shutil
 
     removed = []
@@ -161,7 +187,7 @@ def remove_stale_temps(folder, prefixes=(TEMP_PREFIX,)) -> list:
         if prefix is None:
             continue
         pid_text = entry.name[len(prefix):].split("-", 1)[0]
-        if not pid_text.isdigit() or pid_alive(int(pid_text)):
+        if not pid_text.isdigit() or pid_alive(int(pid_text)) or held_by_a_writer(entry.path):
             continue
         try:
             if entry.is_dir(follow_symlinks=False):

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnx.runtime.files import TEMP_PREFIX, first_line, is_disk_full, remove_stale_temps
+from cnnx.runtime.files import TEMP_PREFIX, first_line, hold_as_writer, is_disk_full, remove_stale_temps
 from cnnx.runtime.pipeline import ahead_in_thread
 
 DISK_CACHE_FORMAT = 1
@@ -187,6 +187,8 @@ def build_disk_cache(folder: Path, n: int, size, decode_into, meta_of) -> tuple:
         # pid and a random part (mkdtemp): two containers sharing the cache folder are often both
         # pid 1, and a name of the pid alone was the other run's temp folder too.
         tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=f"-{folder.name}", dir=parent))
+        held = os.open(tmp, os.O_RDONLY)  # ... and its pid alone cannot tell the other that it is live
+        hold_as_writer(held)
     except OSError as e:
         raise CacheError(f"cannot create the image cache in {parent}: {first_line(e)}") from None
     try:
@@ -229,6 +231,7 @@ def build_disk_cache(folder: Path, n: int, size, decode_into, meta_of) -> tuple:
         raise CacheError(f"cannot write the decoded-image cache in {parent}: {first_line(e)}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        os.close(held)
     got = read_disk_cache(folder)
     if got is None:
         raise CacheError(f"the decoded-image cache {folder} could not be read back")
