@@ -175,3 +175,18 @@ def test_a_file_rewritten_with_its_size_and_mtime_put_back_is_decoded_again(tmp_
     assert target.stat().st_size == st.st_size and target.stat().st_mtime_ns == st.st_mtime_ns
     again = load_image_folder(root, spec, progress=False, cache=tmp_path / "cache", workers=1)
     assert first.images[0, 2, 0, 0] == 0 and again.images[0, 2, 0, 0] == 200 and again.images[0, 0, 0, 0] == 0
+
+
+def test_a_killed_decode_worker_of_a_disk_cache_is_not_blamed_on_the_decoded_images():
+    """With --cache disk the images go to the file: its line named their GiB as what filled memory."""
+    import signal
+    from types import SimpleNamespace
+
+    from cnnx.train.data import _worker_death
+
+    proc = SimpleNamespace(join=lambda timeout: None, exitcode=-signal.SIGKILL)
+    spec = {"size": [224, 224]}
+    to_memory = _worker_death(proc, 1000, spec, to_file=False)
+    assert "the decoded images alone need 0.14 GiB" in to_memory and "--cache disk" in to_memory
+    to_file = _worker_death(proc, 1000, spec, to_file=True)
+    assert "killed by SIGKILL" in to_file and "GiB" not in to_file and "lower --workers" in to_file

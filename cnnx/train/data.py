@@ -347,8 +347,9 @@ class _WorkerDied(Exception):
     pass
 
 
-def _worker_death(proc, n, spec) -> str:
-    """One line on a decode process that ended before sending all its results."""
+def _worker_death(proc, n, spec, *, to_file: bool) -> str:
+    """One line on a decode process that ended before sending all its results (to_file: they
+    were decoded into the disk cache's file, not into memory)."""
     import signal
 
     proc.join(timeout=5)
@@ -361,10 +362,12 @@ def _worker_death(proc, n, spec) -> str:
         except ValueError:
             name = f"signal {-code}"
         line = f"a decode worker process was killed by {name} while decoding {n} images"
-        if -code == signal.SIGKILL:
+        if -code == signal.SIGKILL and to_file:  # the images go to the file: the processes' own memory ran out
+            line += "; the usual cause is running out of memory: free memory, or lower --workers"
+        elif -code == signal.SIGKILL:
             line += (f"; the usual cause is running out of memory (the decoded images alone need "
                      f"{need / 2**30:.2f} GiB = {n} x 3 x {h} x {w} bytes): free memory, lower --image-size "
-                     f"or --workers, or split the data")
+                     f"or --workers, split the data, or --cache disk")
         return line
     return f"a decode worker process ended unexpectedly (exit status {code}) while decoding {n} images"
 
@@ -478,7 +481,7 @@ def _run_jobs(procs, jobs, out, rows_by_pipe, kept_by_job, errors_by_job, bar, n
             for conn in wait([c for c, b in busy.items() if b]):
                 collect(conn)
     except (EOFError, OSError, mp.BufferTooShort):
-        raise _WorkerDied(_worker_death(procs[conn], n, spec)) from None
+        raise _WorkerDied(_worker_death(procs[conn], n, spec, to_file=out is not None)) from None
 
 
 def load_image_folder(root, spec, *, progress=True, cache=None, workers=None, use_cache=True,
