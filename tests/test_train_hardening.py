@@ -550,6 +550,11 @@ def test_weights_bring_their_own_widths_and_image_size(small, tmp_path):
     r = run_cli(args)
     assert r.exit_code == 0, r.stderr[-2000:]
     assert json.loads((tmp_path / "runs" / "ftw" / "config.json").read_text())["arch_kwargs"]["widths"] == [8, 16, 16]
+    # at another size the widths are the checkpoint's still (they were dropped: "does not fit")
+    r = run_cli([*[a if a != "ftw" else "ftw40" for a in args], "--image-size", "40"])
+    assert r.exit_code == 0, r.stderr[-2000:]
+    config = json.loads((tmp_path / "runs" / "ftw40" / "config.json").read_text())
+    assert config["arch_kwargs"]["widths"] == [8, 16, 16] and config["preprocess"]["size"] == [40, 40]
 
 
 def test_a_class_too_small_for_a_validation_image_is_said(small, tmp_path):

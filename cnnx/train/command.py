@@ -289,12 +289,17 @@ def _new_run_config(opts, out, name, arch_given=True):
         if not arch_given:
             opts["arch"] = source["arch"]
         h, w = source["preprocess"]["size"]
-        if opts["arch"] == source["arch"] and h == w and opts.get("image_size") in (None, h):
-            # The backbone's own shape at its own size: its widths (a GPU recipe's airnet is wider
-            # than the CPU one; seed-cnn's dense layer follows the side), unless --image-size asks
-            # for another size (then the load names the tensor that does not fit).
-            opts["arch_kwargs"] = dict(source["arch_kwargs"])
-            opts["image_size"] = h
+        if opts["arch"] == source["arch"]:
+            # The backbone's own shape: its widths (a GPU recipe's airnet is wider than the CPU
+            # one) and views at any size; its own size too unless --image-size asks for another,
+            # where what follows the side is not kept (seed-cnn's dense layer: the load then
+            # names the tensor that does not fit).
+            kwargs = dict(source["arch_kwargs"])
+            if h == w and opts.get("image_size") in (None, h):
+                opts["image_size"] = h
+            else:
+                kwargs.pop("image_size", None)
+            opts["arch_kwargs"] = kwargs
     for k in ("rrc_scale", "rrc_ratio"):
         if not opts.get(k):  # click gives () for an absent nargs=2 option
             opts[k] = None
