@@ -101,6 +101,18 @@ def test_train_and_export_values_that_made_tracebacks_hangs_or_silent_runs(run, 
                f"{arch} cannot take {side}x{side} px images (its layers shrink them to nothing); "
                f"the smallest it takes is {smallest}")
     assert not (tmp_path / "c").exists()  # before any image was decoded
+    _usage(run_cli([*base, "--freeze-backbone-epochs", "1"]), "pass --weights or --pretrained")  # froze random weights
+    import pickle
+
+    import torch
+
+    torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "bare.pt")
+    (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    for weights, needle in (("bare.pt", "it is a bare state_dict; cnnx train writes checkpoints, and --pretrained"),
+                            ("plain.pkl", "a safe, weights-only load refused it")):
+        r = run_cli([*base, "--weights", tmp_path / weights])
+        _usage(r, needle, 1)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr  # no warning of torch's before it
     _usage(run_cli([*base, "--weights", fifo]), "checkpoint is not a regular file", 1)  # hung
     # --resume of a folder that is not a run left a .cnnx-run.lock in it, and refused after
     _usage(run_cli(["train", "--resume", data, "--quiet"]), "not a run to continue, or one stopped", 1)

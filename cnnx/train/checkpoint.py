@@ -14,6 +14,7 @@ import io
 import os
 import pickle
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -175,7 +176,9 @@ def load_tensors(f, map_location="cpu"):
     UnreadableTorchFile for a truncated file, one that is not a torch file, or one holding
     objects that a weights-only load refuses."""
     try:
-        return torch.load(f, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # the weights-only unpickler's remarks on a file it then refuses
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         # torch's text here advises turning the weights-only load off: never repeated to the user
         raise UnreadableTorchFile("a safe, weights-only load refused it: not a torch file, or one holding other "
@@ -214,7 +217,10 @@ def load_checkpoint_and_sha256(path, map_location="cpu", *, digest: bool = True)
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {first_line(e, 200)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a cnnx checkpoint (no format={FORMAT!r} field)")
+        bare = isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values())
+        raise CheckpointError(f"{path} is not a cnnx checkpoint (no format={FORMAT!r} field)" + (
+            ": it is a bare state_dict; cnnx train writes checkpoints, and --pretrained brings torchvision's "
+            "ImageNet weights" if bare else ""))
     version = ckpt.get("format_version", 0)
     if not isinstance(version, int):
         raise CheckpointError(f"{path}: format_version must be a whole number, got {version!r:.40}")

@@ -300,6 +300,9 @@ def _new_run_config(opts, out, name, arch_given=True):
             else:
                 kwargs.pop("image_size", None)
             opts["arch_kwargs"] = kwargs
+    elif opts.get("freeze_backbone_epochs") and not opts.get("pretrained"):  # froze random weights, silently
+        raise click.UsageError("--freeze-backbone-epochs holds a backbone that starts from weights: "
+                               "pass --weights or --pretrained")
     for k in ("rrc_scale", "rrc_ratio"):
         if not opts.get(k):  # click gives () for an absent nargs=2 option
             opts[k] = None
