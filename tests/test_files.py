@@ -120,3 +120,21 @@ def test_temps_a_writer_holds_are_kept_when_their_pid_names_no_process_here(tmp_
     left = tmp_path / f"{files.TEMP_PREFIX}999999-left"  # what a killed writer left: no one holds it
     left.mkdir()
     assert files.remove_stale_temps(tmp_path) == [str(left)] and (tmp_path / "out.txt").read_text() == "x"
+
+
+def test_a_write_error_that_names_no_file_is_said_with_the_file_being_written(tmp_path):
+    """Under `ulimit -f` a checkpoint's write ended the run with "Error: File too large" and no path."""
+    target = tmp_path / "big.bin"
+    code = textwrap.dedent(f"""
+        import resource, signal
+        from cnnx.runtime.files import atomic_write
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # as Python does at start: the write fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        try:
+            atomic_write({str(target)!r}, b"x" * 100000)
+        except OSError as e:
+            print(e.errno, e.filename)
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.stdout.split() == ["27", str(target)], (p.stdout, p.stderr)  # EFBIG, the file
+    assert os.listdir(tmp_path) == []  # nothing half-written

@@ -100,9 +100,12 @@ def atomic_file(path, mode: str = "wb", *, encoding: str | None = None, newline:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+            # a write's error names no file ("File too large" under ulimit -f): the one being written
+            raise OSError(e.errno, e.strerror, os.fspath(path)) from None
         raise
     fsync_dir(folder)
 
