@@ -138,3 +138,16 @@ def test_a_write_error_that_names_no_file_is_said_with_the_file_being_written(tm
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.stdout.split() == ["27", str(target)], (p.stdout, p.stderr)  # EFBIG, the file
     assert os.listdir(tmp_path) == []  # nothing half-written
+
+
+def test_a_filesystem_without_locks_still_writes(tmp_path, monkeypatch):
+    """flock raising ENOSYS (Lustre mounted noflock) stopped every atomic write and cache build."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    files.atomic_write(tmp_path / "a.txt", "x")
+    assert (tmp_path / "a.txt").read_text() == "x" and os.listdir(tmp_path) == ["a.txt"]

@@ -194,6 +194,12 @@ def test_split_layout_early_stopping_and_test_split_once(cifar_train_dir, tmp_pa
     r = run_cli(["train", "--resume", run, "--quiet", "--patience", "0"])
     assert r.exit_code == 0, r.stderr
     assert len((run / "metrics.csv").read_text().strip().splitlines()) == 1 + 5
+    # evaluate on its train/ says so; it held nothing out of train/ (its validation images were val/'s)
+    r = run_cli(["evaluate", run / "best.pt", "--data", data, "--split", "train", "--cache-dir", tmp_path / "c"])
+    assert r.exit_code == 0 and "these figures include its 48 training images (its validation images were in val/" \
+        in r.stderr, r.stderr
+    r = run_cli(["evaluate", run / "best.pt", "--data", data, "--json", "--cache-dir", tmp_path / "c"])
+    assert json.loads(r.stdout)["trained_on"] is False and "note:" not in r.stderr  # test/: held out
 
 
 def test_resume_refuses_data_that_changed_and_rebuilds_a_best_pt_it_lacks(cifar_train_dir, tmp_path):

@@ -303,6 +303,11 @@ def test_splits_with_a_folder_beside_them_or_files_in_two_of_them_are_one_line(s
     shutil.rmtree(e / "val" / "dog")
     os.symlink("../train/dog", e / "val" / "dog")
     assert "is a file of train/ too (a link): the val split would hold train images" in error(e)
+    g = tmp_path / "nested-classes"  # a class named train, its images in subfolders as the others': classes
+    for c in ("car", "ship", "train"):
+        copy_classes(small, g / c, ["cat"], 3)
+    r = run_cli(seed_args(g, tmp_path / "runs", "nested", tmp_path / "c", "--epochs", "1"))
+    assert r.exit_code == 0 and "data: 9 images in 3 classes" in r.stderr, r.stderr[-2000:]
     f = copy_classes(small, tmp_path / "f", ["cat", "dog"], 5)
     cat = sorted(os.listdir(f / "cat"))
     os.link(f / "cat" / cat[0], f / "dog" / "a_cat.jpg")
@@ -367,7 +372,7 @@ def test_killed_decode_worker_ends_the_run_with_one_line(cifar_subset, tmp_path)
     psutil = pytest.importorskip("psutil")
     data = cifar_subset(400, classes=["cat", "dog", "ship"])
     p = _cnnx(seed_args(data, tmp_path / "runs", "oom", tmp_path / "c", "--epochs", "1", "--image-size", "224",
-                        "--workers", "2"))  # the last --workers wins
+                        "--workers", "2", "--cache", "memory"))  # the last --workers wins; auto may pick disk
     proc = psutil.Process(p.pid)
     deadline = time.monotonic() + 120
     try:

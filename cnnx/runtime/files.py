@@ -154,7 +154,10 @@ def hold_as_writer(fd) -> None:
     """flock the temp file or folder open at `fd`, which this process is writing, for as long as
     that descriptor stays open: remove_stale_temps leaves it alone also when its pid names no
     process here (a container sharing the folder: another PID namespace; another host)."""
-    fcntl.flock(fd, fcntl.LOCK_EX)  # just made: nobody else holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # just made: nobody else holds it
+    except OSError:  # a filesystem without locks (ENOSYS, ENOLCK, EOPNOTSUPP): the pid alone tells, as before
+        pass
 
 
 def held_by_a_writer(path) -> bool:

@@ -406,7 +406,7 @@ def evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, ca
                                "top1": m["top1"], "top5": m["top5"],
                                "per_class": {c: (None if v != v else v) for c, v in zip(names, m["per_class"])},
                                "confusion": m["confusion"], "class_names": names, "skipped": len(ev["data"].skipped),
-                               "trained_on": ev["trained_on"], "plot": str(plot_path)}))
+                               "trained_on": ev["trained_on"] is not None, "plot": str(plot_path)}))
     else:
         click.echo(f"images\t{m['n']}\ntop1\t{m['top1']:.4f}\ntop5\t{m['top5']:.4f}\nloss\t{m['loss']:.4f}")
         for c, v in zip(names, m["per_class"]):
@@ -472,9 +472,11 @@ def _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, c
     trained_on = _trained_on(ckpt, folder)
     if trained_on:
         config = ckpt["config"]
+        held_out = (f"the run held out {config.get('val_images', 'some')} of them for validation" if trained_on == "all"
+                    else "its validation images were in val/")
         click.echo(f"note: {folder} is the folder this model was trained on: these figures include its "
-                   f"{config.get('train_images', 'training')} training images (the run held out "
-                   f"{config.get('val_images', 'some')} for validation; their figures are in its metrics.csv)", err=True)
+                   f"{config.get('train_images', 'training')} training images ({held_out}; the validation figures "
+                   f"are in its metrics.csv)", err=True)
     for note in d.notes:
         click.echo(f"note: {note}", err=True)
     if d.skipped:
@@ -511,21 +513,23 @@ def _evaluation_batch(arch: str) -> int:
         return EVAL_BATCH
 
 
-def _trained_on(ckpt: dict, folder) -> bool:
-    """Whether `folder` is the one the checkpoint's run trained on (a flat DIR/<class>/*, or the
-    train/ of its split layout): its figures are then no held-out ones."""
+def _trained_on(ckpt: dict, folder) -> str | None:
+    """"all" where `folder` is the flat DIR/<class>/* the checkpoint's run trained on (and held
+    its validation images out of), "train" where it is the train/ of the run's split layout, else
+    None: the figures of the first two are no held-out ones."""
     from cnnx.train.data import DataError, folder_layout
 
     config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     data = config.get("data")
     if not isinstance(data, str) or data == "cifar10":
-        return False
+        return None
     try:
         layout = folder_layout(data)
     except (DataError, OSError):  # moved or gone since: nothing to compare
-        return False
-    trained = layout.get("all", layout.get("train"))
-    return trained is not None and os.path.realpath(trained) == os.path.realpath(folder)
+        return None
+    kind = "all" if "all" in layout else "train"
+    trained = layout.get(kind)
+    return kind if trained is not None and os.path.realpath(trained) == os.path.realpath(folder) else None
 
 
 def _write_evaluation_files(ev: dict, checkpoint, plot_path: Path, report):

@@ -41,7 +41,9 @@ class ImageFolderData:
     skipped: list = field(default_factory=list)  # (path, reason) of files not used: not decoded, not listed
     ignored: int = 0  # hidden names and files whose names are not image names
     notes: list = field(default_factory=list)  # lines for the user about the layout (nothing is wrong)
-    linked: list = field(default_factory=list)  # paths another name can reach: a symlink, or other hard links
+    # (path, st_dev, st_ino, is a symlink) of the files another name can reach: through a symlink,
+    # or by other hard links (Listing.linked)
+    linked: list = field(default_factory=list)
 
 
 def cache_dir(explicit=None) -> Path:
@@ -67,10 +69,13 @@ def folder_layout(root) -> dict:
     if not subdirs:
         raise DataError(f"no class folders in {root} (expected DIR/<class>/* or DIR/train/<class>/*)")
     # The split layout: a train/ holding folders itself (a dataset whose classes happen to be
-    # called "train"/"test" holds files in them). Then every folder beside it must be a split: an
-    # unlabelled/ or a second val/ taken as classes named train, val, ... trains a wrong model.
+    # called "train"/"test" holds files in them), beside nothing but splits, or beside a val/ or
+    # test/ too. Then every folder beside it must be a split: an unlabelled/ or a second val/
+    # taken as classes named train, val, ... trains a wrong model. A train/ of subfolders beside
+    # other folders and no val/ or test/ is a class (car/ ship/ train/, each of years).
     trains = [d for d in subdirs if SPLIT_FOLDERS.get(d.name.lower()) == "train" and _class_folders(d)]
-    if not trains:
+    kinds = [SPLIT_FOLDERS.get(d.name.lower()) for d in subdirs]
+    if not trains or (None in kinds and not {"val", "test"} & set(kinds)):
         return {"all": root}
     layout = f"the layout is {root}/{{train,val,test}}/<class>/*"
     splits, seen = {}, {}
@@ -108,7 +113,8 @@ class Listing:
     files: list
     ignored: int = 0  # hidden names, and files whose names are not image names (a README beside the photos)
     unlisted: list = field(default_factory=list)  # (path, reason) of what the walk cannot or will not take
-    # files reached through a symlink (to a file, or in a symlinked folder) or with other hard links
+    # (path, st_dev, st_ino, is a symlink) of the files reached through a symlink (to a file, or
+    # in a symlinked folder) or with other hard links
     linked: list = field(default_factory=list)
     nested: list = field(default_factory=list)  # class folders whose images are all in subfolders
 
@@ -161,7 +167,7 @@ def _walk_images(top: str, listing: Listing, class_index: int, root: str, walked
                 listing.unlisted.append((e.path, "not a regular file (a FIFO, socket or device); not opened"))
                 continue
             if link or st.st_nlink > 1:
-                listing.linked.append(e.path)
+                listing.linked.append((e.path, st.st_dev, st.st_ino, e.is_symlink()))
             own += 1
             listing.files.append((os.path.relpath(e.path, root), class_index, st.st_mtime_ns, st.st_size,
                                   st.st_ctime_ns, st.st_ino))
@@ -481,7 +487,7 @@ def _run_jobs(procs, jobs, out, rows_by_pipe, kept_by_job, errors_by_job, bar, n
             for conn in wait([c for c, b in busy.items() if b]):
                 collect(conn)
     except (EOFError, OSError, mp.BufferTooShort):
-        raise _WorkerDied(_worker_death(procs[conn], n, spec, to_file=out is not None)) from None
+        raise _WorkerDied(_worker_death(procs[conn], n, spec, to_file=not rows_by_pipe)) from None
 
 
 def load_image_folder(root, spec, *, progress=True, cache=None, workers=None, use_cache=True,
@@ -777,25 +783,29 @@ def _check_apart(layout: dict, loaded: dict) -> None:
     """DataError where a file of one split is a file of another: a hard link, or a symlink into
     the other split's folder (cp -al train val, val/cat -> ../train/cat) would score images the
     model trained on (or was chosen on) as unseen ones. Only files another name can reach
-    (ImageFolderData.linked) are looked at: a plain tree costs nothing."""
+    (ImageFolderData.linked) are looked at, with what the listing's walk found: a plain tree costs
+    nothing, and a folder's real path is resolved once, not once a file."""
     def shared(path, a, b):
         return DataError(f"{escaped_name(path)} is a file of {layout[a].name}/ too (a link): the {b} split would "
                          f"hold {a} images; each image belongs to one split")
 
-    first = {}  # (st_dev, st_ino) -> (split, path)
-    folders = {name: os.path.realpath(layout[name]) for name in loaded}
+    first = {}  # (st_dev, st_ino) -> split
+    folders = {name: os.path.join(os.path.realpath(layout[name]), "") for name in loaded}
+    real_dirs = {}
     for b, data in loaded.items():
-        for path in data.linked:
-            try:
-                st = os.stat(path)
-            except OSError:  # gone meanwhile: the decode said so
-                continue
-            a, _ = first.setdefault((st.st_dev, st.st_ino), (b, path))
+        for path, dev, ino, symlink in data.linked:
+            a = first.setdefault((dev, ino), b)
             if a != b:
                 raise shared(path, a, b)
-            real = os.path.realpath(path)
+            if symlink:
+                real = os.path.realpath(path)
+            else:
+                parent, name = os.path.split(path)
+                if parent not in real_dirs:
+                    real_dirs[parent] = os.path.realpath(parent)
+                real = os.path.join(real_dirs[parent], name)
             for a, folder in folders.items():
-                if a != b and os.path.commonpath([real, folder]) == folder:
+                if a != b and real.startswith(folder):
                     raise shared(path, a, b)
 
 

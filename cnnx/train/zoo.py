@@ -250,13 +250,15 @@ def pretrained_state_dict(name: str) -> dict:
         with open(path, "rb") as f:
             state = load_tensors(f)
     except (UnreadableTorchFile, OSError) as e:
-        why = e if isinstance(e, UnreadableTorchFile) else os_error_line(e)
+        why = e if isinstance(e, UnreadableTorchFile) else (e.strerror or first_line(e))
         raise WeightsFileError(f"the pretrained weights {path} cannot be read ({why}): {again}") from None
     if not isinstance(state, dict):
         raise WeightsFileError(f"the pretrained weights {path} are not a state_dict: {again}")
     with torch.device("meta"):
         own = tvm.get_model(name, weights=None).state_dict()
-    wrong = state_dict_mismatch(own, state)
+    # torchvision's ImageNet files predate BatchNorm's num_batches_tracked: load_state_dict fills it in
+    untracked = {k for k in own if k.endswith(".num_batches_tracked") and k not in state}
+    wrong = state_dict_mismatch(own, state, skip=untracked)
     if wrong:
         raise WeightsFileError(f"the pretrained weights {path} are not torchvision's {name} ({wrong}): {again}")
     return state
