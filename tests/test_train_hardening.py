@@ -67,7 +67,7 @@ def small(cifar_train_dir, tmp_path_factory):
 def test_two_runs_with_the_same_name_one_runs_the_other_gets_one_line(cifar_subset, tmp_path):
     """Started together (separate caches), both used to pass the "exists" check while the
     other was still loading its data, and both wrote the folder."""
-    data = cifar_subset(500)  # 5,000 images: loading them takes longer than the two starts differ
+    data = cifar_subset(300)  # 3,000 images: loading them takes longer than the two starts differ
     runs = tmp_path / "runs"
     procs = [_cnnx(seed_args(data, runs, "same", tmp_path / f"cache{i}", "--epochs", "1", "--batch-size", "256",
                              "--image-size", "40")) for i in range(2)]
