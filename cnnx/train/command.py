@@ -59,7 +59,8 @@ def _rank() -> int:
               help="Model from the zoo (an unknown name lists the valid ones).")
 @click.option("--pretrained", is_flag=True, default=None,
               help="Start from torchvision's ImageNet weights (resnet18, vgg16; must be in the local cache offline).")
-@click.option("--image-size", type=int, help="Input side in pixels for image folders; default the arch's (32 for CIFAR nets).")
+@click.option("--image-size", type=int, help="Input side in pixels for image folders; default the arch's (32 for CIFAR nets), "
+                                                   "or with --weights the checkpoint's.")
 @click.option("--epochs", type=int, help=f"Passes over the training split; {RECIPE}.")
 @click.option("--batch-size", type=int, help=f"Images per optimizer step, over all processes; {RECIPE}.")
 @click.option("--lr", type=float, help=f"Peak learning rate; {RECIPE}.")
@@ -92,7 +93,8 @@ def _rank() -> int:
 @click.option("--backbone-lr-mult", type=float,
               help="Learning rate of the backbone relative to the head (e.g. 0.1); default 0.1 from weights, else 1.")
 @click.option("--freeze-backbone-epochs", type=int,
-              help="Epochs at the start that train only the head (backbone frozen, its batch norm in eval mode).")
+              help="Epochs at the start that train only the head (backbone frozen, its batch norm in eval mode); "
+                   "default 1 from weights (--weights or --pretrained), which it needs.")
 @click.option("--rrc-scale", type=float, nargs=2,
               help="Random-resized-crop (--aug rrc): min and max crop area, fractions of the stored image (0.25 1).")
 @click.option("--rrc-ratio", type=float, nargs=2,
@@ -456,19 +458,20 @@ def _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, c
 
     from cnnx.train import loop
     from cnnx.train.checkpoint import load_checkpoint, model_from_checkpoint
-    from cnnx.train.data import folder_layout, load_image_folder, respelt_note
+    from cnnx.train.data import class_folders, folder_layout, load_image_folder, respelt_note
 
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt)
     folder = _pick_split(folder_layout(data), split, data)
-    d = load_image_folder(folder, ckpt["preprocess"], progress=True, cache=cache_dir, workers=workers,
-                          cache_mode=cache_mode)
     names = list(ckpt["class_names"])
-    unknown = [c for c in d.class_names if c not in names]
+    # from the class folders' names, before minutes of decoding (load_image_folder's classes)
+    unknown = [f.name for f in class_folders(folder) if f.name not in names]
     if unknown:
         raise click.ClickException(f"{folder} has classes the checkpoint does not know: {', '.join(unknown[:10])}"
                                    f"{' ...' if len(unknown) > 10 else ''} (it knows: {', '.join(names)})"
                                    f"{respelt_note(unknown, names, 'the checkpoint')}")
+    d = load_image_folder(folder, ckpt["preprocess"], progress=True, cache=cache_dir, workers=workers,
+                          cache_mode=cache_mode)
     trained_on = _trained_on(ckpt, folder)
     if trained_on:
         config = ckpt["config"]

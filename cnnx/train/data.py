@@ -73,7 +73,7 @@ def folder_layout(root) -> dict:
     # test/ too. Then every folder beside it must be a split: an unlabelled/ or a second val/
     # taken as classes named train, val, ... trains a wrong model. A train/ of subfolders beside
     # other folders and no val/ or test/ is a class (car/ ship/ train/, each of years).
-    trains = [d for d in subdirs if SPLIT_FOLDERS.get(d.name.lower()) == "train" and _class_folders(d)]
+    trains = [d for d in subdirs if SPLIT_FOLDERS.get(d.name.lower()) == "train" and class_folders(d)]
     kinds = [SPLIT_FOLDERS.get(d.name.lower()) for d in subdirs]
     if not trains or (None in kinds and not {"val", "test"} & set(kinds)):
         return {"all": root}
@@ -94,14 +94,15 @@ def folder_layout(root) -> dict:
                             f"split would be {SPLIT_FOLDERS[target.name.lower()]} images; each image belongs to one split")
         splits[split] = d
     for split, d in splits.items():
-        if not _class_folders(d):
+        if not class_folders(d):
             raise DataError(f"{d} holds no class folders, beside {splits['train'].name}/ (an unlabelled "
                             f"{split} split?): {layout}; move {d.name}/ out of {root}")
     return splits
 
 
-def _class_folders(folder: Path) -> list:
-    return [e for e in _visible(folder.iterdir()) if e.is_dir()]
+def class_folders(folder: Path) -> list:
+    """The visible subfolders of `folder`, sorted: the classes list_image_folder finds there."""
+    return [e for e in _visible(Path(folder).iterdir()) if e.is_dir()]
 
 
 @dataclass
