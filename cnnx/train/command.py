@@ -475,7 +475,7 @@ def _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, c
     trained_on = _trained_on(ckpt, folder)
     if trained_on:
         config = ckpt["config"]
-        held_out = (f"the run held out {config.get('val_images', 'some')} of them for validation" if trained_on == "all"
+        held_out = (f"the run held out {config.get('val_images', 'some')} of its images for validation" if trained_on == "all"
                     else "its validation images were in val/")
         click.echo(f"note: {folder} is the folder this model was trained on: these figures include its "
                    f"{config.get('train_images', 'training')} training images ({held_out}; the validation figures "
