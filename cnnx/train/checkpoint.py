@@ -214,8 +214,8 @@ def load_checkpoint_and_sha256(path, map_location="cpu", *, digest: bool = True)
             ckpt = load_tensors(f, map_location)
     except UnreadableTorchFile as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {first_line(e, 200)}") from None
+    except OSError as e:  # the path is said already
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or first_line(e, 200)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         bare = isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values())
         raise CheckpointError(f"{path} is not a cnnx checkpoint (no format={FORMAT!r} field)" + (

@@ -519,20 +519,19 @@ def _evaluation_batch(arch: str) -> int:
 def _trained_on(ckpt: dict, folder) -> str | None:
     """"all" where `folder` is the flat DIR/<class>/* the checkpoint's run trained on (and held
     its validation images out of), "train" where it is the train/ of the run's split layout, else
-    None: the figures of the first two are no held-out ones."""
-    from cnnx.train.data import DataError, folder_layout
+    None: the figures of the first two are no held-out ones. Paths are compared; the folder the
+    checkpoint names is not listed (it may be anyone's checkpoint)."""
+    from cnnx.train.data import SPLIT_FOLDERS
 
     config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     data = config.get("data")
     if not isinstance(data, str) or data == "cifar10":
         return None
-    try:
-        layout = folder_layout(data)
-    except (DataError, OSError):  # moved or gone since: nothing to compare
-        return None
-    kind = "all" if "all" in layout else "train"
-    trained = layout.get(kind)
-    return kind if trained is not None and os.path.realpath(trained) == os.path.realpath(folder) else None
+    trained, here = os.path.realpath(os.path.expanduser(data)), os.path.realpath(folder)
+    if here == trained:
+        return "all"
+    parent, name = os.path.split(here)
+    return "train" if parent == trained and SPLIT_FOLDERS.get(name.lower()) == "train" else None
 
 
 def _write_evaluation_files(ev: dict, checkpoint, plot_path: Path, report):
