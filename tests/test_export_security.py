@@ -104,7 +104,22 @@ def test_own_run_uses_its_validation_split_and_never_the_stored_cache(base_ckpt,
     assert real["source"].startswith(f"validation split of {data}") and real["count"] == 50 and real["labelled"]
     assert any("your own run" in s for s in said), said
     assert not stored_cache.exists()  # the decoded cache went to this user's cache, if anywhere
-    assert list((my_cache / "folders").iterdir())
+    mine = sorted((my_cache / "folders").iterdir())
+    assert mine
+
+    # a cache folder the user names (the run's --cache-dir, so as not to decode it all again) is used,
+    # by the API and by `cnnx export --cache-dir`, which then finds what the API's export cached there
+    named = tmp_path / "named-cache"
+    export_checkpoint(own, tmp_path / "out-named", cache_dir=named, **FAST)
+    cached = {p: p.stat().st_mtime_ns for p in (named / "folders").rglob("*") if p.is_file()}
+    assert cached and sorted((my_cache / "folders").iterdir()) == mine
+    from click.testing import CliRunner
+
+    from cnnx.cli import cli
+    r = CliRunner().invoke(cli, ["export", str(own), "--out", str(tmp_path / "out-cli"), "--cache-dir", str(named)])
+    assert r.exit_code == 0, r.output
+    assert {p: p.stat().st_mtime_ns for p in (named / "folders").rglob("*") if p.is_file()} == cached
+    assert sorted((my_cache / "folders").iterdir()) == mine
 
     # the same checkpoint edited by someone else (its bytes, hence its sha256, differ) is foreign
     forged = tmp_path / "forged" / "best.pt"

@@ -80,14 +80,14 @@ def _load(checkpoint_path: Path, tta: int | None):
     return ckpt, Uint8Input(model, spec["mean"], spec["std"]).eval(), sha256
 
 
-def _parity_images(ckpt, sha256, verify_data, int8: bool, limit: int, say, notes: list):
+def _parity_images(ckpt, sha256, verify_data, int8: bool, limit: int, say, notes: list, cache_dir=None):
     """The real images of the gate: --verify-data, else the run's validation split when the
-    checkpoint is this user's own (cnnx.export.images.validation_images), else None (random
-    inputs only, said in notes), which int8 cannot do without."""
+    checkpoint is this user's own (cnnx.export.images.validation_images, its decoded images
+    cached in cache_dir), else None (random inputs only, said in notes), which int8 cannot do without."""
     if verify_data is not None:
         real = images.load_verify_data(verify_data, ckpt["preprocess"], ckpt["class_names"], limit)
     else:
-        real, why = images.validation_images(ckpt, sha256, limit)
+        real, why = images.validation_images(ckpt, sha256, limit, cache_dir)
         if real is None and int8:
             raise ExportError(f"--int8 needs real calibration images and {why}: pass --verify-data DIR")
         if real is None:
@@ -137,7 +137,7 @@ def _gate(job, backends, real, batch_sizes, progress: bool, notes: list, checkpo
 def export_checkpoint(checkpoint_path, out_dir=None, formats=("onnx",), *, opset=None, verify_data=None,
                       fp16=False, int8=False, progress=False, parity_images: int = DEFAULT_PARITY_IMAGES,
                       random_batch_sizes=None, log: Callable[[str], None] | None = None,
-                      tta: int | None = None) -> ExportResult:
+                      tta: int | None = None, cache_dir=None) -> ExportResult:
     """Export a cnnx checkpoint and gate it on parity with eager PyTorch.
 
     formats: names from FORMATS or "all"; fp16/int8 add ONNX variants. verify_data: a folder
@@ -149,8 +149,10 @@ def export_checkpoint(checkpoint_path, out_dir=None, formats=("onnx",), *, opset
     written. parity_images caps the real images (fewer for the big torchvision models in
     tests; the bounds never change). tta: test-time views per image the exported models run
     (cnnx.train.zoo.TTA_VIEWS; None keeps the checkpoint's), written to their metadata and
-    parity.json: the cost of views is a choice made here, never hidden. out_dir (default export/ beside the checkpoint) must be
-    new, empty or a previous export. Raises ExportError (ParityError when a bound is broken);
+    parity.json: the cost of views is a choice made here, never hidden. cache_dir: where the
+    run's validation split is decoded and cached (default: as for `cnnx train`, never the folder
+    stored in the checkpoint; pass the run's --cache-dir to reuse its cache). out_dir (default
+    export/ beside the checkpoint) must be new, empty or a previous export. Raises ExportError (ParityError when a bound is broken);
     on failure the output folder is as it was.
     """
     say = log or (lambda msg: None)
@@ -168,7 +170,7 @@ def export_checkpoint(checkpoint_path, out_dir=None, formats=("onnx",), *, opset
     staging, created = make_staging(target)
     try:
         notes = []
-        real = _parity_images(ckpt, sha256, verify_data, int8, parity_images, say, notes)
+        real = _parity_images(ckpt, sha256, verify_data, int8, parity_images, say, notes, cache_dir)
         calibration = None if real is None else real.images[
             images.spread(len(real.images), CALIBRATION_IMAGES, real.labels.tolist())]  # every class, where known
         example = images.random_images(2, ckpt["preprocess"]["size"], seed=1)

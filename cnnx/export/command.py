@@ -42,7 +42,10 @@ def _a_folder(ctx, param, value):
 @click.option("--tta", type=click.Choice(["1", "2", "6"]),
               help="Test-time views per image in the exported model: 1 none, 2 + mirror, 6 mirror x 1-px "
                    "shifts (archs with views, e.g. airnet) [default: the checkpoint's]. Each view costs a forward pass.")
-def export(checkpoint, formats, out_dir, opset, verify_data, fp16, int8, parity_images, tta):
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="Cache of the run's decoded validation images (default as for cnnx train; pass the run's "
+                   "--cache-dir to reuse its cache).")
+def export(checkpoint, formats, out_dir, opset, verify_data, fp16, int8, parity_images, tta, cache_dir):
     """Export CHECKPOINT (default: the newest runs/*/best.pt) behind a parity gate.
 
     Every export is compared with eager PyTorch on real and random images; a broken bound
@@ -67,7 +70,8 @@ def export(checkpoint, formats, out_dir, opset, verify_data, fp16, int8, parity_
     try:
         result = export_checkpoint(checkpoint, out_dir, formats, opset=opset, verify_data=verify_data, fp16=fp16,
                                    int8=int8, progress=True, parity_images=parity_images,
-                                   log=lambda msg: click.echo(msg, err=True), tta=None if tta is None else int(tta))
+                                   log=lambda msg: click.echo(msg, err=True), tta=None if tta is None else int(tta),
+                                   cache_dir=cache_dir)
     except ParityError as e:
         click.echo(e.report.table(), err=True)
         raise click.ClickException(str(e)) from None

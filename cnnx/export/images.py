@@ -110,10 +110,11 @@ def load_verify_data(root, spec: dict, class_names, limit: int | None) -> Parity
                         tuple(notes))
 
 
-def _own_validation_split(config: dict, spec: dict):
+def _own_validation_split(config: dict, spec: dict, cache_dir=None):
     """(images, labels, class names) of the validation split of the run `config` describes.
-    Of the paths in config only the data is read; the decoded-image cache goes to this user's
-    default cache (never the stored cache_dir) and CIFAR-10 is never downloaded here. The run's
+    Of the paths in config only the data is read; the decoded-image cache goes to cache_dir, as
+    the caller names it, else this user's default cache (never the stored cache_dir), and
+    CIFAR-10 is never downloaded here. The run's
     cache mode is kept: a run on data larger than memory (`--cache disk`, or auto that chose
     disk) reuses its disk cache, whose images are read per row (cache.Rows), not all at once."""
     from cnnx.train import data
@@ -123,17 +124,17 @@ def _own_validation_split(config: dict, spec: dict):
     if need:
         raise data.DataError(f"the checkpoint's config lacks {need}: it was not written by `cnnx train`")
     if config["data"] == "cifar10":
-        root = config.get("data_root") or str(data.cache_dir(None) / "datasets")
+        root = config.get("data_root") or str(data.cache_dir(cache_dir) / "datasets")
         x, y, names = data.load_cifar10(root, train=True, download=False)
         _, val = data.stratified_split(y, config["val_fraction"], config["split_seed"])
         return x[val], y[val], names
-    s = data.load_splits({"data": config["data"], "data_root": None, "cache_dir": None, "preprocess": spec,
+    s = data.load_splits({"data": config["data"], "data_root": None, "cache_dir": cache_dir, "preprocess": spec,
                           "val_fraction": config["val_fraction"], "split_seed": config["split_seed"]}, progress=False,
                          cache_mode=config.get("cache") if config.get("cache") in CACHE_MODES else "auto")
     return s.val[0], s.val[1], s.class_names
 
 
-def validation_images(ckpt: dict, sha256: str, limit: int | None):
+def validation_images(ckpt: dict, sha256: str, limit: int | None, cache_dir=None):
     """(ParityImages or None, why not): the run's validation split, re-created from the
     checkpoint's config only when the checkpoint is this user's own: its sha256 is in the
     own-checkpoints file this user's cnnx appends to (cnnx.train.checkpoint), which a
@@ -149,7 +150,7 @@ def validation_images(ckpt: dict, sha256: str, limit: int | None):
                       "so the data path stored in it is not read")
     config = ckpt.get("config") or {}
     try:
-        x, y, names = _own_validation_split(config, ckpt["preprocess"])
+        x, y, names = _own_validation_split(config, ckpt["preprocess"], cache_dir)
     except (DataError, KeyError, TypeError, ValueError, OSError) as e:
         return None, f"the run's validation split cannot be re-created ({first_line(e, 200)})"
     if len(y) == 0:
