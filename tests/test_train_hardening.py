@@ -570,3 +570,39 @@ def test_a_class_too_small_for_a_validation_image_is_said(small, tmp_path):
     r = run_cli(seed_args(data, tmp_path / "runs", "x", tmp_path / "c", "--epochs", "1"))
     assert r.exit_code == 0, r.stderr[-2000:]
     assert "note: 1 class(es) too small for a validation image: one (their val top-1 is not measured)" in r.stderr
+
+
+def test_gpu_out_of_memory_in_an_epoch_is_one_line(small, tmp_path, monkeypatch):
+    """CUDA's allocator raises torch.OutOfMemoryError, which ended a run with a traceback; it is one
+    line naming the batch and the option that lowers it. The error is raised into an epoch here (a
+    CPU machine has no CUDA allocator to exhaust); test_a_real_cuda_out_of_memory_is_one_line is
+    the same on a GPU."""
+    import cnnx.train.loop
+    import cnnx.train.run as run_module
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    ok = run_cli(seed_args(small, tmp_path / "runs", "ok", tmp_path / "c", "--epochs", "1"))
+    assert ok.exit_code == 0, ok.stderr[-2000:]
+    monkeypatch.setattr(run_module, "train_epoch", out_of_memory)
+    r = run_cli(seed_args(small, tmp_path / "runs", "oom", tmp_path / "c", "--batch-size", "32", "--image-size", "40"))
+    last = _one_line(r.exit_code, r.stderr)
+    assert last.startswith("Error: out of GPU memory on cpu") and "batches of 32 images of 40 px" in last, last
+    assert "a smaller --batch-size" in last and not (tmp_path / "runs" / "oom" / "best.pt").exists()
+
+    monkeypatch.setattr(cnnx.train.loop, "evaluate", out_of_memory)  # `cnnx evaluate` on a GPU
+    r = run_cli(["evaluate", tmp_path / "runs" / "ok" / "best.pt", "--data", small, "--batch-size", "16",
+                 "--cache-dir", tmp_path / "c"])
+    last = _one_line(r.exit_code, r.stderr)
+    assert last == "Error: out of GPU memory on cpu at --batch-size 16: a smaller --batch-size", last
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_real_cuda_out_of_memory_is_one_line(small, tmp_path):
+    """resnet18 on 40 images of 4096 px in one batch needs hundreds of GiB of activations."""
+    r = run_cli(["train", "--data", small, "--arch", "resnet18", "--image-size", "4096", "--batch-size", "40",
+                 "--epochs", "1", "--device", "cuda", "--out", tmp_path / "runs", "--name", "oom",
+                 "--cache-dir", tmp_path / "c", "--quiet"])
+    last = _one_line(r.exit_code, r.stderr)
+    assert last.startswith("Error: out of GPU memory on cuda") and "a smaller --batch-size" in last, last

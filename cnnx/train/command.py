@@ -496,9 +496,13 @@ def _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, c
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     spec = ckpt["preprocess"]
-    m = loop.evaluate(model, d.images, labels, mean=spec["mean"], std=spec["std"],
-                      batch_size=batch_size or _evaluation_batch(ckpt["arch"]), device=dev, num_classes=len(names),
-                      keep_probs=keep_probs)
+    batch_size = batch_size or _evaluation_batch(ckpt["arch"])
+    try:
+        m = loop.evaluate(model, d.images, labels, mean=spec["mean"], std=spec["std"], batch_size=batch_size,
+                          device=dev, num_classes=len(names), keep_probs=keep_probs)
+    except torch.OutOfMemoryError:  # CUDA's allocator
+        raise click.ClickException(f"out of GPU memory on {dev} at --batch-size {batch_size}: a smaller "
+                                   "--batch-size") from None
     if m["nonfinite"]:
         raise click.ClickException(f"{checkpoint} gives non-finite outputs (NaN or inf) for {m['nonfinite']} of "
                                    f"{m['n']} images: its weights are broken; no metrics")

@@ -355,7 +355,7 @@ def fit(cfg: TrainConfig, run_dir, *, resume: dict | None = None, stop_after: in
     last checkpoint (unwritten_end): write that, train nothing."""
     d = loop.dist_from_env()
     device = loop.resolve_device(cfg.device, d)
-    with _process_group(d, device):
+    with _process_group(d, device), _gpu_memory_as_one_line(cfg, device):
         run = setup(cfg, Path(run_dir), d, device, progress, resume)
         state = start_state(run, resume)
         if end_only:
@@ -379,6 +379,26 @@ def fit(cfg: TrainConfig, run_dir, *, resume: dict | None = None, stop_after: in
                 stop = Stop.EARLY
                 break
         return finish(run, state, stop, stop_after)
+
+
+class OutOfGpuMemory(ValueError):
+    """The GPU ran out of memory (torch.OutOfMemoryError): one line for the user (exit 1)."""
+
+
+@contextlib.contextmanager
+def _gpu_memory_as_one_line(cfg: TrainConfig, device: str):
+    """torch.OutOfMemoryError (CUDA's allocator; the CPU's says it in a plain RuntimeError) ->
+    OutOfGpuMemory naming the batch, the images and the card: the user's remedy is an option."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        card = ""
+        with contextlib.suppress(Exception):  # the card's size is a courtesy: never a second failure
+            props = torch.cuda.get_device_properties(torch.device(device))
+            card = f" ({props.name}, {props.total_memory / 2**30:.0f} GiB)"
+        size = "" if cfg.image_size is None else f" of {cfg.image_size} px"
+        raise OutOfGpuMemory(f"out of GPU memory on {device}{card}: {cfg.arch} on batches of {cfg.batch_size} "
+                             f"images{size}; a smaller --batch-size (or --image-size)") from None
 
 
 class Diverged(ValueError):
