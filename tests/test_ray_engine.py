@@ -332,6 +332,39 @@ def test_a_file_uri_folder_is_walked_as_a_local_path_is(ray_session, folder, mod
                                   | {os.fsdecode(bytes(root) + b"/caf\xe9.jpg")}), rows
 
 
+def test_file_uri_rows_read_each_file_as_itself_whatever_its_name(ray_session, folder, model, local, tmp_path):
+    """A file:// folder's rows were "file://" + the raw path, which the actors then parsed as a
+    URI: x%41.jpg was read as xA.jpg (another image, whose prediction both rows got), and names
+    with a space, % # or ? were open errors. Rows are URIs with those bytes escaped, each read as
+    its own file; a manifest's file:// line is decoded the same way. The API takes one path as
+    a str (it took its characters as paths) and a pathlib output (an AttributeError)."""
+    import shutil
+
+    from cnnx.runtime.ray_engine import file_uri
+
+    want = {p: (labels, scores) for p, labels, scores in local[0]}
+    cat, plane = sorted(p for p in want if "/cat/" in p)[0], sorted(p for p in want if "/airplane/" in p)[0]
+    assert want[cat] != want[plane]
+    root = tmp_path / "my photos"
+    root.mkdir()
+    sources = {"x%41.jpg": cat, "xA.jpg": plane, "a b.jpg": plane, "100%.jpg": cat, "q#1.jpg": cat,
+               "r?x=1.jpg": plane}
+    for name, src in sources.items():
+        shutil.copyfile(src, root / name)
+    expect = {file_uri(str(root / name)): want[src] for name, src in sources.items()}
+    manifest = tmp_path / "list.txt"
+    (tmp_path / "m 1.jpg").symlink_to(cat)
+    manifest.write_text(file_uri(str(tmp_path / "m 1.jpg")) + "\n")
+    expect[file_uri(str(tmp_path / "m 1.jpg"))] = want[cat]
+    out = tmp_path / "named.csv"
+    summary = classify_with_ray(file_uri(str(root)), model, output=out, manifest=manifest, num_workers=1,
+                                batch_size=16)
+    got = read_predictions(out)
+    assert summary.classified == len(expect) and not (tmp_path / "named.errors.csv").exists()
+    assert sorted(p for p, _, _ in got) == sorted(expect)
+    assert_same_predictions(got, [(p, *expect[p]) for p, _, _ in got])
+
+
 def test_parquet_keeps_each_name_exactly_and_resumes_on_it(ray_session, folder, model, tmp_path):
     """The `path` column writes a name that is not UTF-8 with \\x escapes: it was the same string
     as a real name spelt with a literal \\xNN, and a resume counted that other file as done.

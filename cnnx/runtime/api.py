@@ -70,6 +70,14 @@ class Note:
     note: str
 
 
+def path_list(paths) -> list:
+    """A list of str, bytes or os.PathLike, or one of them alone (one path, never its
+    characters) -> a list of str paths; TypeError naming the type of one that is not a path."""
+    if isinstance(paths, (str, bytes, os.PathLike)):
+        paths = [paths]
+    return [os.fsdecode(p) for p in paths]
+
+
 class Classifier:
     """An exported cnnx ONNX model opened on a device (contract-checked; ModelError with one
     line otherwise). batch_size is the images per onnxruntime call; `batch_size` as used may
@@ -221,10 +229,7 @@ class Classifier:
         of str, bytes or os.PathLike, or one of them alone (one path, never its characters)."""
         if self.session is None:
             raise ValueError("this Classifier is closed")
-        if isinstance(paths, (str, bytes, os.PathLike)):
-            paths = [paths]
-        paths = [os.fsdecode(p) for p in paths]  # TypeError naming the type of one that is not a path
-        return Classification(self, paths, follow_symlinks=follow_symlinks, done=done)
+        return Classification(self, path_list(paths), follow_symlinks=follow_symlinks, done=done)
 
     def __reduce__(self):
         raise TypeError("a Classifier cannot be pickled (it holds an onnxruntime session and threads): "

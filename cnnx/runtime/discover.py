@@ -86,9 +86,9 @@ def _lists_as_folder(entry: os.DirEntry, follow_symlinks: bool) -> bool:
 
 class Discovery:
     """Iterate over Found items for the given roots (or over runs of them: `runs`). Counts
-    what it ignores (`ignored`). spelt: {root: prefix} for roots whose items are spelt with
-    the prefix before them (--engine ray's file:// folders): walked with the other roots, so a
-    file under two of them is found once, as for any two roots that overlap."""
+    what it ignores (`ignored`). spelt: {root: spelling} for roots whose items are named
+    spelling(path) (--engine ray's file:// folders: their URIs): walked with the other roots, so
+    a file under two of them is found once, as for any two roots that overlap."""
 
     def __init__(self, roots, *, follow_symlinks: bool = False, spelt: dict | None = None):
         self.roots = roots
@@ -115,12 +115,12 @@ class Discovery:
         stated.sort(key=_first)
         for _key, root, st in _not_walked_twice(stated, self.follow_symlinks):
             runs = self._root_runs(root, st)
-            prefix = self.spelt.get(root)
-            if prefix is None:
+            spelling = self.spelt.get(root)
+            if spelling is None:
                 yield from runs
             else:
                 for run in runs:
-                    yield [Found(prefix + found.path, found.reason) for found in run]
+                    yield [Found(spelling(found.path), found.reason) for found in run]
 
     def _root_runs(self, root: str, st):
         if isinstance(st, OSError):

@@ -8,8 +8,9 @@
   order, the same discover-stage errors rows); a manifest holds one file path or URI a line
   (kept in its order; relative paths are relative to the current folder, like PATH
   arguments); `s3://` and `gs://` prefixes are listed through pyarrow.fs, `file://` ones are
-  walked with the local paths by Discovery (the same skips as a local path; their rows keep
-  the file:// spelling). A path given twice, in either spelling, is classified once.
+  walked with the local paths by Discovery (the same skips as a local path; their rows are
+  file:// URIs, percent-escaped: file_uri). A path given twice, in either spelling, is
+  classified once.
 - With GPU actors (`num_gpus_per_worker` > 0) decoding runs as a separate CPU map stage
   feeding them, so a GPU never waits for a JPEG decoder; on CPUs it runs inside the actor,
   so pixels never cross the object store.
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cnnx.runtime.api import Classifier
+from cnnx.runtime.api import Classifier, path_list
 from cnnx.runtime.discover import URI, Discovery, Found, PathKeys, is_uri
 from cnnx.runtime.files import TEMP_PREFIX, atomic_file, escaped_name, first_line, os_error_line, remove_stale_temps
 from cnnx.runtime.model import softmax_topk
@@ -122,7 +123,7 @@ def classify_with_ray(paths, model, *, output, fmt="csv", errors=None, resume=Fa
                       num_workers=None, num_gpus_per_worker=0.0, batch_size=256, topk=5, follow_symlinks=False,
                       device="auto", max_pixels=DEFAULT_MAX_PIXELS, rows_per_part=100_000,
                       on_progress=None) -> RaySummary:
-    """Classify `paths` (files, folders, s3:// gs:// file:// prefixes) and the lines of
+    """Classify `paths` (files, folders, s3:// gs:// file:// prefixes: a list, or one alone) and the lines of
     `manifest` on Ray Data; write predictions to `output` (a CSV/JSONL file, '-', or a
     Parquet folder: see output_format) and the files not classified to `errors`.
 
@@ -137,6 +138,8 @@ def classify_with_ray(paths, model, *, output, fmt="csv", errors=None, resume=Fa
     """
     ray = import_ray()
     t0 = time.perf_counter()
+    paths = path_list(paths)
+    output, errors, manifest = (None if p is None else os.fsdecode(p) for p in (output, errors, manifest))
     fmt = output_format(output, fmt)
     if fmt not in FORMATS:
         raise RayEngineError(f"unknown output format {fmt!r}; known: {', '.join(FORMATS)}")
@@ -210,7 +213,7 @@ def _output_lock(output):
 def _found(paths, manifest, follow_symlinks, summary):
     """Found items in output order: local paths and file:// folders (one walk, Discovery's
     order), s3:// and gs:// prefixes (sorted), manifest lines."""
-    paths = list(dict.fromkeys(map(os.fspath, paths)))
+    paths = list(dict.fromkeys(paths))
     local = [p for p in paths if not is_uri(p)]
     spelt = {}
     for uri in (p for p in paths if is_uri(p) and URI.match(p).group(1).lower() == "file"):
@@ -218,7 +221,7 @@ def _found(paths, manifest, follow_symlinks, summary):
         if isinstance(root, Found):
             yield root
         elif root not in local and root not in spelt:  # given twice: one walk, the plain spelling first
-            spelt[root] = "file://"
+            spelt[root] = file_uri
     if local or spelt:
         discovery = Discovery([*local, *spelt], follow_symlinks=follow_symlinks, spelt=spelt)
         yield from discovery
@@ -232,15 +235,33 @@ def _found(paths, manifest, follow_symlinks, summary):
 def _file_uri_path(uri: str):
     """The local path of a file:// URI, walked by Discovery as a local path is (the same skips:
     symlinks not followed, loops, special files; pyarrow's listing left dangling and looping
-    symlinks out without a row, and failed on a name that is not UTF-8); its rows keep the
-    file:// spelling (the actors read them through pyarrow). A Found skip when pyarrow cannot
-    take the URI."""
-    import pyarrow.fs as pafs
-
+    symlinks out without a row, and failed on a name that is not UTF-8); its rows are file://
+    URIs too (file_uri). A Found skip when the URI names no file of this machine."""
     try:
-        return pafs.FileSystem.from_uri(uri)[1]
-    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        return file_uri_local_path(uri)
+    except ValueError as e:
         return Found(uri, f"cannot list: {first_line(e)}")
+
+
+def file_uri(path: str) -> str:
+    """The file:// URI of a local absolute path, every byte outside [A-Za-z0-9_.~/-] percent-
+    escaped: a name with a space, %, # or ? (or one that is not UTF-8) is one file, read back
+    as itself by file_uri_local_path."""
+    from urllib.parse import quote
+
+    return "file://" + quote(os.fsencode(path))
+
+
+def file_uri_local_path(uri: str) -> str:
+    """The local path a file:// URI names (file:///path or file://localhost/path), its percent-
+    escapes decoded to bytes (names need not be UTF-8). ValueError for another host."""
+    from urllib.parse import unquote_to_bytes
+
+    host, _, path = uri.split("://", 1)[1].partition("/")
+    if host not in ("", "localhost"):
+        raise ValueError(f"{uri} names a file of host {host!r}: a file:// URI names a file of every node, "
+                         f"file:///path")
+    return os.fsdecode(unquote_to_bytes(os.fsencode("/" + path)))
 
 
 def _list_uri(uri: str, summary):
@@ -472,11 +493,19 @@ def _decode_rows(batch, *, spec, max_pixels, cwd, filesystems=None):
     n = len(names)
     images = np.zeros((n, 3, h, w), dtype=np.uint8)
     stage, message = [""] * n, [""] * n
-    local = [i for i, name in enumerate(names) if not is_uri(name)]
-    if local:
-        where = {}  # location -> rows naming it; workers' cwd is not the driver's
-        for i in local:
-            where.setdefault(os.path.join(cwd, names[i]), []).append(i)
+    where = {}  # location -> rows naming it; workers' cwd is not the driver's
+    remote = []
+    for i, name in enumerate(names):
+        if not is_uri(name):
+            where.setdefault(os.path.join(cwd, name), []).append(i)
+        elif URI.match(name).group(1).lower() == "file":
+            try:
+                where.setdefault(file_uri_local_path(name), []).append(i)
+            except ValueError as e:
+                stage[i], message[i] = "open", f"cannot read: {first_line(e)}"
+        else:
+            remote.append(i)
+    if where:
         decoded, ok, failed, notes = decode_images(list(where), spec, max_pixels)
         for image, p in zip(decoded, ok):
             images[where[p]] = image
@@ -487,11 +516,9 @@ def _decode_rows(batch, *, spec, max_pixels, cwd, filesystems=None):
             for i in where[p]:
                 message[i] = note
     filesystems = {} if filesystems is None else filesystems
-    for i, name in enumerate(names):
-        if not is_uri(name):
-            continue
+    for i in remote:
         try:
-            data = _read_uri(name, filesystems)
+            data = _read_uri(names[i], filesystems)
         except (OSError, ValueError) as e:
             stage[i], message[i] = "open", f"cannot read: {first_line(e)}"
             continue
@@ -506,17 +533,16 @@ def _decode_rows(batch, *, spec, max_pixels, cwd, filesystems=None):
 
 
 def _read_uri(uri: str, filesystems: dict) -> bytes:
-    """The bytes of one object; one pyarrow filesystem per scheme and bucket per actor (an S3
+    """The bytes of one s3:// or gs:// object, its key as listed (never URI-decoded: a key may
+    hold a space, % or #); one pyarrow filesystem per scheme and bucket per actor (an S3
     client is costly to make)."""
     import pyarrow.fs as pafs
 
     scheme, rest = uri.split("://", 1)
     key = (scheme.lower(), rest.split("/", 1)[0])
     if key not in filesystems:
-        filesystems[key] = pafs.FileSystem.from_uri(uri)[0]
-    fs = filesystems[key]
-    path = pafs.FileSystem.from_uri(uri)[1] if scheme.lower() == "file" else rest
-    with fs.open_input_stream(path) as f:
+        filesystems[key] = pafs.FileSystem.from_uri(f"{key[0]}://{key[1]}")[0]
+    with filesystems[key].open_input_stream(rest) as f:
         return f.readall()
 
 
