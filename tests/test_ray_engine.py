@@ -20,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from cnnx.cli import cli
+from cnnx.runtime.contract import cuda_driver_present
 from tests._ray_util import actor_pids, make_mixed_folder, read_errors, read_predictions
 from tests._runtime_util import exported_model
 
@@ -363,6 +364,18 @@ def test_file_uri_rows_read_each_file_as_itself_whatever_its_name(ray_session, f
     assert summary.classified == len(expect) and not (tmp_path / "named.errors.csv").exists()
     assert sorted(p for p, _, _ in got) == sorted(expect)
     assert_same_predictions(got, [(p, *expect[p]) for p, _, _ in got])
+
+
+@pytest.mark.skipif(cuda_driver_present(), reason="an NVIDIA driver: the actors may open the model on CUDA")
+def test_actors_that_cannot_open_the_model_end_the_run_with_their_reason(ray_session, folder, model, tmp_path):
+    """On a running cluster (no check before Ray starts) every actor failed in __init__ and the run
+    ended with Ray's traceback and "the Ray run failed: SystemException: SystemException": the reason
+    (no usable NVIDIA driver) was only inside that traceback. It is the one line now, no row written."""
+    out = tmp_path / "cuda.csv"
+    with pytest.raises(RayEngineError) as e:
+        classify_with_ray([str(folder)], str(model), output=str(out), num_workers=1, device="cuda")
+    assert "cannot classify: --device cuda: " in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert not out.exists() or read_predictions(out) == []
 
 
 def test_parquet_keeps_each_name_exactly_and_resumes_on_it(ray_session, folder, model, tmp_path):

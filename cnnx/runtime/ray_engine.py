@@ -41,7 +41,7 @@ import numpy as np
 from cnnx.runtime.api import Classifier, path_list
 from cnnx.runtime.discover import URI, Discovery, Found, PathKeys, is_uri
 from cnnx.runtime.files import TEMP_PREFIX, atomic_file, escaped_name, first_line, os_error_line, remove_stale_temps
-from cnnx.runtime.model import softmax_topk
+from cnnx.runtime.model import ModelError, softmax_topk
 from cnnx.runtime.output import (ErrorsWriter, OutputBusy, OutputLock, PredictionWriter, ResumeError, WriteError,
                                  check_resume, csv_header, read_done, read_run_record, run_record_path,
                                  summary_counts, write_run_record)
@@ -51,6 +51,7 @@ from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS
 FORMATS = ("csv", "jsonl", "parquet")
 URI_SCHEMES = ("s3", "gs", "file")  # listed and read through pyarrow.fs
 PART_PREFIX = "part-"
+CANNOT_CLASSIFY = "cannot classify"  # the stage of an actor's rows that could not open the model
 CONNECT_TIMEOUT_S = 10.0  # an unreachable --address fails within this, not after Ray's own retries
 INSTALL_HINT = "pip install 'cnnx[ray]'"
 
@@ -473,10 +474,16 @@ def _data_context():
 
 
 def _blocks(ray, dataset):
-    """Result blocks in order; a failed run becomes one RayEngineError line (its root cause)."""
+    """Result blocks in order; a failed run becomes one RayEngineError line (its root cause, or
+    why an actor cannot classify)."""
     try:
         for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            yield _block_columns(table)
+            block = _block_columns(table)
+            failed = np.flatnonzero(block["stage"] == CANNOT_CLASSIFY)
+            if len(failed):
+                raise RayEngineError(f"a Ray worker (node {block['node'][failed[0]][:12]}) cannot classify: "
+                                     f"{block['message'][failed[0]]}")
+            yield block
     except ray.exceptions.RayError as e:
         cause = e
         while cause.__cause__ is not None:
@@ -553,23 +560,38 @@ class _ClassifyActor:
     def __init__(self, model_ref, device, topk, batch_size, max_pixels, decode_args):
         import ray
 
-        folder = tempfile.mkdtemp(prefix="cnnx-ray-model-")
-        path = os.path.join(folder, "model.onnx")
+        # Why this actor cannot classify (no usable GPU on its node, a full /tmp) goes back as its
+        # first batch's rows (stage CANNOT_CLASSIFY), which the driver ends the run with, in one
+        # line (_blocks): raised here, in __init__ or in a batch, it reaches the driver only as text
+        # inside Ray's traceback.
+        self.classifier, self.failure = None, None
         try:
-            with open(path, "wb") as f:
-                f.write(ray.get(model_ref[0]))
-            # One intra-op thread: a CPU actor holds one CPU, and the pool, not threads, uses the cores.
-            self.classifier = Classifier(path, device, threads=1, batch_size=batch_size, topk=topk,
-                                         max_pixels=max_pixels, decode="threads")
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            os.rmdir(folder)
+            folder = tempfile.mkdtemp(prefix="cnnx-ray-model-")
+            path = os.path.join(folder, "model.onnx")
+            try:
+                with open(path, "wb") as f:
+                    f.write(ray.get(model_ref[0]))
+                # One intra-op thread: a CPU actor holds one CPU, and the pool, not threads, uses the cores.
+                self.classifier = Classifier(path, device, threads=1, batch_size=batch_size, topk=topk,
+                                             max_pixels=max_pixels, decode="threads")
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                os.rmdir(folder)
+        except ModelError as e:
+            self.failure = first_line(e)
+        except OSError as e:
+            self.failure = f"cannot write the model to its temporary folder: {os_error_line(e)}"
         self.node = ray.get_runtime_context().get_node_id()
         self.decode_args = decode_args
         self.filesystems = {}
 
     def __call__(self, batch):
+        if self.failure is not None:
+            n = len(batch["path"])
+            rows = {"path": batch["path"], "stage": np.array([CANNOT_CLASSIFY] * n, dtype=object),
+                    "message": np.array([self.failure] * n, dtype=object)}
+            return _result_table(rows, np.zeros((n, 1), np.int64), np.zeros((n, 1)), "", self.node)
         rows = batch if "images" in batch else _decode_rows(batch, filesystems=self.filesystems, **self.decode_args)
         clf = self.classifier
         ok = np.flatnonzero(rows["stage"] == "")
