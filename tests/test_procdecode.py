@@ -199,6 +199,13 @@ def test_a_worker_killed_mid_run_is_one_error_not_a_hang(model, cifar_subset):
                                                    r"\(killed by signal 9\)"):
             for _row in rows:
                 pass
+        # "run again": the same Classifier runs again, on new workers (it sent to the dead one and
+        # raised BrokenPipeError at every later call)
+        again = [r for r in clf.classify([cifar_subset(20)]) if isinstance(r, Prediction)]
+        assert len(again) == 200 and victim not in clf.decode_pool.procs
+        os.kill(clf.decode_pool.procs[1].pid, signal.SIGKILL)  # ended between two calls
+        clf.decode_pool.procs[1].join(5)
+        assert len([r for r in clf.classify([cifar_subset(20)]) if isinstance(r, Prediction)]) == 200
     assert not segments(os.getpid())
 
 

@@ -160,7 +160,11 @@ class Classifier:
         decode. Under auto, processes that cannot start mean threads (the same rows): e.g. a
         process whose user changed since multiprocessing's forkserver started (its socket is
         the old user's; its workers would read files as that user), or one that may no longer
-        run Python's executable."""
+        run Python's executable. A pool one of whose workers ended (DecodeWorkerDied in an
+        earlier call) is replaced: each call that says "run again" can be run again."""
+        if self.decode_pool is not None and self.decode_pool.broken:
+            self.decode_pool.close()
+            self.decode_pool, self._pool_wanted = None, True
         if self._pool_wanted and self.decode_pool is None:
             self._pool_wanted = False  # one try
             try:

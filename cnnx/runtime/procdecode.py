@@ -228,15 +228,24 @@ class DecodePool:
                                          size=max(1, slots * config.batch_size * image_bytes(spec)))
         try:
             images = np.ndarray(shape, dtype=np.uint8, buffer=shm.buf)
-            for conn in self.conns:
-                conn.send(("attach", self.runs, shm.name, shape, spec, config.max_pixels,
-                           None if model is None else _wanted(model)))
+            for proc, conn in zip(self.procs, self.conns):
+                try:
+                    conn.send(("attach", self.runs, shm.name, shape, spec, config.max_pixels,
+                               None if model is None else _wanted(model)))
+                except OSError:  # it ended since the last run (the OOM killer)
+                    raise DecodeWorkerDied(f"decode worker process {proc.pid} ended before this run; run "
+                                           "again") from None
             yield from _Run(self, images, config, slots, model, lend).batches(item_batches)
         finally:
             images = None
             shm.close()
             shm.unlink()
             self.busy = False
+
+    @property
+    def broken(self) -> bool:
+        """A worker has ended (killed, out of memory): no run can finish on this pool."""
+        return any(not proc.is_alive() for proc in self.procs)
 
     def close(self):
         """Stop the workers (those that do not stop in time are killed)."""
