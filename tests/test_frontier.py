@@ -316,6 +316,14 @@ def test_frozen_parameters_stay_frozen_through_an_epoch(cifar_subset, tmp_path):
     bn_weights = [v for k, v in sd.items() if k.endswith(".weight") and v.ndim == 1]
     assert bn_weights and all(torch.equal(w, torch.ones_like(w)) for w in bn_weights)
 
+    # fit() into the same folder again (not a resume) replaced this run's best.pt and metrics
+    from cnnx.train.run import RunFolderError
+
+    before = (tmp_path / "run" / "best.pt").read_bytes()
+    with pytest.raises(RunFolderError, match="already holds last.pt"):
+        fit(cfg, tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "best.pt").read_bytes() == before
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the GPU recipe's compiled path)")
 def test_gpu_recipe_trains_compiled_on_cuda(cifar_subset, tmp_path):

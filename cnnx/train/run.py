@@ -355,6 +355,11 @@ def fit(cfg: TrainConfig, run_dir, *, resume: dict | None = None, stop_after: in
     last checkpoint (unwritten_end): write that, train nothing."""
     d = loop.dist_from_env()
     device = loop.resolve_device(cfg.device, d)
+    if resume is None and d.main:  # a caller that did not reserve the folder: never another run's checkpoints
+        taken = [n for n in ("last.pt", "best.pt") if (Path(run_dir) / n).exists()]
+        if taken:
+            raise RunFolderError(f"run folder {run_dir} already holds {taken[0]} of another run; choose another "
+                                 f"folder (or resume that run)")
     with _process_group(d, device), _gpu_memory_as_one_line(cfg, device):
         run = setup(cfg, Path(run_dir), d, device, progress, resume)
         state = start_state(run, resume)
