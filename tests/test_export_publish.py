@@ -199,3 +199,19 @@ def test_swap_by_renames_where_the_filesystem_cannot_exchange(tmp_path):
     _swap_by_renames(staging, out)
     assert sorted(os.listdir(out)) == ["model.pt2"] and (out / "model.pt2").read_bytes() == b"new"
     assert sorted(os.listdir(tmp_path)) == ["export"]
+
+
+def test_a_full_temporary_folder_is_named_not_the_output_disk(two_ckpts, small_disk, tmp_path, cifar_subset,
+                                                             monkeypatch):
+    """int8 quantisation writes its calibration model in the temporary folder: that disk full was
+    reported as "No space left on device in <the output's folder>", a disk with room to spare."""
+    import tempfile
+
+    st = os.statvfs(small_disk)
+    with open(small_disk / "filler", "wb") as f:
+        f.write(b"\0" * (st.f_bavail * st.f_frsize))
+    monkeypatch.setattr(tempfile, "tempdir", str(small_disk))
+    out = tmp_path / "out"
+    _one_line_error(["export", str(two_ckpts[1]), "--int8", "--verify-data", str(cifar_subset(2)), "--out", str(out)],
+                    f"int8 quantisation failed: No space left on device in the temporary folder {small_disk}")
+    assert not out.exists()

@@ -217,8 +217,15 @@ def _failure_line(label: str, error: Exception, folder: Path) -> str:
         low = shutil.disk_usage(folder).free < LOW_SPACE
     except OSError:
         low = False
-    if is_disk_full(error) or low:
+    if low:
         return f"{label} failed: No space left on device in {folder.parent} (free some space and export again)"
+    if is_disk_full(error):  # not the output's disk: the file it names, or a temporary one (int8's calibration)
+        import tempfile
+
+        named = os.path.dirname(os.path.abspath(os.fsdecode(error.filename))) if error.filename else None
+        where = (f"the temporary folder {tempfile.gettempdir()} ($TMPDIR)" if named is None
+                 else folder.parent if Path(named).is_relative_to(folder) else named)  # the staging folder: its place
+        return f"{label} failed: No space left on device in {where} (free some space and export again)"
     root = error
     for _ in range(16):  # torch's exporter wraps the reason (a missing op) in generic errors
         if root.__cause__ is None:
