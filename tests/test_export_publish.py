@@ -215,3 +215,39 @@ def test_a_full_temporary_folder_is_named_not_the_output_disk(two_ckpts, small_d
     _one_line_error(["export", str(two_ckpts[1]), "--int8", "--verify-data", str(cifar_subset(2)), "--out", str(out)],
                     f"int8 quantisation failed: No space left on device in the temporary folder {small_disk}")
     assert not out.exists()
+
+
+def test_a_replaced_folder_keeps_its_mode_owner_and_group(two_ckpts, tmp_path):
+    """Each export swaps in a new folder: a folder kept private (700) came back 755, a team's
+    group folder (nobody:nogroup, setgid) came back the exporting user's."""
+    import grp
+    import pwd
+    import stat
+
+    a, b = two_ckpts
+    out = tmp_path / "deploy"
+    export_checkpoint(a, out, ("torchscript",), **FAST)
+    os.chmod(out, 0o700)
+    export_checkpoint(b, out, ("torchscript",), **FAST)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700 and _snapshot(out)["parity.json"]
+    if os.geteuid() != 0:
+        return
+    uid, gid = pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid
+    os.chown(out, uid, gid)
+    os.chmod(out, 0o2770)
+    export_checkpoint(a, out, ("torchscript",), **FAST)
+    st = out.stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o2770, uid, gid)
+    assert {p.stat().st_gid for p in out.iterdir()} == {gid}  # what setgid would have given new files
+    assert json.loads((out / "parity.json").read_text())["checkpoint_sha256"] == _sha(a)
+
+
+def test_a_mount_point_out_is_refused_before_the_export_not_after(two_ckpts, tmp_path):
+    """The swap renames a folder into the output's place, which a mount point cannot take (EBUSY):
+    the export and its gate ran, then "cannot publish". It is refused first, with a way out."""
+    with mounted_tmpfs(tmp_path / "volume", "16m") as volume:
+        line = _one_line_error(["export", str(two_ckpts[0]), "--format", "torchscript", "--out", str(volume)],
+                               "is a mount point", f"--out {volume / 'export'}")
+        assert "parity" not in line and os.listdir(volume) == []
+        export_checkpoint(two_ckpts[0], volume / "export", ("torchscript",), **FAST)
+        assert sorted(os.listdir(volume / "export")) == ["model.torchscript.pt", "parity.json"]

@@ -12,6 +12,9 @@ the next export can remove it when its process died), then swapped in:
   hidden `.cnnx-export-old-<pid>-*` folder, which is never removed automatically (never a
   mix, and nothing lost).
 
+The new folder takes the replaced one's mode, owner and group (as far as this user may set
+them). A mount point cannot be renamed over: it is refused before the export's work.
+
 An existing output folder is replaced only when everything in it is a file an export
 writes (cnnx.export.writers.EXPORT_FILES): the swap moves the whole folder, so a folder
 holding anything else (a user's notes, a run's best.pt) is refused instead, and cnnx never
@@ -21,10 +24,12 @@ bring back the mixed folder a kill can leave, so it is not offered.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -54,6 +59,10 @@ def resolve_out_dir(out_dir, export_files) -> Path:
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             raise ExportError(f"output folder {out_dir} holds files cnnx export did not write ({shown}); an export "
                               "replaces its whole folder: choose a new or empty folder, or a previous export's")
+        if os.path.ismount(out_dir):  # before the export's work: the swap's rename would fail after it
+            raise ExportError(f"output folder {out_dir} is a mount point, which an export cannot replace whole (it is "
+                              f"built beside it, then renamed into its place): export to a folder inside it, "
+                              f"e.g. --out {out_dir / 'export'}")
     return out_dir
 
 
@@ -127,18 +136,34 @@ def _swap_by_renames(staging: Path, out_dir: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def _keep_attributes(old: Path, new: Path) -> None:
+    """The replaced folder's mode, owner and group on its replacement (a folder kept private, a
+    team's group folder; its group on the files too where the folder passes it on: setgid), as
+    far as this user may set them."""
+    st = old.stat()
+    with contextlib.suppress(PermissionError):  # another owner: as root only
+        os.chown(new, st.st_uid, -1)
+    for path in [new, *new.iterdir()] if st.st_mode & stat.S_ISGID else [new]:
+        with contextlib.suppress(PermissionError):  # a group this user is not in
+            os.chown(path, -1, st.st_gid)
+    os.chmod(new, stat.S_IMODE(st.st_mode))  # after chown, which clears the setgid bit
+
+
 def publish(staging: Path, out_dir: Path, export_files) -> None:
-    """Swap the complete export in `staging` in as `out_dir` (see the module doc). On return
-    `staging` is gone; on an exception out_dir is the previous export, untouched."""
+    """Swap the complete export in `staging` in as `out_dir` (see the module doc), with the
+    previous folder's mode, owner and group. On return `staging` is gone; on an exception
+    out_dir is the previous export, untouched."""
     resolve_out_dir(out_dir, export_files)  # again: the folder may have changed while exporting
     try:
         _sync_tree(staging)
         if not out_dir.exists():
             os.rename(staging, out_dir)
-        elif _exchange(staging, out_dir):
-            shutil.rmtree(staging, ignore_errors=True)  # now the previous export
         else:
-            _swap_by_renames(staging, out_dir)
+            _keep_attributes(out_dir, staging)
+            if _exchange(staging, out_dir):
+                shutil.rmtree(staging, ignore_errors=True)  # now the previous export
+            else:
+                _swap_by_renames(staging, out_dir)
         fsync_dir(out_dir.parent)
     except OSError as e:
         raise ExportError(f"cannot publish the export: {os_error_line(e)}") from None
