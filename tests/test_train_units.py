@@ -190,3 +190,34 @@ def test_a_killed_decode_worker_of_a_disk_cache_is_not_blamed_on_the_decoded_ima
     assert "the decoded images alone need 0.14 GiB" in to_memory and "--cache disk" in to_memory
     to_file = _worker_death(proc, 1000, spec, to_file=True)
     assert "killed by SIGKILL" in to_file and "GiB" not in to_file and "lower --workers" in to_file
+
+
+def test_a_damaged_byte_in_a_checkpoint_is_unreadable_never_another_error(tmp_path):
+    """One changed byte in a checkpoint's data.pkl (a disk or copy fault) made the weights-only
+    unpickler raise TypeError or AttributeError, which every command printed as a traceback.
+    Each damaged copy here (the tensor records at the end of the pickle, two byte values)
+    loads or is UnreadableTorchFile, the one line the commands print."""
+    import io
+    import zipfile
+
+    from cnnx.train.checkpoint import UnreadableTorchFile, load_tensors
+    from tests._export_util import make_checkpoint
+
+    with zipfile.ZipFile(make_checkpoint(tmp_path / "best.pt", "seed-cnn", ["a", "b", "c"])) as z:
+        members = {name: z.read(name) for name in z.namelist()}
+    pkl = next(n for n in members if n.endswith("data.pkl"))
+    refused = 0
+    for offset in range(len(members[pkl]) - 160, len(members[pkl])):
+        for value in (32, 129):
+            data = bytearray(members[pkl])
+            data[offset] = value
+            buf = io.BytesIO()
+            with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as w:
+                for name, content in members.items():
+                    w.writestr(name, bytes(data) if name == pkl else content)
+            buf.seek(0)
+            try:
+                load_tensors(buf)
+            except UnreadableTorchFile:
+                refused += 1
+    assert refused > 20

@@ -187,6 +187,9 @@ def load_tensors(f, map_location="cpu"):
         raise UnreadableTorchFile("truncated or not a torch file") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
         raise UnreadableTorchFile(f"truncated or not a torch file: {first_line(e, 200)}") from None
+    except (TypeError, AttributeError, AssertionError) as e:  # a damaged byte in data.pkl (the unpickler's own checks)
+        raise UnreadableTorchFile(f"damaged (its pickled data cannot be read: {type(e).__name__}: "
+                                  f"{first_line(e, 120)})") from None
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
