@@ -134,6 +134,34 @@ def test_training_report_holds_curves_tables_matrix_and_capped_galleries(val, tm
     assert html.escape(CLASSES[preds.probs[worst].argmax()]) in first_caption
 
 
+def test_chart_ticks_tell_values_apart_and_long_times_are_whole_seconds(val, tmp_path):
+    """A plateaued loss labelled every tick "2.3"; a loss of 6e12 wrote "8,000,000,000,000", wider
+    than the chart's margin; 21,600 s of training read "2.16e+04 s"."""
+    from cnnx.report.svg import LEFT
+
+    preds, confusion = val
+    history = history_rows(3, len(CLASSES))
+    for row, loss in zip(history, (2.3021, 2.3018, 2.3016)):
+        row["train_loss"], row["val_loss"], row["seconds"] = loss, loss + 2e-4, 10_800.0
+    history[-1]["train_seconds_total"] = 21_600.0
+    out = tmp_path / "r.html"
+    write_training_report(out, title="t", config={}, history=history, class_names=CLASSES, confusion=confusion,
+                          val=preds)
+    text = out.read_text(encoding="utf-8")
+    loss_chart = next(c for c in text.split('<svg class="chart"')[1:] if "loss" in c.split("</title>")[0])
+    ticks = re.findall(rf'<text x="{LEFT - 6}" y="[^"]*" text-anchor="end">([^<]*)</text>', loss_chart)
+    assert len(ticks) >= 3 and len(set(ticks)) == len(ticks), ticks
+    assert "21,600 s" in text and "10,800" in text and "e+04" not in text
+
+    history[0]["train_loss"] = 6e12
+    write_training_report(out, title="t", config={}, history=history, class_names=CLASSES, confusion=confusion,
+                          val=preds)
+    loss_chart = next(c for c in out.read_text(encoding="utf-8").split('<svg class="chart"')[1:]
+                      if "loss" in c.split("</title>")[0])
+    ticks = re.findall(rf'<text x="{LEFT - 6}" y="[^"]*" text-anchor="end">([^<]*)</text>', loss_chart)
+    assert ticks and max(map(len, ticks)) * 7 < LEFT, ticks  # about 7 SVG units a character at the page's size
+
+
 def test_hostile_class_and_file_names_are_text_not_markup(val, tmp_path):
     preds, confusion = val
     out = tmp_path / "report.html"

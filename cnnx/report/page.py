@@ -135,6 +135,8 @@ def fmt_num(v, digits: int = 4) -> str:
     v = float(v)
     if math.isnan(v):
         return "nan"
+    if 10 ** digits <= abs(v) < 1e15:  # whole units, not an exponent: 21,600 s, not 2.16e+04
+        return f"{v:,.0f}"
     return f"{v:.{digits}g}"
 
 

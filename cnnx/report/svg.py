@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from cnnx.report.page import esc, fmt_num
+from cnnx.report.page import esc
 
 WIDTH, HEIGHT = 520, 250
 LEFT, RIGHT, TOP, BOTTOM = 52, 12, 30, 36  # plot margins in SVG units
@@ -21,11 +21,22 @@ def nice_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
     first = math.floor(lo / step) * step
     ticks, v = [], first
     while v <= hi + step * 1e-9:
-        ticks.append(round(v, 12))
+        ticks.append(round(float(v), 12))  # float: 10 ** k is an int, which fmt_num writes out in full
         v += step
     if ticks[-1] < hi:
         ticks.append(round(ticks[-1] + step, 12))
     return ticks
+
+
+def tick_texts(ticks: list[float]) -> list[str]:
+    """The ticks' labels, with the fewest significant digits (3 or more) that tell every tick
+    apart: a plateaued loss has ticks 2.3, 2.3002, ..., not five labels "2.3". Exponents past
+    1e5 keep a label within the margin."""
+    for digits in range(3, 13):
+        texts = [f"{t:.{digits}g}" for t in ticks]
+        if len(set(texts)) == len(texts):
+            break
+    return texts
 
 
 def _finite(values) -> list[float]:
@@ -55,10 +66,10 @@ def line_chart(title: str, xs: list[int], series: list[tuple[str, list, str, boo
     parts = [f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{esc(title)}" '
              f'xmlns="http://www.w3.org/2000/svg"><title>{esc(title)}</title>',
              f'<text x="{LEFT}" y="16" style="font-weight:600;font-size:12px">{esc(title)}</text>']
-    for t in ticks_y:
+    for t, text in zip(ticks_y, tick_texts(ticks_y)):
         y = py(t)
         parts.append(f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e5e7eb"/>'
-                     f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{esc(fmt_num(t, 3))}</text>')
+                     f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{esc(text)}</text>')
     step_x = max(1, math.ceil((max(xs) - min(xs) + 1) / 10))
     for x in range(min(xs), max(xs) + 1, step_x):
         parts.append(f'<text x="{px(x):.1f}" y="{HEIGHT - BOTTOM + 15}" text-anchor="middle">{x}</text>')
