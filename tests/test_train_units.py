@@ -221,3 +221,36 @@ def test_a_damaged_byte_in_a_checkpoint_is_unreadable_never_another_error(tmp_pa
             except UnreadableTorchFile:
                 refused += 1
     assert refused > 20
+
+
+def _png_size(path) -> tuple:
+    import struct
+
+    return struct.unpack(">II", path.read_bytes()[16:24])
+
+
+def test_plots_of_many_long_or_unprintable_class_names_stay_small_and_quiet(tmp_path):
+    """A figure sized to name every class grew with the classes squared: 1,000 classes asked for a
+    60,700 x 55,000 px canvas and ended the run in MemoryError; a 216-character name left the
+    matrix a corner of a 2,287 px wide margin; a name in a script the font lacks printed two
+    warning lines a glyph on the run's stderr."""
+    import warnings
+
+    import numpy as np
+
+    from cnnx.train import plots
+
+    names = ["日本語クラス", "a" * 216, "cat"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        plots.plot_confusion(np.eye(3, dtype=int) * 4, names, tmp_path / "c3.png")
+        plots.plot_per_class(names, [0.5, 0.6, 0.7], [0.4, 0.5, 0.6], tmp_path / "p3.png")
+    assert max(_png_size(tmp_path / "c3.png")) < 900 and max(_png_size(tmp_path / "p3.png")) < 900
+
+    n = 1000
+    names = [f"class {i}" for i in range(n)]
+    plots.plot_confusion(np.eye(n, dtype=int) * 3, names, tmp_path / "c.png")
+    plots.plot_per_class(names, None, np.full(n, 0.5), tmp_path / "p.png")
+    for png in ("c.png", "p.png"):
+        w, h = _png_size(tmp_path / png)
+        assert w * h < 3_000_000, (png, w, h)

@@ -3,9 +3,16 @@ and a confusion matrix. Matplotlib's Agg backend, so no display is needed."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from cnnx.runtime.files import atomic_file
+
+# Above this many classes a plot names no class on its axes (the labels would overlap, and a
+# figure sized to hold them grows with the classes squared: 13 GB of pixels at 1,000 classes);
+# the report's tables name them. The same bound as the HTML page's confusion matrix.
+MAX_LABELLED_CLASSES = 100
+MAX_LABEL_CHARS = 30  # a longer class name is cut (with an ellipsis), not the plot squeezed beside it
 
 
 def _plt():
@@ -18,13 +25,20 @@ def _plt():
 
 
 def _save(fig, path: Path):
-    """Atomic like every other file of a run: a half-written PNG never replaces a good one."""
+    """Atomic like every other file of a run: a half-written PNG never replaces a good one.
+    Matplotlib's warnings (a class name's glyphs missing from its font, drawn as boxes) are not
+    the user's to read on a training run's stderr."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path, "wb") as f:
+    with atomic_file(path, "wb") as f, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # matplotlib's warn_external names this module as their origin
         fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
 
 
-def plot_curves(history: list, folder) -> list:
+def _labels(class_names) -> list:
+    return [c if len(c) <= MAX_LABEL_CHARS else c[:MAX_LABEL_CHARS - 1] + "\u2026" for c in class_names]
+
+
+def plot_curves(history: list, folder, label_smoothing: float = 0.0) -> list:
     """top1.png, loss.png, top5.png from the per-epoch history rows."""
     plt = _plt()
     folder = Path(folder)
@@ -36,7 +50,9 @@ def plot_curves(history: list, folder) -> list:
         ax.plot(epochs, [r[f"val_{key}"] for r in history], "o-", label="val")
         ax.set_xlabel("epoch")
         ax.set_ylabel(title)
-        ax.set_title(title + (" (train loss includes label smoothing)" if key == "loss" else ""), fontsize=9)
+        smoothed = key == "loss" and label_smoothing > 0
+        ax.set_title(title + (f" (train loss includes label smoothing {label_smoothing:g})" if smoothed else ""),
+                     fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend()
         _save(fig, folder / f"{key}.png")
@@ -49,15 +65,19 @@ def plot_per_class(class_names, train_top1, val_top1, path, title="per-class top
     plt = _plt()
     import numpy as np
 
-    x = np.arange(len(class_names))
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(class_names) + 2), 4))
+    n = len(class_names)
+    x = np.arange(n)
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * n + 2) if n <= MAX_LABELLED_CLASSES else 16, 4))
     if train_top1 is not None:
         ax.bar(x - 0.2, train_top1, width=0.4, label="train")
         ax.bar(x + 0.2, val_top1, width=0.4, label="val")
         ax.legend()
     else:
         ax.bar(x, val_top1, width=0.6)
-    ax.set_xticks(x, class_names, rotation=45, ha="right")
+    if n <= MAX_LABELLED_CLASSES:
+        ax.set_xticks(x, _labels(class_names), rotation=45, ha="right")
+    else:
+        ax.set_xlabel(f"{n} classes, in the order of per_class.csv")
     ax.set_ylim(0, 1)
     ax.set_ylabel("top-1")
     ax.set_title(title)
@@ -74,17 +94,22 @@ def plot_confusion(confusion, class_names, path, title="confusion matrix"):
     cm = np.asarray(confusion, dtype=np.int64)
     share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     n = len(class_names)
-    fig, ax = plt.subplots(figsize=(max(5, 0.55 * n + 2), max(4, 0.5 * n + 1.5)))
+    fig, ax = plt.subplots(figsize=(max(5, 0.55 * n + 2), max(4, 0.5 * n + 1.5)) if n <= MAX_LABELLED_CLASSES
+                           else (10, 9))
     ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     if n <= 30:
         for i in range(n):
             for j in range(n):
                 ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
                         color="white" if share[i, j] > 0.5 else "black")
-    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(n), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    if n <= MAX_LABELLED_CLASSES:
+        ax.set_xticks(range(n), _labels(class_names), rotation=45, ha="right")
+        ax.set_yticks(range(n), _labels(class_names))
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+    else:  # a heat map of the row shares; the report lists the most confused pairs by name
+        ax.set_xlabel(f"predicted ({n} classes, in the order of per_class.csv)")
+        ax.set_ylabel("true")
     ax.set_title(title)
     _save(fig, Path(path))
     plt.close(fig)

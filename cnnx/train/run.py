@@ -942,7 +942,7 @@ def _write_plots(run: Run, state: State, summary: dict):
 
     t = time.perf_counter()
     folder = run.run_dir / "plots"
-    plots.plot_curves(state.history, folder)
+    plots.plot_curves(state.history, folder, run.cfg.label_smoothing)
     best_row = next(r for r in state.history if r["epoch"] == state.best_epoch)
     plots.plot_per_class(run.class_names, best_row["train_per_class"], best_row["val_per_class"],
                          folder / "per_class.png", title=f"per-class top-1 (epoch {state.best_epoch})")
