@@ -160,6 +160,24 @@ def test_evaluate_page_without_history(browser, val, tmp_path):
         page.close()
 
 
+def test_a_long_class_name_wraps_and_leaves_the_numbers_on_screen(browser, val, tmp_path):
+    """A 216-letter class name without a space made its column 1,665 px wide: every number of the
+    per-class table lay beyond a 1280 px window."""
+    preds, confusion = val
+    names = [c if i != 4 else "verylongclassname_" * 12 for i, c in enumerate(CLASSES)]
+    out = tmp_path / "long.html"
+    write_training_report(out, title="long", config=training_config("/d", names), history=history_rows(2, len(names)),
+                          class_names=names, confusion=confusion, val=preds)
+    page = browser.open(out, width=1280, height=900)
+    try:
+        assert_clean_load(page, out)
+        rights = page.eval("Array.from(document.querySelectorAll('#per-class-table th'))"
+                           ".map(t => t.getBoundingClientRect().right)")
+        assert len(rights) >= 4 and max(rights) <= 1280, rights
+    finally:
+        page.close()
+
+
 def test_classify_page_loads_clean_with_grids_placeholders_and_hostile_names_as_text(browser, classify_page,
                                                                                       tmp_path):
     path, made = classify_page

@@ -76,7 +76,7 @@ table { border-collapse: collapse; font-size: .9em; }
 th, td { border: 1px solid var(--line); padding: 3px 7px; text-align: left; vertical-align: top; }
 th { background: var(--bg2); }
 td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
-td.wrap { overflow-wrap: anywhere; min-width: 12em; }
+table.sortable td:not(.n) { overflow-wrap: anywhere; min-width: 6em; max-width: 24em; }  /* a 200-letter class name wraps */
 th.sorter { cursor: pointer; user-select: none; }
 th[aria-sort=ascending]::after { content: " \\25B2"; }
 th[aria-sort=descending]::after { content: " \\25BC"; }
