@@ -185,6 +185,9 @@ def test_evaluate_report_without_history_has_no_curves(val, tmp_path):
     assert '<svg class="chart"' not in text and 'id="curves"' not in text
     assert 'id="confusion-matrix"' in text and 'id="gallery-mistakes"' in text
     assert_self_contained(out)
+    # the figures are on the evaluated folder, not the run's validation split its config names
+    assert "val top-1" not in text and "val images" not in text and "Validation images" not in text
+    assert "The checkpoint&#x27;s training run" in text and "<h3>Its data</h3>" in text
 
 
 def test_training_report_without_val_predictions_says_so(val, tmp_path):
@@ -193,7 +196,7 @@ def test_training_report_without_val_predictions_says_so(val, tmp_path):
     write_training_report(out, title="t", config={}, history=history_rows(1, len(CLASSES)), class_names=CLASSES,
                           confusion=confusion, val=None)
     text = out.read_text(encoding="utf-8")
-    assert "no validation predictions were given" in text and "<img" not in text
+    assert "no predictions were given" in text and "<img" not in text
 
 
 def test_a_failed_report_leaves_the_previous_one_whole_and_no_temp_file(val, tmp_path):

@@ -55,13 +55,17 @@ def render_training_report(*, title, config, history, class_names, confusion, va
         got = "ragged rows" if cm is None else "x".join(map(str, cm.shape))
         raise ValueError(f"confusion must be {nc}x{nc} for {nc} classes, got {got}")
     best = _best_row(history, summary)
-    sections = [("overview", "Overview", _overview(cm, history, best, summary))]
+    # An evaluation (no history) is on the folder it was given, not the run's validation split:
+    # its figures are not called "val", and the run's config is the checkpoint's past, not this data.
+    split = "val " if history else ""
+    sections = [("overview", "Overview", _overview(cm, history, best, summary, split))]
     if history:
         sections.append(("curves", "Curves", _curves(history, best)))
-    sections.append(("per-class", "Per-class top-1", _per_class(cm, class_names, best)))
+    sections.append(("per-class", "Per-class top-1", _per_class(cm, class_names, best, split)))
     sections.append(("confusion", "Confusion matrix", _confusion(cm, class_names)))
-    sections.append(("mistakes", "Validation images", _galleries(val, class_names)))
-    sections.append(("config", "Data and config", _data_and_config(config)))
+    sections.append(("mistakes", "Validation images" if history else "Images", _galleries(val, class_names)))
+    sections.append(("config", "Data and config", _data_and_config(config)) if history else
+                    ("config", "The checkpoint's training run", _data_and_config(config, evaluation=True)))
     what = "training run" if history else "evaluation"
     checkpoint = f"epoch {best['epoch']}" if best else "the evaluated checkpoint"
     return page(title, sections, subtitle=f"{what}; confusion, per-class and galleries of {checkpoint}")
@@ -79,9 +83,9 @@ def _best_row(history, summary) -> dict | None:
     return max(history, key=lambda r: (r.get("val_top1", -1.0), -r.get("epoch", 0)))
 
 
-def _overview(cm, history, best, summary) -> str:
+def _overview(cm, history, best, summary, split: str) -> str:
     n = int(cm.sum())
-    cards = [("val top-1", pct(np.trace(cm) / n) if n else "n/a"), ("val images", f"{n:,}"),
+    cards = [(f"{split}top-1", pct(np.trace(cm) / n) if n else "n/a"), (f"{split}images", f"{n:,}"),
              ("classes", f"{cm.shape[0]:,}")]
     if history:
         last = history[-1]
@@ -119,12 +123,12 @@ def _curves(history, best) -> str:
             f"<details><summary>per-epoch numbers</summary>{sortable_table(head, rows)}</details>")
 
 
-def _per_class(cm, class_names, best) -> str:
+def _per_class(cm, class_names, best, split: str) -> str:
     support, predicted, correct = cm.sum(1), cm.sum(0), np.diag(cm)
     off = cm.copy()
     np.fill_diagonal(off, 0)
     train = best.get("train_per_class") if best else None
-    head = [("class", False), ("val images", True), ("val top-1", True), ("precision", True)]
+    head = [("class", False), (f"{split}images", True), (f"{split}top-1", True), ("precision", True)]
     if train is not None:
         head.append((f"train top-1 (epoch {best['epoch']})", True))
     head.append(("most often predicted instead", False))
@@ -140,7 +144,7 @@ def _per_class(cm, class_names, best) -> str:
         j = int(off[i].argmax()) if off.shape[1] else 0
         row.append((f"{esc(class_names[j])} ({off[i, j]:,})", None) if off.size and off[i, j] else ("", None))
         rows.append(row)
-    note = ('<p class="muted">val columns from the confusion matrix below; click a heading to sort '
+    note = (f'<p class="muted">{split or "the "}columns from the confusion matrix below; click a heading to sort '
             "(the table reads the same without scripts).</p>")
     return note + sortable_table(head, rows, table_id="per-class-table")
 
@@ -198,14 +202,14 @@ def _confused_pairs(cm, class_names) -> str:
         rows.append([(esc(class_names[i]), None), (esc(class_names[j]), None),
                      (f"{off[i, j]:,}", num_value(off[i, j])), (pct(share), num_value(share))])
     if not rows:
-        return '<p class="muted">no mistakes on the validation split.</p>'
+        return '<p class="muted">no mistakes.</p>'
     head = [("true", False), ("predicted", False), ("images", True), ("share of true class", True)]
     return sortable_table(head, rows, table_id="confused-pairs")
 
 
 def _galleries(val: Predictions | None, class_names) -> str:
     if val is None:
-        return '<p class="muted">no validation predictions were given for this page.</p>'
+        return '<p class="muted">no predictions were given for this page.</p>'
     probs = np.asarray(val.probs, dtype=np.float32)
     labels = np.asarray(val.labels, dtype=np.int64)
     if probs.ndim != 2 or probs.shape[1] != len(class_names) or labels.shape != (probs.shape[0],):
@@ -213,7 +217,7 @@ def _galleries(val: Predictions | None, class_names) -> str:
                          f"{len(class_names)} classes")
     n = len(labels)
     if n == 0:
-        return '<p class="muted">the validation split is empty.</p>'
+        return '<p class="muted">there are no images.</p>'
     pred = probs.argmax(1)
     conf = probs[np.arange(n), pred]
     wrong = np.flatnonzero(pred != labels)
@@ -251,10 +255,15 @@ def _galleries(val: Predictions | None, class_names) -> str:
             f"{cards(unsure, correct) or '<p class=muted>none</p>'}</div>")
 
 
-def _data_and_config(config: dict) -> str:
+def _data_and_config(config: dict, evaluation: bool = False) -> str:
+    """The run's data and config; on an evaluation's page, those of the run that trained the
+    checkpoint (the evaluated folder is the summary's)."""
     data = [(k, config[k]) for k in DATA_KEYS if k in config]
     pre = config.get("preprocess")
     if isinstance(pre, dict) and "size" in pre:
         data.append(("input size", "x".join(str(v) for v in pre["size"])))
-    html_ = ("<h3>Data</h3>" + kv_table(data)) if data else ""
-    return html_ + "<h3>Config</h3>" + kv_table(config.items())
+    heads = ("Its data", "Its config") if evaluation else ("Data", "Config")
+    note = ('<p class="muted">the run that trained the checkpoint; the figures above are on the evaluated folder, '
+            "named in the summary.</p>") if evaluation else ""
+    return (note + (f"<h3>{heads[0]}</h3>" + kv_table(data) if data else "") +
+            f"<h3>{heads[1]}</h3>" + kv_table(config.items()))
