@@ -19,7 +19,7 @@ import numpy as np
 
 from cnnx.export.errors import ExportError
 from cnnx.export.parity import Backend
-from cnnx.runtime.contract import CPU_PROVIDER, CUDA_PROVIDER, INPUT_NAME
+from cnnx.runtime.contract import CPU_PROVIDER, CUDA_PROVIDER_ENTRY, INPUT_NAME
 from cnnx.runtime.files import first_line, is_disk_full
 
 # Output file per artifact; `cnnx classify` looks for model.onnx.
@@ -95,14 +95,14 @@ def _ort_session(path, providers):
 
 def _gpu_providers(path, variant: str) -> list:
     """(backend name, provider list) of the GPU providers that can run here, per
-    cnnx.runtime.cuda's diagnosis. TF32 off on CUDA: it would make CUDA disagree with eager
-    fp32 by far more than the 1e-4 bound. TensorRT with the engine cache and shape profile
-    `cnnx classify --device tensorrt` uses, so the gate checks the engine users will run."""
+    cnnx.runtime.cuda's diagnosis. CUDA with the options `cnnx classify` runs it with
+    (CUDA_PROVIDER_ENTRY: TF32 off), TensorRT with the engine cache and shape profile
+    `cnnx classify --device tensorrt` uses, so the gate checks what users will run."""
     from cnnx.runtime import cuda
 
     if variant == "int8" or not cuda.diagnose().usable:
         return []
-    cuda_ep = (CUDA_PROVIDER, {"use_tf32": 0})
+    cuda_ep = CUDA_PROVIDER_ENTRY
     out = [("onnxruntime-cuda", [cuda_ep, CPU_PROVIDER])]
     if cuda.diagnose_tensorrt().usable:
         from cnnx.runtime.contract import parse_metadata

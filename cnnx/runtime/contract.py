@@ -36,6 +36,10 @@ REQUIRED_KEYS = (KEY_CLASS_NAMES, KEY_PREPROCESS)
 DEVICES = ("auto", "cpu", "cuda")  # where cnnx trains and runs models
 INFERENCE_DEVICES = (*DEVICES, "tensorrt")  # runtime only: onnxruntime's TensorRT provider (optional)
 CPU_PROVIDER, CUDA_PROVIDER = "CPUExecutionProvider", "CUDAExecutionProvider"
+# How the CUDA provider runs a model, in export's parity gate and in classify alike: TF32 off
+# (onnxruntime's default is on), so an fp32 model runs in fp32, as the gate's 1e-4 bound checks it;
+# TF32's 10-bit mantissa can move logits by far more. The fp16 variant (export --fp16) is the fast one.
+CUDA_PROVIDER_ENTRY = (CUDA_PROVIDER, {"use_tf32": "0"})
 
 # The largest input side a model may ask for: 4096x4096x3 uint8 is 48 MiB an image, already
 # more than any classifier of this kind uses; metadata asking for more is refused, not obeyed.

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnx.runtime.contract import (CPU_PROVIDER as CPU, CUDA_PROVIDER as CUDA, INFERENCE_DEVICES, ContractError,
-                                   check_signature, cuda_driver_present, parse_metadata)
+from cnnx.runtime.contract import (CPU_PROVIDER as CPU, CUDA_PROVIDER as CUDA, CUDA_PROVIDER_ENTRY, INFERENCE_DEVICES,
+                                   ContractError, check_signature, cuda_driver_present, parse_metadata)
 from cnnx.runtime import cuda
 from cnnx.runtime.cuda import TENSORRT_PROVIDER as TENSORRT
 from cnnx.runtime.files import first_line, os_error_line
@@ -162,12 +162,12 @@ def _providers(ort, device: str, path: Path, batch_size: int | None) -> list:
         if CUDA not in ort.get_available_providers() or not cuda_driver_present():
             return [CPU]
         cuda.preload(ort)
-        return [CUDA, CPU]
+        return [CUDA_PROVIDER_ENTRY, CPU]
     status = cuda.diagnose() if device == "cuda" else cuda.diagnose_tensorrt()
     if not status.usable:
         raise ModelError(f"--device {device}: {status.reason}")
     if device == "cuda":
-        return [CUDA, CPU]
+        return [CUDA_PROVIDER_ENTRY, CPU]
     from cnnx.runtime.pipeline import batch_size_within_budget
 
     spec = _model_spec(ort, path)
@@ -178,7 +178,7 @@ def _providers(ort, device: str, path: Path, batch_size: int | None) -> list:
     except OSError as e:
         raise ModelError(f"--device tensorrt: cannot create the engine cache: {os_error_line(e)}") from None
     # Nodes TensorRT cannot take run on CUDA (then the CPU): onnxruntime's own partitioning.
-    return [(TENSORRT, options), CUDA, CPU]
+    return [(TENSORRT, options), CUDA_PROVIDER_ENTRY, CPU]
 
 
 def _model_spec(ort, path: Path) -> dict:
