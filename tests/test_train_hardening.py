@@ -303,6 +303,7 @@ def test_splits_with_a_folder_beside_them_or_files_in_two_of_them_are_one_line(s
     shutil.rmtree(e / "val" / "dog")
     os.symlink("../train/dog", e / "val" / "dog")
     assert "is a file of train/ too (a link): the val split would hold train images" in error(e)
+    assert not list((tmp_path / "c").glob("folders/*"))  # said before any split was decoded (and cached)
     g = tmp_path / "nested-classes"  # a class named train, its images in subfolders as the others': classes
     for c in ("car", "ship", "train"):
         copy_classes(small, g / c, ["cat"], 3)

@@ -492,7 +492,7 @@ def _run_jobs(procs, jobs, out, rows_by_pipe, kept_by_job, errors_by_job, bar, n
 
 
 def load_image_folder(root, spec, *, progress=True, cache=None, workers=None, use_cache=True,
-                      cache_mode="memory") -> ImageFolderData:
+                      cache_mode="memory", listing: Listing | None = None) -> ImageFolderData:
     """Decode DIR/<class>/<files> into uint8 (N, 3, H, W) through the preprocess spec.
 
     Classes are the sorted visible subfolders (label id = index); the image files (by name,
@@ -500,13 +500,14 @@ def load_image_folder(root, spec, *, progress=True, cache=None, workers=None, us
     listed in `.skipped` as (path, reason). The result is cached under the cache dir, keyed
     by the folder, its file list with mtimes, sizes, ctimes and inodes, the spec and PREPROCESS_VERSION.
     cache_mode (memory | disk | auto, see cnnx.train.cache.use_disk): disk keeps the images in a
-    memory-mapped cache file and `.images` is a cnnx.train.cache.Rows (rows read when asked)."""
+    memory-mapped cache file and `.images` is a cnnx.train.cache.Rows (rows read when asked).
+    listing: list_image_folder of the resolved root, where the caller has made it already."""
     root = Path(root).expanduser().resolve()
     if not root.exists():
         raise DataError(f"data folder not found: {root}")
     if not root.is_dir():
         raise DataError(f"data path is not a folder: {root}")
-    listing = list_image_folder(root)
+    listing = listing or list_image_folder(root)
     class_names, files = listing.class_names, listing.files
     key_src = json.dumps(
         {"root": str(root), "files": files, "spec": spec, "preprocess_version": PREPROCESS_VERSION,
@@ -698,10 +699,11 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
         tr, va = stratified_split(y, config["val_fraction"], config["split_seed"])
         return Splits((x[tr], y[tr]), (x[va], y[va]), (xt, yt), names, [], f"CIFAR-10 from {root}")
     layout = folder_layout(data)
+    listed = {}  # folder -> its Listing, where made before any decoding (the split layout)
 
     def load(folder, decode_spec=spec):
         return load_image_folder(folder, decode_spec, progress=progress, cache=config.get("cache_dir"),
-                                 workers=workers, cache_mode=cache_mode)
+                                 workers=workers, cache_mode=cache_mode, listing=listed.get(folder))
 
     def train_images(folder, d):
         """The training split's images: d's own, or the same files decoded through train_spec."""
@@ -726,18 +728,20 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
                       [d.paths[i] for i in va.tolist()], d.ignored, notes)
     if "train" not in layout:
         raise DataError(f"{data} has {'/'.join(sorted(layout))} but no train/ split to train on")
+    # Every split is listed, and checked for files another split holds too (cp -al train val),
+    # before any is decoded: that mistake is found in a second, not after the decoding.
+    listed.update({folder: list_image_folder(Path(folder).expanduser().resolve()) for folder in layout.values()})
+    _check_apart(layout, {name: listed[folder] for name, folder in layout.items()})
     # With a val/ folder the training files are decoded once, through the training spec.
     d = load(layout["train"], train_spec if "val" in layout and train_spec is not None else spec)
     _check_classes(d.class_names, layout["train"])
     skipped, ignored, paths, notes = list(d.skipped), d.ignored, {}, list(d.notes)
 
-    loaded = {"train": d}
-
     def other(name):
         nonlocal ignored
         if name not in layout:
             return None
-        o = loaded[name] = load(layout[name])
+        o = load(layout[name])
         skipped.extend(o.skipped)
         ignored += o.ignored
         notes.extend(o.notes)
@@ -756,7 +760,6 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
 
     val = other("val")
     test = other("test")
-    _check_apart(layout, loaded)
     xtr = d.images if "val" in layout else train_images(layout["train"], d)
     if val is None:
         tr, va = stratified_split(d.labels, config["val_fraction"], config["split_seed"])
@@ -780,21 +783,21 @@ def respelt_note(names, known, where: str) -> str:
             f"decomposed accents); rename one folder)" if respelt else "")
 
 
-def _check_apart(layout: dict, loaded: dict) -> None:
+def _check_apart(layout: dict, listed: dict) -> None:
     """DataError where a file of one split is a file of another: a hard link, or a symlink into
     the other split's folder (cp -al train val, val/cat -> ../train/cat) would score images the
-    model trained on (or was chosen on) as unseen ones. Only files another name can reach
-    (ImageFolderData.linked) are looked at, with what the listing's walk found: a plain tree costs
+    model trained on (or was chosen on) as unseen ones. `listed`: split -> its Listing. Only files
+    another name can reach (Listing.linked) are looked at, with what the listing's walk found: a plain tree costs
     nothing, and a folder's real path is resolved once, not once a file."""
     def shared(path, a, b):
         return DataError(f"{escaped_name(path)} is a file of {layout[a].name}/ too (a link): the {b} split would "
                          f"hold {a} images; each image belongs to one split")
 
     first = {}  # (st_dev, st_ino) -> split
-    folders = {name: os.path.join(os.path.realpath(layout[name]), "") for name in loaded}
+    folders = {name: os.path.join(os.path.realpath(layout[name]), "") for name in listed}
     real_dirs = {}
-    for b, data in loaded.items():
-        for path, dev, ino, symlink in data.linked:
+    for b, listing in listed.items():
+        for path, dev, ino, symlink in listing.linked:
             a = first.setdefault((dev, ino), b)
             if a != b:
                 raise shared(path, a, b)
