@@ -224,14 +224,23 @@ def list_image_folder(root: Path) -> Listing:
 def _one_entry_a_file(listing: Listing, root: Path):
     """Links can name one file twice: once in its class is once too many (the later one is
     listed in `unlisted`), in two classes it is two labels for one image (a DataError)."""
+    known = {path: (dev, ino) for path, dev, ino, _symlink in listing.linked}
+    inodes = {ino for _dev, ino in known.values()}
     seen, kept = {}, []
     for f in listing.files:
-        try:
-            st = os.stat(root / f[0])
-        except OSError as err:
-            listing.unlisted.append((str(root / f[0]), f"cannot stat: {err.strerror or first_line(err)}"))
+        if f[5] not in inodes:  # f[5]: its file's inode (a symlink's target's): no other entry can be it
+            kept.append(f)
             continue
-        first = seen.setdefault((st.st_dev, st.st_ino), f)
+        path = str(root / f[0])
+        ident = known.get(path)
+        if ident is None:  # a plain file with a link to it elsewhere (or an inode number on another device)
+            try:
+                st = os.stat(path)
+            except OSError as err:
+                listing.unlisted.append((path, f"cannot stat: {err.strerror or first_line(err)}"))
+                continue
+            ident = (st.st_dev, st.st_ino)
+        first = seen.setdefault(ident, f)
         if first is f:
             kept.append(f)
         elif first[1] == f[1]:
