@@ -242,6 +242,23 @@ def test_a_replaced_folder_keeps_its_mode_owner_and_group(two_ckpts, tmp_path):
     assert json.loads((out / "parity.json").read_text())["checkpoint_sha256"] == _sha(a)
 
 
+def test_an_owner_that_cannot_be_set_does_not_stop_the_export(two_ckpts, tmp_path, monkeypatch):
+    """In a user namespace (a rootless container) chown to an id not mapped there is EINVAL: keeping
+    the old folder's owner made the export fail after its gate with "cannot publish"."""
+    import errno
+
+    a, b = two_ckpts
+    out = tmp_path / "deploy"
+    export_checkpoint(a, out, ("torchscript",), **FAST)
+
+    def unmapped(*args, **kwargs):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "chown", unmapped)
+    export_checkpoint(b, out, ("torchscript",), **FAST)
+    assert json.loads((out / "parity.json").read_text())["checkpoint_sha256"] == _sha(b)
+
+
 def test_a_mount_point_out_is_refused_before_the_export_not_after(two_ckpts, tmp_path):
     """The swap renames a folder into the output's place, which a mount point cannot take (EBUSY):
     the export and its gate ran, then "cannot publish". It is refused first, with a way out."""

@@ -160,6 +160,9 @@ def test_chart_ticks_tell_values_apart_and_long_times_are_whole_seconds(val, tmp
                       if "loss" in c.split("</title>")[0])
     ticks = re.findall(rf'<text x="{LEFT - 6}" y="[^"]*" text-anchor="end">([^<]*)</text>', loss_chart)
     assert ticks and max(map(len, ticks)) * 7 < LEFT, ticks  # about 7 SVG units a character at the page's size
+    from cnnx.report.svg import nice_ticks, tick_texts
+
+    assert tick_texts(nice_ticks(0, 6000)) == ["0", "2000", "4000", "6000"]  # plain below 1e5, not 2e+03
 
 
 def test_hostile_class_and_file_names_are_text_not_markup(val, tmp_path):

@@ -592,6 +592,16 @@ def test_gpu_out_of_memory_in_an_epoch_is_one_line(small, tmp_path, monkeypatch)
     assert last.startswith("Error: out of GPU memory on cpu") and "batches of 32 images of 40 px" in last, last
     assert "a smaller --batch-size" in last and not (tmp_path / "runs" / "oom" / "best.pt").exists()
 
+    class TooLarge:  # decoded images that the card cannot hold at all: no batch size helps
+        def numel(self):
+            return 40 << 30
+
+        def to(self, device):
+            out_of_memory()
+
+    with pytest.raises(run_module.OutOfGpuMemory, match=r"images \(40.0 GiB\) do not fit .*--cache disk"):
+        run_module._resident(TooLarge(), "cuda:0")
+
     monkeypatch.setattr(cnnx.train.loop, "evaluate", out_of_memory)  # `cnnx evaluate` on a GPU
     r = run_cli(["evaluate", tmp_path / "runs" / "ok" / "best.pt", "--data", small, "--batch-size", "16",
                  "--cache-dir", tmp_path / "c"])

@@ -141,10 +141,12 @@ def _keep_attributes(old: Path, new: Path) -> None:
     team's group folder; its group on the files too where the folder passes it on: setgid), as
     far as this user may set them."""
     st = old.stat()
-    with contextlib.suppress(PermissionError):  # another owner: as root only
+    # OSError, not only PermissionError: another owner is for root only, a group for its members,
+    # and in a user namespace an id that is not mapped there is EINVAL; none of it stops the export
+    with contextlib.suppress(OSError):
         os.chown(new, st.st_uid, -1)
     for path in [new, *new.iterdir()] if st.st_mode & stat.S_ISGID else [new]:
-        with contextlib.suppress(PermissionError):  # a group this user is not in
+        with contextlib.suppress(OSError):
             os.chown(path, -1, st.st_gid)
     os.chmod(new, stat.S_IMODE(st.st_mode))  # after chown, which clears the setgid bit
 

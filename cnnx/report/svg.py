@@ -21,7 +21,7 @@ def nice_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
     first = math.floor(lo / step) * step
     ticks, v = [], first
     while v <= hi + step * 1e-9:
-        ticks.append(round(float(v), 12))  # float: 10 ** k is an int, which fmt_num writes out in full
+        ticks.append(round(float(v), 12))  # float: 10 ** k is an int
         v += step
     if ticks[-1] < hi:
         ticks.append(round(ticks[-1] + step, 12))
@@ -30,13 +30,20 @@ def nice_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
 
 def tick_texts(ticks: list[float]) -> list[str]:
     """The ticks' labels, with the fewest significant digits (3 or more) that tell every tick
-    apart: a plateaued loss has ticks 2.3, 2.3002, ..., not five labels "2.3". Exponents past
-    1e5 keep a label within the margin."""
+    apart: a plateaued loss has ticks 2.3, 2.3002, ..., not five labels "2.3". Plain decimals
+    from 0.001 to 99,999; beyond, an exponent (6e+12), which stays within the margin."""
     for digits in range(3, 13):
-        texts = [f"{t:.{digits}g}" for t in ticks]
+        texts = [_tick_text(t, digits) for t in ticks]
         if len(set(texts)) == len(texts):
             break
     return texts
+
+
+def _tick_text(t: float, digits: int) -> str:
+    if t == 0 or not 1e-3 <= abs(t) < 1e5:
+        return f"{t:.{digits}g}"
+    text = f"{t:.{max(0, digits - 1 - math.floor(math.log10(abs(t))))}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def _finite(values) -> list[float]:

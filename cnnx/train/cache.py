@@ -227,7 +227,7 @@ def build_disk_cache(folder: Path, n: int, size, decode_into, meta_of) -> tuple:
         if is_disk_full(e):
             raise CacheError(f"no space left for the decoded-image cache in {parent} ({n} images need "
                              f"{n * 3 * h * w / 2**30:.2f} GiB; older decodings of changed folders stay there until removed): "
-                             f"free space, or point --cache-dir (cnnx export: $CNNX_CACHE) at a larger disk"
+                             f"free space, or point --cache-dir at a larger disk"
                              ) from None
         raise CacheError(f"cannot write the decoded-image cache in {parent}: {first_line(e)}") from None
     finally:

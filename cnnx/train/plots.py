@@ -6,12 +6,12 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+# Above MAX_LABELLED_CLASSES classes a plot names no class on its axes (the labels would overlap,
+# and a figure sized to hold them grows with the classes squared: 13 GB of pixels at 1,000
+# classes); the report's tables name them, as the HTML page does past the same bound.
+from cnnx.report.training import MAX_MATRIX_CLASSES as MAX_LABELLED_CLASSES
 from cnnx.runtime.files import atomic_file
 
-# Above this many classes a plot names no class on its axes (the labels would overlap, and a
-# figure sized to hold them grows with the classes squared: 13 GB of pixels at 1,000 classes);
-# the report's tables name them. The same bound as the HTML page's confusion matrix.
-MAX_LABELLED_CLASSES = 100
 MAX_LABEL_CHARS = 30  # a longer class name is cut (with an ellipsis), not the plot squeezed beside it
 
 
@@ -77,7 +77,7 @@ def plot_per_class(class_names, train_top1, val_top1, path, title="per-class top
     if n <= MAX_LABELLED_CLASSES:
         ax.set_xticks(x, _labels(class_names), rotation=45, ha="right")
     else:
-        ax.set_xlabel(f"{n} classes, in the order of per_class.csv")
+        ax.set_xlabel(f"{n} classes by index, in the order of the model's class names")
     ax.set_ylim(0, 1)
     ax.set_ylabel("top-1")
     ax.set_title(title)
@@ -108,7 +108,7 @@ def plot_confusion(confusion, class_names, path, title="confusion matrix"):
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
     else:  # a heat map of the row shares; the report lists the most confused pairs by name
-        ax.set_xlabel(f"predicted ({n} classes, in the order of per_class.csv)")
+        ax.set_xlabel(f"predicted ({n} classes by index, in the order of the model's class names)")
         ax.set_ylabel("true")
     ax.set_title(title)
     _save(fig, Path(path))

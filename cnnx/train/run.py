@@ -393,7 +393,8 @@ class OutOfGpuMemory(ValueError):
 @contextlib.contextmanager
 def _gpu_memory_as_one_line(cfg: TrainConfig, device: str):
     """torch.OutOfMemoryError (CUDA's allocator; the CPU's says it in a plain RuntimeError) ->
-    OutOfGpuMemory naming the batch, the images and the card: the user's remedy is an option."""
+    OutOfGpuMemory naming the batch, the images and the card: the user's remedy is an option
+    (images that do not fit at all are _resident's to say)."""
     try:
         yield
     except torch.OutOfMemoryError:
@@ -591,8 +592,15 @@ def _training_module(wrapped, cfg: TrainConfig, d: loop.Dist, device: str):
 
 
 def _resident(images, device):
-    """A tensor moves to the device; a disk cache's Rows stay where they are (read per batch)."""
-    return images if isinstance(images, Rows) else images.to(device)
+    """A tensor moves to the device; a disk cache's Rows stay where they are (read per batch).
+    OutOfGpuMemory where the images do not fit there: no smaller batch helps, the disk cache does."""
+    if isinstance(images, Rows):
+        return images
+    try:
+        return images.to(device)
+    except torch.OutOfMemoryError:
+        raise OutOfGpuMemory(f"the decoded images ({images.numel() / 2**30:.1f} GiB) do not fit in the memory of "
+                             f"{device}: --cache disk keeps them on the host, read batch by batch") from None
 
 
 def train_spec(cfg: TrainConfig, spec: dict):
