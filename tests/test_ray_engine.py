@@ -126,8 +126,8 @@ def test_gpu_actor_plan_same_rows(ray_session, folder, model, local, tmp_path):
 
 
 def test_uri_prefix_and_manifest(ray_session, folder, model, local, tmp_path):
-    """A file:// prefix is listed and read through pyarrow.fs (the code path of s3:// and
-    gs://); a manifest's lines are classified in the manifest's order, a repeated line once."""
+    """A file:// prefix is walked as a local path and its rows are file:// URIs; a manifest's
+    lines are classified in the manifest's order, a repeated line once."""
     want = {p: (labels, scores) for p, labels, scores in local[0]}
     cats = sorted(p for p in want if "/cat/" in p)
     manifest = tmp_path / "list.txt"

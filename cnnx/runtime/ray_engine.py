@@ -49,7 +49,7 @@ from cnnx.runtime.pipeline import decode_images
 from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS
 
 FORMATS = ("csv", "jsonl", "parquet")
-URI_SCHEMES = ("s3", "gs", "file")  # listed and read through pyarrow.fs
+URI_SCHEMES = ("s3", "gs", "file")  # s3 and gs listed and read through pyarrow.fs; file walked and read as local paths
 PART_PREFIX = "part-"
 CANNOT_CLASSIFY = "cannot classify"  # the stage of an actor's rows that could not open the model
 CONNECT_TIMEOUT_S = 10.0  # an unreachable --address fails within this, not after Ray's own retries
@@ -260,8 +260,8 @@ def file_uri_local_path(uri: str) -> str:
 
     host, _, path = uri.split("://", 1)[1].partition("/")
     if host not in ("", "localhost"):
-        raise ValueError(f"{uri} names a file of host {host!r}: a file:// URI names a file of every node, "
-                         f"file:///path")
+        raise ValueError(f"{uri} names host {host!r}: each node reads a file:// URI from its own filesystem; "
+                         f"write file:///path")
     return os.fsdecode(unquote_to_bytes(os.fsencode("/" + path)))
 
 
