@@ -333,6 +333,18 @@ def test_a_file_uri_folder_is_walked_as_a_local_path_is(ray_session, folder, mod
                                   | {os.fsdecode(bytes(root) + b"/caf\xe9.jpg")}), rows
 
 
+def test_file_uris_name_each_file_once_and_only_files_of_this_machine():
+    from cnnx.runtime.ray_engine import file_uri, file_uri_local_path
+
+    for path in ("/a b/x%41#?=1.jpg", os.fsdecode(b"/caf\xe9.jpg"), "/plain/0001.jpg"):
+        uri = file_uri(path)
+        assert uri.isascii() and " " not in uri and file_uri_local_path(uri) == path
+    assert file_uri("/plain/0001.jpg") == "file:///plain/0001.jpg"
+    assert file_uri_local_path("file://localhost/tmp/a%20b.jpg") == "/tmp/a b.jpg"
+    with pytest.raises(ValueError, match="names host 'nas'.*write file:///path"):
+        file_uri_local_path("file://nas/share/x.jpg")
+
+
 def test_file_uri_rows_read_each_file_as_itself_whatever_its_name(ray_session, folder, model, local, tmp_path):
     """A file:// folder's rows were "file://" + the raw path, which the actors then parsed as a
     URI: x%41.jpg was read as xA.jpg (another image, whose prediction both rows got), and names
