@@ -564,7 +564,7 @@ class _ClassifyActor:
         # first batch's rows (stage CANNOT_CLASSIFY), which the driver ends the run with, in one
         # line (_blocks): raised here, in __init__ or in a batch, it reaches the driver only as text
         # inside Ray's traceback.
-        self.classifier, self.failure = None, None
+        self.classifier, self.failure, self.topk = None, None, topk
         try:
             folder = tempfile.mkdtemp(prefix="cnnx-ray-model-")
             path = os.path.join(folder, "model.onnx")
@@ -591,7 +591,8 @@ class _ClassifyActor:
             n = len(batch["path"])
             rows = {"path": batch["path"], "stage": np.array([CANNOT_CLASSIFY] * n, dtype=object),
                     "message": np.array([self.failure] * n, dtype=object)}
-            return _result_table(rows, np.zeros((n, 1), np.int64), np.zeros((n, 1)), "", self.node)
+            k = self.topk  # the width of the other actors' blocks
+            return _result_table(rows, np.zeros((n, k), np.int64), np.zeros((n, k)), "", self.node)
         rows = batch if "images" in batch else _decode_rows(batch, filesystems=self.filesystems, **self.decode_args)
         clf = self.classifier
         ok = np.flatnonzero(rows["stage"] == "")
