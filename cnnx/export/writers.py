@@ -9,6 +9,7 @@ import contextlib
 import os
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -102,8 +103,7 @@ def _gpu_providers(path, variant: str) -> list:
 
     if variant == "int8" or not cuda.diagnose().usable:
         return []
-    cuda_ep = CUDA_PROVIDER_ENTRY
-    out = [("onnxruntime-cuda", [cuda_ep, CPU_PROVIDER])]
+    out = [("onnxruntime-cuda", [CUDA_PROVIDER_ENTRY, CPU_PROVIDER])]
     if cuda.diagnose_tensorrt().usable:
         from cnnx.runtime.contract import parse_metadata
 
@@ -111,7 +111,7 @@ def _gpu_providers(path, variant: str) -> list:
 
         meta = parse_metadata({p.key: p.value for p in onnx.load(os.fspath(path), load_external_data=False).metadata_props})
         trt = (cuda.TENSORRT_PROVIDER, cuda.tensorrt_options(path, PARITY_MAX_BATCH, meta.spec["size"]))
-        out.append(("onnxruntime-tensorrt", [trt, cuda_ep, CPU_PROVIDER]))
+        out.append(("onnxruntime-tensorrt", [trt, CUDA_PROVIDER_ENTRY, CPU_PROVIDER]))
     return out
 
 
@@ -220,8 +220,6 @@ def _failure_line(label: str, error: Exception, folder: Path) -> str:
     if low:
         return f"{label} failed: No space left on device in {folder.parent} (free some space and export again)"
     if is_disk_full(error):  # not the output's disk: the file it names, or a temporary one (int8's calibration)
-        import tempfile
-
         named = os.path.dirname(os.path.abspath(os.fsdecode(error.filename))) if error.filename else None
         where = (f"the temporary folder {tempfile.gettempdir()} ($TMPDIR)" if named is None
                  else folder.parent if Path(named).is_relative_to(folder) else named)  # the staging folder: its place

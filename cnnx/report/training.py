@@ -64,8 +64,8 @@ def render_training_report(*, title, config, history, class_names, confusion, va
     sections.append(("per-class", "Per-class top-1", _per_class(cm, class_names, best, split)))
     sections.append(("confusion", "Confusion matrix", _confusion(cm, class_names)))
     sections.append(("mistakes", "Validation images" if history else "Images", _galleries(val, class_names)))
-    sections.append(("config", "Data and config", _data_and_config(config)) if history else
-                    ("config", "The checkpoint's training run", _data_and_config(config, evaluation=True)))
+    sections.append(("config", "Data and config" if history else "The checkpoint's training run",
+                     _data_and_config(config, evaluation=not history)))
     what = "training run" if history else "evaluation"
     checkpoint = f"epoch {best['epoch']}" if best else "the evaluated checkpoint"
     return page(title, sections, subtitle=f"{what}; confusion, per-class and galleries of {checkpoint}")

@@ -516,7 +516,7 @@ def load_image_folder(root, spec, *, progress=True, cache=None, workers=None, us
         raise DataError(f"data folder not found: {root}")
     if not root.is_dir():
         raise DataError(f"data path is not a folder: {root}")
-    listing = listing or list_image_folder(root)
+    listing = listing if listing is not None else list_image_folder(root)
     class_names, files = listing.class_names, listing.files
     key_src = json.dumps(
         {"root": str(root), "files": files, "spec": spec, "preprocess_version": PREPROCESS_VERSION,

@@ -66,15 +66,16 @@ def plot_per_class(class_names, train_top1, val_top1, path, title="per-class top
     import numpy as np
 
     n = len(class_names)
+    labelled = n <= MAX_LABELLED_CLASSES
     x = np.arange(n)
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * n + 2) if n <= MAX_LABELLED_CLASSES else 16, 4))
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * n + 2) if labelled else 16, 4))
     if train_top1 is not None:
         ax.bar(x - 0.2, train_top1, width=0.4, label="train")
         ax.bar(x + 0.2, val_top1, width=0.4, label="val")
         ax.legend()
     else:
         ax.bar(x, val_top1, width=0.6)
-    if n <= MAX_LABELLED_CLASSES:
+    if labelled:
         ax.set_xticks(x, _labels(class_names), rotation=45, ha="right")
     else:
         ax.set_xlabel(f"{n} classes by index, in the order of the model's class names")
@@ -94,22 +95,20 @@ def plot_confusion(confusion, class_names, path, title="confusion matrix"):
     cm = np.asarray(confusion, dtype=np.int64)
     share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     n = len(class_names)
-    fig, ax = plt.subplots(figsize=(max(5, 0.55 * n + 2), max(4, 0.5 * n + 1.5)) if n <= MAX_LABELLED_CLASSES
-                           else (10, 9))
+    labelled = n <= MAX_LABELLED_CLASSES  # else a heat map of the row shares; the report names the confused pairs
+    fig, ax = plt.subplots(figsize=(max(5, 0.55 * n + 2), max(4, 0.5 * n + 1.5)) if labelled else (10, 9))
     ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     if n <= 30:
         for i in range(n):
             for j in range(n):
                 ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
                         color="white" if share[i, j] > 0.5 else "black")
-    if n <= MAX_LABELLED_CLASSES:
+    if labelled:
         ax.set_xticks(range(n), _labels(class_names), rotation=45, ha="right")
         ax.set_yticks(range(n), _labels(class_names))
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-    else:  # a heat map of the row shares; the report lists the most confused pairs by name
-        ax.set_xlabel(f"predicted ({n} classes by index, in the order of the model's class names)")
-        ax.set_ylabel("true")
+    ax.set_xlabel("predicted" if labelled else
+                  f"predicted ({n} classes by index, in the order of the model's class names)")
+    ax.set_ylabel("true")
     ax.set_title(title)
     _save(fig, Path(path))
     plt.close(fig)
