@@ -145,6 +145,10 @@ def _hold_standard_streams():
         sys.stdout = open(1, "w", closefd=False)
     if sys.stderr is None:
         sys.stderr = open(2, "w", closefd=False)
+    if hasattr(sys.stderr, "reconfigure"):  # a file name that is not UTF-8, in any message: its bytes as \xNN
+        from cnnx.runtime.files import NAME_BYTES_ERRORS
+
+        sys.stderr.reconfigure(errors=NAME_BYTES_ERRORS)
 
 
 def _exit_now(code: int):

@@ -418,3 +418,28 @@ def test_runtime_imports_no_torch_and_the_command_module_is_cheap():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[] []"
+
+
+def test_names_that_are_not_utf8_print_their_bytes_in_messages(model, tmp_path):
+    """Warnings and errors show a name's bytes that are not UTF-8 as \\xNN, not as the
+    surrogate escapes (\\udcNN) Python decodes them to, in a real process's stderr."""
+    from cnnx.runtime.files import shown
+
+    assert shown(b"a\xff b.jpg") == r"'a\xff b.jpg'" and shown("caf\u00e9.jpg") == "'caf\u00e9.jpg'"
+    assert shown("it's\nx\\y") == r"'it\'s\nx\\y'"  # one line, escaped as repr escapes
+    root = os.fsencode(tmp_path / "imgs")
+    os.makedirs(os.path.join(root, b"empty-\xfe"))
+    save_jpeg(os.path.join(root, b"ok.jpg"), photo_like(32, 32, seed=1))
+    with open(os.path.join(root, b"broken-\xff.jpg"), "wb") as f:
+        f.write(b"not a jpeg")
+
+    def classify(*paths):
+        return subprocess.run([sys.executable, "-m", "cnnx", "classify", *paths, "--model", os.fsencode(model)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    r = classify(root)
+    assert r.returncode == 0, r.stderr
+    assert b"warning: '" + root + rb"/broken-\xff.jpg': open:" in r.stderr
+    for missing_or_empty in (os.path.join(root, b"empty-\xfe"), os.path.join(root, b"gone-\xfe")):
+        r = classify(missing_or_empty)
+        assert r.returncode in (1, 2) and rb"\xfe" in r.stderr and b"\\udc" not in r.stderr, r.stderr

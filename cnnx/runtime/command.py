@@ -19,7 +19,7 @@ import click
 
 from cnnx.cli import ExitNow
 from cnnx.runtime.contract import INFERENCE_DEVICES
-from cnnx.runtime.files import remove_stale_temps_beside
+from cnnx.runtime.files import remove_stale_temps_beside, shown
 from cnnx.runtime.workers import DECODE_MODES, PROCESS_DECODE_MAX_SIDE, PROCESS_DECODE_MIN_FILES
 
 
@@ -286,7 +286,7 @@ def _classify_on_ray(paths, model_path, output, fmt, topk, batch_size, device, e
     _check_files(output, errors_path, None, model_path)
     for path in paths:
         if not is_uri(path) and not os.path.lexists(path):
-            raise click.BadParameter(f"{path!r} does not exist", param_hint="PATH...")
+            raise click.BadParameter(f"{shown(path)} does not exist", param_hint="PATH...")
     progress = _Progress()
     try:
         with _one_line_errors():
@@ -319,7 +319,7 @@ def _check_usage(paths, output, errors_path, resume, report_path, model_path):
         # A path that is not there is a typo; one that cannot be stat'ed or read (permissions)
         # gets its errors row like any other unreadable file, and the rest still run.
         if not os.path.lexists(path):
-            raise click.BadParameter(f"{path!r} does not exist", param_hint="PATH...")
+            raise click.BadParameter(f"{shown(path)} does not exist", param_hint="PATH...")
 
 
 def _check_files(output, errors_path, report_path, model_path):

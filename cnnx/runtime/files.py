@@ -10,6 +10,7 @@ those of dead processes (`remove_stale_temps`).
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import errno
 import fcntl
@@ -18,6 +19,34 @@ import stat
 import tempfile
 
 TEMP_PREFIX = ".cnnx-tmp-"
+
+# The error handler cnnx's stderr encodes with (cli.main): a file name's bytes that are not
+# UTF-8, which os.fsdecode turns into lone surrogates, print as \xNN rather than as \udcNN.
+NAME_BYTES_ERRORS = "cnnx-name-bytes"
+
+
+def _undecoded(c: str) -> bool:
+    return 0xDC80 <= ord(c) <= 0xDCFF  # what surrogateescape decodes the bytes 0x80-0xFF to
+
+
+def _name_bytes_as_hex(error: UnicodeEncodeError):
+    bad = error.object[error.start:error.end]
+    shown = "".join(f"\\x{ord(c) - 0xDC00:02x}" if _undecoded(c) else c.encode("ascii", "backslashreplace").decode()
+                    for c in bad)
+    return shown, error.end
+
+
+codecs.register_error(NAME_BYTES_ERRORS, _name_bytes_as_hex)
+
+
+def shown(path) -> str:
+    """A path quoted for a one-line message as repr quotes it (a newline in a name stays on
+    the line), but with bytes that are not UTF-8 as \\xNN, what the file's name holds."""
+    text = os.fsdecode(path)
+    if text.isprintable() and "'" not in text and "\\" not in text:
+        return f"'{text}'"
+    return "'" + "".join(f"\\x{ord(c) - 0xDC00:02x}" if _undecoded(c) else "\\'" if c == "'" else repr(c)[1:-1]
+                         for c in text) + "'"
 
 
 def cache_root(explicit=None):

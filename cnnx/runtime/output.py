@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from cnnx.runtime.files import atomic_write, os_error_line
+from cnnx.runtime.files import atomic_write, os_error_line, shown
 
 ERRORS_HEADER = ["path", "stage", "error"]
 _FORMULA_START = frozenset(("=", "+", "-", "@", "\t", "\r", "'"))
@@ -307,7 +307,7 @@ class ErrorsWriter:
             return
         message = " ".join(str(message).split())  # one line per row, whatever the error said
         if self.target is None:
-            print(f"warning: {path!r}: {stage}: {message}", file=sys.stderr)
+            print(f"warning: {shown(path)}: {stage}: {message}", file=sys.stderr)
             self.rows += 1
             return
         with _write_errors(self.target):
