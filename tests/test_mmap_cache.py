@@ -234,3 +234,46 @@ def test_torchrun_two_ranks_read_the_disk_cache_and_switch_freezing(cifar_subset
     assert p.returncode == 0, p.stderr[-2000:]
     assert "backbone unfrozen" in p.stderr and "cpu x2" in p.stderr
     assert load_checkpoint(tmp_path / "runs" / "ddp" / "last.pt")["epoch"] == 2
+
+
+def test_a_changed_folder_replaces_its_cached_decoding_and_keeps_other_decodings(tmp_path):
+    """One cache entry per folder and decoding: the decoding of a folder as it was before its
+    files changed is removed (each can be gigabytes, and is never read again); the same folder
+    decoded at another size keeps its own until that decoding is read again; other folders keep theirs."""
+    from PIL import Image
+
+    from tests._runtime_util import photo_like
+
+    def folder(name, n):
+        for c in ("a", "b"):
+            (tmp_path / name / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(photo_like(24, 24, seed=i)).save(tmp_path / name / c / f"{i}.png")
+        return tmp_path / name
+
+    data, other = folder("data", 3), folder("other", 2)
+    cache = tmp_path / "c"
+    small = make_spec(16, CIFAR_MEAN, CIFAR_STD)
+
+    def load(root, spec=SPEC, mode="memory"):
+        return load_image_folder(root, spec, progress=False, cache=cache, workers=1, cache_mode=mode)
+
+    def entries():
+        return sorted(p.name for p in (cache / "folders").iterdir())
+
+    def decoding(name):
+        return name.split("-")[0]
+
+    load(data, small), load(other), load(data), load(data, mode="disk")
+    before = entries()
+    assert len(before) == 4 and len({decoding(n) for n in before}) == 3
+    Image.fromarray(photo_like(24, 24, seed=9)).save(data / "a" / "new.png")
+    assert len(load(data).labels) == 7
+    after = entries()
+    gone, new = set(before) - set(after), set(after) - set(before)
+    assert len(gone) == 2 and len({decoding(n) for n in gone}) == 1  # the .pt and the .u8 of the 32 px decoding
+    assert len(new) == 1 and decoding(next(iter(new))) == decoding(next(iter(gone)))
+    assert len(after) == 3  # the 16 px decoding of the folder and the other folder stay
+    assert [len(load(other).labels), len(load(data, small).labels)] == [4, 7]
+    assert len(entries()) == 3  # the folder's 16 px decoding replaced in its turn; the other folder's read
+    assert len(load(data, mode="disk").labels) == 7 and len(entries()) == 4

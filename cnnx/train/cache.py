@@ -226,7 +226,7 @@ def build_disk_cache(folder: Path, n: int, size, decode_into, meta_of) -> tuple:
     except OSError as e:
         if is_disk_full(e):
             raise CacheError(f"no space left for the decoded-image cache in {parent} ({n} images need "
-                             f"{n * 3 * h * w / 2**30:.2f} GiB; older decodings of changed folders stay there until removed): "
+                             f"{n * 3 * h * w / 2**30:.2f} GiB): "
                              f"free space, or point --cache-dir at a larger disk"
                              ) from None
         raise CacheError(f"cannot write the decoded-image cache in {parent}: {first_line(e)}") from None

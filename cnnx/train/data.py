@@ -7,9 +7,11 @@ the preprocess spec), so train-time evaluation and `cnnx classify` see identical
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import stat
 import sys
 from dataclasses import dataclass, field
@@ -518,19 +520,15 @@ def load_image_folder(root, spec, *, progress=True, cache=None, workers=None, us
         raise DataError(f"data path is not a folder: {root}")
     listing = listing if listing is not None else list_image_folder(root)
     class_names, files = listing.class_names, listing.files
-    key_src = json.dumps(
-        {"root": str(root), "files": files, "spec": spec, "preprocess_version": PREPROCESS_VERSION,
-         "cache_format": CACHE_FORMAT},
-        sort_keys=True,
-    )
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:32]
-    cache_file = cache_dir(cache) / "folders" / f"{key}.pt"
+    cache_file = _cache_file(cache_dir(cache) / "folders", root, spec, files)
     unlisted = [(str(p), r) for p, r in listing.unlisted]
     h, w = spec["size"]
     if use_disk(cache_mode, len(files) * 3 * h * w):
         data = _disk_cache_data(cache_file.with_suffix(".u8"), root, listing, spec, workers=workers, progress=progress)
     else:
         data = _read_cache(cache_file, root) if use_cache else None
+        if data is None and use_cache:
+            _drop_stale_decodings(cache_file)
     if data is None:
         abs_paths = [str(root / f[0]) for f in files]
         images, kept, skipped = _decode_all(abs_paths, spec, workers=workers, progress=progress)
@@ -557,10 +555,39 @@ def load_image_folder(root, spec, *, progress=True, cache=None, workers=None, us
     return data
 
 
+def _cache_file(cache_folder: Path, root: Path, spec, files) -> Path:
+    """`<decoding>-<content>.pt` in cache_folder: the decoding names the folder and how it is
+    decoded (one cache entry each), the content its files with their mtimes, sizes, ctimes and
+    inodes. A folder whose files changed gets a new entry, which replaces the old one."""
+    def digest(obj) -> str:
+        return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+    decoding = digest({"root": str(root), "spec": spec, "preprocess_version": PREPROCESS_VERSION,
+                       "cache_format": CACHE_FORMAT})
+    return cache_folder / f"{decoding}-{digest(files)}.pt"
+
+
+def _drop_stale_decodings(cache_file: Path):
+    """Remove the cache entries of cache_file's folder and decoding for other contents (.pt files
+    and .u8 folders), before its own is written: decodings of a folder as it was before its
+    files changed are never read again, and each can be gigabytes. A run reading one now keeps
+    its open file; temp files of running builds have other names."""
+    decoding = cache_file.stem.split("-")[0]
+    with contextlib.suppress(OSError):
+        for old in cache_file.parent.glob(f"{decoding}-*"):
+            if old.stem != cache_file.stem:
+                if old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        old.unlink()
+
+
 def _disk_cache_data(folder: Path, root: Path, listing: Listing, spec, *, workers, progress) -> ImageFolderData:
     """The folder's images from its disk cache (built first when absent): Rows over its file."""
     got = read_disk_cache(folder)
     if got is None:
+        _drop_stale_decodings(folder)
         files = listing.files
 
         def decode_into(out):
