@@ -175,8 +175,44 @@ def test_roots_that_overlap_yield_each_file_once(tmp_path, monkeypatch, follow):
     with_link = paths(["d", "d/link.jpg"])
     if follow:  # the walk classifies it: once
         assert with_link == once
-    else:  # the walk skips the link, the file given by name is classified
-        assert ("d/link.jpg", None) in with_link and len(with_link) == len(once) + 1
+    else:  # the file given by name is classified, and the walk's link to it is no skip
+        assert ("d/link.jpg", "symlink not followed (use --follow-symlinks)") in once
+        assert sorted(with_link) == sorted(f if f[0] != "d/link.jpg" else ("d/link.jpg", None) for f in once)
+
+
+@pytest.mark.parametrize("follow", [False, True])
+def test_a_root_reached_through_a_symlinked_folder_is_walked_once_and_never_a_skip(tmp_path, monkeypatch, follow):
+    """The review's `outer outer/link/sub --follow-symlinks` (outer/link -> ../elsewhere) gave
+    the files of sub two rows under one name (the resolved path is not under outer, the walk
+    reaches it anyway); `outer outer/link` without it classified the link's files and listed
+    the link as skipped, which failed --strict."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("outer/a.jpg", "elsewhere/top.jpg", "elsewhere/sub/x.jpg"):
+        os.makedirs(os.path.dirname(name), exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    os.symlink("../elsewhere", tmp_path / "outer" / "link")
+    skip = ("outer/link", "symlink not followed (use --follow-symlinks)")
+
+    def found(*roots):
+        return [(f.path, f.reason) for f in Discovery(roots, follow_symlinks=follow)]
+
+    walked = found("outer")
+    assert walked == ([("outer/a.jpg", None), ("outer/link/sub/x.jpg", None), ("outer/link/top.jpg", None)] if follow
+                      else [("outer/a.jpg", None), skip])
+    for roots in (("outer", "outer/link"), ("outer", "outer/link/sub"), ("outer", "outer/link/sub/x.jpg"),
+                  ("outer", "elsewhere")):
+        got = found(*roots)
+        assert len({os.path.realpath(p) for p, _ in got}) == len(got), (roots, got)
+        assert (skip in got) == (not follow and roots[1] not in ("outer/link", "elsewhere")), (roots, got)
+        def classified(rows):
+            return {os.path.realpath(p) for p, reason in rows if reason is None}
+
+        assert classified(got) == classified(found(*roots[1:])) | classified(walked), roots
+    # Without --follow-symlinks a link to a folder only part of which is classified stays a skip;
+    # with it, two links to one folder walk it once.
+    os.symlink("../elsewhere", tmp_path / "outer" / "link2")
+    assert found("outer") == (walked if follow else [*walked, ("outer/link2", skip[1])])
+    assert (skip in found("outer", "elsewhere/sub")) != follow
 
 
 def test_hidden_names_are_passed_over_and_counted_unless_named(tmp_path, monkeypatch):

@@ -95,6 +95,8 @@ class Discovery:
         self.follow_symlinks = follow_symlinks
         self.spelt = spelt or {}
         self.ignored = 0  # files with a non-image extension inside walked folders
+        self._root_reals, self._root_folders = set(), {}  # of the roots walked (runs)
+        self._walked = set()  # (st_dev, st_ino) of the folders walked so far
 
     def __iter__(self):
         for run in self.runs():
@@ -113,7 +115,11 @@ class Discovery:
                 continue
             stated.append((_sort_key(root, stat.S_ISDIR(st.st_mode)), root, st))
         stated.sort(key=_first)
-        for _key, root, st in _not_walked_twice(stated, self.follow_symlinks):
+        kept = _not_walked_twice(stated, self.follow_symlinks)
+        self._root_reals = {os.path.realpath(root) for _key, root, st in kept if not isinstance(st, OSError)}
+        self._root_folders = {os.path.realpath(root): None for _key, root, st in kept
+                              if not isinstance(st, OSError) and stat.S_ISDIR(st.st_mode)}
+        for _key, root, st in kept:
             runs = self._root_runs(root, st)
             spelling = self.spelt.get(root)
             if spelling is None:
@@ -133,7 +139,12 @@ class Discovery:
             yield [Found(root, f"not a regular file ({_kind(st.st_mode)}); not opened")]
 
     def _walk(self, top: str, top_ident):
-        """Depth-first over an explicit stack of (folder identity, its children's iterator)."""
+        """Depth-first over an explicit stack of (folder identity, its children's iterator).
+        Each folder is walked once, whatever leads to it again (two symlinks followed, one into
+        another root, a bind mount): its files once, under the first spelling."""
+        if top_ident in self._walked:
+            return
+        self._walked.add(top_ident)
         ancestors = {top_ident}  # (st_dev, st_ino) of the folders being walked: a cycle check
         stack = [(top_ident, iter(self._children(top)))]
         while stack:
@@ -149,6 +160,9 @@ class Discovery:
                 if sub_ident in ancestors:
                     yield [Found(path, "symlink loop (folder contains itself); not followed")]
                     continue
+                if sub_ident in self._walked:
+                    continue
+                self._walked.add(sub_ident)
                 ancestors.add(sub_ident)
                 stack.append((sub_ident, iter(self._children(path))))
 
@@ -189,8 +203,8 @@ class Discovery:
             try:
                 if entry.is_symlink():
                     if not self.follow_symlinks:
-                        skip = Found(path, "symlink not followed (use --follow-symlinks)")
-                        run = _flush(out, run, skip)
+                        if not self._walked_as_root(path):
+                            run = _flush(out, run, Found(path, "symlink not followed (use --follow-symlinks)"))
                         continue
                     st = os.stat(path)  # ELOOP for a symlink cycle lands in the except below
                 elif entry.is_file(follow_symlinks=False):
@@ -218,6 +232,13 @@ class Discovery:
         return out
 
 
+    def _walked_as_root(self, link: str) -> bool:
+        """Whether what a symlink this walk does not follow leads to is a root, or lies in a
+        root folder's walk: its files are classified there, and the link is no skip."""
+        real = os.path.realpath(link)
+        return real in self._root_reals or _reached(real, self._root_folders)
+
+
 def _not_walked_twice(stated: list, follow_symlinks: bool) -> list:
     """The roots (sort key, root, stat result or OSError), in order, less those whose files
     another root already yields: a folder given twice (`DIR`, `DIR/`, `./DIR`, a symlink to
@@ -227,9 +248,12 @@ def _not_walked_twice(stated: list, follow_symlinks: bool) -> list:
     the order is kept. Without this, each spelling would be walked and every file under it
     classified twice, the second row out of the sorted order."""
     folders = {}  # resolved folder -> its position in stated
+    spelt = {}  # with symlinks followed: the folder as spelt (_spelt) -> its position
     for i, (_key, root, st) in enumerate(stated):
         if not isinstance(st, OSError) and stat.S_ISDIR(st.st_mode):
             folders.setdefault(os.path.realpath(root), i)
+            if follow_symlinks and _spelt(root):
+                spelt.setdefault(_spelt(root), i)
     files = PathKeys()
     seen_files = set()
     kept = []
@@ -238,20 +262,30 @@ def _not_walked_twice(stated: list, follow_symlinks: bool) -> list:
         if isinstance(st, OSError):
             kept.append(item)
             continue
+        # With symlinks followed, a walk also reaches what lies under it through a symlinked
+        # folder (DIR/link/sub): as spelt, not resolved.
+        through_links = follow_symlinks and _spelt(root) is not None and _reached(_spelt(root), spelt)
         if stat.S_ISDIR(st.st_mode):
             real = os.path.realpath(root)
-            if folders[real] != i or _reached(real, folders):
+            if folders[real] != i or _reached(real, folders) or through_links:
                 continue
         elif stat.S_ISREG(st.st_mode):
             real = files(root)
             if real in seen_files:
                 continue
             seen_files.add(real)
-            if is_image_name(os.path.basename(root)) and _reached(real, folders) and \
-                    (follow_symlinks or not os.path.islink(root)):
+            if is_image_name(os.path.basename(root)) and (through_links or _reached(real, folders) and
+                                                          (follow_symlinks or not os.path.islink(root))):
                 continue
         kept.append(item)
     return kept
+
+
+def _spelt(root: str) -> str | None:
+    """The root as an absolute path, its symlinks not resolved; None where it holds `..` (after
+    a symlink, `..` is the link target's parent, which only resolving can tell)."""
+    path = os.path.join(os.getcwd(), root)
+    return None if os.pardir in path.split(os.sep) else os.path.normpath(path)
 
 
 def _reached(path: str, folders: dict) -> bool:
