@@ -30,7 +30,7 @@ def make_mixed_folder(root: Path, cifar: Path) -> Path:
     frames = [Image.fromarray(photo_like(40, 40, seed=s)).convert("P") for s in range(3)]
     frames[0].save(bad / "animated.gif", save_all=True, append_images=frames[1:], duration=50, loop=0)
     os.mkfifo(bad / "fifo.jpg")
-    os.symlink(root / "bad" / "text.jpg", bad / "link.jpg")
+    os.symlink(root.parent / "not-classified.jpg", bad / "link.jpg")  # to no file a PATH classifies: a skip
     Image.fromarray(photo_like(32, 32, seed=3)).save(os.path.join(os.fsencode(bad), b"non-utf8-\xff.jpg"), "JPEG")
     return root
 

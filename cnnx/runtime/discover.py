@@ -235,7 +235,10 @@ class Discovery:
     def _walked_as_root(self, link: str) -> bool:
         """Whether what a symlink this walk does not follow leads to is a root, or lies in a
         root folder's walk: its files are classified there, and the link is no skip."""
-        real = os.path.realpath(link)
+        try:
+            real = os.path.realpath(link, strict=True)
+        except OSError:  # it leads nowhere (dangling, a loop of links)
+            return False
         return real in self._root_reals or _reached(real, self._root_folders)
 
 
