@@ -145,10 +145,11 @@ def _hold_standard_streams():
         sys.stdout = open(1, "w", closefd=False)
     if sys.stderr is None:
         sys.stderr = open(2, "w", closefd=False)
-    if hasattr(sys.stderr, "reconfigure"):  # a file name that is not UTF-8, in any message: its bytes as \xNN
-        from cnnx.runtime.files import NAME_BYTES_ERRORS
+    from cnnx.runtime.files import NAME_BYTES_ERRORS
 
-        sys.stderr.reconfigure(errors=NAME_BYTES_ERRORS)
+    for stream in (sys.stdout, sys.stderr):  # a name that is not UTF-8, in any message: its bytes as \xNN
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors=NAME_BYTES_ERRORS)
 
 
 def _exit_now(code: int):

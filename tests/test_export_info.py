@@ -86,13 +86,20 @@ def test_crafted_metadata_is_one_line_for_info_and_classify(tmp_path):
 
     views = with_meta("views.onnx", **{"cnnx.tta_views": "\u00b2"})
     names = with_meta("names.onnx", **{"cnnx.class_names": deep})
+    # Valid JSON, but no output can write the name (the review's "\ud800": a traceback, a CSV
+    # left with its header only, and `cnnx info` a traceback too).
+    surrogate = with_meta("surrogate.onnx", **{"cnnx.class_names": json.dumps(["a", "\ud800"])})
     images = tmp_path / "imgs"
     images.mkdir()
     from PIL import Image
     Image.new("RGB", (8, 8)).save(images / "a.png")
-    for model, needle in ((views, "cnnx.tta_views must be a whole number"), (names, "JSON nested too deep")):
-        r = CliRunner().invoke(cli, ["classify", str(images), "--model", str(model)])
+    for model, needle in ((views, "cnnx.tta_views must be a whole number"), (names, "JSON nested too deep"),
+                          (surrogate, "class name 2 is not UTF-8 text")):
+        r = CliRunner().invoke(cli, ["classify", str(images), "--model", str(model), "-o", str(tmp_path / "o.csv")])
         assert r.exit_code == 1 and needle in r.stderr and "Traceback" not in r.output, r.output
+        assert not (tmp_path / "o.csv").exists()
+    r = subprocess.run([sys.executable, "-m", "cnnx", "info", str(surrogate)], capture_output=True)
+    assert r.returncode == 0 and b"2 classes: a, \\ud800" in r.stdout and not r.stderr, r
     r = CliRunner().invoke(cli, ["info", str(views)])
     assert r.exit_code == 0 and "views:    1 per image" in r.stdout, r.output
     for name, payload in (("inputs.pt", json.dumps({"cnnx.inputs": [1, "x"]})),

@@ -127,6 +127,11 @@ def check_class_names(names) -> tuple:
         raise ContractError("class names must be a non-empty list of strings")
     if len(names) > MAX_CLASSES:
         raise ContractError(f"{len(names)} class names exceed the limit of {MAX_CLASSES}")
+    for i, c in enumerate(names):
+        try:
+            c.encode("utf-8")  # JSON can spell a lone surrogate ("\ud800"); no output can write it
+        except UnicodeEncodeError:
+            raise ContractError(f"class name {i + 1} is not UTF-8 text: {ascii(c)}") from None
     return tuple(names)
 
 
