@@ -20,14 +20,8 @@ import click
 from cnnx.cli import ExitNow
 from cnnx.runtime.contract import INFERENCE_DEVICES
 from cnnx.runtime.files import remove_stale_temps_beside, shown
+from cnnx.runtime.output import already_exists, default_errors_path
 from cnnx.runtime.workers import DECODE_MODES, PROCESS_DECODE_MAX_SIDE, PROCESS_DECODE_MIN_FILES
-
-
-def _default_errors_path(output: str):
-    if output == "-":
-        return None
-    root, _ext = os.path.splitext(output)
-    return root + ".errors.csv"
 
 
 class _Progress:
@@ -146,7 +140,7 @@ def classify(paths, model_path, output, fmt, topk, batch_size, workers, decode, 
         return
     _check_local_usage(paths, output, address, num_workers, num_gpus_per_worker, manifest)
     if errors_path is None:
-        errors_path = _default_errors_path(output)
+        errors_path = default_errors_path(output)
     _check_usage(paths, output, errors_path, resume, report_path, model_path)
     remove_stale_temps_beside(output, errors_path, report_path)
     decode = _small_job_threads(paths, decode)
@@ -271,7 +265,7 @@ def _classify_on_ray(paths, model_path, output, fmt, topk, batch_size, device, e
     """--engine ray: cnnx.runtime.ray_engine does the work, with its own output lock and checks."""
     from cnnx.runtime.model import find_newest_model
     from cnnx.runtime.discover import is_uri
-    from cnnx.runtime.ray_engine import RayEngineError, RayUsageError, classify_with_ray, default_errors_path
+    from cnnx.runtime.ray_engine import RayEngineError, RayUsageError, classify_with_ray
 
     if not paths and manifest is None:
         raise click.UsageError("give at least one PATH or --manifest FILE")
@@ -356,7 +350,7 @@ def _check_not_there(output, errors_path, resume):
     """Checked while holding the output's lock, so a run that just finished is seen."""
     for label, target in (("--output", output), ("--errors", errors_path)):
         if target not in (None, "-") and os.path.exists(target) and not resume:
-            raise click.UsageError(f"{label} {target} already exists: pass --resume to continue it, or remove it")
+            raise click.UsageError(already_exists(label, target, output))
 
 
 @contextlib.contextmanager

@@ -290,6 +290,29 @@ class PredictionWriter:
                     stream.detach()  # leave sys.stdout usable
 
 
+def default_errors_path(output: str) -> str | None:
+    """Where the errors rows of OUTPUT go by default: beside it, its name with `.errors.csv`
+    for `.csv` (pred.csv -> pred.errors.csv) and added to any other (pred.jsonl ->
+    pred.jsonl.errors.csv, a Parquet folder preds/ -> preds.errors.csv): two runs into
+    pred.csv and pred.jsonl never share one. None for stdout."""
+    if output == "-":
+        return None
+    name = output.rstrip("/" + os.sep) or output
+    return name.removesuffix(".csv") + ".errors.csv"
+
+
+def already_exists(label: str, target: str, output: str) -> str:
+    """The one line for a --output or --errors file that exists, on a run without --resume:
+    continue it, unless it is an errors file that no existing output goes with (another run's:
+    a --resume would add this run's rows to it)."""
+    if label == "--errors" and output == "-":
+        return f"--errors {target} already exists, and no --resume continues output on stdout: name another file, or remove it"
+    if label == "--errors" and not os.path.exists(output):
+        return (f"--errors {target} already exists, and the output {output} does not: it is another run's; name "
+                "another --errors file, or remove it")
+    return f"{label} {target} already exists: pass --resume to continue it, or remove it"
+
+
 class ErrorsWriter:
     """`path,stage,error` rows for every file not classified (and notes on those that were).
     With no file (output on stdout and no --errors) the rows go to stderr as warnings."""

@@ -43,8 +43,8 @@ from cnnx.runtime.discover import URI, Discovery, Found, PathKeys, is_uri
 from cnnx.runtime.files import TEMP_PREFIX, atomic_file, escaped_name, first_line, os_error_line, remove_stale_temps
 from cnnx.runtime.model import ModelError, softmax_topk
 from cnnx.runtime.output import (ErrorsWriter, OutputBusy, OutputLock, PredictionWriter, ResumeError, WriteError,
-                                 check_resume, csv_header, read_done, read_run_record, run_record_path,
-                                 summary_counts, write_run_record)
+                                 already_exists, check_resume, csv_header, default_errors_path, read_done,
+                                 read_run_record, run_record_path, summary_counts, write_run_record)
 from cnnx.runtime.pipeline import decode_images
 from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS
 
@@ -108,16 +108,6 @@ def output_format(output: str, fmt: str) -> str:
     if output != "-" and (output.endswith(("/", os.sep, ".parquet")) or os.path.isdir(output)):
         return "parquet"
     return fmt
-
-
-def default_errors_path(output: str):
-    """OUTPUT's name + .errors.csv beside it (a folder's name for Parquet), None for stdout."""
-    if output == "-":
-        return None
-    if output_format(output, "csv") == "parquet":
-        folder = output.rstrip("/" + os.sep)
-        return folder.removesuffix(".parquet") + ".errors.csv"
-    return os.path.splitext(output)[0] + ".errors.csv"  # as local classify names it
 
 
 def classify_with_ray(paths, model, *, output, fmt="csv", errors=None, resume=False, manifest=None, address=None,
@@ -650,7 +640,7 @@ class _Sink:
         for label, target in (("--output", output), ("--errors", errors_path)):
             if target not in (None, "-") and os.path.exists(target) and not resume and not (
                     fmt == "parquet" and target == output and not _parts(output)):
-                raise RayUsageError(f"{label} {target} already exists: pass --resume to continue it, or remove it")
+                raise RayUsageError(already_exists(label, target, output))
         done, noted, escaped = set(), set(), set()
         target = None if output == "-" else output.rstrip("/" + os.sep)  # a Parquet folder's record is beside it
         started = target is not None and os.path.exists(target) and (fmt != "parquet" or bool(_parts(output)))
