@@ -77,9 +77,8 @@ def test_same_rows_as_local_pipeline(ray_session, folder, model, local, tmp_path
     if kind == "parquet/":
         want = [(parquet_name(p), labels, scores) for p, labels, scores in want]
         assert len(list((tmp_path / "parquet").glob("part-*.parquet"))) >= 2  # rows_per_part cuts parts
-        errors_file = tmp_path / "parquet.errors.csv"
-    else:
-        errors_file = tmp_path / (Path(kind).stem + ".errors.csv")
+    errors_file = tmp_path / {"ray.csv": "ray.errors.csv", "ray.jsonl": "ray.jsonl.errors.csv",
+                              "parquet/": "parquet.errors.csv"}[kind]  # where local classify puts them
     assert_same_predictions(read_predictions(output), want)
     assert sorted(read_errors(errors_file)) == sorted(want_errors)
     stages = Counter(stage for _, stage, _ in want_errors)
