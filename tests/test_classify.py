@@ -304,6 +304,12 @@ def test_jsonl_resume_drops_a_half_written_line(model, cifar_subset, tmp_path):
     r = run([folder, "--model", model, "-o", cut, "--format", "jsonl", "--batch-size", "4", "--resume"])
     assert r.exit_code == 0 and "classified 4 images" in r.stderr
     assert cut.read_text() == full.read_text()
+    # Another --topk would append rows of another width (a CSV's header refuses it): refused too.
+    for topk, code in (("3", 1), ("5", 0)):
+        r = run([folder, "--model", model, "-o", cut, "--format", "jsonl", "--resume", "--topk", topk])
+        assert r.exit_code == code and cut.read_text() == full.read_text(), r.stderr
+    assert "line 1 holds a top-5, this run writes a top-3" in one_line_error(
+        run([folder, "--model", model, "-o", cut, "--format", "jsonl", "--resume", "--topk", "3"]))
 
 
 def test_existing_output_is_never_overwritten(model, cifar_subset, tmp_path):

@@ -428,8 +428,12 @@ def read_done(path, fmt: str, topk: int | None, *, notes: set | None = None):
             try:
                 rec = json.loads(line)
                 done.add(rec["path"])
+                width = len(rec["topk"])
             except (ValueError, KeyError, TypeError):
                 raise ResumeError(f"{path}: line {i + 1} is not a cnnx JSONL prediction") from None
+            if topk is not None and width != topk:  # as a CSV's header tells its --topk
+                raise ResumeError(f"{path}: line {i + 1} holds a top-{width}, this run writes a top-{topk} "
+                                  "(resume with the same --topk)")
             kept.append(line + "\n")
         if tail:
             _drop_cut_short_row(path, "".join(kept))
