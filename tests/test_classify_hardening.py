@@ -588,3 +588,17 @@ def test_outputs_of_two_formats_never_share_an_errors_file(model, tmp_path):
     r = run([folder, "--model", model, "-o", tmp_path / "q.csv", "--errors", tmp_path / "p.errors.csv"])
     assert r.exit_code == 2 and "another run's" in r.stderr and "--resume" not in r.stderr, r.stderr
     assert not (tmp_path / "q.csv").exists() and (tmp_path / "p.errors.csv").read_bytes() == first
+
+
+def test_output_naming_this_process_stdout_is_stdout(model, tmp_path):
+    """`-o /dev/stdout` into a pipe failed on a lock beside /proc/<pid>/fd/pipe:[...], and
+    redirected to a file it "already exists" (the shell had just created it)."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(photo_like(30, 30, seed=1)).save(folder / "a.png")
+    cmd = [sys.executable, "-m", "cnnx", "classify", str(folder), "--model", str(model), "--topk", "1"]
+    piped = subprocess.run([*cmd, "-o", "/dev/stdout"], capture_output=True, text=True)
+    assert piped.returncode == 0 and piped.stdout.splitlines()[1].startswith(f'"{folder}/a.png"'), piped.stderr
+    with open(tmp_path / "redirected.csv", "w") as f:
+        r = subprocess.run([*cmd, "-o", "/dev/fd/1"], stdout=f, stderr=subprocess.PIPE, text=True)
+    assert r.returncode == 0 and (tmp_path / "redirected.csv").read_text() == piped.stdout, r.stderr
