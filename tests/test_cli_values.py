@@ -58,6 +58,40 @@ def test_evaluate_replaces_only_its_own_plot_and_page(run, tmp_path):
     assert run_cli([*base, "--plot", tmp_path / "p.png"]).exit_code == 0  # its own plot: replaced
 
 
+def test_evaluate_prints_its_figures_whatever_happens_to_its_files(run, tmp_path):
+    """Its default plot replaced a file of the user's that --plot refuses; a checkpoint kept
+    where the plot cannot go (read-only) lost the figures to an error naming a temp file; a
+    report that cannot be written did too. The figures come first; the default plot is a
+    warning; a file asked for that cannot be written is one line naming it, exit 1."""
+    import json
+    import shutil
+
+    from tests._fs_util import mounted_tmpfs
+
+    data, ckpt, _model = run
+    store = tmp_path / "store"
+    store.mkdir()
+    shutil.copy(ckpt, store / "best.pt")
+    default = store / f"confusion_{data.name}.png"
+    default.write_text("my notes\n")
+    base = ["evaluate", store / "best.pt", "--data", data, "--workers", "1"]
+    r = run_cli([*base, "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["plot"] is None and default.read_text() == "my notes\n"
+    assert f"warning: no confusion plot: {default} exists and is not a PNG image" in r.stderr
+    # A data folder named in bytes that are not UTF-8: matplotlib's title took the surrogates (a traceback).
+    odd = Path(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"d\xff")))
+    shutil.copytree(data, odd)
+    r = run_cli(["evaluate", store / "best.pt", "--data", odd, "--workers", "1", "--plot", tmp_path / "odd.png",
+                 "--report", tmp_path / "odd.html"])
+    assert r.exit_code == 0 and (tmp_path / "odd.png").read_bytes()[:4] == b"\x89PNG", r.stderr[-2000:]
+    assert "d\\xff" in (tmp_path / "odd.html").read_text()
+    with mounted_tmpfs(tmp_path / "full", "16k") as full:
+        r = run_cli([*base, "--plot", tmp_path / "p.png", "--report", full / "r.html"])
+        assert r.exit_code == 1 and r.stdout.startswith("images\t40\ntop1\t"), r.stderr
+        assert r.stderr.strip().splitlines()[-1] == f"Error: cannot write: No space left on device: {full / 'r.html'}"
+        assert os.listdir(full) == [] and (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_the_atomic_writer_never_replaces_what_is_not_a_regular_file(tmp_path):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)

@@ -112,7 +112,10 @@ def atomic_file(path, mode: str = "wb", *, encoding: str | None = None, newline:
         # A rename would replace a device node (/dev/null, as root), a FIFO or a socket by a file.
         raise OSError(errno.EEXIST, "exists and is not a regular file; not replaced", path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=folder)
+    except OSError as e:  # named by its random temp name: the user knows the file asked for
+        raise OSError(e.errno, e.strerror, path) from None
     try:
         hold_as_writer(fd)
         if keep_mode_of_target:

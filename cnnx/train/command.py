@@ -394,58 +394,79 @@ def evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, ca
     _check_evaluation_files(checkpoint, report, plot)
     try:
         ev = _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, cache, keep_probs=bool(report))
-        m, names = ev["metrics"], ev["class_names"]
-        plot_path = (Path(plot) if plot else
-                     Path(checkpoint).resolve().parent / f"confusion_{Path(ev['folder']).resolve().name}.png")
-        remove_stale_temps_beside(plot_path, report)
-        _write_evaluation_files(ev, checkpoint, plot_path, report)
     except (CheckpointError, DataError, SpecError) as e:
         raise click.ClickException(first_line(e)) from None
     except OSError as e:
         raise click.ClickException(os_error_line(e)) from None
+    m, names = ev["metrics"], ev["class_names"]
+    # The files come after the evaluation and never cost its figures: those are printed first
+    # whatever happens to them. The default plot is a courtesy: one it cannot write is a warning.
+    plot_path = Path(plot) if plot else Path(checkpoint).resolve().parent / f"confusion_{Path(ev['folder']).resolve().name}.png"
+    why_not = {}  # file -> the one line of why it was not written
+    if plot is None:
+        why = _not_replaceable("--plot", plot_path, checkpoint)
+        if why is not None:
+            why_not[plot_path] = f"{plot_path} {why}"
+    for path, write in ((plot_path, _write_plot), (report, _write_evaluation_report)):
+        if path is not None and path not in why_not:
+            try:
+                remove_stale_temps_beside(path)
+                write(ev, checkpoint, path)
+            except OSError as e:
+                why_not[path] = os_error_line(e, path)
     if as_json:
         click.echo(json.dumps({"checkpoint": str(checkpoint), "data": str(ev["folder"]), "n": m["n"], "loss": m["loss"],
                                "top1": m["top1"], "top5": m["top5"],
                                "per_class": {c: (None if v != v else v) for c, v in zip(names, m["per_class"])},
                                "confusion": m["confusion"], "class_names": names, "skipped": len(ev["data"].skipped),
-                               "trained_on": ev["trained_on"] is not None, "plot": str(plot_path)}))
+                               "trained_on": ev["trained_on"] is not None,
+                               "plot": None if plot_path in why_not else str(plot_path)}))
     else:
         click.echo(f"images\t{m['n']}\ntop1\t{m['top1']:.4f}\ntop5\t{m['top5']:.4f}\nloss\t{m['loss']:.4f}")
         for c, v in zip(names, m["per_class"]):
             click.echo(f"top1[{c}]\t{'-' if v != v else f'{v:.4f}'}")
-    click.echo(f"confusion matrix: {plot_path}", err=True)
-    if report:
-        click.echo(f"report: {report}", err=True)
     sys.stdout.flush()
+    if plot is None and plot_path in why_not:
+        click.echo(f"warning: no confusion plot: {why_not.pop(plot_path)} (pass --plot FILE)", err=True)
+    elif plot_path not in why_not:
+        click.echo(f"confusion matrix: {plot_path}", err=True)
+    if report and report not in why_not:
+        click.echo(f"report: {report}", err=True)
+    if why_not:
+        raise click.ClickException(f"cannot write: {next(iter(why_not.values()))}")
+
+
+def _not_replaceable(label: str, path, checkpoint) -> str | None:
+    """Why evaluate's --report or --plot file cannot be written (None: it can): the page
+    replaces only a page cnnx wrote, the plot only a PNG (an earlier evaluation's)."""
+    from cnnx.report import report_replaceable
+    from cnnx.runtime.preprocess import PNG_SIGNATURE
+
+    if os.path.realpath(path) == os.path.realpath(checkpoint):
+        return "is the checkpoint"
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        return f"has no folder {os.path.dirname(os.path.abspath(path))} to go in"
+    if label == "--report":
+        return report_replaceable(path)
+    if os.path.lexists(path):
+        if not os.path.isfile(path):
+            return "exists and is not a regular file"
+        with open(path, "rb") as f:
+            if f.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
+                return "exists and is not a PNG image (a plot would replace it)"
+    return None
 
 
 def _check_evaluation_files(checkpoint, report, plot):
     """Before the evaluation (the files are written after it, over what is there): --report
     replaces only a page cnnx wrote, --plot only a PNG (a plot of an earlier evaluation); neither
     is the checkpoint or the other, and each has a folder to go in. UsageError otherwise."""
-    from cnnx.report import report_replaceable
-    from cnnx.runtime.preprocess import PNG_SIGNATURE
-
-    given = [("--report", report), ("--plot", plot)]
-    for label, path in given:
+    for label, path in (("--report", report), ("--plot", plot)):
         if path is None:
             continue
         if path == "":
             raise click.UsageError(f"{label} needs a file name")
-        why = None
-        if os.path.realpath(path) == os.path.realpath(checkpoint):
-            why = "is the checkpoint"
-        elif not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            why = f"has no folder {os.path.dirname(os.path.abspath(path))} to go in"
-        elif label == "--report":
-            why = report_replaceable(path)
-        elif os.path.lexists(path):
-            if not os.path.isfile(path):
-                why = "exists and is not a regular file"
-            else:
-                with open(path, "rb") as f:
-                    if f.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
-                        why = "exists and is not a PNG image (a plot would replace it)"
+        why = _not_replaceable(label, path, checkpoint)
         if why is not None:
             raise click.UsageError(f"{label} {path} {why}: remove it or name another file")
     if report and plot and os.path.realpath(report) == os.path.realpath(plot):
@@ -538,23 +559,27 @@ def _trained_on(ckpt: dict, folder) -> str | None:
     return "train" if parent == trained and SPLIT_FOLDERS.get(name.lower()) == "train" else None
 
 
-def _write_evaluation_files(ev: dict, checkpoint, plot_path: Path, report):
+def _write_plot(ev: dict, checkpoint, plot_path):
+    from cnnx.runtime.files import escaped_name
     from cnnx.train import plots
 
     m = ev["metrics"]
-    plots.plot_confusion(m["confusion"], ev["class_names"], plot_path,
-                         title=f"{Path(checkpoint).name} on {ev['folder']} ({m['n']} images)")
-    if report:
-        from cnnx.report import Predictions, write_training_report
-        from cnnx.train.cache import Rows
+    plots.plot_confusion(m["confusion"], ev["class_names"], plot_path,  # names that are not UTF-8: \xNN
+                         title=f"{escaped_name(Path(checkpoint).name)} on {escaped_name(ev['folder'])} ({m['n']} images)")
 
-        d = ev["data"]
-        write_training_report(
-            report, title=f"cnnx evaluate: {Path(checkpoint).name} on {ev['folder']}", config=ev["ckpt"]["config"],
-            history=[], class_names=ev["class_names"], confusion=m["confusion"],
-            val=Predictions(images=d.images if isinstance(d.images, Rows) else d.images.numpy(),  # Rows: --cache disk
-                            labels=ev["labels"].numpy(), probs=m["probs"].numpy(),
-                            paths=d.paths),
-            summary={"checkpoint": str(checkpoint), "epoch": ev["ckpt"]["epoch"], "data": str(ev["folder"]),
-                     "images": m["n"], "top1": m["top1"], "top5": m["top5"], "loss": m["loss"],
-                     "skipped": len(d.skipped)})
+
+def _write_evaluation_report(ev: dict, checkpoint, report):
+    from cnnx.report import Predictions, write_training_report
+    from cnnx.runtime.files import escaped_name
+    from cnnx.train.cache import Rows
+
+    m, d = ev["metrics"], ev["data"]
+    write_training_report(
+        report, title=f"cnnx evaluate: {escaped_name(Path(checkpoint).name)} on {escaped_name(ev['folder'])}",
+        config=ev["ckpt"]["config"], history=[], class_names=ev["class_names"], confusion=m["confusion"],
+        val=Predictions(images=d.images if isinstance(d.images, Rows) else d.images.numpy(),  # Rows: --cache disk
+                        labels=ev["labels"].numpy(), probs=m["probs"].numpy(),
+                        paths=d.paths),
+        summary={"checkpoint": escaped_name(checkpoint), "epoch": ev["ckpt"]["epoch"], "data": escaped_name(ev["folder"]),
+                 "images": m["n"], "top1": m["top1"], "top5": m["top5"], "loss": m["loss"],
+                 "skipped": len(d.skipped)})
