@@ -183,7 +183,11 @@ def test_split_layout_early_stopping_and_test_split_once(cifar_train_dir, tmp_pa
     before = (run / "test_metrics.json").read_bytes()
     (run / "test_metrics.json").unlink()
     (run / "plots" / "confusion.png").unlink()
-    r = run_cli(["train", "--resume", run, "--quiet"])
+    # The command that began it with --resume added (README) gives --epochs and --patience again,
+    # their own values: it was refused ("as many as --epochs 5 asks").
+    began = seed_args(data, tmp_path / "runs", "x", tmp_path / "c", "--epochs", "5", "--batch-size", "16",
+                      "--lr", "1e-9", "--patience", "1")
+    r = run_cli([*began, "--resume", run])
     assert r.exit_code == 0 and "stopped before it wrote plots/confusion.png, test_metrics.json" in r.stderr, r.stderr
     assert (run / "test_metrics.json").read_bytes() == before and (run / "plots" / "confusion.png").exists()
     assert len((run / "metrics.csv").read_text().strip().splitlines()) == 1 + 2

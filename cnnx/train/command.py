@@ -255,7 +255,10 @@ def _resume_config(resume, folder: Path, given, opts):
         return cfg, ckpt, False
     done, since = ckpt["epoch"], ckpt["best"]["since"]
     early = bool(began.patience and since >= began.patience)  # it stopped early
-    if (done >= began.epochs or early) and not given & {"epochs", "patience"}:  # not asked to train further
+    # Not asked to train further: the values that end a run are its own (the command that began
+    # it, --resume added, gives them again).
+    further = {k for k in ("epochs", "patience") if k in given and getattr(cfg, k) != getattr(began, k)}
+    if (done >= began.epochs or early) and not further:
         left = unwritten_end(folder, ckpt["config"])
         if left:  # stopped after its last checkpoint: what comes after it is written now
             if _rank() == 0:
