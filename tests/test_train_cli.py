@@ -123,6 +123,10 @@ def test_existing_run_is_never_overwritten_and_resume_keeps_its_config(cifar_tra
     _one_line_error(r, 1, "cannot be resumed", "last.pt")
     r = run_cli(["train", "--resume", tmp_path / "runs" / "nope"])
     _one_line_error(r, 1, "not found")
+    r = run_cli(["train", "--resume", tmp_path / "runs" / "x" / "metrics.csv"])  # it said "holds no last.pt" of x
+    _one_line_error(r, 2, "is a file: name the run's folder, or its last.pt")
+    r = run_cli(seed_args(data, tmp_path / "runs", "", tmp_path / "c", "--epochs", "2"))  # it took the default name
+    _one_line_error(r, 2, "--name needs a folder name")
     # The command that started the run, --resume added, continues it (its --data, --arch, --lr,
     # --out and --name were refused); another value still is.
     r = run_cli(args + ["--resume", tmp_path / "runs" / "x", "--batch-size", "32"])

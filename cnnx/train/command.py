@@ -206,6 +206,8 @@ def _resume_dir(resume, given, opts) -> tuple:
 def _run_folder(resume) -> Path:
     """The folder --resume names: the folder itself, or the one holding the last.pt given."""
     path = Path(resume)
+    if path.is_file() and path.name not in ("last.pt", "best.pt"):  # best.pt: resume_state says why not
+        raise click.BadParameter(f"{resume} is a file: name the run's folder, or its last.pt", param_hint="--resume")
     return path.parent if path.is_file() else path
 
 
@@ -334,7 +336,9 @@ def _new_run_config(opts, out, name, arch_given=True):
                                      param_hint="--pretrained")
     arch = opts.pop("arch")
     cfg = resolve_config(arch, cuda=_runs_on_cuda(opts.get("device")), **opts)
-    if not name:
+    if name == "":
+        raise click.UsageError("--name needs a folder name (leave it out for <arch>-<date>-<time>)")
+    if name is None:
         name = f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}"
     if "/" in name or name in (".", ".."):
         raise click.BadParameter(f"must be a plain folder name, got {name!r}", param_hint="--name")
