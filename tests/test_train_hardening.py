@@ -461,6 +461,22 @@ def test_a_diverging_run_stops_with_one_line_and_saves_no_best_pt(small, tmp_pat
     assert r.exit_code == 2 and "cannot be combined with --optimizer muon" in r.stderr, r.stderr[-2000:]
 
 
+def test_a_step_larger_than_memory_is_one_line_before_any_decoding(small, tmp_path):
+    """--image-size 4096 on the CPU ended in the allocator's RuntimeError traceback at the first
+    step (or the OOM killer's SIGKILL), after the whole folder was decoded."""
+    from cnnx.train.zoo import activation_bytes
+
+    small_bytes = activation_bytes("airnet", {}, (32, 32))
+    assert 0 < 3.5 * small_bytes < activation_bytes("airnet", {}, (64, 64)) < 4.5 * small_bytes  # grows with the area
+    r = run_cli(seed_args(small, tmp_path / "runs", "big", tmp_path / "c", "--image-size", "4096",
+                          "--batch-size", "256"))
+    assert r.exit_code == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: seed-cnn on batches of 256 images of 4096x4096 px needs about ") and \
+        "a smaller --batch-size" in last, last
+    assert "data:" not in r.stderr and not list((tmp_path / "c").glob("folders/*"))
+
+
 def test_a_full_cache_folder_is_a_warning_and_the_run_trains(small, tmp_path):
     """The decoded data did not fit the cache folder: torch's writer said RuntimeError, not
     OSError, and the run ended in a 50-line traceback where a warning was meant."""

@@ -407,6 +407,25 @@ def _gpu_memory_as_one_line(cfg: TrainConfig, device: str):
                              f"images{size}; a smaller --batch-size (or --image-size)") from None
 
 
+class OutOfMemory(ValueError):
+    """A training step on the CPU would need more memory than is free: one line (exit 1)."""
+
+
+def _check_step_fits_memory(cfg: TrainConfig, arch_kwargs: dict, size):
+    """Before the data is decoded: OutOfMemory where a training step's activations (the
+    layers' outputs for a batch) need more than the memory free here. Else the CPU allocator's
+    failure is a RuntimeError traceback at the first step, or the OOM killer's SIGKILL."""
+    from cnnx.train.cache import available_memory
+    from cnnx.train.zoo import activation_bytes
+
+    need, free = activation_bytes(cfg.arch, arch_kwargs, size) * cfg.batch_size, available_memory()
+    if need > free:
+        h, w = size
+        raise OutOfMemory(f"{cfg.arch} on batches of {cfg.batch_size} images of {h}x{w} px needs about "
+                          f"{need / 2**30:.1f} GiB for a training step, more than the {free / 2**30:.1f} GiB of memory "
+                          f"free here: a smaller --batch-size (or --image-size)")
+
+
 class Diverged(ValueError):
     """Training reached non-finite values: one line for the user (exit 1)."""
 
@@ -504,6 +523,8 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
     if "crop" in cfg.aug and cfg.crop_pad >= side:  # reflect padding takes at most side - 1 pixels
         raise ConfigError(f"--crop-pad {cfg.crop_pad} (the {cfg.arch} recipe's, unless given) must be smaller than "
                           f"the image side ({side} px): pass a smaller --crop-pad, or --aug without crop")
+    if dev_type == "cpu":  # CUDA's allocator says it in a torch.OutOfMemoryError (_gpu_memory_as_one_line)
+        _check_step_fits_memory(cfg, arch_kwargs, spec["size"])
     if cfg.weights and resume is None:
         finetune.check_backbone(cfg.weights, cfg.arch, arch_kwargs)
     # A resume takes every weight from last.pt: the ImageNet file is needed (and read) only to start.

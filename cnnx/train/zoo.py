@@ -321,6 +321,35 @@ def smallest_side(name: str, arch_kwargs: dict, size) -> int | None:
     return hi
 
 
+def activation_bytes(name: str, arch_kwargs: dict, size) -> int:
+    """float32 bytes of every layer's output for one (h, w) image in training mode: about what
+    a training step holds for its backward pass (the real peak is of its order; bf16 lowers
+    it, the optimizer's buffers add to it). On the meta device: no memory spent. 0 where an op
+    has no meta kernel (not estimated)."""
+    import warnings
+
+    total = 0
+
+    def count(_module, _inputs, output):
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel() * 4
+
+    h, w = size
+    kwargs = {**arch_kwargs, **({"image_size": h} if "image_size" in arch_kwargs else {})}
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = create_model(name, 2, **kwargs).train()
+        for m in net.modules():
+            if next(m.children(), None) is None:
+                m.register_forward_hook(count)
+        try:
+            net(torch.empty(1, 3, h, w))
+        except (NotImplementedError, RuntimeError):
+            return 0
+    return total
+
+
 def _replace_fc(m, n):
     m.fc = nn.Linear(m.fc.in_features, n)
 
