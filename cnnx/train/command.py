@@ -128,7 +128,7 @@ def train(ctx, out, name, resume, stop_after, quiet, compile_, aug, **opts):
     from cnnx.train.checkpoint import CheckpointError
     from cnnx.train.config import ConfigError
     from cnnx.train.data import DataError
-    from cnnx.train.run import Diverged, PeerStopped, RunFolderError, fit, reserve_run_dir
+    from cnnx.train.run import EveryRankAlike, PeerStopped, RunFolderError, fit, reserve_run_dir
     from cnnx.train.zoo import UnknownArch
 
     opts["compile"] = compile_
@@ -162,7 +162,7 @@ def train(ctx, out, name, resume, stop_after, quiet, compile_, aug, **opts):
     except OSError as e:  # a full disk (ENOSPC), a read-only or vanished --out: every write is atomic
         raise click.ClickException(os_error_line(e)) from None
     except ValueError as e:  # device/config combinations only known at run time (e.g. --device cuda without CUDA)
-        if isinstance(e, Diverged) and _rank() != 0:  # every rank has the same all-reduced loss: rank 0 says it
+        if isinstance(e, EveryRankAlike) and _rank() != 0:
             from cnnx.cli import leave_it_to_rank_0
 
             leave_it_to_rank_0(1)

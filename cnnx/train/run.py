@@ -426,7 +426,12 @@ def _check_step_fits_memory(cfg: TrainConfig, arch_kwargs: dict, size):
                           f"free here: a smaller --batch-size (or --image-size)")
 
 
-class Diverged(ValueError):
+class EveryRankAlike(ValueError):
+    """A failure that every process of a torchrun launch reaches alike, from what they share
+    (the all-reduced loss, the same splits): rank 0 says it, once (exit 1)."""
+
+
+class Diverged(EveryRankAlike):
     """Training reached non-finite values: one line for the user (exit 1)."""
 
 
@@ -659,10 +664,11 @@ def load_run_data(cfg: TrainConfig, spec: dict, run_dir: Path, d: loop.Dist, pro
         if len(splits.skipped) > 20:
             say(f"  ... and {len(splits.skipped) - 20} more (all listed in {run_dir / 'skipped.txt'})", d)
     if len(splits.train[1]) == 0 or len(splits.val[1]) == 0:
-        raise ValueError(f"not enough images to train and validate "
+        raise EveryRankAlike(f"not enough images to train and validate "
                          f"({len(splits.train[1])} train, {len(splits.val[1])} val)")
     if len(splits.train[1]) < d.world:  # a rank with no training image trains on an empty batch (a NaN loss)
-        raise ValueError(f"{len(splits.train[1])} training image(s) for {d.world} processes: each needs at least one")
+        raise EveryRankAlike(f"{len(splits.train[1])} training image(s) for {d.world} processes: each needs at "
+                             "least one")
     return splits
 
 
