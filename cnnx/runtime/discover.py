@@ -231,7 +231,6 @@ class Discovery:
             out.append(run)
         return out
 
-
     def _walked_as_root(self, link: str) -> bool:
         """Whether what a symlink this walk does not follow leads to is a root, or lies in a
         root folder's walk: its files are classified there, and the link is no skip."""
@@ -252,11 +251,12 @@ def _not_walked_twice(stated: list, follow_symlinks: bool) -> list:
     classified twice, the second row out of the sorted order."""
     folders = {}  # resolved folder -> its position in stated
     spelt = {}  # with symlinks followed: the folder as spelt (_spelt) -> its position
+    spellings = [_spelt(root) if follow_symlinks else None for _key, root, _st in stated]
     for i, (_key, root, st) in enumerate(stated):
         if not isinstance(st, OSError) and stat.S_ISDIR(st.st_mode):
             folders.setdefault(os.path.realpath(root), i)
-            if follow_symlinks and _spelt(root):
-                spelt.setdefault(_spelt(root), i)
+            if spellings[i] is not None:
+                spelt.setdefault(spellings[i], i)
     files = PathKeys()
     seen_files = set()
     kept = []
@@ -267,7 +267,7 @@ def _not_walked_twice(stated: list, follow_symlinks: bool) -> list:
             continue
         # With symlinks followed, a walk also reaches what lies under it through a symlinked
         # folder (DIR/link/sub): as spelt, not resolved.
-        through_links = follow_symlinks and _spelt(root) is not None and _reached(_spelt(root), spelt)
+        through_links = spellings[i] is not None and _reached(spellings[i], spelt)
         if stat.S_ISDIR(st.st_mode):
             real = os.path.realpath(root)
             if folders[real] != i or _reached(real, folders) or through_links:
