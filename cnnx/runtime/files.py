@@ -20,8 +20,9 @@ import tempfile
 
 TEMP_PREFIX = ".cnnx-tmp-"
 
-# The error handler cnnx's stderr encodes with (cli.main): a file name's bytes that are not
-# UTF-8, which os.fsdecode turns into lone surrogates, print as \xNN rather than as \udcNN.
+# The error handler cnnx's stdout and stderr encode with (cli.main): a file name's bytes that
+# are not UTF-8, which os.fsdecode turns into lone surrogates, print as \xNN, not as \udcNN;
+# what else cannot be encoded (a lone surrogate from JSON) as backslashreplace prints it.
 NAME_BYTES_ERRORS = "cnnx-name-bytes"
 
 
@@ -31,9 +32,8 @@ def _undecoded(c: str) -> bool:
 
 def _name_bytes_as_hex(error: UnicodeEncodeError):
     bad = error.object[error.start:error.end]
-    shown = "".join(f"\\x{ord(c) - 0xDC00:02x}" if _undecoded(c) else c.encode("ascii", "backslashreplace").decode()
-                    for c in bad)
-    return shown, error.end
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if _undecoded(c) else c.encode("ascii", "backslashreplace").decode()
+                   for c in bad), error.end
 
 
 codecs.register_error(NAME_BYTES_ERRORS, _name_bytes_as_hex)
