@@ -393,7 +393,7 @@ def _pick_split(layout, split, data):
               help="Also write one self-contained HTML page: per-class, confusion and the image galleries.")
 def evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, cache, plot, as_json, report):
     """Top-1, top-5, per-class accuracy and confusion matrix of CHECKPOINT on a labelled image folder."""
-    from cnnx.runtime.files import first_line, os_error_line, remove_stale_temps_beside
+    from cnnx.runtime.files import first_line, os_error_line
     from cnnx.runtime.preprocess import SpecError
     from cnnx.train.checkpoint import CheckpointError
     from cnnx.train.data import DataError
@@ -406,21 +406,7 @@ def evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, ca
     except OSError as e:
         raise click.ClickException(os_error_line(e)) from None
     m, names = ev["metrics"], ev["class_names"]
-    # The files come after the evaluation and never cost its figures: those are printed first
-    # whatever happens to them. The default plot is a courtesy: one it cannot write is a warning.
-    plot_path = Path(plot) if plot else Path(checkpoint).resolve().parent / f"confusion_{Path(ev['folder']).resolve().name}.png"
-    why_not = {}  # file -> the one line of why it was not written
-    if plot is None:
-        why = _not_replaceable("--plot", plot_path, checkpoint)
-        if why is not None:
-            why_not[plot_path] = f"{plot_path} {why}"
-    for path, write in ((plot_path, _write_plot), (report, _write_evaluation_report)):
-        if path is not None and path not in why_not:
-            try:
-                remove_stale_temps_beside(path)
-                write(ev, checkpoint, path)
-            except OSError as e:
-                why_not[path] = os_error_line(e, path)
+    plot_path, why_not = _write_evaluation_files(ev, checkpoint, plot, report)
     if as_json:
         click.echo(json.dumps({"checkpoint": str(checkpoint), "data": str(ev["folder"]), "n": m["n"], "loss": m["loss"],
                                "top1": m["top1"], "top5": m["top5"],
@@ -441,6 +427,30 @@ def evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, ca
         click.echo(f"report: {report}", err=True)
     if why_not:
         raise click.ClickException(f"cannot write: {next(iter(why_not.values()))}")
+
+
+def _write_evaluation_files(ev: dict, checkpoint, plot, report) -> tuple[Path, dict]:
+    """The plot (--plot, else the default beside the checkpoint) and the --report page, after
+    the evaluation: (the plot's path, {file: one line of why it was not written}). The caller
+    prints the figures first whatever happened to the files; the default plot is a courtesy,
+    never written over a file that is not a plot."""
+    from cnnx.runtime.files import os_error_line, remove_stale_temps_beside
+
+    folder_name = Path(ev["folder"]).resolve().name
+    plot_path = Path(plot) if plot else Path(checkpoint).resolve().parent / f"confusion_{folder_name}.png"
+    why_not = {}
+    if plot is None:
+        why = _not_replaceable("--plot", plot_path, checkpoint)
+        if why is not None:
+            why_not[plot_path] = f"{plot_path} {why}"
+    for path, write in ((plot_path, _write_plot), (report, _write_evaluation_report)):
+        if path is not None and path not in why_not:
+            try:
+                remove_stale_temps_beside(path)
+                write(ev, checkpoint, path)
+            except OSError as e:
+                why_not[path] = os_error_line(e, path)
+    return plot_path, why_not
 
 
 def _not_replaceable(label: str, path, checkpoint) -> str | None:
