@@ -145,11 +145,11 @@ def _hold_standard_streams():
         sys.stdout = open(1, "w", closefd=False)
     if sys.stderr is None:
         sys.stderr = open(2, "w", closefd=False)
-    from cnnx.runtime.files import NAME_BYTES_ERRORS
+    from cnnx.runtime.files import NAME_BYTES_ERRORS, RAW_NAME_BYTES_ERRORS
 
-    for stream in (sys.stdout, sys.stderr):  # a name that is not UTF-8, in any message: its bytes as \xNN
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors=NAME_BYTES_ERRORS)
+    for stream, errors in ((sys.stdout, RAW_NAME_BYTES_ERRORS), (sys.stderr, NAME_BYTES_ERRORS)):
+        if hasattr(stream, "reconfigure"):  # names that are not UTF-8: files.NAME_BYTES_ERRORS
+            stream.reconfigure(errors=errors)
 
 
 def _exit_now(code: int):

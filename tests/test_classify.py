@@ -448,3 +448,16 @@ def test_names_that_are_not_utf8_print_their_bytes_in_messages(model, tmp_path):
     for missing_or_empty in (os.path.join(root, b"empty-\xfe"), os.path.join(root, b"gone-\xfe")):
         r = classify(missing_or_empty)
         assert r.returncode in (1, 2) and rb"\xfe" in r.stderr and b"\\udc" not in r.stderr, r.stderr
+    # A model so named (onnxruntime's bindings refused the path: "incompatible constructor
+    # arguments"), in such a folder too; on stdout a path is the path, its own bytes, as
+    # surrogateescape wrote them (a script reads it back).
+    odd = os.path.join(os.fsencode(tmp_path), b"m\xfd.onnx")
+    shutil.copyfile(model, odd)
+    r = subprocess.run([sys.executable, "-m", "cnnx", "info", odd], capture_output=True)
+    assert r.returncode == 0 and odd in r.stdout and rb"\xfd" not in r.stdout, r.stderr
+    os.makedirs(os.path.join(os.fsencode(tmp_path), b"f\xfc"))
+    shutil.copyfile(model, os.path.join(os.fsencode(tmp_path), b"f\xfc", b"model.onnx"))
+    for path in (odd, os.path.join(os.fsencode(tmp_path), b"f\xfc", b"model.onnx")):
+        r = subprocess.run([sys.executable, "-m", "cnnx", "classify", os.path.join(root, b"ok.jpg"), "--model", path],
+                           capture_output=True)
+        assert r.returncode == 0 and r.stdout.count(b"\n") == 2, r.stderr

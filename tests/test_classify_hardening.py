@@ -602,3 +602,9 @@ def test_output_naming_this_process_stdout_is_stdout(model, tmp_path):
     with open(tmp_path / "redirected.csv", "w") as f:
         r = subprocess.run([*cmd, "-o", "/dev/fd/1"], stdout=f, stderr=subprocess.PIPE, text=True)
     assert r.returncode == 0 and (tmp_path / "redirected.csv").read_text() == piped.stdout, r.stderr
+    # ... but --resume into the file stdout is appended to reads it back as a path
+    Image.fromarray(photo_like(30, 30, seed=2)).save(folder / "b.png")
+    with open(tmp_path / "redirected.csv", "a") as f:
+        r = subprocess.run([*cmd, "-o", "/dev/stdout", "--resume"], stdout=f, stderr=subprocess.PIPE, text=True)
+    rows = (tmp_path / "redirected.csv").read_text().splitlines()
+    assert r.returncode == 0 and "1 already done" in r.stderr and len(rows) == 3 and "b.png" in rows[2], r.stderr

@@ -210,6 +210,12 @@ def test_a_root_reached_through_a_symlinked_folder_is_walked_once_and_never_a_sk
         assert classified(got) == classified(found(*roots[1:])) | classified(walked), roots
     # Without --follow-symlinks a link to a folder only part of which is classified stays a skip;
     # with it, two links to one folder walk it once.
+    # A link to a file the walk passes over (no image name) is its only name here: a skip.
+    os.makedirs("outer/blobs")
+    (tmp_path / "outer" / "blobs" / "3f9a2c").write_bytes(b"x")
+    os.symlink("blobs/3f9a2c", tmp_path / "outer" / "cat.jpg")
+    assert ("outer/cat.jpg", skip[1]) in found("outer") if not follow else ("outer/cat.jpg", None) in found("outer")
+    os.remove(tmp_path / "outer" / "cat.jpg")
     os.symlink("../elsewhere", tmp_path / "outer" / "link2")
     assert found("outer") == (walked if follow else [*walked, ("outer/link2", skip[1])])
     assert (skip in found("outer", "elsewhere/sub")) != follow

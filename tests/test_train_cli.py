@@ -123,8 +123,11 @@ def test_existing_run_is_never_overwritten_and_resume_keeps_its_config(cifar_tra
     _one_line_error(r, 1, "cannot be resumed", "last.pt")
     r = run_cli(["train", "--resume", tmp_path / "runs" / "nope"])
     _one_line_error(r, 1, "not found")
-    r = run_cli(["train", "--resume", tmp_path / "runs" / "x" / "metrics.csv"])  # it said "holds no last.pt" of x
-    _one_line_error(r, 2, "is a file: name the run's folder, or its last.pt")
+    (tmp_path / "notes.txt").write_text("mine\n")  # it said "holds no last.pt" of the folder holding it
+    r = run_cli(["train", "--resume", tmp_path / "notes.txt"])
+    _one_line_error(r, 1, "notes.txt: not in a run's folder")
+    r = run_cli(["train", "--resume", tmp_path / "runs" / "x" / "metrics.csv"])
+    _one_line_error(r, 1, "cannot read checkpoint")
     r = run_cli(seed_args(data, tmp_path / "runs", "", tmp_path / "c", "--epochs", "2"))  # it took the default name
     _one_line_error(r, 2, "--name needs a folder name")
     # The command that started the run, --resume added, continues it (its --data, --arch, --lr,

@@ -72,7 +72,7 @@ def describe_onnx(path) -> dict:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     try:
-        s = ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
+        s = cuda.new_session(ort, path, opts, ["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types for bad files
         raise ModelInfoError(f"onnxruntime cannot load {path}: {first_line(e, 200)}") from None
 

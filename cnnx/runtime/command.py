@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -132,7 +133,7 @@ def classify(paths, model_path, output, fmt, topk, batch_size, workers, decode, 
     """
     t0 = time.perf_counter()
     _no_blas_threads()
-    output = "-" if _is_stdout(output) else output
+    output = "-" if _is_stdout(output, resume) else output
     if engine == "ray":
         if decoder != "cpu":
             raise click.UsageError(f"--decoder {decoder}: only with --engine local")
@@ -317,17 +318,18 @@ def _check_usage(paths, output, errors_path, resume, report_path, model_path):
             raise click.BadParameter(f"{shown(path)} does not exist", param_hint="PATH...")
 
 
-def _is_stdout(output: str) -> bool:
-    """Whether --output names this process's stdout (/dev/stdout, /dev/fd/1): written as `-` is.
-    As a file it resolves to a pipe's /proc name, which is no path, or to the file the shell
-    just created for the redirect, which then "already exists"."""
+def _is_stdout(output: str, resume: bool) -> bool:
+    """Whether --output names this process's stdout (/dev/stdout, /dev/fd/1), to be written as
+    `-` is: as a file it resolves to a pipe's /proc name, which is no path, or to the file the
+    shell just created for the redirect, which then "already exists". Not with --resume into a
+    file (`-o /dev/stdout --resume >> pred.csv`): that reads the file back, as a path."""
     if output == "-":
         return True
     try:
         st, out = os.stat(output), os.fstat(1)
     except OSError:
         return False
-    return (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino)
+    return (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino) and not (resume and stat.S_ISREG(out.st_mode))
 
 
 def _check_files(output, errors_path, report_path, model_path):

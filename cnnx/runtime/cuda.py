@@ -54,13 +54,41 @@ def new_session(ort, model, options, providers):
     on purpose) and, in 1.31, a warning for every session whose CUDA provider gets options
     ("No registered plugin EP device found"). The logger is process-wide and has no getter:
     it goes back to onnxruntime's default, WARNING."""
-    if all((p if isinstance(p, str) else p[0]) == CPU_PROVIDER for p in providers):
-        return ort.InferenceSession(model, options, providers=providers)
-    ort.set_default_logger_severity(4)
+    with _text_path(model) as model:
+        if all((p if isinstance(p, str) else p[0]) == CPU_PROVIDER for p in providers):
+            return ort.InferenceSession(model, options, providers=providers)
+        ort.set_default_logger_severity(4)
+        try:
+            return ort.InferenceSession(model, options, providers=providers)
+        finally:
+            ort.set_default_logger_severity(2)
+
+
+@contextlib.contextmanager
+def _text_path(path):
+    """The model's path as onnxruntime's bindings take it: text that UTF-8 can encode. A name
+    that is not UTF-8 (its bytes are surrogates after os.fsdecode) goes through /proc/self/fd:
+    of its open folder where only the folder's name is not (the model's external-data files
+    stay beside it), else of the open file itself."""
+    text = os.fsdecode(path)
     try:
-        return ort.InferenceSession(model, options, providers=providers)
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    else:
+        yield text
+        return
+    folder, name = os.path.split(text)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        fd, shown = os.open(text, os.O_RDONLY), ""
+    else:
+        fd, shown = os.open(folder or ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)), "/" + name
+    try:
+        yield f"/proc/self/fd/{fd}{shown}"
     finally:
-        ort.set_default_logger_severity(2)
+        os.close(fd)
 
 
 def onnxruntime():

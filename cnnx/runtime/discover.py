@@ -232,13 +232,18 @@ class Discovery:
         return out
 
     def _walked_as_root(self, link: str) -> bool:
-        """Whether what a symlink this walk does not follow leads to is a root, or lies in a
-        root folder's walk: its files are classified there, and the link is no skip."""
+        """Whether what a symlink this walk does not follow leads to gets its rows anyway: a
+        root, a folder in a root folder's walk, or an image file the walk classifies there
+        (not a file the walk passes over: the link is then the only name it has here)."""
         try:
             real = os.path.realpath(link, strict=True)
+            st = os.stat(real)
         except OSError:  # it leads nowhere (dangling, a loop of links)
             return False
-        return real in self._root_reals or _reached(real, self._root_folders)
+        if real in self._root_reals:
+            return True
+        walked = stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode) and is_image_name(os.path.basename(real))
+        return walked and _reached(real, self._root_folders)
 
 
 def _not_walked_twice(stated: list, follow_symlinks: bool) -> list:

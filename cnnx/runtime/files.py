@@ -20,10 +20,13 @@ import tempfile
 
 TEMP_PREFIX = ".cnnx-tmp-"
 
-# The error handler cnnx's stdout and stderr encode with (cli.main): a file name's bytes that
-# are not UTF-8, which os.fsdecode turns into lone surrogates, print as \xNN, not as \udcNN;
-# what else cannot be encoded (a lone surrogate from JSON) as backslashreplace prints it.
+# The error handlers cnnx's standard streams encode with (cli.main). A file name's bytes that
+# are not UTF-8 are lone surrogates after os.fsdecode: stderr (messages) prints them as \xNN,
+# not as \udcNN; stdout as the bytes themselves (surrogateescape), so that a path it prints is
+# the path. Anything else that cannot be encoded (a lone surrogate from JSON) as backslashreplace
+# prints it, where surrogateescape raised.
 NAME_BYTES_ERRORS = "cnnx-name-bytes"
+RAW_NAME_BYTES_ERRORS = "cnnx-raw-name-bytes"
 
 
 def _undecoded(c: str) -> bool:
@@ -36,7 +39,14 @@ def _name_bytes_as_hex(error: UnicodeEncodeError):
                    for c in bad), error.end
 
 
+def _name_bytes_raw(error: UnicodeEncodeError):
+    bad = error.object[error.start:error.end]
+    return b"".join(bytes([ord(c) - 0xDC00]) if _undecoded(c) else c.encode("ascii", "backslashreplace")
+                    for c in bad), error.end
+
+
 codecs.register_error(NAME_BYTES_ERRORS, _name_bytes_as_hex)
+codecs.register_error(RAW_NAME_BYTES_ERRORS, _name_bytes_raw)
 
 
 def shown(path) -> str:

@@ -134,7 +134,7 @@ def open_model(path, device: str = "auto", *, threads: int | None = None, batch_
         # A GPU provider that cannot load: under auto the expected CPU fallback, under
         # cuda/tensorrt said in one line below (new_session keeps onnxruntime's log quiet).
         so = _session_options(ort, threads, not want_gpu, concurrent)
-        session = cuda.new_session(ort, str(path), so, providers)
+        session = cuda.new_session(ort, path, so, providers)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
         raise ModelError(f"cannot load model {path}: {first_line(e)}") from None
     active = session.get_providers()
@@ -187,7 +187,7 @@ def _model_spec(ort, path: Path) -> dict:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        session = ort.InferenceSession(str(path), so, providers=[CPU])
+        session = cuda.new_session(ort, path, so, [CPU])
     except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
         raise ModelError(f"cannot load model {path}: {first_line(e)}") from None
     return check_contract(session, path).spec

@@ -303,13 +303,13 @@ def default_errors_path(output: str) -> str | None:
 
 def already_exists(label: str, target: str, output: str) -> str:
     """The one line for a --output or --errors file that exists, on a run without --resume:
-    continue it, unless it is an errors file that no existing output goes with (another run's:
-    a --resume would add this run's rows to it)."""
+    continue it; an errors file without its output may be another run's (a --resume would add
+    this run's rows to it), or this output's run that classified nothing yet."""
     if label == "--errors" and output == "-":
         return f"--errors {target} already exists, and no --resume continues output on stdout: name another file, or remove it"
     if label == "--errors" and not os.path.exists(output):
-        return (f"--errors {target} already exists, and the output {output} does not: it is another run's; name "
-                "another --errors file, or remove it")
+        return (f"--errors {target} already exists without its output {output}: pass --resume if it is this "
+                "output's, else name another --errors file, or remove it")
     return f"{label} {target} already exists: pass --resume to continue it, or remove it"
 
 

@@ -190,6 +190,9 @@ def _resume_dir(resume, given, opts) -> tuple:
         raise click.ClickException(f"run folder not found: {folder}")
     if not ((folder / "last.pt").is_file() or (folder / "config.json").is_file()):
         # checked before the folder is reserved: a lock file must not be left in a user's folder
+        if Path(resume).is_file():  # a stray file: what is missing is a run around it
+            raise click.ClickException(f"--resume {resume}: not in a run's folder (no last.pt, no config.json beside "
+                                       "it); name a run's folder or its last.pt")
         raise click.ClickException(
             f"{folder} holds no last.pt and no config.json: not a run to continue, or one stopped before training "
             f"began; start it again with the same cnnx train options and --name (the folder is reused)")
@@ -206,8 +209,6 @@ def _resume_dir(resume, given, opts) -> tuple:
 def _run_folder(resume) -> Path:
     """The folder --resume names: the folder itself, or the one holding the last.pt given."""
     path = Path(resume)
-    if path.is_file() and path.name not in ("last.pt", "best.pt"):  # best.pt: resume_state says why not
-        raise click.BadParameter(f"{resume} is a file: name the run's folder, or its last.pt", param_hint="--resume")
     return path.parent if path.is_file() else path
 
 
