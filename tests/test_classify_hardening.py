@@ -574,8 +574,8 @@ def test_outputs_of_two_formats_never_share_an_errors_file(model, tmp_path):
     not exist is not offered a --resume."""
     from cnnx.runtime.output import default_errors_path
 
-    assert [default_errors_path(o) for o in ("p.csv", "p.jsonl", "d/preds/", "p", "-")] == [
-        "p.errors.csv", "p.jsonl.errors.csv", "d/preds.errors.csv", "p.errors.csv", None]
+    assert [default_errors_path(o) for o in ("p.csv", "P.CSV", "p.jsonl", "d/preds/", "p", "-")] == [
+        "p.errors.csv", "P.errors.csv", "p.jsonl.errors.csv", "d/preds.errors.csv", "p.errors.csv", None]
     folder = tmp_path / "imgs"
     folder.mkdir()
     Image.fromarray(photo_like(30, 30, seed=1)).save(folder / "a.png")

@@ -298,7 +298,7 @@ def default_errors_path(output: str) -> str | None:
     if output == "-":
         return None
     name = output.rstrip("/" + os.sep) or output
-    return name.removesuffix(".csv") + ".errors.csv"
+    return (name[:-4] if name.lower().endswith(".csv") else name) + ".errors.csv"
 
 
 def already_exists(label: str, target: str, output: str) -> str:
