@@ -570,8 +570,8 @@ def test_a_resume_writes_a_note_once_where_the_kill_came_after_the_note(model, t
 def test_outputs_of_two_formats_never_share_an_errors_file(model, tmp_path):
     """The review's `-o p.csv` then `-o p.jsonl`: both default to p.errors.csv, the second run
     was told to --resume into it, and then each run's skips were the other's (its report, its
-    resume). The default keeps a non-.csv output's name, and an errors file whose output does
-    not exist is not offered a --resume."""
+    resume). The default keeps a non-.csv output's name, and an errors file without its output
+    says it may be another run's."""
     from cnnx.runtime.output import default_errors_path
 
     assert [default_errors_path(o) for o in ("p.csv", "P.CSV", "p.jsonl", "d/preds/", "p", "-")] == [
@@ -586,7 +586,8 @@ def test_outputs_of_two_formats_never_share_an_errors_file(model, tmp_path):
     assert r.exit_code == 0, r.stderr
     assert (tmp_path / "p.errors.csv").read_bytes() == first and b"empty.jpg" in (tmp_path / "p.jsonl.errors.csv").read_bytes()
     r = run([folder, "--model", model, "-o", tmp_path / "q.csv", "--errors", tmp_path / "p.errors.csv"])
-    assert r.exit_code == 2 and "another run's" in r.stderr and "--resume" not in r.stderr, r.stderr
+    assert r.exit_code == 2 and "already exists without its output" in r.stderr and "if it is this output's" in r.stderr, \
+        r.stderr
     assert not (tmp_path / "q.csv").exists() and (tmp_path / "p.errors.csv").read_bytes() == first
 
 
