@@ -64,7 +64,8 @@ def test_ray_engine_writes_parquet_parts(model, images, tmp_path):
     result = cnnx("classify", "--engine", "ray", images, "--model", model, "-o", str(out) + "/", "--num-workers", 1)
     assert result.returncode == 0, result.stderr
     assert [p for p, _, _ in read_predictions(out)] == [str(images / f"img{i}.jpg") for i in range(6)]
-    assert read_errors(tmp_path / "preds.errors.csv") == [(str(images / "empty.jpg"), "open", "empty file (0 bytes)")]
+    assert read_errors(tmp_path / "preds.parquet.errors.csv") == [  # its own name kept: not preds.csv's
+        (str(images / "empty.jpg"), "open", "empty file (0 bytes)")]
     assert "classified 6 images; skipped 1 (open: 1)" in result.stderr
 
 
