@@ -22,7 +22,7 @@ from cnnx.report import Predictions, ReportError, write_classify_report, write_t
 from cnnx.report.classify import LEAST_CONFIDENT, MAX_GRID_THUMBS, SAMPLE_PER_CLASS
 from cnnx.report.training import GALLERY_CAP
 from cnnx.runtime.files import TEMP_PREFIX
-from cnnx.runtime.output import PredictionWriter, unescape_cell
+from cnnx.runtime.output import PredictionWriter, default_errors_path, unescape_cell
 from tests._report_util import (CLASSES, FORMULA_FILE, HOSTILE_CLASS, HOSTILE_FILE, HOSTILE_FOLDER,
                                 classify_folder, history_rows, run_classify, training_config, val_predictions)
 from tests._runtime_util import CIFAR_MEAN, CIFAR_STD, make_onnx_model, photo_like
@@ -265,7 +265,7 @@ def job(cifar_subset, model, tmp_path_factory):
         r = run_classify(folder, model, out, "--format", fmt, "--topk", "3")
         assert r.returncode == 0, r.stderr
         outs[fmt] = out
-    return {"folder": folder, "outs": outs, "errors": {f: o.with_suffix(".errors.csv") for f, o in outs.items()},
+    return {"folder": folder, "outs": outs, "errors": {f: Path(default_errors_path(str(o))) for f, o in outs.items()},
             **made}
 
 

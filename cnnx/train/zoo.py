@@ -324,8 +324,8 @@ def smallest_side(name: str, arch_kwargs: dict, size) -> int | None:
 def activation_bytes(name: str, arch_kwargs: dict, size) -> int:
     """float32 bytes of every layer's output for one (h, w) image in training mode: about what
     a training step holds for its backward pass (the real peak is of its order; bf16 lowers
-    it, the optimizer's buffers add to it). On the meta device: no memory spent. 0 where an op
-    has no meta kernel (not estimated)."""
+    it, the optimizer's buffers add to it). On the meta device: no memory spent. 0 where the
+    model cannot be built or run there (not estimated: building it for real says why)."""
     import warnings
 
     total = 0
@@ -339,15 +339,15 @@ def activation_bytes(name: str, arch_kwargs: dict, size) -> int:
     kwargs = {**arch_kwargs, **({"image_size": h} if "image_size" in arch_kwargs else {})}
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        net = create_model(name, 2, **kwargs).train()
-        for m in net.modules():
-            if next(m.children(), None) is None:
-                m.register_forward_hook(count)
         try:
-            net(torch.empty(1, 3, h, w))
-        except (NotImplementedError, RuntimeError):
+            net = create_model(name, 2, **kwargs).train()
+            for m in net.modules():
+                if next(m.children(), None) is None:
+                    m.register_forward_hook(count)
+            net(torch.empty(2, 3, h, w))  # 2: batch norm in training takes no batch of one 1x1 map
+        except (NotImplementedError, RuntimeError, ValueError, MemoryError):
             return 0
-    return total
+    return total // 2
 
 
 def _replace_fc(m, n):
