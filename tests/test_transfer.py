@@ -75,7 +75,7 @@ def test_frozen_backbone_unchanged_then_trains_and_resume_is_exact(ten_class_ckp
     pre = load_checkpoint(ten_class_ckpt)["state_dict"]
     head = head_names("seed-vgg", 4, {})
     after1 = load_checkpoint(tmp_path / "runs" / "ft" / "last.pt")
-    assert after1["num_classes"] == 4 and after1["config"]["backbone_lr_mult"] == 0.1  # the fine-tuning default
+    assert after1["num_classes"] == 4 and after1["config"]["backbone_lr_mult"] == 1.0  # the --weights default
     for k, v in _backbone(after1["state_dict"], head).items():
         assert torch.equal(v, pre[k]), f"{k} changed while frozen"
     r = run_cli(["train", "--resume", tmp_path / "runs" / "ft", "--quiet", "--workers", "1", "--threads", "1"])
