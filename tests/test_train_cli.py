@@ -137,6 +137,15 @@ def test_existing_run_is_never_overwritten_and_resume_keeps_its_config(cifar_tra
     r = run_cli(args + ["--resume", tmp_path / "runs" / "x"])
     assert r.exit_code == 0 and "resuming" in r.stderr, r.stderr
     assert len((tmp_path / "runs" / "x" / "metrics.csv").read_text().strip().splitlines()) == 1 + 2
+    # ... also one that gave --out alone, its run default-named (it was "--out do not apply")
+    unnamed = [a for a in args if a not in ("--name", "x")] + ["--stop-after", "1"]
+    assert run_cli(unnamed).exit_code == 0
+    (run,) = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("seed-cnn-")]
+    r = run_cli([*unnamed, "--resume", run])
+    assert r.exit_code == 0 and len((run / "metrics.csv").read_text().strip().splitlines()) == 1 + 2, r.stderr
+    r = run_cli([*[a if a != str(tmp_path / "runs") else str(tmp_path / "elsewhere") for a in map(str, unnamed)],
+                 "--resume", run])
+    _one_line_error(r, 2, "--out does not apply")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

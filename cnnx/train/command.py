@@ -138,9 +138,11 @@ def train(ctx, out, name, resume, stop_after, quiet, compile_, aug, **opts):
     if resume == "":  # falsy: it started a new run
         raise click.UsageError("--resume needs a run folder (or its last.pt)")
     placed = [f"--{p}" for p in ("out", "name") if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
-    if resume and placed and not (name and _same_folder(Path(out) / name, resume)):
+    # --out alone: the command that began a run with a default name, if --out is the run's parent.
+    if resume and placed and not _same_folder(Path(out) / (name or _run_folder(resume).name), resume):
         # they were ignored: the run went on in its own folder, the user looking elsewhere
-        raise click.UsageError(f"--resume continues the run in its own folder; {' and '.join(placed)} do not apply")
+        raise click.UsageError(f"--resume continues the run in its own folder; {' and '.join(placed)} "
+                               f"{'does' if len(placed) == 1 else 'do'} not apply")
     try:
         with contextlib.ExitStack() as held:
             if resume:
