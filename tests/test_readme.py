@@ -189,3 +189,25 @@ def test_gpu_collect_names_a_runs_files_by_its_commit_and_never_overwrites(tmp_p
     assert sorted(p.name for p in dest.iterdir()) == ["gpu_profile_airnet_0123456.txt"]
     assert gpu_collect.main([str(run), "--dest", str(dest), "--no-readme", "--suffix=-b"]) == 0
     assert (dest / "gpu_steady_state_0123456-b.json").is_file()
+
+
+def test_the_readme_classifier_snippet_runs_as_written(tmp_path, monkeypatch):
+    """Its last line used a `batch` it never defined (NameError after printing the rows)."""
+    from PIL import Image
+
+    from tests._runtime_util import exported_model, photo_like
+
+    lines = README.read_text().splitlines()
+    start = lines.index("    from cnnx.runtime import Classifier, Prediction, Skipped, Note") - 1
+    end = next(i for i in range(start, len(lines)) if lines[i] and not lines[i].startswith("    "))
+    code = "\n".join(line[4:] for line in lines[start:end])
+    assert "clf.predict(batch)" in code
+    (tmp_path / "runs" / "x" / "export").mkdir(parents=True)
+    shutil.copyfile(exported_model(tmp_path / "m"), tmp_path / "runs" / "x" / "export" / "model.onnx")
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(photo_like(40, 30, seed=1)).save(tmp_path / "photos" / "a.jpg")
+    (tmp_path / "photos" / "b.jpg").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code + "\nresult = logits\n", "README.md", "exec"), namespace)
+    assert namespace["result"].shape == (4, 10)
