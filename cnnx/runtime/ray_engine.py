@@ -711,11 +711,12 @@ class _Sink:
         names = [os.fsdecode(p) for p in block["path"]]
         stage, message = block["stage"], block["message"]
         classified = stage == ""
-        for i in np.flatnonzero(~classified):
-            self.skip(names[i], stage[i], message[i], summary)
-        for i in np.flatnonzero(classified & (message != "")):
-            summary.noted += 1
-            self.errors.write(names[i], "note", message[i])
+        for i in np.flatnonzero(~classified | (message != "")):  # skips and notes in path order, as local classify
+            if classified[i]:
+                summary.noted += 1
+                self.errors.write(names[i], "note", message[i])
+            else:
+                self.skip(names[i], stage[i], message[i], summary)
         rows = np.flatnonzero(classified)
         if len(rows):
             self.writer.write_batch([names[i] for i in rows], block["indices"][rows], block["scores"][rows])
