@@ -958,7 +958,12 @@ def block_transfer(res: Results) -> str:
             f"images, with `--weights` vs from scratch ({num(d['val_images'])} val images): {runs}. Median gain "
             f"**{d['gain_points_median']:+.1f} points**; goal >= +{TRANSFER_GAIN_PT:g}: "
             f"{met(d['gain_points_median'] >= TRANSFER_GAIN_PT)} ({d['note']}). "
-            f"Source: {source('bench_transfer.json', d)}.")
+            + (f"The same fine-tunes with the ImageNet archs' settings (`{d['imagenet_recipe_flags']}`): "
+               + "; ".join(f"seed {s['seed']}: {pct(s['finetune_imagenet_recipe']['best_val_top1'])} "
+                           f"({s['imagenet_recipe_gain_points']:+.1f})" for s in d["seeds"])
+               + f", median {d['imagenet_recipe_gain_points_median']:+.1f} points. "
+               if "imagenet_recipe_gain_points_median" in d else "")
+            + f"Source: {source('bench_transfer.json', d)}.")
     if d := res.get("bench_bigdata.json"):
         b, sp, dec = d["beyond-memory"], d["speed"], d["decode"]
         notes.append(
