@@ -69,8 +69,11 @@ def _text_path(path):
     """The model's path as onnxruntime's bindings take it: text that UTF-8 can encode. A name
     that is not UTF-8 (its bytes are surrogates after os.fsdecode) goes through /proc/self/fd:
     of its open folder where only the folder's name is not (the model's external-data files
-    stay beside it), else of the open file itself."""
-    text = os.fsdecode(path)
+    stay beside it), else of the open file itself. Bytes are a serialized model, passed on."""
+    if isinstance(path, (bytes, bytearray)):
+        yield path
+        return
+    text = os.fspath(path)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
