@@ -136,8 +136,7 @@ FINETUNE_RECIPES: dict[str, dict] = {
 }
 # Any other arch started from --weights (cnnx's own checkpoints): the whole network at the run's lr
 # from the first step. On bench_transfer (airnet, animals -> vehicles, 3 seeds) it beat the ImageNet
-# recipe's 0.1x backbone and frozen first epoch at every seed (results/bench_transfer.json; the
-# comparison: the session notes of issue 8).
+# recipe's 0.1x backbone and frozen first epoch at every seed (results/bench_transfer.json runs both).
 FINETUNE_DEFAULT = dict(backbone_lr_mult=1.0, freeze_backbone_epochs=0)
 
 # GPU recipes: applied over RECIPES[arch] when the run's device resolves to CUDA (before training
