@@ -477,6 +477,21 @@ def test_a_step_larger_than_memory_is_one_line_before_any_decoding(small, tmp_pa
     assert "data:" not in r.stderr and not list((tmp_path / "c").glob("folders/*"))
 
 
+def test_no_arch_holds_more_than_the_bound_that_skips_the_count():
+    """_check_step_fits_memory skips the meta-device count (seconds of imports at every CPU
+    start) where the batch's input times MAX_ACTIVATION_RATIO fits: the bound must hold for
+    every arch of the zoo, at its own size and twice it."""
+    from cnnx.train.config import resolve_config
+    from cnnx.train.run import model_spec
+    from cnnx.train.zoo import ARCHS, MAX_ACTIVATION_RATIO, activation_bytes
+
+    for name in ARCHS:
+        arch_kwargs, spec = model_spec(resolve_config(name))
+        for side in (spec["size"][0], 2 * spec["size"][0]):
+            counted = activation_bytes(name, arch_kwargs, (side, side))
+            assert 0 < counted <= MAX_ACTIVATION_RATIO * 3 * side * side * 4, (name, side, counted)
+
+
 def test_a_full_cache_folder_is_a_warning_and_the_run_trains(small, tmp_path):
     """The decoded data did not fit the cache folder: torch's writer said RuntimeError, not
     OSError, and the run ended in a 50-line traceback where a warning was meant."""

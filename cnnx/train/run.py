@@ -416,11 +416,14 @@ def _check_step_fits_memory(cfg: TrainConfig, arch_kwargs: dict, size):
     layers' outputs for a batch) need more than the memory free here. Else the CPU allocator's
     failure is a RuntimeError traceback at the first step, or the OOM killer's SIGKILL."""
     from cnnx.train.cache import available_memory
-    from cnnx.train.zoo import activation_bytes
+    from cnnx.train.zoo import MAX_ACTIVATION_RATIO, activation_bytes
 
-    need, free = activation_bytes(cfg.arch, arch_kwargs, size) * cfg.batch_size, available_memory()
+    h, w = size
+    free = available_memory()
+    if cfg.batch_size * 3 * h * w * 4 * MAX_ACTIVATION_RATIO <= free:  # fits whatever the arch: not counted
+        return
+    need = activation_bytes(cfg.arch, arch_kwargs, size) * cfg.batch_size
     if need > free:
-        h, w = size
         raise OutOfMemory(f"{cfg.arch} on batches of {cfg.batch_size} images of {h}x{w} px needs about "
                           f"{need / 2**30:.1f} GiB for a training step, more than the {free / 2**30:.1f} GiB of memory "
                           f"free here: a smaller --batch-size (or --image-size)")

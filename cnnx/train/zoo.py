@@ -285,26 +285,38 @@ def _require_cached_weights(weights) -> str:
     return path
 
 
+def _forward_on_meta(name: str, arch_kwargs: dict, h: int, w: int, hook=None):
+    """Build `name` for (h, w) images on the meta device (shapes only: no memory) and run a
+    training-mode batch of two through it (batch norm in training takes no batch of one 1x1
+    map), with `hook` on every leaf module. Raises what the build or the forward raises. The
+    first call in a process costs seconds of imports (the meta kernels)."""
+    import warnings
+
+    kwargs = {**arch_kwargs, **({"image_size": h} if "image_size" in arch_kwargs else {})}
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a layer of no elements at a size too small says so
+        net = create_model(name, 2, **kwargs).train()
+        if hook is not None:
+            for m in net.modules():
+                if next(m.children(), None) is None:
+                    m.register_forward_hook(hook)
+        net(torch.empty(2, 3, h, w))
+
+
 def smallest_side(name: str, arch_kwargs: dict, size) -> int | None:
     """None where `name` takes (h, w) images; else the smallest square side it takes (0: none
     up to MAX_INPUT_SIDE): its layers shrink smaller ones to nothing. Forward passes on the meta
-    device (shapes only: milliseconds, no memory), so a --image-size too small stops before the
-    data is read, not at the first step. An op without a meta kernel is not checked here."""
-    import warnings
-
+    device, so a --image-size too small stops before the data is read, not at the first step.
+    An op without a meta kernel is not checked here."""
     from cnnx.runtime.contract import MAX_INPUT_SIDE
 
     def takes(h, w) -> bool:
-        kwargs = {**arch_kwargs, **({"image_size": h} if "image_size" in arch_kwargs else {})}
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a layer of no elements at a size too small says so
-            net = create_model(name, 2, **kwargs).train()
-            try:
-                net(torch.empty(2, 3, h, w))
-            except NotImplementedError:
-                return True
-            except RuntimeError:
-                return False
+        try:
+            _forward_on_meta(name, arch_kwargs, h, w)
+        except NotImplementedError:
+            return True
+        except RuntimeError:
+            return False
         return True
 
     h, w = size
@@ -321,13 +333,17 @@ def smallest_side(name: str, arch_kwargs: dict, size) -> int | None:
     return hi
 
 
+# No arch of the zoo holds more than this many times its float32 input's bytes in its layers'
+# outputs (activation_bytes; tests/test_train_hardening.py checks every arch): a batch whose
+# input times this fits in memory needs no count.
+MAX_ACTIVATION_RATIO = 1024
+
+
 def activation_bytes(name: str, arch_kwargs: dict, size) -> int:
     """float32 bytes of every layer's output for one (h, w) image in training mode: about what
     a training step holds for its backward pass (the real peak is of its order; bf16 lowers
-    it, the optimizer's buffers add to it). On the meta device: no memory spent. 0 where the
-    model cannot be built or run there (not estimated: building it for real says why)."""
-    import warnings
-
+    it, the optimizer's buffers add to it). Counted on the meta device (_forward_on_meta). 0
+    where the model cannot be built or run there (not estimated: building it for real says why)."""
     total = 0
 
     def count(_module, _inputs, output):
@@ -335,18 +351,10 @@ def activation_bytes(name: str, arch_kwargs: dict, size) -> int:
         if isinstance(output, torch.Tensor):
             total += output.numel() * 4
 
-    h, w = size
-    kwargs = {**arch_kwargs, **({"image_size": h} if "image_size" in arch_kwargs else {})}
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            net = create_model(name, 2, **kwargs).train()
-            for m in net.modules():
-                if next(m.children(), None) is None:
-                    m.register_forward_hook(count)
-            net(torch.empty(2, 3, h, w))  # 2: batch norm in training takes no batch of one 1x1 map
-        except (NotImplementedError, RuntimeError, ValueError, MemoryError):
-            return 0
+    try:
+        _forward_on_meta(name, arch_kwargs, *size, hook=count)
+    except (NotImplementedError, RuntimeError, ValueError, MemoryError):
+        return 0
     return total // 2
 
 
