@@ -33,16 +33,15 @@ def _undecoded(c: str) -> bool:
     return 0xDC80 <= ord(c) <= 0xDCFF  # what surrogateescape decodes the bytes 0x80-0xFF to
 
 
-def _name_bytes_as_hex(error: UnicodeEncodeError):
-    bad = error.object[error.start:error.end]
-    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if _undecoded(c) else c.encode("ascii", "backslashreplace").decode()
-                   for c in bad), error.end
-
-
 def _name_bytes_raw(error: UnicodeEncodeError):
     bad = error.object[error.start:error.end]
     return b"".join(bytes([ord(c) - 0xDC00]) if _undecoded(c) else c.encode("ascii", "backslashreplace")
                     for c in bad), error.end
+
+
+def _name_bytes_as_hex(error: UnicodeEncodeError):
+    raw, end = _name_bytes_raw(error)
+    return raw.decode("ascii", "backslashreplace"), end  # a byte 0xff as \xff
 
 
 codecs.register_error(NAME_BYTES_ERRORS, _name_bytes_as_hex)
@@ -55,8 +54,8 @@ def shown(path) -> str:
     text = os.fsdecode(path)
     if text.isprintable() and "'" not in text and "\\" not in text:
         return f"'{text}'"
-    return "'" + "".join(f"\\x{ord(c) - 0xDC00:02x}" if _undecoded(c) else "\\'" if c == "'" else repr(c)[1:-1]
-                         for c in text) + "'"
+    return "'" + "".join(c.encode("utf-8", NAME_BYTES_ERRORS).decode() if _undecoded(c) else "\\'" if c == "'"
+                         else repr(c)[1:-1] for c in text) + "'"
 
 
 def cache_root(explicit=None):

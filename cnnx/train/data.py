@@ -573,14 +573,14 @@ def _drop_stale_decodings(cache_file: Path):
     files changed are never read again, and each can be gigabytes. A run reading one now keeps
     its open file; temp files of running builds have other names."""
     decoding = cache_file.stem.split("-")[0]
-    with contextlib.suppress(OSError):
-        for old in cache_file.parent.glob(f"{decoding}-*"):
-            if old.stem != cache_file.stem:
-                if old.is_dir():
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    with contextlib.suppress(FileNotFoundError):
-                        old.unlink()
+    for old in cache_file.parent.glob(f"{decoding}-*"):  # none where the folder is not there yet
+        if old.stem == cache_file.stem:
+            continue
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):  # gone already (another run), or not ours to remove
+                old.unlink()
 
 
 def _disk_cache_data(folder: Path, root: Path, listing: Listing, spec, *, workers, progress) -> ImageFolderData:
