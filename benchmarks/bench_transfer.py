@@ -61,6 +61,13 @@ def train(args, work: Path, name: str) -> dict:
             "best_epoch": best["epoch"], "wall_seconds": round(seconds, 1)}
 
 
+def gain_points(run: dict, scratch: dict, val_images: int) -> float:
+    """run's val top-1 above scratch's, in points, counted in whole images of the same val split:
+    exact, where a difference of floats can fall below 0.1."""
+    won = round(run["best_val_top1"] * val_images) - round(scratch["best_val_top1"] * val_images)
+    return round(100 * won / val_images, 2)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cifar", help="CIFAR-10 JPEG folder DIR/<class>/*.jpg (see cifar_jpegs.py)")
@@ -92,14 +99,11 @@ def main():
             fine = train([*both, *weights], work, f"finetune-{seed}")
             held = train([*both, *weights, *IMAGENET_RECIPE_FLAGS], work, f"finetune-held-{seed}")
             scratch = train(both, work, f"scratch-{seed}")
-            # whole images of the same val split: exact, where a difference of floats can fall below 0.1
-            gain = (round(fine["best_val_top1"] * val_images) - round(scratch["best_val_top1"] * val_images)) / val_images
+            gain = gain_points(fine, scratch, val_images)
             seeds.append({"seed": seed, "finetune": fine, "finetune_imagenet_recipe": held, "scratch": scratch,
-                          "gain_points": round(100 * gain, 2),
-                          "imagenet_recipe_gain_points": round(100 * (round(held["best_val_top1"] * val_images) - round(
-                              scratch["best_val_top1"] * val_images)) / val_images, 2)})
+                          "gain_points": gain, "imagenet_recipe_gain_points": gain_points(held, scratch, val_images)})
             print(f"seed {seed}: fine-tuned {fine['best_val_top1']:.4f} vs scratch {scratch['best_val_top1']:.4f}: "
-                  f"{100 * gain:+.2f} points", file=sys.stderr, flush=True)
+                  f"{gain:+.2f} points", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     gains = [s["gain_points"] for s in seeds]
