@@ -59,6 +59,9 @@ def cli():
       cnnx export --format onnx   ONNX / TorchScript / pt2, checked against the checkpoint
       cnnx classify ./images      batch-classify a folder through onnxruntime
     """
+    from cnnx.runtime.files import quiet_pillow_warnings
+
+    quiet_pillow_warnings()  # in this process and the decode processes forked from it
 
 
 def main(argv=None):
@@ -68,7 +71,8 @@ def main(argv=None):
     try:
         code = cli.main(args=argv, prog_name="cnnx", standalone_mode=False)
     except click.ClickException as e:
-        if isinstance(e, click.UsageError) and _another_rank():
+        # train is the command torchrun starts once per rank; any other says its own errors
+        if isinstance(e, click.UsageError) and e.ctx is not None and e.ctx.info_name == "train" and _another_rank():
             leave_it_to_rank_0(e.exit_code)
         e.show()
         sys.exit(e.exit_code)
@@ -103,11 +107,26 @@ def main(argv=None):
     sys.exit(code if isinstance(code, int) else 0)
 
 
+def launch_rank() -> int:
+    """This process's rank in a torchrun launch, else 0. A launch sets WORLD_SIZE (> 1) and RANK;
+    a RANK alone (a scheduler's, in the environment of every command of a job) is none
+    (cnnx.train.loop.dist_from_env reads them so)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not (world.isdigit() and int(world) > 1):
+        return 0
+    rank = os.environ.get("RANK", "0")
+    if not rank.isdigit():
+        raise click.UsageError(f"the environment's RANK must be a whole number (torchrun sets it), got {rank!r}")
+    return int(rank)
+
+
 def _another_rank() -> bool:
     """A process of a torchrun launch other than rank 0: usage errors and Ctrl-C come to every
     rank alike (the same command line, one process group), and rank 0 says them once."""
-    rank = os.environ.get("RANK", "0")
-    return rank.isdigit() and int(rank) > 0
+    try:
+        return launch_rank() > 0
+    except click.UsageError:
+        return False
 
 
 RANK_0_GRACE_S = 3.0

@@ -114,7 +114,8 @@ def test_truncated_jpeg_is_an_error_not_a_gray_image():
 
 def test_corrupt_jpeg_data_is_an_error():
     # JPEG has no checksum, so only damage libjpeg notices can be reported: a stray restart
-    # marker mid-scan, or a run of zeros that leaves extraneous bytes before the end marker.
+    # marker mid-scan, or a run of zeros that leaves extraneous bytes before the end marker
+    # (libjpeg's warning for zero padding too, which the next test decodes).
     data = jpeg_bytes(photo_like(200, 300, seed=4))
     n = len(data)
     for damaged in (data[: n // 2] + b"\xff\xd3" + data[n // 2:], data[: n // 2] + b"\0" * 200 + data[n // 2 + 200:]):
@@ -123,12 +124,38 @@ def test_corrupt_jpeg_data_is_an_error():
         assert e.value.stage == "decode"
 
 
+def test_zero_padding_before_the_end_marker_loses_no_pixel_and_is_noted():
+    data = jpeg_bytes(photo_like(200, 300, seed=4))
+    assert data.endswith(b"\xff\xd9")
+    padded = data[:-2] + b"\0" * 100 + data[-2:]
+    with pytest.raises(ValueError):  # libjpeg's warning, strict
+        simplejpeg.decode_jpeg(padded)
+    spec = make_spec((200, 300), (0.5,) * 3, (0.25,) * 3)
+    arr, note = load_image(padded, spec)
+    assert np.array_equal(arr, load_image(data, spec)[0])
+    assert note == "100 zero bytes before the JPEG's end marker ignored"
+
+
 def test_jpeg_bomb_is_refused_from_the_header():
     data = bytearray(jpeg_bytes(photo_like(16, 16)))
     sof = data.find(b"\xff\xc0")
-    struct.pack_into(">HH", data, sof + 5, 60000, 60000)  # claims 3.6 gigapixels
-    with pytest.raises(ImageError, match="decompression bomb"):
-        load_image(bytes(data), SPEC32)
+    struct.pack_into(">HH", data, sof + 5, 60000, 60000)  # claims 3.6 gigapixels: 225 million decoded at 2/8
+    with pytest.raises(ImageError, match="decompression bomb.*decoded at 15000x15000") as e:
+        load_image(bytes(data), make_spec(8000, (0.5,) * 3, (0.25,) * 3))
+    assert e.value.stage == "open"
+
+
+@pytest.mark.parametrize("cmyk", [False, True])
+def test_the_pixel_limit_applies_to_a_jpeg_as_dct_scaling_decodes_it(cmyk):
+    # A 108 MP phone photo decodes at 1/8 for a small model: what is decoded takes the memory.
+    img = Image.fromarray(photo_like(1200, 1600, seed=9))
+    buf = io.BytesIO()
+    (img.convert("CMYK") if cmyk else img).save(buf, "JPEG", quality=90)
+    arr, _ = load_image(buf.getvalue(), SPEC32, max_pixels=1_000_000)  # 1.92 MP stored, 200x150 decoded
+    assert arr.shape == (3, 32, 32)
+    with pytest.raises(ImageError, match=r"decompression bomb refused: 1600x1200 pixels( \(decoded at 1400x1050\))? exceeds") as e:
+        load_image(buf.getvalue(), make_spec(1000, (0.5,) * 3, (0.25,) * 3), max_pixels=1_000_000)
+    assert e.value.stage == "open"
 
 
 def test_png_over_the_pixel_limit_is_refused_before_decoding():
@@ -145,6 +172,40 @@ def test_cmyk_jpeg_goes_through_pillow():
     out, _ = load_image(buf.getvalue(), make_spec(40, (0.5,) * 3, (0.25,) * 3))
     ref = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")).transpose(2, 0, 1)
     assert np.array_equal(out, ref)
+
+
+def test_negative_32_bit_gray_is_black_not_wrapped_round():
+    a = np.full((32, 32), 100, np.int32)
+    a[:16] = -56  # as uint8 that would be 200
+    buf = io.BytesIO()
+    Image.fromarray(a, "I").save(buf, "TIFF")
+    out, _ = load_image(buf.getvalue(), SPEC32)
+    assert out[:, :16].max() == 0 and out[:, 16:].min() == 100
+
+
+@pytest.mark.parametrize("tiff_type", [3, 4])  # SHORT, as Pillow writes it, and LONG, as some cameras do
+def test_exif_orientation_of_any_integer_type_is_applied_as_pillow_applies_it(tiff_type):
+    data = jpeg_bytes(quadrants(), quality=98, exif=exif_with_orientation(6))
+    short = b"\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00"  # Pillow's big-endian entry: tag, SHORT, 1, 6
+    assert data.count(short) == 1
+    if tiff_type == 4:
+        data = data.replace(short, b"\x01\x12\x00\x04\x00\x00\x00\x01\x00\x00\x00\x06")
+    assert ImageOps.exif_transpose(Image.open(io.BytesIO(data))).size == (60, 80)
+    assert jpeg_orientation(data) == (6, None)
+    arr, note = load_image(data, make_spec((80, 60), (0.5,) * 3, (0.25,) * 3))
+    assert note is None and arr.shape == (3, 80, 60)
+    assert arr[0, 5, 55] > 200 and arr[1, 5, 55] < 60  # red, stored top-left, is top-right when viewed
+
+
+def test_whatever_pillow_raises_on_a_damaged_file_is_the_file_s_image_error():
+    # A multi-page TIFF cut short: Pillow raises TypeError counting its frames (not OSError).
+    img = Image.fromarray(photo_like(120, 160, seed=10))
+    buf = io.BytesIO()
+    img.save(buf, "TIFF", save_all=True, append_images=[img.rotate(a) for a in (90, 180, 270)])
+    cut = buf.getvalue()[:len(buf.getvalue()) // 2]
+    with pytest.raises(ImageError, match="cannot decode: Missing dimensions") as e:
+        load_image(cut, SPEC32)
+    assert e.value.stage == "decode"
 
 
 def test_sixteen_bit_gray_is_scaled_not_clipped():

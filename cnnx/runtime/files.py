@@ -17,6 +17,7 @@ import fcntl
 import os
 import stat
 import tempfile
+import warnings
 
 TEMP_PREFIX = ".cnnx-tmp-"
 
@@ -27,6 +28,15 @@ TEMP_PREFIX = ".cnnx-tmp-"
 # prints it, where surrogateescape raised.
 NAME_BYTES_ERRORS = "cnnx-name-bytes"
 RAW_NAME_BYTES_ERRORS = "cnnx-raw-name-bytes"
+
+
+def quiet_pillow_warnings():
+    """Pillow's warnings about a file (corrupt EXIF, a large image) name no file and change no
+    result: the file is decoded, or it gets its errors row with the reason. cnnx's own processes
+    (the command line, its decode processes, Ray's workers) call this; the Python API leaves the
+    filters of the user's process alone. (Pillow warns from its own modules; a
+    filter by module name needs no import of Pillow.)"""
+    warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
 
 
 def _undecoded(c: str) -> bool:

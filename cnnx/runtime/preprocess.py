@@ -19,7 +19,6 @@ import io
 import math
 import os
 import struct
-import warnings
 import zlib
 
 import numpy as np
@@ -29,7 +28,10 @@ from cnnx.runtime.files import first_line
 
 # 2: JPEGs decoded by libjpeg-turbo (simplejpeg) with DCT scaling, EXIF orientation applied
 #    to the decoded array; pixels differ slightly from version 1 (Pillow) for JPEGs.
-PREPROCESS_VERSION = 2
+# 3: whatever Pillow raises is the file's ImageError; JPEGs padded before a marker, with an EXIF
+#    orientation of another integer type, or larger than max_pixels only before their DCT
+#    scaling are decoded; negative 32-bit pixels are black.
+PREPROCESS_VERSION = 3
 
 RESIZE_MODES = ("shorter-side+center-crop",)
 INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR}
@@ -95,8 +97,9 @@ def validate_spec(spec) -> dict:
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB. Transparency is composited over white; 16/32-bit
-    grayscale is scaled down by its bit depth, not clipped."""
+    """Any Pillow mode -> 8-bit RGB. Transparency is composited over white. 16-bit grayscale
+    is scaled down by 8 bits; 32-bit integer grayscale (I) too where a value exceeds 255 (such
+    files hold 16-bit data or 8-bit data), else taken as it is; float (F) is clipped to 0..255."""
     mode = img.mode
     if mode == "RGB":
         return img
@@ -108,11 +111,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return Image.alpha_composite(background, rgba).convert("RGB")
     if mode.startswith("I;16") or mode == "I" or mode == "F":
         a = np.asarray(img)
-        if mode == "F":
-            a = np.clip(a, 0, 255)
-        elif a.size and (mode.startswith("I;16") or a.max() > 255):
+        if mode != "F" and a.size and (mode.startswith("I;16") or a.max() > 255):
             a = np.clip(a, 0, 65535) >> 8
-        return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
+        # negative values are black, not wrapped round to bright
+        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L").convert("RGB")
     return img.convert("RGB")
 
 
@@ -275,6 +277,11 @@ def jpeg_orientation(data: bytes):
     return 1, None
 
 
+# TIFF field types holding one integer in the entry's value field: BYTE, SHORT, LONG, SBYTE,
+# SSHORT, SLONG -> its struct format.
+_TIFF_INTEGER_TYPES = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i"}
+
+
 def _tiff_orientation(tiff: bytes) -> int:
     order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
     if order is None:
@@ -286,9 +293,9 @@ def _tiff_orientation(tiff: bytes) -> int:
     for i in range(count):
         tag, typ, _n = struct.unpack_from(order + "HHI", tiff, ifd + 2 + 12 * i)
         if tag == 0x0112:
-            if typ != 3:
-                raise ValueError("orientation is not a SHORT")
-            (value,) = struct.unpack_from(order + "H", tiff, ifd + 2 + 12 * i + 8)
+            if typ not in _TIFF_INTEGER_TYPES:  # Pillow reads any integer type (writers use SHORT or LONG)
+                raise ValueError("orientation is not an integer")
+            (value,) = struct.unpack_from(order + _TIFF_INTEGER_TYPES[typ], tiff, ifd + 2 + 12 * i + 8)
             # Pillow's exif_transpose ignores values outside 1..8; so do we.
             return value if 1 <= value <= 8 else 1
     return 1
@@ -338,8 +345,6 @@ def _load_jpeg(data: bytes, out_h: int, out_w: int, resample, max_pixels: int):
         return None  # Pillow knows Adobe's inverted CMYK; turbojpeg's conversion differs
     if w < 1 or h < 1:
         raise ImageError("open", f"image has no pixels ({w}x{h})")
-    if w * h > max_pixels:
-        raise ImageError("open", f"decompression bomb refused: {w}x{h} pixels exceeds the limit of {max_pixels}")
     orientation, note = jpeg_orientation(data)
     oh, ow = (w, h) if orientation >= 5 else (h, w)
     scale = max(out_h / oh, out_w / ow)
@@ -347,17 +352,47 @@ def _load_jpeg(data: bytes, out_h: int, out_w: int, resample, max_pixels: int):
     # antialiased resize do the rest; 0 = full size when the image is not larger than needed.
     min_h = math.ceil(h * scale - 1e-6) if scale < 1 else 0
     min_w = math.ceil(w * scale - 1e-6) if scale < 1 else 0
+    dh, dw = dct_scaled_size(h, w, min_h, min_w)
+    if dw * dh > max_pixels:  # what is decoded is what takes memory: a 108 MP photo at 1/8 is not a bomb
+        raise ImageError("open", _bomb_message(w, h, dw, dh, max_pixels))
     try:
         arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_h, min_width=min_w)
     except ValueError as strict_error:
         # strict mode turns libjpeg's warnings (corrupt entropy data, premature end) into
-        # errors; if the lenient decode works, the file is damaged, not unsupported.
+        # errors; if the lenient decode works, the file is damaged, not unsupported, unless
+        # all that is wrong is zero bytes padding the end marker (some writers add them).
         try:
             simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_h, min_width=min_w, strict=False)
         except ValueError:
             return None
-        raise ImageError("decode", f"corrupt JPEG data: {strict_error}") from None
+        unpadded = _without_end_padding(data)
+        try:
+            arr = simplejpeg.decode_jpeg(unpadded, colorspace="RGB", min_height=min_h, min_width=min_w)
+        except ValueError:
+            raise ImageError("decode", f"corrupt JPEG data: {strict_error}") from None
+        padding = f"{len(data) - len(unpadded):,} zero bytes before the JPEG's end marker ignored"
+        note = f"{note}; {padding}" if note else padding
     return _resize_array(orient(arr, orientation), out_h, out_w, resample), note
+
+
+def _without_end_padding(data: bytes) -> bytes:
+    """A JPEG without the zero bytes right before its end marker (FFD9): the pixels are all in
+    the scans before them (libjpeg warns of "extraneous bytes" and decodes the image whole)."""
+    end = data.rfind(b"\xff\xd9")
+    if end < 0:
+        return data
+    start = len(data[:end].rstrip(b"\0"))
+    return data[:start] + data[end:]
+
+
+def dct_scaled_size(h: int, w: int, min_h: int, min_w: int) -> tuple[int, int]:
+    """(height, width) that libjpeg decodes an h x w JPEG to at the smallest scale k/8 (k = 1..8)
+    whose output is at least min_h x min_w (as simplejpeg's min_height/min_width pick it)."""
+    for k in range(1, 9):
+        dh, dw = -(-h * k // 8), -(-w * k // 8)
+        if dh >= min_h and dw >= min_w:
+            return dh, dw
+    return h, w
 
 
 def _heif_hint(data: bytes):
@@ -417,46 +452,61 @@ def _from_bytes(data: bytes):
 
 
 def _load_with_pillow(data: bytes, out_h: int, out_w: int, resample, max_pixels: int):
+    """Pillow's path. Whatever Pillow raises on a file's bytes is that file's ImageError: a
+    damaged file can fail anywhere in a plugin's code (a cut multi-page TIFF raises TypeError
+    counting its frames), and every stage must skip it alike (train, export and classify)."""
     note = None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise ImageError("open", f"decompression bomb refused: {first_line(e)}") from None
-    except Image.DecompressionBombWarning as e:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:  # Pillow refuses twice its own limit, before max_pixels is asked
         raise ImageError("open", f"decompression bomb refused: {first_line(e)}") from None
     except Image.UnidentifiedImageError:
         raise ImageError("open", _heif_hint(data) or "not an image Pillow can identify") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError("open", f"cannot open: {first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - see above
+        raise ImageError("open", f"cannot open: {_pillow_error(e)}") from None
     with img:
-        w, h = img.size
-        if w < 1 or h < 1:
-            raise ImageError("open", f"image has no pixels ({w}x{h})")
-        if w * h > max_pixels:
-            raise ImageError("open", f"decompression bomb refused: {w}x{h} pixels exceeds the limit of {max_pixels}")
-        n_frames = getattr(img, "n_frames", 1)
-        if n_frames > 1:
-            note = f"first frame of {n_frames}"
+        stage, mode = "decode", img.mode
         try:
+            w, h = img.size
+            if w < 1 or h < 1:
+                raise ImageError("open", f"image has no pixels ({w}x{h})")
             if img.format == "JPEG":
-                # DCT-domain downscaling, as on the libjpeg-turbo path.
+                # DCT-domain downscaling, as on the libjpeg-turbo path (and the limit on what it decodes)
                 scale = max(out_h / h, out_w / w)
                 img.draft("RGB", (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
+            dw, dh = img.size
+            if dw * dh > max_pixels:
+                raise ImageError("open", _bomb_message(w, h, dw, dh, max_pixels))
+            n_frames = getattr(img, "n_frames", 1)
+            if n_frames > 1:
+                note = f"first frame of {n_frames}"
             img.load()
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
-            raise ImageError("decode", f"cannot decode: {first_line(e)}") from None
-        try:
-            img = ImageOps.exif_transpose(img)
-        except Exception:  # malformed EXIF: keep the pixels as stored
-            note = ((note + "; ") if note else "") + "malformed EXIF ignored"
-        try:
+            try:
+                img = ImageOps.exif_transpose(img)
+            except Exception:  # noqa: BLE001 - malformed EXIF: keep the pixels as stored
+                note = ((note + "; ") if note else "") + "malformed EXIF ignored"
+            stage, mode = "convert", img.mode
             img = _to_rgb(img)
-        except (OSError, ValueError) as e:
-            raise ImageError("convert", f"cannot convert {img.mode} to RGB: {first_line(e)}") from None
-        w, h = img.size
-        if (h, w) != (out_h, out_w):
-            img = img.resize((out_w, out_h), resample, box=_crop_box(w, h, out_h, out_w))
-        arr = np.asarray(img, dtype=np.uint8)
+            stage = "resize"
+            w, h = img.size
+            if (h, w) != (out_h, out_w):
+                img = img.resize((out_w, out_h), resample, box=_crop_box(w, h, out_h, out_w))
+            arr = np.asarray(img, dtype=np.uint8)
+        except ImageError:
+            raise
+        except Exception as e:  # noqa: BLE001 - see above
+            what = {"decode": "cannot decode", "convert": f"cannot convert {mode} to RGB",
+                    "resize": "cannot resize"}[stage]
+            raise ImageError(stage, f"{what}: {_pillow_error(e)}") from None
     return arr, note
+
+
+def _pillow_error(e: Exception) -> str:
+    """A Pillow failure in one line: its message, or its type where it has none (KeyError: 256)."""
+    return first_line(e) if str(e) else type(e).__name__
+
+
+def _bomb_message(w: int, h: int, dw: int, dh: int, max_pixels: int) -> str:
+    decoded = f"{w}x{h} pixels" if (dw, dh) == (w, h) else f"{w}x{h} pixels (decoded at {dw}x{dh})"
+    return f"decompression bomb refused: {decoded} exceeds the limit of {max_pixels}"
+

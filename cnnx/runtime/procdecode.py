@@ -40,7 +40,7 @@ from multiprocessing import shared_memory
 import numpy as np
 
 from cnnx.runtime.contract import CPU_PROVIDER
-from cnnx.runtime.files import first_line
+from cnnx.runtime.files import first_line, quiet_pillow_warnings
 from cnnx.runtime.model import ModelError
 from cnnx.runtime.pipeline import DecodedBatch, decode_into, image_bytes
 from cnnx.runtime.workers import context, main_not_rerun
@@ -84,6 +84,7 @@ def _worker(conn, nice: int = 0):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if nice:
         os.nice(nice)  # only ever more: allowed to any user
+    quiet_pillow_warnings()
     shm, images, run, model, spec, max_pixels = None, None, None, None, None, None
     try:
         while True:
