@@ -77,3 +77,40 @@ def test_an_onnxruntime_that_cannot_be_used_is_one_line(args, state, tmp_path):
     why = "is an empty folder, /x/onnxruntime" if state == "empty folder" else "cannot be imported"
     assert lines[0].startswith(f"Error: onnxruntime {why}") and "pip install --force-reinstall" in lines[0]
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_rank_left_in_the_environment_without_a_launch_changes_nothing(tmp_path):
+    """Schedulers (SLURM, Kubernetes' PyTorchJob) put RANK in the environment of every command
+    of a job: only a torchrun launch (WORLD_SIZE > 1) makes a process another rank, and only
+    train is launched once per rank. Else usage errors were silent, and train wrote into a run
+    folder that was never made."""
+    import os
+    import time
+
+    from PIL import Image
+
+    from tests._runtime_util import photo_like
+    from tests._train_util import seed_args
+
+    def cnnx(args, **env):
+        started = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "cnnx", *map(str, args)], capture_output=True, text=True,
+                           env={**os.environ, **env})
+        return r, time.monotonic() - started
+
+    r, took = cnnx(["classify", tmp_path / "nothere", "--model", tmp_path / "m.onnx"], RANK="1")
+    assert r.returncode == 2 and "nothere" in r.stderr and took < 2.5, (r.stderr, took)
+    # Even in a launch, classify is no rank of it: it says its own errors.
+    r, _ = cnnx(["classify", tmp_path / "nothere", "--model", tmp_path / "m.onnx"], RANK="1", WORLD_SIZE="2")
+    assert r.returncode == 2 and "nothere" in r.stderr, r.stderr
+    # train under a launch leaves its usage errors to rank 0 (test_train_e2e runs real launches)
+    r, took = cnnx(["train", "--epochs", "0"], RANK="1", WORLD_SIZE="2")
+    assert r.returncode == 2 and r.stderr == "" and took >= 2.5, (r.stderr, took)
+
+    for c, cls in enumerate(("cat", "dog")):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(photo_like(32, 32, seed=10 * c + i)).save(tmp_path / "data" / cls / f"{i}.png")
+    r, _ = cnnx(seed_args(tmp_path / "data", tmp_path / "runs", "r1", tmp_path / "cache", "--epochs", "1"), RANK="1")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "runs" / "r1" / "best.pt").is_file()

@@ -136,6 +136,7 @@ def test_train_and_export_values_that_made_tracebacks_hangs_or_silent_runs(run, 
                f"the smallest it takes is {smallest}")
     assert not (tmp_path / "c").exists()  # before any image was decoded
     _usage(run_cli([*base, "--freeze-backbone-epochs", "1"]), "pass --weights or --pretrained")  # froze random weights
+    _usage(run_cli([*base, "--freeze-backbone-epochs", "-1"]), "--freeze-backbone-epochs: must be >= 0, got -1")
     import pickle
 
     import torch

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from cnnx.cli import launch_rank, leave_it_to_rank_0
 from cnnx.train.config import AUGMENTATIONS, DEVICES, OPTIMIZERS, SCHEDULES, TrainConfig
 
 RECIPE = "default: the arch's recipe (cnnx/train/config.py)"
@@ -41,13 +42,6 @@ def _parse_aug(value):
         raise click.BadParameter(f"unknown augmentation {bad[0]!r}; valid: {', '.join(AUGMENTATIONS)} or none",
                                  param_hint="--aug")
     return tuple(dict.fromkeys(items))  # each once: flip,flip is flip
-
-
-def _rank() -> int:
-    rank = os.environ.get("RANK", "0")
-    if not rank.isdigit():
-        raise click.UsageError(f"the environment's RANK must be a whole number (torchrun sets it), got {rank!r}")
-    return int(rank)
 
 
 @click.command()
@@ -91,10 +85,11 @@ def _rank() -> int:
               help="Start from a cnnx checkpoint: every backbone tensor by name, a new head for this data's classes "
                    "(--arch defaults to the checkpoint's).")
 @click.option("--backbone-lr-mult", type=float,
-              help="Learning rate of the backbone relative to the head (e.g. 0.1); default 0.1 from weights, else 1.")
+              help="Learning rate of the backbone relative to the head (e.g. 0.1). Default 1, except 0.1 for "
+                   "resnet18 and vgg16 from ImageNet weights or --weights.")
 @click.option("--freeze-backbone-epochs", type=int,
               help="Epochs at the start that train only the head (backbone frozen, its batch norm in eval mode); "
-                   "default 1 from weights (--weights or --pretrained), which it needs.")
+                   "needs --weights or --pretrained. Default 0, except 1 for resnet18 and vgg16 from weights.")
 @click.option("--rrc-scale", type=float, nargs=2,
               help="Random-resized-crop (--aug rrc): min and max crop area, fractions of the stored image (0.25 1).")
 @click.option("--rrc-ratio", type=float, nargs=2,
@@ -147,13 +142,13 @@ def train(ctx, out, name, resume, stop_after, quiet, compile_, aug, **opts):
         with contextlib.ExitStack() as held:
             if resume:
                 run_dir, given = _resume_dir(resume, given, opts)
-                if _rank() == 0:  # the folder is rank 0's: one writer, and never beside a live run
+                if launch_rank() == 0:  # the folder is rank 0's: one writer, and never beside a live run
                     held.enter_context(reserve_run_dir(run_dir, resume=True))
                 cfg, resume_ckpt, end_only = _resume_config(resume, run_dir, given, opts)
             else:
                 cfg, run_dir = _new_run_config(opts, out, name, arch_given="arch" in given)
                 resume_ckpt, end_only = None, False
-                if _rank() == 0:  # a default name taken (two runs in one second): NAME-2, ...
+                if launch_rank() == 0:  # a default name taken (two runs in one second): NAME-2, ...
                     run_dir = held.enter_context(reserve_run_dir(run_dir, resume=False, unique=not name)).run_dir
             summary = fit(cfg, run_dir, resume=resume_ckpt, stop_after=stop_after, progress=not quiet,
                           end_only=end_only)
@@ -164,14 +159,12 @@ def train(ctx, out, name, resume, stop_after, quiet, compile_, aug, **opts):
     except OSError as e:  # a full disk (ENOSPC), a read-only or vanished --out: every write is atomic
         raise click.ClickException(os_error_line(e)) from None
     except ValueError as e:  # device/config combinations only known at run time (e.g. --device cuda without CUDA)
-        if isinstance(e, EveryRankAlike) and _rank() != 0:
-            from cnnx.cli import leave_it_to_rank_0
-
+        if isinstance(e, EveryRankAlike) and launch_rank() != 0:
             leave_it_to_rank_0(1)
         raise click.ClickException(first_line(e)) from None
     except PeerStopped as e:  # under torchrun: another process failed first and said why
         raise click.ClickException(str(e)) from None
-    if _rank() == 0:
+    if launch_rank() == 0:
         line = (f"best val top-1 {summary['best_val_top1']:.4f} at epoch {summary['best_epoch']} "
                 f"({summary['epochs_run']} epochs, {summary['train_seconds']:.1f}s training)")
         if "test" in summary:
@@ -254,7 +247,7 @@ def _resume_config(resume, folder: Path, given, opts):
     cfg = replace(began, **{k: opts[k] for k in given})
     check_config(cfg)
     if ckpt is None:
-        if _rank() == 0:
+        if launch_rank() == 0:
             say(f"{resume} has no last.pt (its run was stopped before its first epoch ended): "
                 f"training it again from epoch 1 with its config.json")
         return cfg, ckpt, False
@@ -266,7 +259,7 @@ def _resume_config(resume, folder: Path, given, opts):
     if (done >= began.epochs or early) and not further:
         left = unwritten_end(folder, ckpt["config"])
         if left:  # stopped after its last checkpoint: what comes after it is written now
-            if _rank() == 0:
+            if launch_rank() == 0:
                 say(f"{resume} has ended but was stopped before it wrote {', '.join(left)}: writing them "
                     f"(no more training)")
             return cfg, ckpt, True
@@ -310,7 +303,7 @@ def _new_run_config(opts, out, name, arch_given=True):
             else:
                 kwargs.pop("image_size", None)
             opts["arch_kwargs"] = kwargs
-    elif opts.get("freeze_backbone_epochs") and not opts.get("pretrained"):  # froze random weights, silently
+    elif (opts.get("freeze_backbone_epochs") or 0) > 0 and not opts.get("pretrained"):  # froze random weights
         raise click.UsageError("--freeze-backbone-epochs holds a backbone that starts from weights: "
                                "pass --weights or --pretrained")
     for k in ("rrc_scale", "rrc_ratio"):
