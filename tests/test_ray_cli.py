@@ -94,3 +94,24 @@ def test_ray_options_need_engine_ray(model, images, tmp_path):
     result = cnnx("classify", images, "--model", model, "-o", tmp_path / "p.csv", "--num-workers", 2)
     assert result.returncode == 2
     assert error_lines(result.stderr) == ["Error: --num-workers: only with --engine ray"]
+
+
+def test_options_of_one_engine_are_refused_by_the_other_never_ignored(model, images, tmp_path):
+    # Before Ray starts: the local engine's decoding options, and a --format beside a Parquet output.
+    result = cnnx("classify", "--engine", "ray", images, "--model", model, "-o", tmp_path / "p.csv",
+                  "--workers", 7, "--decode", "processes")
+    assert result.returncode == 2, result.stderr
+    assert error_lines(result.stderr) == ["Error: --workers, --decode: only with --engine local"]
+    result = cnnx("classify", "--engine", "ray", images, "--model", model, "-o", tmp_path / "p.parquet",
+                  "--format", "jsonl")
+    assert result.returncode == 2, result.stderr
+    assert error_lines(result.stderr) == [f"Error: --format jsonl: --output {tmp_path / 'p.parquet'} names a folder "
+                                          "of Parquet part files (a file's name gets --format's rows)"]
+    # The local engine writes no Parquet: a name that asks for it is refused, not given CSV text.
+    for name in ("p.parquet", "new/"):
+        out = f"{tmp_path}/{name}"
+        result = cnnx("classify", images, "--model", model, "-o", out)
+        assert result.returncode == 2, result.stderr
+        assert error_lines(result.stderr) == [f"Error: --output {out} names a folder of Parquet part files: give a "
+                                              "file (Parquet folders need --engine ray)"]
+    assert list(tmp_path.iterdir()) == []

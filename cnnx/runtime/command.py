@@ -21,7 +21,7 @@ import click
 from cnnx.cli import ExitNow
 from cnnx.runtime.contract import INFERENCE_DEVICES
 from cnnx.runtime.files import remove_stale_temps_beside, shown
-from cnnx.runtime.output import already_exists, default_errors_path
+from cnnx.runtime.output import already_exists, default_errors_path, names_parquet_folder
 from cnnx.runtime.workers import DECODE_MODES, PROCESS_DECODE_MAX_SIDE, PROCESS_DECODE_MIN_FILES
 
 
@@ -76,7 +76,8 @@ class _Tally:
 @click.option("--topk", type=click.IntRange(1), default=5, show_default=True,
               help="Labels and scores per image (capped at the number of classes).")
 @click.option("--batch-size", type=click.IntRange(1, 65536), default=256, show_default=True,
-              help="Images per onnxruntime call; every call has this shape (the last is padded). "
+              help="Images per batch; every onnxruntime call has this shape (the last is padded), except in "
+                   "decode processes (--decode), which run their batches in slices of 64. "
                    "Reduced, with a note, when the images would exceed 256 MiB a batch. 256 is the measured "
                    "choice on the CPU and on an H100 (benchmarks/gpu_classify.py's sweep).")
 @click.option("--workers", type=click.IntRange(0, 256), default=0, show_default=True,
@@ -100,8 +101,8 @@ class _Tally:
                    "decode faster on the CPU), the GPU and --workers CPU threads share each batch, from its two "
                    "ends; else cpu.")
 @click.option("--errors", "errors_path", type=click.Path(dir_okay=False),
-              help="CSV of files not classified (path,stage,error). Default: OUTPUT's name + .errors.csv, "
-                   "or warnings on stderr when OUTPUT is stdout.")
+              help="CSV of files not classified (path,stage,error), or - for stdout. Default: OUTPUT's name + "
+                   ".errors.csv, or warnings on stderr when OUTPUT is stdout.")
 @click.option("--resume", is_flag=True, help="Continue OUTPUT: skip paths already in it (or in the errors file).")
 @click.option("--strict", is_flag=True, help="Exit 1 when any file was skipped.")
 @click.option("--follow-symlinks", is_flag=True, help="Follow symlinks inside folders (cycles are still refused).")
@@ -109,7 +110,7 @@ class _Tally:
               help="Also write one self-contained HTML page of the results (everything in OUTPUT, "
                    "--resume'd runs included). Needs --output FILE.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: this process (decode threads, one onnxruntime session). ray: Ray Data actors, one "
+              help="local: this machine (decode threads or processes, see --decode). ray: Ray Data actors, one "
                    "session each, on this machine or the cluster at --address (pip install 'cnnx[ray]').")
 @click.option("--address", help="--engine ray: join the Ray cluster at HOST:PORT (`ray start --head` prints it; "
                                 "'auto': the one started on this machine). Default: $RAY_ADDRESS, else a private "
@@ -135,8 +136,14 @@ def classify(paths, model_path, output, fmt, topk, batch_size, workers, decode, 
     _no_blas_threads()
     output = "-" if _is_stdout(output, resume) else output
     if engine == "ray":
-        if decoder != "cpu":
-            raise click.UsageError(f"--decoder {decoder}: only with --engine local")
+        given = click.get_current_context().get_parameter_source
+        local_only = [f"--{name}" for name in ("workers", "decode", "decoder")
+                      if given(name) == click.core.ParameterSource.COMMANDLINE]
+        if local_only:
+            raise click.UsageError(f"{', '.join(local_only)}: only with --engine local")
+        if names_parquet_folder(output) and given("fmt") == click.core.ParameterSource.COMMANDLINE:
+            raise click.UsageError(f"--format {fmt}: --output {output} names a folder of Parquet part files "
+                                   f"(a file's name gets --format's rows)")
         _classify_on_ray(paths, model_path, output, fmt, topk, batch_size, device, errors_path, resume, strict,
                          follow_symlinks, report_path, address, num_workers, num_gpus_per_worker, manifest)
         return
@@ -258,8 +265,9 @@ def _check_local_usage(paths, output, address, num_workers, num_gpus_per_worker,
         raise click.UsageError("give at least one PATH")
     if any(is_uri(p) for p in paths):
         raise click.UsageError("s3:// gs:// file:// paths need --engine ray")
-    if os.path.isdir(output):
-        raise click.UsageError(f"--output {output} is a folder: give a file (Parquet folders need --engine ray)")
+    if names_parquet_folder(output):
+        what = "is a folder" if os.path.isdir(output) else "names a folder of Parquet part files"
+        raise click.UsageError(f"--output {output} {what}: give a file (Parquet folders need --engine ray)")
 
 
 def _classify_on_ray(paths, model_path, output, fmt, topk, batch_size, device, errors_path, resume, strict,
@@ -543,7 +551,7 @@ def _print_summary(tally: _Tally, rows, classifier, errors_path, wall: float):
         parts.append(f"first batch after {tally.first_batch_s:.2f} s")
     click.echo("; ".join(parts), err=True)
     if tally.n_skipped and errors_path is not None:
-        click.echo(f"skipped files are listed in {errors_path}", err=True)
+        click.echo(f"skipped files are listed in {'stdout' if errors_path == '-' else shown(errors_path)}", err=True)
 
 
 def _write_report(report_path, output, fmt, errors_path, info):

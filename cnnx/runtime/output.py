@@ -290,6 +290,12 @@ class PredictionWriter:
                     stream.detach()  # leave sys.stdout usable
 
 
+def names_parquet_folder(output: str) -> bool:
+    """OUTPUT names a folder of Parquet part files (--engine ray's): it ends with / or .parquet,
+    or is a folder; else a file (or - for stdout) of --format's rows."""
+    return output != "-" and (output.endswith(("/", os.sep, ".parquet")) or os.path.isdir(output))
+
+
 def default_errors_path(output: str) -> str | None:
     """Where the errors rows of OUTPUT go by default: beside it, its name with `.errors.csv`
     for `.csv` (pred.csv -> pred.errors.csv) and added to any other (pred.jsonl ->

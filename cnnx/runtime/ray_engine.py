@@ -40,11 +40,12 @@ import numpy as np
 
 from cnnx.runtime.api import Classifier, path_list
 from cnnx.runtime.discover import URI, Discovery, Found, PathKeys, is_uri
-from cnnx.runtime.files import TEMP_PREFIX, atomic_file, escaped_name, first_line, os_error_line, remove_stale_temps
+from cnnx.runtime.files import (TEMP_PREFIX, atomic_file, escaped_name, first_line, os_error_line,
+                                quiet_pillow_warnings, remove_stale_temps)
 from cnnx.runtime.model import ModelError, softmax_topk
 from cnnx.runtime.output import (ErrorsWriter, OutputBusy, OutputLock, PredictionWriter, ResumeError, WriteError,
-                                 already_exists, check_resume, csv_header, default_errors_path, read_done,
-                                 read_run_record, run_record_path, summary_counts, write_run_record)
+                                 already_exists, check_resume, csv_header, default_errors_path, names_parquet_folder,
+                                 read_done, read_run_record, run_record_path, summary_counts, write_run_record)
 from cnnx.runtime.pipeline import decode_images
 from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS
 
@@ -102,21 +103,13 @@ def import_ray():
     return ray
 
 
-def output_format(output: str, fmt: str) -> str:
-    """'parquet' when OUTPUT names a folder of part files (ends with / or .parquet, or is an
-    existing folder); else the --format given (csv or jsonl)."""
-    if output != "-" and (output.endswith(("/", os.sep, ".parquet")) or os.path.isdir(output)):
-        return "parquet"
-    return fmt
-
-
 def classify_with_ray(paths, model, *, output, fmt="csv", errors=None, resume=False, manifest=None, address=None,
                       num_workers=None, num_gpus_per_worker=0.0, batch_size=256, topk=5, follow_symlinks=False,
                       device="auto", max_pixels=DEFAULT_MAX_PIXELS, rows_per_part=100_000,
                       on_progress=None) -> RaySummary:
     """Classify `paths` (files, folders, s3:// gs:// file:// prefixes: a list, or one alone) and the lines of
     `manifest` on Ray Data; write predictions to `output` (a CSV/JSONL file, '-', or a
-    Parquet folder: see output_format) and the files not classified to `errors`.
+    Parquet folder: see output.names_parquet_folder) and the files not classified to `errors`.
 
     address: a running cluster (`ray start --head` prints it; 'auto' finds the local one);
     None: $RAY_ADDRESS (set under `ray job submit`), else a private Ray started on this
@@ -131,7 +124,7 @@ def classify_with_ray(paths, model, *, output, fmt="csv", errors=None, resume=Fa
     t0 = time.perf_counter()
     paths = path_list(paths)
     output, errors, manifest = (None if p is None else os.fsdecode(p) for p in (output, errors, manifest))
-    fmt = output_format(output, fmt)
+    fmt = "parquet" if names_parquet_folder(output) else fmt
     if fmt not in FORMATS:
         raise RayEngineError(f"unknown output format {fmt!r}; known: {', '.join(FORMATS)}")
     if errors is None:
@@ -485,6 +478,7 @@ def _decode_rows(batch, *, spec, max_pixels, cwd, filesystems=None):
     """{path: bytes} -> {path, stage ('' when decoded), message (error or note), images}.
     Local paths go through decode_images (local classify's own function); URIs are read
     through pyarrow.fs and decoded from their bytes by the same load_image."""
+    quiet_pillow_warnings()
     names = [os.fsdecode(p) for p in batch["path"]]
     h, w = spec["size"]
     n = len(names)
@@ -555,6 +549,7 @@ class _ClassifyActor:
         # line (_blocks): raised here, in __init__ or in a batch, it reaches the driver only as text
         # inside Ray's traceback.
         self.classifier, self.failure, self.topk = None, None, topk
+        quiet_pillow_warnings()
         try:
             folder = tempfile.mkdtemp(prefix="cnnx-ray-model-")
             path = os.path.join(folder, "model.onnx")
