@@ -151,3 +151,46 @@ def test_a_filesystem_without_locks_still_writes(tmp_path, monkeypatch):
     monkeypatch.setattr(fcntl, "flock", no_locks)
     files.atomic_write(tmp_path / "a.txt", "x")
     assert (tmp_path / "a.txt").read_text() == "x" and os.listdir(tmp_path) == ["a.txt"]
+
+
+def test_sigint_held_takes_a_ctrl_c_after_its_block_whichever_thread_it_reaches():
+    """A Ctrl-C inside the block (onnxruntime's import would turn it into an ImportError that
+    reads as a broken install) is a KeyboardInterrupt right after it; the handler is put back."""
+    import threading
+    import time
+
+    handler = signal.getsignal(signal.SIGINT)
+    for sender in ("this thread", "another thread"):
+        reached = []
+        with pytest.raises(KeyboardInterrupt):
+            with files.sigint_held():
+                if sender == "this thread":
+                    os.kill(os.getpid(), signal.SIGINT)
+                else:  # the kernel may hand it to a thread that does not block it; Python runs it here
+                    threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+                deadline = time.monotonic() + 0.5
+                while time.monotonic() < deadline:  # bytecode boundaries where a handler would run
+                    pass
+                reached.append(True)
+        assert reached == [True], sender
+        assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_the_forkserver_starts_with_ctrl_c_held_and_the_caller_has_it_back():
+    """A Ctrl-C while the forkserver imports its preload (numpy, onnxruntime) killed it with a
+    traceback, and the pool it was to serve ended in "Aborted!" (exit 1): it starts with SIGINT
+    blocked, which it ignores after its imports; the caller's own mask is as it was. (The
+    resource tracker's own start unblocks SIGINT: it is started first.)"""
+    code = textwrap.dedent("""
+        import signal
+        from multiprocessing import forkserver
+        from cnnx.runtime import workers
+        workers.warm_up()
+        pid = forkserver._forkserver._forkserver_pid
+        blocked = next(int(line.split()[1], 16) for line in open(f"/proc/{pid}/status")
+                       if line.startswith("SigBlk:"))
+        print(bool(blocked & (1 << (signal.SIGINT - 1))), signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False"]

@@ -30,7 +30,7 @@ import sys
 from dataclasses import dataclass
 
 from cnnx.runtime.contract import CPU_PROVIDER, CUDA_PROVIDER, driver_library, load_driver_library
-from cnnx.runtime.files import cache_root, first_line, sha256_of
+from cnnx.runtime.files import cache_root, first_line, sha256_of, sigint_held
 
 INSTALL_HINT = "pip install 'cnnx[gpu]'"
 # What cnnx's own install brings (pyproject.toml's dependencies).
@@ -99,7 +99,8 @@ def onnxruntime():
     prints it) where it cannot be used: not installed, its folder left empty by an uninstall
     cut short (it then imports as an empty namespace package), or its library failing to load."""
     try:
-        import onnxruntime as ort
+        with sigint_held():  # a Ctrl-C is an interrupt, not the ImportError its native init turns it into
+            import onnxruntime as ort
     except ImportError as e:
         why = f"cannot be imported ({first_line(e)})"
     else:

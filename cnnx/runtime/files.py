@@ -1,5 +1,6 @@
 """File helpers every stage uses (torch-free): the one atomic writer and the one way to turn
-an exception into a single line for the user.
+an exception into a single line for the user; and what cnnx's processes show on their console
+(names' bytes, Pillow's warnings) and let a Ctrl-C cut.
 
 Atomic means: a reader (or a process started after a kill -9 or a power cut) sees the old
 file or the complete new one, never a part. The data goes to a hidden temp file in the same
@@ -15,8 +16,10 @@ import contextlib
 import errno
 import fcntl
 import os
+import signal
 import stat
 import tempfile
+import threading
 import warnings
 
 TEMP_PREFIX = ".cnnx-tmp-"
@@ -37,6 +40,31 @@ def quiet_pillow_warnings():
     filters of the user's process alone. (Pillow warns from its own modules; a
     filter by module name needs no import of Pillow.)"""
     warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+
+
+@contextlib.contextmanager
+def sigint_held():
+    """Ctrl-C (SIGINT) held back for the block, and taken (KeyboardInterrupt) right after it.
+    For what a Ctrl-C must not cut: a native module's import (onnxruntime's turns the interrupt
+    into an ImportError, "initialization failed", that reads as a broken install), and a
+    process being started (the forkserver inherits SIGINT blocked, so a Ctrl-C never kills it in
+    the middle of its imports, with a traceback and its pool dead; it ignores SIGINT after them,
+    as the decode processes do: the caller stops them). Python runs signal handlers in the main
+    thread, whichever thread the signal reaches: there a handler notes it for after the block."""
+    # (a handler not set from Python, getsignal None, could not be put back: then none is noted)
+    main = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not None
+    noted = []
+    old_handler = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum)) if main else None
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if hasattr(signal, "pthread_sigmask") else None
+    try:
+        yield
+    finally:
+        if old_mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+            if noted:
+                signal.raise_signal(signal.SIGINT)  # to the handler the block found: KeyboardInterrupt, or none
 
 
 def _undecoded(c: str) -> bool:

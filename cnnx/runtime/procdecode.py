@@ -43,7 +43,7 @@ from cnnx.runtime.contract import CPU_PROVIDER
 from cnnx.runtime.files import first_line, quiet_pillow_warnings
 from cnnx.runtime.model import ModelError
 from cnnx.runtime.pipeline import DecodedBatch, decode_into, image_bytes
-from cnnx.runtime.workers import context, main_not_rerun
+from cnnx.runtime.workers import context, starting_workers
 
 SHM_PREFIX = "cnnx-decode-"  # /dev/shm/cnnx-decode-<pid>-<random>: whose segment it is
 MIN_CHUNK_FILES = 64  # a task's paths: fewer means more pipe round trips per image
@@ -198,13 +198,17 @@ class DecodePool:
             for _ in range(workers):
                 parent, child = ctx.Pipe()
                 proc = ctx.Process(target=_worker, args=(child, nice), daemon=True, name="cnnx-decode")
-                with main_not_rerun():
+                with starting_workers():
                     proc.start()
                 child.close()
                 self.procs.append(proc)
                 self.conns.append(parent)
                 if model is not None:
                     parent.send(("load", _wanted(model)))
+        except (EOFError, OSError) as e:  # the forkserver ended (killed, out of memory) or cannot fork
+            _stop(self.procs, self.conns)
+            raise DecodeWorkerDied(f"the decode processes could not start ({first_line(e) or type(e).__name__}): "
+                                   f"run again, or decode in threads (--decode threads)") from None
         except BaseException:
             _stop(self.procs, self.conns)
             raise

@@ -12,6 +12,8 @@ import os
 import sys
 import types
 
+from cnnx.runtime.files import sigint_held
+
 DECODE_MODES = ("auto", "threads", "processes")
 # decode="auto" decodes in processes for models up to this input side (px): measured faster at
 # 32 px on 2 cores, decode alone and cnnx classify as a whole process (benchmarks/results/
@@ -60,14 +62,22 @@ def context():
 
 
 @contextlib.contextmanager
-def main_not_rerun():
-    """Workers run cnnx code only, but multiprocessing's start-up would run the caller's main
-    script again in each (as `__mp_main__`): slow for the `cnnx` console script, an error in
-    a script without a `__main__` guard. Hidden for the moment the start-up is prepared."""
+def starting_workers():
+    """Around a start of the forkserver or of a worker. Workers run cnnx code only, but
+    multiprocessing's start-up would run the caller's main script again in each (as
+    `__mp_main__`): slow for the `cnnx` console script, an error in a script without a
+    `__main__` guard; it is hidden for the moment the start-up is prepared. And a Ctrl-C waits
+    for the start (files.sigint_held)."""
+    from multiprocessing import resource_tracker
+
+    # Started first, if it is not running: its start unblocks SIGINT (CPython's own guard for
+    # its child), which the forkserver's start must find blocked.
+    resource_tracker.ensure_running()
     main = sys.modules["__main__"]
     sys.modules["__main__"] = types.ModuleType("__main__")
     try:
-        yield
+        with sigint_held():
+            yield
     finally:
         sys.modules["__main__"] = main
 
@@ -77,7 +87,7 @@ def warm_up():
     from multiprocessing import forkserver
 
     context()
-    with main_not_rerun():
+    with starting_workers():
         forkserver.ensure_running()
 
 
