@@ -67,7 +67,9 @@ What one run measures (every figure with the card it ran on, all in the same pro
 Not measured: the CPU goal 2 of issue 8.
 
 Each stage checks the time left (--budget-s, default 420 s) and is skipped, with a note, when it
-would not fit; the JSON is rewritten after every stage (benchmarks/_results.write_result), so a
+would not fit (so what must not be missed comes first: that cnnx classify's rows on CUDA are the
+CPU's right after the classify stages, then the photos, the CIFAR steady state, the CUDA tests,
+and last the stages that explain the figures); the JSON is rewritten after every stage (benchmarks/_results.write_result), so a
 run cut short still leaves its figures.
 
 Prepare here (once a machine: a session's machine starts without these ignored folders). It
@@ -257,11 +259,32 @@ def install_wheels(part_dirs, wheel_dirs, site: Path) -> list:
 
 # --- the run's bookkeeping --------------------------------------------------------------------------
 
+ALWAYS = {"card", "cifar", "photos"}  # the inputs every stage may use
+
+
+def with_inputs(only: set) -> set:
+    """--stages' names and the stages whose results they use: an export for each model a stage
+    runs (the GPU-decoding stages run on resnet18's photos), and the ceiling and the 10x CIFAR
+    folder for the steady states and the profiles of airnet."""
+    need = set(only)
+    for name in only:
+        for arch in ("airnet", "resnet18"):
+            if arch in name:
+                need.add(f"export_{arch}")
+        if name.startswith("gpu_decode") and "airnet" not in name:
+            need.add("export_resnet18")
+        if name in ("decode_bound_cifar", "cifar_x10") or name.startswith(("steady_state", "profile_airnet",
+                                                                          "profile_gil")):
+            need |= {"export_airnet", "ceiling_airnet_fp32"} | ({"cifar_x10"} if name != "decode_bound_cifar" else set())
+    return need
+
+
 class Run:
     """Results, the deadline and the JSON written after every stage."""
 
     def __init__(self, out: Path, budget_s: float, argv, only=None):
-        self.only = only  # stage names to run (None: all)
+        self.asked = only  # the stage names --stages gave (None: all)
+        self.only = None if only is None else with_inputs(only) | ALWAYS  # and what they need
         self.t0 = START
         self.deadline = START + budget_s
         self.out = out
@@ -275,7 +298,7 @@ class Run:
         """fn(*args, **kw) -> its result stored under `name`; skipped when fewer than need_s
         seconds are left or when --stages leaves it out; an exception is recorded as its last
         line (the run goes on)."""
-        if self.only is not None and name not in self.only | {"card", "cifar", "photos"}:  # the inputs always
+        if self.only is not None and name not in self.only:
             return None
         if self.left() < need_s:
             self.results["skipped"][name] = f"out of time ({self.left():.0f} s left, needs ~{need_s:.0f} s)"
@@ -296,6 +319,14 @@ class Run:
         self.results["stages"][name] = round(time.perf_counter() - t, 1)
         self.save()
         return value
+
+    def not_run(self):
+        """Each stage --stages asked for that did not run and was not skipped (no such stage,
+        or one whose input failed) is skipped, saying so: never a silently empty JSON."""
+        for name in sorted(self.asked or ()):
+            if name not in self.results["stages"] and name not in self.results["skipped"]:
+                self.results["skipped"][name] = "not run: no such stage, or an input it needs was not made"
+                log(f"[{name}] {self.results['skipped'][name]}")
 
     def save(self):
         from _results import write_result
@@ -1397,7 +1428,14 @@ def main(argv=None):
                       c and c["ceiling_img_s"], need_s=30)
             if not smoke:
                 run.stage(f"cuda_vs_cpu_{key}", agreement, path, dev, real, need_s=15)
-    # The photos and GPU decoding, before the CIFAR steady state: a short --budget-s skips the last stages
+    # That cnnx classify's rows on CUDA (its IOBinding runner, GPU decoding) are the CPU's: before
+    # anything it measures, as a run cut short skips the last stages.
+    if models.get("airnet"):
+        run.stage("classify_rows_cuda_vs_cpu_airnet", classify_rows_agreement, models["airnet"]["fp32"], cifar_small,
+                  device, BATCH, need_s=30)
+        run.stage("gpu_decode_classify_airnet_cifar", gpu_decode_classify, models["airnet"]["fp32"], cifar, device,
+                  BATCH, smoke, need_s=40)
+    # The photos and GPU decoding, before the CIFAR steady state
     run.stage("decode_only_photos", decode_only, photo_dir, 224, need_s=20)
     if models.get("resnet18"):
         size = models["resnet18"]["size"]
@@ -1413,34 +1451,33 @@ def main(argv=None):
         # Where --decoder gpu's time goes (it reached a third of nvImageCodec's own rate on the H100)
         run.stage("profile_gpu_decode_resnet18", profile, models["resnet18"]["fp32"], photo_dir, device, BATCH,
                   a.work, a.results / "profile_gpu_decode_resnet18.txt", a.site, extra=("--decoder", "gpu"), need_s=30)
+    ceiling = (run.results.get("ceiling_airnet_fp32") or {}).get("ceiling_img_s")
+    large = None
     if models.get("airnet"):
         run.stage("decode_bound_cifar", decode_bound, cifar, models["airnet"]["fp32"], BATCH, need_s=20)
         run.stage("startup_floor_airnet", startup_floor, models["airnet"]["fp32"], device, BATCH, need_s=15)
-        ceiling = (run.results.get("ceiling_airnet_fp32") or {}).get("ceiling_img_s")
         if ceiling:
             large = run.stage("cifar_x10", replicated, cifar, a.work / "cifar-x10", 2 if smoke else 10, need_s=30)
-            if large:
-                run.stage("steady_state_airnet_fp32", steady_state, models["airnet"]["fp32"], cifar, large, device,
-                          BATCH, a.work, ceiling, rounds=3, baselines=a.baseline,
-                          need_s=20 * (1 + len(a.baseline)))
-                cores = os.cpu_count() or 1
-                run.stage("steady_state_workers_airnet_fp32", lambda: {
-                    str(w): steady_state(models["airnet"]["fp32"], cifar, large, device, BATCH, a.work, ceiling,
-                                         extra=("--workers", str(w)))
-                    for w in sorted({max(1, cores - 4), max(1, cores - 2), cores})}, need_s=60)
-                run.stage("steady_state_api_airnet_fp32", steady_state_api, models["airnet"]["fp32"], cifar, large,
-                          device, BATCH, ceiling, need_s=30)
-                run.stage("steady_state_batch_airnet_fp32", steady_state_by_batch, models["airnet"]["fp32"], cifar,
-                          large, device, a.work, (512, 1024), seconds / 2, need_s=60)
-                run.stage("profile_airnet_fp32", profile, models["airnet"]["fp32"], large, device, BATCH, a.work,
-                          a.results / "profile_airnet_fp32.txt", a.site, need_s=30)
-                run.stage("profile_gil_airnet_fp32", profile, models["airnet"]["fp32"], large, device, BATCH,
-                          a.work, a.results / "profile_gil_airnet_fp32.txt", a.site, gil=True, need_s=30)
+        if large:
+            run.stage("steady_state_airnet_fp32", steady_state, models["airnet"]["fp32"], cifar, large, device,
+                      BATCH, a.work, ceiling, rounds=3, baselines=a.baseline, need_s=20 * (1 + len(a.baseline)))
+    if not smoke:  # the CUDA tests, before the stages that only explain the figures
+        run.stage("pytest_gpu", pytest_on_gpu, a.cifar_tar, need_s=90)
+    if large:
+        cores = os.cpu_count() or 1
+        run.stage("steady_state_workers_airnet_fp32", lambda: {
+            str(w): steady_state(models["airnet"]["fp32"], cifar, large, device, BATCH, a.work, ceiling,
+                                 extra=("--workers", str(w)))
+            for w in sorted({max(1, cores - 4), max(1, cores - 2), cores})}, need_s=60)
+        run.stage("steady_state_api_airnet_fp32", steady_state_api, models["airnet"]["fp32"], cifar, large,
+                  device, BATCH, ceiling, need_s=30)
+        run.stage("steady_state_batch_airnet_fp32", steady_state_by_batch, models["airnet"]["fp32"], cifar,
+                  large, device, a.work, (512, 1024), seconds / 2, need_s=60)
+        run.stage("profile_airnet_fp32", profile, models["airnet"]["fp32"], large, device, BATCH, a.work,
+                  a.results / "profile_airnet_fp32.txt", a.site, need_s=30)
+        run.stage("profile_gil_airnet_fp32", profile, models["airnet"]["fp32"], large, device, BATCH,
+                  a.work, a.results / "profile_gil_airnet_fp32.txt", a.site, gil=True, need_s=30)
     if models.get("airnet"):
-        run.stage("classify_rows_cuda_vs_cpu_airnet", classify_rows_agreement, models["airnet"]["fp32"], cifar_small,
-                  device, BATCH, need_s=30)
-        run.stage("gpu_decode_classify_airnet_cifar", gpu_decode_classify, models["airnet"]["fp32"], cifar, device,
-                  BATCH, smoke, need_s=40)
         run.stage("gpu_decode_classify_airnet_photos", gpu_decode_classify, models["airnet"]["fp32"], photo_dir,
                   device, BATCH, smoke, need_s=30)
 
@@ -1460,8 +1497,7 @@ def main(argv=None):
     if models.get("resnet18"):
         run.stage("slots_resnet18", ceilings, models["resnet18"]["fp32"], device, BATCH, seconds, slots=(1, 2, 3),
                   need_s=20)
-    if not smoke:
-        run.stage("pytest_gpu", pytest_on_gpu, a.cifar_tar, need_s=90)
+    run.not_run()
     summarize(run.results)
     run.save()
     return 0
