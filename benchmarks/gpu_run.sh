@@ -12,6 +12,14 @@
 #       carry=[".data", ".ortgpu-decode"], timeout_s=440)
 # (the machine's copy of .git can be older than the files it gets: the JSON's tree_commit says
 # which commit's files ran; commit before the run)
+# With a session's 15 minutes of device time, the stages of issue 8's goals and checks, in one call
+# (about 380 s by the stages' times on the last H100 runs, and their need_s where never timed):
+#   run(command="CNNX_TREE_COMMIT=<sha> BUDGET_S=480 PHOTOS=960 STAGES=classify_rows_cuda_vs_cpu_airnet,\
+#     gpu_decode_classify_airnet_cifar,decode_only_photos,gpu_decode_ceiling,gpu_decode_backends,gpu_decode_steps,\
+#     gpu_decode_only_photos,gpu_decode_classify_resnet18,profile_gpu_decode_resnet18,classify_airnet_fp32,\
+#     steady_state_airnet_fp32,pytest_gpu,profile_airnet_fp32 bash benchmarks/gpu_run.sh classify \
+#     > $OUT/log.txt 2>&1; rc=$?; tail -c 4000 $OUT/log.txt; exit $rc", carry=[".data", ".ortgpu-decode"], timeout_s=540)
+# (one line in the call; --stages adds the exports, the ceiling and the 10x CIFAR folder they need)
 #
 # A steady-state A/B against other commits: --prepare's --baseline-commit (repeatable) puts each
 # one's cnnx/ in .data/baseline-<commit>, with a COMMIT file.
