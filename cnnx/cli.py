@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import importlib
 import os
+import signal
 import sys
 import time
 
@@ -78,11 +79,11 @@ def main(argv=None):
         sys.exit(e.exit_code)
     except click.Abort as e:  # click turns KeyboardInterrupt (and EOF at a prompt) into Abort
         if isinstance(e.__cause__, KeyboardInterrupt):
-            _interrupted()
+            _interrupted(e.__cause__)
         click.echo("Aborted!", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:  # before or after click's own handling
-        _interrupted()
+    except KeyboardInterrupt as e:  # before or after click's own handling
+        _interrupted(e)
     except OSError as e:  # what the command printed could not be written: stdout full (> /dev/full), gone or closed
         from cnnx.runtime.files import os_error_line
 
@@ -141,10 +142,17 @@ def leave_it_to_rank_0(code: int):
     sys.exit(code)
 
 
-def _interrupted():
+# What a command ended by a signal says last; it exits with 128 + the signal's number, as shells do.
+INTERRUPTED_LINE = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
+
+
+def _interrupted(e: BaseException):
+    """Ctrl-C, or a SIGTERM that the command turned into a clean end (a KeyboardInterrupt with
+    its `signum`: cnnx.runtime.command.Terminated)."""
+    signum = getattr(e, "signum", signal.SIGINT)
     if not _another_rank():
-        click.echo("interrupted", err=True)
-    sys.exit(130)
+        click.echo(INTERRUPTED_LINE[signum], err=True)
+    sys.exit(128 + signum)
 
 
 def _hold_standard_streams():

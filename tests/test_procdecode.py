@@ -257,12 +257,20 @@ def test_cli_worker_killed_mid_run_exits_1_with_one_line(model, big):
     assert not segments(proc.pid)
 
 
-def test_cli_ctrl_c_leaves_no_segment_and_no_process(model, big):
+@pytest.mark.parametrize("signum, code, line", [(signal.SIGINT, 130, "interrupted"),
+                                                (signal.SIGTERM, 143, "terminated")])
+def test_cli_ctrl_c_or_sigterm_ends_the_run_cleanly_leaving_no_segment_and_no_process(model, big, signum, code, line):
+    """Ctrl-C reaches the process group; a SIGTERM (systemd stopping a service, docker stop)
+    the command or every process: the rows end with a whole one, and the last line says why."""
     proc = start_cli(model, big, "--workers", "2")
     helpers = children(proc.pid) + workers_of(proc.pid)
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=120)
-    assert proc.returncode != 0
+    for pid in workers_of(proc.pid):
+        os.kill(pid, signum)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err.decode()[-2000:]
+    assert err.decode().strip().splitlines()[-1] == line
+    assert out[-1:] in (b"", b"\n") and "Traceback" not in err.decode()  # (start_cli read two rows)
     assert not segments(proc.pid)
     deadline = time.monotonic() + 20
     while alive(helpers) and time.monotonic() < deadline:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import click
 
-from cnnx.cli import ExitNow
+from cnnx.cli import INTERRUPTED_LINE, ExitNow
 from cnnx.runtime.contract import INFERENCE_DEVICES
 from cnnx.runtime.files import remove_stale_temps_beside, shown
 from cnnx.runtime.output import already_exists, default_errors_path, names_parquet_folder
@@ -201,10 +201,21 @@ class Interrupts:
             self.deferring = False
 
     def stop_if_asked(self):
-        """Raise KeyboardInterrupt if Ctrl-C was pressed while deferred."""
+        """Raise KeyboardInterrupt (Terminated for SIGTERM) if a signal came while deferred."""
         if self.asked:
             self.deferring = False  # the cleanup starts: another Ctrl-C raises at once
-            raise KeyboardInterrupt
+            raise interruption(self.asked)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (docker stop, systemd, a batch job's end) ends a run as Ctrl-C does: the batch in
+    hand written, the output lock released, the decode processes stopped; exit 143."""
+
+    signum = signal.SIGTERM
+
+
+def interruption(signum: int) -> KeyboardInterrupt:
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 @contextlib.contextmanager
@@ -212,37 +223,42 @@ def _ends_when_interrupted():
     """Ctrl-C ends the run as Python's own handler does, with KeyboardInterrupt (the run then
     flushes its rows, releases the output lock and exits 130), at once or, while rows stream,
     after the batch in hand (Interrupts); and it arms a timer: should a thread the exit must
-    join never return, the process still ends, with exit 130, INTERRUPT_GRACE_S later. Yields
-    the run's Interrupts. Nothing changes where SIGINT is ignored or handled by someone else,
-    or off the main thread (nothing then asks the Interrupts to stop)."""
+    join never return, the process still ends, with exit 130, INTERRUPT_GRACE_S later. SIGTERM
+    does the same (Terminated, exit 143). Yields the run's Interrupts. Nothing changes for a
+    signal ignored or handled by someone else (SIGINT not Python's default_int_handler, SIGTERM
+    not the default), or off the main thread (nothing then asks the Interrupts to stop)."""
     interrupts = Interrupts()
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    if threading.current_thread() is not threading.main_thread():
         yield interrupts
         return
 
-    def interrupted(_signum, _frame):
+    def interrupted(signum, _frame):
         if not interrupts.asked:
-            timer = threading.Timer(INTERRUPT_GRACE_S, _exit_interrupted)
+            timer = threading.Timer(INTERRUPT_GRACE_S, _exit_interrupted, (signum,))
             timer.daemon = True
             timer.start()
         if interrupts.deferring and not interrupts.asked:
-            interrupts.asked = True
+            interrupts.asked = signum
             return
-        interrupts.asked = True
-        raise KeyboardInterrupt
+        interrupts.asked = signum
+        raise interruption(signum)
 
-    signal.signal(signal.SIGINT, interrupted)
+    ours = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    taken = [signum for signum, default in ours.items() if signal.getsignal(signum) is default]
+    for signum in taken:
+        signal.signal(signum, interrupted)
     try:
         yield interrupts
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for signum in taken:
+            signal.signal(signum, ours[signum])
 
 
-def _exit_interrupted():
+def _exit_interrupted(signum: int):
     with contextlib.suppress(OSError):
-        os.write(2, b"interrupted (the cleanup did not finish in time)\n")
-    os._exit(130)
+        os.write(2, b"%s (the cleanup did not finish in time)\n" % INTERRUPTED_LINE[signum].encode())
+    os._exit(128 + signum)
+
 
 
 def _no_blas_threads():

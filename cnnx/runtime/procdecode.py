@@ -80,8 +80,11 @@ def _worker(conn, nice: int = 0):
     model has: ModelInfo.identity()); out: one (run, slot, row, decoded, failed, notes, logits)
     per decode task of the run attached, logits None without a model, the line of an
     onnxruntime failure, or a ModelChanged."""
-    # Ctrl-C reaches the whole process group; the caller cleans up and stops us.
+    # Ctrl-C reaches the whole process group, and a SIGTERM often does (systemd stops a service's
+    # every process): the caller finishes the batch in hand with us, then stops us; should it
+    # die first, our pipe's end is ours.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if nice:
         os.nice(nice)  # only ever more: allowed to any user
     quiet_pillow_warnings()
