@@ -219,7 +219,34 @@ def test_split_layout_early_stopping_and_test_split_once(cifar_train_dir, tmp_pa
     assert r.exit_code == 0 and "these figures include its 48 training images (its validation images were in val/" \
         in r.stderr, r.stderr
     r = run_cli(["evaluate", run / "best.pt", "--data", data, "--json", "--cache-dir", tmp_path / "c"])
-    assert json.loads(r.stdout)["trained_on"] is False and "note:" not in r.stderr  # test/: held out
+    assert json.loads(r.stdout)["trained_on"] is False and "trained on" not in r.stderr  # test/: held out
+
+
+def test_a_test_split_without_a_class_and_evaluate_on_a_train_folder_the_run_held_out_of(cifar_train_dir, tmp_path):
+    """DIR/{train,test} with a class test/ lacks: test_metrics.json is JSON (null, not NaN, for
+    that class). evaluate on train/ says the run held its validation images out of it (it spoke
+    of a val/ there was none of), names the split it scores, and its report says so too; the
+    report's loss chart says its train loss includes label smoothing."""
+    import html
+
+    data = tmp_path / "d"
+    copy_classes(cifar_train_dir, data / "train", ["cat", "dog", "ship"], 12)
+    copy_classes(cifar_train_dir, data / "test", ["cat", "dog"], 4)
+    r = run_cli(seed_args(data, tmp_path / "runs", "x", tmp_path / "c", "--epochs", "1", "--label-smoothing", "0.1"))
+    assert r.exit_code == 0, r.stderr
+    run = tmp_path / "runs" / "x"
+    text = (run / "test_metrics.json").read_text()
+    test = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in test_metrics.json: not JSON"))
+    assert test["per_class"][2] is None and test["n"] == 8
+    page = html.unescape((run / "report.html").read_text())
+    assert "loss (train loss includes label smoothing 0.1)" in page
+    r = run_cli(["evaluate", run / "best.pt", "--data", data, "--split", "train", "--cache-dir", tmp_path / "c",
+                 "--report", tmp_path / "eval.html"])
+    assert r.exit_code == 0, r.stderr
+    assert "the run held out 3 of its images for validation" in r.stderr and "val/" not in r.stderr, r.stderr
+    assert "the run held out 3 of its images for validation" in html.unescape((tmp_path / "eval.html").read_text())
+    r = run_cli(["evaluate", run / "best.pt", "--data", data, "--cache-dir", tmp_path / "c"])
+    assert r.exit_code == 0 and f"note: scoring {data / 'test'}, the test split" in r.stderr, r.stderr
 
 
 def test_resume_refuses_data_that_changed_and_rebuilds_a_best_pt_it_lacks(cifar_train_dir, tmp_path):

@@ -60,7 +60,9 @@ def render_training_report(*, title, config, history, class_names, confusion, va
     split = "val " if history else ""
     sections = [("overview", "Overview", _overview(cm, history, best, summary, split))]
     if history:
-        sections.append(("curves", "Curves", _curves(history, best)))
+        smoothing = config.get("label_smoothing") if isinstance(config, dict) else None
+        sections.append(("curves", "Curves", _curves(history, best, smoothing if isinstance(smoothing, (int, float))
+                                                     else 0.0)))
     sections.append(("per-class", "Per-class top-1", _per_class(cm, class_names, best, split)))
     sections.append(("confusion", "Confusion matrix", _confusion(cm, class_names)))
     sections.append(("mistakes", "Validation images" if history else "Images", _galleries(val, class_names)))
@@ -99,7 +101,13 @@ def _overview(cm, history, best, summary, split: str) -> str:
     return html_
 
 
-def _curves(history, best) -> str:
+def loss_title(label_smoothing: float) -> str:
+    """The loss chart's title (report.html and plots/loss.png): with label smoothing the train
+    loss has its floor above zero, and a gap to the val loss that is not overfitting."""
+    return "loss" + (f" (train loss includes label smoothing {label_smoothing:g})" if label_smoothing > 0 else "")
+
+
+def _curves(history, best, label_smoothing: float = 0.0) -> str:
     xs = [int(r["epoch"]) for r in history]
 
     def col(key):
@@ -110,7 +118,7 @@ def _curves(history, best) -> str:
         line_chart("top-1 accuracy", xs, [("train", col("train_top1"), COLOURS["train"], False),
                                           ("val", col("val_top1"), COLOURS["val"], False),
                                           ("val top-5", col("val_top5"), COLOURS["val_top5"], True)], **mark),
-        line_chart("loss", xs, [("train", col("train_loss"), COLOURS["train"], False),
+        line_chart(loss_title(label_smoothing), xs, [("train", col("train_loss"), COLOURS["train"], False),
                                 ("val", col("val_loss"), COLOURS["val"], False)], **mark),
         line_chart("learning rate", xs, [("lr", col("lr"), COLOURS["lr"], False)], **mark),
     ]

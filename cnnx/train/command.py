@@ -487,16 +487,22 @@ def _check_evaluation_files(checkpoint, report, plot):
 
 
 def _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, cache_mode, *, keep_probs) -> dict:
-    """Load, decode, run: {"ckpt", "folder", "data", "labels", "class_names", "metrics", "trained_on"}."""
+    """Load, decode, run: {"ckpt", "folder", "data", "labels", "class_names", "metrics", "trained_on",
+    "trained_note" (what the console says of it, for the report too)}."""
     import torch
 
     from cnnx.train import loop
     from cnnx.train.checkpoint import load_checkpoint, model_from_checkpoint
+    from cnnx.runtime.files import escaped_name
     from cnnx.train.data import class_folders, folder_layout, load_image_folder, respelt_note
 
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt)
-    folder = _pick_split(folder_layout(data), split, data)
+    layout = folder_layout(data)
+    folder = _pick_split(layout, split, data)
+    if split is None and "all" not in layout:  # which split the figures are of: not only in --json
+        picked = next(s for s, f in layout.items() if f == folder)
+        click.echo(f"note: scoring {folder}, the {picked} split (--split picks another)", err=True)
     names = list(ckpt["class_names"])
     # from the class folders' names, before minutes of decoding (load_image_folder's classes)
     unknown = [f.name for f in class_folders(folder) if f.name not in names]
@@ -507,13 +513,15 @@ def _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, c
     d = load_image_folder(folder, ckpt["preprocess"], progress=True, cache=cache_dir, workers=workers,
                           cache_mode=cache_mode)
     trained_on = _trained_on(ckpt, folder)
+    trained_note = None
     if trained_on:
         config = ckpt["config"]
-        held_out = (f"the run held out {config.get('val_images', 'some')} of its images for validation" if trained_on == "all"
-                    else "its validation images were in val/")
-        click.echo(f"note: {folder} is the folder this model was trained on: these figures include its "
-                   f"{config.get('train_images', 'training')} training images ({held_out}; the validation figures "
-                   f"are in its metrics.csv)", err=True)
+        held_out = ("its validation images were in val/" if trained_on == "train" and "val" in layout
+                    else f"the run held out {config.get('val_images', 'some')} of its images for validation")
+        trained_note = (f"{escaped_name(folder)} is the folder this model was trained on: these figures include its "
+                        f"{config.get('train_images', 'training')} training images ({held_out}; the validation "
+                        f"figures are in its metrics.csv)")
+        click.echo(f"note: {trained_note}", err=True)
     for note in d.notes:
         click.echo(f"note: {note}", err=True)
     if d.skipped:
@@ -541,7 +549,7 @@ def _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, c
         raise click.ClickException(f"{checkpoint} gives non-finite outputs (NaN or inf) for {m['nonfinite']} of "
                                    f"{m['n']} images: its weights are broken; no metrics")
     return {"ckpt": ckpt, "folder": folder, "data": d, "labels": labels, "class_names": names, "metrics": m,
-            "trained_on": trained_on}
+            "trained_on": trained_on, "trained_note": trained_note}
 
 
 def _evaluation_batch(arch: str) -> int:
@@ -595,4 +603,4 @@ def _write_evaluation_report(ev: dict, checkpoint, report):
                         paths=d.paths),
         summary={"checkpoint": escaped_name(checkpoint), "epoch": ev["ckpt"]["epoch"], "data": escaped_name(ev["folder"]),
                  "images": m["n"], "top1": m["top1"], "top5": m["top5"], "loss": m["loss"],
-                 "skipped": len(d.skipped)})
+                 "skipped": len(d.skipped), **({"note": ev["trained_note"]} if ev["trained_note"] else {})})

@@ -10,6 +10,7 @@ from pathlib import Path
 # and a figure sized to hold them grows with the classes squared: 13 GB of pixels at 1,000
 # classes); the report's tables name them, as the HTML page does past the same bound.
 from cnnx.report.training import MAX_MATRIX_CLASSES as MAX_LABELLED_CLASSES
+from cnnx.report.training import loss_title
 from cnnx.runtime.files import atomic_file
 
 MAX_LABEL_CHARS = 30  # a longer class name is cut (with an ellipsis), not the plot squeezed beside it
@@ -50,9 +51,7 @@ def plot_curves(history: list, folder, label_smoothing: float = 0.0) -> list:
         ax.plot(epochs, [r[f"val_{key}"] for r in history], "o-", label="val")
         ax.set_xlabel("epoch")
         ax.set_ylabel(title)
-        smoothed = key == "loss" and label_smoothing > 0
-        ax.set_title(title + (f" (train loss includes label smoothing {label_smoothing:g})" if smoothed else ""),
-                     fontsize=9)
+        ax.set_title(loss_title(label_smoothing) if key == "loss" else title, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend()
         _save(fig, folder / f"{key}.png")
