@@ -115,9 +115,11 @@ def launch_rank() -> int:
     world = os.environ.get("WORLD_SIZE", "1")
     if not (world.isdigit() and int(world) > 1):
         return 0
-    rank = os.environ.get("RANK", "0")
-    if not rank.isdigit():
-        raise click.UsageError(f"the environment's RANK must be a whole number (torchrun sets it), got {rank!r}")
+    rank = os.environ.get("RANK")
+    if rank is None or not rank.isdigit():
+        got = "none" if rank is None else repr(rank)
+        raise click.UsageError(f"the environment's WORLD_SIZE is {world}, and its RANK must then be a whole number "
+                               f"(torchrun sets both), got {got}")
     return int(rank)
 
 

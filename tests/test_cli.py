@@ -111,6 +111,10 @@ def test_a_rank_left_in_the_environment_without_a_launch_changes_nothing(tmp_pat
         (tmp_path / "data" / cls).mkdir(parents=True)
         for i in range(10):
             Image.fromarray(photo_like(32, 32, seed=10 * c + i)).save(tmp_path / "data" / cls / f"{i}.png")
+    r, _ = cnnx(seed_args(tmp_path / "data", tmp_path / "runs", "r0", tmp_path / "cache", "--epochs", "1"),
+                WORLD_SIZE="2")  # and no RANK: a traceback once, and an empty run folder
+    assert r.returncode == 2 and "WORLD_SIZE is 2, and its RANK must then be a whole number" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "runs" / "r0").exists()
     r, _ = cnnx(seed_args(tmp_path / "data", tmp_path / "runs", "r1", tmp_path / "cache", "--epochs", "1"), RANK="1")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "runs" / "r1" / "best.pt").is_file()

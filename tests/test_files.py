@@ -174,6 +174,18 @@ def test_sigint_held_takes_a_ctrl_c_after_its_block_whichever_thread_it_reaches(
                 reached.append(True)
         assert reached == [True], sender
         assert signal.getsignal(signal.SIGINT) is handler
+    # A program's own handler (an asyncio loop's, cnnx classify's) hears of it once, after the block.
+    heard = []
+    signal.signal(signal.SIGINT, lambda signum, frame: heard.append(signum))
+    try:
+        with files.sigint_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100_000):
+                pass
+            assert heard == []
+        assert heard == [signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, handler)
 
 
 def test_the_forkserver_starts_with_ctrl_c_held_and_the_caller_has_it_back():

@@ -420,7 +420,7 @@ def test_decoder_auto_without_a_gpu_decoder_classifies_on_the_cpu(photo_model, m
 def test_decoder_gpu_with_the_ray_engine_is_a_usage_error(photo_model, mixed_folder):
     r = CliRunner().invoke(cli, ["classify", str(mixed_folder), "--model", str(photo_model), "--decoder", "gpu",
                                  "--engine", "ray"])
-    assert r.exit_code == 2 and "--decoder: only with --engine local" in r.output
+    assert r.exit_code == 2 and "--decoder gpu: only with --engine local" in r.output
 
 
 # --- on a GPU ----------------------------------------------------------------------------------------

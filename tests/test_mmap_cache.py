@@ -277,3 +277,11 @@ def test_a_changed_folder_replaces_its_cached_decoding_and_keeps_other_decodings
     assert [len(load(other).labels), len(load(data, small).labels)] == [4, 7]
     assert len(entries()) == 3  # the folder's 16 px decoding replaced in its turn; the other folder's read
     assert len(load(data, mode="disk").labels) == 7 and len(entries()) == 4
+    # A decoding by an earlier load_image (PREPROCESS_VERSION) is never read again: replaced too.
+    from cnnx.train import data as data_module
+
+    older = data_module._decoding(data.resolve(), SPEC, data_module.PREPROCESS_VERSION - 1)
+    (cache / "folders" / f"{older}-0123456789abcdef.pt").write_bytes(b"an older load_image's decoding")
+    Image.fromarray(photo_like(24, 24, seed=10)).save(data / "b" / "new.png")
+    assert len(load(data).labels) == 8
+    assert not any(n.startswith(older) for n in entries()) and len(entries()) == 3

@@ -4,6 +4,7 @@ and the errors it raises. Real files written with Pillow; nothing is mocked."""
 from __future__ import annotations
 
 import io
+import itertools
 import struct
 
 import numpy as np
@@ -172,6 +173,36 @@ def test_cmyk_jpeg_goes_through_pillow():
     out, _ = load_image(buf.getvalue(), make_spec(40, (0.5,) * 3, (0.25,) * 3))
     ref = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")).transpose(2, 0, 1)
     assert np.array_equal(out, ref)
+
+
+def test_a_jpeg_libjpeg_holds_whole_is_held_to_the_limit_at_its_stored_size():
+    """A progressive JPEG's coefficients are all in memory at any output scale: a 3 KB file
+    claiming 20000x20000 took over a gigabyte to fail."""
+    buf = io.BytesIO()
+    Image.fromarray(photo_like(64, 64, seed=11)).save(buf, "JPEG", progressive=True)
+    data = bytearray(buf.getvalue())
+    sof = data.find(b"\xff\xc2")
+    struct.pack_into(">HH", data, sof + 5, 20000, 20000)
+    with pytest.raises(ImageError, match=r"decompression bomb refused: 20000x20000 pixels exceeds") as e:
+        load_image(bytes(data), make_spec(224, (0.5,) * 3, (0.25,) * 3))
+    assert e.value.stage == "open"
+    photo = Image.fromarray(photo_like(1200, 1600, seed=12))
+    for (progressive, refused), mode in itertools.product(((False, False), (True, True)), ("RGB", "CMYK")):
+        buf = io.BytesIO()
+        photo.convert(mode).save(buf, "JPEG", quality=90, progressive=progressive)
+        if refused:
+            with pytest.raises(ImageError, match="decompression bomb refused: 1600x1200 pixels exceeds"):
+                load_image(buf.getvalue(), SPEC32, max_pixels=1_000_000)
+        else:
+            assert load_image(buf.getvalue(), SPEC32, max_pixels=1_000_000)[0].shape == (3, 32, 32)
+
+
+def test_a_jpeg_not_larger_than_the_input_is_held_to_the_limit_at_full_size():
+    # its shorter side is under the input's: decoded whole, not at 1/8 (as the limit once took it)
+    buf = io.BytesIO()
+    Image.fromarray(photo_like(2000, 16, seed=13)).save(buf, "JPEG")
+    with pytest.raises(ImageError, match="decompression bomb refused: 16x2000 pixels exceeds the limit of 20000"):
+        load_image(buf.getvalue(), SPEC32, max_pixels=20_000)
 
 
 def test_negative_32_bit_gray_is_black_not_wrapped_round():

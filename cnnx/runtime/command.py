@@ -136,11 +136,12 @@ def classify(paths, model_path, output, fmt, topk, batch_size, workers, decode, 
     _no_blas_threads()
     output = "-" if _is_stdout(output, resume) else output
     if engine == "ray":
-        given = click.get_current_context().get_parameter_source
-        local_only = [f"--{name}" for name in ("workers", "decode", "decoder")
-                      if given(name) == click.core.ParameterSource.COMMANDLINE]
+        # the local engine's decoding, at values other than those Ray's actors run with
+        local_only = [f"--{name} {value}" for name, value, ray_s in (("workers", workers, 0), ("decode", decode, "auto"),
+                                                                     ("decoder", decoder, "cpu")) if value != ray_s]
         if local_only:
             raise click.UsageError(f"{', '.join(local_only)}: only with --engine local")
+        given = click.get_current_context().get_parameter_source
         if names_parquet_folder(output) and given("fmt") == click.core.ParameterSource.COMMANDLINE:
             raise click.UsageError(f"--format {fmt}: --output {output} names a folder of Parquet part files "
                                    f"(a file's name gets --format's rows)")

@@ -50,9 +50,10 @@ def sigint_held():
     process being started (the forkserver inherits SIGINT blocked, so a Ctrl-C never kills it in
     the middle of its imports, with a traceback and its pool dead; it ignores SIGINT after them,
     as the decode processes do: the caller stops them). Python runs signal handlers in the main
-    thread, whichever thread the signal reaches: there a handler notes it for after the block."""
-    # (a handler not set from Python, getsignal None, could not be put back: then none is noted)
-    main = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not None
+    thread, whichever thread the signal reaches: there a handler notes it, and the handler set
+    before (Python's own: KeyboardInterrupt; cnnx classify's; a program's) is called once after
+    the block. (Not raised again: a signal's wakeup fd, asyncio's, has already heard of it.)"""
+    main = threading.current_thread() is threading.main_thread() and callable(signal.getsignal(signal.SIGINT))
     noted = []
     old_handler = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum)) if main else None
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if hasattr(signal, "pthread_sigmask") else None
@@ -64,7 +65,7 @@ def sigint_held():
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
             if noted:
-                signal.raise_signal(signal.SIGINT)  # to the handler the block found: KeyboardInterrupt, or none
+                old_handler(signal.SIGINT, None)
 
 
 def _undecoded(c: str) -> bool:

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import math
 import os
 import struct
 import sys
@@ -54,7 +53,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnnx.runtime.files import first_line
-from cnnx.runtime.preprocess import ImageError, jpeg_orientation, read_file
+from cnnx.runtime.preprocess import ImageError, dct_scale, jpeg_orientation, read_file
 from cnnx.runtime.workers import PROCESS_DECODE_MAX_SIDE
 
 DECODERS = ("cpu", "gpu", "auto")  # --decoder
@@ -254,17 +253,6 @@ def resize_model_bytes(pool: int = 1, padded: bool = True) -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", RESIZE_OPSET)], ir_version=9)
     onnx.checker.check_model(model)
     return model.SerializeToString()
-
-
-def dct_scale(h: int, w: int, out_h: int, out_w: int) -> tuple:
-    """(k, 8): the scale k/8 at which load_image has libjpeg-turbo decode an h x w JPEG for an
-    out_h x out_w model (preprocess._load_jpeg: the smallest k/8 whose decoded size still covers
-    the shorter-side resize); (8, 8) when the image is not larger than needed."""
-    scale = max(out_h / h, out_w / w)
-    if scale >= 1:
-        return 8, 8
-    min_h, min_w = math.ceil(h * scale - 1e-6), math.ceil(w * scale - 1e-6)
-    return next((k, 8) for k in range(1, 9) if -(-h * k // 8) >= min_h and -(-w * k // 8) >= min_w)
 
 
 def crop_feeds(h: int, w: int, out_h: int, out_w: int, pool: int = 1) -> dict:

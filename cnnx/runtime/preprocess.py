@@ -248,16 +248,14 @@ def _png_metadata_too_large(read_at, start: int, length: int, kind: bytes):
     return f"of {length:,} bytes inflating past that" if inflater.unconsumed_tail else None
 
 
-def jpeg_orientation(data: bytes):
-    """EXIF orientation (1..8) of a JPEG from its APP1 segment, read without decoding.
-    Returns (orientation, note): 1 and no note when there is no EXIF or no orientation tag;
-    1 and "malformed EXIF ignored" when the EXIF block cannot be parsed (pixels are kept)."""
-    if b"Exif\0\0" not in data:  # no EXIF block: what the walk below would find, without a Python step a marker
-        return 1, None
+def _jpeg_segments(data: bytes):
+    """(marker, position, segment length) of a JPEG's header segments, up to and including its
+    first start of scan (SOS, 0xDA); nothing more where no marker is where one must be (the
+    decoder then judges the file) or at the end of the image."""
     n, pos = len(data), 2
     while pos + 4 <= n:
         if data[pos] != 0xFF:
-            return 1, None  # not a marker where one must be: let the decoder judge the file
+            return
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
@@ -265,16 +263,47 @@ def jpeg_orientation(data: bytes):
         if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
             pos += 2
             continue
-        if marker in (0xDA, 0xD9):  # start of scan / end of image: no EXIF before the pixels
-            return 1, None
+        if marker == 0xD9:
+            return
         (seglen,) = struct.unpack_from(">H", data, pos + 2)
+        yield marker, pos, seglen
+        if marker == 0xDA:
+            return
+        pos += 2 + seglen
+
+
+def jpeg_orientation(data: bytes):
+    """EXIF orientation (1..8) of a JPEG from its APP1 segment, read without decoding.
+    Returns (orientation, note): 1 and no note when there is no EXIF or no orientation tag;
+    1 and "malformed EXIF ignored" when the EXIF block cannot be parsed (pixels are kept)."""
+    if b"Exif\0\0" not in data:  # no EXIF block: what the walk would find, without a Python step a marker
+        return 1, None
+    for marker, pos, seglen in _jpeg_segments(data):
         if marker == 0xE1 and data[pos + 4:pos + 10] == b"Exif\0\0":
             try:
                 return _tiff_orientation(data[pos + 10:pos + 2 + seglen]), None
             except (struct.error, ValueError):
                 return 1, "malformed EXIF ignored"
-        pos += 2 + seglen
-    return 1, None
+    return 1, None  # no EXIF before the pixels
+
+
+# Start-of-frame markers of progressive JPEGs (Huffman and arithmetic, plain and differential)
+_PROGRESSIVE_SOF = (0xC2, 0xC6, 0xCA, 0xCE)
+
+
+def jpeg_holds_whole_image(data: bytes) -> bool:
+    """Whether libjpeg keeps the whole image's DCT coefficients in memory to decode this JPEG,
+    at any output scale: progressive, or its first scan without every component (a
+    multi-scan sequential file). Its memory then follows the stored size, not the decoded one."""
+    components = None
+    for marker, pos, _seglen in _jpeg_segments(data):
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start of frame
+            if marker in _PROGRESSIVE_SOF:
+                return True
+            components = data[pos + 9] if pos + 9 < len(data) else None
+        elif marker == 0xDA:
+            return components is not None and pos + 4 < len(data) and data[pos + 4] < components
+    return False
 
 
 # TIFF field types holding one integer in the entry's value field: BYTE, SHORT, LONG, SBYTE,
@@ -352,8 +381,11 @@ def _load_jpeg(data: bytes, out_h: int, out_w: int, resample, max_pixels: int):
     # antialiased resize do the rest; 0 = full size when the image is not larger than needed.
     min_h = math.ceil(h * scale - 1e-6) if scale < 1 else 0
     min_w = math.ceil(w * scale - 1e-6) if scale < 1 else 0
-    dh, dw = dct_scaled_size(h, w, min_h, min_w)
-    if dw * dh > max_pixels:  # what is decoded is what takes memory: a 108 MP photo at 1/8 is not a bomb
+    k, _ = dct_scale(h, w, *((out_w, out_h) if orientation >= 5 else (out_h, out_w)))
+    # What libjpeg holds is what takes memory: the decoded image (a 108 MP photo at 1/8 is no
+    # bomb), or every coefficient of the stored one where it keeps them all (a progressive file).
+    dh, dw = (h, w) if jpeg_holds_whole_image(data) else (-(-h * k // 8), -(-w * k // 8))
+    if dw * dh > max_pixels:
         raise ImageError("open", _bomb_message(w, h, dw, dh, max_pixels))
     try:
         arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_h, min_width=min_w)
@@ -385,14 +417,17 @@ def _without_end_padding(data: bytes) -> bytes:
     return data[:start] + data[end:]
 
 
-def dct_scaled_size(h: int, w: int, min_h: int, min_w: int) -> tuple[int, int]:
-    """(height, width) that libjpeg decodes an h x w JPEG to at the smallest scale k/8 (k = 1..8)
-    whose output is at least min_h x min_w (as simplejpeg's min_height/min_width pick it)."""
-    for k in range(1, 9):
-        dh, dw = -(-h * k // 8), -(-w * k // 8)
-        if dh >= min_h and dw >= min_w:
-            return dh, dw
-    return h, w
+def dct_scale(h: int, w: int, out_h: int, out_w: int) -> tuple:
+    """(k, 8): the scale k/8 at which load_image has libjpeg-turbo decode an h x w JPEG (as
+    stored) for an out_h x out_w input (its sides as stored: swapped for an EXIF rotation by
+    90 degrees): the smallest k/8 whose decoded size, ceil(h * k / 8) x ceil(w * k / 8), still
+    covers the shorter-side resize, as simplejpeg's min_height/min_width pick it; (8, 8) when
+    the image is not larger than needed."""
+    scale = max(out_h / h, out_w / w)
+    if scale >= 1:
+        return 8, 8
+    min_h, min_w = math.ceil(h * scale - 1e-6), math.ceil(w * scale - 1e-6)
+    return next((k, 8) for k in range(1, 9) if -(-h * k // 8) >= min_h and -(-w * k // 8) >= min_w)
 
 
 def _heif_hint(data: bytes):
@@ -474,7 +509,8 @@ def _load_with_pillow(data: bytes, out_h: int, out_w: int, resample, max_pixels:
                 # DCT-domain downscaling, as on the libjpeg-turbo path (and the limit on what it decodes)
                 scale = max(out_h / h, out_w / w)
                 img.draft("RGB", (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
-            dw, dh = img.size
+            # held to the limit as _load_jpeg holds it: at the decoded size, or the stored one
+            dw, dh = (w, h) if img.format == "JPEG" and jpeg_holds_whole_image(data) else img.size
             if dw * dh > max_pixels:
                 raise ImageError("open", _bomb_message(w, h, dw, dh, max_pixels))
             n_frames = getattr(img, "n_frames", 1)

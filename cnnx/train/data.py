@@ -528,7 +528,7 @@ def load_image_folder(root, spec, *, progress=True, cache=None, workers=None, us
     else:
         data = _read_cache(cache_file, root) if use_cache else None
         if data is None and use_cache:
-            _drop_stale_decodings(cache_file)
+            _drop_stale_decodings(cache_file, root, spec)
     if data is None:
         abs_paths = [str(root / f[0]) for f in files]
         images, kept, skipped = _decode_all(abs_paths, spec, workers=workers, progress=progress)
@@ -555,25 +555,34 @@ def load_image_folder(root, spec, *, progress=True, cache=None, workers=None, us
     return data
 
 
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _decoding(root: Path, spec, preprocess_version: int = PREPROCESS_VERSION) -> str:
+    return _digest({"root": str(root), "spec": spec, "preprocess_version": preprocess_version,
+                    "cache_format": CACHE_FORMAT})
+
+
+# Cache entries are named <decoding>-<content> from this PREPROCESS_VERSION on.
+FIRST_NAMED_VERSION = 2
+
+
 def _cache_file(cache_folder: Path, root: Path, spec, files) -> Path:
     """`<decoding>-<content>.pt` in cache_folder: the decoding names the folder and how it is
     decoded (one cache entry each), the content its files with their mtimes, sizes, ctimes and
     inodes. A folder whose files changed gets a new entry, which replaces the old one."""
-    def digest(obj) -> str:
-        return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-    decoding = digest({"root": str(root), "spec": spec, "preprocess_version": PREPROCESS_VERSION,
-                       "cache_format": CACHE_FORMAT})
-    return cache_folder / f"{decoding}-{digest(files)}.pt"
+    return cache_folder / f"{_decoding(root, spec)}-{_digest(files)}.pt"
 
 
-def _drop_stale_decodings(cache_file: Path):
+def _drop_stale_decodings(cache_file: Path, root: Path, spec):
     """Remove the cache entries of cache_file's folder and decoding for other contents (.pt files
-    and .u8 folders), before its own is written: decodings of a folder as it was before its
-    files changed are never read again, and each can be gigabytes. A run reading one now keeps
-    its open file; temp files of running builds have other names."""
-    decoding = cache_file.stem.split("-")[0]
-    for old in cache_file.parent.glob(f"{decoding}-*"):  # none where the folder is not there yet
+    and .u8 folders), and those of an earlier PREPROCESS_VERSION, before its own is written:
+    decodings of a folder as it was before its files changed, or by an older load_image, are
+    never read again, and each can be gigabytes. A run reading one now keeps its open file;
+    temp files of running builds have other names."""
+    prefixes = [_decoding(root, spec, v) for v in range(FIRST_NAMED_VERSION, PREPROCESS_VERSION + 1)]
+    for old in (old for prefix in prefixes for old in cache_file.parent.glob(f"{prefix}-*")):
         if old.stem == cache_file.stem:
             continue
         if old.is_dir():
@@ -587,7 +596,7 @@ def _disk_cache_data(folder: Path, root: Path, listing: Listing, spec, *, worker
     """The folder's images from its disk cache (built first when absent): Rows over its file."""
     got = read_disk_cache(folder)
     if got is None:
-        _drop_stale_decodings(folder)
+        _drop_stale_decodings(folder, root, spec)
         files = listing.files
 
         def decode_into(out):
