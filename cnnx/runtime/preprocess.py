@@ -381,12 +381,13 @@ def _load_jpeg(data: bytes, out_h: int, out_w: int, resample, max_pixels: int):
     # antialiased resize do the rest; 0 = full size when the image is not larger than needed.
     min_h = math.ceil(h * scale - 1e-6) if scale < 1 else 0
     min_w = math.ceil(w * scale - 1e-6) if scale < 1 else 0
-    k, _ = dct_scale(h, w, *((out_w, out_h) if orientation >= 5 else (out_h, out_w)))
-    # What libjpeg holds is what takes memory: the decoded image (a 108 MP photo at 1/8 is no
-    # bomb), or every coefficient of the stored one where it keeps them all (a progressive file).
-    dh, dw = (h, w) if jpeg_holds_whole_image(data) else (-(-h * k // 8), -(-w * k // 8))
-    if dw * dh > max_pixels:
-        raise ImageError("open", _bomb_message(w, h, dw, dh, max_pixels))
+    if h * w > max_pixels:  # (under the limit as stored: under it however decoded, and no work a file)
+        # What libjpeg holds is what takes memory: the decoded image (a 108 MP photo at 1/8 is no
+        # bomb), or every coefficient of the stored one where it keeps them all (a progressive file).
+        k, _ = dct_scale(h, w, *((out_w, out_h) if orientation >= 5 else (out_h, out_w)))
+        dh, dw = (h, w) if jpeg_holds_whole_image(data) else (-(-h * k // 8), -(-w * k // 8))
+        if dw * dh > max_pixels:
+            raise ImageError("open", _bomb_message(w, h, dw, dh, max_pixels))
     try:
         arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_h, min_width=min_w)
     except ValueError as strict_error:
@@ -510,7 +511,8 @@ def _load_with_pillow(data: bytes, out_h: int, out_w: int, resample, max_pixels:
                 scale = max(out_h / h, out_w / w)
                 img.draft("RGB", (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
             # held to the limit as _load_jpeg holds it: at the decoded size, or the stored one
-            dw, dh = (w, h) if img.format == "JPEG" and jpeg_holds_whole_image(data) else img.size
+            dw, dh = (w, h) if img.format == "JPEG" and w * h > max_pixels and jpeg_holds_whole_image(data) \
+                else img.size
             if dw * dh > max_pixels:
                 raise ImageError("open", _bomb_message(w, h, dw, dh, max_pixels))
             n_frames = getattr(img, "n_frames", 1)
