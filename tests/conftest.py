@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tarfile
 from pathlib import Path
@@ -14,6 +15,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The Ctrl-C tests send SIGINT to this process and to the commands it starts. A shell without
+# job control starts a background job (`pytest &` in a script) with SIGINT ignored, which every
+# child inherits: Python's own handler here, and so the default in each child after its exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 CIFAR_TAR = ROOT.parent / "shared" / "datasets" / "cifar10-train.tar.gz"
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
