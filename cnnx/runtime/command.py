@@ -261,7 +261,6 @@ def _exit_interrupted(signum: int):
     os._exit(128 + signum)
 
 
-
 def _no_blas_threads():
     """numpy's OpenBLAS starts a thread per core at import and they spin a while: CPU taken
     from decoding on a small machine, in this process and in the decode processes' server,
