@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cnnx.cli import cli
-from tests._runtime_util import photo_like, tiny_onnx_model
+from tests._runtime_util import CLASSES, photo_like, tiny_onnx_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -517,9 +517,16 @@ def test_resume_refuses_another_model_and_another_folder_than_its_first_run(imag
     r = run([work / "imgs", "--model", tmp_path / "moved.onnx", "-o", out, "--resume"])
     assert r.exit_code == 0 and "7 images" in r.stderr and "5 already done" in r.stderr, r.stderr
     assert len(read_csv(out)) == 13
-    os.remove(run_record_path(out))  # an output of an older cnnx: the columns are checked only
-    r = run(["imgs", "--model", others["weights"], "-o", out, "--resume"])
-    assert r.exit_code == 0 and "12 already done" in r.stderr, r.stderr
+    os.remove(run_record_path(out))  # an output of an older cnnx, without a record: its labels are checked
+    text = out.read_text()
+    renamed = tiny_onnx_model(tmp_path / "m3.onnx", class_names=[f"other-{c}" for c in CLASSES])
+    r = run(["imgs", "--model", renamed, "-o", out, "--resume"])
+    assert r.exit_code == 1 and "holds labels this model does not have" in r.stderr, r.stderr
+    assert out.read_text() == text and not os.path.exists(run_record_path(out))
+    r = run(["imgs", "--model", others["weights"], "-o", out, "--resume"])  # its classes: its weights unknown
+    assert r.exit_code == 0 and "12 already done" in r.stderr and "has no run record" in r.stderr, r.stderr
+    r = run(["imgs", "--model", model, "-o", out, "--resume"])  # the record that resume wrote is checked now
+    assert r.exit_code == 1 and "written with another model (its weights differ)" in r.stderr, r.stderr
 
 
 def test_report_replaces_only_a_page_cnnx_wrote(images, model, tmp_path):
@@ -589,6 +596,17 @@ def test_outputs_of_two_formats_never_share_an_errors_file(model, tmp_path):
     assert r.exit_code == 2 and "already exists without its output" in r.stderr and "if it is this output's" in r.stderr, \
         r.stderr
     assert not (tmp_path / "q.csv").exists() and (tmp_path / "p.errors.csv").read_bytes() == first
+    # An older cnnx's r.jsonl kept its skips in r.errors.csv: a --resume tried them again into a
+    # second errors file; it asks which file continues.
+    r = run([folder, "--model", model, "-o", tmp_path / "r.jsonl", "--format", "jsonl", "--errors",
+             tmp_path / "r.errors.csv"])
+    assert r.exit_code == 0, r.stderr
+    r = run([folder, "--model", model, "-o", tmp_path / "r.jsonl", "--format", "jsonl", "--resume"])
+    assert r.exit_code == 2 and "r.jsonl's errors file is" in r.stderr and "--errors" in r.stderr, r.stderr
+    assert not (tmp_path / "r.jsonl.errors.csv").exists()
+    r = run([folder, "--model", model, "-o", tmp_path / "r.jsonl", "--format", "jsonl", "--resume", "--errors",
+             tmp_path / "r.errors.csv"])
+    assert r.exit_code == 0 and "2 already done" in r.stderr, r.stderr
 
 
 def test_output_naming_this_process_stdout_is_stdout(model, tmp_path):

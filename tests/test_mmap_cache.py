@@ -282,6 +282,8 @@ def test_a_changed_folder_replaces_its_cached_decoding_and_keeps_other_decodings
 
     older = data_module._decoding(data.resolve(), SPEC, data_module.PREPROCESS_VERSION - 1)
     (cache / "folders" / f"{older}-0123456789abcdef.pt").write_bytes(b"an older load_image's decoding")
+    (cache / "folders" / ("0123456789abcdef" * 2 + ".pt")).write_bytes(b"a decoding named before 60d4e8d")
+    (cache / "folders" / ("fedcba9876543210" * 2 + ".u8")).mkdir()
     Image.fromarray(photo_like(24, 24, seed=10)).save(data / "b" / "new.png")
     assert len(load(data).labels) == 8
     assert not any(n.startswith(older) for n in entries()) and len(entries()) == 3

@@ -267,6 +267,17 @@ def test_resume_refuses_data_that_changed_and_rebuilds_a_best_pt_it_lacks(cifar_
         shutil.copyfile(f, data / "cat" / f"new-{f.name}")
     r = run_cli(["train", "--resume", run])
     _one_line_error(r, 1, "changed since the run began", "training images")
+    # begun by a cnnx that decoded otherwise: the files may be the same, and "restore the data" cannot help
+    from cnnx.runtime.preprocess import PREPROCESS_VERSION
+
+    last = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    assert last["config"]["preprocess_version"] == PREPROCESS_VERSION
+    del last["config"]["preprocess_version"]  # as a run of cnnx before it was recorded
+    torch.save(last, run / "older.pt")
+    r = run_cli(["train", "--resume", run / "older.pt"])
+    _one_line_error(r, 1, "this cnnx decodes images otherwise than the one that began it",
+                    f"preprocess version {PREPROCESS_VERSION}, the run's {PREPROCESS_VERSION - 1}")
+    (run / "older.pt").unlink()
     for f in extra:
         (data / "cat" / f"new-{f.name}").unlink()
     copy_classes(cifar_train_dir, data, ["frog"], 5)

@@ -150,7 +150,7 @@ def classify(paths, model_path, output, fmt, topk, batch_size, workers, decode, 
         return
     _check_local_usage(paths, output, address, num_workers, num_gpus_per_worker, manifest)
     if errors_path is None:
-        errors_path = default_errors_path(output)
+        errors_path = _default_errors_path(output, resume)
     _check_usage(paths, output, errors_path, resume, report_path, model_path)
     remove_stale_temps_beside(output, errors_path, report_path)
     decode = _small_job_threads(paths, decode)
@@ -269,6 +269,15 @@ def _no_blas_threads():
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
+def _default_errors_path(output, resume: bool):
+    from cnnx.runtime.output import ResumeError
+
+    try:
+        return default_errors_path(output, resume)
+    except ResumeError as e:
+        raise click.UsageError(f"cannot resume: {e}") from None
+
+
 def _check_local_usage(paths, output, address, num_workers, num_gpus_per_worker, manifest):
     from cnnx.runtime.discover import is_uri
 
@@ -302,7 +311,7 @@ def _classify_on_ray(paths, model_path, output, fmt, topk, batch_size, device, e
     if resume and output == "-":
         raise click.UsageError("--resume needs --output FILE (it reads back what that file already holds)")
     if errors_path is None:
-        errors_path = default_errors_path(output)
+        errors_path = _default_errors_path(output, resume)
     _check_files(output, errors_path, None, model_path)
     for path in paths:
         if not is_uri(path) and not os.path.lexists(path):
@@ -323,6 +332,8 @@ def _classify_on_ray(paths, model_path, output, fmt, topk, batch_size, device, e
         raise click.ClickException(str(e)) from None
     finally:
         progress.close()
+    for line in summary.warnings:
+        click.echo(f"warning: {line}", err=True)
     click.echo(summary.line(), err=True)
     n_skipped = sum(summary.skipped.values())
     if strict and n_skipped:
@@ -481,14 +492,18 @@ def _read_done(output, errors_path, fmt, classifier) -> tuple[set, set]:
     """(paths already in OUTPUT and in the errors file, paths the errors file has a note on)
     for --resume, once its run record (output.check_resume) says this run may append to it."""
     from cnnx.runtime.files import os_error_line
-    from cnnx.runtime.output import ResumeError, check_resume, read_done, read_run_record
+    from cnnx.runtime.output import (ResumeError, check_resume, check_unrecorded_resume, read_done, read_run_record,
+                                     unrecorded_resume_warning)
 
-    done, n, noted = set(), None, set()
+    done, n, noted, labels = set(), None, set(), set()
     try:
         record = read_run_record(output) if os.path.exists(output) else None
         check_resume(output, record, classifier.info.identity(), ())  # the model, before the columns
         if os.path.exists(output):
-            done, n = read_done(output, fmt, classifier.topk)
+            done, n = read_done(output, fmt, classifier.topk, labels=labels if record is None else None)
+            if record is None:
+                check_unrecorded_resume(output, labels, classifier.info.class_names)
+                click.echo(f"warning: {unrecorded_resume_warning(output)}", err=True)
         if errors_path is not None and os.path.exists(errors_path):
             done |= read_done(errors_path, "errors", None, notes=noted)[0]
         check_resume(output, record, classifier.info.identity(), done)
@@ -503,11 +518,12 @@ def _read_done(output, errors_path, fmt, classifier) -> tuple[set, set]:
 
 def _record_the_run(output, classifier, resume: bool):
     """A run that starts OUTPUT records, beside it, what a --resume must match
-    (output.write_run_record); a resumed output keeps the record it has."""
+    (output.write_run_record); a resumed output keeps the record it has, and one without a
+    record (an older cnnx's) gets this run's."""
     from cnnx.runtime.files import os_error_line
-    from cnnx.runtime.output import write_run_record
+    from cnnx.runtime.output import run_record_path, write_run_record
 
-    if output == "-" or (resume and os.path.exists(output)):
+    if output == "-" or (resume and os.path.exists(output) and os.path.exists(run_record_path(output))):
         return
     try:
         write_run_record(output, classifier.info.identity())

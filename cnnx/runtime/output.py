@@ -296,15 +296,24 @@ def names_parquet_folder(output: str) -> bool:
     return output != "-" and (output.endswith(("/", os.sep, ".parquet")) or os.path.isdir(output))
 
 
-def default_errors_path(output: str) -> str | None:
+def default_errors_path(output: str, resume: bool = False) -> str | None:
     """Where the errors rows of OUTPUT go by default: beside it, its name with `.errors.csv`
     for `.csv` (pred.csv -> pred.errors.csv) and added to any other (pred.jsonl ->
     pred.jsonl.errors.csv, a Parquet folder preds/ -> preds.errors.csv): two runs into
-    pred.csv and pred.jsonl never share one. None for stdout."""
+    pred.csv and pred.jsonl never share one. None for stdout. A --resume (`resume`) where that
+    file is not there but the one cnnx before 3408db5 named (pred.errors.csv for pred.jsonl)
+    is: ResumeError, as that one may hold this output's skips or another output's."""
     if output == "-":
         return None
     name = output.rstrip("/" + os.sep) or output
-    return (name[:-4] if name.lower().endswith(".csv") else name) + ".errors.csv"
+    path = (name[:-4] if name.lower().endswith(".csv") else name) + ".errors.csv"
+    former = os.path.splitext(name)[0] + ".errors.csv"
+    if resume and former != path and os.path.exists(output) and os.path.exists(former) and \
+            not os.path.exists(path):
+        raise ResumeError(f"{output}'s errors file is {path} now, and there is none; {former} is where cnnx wrote "
+                          f"them before (or another output's): --errors {former} continues it, --errors {path} "
+                          "starts the new one")
+    return path
 
 
 def already_exists(label: str, target: str, output: str) -> str:
@@ -416,12 +425,13 @@ def check_resume(output, record: dict | None, model: dict, done) -> None:
         raise ResumeError(f"{output} holds paths relative to {cwd}, where its first run ran: resume from there")
 
 
-def read_done(path, fmt: str, topk: int | None, *, notes: set | None = None):
+def read_done(path, fmt: str, topk: int | None, *, notes: set | None = None, labels: set | None = None):
     """Paths already in an output (or errors, fmt='errors') file, for --resume. A last row cut
     short by a killed run is dropped (the file is rewritten without it, atomically); anything
     else that does not parse is a ResumeError, so a wrong file is never appended to.
     Returns (paths set, rows kept). For errors files, note rows are not counted as done; their
-    paths go into `notes` when it is given."""
+    paths go into `notes` when it is given. `labels`, when given, gets every label of an
+    output's rows (top-1 and top-k)."""
     with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
         text = f.read()
     if not text:
@@ -435,6 +445,8 @@ def read_done(path, fmt: str, topk: int | None, *, notes: set | None = None):
                 rec = json.loads(line)
                 done.add(rec["path"])
                 width = len(rec["topk"])
+                if labels is not None:
+                    labels.update([rec["label"], *(t["label"] for t in rec["topk"])])
             except (ValueError, KeyError, TypeError):
                 raise ResumeError(f"{path}: line {i + 1} is not a cnnx JSONL prediction") from None
             if topk is not None and width != topk:  # as a CSV's header tells its --topk
@@ -474,7 +486,25 @@ def read_done(path, fmt: str, topk: int | None, *, notes: set | None = None):
                 notes.add(unescape_cell(row[0]))
             continue
         done.add(unescape_cell(row[0]))
+        if labels is not None and fmt == "csv":  # path, label, score, label_2, score_2, ...
+            labels.update(unescape_cell(cell) for cell in row[1::2])
     return done, len(good) - 1
+
+
+def unrecorded_resume_warning(output) -> str:
+    return (f"{output} has no run record ({run_record_path(output)}: an older cnnx wrote it): its labels are this "
+            f"model's classes, its weights cannot be checked; the record is written now")
+
+
+def check_unrecorded_resume(output, labels: set, class_names) -> None:
+    """An output without a run record (an older cnnx wrote it, before records): ResumeError
+    where its rows hold a label that is none of this model's classes (another model wrote
+    them); its weights cannot be checked."""
+    unknown = sorted(labels - set(class_names))
+    if unknown:
+        raise ResumeError(f"{output} holds labels this model does not have ({', '.join(unknown[:5])}"
+                          f"{', ...' if len(unknown) > 5 else ''}): another model wrote it; resume with that "
+                          "model (--model), or write to a new file")
 
 
 def summary_counts(classified: int, skipped: dict, *, already_done: int = 0, noted: int = 0, ignored: int = 0) -> list:

@@ -44,8 +44,8 @@ from cnnx.runtime.files import (TEMP_PREFIX, atomic_file, escaped_name, first_li
                                 quiet_pillow_warnings, remove_stale_temps)
 from cnnx.runtime.model import ModelError, softmax_topk
 from cnnx.runtime.output import (ErrorsWriter, OutputBusy, OutputLock, PredictionWriter, ResumeError, WriteError,
-                                 already_exists, check_resume, csv_header, default_errors_path, names_parquet_folder,
-                                 read_done, read_run_record, run_record_path, summary_counts, write_run_record)
+                                 already_exists, check_resume, check_unrecorded_resume, csv_header, default_errors_path,
+                                 names_parquet_folder, read_done, read_run_record, unrecorded_resume_warning, run_record_path, summary_counts, write_run_record)
 from cnnx.runtime.pipeline import decode_images
 from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS
 
@@ -82,6 +82,7 @@ class RaySummary:
     nodes: set = field(default_factory=set)  # Ray node ids whose actors classified something
     startup_seconds: float = 0.0  # ray.init (or joining the cluster) until the first row came back
     seconds: float = 0.0
+    warnings: list = field(default_factory=list)  # lines for the user (the CLI prints them as warnings)
 
     def line(self) -> str:
         parts = summary_counts(self.classified, self.skipped, already_done=self.resumed, noted=self.noted,
@@ -128,7 +129,10 @@ def classify_with_ray(paths, model, *, output, fmt="csv", errors=None, resume=Fa
     if fmt not in FORMATS:
         raise RayEngineError(f"unknown output format {fmt!r}; known: {', '.join(FORMATS)}")
     if errors is None:
-        errors = default_errors_path(output)
+        try:
+            errors = default_errors_path(output, resume)
+        except ResumeError as e:
+            raise RayUsageError(f"cannot resume: {e}") from None
     # The contract check, the top-k cap and the batch budget, once here rather than in N actors,
     # on the bytes the actors get: read before and after the model is opened here, the same both
     # times (a new export moved into its place meanwhile would give the actors another model).
@@ -151,6 +155,7 @@ def classify_with_ray(paths, model, *, output, fmt="csv", errors=None, resume=Fa
     summary = RaySummary()
     with _output_lock(output), _Sink(output, fmt, errors, info.class_names, topk, resume, rows_per_part,
                                      info.identity()) as sink:
+        summary.warnings += sink.warnings
         todo, discover_skips = _plan(_found(paths, manifest, follow_symlinks, summary), sink, summary)
         if summary.found == 0:
             raise RayEngineError(f"no {'image ' if summary.ignored else ''}files found under "
@@ -637,6 +642,7 @@ class _Sink:
                     fmt == "parquet" and target == output and not _parts(output)):
                 raise RayUsageError(already_exists(label, target, output))
         done, noted, escaped = set(), set(), set()
+        self.warnings = []  # for the user, before the summary line
         target = None if output == "-" else output.rstrip("/" + os.sep)  # a Parquet folder's record is beside it
         started = target is not None and os.path.exists(target) and (fmt != "parquet" or bool(_parts(output)))
         self._output, self._errors_path = output, errors_path
@@ -645,14 +651,18 @@ class _Sink:
         try:
             record = read_run_record(target) if resume and started else None
             check_resume(target, record, model, ())  # the model, before anything is read
+            labels = set() if resume and started and record is None else None  # an older cnnx's output
             if fmt == "parquet":
                 self.writer = _ParquetParts(output, class_names, topk, rows_per_part)
                 if resume:
-                    done, escaped = self.writer.read_done()
+                    done, escaped = self.writer.read_done(labels)
             else:
                 if resume and os.path.exists(output):
-                    done = read_done(output, fmt, topk)[0]
+                    done = read_done(output, fmt, topk, labels=labels)[0]
                 self.writer = PredictionWriter(output, fmt, class_names, topk, append=resume)
+            if labels is not None:
+                check_unrecorded_resume(target, labels, class_names)
+                self.warnings.append(unrecorded_resume_warning(target))
             if resume and errors_path is not None and os.path.exists(errors_path):
                 done |= read_done(errors_path, "errors", None, notes=noted)[0]
             check_resume(target, record, model, done | escaped)  # and the folder its relative paths are relative to
@@ -660,7 +670,7 @@ class _Sink:
             raise RayEngineError(f"cannot resume: {e}") from None
         except OSError as e:
             raise RayEngineError(f"cannot resume: {os_error_line(e)}") from None
-        if target is not None and not (resume and started):
+        if target is not None and not (resume and started and record is not None):
             try:
                 write_run_record(target, model)
             except OSError as e:
@@ -761,9 +771,9 @@ class _ParquetParts:
             raise WriteError(os_error_line(e, folder)) from None
         remove_stale_temps(folder, (TEMP_PREFIX,))  # parts a killed run was writing
 
-    def read_done(self) -> tuple[set, set]:
+    def read_done(self, labels: set | None = None) -> tuple[set, set]:
         """(the names already in the parts, exactly; the escaped `path` names of parts an older
-        cnnx wrote, without path_bytes)."""
+        cnnx wrote, without path_bytes). `labels`, when given, gets every label of their rows."""
         import pyarrow.parquet as pq
 
         done, escaped = set(), set()
@@ -779,6 +789,10 @@ class _ParquetParts:
             else:
                 raise ResumeError(f"{self.folder}/{name}: columns are {','.join(table.column_names)!r}, this run "
                                   f"writes {','.join(self.columns)!r} (resume with the same --topk)")
+            if labels is not None:
+                for column in table.column_names:
+                    if column == "label" or column.startswith("label_"):
+                        labels.update(table.column(column).to_pylist())
             self.next_part = max(self.next_part, int(name[len(PART_PREFIX):].split(".")[0]) + 1)
         return done, escaped
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
+import re
 import shutil
 import stat
 import sys
@@ -564,8 +566,9 @@ def _decoding(root: Path, spec, preprocess_version: int = PREPROCESS_VERSION) ->
                     "cache_format": CACHE_FORMAT})
 
 
-# Cache entries are named <decoding>-<content> from this PREPROCESS_VERSION on.
+# Cache entries are named <decoding>-<content> from this PREPROCESS_VERSION on; before, one digest.
 FIRST_NAMED_VERSION = 2
+UNNAMED_ENTRY = re.compile(r"[0-9a-f]{32}\.(pt|u8)")
 
 
 def _cache_file(cache_folder: Path, root: Path, spec, files) -> Path:
@@ -579,10 +582,13 @@ def _drop_stale_decodings(cache_file: Path, root: Path, spec):
     """Remove the cache entries of cache_file's folder and decoding for other contents (.pt files
     and .u8 folders), and those of an earlier PREPROCESS_VERSION, before its own is written:
     decodings of a folder as it was before its files changed, or by an older load_image, are
-    never read again, and each can be gigabytes. A run reading one now keeps its open file;
-    temp files of running builds have other names."""
+    never read again, and each can be gigabytes; so are the entries of every folder that cnnx
+    named before 60d4e8d (<32 hex digits>.pt and .u8), whichever folder they were of. A run
+    reading one now keeps its open file; temp files of running builds have other names."""
     prefixes = [_decoding(root, spec, v) for v in range(FIRST_NAMED_VERSION, PREPROCESS_VERSION + 1)]
-    for old in (old for prefix in prefixes for old in cache_file.parent.glob(f"{prefix}-*")):
+    named = (old for prefix in prefixes for old in cache_file.parent.glob(f"{prefix}-*"))
+    unnamed = (old for old in cache_file.parent.glob("*") if UNNAMED_ENTRY.fullmatch(old.name))
+    for old in itertools.chain(named, unnamed):
         if old.stem == cache_file.stem:
             continue
         if old.is_dir():

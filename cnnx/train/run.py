@@ -27,6 +27,7 @@ import torch
 
 from cnnx import __version__
 from cnnx.runtime import files
+from cnnx.runtime.preprocess import PREPROCESS_VERSION
 from cnnx.train import finetune, frontier, loop, optim
 from cnnx.train.cache import Rows, take
 from cnnx.train.checkpoint import build_checkpoint, save_checkpoint
@@ -544,7 +545,8 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
     xva, yva = splits.val
     config = resolved_config(cfg, preprocess=spec, arch_kwargs=arch_kwargs, extra={
         "num_classes": len(splits.class_names), "class_names": splits.class_names, "world_size": d.world,
-        "device_resolved": device, "cnnx_version": __version__, "train_images": len(ytr), "val_images": len(yva),
+        "device_resolved": device, "cnnx_version": __version__, "preprocess_version": PREPROCESS_VERSION,
+        "train_images": len(ytr), "val_images": len(yva),
         "test_images": 0 if splits.test is None else len(splits.test[1]), "skipped_files": len(splits.skipped),
         "val_files_sha256": files_digest(splits.val_paths),
     })
@@ -723,9 +725,20 @@ def check_same_data(now: dict, then: dict, data: str):
     from cnnx.train.data import DataError
 
     change = data_difference(now, then)
-    if change is not None:
-        raise DataError(f"the data in {data} changed since the run began ({change}): --resume would "
-                        "continue on another split; restore the data, or train a new run (another --name)")
+    if change is None:
+        return
+    began = then.get("preprocess_version", FIRST_RECORDED_PREPROCESS_VERSION - 1)
+    if began != PREPROCESS_VERSION:  # the files may be the same: this cnnx decodes (or skips) some otherwise
+        raise DataError(f"the data in {data} is not what the run began with ({change}), and this cnnx decodes images "
+                        f"otherwise than the one that began it (preprocess version {PREPROCESS_VERSION}, the run's "
+                        f"{began}): files one of them skips the other decodes. --resume would continue on another "
+                        "split: resume with the cnnx that began the run, or train a new run (another --name)")
+    raise DataError(f"the data in {data} changed since the run began ({change}): --resume would "
+                    "continue on another split; restore the data, or train a new run (another --name)")
+
+
+# config.json records its preprocess_version from this one on; a run without it began before.
+FIRST_RECORDED_PREPROCESS_VERSION = 3
 
 
 def check_ranks_see_same_data(config: dict, d: loop.Dist, data: str):
