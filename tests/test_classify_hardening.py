@@ -596,6 +596,10 @@ def test_outputs_of_two_formats_never_share_an_errors_file(model, tmp_path):
     assert r.exit_code == 2 and "already exists without its output" in r.stderr and "if it is this output's" in r.stderr, \
         r.stderr
     assert not (tmp_path / "q.csv").exists() and (tmp_path / "p.errors.csv").read_bytes() == first
+    # p.jsonl beside p.csv, whose errors file p.errors.csv is: p.jsonl's run had no skips to write
+    (tmp_path / "p.jsonl.errors.csv").unlink()
+    r = run([folder, "--model", model, "-o", tmp_path / "p.jsonl", "--format", "jsonl", "--resume"])
+    assert r.exit_code == 0 and (tmp_path / "p.errors.csv").read_bytes() == first, r.stderr
     # An older cnnx's r.jsonl kept its skips in r.errors.csv: a --resume tried them again into a
     # second errors file; it asks which file continues.
     r = run([folder, "--model", model, "-o", tmp_path / "r.jsonl", "--format", "jsonl", "--errors",

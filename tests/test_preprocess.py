@@ -186,6 +186,11 @@ def test_a_jpeg_libjpeg_holds_whole_is_held_to_the_limit_at_its_stored_size():
     with pytest.raises(ImageError, match=r"decompression bomb refused: 20000x20000 pixels exceeds") as e:
         load_image(bytes(data), make_spec(224, (0.5,) * 3, (0.25,) * 3))
     assert e.value.stage == "open"
+    # a stray byte before its start of frame (libjpeg skips it) no longer hides what it is
+    struct.pack_into(">HH", data, sof + 5, 12000, 12000)  # under twice Pillow's limit, which Pillow refuses itself
+    stray = bytes(data[:sof]) + b"\0" + bytes(data[sof:])
+    with pytest.raises(ImageError, match=r"decompression bomb refused: 12000x12000 pixels exceeds"):
+        load_image(stray, make_spec(224, (0.5,) * 3, (0.25,) * 3))
     photo = Image.fromarray(photo_like(1200, 1600, seed=12))
     for (progressive, refused), mode in itertools.product(((False, False), (True, True)), ("RGB", "CMYK")):
         buf = io.BytesIO()

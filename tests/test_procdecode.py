@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import textwrap
 import sys
 import time
 from pathlib import Path
@@ -74,6 +75,21 @@ def test_predict_alone_starts_no_process(model):
     with Classifier(model, "cpu", decode="processes") as clf:
         clf.predict(np.zeros((2, 3, 32, 32), np.uint8))
         assert clf.decode_pool is None
+
+
+def test_a_program_that_never_closes_its_classifier_still_exits(model, mixed):
+    """The workers ignore SIGTERM (a service's stop signals every process): at exit, multiprocessing
+    signals its daemon processes and joins them, which waited forever where its exit hook came
+    before the pool's own (any weakref.finalize made before multiprocessing was imported)."""
+    code = textwrap.dedent(f"""
+        import tempfile
+        keep = tempfile.TemporaryDirectory()  # a weakref.finalize before multiprocessing is imported
+        from cnnx.runtime.api import Classifier
+        clf = Classifier({str(model)!r}, "cpu", decode="processes", workers=2, batch_size=8)
+        print(sum(len(b.paths) for b in clf.classify([{str(mixed)!r}]).results()), flush=True)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0 and int(out.stdout) > 0, out.stderr
 
 
 def test_auto_decodes_a_small_job_in_threads_and_a_larger_one_in_processes(model, mixed, monkeypatch):

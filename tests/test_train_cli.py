@@ -218,6 +218,8 @@ def test_split_layout_early_stopping_and_test_split_once(cifar_train_dir, tmp_pa
     r = run_cli(["evaluate", run / "best.pt", "--data", data, "--split", "train", "--cache-dir", tmp_path / "c"])
     assert r.exit_code == 0 and "these figures include its 48 training images (its validation images were in val/" \
         in r.stderr, r.stderr
+    r = run_cli(["evaluate", run / "best.pt", "--data", data / "train", "--cache-dir", tmp_path / "c"])  # named itself
+    assert r.exit_code == 0 and "(its validation images were in val/" in r.stderr, r.stderr
     r = run_cli(["evaluate", run / "best.pt", "--data", data, "--json", "--cache-dir", tmp_path / "c"])
     assert json.loads(r.stdout)["trained_on"] is False and "trained on" not in r.stderr  # test/: held out
 
@@ -272,11 +274,17 @@ def test_resume_refuses_data_that_changed_and_rebuilds_a_best_pt_it_lacks(cifar_
 
     last = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     assert last["config"]["preprocess_version"] == PREPROCESS_VERSION
-    del last["config"]["preprocess_version"]  # as a run of cnnx before it was recorded
+    last["config"]["preprocess_version"] = PREPROCESS_VERSION - 1
     torch.save(last, run / "older.pt")
     r = run_cli(["train", "--resume", run / "older.pt"])
-    _one_line_error(r, 1, "this cnnx decodes images otherwise than the one that began it",
-                    f"preprocess version {PREPROCESS_VERSION}, the run's {PREPROCESS_VERSION - 1}")
+    _one_line_error(r, 1, "this cnnx decodes images otherwise than the one that began the run",
+                    f"preprocess version {PREPROCESS_VERSION}, the run's {PREPROCESS_VERSION - 1}",
+                    "resume with that cnnx, or train a new run")
+    del last["config"]["preprocess_version"]  # as a run of cnnx before it was recorded: not known
+    torch.save(last, run / "older.pt")
+    r = run_cli(["train", "--resume", run / "older.pt"])
+    _one_line_error(r, 1, "changed since the run began", "or the older cnnx that began it decoded some files otherwise",
+                    "restore the data, or train a new run")
     (run / "older.pt").unlink()
     for f in extra:
         (data / "cat" / f"new-{f.name}").unlink()

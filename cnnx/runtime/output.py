@@ -307,9 +307,10 @@ def default_errors_path(output: str, resume: bool = False) -> str | None:
         return None
     name = output.rstrip("/" + os.sep) or output
     path = (name[:-4] if name.lower().endswith(".csv") else name) + ".errors.csv"
-    former = os.path.splitext(name)[0] + ".errors.csv"
+    stem = os.path.splitext(name)[0]
+    former = stem + ".errors.csv"
     if resume and former != path and os.path.exists(output) and os.path.exists(former) and \
-            not os.path.exists(path):
+            not os.path.exists(path) and not os.path.exists(stem + ".csv"):  # (else it is that CSV's)
         raise ResumeError(f"{output}'s errors file is {path} now, and there is none; {former} is where cnnx wrote "
                           f"them before (or another output's): --errors {former} continues it, --errors {path} "
                           "starts the new one")

@@ -294,7 +294,9 @@ _PROGRESSIVE_SOF = (0xC2, 0xC6, 0xCA, 0xCE)
 def jpeg_holds_whole_image(data: bytes) -> bool:
     """Whether libjpeg keeps the whole image's DCT coefficients in memory to decode this JPEG,
     at any output scale: progressive, or its first scan without every component (a
-    multi-scan sequential file). Its memory then follows the stored size, not the decoded one."""
+    multi-scan sequential file). Its memory then follows the stored size, not the decoded one.
+    A header this walk cannot follow to its first scan (a stray byte before a marker, which
+    libjpeg skips) counts as held whole: the limit fails closed."""
     components = None
     for marker, pos, _seglen in _jpeg_segments(data):
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start of frame
@@ -302,8 +304,8 @@ def jpeg_holds_whole_image(data: bytes) -> bool:
                 return True
             components = data[pos + 9] if pos + 9 < len(data) else None
         elif marker == 0xDA:
-            return components is not None and pos + 4 < len(data) and data[pos + 4] < components
-    return False
+            return components is None or pos + 4 >= len(data) or data[pos + 4] < components
+    return True
 
 
 # TIFF field types holding one integer in the entry's value field: BYTE, SHORT, LONG, SBYTE,

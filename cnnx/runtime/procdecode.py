@@ -32,10 +32,10 @@ import pickle
 import secrets
 import selectors
 import signal
-import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
+from multiprocessing import util as mp_util
 
 import numpy as np
 
@@ -215,8 +215,10 @@ class DecodePool:
         except BaseException:
             _stop(self.procs, self.conns)
             raise
-        # A pool its owner never closed (a Classifier dropped without close()) stops once collected.
-        self._stop = weakref.finalize(self, _stop, self.procs, self.conns)
+        # A pool its owner never closed (a Classifier dropped without close()) stops once collected,
+        # or at exit before multiprocessing signals its daemon processes: the workers ignore
+        # SIGTERM, and its join of them would wait forever (exitpriority >= 0 runs first).
+        self._stop = mp_util.Finalize(self, _stop, args=(self.procs, self.conns), exitpriority=0)
 
     def decoded_batches(self, item_batches, spec, config, model=None, lend: bool = False):
         """Yield (items, DecodedBatch) in order: what pipeline.decoded_batches yields for the

@@ -516,7 +516,7 @@ def _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, c
     trained_note = None
     if trained_on:
         config = ckpt["config"]
-        held_out = ("its validation images were in val/" if trained_on == "train" and "val" in layout
+        held_out = ("its validation images were in val/" if trained_on == "train" and _has_val(Path(folder).parent)
                     else f"the run held out {config.get('val_images', 'some')} of its images for validation")
         trained_note = (f"{escaped_name(folder)} is the folder this model was trained on: these figures include its "
                         f"{config.get('train_images', 'training')} training images ({held_out}; the validation "
@@ -560,6 +560,17 @@ def _evaluation_batch(arch: str) -> int:
         return min(EVAL_BATCH, resolve_config(arch).eval_batch_size)
     except ValueError:  # an arch this cnnx does not know: model_from_checkpoint said so already
         return EVAL_BATCH
+
+
+def _has_val(root) -> bool:
+    """Whether the run's split layout, train/ in `root`, has its val/ (its validation images),
+    else the run held them out of train/."""
+    from cnnx.train.data import DataError, folder_layout
+
+    try:
+        return "val" in folder_layout(root)
+    except DataError:
+        return False
 
 
 def _trained_on(ckpt: dict, folder) -> str | None:

@@ -727,18 +727,14 @@ def check_same_data(now: dict, then: dict, data: str):
     change = data_difference(now, then)
     if change is None:
         return
-    began = then.get("preprocess_version", FIRST_RECORDED_PREPROCESS_VERSION - 1)
-    if began != PREPROCESS_VERSION:  # the files may be the same: this cnnx decodes (or skips) some otherwise
-        raise DataError(f"the data in {data} is not what the run began with ({change}), and this cnnx decodes images "
-                        f"otherwise than the one that began it (preprocess version {PREPROCESS_VERSION}, the run's "
-                        f"{began}): files one of them skips the other decodes. --resume would continue on another "
-                        "split: resume with the cnnx that began the run, or train a new run (another --name)")
-    raise DataError(f"the data in {data} changed since the run began ({change}): --resume would "
+    began = then.get("preprocess_version")  # recorded since preprocess version 3
+    if began is not None and began != PREPROCESS_VERSION:  # the files may be the same, decoded (or skipped) otherwise
+        raise DataError(f"--resume: this cnnx decodes images otherwise than the one that began the run (preprocess "
+                        f"version {PREPROCESS_VERSION}, the run's {began}; {change} in {data}): resume with that "
+                        "cnnx, or train a new run (another --name)")
+    older = "" if began is not None else "; or the older cnnx that began it decoded some files otherwise"
+    raise DataError(f"the data in {data} changed since the run began ({change}{older}): --resume would "
                     "continue on another split; restore the data, or train a new run (another --name)")
-
-
-# config.json records its preprocess_version from this one on; a run without it began before.
-FIRST_RECORDED_PREPROCESS_VERSION = 3
 
 
 def check_ranks_see_same_data(config: dict, d: loop.Dist, data: str):
