@@ -69,8 +69,8 @@ Not measured: the CPU goal 2 of issue 8.
 Each stage checks the time left (--budget-s, default 420 s) and is skipped, with a note, when it
 would not fit (so what must not be missed comes first: that cnnx classify's rows on CUDA are the
 CPU's right after the classify stages, then the photos, the CIFAR steady state, the CUDA tests,
-and last the stages that explain the figures); the JSON is rewritten after every stage (benchmarks/_results.write_result), so a
-run cut short still leaves its figures.
+and last the stages that explain the figures); the JSON is rewritten after every stage
+(benchmarks/_results.write_result), so a run cut short still leaves its figures.
 
 Prepare here (once a machine: a session's machine starts without these ignored folders). It
 downloads onnxruntime-gpu for the GPU machine's Python 3.12 and splits it into parts of 61 MiB,
@@ -273,9 +273,10 @@ def with_inputs(only: set) -> set:
                 need.add(f"export_{arch}")
         if name.startswith("gpu_decode") and "airnet" not in name:
             need.add("export_resnet18")
-        if name in ("decode_bound_cifar", "cifar_x10") or name.startswith(("steady_state", "profile_airnet",
-                                                                          "profile_gil")):
-            need |= {"export_airnet", "ceiling_airnet_fp32"} | ({"cifar_x10"} if name != "decode_bound_cifar" else set())
+        if name in ("decode_bound_cifar", "cifar_x10"):
+            need |= {"export_airnet", "ceiling_airnet_fp32"}
+        elif name.startswith(("steady_state", "profile_airnet", "profile_gil")):
+            need |= {"export_airnet", "ceiling_airnet_fp32", "cifar_x10"}
     return need
 
 

@@ -377,16 +377,14 @@ def _load_jpeg(data: bytes, out_h: int, out_w: int, resample, max_pixels: int):
     if w < 1 or h < 1:
         raise ImageError("open", f"image has no pixels ({w}x{h})")
     orientation, note = jpeg_orientation(data)
-    oh, ow = (w, h) if orientation >= 5 else (h, w)
-    scale = max(out_h / oh, out_w / ow)
+    stored_out = (out_w, out_h) if orientation >= 5 else (out_h, out_w)  # the input's sides as the JPEG stores them
     # Decode at the smallest DCT scale (k/8) that still covers the resized image, then let the
     # antialiased resize do the rest; 0 = full size when the image is not larger than needed.
-    min_h = math.ceil(h * scale - 1e-6) if scale < 1 else 0
-    min_w = math.ceil(w * scale - 1e-6) if scale < 1 else 0
+    min_h, min_w = _dct_minimum(h, w, *stored_out)
     if h * w > max_pixels:  # (under the limit as stored: under it however decoded, and no work a file)
         # What libjpeg holds is what takes memory: the decoded image (a 108 MP photo at 1/8 is no
         # bomb), or every coefficient of the stored one where it keeps them all (a progressive file).
-        k, _ = dct_scale(h, w, *((out_w, out_h) if orientation >= 5 else (out_h, out_w)))
+        k, _ = dct_scale(h, w, *stored_out)
         dh, dw = (h, w) if jpeg_holds_whole_image(data) else (-(-h * k // 8), -(-w * k // 8))
         if dw * dh > max_pixels:
             raise ImageError("open", _bomb_message(w, h, dw, dh, max_pixels))
@@ -426,11 +424,20 @@ def dct_scale(h: int, w: int, out_h: int, out_w: int) -> tuple:
     90 degrees): the smallest k/8 whose decoded size, ceil(h * k / 8) x ceil(w * k / 8), still
     covers the shorter-side resize, as simplejpeg's min_height/min_width pick it; (8, 8) when
     the image is not larger than needed."""
+    min_h, min_w = _dct_minimum(h, w, out_h, out_w)
+    if not (min_h or min_w):
+        return 8, 8
+    return next((k, 8) for k in range(1, 9) if -(-h * k // 8) >= min_h and -(-w * k // 8) >= min_w)
+
+
+def _dct_minimum(h: int, w: int, out_h: int, out_w: int) -> tuple[int, int]:
+    """The least decoded size of an h x w JPEG that covers the shorter-side resize to an
+    out_h x out_w input (simplejpeg's min_height/min_width); (0, 0), full size, where the image
+    is not larger than needed."""
     scale = max(out_h / h, out_w / w)
     if scale >= 1:
-        return 8, 8
-    min_h, min_w = math.ceil(h * scale - 1e-6), math.ceil(w * scale - 1e-6)
-    return next((k, 8) for k in range(1, 9) if -(-h * k // 8) >= min_h and -(-w * k // 8) >= min_w)
+        return 0, 0
+    return math.ceil(h * scale - 1e-6), math.ceil(w * scale - 1e-6)
 
 
 def _heif_hint(data: bytes):

@@ -198,16 +198,16 @@ class DecodePool:
         self.busy = False  # a run is using the workers (one at a time)
         self.runs = 0  # runs started: results of an earlier one (ended early) are dropped
         try:
-            for _ in range(workers):
-                parent, child = ctx.Pipe()
-                proc = ctx.Process(target=_worker, args=(child, nice), daemon=True, name="cnnx-decode")
-                with starting_workers():
+            with starting_workers():
+                for _ in range(workers):
+                    parent, child = ctx.Pipe()
+                    proc = ctx.Process(target=_worker, args=(child, nice), daemon=True, name="cnnx-decode")
                     proc.start()
-                child.close()
-                self.procs.append(proc)
-                self.conns.append(parent)
-                if model is not None:
-                    parent.send(("load", _wanted(model)))
+                    child.close()
+                    self.procs.append(proc)
+                    self.conns.append(parent)
+                    if model is not None:
+                        parent.send(("load", _wanted(model)))
         except (EOFError, OSError) as e:  # the forkserver ended (killed, out of memory) or cannot fork
             _stop(self.procs, self.conns)
             raise DecodeWorkerDied(f"the decode processes could not start ({first_line(e) or type(e).__name__}): "

@@ -45,7 +45,8 @@ from cnnx.runtime.files import (TEMP_PREFIX, atomic_file, escaped_name, first_li
 from cnnx.runtime.model import ModelError, softmax_topk
 from cnnx.runtime.output import (ErrorsWriter, OutputBusy, OutputLock, PredictionWriter, ResumeError, WriteError,
                                  already_exists, check_resume, check_unrecorded_resume, csv_header, default_errors_path,
-                                 names_parquet_folder, read_done, read_run_record, unrecorded_resume_warning, run_record_path, summary_counts, write_run_record)
+                                 names_parquet_folder, read_done, read_run_record, run_record_path, summary_counts,
+                                 unrecorded_resume_warning, write_run_record)
 from cnnx.runtime.pipeline import decode_images
 from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS
 

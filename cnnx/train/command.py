@@ -353,19 +353,20 @@ def _runs_on_cuda(device) -> bool:
     return torch.cuda.is_available()
 
 
-def _pick_split(layout, split, data):
+def _pick_split(layout, split, data) -> tuple:
+    """(the split's name, its folder): --split's, else test, else val; ("all", DIR) for a flat DIR."""
     if "all" in layout:
         if split:
             raise click.BadParameter(f"{data} has no train/val/test folders", param_hint="--split")
-        return layout["all"]
+        return "all", layout["all"]
     if split:
         if split not in layout:
             raise click.BadParameter(f"{data} has no {split}/ folder (it has {', '.join(sorted(layout))})",
                                      param_hint="--split")
-        return layout[split]
+        return split, layout[split]
     for s in ("test", "val"):
         if s in layout:
-            return layout[s]
+            return s, layout[s]
     raise click.BadParameter(f"{data} has only {', '.join(sorted(layout))}/; pass --split train to evaluate on it",
                              param_hint="--split")
 
@@ -391,6 +392,7 @@ def evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, ca
     """Top-1, top-5, per-class accuracy and confusion matrix of CHECKPOINT on a labelled image folder."""
     from cnnx.runtime.files import first_line, os_error_line
     from cnnx.runtime.preprocess import SpecError
+    from cnnx.train import loop
     from cnnx.train.checkpoint import CheckpointError
     from cnnx.train.data import DataError
 
@@ -406,7 +408,7 @@ def evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, ca
     if as_json:
         click.echo(json.dumps({"checkpoint": str(checkpoint), "data": str(ev["folder"]), "n": m["n"], "loss": m["loss"],
                                "top1": m["top1"], "top5": m["top5"],
-                               "per_class": {c: (None if v != v else v) for c, v in zip(names, m["per_class"])},
+                               "per_class": dict(zip(names, loop.per_class_json(m["per_class"]))),
                                "confusion": m["confusion"], "class_names": names, "skipped": len(ev["data"].skipped),
                                "trained_on": ev["trained_on"] is not None,
                                "plot": None if plot_path in why_not else str(plot_path)}))
@@ -491,17 +493,16 @@ def _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, c
     "trained_note" (what the console says of it, for the report too)}."""
     import torch
 
+    from cnnx.runtime.files import escaped_name
     from cnnx.train import loop
     from cnnx.train.checkpoint import load_checkpoint, model_from_checkpoint
-    from cnnx.runtime.files import escaped_name
     from cnnx.train.data import class_folders, folder_layout, load_image_folder, respelt_note
 
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt)
     layout = folder_layout(data)
-    folder = _pick_split(layout, split, data)
-    if split is None and "all" not in layout:  # which split the figures are of: not only in --json
-        picked = next(s for s, f in layout.items() if f == folder)
+    picked, folder = _pick_split(layout, split, data)
+    if split is None and picked != "all":  # which split the figures are of: not only in --json
         click.echo(f"note: scoring {folder}, the {picked} split (--split picks another)", err=True)
     names = list(ckpt["class_names"])
     # from the class folders' names, before minutes of decoding (load_image_folder's classes)

@@ -128,6 +128,12 @@ class Counts:
         }
 
 
+def per_class_json(per_class) -> list:
+    """Counts.metrics' per_class for JSON: null where a class had no image (NaN is no JSON value;
+    strict parsers refuse it)."""
+    return [None if v != v else v for v in per_class]
+
+
 def eval_counts(wrapped, images, labels, num_classes, *, batch_size, device, bf16=False, channels_last=False,
                 keep_probs=False):
     """(Counts, softmax probabilities float32 (N, C) on the device when keep_probs, else None)

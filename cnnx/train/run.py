@@ -977,10 +977,9 @@ def evaluate_test_split(run: Run, state: State) -> dict:
                                  channels_last=run.channels_last)
     tm = counts.all_reduce().metrics()
     if d.main:
-        # a class with no test image has no accuracy: null, as JSON has no NaN (strict parsers refuse it)
         files.atomic_write(run.run_dir / "test_metrics.json", json.dumps(
             {"checkpoint": "best.pt", "epoch": state.best_epoch, **{k: tm[k] for k in
-             ("loss", "top1", "top5", "confusion", "n")}, "per_class": [None if v != v else v for v in tm["per_class"]],
+             ("loss", "top1", "top5", "confusion", "n")}, "per_class": loop.per_class_json(tm["per_class"]),
              "class_names": run.class_names}, indent=1))
     say(f"test split ({tm['n']} images), best checkpoint: top1 {tm['top1']:.4f} top5 {tm['top5']:.4f}", d)
     return {k: tm[k] for k in ("loss", "top1", "top5", "per_class", "n")}
