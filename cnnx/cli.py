@@ -33,7 +33,8 @@ class ExitNow(int):
     """What a command returns for an exit code after which its process may end at once
     (os._exit), skipping the interpreter's teardown (every module's objects, onnxruntime's
     sessions, a CUDA context): every file the command wrote is closed, and nothing it started
-    needs an atexit handler to stop (its decode processes stop when their pipes to it close).
+    needs an atexit handler but multiprocessing's, which _exit_now runs (its decode processes
+    also stop when their pipes to it close).
     cnnx classify on the local engine returns one (benchmarks/results/classify_startup.json,
     "exit_s"); not Ray (its local cluster stops at exit), not train (DataLoader workers)."""
 
@@ -189,7 +190,17 @@ def _exit_now(code: int):
         sys.stderr.flush()
     except (OSError, ValueError):
         return
+    _end_multiprocessing()
     os._exit(int(code))
+
+
+def _end_multiprocessing():
+    """What multiprocessing does at a normal exit, in a process that used it: its processes are
+    stopped (a DecodePool's Finalize) and its temporary folder is removed (/tmp/pymp-*, which
+    holds the forkserver's socket: os._exit alone left one behind every run)."""
+    util = sys.modules.get("multiprocessing.util")
+    if util is not None:
+        util._exit_function()  # what atexit would run: the pool has stopped, so it only removes the folder
 
 
 if __name__ == "__main__":

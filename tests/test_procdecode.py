@@ -239,14 +239,14 @@ def workers_of(pid: int) -> list:
     return [w for kid in children(pid) for w in children(kid)]
 
 
-def start_cli(model, folder, *extra):
+def start_cli(model, folder, *extra, env=None):
     """`cnnx classify --decode processes` writing to a pipe nobody reads yet: it stops mid-run
     once the pipe is full (the folder's rows are several times a pipe's 64 KiB), with its
     workers started and its segment in /dev/shm. (Under --decode auto, a folder this small
     would be decoded in threads.)"""
     proc = subprocess.Popen([sys.executable, "-m", "cnnx", "classify", str(folder), "--model", str(model),
                              "--device", "cpu", "--batch-size", "16", "--decode", "processes", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
     proc.stdout.readline()  # the header
     proc.stdout.readline()  # a first row: the run is under way
     deadline = time.monotonic() + 30
@@ -275,10 +275,13 @@ def test_cli_worker_killed_mid_run_exits_1_with_one_line(model, big):
 
 @pytest.mark.parametrize("signum, code, line", [(signal.SIGINT, 130, "interrupted"),
                                                 (signal.SIGTERM, 143, "terminated")])
-def test_cli_ctrl_c_or_sigterm_ends_the_run_cleanly_leaving_no_segment_and_no_process(model, big, signum, code, line):
+def test_cli_ctrl_c_or_sigterm_ends_the_run_cleanly_leaving_no_segment_and_no_process(model, big, signum, code, line,
+                                                                                     tmp_path):
     """Ctrl-C reaches the process group; a SIGTERM (systemd stopping a service, docker stop)
     the command or every process: the rows end with a whole one, and the last line says why."""
-    proc = start_cli(model, big, "--workers", "2")
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    proc = start_cli(model, big, "--workers", "2", env={**os.environ, "TMPDIR": str(temp)})
     helpers = children(proc.pid) + workers_of(proc.pid)
     for pid in workers_of(proc.pid):
         os.kill(pid, signum)
@@ -292,6 +295,20 @@ def test_cli_ctrl_c_or_sigterm_ends_the_run_cleanly_leaving_no_segment_and_no_pr
     while alive(helpers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive(helpers), "a decode process outlived its caller"
+    assert not os.listdir(temp), "multiprocessing's temporary folder (the forkserver's socket) was left behind"
+
+
+def test_a_finished_run_leaves_no_temporary_folder(model, mixed, tmp_path):
+    """The command ends with os._exit (cli.ExitNow), which skips atexit: multiprocessing's
+    temporary folder, the forkserver's socket in it, was left in /tmp by every run."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    result = subprocess.run([sys.executable, "-m", "cnnx", "classify", str(mixed), "--model", str(model),
+                             "--decode", "processes", "--workers", "2", "-o", str(tmp_path / "p.csv")],
+                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "TMPDIR": str(temp)})
+    assert result.returncode == 0, result.stderr
+    assert "classified" in result.stderr
+    assert not os.listdir(temp)
 
 
 def test_cli_killed_leaves_no_segment_and_no_process(model, big):
