@@ -8,6 +8,7 @@ import csv
 import itertools
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -262,8 +263,14 @@ def test_a_run_cut_short_by_close_says_so_and_odd_uses_are_one_line(model, mixed
     with Classifier(model, "cpu", batch_size=8) as clf:
         run = clf.classify([mixed_folder])
         next(run)
-        run.close()  # its reader's own stop: the rows of the batch in hand at most, then an end, no error
-        list(run)
+        clf.close()  # mid-batch: the next row read says why, none of the rest of the batch comes
+        with pytest.raises(ValueError, match="closed before the run ended"):
+            next(run)
+    with Classifier(model, "cpu", batch_size=8) as clf:
+        run = clf.classify([mixed_folder])
+        next(run)
+        run.close()  # its reader's own stop: an end, no error, and no row of the batch in hand
+        assert list(run) == []
         with pytest.raises(TypeError, match="cannot be pickled"):
             pickle.dumps(clf)
     with pytest.raises(ModelError, match="is a folder, not a model file"):
@@ -271,3 +278,7 @@ def test_a_run_cut_short_by_close_says_so_and_odd_uses_are_one_line(model, mixed
     (tmp_path / "model.pt2").write_bytes(b"PK\x03\x04" + bytes(60))
     with pytest.raises(ModelError, match="TorchScript or pt2 archive"):
         Classifier(tmp_path / "model.pt2", "cpu")
+    with zipfile.ZipFile(tmp_path / "best.pt", "w") as z:  # torch.save's layout: a pickle, no code/ (not read)
+        z.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+    with pytest.raises(ModelError, match=r"training checkpoint \(torch.save\), not an exported model: `cnnx export"):
+        Classifier(tmp_path / "best.pt", "cpu")

@@ -218,6 +218,7 @@ def test_info_never_imports_torch_and_refuses_non_models(exported, trained, tmp_
     for path in (junk, trained):  # random bytes; a checkpoint (a zip without cnnx.json)
         r = CliRunner().invoke(cli, ["info", str(path)])
         assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "is a training checkpoint (torch.save), not an exported model: `cnnx export" in r.stderr
     assert CliRunner().invoke(cli, ["info", str(tmp_path / "nope.onnx")]).exit_code == 2
 
 

@@ -9,7 +9,7 @@ import os
 import zipfile
 
 from cnnx.runtime import cuda
-from cnnx.runtime.contract import EXTRA_FILE, KEY_TTA_VIEWS
+from cnnx.runtime.contract import EXTRA_FILE, KEY_TTA_VIEWS, checkpoint_not_model_line, torch_archive_kind
 from cnnx.runtime.files import first_line
 
 # cnnx writes a few KiB of metadata; a member claiming more is not one of its models (and a
@@ -116,6 +116,8 @@ def describe_archive(path) -> dict:
         with zipfile.ZipFile(os.fspath(path)) as z:
             names = z.namelist()
             extra = [n for n in names if n.endswith("/extra/" + EXTRA_FILE)]
+            if not extra and torch_archive_kind(names) == "checkpoint":
+                raise ModelInfoError(checkpoint_not_model_line(path))
             if not extra:
                 raise ModelInfoError(f"{path} is a torch archive without {EXTRA_FILE}: not a model cnnx exported "
                                      "(checkpoints are exported with `cnnx export`)")
@@ -124,7 +126,7 @@ def describe_archive(path) -> dict:
         raise ModelInfoError(f"{path} is not an ONNX file or a TorchScript / pt2 archive") from None
     except (ValueError, KeyError, OSError, RuntimeError, EOFError) as e:  # RuntimeError: encrypted members
         raise ModelInfoError(f"cannot read the metadata of {path}: {first_line(e, 200)}") from None
-    fmt = "pt2" if any(n.endswith("/models/model.json") or n.endswith("/archive_format") for n in names) else "torchscript"
+    fmt = "pt2" if torch_archive_kind(names) == "pt2" else "torchscript"
     loader = "torch.export.load(path).module()" if fmt == "pt2" else "torch.jit.load(path)"
     return {"path": os.fspath(path), "format": fmt, "inputs": _signature(meta, "cnnx.inputs", path),
             "outputs": _signature(meta, "cnnx.outputs", path),

@@ -309,12 +309,16 @@ class BatchResult:
         return rows
 
 
-def _until_stopped(items, stopped: list):
-    """items, then ValueError(stopped[0]) where the run was stopped by another hand than its
-    reader's (a module function: it must not hold the Classification)."""
-    yield from items
-    if stopped[0] is not None:
-        raise ValueError(stopped[0])
+def _until_stopped(items, stop: list):
+    """items until the run is closed (stop [closed, why]; an item in hand then is not given),
+    then ValueError(why) where another hand than its reader's closed it (a module function: it
+    must not hold the Classification)."""
+    for item in items:
+        if stop[0]:
+            break
+        yield item
+    if stop[1] is not None:
+        raise ValueError(stop[1])
 
 
 class _Counts:
@@ -348,8 +352,9 @@ class Classification:
         # cycle, freed only by the cyclic collector), and the discovery thread of the GPU path
         # would hold it for ever once the caller stopped reading.
         self._results = _run(classifier, todo)
-        self._stopped = [None]  # why a run its reader did not stop ended early (Classifier.close)
-        self._rows = _until_stopped((row for result in self._results for row in result.rows()), self._stopped)
+        # [closed, why a run its reader did not stop ended early (Classifier.close)]
+        self._stop = [False, None]
+        self._rows = _until_stopped((row for result in self._results for row in result.rows()), self._stop)
         classifier._runs.add(self)
 
     @property
@@ -374,12 +379,13 @@ class Classification:
         return (result.rows() for result in self.results())
 
     def results(self):
-        return _until_stopped(self._results, self._stopped)
+        return _until_stopped(self._results, self._stop)
 
     def close(self, *, stopped: str | None = None):
-        """Stop the run. stopped: why, when its reader did not ask: the next read raises
-        ValueError with it, rather than ending as if every row had come."""
-        self._stopped[0] = stopped
+        """Stop the run: no row comes after (not even the rest of the batch in hand). stopped:
+        why, when its reader did not ask: the next read raises ValueError with it, rather than
+        ending as if every row had come."""
+        self._stop[:] = [True, stopped]
         self._results.close()
 
     def __enter__(self):

@@ -193,6 +193,23 @@ def check_signature(inputs, outputs, meta: ModelMeta) -> None:
         raise ContractError(f"{k} logits but {len(meta.class_names)} class names")
 
 
+def torch_archive_kind(names) -> str:
+    """What a PyTorch zip archive is, from its members' names alone (nothing in it is unpickled):
+    "pt2" (torch.export.save), "torchscript" (torch.jit.save: its code/ and constants.pkl), or
+    "checkpoint" (torch.save: data.pkl only, e.g. a training run's best.pt)."""
+    if any(n.endswith("/models/model.json") or n.endswith("/archive_format") for n in names):
+        return "pt2"
+    if any("/code/" in n or n.endswith("/constants.pkl") for n in names):
+        return "torchscript"
+    return "checkpoint"
+
+
+def checkpoint_not_model_line(path) -> str:
+    """What to say where a model is expected and a training checkpoint was given."""
+    return (f"{path} is a training checkpoint (torch.save), not an exported model: `cnnx export {path}` writes "
+            f"its ONNX model (export/model.onnx beside it)")
+
+
 MAX_METADATA_ENTRY_BYTES = 64 << 20  # MAX_CLASSES names are a few MB of JSON: a larger entry is not read
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from cnnx.runtime.contract import (CPU_PROVIDER as CPU, CUDA_PROVIDER as CUDA, CUDA_PROVIDER_ENTRY, INFERENCE_DEVICES,
-                                   ContractError, check_signature, cuda_driver_present, parse_metadata)
+                                   ContractError, check_signature, checkpoint_not_model_line, cuda_driver_present,
+                                   parse_metadata, torch_archive_kind)
 from cnnx.runtime import cuda
 from cnnx.runtime.cuda import TENSORRT_PROVIDER as TENSORRT
 from cnnx.runtime.files import first_line, os_error_line
@@ -107,6 +108,17 @@ def _is_zip(path: Path) -> bool:
         return False  # the loader says why
 
 
+def _zip_names(path: Path):
+    """The members' names of a zip archive (nothing is extracted), None if it cannot be read."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+
+
 def open_model(path, device: str = "auto", *, threads: int | None = None, batch_size: int | None = None,
                concurrent: bool = False):
     """-> (onnxruntime.InferenceSession, ModelInfo, provider actually running).
@@ -126,6 +138,9 @@ def open_model(path, device: str = "auto", *, threads: int | None = None, batch_
     if not path.is_file():
         raise ModelError(f"model not found: {path}")
     if _is_zip(path):
+        names = _zip_names(path)
+        if names is not None and torch_archive_kind(names) == "checkpoint":
+            raise ModelError(checkpoint_not_model_line(path))
         raise ModelError(f"{path} is a TorchScript or pt2 archive, which run in PyTorch: onnxruntime runs the ONNX "
                          f"export (cnnx export --format onnx writes model.onnx)")
     providers = _providers(ort, device, path, batch_size)
