@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import os
 import subprocess
 import sys
 import zipfile
@@ -106,7 +107,11 @@ def test_classify_skips_done_paths_silently_however_they_are_spelt(model, mixed_
                 for p in first[:5]}
         rows = clf.classify([mixed_folder], done=done)
         again = [r for r in rows if isinstance(r, Prediction)]
-    assert [p.path for p in again] == [p.path for p in first[5:]] and rows.already_done == 5
+        assert [p.path for p in again] == [p.path for p in first[5:]] and rows.already_done == 5
+        # done takes what paths take: bytes, os.PathLike, one path alone (not its characters)
+        for spelt in ([os.fsencode(first[0].path)], [Path(first[0].path)], first[0].path):
+            rows = clf.classify([mixed_folder], done=spelt)
+            assert first[0].path not in [r.path for r in rows] and rows.already_done == 1, spelt
 
 
 def test_predict_returns_logits_or_probabilities_and_checks_its_input(model):
@@ -125,6 +130,11 @@ def test_predict_returns_logits_or_probabilities_and_checks_its_input(model):
                 clf.predict(bad)
     with pytest.raises(ValueError, match="batch_size"):
         Classifier(model, batch_size=0)
+    for name, bad in (("batch_size", True), ("threads", 0), ("threads", "2"), ("threads", 2.5), ("topk", 1.0)):
+        with pytest.raises(ValueError, match=f"{name} must be an int >= 1, got {bad!r}"):
+            Classifier(model, **{name: bad})
+    with Classifier(os.fsencode(model), "cpu", batch_size=np.int64(16), threads=np.int32(1)) as clf:
+        assert clf.batch_size == 16 and type(clf.batch_size) is int  # numpy's ints, a bytes path
 
 
 def test_predict_refuses_a_model_that_does_not_give_one_row_per_image(tmp_path):

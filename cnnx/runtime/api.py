@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import numbers
 import os
 import weakref
 from dataclasses import dataclass
@@ -78,6 +79,13 @@ def path_list(paths) -> list:
     return [os.fsdecode(p) for p in paths]
 
 
+def _int_at_least(name: str, value, least: int) -> int:
+    """value as an int (numpy's integers too, never a bool), or ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    return int(value)
+
+
 class Classifier:
     """An exported cnnx ONNX model opened on a device (contract-checked; ModelError with one
     line otherwise). batch_size is the images per onnxruntime call; `batch_size` as used may
@@ -110,10 +118,10 @@ class Classifier:
     def __init__(self, model, device: str = "auto", *, threads: int | None = None, batch_size: int = 256,
                  workers: int = 0, topk: int = 5, max_pixels: int = DEFAULT_MAX_PIXELS,
                  io_binding: bool | None = None, decoder: str | GpuDecoder = "cpu", decode: str = "auto"):
-        for name, value, least in (("batch_size", batch_size, 1), ("topk", topk, 1), ("workers", workers, 0),
-                                   ("max_pixels", max_pixels, 1)):
-            if not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+        batch_size, topk, workers, max_pixels = (
+            _int_at_least(name, value, least) for name, value, least in (
+                ("batch_size", batch_size, 1), ("topk", topk, 1), ("workers", workers, 0), ("max_pixels", max_pixels, 1)))
+        threads = None if threads is None else _int_at_least("threads", threads, 1)
         if io_binding not in (None, True, False):
             raise ValueError(f"io_binding must be None, True or False, got {io_binding!r}")
         if not isinstance(decoder, GpuDecoder) and decoder not in DECODERS:
@@ -229,8 +237,8 @@ class Classifier:
     def classify(self, paths, *, follow_symlinks: bool = False, done=frozenset()) -> Classification:
         """Rows (Prediction | Skipped | Note) for files and folders, in sorted path order.
         Paths in `done` (e.g. read back from an output by --resume) are skipped silently;
-        they match however the folder is spelt (`DIR`, `./DIR`, `DIR/../DIR`). paths: a list
-        of str, bytes or os.PathLike, or one of them alone (one path, never its characters)."""
+        they match however the folder is spelt (`DIR`, `./DIR`, `DIR/../DIR`). paths and done:
+        a list of str, bytes or os.PathLike, or one of them alone (one path, never its characters)."""
         if self.session is None:
             raise ValueError("this Classifier is closed")
         return Classification(self, path_list(paths), follow_symlinks=follow_symlinks, done=done)
@@ -347,7 +355,7 @@ class Classification:
         self.discovery = Discovery(paths, follow_symlinks=follow_symlinks)
         self._counts = _Counts()
         keys = PathKeys()
-        todo = _todo(self.discovery, self._counts, keys, {keys(p) for p in done})
+        todo = _todo(self.discovery, self._counts, keys, {keys(p) for p in path_list(done)})
         # Module functions, not methods: a generator of a method would hold this object (a
         # cycle, freed only by the cyclic collector), and the discovery thread of the GPU path
         # would hold it for ever once the caller stopped reading.

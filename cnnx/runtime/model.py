@@ -132,7 +132,7 @@ def open_model(path, device: str = "auto", *, threads: int | None = None, batch_
 
     if device not in INFERENCE_DEVICES:
         raise ModelError(f"unknown device {device!r}; known: {', '.join(INFERENCE_DEVICES)}")
-    path = Path(path)
+    path = Path(os.fsdecode(path))  # str, bytes or os.PathLike, as classify's paths
     if path.is_dir():
         raise ModelError(f"{path} is a folder, not a model file (the model is {path}/model.onnx after cnnx export)")
     if not path.is_file():
