@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -143,7 +144,7 @@ def test_fp16_and_int8_variants_keep_uint8_input_and_metadata(exported, trained)
         assert s.run(None, {"images": x})[0].shape == (5, 10)
 
 
-def test_gate_refuses_a_real_model_that_disagrees(trained, verify_dir, tmp_path, monkeypatch):
+def test_gate_refuses_a_real_model_that_disagrees(exported, trained, verify_dir, tmp_path, monkeypatch):
     """An exporter bug simulated for real: the ONNX file written is the model with its last bias
     shifted by 1e-3, so onnxruntime runs a real, slightly wrong model. The export must fail,
     say which backend and by how much, and leave the previous export untouched."""
@@ -163,13 +164,14 @@ def test_gate_refuses_a_real_model_that_disagrees(trained, verify_dir, tmp_path,
     monkeypatch.setattr(onnx_mod, "export_onnx", export_shifted)
     out = tmp_path / "export"
     out.mkdir()
-    (out / "model.onnx").write_bytes(b"previous export")
+    shutil.copy(exported.paths["onnx"], out / "model.onnx")  # a previous export
+    previous = (out / "model.onnx").read_bytes()
     with pytest.raises(ParityError) as e:
         export_checkpoint(trained, out, ("onnx",), verify_data=verify_dir)
     msg = str(e.value)
     assert "onnxruntime-cpu" in msg and "max abs logit difference" in msg and "1e-04" not in msg
     assert float(msg.split("difference ")[1].split()[0]) == pytest.approx(1e-3, rel=0.01)
-    assert sorted(os.listdir(out)) == ["model.onnx"] and (out / "model.onnx").read_bytes() == b"previous export"
+    assert sorted(os.listdir(out)) == ["model.onnx"] and (out / "model.onnx").read_bytes() == previous
 
     r = CliRunner().invoke(cli, ["export", str(trained), "--out", str(out), "--verify-data", str(verify_dir)])
     assert r.exit_code == 1

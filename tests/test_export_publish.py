@@ -78,6 +78,15 @@ def test_out_folder_holding_other_files_is_refused_untouched(two_ckpts, tmp_path
     before = _snapshot(mine)
     _one_line_error(["export", str(a), "--out", str(mine)], "notes.txt", "did not write")
     assert _snapshot(mine) == before
+    # an export's file names alone do not make a previous export: the user's own model.onnx,
+    # another tool's, has no cnnx metadata (it was replaced, without a word)
+    theirs = tmp_path / "deploy"
+    theirs.mkdir()
+    (theirs / "model.onnx").write_bytes(b"\x08\x07\x12\x07pytorch")  # a protobuf: ir_version, producer
+    (theirs / "parity.json").write_text('{"note": "mine"}')
+    before = _snapshot(theirs)
+    _one_line_error(["export", str(a), "--out", str(theirs)], "model.onnx, parity.json", "did not write")
+    assert _snapshot(theirs) == before
     # the run folder itself (best.pt, metrics...) is not an export folder either
     _one_line_error(["export", str(a), "--out", str(a.parent)], "best.pt")
     assert sorted(os.listdir(a.parent)) == ["best.pt"]

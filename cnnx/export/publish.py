@@ -16,7 +16,7 @@ The new folder takes the replaced one's mode, owner and group (as far as this us
 them). A mount point cannot be renamed over: it is refused before the export's work.
 
 An existing output folder is replaced only when everything in it is a file an export
-writes (cnnx.export.writers.EXPORT_FILES): the swap moves the whole folder, so a folder
+writes (cnnx.export.writers.EXPORT_FILES, by name, holding cnnx's metadata): the swap moves the whole folder, so a folder
 holding anything else (a user's notes, a run's best.pt) is refused instead, and cnnx never
 moves or deletes files it did not write. Publishing file by file into such a folder would
 bring back the mixed folder a kill can leave, so it is not offered.
@@ -27,18 +27,22 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import json
 import os
 import shutil
 import stat
 import tempfile
+import zipfile
 from pathlib import Path
 
 from cnnx.export.errors import ExportError
+from cnnx.runtime.contract import EXTRA_FILE, peek_metadata_props
 from cnnx.runtime.files import fsync_dir, os_error_line, remove_stale_temps
 
 STAGING_PREFIX = ".cnnx-export-"
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
+MAX_PARITY_BYTES = 16 << 20  # a parity.json is a few KB: a larger file named so is not read whole
 
 
 def resolve_out_dir(out_dir, export_files) -> Path:
@@ -54,7 +58,8 @@ def resolve_out_dir(out_dir, export_files) -> Path:
             entries = list(os.scandir(out_dir))
         except OSError as e:
             raise ExportError(f"cannot read output folder: {os_error_line(e, out_dir)}") from None
-        foreign = sorted(e.name for e in entries if e.name not in export_files or not e.is_file(follow_symlinks=False))
+        foreign = sorted(e.name for e in entries if e.name not in export_files or not e.is_file(follow_symlinks=False)
+                         or not _written_by_cnnx(Path(e.path)))
         if foreign:
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             raise ExportError(f"output folder {out_dir} holds files cnnx export did not write ({shown}); an export "
@@ -64,6 +69,27 @@ def resolve_out_dir(out_dir, export_files) -> Path:
                               f"built beside it, then renamed into its place): export to a folder inside it, "
                               f"e.g. --out {out_dir / 'export'}")
     return out_dir
+
+
+def _written_by_cnnx(path: Path) -> bool:
+    """Whether a file with an export's name holds what an export writes there (a user's own
+    model.onnx, or another tool's, has the name and not cnnx's metadata): ONNX models carry
+    cnnx.* metadata, torch archives their cnnx.json, parity.json its verdict."""
+    if path.suffix == ".onnx":
+        props = peek_metadata_props(path)
+        return props is not None and any(key.startswith("cnnx.") for key in props)
+    try:
+        if path.suffix in (".pt", ".pt2"):
+            with zipfile.ZipFile(path) as z:
+                return any(name.endswith("/extra/" + EXTRA_FILE) for name in z.namelist())
+        with open(path, "rb") as f:
+            data = f.read(MAX_PARITY_BYTES + 1)
+        if len(data) > MAX_PARITY_BYTES:
+            return False
+        record = json.loads(data)
+        return isinstance(record, dict) and "passed" in record and "results" in record
+    except (OSError, ValueError, zipfile.BadZipFile):  # ValueError: not JSON, or not UTF-8
+        return False
 
 
 def make_staging(out_dir: Path):
