@@ -268,6 +268,28 @@ def test_a_folder_that_cannot_be_labelled_one_way_is_a_one_line_error(small, tmp
     n = copy_classes(small, tmp_path / "n", ["cat", "dog"], 5)
     os.rename(n / "dog", os.fsdecode(bytes(n) + b"/caf\xe9"))
     assert "caf\\xe9: its name is not UTF-8 text" in error(n)
+    # a class, or a split, on a drive not mounted: the class was dropped as a non-image name and
+    # the model lacked it; a val/ so was replaced by a tenth of train/ (each with exit 0)
+    gone = tmp_path / "not-mounted"
+    d = copy_classes(small, tmp_path / "d", ["cat", "dog"], 5)
+    os.symlink(gone / "ship", d / "ship")
+    assert error(d) == f"Error: {d / 'ship'} is a link to {gone / 'ship'}, which is not there (a folder on a drive " \
+                       "not mounted?): mount it, or remove the link"
+    e = tmp_path / "e"
+    copy_classes(small, e / "train", ["cat", "dog"], 5)
+    os.symlink(gone / "val", e / "val")
+    assert f"{e / 'val'} is a link to {gone / 'val'}, which is not there" in error(e)
+
+
+def test_a_run_says_when_whole_batches_leave_much_of_a_small_folder_out_of_each_epoch(cifar_train_dir, tmp_path):
+    """An epoch trains whole batches: 180 images at batch 64 trained 128 an epoch, without a word."""
+    data = copy_classes(cifar_train_dir, tmp_path / "d", ["cat", "dog"], 100)  # 180 train / 20 val
+    r = run_cli(seed_args(data, tmp_path / "runs", "b64", tmp_path / "c", "--epochs", "1", "--batch-size", "64"))
+    assert r.exit_code == 0, r.stderr[-2000:]
+    assert ("note: each epoch trains on 128 of the 180 training images, in whole batches of 64; the other 52 (others "
+            "each epoch: the order is shuffled) wait for a later epoch. --batch-size 60 uses them all") in r.stderr
+    r = run_cli(seed_args(data, tmp_path / "runs", "b60", tmp_path / "c", "--epochs", "1", "--batch-size", "60"))
+    assert r.exit_code == 0 and "note: each epoch" not in r.stderr, r.stderr[-2000:]
 
 
 def test_splits_with_a_folder_beside_them_or_files_in_two_of_them_are_one_line(small, tmp_path):

@@ -55,7 +55,8 @@ def _parse_aug(value):
               help="Start from torchvision's ImageNet weights (resnet18, vgg16; must be in the local cache offline).")
 @click.option("--image-size", type=int, help="Input side in pixels for image folders; default the arch's (32 for CIFAR nets), "
                                                    "or with --weights the checkpoint's.")
-@click.option("--epochs", type=int, help=f"Passes over the training split; {RECIPE}.")
+@click.option("--epochs", type=int, help=f"Passes over the training split, in whole batches (a remainder smaller than a batch waits for a "
+                   f"later epoch); {RECIPE}.")
 @click.option("--batch-size", type=int, help=f"Images per optimizer step, over all processes; {RECIPE}.")
 @click.option("--lr", type=float, help=f"Peak learning rate; {RECIPE}.")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), help=f"Optimizer (sgd is Nesterov; muon: orthogonalised steps for conv filters, Nesterov SGD for the rest); {RECIPE}.")

@@ -56,7 +56,17 @@ def cache_dir(explicit=None) -> Path:
 
 
 def _visible(entries):
-    return sorted(e for e in entries if not is_hidden_name(e.name))
+    return sorted(_no_folder_link_to_nowhere(e) for e in entries if not is_hidden_name(e.name))
+
+
+def _no_folder_link_to_nowhere(entry: Path) -> Path:
+    """entry, or DataError where it is a link to nothing under a name that is not an image's: a
+    class or split folder on a drive not mounted, which was dropped as a non-image file (a
+    class the model silently lacked)."""
+    if entry.is_symlink() and not entry.exists() and not is_image_name(entry.name):
+        raise DataError(f"{escaped_name(entry)} is a link to {escaped_name(os.readlink(entry))}, which is not there "
+                        f"(a folder on a drive not mounted?): mount it, or remove the link")
+    return entry
 
 
 def folder_layout(root) -> dict:
@@ -191,7 +201,7 @@ def list_image_folder(root: Path) -> Listing:
     for e in sorted(root.iterdir()):
         if is_hidden_name(e.name):
             listing.ignored += 1
-        elif e.is_dir():
+        elif _no_folder_link_to_nowhere(e).is_dir():
             classes.append(e)
         elif is_image_name(e.name):
             listing.unlisted.append((str(e), "not in a class folder; not used"))

@@ -596,7 +596,28 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
     say(f"{cfg.arch}: {sum(p.numel() for p in net.parameters()):,} parameters on {device} x{d.world}, "
         f"{len(ytr)} train / {len(yva)} val images, {steps_per_epoch} steps/epoch, "
         f"threads {torch.get_num_threads()}, bf16 {run.bf16}, channels_last {channels_last}", d)
+    _say_images_left_out(len(ytr), cfg.batch_size, d)
     return run
+
+
+LEFT_OUT_NOTED = 0.05  # the share of the training split an epoch leaves out from which a run says so
+
+
+def _say_images_left_out(n: int, batch_size: int, d) -> None:
+    """An epoch trains whole batches (train_one_epoch): on a small folder the remainder is a large
+    share of it (900 images at batch 512 leave 388 out of each epoch), which the user is told,
+    with a batch size that leaves out fewer than one image a step."""
+    shard, per_rank = n // d.world, max(1, batch_size // d.world)
+    steps = max(1, shard // per_rank)
+    used = d.world * min(shard, steps * per_rank)
+    if n - used < LEFT_OUT_NOTED * n:
+        return
+    more_steps = -(-shard // per_rank)  # one more step for the remainder, each batch smaller
+    even = shard // more_steps
+    left = n - d.world * more_steps * even
+    say(f"note: each epoch trains on {used} of the {n} training images, in whole batches of {batch_size}; the other "
+        f"{n - used} (others each epoch: the order is shuffled) wait for a later epoch. --batch-size {even * d.world} "
+        + ("uses them all" if left == 0 else f"leaves out {left}"), d)
 
 
 def planned_steps(cfg: TrainConfig, steps_per_epoch: int, resume: dict | None) -> int:
