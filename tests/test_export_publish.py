@@ -277,3 +277,27 @@ def test_a_mount_point_out_is_refused_before_the_export_not_after(two_ckpts, tmp
         assert "parity" not in line and os.listdir(volume) == []
         export_checkpoint(two_ckpts[0], volume / "export", ("torchscript",), **FAST)
         assert sorted(os.listdir(volume / "export")) == ["model.torchscript.pt", "parity.json"]
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None or os.geteuid() != 0, reason="needs setpriv, as root")
+def test_a_folder_its_user_may_not_write_is_refused_not_swapped(two_ckpts, tmp_path):
+    """The swap needs only the parent's permission: a previous export in a folder made read-only
+    was replaced, and the old one, swapped out of it, stayed beside it for good (its folder 555),
+    one more with each export. Root is made an ordinary user here by dropping the capabilities
+    that bypass file permissions."""
+    a, b = two_ckpts
+    out = tmp_path / "deployed"
+    export_checkpoint(a, out, ("torchscript",), **FAST)
+    for f in out.iterdir():
+        f.chmod(0o444)
+    out.chmod(0o555)
+    before = _snapshot(out)
+    try:
+        r = subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner",
+                            sys.executable, "-m", "cnnx", "export", str(b), "--out", str(out), "--format", "torchscript"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 1, r.stderr[-2000:]
+        assert r.stderr.strip().splitlines() == [f"Error: cannot write to output folder {out}: Permission denied"]
+        assert _snapshot(out) == before and _hidden(tmp_path) == []
+    finally:
+        out.chmod(0o755)

@@ -64,6 +64,10 @@ def resolve_out_dir(out_dir, export_files) -> Path:
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             raise ExportError(f"output folder {out_dir} holds files cnnx export did not write ({shown}); an export "
                               "replaces its whole folder: choose a new or empty folder, or a previous export's")
+        if not os.access(out_dir, os.W_OK):
+            # The swap needs only the parent's permission, but a folder its user may not write is
+            # one they protected, and the old export swapped out of it could not be removed.
+            raise ExportError(f"cannot write to output folder {out_dir}: {os.strerror(errno.EACCES)}")
         if os.path.ismount(out_dir):  # before the export's work: the swap's rename would fail after it
             raise ExportError(f"output folder {out_dir} is a mount point, which an export cannot replace whole (it is "
                               f"built beside it, then renamed into its place): export to a folder inside it, "
