@@ -68,6 +68,22 @@ def images(tmp_path_factory) -> Path:
 
 # -- 2. a model must give one row per image ------------------------------------------------
 
+def test_a_run_that_could_read_nothing_it_was_given_fails_like_one_that_found_nothing(model, images, tmp_path):
+    """A folder its user may not list (or every entry a link not followed) classified nothing and
+    exited 0, as a run that finished with warnings, leaving no output file."""
+    folder = tmp_path / "links"
+    folder.mkdir()
+    os.symlink(tmp_path / "nowhere.jpg", folder / "a.jpg")
+    os.symlink(tmp_path / "elsewhere.jpg", folder / "b.jpg")
+    r = run([folder, "--model", model, "-o", tmp_path / "p.csv"])
+    assert r.exit_code == 1, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (f"Error: nothing under {folder} could be read: 2 path(s) failed before "
+                                                 "any image was opened (each is listed with its reason)")
+    assert [row[1] for row in read_csv(tmp_path / "p.errors.csv")[1:]] == ["discover", "discover"]
+    shutil.copyfile(sorted(images.iterdir())[0], folder / "c.png")
+    assert run([folder, "--model", model, "-o", tmp_path / "q.csv"]).exit_code == 0  # one image read: warnings
+
+
 def test_a_model_whose_output_batch_is_fixed_is_refused_at_load(images, tmp_path):
     reduced = tiny_onnx_model(tmp_path / "reduced.onnx", batch_out="reduced")  # logits [1, C] for any N
     line = one_line_error(run([images, "--model", reduced, "-o", tmp_path / "p.csv"]))

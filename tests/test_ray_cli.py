@@ -3,6 +3,7 @@ code and its stderr. Skipped until the command has the --engine option."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -80,6 +81,16 @@ def test_unreachable_address_exit_1(model, images, tmp_path):
     assert error_lines(result.stderr) == [f"Error: cannot reach the Ray cluster at 127.0.0.1:{port}: Connection "
                                           "refused (is `ray start --head` running there, and the port open?)"]
     assert "Traceback" not in result.stderr and not (tmp_path / "p.csv").exists()
+
+
+def test_ray_engine_that_could_read_nothing_fails_as_the_local_one_does(model, tmp_path):
+    folder = tmp_path / "links"
+    folder.mkdir()
+    os.symlink(tmp_path / "nowhere.jpg", folder / "a.jpg")
+    r = cnnx("classify", folder, "--model", model, "--engine", "ray", "-o", tmp_path / "p.csv")
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert error_lines(r.stderr) == [f"Error: nothing under {folder} could be read: 1 path(s) failed before any "
+                                     "image was opened (each is listed with its reason)"]
 
 
 def test_ray_missing_exit_1(model, images, tmp_path):

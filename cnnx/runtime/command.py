@@ -21,7 +21,7 @@ import click
 from cnnx.cli import INTERRUPTED_LINE, ExitNow
 from cnnx.runtime.contract import INFERENCE_DEVICES
 from cnnx.runtime.files import remove_stale_temps_beside, shown
-from cnnx.runtime.output import already_exists, default_errors_path, names_parquet_folder
+from cnnx.runtime.output import already_exists, default_errors_path, names_parquet_folder, nothing_could_be_read
 from cnnx.runtime.workers import DECODE_MODES, PROCESS_DECODE_MAX_SIDE, PROCESS_DECODE_MIN_FILES
 
 
@@ -168,6 +168,9 @@ def classify(paths, model_path, output, fmt, topk, batch_size, workers, decode, 
         what = "files" if rows.ignored == 0 else f"image files ({rows.ignored} other files ignored)"
         raise click.ClickException(f"no {what} found under {', '.join(paths)}")
     _print_summary(tally, rows, classifier, errors_path, time.perf_counter() - t0)
+    unread = None if rows.already_done else nothing_could_be_read(tally.classified, tally.skipped, paths)
+    if unread is not None:
+        raise click.ClickException(unread)
     if report_path is not None:
         _write_report(report_path, output, fmt, errors_path, classifier.info)
     if strict and tally.n_skipped:
@@ -335,6 +338,10 @@ def _classify_on_ray(paths, model_path, output, fmt, topk, batch_size, device, e
     for line in summary.warnings:
         click.echo(f"warning: {line}", err=True)
     click.echo(summary.line(), err=True)
+    unread = None if summary.resumed else nothing_could_be_read(summary.classified, summary.skipped,
+                                                                [*paths, *([manifest] if manifest else [])])
+    if unread is not None:
+        raise click.ClickException(unread)
     n_skipped = sum(summary.skipped.values())
     if strict and n_skipped:
         raise click.ClickException(f"--strict: {n_skipped} file(s) skipped")

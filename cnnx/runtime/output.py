@@ -522,3 +522,13 @@ def summary_counts(classified: int, skipped: dict, *, already_done: int = 0, not
     if ignored:
         parts.append(f"{ignored:,} non-image files ignored")
     return parts
+
+
+def nothing_could_be_read(classified: int, skipped: dict, paths) -> str | None:
+    """The error of a run (either engine) that classified nothing because every path failed while
+    the files were being looked for (a folder its user may not list): like one that found no
+    file, not a run that finished with warnings (exit 0, and no output written). None otherwise."""
+    if classified or not skipped or set(skipped) != {"discover"}:
+        return None
+    return (f"nothing under {', '.join(map(str, paths))} could be read: {sum(skipped.values())} path(s) failed before "
+            f"any image was opened (each is listed with its reason)")
