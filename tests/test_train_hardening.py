@@ -281,6 +281,22 @@ def test_a_folder_that_cannot_be_labelled_one_way_is_a_one_line_error(small, tmp
     assert f"{e / 'val'} is a link to {gone / 'val'}, which is not there" in error(e)
 
 
+@pytest.mark.skipif(shutil.which("setpriv") is None or os.geteuid() != 0, reason="needs setpriv, as root")
+def test_a_class_folder_its_user_may_not_list_is_named_so_not_empty(small, tmp_path):
+    """It was 'holds no image files; add images to it'. Root is made an ordinary user by dropping
+    the capabilities that bypass file permissions."""
+    data = copy_classes(small, tmp_path / "d", ["cat", "dog"], 5)
+    (data / "dog").chmod(0)
+    try:
+        r = subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", sys.executable,
+                            "-m", "cnnx", *map(str, seed_args(data, tmp_path / "runs", "x", tmp_path / "c", "--epochs", "1"))],
+                           capture_output=True, text=True, timeout=300)
+    finally:
+        (data / "dog").chmod(0o755)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == f"Error: class folder {data / 'dog'}: cannot list folder: Permission denied"
+
+
 def test_a_run_says_when_whole_batches_leave_much_of_a_small_folder_out_of_each_epoch(cifar_train_dir, tmp_path):
     """An epoch trains whole batches: 180 images at batch 64 trained 128 an epoch, without a word."""
     data = copy_classes(cifar_train_dir, tmp_path / "d", ["cat", "dog"], 100)  # 180 train / 20 val

@@ -226,9 +226,12 @@ def list_image_folder(root: Path) -> Listing:
                             f"model's metadata); rename it") from None
     listing.class_names = [c.name for c in classes]
     for ci, c in enumerate(classes):
-        before = len(listing.files)
+        before, listed = len(listing.files), len(listing.unlisted)
         _walk_images(str(c), listing, ci, str(root), walked)
         if len(listing.files) == before:
+            unread = [reason for path, reason in listing.unlisted[listed:] if path == str(c)]
+            if unread:  # the folder itself could not be listed (its permissions): not an empty class
+                raise DataError(f"class folder {escaped_name(c)}: {unread[0]}")
             raise DataError(f"class folder {escaped_name(c)} holds no image files; add images to it or remove it")
     if listing.linked:
         _one_entry_a_file(listing, root)
