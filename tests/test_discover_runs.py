@@ -227,12 +227,12 @@ def test_hidden_names_are_passed_over_and_counted_unless_named(tmp_path, monkeyp
     failed). Hidden names, files and folders, are passed over and counted as train counts them;
     one named on the command line is classified, also beside a folder that holds it."""
     monkeypatch.chdir(tmp_path)
-    for folder in ("d", "d/.thumbs", "d/__MACOSX", "d/sub"):
+    for folder in ("d", "d/.thumbs", "d/__MACOSX", "d/sub", "d/@eaDir/a.jpg", "d/sub/$RECYCLE.BIN"):
         os.makedirs(folder)
     for name in ("d/a.jpg", "d/._a.jpg", "d/.DS_Store", "d/.thumbs/t.jpg", "d/__MACOSX/._a.jpg", "d/sub/b.jpg",
-                 "d/sub/._b.jpg"):
+                 "d/sub/._b.jpg", "d/@eaDir/a.jpg/SYNOPHOTO_THUMB_S.jpg", "d/sub/$RECYCLE.BIN/c.jpg"):
         (tmp_path / name).write_bytes(b"x")
     walk = Discovery(["d"])
-    assert [f.path for f in walk] == ["d/a.jpg", "d/sub/b.jpg"] and walk.ignored == 5
+    assert [f.path for f in walk] == ["d/a.jpg", "d/sub/b.jpg"] and walk.ignored == 7
     assert [f.path for f in Discovery(["d", "d/.thumbs"])] == ["d/a.jpg", "d/sub/b.jpg", "d/.thumbs/t.jpg"]
     assert [f.path for f in Discovery(["d", "d/._a.jpg"])] == ["d/a.jpg", "d/sub/b.jpg", "d/._a.jpg"]

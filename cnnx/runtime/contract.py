@@ -55,11 +55,18 @@ IMAGE_EXTENSIONS = frozenset(
 )
 
 
+# Folders that systems write into photo folders, whose images are not the user's photos:
+# __MACOSX (the "._" files of a zip made on a Mac), @eaDir (a Synology NAS's thumbnails of
+# each photo, named like it: they trained as near-copies, spread over train and val), and the
+# Windows recycle bin and volume folder at a drive's top.
+SYSTEM_FOLDERS = frozenset({"__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Information"})
+
+
 def is_hidden_name(name: str) -> bool:
     """A name every folder walk passes over (counted as ignored): a dot name (Unix hidden; the
     "._" AppleDouble file macOS writes beside each photo copied to a foreign disk, which is no
-    image) and __MACOSX (the folder of those in a zip made on a Mac)."""
-    return name[:1] == "." or name == "__MACOSX"
+    image) and SYSTEM_FOLDERS."""
+    return name[:1] == "." or name in SYSTEM_FOLDERS
 
 
 def is_image_name(name: str) -> bool:
