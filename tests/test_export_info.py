@@ -110,3 +110,21 @@ def test_crafted_metadata_is_one_line_for_info_and_classify(tmp_path):
     assert "bad cnnx.inputs" in _one_line(["info", str(tmp_path / "inputs.pt")])
     r = CliRunner().invoke(cli, ["info", str(tmp_path / "views.pt")])
     assert r.exit_code == 0 and "views:    1 per image" in r.stdout, r.output
+
+
+def test_a_model_of_an_opset_onnxruntime_lacks_is_said_with_the_reason_not_a_cpp_signature(tmp_path):
+    """onnxruntime's message begins with the C++ function that raised it (a source path and a
+    signature of ~250 characters): the line, cut at its limit, lost the reason."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 27)])  # one past onnxruntime 1.31's
+    model.ir_version = 10
+    onnx.save(model, tmp_path / "m.onnx")
+    for args in (["info", str(tmp_path / "m.onnx")], ["classify", str(tmp_path), "--model", str(tmp_path / "m.onnx")]):
+        line = _one_line(args)
+        assert "onnxruntime_src" not in line and "::" not in line, line
+        assert "Opset 27" in line, line

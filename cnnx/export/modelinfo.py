@@ -11,6 +11,7 @@ import zipfile
 from cnnx.runtime import cuda
 from cnnx.runtime.contract import EXTRA_FILE, KEY_TTA_VIEWS, checkpoint_not_model_line, torch_archive_kind
 from cnnx.runtime.files import first_line
+from cnnx.runtime.model import ort_error_line
 
 # cnnx writes a few KiB of metadata; a member claiming more is not one of its models (and a
 # deflated member of 2 GiB fits in 2 MiB of zip: its header says how much it would inflate to).
@@ -74,7 +75,7 @@ def describe_onnx(path) -> dict:
     try:
         s = cuda.new_session(ort, path, opts, ["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types for bad files
-        raise ModelInfoError(f"onnxruntime cannot load {path}: {first_line(e, 200)}") from None
+        raise ModelInfoError(f"onnxruntime cannot load {path}: {ort_error_line(e)}") from None
 
     def io(args):
         return [{"name": a.name, "dtype": ORT_TYPES.get(a.type, a.type), "shape": list(a.shape)} for a in args]

@@ -7,6 +7,7 @@ never guessed around: size, mean, std and class names come from the model and no
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +109,17 @@ def _is_zip(path: Path) -> bool:
         return False  # the loader says why
 
 
+# Where onnxruntime's message says which C++ function raised it: "/onnxruntime_src/<file>:<line>
+# <signature>(<arguments>) ", before the reason, which a line cut at its limit then lost.
+_ORT_SOURCE = re.compile(r"/onnxruntime_src/\S+:\d+ [^()]*\((?:[^()]|\([^()]*\))*\) ")
+
+
+def ort_error_line(error, limit: int = 300) -> str:
+    """first_line of an onnxruntime exception, without the source location and signature of
+    the function that raised it (e.g. a model of an opset newer than onnxruntime's)."""
+    return first_line(_ORT_SOURCE.sub("", str(error)), limit)
+
+
 def _zip_names(path: Path):
     """The members' names of a zip archive (nothing is extracted), None if it cannot be read."""
     import zipfile
@@ -151,7 +163,7 @@ def open_model(path, device: str = "auto", *, threads: int | None = None, batch_
         so = _session_options(ort, threads, not want_gpu, concurrent)
         session = cuda.new_session(ort, path, so, providers)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
-        raise ModelError(f"cannot load model {path}: {first_line(e)}") from None
+        raise ModelError(f"cannot load model {path}: {ort_error_line(e)}") from None
     active = session.get_providers()
     provider = active[0] if active else CPU
     wanted = {"cuda": CUDA, "tensorrt": TENSORRT}.get(device)
@@ -204,7 +216,7 @@ def _model_spec(ort, path: Path) -> dict:
     try:
         session = cuda.new_session(ort, path, so, [CPU])
     except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
-        raise ModelError(f"cannot load model {path}: {first_line(e)}") from None
+        raise ModelError(f"cannot load model {path}: {ort_error_line(e)}") from None
     return check_contract(session, path).spec
 
 
