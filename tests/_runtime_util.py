@@ -109,7 +109,8 @@ def tiny_onnx_model(path: Path, *, size=(32, 32), fixed_hw: bool = True, class_n
     size: the preprocess size in the metadata; fixed_hw=False leaves H and W symbolic in the
     graph (then only the metadata says the size). batch_out: "per-image" (the contract),
     "reduced" (logits averaged over the batch: [1, C], a fixed output batch), or "first-row"
-    (a symbolic output batch that still returns 1 row for any N)."""
+    (a symbolic output batch that still returns 1 row for any N), "fewer-scores" (a row an
+    image, one score fewer than the classes, in a symbolic output width)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -142,6 +143,17 @@ def tiny_onnx_model(path: Path, *, size=(32, 32), fixed_hw: bool = True, class_n
                   helper.make_tensor("one", TensorProto.INT64, [1], [1])]
         nodes.append(helper.make_node("Slice", ["per_image", "zero", "one", "zero"], ["logits"]))
         out_n = "M"
+    elif batch_out == "fewer-scores":  # a row an image, of one score fewer than the classes (symbolic: K)
+        inits += [helper.make_tensor("zero", TensorProto.INT64, [1], [0]),
+                  helper.make_tensor("last", TensorProto.INT64, [1], [c - 1]),
+                  helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+                  helper.make_tensor("rest", TensorProto.INT64, [1], [-1])]
+        nodes += [helper.make_node("Slice", ["per_image", "zero", "last", "one"], ["fewer"]),
+                  # reshaped to (N, -1) by a shape computed at run time: no width to infer at load
+                  helper.make_node("Shape", ["images"], ["batch"], start=0, end=1),
+                  helper.make_node("Concat", ["batch", "rest"], ["shape"], axis=0),
+                  helper.make_node("Reshape", ["fewer", "shape"], ["logits"])]
+        c = "K"
     else:
         raise ValueError(batch_out)
     in_shape = ["N", 3, h, w] if fixed_hw else ["N", 3, "H", "W"]

@@ -96,6 +96,11 @@ def test_a_model_that_returns_the_wrong_number_of_rows_stops_before_writing_them
     line = one_line_error(run([images, "--model", first_row, "-o", tmp_path / "p.csv", "--batch-size", "4"]))
     assert "not one row per image" in line and "for 4 images" in line
     assert not (tmp_path / "p.csv").exists()  # no row of that batch was written
+    fewer = tiny_onnx_model(tmp_path / "fewer.onnx", batch_out="fewer-scores")
+    line = one_line_error(run([images, "--model", fewer, "-o", tmp_path / "p.csv", "--batch-size", "4"]))
+    assert line == f"Error: {fewer}: the model gives {len(CLASSES) - 1} scores an image, but its metadata names " \
+                   f"{len(CLASSES)} classes"
+    assert not (tmp_path / "p.csv").exists()
 
 
 # -- 3. one writer per output --------------------------------------------------------------

@@ -229,10 +229,15 @@ class Classifier:
         return ModelError(f"{self.info.path}: onnxruntime failed on a batch of {n} on {self.provider}: {error}")
 
     def _check_rows(self, logits, n: int):
-        want = (n, len(self.info.class_names))
-        if logits.shape != want:
+        """ModelError unless logits has a row of a score a class for each of the n images run
+        (a classify batch's n counts its padding rows)."""
+        k = len(self.info.class_names)
+        if logits.ndim == 2 and logits.shape[0] == n and logits.shape[1] != k:
+            raise ModelError(f"{self.info.path}: the model gives {logits.shape[1]} scores an image, but its metadata "
+                             f"names {k} classes")
+        if logits.shape != (n, k):
             raise ModelError(f"{self.info.path}: the model returned {'x'.join(map(str, logits.shape))} logits "
-                             f"for {want[0]} images and {want[1]} classes: not one row per image")
+                             f"for {n} images (a run's batch) and {k} classes: not one row per image")
 
     def classify(self, paths, *, follow_symlinks: bool = False, done=frozenset()) -> Classification:
         """Rows (Prediction | Skipped | Note) for files and folders, in sorted path order.
