@@ -121,6 +121,8 @@ def test_parity_json_reports_every_backend_and_input_set(exported):
         assert r["accuracy"] is not None and r["accuracy_change"] == pytest.approx(r["accuracy"] - doc["eager_accuracy"])
         assert not rows[(be, "random b=256")]["gated"]  # noise inputs are reported, not gated
     assert set(doc["export_seconds"]) == {"onnx", "torchscript", "pt2", "onnx-fp16", "onnx-int8"}
+    written = onnx.load(str(exported.paths["onnx"]), load_external_data=False).opset_import
+    assert doc["opset"] == next(o.version for o in written if o.domain in ("", "ai.onnx"))  # not null: --opset unset
 
 
 def test_fp16_and_int8_variants_keep_uint8_input_and_metadata(exported, trained):

@@ -45,7 +45,7 @@ class Job:
     module: object  # uint8 images -> logits (cnnx.train.zoo.Uint8Input), eval mode
     example_images: np.ndarray  # a uint8 batch of the preprocess size, for tracing
     staging: Path
-    opset: int | None
+    opset: int | None  # --opset; once the ONNX writer ran, the opset it wrote (parity.json records it)
     calibration: np.ndarray | None  # uint8 images for int8
     say: Callable[[str], None]
     paths: dict = field(default_factory=dict)  # artifact -> Path in staging
@@ -170,7 +170,9 @@ def torch_runner(module):
 def _write_onnx(job):
     from cnnx.export.onnx import export_onnx
 
-    export_onnx(job.module, job.example, job.path("onnx"), meta=job.meta(), opset=job.opset)
+    model = export_onnx(job.module, job.example, job.path("onnx"), meta=job.meta(), opset=job.opset)
+    # what parity.json records: the opset written, which the exporter chose where --opset was not given
+    job.opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def _write_torchscript(job):
