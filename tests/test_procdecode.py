@@ -239,14 +239,14 @@ def workers_of(pid: int) -> list:
     return [w for kid in children(pid) for w in children(kid)]
 
 
-def start_cli(model, folder, *extra, env=None):
+def start_cli(model, folder, *extra, env=None, group=False):
     """`cnnx classify --decode processes` writing to a pipe nobody reads yet: it stops mid-run
     once the pipe is full (the folder's rows are several times a pipe's 64 KiB), with its
     workers started and its segment in /dev/shm. (Under --decode auto, a folder this small
     would be decoded in threads.)"""
     proc = subprocess.Popen([sys.executable, "-m", "cnnx", "classify", str(folder), "--model", str(model),
                              "--device", "cpu", "--batch-size", "16", "--decode", "processes", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env, start_new_session=group)
     proc.stdout.readline()  # the header
     proc.stdout.readline()  # a first row: the run is under way
     deadline = time.monotonic() + 30
@@ -296,6 +296,16 @@ def test_cli_ctrl_c_or_sigterm_ends_the_run_cleanly_leaving_no_segment_and_no_pr
         time.sleep(0.1)
     assert not alive(helpers), "a decode process outlived its caller"
     assert not os.listdir(temp), "multiprocessing's temporary folder (the forkserver's socket) was left behind"
+
+
+def test_cli_sigterm_to_its_process_group_ends_the_run_as_terminated_not_as_workers_dead(model, big):
+    """systemd stopping a service, or `timeout`, signals the whole process group: the forkserver
+    died of it, and each worker, still running, then read as dead ('exit status 255'), exit 1."""
+    proc = start_cli(model, big, "--workers", "2", group=True)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err.decode()[-2000:]
+    assert err.decode().strip().splitlines()[-1] == "terminated"
 
 
 def test_a_finished_run_leaves_no_temporary_folder(model, mixed, tmp_path):

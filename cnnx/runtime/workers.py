@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import signal
 import sys
 import types
 
@@ -76,10 +77,26 @@ def starting_workers():
     main = sys.modules["__main__"]
     sys.modules["__main__"] = types.ModuleType("__main__")
     try:
-        with sigint_held():
+        with sigint_held(), _sigterm_blocked():
             yield
     finally:
         sys.modules["__main__"] = main
+
+
+@contextlib.contextmanager
+def _sigterm_blocked():
+    """SIGTERM blocked for the block, and delivered to this process after it. The forkserver
+    inherits the mask and keeps it: a SIGTERM to the whole process group (systemd stopping a
+    service, `timeout`) is then left to the caller, which ends the run and stops its workers
+    (they ignore it). A forkserver the signal killed was read as every worker dead, exit 1."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
 def warm_up():
