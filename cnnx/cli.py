@@ -151,7 +151,7 @@ INTERRUPTED_LINE = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
 
 def _interrupted(e: BaseException):
     """Ctrl-C, or a SIGTERM that the command turned into a clean end (a KeyboardInterrupt with
-    its `signum`: cnnx.runtime.command.Terminated)."""
+    its `signum`: cnnx.runtime.files.Terminated)."""
     signum = getattr(e, "signum", signal.SIGINT)
     if not _another_rank():
         click.echo(INTERRUPTED_LINE[signum], err=True)

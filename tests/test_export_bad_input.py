@@ -236,3 +236,19 @@ def test_a_ctrl_c_the_exporter_swallows_is_still_an_interrupt(monkeypatch, tmp_p
         with pytest.raises(raised):
             writers.run_writer("onnx", job)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    # a SIGTERM, which the export command turns into Terminated (files.ends_as_terminated), alike
+    from cnnx.runtime.files import Terminated, ends_as_terminated
+
+    def swallowing_sigterm(job):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise ImportError("cannot import triton.language")
+        except (KeyboardInterrupt, ImportError):
+            pass
+        raise AttributeError("module 'triton.language' has no attribute 'core'")
+
+    monkeypatch.setitem(writers.WRITERS, "onnx", writers.Writer("ONNX export", swallowing_sigterm, lambda j, m: []))
+    with pytest.raises(Terminated):
+        ends_as_terminated(writers.run_writer)("onnx", job)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -142,6 +142,22 @@ def test_run_killed_before_its_first_epoch_restarts_with_the_same_name(small, tm
     assert (runs / "k" / "last.pt").is_file() and _temps(runs / "k") == []
 
 
+def test_a_run_stopped_by_sigterm_before_its_first_checkpoint_ends_as_terminated_leaving_no_folder(small, tmp_path):
+    """SIGTERM (timeout, systemd, a batch job's time limit) killed train at once: no line, and
+    the run folder (config.json, its lock) stayed, one more for each such run. A SIGTERM to the
+    whole group: the decode processes leave the end to the run."""
+    runs = tmp_path / "runs"
+    p = _cnnx(seed_args(small, runs, "t", tmp_path / "c", "--epochs", "1", "--workers", "2"))
+    deadline = time.monotonic() + 120
+    while not (runs / "t" / LOCK_NAME).exists():
+        assert p.poll() is None and time.monotonic() < deadline, "the run ended before it could be stopped"
+        time.sleep(0.01)
+    os.killpg(p.pid, signal.SIGTERM)
+    code, _out, err = _finish(p)
+    assert code == 143 and err.strip().splitlines()[-1] == "terminated", err[-2000:]
+    assert "Traceback" not in err and not (runs / "t").exists()
+
+
 def test_resume_of_a_run_without_last_pt_trains_it_again_from_its_config(small, tmp_path):
     runs = tmp_path / "runs"
     args = seed_args(small, runs, "r", tmp_path / "c", "--epochs", "1", "--batch-size", "16")

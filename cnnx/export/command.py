@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from cnnx.export.api import DEFAULT_PARITY_IMAGES, FORMATS
+from cnnx.runtime.files import ends_as_terminated
 
 
 def newest_checkpoint(root: Path = Path("runs")) -> Path:
@@ -45,6 +46,7 @@ def _a_folder(ctx, param, value):
 @click.option("--cache-dir", type=click.Path(file_okay=False),
               help="Cache of the run's decoded validation images (default as for cnnx train; pass the run's "
                    "--cache-dir to reuse its cache).")
+@ends_as_terminated
 def export(checkpoint, formats, out_dir, opset, verify_data, fp16, int8, parity_images, tta, cache_dir):
     """Export CHECKPOINT (default: the newest runs/*/best.pt) behind a parity gate.
 

@@ -21,7 +21,7 @@ import numpy as np
 from cnnx.export.errors import ExportError
 from cnnx.export.parity import Backend
 from cnnx.runtime.contract import CPU_PROVIDER, CUDA_PROVIDER_ENTRY, INPUT_NAME
-from cnnx.runtime.files import first_line, is_disk_full
+from cnnx.runtime.files import first_line, interruption, is_disk_full
 
 # Output file per artifact; `cnnx classify` looks for model.onnx.
 FILENAMES = {
@@ -237,26 +237,29 @@ def _failure_line(label: str, error: Exception, folder: Path) -> str:
 
 @contextlib.contextmanager
 def _noticing_interrupts():
-    """Yield an Event set by a Ctrl-C, which still raises KeyboardInterrupt as Python's own
-    handler does: torch's exporters import modules lazily (triton), and an import interrupted
-    there is caught inside torch and fails later as an AttributeError, which read as a failed
-    export (exit 1) where the user had pressed Ctrl-C (130). Only where Python's own handler is
-    in place (the main thread; not where SIGINT is ignored)."""
-    seen = threading.Event()
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    """Yield a list that gets the number of a Ctrl-C (or of a SIGTERM that files.ends_as_terminated
+    turns into one), which still raises as the handler in place does: torch's exporters import
+    modules lazily (triton), and an import interrupted there is caught inside torch and fails
+    later as an AttributeError, which read as a failed export (exit 1) where the user had pressed
+    Ctrl-C (130). Only where Python's handlers are (the main thread; not where SIGINT is ignored)."""
+    seen = []
+    if threading.current_thread() is not threading.main_thread():
         yield seen
         return
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    taken = {signum: handler for signum, handler in handlers.items() if callable(handler)}
 
     def interrupted(signum, frame):
-        seen.set()
-        signal.default_int_handler(signum, frame)
+        seen.append(signum)
+        taken[signum](signum, frame)
 
-    signal.signal(signal.SIGINT, interrupted)
+    for signum in taken:
+        signal.signal(signum, interrupted)
     try:
         yield seen
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for signum, handler in taken.items():
+            signal.signal(signum, handler)
 
 
 def run_writer(name: str, job: Job) -> list:
@@ -274,8 +277,8 @@ def run_writer(name: str, job: Job) -> list:
     except ExportError:
         raise
     except Exception as e:  # noqa: BLE001 - the exporters raise many types; the user gets one line
-        if interrupted.is_set():  # a Ctrl-C that the exporter swallowed and failed on: still a Ctrl-C
-            raise KeyboardInterrupt from None
+        if interrupted:  # a Ctrl-C (SIGTERM) that the exporter swallowed and failed on: still one
+            raise interruption(interrupted[0]) from None
         raise ExportError(_failure_line(writer.label, e, job.staging)) from None
     size = job.paths[name].stat().st_size / (1 << 20)
     job.say(f"exported {name} in {job.seconds[name]:.1f} s ({size:.1f} MiB)")

@@ -20,7 +20,7 @@ import click
 
 from cnnx.cli import INTERRUPTED_LINE, ExitNow
 from cnnx.runtime.contract import INFERENCE_DEVICES
-from cnnx.runtime.files import remove_stale_temps_beside, shown
+from cnnx.runtime.files import interruption, remove_stale_temps_beside, shown
 from cnnx.runtime.output import already_exists, default_errors_path, names_parquet_folder, nothing_could_be_read
 from cnnx.runtime.workers import DECODE_MODES, PROCESS_DECODE_MAX_SIDE, PROCESS_DECODE_MIN_FILES
 
@@ -209,17 +209,6 @@ class Interrupts:
         if self.asked:
             self.deferring = False  # the cleanup starts: another Ctrl-C raises at once
             raise interruption(self.asked)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (docker stop, systemd, a batch job's end) ends a run as Ctrl-C does: the batch in
-    hand written, the output lock released, the decode processes stopped; exit 143."""
-
-    signum = signal.SIGTERM
-
-
-def interruption(signum: int) -> KeyboardInterrupt:
-    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ import codecs
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import signal
 import stat
@@ -66,6 +67,42 @@ def sigint_held():
             signal.signal(signal.SIGINT, old_handler)
             if noted:
                 old_handler(signal.SIGINT, None)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (docker stop, systemd, a batch job's end, `timeout`) ends a command as Ctrl-C
+    does, by its own cleanup (classify: the batch in hand written, the output lock released, the
+    decode processes stopped; train: a run folder without a checkpoint removed; export: its
+    staging folder); then "terminated", exit 143 (cnnx.cli)."""
+
+    signum = signal.SIGTERM
+
+
+def interruption(signum: int) -> KeyboardInterrupt:
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def ends_as_terminated(command):
+    """A command function during which SIGTERM raises Terminated in the main thread, as Ctrl-C
+    raises KeyboardInterrupt (where SIGTERM has its default action, which killed the process
+    before any cleanup). cnnx classify has its own (runtime.command._ends_when_interrupted)."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread() \
+                or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return command(*args, **kwargs)
+
+        def terminated(_signum, _frame):
+            raise Terminated()
+
+        signal.signal(signal.SIGTERM, terminated)
+        try:
+            return command(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    return run
 
 
 def _undecoded(c: str) -> bool:

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from cnnx.cli import launch_rank, leave_it_to_rank_0
+from cnnx.runtime.files import ends_as_terminated
 from cnnx.train.config import AUGMENTATIONS, DEVICES, OPTIMIZERS, SCHEDULES, TrainConfig
 
 RECIPE = "default: the arch's recipe (cnnx/train/config.py)"
@@ -111,6 +112,7 @@ def _parse_aug(value):
               help="Stop after this many epochs of this invocation (the schedule still plans --epochs); resume later.")
 @click.option("--quiet", is_flag=True, help="No progress bars (the per-epoch lines stay).")
 @click.pass_context
+@ends_as_terminated
 def train(ctx, out, name, resume, stop_after, quiet, compile_, aug, **opts):
     """Train a CNN; keep the best checkpoint, curves and per-class accuracy under OUT/NAME/.
 
@@ -389,6 +391,7 @@ def _pick_split(layout, split, data) -> tuple:
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object instead of a table.")
 @click.option("--report", type=click.Path(dir_okay=False),
               help="Also write one self-contained HTML page: per-class, confusion and the image galleries.")
+@ends_as_terminated
 def evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, cache, plot, as_json, report):
     """Top-1, top-5, per-class accuracy and confusion matrix of CHECKPOINT on a labelled image folder."""
     from cnnx.runtime.files import first_line, os_error_line

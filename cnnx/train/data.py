@@ -313,7 +313,9 @@ def _decode_worker(conn, paths, jobs, spec, cache_file=None, parent=None):
 
     if parent is not None:
         _end_with_parent(parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends us
+    # Ctrl-C, and a SIGTERM to the process group, are the parent's to handle; it ends us
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     h, w = spec["size"]
     fd = buf = None
     if cache_file is not None:
