@@ -4,10 +4,12 @@ code and its stderr. Skipped until the command has the --engine option."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -91,6 +93,24 @@ def test_ray_engine_that_could_read_nothing_fails_as_the_local_one_does(model, t
     assert r.returncode == 1, r.stderr[-2000:]
     assert error_lines(r.stderr) == [f"Error: nothing under {folder} could be read: 1 path(s) failed before any "
                                      "image was opened (each is listed with its reason)"]
+
+
+def test_ray_engine_ends_a_run_on_sigterm_as_terminated_not_with_a_native_crash(model, cifar_subset, tmp_path):
+    """ray.init installs Ray's failure-signal handler: a SIGTERM (`ray job stop`, docker stop)
+    printed a native stack dump and aborted (exit 134). The rows then stop at a whole one."""
+    out = tmp_path / "p.csv"
+    proc = subprocess.Popen([sys.executable, "-m", "cnnx", "classify", str(cifar_subset(500)), "--model", str(model),
+                             "--engine", "ray", "--num-workers", "1", "--batch-size", "8", "-o", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while not (out.exists() and out.stat().st_size > 1000):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before any row came"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == "terminated" and "SIGTERM received" not in err, err[-3000:]
+    assert out.read_text().endswith("\n")
 
 
 def test_ray_missing_exit_1(model, images, tmp_path):

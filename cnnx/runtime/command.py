@@ -20,7 +20,7 @@ import click
 
 from cnnx.cli import INTERRUPTED_LINE, ExitNow
 from cnnx.runtime.contract import INFERENCE_DEVICES
-from cnnx.runtime.files import interruption, remove_stale_temps_beside, shown
+from cnnx.runtime.files import ends_as_terminated, interruption, remove_stale_temps_beside, shown
 from cnnx.runtime.output import already_exists, default_errors_path, names_parquet_folder, nothing_could_be_read
 from cnnx.runtime.workers import DECODE_MODES, PROCESS_DECODE_MAX_SIDE, PROCESS_DECODE_MIN_FILES
 
@@ -287,6 +287,7 @@ def _check_local_usage(paths, output, address, num_workers, num_gpus_per_worker,
         raise click.UsageError(f"--output {output} {what}: give a file (Parquet folders need --engine ray)")
 
 
+@ends_as_terminated
 def _classify_on_ray(paths, model_path, output, fmt, topk, batch_size, device, errors_path, resume, strict,
                      follow_symlinks, report_path, address, num_workers, num_gpus_per_worker, manifest):
     """--engine ray: cnnx.runtime.ray_engine does the work, with its own output lock and checks."""

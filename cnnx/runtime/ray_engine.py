@@ -31,8 +31,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -338,18 +340,36 @@ def _ray_session(ray, address, num_workers, *, needed: bool):
     # Under `ray job submit` RAY_ADDRESS names the job's cluster (ray.init would read it too,
     # and refuse the num_cpus of a private start).
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if address is None:
-        ray.init(num_cpus=num_workers or _local_cpus(), **quiet)
-    else:
-        _check_reachable(address)
-        try:
-            ray.init(address=address, **quiet)
-        except Exception as e:  # noqa: BLE001 - ray.init raises ConnectionError, RuntimeError, ValueError...
-            raise RayEngineError(f"cannot join the Ray cluster at {address}: {first_line(e)}") from None
+    with _sigterm_kept():
+        if address is None:
+            ray.init(num_cpus=num_workers or _local_cpus(), **quiet)
+        else:
+            _check_reachable(address)
+            try:
+                ray.init(address=address, **quiet)
+            except Exception as e:  # noqa: BLE001 - ray.init raises ConnectionError, RuntimeError, ValueError...
+                raise RayEngineError(f"cannot join the Ray cluster at {address}: {first_line(e)}") from None
     try:
         yield
     finally:
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def _sigterm_kept():
+    """SIGTERM's handler as it was before the block, where it was Python's to set (the main
+    thread): ray.init installs its own failure-signal handler, whose SIGTERM printed a native
+    stack dump and aborted (exit 134), where cnnx classify ends a run as 'terminated' (143) and
+    a program keeps the handler it set, or the default."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if before is not None:  # None: a handler not set from Python, which cannot be set back
+            signal.signal(signal.SIGTERM, before)
 
 
 def _check_reachable(address: str):
