@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import textwrap
 
 import pytest
@@ -83,6 +84,22 @@ def test_temps_of_live_processes_are_kept(tmp_path):
     nopid.write_text("?")
     assert files.remove_stale_temps(tmp_path) == []
     assert mine.exists() and nopid.exists()
+
+
+def test_temps_of_a_reused_pid_written_before_its_process_started_are_stale(tmp_path):
+    """In a container every run is pid 1, and a killed run's temps were never removed: their pid
+    was alive (the next run itself). A temp last changed before the process of its pid started
+    cannot be that process's; one changed since may be."""
+    old = tmp_path / f"{files.TEMP_PREFIX}{os.getpid()}-killed"
+    old.mkdir()
+    (old / "part").write_text("half")
+    started = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME) + int(
+        open(f"/proc/{os.getpid()}/stat").read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+    os.utime(old, (started - 60, started - 60))  # a minute before this process began
+    mine = tmp_path / f"{files.TEMP_PREFIX}{os.getpid()}-now"
+    mine.write_text("in progress")  # written by this process: kept
+    assert files.remove_stale_temps(tmp_path) == [str(old)]
+    assert mine.exists()
 
 
 def test_first_line():

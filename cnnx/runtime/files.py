@@ -21,6 +21,7 @@ import signal
 import stat
 import tempfile
 import threading
+import time
 import warnings
 
 TEMP_PREFIX = ".cnnx-tmp-"
@@ -267,6 +268,24 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+START_MARGIN_S = 0.05
+
+
+def _started_after(pid: int, entry) -> bool:
+    """Whether process `pid` started after `entry` last changed, so cannot have written it: its
+    pid is another's now (reused on a host; in a container each run is pid 1, whose leftovers
+    were never removed). False where it cannot be told (no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            started_ticks = int(f.read().rsplit(b")", 1)[1].split()[19])  # field 22, after the name
+        boot = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)  # the ticks count from boot
+        changed = entry.stat(follow_symlinks=False).st_mtime
+    except (OSError, ValueError, IndexError, AttributeError):  # AttributeError: no CLOCK_BOOTTIME
+        return False
+    # whole ticks: never later than the real start; the margin covers the two clocks' reading
+    return boot + started_ticks / os.sysconf("SC_CLK_TCK") > changed + START_MARGIN_S
+
+
 def hold_as_writer(fd) -> None:
     """flock the temp file or folder open at `fd`, which this process is writing, for as long as
     that descriptor stays open: remove_stale_temps leaves it alone also when its pid names no
@@ -296,7 +315,8 @@ def held_by_a_writer(path) -> bool:
 
 def remove_stale_temps(folder, prefixes=(TEMP_PREFIX,)) -> list:
     """Remove `<prefix><pid>-*` files and folders in `folder` whose process is gone (left by a
-    kill -9). Returns what was removed. Entries of live processes (another run writing right
+    kill -9), or is another process now (its pid reused: it started after the entry's last
+    change). Returns what was removed. Entries of live processes (another run writing right
     now), entries a writer holds (hold_as_writer) and names without a pid are left alone."""
     import shutil
 
@@ -310,7 +330,9 @@ def remove_stale_temps(folder, prefixes=(TEMP_PREFIX,)) -> list:
         if prefix is None:
             continue
         pid_text = entry.name[len(prefix):].split("-", 1)[0]
-        if not pid_text.isdigit() or pid_alive(int(pid_text)) or held_by_a_writer(entry.path):
+        if not pid_text.isdigit() or held_by_a_writer(entry.path):
+            continue
+        if pid_alive(int(pid_text)) and not _started_after(int(pid_text), entry):
             continue
         try:
             if entry.is_dir(follow_symlinks=False):
