@@ -321,6 +321,31 @@ def test_a_finished_run_leaves_no_temporary_folder(model, mixed, tmp_path):
     assert not os.listdir(temp)
 
 
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="POSIX shared memory as files in /dev/shm")
+def test_segments_of_processes_killed_with_their_resource_tracker_are_removed_by_the_next_run(model, mixed):
+    """A SIGKILL to the whole process group (timeout -s KILL, a job's cancel, a cgroup's OOM kill)
+    takes multiprocessing's resource tracker too: the segment stayed, memory kept until reboot.
+    One a live process holds stays, also where its pid names no process here (a container)."""
+    import fcntl
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = f"/dev/shm/{SHM_PREFIX}{int(dead.stdout)}-0000dead"
+    held = f"/dev/shm/{SHM_PREFIX}{int(dead.stdout)}-0000held"
+    for name in (left, held):
+        with open(name, "wb") as f:
+            f.write(bytes(4096))
+    fd = os.open(held, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a run in another PID namespace holds its own
+    try:
+        rows_of(model, mixed, "processes", batch_size=8)
+        assert not os.path.exists(left) and os.path.exists(held)
+    finally:
+        os.close(fd)
+        for name in (left, held):
+            if os.path.exists(name):
+                os.unlink(name)
+
+
 def test_cli_killed_leaves_no_segment_and_no_process(model, big):
     """SIGKILL of cnnx classify itself: multiprocessing's resource tracker unlinks the segment;
     the workers and the forkserver see their pipes close and exit."""

@@ -40,12 +40,13 @@ from multiprocessing import util as mp_util
 import numpy as np
 
 from cnnx.runtime.contract import CPU_PROVIDER
-from cnnx.runtime.files import first_line, quiet_pillow_warnings
+from cnnx.runtime.files import first_line, hold_as_writer, quiet_pillow_warnings, remove_stale_temps
 from cnnx.runtime.model import ModelError
 from cnnx.runtime.pipeline import DecodedBatch, decode_into, image_bytes
 from cnnx.runtime.workers import context, starting_workers
 
 SHM_PREFIX = "cnnx-decode-"  # /dev/shm/cnnx-decode-<pid>-<random>: whose segment it is
+SHM_FOLDER = "/dev/shm"  # where Linux keeps POSIX shared memory, as files
 MIN_CHUNK_FILES = 64  # a task's paths: fewer means more pipe round trips per image
 # Added to the workers' niceness when the caller's threads feed a GPU (Classifier with a bound
 # runner): with a worker on every core, the caller's thread and the runs' threads otherwise wait
@@ -234,8 +235,10 @@ class DecodePool:
         self.runs += 1
         slots = config.read_ahead(spec) + 1
         shape = (slots, config.batch_size, 3, *spec["size"])
+        remove_stale_temps(SHM_FOLDER, (SHM_PREFIX,))
         shm = shared_memory.SharedMemory(name=f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}", create=True,
                                          size=max(1, slots * config.batch_size * image_bytes(spec)))
+        held = _hold(shm.name)
         try:
             images = np.ndarray(shape, dtype=np.uint8, buffer=shm.buf)
             for proc, conn in zip(self.procs, self.conns):
@@ -250,6 +253,8 @@ class DecodePool:
             images = None
             shm.close()
             shm.unlink()
+            if held is not None:
+                os.close(held)
             self.busy = False
 
     @property
@@ -260,6 +265,21 @@ class DecodePool:
     def close(self):
         """Stop the workers (those that do not stop in time are killed)."""
         self._stop()
+
+
+def _hold(segment: str):
+    """The open descriptor by which this process holds its run's segment (files.hold_as_writer),
+    or None where segments are not files in SHM_FOLDER. A process killed with its resource
+    tracker (a SIGKILL to the process group: `timeout -s KILL`, a job's cancel, the OOM killer
+    of a cgroup) left its segment, memory kept until reboot; the next run removes the segments
+    of gone processes (files.remove_stale_temps), and leaves a held one alone also where its pid
+    names no process here (a container sharing /dev/shm)."""
+    try:
+        fd = os.open(os.path.join(SHM_FOLDER, segment), os.O_RDONLY)
+    except OSError:
+        return None
+    hold_as_writer(fd)
+    return fd
 
 
 def _wanted(model) -> tuple:
