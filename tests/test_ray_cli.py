@@ -4,10 +4,12 @@ code and its stderr. Skipped until the command has the --engine option."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -111,6 +113,23 @@ def test_ray_engine_ends_a_run_on_sigterm_as_terminated_not_with_a_native_crash(
     assert proc.returncode == 143, err[-3000:]
     assert err.strip().splitlines()[-1] == "terminated" and "SIGTERM received" not in err, err[-3000:]
     assert out.read_text().endswith("\n")
+
+
+def test_ray_engine_without_address_starts_its_own_ray_beside_a_head_that_ray_start_left(model, images, tmp_path):
+    """ray.init(num_cpus=...) joins the cluster that `ray start --head` recorded on this machine,
+    and refuses num_cpus for it: a 41-line traceback. Its record alone (here pointing nowhere)
+    is what ray.init reads."""
+    temp = Path(tempfile.mkdtemp(prefix="cr", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    try:
+        (temp / "ray").mkdir()
+        (temp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")
+        r = subprocess.run([sys.executable, "-m", "cnnx", "classify", str(images), "--model", str(model), "--engine",
+                            "ray", "--num-workers", "1", "-o", str(tmp_path / "p.csv")], capture_output=True, text=True,
+                           timeout=300, cwd=ROOT, env={**os.environ, "TMPDIR": str(temp), "RAY_TMPDIR": str(temp)})
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(read_predictions(tmp_path / "p.csv")) == 6
 
 
 def test_ray_missing_exit_1(model, images, tmp_path):

@@ -342,7 +342,10 @@ def _ray_session(ray, address, num_workers, *, needed: bool):
     address = address or os.environ.get("RAY_ADDRESS") or None
     with _sigterm_kept():
         if address is None:
-            ray.init(num_cpus=num_workers or _local_cpus(), **quiet)
+            try:  # "local": a private instance, never the head a `ray start` left on this machine
+                ray.init(address="local", num_cpus=num_workers or _local_cpus(), **quiet)
+            except Exception as e:  # noqa: BLE001 - Ray's own types (a port taken, no disk for its session)
+                raise RayEngineError(f"cannot start a private Ray on this machine: {first_line(e)}") from None
         else:
             _check_reachable(address)
             try:
