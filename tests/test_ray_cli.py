@@ -87,6 +87,27 @@ def test_unreachable_address_exit_1(model, images, tmp_path):
     assert "Traceback" not in result.stderr and not (tmp_path / "p.csv").exists()
 
 
+def test_an_address_where_something_else_answers_is_one_line_not_an_endless_wait(model, images, tmp_path):
+    """The dashboard's port (8265, which `ray job submit --address` takes), or any service that
+    is not Ray's GCS: the TCP check passed and ray.init retried for ever (10 minutes seen)."""
+    import http.server
+    import threading
+
+    pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'cnnx[ray]')")
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        address = f"127.0.0.1:{server.server_address[1]}"
+        result = cnnx("classify", "--engine", "ray", images, "--model", model, "-o", tmp_path / "p.csv",
+                      "--address", address, timeout=60)
+    finally:
+        server.shutdown()
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert error_lines(result.stderr) == [
+        f"Error: {address} answers, but not as a Ray cluster's head does (its GCS speaks gRPC): pass the port of "
+        "`ray start --head` (6379 unless --port), not the dashboard's (8265)"]
+
+
 def test_ray_engine_that_could_read_nothing_fails_as_the_local_one_does(model, tmp_path):
     folder = tmp_path / "links"
     folder.mkdir()

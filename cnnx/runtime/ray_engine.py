@@ -351,7 +351,10 @@ def _ray_session(ray, address, num_workers, *, needed: bool):
             try:
                 ray.init(address=address, **quiet)
             except Exception as e:  # noqa: BLE001 - ray.init raises ConnectionError, RuntimeError, ValueError...
-                raise RayEngineError(f"cannot join the Ray cluster at {address}: {first_line(e)}") from None
+                hint = "" if os.environ.get("RAY_AUTH_MODE") else (
+                    " (a cluster of Ray >= 2.59 refuses drivers without its token: set RAY_AUTH_MODE=token and "
+                    "RAY_AUTH_TOKEN, or the token file, as on the head)")
+                raise RayEngineError(f"cannot join the Ray cluster at {address}: {first_line(e)}{hint}") from None
     try:
         yield
     finally:
@@ -383,10 +386,38 @@ def _check_reachable(address: str):
     if not sep or not port.isdigit():
         return
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        conn = socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S)
     except OSError as e:
         raise RayEngineError(f"cannot reach the Ray cluster at {address}: {e.strerror or first_line(e)} "
                              "(is `ray start --head` running there, and the port open?)") from None
+    with conn:
+        if os.environ.get("RAY_USE_TLS", "0") in ("0", "") and not _speaks_http2(conn):
+            raise RayEngineError(f"{address} answers, but not as a Ray cluster's head does (its GCS speaks gRPC): "
+                                 f"pass the port of `ray start --head` (6379 unless --port), not the dashboard's (8265)")
+
+
+# HTTP/2's client connection preface and an empty SETTINGS frame: a gRPC server (Ray's GCS)
+# answers with a SETTINGS frame of its own (frame type 4, the header's 4th byte).
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def _speaks_http2(conn) -> bool:
+    """Whether the server on `conn` answers HTTP/2's preface as gRPC does. Something else there
+    (the dashboard's HTTP/1, any other service) made ray.init retry without end. A server that
+    says nothing in time is left to ray.init (True)."""
+    try:
+        conn.sendall(_HTTP2_PREFACE)
+        head = b""
+        while len(head) < 9:
+            chunk = conn.recv(9 - len(head))
+            if not chunk:
+                return False  # closed on the preface
+            head += chunk
+    except socket.timeout:
+        return True
+    except OSError:
+        return False
+    return head[3] == 4
 
 
 def _local_cpus() -> int:
