@@ -129,11 +129,14 @@ def test_gpu_actor_plan_same_rows(ray_session, folder, model, local, tmp_path):
 
 def test_uri_prefix_and_manifest(ray_session, folder, model, local, tmp_path):
     """A file:// prefix is walked as a local path and its rows are file:// URIs; a manifest's
-    lines are classified in the manifest's order, a repeated line once."""
+    lines are classified in the manifest's order, a repeated line once, also where one spelling
+    is a file:// URI (it was classified twice)."""
     want = {p: (labels, scores) for p, labels, scores in local[0]}
     cats = sorted(p for p in want if "/cat/" in p)
+    dog = sorted(p for p in want if "/dog/" in p)[0]
     manifest = tmp_path / "list.txt"
-    manifest.write_text("\n".join(reversed(cats)) + "\n\n" + str(folder / "bad" / "empty.jpg") + "\n" + cats[0] + "\n")
+    manifest.write_text("\n".join(reversed(cats)) + "\n\n" + str(folder / "bad" / "empty.jpg") + "\n" + cats[0] + "\n"
+                        + "file://" + cats[1] + "\n" + "file://" + dog + "\n")
     out = tmp_path / "uri.csv"
     classify_with_ray(["file://" + str(folder / "dog")], str(model), output=str(out), manifest=str(manifest),
                       num_workers=2, batch_size=8)

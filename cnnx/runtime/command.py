@@ -122,7 +122,8 @@ class _Tally:
               help="--engine ray: GPUs per actor (1, or 0.5 for two actors a GPU); decoding then runs in a "
                    "separate CPU stage.")
 @click.option("--manifest", type=click.Path(exists=True, dir_okay=False),
-              help="--engine ray: a file of image paths or s3:// gs:// URIs, one a line (classified in its order).")
+              help="--engine ray: a file of image paths or s3:// gs:// URIs, one a line (classified in its order; blank "
+                   "lines skipped, no comments; relative paths from the current folder).")
 def classify(paths, model_path, output, fmt, topk, batch_size, workers, decode, device, decoder, errors_path, resume,
              strict, follow_symlinks, report_path, engine, address, num_workers, num_gpus_per_worker, manifest):
     """Batch-classify image files and folders (recursively) through onnxruntime.

@@ -737,8 +737,15 @@ class _Sink:
         self.errors = ErrorsWriter(errors_path, append=resume, noted=noted)
 
     def key(self, path: str) -> str:
-        """Local paths match however the folder is spelt (PathKeys, as local --resume); URIs as written."""
-        return path if is_uri(path) else self._keys(path)
+        """Local paths match however the folder is spelt (PathKeys, as local --resume), a file://
+        URI as the local path it names (a manifest's `/a/x.jpg` and `file:///a/x.jpg` are one
+        file); other URIs as written."""
+        if not is_uri(path):
+            return self._keys(path)
+        if URI.match(path).group(1).lower() == "file":
+            with contextlib.suppress(ValueError):  # another host's: as written
+                return self._keys(file_uri_local_path(path))
+        return path
 
     def is_done(self, path) -> bool:
         return self.key(path) in self.done or (bool(self.done_escaped) and
