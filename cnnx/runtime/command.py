@@ -108,7 +108,7 @@ class _Tally:
 @click.option("--follow-symlinks", is_flag=True, help="Follow symlinks inside folders (cycles are still refused).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False),
               help="Also write one self-contained HTML page of the results (everything in OUTPUT, "
-                   "--resume'd runs included). Needs --output FILE.")
+                   "--resume'd runs included). Needs --output FILE; the local engine only.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: this machine (decode threads or processes, see --decode). ray: Ray Data actors, one "
                    "session each, on this machine or the cluster at --address (pip install 'cnnx[ray]').")
