@@ -56,6 +56,7 @@ FORMATS = ("csv", "jsonl", "parquet")
 URI_SCHEMES = ("s3", "gs", "file")  # s3 and gs listed and read through pyarrow.fs; file walked and read as local paths
 PART_PREFIX = "part-"
 CANNOT_CLASSIFY = "cannot classify"  # the stage of an actor's rows that could not open the model
+URI_RETRY_S = 20.0  # an s3:// or gs:// object that cannot be reached in this long is an errors row
 CONNECT_TIMEOUT_S = 10.0  # an unreachable --address fails within this, not after Ray's own retries
 INSTALL_HINT = "pip install 'cnnx[ray]'"
 
@@ -267,7 +268,7 @@ def _list_uri(uri: str, summary):
     from cnnx.runtime.contract import is_image_name
 
     try:
-        fs, root = pafs.FileSystem.from_uri(uri)
+        fs, root = _object_filesystem(uri)
         info = fs.get_file_info(root)
         if info.type == pafs.FileType.NotFound:
             yield Found(uri, "not found")
@@ -587,14 +588,27 @@ def _read_uri(uri: str, filesystems: dict) -> bytes:
     """The bytes of one s3:// or gs:// object, its key as listed (never URI-decoded: a key may
     hold a space, % or #); one pyarrow filesystem per scheme and bucket per actor (an S3
     client is costly to make)."""
-    import pyarrow.fs as pafs
-
     scheme, rest = uri.split("://", 1)
     key = (scheme.lower(), rest.split("/", 1)[0])
     if key not in filesystems:
-        filesystems[key] = pafs.FileSystem.from_uri(f"{key[0]}://{key[1]}")[0]
+        filesystems[key] = _object_filesystem(f"{key[0]}://{key[1]}")[0]
     with filesystems[key].open_input_stream(rest) as f:
         return f.readall()
+
+
+def _object_filesystem(uri: str):
+    """(pyarrow filesystem, path in it) for an s3:// or gs:// URI, as FileSystem.from_uri gives
+    them, but GCS gives up on a bucket it cannot reach after URI_RETRY_S (its client retried for
+    15 minutes: a run with one gs:// path on a machine without access hung, rows of other files
+    in its block held back with it)."""
+    import datetime
+
+    import pyarrow.fs as pafs
+
+    scheme, rest = uri.split("://", 1)
+    if scheme.lower() == "gs":
+        return pafs.GcsFileSystem(retry_time_limit=datetime.timedelta(seconds=URI_RETRY_S)), rest.rstrip("/")
+    return pafs.FileSystem.from_uri(uri)
 
 
 class _ClassifyActor:
