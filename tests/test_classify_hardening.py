@@ -277,8 +277,11 @@ def test_a_full_disk_is_one_line_and_no_traceback(cifar_subset, model, small_tmp
     r = run([cifar_subset(10), "--model", model, "-o", out, "--topk", "10", "--batch-size", "8"])
     line = one_line_error(r)
     assert line == f"Error: cannot write: No space left on device: {out}"
-    # What was written is whole rows plus at most one cut short: --resume elsewhere can use it.
-    assert read_csv(out)[0][0] == "path"
+    # What was written is whole batches: the one that did not fit is taken back (the file ended
+    # mid-row, which CSV readers choke on)
+    rows = read_csv(out)
+    assert rows[0][0] == "path" and out.read_bytes().endswith(b"\n") and len(rows) > 1
+    assert {len(row) for row in rows} == {21} and (len(rows) - 1) % 8 == 0
 
 
 def make_deep(base: Path, depth: int, leaf_png: bytes) -> None:

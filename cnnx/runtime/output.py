@@ -200,6 +200,7 @@ class PredictionWriter:
         self._name_json = np.array([_json_text(name) for name in class_names], dtype=object)
         self.stream = None
         self.rows = 0
+        self._whole = None  # the file's size after its last whole batch (header included)
 
     def _open(self):
         existing = self.append and self.target != "-" and os.path.exists(self.target) and os.path.getsize(self.target)
@@ -208,12 +209,32 @@ class PredictionWriter:
             self._csv = _csv_writer(self.stream)
             if not existing:
                 self._csv.writerow(csv_header(self.topk))
-
+        if self.target != "-":
+            self.stream.flush()
+            self._whole = self.stream.buffer.tell()
     def write_batch(self, paths, indices, scores):
         """One batch (flushed once at its end): paths, and per path its top-k class indices and
-        scores, best first (sequences or arrays of len(paths) x topk)."""
-        with _write_errors(self.target):
-            self._write_batch(paths, indices, scores)
+        scores, best first (sequences or arrays of len(paths) x topk). A batch that cannot be
+        written whole (a full disk) is taken back: the file ends with the batch before it."""
+        try:
+            with _write_errors(self.target):
+                self._write_batch(paths, indices, scores)
+        except WriteError:
+            self._cut_to_last_batch()
+            raise
+
+    def _cut_to_last_batch(self):
+        """After a failed write: the file cut back to its last whole batch (it ended mid-row,
+        which CSV readers choke on), and the stream dropped with what it still buffers."""
+        stream, self.stream = self.stream, None
+        if stream is None or self.target == "-" or self._whole is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            os.ftruncate(stream.fileno(), self._whole)
+        with contextlib.suppress(OSError, ValueError):
+            stream.buffer.raw.close()  # first: closing the stream would write its buffer again
+        with contextlib.suppress(OSError, ValueError):
+            stream.close()
 
     def _write_batch(self, paths, indices, scores):
         if self.stream is None:
@@ -227,6 +248,8 @@ class PredictionWriter:
             self.stream.write(rows(paths, indices, scores))
         self.stream.flush()
         self.rows += len(paths)
+        if self.target != "-":
+            self._whole = self.stream.buffer.tell()
 
     def _csv_rows(self, paths, indices, scores) -> str:
         """The batch's CSV rows as one string: the same bytes as csv.writer's QUOTE_ALL with the
