@@ -153,6 +153,33 @@ def test_ray_engine_without_address_starts_its_own_ray_beside_a_head_that_ray_st
     assert len(read_predictions(tmp_path / "p.csv")) == 6
 
 
+def test_a_model_with_its_weights_in_another_file_is_refused_by_the_ray_engine_in_one_line(images, tmp_path):
+    """The actors get the .onnx file's bytes alone: they failed to load it, naming a temp folder
+    of theirs. The local engine runs it (the data file beside it)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from tests._runtime_util import tiny_onnx_model
+
+    one = tiny_onnx_model(tmp_path / "one.onnx")
+    split = tmp_path / "split" / "model.onnx"
+    split.parent.mkdir()
+    proto = onnx.load(str(one))
+    for t in proto.graph.initializer:  # the weights as raw bytes, which are what goes to an external file
+        if t.name == "W":
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t), t.name))
+    onnx.save(proto, str(split), save_as_external_data=True, all_tensors_to_one_file=True, location="weights.bin",
+              size_threshold=0)
+    assert (split.parent / "weights.bin").stat().st_size > 0
+    result = cnnx("classify", images, "--model", split, "--engine", "ray", "-o", tmp_path / "p.csv")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert error_lines(result.stderr) == [
+        f"Error: {split} keeps its weights in other files (weights.bin), and the Ray engine sends the model file "
+        "alone to its workers: save it as one file (onnx.save(model, path, save_as_external_data=False); cnnx "
+        "export writes one), or classify with --engine local"]
+    assert cnnx("classify", images, "--model", split, "-o", tmp_path / "q.csv").returncode == 0
+
+
 def test_ray_missing_exit_1(model, images, tmp_path):
     result = cnnx("classify", "--engine", "ray", images, "--model", model, "-o", tmp_path / "p.csv",
                   preamble='sys.modules["ray"] = None  # `import ray` fails as where Ray is not installed')

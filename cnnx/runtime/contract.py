@@ -291,6 +291,56 @@ def _string_pair(entry: bytes):
     return pair[1], pair[2]
 
 
+def _fields(f, end: int):
+    """(field number, wire type, value) of each field of the message from f's position to `end`:
+    a varint's value, a length-delimited field's (start, length) (skipped, not read)."""
+    while f.tell() < end:
+        field, wire = divmod(_varint(f), 8)
+        if wire == 0:
+            yield field, wire, _varint(f)
+        elif wire in (1, 5):
+            f.seek(8 if wire == 1 else 4, os.SEEK_CUR)
+        elif wire == 2:
+            length = _varint(f)
+            start = f.tell()
+            yield field, wire, (start, length)
+            f.seek(start + length)
+        else:
+            raise ValueError(f"wire type {wire}")
+
+
+def external_data_files(model: bytes) -> list:
+    """The files an ONNX model's initializers keep their data in (the `location` of each tensor
+    whose data is external), read from the model's bytes without onnx or onnxruntime: ModelProto
+    graph (7) -> GraphProto initializer (5) / sparse_initializer (15: values 1, indices 2) ->
+    TensorProto external_data (13: key/value entries). ValueError for bytes that are no model."""
+    import io
+
+    f, found = io.BytesIO(model), []
+
+    def tensor(start, length):
+        f.seek(start)
+        for field, wire, value in list(_fields(f, start + length)):
+            if field == 13 and wire == 2:
+                key, location = _string_pair(model[value[0]:value[0] + value[1]])
+                if key == "location" and location not in found:
+                    found.append(location)
+
+    for field, wire, value in list(_fields(f, len(model))):
+        if field != 7 or wire != 2:
+            continue
+        f.seek(value[0])
+        for g_field, g_wire, g_value in list(_fields(f, value[0] + value[1])):
+            if g_wire == 2 and g_field == 5:
+                tensor(*g_value)
+            elif g_wire == 2 and g_field == 15:
+                f.seek(g_value[0])
+                for s_field, s_wire, s_value in list(_fields(f, g_value[0] + g_value[1])):
+                    if s_wire == 2 and s_field in (1, 2):
+                        tensor(*s_value)
+    return found
+
+
 def peek_preprocess_size(path):
     """The model's input (H, W) from its cnnx.preprocess metadata, read without onnxruntime
     (peek_metadata_props); None when it cannot be read. A hint only: the loader checks it."""

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cnnx.runtime.api import Classifier, path_list
+from cnnx.runtime.contract import external_data_files
 from cnnx.runtime.discover import URI, Discovery, Found, PathKeys, is_uri
 from cnnx.runtime.files import (TEMP_PREFIX, atomic_file, escaped_name, first_line, os_error_line,
                                 quiet_pillow_warnings, remove_stale_temps)
@@ -147,6 +148,12 @@ def classify_with_ray(paths, model, *, output, fmt="csv", errors=None, resume=Fa
     if model_bytes is None or _read_model(model) != model_bytes:
         raise RayEngineError(f"{model} was replaced by another model (a new export?) while this run started: "
                              f"run it again")
+    kept_apart = external_data_files(model_bytes)
+    if kept_apart:  # the actors get the .onnx file's bytes alone, and failed naming a temp folder
+        raise RayEngineError(f"{model} keeps its weights in other files ({', '.join(kept_apart[:3])}), and the Ray "
+                             f"engine sends the model file alone to its workers: save it as one file "
+                             f"(onnx.save(model, path, save_as_external_data=False); cnnx export writes one), or "
+                             f"classify with --engine local")
     if device in ("cuda", "tensorrt") and address is None and not os.environ.get("RAY_ADDRESS") \
             and not ray.is_initialized():
         # A private Ray starts on this machine, whose actors open the model here: why they could
