@@ -67,8 +67,10 @@ def test_missing_truncated_and_foreign_checkpoints(ckpt, tmp_path):
     line = _one_line_error(["export", str(garbage), "--out", str(out)], 1)
     assert "weights_only" not in line and ("not a torch checkpoint" in line or "not a torch file" in line), line
     versioned = tmp_path / "versioned.pt"
-    torch.save({**torch.load(ckpt, weights_only=True), "format_version": "2"}, versioned)
-    _one_line_error(["export", str(versioned), "--out", str(out)], 1, "format_version must be a whole number")
+    for bad in ("2", -5, True):  # True and -5 were taken for version 1
+        torch.save({**torch.load(ckpt, weights_only=True), "format_version": bad}, versioned)
+        _one_line_error(["export", str(versioned), "--out", str(out)], 1,
+                        f"format_version must be a whole number from 1, got {bad!r}")
     assert not out.exists()
 
 

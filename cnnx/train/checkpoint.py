@@ -224,10 +224,10 @@ def load_checkpoint_and_sha256(path, map_location="cpu", *, digest: bool = True)
         raise CheckpointError(f"{path} is not a cnnx checkpoint (no format={FORMAT!r} field)" + (
             ": it is a bare state_dict; cnnx train writes checkpoints, and --pretrained brings torchvision's "
             "ImageNet weights" if bare else ""))
-    version = ckpt.get("format_version", 0)
-    if not isinstance(version, int):
-        raise CheckpointError(f"{path}: format_version must be a whole number, got {version!r:.40}")
-    if version > FORMAT_VERSION:
+    version = ckpt.get("format_version")  # present: REQUIRED, checked below
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
+        raise CheckpointError(f"{path}: format_version must be a whole number from 1, got {version!r:.40}")
+    if version is not None and version > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer cnnx (format {version}); upgrade cnnx")
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
