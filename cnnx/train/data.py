@@ -802,6 +802,14 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
     d = load(layout["train"], train_spec if "val" in layout and train_spec is not None else spec)
     _check_classes(d.class_names, layout["train"])
     skipped, ignored, paths, notes = list(d.skipped), d.ignored, {}, list(d.notes)
+    # Files beside the split folders belong to no split: listed as the flat layout lists files
+    # beside its class folders (they were passed over without a word)
+    for e in sorted(Path(data).expanduser().iterdir()):
+        if not e.is_dir():
+            if is_image_name(e.name):
+                skipped.append((str(e), "not in a split's class folder; not used"))
+            else:
+                ignored += 1
 
     def other(name):
         nonlocal ignored
