@@ -70,6 +70,22 @@ def sigint_held():
                 old_handler(signal.SIGINT, None)
 
 
+@contextlib.contextmanager
+def signals_blocked(signums):
+    """The signals blocked for the block (pthread_sigmask; nothing where there is none), then
+    delivered: for a process start, whose at-fork hooks are Python code that ignores what a
+    handler raises there (a Ctrl-C or SIGTERM landing in one was lost). Processes started inside
+    inherit the mask: they must ignore those signals or leave them blocked."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(signums))
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (docker stop, systemd, a batch job's end, `timeout`) ends a command as Ctrl-C
     does, by its own cleanup (classify: the batch in hand written, the output lock released, the
@@ -94,16 +110,34 @@ def ends_as_terminated(command):
                 or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
             return command(*args, **kwargs)
 
+        ended = threading.Event()
+
         def terminated(_signum, _frame):
+            if not getattr(terminated, "resending", False):
+                terminated.resending = True
+                threading.Thread(target=_resend_sigterm, args=(ended,), daemon=True).start()
             raise Terminated()
 
         signal.signal(signal.SIGTERM, terminated)
         try:
             return command(*args, **kwargs)
         finally:
+            ended.set()
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     return run
+
+
+SIGTERM_RESEND_S = 5.0  # a command that raised Terminated has ended well within this
+
+
+def _resend_sigterm(ended: threading.Event):
+    """SIGTERM again every SIGTERM_RESEND_S while the command has not ended: an exception raised
+    by a signal handler is lost where it lands in code whose exceptions Python ignores (an
+    at-fork hook, a __del__), and the command went on to its end (a SIGTERM at the moment train
+    forked its decode processes trained the whole run)."""
+    while not ended.wait(SIGTERM_RESEND_S):
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _undecoded(c: str) -> bool:

@@ -13,7 +13,7 @@ import signal
 import sys
 import types
 
-from cnnx.runtime.files import sigint_held
+from cnnx.runtime.files import sigint_held, signals_blocked
 
 DECODE_MODES = ("auto", "threads", "processes")
 # decode="auto" decodes in processes for models up to this input side (px): measured faster at
@@ -77,26 +77,14 @@ def starting_workers():
     main = sys.modules["__main__"]
     sys.modules["__main__"] = types.ModuleType("__main__")
     try:
-        with sigint_held(), _sigterm_blocked():
+        # SIGTERM blocked too: the forkserver inherits the mask and keeps it, so a SIGTERM to the
+        # whole process group (systemd stopping a service, `timeout`) is left to the caller, which
+        # ends the run and stops its workers (they ignore it); a forkserver the signal killed was
+        # read as every worker dead, exit 1.
+        with sigint_held(), signals_blocked({signal.SIGTERM}):
             yield
     finally:
         sys.modules["__main__"] = main
-
-
-@contextlib.contextmanager
-def _sigterm_blocked():
-    """SIGTERM blocked for the block, and delivered to this process after it. The forkserver
-    inherits the mask and keeps it: a SIGTERM to the whole process group (systemd stopping a
-    service, `timeout`) is then left to the caller, which ends the run and stops its workers
-    (they ignore it). A forkserver the signal killed was read as every worker dead, exit 1."""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
 def warm_up():

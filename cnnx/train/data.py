@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import sys
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from cnnx.runtime.contract import is_hidden_name, is_image_name
-from cnnx.runtime.files import cache_root, escaped_name, first_line, remove_stale_temps
+from cnnx.runtime.files import cache_root, escaped_name, first_line, remove_stale_temps, signals_blocked
 from cnnx.runtime.preprocess import PREPROCESS_VERSION, ImageError, load_image
 from cnnx.train.cache import CacheError, build_disk_cache, read_disk_cache, take, use_disk
 
@@ -447,7 +448,8 @@ def _decode_all(paths, spec, *, workers, progress, out=None):
                 mine, theirs = ctx.Pipe(duplex=True)
                 proc = ctx.Process(target=_decode_worker, args=(theirs, paths, jobs, spec, cache_file, os.getpid()),
                                    daemon=True)
-                proc.start()
+                with signals_blocked({signal.SIGINT, signal.SIGTERM}):  # the workers ignore both
+                    proc.start()
                 theirs.close()  # the worker holds the only other end: its death is EOF here
                 procs[mine] = proc
             _run_jobs(procs, jobs, out, cache_file is None, kept_by_job, errors_by_job, bar, n, spec)
