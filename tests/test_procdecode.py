@@ -308,6 +308,29 @@ def test_cli_sigterm_to_its_process_group_ends_the_run_as_terminated_not_as_work
     assert err.decode().strip().splitlines()[-1] == "terminated"
 
 
+def test_a_program_s_own_forkserver_processes_can_still_be_terminated_after_a_run(model, mixed):
+    """The forkserver is multiprocessing's one of the process, and it starts with SIGTERM
+    blocked (see the test above): a program's own processes of it inherited the mask, so
+    terminate() did nothing and `with Pool():` hung for ever."""
+    code = textwrap.dedent(f"""
+        import multiprocessing as mp, time
+        from cnnx.runtime import Classifier
+        if __name__ == "__main__":
+            with Classifier({str(model)!r}, "cpu", workers=2, decode="processes") as clf:
+                list(clf.classify([{str(mixed)!r}]))
+            p = mp.get_context("forkserver").Process(target=time.sleep, args=(60,))
+            p.start()
+            time.sleep(0.3)
+            p.terminate()
+            p.join(10)
+            print(p.exitcode)
+    """)
+    script = Path(mixed).parent / "own_forkserver.py"
+    script.write_text(code)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == str(-signal.SIGTERM), (r.stdout, r.stderr[-2000:])
+
+
 def test_a_finished_run_leaves_no_temporary_folder(model, mixed, tmp_path):
     """The command ends with os._exit (cli.ExitNow), which skips atexit: multiprocessing's
     temporary folder, the forkserver's socket in it, was left in /tmp by every run."""

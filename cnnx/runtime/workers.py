@@ -27,7 +27,7 @@ PROCESS_DECODE_MAX_SIDE = 64
 # small_jobs.json). A Classifier whose processes already run (an earlier call) uses them anyway.
 PROCESS_DECODE_MIN_FILES = 4096
 # Imported once by the server, before it forks a worker: a worker starts in milliseconds.
-SERVER_PRELOAD = ["cnnx.runtime.procdecode", "onnxruntime"]
+SERVER_PRELOAD = ["cnnx.runtime.forkserver_preload", "cnnx.runtime.procdecode", "onnxruntime"]
 
 
 def check_decode_mode(decode) -> str:
