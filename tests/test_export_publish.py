@@ -93,6 +93,24 @@ def test_out_folder_holding_other_files_is_refused_untouched(two_ckpts, tmp_path
     assert _hidden(tmp_path) == []
 
 
+def test_a_live_export_s_staging_folder_is_held_against_an_export_of_a_reused_pid(two_ckpts, tmp_path):
+    """In containers every export is pid 1: a second one took the first's staging folder, its
+    pid alive (itself) and its folder older than itself, for a killed export's, and removed it
+    from under it. The staging folder is held (flock) while its export runs."""
+    from cnnx.export import publish as pub
+    from cnnx.runtime import files
+
+    out = tmp_path / "out"
+    staging, created = pub.make_staging(out)
+    try:
+        os.utime(staging, (1, 1))  # as old as can be: only the hold keeps it
+        assert files.held_by_a_writer(staging)
+        assert files.remove_stale_temps(tmp_path, (pub.STAGING_PREFIX,)) == [] and staging.is_dir()
+    finally:
+        pub.discard(staging, created)
+    assert not staging.exists() and staging not in pub._held
+
+
 def test_staging_folders_of_dead_exports_are_removed(two_ckpts, tmp_path):
     a, _ = two_ckpts
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

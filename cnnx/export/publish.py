@@ -37,9 +37,10 @@ from pathlib import Path
 
 from cnnx.export.errors import ExportError
 from cnnx.runtime.contract import EXTRA_FILE, peek_metadata_props
-from cnnx.runtime.files import fsync_dir, os_error_line, remove_stale_temps
+from cnnx.runtime.files import fsync_dir, hold_as_writer, os_error_line, remove_stale_temps
 
 STAGING_PREFIX = ".cnnx-export-"
+_held = {}  # staging folder -> the descriptor by which this process holds it
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 MAX_PARITY_BYTES = 16 << 20  # a parity.json is a few KB: a larger file named so is not read whole
@@ -105,6 +106,10 @@ def make_staging(out_dir: Path):
         parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(parent, (STAGING_PREFIX,))
         staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=parent))
+        # Held (flock) until published or discarded: an export in another container sharing the
+        # folder, as pid 1 too, took it for a killed export's (files.remove_stale_temps)
+        _held[staging] = os.open(staging, os.O_RDONLY)
+        hold_as_writer(_held[staging])
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(staging, 0o777 & ~umask)  # it becomes the export folder: mkdtemp's 0700 would hide it
@@ -114,10 +119,17 @@ def make_staging(out_dir: Path):
     return staging, created
 
 
+def _let_go(staging: Path) -> None:
+    fd = _held.pop(staging, None)
+    if fd is not None:
+        os.close(fd)
+
+
 def discard(staging: Path | None, created) -> None:
     """Remove a staging folder and the folders made for it (innermost first, only when empty)."""
     if staging is not None:
         shutil.rmtree(staging, ignore_errors=True)
+        _let_go(staging)
     for folder in created:
         try:
             folder.rmdir()
@@ -199,3 +211,4 @@ def publish(staging: Path, out_dir: Path, export_files) -> None:
         fsync_dir(out_dir.parent)
     except OSError as e:
         raise ExportError(f"cannot publish the export: {os_error_line(e)}") from None
+    _let_go(staging)
