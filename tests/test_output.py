@@ -116,3 +116,29 @@ def test_the_summary_counts_one_image_in_the_singular():
     assert summary_counts(1, {})[0] == "classified 1 image"
     assert summary_counts(0, {})[0] == "classified 0 images"
     assert summary_counts(1_500, {"open": 1}) == ["classified 1,500 images", "skipped 1 (open: 1)"]
+
+
+@pytest.mark.parametrize("which", ["predictions", "errors"])
+def test_a_file_that_fills_the_disk_ends_with_its_last_whole_row(tmp_path, which):
+    """It ended mid-row (the predictions file, 3 cells of 11; the errors file, 1 of 3), which CSV
+    readers choke on. Whichever file fills the disk first is cut back to what it held whole."""
+    from _fs_util import mounted_tmpfs
+
+    from cnnx.runtime.output import ErrorsWriter, WriteError
+
+    with mounted_tmpfs(tmp_path / "small", "16k") as disk:
+        target = disk / "f.csv"
+        writer = (PredictionWriter(str(target), "csv", ["cat", "dog"], 2) if which == "predictions"
+                  else ErrorsWriter(str(target)))
+        with pytest.raises(WriteError):
+            for i in range(10_000):
+                path = f"/photos/{i:06d}-{'x' * 40}.jpg"
+                if which == "predictions":
+                    writer.write_batch([path] * 7, [[0, 1]] * 7, [[0.75, 0.25]] * 7)
+                else:
+                    writer.write(path, "decode", "image file is truncated (5 bytes not processed)")
+        writer.close()
+        data = target.read_bytes()
+        rows = list(csv.reader(io.StringIO(data.decode())))
+        assert data.endswith(b"\n") and len(rows) > 10
+        assert {len(row) for row in rows} == {5 if which == "predictions" else 3}

@@ -227,14 +227,8 @@ class PredictionWriter:
         """After a failed write: the file cut back to its last whole batch (it ended mid-row,
         which CSV readers choke on), and the stream dropped with what it still buffers."""
         stream, self.stream = self.stream, None
-        if stream is None or self.target == "-" or self._whole is None:
-            return
-        with contextlib.suppress(OSError, ValueError):
-            os.ftruncate(stream.fileno(), self._whole)
-        with contextlib.suppress(OSError, ValueError):
-            stream.buffer.raw.close()  # first: closing the stream would write its buffer again
-        with contextlib.suppress(OSError, ValueError):
-            stream.close()
+        if self.target != "-":
+            _cut_back(stream, self._whole)
 
     def _write_batch(self, paths, indices, scores):
         if self.stream is None:
@@ -352,6 +346,19 @@ def already_exists(label: str, target: str, output: str) -> str:
     return f"{label} {target} already exists: pass --resume to continue it, or remove it"
 
 
+def _cut_back(stream, size) -> None:
+    """A file stream that failed to write (a full disk) cut back to `size` bytes, what it held
+    whole, and closed without the rest it buffers (None: left as it is)."""
+    if stream is None or size is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        os.ftruncate(stream.fileno(), size)
+    with contextlib.suppress(OSError, ValueError):
+        stream.buffer.raw.close()  # first: closing the stream would write its buffer again
+    with contextlib.suppress(OSError, ValueError):
+        stream.close()
+
+
 class ErrorsWriter:
     """`path,stage,error` rows for every file not classified (and notes on those that were).
     With no file (output on stdout and no --errors) the rows go to stderr as warnings."""
@@ -363,6 +370,7 @@ class ErrorsWriter:
         self.target, self.append, self.noted = target, append, noted
         self.stream = None
         self.rows = 0
+        self._whole = None  # the file's size after its last whole row
 
     def write(self, path: str, stage: str, message: str):
         if stage == "note" and path in self.noted:
@@ -372,19 +380,28 @@ class ErrorsWriter:
             print(f"warning: {shown(path)}: {stage}: {message}", file=sys.stderr)
             self.rows += 1
             return
-        with _write_errors(self.target):
-            self._write(path, stage, message)
+        try:
+            with _write_errors(self.target):
+                self._write(path, stage, message)
+        except WriteError:  # a full disk: the file ends with its last whole row, as the predictions do
+            stream, self.stream = self.stream, None
+            if self.target != "-":
+                _cut_back(stream, self._whole)
+            raise
 
     def _write(self, path: str, stage: str, message: str):
         if self.stream is None:
             existing = self.append and os.path.exists(self.target) and os.path.getsize(self.target)
             self.stream = open_text(self.target, "a" if self.append else "x")
             self._csv = _csv_writer(self.stream)
+            self._whole = self.stream.buffer.tell() if self.target != "-" else None
             if not existing:
                 self._csv.writerow(ERRORS_HEADER)
         self._csv.writerow([escape_cell(path), stage, escape_cell(message)])
         self.stream.flush()
         self.rows += 1
+        if self.target != "-":
+            self._whole = self.stream.buffer.tell()
 
     def close(self):
         stream, self.stream = self.stream, None
