@@ -615,9 +615,10 @@ def _say_images_left_out(n: int, batch_size: int, d) -> None:
     more_steps = -(-shard // per_rank)  # one more step for the remainder, each batch smaller
     even = shard // more_steps
     left = n - d.world * more_steps * even
-    say(f"note: each epoch trains on {used} of the {n} training images, in whole batches of {batch_size}; the other "
-        f"{n - used} (others each epoch: the order is shuffled) wait for a later epoch. --batch-size {even * d.world} "
-        + ("uses them all" if left == 0 else f"leaves out {left}"), d)
+    advice = "" if left >= n - used else f" --batch-size {even * d.world} " + (
+        "uses them all" if left == 0 else f"leaves out {left}")
+    say(f"note: each epoch trains on {used} of the {n} training images, in whole batches of {per_rank * d.world}; "
+        f"the other {n - used} (others each epoch: the order is shuffled) wait for a later epoch.{advice}", d)
 
 
 def planned_steps(cfg: TrainConfig, steps_per_epoch: int, resume: dict | None) -> int:
