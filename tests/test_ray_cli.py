@@ -180,6 +180,30 @@ def test_a_model_with_its_weights_in_another_file_is_refused_by_the_ray_engine_i
     assert cnnx("classify", images, "--model", split, "-o", tmp_path / "q.csv").returncode == 0
 
 
+def test_external_data_is_found_in_subgraphs_and_constant_nodes_too():
+    """contract.external_data_files read the main graph's initializers only: a model keeping an
+    If branch's initializer or a Constant node's value in another file went to the actors."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    from cnnx.runtime.contract import external_data_files
+
+    weights = numpy_helper.from_array(np.ones((64, 64), np.float32), "branch_w")
+    then_g = helper.make_graph([helper.make_node("Identity", ["branch_w"], ["a"])], "then", [],
+                               [helper.make_tensor_value_info("a", TensorProto.FLOAT, [64, 64])], [weights])
+    const = numpy_helper.from_array(np.zeros((64, 64), np.float32), "constant_w")
+    else_g = helper.make_graph([helper.make_node("Constant", [], ["b"], value=const)], "else", [],
+                               [helper.make_tensor_value_info("b", TensorProto.FLOAT, [64, 64])])
+    main = helper.make_graph([helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)], "main",
+                             [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 64])])
+    model = helper.make_model(main)
+    assert external_data_files(model.SerializeToString()) == []
+    convert_model_to_external_data(model, all_tensors_to_one_file=False, size_threshold=0, convert_attribute=True)
+    assert sorted(external_data_files(model.SerializeToString())) == ["branch_w", "constant_w"]
+
+
 def test_ray_missing_exit_1(model, images, tmp_path):
     result = cnnx("classify", "--engine", "ray", images, "--model", model, "-o", tmp_path / "p.csv",
                   preamble='sys.modules["ray"] = None  # `import ray` fails as where Ray is not installed')

@@ -309,35 +309,41 @@ def _fields(f, end: int):
             raise ValueError(f"wire type {wire}")
 
 
+# Where TensorProtos sit in an ONNX model, by message: field number -> what the field holds
+# (ModelProto graph 7; GraphProto node 1, initializer 5, sparse_initializer 15; NodeProto
+# attribute 5; AttributeProto t 5, g 6, tensors 10, graphs 11, sparse_tensor 22, sparse_tensors
+# 23; SparseTensorProto values 1, indices 2). A TensorProto's external_data is field 13.
+_ONNX_FIELDS = {
+    "model": {7: "graph"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "node": {5: "attribute"},
+    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},
+}
+
+
 def external_data_files(model: bytes) -> list:
-    """The files an ONNX model's initializers keep their data in (the `location` of each tensor
-    whose data is external), read from the model's bytes without onnx or onnxruntime: ModelProto
-    graph (7) -> GraphProto initializer (5) / sparse_initializer (15: values 1, indices 2) ->
-    TensorProto external_data (13: key/value entries). ValueError for bytes that are no model."""
+    """The files an ONNX model keeps tensor data in (the `location` of each tensor whose data is
+    external: initializers, Constant nodes' values, those of If/Loop/Scan subgraphs), read from
+    the model's bytes without onnx or onnxruntime, a walk of its messages (_ONNX_FIELDS) with a
+    stack, not recursion. ValueError for bytes that are no model."""
     import io
 
     f, found = io.BytesIO(model), []
-
-    def tensor(start, length):
+    todo = [("model", 0, len(model))]
+    while todo:
+        kind, start, length = todo.pop()
         f.seek(start)
         for field, wire, value in list(_fields(f, start + length)):
-            if field == 13 and wire == 2:
-                key, location = _string_pair(model[value[0]:value[0] + value[1]])
-                if key == "location" and location not in found:
-                    found.append(location)
-
-    for field, wire, value in list(_fields(f, len(model))):
-        if field != 7 or wire != 2:
-            continue
-        f.seek(value[0])
-        for g_field, g_wire, g_value in list(_fields(f, value[0] + value[1])):
-            if g_wire == 2 and g_field == 5:
-                tensor(*g_value)
-            elif g_wire == 2 and g_field == 15:
-                f.seek(g_value[0])
-                for s_field, s_wire, s_value in list(_fields(f, g_value[0] + g_value[1])):
-                    if s_wire == 2 and s_field in (1, 2):
-                        tensor(*s_value)
+            if wire != 2:
+                continue
+            if kind == "tensor":
+                if field == 13:
+                    key, location = _string_pair(model[value[0]:value[0] + value[1]])
+                    if key == "location" and location not in found:
+                        found.append(location)
+            elif field in _ONNX_FIELDS[kind]:
+                todo.append((_ONNX_FIELDS[kind][field], *value))
     return found
 
 
