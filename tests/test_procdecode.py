@@ -331,6 +331,56 @@ def test_a_program_s_own_forkserver_processes_can_still_be_terminated_after_a_ru
     assert r.returncode == 0 and r.stdout.strip() == str(-signal.SIGTERM), (r.stdout, r.stderr[-2000:])
 
 
+def test_decode_workers_started_under_a_stream_of_sigterms_to_them_all_live(model, mixed, tmp_path):
+    """A SIGTERM to the process group reaches every worker as it starts: one that had unblocked it
+    at its fork died in the milliseconds before it ignored it, and the run ended as a worker
+    death ('could not start', 'ended before this run'), not as terminated. Here another process
+    sends SIGTERM to each child of the forkserver, over and over, while runs start their pools."""
+    sniper = tmp_path / "sniper.py"
+    sniper.write_text(textwrap.dedent("""
+        import os, signal, sys, time
+        main, end, server = int(sys.argv[1]), time.time() + 60, None
+        def kids(pid):
+            try:
+                with open(f"/proc/{pid}/task/{pid}/children") as f:
+                    return [int(k) for k in f.read().split()]
+            except OSError:
+                return []
+        while time.time() < end:
+            if server is None:
+                for k in kids(main):
+                    try:
+                        with open(f"/proc/{k}/cmdline", "rb") as f:
+                            server = k if b"forkserver" in f.read() else server
+                    except OSError:
+                        pass
+                continue
+            for k in kids(server):
+                try:
+                    os.kill(k, signal.SIGTERM)
+                except OSError:
+                    pass
+    """))
+    code = textwrap.dedent(f"""
+        import subprocess, sys, time
+        from cnnx.runtime import Classifier
+        from cnnx.runtime.workers import warm_up
+        if __name__ == "__main__":
+            warm_up()
+            sniper = subprocess.Popen([sys.executable, {str(sniper)!r}, str(__import__("os").getpid())])
+            time.sleep(0.3)
+            try:
+                for _ in range(4):
+                    with Classifier({str(model)!r}, "cpu", workers=3, decode="processes") as clf:
+                        list(clf.classify([{str(mixed)!r}]))
+            finally:
+                sniper.kill()
+            print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
 def test_a_finished_run_leaves_no_temporary_folder(model, mixed, tmp_path):
     """The command ends with os._exit (cli.ExitNow), which skips atexit: multiprocessing's
     temporary folder, the forkserver's socket in it, was left in /tmp by every run."""

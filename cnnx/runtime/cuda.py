@@ -26,11 +26,12 @@ import io
 import os
 import platform
 import re
+import signal
 import sys
 from dataclasses import dataclass
 
 from cnnx.runtime.contract import CPU_PROVIDER, CUDA_PROVIDER, driver_library, load_driver_library
-from cnnx.runtime.files import cache_root, first_line, sha256_of, sigint_held
+from cnnx.runtime.files import cache_root, first_line, sha256_of, sigint_held, signals_blocked
 
 INSTALL_HINT = "pip install 'cnnx[gpu]'"
 # What cnnx's own install brings (pyproject.toml's dependencies).
@@ -99,7 +100,9 @@ def onnxruntime():
     prints it) where it cannot be used: not installed, its folder left empty by an uninstall
     cut short (it then imports as an empty namespace package), or its library failing to load."""
     try:
-        with sigint_held():  # a Ctrl-C is an interrupt, not the ImportError its native init turns it into
+        # A Ctrl-C, or a SIGTERM that cnnx turns into one, is an interrupt after the import, not the
+        # ImportError ("initialization failed") its native init turns it into
+        with sigint_held(), signals_blocked({signal.SIGTERM}):
             import onnxruntime as ort
     except ImportError as e:
         why = f"cannot be imported ({first_line(e)})"
