@@ -209,9 +209,9 @@ class PredictionWriter:
             self._csv = _csv_writer(self.stream)
             if not existing:
                 self._csv.writerow(csv_header(self.topk))
-        if self.target != "-":
-            self.stream.flush()
-            self._whole = self.stream.buffer.tell()
+        self.stream.flush()
+        self._whole = _size_written(self.stream, self.target)
+
     def write_batch(self, paths, indices, scores):
         """One batch (flushed once at its end): paths, and per path its top-k class indices and
         scores, best first (sequences or arrays of len(paths) x topk). A batch that cannot be
@@ -219,16 +219,10 @@ class PredictionWriter:
         try:
             with _write_errors(self.target):
                 self._write_batch(paths, indices, scores)
-        except WriteError:
-            self._cut_to_last_batch()
-            raise
-
-    def _cut_to_last_batch(self):
-        """After a failed write: the file cut back to its last whole batch (it ended mid-row,
-        which CSV readers choke on), and the stream dropped with what it still buffers."""
-        stream, self.stream = self.stream, None
-        if self.target != "-":
+        except WriteError:  # a full disk: the file ends mid-row otherwise, which CSV readers choke on
+            stream, self.stream = self.stream, None
             _cut_back(stream, self._whole)
+            raise
 
     def _write_batch(self, paths, indices, scores):
         if self.stream is None:
@@ -242,8 +236,7 @@ class PredictionWriter:
             self.stream.write(rows(paths, indices, scores))
         self.stream.flush()
         self.rows += len(paths)
-        if self.target != "-":
-            self._whole = self.stream.buffer.tell()
+        self._whole = _size_written(self.stream, self.target)
 
     def _csv_rows(self, paths, indices, scores) -> str:
         """The batch's CSV rows as one string: the same bytes as csv.writer's QUOTE_ALL with the
@@ -346,6 +339,12 @@ def already_exists(label: str, target: str, output: str) -> str:
     return f"{label} {target} already exists: pass --resume to continue it, or remove it"
 
 
+def _size_written(stream, target):
+    """The size of the file a writer's flushed `stream` writes to: where a failed write is cut
+    back to (_cut_back); None for stdout, which is never cut."""
+    return None if target == "-" else stream.buffer.tell()
+
+
 def _cut_back(stream, size) -> None:
     """A file stream that failed to write (a full disk) cut back to `size` bytes, what it held
     whole, and closed without the rest it buffers (None: left as it is)."""
@@ -385,8 +384,7 @@ class ErrorsWriter:
                 self._write(path, stage, message)
         except WriteError:  # a full disk: the file ends with its last whole row, as the predictions do
             stream, self.stream = self.stream, None
-            if self.target != "-":
-                _cut_back(stream, self._whole)
+            _cut_back(stream, self._whole)
             raise
 
     def _write(self, path: str, stage: str, message: str):
@@ -394,14 +392,13 @@ class ErrorsWriter:
             existing = self.append and os.path.exists(self.target) and os.path.getsize(self.target)
             self.stream = open_text(self.target, "a" if self.append else "x")
             self._csv = _csv_writer(self.stream)
-            self._whole = self.stream.buffer.tell() if self.target != "-" else None
+            self._whole = _size_written(self.stream, self.target)
             if not existing:
                 self._csv.writerow(ERRORS_HEADER)
         self._csv.writerow([escape_cell(path), stage, escape_cell(message)])
         self.stream.flush()
         self.rows += 1
-        if self.target != "-":
-            self._whole = self.stream.buffer.tell()
+        self._whole = _size_written(self.stream, self.target)
 
     def close(self):
         stream, self.stream = self.stream, None
