@@ -198,6 +198,8 @@ class DecodePool:
         self.procs, self.conns = [], []
         self.busy = False  # a run is using the workers (one at a time)
         self.runs = 0  # runs started: results of an earlier one (ended early) are dropped
+        # Once a pool, not a run: segments of processes killed with their resource tracker (_hold)
+        remove_stale_temps(SHM_FOLDER, (SHM_PREFIX,))
         try:
             with starting_workers():
                 for _ in range(workers):
@@ -235,7 +237,6 @@ class DecodePool:
         self.runs += 1
         slots = config.read_ahead(spec) + 1
         shape = (slots, config.batch_size, 3, *spec["size"])
-        remove_stale_temps(SHM_FOLDER, (SHM_PREFIX,))
         shm = shared_memory.SharedMemory(name=f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}", create=True,
                                          size=max(1, slots * config.batch_size * image_bytes(spec)))
         held = _hold(shm.name)
