@@ -117,10 +117,9 @@ def describe_archive(path) -> dict:
         with zipfile.ZipFile(os.fspath(path)) as z:
             names = z.namelist()
             extra = [n for n in names if n.endswith("/extra/" + EXTRA_FILE)]
-            if not extra and torch_archive_kind(names) == "checkpoint":
-                raise ModelInfoError(checkpoint_not_model_line(path))
             if not extra:
-                raise ModelInfoError(f"{path} is a torch archive without {EXTRA_FILE}: not a model cnnx exported "
+                raise ModelInfoError(checkpoint_not_model_line(path) if torch_archive_kind(names) == "checkpoint" else
+                                     f"{path} is a torch archive without {EXTRA_FILE}: not a model cnnx exported "
                                      "(checkpoints are exported with `cnnx export`)")
             meta = _read_metadata(z, extra[0], path)
     except zipfile.BadZipFile:

@@ -169,7 +169,7 @@ def classify(paths, model_path, output, fmt, topk, batch_size, workers, decode, 
         what = "files" if rows.ignored == 0 else f"image files ({rows.ignored} other files ignored)"
         raise click.ClickException(f"no {what} found under {', '.join(paths)}")
     _print_summary(tally, rows, classifier, errors_path, time.perf_counter() - t0)
-    unread = None if rows.already_done else nothing_could_be_read(tally.classified, tally.skipped, paths)
+    unread = nothing_could_be_read(tally.classified, tally.skipped, paths, already_done=rows.already_done)
     if unread is not None:
         raise click.ClickException(unread)
     if report_path is not None:
@@ -329,8 +329,8 @@ def _classify_on_ray(paths, model_path, output, fmt, topk, batch_size, device, e
     for line in summary.warnings:
         click.echo(f"warning: {line}", err=True)
     click.echo(summary.line(), err=True)
-    unread = None if summary.resumed else nothing_could_be_read(summary.classified, summary.skipped,
-                                                                [*paths, *([manifest] if manifest else [])])
+    unread = nothing_could_be_read(summary.classified, summary.skipped, [*paths, *([manifest] if manifest else [])],
+                                   already_done=summary.resumed)
     if unread is not None:
         raise click.ClickException(unread)
     n_skipped = sum(summary.skipped.values())

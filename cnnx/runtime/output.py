@@ -561,11 +561,12 @@ def summary_counts(classified: int, skipped: dict, *, already_done: int = 0, not
     return parts
 
 
-def nothing_could_be_read(classified: int, skipped: dict, paths) -> str | None:
+def nothing_could_be_read(classified: int, skipped: dict, paths, *, already_done: int = 0) -> str | None:
     """The error of a run (either engine) that classified nothing because every path failed while
     the files were being looked for (a folder its user may not list): like one that found no
-    file, not a run that finished with warnings (exit 0, and no output written). None otherwise."""
-    if classified or not skipped or set(skipped) != {"discover"}:
+    file, not a run that finished with warnings (exit 0, and no output written). None otherwise,
+    and for a --resume that found files done already."""
+    if classified or already_done or not skipped or set(skipped) != {"discover"}:
         return None
     return (f"nothing under {', '.join(map(str, paths))} could be read: {sum(skipped.values())} path(s) failed before "
             f"any image was opened (each is listed with its reason)")
