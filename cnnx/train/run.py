@@ -596,19 +596,18 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
     say(f"{cfg.arch}: {sum(p.numel() for p in net.parameters()):,} parameters on {device} x{d.world}, "
         f"{len(ytr)} train / {len(yva)} val images, {steps_per_epoch} steps/epoch, "
         f"threads {torch.get_num_threads()}, bf16 {run.bf16}, channels_last {channels_last}", d)
-    _say_images_left_out(len(ytr), cfg.batch_size, d)
+    _say_images_left_out(len(ytr), per_rank, steps_per_epoch, d)
     return run
 
 
 LEFT_OUT_NOTED = 0.05  # the share of the training split an epoch leaves out from which a run says so
 
 
-def _say_images_left_out(n: int, batch_size: int, d) -> None:
-    """An epoch trains whole batches (train_one_epoch): on a small folder the remainder is a large
-    share of it (900 images at batch 512 leave 388 out of each epoch), which the user is told,
-    with a batch size that leaves out fewer than one image a step."""
-    shard, per_rank = n // d.world, max(1, batch_size // d.world)
-    steps = max(1, shard // per_rank)
+def _say_images_left_out(n: int, per_rank: int, steps: int, d) -> None:
+    """An epoch trains `steps` whole batches of `per_rank` a process (train_one_epoch): on a small
+    folder the remainder is a large share of it (900 images at batch 512 leave 388 out of each
+    epoch), which the user is told, with a batch size that leaves out fewer than one image a step."""
+    shard = n // d.world
     used = d.world * min(shard, steps * per_rank)
     if n - used < LEFT_OUT_NOTED * n:
         return
