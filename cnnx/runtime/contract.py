@@ -234,26 +234,18 @@ def peek_metadata_props(path) -> dict | None:
             if not stat.S_ISREG(st.st_mode):
                 return None
             size = st.st_size
-            while f.tell() < size:
-                field, wire = divmod(_varint(f), 8)
-                if wire == 0:
-                    _varint(f)
-                elif wire == 1 or wire == 5:
-                    f.seek(8 if wire == 1 else 4, os.SEEK_CUR)
-                elif wire == 2:
-                    length = _varint(f)
-                    if field != 14:
-                        f.seek(length, os.SEEK_CUR)
-                        continue
-                    if length > MAX_METADATA_ENTRY_BYTES:
-                        return None
-                    entry = f.read(length)
-                    if len(entry) != length:
-                        return None
-                    key, value = _string_pair(entry)
-                    props[key] = value
-                else:
+            for field, wire, value in _fields(f, size):
+                if field != 14 or wire != 2:
+                    continue
+                start, length = value
+                if length > MAX_METADATA_ENTRY_BYTES:
                     return None
+                f.seek(start)
+                entry = f.read(length)
+                if len(entry) != length:
+                    return None
+                key, text = _string_pair(entry)
+                props[key] = text
             if f.tell() != size:  # the last field runs past the end: a cut-short file
                 return None
     except (OSError, ValueError, UnicodeDecodeError):
