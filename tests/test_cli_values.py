@@ -102,7 +102,7 @@ def test_the_atomic_writer_never_replaces_what_is_not_a_regular_file(tmp_path):
 
 def test_classify_outputs_that_are_not_files_and_empty_names_are_usage_errors(run, tmp_path):
     """-o /dev/zero --resume read the endless output into memory until the OOM killer came;
-    -o FIFO --resume hung; empty names failed after the run, or wrote into the cwd."""
+    -o FIFO --resume and --errors /dev/stderr --resume (a pipe) hung; empty names failed after the run, or wrote into the cwd."""
     data, _ckpt, model = run
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
@@ -110,6 +110,13 @@ def test_classify_outputs_that_are_not_files_and_empty_names_are_usage_errors(ru
     _usage(run_cli([*base, "-o", fifo, "--resume"]), "is not a regular file")
     _usage(run_cli([*base, "-o", "/dev/zero", "--resume"]), "is not a regular file")
     _usage(run_cli([*base, "-o", tmp_path / "p.csv", "--errors", fifo]), "is not a regular file")
+    r, w = os.pipe()  # `--errors /dev/stderr` with stderr on a pipe: the --resume read it for ever
+    try:
+        _usage(run_cli([*base, "-o", tmp_path / "p.csv", "--errors", f"/dev/fd/{w}", "--resume"]),
+               "is not a regular file")
+    finally:
+        os.close(r)
+        os.close(w)
     for extra in (["-o", ""], ["--errors", ""], ["-o", tmp_path / "p.csv", "--report", ""]):
         _usage(run_cli([*base, *extra]), "needs a file name")
     assert sorted(os.listdir(tmp_path)) == ["fifo"]

@@ -383,9 +383,11 @@ def _check_files(output, errors_path, report_path, model_path):
                 raise click.UsageError(f"{label} and {other} must be different files")
         if label != "--model" and path != "-" and not os.path.isdir(os.path.dirname(path)):
             raise click.UsageError(f"{label} {given}: no folder {os.path.dirname(path)} to write it in")
-        if label in ("--output", "--errors") and path != "-" and os.path.exists(path) and not (
-                os.path.isfile(path) or os.path.isdir(path)):  # a Parquet output is a folder
-            # /dev/null, a FIFO: a --resume would read it for ever, a lock would go beside it in /dev
+        if label in ("--output", "--errors") and path != "-" and os.path.exists(given) and not (
+                os.path.isfile(given) or os.path.isdir(given)):  # a Parquet output is a folder
+            # /dev/null, a FIFO: a --resume would read it for ever, a lock would go beside it in /dev.
+            # The given name, stat following its links: realpath turns /dev/stderr on a pipe into
+            # /proc/PID/fd/pipe:[N], a name that is not there
             raise click.UsageError(f"{label} {given} exists and is not a regular file: name a file, or - for stdout")
     if report_path is not None:
         from cnnx.report import report_replaceable  # the report's imports only where one is asked for
