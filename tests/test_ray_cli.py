@@ -3,6 +3,7 @@ code and its stderr. Skipped until the command has the --engine option."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -134,6 +135,35 @@ def test_ray_engine_ends_a_run_on_sigterm_as_terminated_not_with_a_native_crash(
     assert proc.returncode == 143, err[-3000:]
     assert err.strip().splitlines()[-1] == "terminated" and "SIGTERM received" not in err, err[-3000:]
     assert out.read_text().endswith("\n")
+
+
+def test_a_sigterm_while_ray_starts_ends_the_run_as_terminated_and_stops_what_it_started(model, images, tmp_path):
+    """ray.init sets a SIGTERM handler of its own while it runs (sys.exit(15)): a SIGTERM then,
+    once its GCS is up, ended the run with exit 15 and no line."""
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-m", "cnnx", "classify", str(images), "--model", str(model), "--engine",
+                             "ray", "--num-workers", "1", "-o", str(tmp_path / "p.csv")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    parent, deadline = psutil.Process(proc.pid), time.monotonic() + 120
+    while not any(child.name().startswith("gcs_server") for child in _children(parent)):
+        assert proc.poll() is None and time.monotonic() < deadline, "Ray's GCS never started"
+        time.sleep(0.02)
+    started = _children(parent)
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "terminated", err[-3000:]
+    assert not (tmp_path / "p.csv").exists()
+    _gone, alive = psutil.wait_procs(started, timeout=30)
+    assert not alive, alive
+
+
+def _children(process):
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        return process.children(recursive=True)
+    return []
 
 
 def test_ray_engine_without_address_starts_its_own_ray_beside_a_head_that_ray_start_left(model, images, tmp_path):

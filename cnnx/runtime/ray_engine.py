@@ -348,7 +348,7 @@ def _ray_session(ray, address, num_workers, *, needed: bool):
     # Under `ray job submit` RAY_ADDRESS names the job's cluster (ray.init would read it too,
     # and refuse the num_cpus of a private start).
     address = address or os.environ.get("RAY_ADDRESS") or None
-    with _sigterm_kept():
+    with _sigterm_kept(ray.shutdown):
         if address is None:
             try:  # "local": a private instance, never the head a `ray start` left on this machine
                 ray.init(address="local", num_cpus=num_workers or _local_cpus(), **quiet)
@@ -370,17 +370,28 @@ def _ray_session(ray, address, num_workers, *, needed: bool):
 
 
 @contextlib.contextmanager
-def _sigterm_kept():
+def _sigterm_kept(shutdown):
     """SIGTERM's handler as it was before the block, where it was Python's to set (the main
-    thread): ray.init installs its own failure-signal handler, whose SIGTERM printed a native
-    stack dump and aborted (exit 134), where cnnx classify ends a run as 'terminated' (143) and
-    a program keeps the handler it set, or the default."""
+    thread): ray.init installs its own, whose SIGTERM printed a native stack dump and aborted
+    (exit 134) once it returned, and ended it with sys.exit (15, or 1 after its node stopped its
+    processes) while it ran, where cnnx classify ends a run as 'terminated' (143) and a program
+    keeps the handler it set, or the default. A SIGTERM that ended the block so is given, after
+    `shutdown()` (a half-started Ray), to the handler from before: cnnx's raises Terminated."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     before = signal.getsignal(signal.SIGTERM)
     try:
         yield
+    except SystemExit as e:  # ray.init exits only from its SIGTERM handlers
+        import sys as _s, time as _t; _t0=_t.time(); print("DBG exit", e.code, file=_s.stderr, flush=True)
+        with contextlib.suppress(Exception):
+            shutdown()
+        print("DBG shutdown took", _t.time()-_t0, file=_s.stderr, flush=True)
+        if callable(before):
+            signal.signal(signal.SIGTERM, before)
+            before(signal.SIGTERM, None)
+        raise
     finally:
         if before is not None:  # None: a handler not set from Python, which cannot be set back
             signal.signal(signal.SIGTERM, before)
