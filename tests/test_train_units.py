@@ -231,6 +231,21 @@ def _png_size(path) -> tuple:
     return struct.unpack(">II", path.read_bytes()[16:24])
 
 
+def test_plots_draw_class_names_with_dollar_signs_as_written(tmp_path):
+    """matplotlib reads text between two $ as TeX math: a class `price_$1_$2` failed train's
+    per-class and confusion plots (exit 1 after training) and evaluate (a traceback)."""
+    import matplotlib
+    import numpy as np
+
+    from cnnx.train import plots
+
+    names = ["price_$1_$2", "$5 & $10 notes", "cat"]
+    plots.plot_confusion(np.eye(3, dtype=int) * 4, names, tmp_path / "c.png", title="confusion of $x_{1}$")
+    plots.plot_per_class(names, [0.5, 0.6, 0.7], [0.4, 0.5, 0.6], tmp_path / "p.png")
+    assert (tmp_path / "c.png").stat().st_size > 0 and (tmp_path / "p.png").stat().st_size > 0
+    assert matplotlib.rcParams["text.parse_math"]  # a program's own figures are left as they were
+
+
 def test_plots_of_many_long_or_unprintable_class_names_stay_small_and_quiet(tmp_path):
     """A figure sized to name every class grew with the classes squared: 1,000 classes asked for a
     60,700 x 55,000 px canvas and ended the run in MemoryError; a 216-character name left the

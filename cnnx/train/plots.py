@@ -3,6 +3,7 @@ and a confusion matrix. Matplotlib's Agg backend, so no display is needed."""
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 
@@ -25,6 +26,21 @@ def _plt():
     return plt
 
 
+def _names_as_written(plot):
+    """A plot whose text (class names, a folder's name in a title) is drawn as it is written:
+    matplotlib reads text between two $ as TeX math, and a class `price_$1_$2` failed the
+    run's plots (a ParseSyntaxException), `$5 & $10` drawn as italic math."""
+
+    @functools.wraps(plot)
+    def draw(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return plot(*args, **kwargs)
+
+    return draw
+
+
 def _save(fig, path: Path):
     """Atomic like every other file of a run: a half-written PNG never replaces a good one.
     Matplotlib's warnings (a class name's glyphs missing from its font, drawn as boxes) are not
@@ -39,6 +55,7 @@ def _labels(class_names) -> list:
     return [c if len(c) <= MAX_LABEL_CHARS else c[:MAX_LABEL_CHARS - 1] + "\u2026" for c in class_names]
 
 
+@_names_as_written
 def plot_curves(history: list, folder, label_smoothing: float = 0.0) -> list:
     """top1.png, loss.png, top5.png from the per-epoch history rows."""
     plt = _plt()
@@ -60,6 +77,7 @@ def plot_curves(history: list, folder, label_smoothing: float = 0.0) -> list:
     return written
 
 
+@_names_as_written
 def plot_per_class(class_names, train_top1, val_top1, path, title="per-class top-1"):
     plt = _plt()
     import numpy as np
@@ -86,6 +104,7 @@ def plot_per_class(class_names, train_top1, val_top1, path, title="per-class top
     plt.close(fig)
 
 
+@_names_as_written
 def plot_confusion(confusion, class_names, path, title="confusion matrix"):
     """Rows = true class, columns = predicted; cells show counts, colour the row share."""
     plt = _plt()
