@@ -231,6 +231,22 @@ def _png_size(path) -> tuple:
     return struct.unpack(">II", path.read_bytes()[16:24])
 
 
+def test_per_class_csv_escapes_class_names_a_spreadsheet_would_run(tmp_path):
+    """A class folder `=HYPERLINK(...)` was a live formula in per_class.csv (classify escaped it)."""
+    import csv
+
+    from cnnx.train.run import write_csvs
+
+    names = ['=HYPERLINK("http://x.example","click")', "-2+3", "cat"]
+    row = {"epoch": 1, "lr": 0.1, "train_per_class": [0.5, 0.5, 0.5], "val_per_class": [0.5, 0.5, 0.5]}
+    row.update({k: 0.5 for k in ("train_loss", "train_top1", "train_top5", "val_loss", "val_top1", "val_top5",
+                                 "seconds", "eval_seconds", "train_seconds_total")})
+    write_csvs(tmp_path, [row], names)
+    with open(tmp_path / "per_class.csv", newline="") as f:
+        cells = [r["class"] for r in csv.DictReader(f)]
+    assert cells[:3] == ["'" + names[0], "'-2+3", "cat"]
+
+
 def test_plots_draw_class_names_with_dollar_signs_as_written(tmp_path):
     """matplotlib reads text between two $ as TeX math: a class `price_$1_$2` failed train's
     per-class and confusion plots (exit 1 after training) and evaluate (a traceback)."""

@@ -27,6 +27,7 @@ import torch
 
 from cnnx import __version__
 from cnnx.runtime import files
+from cnnx.runtime.output import escape_cell
 from cnnx.runtime.preprocess import PREPROCESS_VERSION
 from cnnx.train import finetune, frontier, loop, optim
 from cnnx.train.cache import Rows, take
@@ -236,7 +237,7 @@ def write_csvs(run_dir: Path, history: list, class_names: list):
     for r in history:
         for split in ("train", "val"):
             for name, v in zip(class_names, r[f"{split}_per_class"]):
-                w.writerow([r["epoch"], split, name, f"{v:.6g}"])
+                w.writerow([r["epoch"], split, escape_cell(name), f"{v:.6g}"])  # as classify's cells
     files.atomic_write(run_dir / "per_class.csv", buf.getvalue())
 
 
