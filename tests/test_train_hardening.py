@@ -256,7 +256,8 @@ def test_a_folder_that_cannot_be_labelled_one_way_is_a_one_line_error(small, tmp
     """Each of these trained a model with exit 0 (or, for the name, failed after an epoch):
     a class that is a link to the data folder (every image twice, under two labels), one file
     linked into two classes, train/ beside valid/ (two classes, "train" and "valid"), an
-    unlabelled Kaggle test/ of loose files, an empty val/, a class name that is not UTF-8."""
+    unlabelled Kaggle test/ of loose files, an empty val/, a class name that is not UTF-8, two
+    class names that are the same letters in other code points."""
     def error(data):
         r = run_cli(seed_args(data, tmp_path / "runs", f"x{len(os.listdir(tmp_path))}", tmp_path / "c", "--epochs", "1"))
         assert r.exit_code == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
@@ -286,6 +287,10 @@ def test_a_folder_that_cannot_be_labelled_one_way_is_a_one_line_error(small, tmp
     n = copy_classes(small, tmp_path / "n", ["cat", "dog"], 5)
     os.rename(n / "dog", os.fsdecode(bytes(n) + b"/caf\xe9"))
     assert "caf\\xe9: its name is not UTF-8 text" in error(n)
+    u = copy_classes(small, tmp_path / "u", ["cat", "dog"], 5)  # café decomposed beside café composed: two classes
+    os.rename(u / "cat", u / "cafe\u0301")
+    os.rename(u / "dog", u / "caf\u00e9")
+    assert "are the same name in other Unicode code points" in error(u)
     # a class, or a split, on a drive not mounted: the class was dropped as a non-image name and
     # the model lacked it; a val/ so was replaced by a tenth of train/ (each with exit 0)
     gone = tmp_path / "not-mounted"

@@ -225,6 +225,7 @@ def list_image_folder(root: Path) -> Listing:
         except UnicodeEncodeError:
             raise DataError(f"class folder {escaped_name(c)}: its name is not UTF-8 text (class names travel in the "
                             f"model's metadata); rename it") from None
+    _check_spelt_once(classes)
     listing.class_names = [c.name for c in classes]
     for ci, c in enumerate(classes):
         before, listed = len(listing.files), len(listing.unlisted)
@@ -846,6 +847,21 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
     return Splits(train, val, test, d.class_names, skipped,
                   f"{len(train[1])} train / {len(val[1])} val images in {len(d.class_names)} classes from {data}",
                   paths["val"], ignored, notes)
+
+
+def _check_spelt_once(classes) -> None:
+    """DataError for two class folders whose names are the same letters in other Unicode code
+    points (café composed and decomposed: one folder copied from macOS beside one typed here):
+    they were two classes of the same name, and every output showed two identical labels."""
+    import unicodedata
+
+    seen = {}
+    for c in classes:
+        other = seen.setdefault(unicodedata.normalize("NFC", c.name), c)
+        if other is not c:
+            raise DataError(f"class folders {escaped_name(other)} and {escaped_name(c)} are the same name in other "
+                            "Unicode code points (composed vs decomposed accents): they would be two classes; "
+                            "merge them, or rename one")
 
 
 def respelt_note(names, known, where: str) -> str:
