@@ -70,6 +70,7 @@ def main(argv=None):
     """Run a command; exit 0, 1 (failure), 2 (usage) or 130 (SIGINT, as shells expect, where
     click's standalone mode would say "Aborted!" and exit 1)."""
     _hold_standard_streams()
+    _check_current_folder()
     try:
         code = cli.main(args=argv, prog_name="cnnx", standalone_mode=False)
     except click.ClickException as e:
@@ -107,6 +108,19 @@ def main(argv=None):
     if isinstance(code, ExitNow):
         _exit_now(code)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _check_current_folder():
+    """One line where the current folder was removed under the shell (a build folder wiped, a
+    checkout switched): with it gone, classify failed to write an output in a folder that is
+    there ("No such file or directory"), its decode processes "could not start", and train died
+    inside torch's import (an MKL FATAL line, exit 2), every path given in full."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        click.echo("Error: the current folder no longer exists (removed after this shell entered it): "
+                   "cd to a folder that does", err=True)
+        sys.exit(1)
 
 
 def launch_rank() -> int:

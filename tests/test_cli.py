@@ -118,3 +118,19 @@ def test_a_rank_left_in_the_environment_without_a_launch_changes_nothing(tmp_pat
     r, _ = cnnx(seed_args(tmp_path / "data", tmp_path / "runs", "r1", tmp_path / "cache", "--epochs", "1"), RANK="1")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "runs" / "r1" / "best.pt").is_file()
+
+
+@pytest.mark.parametrize("command", ["classify", "train"])
+def test_a_current_folder_removed_under_the_shell_is_one_line(command, tmp_path):
+    """With it gone, classify -o /full/path failed with "No such file or directory" (the output's
+    folder was there) and train died inside torch's import (an MKL FATAL line, exit 2)."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    args = {"classify": [str(tmp_path), "--model", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "p.csv")],
+            "train": ["--data", str(tmp_path), "--out", str(tmp_path / "runs")]}[command]
+    r = subprocess.run(["bash", "-c", 'cd "$1" && rmdir "$1" && shift && exec "$@"', "-", str(gone),
+                        sys.executable, "-m", "cnnx", command, *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        "Error: the current folder no longer exists (removed after this shell entered it): cd to a folder that does"], \
+        r.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
