@@ -148,6 +148,40 @@ def test_a_second_writer_on_the_same_output_is_refused_and_a_dead_holder_blocks_
 
 # -- 4. --resume matches the file, not the spelling ----------------------------------------
 
+def test_names_are_written_and_read_back_as_their_utf8_bytes_in_a_locale_that_is_not_utf8(images, model, tmp_path):
+    """With an ASCII (or Latin-1) file system encoding, café.jpg's row was read back as another
+    string than its path: a --resume classified it again (two rows), and in Latin-1 the row was
+    written as Ã© (a name no file has); train named the class folder émile `Ã©mile`."""
+    work = tmp_path / "imgs"
+    work.mkdir()
+    for i, name in enumerate(["café.jpg", "plain.jpg", "zz.jpg"]):
+        shutil.copyfile(sorted(images.iterdir())[i], work / name)
+    (tmp_path / "data" / "émile").mkdir(parents=True)
+    (tmp_path / "data" / "cat").mkdir()
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    out = tmp_path / "p.csv"
+
+    def classify(*extra):
+        r = subprocess.run([sys.executable, "-m", "cnnx", "classify", str(work), "--model", str(model), "--topk", "1",
+                            "-o", str(out), *extra], capture_output=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr.decode(errors="replace")[-2000:]
+
+    classify()
+    rows = out.read_bytes().split(b"\n")[1:-1]
+    assert [row.split(b",")[0] for row in rows] == [b'"%s/%s"' % (bytes(work), n.encode()) for n in
+                                                    ("café.jpg", "plain.jpg", "zz.jpg")]
+    with open(out, "r+b") as f:  # the run cut short after the café row (same file: its run record holds)
+        f.truncate(len(out.read_bytes().split(b"\n", 2)[0]) + 1 + len(rows[0]) + 1)
+    classify("--resume")
+    assert out.read_bytes().split(b"\n")[1:-1] == rows
+    for folder in ("émile", "cat"):
+        shutil.copyfile(work / "zz.jpg", tmp_path / "data" / folder / "1.jpg")
+    names = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from cnnx.train.data import "
+                            "list_image_folder; print(ascii(list_image_folder(Path(sys.argv[1])).class_names))",
+                            str(tmp_path / "data")], capture_output=True, text=True, env=env, timeout=300)
+    assert names.stdout == "['cat', '\\xe9mile']\n", names.stderr[-2000:]
+
+
 def test_resume_matches_paths_however_the_folder_is_spelt(images, model, tmp_path, monkeypatch):
     work = tmp_path / "work"
     shutil.copytree(images, work / "imgs")

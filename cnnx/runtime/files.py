@@ -19,6 +19,7 @@ import functools
 import os
 import signal
 import stat
+import sys
 import tempfile
 import threading
 import time
@@ -157,6 +158,23 @@ def _name_bytes_as_hex(error: UnicodeEncodeError):
 
 codecs.register_error(NAME_BYTES_ERRORS, _name_bytes_as_hex)
 codecs.register_error(RAW_NAME_BYTES_ERRORS, _name_bytes_raw)
+
+
+# Whether a path's str is its name's bytes read as UTF-8 (bytes that are not as \udcXX), what
+# cnnx writes in its files: so in every UTF-8 locale, and in C/POSIX ones (Python's UTF-8 mode).
+NAMES_ARE_UTF8 = sys.getfilesystemencoding() == "utf-8" and sys.getfilesystemencodeerrors() == "surrogateescape"
+
+
+def name_text(path: str) -> str:
+    """A path's text as cnnx writes it in a file (predictions, errors rows, class names): its
+    bytes as UTF-8, whatever the locale decoded them to. In a Latin-1 locale café.jpg's UTF-8
+    bytes were written as two characters each (Ã©), a name no file on disk has."""
+    return path if NAMES_ARE_UTF8 else os.fsencode(path).decode("utf-8", "surrogateescape")
+
+
+def path_of_text(text: str) -> str:
+    """name_text's inverse: the path, as this locale spells it, of a name read back from a file."""
+    return text if NAMES_ARE_UTF8 else os.fsdecode(text.encode("utf-8", "surrogateescape"))
 
 
 def shown(path) -> str:

@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from cnnx.runtime.files import atomic_write, os_error_line, shown
+from cnnx.runtime.files import NAMES_ARE_UTF8, atomic_write, name_text, os_error_line, path_of_text, shown
 
 ERRORS_HEADER = ["path", "stage", "error"]
 _FORMULA_START = frozenset(("=", "+", "-", "@", "\t", "\r", "'"))
@@ -233,6 +233,8 @@ class PredictionWriter:
             indices = np.asarray(indices).reshape(len(paths), -1)  # (n, k), however the caller held them
             scores = np.asarray(scores, dtype=np.float64).reshape(indices.shape)
             rows = self._csv_rows if self.fmt == "csv" else self._jsonl_rows
+            if not NAMES_ARE_UTF8:  # a Latin-1 locale: no per-path call in the common case
+                paths = [name_text(p) for p in paths]
             self.stream.write(rows(paths, indices, scores))
         self.stream.flush()
         self.rows += len(paths)
@@ -395,7 +397,7 @@ class ErrorsWriter:
             self._whole = _size_written(self.stream, self.target)
             if not existing:
                 self._csv.writerow(ERRORS_HEADER)
-        self._csv.writerow([escape_cell(path), stage, escape_cell(message)])
+        self._csv.writerow([escape_cell(name_text(path)), stage, escape_cell(message)])
         self.stream.flush()
         self.rows += 1
         self._whole = _size_written(self.stream, self.target)
@@ -481,7 +483,7 @@ def read_done(path, fmt: str, topk: int | None, *, notes: set | None = None, lab
         for i, line in enumerate(complete):
             try:
                 rec = json.loads(line)
-                done.add(rec["path"])
+                done.add(path_of_text(rec["path"]))
                 width = len(rec["topk"])
                 if labels is not None:
                     labels.update([rec["label"], *(t["label"] for t in rec["topk"])])
@@ -521,9 +523,9 @@ def read_done(path, fmt: str, topk: int | None, *, notes: set | None = None, lab
     for row in good[1:]:
         if fmt == "errors" and row[1] == "note":
             if notes is not None:
-                notes.add(unescape_cell(row[0]))
+                notes.add(path_of_text(unescape_cell(row[0])))
             continue
-        done.add(unescape_cell(row[0]))
+        done.add(path_of_text(unescape_cell(row[0])))
         if labels is not None and fmt == "csv":  # path, label, score, label_2, score_2, ...
             labels.update(unescape_cell(cell) for cell in row[1::2])
     return done, len(good) - 1

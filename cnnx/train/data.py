@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from cnnx.runtime.contract import is_hidden_name, is_image_name
-from cnnx.runtime.files import cache_root, escaped_name, first_line, remove_stale_temps, signals_blocked
+from cnnx.runtime.files import cache_root, escaped_name, first_line, name_text, remove_stale_temps, signals_blocked
 from cnnx.runtime.preprocess import PREPROCESS_VERSION, ImageError, load_image
 from cnnx.train.cache import CacheError, build_disk_cache, read_disk_cache, take, use_disk
 
@@ -221,12 +221,12 @@ def list_image_folder(root: Path) -> Listing:
         idents[(st.st_dev, st.st_ino)] = c
         walked.add((st.st_dev, st.st_ino))
         try:
-            c.name.encode("utf-8")
+            name_text(c.name).encode("utf-8")
         except UnicodeEncodeError:
             raise DataError(f"class folder {escaped_name(c)}: its name is not UTF-8 text (class names travel in the "
                             f"model's metadata); rename it") from None
     _check_spelt_once(classes)
-    listing.class_names = [c.name for c in classes]
+    listing.class_names = [name_text(c.name) for c in classes]  # the folder's bytes as UTF-8, whatever the locale
     for ci, c in enumerate(classes):
         before, listed = len(listing.files), len(listing.unlisted)
         _walk_images(str(c), listing, ci, str(root), walked)
@@ -857,7 +857,7 @@ def _check_spelt_once(classes) -> None:
 
     seen = {}
     for c in classes:
-        other = seen.setdefault(unicodedata.normalize("NFC", c.name), c)
+        other = seen.setdefault(unicodedata.normalize("NFC", name_text(c.name)), c)
         if other is not c:
             raise DataError(f"class folders {escaped_name(other)} and {escaped_name(c)} are the same name in other "
                             "Unicode code points (composed vs decomposed accents): they would be two classes; "
