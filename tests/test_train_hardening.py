@@ -392,6 +392,15 @@ def test_skipped_txt_holds_one_line_a_file_whatever_its_name(tmp_path):
                      b"d/broken\xfe.jpg\topen: not an image"]
 
 
+def test_the_run_lists_a_skipped_file_on_one_line_whatever_its_name(small, tmp_path):
+    """A name with a newline was printed as two lines of the run's skipped list."""
+    data = copy_classes(small, tmp_path / "d", ["cat", "dog"], 5)
+    (data / "cat" / "bad\n<i>name.jpg").write_bytes(b"not a jpeg")
+    r = run_cli(seed_args(data, tmp_path / "runs", "nl", tmp_path / "c", "--epochs", "1"))
+    assert r.exit_code == 0, r.stderr[-2000:]
+    assert f"  {data / 'cat'}/bad\\n<i>name.jpg: " in r.stderr and "\n<i>name.jpg" not in r.stderr, r.stderr[-2000:]
+
+
 def test_class_folder_nested_1500_levels_deep_is_listed_without_recursion(small, tmp_path):
     data = copy_classes(small, tmp_path / "d", ["cat", "dog"], 5)
     fd = os.open(data / "cat", os.O_RDONLY)

@@ -687,7 +687,7 @@ def load_run_data(cfg: TrainConfig, spec: dict, run_dir: Path, d: loop.Dist, pro
     if splits.skipped:
         say(f"skipped {len(splits.skipped)} file(s):", d)
         for p, why in splits.skipped[:20]:
-            say(f"  {p}: {why}", d)
+            say(f"  {p.translate(_SKIPPED_ESCAPES)}: {why}", d)  # one line a file, as in skipped.txt
         if len(splits.skipped) > 20:
             say(f"  ... and {len(splits.skipped) - 20} more (all listed in {run_dir / 'skipped.txt'})", d)
     if len(splits.train[1]) == 0 or len(splits.val[1]) == 0:
@@ -706,7 +706,7 @@ def skipped_text(skipped) -> bytes:
     """skipped.txt: a line `path<TAB>reason` a file; a backslash, tab, newline or CR in a name is
     written \\\\, \\t, \\n, \\r (one line a file, whatever its name); a name that is not UTF-8
     as its own bytes (surrogateescape), as cnnx classify's errors file writes it."""
-    return "".join(f"{p.translate(_SKIPPED_ESCAPES)}\t{r.translate(_SKIPPED_ESCAPES)}\n"
+    return "".join(f"{files.name_text(p).translate(_SKIPPED_ESCAPES)}\t{r.translate(_SKIPPED_ESCAPES)}\n"
                    for p, r in skipped).encode("utf-8", "surrogateescape")
 
 
