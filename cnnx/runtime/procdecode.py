@@ -68,7 +68,9 @@ class DecodeWorkerDied(ModelError):
 
 class ModelChanged(ModelError):
     """The model file a worker opened is not the model the caller opened (a new export was
-    moved into its place in between): the worker's rows would be another model's."""
+    moved into its place in between): the worker's rows would be another model's. The caller
+    then runs its batches itself, with the model it opened (a Classifier serving for days went
+    on failing every call, each saying "run it again")."""
 
 
 # --- the worker -------------------------------------------------------------------------------
@@ -149,8 +151,7 @@ class _WorkerModel:
             self.error = str(e)
             return
         if self.info.identity() != expected:
-            self.error = ModelChanged(f"{path} was replaced by another model (a new export?) while this run "
-                                      f"started: run it again")
+            self.error = ModelChanged(f"{path} was replaced by another model (a new export?)")
 
     def run(self, images):
         """The logits of every row of `images`, run WORKER_RUN_ROWS rows at a time."""
@@ -197,6 +198,7 @@ class DecodePool:
         ctx = context()
         self.procs, self.conns = [], []
         self.busy = False  # a run is using the workers (one at a time)
+        self.model_replaced = False  # a worker opened another model than the caller's: they decode only
         self.runs = 0  # runs started: results of an earlier one (ended early) are dropped
         # Once a pool, not a run: segments of processes killed with their resource tracker (_hold)
         remove_stale_temps(SHM_FOLDER, (SHM_PREFIX,))
@@ -228,11 +230,14 @@ class DecodePool:
         same input, decoded in the worker processes. model: None, or the ModelInfo of the model
         (opened by `Classifier(model, "cpu")`) that each worker then runs on the whole
         batches it decodes, on one CPU thread: the batch's `logits` (batch_size rows; a
-        failed run raises ModelError here, in batch order). lend: a batch whose files all
+        failed run raises ModelError here, in batch order; None, for the caller to run, once a
+        worker opened another model from its path: ModelChanged). lend: a batch whose files all
         decoded comes as a view of its slot, valid only until the next batch is asked for
         (the caller is done with its pixels by then); others are copied out as without lend."""
         if self.busy:
             raise RuntimeError("this DecodePool is already running a classify call")
+        if self.model_replaced:
+            model = None
         self.busy = True
         self.runs += 1
         slots = config.read_ahead(spec) + 1
@@ -437,8 +442,8 @@ class _Run:
         out.images[len(out.paths):] = 0
         if not lent:
             self.release(batch.slot)
-        if isinstance(out.logits, ModelChanged):
-            raise out.logits
+        if isinstance(out.logits, ModelChanged):  # the caller runs its own, now and in later runs
+            out.logits, self.pool.model_replaced = None, True
         if isinstance(out.logits, str):
             raise ModelError(f"{self.model.path}: onnxruntime failed on a batch of {self.config.batch_size} on "
                              f"{CPU_PROVIDER}: {out.logits}")
