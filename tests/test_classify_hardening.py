@@ -114,6 +114,7 @@ def wait_for(condition, what, timeout=60.0):
 
 def test_a_second_writer_on_the_same_output_is_refused_and_a_dead_holder_blocks_nothing(cifar_subset, model,
                                                                                         tmp_path):
+    """... or on its errors file, which `-o p` and `-o p.csv` share by default."""
     folder = cifar_subset(6)  # 60 images
     out = tmp_path / "p.csv"
     lock = tmp_path / ".p.csv.lock"
@@ -129,6 +130,14 @@ def test_a_second_writer_on_the_same_output_is_refused_and_a_dead_holder_blocks_
         lines = [line for line in stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and "being written by another cnnx classify" in lines[0]
         assert f"pid {first.pid}" in lines[0]
+        # `-o p` shares p.csv's default errors file, p.errors.csv: one of the two ended half-way
+        other = cnnx_subprocess(folder, "--model", model, "-o", tmp_path / "p")
+        _stdout, stderr = other.communicate(timeout=120)
+        assert other.returncode == 1 and stderr.strip().splitlines() == [
+            f"Error: {tmp_path / 'p.errors.csv'}, this run's errors file, is being written by another cnnx classify "
+            f"(pid {first.pid}), perhaps as another output's: wait for it to finish, or name another --errors file"], \
+            stderr
+        assert not (tmp_path / "p").exists()
         # A holder killed -9 (the kernel drops its flock) leaves nothing that blocks a resume.
         first.kill()
         first.wait(timeout=60)

@@ -156,7 +156,7 @@ def classify(paths, model_path, output, fmt, topk, batch_size, workers, decode, 
     remove_stale_temps_beside(output, errors_path, report_path)
     decode = _small_job_threads(paths, decode)
     _warm_up(model_path, decoder, decode, workers)
-    with _ends_when_interrupted() as interrupts, _one_line_errors(), _one_writer(output):
+    with _ends_when_interrupted() as interrupts, _one_line_errors(), _one_writer(output, errors_path):
         _check_not_there(output, errors_path, resume)
         classifier = _open_classifier(model_path, device, batch_size=batch_size, workers=workers, topk=topk,
                                       decoder=decoder, decode=decode)
@@ -424,27 +424,15 @@ def _one_line_errors():
 
 
 @contextlib.contextmanager
-def _one_writer(output):
-    """Hold the output's lock for the whole run: a second run on the same file (a resume
-    started twice) stops with one line instead of appending duplicates."""
-    from cnnx.runtime.files import os_error_line
-    from cnnx.runtime.output import OutputBusy, OutputLock
+def _one_writer(output, errors_path):
+    """Hold the output's and the errors file's locks for the whole run (held_for_writing)."""
+    from cnnx.runtime.output import OutputBusy, held_for_writing
 
-    if output == "-":
-        yield
-        return
-    lock = OutputLock(output)
     try:
-        lock.acquire()
+        with held_for_writing(output, errors_path):
+            yield
     except OutputBusy as e:
-        raise click.ClickException(f"{output} is being written by another cnnx classify ({e}); "
-                                   "wait for it to finish") from None
-    except OSError as e:
-        raise click.ClickException(f"cannot write: {os_error_line(e, lock.path)}") from None
-    try:
-        yield
-    finally:
-        lock.release()
+        raise click.ClickException(str(e)) from None
 
 
 def _small_job_threads(paths, decode: str) -> str:

@@ -100,6 +100,31 @@ class OutputLock:
         self.release()
 
 
+@contextlib.contextmanager
+def held_for_writing(output, errors_path):
+    """The OutputLock of a run's output and of its errors file (None and "-" are no files),
+    held for the whole run: a second run on either stops before it writes anything, where a
+    resume started twice appended duplicates, and `-o p.csv` beside `-o p` (one default errors
+    file, p.errors.csv) ended one of them half-way. OutputBusy with the line to say; WriteError
+    where a lock cannot be made."""
+    with contextlib.ExitStack() as stack:
+        for target in dict.fromkeys(t for t in (output, errors_path) if t not in (None, "-")):
+            lock = OutputLock(target.rstrip("/" + os.sep))
+            try:
+                lock.acquire()
+            except OutputBusy as e:
+                if target == output:
+                    raise OutputBusy(f"{target} is being written by another cnnx classify ({e}); wait for it to "
+                                     "finish") from None
+                raise OutputBusy(f"{target}, this run's errors file, is being written by another cnnx classify ({e}), "
+                                 "perhaps as another output's: wait for it to finish, or name another --errors file") \
+                    from None
+            except OSError as e:
+                raise WriteError(os_error_line(e, lock.path)) from None
+            stack.callback(lock.release)
+        yield
+
+
 def escape_cell(value: str) -> str:
     return "'" + value if value[:1] in _FORMULA_START else value
 

@@ -46,10 +46,10 @@ from cnnx.runtime.discover import URI, Discovery, Found, PathKeys, is_uri
 from cnnx.runtime.files import (TEMP_PREFIX, atomic_file, escaped_name, first_line, os_error_line,
                                 quiet_pillow_warnings, remove_stale_temps)
 from cnnx.runtime.model import ModelError, softmax_topk
-from cnnx.runtime.output import (ErrorsWriter, OutputBusy, OutputLock, PredictionWriter, ResumeError, WriteError,
+from cnnx.runtime.output import (ErrorsWriter, OutputBusy, PredictionWriter, ResumeError, WriteError,
                                  already_exists, check_resume, check_unrecorded_resume, csv_header, default_errors_path,
-                                 names_parquet_folder, read_done, read_run_record, run_record_path, summary_counts,
-                                 unrecorded_resume_warning, write_run_record)
+                                 held_for_writing, names_parquet_folder, read_done, read_run_record, run_record_path,
+                                 summary_counts, unrecorded_resume_warning, write_run_record)
 from cnnx.runtime.pipeline import decode_images
 from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS
 
@@ -164,7 +164,7 @@ def classify_with_ray(paths, model, *, output, fmt="csv", errors=None, resume=Fa
         if not status.usable:
             raise RayEngineError(f"--device {device}: {status.reason}")
     summary = RaySummary()
-    with _output_lock(output), _Sink(output, fmt, errors, info.class_names, topk, resume, rows_per_part,
+    with _output_lock(output, errors), _Sink(output, fmt, errors, info.class_names, topk, resume, rows_per_part,
                                      info.identity()) as sink:
         summary.warnings += sink.warnings
         todo, discover_skips = _plan(_found(paths, manifest, follow_symlinks, summary), sink, summary)
@@ -189,23 +189,15 @@ def classify_with_ray(paths, model, *, output, fmt="csv", errors=None, resume=Fa
 
 
 @contextlib.contextmanager
-def _output_lock(output):
-    """local classify's one-writer-per-output lock (a second run on the same output stops)."""
-    if output == "-":
-        yield
-        return
-    lock = OutputLock(output.rstrip("/" + os.sep))
+def _output_lock(output, errors_path):
+    """local classify's locks of the output and its errors file (a second run on either stops)."""
     try:
-        lock.acquire()
+        with held_for_writing(output, errors_path):
+            yield
     except OutputBusy as e:
-        raise RayEngineError(f"{output} is being written by another cnnx classify ({e}); wait for it to finish") \
-            from None
-    except OSError as e:
-        raise RayEngineError(f"cannot write: {os_error_line(e, lock.path)}") from None
-    try:
-        yield
-    finally:
-        lock.release()
+        raise RayEngineError(str(e)) from None
+    except WriteError as e:
+        raise RayEngineError(f"cannot write: {e}") from None
 
 
 # ---- inputs ---------------------------------------------------------------------------------
