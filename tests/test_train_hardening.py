@@ -401,6 +401,19 @@ def test_the_run_lists_a_skipped_file_on_one_line_whatever_its_name(small, tmp_p
     assert f"  {data / 'cat'}/bad\\n<i>name.jpg: " in r.stderr and "\n<i>name.jpg" not in r.stderr, r.stderr[-2000:]
 
 
+def test_a_decode_job_none_of_whose_files_decodes_is_skipped_not_a_traceback(small, tmp_path):
+    """A run of 8 or more unreadable files in path order (an iPhone folder's IMG_*.HEIC) made a
+    whole decode job of the in-memory cache with no rows: a TypeError traceback, train and evaluate."""
+    data = copy_classes(small, tmp_path / "d", ["cat", "dog"], 5)
+    for i in range(12):
+        (data / "cat" / f"IMG_{i:04d}.HEIC").write_bytes(b"\0\0\0\x18ftypheic")
+    r = run_cli(seed_args(data, tmp_path / "runs", "heic", tmp_path / "c", "--epochs", "1", "--workers", "2"))
+    assert r.exit_code == 0 and "Traceback" not in r.stderr and "skipped 12 file(s)" in r.stderr, r.stderr[-2000:]
+    r = run_cli(["evaluate", tmp_path / "runs" / "heic" / "best.pt", "--data", data, "--workers", "2",
+                 "--cache-dir", tmp_path / "c2"])
+    assert r.exit_code == 0 and r.stdout.startswith("images\t10\n"), r.stderr[-2000:]
+
+
 def test_class_folder_nested_1500_levels_deep_is_listed_without_recursion(small, tmp_path):
     data = copy_classes(small, tmp_path / "d", ["cat", "dog"], 5)
     fd = os.open(data / "cat", os.O_RDONLY)

@@ -332,7 +332,8 @@ def _decode_worker(conn, paths, jobs, spec, cache_file=None, parent=None):
                 continue
             idx, errors = _decode_chunk(paths[start:start + count], spec, buf)
             conn.send((j, idx, errors))
-            conn.send_bytes(memoryview(buf[:len(idx)]).cast("B"))
+            if len(idx):  # none of a job's files decoded (a run of HEIC photos): no rows (an empty view cannot cast)
+                conn.send_bytes(memoryview(buf[:len(idx)]).cast("B"))
     except BaseException as e:  # MemoryError and the like: say what, then end
         try:
             conn.send(("error", f"{type(e).__name__}: {first_line(e)}"))
@@ -503,7 +504,7 @@ def _run_jobs(procs, jobs, out, rows_by_pipe, kept_by_job, errors_by_job, bar, n
             raise DataError(f"a decode worker process failed: {header[1]}")
         j, idx, errors = header
         start = jobs[j][0]
-        if rows_by_pipe:
+        if rows_by_pipe and len(idx):  # as the worker sends them
             conn.recv_bytes_into(memoryview(out[start:start + len(idx)]).cast("B"))
         kept_by_job[j], errors_by_job[j] = idx, errors
         bar.update(jobs[j][1])
