@@ -277,12 +277,23 @@ def test_whitened_tta_airnet_exports_through_the_fp32_gate(frontier_runs, tmp_pa
     (["--optimizer", "lion"], ["--optimizer", "lion"]),
     (["--ema", "1"], ["--ema", "(0, 1)"]),
     (["--ema", "0"], ["--ema", "(0, 1)"]),
-    (["--whiten-images", "1000"], ["--whiten-images", "1000"]),
     (["--arch", "seed-cnn"], ["--tta", "seed-cnn"]),
 ])
 def test_bad_frontier_input_is_one_line_exit_2(cifar_subset, tmp_path, extra, needles):
     r = _train(cifar_subset(20), tmp_path, "bad", tmp_path / "cache", "--epochs", "1", *extra)
     _one_line_usage_error(r, *needles)
+
+
+def test_a_whitening_sample_larger_than_the_split_samples_all_of_it_with_a_note(cifar_subset, tmp_path):
+    """The GPU recipe samples 5,000 images: every photo folder of fewer training images failed on
+    CUDA (a usage error naming --whiten-images, which the user never gave)."""
+    r = _train(cifar_subset(20), tmp_path, "all", tmp_path / "cache", "--epochs", "1", "--whiten-images", "5000")
+    assert r.exit_code == 0, r.stderr[-2000:]
+    config = json.loads((tmp_path / "all" / "config.json").read_text())
+    n = config["train_images"]
+    assert config["whiten_images"] == n < 5000
+    assert f"note: the whitening init samples all {n} training images (whiten_images 5000 is more than the split " \
+           "holds)" in r.stderr
 
 
 def test_compile_warmup_leaves_the_model_as_it_was():
