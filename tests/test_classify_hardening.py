@@ -84,6 +84,30 @@ def test_a_run_that_could_read_nothing_it_was_given_fails_like_one_that_found_no
     assert run([folder, "--model", model, "-o", tmp_path / "q.csv"]).exit_code == 0  # one image read: warnings
 
 
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_an_image_the_model_gives_non_finite_scores_is_an_errors_row_not_class_0(fmt, tmp_path):
+    """NaN or inf logits (an fp16 export overflowing) were written as class 0 with score nan,
+    exit 0, and as a bare NaN in JSONL (not JSON); evaluate refuses such a model."""
+    import json
+
+    model = tiny_onnx_model(tmp_path / "m.onnx", batch_out="nan-when-dark")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), (0, 0, 0)).save(folder / "a_dark.png")
+    Image.new("RGB", (32, 32), (200, 100, 50)).save(folder / "b_lit.png")
+    out, errors = tmp_path / f"p.{fmt}", tmp_path / "e.csv"
+    r = run([folder, "--model", model, "-o", out, "--format", fmt, "--errors", errors])
+    assert r.exit_code == 0, r.output
+    lines = out.read_text().splitlines()
+    if fmt == "jsonl":
+        rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"not JSON: {c}")) for line in lines]
+        assert [row["path"] for row in rows] == [str(folder / "b_lit.png")]
+    else:
+        assert [row[0] for row in read_csv(out)[1:]] == [str(folder / "b_lit.png")] and "nan" not in out.read_text()
+    assert read_csv(errors)[1:] == [[str(folder / "a_dark.png"), "model", "the model gave this image non-finite "
+                                     "scores (NaN or inf: an fp16 export overflowing?)"]]
+
+
 def test_a_model_whose_output_batch_is_fixed_is_refused_at_load(images, tmp_path):
     reduced = tiny_onnx_model(tmp_path / "reduced.onnx", batch_out="reduced")  # logits [1, C] for any N
     line = one_line_error(run([images, "--model", reduced, "-o", tmp_path / "p.csv"]))

@@ -33,7 +33,8 @@ from cnnx.runtime.discover import Discovery, PathKeys
 from cnnx.runtime.files import first_line
 from cnnx.runtime.gpudecode import DECODERS, GpuDecoder, open_decoder
 from cnnx.runtime.gpudecode import decoded_batches as gpu_decoded_batches
-from cnnx.runtime.model import ModelError, open_model, softmax, softmax_topk
+from cnnx.runtime.model import (NON_FINITE_LINE, NON_FINITE_STAGE, ModelError, finite_rows, open_model, softmax,
+                                softmax_topk)
 from cnnx.runtime.pipeline import (PipelineConfig, ahead_in_thread, batch_size_within_budget, batched_runs,
                                    decoded_batches, peek_files)
 from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS
@@ -475,7 +476,7 @@ def _bound(clf: Classifier, runner: BoundRunner, batches):
             return
         except RunFailed as e:
             raise clf._run_failed(clf.batch_size, str(e)) from None
-        yield BatchResult(items, batch.paths, *(top or (None, None)), batch.failed, batch.notes)
+        yield BatchResult(items, *(top or (batch.paths, None, None, batch.failed)), batch.notes)
 
 
 def _todo(discovery: Discovery, counts: _Counts, keys: PathKeys, done: set):
@@ -499,10 +500,20 @@ def _logits(clf: Classifier, batch):
 
 
 def _result(clf: Classifier, items, batch, logits) -> BatchResult:
-    top = _top(clf, batch, logits) if batch.paths else (None, None)
-    return BatchResult(items, batch.paths, *top, batch.failed, batch.notes)
+    return BatchResult(items, *_top(clf, batch, logits), batch.notes)
 
 
 def _top(clf: Classifier, batch, logits):
-    """(indices, scores) of the batch's decoded files (the padded rows dropped)."""
-    return softmax_topk(logits[:len(batch.paths)], clf.topk)
+    """(paths, indices, scores, failed) of the batch's decoded files (the padded rows dropped):
+    a file whose scores are not finite is a failed one (finite_rows). indices and scores None
+    where no file is left."""
+    if not batch.paths:
+        return batch.paths, None, None, batch.failed
+    logits = logits[:len(batch.paths)]
+    ok = finite_rows(logits)
+    if ok is None:
+        return (batch.paths, *softmax_topk(logits, clf.topk), batch.failed)
+    paths = [path for path, good in zip(batch.paths, ok) if good]
+    failed = batch.failed + [(path, NON_FINITE_STAGE, NON_FINITE_LINE) for path, good in zip(batch.paths, ok)
+                             if not good]
+    return (paths, *(softmax_topk(logits[ok], clf.topk) if paths else (None, None)), failed)

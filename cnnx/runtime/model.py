@@ -234,12 +234,26 @@ def check_contract(session, path) -> ModelInfo:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax of (N, C) logits, in float64 (stable scores)."""
+    """Row-wise softmax of (N, C) logits, in float64 (stable scores); NaN for a row that is not
+    all finite (finite_rows), without numpy's RuntimeWarning on the caller's stderr."""
     z = logits.astype(np.float64)
-    z -= z.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
     return p
+
+
+NON_FINITE_STAGE = "model"
+NON_FINITE_LINE = "the model gave this image non-finite scores (NaN or inf: an fp16 export overflowing?)"
+
+
+def finite_rows(logits: np.ndarray) -> np.ndarray | None:
+    """The mask of the rows of (N, C) logits that are all finite, or None where every row is
+    (the common batch: one check). A row with an inf or a NaN has no softmax: it was written
+    as class 0 with score nan (a model whose fp16 export overflows), which evaluate refuses."""
+    ok = np.isfinite(logits).all(axis=1)
+    return None if ok.all() else ok
 
 
 def softmax_topk(logits: np.ndarray, k: int):

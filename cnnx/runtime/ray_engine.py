@@ -45,7 +45,7 @@ from cnnx.runtime.contract import external_data_files
 from cnnx.runtime.discover import URI, Discovery, Found, PathKeys, is_uri
 from cnnx.runtime.files import (TEMP_PREFIX, atomic_file, escaped_name, first_line, os_error_line,
                                 quiet_pillow_warnings, remove_stale_temps)
-from cnnx.runtime.model import ModelError, softmax_topk
+from cnnx.runtime.model import NON_FINITE_LINE, NON_FINITE_STAGE, ModelError, finite_rows, softmax_topk
 from cnnx.runtime.output import (ErrorsWriter, OutputBusy, PredictionWriter, ResumeError, WriteError,
                                  already_exists, check_resume, check_unrecorded_resume, csv_header, default_errors_path,
                                  held_for_writing, names_parquet_folder, read_done, read_run_record, run_record_path,
@@ -672,7 +672,13 @@ class _ClassifyActor:
             take = ok[start:start + clf.batch_size]
             padded = np.zeros((clf.batch_size,) + rows["images"].shape[1:], dtype=np.uint8)
             padded[:len(take)] = rows["images"][take]  # one input shape, as local classify runs
-            indices[take], scores[take] = softmax_topk(clf.predict(padded)[:len(take)], clf.topk)
+            logits = clf.predict(padded)[:len(take)]
+            ok = finite_rows(logits)
+            if ok is not None:  # as local classify: a file of non-finite scores is an errors row
+                rows = {**rows, "stage": rows["stage"].copy(), "message": rows["message"].copy()}  # Ray's may be read-only
+                rows["stage"][take[~ok]], rows["message"][take[~ok]] = NON_FINITE_STAGE, NON_FINITE_LINE
+                take, logits = take[ok], logits[ok]
+            indices[take], scores[take] = softmax_topk(logits, clf.topk)
         return _result_table(rows, indices, scores, clf.provider, self.node)
 
 
