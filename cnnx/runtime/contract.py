@@ -346,7 +346,7 @@ def peek_preprocess_size(path):
     try:
         h, w = json.loads(props[KEY_PREPROCESS])["size"]
         return int(h), int(w)
-    except (TypeError, KeyError, ValueError):
+    except (TypeError, KeyError, ValueError, OverflowError):  # OverflowError: a size of 1e999 (JSON's inf)
         return None
 
 
