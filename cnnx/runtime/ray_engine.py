@@ -670,9 +670,7 @@ class _ClassifyActor:
         scores = np.zeros((n, clf.topk), dtype=np.float64)
         for start in range(0, len(ok), clf.batch_size):
             take = ok[start:start + clf.batch_size]
-            padded = np.zeros((clf.batch_size,) + rows["images"].shape[1:], dtype=np.uint8)
-            padded[:len(take)] = rows["images"][take]  # one input shape, as local classify runs
-            logits = clf.predict(padded)[:len(take)]
+            logits = clf.predict(rows["images"][take])  # no padding rows, as local classify's CPU path
             ok = finite_rows(logits)
             if ok is not None:  # as local classify: a file of non-finite scores is an errors row
                 rows = {**rows, "stage": rows["stage"].copy(), "message": rows["message"].copy()}  # Ray's may be read-only
