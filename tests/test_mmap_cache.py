@@ -166,6 +166,25 @@ def small_tmpfs(tmp_path):
         yield mount
 
 
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_a_cache_whose_bytes_changed_in_place_is_decoded_again_not_trained_on(mode, cifar_subset, tmp_path):
+    """Bytes zeroed in the middle of a cache file (a disk error, a write into it) were read back
+    as black images, trained on without a word: torch.load does not check its entries' CRCs,
+    and the disk cache checked only its size."""
+    data = cifar_subset(4)
+    fresh = load_image_folder(data, SPEC, progress=False, cache=tmp_path / "c", workers=1, cache_mode=mode)
+    images = fresh.images[torch.arange(len(fresh.labels))] if mode == "disk" else fresh.images
+    del fresh
+    files = [p for p in (tmp_path / "c").rglob("*") if p.is_file() and (p.name == "images.u8" or p.suffix == ".pt")]
+    assert len(files) == 1, files
+    with open(files[0], "r+b") as f:
+        f.seek(files[0].stat().st_size // 2)
+        f.write(bytes(3 * 32 * 32))
+    again = load_image_folder(data, SPEC, progress=False, cache=tmp_path / "c", workers=1, cache_mode=mode)
+    got = again.images[torch.arange(len(again.labels))] if mode == "disk" else again.images
+    assert torch.equal(got, images)
+
+
 def test_a_full_disk_is_one_line_and_leaves_no_cache(cifar_subset, tmp_path, small_tmpfs):
     data = cifar_subset(12)  # 120 images x 3 x 48 x 48 = 830 KB > the 256 KB tmpfs
     r = run_cli(seed_args(data, tmp_path / "runs", "full", small_tmpfs, "--epochs", "1", "--image-size", "48",
@@ -173,6 +192,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_cache(cifar_subset, tmp_path, sma
     assert r.exit_code == 1
     last = r.stderr.strip().splitlines()[-1]
     assert "no space left" in last and str(small_tmpfs) in last and "Traceback" not in r.stderr
+    assert "images need 0.79 MiB)" in last  # was "0.00 GiB"
     folders = small_tmpfs / "folders"
     assert not list(folders.iterdir())  # no cache folder, no temp folder: nothing to read back
 

@@ -30,7 +30,7 @@ import torch
 from cnnx.runtime.files import TEMP_PREFIX, first_line, hold_as_writer, is_disk_full, remove_stale_temps
 from cnnx.runtime.pipeline import ahead_in_thread
 
-DISK_CACHE_FORMAT = 1
+DISK_CACHE_FORMAT = 2  # 2: the header holds the images file's CRC-32 (a damaged file was trained on)
 IMAGES_FILE, META_FILE = "images.u8", "meta.json"
 MEMORY_SHARE = 0.5  # --cache auto: the disk cache when decoded images need more than this share of free memory
 # ... counted this many times: while the run's splits are made, the training rows are copied out of
@@ -164,6 +164,8 @@ def read_disk_cache(folder: Path):
         shape = tuple(int(s) for s in meta["shape"])
         if os.path.getsize(folder / IMAGES_FILE) != int(np.prod(shape)):
             return None
+        if _crc32_of(folder / IMAGES_FILE) != meta["images_crc32"]:  # bytes changed in place: rebuilt
+            return None
         if shape[0] == 0:
             return Rows(np.zeros(shape, dtype=np.uint8)), meta
         file = open(folder / IMAGES_FILE, "rb", buffering=0)  # closed when the last Rows over it is gone
@@ -207,7 +209,8 @@ def build_disk_cache(folder: Path, n: int, size, decode_into, meta_of) -> tuple:
             out.flush()
         del out
         os.truncate(path, filled * row)
-        meta = {"format": DISK_CACHE_FORMAT, "shape": [filled, 3, h, w], **meta_of(extra)}
+        meta = {"format": DISK_CACHE_FORMAT, "shape": [filled, 3, h, w], "images_crc32": _crc32_of(path),
+                **meta_of(extra)}
         with open(tmp / META_FILE, "w") as f:
             json.dump(meta, f)
             f.flush()
@@ -226,7 +229,7 @@ def build_disk_cache(folder: Path, n: int, size, decode_into, meta_of) -> tuple:
     except OSError as e:
         if is_disk_full(e):
             raise CacheError(f"no space left for the decoded-image cache in {parent} ({n} images need "
-                             f"{n * 3 * h * w / 2**30:.2f} GiB): "
+                             f"{_size_text(n * 3 * h * w)}): "
                              f"free space, or point --cache-dir at a larger disk"
                              ) from None
         raise CacheError(f"cannot write the decoded-image cache in {parent}: {first_line(e)}") from None
@@ -237,6 +240,23 @@ def build_disk_cache(folder: Path, n: int, size, decode_into, meta_of) -> tuple:
     if got is None:
         raise CacheError(f"the decoded-image cache {folder} could not be read back")
     return got
+
+
+def _crc32_of(path) -> int:
+    """zlib's CRC-32 of a file, read in blocks: a cache whose bytes changed in place (a disk
+    error, a write into it) is rebuilt, never trained on. One sequential read a run start,
+    against the epochs' random reads of every row."""
+    import zlib
+
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _size_text(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{max(n / 2**20, 0.01):.2f} MiB"
 
 
 def _replace_damaged(folder: Path, tmp: Path):

@@ -645,9 +645,14 @@ def _disk_cache_data(folder: Path, root: Path, listing: Listing, spec, *, worker
 
 
 def _read_cache(cache_file: Path, root: Path):
+    import zipfile
+
     if not cache_file.exists():
         return None
     try:
+        with zipfile.ZipFile(cache_file) as z:  # torch.load does not check its entries' CRCs: bytes zeroed in place
+            if z.testzip() is not None:  # were images of zeros, trained on
+                return None
         c = torch.load(cache_file, map_location="cpu", weights_only=True)
         return ImageFolderData(c["images"], c["labels"], list(c["class_names"]), [str(root / p) for p in c["paths"]],
                                [(str(root / p), r) for p, r in c["skipped"]])
