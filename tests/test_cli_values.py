@@ -150,8 +150,14 @@ def test_train_and_export_values_that_made_tracebacks_hangs_or_silent_runs(run, 
 
     torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "bare.pt")
     (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    import warnings
+
+    with warnings.catch_warnings():  # torch.jit's deprecation, the test's own
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "script.pt")  # was "truncated", and quoted
     for weights, needle in (("bare.pt", "it is a bare state_dict; cnnx train writes checkpoints, and --pretrained"),
-                            ("plain.pkl", "a safe, weights-only load refused it")):
+                            ("plain.pkl", "a safe, weights-only load refused it"),  # torch's weights_only advice
+                            ("script.pt", "a TorchScript archive (torch.jit.save), not a checkpoint: cnnx never loads")):
         r = run_cli([*base, "--weights", tmp_path / weights])
         _usage(r, needle, 1)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr  # no warning of torch's before it

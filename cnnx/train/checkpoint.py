@@ -186,10 +186,28 @@ def load_tensors(f, map_location="cpu"):
     except (KeyError, IndexError):  # what the weights-only unpickler raises on some garbage files: a bare key
         raise UnreadableTorchFile("truncated or not a torch file") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        kind = _archive_kind(f)
+        if kind in ("torchscript", "pt2"):  # torch's text here advises turning the weights-only load off
+            what = "a TorchScript archive (torch.jit.save)" if kind == "torchscript" else "a pt2 archive (torch.export)"
+            raise UnreadableTorchFile(f"{what}, not a checkpoint: cnnx never loads those (they can run code); give "
+                                      "a training run's best.pt or last.pt") from None
         raise UnreadableTorchFile(f"truncated or not a torch file: {first_line(e, 200)}") from None
     except (TypeError, AttributeError, AssertionError) as e:  # a damaged byte in data.pkl (the unpickler's own checks)
         raise UnreadableTorchFile(f"damaged (its pickled data cannot be read: {type(e).__name__}: "
                                   f"{first_line(e, 120)})") from None
+
+
+def _archive_kind(f) -> str | None:
+    """contract.torch_archive_kind of the open file `f` (its zip members' names), None where it
+    is no zip archive."""
+    from cnnx.runtime.contract import torch_archive_kind
+
+    try:
+        f.seek(0)
+        with zipfile.ZipFile(f) as z:
+            return torch_archive_kind(z.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
