@@ -511,6 +511,31 @@ def test_a_model_replaced_before_the_workers_open_it_gives_the_rows_of_the_model
     assert not segments(os.getpid())
 
 
+def test_a_process_forked_after_the_pool_started_classifies_in_threads(tmp_path, cifar_subset):
+    """Its workers and their state came with the fork: the child's call failed in
+    multiprocessing's own check (a bare AssertionError, 'can only test a child process')."""
+    model = exported_model(tmp_path)
+    script = textwrap.dedent(f"""
+        import os, sys
+        from cnnx.runtime import Classifier
+        clf = Classifier({str(model)!r}, "cpu", decode="processes", workers=2, batch_size=8)
+        want = [(r.path, r.indices) for r in clf.classify([{str(cifar_subset(2))!r}])]
+        pid = os.fork()
+        if pid == 0:
+            try:
+                got = [(r.path, r.indices) for r in clf.classify([{str(cifar_subset(2))!r}])]
+                os._exit(0 if got == want and clf.decode_pool is None else 3)
+            except BaseException as e:
+                print(type(e).__name__, e, file=sys.stderr, flush=True)
+                os._exit(4)
+        _, status = os.waitpid(pid, 0)
+        print("child", os.waitstatus_to_exitcode(status), "parent", len(list(clf.classify([{str(cifar_subset(2))!r}]))))
+        clf.close()
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.split() == ["child", "0", "parent", "20"], r.stdout + r.stderr[-2000:]
+
+
 def test_cli_decode_option_gives_the_same_csv_threads_or_processes(model, mixed, tmp_path):
     """`cnnx classify --decode threads|processes` reaches the Classifier: same output, same errors file."""
     outs = {}

@@ -93,6 +93,11 @@ class Classifier:
     be smaller when that many images of the model's size would exceed the pipeline's memory
     budget (compare with `requested_batch_size`).
 
+    Open one in each process: a process forked (os.fork) after a Classifier opened can use it,
+    decoding in threads (its decode processes stay the parent's), but onnxruntime's threads do
+    not survive a fork, and its exit handlers then wait for them for ever: such a process must
+    end with os._exit, as multiprocessing's workers do.
+
     io_binding: run classify()'s batches through IOBinding with several in flight and page-locked
     host buffers (cnnx.runtime.binding); None (default) = on CUDA and TensorRT, off on the CPU,
     where the plain loop is kept. `host_memory` says which buffers it got, or None when off.
@@ -171,6 +176,10 @@ class Classifier:
         the old user's; its workers would read files as that user), or one that may no longer
         run Python's executable. A pool one of whose workers ended (DecodeWorkerDied in an
         earlier call) is replaced: each call that says "run again" can be run again."""
+        if self.decode_pool is not None and self.decode_pool.pid != os.getpid():
+            # a process forked after the pool started: its workers are the parent's (their state
+            # came with the fork: an AssertionError), left to it; this process decodes in threads
+            self.decode_pool, self._pool_wanted = None, False
         if self.decode_pool is not None and self.decode_pool.broken:
             self.decode_pool.close()
             self.decode_pool, self._pool_wanted = None, True

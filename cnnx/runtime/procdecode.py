@@ -200,6 +200,7 @@ class DecodePool:
         ctx = context()
         self.procs, self.conns = [], []
         self.busy = False  # a run is using the workers (one at a time)
+        self.pid = os.getpid()  # the process whose workers they are (a forked one's are its parent's)
         self.model_replaced = False  # a worker opened another model than the caller's: they decode only
         self.runs = 0  # runs started: results of an earlier one (ended early) are dropped
         # Once a pool, not a run: segments of processes killed with their resource tracker (_hold)
