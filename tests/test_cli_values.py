@@ -141,6 +141,10 @@ def test_train_and_export_values_that_made_tracebacks_hangs_or_silent_runs(run, 
         _usage(run_cli([*base, "--arch", arch, "--image-size", str(side)]),
                f"{arch} cannot take {side}x{side} px images (its layers shrink them to nothing); "
                f"the smallest it takes is {smallest}")
+    # torch's "Expected more than 1 value per channel when training" at the first step, after the decoding
+    _usage(run_cli([*base, "--arch", "resnet18", "--image-size", "32", "--batch-size", "1"]),
+           "--batch-size 1: resnet18 at 32x32 px has batch norm over 1x1 maps, which cannot train on one image a "
+           "batch; pass --batch-size 2 or more")
     assert not (tmp_path / "c").exists()  # before any image was decoded
     _usage(run_cli([*base, "--freeze-backbone-epochs", "1"]), "pass --weights or --pretrained")  # froze random weights
     _usage(run_cli([*base, "--freeze-backbone-epochs", "-1"]), "--freeze-backbone-epochs: must be >= 0, got -1")

@@ -519,7 +519,7 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
     continued, whose data must be the data found now (check_same_data), before anything is
     written."""
     from cnnx.train.config import ConfigError
-    from cnnx.train.zoo import Uint8Input, create_model, pretrained_state_dict, smallest_side
+    from cnnx.train.zoo import Uint8Input, batch_of_one_fails, create_model, pretrained_state_dict, smallest_side
 
     dev_type = torch.device(device).type
     torch.set_num_threads(loop.cpu_threads(cfg, d))
@@ -530,6 +530,11 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
         h, w = spec["size"]
         raise ConfigError(f"--image-size: {cfg.arch} cannot take {h}x{w} px images (its layers shrink them to "
                           f"nothing); " + (f"the smallest it takes is {smallest}" if smallest else "no size fits"))
+    if max(1, cfg.batch_size // d.world) == 1 and batch_of_one_fails(cfg.arch, arch_kwargs, spec["size"]):
+        h, w = spec["size"]  # else torch's "Expected more than 1 value per channel" at the first step
+        raise ConfigError(f"--batch-size {cfg.batch_size}: {cfg.arch} at {h}x{w} px has batch norm over 1x1 maps, "
+                          f"which cannot train on one image a {'process' if d.world > 1 else 'batch'}; pass "
+                          f"--batch-size {2 * d.world} or more")
     if "crop" in cfg.aug and cfg.crop_pad >= side:  # reflect padding takes at most side - 1 pixels
         raise ConfigError(f"--crop-pad {cfg.crop_pad} (the {cfg.arch} recipe's, unless given) must be smaller than "
                           f"the image side ({side} px): pass a smaller --crop-pad, or --aug without crop")

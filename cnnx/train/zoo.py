@@ -285,11 +285,11 @@ def _require_cached_weights(weights) -> str:
     return path
 
 
-def _forward_on_meta(name: str, arch_kwargs: dict, h: int, w: int, hook=None):
+def _forward_on_meta(name: str, arch_kwargs: dict, h: int, w: int, hook=None, batch: int = 2):
     """Build `name` for (h, w) images on the meta device (shapes only: no memory) and run a
-    training-mode batch of two through it (batch norm in training takes no batch of one 1x1
-    map), with `hook` on every leaf module. Raises what the build or the forward raises. The
-    first call in a process costs seconds of imports (the meta kernels)."""
+    training-mode batch of two (or `batch`) through it (batch norm in training takes no batch of
+    one 1x1 map), with `hook` on every leaf module. Raises what the build or the forward raises.
+    The first call in a process costs seconds of imports (the meta kernels)."""
     import warnings
 
     kwargs = {**arch_kwargs, **({"image_size": h} if "image_size" in arch_kwargs else {})}
@@ -300,7 +300,19 @@ def _forward_on_meta(name: str, arch_kwargs: dict, h: int, w: int, hook=None):
             for m in net.modules():
                 if next(m.children(), None) is None:
                     m.register_forward_hook(hook)
-        net(torch.empty(2, 3, h, w))
+        net(torch.empty(batch, 3, h, w))
+
+
+def batch_of_one_fails(name: str, arch_kwargs: dict, size) -> bool:
+    """Whether `name` cannot train on a batch of one (h, w) image: its batch norm over a 1x1
+    map takes none (torch's ValueError, at the first step). On the meta device."""
+    try:
+        _forward_on_meta(name, arch_kwargs, *size, batch=1)
+    except ValueError:
+        return True
+    except (NotImplementedError, RuntimeError):  # not this check's to say (smallest_side's, the build's)
+        return False
+    return False
 
 
 def smallest_side(name: str, arch_kwargs: dict, size) -> int | None:
