@@ -395,6 +395,29 @@ def test_a_finished_run_leaves_no_temporary_folder(model, mixed, tmp_path):
     assert not os.listdir(temp)
 
 
+def test_a_run_killed_with_sigkill_leaves_no_temporary_folder(model, cifar_subset, tmp_path):
+    """kill -9 (the OOM killer) skips the caller's own removal of multiprocessing's folder, the
+    forkserver's socket in it: a /tmp/pymp-* was left by every such run. The forkserver, which
+    ends with its caller, removes it."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    out = tmp_path / "p.csv"
+    proc = subprocess.Popen([sys.executable, "-m", "cnnx", "classify", str(cifar_subset(100)), "--model", str(model),
+                             "--decode", "processes", "--workers", "2", "--batch-size", "16", "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+                            env={**os.environ, "TMPDIR": str(temp)})
+    deadline = time.monotonic() + 120
+    while not (out.exists() and out.stat().st_size > 0):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before any row came"
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while os.listdir(temp) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.listdir(temp)
+
+
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="POSIX shared memory as files in /dev/shm")
 def test_segments_of_processes_killed_with_their_resource_tracker_are_removed_by_the_next_run(model, mixed):
     """A SIGKILL to the whole process group (timeout -s KILL, a job's cancel, a cgroup's OOM kill)

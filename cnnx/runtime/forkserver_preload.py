@@ -10,8 +10,15 @@ processes (Python 3.14's default start method) could then not be terminated, and
 cnnx's decode workers, which ignore them (procdecode._worker) and keep them blocked: unblocked
 at fork, a group SIGTERM in the milliseconds before a worker ignored it killed it, and the run
 ended as a worker death, not as "terminated".
+
+And the forkserver removes its socket's folder (multiprocessing's /tmp/pymp-*) as it ends: the
+caller removes it at its exit, but a caller killed (SIGKILL, the OOM killer) left one in /tmp
+each time; the forkserver ends then too, its pipe from the caller closed.
 """
 
+import atexit
+import contextlib
+import os
 import signal
 from multiprocessing import process
 
@@ -27,3 +34,23 @@ def _bootstrap_unblocked(self, *args, **kwargs):
 
 if hasattr(signal, "pthread_sigmask"):
     process.BaseProcess._bootstrap = _bootstrap_unblocked
+
+
+def _remove_socket_folder(server_pid=os.getpid()):
+    """At the forkserver's exit (the caller gone): its listening socket, and the folder the
+    caller made for it if nothing else is in it. Not in the processes it forks (they inherit
+    this handler, and end with os._exit anyway)."""
+    from multiprocessing import forkserver
+
+    address = getattr(forkserver._forkserver, "_forkserver_address", None)
+    if os.getpid() != server_pid or not isinstance(address, str):
+        return
+    folder = os.path.dirname(address)
+    if os.path.basename(folder).startswith("pymp-"):
+        with contextlib.suppress(OSError):
+            os.unlink(address)
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)  # only where it is empty: the caller may keep other files there
+
+
+atexit.register(_remove_socket_folder)
