@@ -414,6 +414,21 @@ def test_a_decode_job_none_of_whose_files_decodes_is_skipped_not_a_traceback(sma
     assert r.exit_code == 0 and r.stdout.startswith("images\t10\n"), r.stderr[-2000:]
 
 
+def test_a_model_trained_in_a_locale_that_is_not_utf8_is_evaluated_on_its_own_folder(small, tmp_path):
+    """Train names a class by its folder's bytes as UTF-8 whatever the locale; evaluate's early
+    check compared the folder names as the locale decodes them, and refused the very folder."""
+    data = copy_classes(small, tmp_path / "d", ["cat", "dog"], 5)
+    os.rename(data / "dog", data / "émile")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    cli = [sys.executable, "-m", "cnnx"]
+    r = subprocess.run([*cli, *map(str, seed_args(data, tmp_path / "runs", "loc", tmp_path / "c", "--epochs", "1"))],
+                       capture_output=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([*cli, "evaluate", str(tmp_path / "runs" / "loc" / "best.pt"), "--data", str(data),
+                        "--cache-dir", str(tmp_path / "c")], capture_output=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith(b"images\t10\n"), r.stderr[-2000:]
+
+
 def test_class_folder_nested_1500_levels_deep_is_listed_without_recursion(small, tmp_path):
     data = copy_classes(small, tmp_path / "d", ["cat", "dog"], 5)
     fd = os.open(data / "cat", os.O_RDONLY)

@@ -375,11 +375,9 @@ def _sigterm_kept(shutdown):
     before = signal.getsignal(signal.SIGTERM)
     try:
         yield
-    except SystemExit as e:  # ray.init exits only from its SIGTERM handlers
-        import sys as _s, time as _t; _t0=_t.time(); print("DBG exit", e.code, file=_s.stderr, flush=True)
+    except SystemExit:  # ray.init exits only from its SIGTERM handlers
         with contextlib.suppress(Exception):
             shutdown()
-        print("DBG shutdown took", _t.time()-_t0, file=_s.stderr, flush=True)
         if callable(before):
             signal.signal(signal.SIGTERM, before)
             before(signal.SIGTERM, None)
@@ -671,11 +669,11 @@ class _ClassifyActor:
         for start in range(0, len(ok), clf.batch_size):
             take = ok[start:start + clf.batch_size]
             logits = clf.predict(rows["images"][take])  # no padding rows, as local classify's CPU path
-            ok = finite_rows(logits)
-            if ok is not None:  # as local classify: a file of non-finite scores is an errors row
+            finite = finite_rows(logits)
+            if finite is not None:  # as local classify: a file of non-finite scores is an errors row
                 rows = {**rows, "stage": rows["stage"].copy(), "message": rows["message"].copy()}  # Ray's may be read-only
-                rows["stage"][take[~ok]], rows["message"][take[~ok]] = NON_FINITE_STAGE, NON_FINITE_LINE
-                take, logits = take[ok], logits[ok]
+                rows["stage"][take[~finite]], rows["message"][take[~finite]] = NON_FINITE_STAGE, NON_FINITE_LINE
+                take, logits = take[finite], logits[finite]
             indices[take], scores[take] = softmax_topk(logits, clf.topk)
         return _result_table(rows, indices, scores, clf.provider, self.node)
 
