@@ -203,7 +203,8 @@ def test_a_second_writer_on_the_same_output_is_refused_and_a_dead_holder_blocks_
 def test_names_are_written_and_read_back_as_their_utf8_bytes_in_a_locale_that_is_not_utf8(images, model, tmp_path):
     """With an ASCII (or Latin-1) file system encoding, café.jpg's row was read back as another
     string than its path: a --resume classified it again (two rows), and in Latin-1 the row was
-    written as Ã© (a name no file has); train named the class folder émile `Ã©mile`."""
+    written as Ã© (a name no file has), the report had no thumbnail of it; train named the class
+    folder émile `Ã©mile`."""
     work = tmp_path / "imgs"
     work.mkdir()
     for i, name in enumerate(["café.jpg", "plain.jpg", "zz.jpg"]):
@@ -218,7 +219,8 @@ def test_names_are_written_and_read_back_as_their_utf8_bytes_in_a_locale_that_is
                             "-o", str(out), *extra], capture_output=True, env=env, timeout=300)
         assert r.returncode == 0, r.stderr.decode(errors="replace")[-2000:]
 
-    classify()
+    classify("--report", str(tmp_path / "r.html"))
+    assert "codec" not in (tmp_path / "r.html").read_text()  # café's thumbnail: 'ascii' codec can't encode
     rows = out.read_bytes().split(b"\n")[1:-1]
     assert [row.split(b",")[0] for row in rows] == [b'"%s/%s"' % (bytes(work), n.encode()) for n in
                                                     ("café.jpg", "plain.jpg", "zz.jpg")]

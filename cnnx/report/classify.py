@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from cnnx.report.page import esc, fmt_num, kv_table, num_value, page, pct, sortable_table, thumb_card
 from cnnx.report.thumbs import file_thumbnails, thumb_spec
-from cnnx.runtime.files import atomic_write
+from cnnx.runtime.files import atomic_write, path_of_text
 from cnnx.runtime.output import ERRORS_HEADER, csv_header, unescape_cell
 
 SAMPLE_PER_CLASS = 12
@@ -219,7 +219,9 @@ def render_classify_report(*, output, fmt, errors, preds, errs, class_names, spe
     order = _class_order(stats, class_names)
     grid = _grid_rows(stats, order)
     least = stats.least_confident()
-    thumbs = file_thumbnails([r.path for _, rows in grid for r in rows] + [r.path for r in least], thumb_spec(spec))
+    texts = [r.path for _, rows in grid for r in rows] + [r.path for r in least]  # names as the output holds them
+    opened = file_thumbnails([path_of_text(t) for t in texts], thumb_spec(spec))  # the files, as this locale names them
+    thumbs = {t: opened[path_of_text(t)] for t in texts}
     sections = [
         ("overview", "Overview", _overview(output, fmt, errors, preds, errs, order)),
         ("counts", "Images per predicted class", _counts(stats, order)),

@@ -44,7 +44,7 @@ from cnnx.runtime.api import Classifier, path_list
 from cnnx.runtime.contract import external_data_files
 from cnnx.runtime.discover import URI, Discovery, Found, PathKeys, is_uri
 from cnnx.runtime.files import (TEMP_PREFIX, atomic_file, escaped_name, first_line, os_error_line,
-                                quiet_pillow_warnings, remove_stale_temps)
+                                path_of_text, quiet_pillow_warnings, remove_stale_temps)
 from cnnx.runtime.model import NON_FINITE_LINE, NON_FINITE_STAGE, ModelError, finite_rows, softmax_topk
 from cnnx.runtime.output import (ErrorsWriter, OutputBusy, PredictionWriter, ResumeError, WriteError,
                                  already_exists, check_resume, check_unrecorded_resume, csv_header, default_errors_path,
@@ -296,8 +296,8 @@ def _manifest_lines(manifest):
         with open(manifest, encoding="utf-8", errors="surrogateescape") as f:
             for line in f:
                 line = line.rstrip("\r\n")
-                if line.strip():
-                    yield Found(line)
+                if line.strip():  # a local path as this locale names it (a URI is text either way)
+                    yield Found(line if is_uri(line) else path_of_text(line))
     except OSError as e:
         raise RayEngineError(f"cannot read manifest {manifest}: {e.strerror or first_line(e)}") from None
 
