@@ -30,7 +30,7 @@ import torch
 from cnnx.runtime.files import TEMP_PREFIX, first_line, hold_as_writer, is_disk_full, remove_stale_temps
 from cnnx.runtime.pipeline import ahead_in_thread
 
-DISK_CACHE_FORMAT = 2  # 2: the header holds the images file's CRC-32 (a damaged file was trained on)
+DISK_CACHE_FORMAT = 2  # 2: the header holds the images file's CRC-32 and stat (a damaged file was trained on)
 IMAGES_FILE, META_FILE = "images.u8", "meta.json"
 MEMORY_SHARE = 0.5  # --cache auto: the disk cache when decoded images need more than this share of free memory
 # ... counted this many times: while the run's splits are made, the training rows are copied out of
@@ -164,7 +164,7 @@ def read_disk_cache(folder: Path):
         shape = tuple(int(s) for s in meta["shape"])
         if os.path.getsize(folder / IMAGES_FILE) != int(np.prod(shape)):
             return None
-        if _crc32_of(folder / IMAGES_FILE) != meta["images_crc32"]:  # bytes changed in place: rebuilt
+        if not _unchanged(folder / IMAGES_FILE, meta):  # bytes changed in place: rebuilt
             return None
         if shape[0] == 0:
             return Rows(np.zeros(shape, dtype=np.uint8)), meta
@@ -209,17 +209,17 @@ def build_disk_cache(folder: Path, n: int, size, decode_into, meta_of) -> tuple:
             out.flush()
         del out
         os.truncate(path, filled * row)
-        meta = {"format": DISK_CACHE_FORMAT, "shape": [filled, 3, h, w], "images_crc32": _crc32_of(path),
-                **meta_of(extra)}
-        with open(tmp / META_FILE, "w") as f:
-            json.dump(meta, f)
-            f.flush()
-            os.fsync(f.fileno())
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+        meta = {"format": DISK_CACHE_FORMAT, "shape": [filled, 3, h, w], "images_crc32": _crc32_of(path),
+                "images_stat": _stat_key(path), **meta_of(extra)}
+        with open(tmp / META_FILE, "w") as f:
+            json.dump(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
         try:
             os.rename(tmp, folder)
         except OSError:
@@ -242,10 +242,22 @@ def build_disk_cache(folder: Path, n: int, size, decode_into, meta_of) -> tuple:
     return got
 
 
+def _stat_key(path) -> list:
+    """What a write into the file changes (its inode, size, modification and change times)."""
+    st = os.stat(path)
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _unchanged(path, meta: dict) -> bool:
+    """Whether the cache's images file holds the bytes its build wrote: at once where its stat is
+    the one the build recorded; else (a write into it, a copy of the folder) by its CRC-32,
+    one read of the whole file, as a changed file is rare (a cache of ImageNet's size is
+    minutes of it)."""
+    return _stat_key(path) == meta["images_stat"] or _crc32_of(path) == meta["images_crc32"]
+
+
 def _crc32_of(path) -> int:
-    """zlib's CRC-32 of a file, read in blocks: a cache whose bytes changed in place (a disk
-    error, a write into it) is rebuilt, never trained on. One sequential read a run start,
-    against the epochs' random reads of every row."""
+    """zlib's CRC-32 of a file, read in blocks."""
     import zlib
 
     crc = 0
