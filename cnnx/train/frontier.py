@@ -38,7 +38,8 @@ def initialise(net: nn.Module, cfg: TrainConfig, train_images, mean, std) -> tup
     conv = whiten.whitening_layer(net)
     device = conv.weight.device
     t0 = loop.timer_sync(device)
-    idx = whiten.sample_images(len(train_images), cfg.whiten_images, cfg.seed)
+    # all of a smaller split (the GPU recipe's 5,000 failed every smaller photo folder; setup says so)
+    idx = whiten.sample_images(len(train_images), min(cfg.whiten_images, len(train_images)), cfg.seed)
     x = train_images[idx].to(device).float()
     mean_t = torch.tensor([float(v) for v in mean], device=device).view(1, 3, 1, 1)
     std_t = torch.tensor([float(v) for v in std], device=device).view(1, 3, 1, 1)

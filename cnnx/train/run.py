@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -549,10 +549,9 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
     splits = load_run_data(cfg, spec, run_dir, d, progress)
     xtr, ytr = splits.train
     xva, yva = splits.val
-    if cfg.whiten and cfg.whiten_images > len(ytr):  # the GPU recipe's 5000 failed every smaller photo folder
+    if cfg.whiten and cfg.whiten_images > len(ytr) and resume is None:  # frontier.initialise samples them all
         say(f"note: the whitening init samples all {len(ytr)} training images (whiten_images {cfg.whiten_images} "
             "is more than the split holds)", d)
-        cfg = replace(cfg, whiten_images=len(ytr))  # as config.json records it, and a --resume reads it
     config = resolved_config(cfg, preprocess=spec, arch_kwargs=arch_kwargs, extra={
         "num_classes": len(splits.class_names), "class_names": splits.class_names, "world_size": d.world,
         "device_resolved": device, "cnnx_version": __version__, "preprocess_version": PREPROCESS_VERSION,
