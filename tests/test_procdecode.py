@@ -534,6 +534,19 @@ def test_a_model_replaced_before_the_workers_open_it_gives_the_rows_of_the_model
     assert not segments(os.getpid())
 
 
+def test_a_model_moved_away_after_the_caller_opened_it_is_run_by_the_caller(tmp_path, cifar_subset):
+    """The workers open the model again by its path: one moved or removed meanwhile (a deploy
+    swapping folders) failed every call for ever, "onnxruntime failed ... model not found"."""
+    from tests._runtime_util import tiny_onnx_model
+
+    model = tiny_onnx_model(tmp_path / "m.onnx")
+    with Classifier(model, "cpu", decode="processes", workers=2, batch_size=8) as clf:
+        os.replace(model, tmp_path / "moved.onnx")
+        for _ in range(2):
+            assert sum(isinstance(r, Prediction) for r in clf.classify([cifar_subset(2)])) == 20
+        assert clf.decode_pool.model_replaced
+
+
 def test_a_process_forked_after_the_pool_started_classifies_in_threads(tmp_path, cifar_subset):
     """Its workers and their state came with the fork: the child's call failed in
     multiprocessing's own check (a bare AssertionError, 'can only test a child process')."""

@@ -240,7 +240,7 @@ class Classifier:
 
     def _check_rows(self, logits, n: int):
         """ModelError unless logits has a row of a score a class for each of the n images run
-        (a classify batch's n counts its padding rows)."""
+        (on the IOBinding path a classify batch's n counts its padding rows)."""
         k = len(self.info.class_names)
         if logits.ndim == 2 and logits.shape[0] == n and logits.shape[1] != k:
             raise ModelError(f"{self.info.path}: the model gives {logits.shape[1]} scores an image, but its metadata "

@@ -68,7 +68,8 @@ class DecodeWorkerDied(ModelError):
 
 class ModelChanged(ModelError):
     """The model file a worker opened is not the model the caller opened (a new export was
-    moved into its place in between): the worker's rows would be another model's. The caller
+    moved into its place in between: the worker's rows would be another model's), or it could
+    not open it (moved or removed: every call failed, "run again"). The caller
     then runs its batches itself, with the model it opened (a Classifier serving for days went
     on failing every call, each saying "run it again")."""
 
@@ -149,8 +150,8 @@ class _WorkerModel:
         self.path, self.expected, self.error = path, expected, None
         try:
             self.session, self.info, _ = open_model(path, "cpu", threads=1)
-        except ModelError as e:
-            self.error = str(e)
+        except ModelError as e:  # moved or removed since the caller opened it: the caller runs its own
+            self.error = ModelChanged(str(e))
             return
         if self.info.identity() != expected:
             self.error = ModelChanged(f"{path} was replaced by another model (a new export?)")
@@ -448,7 +449,7 @@ class _Run:
         if isinstance(out.logits, ModelChanged):  # the caller runs its own, now and in later runs
             out.logits, self.pool.model_replaced = None, True
         if isinstance(out.logits, str):
-            raise ModelError(f"{self.model.path}: onnxruntime failed on a batch of {self.config.batch_size} on "
+            raise ModelError(f"{self.model.path}: onnxruntime failed on a batch of {len(out.paths)} on "
                              f"{CPU_PROVIDER}: {out.logits}")
         return out
 
