@@ -549,7 +549,8 @@ def test_a_model_moved_away_after_the_caller_opened_it_is_run_by_the_caller(tmp_
 
 def test_a_process_forked_after_the_pool_started_classifies_in_threads(tmp_path, cifar_subset):
     """Its workers and their state came with the fork: the child's call failed in
-    multiprocessing's own check (a bare AssertionError, 'can only test a child process')."""
+    multiprocessing's own check (a bare AssertionError, 'can only test a child process'); and
+    a Classifier the child opened found its processes "could not start ... run again"."""
     model = exported_model(tmp_path)
     script = textwrap.dedent(f"""
         import os, sys
@@ -560,7 +561,12 @@ def test_a_process_forked_after_the_pool_started_classifies_in_threads(tmp_path,
         if pid == 0:
             try:
                 got = [(r.path, r.indices) for r in clf.classify([{str(cifar_subset(2))!r}])]
-                os._exit(0 if got == want and clf.decode_pool is None else 3)
+                # a Classifier of its own starts its own decode processes ("could not start", every time)
+                own = Classifier({str(model)!r}, "cpu", decode="processes", workers=2, batch_size=8)
+                mine = [(r.path, r.indices) for r in own.classify([{str(cifar_subset(2))!r}])]
+                ok = got == want == mine and clf.decode_pool is None and own.decode_pool is not None
+                own.close()
+                os._exit(0 if ok else 3)
             except BaseException as e:
                 print(type(e).__name__, e, file=sys.stderr, flush=True)
                 os._exit(4)

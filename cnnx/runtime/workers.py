@@ -30,6 +30,26 @@ PROCESS_DECODE_MIN_FILES = 4096
 SERVER_PRELOAD = ["cnnx.runtime.forkserver_preload", "cnnx.runtime.procdecode", "onnxruntime"]
 
 
+def _forget_the_parent_s_forkserver():
+    """In a process forked (os.fork) from one that started multiprocessing's forkserver: that
+    server is the parent's (not this process's child: a Classifier opened here found its decode
+    processes "could not start ... run again", every time), and so is the folder of its socket
+    (removed when the parent exits). This process starts its own, in a folder of its own."""
+    from multiprocessing import forkserver, process
+
+    server = forkserver._forkserver
+    if getattr(server, "_forkserver_pid", None) is None:  # none started (or this is the server itself)
+        return
+    with contextlib.suppress(OSError, TypeError):
+        os.close(server._forkserver_alive_fd)  # the parent's server ends with the parent, not with us
+    server._forkserver_pid = server._forkserver_alive_fd = server._forkserver_address = None
+    process.current_process()._config.pop("tempdir", None)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_the_parent_s_forkserver)
+
+
 def check_decode_mode(decode) -> str:
     """decode itself, or ValueError naming the modes."""
     if decode not in DECODE_MODES:
