@@ -111,7 +111,8 @@ def tiny_onnx_model(path: Path, *, size=(32, 32), fixed_hw: bool = True, class_n
     "reduced" (logits averaged over the batch: [1, C], a fixed output batch), or "first-row"
     (a symbolic output batch that still returns 1 row for any N), "fewer-scores" (a row an
     image, one score fewer than the classes, in a symbolic output width), "times-rows" (the
-    scores times the number of images in the run), "nan-when-dark"
+    scores times the number of images in the run), "fails-when-lit" (onnxruntime fails on a
+    run holding an image whose top-left 2x2 pixels are not near black), "nan-when-dark"
     (NaN scores for an image whose top-left 2x2 pixels are black)."""
     import onnx
     from onnx import TensorProto, helper
@@ -160,6 +161,10 @@ def tiny_onnx_model(path: Path, *, size=(32, 32), fixed_hw: bool = True, class_n
         nodes += [helper.make_node("Shape", ["images"], ["rows"], start=0, end=1),
                   helper.make_node("Cast", ["rows"], ["rows_f"], to=TensorProto.FLOAT),
                   helper.make_node("Mul", ["per_image", "rows_f"], ["logits"])]
+    elif batch_out == "fails-when-lit":  # a Gather of row max(corner) of W: out of its 3 rows, a runtime error
+        nodes += [helper.make_node("ReduceMax", ["pooled"], ["brightest"], axes=[1], keepdims=0),
+                  helper.make_node("Cast", ["brightest"], ["row"], to=TensorProto.INT64),
+                  helper.make_node("Gather", ["W", "row"], ["logits"], axis=0)]
     elif batch_out == "nan-when-dark":  # the scores divided by the corner's sum: 0/0 for a black corner
         inits.append(helper.make_tensor("channel_axis", TensorProto.INT64, [1], [1]))
         nodes += [helper.make_node("ReduceSum", ["pooled", "channel_axis"], ["corner_sum"], keepdims=1),
