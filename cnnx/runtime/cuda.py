@@ -356,7 +356,8 @@ def tensorrt_options(model_path, batch_size: int, size, *, device_id: int = 0, g
     <cache>/trt/<model sha256[:16]>-<gpu>-b<batch> (an engine is specific to the model, the card
     and the shape profile, so each gets its own folder and none is rebuilt over another), and
     one profile of batches 1..batch_size optimised for batch_size (cnnx classify's IOBinding path
-    always runs batch_size; its plain path a batch's decoded files, and predict() may send fewer). fp16 off: the fp32 model keeps its fp32 numbers."""
+    always runs batch_size; its plain path a batch's decoded files, and predict() may send
+    fewer). fp16 off: the fp32 model keeps its fp32 numbers."""
     h, w = size
     gpu = gpu or gpu_identity(device_id) or f"gpu{device_id}"
     folder = cache_root() / "trt" / f"{sha256_of(model_path)[:16]}-{gpu}-b{batch_size}"

@@ -67,8 +67,8 @@ def init_whitening(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> 
 
 def sample_images(n_train: int, want: int, seed: int) -> torch.Tensor:
     """Indices of `want` training images for the patch covariance, a seeded sample (the
-    training split may be stored class by class). Fewer images than asked is an error: the
-    estimate would silently be another one than the config says."""
+    training split may be stored class by class). Fewer images than asked is an error (the
+    run asks for at most the split, frontier.initialise, and says so where it asked for more)."""
     if want > n_train:
         raise WhiteningError(f"--whiten-images: the whitening init samples {want} images but the training split has "
                              f"only {n_train}; pass --whiten-images {n_train} or fewer")
