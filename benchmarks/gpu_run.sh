@@ -4,10 +4,11 @@
 # the same machine). Prepare here first, on this session's machine (the ignored folders do not
 # outlive a machine), about 10 minutes of this CPU and no device time:
 #   python benchmarks/gpu_classify.py --prepare --train-airnet --baseline-commit <commit to compare>
-# (the onnxruntime-gpu wheel in 4 parts of 61 MiB: each call carries one, under the 64 MiB a call;
-# .data/airnet-best.pt, a trained airnet: GPU-decode agreement needs a model that gives every class).
+# (the onnxruntime-gpu wheel in 5 parts of 55 MiB: each call carries one and the working tree, under
+# the 64 MiB a call; .data/airnet-best.pt, a trained airnet: GPU-decode agreement needs a model that
+# gives every class).
 #
-#   run(command="bash benchmarks/gpu_run.sh part 1", carry=[".ortgpu1"], timeout_s=60)   # ... part 4
+#   run(command="bash benchmarks/gpu_run.sh part 1", carry=[".ortgpu1"], timeout_s=60)   # ... part 5
 #   run(command="CNNX_TREE_COMMIT=<git rev-parse HEAD here> bash benchmarks/gpu_run.sh classify",
 #       carry=[".data", ".ortgpu-decode"], timeout_s=440)
 # (the machine's copy of .git can be older than the files it gets: the JSON's tree_commit says

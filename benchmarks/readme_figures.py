@@ -440,8 +440,11 @@ def _version_label(commit: str) -> str:
 
 def steady_state_ab_row(d: dict, name: str, row):
     """A steady-state A/B of gpu_classify.py --baseline: each version's marginal rate, same
-    run, same card, rounds interleaved."""
-    st = d["steady_state_airnet_fp32"]
+    run, same card, rounds interleaved. None where the run did not get to that stage (cut by
+    its budget, or not in its --stages): its other figures are rows of their own."""
+    st = d.get("steady_state_airnet_fp32")
+    if not st or "large" not in st:
+        return
     versions = [(_version_label(b["commit"]), b) for b in st.get("baselines", [])]
     if "baseline" in st:  # the first runs' one baseline
         versions.append((st["baseline"]["commit"][:7], st["baseline"]))
