@@ -85,6 +85,20 @@ def test_a_missing_result_is_dropped_and_its_command_named(copies):
     assert "no `results/recipe_seed_cnn.json`" in block and "`python benchmarks/recipe_seed_cnn.py`" in block
 
 
+def test_a_gpu_run_without_its_steady_state_stage_keeps_the_figures_made(copies):
+    """A run cut by its budget before the steady state (or without it in --stages), once
+    collected, failed every later figures run: 'a results JSON lacks the field ...'."""
+    readme, results = copies
+    runs = sorted(results.glob("gpu_steady_state_*.json"))
+    cut = results / "gpu_steady_state_0000000.json"
+    shutil.copyfile(runs[-1], cut)
+    edit_json(cut, lambda doc: doc.pop("steady_state_airnet_fp32"))
+    p = figures(readme=readme, results=results)
+    assert p.returncode == 0, p.stderr[-2000:]
+    steady = [line for line in readme.read_text().splitlines() if line.startswith("| steady state by version")]
+    assert len(steady) == len(runs) and not any("gpu_steady_state_0000000" in line for line in steady)
+
+
 def test_a_result_from_an_older_recipe_says_so(copies):
     readme, results = copies
     doc = json.loads((results / "recipe_seed_cnn.json").read_text())
