@@ -549,23 +549,32 @@ def test_a_model_moved_away_after_the_caller_opened_it_is_run_by_the_caller(tmp_
 
 def test_a_process_forked_after_the_pool_started_classifies_in_threads(tmp_path, cifar_subset):
     """Its workers and their state came with the fork: the child's call failed in
-    multiprocessing's own check (a bare AssertionError, 'can only test a child process'); and
-    a Classifier the child opened found its processes "could not start ... run again"."""
+    multiprocessing's own check (a bare AssertionError, 'can only test a child process'); a
+    Classifier the child opened found its processes "could not start ... run again"; an
+    IOBinding run waited for the parent's threads for ever, and so did close()."""
     model = exported_model(tmp_path)
     script = textwrap.dedent(f"""
         import os, sys
         from cnnx.runtime import Classifier
         clf = Classifier({str(model)!r}, "cpu", decode="processes", workers=2, batch_size=8)
+        bound = Classifier({str(model)!r}, "cpu", decode="threads", io_binding=True, batch_size=8)
         want = [(r.path, r.indices) for r in clf.classify([{str(cifar_subset(2))!r}])]
+        assert want == [(r.path, r.indices) for r in bound.classify([{str(cifar_subset(2))!r}])]
         pid = os.fork()
         if pid == 0:
+            import faulthandler
+            faulthandler.dump_traceback_later(60, exit=True)  # a hang is a failure, not the test's timeout
             try:
                 got = [(r.path, r.indices) for r in clf.classify([{str(cifar_subset(2))!r}])]
+                # the IOBinding runner's threads are the parent's: its run waited for them for ever
+                assert got == [(r.path, r.indices) for r in bound.classify([{str(cifar_subset(2))!r}])]
                 # a Classifier of its own starts its own decode processes ("could not start", every time)
                 own = Classifier({str(model)!r}, "cpu", decode="processes", workers=2, batch_size=8)
                 mine = [(r.path, r.indices) for r in own.classify([{str(cifar_subset(2))!r}])]
                 ok = got == want == mine and clf.decode_pool is None and own.decode_pool is not None
                 own.close()
+                clf.close()  # onnxruntime's teardown of the parent's sessions waited for ever here
+                bound.close()
                 os._exit(0 if ok else 3)
             except BaseException as e:
                 print(type(e).__name__, e, file=sys.stderr, flush=True)
@@ -573,6 +582,7 @@ def test_a_process_forked_after_the_pool_started_classifies_in_threads(tmp_path,
         _, status = os.waitpid(pid, 0)
         print("child", os.waitstatus_to_exitcode(status), "parent", len(list(clf.classify([{str(cifar_subset(2))!r}]))))
         clf.close()
+        bound.close()
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0 and r.stdout.split() == ["child", "0", "parent", "20"], r.stdout + r.stderr[-2000:]

@@ -87,6 +87,11 @@ def _int_at_least(name: str, value, least: int) -> int:
     return int(value)
 
 
+# What a process forked after a Classifier opened must never free: onnxruntime's teardown of a
+# session (or its bindings) there waits for the parent's threads, which the fork did not copy.
+_KEPT_AFTER_FORK = []
+
+
 class Classifier:
     """An exported cnnx ONNX model opened on a device (contract-checked; ModelError with one
     line otherwise). batch_size is the images per onnxruntime call; `batch_size` as used may
@@ -94,9 +99,10 @@ class Classifier:
     budget (compare with `requested_batch_size`).
 
     Open one in each process: a process forked (os.fork) after a Classifier opened can use it,
-    decoding in threads (its decode processes stay the parent's), but onnxruntime's threads do
-    not survive a fork, and its exit handlers then wait for them for ever: such a process must
-    end with os._exit, as multiprocessing's workers do.
+    on the plain loop with decode threads (its decode processes and IOBinding threads stay the
+    parent's; close() there frees nothing of the parent's), but onnxruntime's threads do not
+    survive a fork, and its exit handlers then wait for them for ever: such a process must end
+    with os._exit, as multiprocessing's workers do.
 
     io_binding: run classify()'s batches through IOBinding with several in flight and page-locked
     host buffers (cnnx.runtime.binding); None (default) = on CUDA and TensorRT, off on the CPU,
@@ -134,6 +140,7 @@ class Classifier:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
         check_decode_mode(decode)  # before the model loads
         self.requested_batch_size = batch_size
+        self._pid = os.getpid()  # the process whose onnxruntime threads the session has (close())
         self.runner = None
         self._runs = weakref.WeakSet()  # the Classifications not yet finished, stopped by close()
         self.gpu_decoder = None
@@ -266,6 +273,9 @@ class Classifier:
         for run in list(self._runs):
             with contextlib.suppress(ValueError):  # being read in another thread right now: it ends there
                 run.close(stopped="this Classifier was closed before the run ended: its rows stop here")
+        if os.getpid() != self._pid:  # a forked process: onnxruntime's teardown here waited for ever on
+            _KEPT_AFTER_FORK.append((self.session, self.runner, self.gpu_decoder))  # the parent's threads
+            self.runner = self.gpu_decoder = None
         if self.runner is not None:
             self.runner.close()
             self.runner = None
@@ -273,7 +283,7 @@ class Classifier:
             self.gpu_decoder.close()
             self.gpu_decoder = None
         if self.decode_pool is not None:
-            self.decode_pool.close()
+            self.decode_pool.close()  # the parent's, in a forked process: its Finalize does nothing there
             self.decode_pool = None
         self.session = None  # onnxruntime frees a session with its last reference
 

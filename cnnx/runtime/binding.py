@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import os
 import queue
 import sys
 import threading
@@ -183,6 +184,7 @@ class BoundRunner:
         self._slots = [BoundSlot(session, input_name, output_name, self.shape, pinned) for _ in range(slots)]
         self._threads = []
         self._user = threading.Lock()  # held by the run that uses the slots (claim, release)
+        self._pid = os.getpid()  # the process its threads run in
         # Each run's result carries its ticket: a result nobody took (its consumer was
         # interrupted while waiting for it) is dropped by the next wait on that slot, never
         # taken for another batch's.
@@ -200,8 +202,10 @@ class BoundRunner:
     def claim(self) -> bool:
         """Take the runner for one run of run_in_order (True), or False where another run has
         it: the slots hold one run's batches, and two runs sharing them would run each other's
-        pixels and take each other's results. release() gives it back (from any thread)."""
-        return self._user.acquire(blocking=False)
+        pixels and take each other's results; or in a process forked from its own, where its
+        slots' threads are not (the run waited for them for ever). release() gives it back
+        (from any thread)."""
+        return os.getpid() == self._pid and self._user.acquire(blocking=False)
 
     def release(self):
         self._user.release()
