@@ -185,6 +185,25 @@ def test_a_cache_whose_bytes_changed_in_place_is_decoded_again_not_trained_on(mo
     assert torch.equal(got, images)
 
 
+def test_a_cache_is_read_whole_for_its_crc_only_when_its_file_changed_and_a_good_copy_once(tmp_path, monkeypatch):
+    """The CRC read of the whole file at every run start (on every rank: minutes for a cache of
+    ImageNet's size) is for a file whose stat is not the one recorded; a copy (cp -a, a restore)
+    that passes is recorded, not read whole at each start for ever."""
+    from cnnx.train import cache
+
+    reads = []
+    crc = cache._crc32_of
+    monkeypatch.setattr(cache, "_crc32_of", lambda path: reads.append(path) or crc(path))
+    built = tmp_path / "folders" / "k.u8"
+    _small_cache(built)
+    reads.clear()
+    assert read_disk_cache(built) is not None and reads == []
+    copy = tmp_path / "copy" / "k.u8"
+    shutil.copytree(built, copy)  # copy2: times kept, another inode
+    for expected in (1, 1):
+        assert read_disk_cache(copy) is not None and len(reads) == expected
+
+
 def test_a_full_disk_is_one_line_and_leaves_no_cache(cifar_subset, tmp_path, small_tmpfs):
     data = cifar_subset(12)  # 120 images x 3 x 48 x 48 = 830 KB > the 256 KB tmpfs
     r = run_cli(seed_args(data, tmp_path / "runs", "full", small_tmpfs, "--epochs", "1", "--image-size", "48",

@@ -547,6 +547,29 @@ def test_a_model_moved_away_after_the_caller_opened_it_is_run_by_the_caller(tmp_
         assert clf.decode_pool.model_replaced
 
 
+def test_a_fork_imports_nothing_in_the_child_and_the_forkserver_keeps_a_live_caller_s_folder(tmp_path, monkeypatch):
+    """cnnx's at-fork hook imported multiprocessing.forkserver in every child (a hang where
+    another thread held that import's lock at the fork); and the forkserver, ending on an error
+    of its own, removed its live caller's temp folder: no server could start there again."""
+    script = ("import os, sys\nimport cnnx.runtime.workers\nassert 'multiprocessing.forkserver' not in sys.modules\n"
+              "pid = os.fork()\nif pid == 0:\n    os._exit(3 if 'multiprocessing.forkserver' in sys.modules else 0)\n"
+              "print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout == "0\n", r.stdout + r.stderr
+    from multiprocessing import forkserver
+
+    from cnnx.runtime import forkserver_preload
+
+    folder = tmp_path / "pymp-x"
+    folder.mkdir()
+    (folder / "listener-y").write_bytes(b"")
+    monkeypatch.setattr(forkserver._forkserver, "_forkserver_address", str(folder / "listener-y"))
+    forkserver_preload._remove_socket_folder(os.getpid(), os.getppid())  # its caller alive: kept
+    assert folder.is_dir()
+    forkserver_preload._remove_socket_folder(os.getpid(), -1)  # its caller gone
+    assert not folder.exists()
+
+
 def test_a_process_forked_after_the_pool_started_classifies_in_threads(tmp_path, cifar_subset):
     """Its workers and their state came with the fork: the child's call failed in
     multiprocessing's own check (a bare AssertionError, 'can only test a child process'); a

@@ -36,14 +36,16 @@ if hasattr(signal, "pthread_sigmask"):
     process.BaseProcess._bootstrap = _bootstrap_unblocked
 
 
-def _remove_socket_folder(server_pid=os.getpid()):
-    """At the forkserver's exit (the caller gone): its listening socket, and the folder the
-    caller made for it if nothing else is in it. Not in the processes it forks (they inherit
+def _remove_socket_folder(server_pid=os.getpid(), caller_pid=os.getppid()):
+    """At the forkserver's exit where its caller is gone (this process was handed to another
+    parent): its listening socket, and the folder the caller made for it if nothing else is in
+    it. Not while the caller lives (a server that ended on an error of its own, a fork refused:
+    the caller's next server needs that folder), nor in the processes it forks (they inherit
     this handler, and end with os._exit anyway)."""
     from multiprocessing import forkserver
 
     address = getattr(forkserver._forkserver, "_forkserver_address", None)
-    if os.getpid() != server_pid or not isinstance(address, str):
+    if os.getpid() != server_pid or os.getppid() == caller_pid or not isinstance(address, str):
         return
     folder = os.path.dirname(address)
     if os.path.basename(folder).startswith("pymp-"):

@@ -35,15 +35,16 @@ def _forget_the_parent_s_forkserver():
     server is the parent's (not this process's child: a Classifier opened here found its decode
     processes "could not start ... run again", every time), and so is the folder of its socket
     (removed when the parent exits). This process starts its own, in a folder of its own."""
-    from multiprocessing import forkserver, process
-
+    forkserver = sys.modules.get("multiprocessing.forkserver")  # never an import here: another thread of the
+    if forkserver is None:  # parent may have held its lock at the fork; and not imported, none started
+        return
     server = forkserver._forkserver
     if getattr(server, "_forkserver_pid", None) is None:  # none started (or this is the server itself)
         return
     with contextlib.suppress(OSError, TypeError):
         os.close(server._forkserver_alive_fd)  # the parent's server ends with the parent, not with us
     server._forkserver_pid = server._forkserver_alive_fd = server._forkserver_address = None
-    process.current_process()._config.pop("tempdir", None)
+    multiprocessing.current_process()._config.pop("tempdir", None)
 
 
 if hasattr(os, "register_at_fork"):

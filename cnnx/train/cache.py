@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnx.runtime.files import TEMP_PREFIX, first_line, hold_as_writer, is_disk_full, remove_stale_temps
+from cnnx.runtime.files import TEMP_PREFIX, atomic_write, first_line, hold_as_writer, is_disk_full, remove_stale_temps
 from cnnx.runtime.pipeline import ahead_in_thread
 
 DISK_CACHE_FORMAT = 2  # 2: the header holds the images file's CRC-32 and stat (a damaged file was trained on)
@@ -164,7 +164,7 @@ def read_disk_cache(folder: Path):
         shape = tuple(int(s) for s in meta["shape"])
         if os.path.getsize(folder / IMAGES_FILE) != int(np.prod(shape)):
             return None
-        if not _unchanged(folder / IMAGES_FILE, meta):  # bytes changed in place: rebuilt
+        if not _unchanged(folder, meta):  # bytes changed in place: rebuilt
             return None
         if shape[0] == 0:
             return Rows(np.zeros(shape, dtype=np.uint8)), meta
@@ -248,12 +248,20 @@ def _stat_key(path) -> list:
     return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
-def _unchanged(path, meta: dict) -> bool:
+def _unchanged(folder: Path, meta: dict) -> bool:
     """Whether the cache's images file holds the bytes its build wrote: at once where its stat is
-    the one the build recorded; else (a write into it, a copy of the folder) by its CRC-32,
-    one read of the whole file, as a changed file is rare (a cache of ImageNet's size is
-    minutes of it)."""
-    return _stat_key(path) == meta["images_stat"] or _crc32_of(path) == meta["images_crc32"]
+    the one recorded; else (a write into it, a copy of the folder: cp -a, rsync, a restore) by
+    its CRC-32, one read of the whole file (a cache of ImageNet's size is minutes of it), after
+    which a good file's stat is recorded, so that a copy is read so once, not at every start."""
+    path = folder / IMAGES_FILE
+    stat = _stat_key(path)
+    if stat == meta["images_stat"]:
+        return True
+    if _crc32_of(path) != meta["images_crc32"]:
+        return False
+    with contextlib.suppress(OSError):  # a folder this user cannot write: each start reads the CRC
+        atomic_write(folder / META_FILE, json.dumps({**meta, "images_stat": stat}))
+    return True
 
 
 def _crc32_of(path) -> int:
