@@ -58,6 +58,23 @@ def test_evaluate_replaces_only_its_own_plot_and_page(run, tmp_path):
     assert run_cli([*base, "--plot", tmp_path / "p.png"]).exit_code == 0  # its own plot: replaced
 
 
+def test_evaluate_s_default_plots_of_two_sites_test_splits_are_two_files(run, tmp_path):
+    """siteA/test and siteB/test shared confusion_test.png: the second evaluation replaced the first's."""
+    import shutil
+
+    data, ckpt, _model = run
+    store = tmp_path / "store"
+    store.mkdir()
+    shutil.copy(ckpt, store / "best.pt")
+    for site in ("siteA", "siteB"):
+        shutil.copytree(data, tmp_path / site / "test")
+        r = run_cli(["evaluate", store / "best.pt", "--data", tmp_path / site / "test", "--workers", "1",
+                     "--cache-dir", tmp_path / "c"])
+        assert r.exit_code == 0 and r.stdout.startswith("images\t"), r.stderr[-2000:]
+    assert sorted(p.name for p in store.glob("confusion_*.png")) == ["confusion_siteA-test.png",
+                                                                    "confusion_siteB-test.png"]
+
+
 def test_evaluate_prints_its_figures_whatever_happens_to_its_files(run, tmp_path):
     """Its default plot replaced a file of the user's that --plot refuses; a checkpoint kept
     where the plot cannot go (read-only) lost the figures to an error naming a temp file; a

@@ -387,7 +387,9 @@ def _pick_split(layout, split, data) -> tuple:
 @click.option("--cache", default="auto", show_default=True, type=click.Choice(("auto", "memory", "disk")),
               help="Decoded images in memory, or in a memory-mapped file read per batch (a folder larger than "
                    "memory), as for cnnx train.")
-@click.option("--plot", type=click.Path(dir_okay=False), help="Confusion-matrix PNG to write (default <checkpoint folder>/confusion_<data name>.png).")
+@click.option("--plot", type=click.Path(dir_okay=False),
+              help="Confusion-matrix PNG to write (default <checkpoint folder>/confusion_<data name>.png; "
+                   "<data name>-<split> for a split folder such as test/).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object instead of a table.")
 @click.option("--report", type=click.Path(dir_okay=False),
               help="Also write one self-contained HTML page: per-class, confusion and the image galleries.")
@@ -408,6 +410,11 @@ def evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, ca
     except OSError as e:
         raise click.ClickException(os_error_line(e)) from None
     m, names = ev["metrics"], ev["class_names"]
+    if not as_json:  # the figures first, whatever becomes of the files (the JSON names the plot written)
+        click.echo(f"images\t{m['n']}\ntop1\t{m['top1']:.4f}\ntop5\t{m['top5']:.4f}\nloss\t{m['loss']:.4f}")
+        for c, v in zip(names, m["per_class"]):
+            click.echo(f"top1[{c}]\t{'-' if v != v else f'{v:.4f}'}")
+        sys.stdout.flush()
     plot_path, why_not = _write_evaluation_files(ev, checkpoint, plot, report)
     if as_json:
         click.echo(json.dumps({"checkpoint": str(checkpoint), "data": str(ev["folder"]), "n": m["n"], "loss": m["loss"],
@@ -416,11 +423,7 @@ def evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, ca
                                "confusion": m["confusion"], "class_names": names, "skipped": len(ev["data"].skipped),
                                "trained_on": ev["trained_on"] is not None,
                                "plot": None if plot_path in why_not else str(plot_path)}))
-    else:
-        click.echo(f"images\t{m['n']}\ntop1\t{m['top1']:.4f}\ntop5\t{m['top5']:.4f}\nloss\t{m['loss']:.4f}")
-        for c, v in zip(names, m["per_class"]):
-            click.echo(f"top1[{c}]\t{'-' if v != v else f'{v:.4f}'}")
-    sys.stdout.flush()
+        sys.stdout.flush()
     if plot is None and plot_path in why_not:
         click.echo(f"warning: no confusion plot: {why_not.pop(plot_path)} (pass --plot FILE)", err=True)
     elif plot_path not in why_not:
@@ -434,11 +437,15 @@ def evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, ca
 def _write_evaluation_files(ev: dict, checkpoint, plot, report) -> tuple[Path, dict]:
     """The plot (--plot, else the default beside the checkpoint) and the --report page, after
     the evaluation: (the plot's path, {file: one line of why it was not written}). The caller
-    prints the figures first whatever happened to the files; the default plot is a courtesy,
-    never written over a file that is not a plot."""
+    prints the figures before, whatever becomes of the files (--json's, which name the plot,
+    after); the default plot is a courtesy, never written over a file that is not a plot."""
     from cnnx.runtime.files import os_error_line, remove_stale_temps_beside
+    from cnnx.train.data import SPLIT_FOLDERS
 
-    folder_name = Path(ev["folder"]).resolve().name
+    folder = Path(ev["folder"]).resolve()
+    # a split folder by its data folder's name too: siteA/test and siteB/test shared one plot, the
+    # second evaluation replacing the first's
+    folder_name = f"{folder.parent.name}-{folder.name}" if folder.name.lower() in SPLIT_FOLDERS else folder.name
     plot_path = Path(plot) if plot else Path(checkpoint).resolve().parent / f"confusion_{folder_name}.png"
     why_not = {}
     if plot is None:
