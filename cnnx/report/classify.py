@@ -219,9 +219,10 @@ def render_classify_report(*, output, fmt, errors, preds, errs, class_names, spe
     order = _class_order(stats, class_names)
     grid = _grid_rows(stats, order)
     least = stats.least_confident()
-    texts = [r.path for _, rows in grid for r in rows] + [r.path for r in least]  # names as the output holds them
-    opened = file_thumbnails([path_of_text(t) for t in texts], thumb_spec(spec))  # the files, as this locale names them
-    thumbs = {t: opened[path_of_text(t)] for t in texts}
+    # names as the output holds them -> the files, as this locale names them
+    paths = {t: path_of_text(t) for t in [r.path for _, rows in grid for r in rows] + [r.path for r in least]}
+    opened = file_thumbnails(list(paths.values()), thumb_spec(spec))
+    thumbs = {t: opened[p] for t, p in paths.items()}
     sections = [
         ("overview", "Overview", _overview(output, fmt, errors, preds, errs, order)),
         ("counts", "Images per predicted class", _counts(stats, order)),

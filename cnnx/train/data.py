@@ -220,13 +220,15 @@ def list_image_folder(root: Path) -> Listing:
                             f"(a symlink): each image needs one class; remove the link")
         idents[(st.st_dev, st.st_ino)] = c
         walked.add((st.st_dev, st.st_ino))
+    names = [name_text(c.name) for c in classes]  # the folders' bytes as UTF-8, whatever the locale
+    for c, name in zip(classes, names):
         try:
-            name_text(c.name).encode("utf-8")
+            name.encode("utf-8")
         except UnicodeEncodeError:
             raise DataError(f"class folder {escaped_name(c)}: its name is not UTF-8 text (class names travel in the "
                             f"model's metadata); rename it") from None
-    _check_spelt_once(classes)
-    listing.class_names = [name_text(c.name) for c in classes]  # the folder's bytes as UTF-8, whatever the locale
+    _check_spelt_once(classes, names)
+    listing.class_names = names
     for ci, c in enumerate(classes):
         before, listed = len(listing.files), len(listing.unlisted)
         _walk_images(str(c), listing, ci, str(root), walked)
@@ -855,15 +857,16 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
                   paths["val"], ignored, notes)
 
 
-def _check_spelt_once(classes) -> None:
+def _check_spelt_once(classes, names) -> None:
     """DataError for two class folders whose names are the same letters in other Unicode code
     points (café composed and decomposed: one folder copied from macOS beside one typed here):
-    they were two classes of the same name, and every output showed two identical labels."""
+    they were two classes of the same name, and every output showed two identical labels.
+    names: the folders' class names (name_text)."""
     import unicodedata
 
     seen = {}
-    for c in classes:
-        other = seen.setdefault(unicodedata.normalize("NFC", name_text(c.name)), c)
+    for c, name in zip(classes, names):
+        other = seen.setdefault(unicodedata.normalize("NFC", name), c)
         if other is not c:
             raise DataError(f"class folders {escaped_name(other)} and {escaped_name(c)} are the same name in other "
                             "Unicode code points (composed vs decomposed accents): they would be two classes; "

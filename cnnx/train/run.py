@@ -530,7 +530,8 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
         h, w = spec["size"]
         raise ConfigError(f"--image-size: {cfg.arch} cannot take {h}x{w} px images (its layers shrink them to "
                           f"nothing); " + (f"the smallest it takes is {smallest}" if smallest else "no size fits"))
-    if max(1, cfg.batch_size // d.world) == 1 and batch_of_one_fails(cfg.arch, arch_kwargs, spec["size"]):
+    per_rank = max(1, cfg.batch_size // d.world)  # a process's batch (train_one_epoch's)
+    if per_rank == 1 and batch_of_one_fails(cfg.arch, arch_kwargs, spec["size"]):
         h, w = spec["size"]  # else torch's "Expected more than 1 value per channel" at the first step
         raise ConfigError(f"--batch-size {cfg.batch_size}: {cfg.arch} at {h}x{w} px has batch norm over 1x1 maps, "
                           f"which cannot train on one image a {'process' if d.world > 1 else 'batch'}; pass "
@@ -585,7 +586,6 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
     # One parameter list unless fine-tuning options split it (keeps older runs' optimizer states resumable).
     params = (finetune.param_groups(net, head, cfg.backbone_lr_mult)
               if cfg.backbone_lr_mult != 1.0 or cfg.freeze_backbone_epochs else wrapped.parameters())
-    per_rank = max(1, cfg.batch_size // d.world)
     steps_per_epoch = max(1, (len(ytr) // d.world) // per_rank)
     if frontier.wants_role_groups(cfg):  # Muon, BN biases at their own lr, the whitening bias's own schedule
         params = optim.param_groups(net, cfg, steps_per_epoch=steps_per_epoch, whitening=whitening)
