@@ -171,6 +171,11 @@ def test_evaluate_bad_inputs(cifar_train_dir, tmp_path):
     other = copy_classes(cifar_train_dir, tmp_path / "o", ["cat", "frog"], 3)
     r = run_cli(["evaluate", tmp_path / "runs" / "x" / "best.pt", "--data", other, "--cache-dir", tmp_path / "c"])
     _one_line_error(r, 1, "classes the checkpoint does not know: frog")
+    # A class folder's name with a newline stays on the error's one line, quoted.
+    (other / "frog").rename(other / "fr\nog")
+    r = run_cli(["evaluate", tmp_path / "runs" / "x" / "best.pt", "--data", other, "--cache-dir", tmp_path / "c"])
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    _one_line_error(r, 1, "does not know: 'fr\\nog' (it knows: cat, dog)")
     r = run_cli(["evaluate", tmp_path / "runs" / "x" / "best.pt", "--data", data, "--split", "test"])
     _one_line_error(r, 2, "no train/val/test folders")
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from cnnx.export.errors import ExportError
 from cnnx.runtime.contract import IMAGE_EXTENSIONS
-from cnnx.runtime.files import first_line
+from cnnx.runtime.files import first_line, names_line
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def load_verify_data(root, spec: dict, class_names, limit: int | None) -> Parity
         notes.append(f"{skipped} unreadable image files in {root} skipped")
     unknown = sorted({c for _, c in files if c is not None and c not in index})
     if unknown:
-        notes.append(f"folders that are not classes of the checkpoint (no accuracy for them): {', '.join(unknown[:10])}")
+        notes.append(f"folders that are not classes of the checkpoint (no accuracy for them): {names_line(unknown, 10)}")
     if any(c is None for _, c in files):
         notes.append("images directly in the folder have no class: they count for agreement, not accuracy")
     labels = np.asarray(labels, dtype=np.int64)

@@ -187,6 +187,15 @@ def shown(path) -> str:
                          else repr(c)[1:-1] for c in text) + "'"
 
 
+def names_line(names, limit=None) -> str:
+    """Names (class names, labels) for a one-line message: 'cat, dog, ...', the first `limit`
+    of them; a name a line cannot show as it is (a newline, a tab) quoted as shown() quotes it."""
+    names = list(names)
+    head = names if limit is None else names[:limit]
+    text = ", ".join(n if n.isprintable() else shown(n) for n in head)
+    return text + (", ..." if len(names) > len(head) else "")
+
+
 def cache_root(explicit=None):
     """cnnx's cache folder: `explicit` (--cache-dir), else $CNNX_CACHE, else
     $XDG_CACHE_HOME/cnnx, else ~/.cache/cnnx."""

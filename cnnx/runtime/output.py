@@ -18,7 +18,8 @@ import json
 import os
 import sys
 
-from cnnx.runtime.files import NAMES_ARE_UTF8, atomic_write, name_text, os_error_line, path_of_text, shown
+from cnnx.runtime.files import (NAMES_ARE_UTF8, atomic_write, name_text, names_line, os_error_line, path_of_text,
+                                shown)
 
 ERRORS_HEADER = ["path", "stage", "error"]
 _FORMULA_START = frozenset(("=", "+", "-", "@", "\t", "\r", "'"))
@@ -567,8 +568,7 @@ def check_unrecorded_resume(output, labels: set, class_names) -> None:
     them); its weights cannot be checked."""
     unknown = sorted(labels - set(class_names))
     if unknown:
-        raise ResumeError(f"{output} holds labels this model does not have ({', '.join(unknown[:5])}"
-                          f"{', ...' if len(unknown) > 5 else ''}): another model wrote it; resume with that "
+        raise ResumeError(f"{output} holds labels this model does not have ({names_line(unknown, 5)}): another model wrote it; resume with that "
                           "model (--model), or write to a new file")
 
 

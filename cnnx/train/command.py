@@ -504,7 +504,7 @@ def _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, c
     "trained_note" (what the console says of it, for the report too)}."""
     import torch
 
-    from cnnx.runtime.files import escaped_name, name_text
+    from cnnx.runtime.files import escaped_name, name_text, names_line
     from cnnx.train import loop
     from cnnx.train.checkpoint import load_checkpoint, model_from_checkpoint
     from cnnx.train.data import class_folders, folder_layout, load_image_folder, respelt_note
@@ -519,8 +519,8 @@ def _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, c
     # from the class folders' names, before minutes of decoding (load_image_folder's classes)
     unknown = [name for name in (name_text(f.name) for f in class_folders(folder)) if name not in names]
     if unknown:
-        raise click.ClickException(f"{folder} has classes the checkpoint does not know: {', '.join(unknown[:10])}"
-                                   f"{' ...' if len(unknown) > 10 else ''} (it knows: {', '.join(names)})"
+        raise click.ClickException(f"{folder} has classes the checkpoint does not know: {names_line(unknown, 10)}"
+                                   f" (it knows: {names_line(names)})"
                                    f"{respelt_note(unknown, names, 'the checkpoint')}")
     d = load_image_folder(folder, ckpt["preprocess"], progress=True, cache=cache_dir, workers=workers,
                           cache_mode=cache_mode)

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from cnnx.runtime.contract import is_hidden_name, is_image_name
-from cnnx.runtime.files import cache_root, escaped_name, first_line, name_text, remove_stale_temps, signals_blocked
+from cnnx.runtime.files import (cache_root, escaped_name, first_line, name_text, names_line, remove_stale_temps,
+                                signals_blocked)
 from cnnx.runtime.preprocess import PREPROCESS_VERSION, ImageError, load_image
 from cnnx.train.cache import CacheError, build_disk_cache, read_disk_cache, take, use_disk
 
@@ -568,8 +569,7 @@ def load_image_folder(root, spec, *, progress=True, cache=None, workers=None, us
     data.linked = listing.linked
     if len(listing.nested) == len(class_names):
         data.notes.append(f"every class folder of {escaped_name(root)} holds its images in subfolders only: the classes are "
-                          f"the folders directly under it ({', '.join(class_names[:5])}"
-                          f"{', ...' if len(class_names) > 5 else ''}), each with all its subfolders")
+                          f"the folders directly under it ({names_line(class_names, 5)}), each with all its subfolders")
     counts = torch.bincount(data.labels, minlength=len(class_names)).tolist()
     empty = [c for c, k in zip(class_names, counts) if k == 0]
     if empty:
@@ -755,7 +755,7 @@ class Splits:
 
 def _check_classes(names, where):
     if len(names) < 2:
-        raise DataError(f"{where} has {len(names)} class ({', '.join(names) or 'none'}); training needs at least 2")
+        raise DataError(f"{where} has {len(names)} class ({names_line(names) or 'none'}); training needs at least 2")
 
 
 def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory", train_spec=None) -> Splits:
@@ -798,8 +798,7 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
         xtr = train_images(layout["all"], d)
         in_val = torch.bincount(d.labels[va], minlength=len(d.class_names)).tolist()
         unseen = [c for c, k in zip(d.class_names, in_val) if k == 0]
-        notes = d.notes + ([f"{len(unseen)} class(es) too small for a validation image: {', '.join(unseen[:5])}"
-                            f"{', ...' if len(unseen) > 5 else ''} (their val top-1 is not measured)"] if unseen else [])
+        notes = d.notes + ([f"{len(unseen)} class(es) too small for a validation image: {names_line(unseen, 5)} (their val top-1 is not measured)"] if unseen else [])
         return Splits((take(xtr, tr), d.labels[tr]), (take(d.images, va), d.labels[va]), None, d.class_names, d.skipped,
                       f"{len(d.labels)} images in {len(d.class_names)} classes from {data}",
                       [d.paths[i] for i in va.tolist()], d.ignored, notes)
@@ -834,11 +833,11 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
         if o.class_names != d.class_names:
             extra = sorted(set(o.class_names) - set(d.class_names))
             if extra:
-                raise DataError(f"{layout[name]} has classes that train/ lacks: {', '.join(extra)}"
+                raise DataError(f"{layout[name]} has classes that train/ lacks: {names_line(extra)}"
                                 f"{respelt_note(extra, d.class_names, 'train/')}")
             missing = [c for c in d.class_names if c not in o.class_names]
             notes.append(f"{layout[name]} has no folder for {len(missing)} class(es) of train/: "
-                         f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''} (no {name} images of them)")
+                         f"{names_line(missing, 5)} (no {name} images of them)")
             remap = torch.tensor([d.class_names.index(c) for c in o.class_names])
             return o.images, remap[o.labels]
         return o.images, o.labels
