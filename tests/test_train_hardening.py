@@ -281,9 +281,11 @@ def test_a_folder_that_cannot_be_labelled_one_way_is_a_one_line_error(small, tmp
             shutil.copyfile(next((small / "cat").iterdir()), c / split / "0001.jpg")
         if files == "classes":  # valid/ is val/: it trains on train/ and validates on valid/
             shutil.copyfile(next((small / "cat").iterdir()), c / "IMG_0042.jpg")  # beside the splits: listed
+            (c / "._IMG_0042.jpg").write_bytes(b"\0\5\26\7")  # macOS's AppleDouble: hidden, ignored
             r = run_cli(seed_args(c, tmp_path / "runs", split, tmp_path / "c", "--epochs", "1"))
             assert r.exit_code == 0 and "10 train / 6 val images in 2 classes" in r.stderr, r.stderr[-2000:]
             assert f"{c / 'IMG_0042.jpg'}: not in a split's class folder; not used" in r.stderr, r.stderr[-2000:]
+            assert "._IMG_0042.jpg" not in r.stderr, r.stderr[-2000:]
         else:
             assert f"{c / split} holds no class folders, beside train/ (an unlabelled {split} split?)" in error(c)
     n = copy_classes(small, tmp_path / "n", ["cat", "dog"], 5)

@@ -193,6 +193,16 @@ def _walk_images(top: str, listing: Listing, class_index: int, root: str, walked
         stack.extend(reversed(subfolders))
 
 
+def _beside_folders(entry: Path, reason: str, unlisted: list) -> int:
+    """An entry beside the class (or split) folders: an image name is appended to `unlisted`
+    with `reason` (it belongs to no class); 1 where it is ignored (a hidden name, a name that is
+    not an image's: AppleDouble's ._photo.jpg, a README), else 0."""
+    if is_image_name(entry.name) and not is_hidden_name(entry.name):
+        unlisted.append((str(entry), reason))
+        return 0
+    return 1
+
+
 def list_image_folder(root: Path) -> Listing:
     """Classes are the sorted visible subfolders of root; a class folder holding no image file
     is a DataError (not a silent class the model can never learn), as is a class folder that is
@@ -201,14 +211,10 @@ def list_image_folder(root: Path) -> Listing:
     class folders belong to no class: they are listed in `unlisted`."""
     classes, listing = [], Listing([], [])
     for e in sorted(root.iterdir()):
-        if is_hidden_name(e.name):
-            listing.ignored += 1
-        elif _no_folder_link_to_nowhere(e).is_dir():
+        if not is_hidden_name(e.name) and _no_folder_link_to_nowhere(e).is_dir():
             classes.append(e)
-        elif is_image_name(e.name):
-            listing.unlisted.append((str(e), "not in a class folder; not used"))
         else:
-            listing.ignored += 1
+            listing.ignored += _beside_folders(e, "not in a class folder; not used", listing.unlisted)
     if not classes:
         raise DataError(f"no class folders in {root} (expected {root}/<class>/<image files>)")
     st = root.stat()
@@ -816,10 +822,7 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
     # beside its class folders (they were passed over without a word)
     for e in sorted(Path(data).expanduser().iterdir()):
         if not e.is_dir():
-            if is_image_name(e.name):
-                skipped.append((str(e), "not in a split's class folder; not used"))
-            else:
-                ignored += 1
+            ignored += _beside_folders(e, "not in a split's class folder; not used", skipped)
 
     def other(name):
         nonlocal ignored
