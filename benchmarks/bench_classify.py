@@ -915,7 +915,7 @@ def merge_result(path: Path, update: dict, parts, argv) -> dict:
     old = json.loads(path.read_text()) if path.exists() else {}
     # Only what a part of this version measured (and recorded in `parts`) is kept from before.
     kept = {key for part in old.get("parts", {}) for key in PART_KEYS[part]}
-    old = {key: value for key, value in old.items() if key in kept or key in ("parts", "label")}
+    old = {key: value for key, value in old.items() if key in kept or key == "parts"}  # a label is of its run only
     doc = {**old, **update}
     doc["parts"] = {**old.get("parts", {}), **{part: provenance(argv) for part in parts}}
     doc["goals"] = GOALS

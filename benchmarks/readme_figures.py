@@ -31,6 +31,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 # The project's goals (issues 2-4); the scripts' own copies decide nothing shown here.
 AIRNET_TARGET, AIRNET_BUDGET_S = 0.88, 600.0
 FRONTIER_TARGET = 0.91                   # issue 7: default airnet on the 2-core CPU, same budget
+FRONTIER_SEEDS = 3                       # ... as the mean of this many seeds
 SEED_TARGET, SEED_BUDGET_S = 0.69, 60.0
 TRAIN_SPEEDUP = 1.6                      # seed-cnn training images/s vs the tutorial loop
 EXPORT_FP32_SPEEDUP = 2.0                # onnxruntime fp32 vs eager, every batch size measured
@@ -46,6 +47,8 @@ GPU_TRAIN_TARGET, GPU_TRAIN_BUDGET_S = 0.94, 3.0  # issue 7: the GPU recipe, mea
 GPU_DECODE_SPEEDUP = 3.0                 # issue 8: GPU decoding vs the CPU-decode pipeline, where decoding limits
 GPU_DECODE_AGREEMENT = 0.995             # top-1 of GPU- vs CPU-decoded predictions
 GPU_CLASSIFY_RATIO = 0.8                 # issue 8: cnnx classify img/s vs the pure-inference ceiling
+GPU_MEMORY_RATIO = 1.1                   # issue 8: peak memory, the large vs the small folder, --device cuda
+CUDA_ROWS_AGREEMENT = 0.999              # classify's CUDA rows vs the CPU provider's, top-1
 # Recipe keys whose change makes a recipe measurement stale.
 RECIPE_KEYS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "label_smoothing", "schedule",
                "warmup", "final_lr", "aug", "crop_pad", "cutout", "channels_last", "bf16")
@@ -240,12 +243,13 @@ def block_results(res: Results) -> str:
                 f">= {goal_pct(AIRNET_TARGET)} within {AIRNET_BUDGET_S:.0f} s", ok, "airnet_epochs.json", d)
     if d := res.get("recipe_airnet_frontier.json"):
         for c in d["summary"]:
-            ok = c["mean_val_top1"] >= FRONTIER_TARGET and c["mean_train_seconds"] <= AIRNET_BUDGET_S
+            ok = (c["mean_val_top1"] >= FRONTIER_TARGET and c["mean_train_seconds"] <= AIRNET_BUDGET_S
+                  and c["seeds"] >= FRONTIER_SEEDS)
             row(f"`airnet` default recipe + `{c['flags']}` (issue 7's CPU candidate), mean of "
                 f"{plural(c['seeds'], 'seed')}",
                 f"**{pct(c['mean_val_top1'])}** in {secs(c['mean_train_seconds'])} of training "
                 f"({num(c['train_images_per_second'][0])} img/s; curve in the JSON)",
-                f">= {goal_pct(FRONTIER_TARGET)} within {AIRNET_BUDGET_S:.0f} s, mean of 3 seeds", ok,
+                f">= {goal_pct(FRONTIER_TARGET)} within {AIRNET_BUDGET_S:.0f} s, mean of {FRONTIER_SEEDS} seeds", ok,
                 "recipe_airnet_frontier.json", d)
     if d := res.get("gpu_recipe_on_cpu.json"):
         run = d["runs"][0]
@@ -253,7 +257,7 @@ def block_results(res: Results) -> str:
         row(f"`airnet` with the GPU recipe (64/256/256, whitening, Muon, 6 views) on this CPU, "
             f"{plural(run['epochs'], 'epoch')} (about what {AIRNET_BUDGET_S:.0f} s allows), one seed",
             f"**{pct(run['final_val_top1'])}** in {secs(run['train_seconds'])} of training "
-            f"({secs(run['train_seconds'] / run['epochs'])} an epoch of 45,000 images)",
+            f"({secs(run['train_seconds'] / run['epochs'])} a training epoch)",
             f">= {goal_pct(FRONTIER_TARGET)} within {AIRNET_BUDGET_S:.0f} s", ok, "gpu_recipe_on_cpu.json", d)
     if d := res.get("recipe_seed_cnn.json"):
         s, cfg = d["summary"], d["runs"]["recipe"]["config"]
@@ -411,7 +415,7 @@ def block_gpu(res: Results) -> str:
             ok, d)
 
     if d := res.get("gpu_train.json"):
-        train_row("`cnnx train` GPU recipe (`airnet`, 45,000 / 5,000 CIFAR-10 JPEGs), final val top-1", d)
+        train_row("`cnnx train` GPU recipe (`airnet`, the CIFAR-10 JPEGs, train's validation split), final val top-1", d)
     if d := res.get("gpu_train_9epochs.json"):
         train_row("the same with airbench94_muon's step count (9 epochs here)", d)
     if d := res.get("gpu_train_30epochs.json"):
@@ -546,7 +550,7 @@ def gpu_classify_rows(d: dict, other_run: dict | None, row, notes):
                       ("gpu_decode_classify_airnet_photos", "the 2-12 MP photos (resized to 32 px)")):
         if g := d.get(key):
             row(f"`--decoder gpu` vs `--decoder cpu` top-1 agreement, trained `airnet`, {num(g['n'])} files: {what}",
-                f"**{pct(g['top1_agreement'])}** ({g['distinct_top1_classes']} of 10 classes given); "
+                f"**{pct(g['top1_agreement'])}** ({g['distinct_top1_classes']} classes given); "
                 f"{num(g['gpu_decode']['img_s'])} vs {num(g['cpu_decode']['img_s'])} img/s",
                 f">= {pct(GPU_DECODE_AGREEMENT)}", g["top1_agreement"] >= GPU_DECODE_AGREEMENT, d)
     if px := d.get("gpu_decode_pixels"):
@@ -555,11 +559,12 @@ def gpu_classify_rows(d: dict, other_run: dict | None, row, notes):
     if rows_ := d.get("classify_rows_cuda_vs_cpu_airnet"):
         row(f"`cnnx classify` rows, CUDA (IOBinding) vs the CPU provider, trained `airnet`, {num(rows_['n'])} files",
             f"top-1 agreement **{pct(rows_['top1_agreement'])}** ({rows_['distinct_top1_classes']} classes given)",
-            "every batch runs its own pixels", rows_["top1_agreement"] >= 0.999, d)
+            "every batch runs its own pixels", rows_["top1_agreement"] >= CUDA_ROWS_AGREEMENT, d)
     if m := d.get("memory_airnet"):
         row(f"`cnnx classify --device cuda` peak memory (host, the whole process tree), {num(m['files_large']['files'])} "
             f"vs {num(m['files_small']['files'])} files", f"{m['files_large']['peak_rss_mib']:.0f} vs "
-            f"{m['files_small']['peak_rss_mib']:.0f} MiB ({m['ratio']:.3f}x)", "<= 1.1x", m["ratio"] <= 1.1, d)
+            f"{m['files_small']['peak_rss_mib']:.0f} MiB ({m['ratio']:.3f}x)", f"<= {GPU_MEMORY_RATIO:g}x",
+            m["ratio"] <= GPU_MEMORY_RATIO, d)
     if sw := d.get("sweep_classify_airnet"):
         best = max(sw, key=lambda b: sw[b])
         row("`cnnx classify --device cuda --batch-size B`, `airnet` on the CIFAR JPEGs, whole process",
@@ -727,9 +732,9 @@ def classify_set(d: dict, key: str) -> str:
     return f"{num(d['photos']['files'])} photos ({ps.get('megapixels', '?')} MP, mean {ps.get('mean_mb', '?')} MB)"
 
 
-def _reachable_note(a: dict) -> str:
+def _reachable_note(a: dict, goal: float) -> str:
     """The accounting part's reachable ratio: what any whole process adds to the bound."""
-    rounds, goal = a["rounds"], 0.95
+    rounds = a["rounds"]
 
     def spread(key, fmt="{:.3f}"):
         # statistics.median, as the JSON's *_median keys (numpy's): the two agree on an even count
@@ -777,6 +782,10 @@ def block_classify(res: Results) -> str:
                      ratio(c["speedup_vs_per_image"]), ratio(c["speedup_vs_batched"])])
     out = [table(["set", "per-image loop", "batched loop", "cnnx classify", "vs per-image", "vs batched"],
                  rows, "lrrrrr")] if rows else []
+    if rows:  # a part of its own, often of another tree than the bound below
+        m = measured(d, "baselines")
+        out.append(para(f"The table: the baselines (information) and cnnx classify interleaved, best of each, batch "
+                        f"{d['batch_size']}, at `{m['git_commit'][:7]}`; {source('bench_classify.json', m)}."))
     notes = []
     if m := d.get("memory"):
         limit = goals["memory_50k_vs_5k_max_ratio"]
@@ -813,7 +822,7 @@ def block_classify(res: Results) -> str:
                      f"({r['ratio']:.2f} of the wall) + CPU beyond it {r['extra_cpu_core_s']:.2f} (the command "
                      f"itself used {r['main_cpu_s']:.2f}, the processes it started {r['others_cpu_s']:.2f}) + idle "
                      f"cores {r['idle_core_s']:.2f}."
-                     + (_reachable_note(a) if "ratio_reachable_median" in a else ""))
+                     + (_reachable_note(a, goals["cpu_bound_ratio_min"]) if "ratio_reachable_median" in a else ""))
     if w := d.get("writers"):
         each = [f"{fmt.upper()} top-{k} {w[f'{fmt}_top{k}']['cnnx_us_per_row']:.2f} µs "
                 f"({w[f'{fmt}_top{k}']['reference_us_per_row']:.2f} µs, {ratio(w[f'{fmt}_top{k}']['speedup'])})"
@@ -905,8 +914,8 @@ def block_classify(res: Results) -> str:
     elif cuda:
         notes.append("CUDA: " + "; ".join(f"{k} {num(v['images_per_s'])} img/s" for k, v in cuda.items()) + ".")
     out.append(bullets(notes))
-    out.append(para(f"Batch size {d['batch_size']}; the baselines (information) and cnnx classify ran interleaved, best of each. "
-               f"Source: {source('bench_classify.json', measured(d, 'bound') if 'bound' in d else d)}."))
+    out.append(para(f"Source of the bound, the memory and the start-up: "
+                    f"{source('bench_classify.json', measured(d, 'bound') if 'bound' in d else d)}."))
     return "\n\n".join(out)
 
 
@@ -914,13 +923,19 @@ def block_report(res: Results) -> str:
     d = res.get("bench_report.json")
     if d is None:
         return not_measured(res, ["bench_report.json"])
-    sm, run = d["summary"], d["default_run"]
-    share = sm["share_of_wall_time"]
+    sm = d["summary"]
+    # the default run's epoch as recipe_airnet.json holds it now (bench_report.json keeps the copy it was run against)
+    air, kept = res.get("recipe_airnet.json"), d["default_run"]
+    wall, epochs = (air["run"]["wall_seconds"], len(air["run"]["history"])) if air else (kept["wall_seconds"],
+                                                                                          kept["epochs"])
+    epoch_s = wall / epochs
+    share = sm["report_seconds_per_epoch"] / epoch_s
     return "\n\n".join([bullets([
         f"Writing report.html after every epoch: {secs(sm['report_seconds_per_epoch'])} per epoch for "
         f"{num(d['setup']['val_images'])} validation images and {d['setup']['classes']} classes, "
-        f"**{share:.2%}** of a default `cnnx train` epoch's wall time ({secs(run['wall_seconds_per_epoch'])}, "
-        f"from `{run['source']}`); goal <= {REPORT_SHARE:.0%}: {met(share <= REPORT_SHARE)}.",
+        f"**{share:.2%}** of a default `cnnx train` epoch's wall time ({secs(epoch_s)}: "
+        f"{secs(wall)} over {plural(epochs, 'epoch')}, from "
+        f"`benchmarks/results/recipe_airnet.json`); goal <= {REPORT_SHARE:.0%}: {met(share <= REPORT_SHARE)}.",
         f"Page sizes: training {sm['training_report_bytes'] / 1e3:,.0f} kB; a classify job of "
         f"{num(d['classify_report']['predictions'])} predictions {sm['classify_report_bytes_50k'] / 1e3:,.0f} kB "
         f"(written in {secs(d['classify_report']['seconds'])}).",
@@ -942,8 +957,9 @@ def block_ray(res: Results) -> str:
     return "\n\n".join([
         table(["CIFAR-10 JPEGs", "local pipeline", "--engine ray", "ray vs local", "goal"], rows, "lrrrl"),
         para(f"Ray's fixed cost on this machine: {secs(d['ray_fixed_s'])} (ray.init {secs(d['ray_startup_s'])}, then "
-             f"the actor pool, model loading and the first blocks). The marginal rate is (50,000 - 25,000) files over "
-             f"the extra seconds the full folder takes over its 25,000-file half, best of "
+             f"the actor pool, model loading and the first blocks). The marginal rate is ({num(m['ray']['images_full'])} - "
+             f"{num(m['ray']['images_half'])}) files over the extra seconds the full folder takes over its "
+             f"{num(m['ray']['images_half'])}-file half, best of "
              f"{len(d['rounds']['local'])} interleaved rounds each. Same labels for every file: "
              f"{'yes' if d['same_labels'] else '**no**'}. Batch {d['batch_size']}, {d['cores']} cores. "
              f"Source: {source('bench_ray.json', d)}."),
@@ -979,7 +995,7 @@ def block_transfer(res: Results) -> str:
             f"Disk cache (in the page cache) vs in memory: **{sp['disk_over_memory']:.2f}x** "
             f"({num(sp['epoch2_img_per_s_disk'])} vs {num(sp['epoch2_img_per_s_memory'])} img/s; goal >= "
             f"{DISK_VS_MEMORY:g}x: {met(sp['disk_over_memory'] >= DISK_VS_MEMORY)}). Decoding {num(dec['images'])} "
-            f"{dec['source_side']} px JPEGs into the cache: **{dec['build_over_ceiling']:.2f}x** the decode ceiling of "
+            f"{dec['source_side']} px JPEGs into the cache: **{dec['build_over_ceiling']:.3f}x** the decode ceiling of "
             f"{dec['processes']} processes ({num(dec['cache_build_img_per_s'])} vs {num(dec['decode_only_img_per_s'])} "
             f"img/s; goal >= {CACHE_BUILD_VS_DECODE:g}x: {met(dec['build_over_ceiling'] >= CACHE_BUILD_VS_DECODE)}). "
             f"{d['note'][:1].upper()}{d['note'][1:]}. Source: {source('bench_bigdata.json', d)}.")

@@ -437,8 +437,8 @@ def _run(clf: Classifier, todo):
     try:
         if runner is not None:
             # The GPU path's one thread bounds its rate and waits on the runs for part of its
-            # time (benchmarks/results/gpu_profile_airnet_e9f6c17.txt): the folder walk, a fifth
-            # of what it holds the GIL for, goes to a thread of its own, to run in those waits.
+            # time (benchmarks/results/gpu_profile_airnet_e9f6c17.txt): the folder walk, a share
+            # of what it holds the GIL for (the profile), goes to a thread of its own, to run in those waits.
             todo = ahead_in_thread(todo, DISCOVERY_AHEAD, name="cnnx-discover")
         if clf.gpu_decoder is None:
             batches = _cpu_decoded(clf, todo)

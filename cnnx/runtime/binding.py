@@ -216,8 +216,8 @@ class BoundRunner:
         is copied into a free slot and started before the oldest running one is waited for,
         so `slots` batches are in flight. The copy is made here, on the caller's thread, before
         the next job is taken from `jobs`: a job's images may be borrowed until then
-        (procdecode's `lend`). Made on the run's thread instead, the caller waited for it a fifth
-        of its time on an H100 (benchmarks/results/gpu_profile_airnet_e9f6c17.txt): a hand-over
+        (procdecode's `lend`). Made on the run's thread instead, the caller waited for it for a
+        share of its time on an H100 (benchmarks/results/gpu_profile_airnet_e9f6c17.txt): a hand-over
         to that thread and back, each needing the GIL, costs more than the copy.
         Python's thread switch interval is GIL_SWITCH_S (at most) until the generator ends.
         finish(job, logits): run on the run's thread once its logits are back (what it returns,

@@ -76,8 +76,9 @@ class _Tally:
 @click.option("--topk", type=click.IntRange(1), default=5, show_default=True,
               help="Labels and scores per image (capped at the number of classes).")
 @click.option("--batch-size", type=click.IntRange(1, 65536), default=256, show_default=True,
-              help="Images per batch; every onnxruntime call has this shape (the last is padded), except in "
-                   "decode processes (--decode), which run their batches in slices of 64. "
+              help="Images per batch, one onnxruntime call each (its decoded images), except in decode "
+                   "processes (--decode), which run their batches in slices of 64; on a GPU every call has "
+                   "this shape (the last padded). "
                    "Reduced, with a note, when the images would exceed 256 MiB a batch. 256 is the measured "
                    "choice on the CPU and on an H100 (benchmarks/gpu_classify.py's sweep).")
 @click.option("--workers", type=click.IntRange(0, 256), default=0, show_default=True,
@@ -101,8 +102,8 @@ class _Tally:
                    "decode faster on the CPU), the GPU and --workers CPU threads share each batch, from its two "
                    "ends; else cpu.")
 @click.option("--errors", "errors_path", type=click.Path(dir_okay=False),
-              help="CSV of files not classified (path,stage,error), or - for stdout. Default: OUTPUT's name + "
-                   ".errors.csv, or warnings on stderr when OUTPUT is stdout.")
+              help="CSV of files not classified (path,stage,error), or - for stdout. Default: OUTPUT with its "
+                   "extension replaced by .errors.csv (p.csv: p.errors.csv), or warnings on stderr when OUTPUT is stdout.")
 @click.option("--resume", is_flag=True, help="Continue OUTPUT: skip paths already in it (or in the errors file).")
 @click.option("--strict", is_flag=True, help="Exit 1 when any file was skipped.")
 @click.option("--follow-symlinks", is_flag=True, help="Follow symlinks inside folders (cycles are still refused).")

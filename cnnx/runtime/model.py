@@ -185,7 +185,7 @@ def _providers(ort, device: str, path: Path, batch_size: int | None) -> list:
         return [CPU]
     if device == "auto":
         # Cheap checks only (no package scan): without the provider or the driver library,
-        # trying CUDA costs ~0.5 s of start-up for nothing, so auto goes straight to the CPU.
+        # trying CUDA costs start-up time for nothing, so auto goes straight to the CPU.
         if CUDA not in ort.get_available_providers() or not cuda_driver_present():
             return [CPU]
         cuda.preload(ort)

@@ -2,13 +2,14 @@
 
 Batches are cut from the discovery stream in order, split into chunks and handed to a pool
 of decode threads. Threads for large images: libjpeg-turbo (simplejpeg), Pillow's decoders
-and resize, and onnxruntime release the GIL (decode-only throughput on large JPEGs doubles
-from 1 to 2 threads, see benchmarks/), and there is no process to start. Small images are
+and resize, and onnxruntime release the GIL, so threads decode large JPEGs in parallel, and
+there is no process to start. Small images are
 another matter: a 32 px JPEG's decode is mostly Python under the GIL and threads take turns,
 so PipelineConfig.decode "auto" gives models up to workers.PROCESS_DECODE_MAX_SIDE px to worker
 processes (cnnx.runtime.procdecode, the same rows). Batches come back in order, i.e. in
-sorted path order, each with the same shape (the last one is padded) so onnxruntime sees
-one shape only.
+sorted path order; a batch runs its decoded images only (the last batch, and one with failed
+files, runs fewer: onnxruntime's CPU kernels take any batch size; the GPU path pads to the
+shape its buffers are bound to).
 
 With an `infer` function, the thread that decodes a batch's last chunk also runs the batch
 through onnxruntime, so batches run concurrently, one a core, each on a one-thread session
@@ -51,7 +52,7 @@ def batch_size_within_budget(batch_size: int, spec) -> int:
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    batch_size: int = 256  # images per onnxruntime call (fixed; the last batch is padded)
+    batch_size: int = 256  # images per batch, one onnxruntime call (its decoded images)
     workers: int = 0  # decode threads; 0 = one per CPU core
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused as decompression bombs
     decode: str = "auto"  # "threads", "processes" (procdecode) or "auto": see decodes_in_processes

@@ -85,8 +85,8 @@ def read_rows(base: np.ndarray, file, rows: np.ndarray, out: np.ndarray | None =
     """base[rows] into `out` (a new array when None). From a cache file: one pread per row, in
     ascending row order. Not through the memory map: there each 4 KiB page costs a page fault,
     and when the cache does not fit in the memory the process may use, every batch waits for
-    the kernel to reclaim mapped pages (bench_bigdata.json, "reader": 59 vs 1.6 ms per batch of
-    16 rows of 62 KB under a memory cgroup; 0.18 vs 0.25 ms when the page cache holds it all)."""
+    the kernel to reclaim mapped pages (bench_bigdata.json, "reader": the map against pread, per batch, under a memory cgroup and
+    with the whole cache in the page cache)."""
     if out is None:
         out = np.empty((len(rows), *base.shape[1:]), dtype=base.dtype)
     if file is None:

@@ -80,7 +80,7 @@ def _parse_aug(value):
 @click.option("--cache-dir", type=click.Path(file_okay=False),
               help="Cache of decoded images (default $CNNX_CACHE, else $XDG_CACHE_HOME/cnnx or ~/.cache/cnnx).")
 @click.option("--cache", type=click.Choice(("auto", "memory", "disk")),
-              help="Decoded images in memory, or in a memory-mapped file read per batch (for data larger than "
+              help="Decoded images in memory, or in a cache file read per batch (for data larger than "
                    "memory); auto: disk when they need more than a quarter of the available memory (loading "
                    "them takes twice that).")
 @click.option("--weights", type=click.Path(dir_okay=False),
@@ -385,7 +385,7 @@ def _pick_split(layout, split, data) -> tuple:
 @click.option("--workers", type=click.IntRange(min=0), help="Processes decoding image files (default one per core, at most 8).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache of decoded images (default as for cnnx train).")
 @click.option("--cache", default="auto", show_default=True, type=click.Choice(("auto", "memory", "disk")),
-              help="Decoded images in memory, or in a memory-mapped file read per batch (a folder larger than "
+              help="Decoded images in memory, or in a cache file read per batch (a folder larger than "
                    "memory), as for cnnx train.")
 @click.option("--plot", type=click.Path(dir_okay=False),
               help="Confusion-matrix PNG to write (default <checkpoint folder>/confusion_<data name>.png; "

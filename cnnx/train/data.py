@@ -372,7 +372,7 @@ class _FileRows:
 
 
 JOB_SHARE = 4  # a job is 1/(workers x JOB_SHARE) of the images not yet handed out: big jobs first, small ones last
-MIN_JOB = 8  # images; a tiny JPEG decodes in ~30 us, so a message per job must not come more often
+MIN_JOB = 8  # images; a tiny JPEG decodes in tens of microseconds (load_image_steps.json): a message a job must not come more often
 MAX_JOB_BYTES = 32 << 20  # decoded rows per job: a worker's buffer must not grow with the dataset
 JOBS_AHEAD = 2  # jobs a worker holds, so it never waits for the parent between two
 
