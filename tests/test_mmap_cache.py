@@ -326,3 +326,32 @@ def test_a_changed_folder_replaces_its_cached_decoding_and_keeps_other_decodings
     Image.fromarray(photo_like(24, 24, seed=10)).save(data / "b" / "new.png")
     assert len(load(data).labels) == 8
     assert not any(n.startswith(older) for n in entries()) and len(entries()) == 3
+
+
+def test_an_address_space_limit_sends_auto_to_disk_and_memory_to_one_line(cifar_subset, tmp_path):
+    """Under `ulimit -v` (RLIMIT_AS), --cache auto kept images in memory that the limit refused
+    (a numpy traceback); the limit now counts as the memory available, and --cache memory
+    beyond it is one line naming --cache disk."""
+    import sys
+
+    data = cifar_subset(20, classes=("cat", "dog"))
+    code = f"""
+import resource
+import torch  # the address space a training process maps, before the limit
+from cnnx.runtime.preprocess import make_spec
+from cnnx.train.cache import available_memory, use_disk
+from cnnx.train.data import DataError, load_image_folder
+size = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize:')) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + (64 << 20), resource.RLIM_INFINITY))
+assert available_memory() <= 64 << 20, available_memory()
+assert use_disk('auto', 40 << 20) and not use_disk('memory', 40 << 20)
+try:  # 40 images of 1024x1024: 120 MiB
+    load_image_folder({str(data)!r}, make_spec(1024, (0.5,) * 3, (0.25,) * 3), progress=False,
+                      cache={str(tmp_path / 'c')!r}, workers=1, cache_mode='memory')
+except DataError as e:
+    print(e)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "not enough memory for 40 decoded images of 1024x1024 px (120 MiB): --cache disk keeps them in a file" \
+        in r.stdout, (r.stdout, r.stderr[-2000:])

@@ -109,7 +109,8 @@ def read_rows(base: np.ndarray, file, rows: np.ndarray, out: np.ndarray | None =
 
 def available_memory() -> int:
     """Bytes this process may still take: MemAvailable, lowered by the memory limit of its
-    cgroup (v2: memory.max; v1: the memory controller's memory.limit_in_bytes)."""
+    cgroup (v2: memory.max; v1: the memory controller's memory.limit_in_bytes) and by its
+    address-space limit (ulimit -v)."""
     avail = 1 << 62
     try:
         with open("/proc/meminfo") as f:
@@ -118,8 +119,26 @@ def available_memory() -> int:
                     avail = int(line.split()[1]) * 1024
     except OSError:
         pass
-    room = _cgroup_room()
-    return avail if room is None else min(avail, room)
+    for room in (_cgroup_room(), _address_space_room()):
+        if room is not None:
+            avail = min(avail, room)
+    return avail
+
+
+def _address_space_room():
+    """RLIMIT_AS's soft limit less the address space this process maps now (VmSize), None
+    when unlimited or unknown. Mapped, not resident: what the limit counts."""
+    import resource
+
+    try:
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit == resource.RLIM_INFINITY:
+            return None
+        with open("/proc/self/status") as f:
+            size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    except (OSError, ValueError, StopIteration):
+        return None
+    return max(0, limit - size)
 
 
 def _cgroup_room():

@@ -439,7 +439,11 @@ def _decode_all(paths, spec, *, workers, progress, out=None):
     h, w = spec["size"]
     jobs = decode_jobs(n, workers, 3 * h * w)
     if out is None:
-        out = np.empty((n, 3, h, w), dtype=np.uint8)  # job j's decoded rows land at its start, packed
+        try:
+            out = np.empty((n, 3, h, w), dtype=np.uint8)  # job j's decoded rows land at its start, packed
+        except MemoryError:
+            raise DataError(f"not enough memory for {n:,} decoded images of {h}x{w} px ({n * 3 * h * w / 2**20:,.0f} "
+                            f"MiB): --cache disk keeps them in a file") from None
     # A disk cache's file: workers write their rows into it themselves, by name.
     cache_file = out.filename if isinstance(out, np.memmap) and out.filename else None
     kept_by_job, errors_by_job = {}, {}
