@@ -304,6 +304,21 @@ def test_resume_refuses_data_that_changed_and_rebuilds_a_best_pt_it_lacks(cifar_
     assert r.exit_code == 0, r.stderr
     assert "best.pt of epoch 1 rebuilt from last.pt" in r.stderr
     assert (run / "best.pt").exists() and load_checkpoint(run / "last.pt")["epoch"] == 2
+    # begun before the split by name (no "split" in its config): it resumes on the split it began with
+    from cnnx.train.data import SPLIT_BY_GENERATOR, SPLIT_BY_NAME, load_splits
+    from cnnx.train.run import files_digest
+
+    assert last["config"]["split"] == SPLIT_BY_NAME
+    old_split = load_splits({**last["config"], "split": SPLIT_BY_GENERATOR}, progress=False)
+    assert files_digest(old_split.val_paths) != last["config"]["val_files_sha256"]
+    last["config"]["preprocess_version"] = PREPROCESS_VERSION
+    del last["config"]["split"]
+    last["config"]["val_files_sha256"] = files_digest(old_split.val_paths)
+    torch.save(last, run / "older.pt")
+    r = run_cli(["train", "--resume", run / "older.pt", "--epochs", "2"])
+    assert r.exit_code == 0, r.stderr[-2000:]
+    assert json.loads((run / "config.json").read_text())["split"] == SPLIT_BY_GENERATOR  # now recorded
+    assert run_cli(["train", "--resume", run / "last.pt", "--epochs", "3"]).exit_code == 0  # and again
 
 
 def test_a_model_that_cannot_be_built_is_one_line(cifar_train_dir, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from cnnx.runtime.preprocess import load_image, make_spec
 from cnnx.train import loop
 from cnnx.train.config import ConfigError, RECIPES, TrainConfig, resolve_config
-from cnnx.train.data import DataError, folder_layout, load_image_folder, stratified_split
+from cnnx.train.data import SPLIT_BY_GENERATOR, DataError, folder_layout, load_image_folder, stratified_split
 from cnnx.train.zoo import ARCHS, CIFAR_MEAN, CIFAR_STD, Uint8Input, create_model
 
 from tests._train_util import copy_classes
@@ -68,6 +68,27 @@ def test_stratified_split_is_per_class_fixed_and_disjoint():
     tr2, va2 = stratified_split(labels, 0.1, seed=3)
     assert torch.equal(va, va2)
     assert not torch.equal(va, stratified_split(labels, 0.1, seed=4)[1])
+
+
+def test_a_photo_added_to_a_class_moves_at_most_one_held_out_file():
+    """The split by name: adding one image to one class left 35 of 40 validation images where
+    they were under the generator's split (a v1 run trained on them, a v2 run validated on them)."""
+    names = {c: [f"{c}/IMG_{i:04d}.jpg" for i in range(100)] for c in ("airplane", "cat", "dog", "ship")}
+
+    def held_out(names):
+        keys = [k for c in sorted(names) for k in names[c]]
+        labels = torch.tensor([i for i, c in enumerate(sorted(names)) for _ in names[c]])
+        _, va = stratified_split(labels, 0.1, seed=0, keys=keys)
+        return {keys[i] for i in va.tolist()}
+
+    before = held_out(names)
+    after = held_out({**names, "airplane": names["airplane"] + ["airplane/IMG_9999.jpg"]})
+    assert len(before) == len(after) == 40
+    assert len(after - before) <= 1 and all(k.startswith("airplane/") for k in after - before), after - before
+    # the split of runs made before it is kept for them (a resumed run, its export's parity images)
+    legacy = stratified_split(torch.arange(4).repeat_interleave(100), 0.1, 0, method=SPLIT_BY_GENERATOR)[1]
+    g = torch.Generator().manual_seed(0)
+    assert legacy.tolist() == sorted(c * 100 + i for c in range(4) for i in torch.randperm(100, generator=g)[:10].tolist())
 
 
 def test_config_resolution_and_unknown_names():
@@ -287,3 +308,16 @@ def test_plots_of_many_long_or_unprintable_class_names_stay_small_and_quiet(tmp_
     for png in ("c.png", "p.png"):
         w, h = _png_size(tmp_path / png)
         assert w * h < 3_000_000, (png, w, h)
+
+
+def test_a_val_top1_tie_goes_to_the_lower_val_loss():
+    """On a small validation set the first epochs often tie (a net that guesses one class):
+    best.pt kept the first of them, whatever its loss, and patience ran out on a falling loss."""
+    from cnnx.train.run import State
+
+    s = State()
+    for epoch, (top1, loss) in enumerate([(0.32, 9e4), (0.32, 3.3), (0.32, 3.4), (0.40, 5.0), (0.40, 5.0)], 1):
+        row = {"epoch": epoch, "train_seconds_total": float(epoch), "val_loss": loss, "val_top1": top1}
+        s.record(row, {"top1": top1, "loss": loss, "confusion": None}, None)
+        assert s.best_epoch == [1, 2, 2, 4, 4][epoch - 1], (epoch, s.best_epoch)
+    assert s.since_best == 1

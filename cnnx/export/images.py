@@ -126,10 +126,12 @@ def _own_validation_split(config: dict, spec: dict, cache_dir=None):
     if config["data"] == "cifar10":
         root = config.get("data_root") or str(data.cache_dir(cache_dir) / "datasets")
         x, y, names = data.load_cifar10(root, train=True, download=False)
-        _, val = data.stratified_split(y, config["val_fraction"], config["split_seed"])
+        _, val = data.stratified_split(y, config["val_fraction"], config["split_seed"],
+                                       method=config.get("split", data.SPLIT_BY_GENERATOR))
         return x[val], y[val], names
     s = data.load_splits({"data": config["data"], "data_root": None, "cache_dir": cache_dir, "preprocess": spec,
-                          "val_fraction": config["val_fraction"], "split_seed": config["split_seed"]}, progress=False,
+                          "val_fraction": config["val_fraction"], "split_seed": config["split_seed"],
+                          "split": config.get("split", data.SPLIT_BY_GENERATOR)}, progress=False,
                          cache_mode=config.get("cache") if config.get("cache") in CACHE_MODES else "auto")
     return s.val[0], s.val[1], s.class_names
 

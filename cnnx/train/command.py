@@ -67,7 +67,8 @@ def _parse_aug(value):
 @click.option("--warmup", type=float, help=f"Fraction of all steps spent warming the lr up; {RECIPE}.")
 @click.option("--aug", help=f"Comma list of batch augmentations from {', '.join(AUGMENTATIONS)}, or 'none'; {RECIPE}.")
 @click.option("--crop-pad", type=int, help=f"Reflect padding in pixels for the random crop; {RECIPE}.")
-@click.option("--patience", type=int, help="Stop after this many epochs without a better val top-1 (0 = never).")
+@click.option("--patience", type=int, help="Stop after this many epochs without a better val top-1 (or the same with a lower "
+                   "val loss; 0 = never).")
 @click.option("--val-fraction", type=float, help="Share of each class held out for validation when the data has no val split (0.1).")
 @click.option("--split-seed", type=int, help="Seed of the held-out split (0); keep it to compare runs on the same split.")
 @click.option("--seed", type=int, help="Seed of model init, batch order and augmentation (0).")

@@ -731,9 +731,20 @@ def load_cifar10(data_root, *, train: bool, download=True):
 
 # --- splits ---------------------------------------------------------------------------------
 
-def stratified_split(labels: torch.Tensor, fraction: float, seed: int):
+SPLIT_BY_NAME = 2  # the split a run records as its "split" (a config without one: SPLIT_BY_GENERATOR)
+SPLIT_BY_GENERATOR = 1
+
+
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int, keys=None, method: int = SPLIT_BY_NAME):
     """(train_idx, val_idx): `fraction` of each class (at least one image when a class has two
-    or more) held out, chosen by a generator seeded with `seed`; both sorted."""
+    or more) held out; both sorted. SPLIT_BY_NAME: each class's images ranked by a hash of the
+    seed and their key (`keys[i]`: the file's path under the data folder; default its index),
+    the first held out, so a photo added to a class moves at most one other file of that class
+    and none of any other (former validation images are not trained on by the next run).
+    SPLIT_BY_GENERATOR, the split of runs made before it: one generator drawn class by class
+    (one new file re-drew every class after it)."""
+    import hashlib
+
     g = torch.Generator().manual_seed(int(seed))
     val = []
     for c in torch.unique(labels).tolist():
@@ -743,7 +754,12 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int):
             k = min(max(k, 1), len(idx) - 1)
         else:
             k = 0
-        val.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+        if method == SPLIT_BY_GENERATOR:
+            val.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+            continue
+        rank = sorted(idx.tolist(), key=lambda i: hashlib.sha256(
+            f"{seed}\0{i if keys is None else keys[i]}".encode("utf-8", "surrogateescape")).digest())
+        val.append(torch.tensor(rank[:k], dtype=torch.int64))
     val_idx = torch.sort(torch.cat(val)).values if val else torch.empty(0, dtype=torch.int64)
     mask = torch.ones(len(labels), dtype=torch.bool)
     mask[val_idx] = False
@@ -770,20 +786,27 @@ def _check_classes(names, where):
 
 def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory", train_spec=None) -> Splits:
     """Train/val(/test) splits of the data a resolved run config names (keys: data, data_root,
-    cache_dir, preprocess, val_fraction, split_seed). Validation is the folder's val split when it
+    cache_dir, preprocess, val_fraction, split_seed, split: SPLIT_BY_GENERATOR where absent, as
+    the runs before it). Validation is the folder's val split when it
     has one, else a stratified `val_fraction` of train; the test split is never used to select.
     train_spec: the training images decoded through another spec (stored larger for random-resized-
     crop); validation and test always go through `preprocess` exactly, as export and classify do.
     cache_mode: see load_image_folder (the images of a disk cache are Rows, read per batch)."""
     spec = config["preprocess"]
     data = config["data"]
+
+    def held_out(labels, folder=None, paths=None):
+        keys = None if folder is None else [os.path.relpath(p, Path(folder).expanduser().resolve()) for p in paths]
+        return stratified_split(labels, config["val_fraction"], config["split_seed"], keys,
+                                config.get("split", SPLIT_BY_GENERATOR))
+
     if data == "cifar10":
         root = config.get("data_root") or str(cache_dir(config.get("cache_dir")) / "datasets")
         x, y, names = load_cifar10(root, train=True)
         xt, yt, _ = load_cifar10(root, train=False, download=False)
         if list(spec["size"]) != [32, 32]:
             raise DataError(f"CIFAR-10 images are 32x32; this arch wants {spec['size']}: use an image folder")
-        tr, va = stratified_split(y, config["val_fraction"], config["split_seed"])
+        tr, va = held_out(y)
         return Splits((x[tr], y[tr]), (x[va], y[va]), (xt, yt), names, [], f"CIFAR-10 from {root}")
     layout = folder_layout(data)
     listed = {}  # folder -> its Listing, where made before any decoding (the split layout)
@@ -804,7 +827,7 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
     if "all" in layout:
         d = load(layout["all"])
         _check_classes(d.class_names, data)
-        tr, va = stratified_split(d.labels, config["val_fraction"], config["split_seed"])
+        tr, va = held_out(d.labels, layout["all"], d.paths)
         xtr = train_images(layout["all"], d)
         in_val = torch.bincount(d.labels[va], minlength=len(d.class_names)).tolist()
         unseen = [c for c, k in zip(d.class_names, in_val) if k == 0]
@@ -853,7 +876,7 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
     test = other("test")
     xtr = d.images if "val" in layout else train_images(layout["train"], d)
     if val is None:
-        tr, va = stratified_split(d.labels, config["val_fraction"], config["split_seed"])
+        tr, va = held_out(d.labels, layout["train"], d.paths)
         train, val = (take(xtr, tr), d.labels[tr]), (take(d.images, va), d.labels[va])
         paths["val"] = [d.paths[i] for i in va.tolist()]
     else:

@@ -33,7 +33,7 @@ from cnnx.train import finetune, frontier, loop, optim
 from cnnx.train.cache import Rows, take
 from cnnx.train.checkpoint import build_checkpoint, save_checkpoint
 from cnnx.train.config import TrainConfig, config_from_dict
-from cnnx.train.data import load_splits
+from cnnx.train.data import SPLIT_BY_GENERATOR, SPLIT_BY_NAME, load_splits
 
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_top1", "train_top5", "val_loss", "val_top1", "val_top5",
                   "seconds", "eval_seconds", "train_seconds_total")
@@ -331,11 +331,14 @@ class State:
     best_probs: torch.Tensor | None = None  # float32 (N val, C) softmax of the best epoch (rank 0)
 
     def record(self, row: dict, vm: dict, probs) -> bool:
-        """Append the epoch's row; True when it is the best so far (best.pt's rule)."""
+        """Append the epoch's row; True when it is the best so far (best.pt's rule): a higher
+        val top-1, or the same with a lower val loss (on a small validation set top-1 ties often,
+        and the first of the tied epochs may be the untrained net that guesses one class)."""
+        best_loss = next((r["val_loss"] for r in self.history if r["epoch"] == self.best_epoch), math.inf)
         self.history.append(row)
         self.epoch = row["epoch"]
         self.train_seconds = row["train_seconds_total"]
-        improved = vm["top1"] > self.best_top1
+        improved = vm["top1"] > self.best_top1 or (vm["top1"] == self.best_top1 and vm["loss"] < best_loss)
         if improved:
             self.best_top1, self.best_epoch, self.since_best = vm["top1"], row["epoch"], 0
             self.best_confusion, self.best_probs = vm["confusion"], probs
@@ -547,7 +550,9 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
     pretrained = cfg.pretrained and resume is None
     if pretrained:  # read and checked now, before minutes of decoding, and again where the model is built
         pretrained_state_dict(cfg.arch)
-    splits = load_run_data(cfg, spec, run_dir, d, progress)
+    # a resumed run keeps the split it began with (runs before SPLIT_BY_NAME recorded none)
+    split = SPLIT_BY_NAME if resume is None else resume["config"].get("split", SPLIT_BY_GENERATOR)
+    splits = load_run_data(cfg, spec, run_dir, d, progress, split)
     xtr, ytr = splits.train
     xva, yva = splits.val
     if cfg.whiten and cfg.whiten_images > len(ytr) and resume is None:  # frontier.initialise samples them all
@@ -558,7 +563,7 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
         "device_resolved": device, "cnnx_version": __version__, "preprocess_version": PREPROCESS_VERSION,
         "train_images": len(ytr), "val_images": len(yva),
         "test_images": 0 if splits.test is None else len(splits.test[1]), "skipped_files": len(splits.skipped),
-        "val_files_sha256": files_digest(splits.val_paths),
+        "val_files_sha256": files_digest(splits.val_paths), "split": split,
     })
     check_ranks_see_same_data(config, d, cfg.data)
     if resume is not None:
@@ -676,11 +681,12 @@ def train_spec(cfg: TrainConfig, spec: dict):
     return validate_spec({**spec, "size": [math.ceil(s * cfg.rrc_cache_scale) for s in spec["size"]]})
 
 
-def load_run_data(cfg: TrainConfig, spec: dict, run_dir: Path, d: loop.Dist, progress: bool):
-    """The splits; rank 0 decodes (and caches) first, the others then read its cache (a disk
-    cache is mapped by every rank; each reads only its shard's rows)."""
+def load_run_data(cfg: TrainConfig, spec: dict, run_dir: Path, d: loop.Dist, progress: bool, split: int):
+    """The splits (`split`: data.SPLIT_BY_NAME, or the method a resumed run began with); rank 0
+    decodes (and caches) first, the others then read its cache (a disk cache is mapped by every
+    rank; each reads only its shard's rows)."""
     base = {"data": cfg.data, "data_root": cfg.data_root, "cache_dir": cfg.cache_dir, "preprocess": spec,
-            "val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed}
+            "val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed, "split": split}
     how = {"workers": cfg.workers, "cache_mode": cfg.cache, "train_spec": train_spec(cfg, spec)}
     if d.main:
         splits = load_splits(base, progress=progress, **how)
