@@ -450,6 +450,20 @@ def test_resume_that_drops_a_cut_short_row_keeps_a_symlinked_output_and_its_mode
     assert real.read_text() == full and (real.stat().st_mode & 0o777) == 0o640
 
 
+@pytest.mark.parametrize("sidecar", [".p.csv.lock", ".p.csv.run.json"])
+def test_a_symlink_planted_under_an_outputs_lock_or_run_record_is_refused_not_written_through(sidecar, images, model,
+                                                                                              tmp_path):
+    """In a folder others can write, a link named like the output's lock had its target
+    truncated to the pid (then the link removed), one named like its run record had its target
+    replaced by the JSON record; both runs exited 0."""
+    victim = tmp_path / "notes.txt"
+    victim.write_text("precious")
+    os.symlink(victim, tmp_path / sidecar)
+    line = one_line_error(run([images, "--model", model, "-o", tmp_path / "p.csv"]))
+    assert "is a symlink" in line and sidecar in line, line
+    assert victim.read_text() == "precious" and (tmp_path / sidecar).is_symlink()
+
+
 def test_sigint_exits_130_and_the_run_resumes(cifar_subset, model, tmp_path):
     folder = cifar_subset(10)  # 100 images
     out = tmp_path / "p.csv"

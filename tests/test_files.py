@@ -39,7 +39,10 @@ def test_symlink_is_written_through_and_mode_kept(tmp_path):
     os.chmod(real, 0o640)
     link = tmp_path / "link.csv"
     link.symlink_to(real)
-    files.atomic_write(link, "b\n", keep_mode_of_target=True)
+    with pytest.raises(OSError, match="is a symlink, and cnnx writes this name itself"):  # a name cnnx chose
+        files.atomic_write(link, "b\n", keep_mode_of_target=True)
+    assert real.read_text() == "a\n"
+    files.atomic_write(link, "b\n", keep_mode_of_target=True, through_symlink=True)  # a name the user gave
     assert link.is_symlink() and link.read_text() == "b\n"
     assert (real.stat().st_mode & 0o777) == 0o640
 

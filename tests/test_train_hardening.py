@@ -114,6 +114,27 @@ def test_a_live_run_folder_cannot_be_resumed_beside_it(small, tmp_path):
     assert run_cli(["train", "--resume", runs / "x", "--quiet"]).exit_code == 0
 
 
+def test_symlinks_planted_in_a_run_folder_are_refused_not_written_through(small, tmp_path):
+    """A shared run folder: a link under the run lock's name had its target truncated to the pid
+    (even when the resume then failed); metrics.csv, report.html as links had their targets
+    replaced."""
+    runs = tmp_path / "runs"
+    assert run_cli(seed_args(small, runs, "x", tmp_path / "c", "--epochs", "3", "--batch-size", "16",
+                             "--stop-after", "1")).exit_code == 0
+    victim = tmp_path / "notes.txt"
+    victim.write_text("precious")
+    (runs / "x" / LOCK_NAME).unlink(missing_ok=True)
+    os.symlink(victim, runs / "x" / LOCK_NAME)
+    r = run_cli(["train", "--resume", runs / "x", "--quiet"])
+    assert r.exit_code == 1 and "is a symlink" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+    (runs / "x" / LOCK_NAME).unlink()
+    (runs / "x" / "metrics.csv").unlink()
+    os.symlink(victim, runs / "x" / "metrics.csv")
+    r = run_cli(["train", "--resume", runs / "x", "--quiet"])
+    assert r.exit_code == 1 and "metrics.csv" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+    assert victim.read_text() == "precious"
+
+
 # --- (13) a run killed before its first last.pt ----------------------------------------------
 
 def _dead_pid() -> int:

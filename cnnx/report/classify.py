@@ -211,7 +211,7 @@ def write_classify_report(path, *, output: str, fmt: str, errors: str | None,
     preds = read_predictions(output, fmt)
     errs = read_errors(errors) if errors is not None else None
     atomic_write(path, render_classify_report(output=output, fmt=fmt, errors=errors, preds=preds, errs=errs,
-                                              class_names=class_names, spec=spec))
+                                              class_names=class_names, spec=spec), through_symlink=True)  # --report
 
 
 def render_classify_report(*, output, fmt, errors, preds, errs, class_names, spec) -> str:

@@ -37,12 +37,14 @@ class Predictions:
 
 
 def write_training_report(path, *, title: str, config: dict, history: list[dict], class_names: list[str],
-                          confusion: list[list[int]], val: Predictions | None, summary: dict | None = None) -> None:
-    """Write the page atomically. history: cnnx.train.run's per-epoch rows ([] for an
-    evaluation); confusion: rows = true label, of the checkpoint the page is about."""
+                          confusion: list[list[int]], val: Predictions | None, summary: dict | None = None,
+                          through_symlink: bool = False) -> None:
+    """Write the page atomically (through_symlink: see atomic_file; a page the user named).
+    history: cnnx.train.run's per-epoch rows ([] for an evaluation); confusion: rows = true
+    label, of the checkpoint the page is about."""
     text = render_training_report(title=title, config=config, history=history, class_names=class_names,
                                   confusion=confusion, val=val, summary=summary)
-    atomic_write(path, text)
+    atomic_write(path, text, through_symlink=through_symlink)
 
 
 def render_training_report(*, title, config, history, class_names, confusion, val, summary=None) -> str:

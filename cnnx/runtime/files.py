@@ -239,17 +239,39 @@ def fsync_dir(folder) -> None:
         os.close(fd)
 
 
+def open_lock_file(path) -> int:
+    """A lock file's descriptor, opened (created) read-write: never through a symlink, and
+    only a regular file. A link planted under a lock's name (a shared folder) would have had its
+    target truncated to the holder's pid. OSError (EEXIST) naming `path` otherwise."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise OSError(errno.EEXIST, "is a symlink, not a lock file cnnx made; remove it", os.fspath(path)) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EEXIST, "is not a regular file, not a lock file cnnx made; remove it", os.fspath(path))
+    return fd
+
+
 @contextlib.contextmanager
 def atomic_file(path, mode: str = "wb", *, encoding: str | None = None, newline: str | None = None,
-                keep_mode_of_target: bool = False):
+                keep_mode_of_target: bool = False, through_symlink: bool = False):
     """Open a temp file beside `path`; on a clean exit flush, fsync and rename it over `path`;
     on any exception (KeyboardInterrupt included) remove it and leave `path` as it was.
 
     keep_mode_of_target: give the new file the permission bits of the file it replaces (a
-    rewrite should not reset a user's chmod). A symlinked `path` is written through: the
-    link's target is replaced, the link stays."""
+    rewrite should not reset a user's chmod). through_symlink: a symlinked `path` is written
+    through (the link's target is replaced, the link stays): for a file the user named. A
+    name cnnx chose (a run's files, a sidecar beside an output, a cache) that is a symlink is
+    refused: someone who can write in the folder would otherwise have cnnx replace any file
+    the user can write. (The rename replaces a link made after this check, never its target.)"""
     path = os.fspath(path)
     if os.path.islink(path):
+        if not through_symlink:
+            raise OSError(errno.EEXIST, "is a symlink, and cnnx writes this name itself: not replaced; remove it",
+                          path)
         path = os.path.realpath(path)
     try:
         mode_there = os.stat(path).st_mode
@@ -289,13 +311,14 @@ def atomic_file(path, mode: str = "wb", *, encoding: str | None = None, newline:
     fsync_dir(folder)
 
 
-def atomic_write(path, data, *, keep_mode_of_target: bool = False) -> None:
-    """Write bytes or str (UTF-8) to `path` atomically."""
+def atomic_write(path, data, *, keep_mode_of_target: bool = False, through_symlink: bool = False) -> None:
+    """Write bytes or str (UTF-8) to `path` atomically (atomic_file)."""
+    how = {"keep_mode_of_target": keep_mode_of_target, "through_symlink": through_symlink}
     if isinstance(data, str):
-        with atomic_file(path, "w", encoding="utf-8", newline="", keep_mode_of_target=keep_mode_of_target) as f:
+        with atomic_file(path, "w", encoding="utf-8", newline="", **how) as f:
             f.write(data)
     else:
-        with atomic_file(path, "wb", keep_mode_of_target=keep_mode_of_target) as f:
+        with atomic_file(path, "wb", **how) as f:
             f.write(data)
 
 

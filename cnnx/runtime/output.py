@@ -18,8 +18,8 @@ import json
 import os
 import sys
 
-from cnnx.runtime.files import (NAMES_ARE_UTF8, atomic_write, name_text, names_line, os_error_line, path_of_text,
-                                shown)
+from cnnx.runtime.files import (NAMES_ARE_UTF8, atomic_write, name_text, names_line, open_lock_file, os_error_line,
+                                path_of_text, shown)
 
 ERRORS_HEADER = ["path", "stage", "error"]
 _FORMULA_START = frozenset(("=", "+", "-", "@", "\t", "\r", "'"))
@@ -64,7 +64,7 @@ class OutputLock:
         import fcntl
 
         while self.fd is None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            fd = open_lock_file(self.path)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -438,7 +438,7 @@ class ErrorsWriter:
 def _drop_cut_short_row(path, text: str):
     """Rewrite `path` as `text` (what precedes a row a killed run was writing): atomically,
     through a symlink, keeping the file's permission bits."""
-    atomic_write(path, text.encode("utf-8", "surrogateescape"), keep_mode_of_target=True)
+    atomic_write(path, text.encode("utf-8", "surrogateescape"), keep_mode_of_target=True, through_symlink=True)
 
 
 def run_record_path(output) -> str:

@@ -453,11 +453,12 @@ def _write_evaluation_files(ev: dict, checkpoint, plot, report) -> tuple[Path, d
         why = _not_replaceable("--plot", plot_path, checkpoint)
         if why is not None:
             why_not[plot_path] = f"{plot_path} {why}"
-    for path, write in ((plot_path, _write_plot), (report, _write_evaluation_report)):
+    # a name the user gave is written through a symlink; the default plot's, cnnx's own, is not
+    for path, write, named in ((plot_path, _write_plot, plot is not None), (report, _write_evaluation_report, True)):
         if path is not None and path not in why_not:
             try:
                 remove_stale_temps_beside(path)
-                write(ev, checkpoint, path)
+                write(ev, checkpoint, path, through_symlink=named)
             except OSError as e:
                 why_not[path] = os_error_line(e, path)
     return plot_path, why_not
@@ -604,16 +605,17 @@ def _trained_on(ckpt: dict, folder) -> str | None:
     return "train" if parent == trained and SPLIT_FOLDERS.get(name.lower()) == "train" else None
 
 
-def _write_plot(ev: dict, checkpoint, plot_path):
+def _write_plot(ev: dict, checkpoint, plot_path, through_symlink: bool):
     from cnnx.runtime.files import escaped_name
     from cnnx.train import plots
 
     m = ev["metrics"]
     plots.plot_confusion(m["confusion"], ev["class_names"], plot_path,  # names that are not UTF-8: \xNN
-                         title=f"{escaped_name(Path(checkpoint).name)} on {escaped_name(ev['folder'])} ({m['n']} images)")
+                         title=f"{escaped_name(Path(checkpoint).name)} on {escaped_name(ev['folder'])} ({m['n']} images)",
+                         through_symlink=through_symlink)
 
 
-def _write_evaluation_report(ev: dict, checkpoint, report):
+def _write_evaluation_report(ev: dict, checkpoint, report, through_symlink: bool):
     from cnnx.report import Predictions, write_training_report
     from cnnx.runtime.files import escaped_name
     from cnnx.train.cache import Rows
@@ -627,4 +629,5 @@ def _write_evaluation_report(ev: dict, checkpoint, report):
                         paths=d.paths),
         summary={"checkpoint": escaped_name(checkpoint), "epoch": ev["ckpt"]["epoch"], "data": escaped_name(ev["folder"]),
                  "images": m["n"], "top1": m["top1"], "top5": m["top5"], "loss": m["loss"],
-                 "skipped": len(d.skipped), **({"note": ev["trained_note"]} if ev["trained_note"] else {})})
+                 "skipped": len(d.skipped), **({"note": ev["trained_note"]} if ev["trained_note"] else {})},
+        through_symlink=through_symlink)

@@ -41,12 +41,13 @@ def _names_as_written(plot):
     return draw
 
 
-def _save(fig, path: Path):
-    """Atomic like every other file of a run: a half-written PNG never replaces a good one.
-    Matplotlib's warnings (a class name's glyphs missing from its font, drawn as boxes) are not
-    the user's to read on a training run's stderr."""
+def _save(fig, path: Path, through_symlink: bool = False):
+    """Atomic like every other file of a run: a half-written PNG never replaces a good one
+    (through_symlink: see atomic_file; a file the user named). Matplotlib's warnings (a class
+    name's glyphs missing from its font, drawn as boxes) are not the user's to read on a
+    training run's stderr."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path, "wb") as f, warnings.catch_warnings():
+    with atomic_file(path, "wb", through_symlink=through_symlink) as f, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # matplotlib's warn_external names this module as their origin
         fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
 
@@ -105,7 +106,7 @@ def plot_per_class(class_names, train_top1, val_top1, path, title="per-class top
 
 
 @_names_as_written
-def plot_confusion(confusion, class_names, path, title="confusion matrix"):
+def plot_confusion(confusion, class_names, path, title="confusion matrix", through_symlink=False):
     """Rows = true class, columns = predicted; cells show counts, colour the row share."""
     plt = _plt()
     import numpy as np
@@ -128,5 +129,5 @@ def plot_confusion(confusion, class_names, path, title="confusion matrix"):
                   f"predicted ({n} classes by index, in the order of the model's class names)")
     ax.set_ylabel("true")
     ax.set_title(title)
-    _save(fig, Path(path))
+    _save(fig, Path(path), through_symlink)
     plt.close(fig)

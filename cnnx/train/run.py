@@ -165,7 +165,7 @@ def _new_unique_folder(run_dir: Path) -> Path:
 def _lock(run_dir: Path) -> RunLock:
     path = run_dir / LOCK_NAME
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = files.open_lock_file(path)
     except OSError as e:
         raise RunFolderError(f"cannot use the run folder: {files.os_error_line(e, path)}") from None
     try:
