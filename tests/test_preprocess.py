@@ -320,6 +320,16 @@ def test_spec_validation_names_the_valid_choices():
         validate_spec({"size": [32, 32]})
 
 
+@pytest.mark.parametrize("key,value", [("std", [float("inf")] * 3), ("std", [float("nan")] * 3),
+                                       ("mean", [0.5, float("nan"), 0.5]), ("mean", [True, 0.5, 0.5]),
+                                       ("size", [True, True])])
+def test_a_spec_of_non_finite_or_boolean_numbers_is_refused(key, value):
+    """std = inf passed (every image the same input: one label for all, and the parity gate
+    agreeing); NaN passed too, and info --json then printed Infinity, which JSON readers refuse."""
+    with pytest.raises(SpecError, match=f"preprocess {key} must be"):
+        validate_spec(dict(SPEC32, **{key: value}))
+
+
 def test_crop_box_stays_inside_the_image_for_every_size():
     # Pillow refuses a box that pokes outside the image by even an ulp; w / (w / 32) can.
     for w in range(1, 700):

@@ -77,7 +77,8 @@ def validate_spec(spec) -> dict:
     if missing:
         raise SpecError(f"preprocess spec lacks {sorted(missing)}")
     size = spec["size"]
-    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+    if not (isinstance(size, (list, tuple)) and len(size) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
         raise SpecError(f"preprocess size must be [H, W] positive ints, got {size!r}")
     if spec["resize"] not in RESIZE_MODES:
         raise SpecError(f"unknown resize mode {spec['resize']!r}; known: {', '.join(RESIZE_MODES)}")
@@ -89,8 +90,10 @@ def validate_spec(spec) -> dict:
         raise SpecError(f"only RGB channels are implemented, got {spec['channels']!r}")
     for key in ("mean", "std"):
         v = spec[key]
-        if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)):
-            raise SpecError(f"preprocess {key} must be 3 numbers, got {v!r}")
+        # finite: an infinite std made every image the same input (one label for all, the parity gate agreeing)
+        if not (isinstance(v, (list, tuple)) and len(v) == 3
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)):
+            raise SpecError(f"preprocess {key} must be 3 finite numbers, got {v!r}")
     if any(s <= 0 for s in spec["std"]):
         raise SpecError("preprocess std must be positive")
     return spec
