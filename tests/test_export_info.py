@@ -128,3 +128,19 @@ def test_a_model_of_an_opset_onnxruntime_lacks_is_said_with_the_reason_not_a_cpp
         line = _one_line(args)
         assert "onnxruntime_src" not in line and "::" not in line, line
         assert "Opset 27" in line, line
+
+
+def test_info_writes_no_escape_sequence_a_model_holds(tmp_path):
+    """A downloaded model's metadata went to the terminal raw: ESC]0;...BEL retitled the window,
+    ESC[2J cleared the screen (and OSC reaches a redirected file too: click strips only CSI)."""
+    import onnx
+
+    from tests._runtime_util import tiny_onnx_model
+
+    proto = onnx.load(str(tiny_onnx_model(tmp_path / "good.onnx")))
+    props = {p.key: p for p in proto.metadata_props}
+    props["cnnx.version"].value = "\x1b]0;PWNED\x07\x1b[2J1.0"
+    onnx.save(proto, str(tmp_path / "m.onnx"))
+    r = subprocess.run([sys.executable, "-m", "cnnx", "info", str(tmp_path / "m.onnx")], capture_output=True)
+    assert r.returncode == 0 and b"\x1b" not in r.stdout + r.stderr and b"\x07" not in r.stdout, r
+    assert b"cnnx.version: \\x1b]0;PWNED\\x07\\x1b[2J1.0" in r.stdout, r.stdout

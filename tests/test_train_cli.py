@@ -333,3 +333,17 @@ def test_a_model_that_cannot_be_built_is_one_line(cifar_train_dir, tmp_path, mon
     data = copy_classes(cifar_train_dir, tmp_path / "d", ["cat", "dog"], 5)
     r = run_cli(seed_args(data, tmp_path / "runs", "x", tmp_path / "c", "--image-size", "48"))
     _one_line_error(r, 1, "cannot build seed-cnn for 2 classes at 48x48 px", "can't allocate memory")
+
+
+def test_names_reach_the_terminal_without_their_escape_sequences(cifar_train_dir, tmp_path):
+    """A class folder or a file named with ESC[2J (anyone's photo folder) cleared the screen:
+    evaluate printed class names and skipped files raw, train its skipped files."""
+    data = copy_classes(cifar_train_dir, tmp_path / "d", ["cat", "dog"], 10)
+    (data / "dog").rename(data / "\x1b[2Jdog")
+    (data / "cat" / "\x1b]0;PWNED\x07.jpg").write_bytes(b"not an image")
+    r = run_cli(seed_args(data, tmp_path / "runs", "x", tmp_path / "c", "--epochs", "1"))
+    assert r.exit_code == 0 and "\x1b" not in r.stderr + r.stdout, r.stderr[-2000:]
+    assert "cat/\\x1b]0;PWNED\\x07.jpg: " in r.stderr, r.stderr[-2000:]
+    r = run_cli(["evaluate", tmp_path / "runs" / "x" / "best.pt", "--data", data, "--cache-dir", tmp_path / "c"])
+    assert r.exit_code == 0 and "\x1b" not in r.stderr + r.stdout, (r.stdout, r.stderr[-2000:])
+    assert "top1[\\x1b[2Jdog]\t" in r.stdout, r.stdout

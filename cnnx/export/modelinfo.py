@@ -164,23 +164,27 @@ def _views(metadata: dict) -> int:
 
 
 def format_info(info: dict) -> str:
+    """The lines `cnnx info` prints; the model's own strings (names, metadata: anyone's file)
+    through files.printable, so none of them writes escape sequences to the terminal."""
+    from cnnx.runtime.files import printable
+
     def shape(s):
         return "[" + ", ".join(str(d) if d not in (None, "") else "?" for d in s) + "]"
 
-    lines = [f"model:    {info['path']}", f"format:   {info['format']}"
+    lines = [f"model:    {printable(info['path'])}", f"format:   {info['format']}"
              + (f" (opset {info['opset']})" if info.get("opset") else ""),
              f"views:    {info.get('tta_views', 1)} per image (test-time augmentation; each view is a forward pass)"]
     for key in ("inputs", "outputs"):
         lines.append(f"{key}:")
         for t in info[key]:
-            lines.append(f"  {t['name']}  {t['dtype']}  {shape(t['shape'])}")
+            lines.append(f"  {printable(t['name'])}  {t['dtype']}  {printable(shape(t['shape']))}")
     lines.append("metadata:")
     for k, v in info["metadata"].items():
         if k == "cnnx.class_names" and isinstance(v, list):
             text = f"{len(v)} classes: " + ", ".join(map(str, v[:20])) + (", ..." if len(v) > 20 else "")
         else:
             text = v if isinstance(v, str) else json.dumps(v)
-        lines.append(f"  {k}: {text}")
+        lines.append(f"  {printable(k)}: {printable(text)}")
     lines.append("providers:")
     for p, ok in info["providers"].items():
         lines.append(f"  {p}: {ok}")

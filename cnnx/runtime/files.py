@@ -183,8 +183,19 @@ def shown(path) -> str:
     text = os.fsdecode(path)
     if text.isprintable() and "'" not in text and "\\" not in text:
         return f"'{text}'"
-    return "'" + "".join(c.encode("utf-8", NAME_BYTES_ERRORS).decode() if _undecoded(c) else "\\'" if c == "'"
-                         else repr(c)[1:-1] for c in text) + "'"
+    return "'" + "".join("\\'" if c == "'" else _escaped(c) for c in text) + "'"
+
+
+def printable(text) -> str:
+    """Text (a name, a model's metadata) for a line on a terminal: each character a line cannot
+    show as it is (a newline, a tab, ESC, which starts the sequences that retitle a window or
+    clear the screen) as Python escapes it, bytes that are not UTF-8 as \\xNN."""
+    text = os.fsdecode(text) if isinstance(text, bytes) else str(text)
+    return text if text.isprintable() else "".join(c if c.isprintable() else _escaped(c) for c in text)
+
+
+def _escaped(c: str) -> str:
+    return c.encode("utf-8", NAME_BYTES_ERRORS).decode() if _undecoded(c) else repr(c)[1:-1]
 
 
 def names_line(names, limit=None) -> str:

@@ -397,7 +397,7 @@ def _pick_split(layout, split, data) -> tuple:
 @ends_as_terminated
 def evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, cache, plot, as_json, report):
     """Top-1, top-5, per-class accuracy and confusion matrix of CHECKPOINT on a labelled image folder."""
-    from cnnx.runtime.files import first_line, os_error_line
+    from cnnx.runtime.files import first_line, os_error_line, printable
     from cnnx.runtime.preprocess import SpecError
     from cnnx.train import loop
     from cnnx.train.checkpoint import CheckpointError
@@ -413,8 +413,8 @@ def evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, ca
     m, names = ev["metrics"], ev["class_names"]
     if not as_json:  # the figures first, whatever becomes of the files (the JSON names the plot written)
         click.echo(f"images\t{m['n']}\ntop1\t{m['top1']:.4f}\ntop5\t{m['top5']:.4f}\nloss\t{m['loss']:.4f}")
-        for c, v in zip(names, m["per_class"]):
-            click.echo(f"top1[{c}]\t{'-' if v != v else f'{v:.4f}'}")
+        for c, v in zip(names, m["per_class"]):  # a class name is anyone's folder name: no escape sequences
+            click.echo(f"top1[{printable(c)}]\t{'-' if v != v else f'{v:.4f}'}")
         sys.stdout.flush()
     plot_path, why_not = _write_evaluation_files(ev, checkpoint, plot, report)
     if as_json:
@@ -506,7 +506,7 @@ def _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, c
     "trained_note" (what the console says of it, for the report too)}."""
     import torch
 
-    from cnnx.runtime.files import escaped_name, name_text, names_line
+    from cnnx.runtime.files import escaped_name, name_text, names_line, printable
     from cnnx.train import loop
     from cnnx.train.checkpoint import load_checkpoint, model_from_checkpoint
     from cnnx.train.data import class_folders, folder_layout, load_image_folder, respelt_note
@@ -541,7 +541,7 @@ def _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, c
     if d.skipped:
         click.echo(f"skipped {len(d.skipped)} file(s):", err=True)
         for p, why in d.skipped[:20]:
-            click.echo(f"  {p}: {why}", err=True)
+            click.echo(f"  {printable(f'{p}: {why}')}", err=True)
         if len(d.skipped) > 20:
             click.echo(f"  ... and {len(d.skipped) - 20} more", err=True)
     if len(d.labels) == 0:

@@ -701,7 +701,7 @@ def load_run_data(cfg: TrainConfig, spec: dict, run_dir: Path, d: loop.Dist, pro
     if splits.skipped:
         say(f"skipped {len(splits.skipped)} file(s):", d)
         for p, why in splits.skipped[:20]:
-            say(f"  {p.translate(_SKIPPED_ESCAPES)}: {why}", d)  # one line a file, as in skipped.txt
+            say(f"  {files.printable(f'{p}: {why}')}", d)  # one line a file, no escape sequences of a name
         if len(splits.skipped) > 20:
             say(f"  ... and {len(splits.skipped) - 20} more (all listed in {run_dir / 'skipped.txt'})", d)
     if len(splits.train[1]) == 0 or len(splits.val[1]) == 0:
