@@ -248,6 +248,42 @@ def test_a_loop_left_early_gives_back_threads_processes_and_runner(model, cifar_
         gc.enable()
 
 
+@pytest.mark.parametrize("io_binding", [False, True])
+def test_an_exception_inside_a_run_ends_its_threads_though_its_traceback_is_kept(model, cifar_subset, io_binding,
+                                                                                monkeypatch):
+    """Ctrl-C in a notebook lands inside the run's generators, and the notebook keeps the
+    traceback (sys.last_traceback), and with it their frames: the decode threads, the discovery
+    thread and the read-ahead batches stayed, close() too, until the next error."""
+    import gc
+
+    from cnnx.runtime import Classifier, api
+
+    folder = cifar_subset(12)
+    result, calls = api.BatchResult, []
+
+    def interrupted(*args):  # made in the run's generators, on both paths
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return result(*args)
+
+    monkeypatch.setattr(api, "BatchResult", interrupted)
+    gc.disable()
+    try:
+        with Classifier(model, "cpu", batch_size=4, io_binding=io_binding, decode="threads") as clf:
+            try:
+                for _row in clf.classify([folder]):
+                    pass
+            except KeyboardInterrupt:
+                kept = sys.exc_info()[2]  # what IPython keeps as sys.last_traceback
+            assert len(calls) == 2 and kept is not None
+            assert _cnnx_threads() == [], _cnnx_threads()
+            monkeypatch.setattr(api, "BatchResult", result)
+            assert len(_rows(clf.classify([folder]))) == 120  # still usable
+    finally:
+        gc.enable()
+
+
 def test_a_run_cut_short_by_close_says_so_and_odd_uses_are_one_line(model, mixed_folder, tmp_path):
     """A Classification read row by row ended silently, as if complete, when its Classifier was
     closed (the review's 16 rows of 200); a Classifier could be pickled into an obscure error;

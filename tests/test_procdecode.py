@@ -739,3 +739,27 @@ def test_a_worker_runs_its_batch_in_slices_with_the_logits_of_one_run(model):
         assert sliced.shape == whole.shape
         np.testing.assert_allclose(sliced, whole, rtol=1e-5, atol=1e-5)
         assert (sliced.argmax(1) == whole.argmax(1)).all()
+
+
+def test_a_worker_attaches_to_a_segment_without_telling_the_resource_tracker(monkeypatch):
+    """The caller owns a batch segment and unlinks it; a worker that attached after the unlink
+    (a run stopped early) left the name with the tracker, which warned at the program's exit
+    that it had leaked ("resource_tracker: There appear to be 2 leaked shared_memory objects")."""
+    from multiprocessing import resource_tracker, shared_memory
+
+    from cnnx.runtime import procdecode
+
+    told = []
+    monkeypatch.setattr(resource_tracker, "register", lambda name, rtype: told.append(name))
+    monkeypatch.setattr(resource_tracker, "unregister", lambda name, rtype: None)
+    seg = shared_memory.SharedMemory(create=True, size=64)
+    try:
+        assert told == [seg._name]  # the owner's registration
+        shm = procdecode._attach(seg.name)
+        assert bytes(shm.buf[:4]) == bytes(seg.buf[:4]) and told == [seg._name]
+        resource_tracker.register("after", "shared_memory")  # put back as it was
+        assert told == [seg._name, "after"]
+        shm.close()
+    finally:
+        seg.close()
+        seg.unlink()

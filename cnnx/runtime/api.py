@@ -434,6 +434,7 @@ def _run(clf: Classifier, todo):
     another call meanwhile runs its batches with session.run (the same rows)."""
     todo = batched_runs(todo, clf.batch_size)
     runner = clf.runner if clf.runner is not None and clf.runner.claim() else None
+    batches = None
     try:
         if runner is not None:
             # The GPU path's one thread bounds its rate and waits on the runs for part of its
@@ -446,6 +447,11 @@ def _run(clf: Classifier, todo):
             batches = gpu_decoded_batches(todo, clf.info.spec, clf.config, clf.gpu_decoder)
         yield from (_plain(clf, batches) if runner is None else _bound(clf, runner, batches))
     finally:
+        # Closed now, not when collected: after an exception (Ctrl-C in a notebook, which keeps the
+        # traceback and with it these frames) the decode threads and read-ahead batches stayed.
+        for gen in (batches, todo):
+            if gen is not None:
+                gen.close()
         if runner is not None:
             runner.release()
 
@@ -488,14 +494,17 @@ def _bound(clf: Classifier, runner: BoundRunner, batches):
         return _top(clf, job[1], logits)
 
     runs = runner.run_in_order(batches, lambda job: job[1].images if job[1].paths else None, finish)
-    while True:
-        try:
-            (items, batch), top = next(runs)
-        except StopIteration:
-            return
-        except RunFailed as e:
-            raise clf._run_failed(clf.batch_size, str(e)) from None
-        yield BatchResult(items, *(top or (batch.paths, None, None, batch.failed)), batch.notes)
+    try:
+        while True:
+            try:
+                (items, batch), top = next(runs)
+            except StopIteration:
+                return
+            except RunFailed as e:
+                raise clf._run_failed(clf.batch_size, str(e)) from None
+            yield BatchResult(items, *(top or (batch.paths, None, None, batch.failed)), batch.notes)
+    finally:  # its runs in flight end now, while the runner's threads still serve them (not at collection)
+        runs.close()
 
 
 def _todo(discovery: Discovery, counts: _Counts, keys: PathKeys, done: set):

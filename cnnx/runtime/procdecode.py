@@ -32,6 +32,7 @@ import pickle
 import secrets
 import selectors
 import signal
+import sys
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
@@ -75,6 +76,23 @@ class ModelChanged(ModelError):
 
 
 # --- the worker -------------------------------------------------------------------------------
+
+def _attach(name: str):
+    """The caller's segment, not registered with the resource tracker: the caller owns it and
+    unlinks it. A worker that attached after the caller's unlink (a run stopped early) left
+    its name with the tracker, which said at the program's exit that it had leaked
+    (`track=False` from Python 3.13; before it, register is skipped in this one-threaded process)."""
+    if sys.version_info >= (3, 13):
+        return shared_memory.SharedMemory(name=name, track=False)
+    from multiprocessing import resource_tracker
+
+    register = resource_tracker.register
+    resource_tracker.register = lambda *args, **kwargs: None
+    try:
+        return shared_memory.SharedMemory(name=name)
+    finally:
+        resource_tracker.register = register
+
 
 def _worker(conn, nice: int = 0):
     """Decode tasks until told to stop or the caller goes (at `nice` more niceness than the
@@ -125,7 +143,7 @@ def _worker(conn, nice: int = 0):
                 elif model is None or (model.path, model.expected) != wanted:
                     model = _WorkerModel(*wanted)
                 try:
-                    shm = shared_memory.SharedMemory(name=name)
+                    shm = _attach(name)
                 except FileNotFoundError:  # the run ended (an error, Ctrl-C) before we got here
                     continue
                 images = np.ndarray(shape, dtype=np.uint8, buffer=shm.buf)
