@@ -328,3 +328,26 @@ def test_a_run_cut_short_by_close_says_so_and_odd_uses_are_one_line(model, mixed
         z.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
     with pytest.raises(ModelError, match=r"training checkpoint \(torch.save\), not an exported model: `cnnx export"):
         Classifier(tmp_path / "best.pt", "cpu")
+
+
+def test_an_error_a_close_from_another_thread_causes_is_said_as_the_close():
+    """close() from another thread stops the decode processes under the reader, which then saw
+    "decode worker process N ended ... run again (with fewer --workers ...)": advice for a
+    crash that was not one. The reader gets the close's ValueError instead."""
+    from cnnx.runtime.api import _until_stopped
+    from cnnx.runtime.procdecode import DecodeWorkerDied
+
+    stop = [False, None]
+
+    def items():
+        yield 1
+        stop[:] = [True, "this Classifier was closed before the run ended: its rows stop here"]
+        raise DecodeWorkerDied("decode worker process 7 ended (exit status 0) between tasks")
+
+    rows = _until_stopped(items(), stop)
+    assert next(rows) == 1
+    with pytest.raises(ValueError, match="closed before the run ended"):
+        next(rows)
+    stop[:] = [False, None]  # an error of the run's own, no close: as it is
+    with pytest.raises(DecodeWorkerDied):
+        list(_until_stopped(items(), [False, None]))

@@ -345,11 +345,17 @@ class BatchResult:
 def _until_stopped(items, stop: list):
     """items until the run is closed (stop [closed, why]; an item in hand then is not given),
     then ValueError(why) where another hand than its reader's closed it (a module function: it
-    must not hold the Classification)."""
-    for item in items:
-        if stop[0]:
-            break
-        yield item
+    must not hold the Classification). An error the close caused in the run's parts (its decode
+    processes or session closed under the reader: "decode worker ended") is that ValueError too."""
+    try:
+        for item in items:
+            if stop[0]:
+                break
+            yield item
+    except Exception:
+        if stop[1] is None:
+            raise
+        raise ValueError(stop[1]) from None
     if stop[1] is not None:
         raise ValueError(stop[1])
 
