@@ -188,6 +188,10 @@ def test_one_path_alone_is_one_root_and_any_path_type_is_taken(model, mixed_fold
             assert _rows(clf.classify(paths)) == want, paths
         with pytest.raises(TypeError):
             clf.classify([3])
+        # a name with a NUL byte (ValueError from os.stat) ended the whole run with no row
+        rows = list(clf.classify(["bad\0name.jpg", mixed_folder.name]))
+        assert [r for r in rows if r.path == "bad\0name.jpg"][0].stage == "discover"
+        assert len(rows) == len(want) + 1
 
 
 def test_two_runs_read_in_turn_on_one_bound_classifier_give_their_own_rows(model, cifar_subset):

@@ -11,6 +11,7 @@ entry, so a FIFO is reported, never read.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -112,6 +113,9 @@ class Discovery:
                 st = os.stat(root)  # a root named by the user is followed even if a symlink
             except OSError as e:
                 stated.append((_sort_key(root, False), root, e))
+                continue
+            except ValueError:  # a NUL in a path the Python API was given: its row, the others go on
+                stated.append((_sort_key(root, False), root, OSError(errno.EINVAL, "a name with a NUL byte")))
                 continue
             stated.append((_sort_key(root, stat.S_ISDIR(st.st_mode)), root, st))
         stated.sort(key=_first)
@@ -327,7 +331,7 @@ def holds_at_most(roots, files: int) -> bool:
     for root in roots:
         try:
             st = os.stat(root)  # a root is followed if a symlink, as the walk does
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL in the name
             return False
         if stat.S_ISDIR(st.st_mode):
             folders.append(root)
