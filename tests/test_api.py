@@ -355,3 +355,19 @@ def test_an_error_a_close_from_another_thread_causes_is_said_as_the_close():
     stop[:] = [False, None]  # an error of the run's own, no close: as it is
     with pytest.raises(DecodeWorkerDied):
         list(_until_stopped(items(), [False, None]))
+
+
+def test_decode_processes_leave_the_programs_start_method_unset(model, cifar_subset):
+    """Starting the decode processes fixed multiprocessing's default start method ("fork"),
+    after which the program's own set_start_method("spawn") raised "context has already been set"."""
+    code = f"""
+import multiprocessing
+from cnnx.runtime import Classifier
+with Classifier({str(model)!r}, "cpu", batch_size=4, decode="processes") as clf:
+    assert len(list(clf.classify([{str(cifar_subset(2))!r}]))) == 20
+assert multiprocessing.get_start_method(allow_none=True) is None, multiprocessing.get_start_method()
+multiprocessing.set_start_method("spawn")
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == "ok\n", r.stderr[-2000:]

@@ -89,12 +89,15 @@ def starting_workers():
     multiprocessing's start-up would run the caller's main script again in each (as
     `__mp_main__`): slow for the `cnnx` console script, an error in a script without a
     `__main__` guard; it is hidden for the moment the start-up is prepared. And a Ctrl-C waits
-    for the start (files.sigint_held)."""
+    for the start (files.sigint_held). The program's default start method is left unset where
+    it was: the start-up's preparation fixes it ("fork"), after which the program's own
+    multiprocessing.set_start_method raised "context has already been set"."""
     from multiprocessing import resource_tracker
 
     # Started first, if it is not running: its start unblocks SIGINT (CPython's own guard for
     # its child), which the forkserver's start must find blocked.
     resource_tracker.ensure_running()
+    unset = multiprocessing.get_start_method(allow_none=True) is None
     main = sys.modules["__main__"]
     sys.modules["__main__"] = types.ModuleType("__main__")
     try:
@@ -106,6 +109,8 @@ def starting_workers():
             yield
     finally:
         sys.modules["__main__"] = main
+        if unset:
+            multiprocessing.set_start_method(None, force=True)  # unset again
 
 
 def warm_up():
