@@ -183,7 +183,7 @@ def test_resumes_under_torchrun_a_peer_that_stopped_another_number_of_processes_
     lines = err.splitlines()
     assert any(line.startswith("Error: exists and is not a regular file") for line in lines), err[-3000:]
     # rank 1 says its line, unless torchrun's SIGTERM (sent once rank 0 has ended) comes first
-    stopped = "Error: process 0 of the run stopped (its error is above); process 1 stopped with it"
+    stopped = "Error: process 0 of the run stopped with an error (its own line says which); process 1 stopped with it"
     assert stopped in lines or "SIGTERM" in err, err[-3000:]
     assert str(ROOT / "cnnx") not in err, err[-3000:]  # no traceback through cnnx's code (torchrun prints its own)
     (run / "metrics.csv").rmdir()  # last.pt of epoch 2 was written before it: the run goes on from there
@@ -252,3 +252,82 @@ def test_two_process_gloo_run_only_rank0_writes(cifar_subset, tmp_path):
     assert probs.shape == (50, 10) and torch.allclose(probs.sum(1), torch.ones(50))
     ckpt = load_checkpoint(run / "best.pt")
     assert ckpt["config"]["world_size"] == 2 and len(_rows(run / "metrics.csv")) == 1
+
+
+def test_validation_under_torchrun_is_of_the_model_best_pt_saves(cifar_train_dir, tmp_path):
+    """Each rank scored its validation shard with its own batch-norm statistics (DDP sends rank
+    0's at a training forward's start only), while best.pt keeps rank 0's: metrics.csv and
+    best.pt's figures were of no saved model (0.4200 vs 0.4250 evaluated), the best epoch chosen on them."""
+    data = tmp_path / "d"
+    classes = ["airplane", "cat", "dog", "ship"]
+    copy_classes(cifar_train_dir, data / "train", classes, 100)
+    src = tmp_path / "src"
+    copy_classes(cifar_train_dir, src, classes, 150)
+    for c in classes:  # val/: 50 other images a class
+        (data / "val" / c).mkdir(parents=True)
+        for f in sorted((src / c).iterdir())[100:]:
+            shutil.copyfile(f, data / "val" / c / f.name)
+    code, _out, err = _torchrun(["train", "--data", data, "--arch", "seed-vgg", "--epochs", "3", "--batch-size", "40",
+                                 "--out", tmp_path / "runs", "--name", "r", "--cache-dir", tmp_path / "c", "--quiet"])
+    assert code == 0, err[-3000:]
+    best = load_checkpoint(tmp_path / "runs" / "r" / "best.pt")
+    r = run_cli(["evaluate", tmp_path / "runs" / "r" / "best.pt", "--data", data, "--split", "val", "--json",
+                 "--cache-dir", tmp_path / "c"])
+    assert r.exit_code == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout)
+    assert got["top1"] == pytest.approx(best["metrics"]["val_top1"], abs=1e-9), (got, best["metrics"])
+    assert got["loss"] == pytest.approx(best["metrics"]["val_loss"], rel=1e-4), (got, best["metrics"])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_rank_killed_mid_run_is_one_line_on_its_peer(sig, cifar_subset, tmp_path):
+    """Rank 1 killed (SIGKILL: the OOM killer; SIGTERM to it alone: a scheduler) during an epoch:
+    rank 0 printed gloo's traceback ("Connection reset by peer") as if the failure were its
+    own, or "process 1 stopped (its error is above)" where nothing was above."""
+    import time
+
+    data = cifar_subset(20, classes=("cat", "dog", "ship"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "cnnx",
+           "train", "--data", str(data), "--arch", "seed-cnn", "--epochs", "200", "--batch-size", "4",
+           "--out", str(tmp_path / "runs"), "--name", "r", "--cache-dir", str(tmp_path / "c"), "--quiet"]
+    agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "runs" / "r" / "last.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # into the next epoch
+        ranks = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
+        assert len(ranks) == 2, ranks
+        os.kill(int(sorted(ranks, key=int)[1]), sig)
+        _out, err = agent.communicate(timeout=120)
+    finally:
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
+    assert agent.returncode != 0
+    assert "[rank0]: Traceback" not in err and "its error is above" not in err, err[-3000:]
+    how = "ended without a word (killed? out of memory?)" if sig == signal.SIGKILL else "was terminated (SIGTERM)"
+    line = f"Error: process 1 of the run {how}; process 0 stopped with it"
+    # unless torchrun's own SIGTERM to rank 0 (sent once rank 1 has ended) comes first
+    assert line in err.splitlines() or "terminated" in err.splitlines(), err[-3000:]
+
+
+def test_a_launch_by_hand_says_what_it_waits_for(cifar_subset, tmp_path):
+    """WORLD_SIZE and RANK set by hand, the other process not started: it waited (30 minutes,
+    torch's default) without a line."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env.pop("TORCHELASTIC_RUN_ID", None)
+    p = subprocess.Popen([sys.executable, "-m", "cnnx", "train", "--data", str(cifar_subset(2)), "--arch", "seed-cnn",
+                          "--out", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "c")],
+                         env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        line = p.stderr.readline()
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    assert line == (f"waiting for the run's 2 processes at 127.0.0.1:{port} (this is process 1; torchrun starts "
+                    "them together)\n"), line

@@ -352,6 +352,8 @@ def sha256_of(source) -> str:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs: a zombie (ended, its parent not yet told: a killed torchrun
+    rank for a moment) does not."""
     if pid <= 0:
         return False
     try:
@@ -360,7 +362,11 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):  # no /proc: as kill(0) said
+        return True
 
 
 START_MARGIN_S = 0.05

@@ -18,6 +18,7 @@ import io
 import json
 import math
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -455,11 +456,15 @@ def check_finite(tm: dict, vm: dict, epoch: int):
 
 
 class PeerStopped(Exception):
-    """Another process of the run stopped with an error (it says which, in its own line), and
-    this one's collective then failed: one line here too, not gloo's or NCCL's traceback."""
+    """Another process of the run stopped (with an error, which it says in its own line; by a
+    signal; or killed without a word), and this one's collective then failed: one line here
+    too, not gloo's or NCCL's traceback."""
 
 
-FAILED_KEY = "cnnx/failed/"  # + rank, in the process group's store: that process stopped with an error
+FAILED_KEY = "cnnx/failed/"  # + rank, in the process group's store: how that process stopped (PEER_ENDS)
+PROCESS_KEY = "cnnx/process/"  # + rank: "host pid", to tell a peer killed without a word (SIGKILL) on this host
+PEER_ENDS = {"error": "stopped with an error (its own line says which)", "interrupted": "was interrupted (Ctrl-C)",
+             "terminated": "was terminated (SIGTERM)", "gone": "ended without a word (killed? out of memory?)"}
 
 
 @contextlib.contextmanager
@@ -475,14 +480,20 @@ def _process_group(d: loop.Dist, device: str):
 
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
+    if not os.environ.get("TORCHELASTIC_RUN_ID"):  # WORLD_SIZE and RANK set by hand: it waits for all of them
+        print(f"waiting for the run's {d.world} processes at {os.environ.get('MASTER_ADDR')}:"
+              f"{os.environ.get('MASTER_PORT')} (this is process {d.rank}; torchrun starts them together)",
+              file=sys.stderr, flush=True)
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    _store_set(f"{PROCESS_KEY}{d.rank}", f"{socket.gethostname()} {os.getpid()}")
     try:
         yield
     except BaseException as e:
-        peer = _failed_peer(d) if isinstance(e, RuntimeError) else None
-        _say_failed(d)
+        peer = _stopped_peer(d) if isinstance(e, RuntimeError) else None
+        _store_set(f"{FAILED_KEY}{d.rank}", "terminated" if isinstance(e, files.Terminated) else
+                   "interrupted" if isinstance(e, KeyboardInterrupt) else "error")
         if peer is not None:
-            raise PeerStopped(f"process {peer} of the run stopped (its error is above); process {d.rank} "
+            raise PeerStopped(f"process {peer[0]} of the run {PEER_ENDS[peer[1]]}; process {d.rank} "
                               f"stopped with it") from None
         raise
     finally:
@@ -490,23 +501,35 @@ def _process_group(d: loop.Dist, device: str):
             dist.destroy_process_group()
 
 
-def _say_failed(d: loop.Dist):
+def _store_set(key: str, value: str):
     from torch.distributed import distributed_c10d
 
     try:
-        distributed_c10d._get_default_store().set(f"{FAILED_KEY}{d.rank}", "1")
+        distributed_c10d._get_default_store().set(key, value)
     except Exception:  # noqa: BLE001 - the store may be gone with the launcher: nothing to tell then
         pass
 
 
-def _failed_peer(d: loop.Dist) -> int | None:
+def _stopped_peer(d: loop.Dist) -> tuple | None:
+    """(rank, how: a key of PEER_ENDS) of a peer that stopped first, else None: the error is
+    this rank's own. A peer on this host whose process is gone without saying so was killed
+    (SIGKILL, the OOM killer)."""
     from torch.distributed import distributed_c10d
 
     try:
         store = distributed_c10d._get_default_store()
-        return next((r for r in range(d.world) if r != d.rank and store.check([f"{FAILED_KEY}{r}"])), None)
+        for r in range(d.world):
+            if r != d.rank and store.check([f"{FAILED_KEY}{r}"]):
+                how = store.get(f"{FAILED_KEY}{r}").decode()
+                return r, how if how in PEER_ENDS else "error"
+        for r in range(d.world):
+            if r != d.rank and store.check([f"{PROCESS_KEY}{r}"]):
+                host, pid = store.get(f"{PROCESS_KEY}{r}").decode().rsplit(" ", 1)
+                if host == socket.gethostname() and not files.pid_alive(int(pid)):
+                    return r, "gone"
     except Exception:  # noqa: BLE001 - no store to ask: the error is this rank's own
         return None
+    return None
 
 
 def _barrier(d):
@@ -892,12 +915,25 @@ def evaluate_epoch(run: Run):
     the seconds it took. Evaluation is float32 always: the metrics describe the function that
     export and `cnnx classify` run, and best.pt is chosen by them (bf16 is for training speed)."""
     t0 = loop.timer_sync(run.device)
+    _rank_0_buffers(run.eval_model, run.d)
     counts, probs = loop.eval_counts(run.eval_model, run.xva_r, run.yva_r, len(run.class_names),
                                      batch_size=run.cfg.eval_batch_size, device=run.device,
                                      channels_last=run.channels_last, keep_probs=True)
     vm = counts.all_reduce().metrics()
     probs = _gather_val_rows(run, probs)
     return vm, probs, loop.timer_sync(run.device) - t0
+
+
+def _rank_0_buffers(model, d: loop.Dist):
+    """Rank 0's buffers (batch norm's running statistics) on every rank. DDP sends them at a
+    training forward's start only: after an epoch's last step each rank's statistics are its
+    own, and each rank scored its validation shard with them, while best.pt keeps rank 0's
+    (the figures were of no saved model, the best epoch chosen on them)."""
+    if d.world > 1:
+        import torch.distributed as dist
+
+        for t in model.buffers():
+            dist.broadcast(t, 0)
 
 
 def _gather_val_rows(run: Run, probs: torch.Tensor):
