@@ -4,6 +4,7 @@ problem and a meaningful exit code (2 usage, 1 failure), never a traceback."""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 
 import pytest
@@ -262,8 +263,6 @@ def test_resume_refuses_data_that_changed_and_rebuilds_a_best_pt_it_lacks(cifar_
     rewritten first. last.pt is written before best.pt: a run stopped between them resumes,
     its best.pt rebuilt from last.pt (best.pt first once left a run that could neither resume
     nor start again)."""
-    import shutil
-
     data = copy_classes(cifar_train_dir, tmp_path / "d", ["cat", "dog"], 20)
     run = tmp_path / "runs" / "x"
     args = seed_args(data, tmp_path / "runs", "x", tmp_path / "c", "--epochs", "2", "--batch-size", "16")
@@ -347,3 +346,23 @@ def test_names_reach_the_terminal_without_their_escape_sequences(cifar_train_dir
     r = run_cli(["evaluate", tmp_path / "runs" / "x" / "best.pt", "--data", data, "--cache-dir", tmp_path / "c"])
     assert r.exit_code == 0 and "\x1b" not in r.stderr + r.stdout, (r.stdout, r.stderr[-2000:])
     assert "top1[\\x1b[2Jdog]\t" in r.stdout, r.stdout
+
+
+def test_evaluate_split_val_of_a_flat_folder_scores_the_images_its_run_held_out(cifar_train_dir, tmp_path):
+    """A run on DIR/<class>/* holds images out; evaluate could not score them again (--split val:
+    "no train/val/test folders"), only the whole folder, training images included."""
+    data = copy_classes(cifar_train_dir, tmp_path / "d", ["cat", "dog", "ship"], 30)
+    assert run_cli(seed_args(data, tmp_path / "runs", "x", tmp_path / "c", "--epochs", "1")).exit_code == 0
+    best = load_checkpoint(tmp_path / "runs" / "x" / "best.pt")
+    args = ["evaluate", tmp_path / "runs" / "x" / "best.pt", "--data", data, "--cache-dir", tmp_path / "c"]
+    r = run_cli(args + ["--split", "val", "--json"])
+    assert r.exit_code == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout)
+    assert got["n"] == best["config"]["val_images"] == 9 and not got["trained_on"]
+    assert got["top1"] == pytest.approx(best["metrics"]["val_top1"], abs=1e-9)
+    assert got["loss"] == pytest.approx(best["metrics"]["val_loss"], rel=1e-5)
+    shutil.copyfile(next((data / "cat").iterdir()), data / "cat" / "new.jpg")  # the folder changed since
+    _one_line_error(run_cli(args + ["--split", "val"]), 1, "the images its run held out cannot be told again")
+    other = copy_classes(cifar_train_dir, tmp_path / "o", ["cat", "dog", "ship"], 3)  # not its folder
+    r = run_cli(["evaluate", tmp_path / "runs" / "x" / "best.pt", "--data", other, "--split", "val"])
+    assert r.exit_code == 2 and "has no train/val/test folders" in r.stderr, r.stderr

@@ -595,7 +595,7 @@ def test_a_step_larger_than_memory_is_one_line_before_any_decoding(small, tmp_pa
                           "--batch-size", "256"))
     assert r.exit_code == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("Error: seed-cnn on batches of 256 images of 4096x4096 px needs about ") and \
+    assert last.startswith("Error: seed-cnn on batches of 256 images of 4096x4096 px (--batch-size) needs about ") and \
         "a smaller --batch-size" in last, last
     assert "data:" not in r.stderr and not list((tmp_path / "c").glob("folders/*"))
 
@@ -771,3 +771,34 @@ def test_a_real_cuda_out_of_memory_is_one_line(small, tmp_path):
                  "--cache-dir", tmp_path / "c", "--quiet"])
     last = _one_line(r.exit_code, r.stderr)
     assert last.startswith("Error: out of GPU memory on cuda") and "a smaller --batch-size" in last, last
+
+
+def test_a_run_that_diverges_after_a_good_epoch_still_ends_its_best(cifar_train_dir, tmp_path, monkeypatch):
+    """A run that diverged in epoch 3 kept best.pt of epoch 1 but never wrote test_metrics.json
+    nor its plots, and could not: --resume diverged again, --resume --epochs 2 was refused.
+    (Non-finite values in epoch 3 exactly: where a real --lr diverges depends on the machine.)"""
+    from cnnx.train import run as train_run
+
+    check = train_run.check_finite
+
+    def diverges_in_epoch_3(tm, vm, epoch):
+        if epoch == 2:
+            tm = {**tm, "loss": float("nan")}
+        return check(tm, vm, epoch)
+
+    monkeypatch.setattr(train_run, "check_finite", diverges_in_epoch_3)
+    data = tmp_path / "d"
+    copy_classes(cifar_train_dir, data / "train", ["airplane", "cat", "dog"], 100)
+    src = copy_classes(cifar_train_dir, tmp_path / "src", ["airplane", "cat", "dog"], 110)
+    for c in ("airplane", "cat", "dog"):
+        (data / "test" / c).mkdir(parents=True)
+        for f in sorted((src / c).iterdir())[100:]:
+            shutil.copyfile(f, data / "test" / c / f.name)
+    r = run_cli(seed_args(data, tmp_path / "runs", "r", tmp_path / "c", "--epochs", "4", "--batch-size", "32"))
+    assert r.exit_code == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("Error: training diverged in epoch 3"), r.stderr[-2000:]
+    run = tmp_path / "runs" / "r"
+    best = load_checkpoint(run / "best.pt")
+    test = json.loads((run / "test_metrics.json").read_text())
+    assert test["epoch"] == best["epoch"] and test["n"] == 30
+    assert sorted(os.listdir(run / "plots")) == ["confusion.png", "loss.png", "per_class.png", "top1.png", "top5.png"]

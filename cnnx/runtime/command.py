@@ -80,7 +80,8 @@ class _Tally:
                    "processes (--decode), which run their batches in slices of 64; on a GPU every call has "
                    "this shape (the last padded). "
                    "Reduced, with a note, when the images would exceed 256 MiB a batch. 256 is the measured "
-                   "choice on the CPU and on an H100 (benchmarks/gpu_classify.py's sweep).")
+                   "choice on the CPU (results/bench_classify_batch64.json against bench_classify.json) and on "
+                   "an H100 (benchmarks/gpu_classify.py's sweep).")
 @click.option("--workers", type=click.IntRange(0, 256), default=0, show_default=True,
               help="Decode workers (threads or processes, see --decode); 0 = one per CPU core.")
 @click.option("--decode", "decode", type=click.Choice(DECODE_MODES), default="auto",

@@ -357,11 +357,16 @@ def _runs_on_cuda(device) -> bool:
     return torch.cuda.is_available()
 
 
-def _pick_split(layout, split, data) -> tuple:
-    """(the split's name, its folder): --split's, else test, else val; ("all", DIR) for a flat DIR."""
+def _pick_split(layout, split, data, ckpt) -> tuple:
+    """(the split's name, its folder): --split's, else test, else val; ("all", DIR) for a flat DIR,
+    ("held-out", DIR) for --split val of the flat DIR the checkpoint's run held images out of."""
     if "all" in layout:
+        if split == "val" and _trained_on(ckpt, layout["all"]) == "all":
+            return "held-out", layout["all"]
         if split:
-            raise click.BadParameter(f"{data} has no train/val/test folders", param_hint="--split")
+            raise click.BadParameter(f"{data} has no train/val/test folders"
+                                     + (" (--split val: the images a run held out of the folder it trained on)"
+                                        if split == "val" else ""), param_hint="--split")
         return "all", layout["all"]
     if split:
         if split not in layout:
@@ -378,7 +383,8 @@ def _pick_split(layout, split, data) -> tuple:
 @click.command()
 @click.argument("checkpoint", type=click.Path())
 @click.option("--data", required=True, type=click.Path(), help="Labelled image folder: DIR/<class>/* or DIR/{train,val,test}/<class>/*.")
-@click.option("--split", type=click.Choice(("train", "val", "test")), help="Which split of a DIR/{train,val,test} folder (default test, else val).")
+@click.option("--split", type=click.Choice(("train", "val", "test")), help="Which split of a DIR/{train,val,test} folder (default test, else val); val of the "
+                   "flat DIR the checkpoint's run trained on: the images it held out.")
 @click.option("--batch-size", type=click.IntRange(min=1),
               help=f"Images per forward pass [default: {EVAL_BATCH}, or the arch recipe's evaluation batch where "
                    f"smaller (vgg16 64, resnet18 256: their activations at 224 px)].")
@@ -514,7 +520,7 @@ def _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, c
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt)
     layout = folder_layout(data)
-    picked, folder = _pick_split(layout, split, data)
+    picked, folder = _pick_split(layout, split, data, ckpt)
     if split is None and picked != "all":  # which split the figures are of: not only in --json
         click.echo(f"note: scoring {folder}, the {picked} split (--split picks another)", err=True)
     names = list(ckpt["class_names"])
@@ -526,7 +532,9 @@ def _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, c
                                    f"{respelt_note(unknown, names, 'the checkpoint')}")
     d = load_image_folder(folder, ckpt["preprocess"], progress=True, cache=cache_dir, workers=workers,
                           cache_mode=cache_mode)
-    trained_on = _trained_on(ckpt, folder)
+    if picked == "held-out":
+        d = _held_out_part(d, ckpt["config"], folder)
+    trained_on = None if picked == "held-out" else _trained_on(ckpt, folder)
     trained_note = None
     if trained_on:
         config = ckpt["config"]
@@ -574,6 +582,25 @@ def _evaluation_batch(arch: str) -> int:
         return min(EVAL_BATCH, resolve_config(arch).eval_batch_size)
     except ValueError:  # an arch this cnnx does not know: model_from_checkpoint said so already
         return EVAL_BATCH
+
+
+def _held_out_part(d, config: dict, folder):
+    """The images of `d` (the run's whole folder) that its run held out for validation, as the
+    run split them: ClickException where they are not the files the run recorded (files added,
+    removed or renamed since; or a run of a cnnx before it recorded them)."""
+    from dataclasses import replace
+
+    from cnnx.train.cache import take
+    from cnnx.train.data import run_split
+    from cnnx.train.run import files_digest
+
+    _, va = run_split(config, d.labels, folder, d.paths)
+    paths = [d.paths[i] for i in va.tolist()]
+    if not config.get("val_files_sha256") or files_digest(paths) != config["val_files_sha256"]:
+        raise click.ClickException(f"{folder}: the images its run held out cannot be told again (files added, removed "
+                                   f"or renamed since the run, or a run of an older cnnx): evaluate a folder of "
+                                   f"images it never saw")
+    return replace(d, images=take(d.images, va), labels=d.labels[va], paths=paths)
 
 
 def _has_val(root) -> bool:

@@ -784,6 +784,14 @@ def _check_classes(names, where):
         raise DataError(f"{where} has {len(names)} class ({names_line(names) or 'none'}); training needs at least 2")
 
 
+def run_split(config: dict, labels, folder=None, paths=None):
+    """(train_idx, val_idx) of the held-out split a run config names (val_fraction, split_seed,
+    split) over the images `labels`, `paths` of `folder` (none: CIFAR-10's arrays)."""
+    keys = None if folder is None else [os.path.relpath(p, Path(folder).expanduser().resolve()) for p in paths]
+    return stratified_split(labels, config["val_fraction"], config["split_seed"], keys,
+                            config.get("split", SPLIT_BY_GENERATOR))
+
+
 def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory", train_spec=None) -> Splits:
     """Train/val(/test) splits of the data a resolved run config names (keys: data, data_root,
     cache_dir, preprocess, val_fraction, split_seed, split: SPLIT_BY_GENERATOR where absent, as
@@ -796,9 +804,7 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
     data = config["data"]
 
     def held_out(labels, folder=None, paths=None):
-        keys = None if folder is None else [os.path.relpath(p, Path(folder).expanduser().resolve()) for p in paths]
-        return stratified_split(labels, config["val_fraction"], config["split_seed"], keys,
-                                config.get("split", SPLIT_BY_GENERATOR))
+        return run_split(config, labels, folder, paths)
 
     if data == "cifar10":
         root = config.get("data_root") or str(cache_dir(config.get("cache_dir")) / "datasets")

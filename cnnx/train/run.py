@@ -55,6 +55,7 @@ class Stop(enum.Enum):
     FINISHED = "finished"  # all --epochs ran
     EARLY = "early"  # --patience epochs without a better val top-1
     PAUSED = "paused"  # --stop-after: the run continues later with --resume
+    DIVERGED = "diverged"  # non-finite values: the best so far is finished (test split, plots), then exit 1
 
 
 # --- the run folder ---------------------------------------------------------------------------
@@ -381,7 +382,12 @@ def fit(cfg: TrainConfig, run_dir, *, resume: dict | None = None, stop_after: in
                 break
             tm, seconds = train_epoch(run, state, epoch)
             vm, probs, eval_seconds = evaluate_epoch(run)
-            check_finite(tm, vm, epoch)
+            try:
+                check_finite(tm, vm, epoch)
+            except Diverged:
+                if state.history:  # best.pt of an earlier epoch stands: its test figures and plots, as at any end
+                    finish(run, state, Stop.DIVERGED, None)
+                raise
             improved = state.record(history_row(epoch, tm, vm, seconds, eval_seconds, state), vm, probs)
             if d.main:
                 save_epoch(run, state, improved, tm, vm)
@@ -430,7 +436,8 @@ def _check_step_fits_memory(cfg: TrainConfig, arch_kwargs: dict, size):
         return
     need = activation_bytes(cfg.arch, arch_kwargs, size) * cfg.batch_size
     if need > free:
-        raise OutOfMemory(f"{cfg.arch} on batches of {cfg.batch_size} images of {h}x{w} px needs about "
+        # the batch asked for (the data is not listed yet: a split smaller than it is one smaller step)
+        raise OutOfMemory(f"{cfg.arch} on batches of {cfg.batch_size} images of {h}x{w} px (--batch-size) needs about "
                           f"{need / 2**30:.1f} GiB for a training step, more than the {free / 2**30:.1f} GiB of memory "
                           f"free here: a smaller --batch-size (or --image-size)")
 
