@@ -611,6 +611,14 @@ def test_files_to_write_in_a_missing_folder_or_two_on_stdout_are_refused_before_
     assert r.exit_code == 2 and "--output and --errors must be different files" in r.stderr and r.stdout == ""
     r = run([images, "--model", model, "-o", out, "--errors", "-"])  # a file and stdout: allowed
     assert r.exit_code == 0, r.stderr
+    # a symlink to nothing: "File exists" after a run record written beside the link's target
+    (tmp_path / "dangling").mkdir()
+    link = tmp_path / "dangling" / "p.csv"
+    os.symlink(tmp_path / "dangling" / "target.csv", link)
+    r = run([images, "--model", model, "-o", link])
+    assert r.exit_code == 2 and f"--output {link} is a symlink to {tmp_path / 'dangling' / 'target.csv'}, which is " \
+        "not there" in r.stderr, r.stderr
+    assert sorted(os.listdir(tmp_path / "dangling")) == ["p.csv"]
 
 
 def test_resume_refuses_another_model_and_another_folder_than_its_first_run(images, model, tmp_path, monkeypatch):

@@ -391,6 +391,10 @@ def _check_files(output, errors_path, report_path, model_path):
             # The given name, stat following its links: realpath turns /dev/stderr on a pipe into
             # /proc/PID/fd/pipe:[N], a name that is not there
             raise click.UsageError(f"{label} {given} exists and is not a regular file: name a file, or - for stdout")
+        if label in ("--output", "--errors") and path != "-" and os.path.islink(given) and not os.path.exists(given):
+            # the open (O_EXCL) then said "File exists", after the run record was written beside its target
+            raise click.UsageError(f"{label} {given} is a symlink to {os.readlink(given)}, which is not there: name a "
+                                   f"file, or create the link's target")
     if report_path is not None:
         from cnnx.report import report_replaceable  # the report's imports only where one is asked for
 
