@@ -712,16 +712,18 @@ def train_spec(cfg: TrainConfig, spec: dict):
 
 
 def load_run_data(cfg: TrainConfig, spec: dict, run_dir: Path, d: loop.Dist, progress: bool, split: int):
-    """The splits (`split`: data.SPLIT_BY_NAME, or the method a resumed run began with); rank 0
-    decodes (and caches) first, the others then read its cache (a disk cache is mapped by every
-    rank; each reads only its shard's rows)."""
+    """The splits (`split`: data.SPLIT_BY_NAME, or the method a resumed run began with); each
+    machine's first process (LOCAL_RANK 0; rank 0 on its machine) decodes (and caches) first, the
+    others then read its cache (a disk cache is mapped by every rank; each reads only its shard's
+    rows). Rank 0 alone, every process of another machine decoded the whole folder at once."""
     base = {"data": cfg.data, "data_root": cfg.data_root, "cache_dir": cfg.cache_dir, "preprocess": spec,
             "val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed, "split": split}
     how = {"workers": cfg.workers, "cache_mode": cfg.cache, "train_spec": train_spec(cfg, spec)}
-    if d.main:
-        splits = load_splits(base, progress=progress, **how)
+    first = d.main or (d.local_rank == 0 and "LOCAL_RANK" in os.environ)  # a launch by hand names no machines
+    if first:
+        splits = load_splits(base, progress=progress and d.main, **how)
     _barrier(d)
-    if not d.main:
+    if not first:
         splits = load_splits(base, progress=False, **how)
     say(f"data: {splits.source}", d)
     for note in splits.notes:
