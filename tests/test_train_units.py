@@ -321,3 +321,42 @@ def test_a_val_top1_tie_goes_to_the_lower_val_loss():
         s.record(row, {"top1": top1, "loss": loss, "confusion": None}, None)
         assert s.best_epoch == [1, 2, 2, 4, 4][epoch - 1], (epoch, s.best_epoch)
     assert s.since_best == 1
+
+
+def test_copies_of_a_file_are_held_out_together_and_copies_under_two_classes_are_said(cifar_subset, tmp_path):
+    """Byte-identical copies under other names ("IMG_1 (1).jpg") were split apart: 19 of 31
+    validation images had their copy in the training split; the same photo under two classes
+    went unreported."""
+    import hashlib
+    import shutil
+
+    from cnnx.runtime.preprocess import make_spec
+    from cnnx.train.data import SPLIT_BY_NAME, load_splits
+
+    data = tmp_path / "d"
+    shutil.copytree(cifar_subset(20, classes=("airplane", "cat", "dog")), data)
+    for f in sorted((data / "cat").iterdir()):
+        shutil.copyfile(f, data / "cat" / f"copy_{f.name}")
+    for f in sorted((data / "airplane").iterdir())[:3]:
+        shutil.copyfile(f, data / "cat" / f"plane_{f.name}")
+    s = load_splits({"data": str(data), "preprocess": make_spec(32, (0.5,) * 3, (0.25,) * 3), "val_fraction": 0.2,
+                     "split_seed": 0, "split": SPLIT_BY_NAME, "cache_dir": str(tmp_path / "c")}, progress=False)
+
+    def digest(p):
+        return hashlib.sha256(open(p, "rb").read()).hexdigest()
+
+    files = [str(p) for p in sorted(data.rglob("*.jpg"))]
+    trained = {digest(p) for p in set(files) - {str(p) for p in s.val_paths}}
+    assert len(s.val_paths) >= 8 and not [p for p in s.val_paths if digest(p) in trained and "plane_" not in p
+                                          and "/airplane/" not in p], s.val_paths
+    assert "20 file(s) are byte-identical copies of another in their class: each on the same side of the " \
+           "validation split as it" in s.notes, s.notes
+    assert any(n.startswith("3 image(s) are filed, as byte-identical copies, under two or more classes (") for n in s.notes)
+    split = tmp_path / "s"
+    shutil.copytree(cifar_subset(20, classes=("airplane", "cat", "dog")), split / "train")
+    shutil.copytree(cifar_subset(3, offset=20, classes=("airplane", "cat", "dog")), split / "val")
+    shutil.copyfile(next((split / "train" / "dog").iterdir()), split / "val" / "dog" / "again.jpg")
+    s = load_splits({"data": str(split), "preprocess": make_spec(32, (0.5,) * 3, (0.25,) * 3), "val_fraction": 0.2,
+                     "split_seed": 0, "split": SPLIT_BY_NAME, "cache_dir": str(tmp_path / "c")}, progress=False)
+    assert "1 val/ image(s) are byte-identical copies of train/ images: their val figures are not of unseen images" \
+        in s.notes, s.notes

@@ -591,10 +591,10 @@ def _held_out_part(d, config: dict, folder):
     from dataclasses import replace
 
     from cnnx.train.cache import take
-    from cnnx.train.data import run_split
+    from cnnx.train.data import identical_files, run_split
     from cnnx.train.run import files_digest
 
-    _, va = run_split(config, d.labels, folder, d.paths)
+    _, va = run_split(config, d.labels, folder, d.paths, identical_files(d.paths))
     paths = [d.paths[i] for i in va.tolist()]
     if not config.get("val_files_sha256") or files_digest(paths) != config["val_files_sha256"]:
         raise click.ClickException(f"{folder}: the images its run held out cannot be told again (files added, removed "

@@ -24,7 +24,7 @@ import torch
 
 from cnnx.runtime.contract import is_hidden_name, is_image_name
 from cnnx.runtime.files import (cache_root, escaped_name, first_line, name_text, names_line, remove_stale_temps,
-                                signals_blocked)
+                                sha256_of, signals_blocked)
 from cnnx.runtime.preprocess import PREPROCESS_VERSION, ImageError, load_image
 from cnnx.train.cache import CacheError, build_disk_cache, read_disk_cache, take, use_disk
 
@@ -740,7 +740,8 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int, keys=None
     or more) held out; both sorted. SPLIT_BY_NAME: each class's images ranked by a hash of the
     seed and their key (`keys[i]`: the file's path under the data folder; default its index),
     the first held out, so a photo added to a class moves at most one other file of that class
-    and none of any other (former validation images are not trained on by the next run).
+    and none of any other (former validation images are not trained on by the next run). Images
+    of one key (copies of one file: run_split) are on one side.
     SPLIT_BY_GENERATOR, the split of runs made before it: one generator drawn class by class
     (one new file re-drew every class after it)."""
     import hashlib
@@ -757,8 +758,11 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int, keys=None
         if method == SPLIT_BY_GENERATOR:
             val.append(idx[torch.randperm(len(idx), generator=g)[:k]])
             continue
-        rank = sorted(idx.tolist(), key=lambda i: hashlib.sha256(
-            f"{seed}\0{i if keys is None else keys[i]}".encode("utf-8", "surrogateescape")).digest())
+        digest = {i: hashlib.sha256(f"{seed}\0{i if keys is None else keys[i]}".encode("utf-8", "surrogateescape"))
+                  .digest() for i in idx.tolist()}
+        rank = sorted(digest, key=digest.get)
+        while 0 < k < len(rank) and digest[rank[k]] == digest[rank[k - 1]]:
+            k -= 1  # images of one key (copies of one file) stay on one side: the training side
         val.append(torch.tensor(rank[:k], dtype=torch.int64))
     val_idx = torch.sort(torch.cat(val)).values if val else torch.empty(0, dtype=torch.int64)
     mask = torch.ones(len(labels), dtype=torch.bool)
@@ -779,17 +783,75 @@ class Splits:
     notes: list = field(default_factory=list)  # ImageFolderData.notes of each split, and the splits' own
 
 
+def _copies_across_splits(train_paths, paths: dict) -> list:
+    """Notes for the val/ and test/ images that are byte-identical copies of train/ images
+    (their figures are not of unseen images); `paths`: split -> its files."""
+    named = [("train", p) for p in train_paths] + [(name, p) for name, ps in paths.items() for p in ps]
+    counts = {}
+    for group in identical_files([p for _, p in named]):
+        splits = {named[i][0] for i in group}
+        if "train" in splits:
+            for i in group:
+                if named[i][0] != "train":
+                    counts[named[i][0]] = counts.get(named[i][0], 0) + 1
+    return [f"{n} {name}/ image(s) are byte-identical copies of train/ images: their {name} figures are not of "
+            f"unseen images" for name, n in sorted(counts.items(), key=lambda kv: kv[0] != "val")]
+
+
 def _check_classes(names, where):
     if len(names) < 2:
         raise DataError(f"{where} has {len(names)} class ({names_line(names) or 'none'}); training needs at least 2")
 
 
-def run_split(config: dict, labels, folder=None, paths=None):
+def run_split(config: dict, labels, folder=None, paths=None, copies=None):
     """(train_idx, val_idx) of the held-out split a run config names (val_fraction, split_seed,
-    split) over the images `labels`, `paths` of `folder` (none: CIFAR-10's arrays)."""
+    split) over the images `labels`, `paths` of `folder` (none: CIFAR-10's arrays). `copies`
+    (identical_files of `paths`): the copies of a file in its class take its key, so they are
+    held out, or trained on, together (a copy validated on its trained original is no
+    held-out image: photo folders hold "IMG_1 (1).jpg", an album exported twice)."""
     keys = None if folder is None else [os.path.relpath(p, Path(folder).expanduser().resolve()) for p in paths]
+    for group in copies if keys is not None and copies else ():
+        first = {}
+        for i in group:
+            keys[i] = keys[first.setdefault(int(labels[i]), i)]
     return stratified_split(labels, config["val_fraction"], config["split_seed"], keys,
                             config.get("split", SPLIT_BY_GENERATOR))
+
+
+def identical_files(paths) -> list:
+    """Groups (lists of indices into `paths`, two or more) of files with the same bytes: the
+    sizes first, then a sha256 of each file whose size another has. Unreadable files are left out."""
+    import collections
+
+    by_size = collections.defaultdict(list)
+    for i, p in enumerate(paths):
+        with contextlib.suppress(OSError):
+            by_size[os.stat(p).st_size].append(i)
+    by_bytes = collections.defaultdict(list)
+    for same in by_size.values():
+        if len(same) > 1:
+            for i in same:
+                with contextlib.suppress(OSError):
+                    by_bytes[sha256_of(paths[i])].append(i)
+    return [group for group in by_bytes.values() if len(group) > 1]
+
+
+def copies_notes(groups, labels, paths) -> list:
+    """What the copies among a folder's files mean for the user: copies in one class (kept on
+    one side of the split) and copies under two classes (one image, two labels)."""
+    import itertools
+
+    notes, crossed = [], [g for g in groups if len({int(labels[i]) for i in g}) > 1]
+    same = sum(len(g) - len({int(labels[i]) for i in g}) for g in groups)
+    if same:
+        notes.append(f"{same} file(s) are byte-identical copies of another in their class: each on the same side of "
+                     f"the validation split as it")
+    if crossed:
+        a, b = next((i, j) for i, j in itertools.combinations(crossed[0], 2) if int(labels[i]) != int(labels[j]))
+        notes.append(f"{len(crossed)} image(s) are filed, as byte-identical copies, under two or more classes "
+                     f"({escaped_name(paths[a])} = {escaped_name(paths[b])}): the model is taught two labels for one "
+                     f"image; keep each in one class folder")
+    return notes
 
 
 def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory", train_spec=None) -> Splits:
@@ -803,8 +865,8 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
     spec = config["preprocess"]
     data = config["data"]
 
-    def held_out(labels, folder=None, paths=None):
-        return run_split(config, labels, folder, paths)
+    def held_out(labels, folder=None, paths=None, copies=None):
+        return run_split(config, labels, folder, paths, copies)
 
     if data == "cifar10":
         root = config.get("data_root") or str(cache_dir(config.get("cache_dir")) / "datasets")
@@ -833,11 +895,12 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
     if "all" in layout:
         d = load(layout["all"])
         _check_classes(d.class_names, data)
-        tr, va = held_out(d.labels, layout["all"], d.paths)
+        copies = identical_files(d.paths)
+        tr, va = held_out(d.labels, layout["all"], d.paths, copies)
         xtr = train_images(layout["all"], d)
         in_val = torch.bincount(d.labels[va], minlength=len(d.class_names)).tolist()
         unseen = [c for c, k in zip(d.class_names, in_val) if k == 0]
-        notes = d.notes + ([f"{len(unseen)} class(es) too small for a validation image: {names_line(unseen, 5)} (their val top-1 is not measured)"] if unseen else [])
+        notes = d.notes + copies_notes(copies, d.labels, d.paths) + ([f"{len(unseen)} class(es) too small for a validation image: {names_line(unseen, 5)} (their val top-1 is not measured)"] if unseen else [])
         return Splits((take(xtr, tr), d.labels[tr]), (take(d.images, va), d.labels[va]), None, d.class_names, d.skipped,
                       f"{len(d.labels)} images in {len(d.class_names)} classes from {data}",
                       [d.paths[i] for i in va.tolist()], d.ignored, notes)
@@ -880,9 +943,12 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
 
     val = other("val")
     test = other("test")
+    notes.extend(_copies_across_splits(d.paths, paths))
     xtr = d.images if "val" in layout else train_images(layout["train"], d)
     if val is None:
-        tr, va = held_out(d.labels, layout["train"], d.paths)
+        copies = identical_files(d.paths)
+        notes.extend(copies_notes(copies, d.labels, d.paths))
+        tr, va = held_out(d.labels, layout["train"], d.paths, copies)
         train, val = (take(xtr, tr), d.labels[tr]), (take(d.images, va), d.labels[va])
         paths["val"] = [d.paths[i] for i in va.tolist()]
     else:
