@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from cnnx.cli import launch_rank, leave_it_to_rank_0
+from cnnx.cli import RANK_0_GRACE_S, launch_rank, leave_it_to_rank_0
 from cnnx.runtime.files import ends_as_terminated
 from cnnx.train.config import AUGMENTATIONS, DEVICES, OPTIMIZERS, SCHEDULES, TrainConfig
 
@@ -167,6 +167,8 @@ def train(ctx, out, name, resume, stop_after, quiet, compile_, aug, **opts):
             leave_it_to_rank_0(1)
         raise click.ClickException(first_line(e)) from None
     except PeerStopped as e:  # under torchrun: another process failed first and said why
+        if e.peer == 0 and e.how == "error":  # rank 0's own line first (it writes, cleans up, then says it)
+            time.sleep(RANK_0_GRACE_S)
         raise click.ClickException(str(e)) from None
     if launch_rank() == 0:
         line = (f"best val top-1 {summary['best_val_top1']:.4f} at epoch {summary['best_epoch']} "

@@ -465,7 +465,11 @@ def check_finite(tm: dict, vm: dict, epoch: int):
 class PeerStopped(Exception):
     """Another process of the run stopped (with an error, which it says in its own line; by a
     signal; or killed without a word), and this one's collective then failed: one line here
-    too, not gloo's or NCCL's traceback."""
+    too, not gloo's or NCCL's traceback. `peer`, `how`: which, and a key of PEER_ENDS."""
+
+    def __init__(self, message: str, *, peer: int, how: str):
+        super().__init__(message)
+        self.peer, self.how = peer, how
 
 
 FAILED_KEY = "cnnx/failed/"  # + rank, in the process group's store: how that process stopped (PEER_ENDS)
@@ -501,7 +505,7 @@ def _process_group(d: loop.Dist, device: str):
                    "interrupted" if isinstance(e, KeyboardInterrupt) else "error")
         if peer is not None:
             raise PeerStopped(f"process {peer[0]} of the run {PEER_ENDS[peer[1]]}; process {d.rank} "
-                              f"stopped with it") from None
+                              f"stopped with it", peer=peer[0], how=peer[1]) from None
         raise
     finally:
         if dist.is_initialized():
