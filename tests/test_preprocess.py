@@ -322,7 +322,7 @@ def test_spec_validation_names_the_valid_choices():
 
 @pytest.mark.parametrize("key,value", [("std", [float("inf")] * 3), ("std", [float("nan")] * 3),
                                        ("mean", [0.5, float("nan"), 0.5]), ("mean", [True, 0.5, 0.5]),
-                                       ("size", [True, True])])
+                                       ("size", [True, True]), ("mean", [10 ** 400, 0.5, 0.5])])
 def test_a_spec_of_non_finite_or_boolean_numbers_is_refused(key, value):
     """std = inf passed (every image the same input: one label for all, and the parity gate
     agreeing); NaN passed too, and info --json then printed Infinity, which JSON readers refuse."""

@@ -194,7 +194,7 @@ def test_split_layout_early_stopping_and_test_split_once(cifar_train_dir, tmp_pa
     r = run_cli(seed_args(data, tmp_path / "runs", "x", tmp_path / "c", "--epochs", "5", "--batch-size", "16",
                           "--lr", "1e-9", "--patience", "1"))
     assert r.exit_code == 0, r.stderr
-    assert "early stop: val top-1 has not improved for 1 epoch(s)" in r.stderr
+    assert "early stop: val top-1 has not improved (nor its loss at the same top-1) for 1 epoch(s)" in r.stderr
     run = tmp_path / "runs" / "x"
     assert len((run / "metrics.csv").read_text().strip().splitlines()) == 1 + 2
     config = json.loads((run / "config.json").read_text())
@@ -337,7 +337,7 @@ def test_a_model_that_cannot_be_built_is_one_line(cifar_train_dir, tmp_path, mon
 def test_names_reach_the_terminal_without_their_escape_sequences(cifar_train_dir, tmp_path):
     """A class folder or a file named with ESC[2J (anyone's photo folder) cleared the screen:
     evaluate printed class names and skipped files raw, train its skipped files."""
-    data = copy_classes(cifar_train_dir, tmp_path / "d", ["cat", "dog"], 10)
+    data = copy_classes(cifar_train_dir, tmp_path / "d\x1b]0;TITLE\x1b\\", ["cat", "dog"], 10)  # the folder too
     (data / "dog").rename(data / "\x1b[2Jdog")
     (data / "cat" / "\x1b]0;PWNED\x07.jpg").write_bytes(b"not an image")
     r = run_cli(seed_args(data, tmp_path / "runs", "x", tmp_path / "c", "--epochs", "1"))
@@ -358,7 +358,8 @@ def test_evaluate_split_val_of_a_flat_folder_scores_the_images_its_run_held_out(
     r = run_cli(args + ["--split", "val", "--json"])
     assert r.exit_code == 0, r.stderr[-2000:]
     got = json.loads(r.stdout)
-    assert got["n"] == best["config"]["val_images"] == 9 and not got["trained_on"]
+    assert got["n"] == best["config"]["val_images"] == 9 and not got["trained_on"] and got["split"] == "held-out"
+    assert got["plot"] == str(tmp_path / "runs" / "x" / "confusion_d-val.png")  # not the whole folder's plot
     assert got["top1"] == pytest.approx(best["metrics"]["val_top1"], abs=1e-9)
     assert got["loss"] == pytest.approx(best["metrics"]["val_loss"], rel=1e-5)
     shutil.copyfile(next((data / "cat").iterdir()), data / "cat" / "new.jpg")  # the folder changed since

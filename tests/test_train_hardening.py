@@ -802,3 +802,32 @@ def test_a_run_that_diverges_after_a_good_epoch_still_ends_its_best(cifar_train_
     test = json.loads((run / "test_metrics.json").read_text())
     assert test["epoch"] == best["epoch"] and test["n"] == 30
     assert sorted(os.listdir(run / "plots")) == ["confusion.png", "loss.png", "per_class.png", "top1.png", "top5.png"]
+
+
+def test_names_with_a_newline_stay_on_the_error_line_and_a_copy_beyond_memory_is_one_line(small, tmp_path,
+                                                                                          monkeypatch):
+    """A class named with a newline cut the one-line errors to their first part (the CLI keeps a
+    message's first line): the link under two classes, the class with no decodable image. And
+    --cache memory whose images fit but whose split copies did not ended in torch's traceback."""
+    def error(data):
+        r = run_cli(seed_args(data, tmp_path / "runs", f"x{len(os.listdir(tmp_path))}", tmp_path / "c", "--epochs", "1"))
+        assert r.exit_code == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        return r.stderr.strip().splitlines()[-1]
+
+    a = copy_classes(small, tmp_path / "a", ["cat", "dog"], 5)
+    os.rename(a / "dog", a / "dog\nx")
+    os.link(a / "cat" / sorted(os.listdir(a / "cat"))[0], a / "dog\nx" / "linked.jpg")
+    assert "are one file (a link) in two classes, cat and 'dog\\nx': each image needs one class" in error(a)
+    b = copy_classes(small, tmp_path / "b", ["cat", "dog"], 5)
+    os.rename(b / "dog", b / "dog\nx")
+    for f in (b / "dog\nx").iterdir():
+        f.write_bytes(b"not an image")
+    assert f"class folder '{b}/dog\\nx' holds no image that can be decoded" in error(b)
+    from cnnx.train import data
+
+    def no_memory(images, idx):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(data, "take", no_memory)
+    assert error(copy_classes(small, tmp_path / "m", ["cat", "dog"], 5)).startswith(
+        "Error: not enough memory for a copy of ")

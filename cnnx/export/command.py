@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from cnnx.export.api import DEFAULT_PARITY_IMAGES, FORMATS
-from cnnx.runtime.files import ends_as_terminated
+from cnnx.runtime.files import ends_as_terminated, printable
 
 
 def newest_checkpoint(root: Path = Path("runs")) -> Path:
@@ -72,7 +72,7 @@ def export(checkpoint, formats, out_dir, opset, verify_data, fp16, int8, parity_
     try:
         result = export_checkpoint(checkpoint, out_dir, formats, opset=opset, verify_data=verify_data, fp16=fp16,
                                    int8=int8, progress=True, parity_images=parity_images,
-                                   log=lambda msg: click.echo(msg, err=True), tta=None if tta is None else int(tta),
+                                   log=lambda msg: click.echo(printable(msg), err=True), tta=None if tta is None else int(tta),
                                    cache_dir=cache_dir)
     except ParityError as e:
         click.echo(e.report.table(), err=True)

@@ -77,14 +77,15 @@ def render_training_report(*, title, config, history, class_names, confusion, va
 
 def _best_row(history, summary) -> dict | None:
     """The history row of the checkpoint the page is about: summary's best_epoch, else the
-    first epoch with the highest val top-1 (the rule best.pt is kept by)."""
+    first epoch with the highest val top-1, a tie to the lower val loss (the rule best.pt is
+    kept by: cnnx.train.run.State.record)."""
     if not history:
         return None
     epoch = (summary or {}).get("best_epoch")
     for row in history:
         if epoch is not None and row.get("epoch") == epoch:
             return row
-    return max(history, key=lambda r: (r.get("val_top1", -1.0), -r.get("epoch", 0)))
+    return max(history, key=lambda r: (r.get("val_top1", -1.0), -r.get("val_loss", 0.0), -r.get("epoch", 0)))
 
 
 def _overview(cm, history, best, summary, split: str) -> str:

@@ -455,11 +455,15 @@ def _run(clf: Classifier, todo):
     finally:
         # Closed now, not when collected: after an exception (Ctrl-C in a notebook, which keeps the
         # traceback and with it these frames) the decode threads and read-ahead batches stayed.
-        for gen in (batches, todo):
-            if gen is not None:
-                gen.close()
-        if runner is not None:
-            runner.release()
+        try:
+            if batches is not None:
+                batches.close()
+        finally:  # a second Ctrl-C in the first close must not leave the runner claimed for good
+            try:
+                todo.close()
+            finally:
+                if runner is not None:
+                    runner.release()
 
 
 def _cpu_decoded(clf: Classifier, todo):

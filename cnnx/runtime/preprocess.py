@@ -92,11 +92,18 @@ def validate_spec(spec) -> dict:
         v = spec[key]
         # finite: an infinite std made every image the same input (one label for all, the parity gate agreeing)
         if not (isinstance(v, (list, tuple)) and len(v) == 3
-                and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)):
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) and _finite(x) for x in v)):
             raise SpecError(f"preprocess {key} must be 3 finite numbers, got {v!r}")
     if any(s <= 0 for s in spec["std"]):
         raise SpecError("preprocess std must be positive")
     return spec
+
+
+def _finite(x) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int too large for a float (metadata's 400-digit mean)
+        return False
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -273,7 +273,7 @@ def _resume_config(resume, folder: Path, given, opts):
         raise click.UsageError(f"{resume} has trained {done} epochs, as many as --epochs {cfg.epochs} asks; "
                                f"pass a larger --epochs to train further")
     if early and cfg.patience and since >= cfg.patience:  # it would stop again after one epoch
-        raise click.UsageError(f"{resume} stopped early after epoch {done}: val top-1 had not improved for {since} "
+        raise click.UsageError(f"{resume} stopped early after epoch {done}: val top-1 had not improved (nor its loss) for {since} "
                                f"epoch(s) (--patience {began.patience}); pass a --patience above {since}, "
                                f"or --patience 0 for none, to train further")
     return cfg, ckpt, False
@@ -430,13 +430,13 @@ def evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, ca
                                "top1": m["top1"], "top5": m["top5"],
                                "per_class": dict(zip(names, loop.per_class_json(m["per_class"]))),
                                "confusion": m["confusion"], "class_names": names, "skipped": len(ev["data"].skipped),
-                               "trained_on": ev["trained_on"] is not None,
+                               "trained_on": ev["trained_on"] is not None, "split": ev["split"],
                                "plot": None if plot_path in why_not else str(plot_path)}))
         sys.stdout.flush()
     if plot is None and plot_path in why_not:
         click.echo(f"warning: no confusion plot: {why_not.pop(plot_path)} (pass --plot FILE)", err=True)
     elif plot_path not in why_not:
-        click.echo(f"confusion matrix: {plot_path}", err=True)
+        click.echo(printable(f"confusion matrix: {plot_path}"), err=True)
     if report and report not in why_not:
         click.echo(f"report: {report}", err=True)
     if why_not:
@@ -455,6 +455,8 @@ def _write_evaluation_files(ev: dict, checkpoint, plot, report) -> tuple[Path, d
     # a split folder by its data folder's name too: siteA/test and siteB/test shared one plot, the
     # second evaluation replacing the first's
     folder_name = f"{folder.parent.name}-{folder.name}" if folder.name.lower() in SPLIT_FOLDERS else folder.name
+    if ev["split"] == "held-out":  # the images its run held out of the folder, not the whole folder's plot
+        folder_name += "-val"
     plot_path = Path(plot) if plot else Path(checkpoint).resolve().parent / f"confusion_{folder_name}.png"
     why_not = {}
     if plot is None:
@@ -545,9 +547,9 @@ def _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, c
         trained_note = (f"{escaped_name(folder)} is the folder this model was trained on: these figures include its "
                         f"{config.get('train_images', 'training')} training images ({held_out}; the validation "
                         f"figures are in its metrics.csv)")
-        click.echo(f"note: {trained_note}", err=True)
+        click.echo(printable(f"note: {trained_note}"), err=True)
     for note in d.notes:
-        click.echo(f"note: {note}", err=True)
+        click.echo(printable(f"note: {note}"), err=True)
     if d.skipped:
         click.echo(f"skipped {len(d.skipped)} file(s):", err=True)
         for p, why in d.skipped[:20]:
@@ -573,7 +575,7 @@ def _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, c
         raise click.ClickException(f"{checkpoint} gives non-finite outputs (NaN or inf) for {m['nonfinite']} of "
                                    f"{m['n']} images: its weights are broken; no metrics")
     return {"ckpt": ckpt, "folder": folder, "data": d, "labels": labels, "class_names": names, "metrics": m,
-            "trained_on": trained_on, "trained_note": trained_note}
+            "trained_on": trained_on, "trained_note": trained_note, "split": picked}
 
 
 def _evaluation_batch(arch: str) -> int:
@@ -634,13 +636,21 @@ def _trained_on(ckpt: dict, folder) -> str | None:
     return "train" if parent == trained and SPLIT_FOLDERS.get(name.lower()) == "train" else None
 
 
+def _scored(ev: dict) -> str:
+    """What the figures are of, for a title: the folder, or the images its run held out of it."""
+    from cnnx.runtime.files import escaped_name
+
+    held = " (the images its run held out)" if ev["split"] == "held-out" else ""
+    return f"{escaped_name(ev['folder'])}{held}"
+
+
 def _write_plot(ev: dict, checkpoint, plot_path, through_symlink: bool):
     from cnnx.runtime.files import escaped_name
     from cnnx.train import plots
 
     m = ev["metrics"]
     plots.plot_confusion(m["confusion"], ev["class_names"], plot_path,  # names that are not UTF-8: \xNN
-                         title=f"{escaped_name(Path(checkpoint).name)} on {escaped_name(ev['folder'])} ({m['n']} images)",
+                         title=f"{escaped_name(Path(checkpoint).name)} on {_scored(ev)} ({m['n']} images)",
                          through_symlink=through_symlink)
 
 
@@ -651,7 +661,7 @@ def _write_evaluation_report(ev: dict, checkpoint, report, through_symlink: bool
 
     m, d = ev["metrics"], ev["data"]
     write_training_report(
-        report, title=f"cnnx evaluate: {escaped_name(Path(checkpoint).name)} on {escaped_name(ev['folder'])}",
+        report, title=f"cnnx evaluate: {escaped_name(Path(checkpoint).name)} on {_scored(ev)}",
         config=ev["ckpt"]["config"], history=[], class_names=ev["class_names"], confusion=m["confusion"],
         val=Predictions(images=d.images if isinstance(d.images, Rows) else d.images.numpy(),  # Rows: --cache disk
                         labels=ev["labels"].numpy(), probs=m["probs"].numpy(),

@@ -24,7 +24,7 @@ import torch
 
 from cnnx.runtime.contract import is_hidden_name, is_image_name
 from cnnx.runtime.files import (cache_root, escaped_name, first_line, name_text, names_line, remove_stale_temps,
-                                sha256_of, signals_blocked)
+                                sha256_of, shown, signals_blocked)
 from cnnx.runtime.preprocess import PREPROCESS_VERSION, ImageError, load_image
 from cnnx.train.cache import CacheError, build_disk_cache, read_disk_cache, take, use_disk
 
@@ -274,8 +274,8 @@ def _one_entry_a_file(listing: Listing, root: Path):
         elif first[1] == f[1]:
             listing.unlisted.append((str(root / f[0]), f"the same file as {escaped_name(first[0])} (a link); used once"))
         else:
-            raise DataError(f"{escaped_name(root / first[0])} and {escaped_name(root / f[0])} are one file (a link) in two classes, "
-                            f"{listing.class_names[first[1]]} and {listing.class_names[f[1]]}: "
+            raise DataError(f"{shown(root / first[0])} and {shown(root / f[0])} are one file (a link) in two classes, "
+                            f"{names_line([listing.class_names[first[1]]])} and {names_line([listing.class_names[f[1]]])}: "
                             f"each image needs one class; remove one")
     listing.files = kept
 
@@ -583,7 +583,7 @@ def load_image_folder(root, spec, *, progress=True, cache=None, workers=None, us
     counts = torch.bincount(data.labels, minlength=len(class_names)).tolist()
     empty = [c for c, k in zip(class_names, counts) if k == 0]
     if empty:
-        raise DataError(f"class folder {root / empty[0]} holds no image that can be decoded "
+        raise DataError(f"class folder {shown(root / empty[0])} holds no image that can be decoded "
                         f"({len(empty)} such class(es)); fix or remove it")
     return data
 
@@ -740,8 +740,8 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int, keys=None
     or more) held out; both sorted. SPLIT_BY_NAME: each class's images ranked by a hash of the
     seed and their key (`keys[i]`: the file's path under the data folder; default its index),
     the first held out, so a photo added to a class moves at most one other file of that class
-    and none of any other (former validation images are not trained on by the next run). Images
-    of one key (copies of one file: run_split) are on one side.
+    (to the other side) and none of any other. Images of one key (copies of one file: run_split)
+    are on one side.
     SPLIT_BY_GENERATOR, the split of runs made before it: one generator drawn class by class
     (one new file re-drew every class after it)."""
     import hashlib
@@ -803,19 +803,32 @@ def _check_classes(names, where):
         raise DataError(f"{where} has {len(names)} class ({names_line(names) or 'none'}); training needs at least 2")
 
 
+def _copy_rows(images, idx):
+    """take(images, idx): DataError where the memory cannot hold the copy (`--cache memory`
+    beyond what is free: the decoded images fit, their split copies did not)."""
+    try:
+        return take(images, idx)
+    except (MemoryError, RuntimeError):  # the copy's allocation: nothing else fails indexing decoded rows
+        raise DataError(f"not enough memory for a copy of {len(idx):,} decoded images: --cache disk keeps them in a "
+                        f"file") from None
+
+
 def run_split(config: dict, labels, folder=None, paths=None, copies=None):
     """(train_idx, val_idx) of the held-out split a run config names (val_fraction, split_seed,
     split) over the images `labels`, `paths` of `folder` (none: CIFAR-10's arrays). `copies`
     (identical_files of `paths`): the copies of a file in its class take its key, so they are
     held out, or trained on, together (a copy validated on its trained original is no
     held-out image: photo folders hold "IMG_1 (1).jpg", an album exported twice)."""
+    method = config.get("split", SPLIT_BY_GENERATOR)
+    if method not in (SPLIT_BY_GENERATOR, SPLIT_BY_NAME):
+        raise DataError(f"the run held its images out by a method this cnnx does not know (split {method!r}): use the "
+                        f"cnnx that began it")
     keys = None if folder is None else [os.path.relpath(p, Path(folder).expanduser().resolve()) for p in paths]
     for group in copies if keys is not None and copies else ():
         first = {}
         for i in group:
             keys[i] = keys[first.setdefault(int(labels[i]), i)]
-    return stratified_split(labels, config["val_fraction"], config["split_seed"], keys,
-                            config.get("split", SPLIT_BY_GENERATOR))
+    return stratified_split(labels, config["val_fraction"], config["split_seed"], keys, method)
 
 
 def identical_files(paths) -> list:
@@ -901,7 +914,7 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
         in_val = torch.bincount(d.labels[va], minlength=len(d.class_names)).tolist()
         unseen = [c for c, k in zip(d.class_names, in_val) if k == 0]
         notes = d.notes + copies_notes(copies, d.labels, d.paths) + ([f"{len(unseen)} class(es) too small for a validation image: {names_line(unseen, 5)} (their val top-1 is not measured)"] if unseen else [])
-        return Splits((take(xtr, tr), d.labels[tr]), (take(d.images, va), d.labels[va]), None, d.class_names, d.skipped,
+        return Splits((_copy_rows(xtr, tr), d.labels[tr]), (_copy_rows(d.images, va), d.labels[va]), None, d.class_names, d.skipped,
                       f"{len(d.labels)} images in {len(d.class_names)} classes from {data}",
                       [d.paths[i] for i in va.tolist()], d.ignored, notes)
     if "train" not in layout:
@@ -949,7 +962,7 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
         copies = identical_files(d.paths)
         notes.extend(copies_notes(copies, d.labels, d.paths))
         tr, va = held_out(d.labels, layout["train"], d.paths, copies)
-        train, val = (take(xtr, tr), d.labels[tr]), (take(d.images, va), d.labels[va])
+        train, val = (_copy_rows(xtr, tr), d.labels[tr]), (_copy_rows(d.images, va), d.labels[va])
         paths["val"] = [d.paths[i] for i in va.tolist()]
     else:
         train = (xtr, d.labels)

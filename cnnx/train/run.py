@@ -45,8 +45,10 @@ OLD_TEMP_PREFIX = ".tmp-"  # temp files of cnnx versions before cnnx.runtime.fil
 
 
 def say(msg: str, d=None):
+    """A line on stderr (rank 0's only): the folders and names in it are the user's, so any
+    escape sequence they hold is written escaped (files.printable)."""
     if d is None or d.main:
-        print(msg, file=sys.stderr, flush=True)
+        print(files.printable(msg), file=sys.stderr, flush=True)
 
 
 class Stop(enum.Enum):
@@ -387,6 +389,7 @@ def fit(cfg: TrainConfig, run_dir, *, resume: dict | None = None, stop_after: in
             except Diverged:
                 if state.history:  # best.pt of an earlier epoch stands: its test figures and plots, as at any end
                     finish(run, state, Stop.DIVERGED, None)
+                    _barrier(d)  # rank 0 writes the plots: the others, exiting, would have torchrun end it mid-plot
                 raise
             improved = state.record(history_row(epoch, tm, vm, seconds, eval_seconds, state), vm, probs)
             if d.main:
@@ -1030,7 +1033,7 @@ def finish(run: Run, state: State, stop: Stop, stop_after: int | None) -> dict:
     if stop is Stop.PAUSED:
         say(f"stopped after {stop_after} epoch(s) as asked; continue with --resume {run.run_dir}", d)
     elif stop is Stop.EARLY:
-        say(f"early stop: val top-1 has not improved for {cfg.patience} epoch(s) "
+        say(f"early stop: val top-1 has not improved (nor its loss at the same top-1) for {cfg.patience} epoch(s) "
             f"(best {state.best_top1:.4f} at epoch {state.best_epoch})", d)
     summary = {"run_dir": str(run.run_dir), "best": str(run.run_dir / "best.pt"), "best_val_top1": state.best_top1,
                "best_epoch": state.best_epoch, "epochs_run": len(state.history),
