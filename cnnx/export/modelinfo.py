@@ -165,13 +165,14 @@ def _views(metadata: dict) -> int:
 
 def format_info(info: dict) -> str:
     """The lines `cnnx info` prints; the model's own strings (names, metadata: anyone's file)
-    through files.printable, so none of them writes escape sequences to the terminal."""
+    through files.printable, so none of them writes escape sequences to the terminal. The path
+    is the one given, its own bytes (a script reads it back)."""
     from cnnx.runtime.files import printable
 
     def shape(s):
         return "[" + ", ".join(str(d) if d not in (None, "") else "?" for d in s) + "]"
 
-    lines = [f"model:    {printable(info['path'])}", f"format:   {info['format']}"
+    lines = [f"model:    {info['path']}", f"format:   {info['format']}"
              + (f" (opset {info['opset']})" if info.get("opset") else ""),
              f"views:    {info.get('tta_views', 1)} per image (test-time augmentation; each view is a forward pass)"]
     for key in ("inputs", "outputs"):
