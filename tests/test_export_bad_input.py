@@ -164,6 +164,18 @@ def test_verify_data_nested_deeper_than_the_recursion_limit(ckpt, cifar_subset, 
         _remove_chain(top, depth)
 
 
+def test_verify_data_of_symlinks_to_the_images_is_used(ckpt, cifar_subset, tmp_path):
+    """A --verify-data folder of links to the images (benchmarks/bench_export.py makes one) was
+    "no image files": the walk did not follow symlinks, as cnnx train's does."""
+    links = tmp_path / "verify" / "cat"
+    links.mkdir(parents=True)
+    for f in sorted((cifar_subset(3) / "cat").iterdir()):
+        os.symlink(f, links / f.name)
+    r, _lines = _run(["export", str(ckpt), "--verify-data", str(tmp_path / "verify"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert "(3 of 3 images)" in r.stderr, r.stderr
+
+
 def test_a_writer_failure_names_the_reason_torch_wrapped_in_a_generic_error(tmp_path):
     """torch's ONNX exporter says only 'Failed to convert the exported program' on its first
     line; the missing op is in the exception it wraps: the one line names both."""

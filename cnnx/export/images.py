@@ -60,11 +60,12 @@ def spread(n_total: int, limit: int | None, groups=None) -> np.ndarray:
 
 def _files(root: Path):
     """(path, class folder name or None) of every image under root, in sorted path order, hidden
-    names left out. The walk is the runtime's (an explicit stack: any depth of folders)."""
+    names left out. The walk is the runtime's (an explicit stack: any depth of folders), following
+    symlinks as `cnnx train` does (a folder of links to the images was "no image files")."""
     from cnnx.runtime.discover import Discovery
 
     out = []
-    for found in Discovery([root]):
+    for found in Discovery([root], follow_symlinks=True):
         if found.reason is not None:  # unreadable folders, special files: nothing to decode
             continue
         parts = Path(found.path).relative_to(root).parts
