@@ -270,7 +270,8 @@ def test_torchrun_two_ranks_read_the_disk_cache_and_switch_freezing(cifar_subset
                                        "--epochs", "2", "--freeze-backbone-epochs", "1", "--batch-size", "4",
                                        "--threads", "1", "--cache", "disk")]]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stderr[-2000:]
+    # the ranks' own lines, not only torchrun's summary after them (a rank's SIGABRT once: what did it say?)
+    assert p.returncode == 0, "\n".join(line for line in p.stderr.splitlines() if "frame #" not in line)[-8000:]
     assert "backbone unfrozen" in p.stderr and "cpu x2" in p.stderr
     assert load_checkpoint(tmp_path / "runs" / "ddp" / "last.pt")["epoch"] == 2
 
