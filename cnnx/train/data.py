@@ -783,12 +783,12 @@ class Splits:
     notes: list = field(default_factory=list)  # ImageFolderData.notes of each split, and the splits' own
 
 
-def _copies_across_splits(train_paths, paths: dict) -> list:
+def _copies_across_splits(groups, named) -> list:
     """Notes for the val/ and test/ images that are byte-identical copies of train/ images
-    (their figures are not of unseen images); `paths`: split -> its files."""
-    named = [("train", p) for p in train_paths] + [(name, p) for name, ps in paths.items() for p in ps]
+    (their figures are not of unseen images); `named`: (split, path) of every split's files,
+    `groups`: identical_files of those paths."""
     counts = {}
-    for group in identical_files([p for _, p in named]):
+    for group in groups:
         splits = {named[i][0] for i in group}
         if "train" in splits:
             for i in group:
@@ -878,16 +878,13 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
     spec = config["preprocess"]
     data = config["data"]
 
-    def held_out(labels, folder=None, paths=None, copies=None):
-        return run_split(config, labels, folder, paths, copies)
-
     if data == "cifar10":
         root = config.get("data_root") or str(cache_dir(config.get("cache_dir")) / "datasets")
         x, y, names = load_cifar10(root, train=True)
         xt, yt, _ = load_cifar10(root, train=False, download=False)
         if list(spec["size"]) != [32, 32]:
             raise DataError(f"CIFAR-10 images are 32x32; this arch wants {spec['size']}: use an image folder")
-        tr, va = held_out(y)
+        tr, va = run_split(config, y)
         return Splits((x[tr], y[tr]), (x[va], y[va]), (xt, yt), names, [], f"CIFAR-10 from {root}")
     layout = folder_layout(data)
     listed = {}  # folder -> its Listing, where made before any decoding (the split layout)
@@ -909,7 +906,7 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
         d = load(layout["all"])
         _check_classes(d.class_names, data)
         copies = identical_files(d.paths)
-        tr, va = held_out(d.labels, layout["all"], d.paths, copies)
+        tr, va = run_split(config, d.labels, layout["all"], d.paths, copies)
         xtr = train_images(layout["all"], d)
         in_val = torch.bincount(d.labels[va], minlength=len(d.class_names)).tolist()
         unseen = [c for c, k in zip(d.class_names, in_val) if k == 0]
@@ -956,12 +953,15 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
 
     val = other("val")
     test = other("test")
-    notes.extend(_copies_across_splits(d.paths, paths))
+    # one pass over every split's files: the copies across splits, and train/'s own
+    named = [("train", p) for p in d.paths] + [(name, p) for name, ps in paths.items() for p in ps]
+    groups = identical_files([p for _, p in named])
+    notes.extend(_copies_across_splits(groups, named))
     xtr = d.images if "val" in layout else train_images(layout["train"], d)
     if val is None:
-        copies = identical_files(d.paths)
+        copies = [g for g in ([i for i in group if i < len(d.paths)] for group in groups) if len(g) > 1]
         notes.extend(copies_notes(copies, d.labels, d.paths))
-        tr, va = held_out(d.labels, layout["train"], d.paths, copies)
+        tr, va = run_split(config, d.labels, layout["train"], d.paths, copies)
         train, val = (_copy_rows(xtr, tr), d.labels[tr]), (_copy_rows(d.images, va), d.labels[va])
         paths["val"] = [d.paths[i] for i in va.tolist()]
     else:
