@@ -311,23 +311,65 @@ def test_a_rank_killed_mid_run_is_one_line_on_its_peer(sig, cifar_subset, tmp_pa
     assert line in err.splitlines() or "terminated" in err.splitlines(), err[-3000:]
 
 
-def test_a_launch_by_hand_says_what_it_waits_for(cifar_subset, tmp_path):
-    """WORLD_SIZE and RANK set by hand, the other process not started: it waited (30 minutes,
-    torch's default) without a line."""
+def _free_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    env.pop("TORCHELASTIC_RUN_ID", None)
-    p = subprocess.Popen([sys.executable, "-m", "cnnx", "train", "--data", str(cifar_subset(2)), "--arch", "seed-cnn",
-                          "--out", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "c")],
-                         env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        return s.getsockname()[1]
+
+
+def _by_hand(rank: int, port: int, args) -> subprocess.Popen:
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    for name in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(name, None)
+    return subprocess.Popen([sys.executable, "-m", "cnnx", *map(str, args)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_a_launch_by_hand_says_what_it_waits_for_and_trains_once_all_come(cifar_subset, tmp_path):
+    """WORLD_SIZE and RANK set by hand, the other process not started: it waited (30 minutes,
+    torch's default) without a line. The rendezvous is cnnx's own (Ctrl-C and SIGTERM must
+    reach it): a run started by hand, process 1 first, trains as under torchrun."""
+    port = _free_port()
+    args = seed_args(cifar_subset(20), tmp_path / "runs", "r", tmp_path / "c", "--epochs", "1", "--batch-size", "32")
+    late = None
+    first = _by_hand(1, port, args)
     try:
-        line = p.stderr.readline()
+        line = first.stderr.readline()
+        assert line == (f"waiting for the run's 2 processes at 127.0.0.1:{port} (this is process 1; torchrun "
+                        "starts them together)\n"), line
+        late = _by_hand(0, port, args)
+        out0, err0 = late.communicate(timeout=180)
+        out1, err1 = first.communicate(timeout=60)
     finally:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-    assert line == (f"waiting for the run's 2 processes at 127.0.0.1:{port} (this is process 1; torchrun starts "
-                    "them together)\n"), line
+        for p in (first, late):
+            if p is not None and p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert late.returncode == 0 and first.returncode == 0, (err0[-2000:], err1[-2000:])
+    assert "cpu x2" in err0 and out0.count("best val top-1") == 1 and not out1, (out0, out1)
+    assert load_checkpoint(tmp_path / "runs" / "r" / "best.pt")["config"]["world_size"] == 2
+
+
+@pytest.mark.parametrize("rank,sig,code,said", [(0, signal.SIGINT, 130, "interrupted"),
+                                               (1, signal.SIGTERM, 143, None)])
+def test_a_launch_by_hand_waiting_for_its_peer_ends_on_ctrl_c_or_sigterm(rank, sig, code, said, cifar_subset,
+                                                                          tmp_path):
+    """Process 0 (serving the rendezvous) or 1 (looking for it) alone: torch's wait held off
+    Python's signal handlers for its 30 minutes; only SIGKILL ended it. (Processes other than
+    0 say nothing of an interruption: under torchrun, Ctrl-C reaches them all.)"""
+    import time
+
+    port = _free_port()
+    p = _by_hand(rank, port, seed_args(cifar_subset(2), tmp_path / "runs", "r", tmp_path / "c"))
+    try:
+        assert p.stderr.readline().startswith("waiting for the run's 2 processes")
+        time.sleep(1.0)  # into the wait
+        os.kill(p.pid, sig)
+        _out, err = p.communicate(timeout=20)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == code, err[-2000:]
+    assert [l for l in err.splitlines() if l][-1:] == ([said] if said else []) and "Traceback" not in err, err[-2000:]
+    assert not (tmp_path / "runs" / "r").exists()  # no run folder left without a checkpoint

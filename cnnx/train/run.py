@@ -494,11 +494,11 @@ def _process_group(d: loop.Dist, device: str):
 
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
-    if not os.environ.get("TORCHELASTIC_RUN_ID"):  # WORLD_SIZE and RANK set by hand: it waits for all of them
-        print(f"waiting for the run's {d.world} processes at {os.environ.get('MASTER_ADDR')}:"
-              f"{os.environ.get('MASTER_PORT')} (this is process {d.rank}; torchrun starts them together)",
-              file=sys.stderr, flush=True)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # torchrun's agent did the rendezvous
+        dist.init_process_group(backend)
+    else:  # WORLD_SIZE and RANK set by hand: it waits for all of them
+        dist.init_process_group(backend, store=_hand_launch_store(d), rank=d.rank, world_size=d.world)
     _store_set(f"{PROCESS_KEY}{d.rank}", f"{socket.gethostname()} {os.getpid()}")
     try:
         yield
@@ -513,6 +513,66 @@ def _process_group(d: loop.Dist, device: str):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class NotAllJoined(ValueError):
+    """A launch by hand (WORLD_SIZE and RANK set, no torchrun) whose processes did not all
+    come within torch's rendezvous timeout: one line naming the missing ones (exit 1)."""
+
+
+JOINED_KEY = "cnnx/joined/"  # + rank: set by each process of a launch by hand once it reached the store
+JOIN_POLL_S = 0.2
+
+
+def _hand_launch_store(d: loop.Dist):
+    """The env:// rendezvous of a launch by hand, in steps short enough for Ctrl-C and SIGTERM
+    to end it: torch's own waits inside C++ for up to 30 minutes, with Python's signal
+    handlers held off all that time. Process 0 serves the store at MASTER_ADDR:MASTER_PORT;
+    the others poll the port with a plain socket (each refused TCPStore attempt logs a C++
+    traceback), then everyone polls the store for every process's key."""
+    import datetime
+
+    from torch.distributed import DistError, TCPStore
+    from torch.distributed.distributed_c10d import default_pg_timeout
+
+    host, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    if not host or not port.isdigit():
+        raise NotAllJoined(f"a launch with WORLD_SIZE and RANK set needs MASTER_ADDR and MASTER_PORT (now "
+                           f"{host or 'unset'}:{port or 'unset'}); torchrun sets all four")
+    print(f"waiting for the run's {d.world} processes at {host}:{port} (this is process {d.rank}; torchrun "
+          f"starts them together)", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + default_pg_timeout.total_seconds()
+    minutes = f"{default_pg_timeout.total_seconds() / 60:g} minutes"
+    timeout = datetime.timedelta(seconds=30)  # of one store request, once the store answers
+    if d.rank == 0:
+        try:
+            store = TCPStore(host, int(port), d.world, True, timeout, wait_for_workers=False)
+        except DistError as e:
+            raise NotAllJoined(f"process 0 cannot serve the run's rendezvous at {host}:{port}: "
+                               f"{files.first_line(e)}") from None
+    else:
+        while not _accepts(host, int(port)):
+            if time.monotonic() > deadline:
+                raise NotAllJoined(f"process {d.rank} found no process 0 at {host}:{port} within {minutes}")
+            time.sleep(JOIN_POLL_S)
+        store = TCPStore(host, int(port), d.world, False, timeout)
+    store.set(f"{JOINED_KEY}{d.rank}", socket.gethostname())
+    while not store.check([f"{JOINED_KEY}{r}" for r in range(d.world)]):
+        if time.monotonic() > deadline:
+            missing = [r for r in range(d.world) if not store.check([f"{JOINED_KEY}{r}"])]
+            raise NotAllJoined(f"process{'es' if len(missing) > 1 else ''} {', '.join(map(str, missing))} of "
+                               f"the run's {d.world} did not come within {minutes} (process {d.rank} waited "
+                               f"at {host}:{port})")
+        time.sleep(JOIN_POLL_S)
+    return store
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def _store_set(key: str, value: str):
