@@ -355,12 +355,21 @@ def test_a_launch_by_hand_says_what_it_waits_for_and_trains_once_all_come(cifar_
                                                (1, signal.SIGTERM, 143, None)])
 def test_a_launch_by_hand_waiting_for_its_peer_ends_on_ctrl_c_or_sigterm(rank, sig, code, said, cifar_subset,
                                                                           tmp_path):
-    """Process 0 (serving the rendezvous) or 1 (looking for it) alone: torch's wait held off
-    Python's signal handlers for its 30 minutes; only SIGKILL ended it. (Processes other than
-    0 say nothing of an interruption: under torchrun, Ctrl-C reaches them all.)"""
+    """Process 0 (serving the rendezvous) alone, or process 1 at a port where something that is
+    not a store accepts and never answers: torch's waits held off Python's signal handlers, for
+    30 minutes and for ever; only SIGKILL ended them. (Processes other than 0 say nothing of
+    an interruption: under torchrun, Ctrl-C reaches them all.)"""
+    import socket
+    import threading
     import time
 
-    port = _free_port()
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen(8)
+    port = mute.getsockname()[1] if rank == 1 else _free_port()
+    taken = []
+    if rank == 1:
+        threading.Thread(target=lambda: taken.extend(mute.accept() for _ in range(4)), daemon=True).start()
     p = _by_hand(rank, port, seed_args(cifar_subset(2), tmp_path / "runs", "r", tmp_path / "c"))
     try:
         assert p.stderr.readline().startswith("waiting for the run's 2 processes")
@@ -370,6 +379,7 @@ def test_a_launch_by_hand_waiting_for_its_peer_ends_on_ctrl_c_or_sigterm(rank, s
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
+        mute.close()
     assert p.returncode == code, err[-2000:]
     assert [l for l in err.splitlines() if l][-1:] == ([said] if said else []) and "Traceback" not in err, err[-2000:]
     assert not (tmp_path / "runs" / "r").exists()  # no run folder left without a checkpoint

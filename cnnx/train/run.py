@@ -20,6 +20,7 @@ import math
 import os
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -555,7 +556,7 @@ def _hand_launch_store(d: loop.Dist):
             if time.monotonic() > deadline:
                 raise NotAllJoined(f"process {d.rank} found no process 0 at {host}:{port} within {minutes}")
             time.sleep(JOIN_POLL_S)
-        store = TCPStore(host, int(port), d.world, False, timeout)
+        store = _join_store(d, host, int(port), timeout)
     store.set(f"{JOINED_KEY}{d.rank}", socket.gethostname())
     while not store.check([f"{JOINED_KEY}{r}" for r in range(d.world)]):
         if time.monotonic() > deadline:
@@ -565,6 +566,31 @@ def _hand_launch_store(d: loop.Dist):
                                f"at {host}:{port})")
         time.sleep(JOIN_POLL_S)
     return store
+
+
+def _join_store(d: loop.Dist, host: str, port: int, timeout):
+    """A TCPStore client of process 0's store, made in a thread that the main thread waits for
+    with Ctrl-C and SIGTERM live: torch's constructor waits without end where something other
+    than a store accepts the connection and never answers (a MASTER_PORT another program uses)."""
+    from torch.distributed import DistError, TCPStore
+
+    got = {}
+
+    def connect():
+        try:
+            got["store"] = TCPStore(host, port, d.world, False, timeout)
+        except DistError as e:
+            got["error"] = e
+
+    thread = threading.Thread(target=connect, name="cnnx-rendezvous", daemon=True)
+    thread.start()
+    thread.join(timeout.total_seconds())
+    if "store" in got:
+        return got["store"]
+    why = files.first_line(got["error"]) if "error" in got else \
+        f"it accepts the connection but does not answer as a store in {timeout.total_seconds():g} s"
+    raise NotAllJoined(f"process {d.rank} cannot join the run's rendezvous at {host}:{port}: {why} (is MASTER_PORT "
+                       f"the port of process 0?)")
 
 
 def _accepts(host: str, port: int) -> bool:
