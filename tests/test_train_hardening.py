@@ -4,6 +4,8 @@ Each gets one line and exit 1, and leaves every file complete or absent."""
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import shutil
@@ -545,16 +547,24 @@ def test_a_killed_run_takes_its_decode_workers_with_it_and_can_start_again(cifar
 
 # --- (11) full disk, read-only --out ---------------------------------------------------------
 
-@pytest.mark.parametrize("size, what", [("4k", "config.json"), ("12m", "last.pt")])
+@pytest.mark.parametrize("size, what", [("4k", "config.json"), ("12m", "last.pt"), ("full", "config.json")])
 def test_full_disk_is_one_line_and_leaves_no_partial_file(small, tmp_path, size, what):
     """seed-cnn's best.pt is ~8.5 MB and last.pt ~17 MB: 12m fills up at last.pt, 4k (one page,
-    the lock file's) at config.json."""
-    with mounted_tmpfs(tmp_path / "disk", size) as disk:
+    the lock file's) at config.json. A disk full before the run ("full") said "No space left on
+    device" of no file (the lock's pid), and left a folder holding only the lock, one a try."""
+    with mounted_tmpfs(tmp_path / "disk", "64k" if size == "full" else size) as disk:
+        if size == "full":
+            (disk / "runs").mkdir()
+            with contextlib.suppress(OSError), open(disk / "filler", "wb") as f:
+                f.write(bytes(1 << 20))
         r = run_cli(seed_args(small, disk / "runs", "x", tmp_path / "c", "--epochs", "1", "--batch-size", "16"))
         assert r.exit_code == 1 and "Traceback" not in r.stderr, r.stderr
         assert "No space left on device" in r.stderr.strip().splitlines()[-1], r.stderr
         run = disk / "runs" / "x"
         assert _temps(run) == [] and not (run / what).exists()
+        if size == "full":
+            assert r.stderr.strip().splitlines()[-1].endswith(f"{run / what}"), r.stderr
+            assert not run.exists()
         if (run / "best.pt").exists():
             load_checkpoint(run / "best.pt")  # complete, not cut
 

@@ -140,8 +140,9 @@ def reserve_run_dir(run_dir, *, resume: bool, unique: bool = False) -> RunLock:
         if not created and not resume:
             _check_reusable(run_dir)
             _clear_unfinished_run(run_dir)
-        os.ftruncate(lock.fd, 0)
-        os.write(lock.fd, f"{os.getpid()}\n".encode())
+        with contextlib.suppress(OSError):  # the pid only names the holder in a message (a full disk)
+            os.ftruncate(lock.fd, 0)
+            os.pwrite(lock.fd, f"{os.getpid()}\n".encode(), 0)
     except BaseException:
         lock.release()
         raise
