@@ -17,7 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from _export_util import decode_folder, eager_logits, make_checkpoint
+from _export_util import decode_folder, eager_logits, make_checkpoint, with_held_out_digest
 from cnnx.cli import cli
 from cnnx.export.api import export_checkpoint
 from cnnx.export.errors import ParityError
@@ -232,17 +232,32 @@ def test_default_parity_images_are_the_runs_validation_split(trained, cifar_subs
     user's own cache (never the cache_dir stored in the checkpoint); no data: random only."""
     from cnnx.train.checkpoint import load_checkpoint, save_checkpoint
 
+    import shutil
+
+    from cnnx.train.data import SPLIT_BY_NAME
+
     monkeypatch.setenv("CNNX_CACHE", str(tmp_path / "my-cache"))
     ckpt = load_checkpoint(trained)
-    ckpt["config"] = {"data": str(cifar_subset(10, offset=3000)), "data_root": None,
-                      "cache_dir": str(tmp_path / "cache"), "preprocess": ckpt["preprocess"],
-                      "val_fraction": 0.5, "split_seed": 0}
+    data = tmp_path / "data"  # a copy: photos are added to it below
+    shutil.copytree(cifar_subset(10, offset=3000), data)
+    ckpt["config"] = {"data": str(data), "data_root": None, "cache_dir": str(tmp_path / "cache"),
+                      "preprocess": ckpt["preprocess"], "val_fraction": 0.5, "split_seed": 0, "split": SPLIT_BY_NAME}
+    ckpt["config"] = with_held_out_digest(ckpt["config"], tmp_path / "scratch")
     save_checkpoint(ckpt, tmp_path / "run" / "best.pt")
     result = export_checkpoint(tmp_path / "run" / "best.pt", tmp_path / "out", ("onnx",))
     real = json.loads(result.paths["parity"].read_text())["inputs"]["real"]
     assert real["source"].startswith("validation split of") and real["count"] == 50 and real["labelled"]
     assert 0 <= result.parity.eager_accuracy <= 100
     assert not (tmp_path / "cache").exists()
+
+    # Photos added since the run: its held-out images cannot be told again (the re-drawn split
+    # would score images it trained on as held out, its accuracy among the figures): random only.
+    for c in ("cat", "dog"):
+        for f in sorted((data / c).iterdir())[:3]:
+            shutil.copyfile(f, data / c / f"new-{f.name}")
+    result = export_checkpoint(tmp_path / "run" / "best.pt", tmp_path / "out3", ("onnx",))
+    doc = json.loads(result.paths["parity"].read_text())
+    assert doc["inputs"]["real"] is None and "held out cannot be told again" in doc["notes"][0], doc["notes"]
 
     ckpt["config"] = {}
     save_checkpoint(ckpt, tmp_path / "run2" / "best.pt")

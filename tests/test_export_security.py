@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from _export_util import make_checkpoint, one_line_error as _one_line_error
+from _export_util import make_checkpoint, one_line_error as _one_line_error, with_held_out_digest
 from cnnx.export.api import export_checkpoint
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -96,7 +96,7 @@ def test_own_run_uses_its_validation_split_and_never_the_stored_cache(base_ckpt,
     data = cifar_subset(10, offset=3000)
     stored_cache = tmp_path / "stored-cache"
     own = tmp_path / "run" / "best.pt"
-    save_checkpoint({**base_ckpt, "config": _config(data, stored_cache)}, own)
+    save_checkpoint({**base_ckpt, "config": with_held_out_digest(_config(data, stored_cache), tmp_path / "s")}, own)
     assert own_checkpoints_file() == my_cache / "own-checkpoints.sha256"
     said = []
     result = export_checkpoint(own, tmp_path / "out", log=said.append, **FAST)
