@@ -138,6 +138,14 @@ def test_existing_run_is_never_overwritten_and_resume_keeps_its_config(cifar_tra
     r = run_cli(args + ["--resume", tmp_path / "runs" / "x"])
     assert r.exit_code == 0 and "resuming" in r.stderr, r.stderr
     assert len((tmp_path / "runs" / "x" / "metrics.csv").read_text().strip().splitlines()) == 1 + 2
+    # A relative --cache-dir given to --resume is stored as the folder it named (it was stored
+    # relative: a later --resume from elsewhere decoded the data again into a new folder there)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        r = run_cli(["train", "--resume", tmp_path / "runs" / "x", "--epochs", "3", "--cache-dir", "c"])
+    assert r.exit_code == 0, r.stderr
+    stored = json.loads((tmp_path / "runs" / "x" / "config.json").read_text())["cache_dir"]
+    assert stored == str(tmp_path / "c"), stored
     # ... also one that gave --out alone, its run default-named (it was "--out do not apply")
     unnamed = [a for a in args if a not in ("--name", "x")] + ["--stop-after", "1"]
     assert run_cli(unnamed).exit_code == 0

@@ -132,6 +132,9 @@ def train(ctx, out, name, resume, stop_after, quiet, compile_, aug, **opts):
 
     opts["compile"] = compile_
     opts["aug"] = _parse_aug(aug)
+    for k in ("data_root", "cache_dir"):  # stored in the run's config: a --resume from another folder finds them
+        if opts.get(k):
+            opts[k] = str(Path(opts[k]).expanduser().resolve())
     given = {k for k in CONFIG_OPTIONS
              if ctx.get_parameter_source(k if k != "compile" else "compile_") == click.core.ParameterSource.COMMANDLINE}
     if resume == "":  # falsy: it started a new run
@@ -326,9 +329,6 @@ def _new_run_config(opts, out, name, arch_given=True):
         if not p.is_dir():
             raise click.BadParameter(f"not a folder: {data}", param_hint="--data")
         opts["data"] = str(p.resolve())
-    for k in ("data_root", "cache_dir"):
-        if opts.get(k):
-            opts[k] = str(Path(opts[k]).expanduser().resolve())
     if opts.get("pretrained"):
         import inspect
 
