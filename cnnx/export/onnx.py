@@ -47,12 +47,16 @@ def check_opset(opset) -> int | None:
 @contextlib.contextmanager
 def quiet():
     """The exporter talks on stdout and through logging; cnnx keeps stdout for results."""
-    # "" is the root logger: onnxruntime.quantization warns through it.
-    loggers = [logging.getLogger(n) for n in ("", "torch.onnx", "onnxscript", "torch.export", "torch._export")]
+    # "" is the root logger: onnxruntime.quantization warns through it. Its shape inference logs
+    # a traceback as an error, then raises what cnnx says in one line (a full $TMPDIR).
+    quieter = {"": logging.ERROR, "torch.onnx": logging.ERROR, "onnxscript": logging.ERROR,
+               "torch.export": logging.ERROR, "torch._export": logging.ERROR,
+               "onnxruntime.quantization": logging.CRITICAL + 1}
+    loggers = [logging.getLogger(n) for n in quieter]
     levels = [lg.level for lg in loggers]
     try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
+        for lg, level in zip(loggers, quieter.values()):
+            lg.setLevel(level)
         with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
             warnings.simplefilter("ignore")
             yield
