@@ -268,9 +268,16 @@ def test_output_is_in_sorted_path_order_across_folders_and_arguments(model, tmp_
 def test_jsonl_and_stdout_agree_with_csv(model, cifar_subset, tmp_path):
     folder = cifar_subset(2)
     r_csv = run([folder, "--model", model, "-o", tmp_path / "p.csv", "--topk", "2"])
-    r_json = run([folder, "--model", model, "-o", tmp_path / "p.jsonl", "--format", "jsonl", "--topk", "2"])
+    # no --format: the name says jsonl (CSV rows were written into p.jsonl)
+    r_json = run([folder, "--model", model, "-o", tmp_path / "p.jsonl", "--topk", "2"])
     r_out = run([folder, "--model", model, "--topk", "2"])
     assert r_csv.exit_code == r_json.exit_code == r_out.exit_code == 0
+    r_txt = run([folder, "--model", model, "-o", tmp_path / "p.txt", "--format", "jsonl", "--topk", "2"])
+    assert r_txt.exit_code == 0 and (tmp_path / "p.txt").read_bytes() == (tmp_path / "p.jsonl").read_bytes()
+    for name, fmt in (("q.csv", "jsonl"), ("q.JSONL", "csv")):  # a --format its name contradicts
+        r = run([folder, "--model", model, "-o", tmp_path / name, "--format", fmt])
+        assert r.exit_code == 2 and f"is named as a {'CSV' if fmt == 'jsonl' else 'JSONL'} file" in r.stderr, r.stderr
+        assert not (tmp_path / name).exists()
     rows = read_csv(tmp_path / "p.csv")
     assert r_out.stdout.splitlines()[0] == '"path","label","score","label_2","score_2"'
     assert list(csv.reader(io.StringIO(r_out.stdout))) == rows

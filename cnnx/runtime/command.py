@@ -71,8 +71,9 @@ class _Tally:
 @click.option("--output", "-o", default="-", show_default=True, type=click.Path(allow_dash=True),
               help="Predictions file, or - for stdout. An existing file is only continued with --resume. "
                    "--engine ray: a folder (ending in / or .parquet) gets Parquet part files.")
-@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True,
-              help="Output rows as CSV (path,label,score,top-k) or one JSON object per line.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]),
+              help="Output rows as CSV (path,label,score,top-k) or one JSON object per line. Default: jsonl for "
+                   "an --output named *.jsonl or *.ndjson, else csv.")
 @click.option("--topk", type=click.IntRange(1), default=5, show_default=True,
               help="Labels and scores per image (capped at the number of classes).")
 @click.option("--batch-size", type=click.IntRange(1, 65536), default=256, show_default=True,
@@ -138,14 +139,14 @@ def classify(paths, model_path, output, fmt, topk, batch_size, workers, decode, 
     t0 = time.perf_counter()
     _no_blas_threads()
     output = "-" if _is_stdout(output, resume) else output
+    fmt_given, fmt = fmt, _rows_format(output, fmt)
     if engine == "ray":
         # the local engine's decoding, at values other than those Ray's actors run with
         local_only = [f"--{name} {value}" for name, value, ray_s in (("workers", workers, 0), ("decode", decode, "auto"),
                                                                      ("decoder", decoder, "cpu")) if value != ray_s]
         if local_only:
             raise click.UsageError(f"{', '.join(local_only)}: only with --engine local")
-        given = click.get_current_context().get_parameter_source
-        if names_parquet_folder(output) and given("fmt") == click.core.ParameterSource.COMMANDLINE:
+        if names_parquet_folder(output) and fmt_given is not None:
             raise click.UsageError(f"--format {fmt}: --output {output} names a folder of Parquet part files "
                                    f"(a file's name gets --format's rows)")
         _classify_on_ray(paths, model_path, output, fmt, topk, batch_size, device, errors_path, resume, strict,
@@ -271,6 +272,23 @@ def _default_errors_path(output, resume: bool):
         return default_errors_path(output, resume)
     except ResumeError as e:
         raise click.UsageError(f"cannot resume: {e}") from None
+
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+def _rows_format(output: str, fmt: str | None) -> str:
+    """--format, else the one --output's extension names (jsonl for JSONL_SUFFIXES), else csv.
+    A --format the extension contradicts is a usage error: CSV rows in preds.jsonl fail every
+    JSON reader (they were written so, silently)."""
+    suffix = "" if output == "-" else os.path.splitext(output.rstrip("/"))[1].lower()
+    named = "jsonl" if suffix in JSONL_SUFFIXES else "csv" if suffix == ".csv" else None
+    if fmt is None:
+        return named or "csv"
+    if named is not None and named != fmt:
+        raise click.UsageError(f"--format {fmt}: --output {output} is named as a {named.upper()} file (name it *.{fmt}, "
+                               f"or leave --format out)")
+    return fmt
 
 
 def _check_local_usage(paths, output, address, num_workers, num_gpus_per_worker, manifest):
