@@ -326,6 +326,10 @@ def test_classify_report_covers_every_session_of_a_resumed_job(cifar_subset, mod
     text = page.read_text(encoding="utf-8")
     assert re.search(r"classified<b>40</b>", text)
     assert "no errors file was given" in text
+    # the default errors file, never made (no file was skipped), is not named as if it were there
+    write_classify_report(page, output=str(out), fmt="csv", errors=str(tmp_path / "pred.errors.csv"))
+    text = page.read_text(encoding="utf-8")
+    assert "none written (no file was skipped)" in text and "pred.errors.csv" not in text
 
 
 def test_files_gone_or_broken_since_the_job_show_placeholders(job, tmp_path):

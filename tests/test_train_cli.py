@@ -86,7 +86,7 @@ def test_cifar10_offline_tells_how_to_point_at_a_local_copy(tmp_path, monkeypatc
     _offline(monkeypatch)
     r = run_cli(["train", "--data", "cifar10", "--data-root", tmp_path / "nothing-here", "--out", tmp_path / "runs",
                  "--quiet", "--epochs", "1"])
-    _one_line_error(r, 1, "CIFAR-10 is not in", "--data-root", "--data DIR")
+    _one_line_error(r, 1, "CIFAR-10 is not in", "holds no complete cifar-10-batches-py", "--data-root", "--data DIR")
 
 
 @pytest.mark.parametrize("args, needle", [

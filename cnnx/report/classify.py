@@ -266,7 +266,9 @@ def _overview(output, fmt, errors, preds, errs, order) -> str:
              ("classes predicted", f"{predicted:,} of {len(order):,}"), ("mean top-1 score", fmt_num(mean, 3))]
     html_ = '<div class="cards">' + "".join(f'<div class="card">{esc(k)}<b>{esc(v)}</b></div>' for k, v in cards)
     html_ += "</div>"
-    facts = [("predictions file", output), ("format", fmt), ("errors file", errors if errors else "none")]
+    written = errors is not None and os.path.lexists(errors)  # the errors file is made at the first skip
+    facts = [("predictions file", output), ("format", fmt),
+             ("errors file", errors if written else f"none written ({'no file was skipped' if errors else 'none asked for'})")]
     if preds is None:
         facts.append(("note", "the predictions file does not exist: no image was classified"))
     unreadable = (preds.unreadable_rows if preds else 0) + (errs.unreadable_rows if errs else 0)

@@ -716,8 +716,9 @@ def load_cifar10(data_root, *, train: bool, download=True):
     if not _cifar10_present(root):
         if not download or not _online(CIFAR10_HOST):
             raise DataError(
-                f"CIFAR-10 is not in {root} and cannot be downloaded (offline); pass --data-root with a "
-                f"folder holding cifar-10-batches-py, or --data DIR with an image folder (DIR/<class>/*)"
+                f"CIFAR-10 is not in {root} (it holds no complete cifar-10-batches-py) and cannot be downloaded "
+                f"(offline); pass --data-root with a folder holding cifar-10-batches-py, or --data DIR with an "
+                f"image folder (DIR/<class>/*)"
             )
         try:
             root.mkdir(parents=True, exist_ok=True)
