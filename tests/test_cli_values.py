@@ -107,6 +107,10 @@ def test_evaluate_prints_its_figures_whatever_happens_to_its_files(run, tmp_path
         assert r.exit_code == 1 and r.stdout.startswith("images\t40\ntop1\t"), r.stderr
         assert r.stderr.strip().splitlines()[-1] == f"Error: cannot write: No space left on device: {full / 'r.html'}"
         assert os.listdir(full) == [] and (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+        # both failing: both named (the report that was not written went unmentioned)
+        r = run_cli([*base, "--plot", full / "p.png", "--report", full / "r.html"])
+        assert r.stderr.strip().splitlines()[-1] == (f"Error: cannot write: No space left on device: {full / 'p.png'}; "
+                                                     f"No space left on device: {full / 'r.html'}"), r.stderr
 
 
 def test_the_atomic_writer_never_replaces_what_is_not_a_regular_file(tmp_path):

@@ -440,7 +440,7 @@ def evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, ca
     if report and report not in why_not:
         click.echo(f"report: {report}", err=True)
     if why_not:
-        raise click.ClickException(f"cannot write: {next(iter(why_not.values()))}")
+        raise click.ClickException(f"cannot write: {'; '.join(why_not.values())}")  # each file not written
 
 
 def _write_evaluation_files(ev: dict, checkpoint, plot, report) -> tuple[Path, dict]:
