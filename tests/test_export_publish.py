@@ -322,3 +322,26 @@ def test_a_folder_its_user_may_not_write_is_refused_not_swapped(two_ckpts, tmp_p
         assert _snapshot(out) == before and _hidden(tmp_path) == []
     finally:
         out.chmod(0o755)
+
+
+def test_a_read_only_disk_is_named_so_and_a_failed_write_names_the_file_not_the_staging_folder(two_ckpts, tmp_path):
+    """An export over a previous one on a read-only mount said "Permission denied" (access()
+    says only no); a write that failed otherwise than for a full disk (EFBIG) named the staging
+    folder, removed with the failure."""
+    import errno
+
+    from cnnx.export.writers import _failure_line
+
+    a, b = two_ckpts
+    with mounted_tmpfs(tmp_path / "disk", "16m") as disk:
+        export_checkpoint(a, disk / "exp", ("onnx",), **FAST)
+        before = _snapshot(disk / "exp")
+        if subprocess.run(["mount", "-o", "remount,ro", str(disk)], capture_output=True).returncode != 0:
+            pytest.skip("cannot remount the tmpfs read-only here")
+        _one_line_error(["export", str(b), "--out", str(disk / "exp"), "--format", "onnx"],
+                        f"cannot write to output folder {disk / 'exp'}: Read-only file system")
+        assert _snapshot(disk / "exp") == before
+    staging = tmp_path / ".cnnx-export-1-x"
+    line = _failure_line("pt2 export", OSError(errno.EFBIG, os.strerror(errno.EFBIG), str(staging / "model.pt2")),
+                         staging)
+    assert line == f"pt2 export failed: File too large (writing model.pt2 in {tmp_path})", line

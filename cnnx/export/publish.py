@@ -68,7 +68,9 @@ def resolve_out_dir(out_dir, export_files) -> Path:
         if not os.access(out_dir, os.W_OK):
             # The swap needs only the parent's permission, but a folder its user may not write is
             # one they protected, and the old export swapped out of it could not be removed.
-            raise ExportError(f"cannot write to output folder {out_dir}: {os.strerror(errno.EACCES)}")
+            read_only = bool(os.statvfs(out_dir).f_flag & os.ST_RDONLY)  # access() says only no
+            raise ExportError(f"cannot write to output folder {out_dir}: "
+                              f"{os.strerror(errno.EROFS if read_only else errno.EACCES)}")
         if os.path.ismount(out_dir):  # before the export's work: the swap's rename would fail after it
             raise ExportError(f"output folder {out_dir} is a mount point, which an export cannot replace whole (it is "
                               f"built beside it, then renamed into its place): export to a folder inside it, "

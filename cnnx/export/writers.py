@@ -226,6 +226,10 @@ def _failure_line(label: str, error: Exception, folder: Path) -> str:
         where = (f"the temporary folder {tempfile.gettempdir()} ($TMPDIR)" if named is None
                  else folder.parent if Path(named).is_relative_to(folder) else named)  # the staging folder: its place
         return f"{label} failed: No space left on device in {where} (free some space and export again)"
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        path = os.path.abspath(os.fsdecode(error.filename))
+        if Path(path).is_relative_to(folder):  # the staging folder, gone with the failure: not a place to name
+            return f"{label} failed: {error.strerror} (writing {Path(path).name} in {folder.parent})"
     root = error
     for _ in range(16):  # torch's exporter wraps the reason (a missing op) in generic errors
         if root.__cause__ is None:
