@@ -163,3 +163,17 @@ def test_absurd_size_and_weights_that_do_not_fit_are_one_line(base_ckpt, tmp_pat
     bad_kwargs = _craft(tmp_path, base_ckpt, "bad_kwargs", arch_kwargs=[1, 2])
     _one_line_error(["export", str(bad_kwargs), "--out", str(tmp_path / "o")], "does not fit its arch")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_record_torn_by_a_full_disk_does_not_swallow_the_next_checkpoints(base_ckpt, tmp_path, my_cache):
+    """A record cut short (os.write on a full disk) left no newline: the next checkpoint's line
+    was glued to it, and that checkpoint was treated as anyone else's (random inputs only)."""
+    import hashlib
+
+    from cnnx.train.checkpoint import is_own_checkpoint, own_checkpoints_file, save_checkpoint
+
+    own_checkpoints_file().parent.mkdir(parents=True, exist_ok=True)
+    own_checkpoints_file().write_text("0123456789abcdef")  # a torn record
+    save_checkpoint(dict(base_ckpt), tmp_path / "run" / "best.pt")
+    digest = hashlib.sha256((tmp_path / "run" / "best.pt").read_bytes()).hexdigest()
+    assert is_own_checkpoint(digest), own_checkpoints_file().read_text()

@@ -125,6 +125,8 @@ _record_warned = False
 
 def _record_own(sha256_hex: str) -> None:
     """Append one line with O_APPEND (concurrent runs interleave whole lines) and fsync it.
+    The line starts with a newline too: a write cut short (a full disk) leaves a torn line
+    that the next record would otherwise be glued to, and that checkpoint never recognised.
     A cache that cannot be written costs the export's automatic validation split, not the run."""
     global _record_warned
     path = own_checkpoints_file()
@@ -132,7 +134,7 @@ def _record_own(sha256_hex: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            os.write(fd, (sha256_hex + "\n").encode())
+            os.write(fd, ("\n" + sha256_hex + "\n").encode())
             os.fsync(fd)
         finally:
             os.close(fd)
