@@ -841,3 +841,23 @@ def test_names_with_a_newline_stay_on_the_error_line_and_a_copy_beyond_memory_is
     monkeypatch.setattr(data, "take", no_memory)
     assert error(copy_classes(small, tmp_path / "m", ["cat", "dog"], 5)).startswith(
         "Error: not enough memory for a copy of ")
+
+
+def test_a_resume_that_fails_before_its_first_checkpoint_leaves_config_json_as_last_pt_has_it(small, tmp_path):
+    """--resume --epochs 3 rewrote config.json at its start: on a disk that filled up before its
+    first last.pt, the run folder said 3 epochs while its last.pt (what resumes) said 2."""
+    with mounted_tmpfs(tmp_path / "disk", "48m") as disk:
+        args = seed_args(small, disk / "runs", "x", tmp_path / "c", "--epochs", "2", "--batch-size", "16")
+        assert run_cli([*args, "--stop-after", "1"]).exit_code == 0
+        config = disk / "runs" / "x" / "config.json"
+        st = os.statvfs(disk)
+        with open(disk / "filler", "wb") as f:
+            f.write(bytes(max(0, st.f_bavail * st.f_frsize - (1 << 20))))  # 1 MiB left: not a last.pt
+        r = run_cli([*args, "--resume", disk / "runs" / "x", "--epochs", "3"])
+        assert r.exit_code == 1 and "No space left on device" in r.stderr, r.stderr[-2000:]
+        assert json.loads(config.read_text())["epochs"] == 2
+        (disk / "filler").unlink()
+        r = run_cli([*args, "--resume", disk / "runs" / "x", "--epochs", "3"])
+        assert r.exit_code == 0, r.stderr[-2000:]
+        assert json.loads(config.read_text())["epochs"] == 3
+        assert load_checkpoint(disk / "runs" / "x" / "last.pt")["config"]["epochs"] == 3

@@ -310,6 +310,7 @@ class Run:
     averaged: torch.nn.Module | None = None  # Uint8Input(ema.module)
     whiten_seconds: float = 0.0  # the whitening init (training time, as in airbench; in the summary)
     compile_seconds: float = 0.0  # torch.compile's warm-up (reported apart, never in training time)
+    config_pending: bool = False  # a resumed run's config.json, written with its first last.pt
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -692,8 +693,12 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
     check_ranks_see_same_data(config, d, cfg.data)
     if resume is not None:
         check_same_data(config, resume["config"], cfg.data)
+    # A resumed run's config (--epochs changed, say) is written with its first checkpoint: until
+    # then last.pt is still the run config.json describes (a resume that failed left them apart).
+    config_pending = resume is not None and (run_dir / "config.json").exists()
     if d.main:
-        files.atomic_write(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+        if not config_pending:
+            files.atomic_write(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
         if splits.skipped:
             files.atomic_write(run_dir / "skipped.txt", skipped_text(splits.skipped))
 
@@ -724,6 +729,7 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
               _resident(take(xva, slice(d.rank, None, d.world)), device), yva[d.rank::d.world].to(device),
               planned_steps(cfg, steps_per_epoch, resume), loop.bf16_enabled(cfg, dev_type), channels_last, head)
     run.whiten_seconds = whiten_seconds
+    run.config_pending = config_pending and d.main
     run.ema = frontier.weight_average(net, cfg)
     if run.ema is not None:
         run.averaged = Uint8Input(run.ema.module, spec["mean"], spec["std"]).to(device)
@@ -1084,6 +1090,9 @@ def save_epoch(run: Run, state: State, improved: bool, tm: dict, vm: dict):
     save_checkpoint({**ckpt, **trained, "optimizer": run.optimizer.state_dict(),
                      "scheduler": {"step": resume.pop("scheduler_step"), "total_steps": run.total_steps,
                                    "kind": run.cfg.schedule}, **resume}, run.run_dir / "last.pt")
+    if run.config_pending:
+        files.atomic_write(run.run_dir / "config.json", json.dumps(run.config, indent=2) + "\n")
+        run.config_pending = False
     if improved:
         save_checkpoint(ckpt, run.run_dir / "best.pt")
     write_csvs(run.run_dir, state.history, run.class_names)
