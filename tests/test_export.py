@@ -265,3 +265,19 @@ def test_default_parity_images_are_the_runs_validation_split(trained, cifar_subs
     doc = json.loads(result.paths["parity"].read_text())
     assert doc["inputs"]["real"] is None and "random uint8 inputs only" in doc["notes"][0]
     assert {r["inputs"] for r in doc["results"]} == {"random b=1", "random b=7", "random b=256"}
+
+
+def test_verify_data_of_cnnx_trains_split_layout_uses_its_val_folder(trained, cifar_subset, tmp_path):
+    """--verify-data DIR with DIR/{train,val}/<class>/* (a layout `cnnx train --data` takes):
+    train/ and val/ were taken as two unknown classes, every image unlabelled, no accuracy."""
+    import shutil
+
+    data = tmp_path / "d"
+    shutil.copytree(cifar_subset(2, offset=1100), data / "train")
+    shutil.copytree(cifar_subset(3, offset=1200), data / "val")
+    said = []
+    result = export_checkpoint(trained, tmp_path / "out", ("onnx",), verify_data=data, log=said.append)
+    real = json.loads(result.paths["parity"].read_text())["inputs"]["real"]
+    assert real["count"] == 30 and real["labelled"], real
+    assert any("split layout): the images of val/ are used" in s for s in said), said
+    assert 0 <= result.parity.eager_accuracy <= 100

@@ -34,8 +34,9 @@ def _a_folder(ctx, param, value):
                    "export [default: export/ beside the checkpoint].")
 @click.option("--opset", type=int, help="ONNX opset [default: the exporter's].")
 @click.option("--verify-data", type=click.Path(exists=True, file_okay=False, path_type=Path), callback=_a_folder,
-              help="Image folder (DIR/<class>/*) for the parity gate and int8 calibration "
-                   "[default: the run's validation split, for checkpoints your own cnnx wrote].")
+              help="Image folder (DIR/<class>/*, flat, or DIR/{train,val,test}/<class>/*: its val/) for the parity "
+                   "gate and int8 calibration [default: the run's validation split, for checkpoints your own cnnx "
+                   "wrote, while its files are those the run held out].")
 @click.option("--fp16", is_flag=True, help="Also write a float16 ONNX variant (input stays uint8).")
 @click.option("--int8", is_flag=True, help="Also write a statically quantised int8 ONNX variant for the CPU.")
 @click.option("--parity-images", type=click.IntRange(min=1), default=DEFAULT_PARITY_IMAGES, show_default=True,

@@ -74,6 +74,21 @@ def _files(root: Path):
     return out
 
 
+def _split_of_layout(root: Path, class_names) -> Path:
+    """The folder of labelled images in `root`: root itself, or, where root has cnnx train's
+    split layout (DIR/{train,val,test}/<class>/*), its val/, else test/, else train/ (their
+    folder names taken as classes, no image had a label and the gate had no accuracy)."""
+    from cnnx.train.data import DataError, folder_layout
+
+    try:
+        layout = folder_layout(root)
+    except DataError:
+        return root
+    if "all" in layout or set(layout) & set(class_names):
+        return root
+    return Path(next(layout[k] for k in ("val", "test", "train") if k in layout))
+
+
 def load_verify_data(root, spec: dict, class_names, limit: int | None) -> ParityImages:
     """Images of DIR/<class>/* (labelled when <class> is one of the checkpoint's classes) or of
     a flat DIR/* (unlabelled: they count for agreement, not accuracy)."""
@@ -82,6 +97,7 @@ def load_verify_data(root, spec: dict, class_names, limit: int | None) -> Parity
     root = Path(root).expanduser()
     if not root.is_dir():
         raise ExportError(f"--verify-data {root}: {'not a folder' if root.exists() else 'no such folder'}")
+    given, root = root, _split_of_layout(root, class_names)
     files = _files(root)
     if not files:
         raise ExportError(f"--verify-data {root}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
@@ -99,6 +115,9 @@ def load_verify_data(root, spec: dict, class_names, limit: int | None) -> Parity
     if not images:
         raise ExportError(f"--verify-data {root}: none of the {len(files)} image files could be decoded")
     notes = []
+    if root != given:
+        notes.append(f"{given} holds train/, val/ or test/ folders of classes (cnnx train's split layout): the "
+                     f"images of {root.name}/ are used")
     if skipped:
         notes.append(f"{skipped} unreadable image files in {root} skipped")
     unknown = sorted({c for _, c in files if c is not None and c not in index})
