@@ -319,8 +319,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _by_hand(rank: int, port: int, args) -> subprocess.Popen:
-    env = {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+def _by_hand(rank: int, port: int, args, world: int = 2) -> subprocess.Popen:
+    env = {**os.environ, "WORLD_SIZE": str(world), "RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
     for name in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         env.pop(name, None)
     return subprocess.Popen([sys.executable, "-m", "cnnx", *map(str, args)], env=env, stdout=subprocess.PIPE,
@@ -383,3 +384,26 @@ def test_a_launch_by_hand_waiting_for_its_peer_ends_on_ctrl_c_or_sigterm(rank, s
     assert p.returncode == code, err[-2000:]
     assert [l for l in err.splitlines() if l][-1:] == ([said] if said else []) and "Traceback" not in err, err[-2000:]
     assert not (tmp_path / "runs" / "r").exists()  # no run folder left without a checkpoint
+
+
+def test_a_launch_by_hand_whose_process_0_is_interrupted_ends_its_waiting_peer_with_one_line(cifar_subset, tmp_path):
+    """Processes 0 and 1 of 3 there, 2 never started, Ctrl-C to 0: 1 printed the store's
+    "Failed to recv" traceback."""
+    import time
+
+    port = _free_port()
+    args = seed_args(cifar_subset(2), tmp_path / "runs", "r", tmp_path / "c")
+    procs = [_by_hand(rank, port, args, world=3) for rank in (0, 1)]
+    try:
+        for p in procs:
+            assert p.stderr.readline().startswith("waiting for the run's 3 processes")
+        time.sleep(2.0)  # both in the wait
+        procs[0].send_signal(signal.SIGINT)
+        errs = [p.communicate(timeout=30)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert [p.returncode for p in procs] == [130, 1], errs
+    assert "Traceback" not in errs[1] and errs[1].strip().splitlines() == [
+        "Error: process 0 of the run ended before all 3 processes came; process 1 stopped with it"], errs[1]

@@ -220,6 +220,21 @@ def cache_root(explicit=None):
     return Path(base) / "cnnx"
 
 
+@contextlib.contextmanager
+def quiet_stderr():
+    """File descriptor 2 on /dev/null for the block: what a library prints from C or C++ (not
+    through sys.stderr) is not shown, where cnnx says what matters in its own line."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def first_line(error, limit: int = 300) -> str:
     """The first non-empty line of an exception's message (or of a string), at most `limit`
     characters; the exception's type name when it has no message."""

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cnnx.runtime.files import first_line
+from cnnx.runtime.files import first_line, quiet_stderr
 from cnnx.runtime.preprocess import ImageError, dct_scale, jpeg_orientation, read_file
 from cnnx.runtime.workers import PROCESS_DECODE_MAX_SIDE
 
@@ -292,21 +292,6 @@ def resize_feeds(h: int, w: int, out_h: int, out_w: int, pool: int) -> tuple:
 
 # --- nvImageCodec --------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _quiet_stderr():
-    """nvImageCodec prints, from C, a note for each optional library it lacks (nvJPEG2000,
-    nvTIFF) when it is imported; cnnx does not use them, so these lines are not shown."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 _IMPORT_LOCK = threading.Lock()
 
 
@@ -317,7 +302,7 @@ def import_nvimgcodec():
         if "nvidia.nvimgcodec" in sys.modules:
             return sys.modules["nvidia.nvimgcodec"]
         os.environ.setdefault("PYNVIMGCODEC_VERBOSITY", "0")
-        with _quiet_stderr():
+        with quiet_stderr():  # its notes of optional libraries it lacks (nvJPEG2000, nvTIFF)
             import nvidia.nvimgcodec as nvimgcodec
         return nvimgcodec
 
@@ -374,7 +359,7 @@ def diagnose(device_id: int = 0) -> GpuDecodeStatus:
     if _nvidia_lib(f"libnvjpeg.so.{major}") is None:
         return GpuDecodeStatus(False, f"nvJPEG library libnvjpeg.so.{major} cannot be loaded: {INSTALL_HINT}")
     try:
-        with _quiet_stderr():
+        with quiet_stderr():
             probe = _gpu_decoder(nvimgcodec, device_id)
             ok = probe.decode([nvimgcodec.CodeStream(_probe_jpeg())], params=_decode_params(nvimgcodec))[0] is not None
     except Exception as e:  # noqa: BLE001 - nvImageCodec raises RuntimeError/ValueError of its own

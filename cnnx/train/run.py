@@ -533,40 +533,50 @@ def _hand_launch_store(d: loop.Dist):
     handlers held off all that time. Process 0 serves the store at MASTER_ADDR:MASTER_PORT;
     the others poll the port with a plain socket (each refused TCPStore attempt logs a C++
     traceback), then everyone polls the store for every process's key."""
-    import datetime
-
-    from torch.distributed import DistError, TCPStore
-    from torch.distributed.distributed_c10d import default_pg_timeout
-
     host, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
     if not host or not port.isdigit():
         raise NotAllJoined(f"a launch with WORLD_SIZE and RANK set needs MASTER_ADDR and MASTER_PORT (now "
                            f"{host or 'unset'}:{port or 'unset'}); torchrun sets all four")
     print(f"waiting for the run's {d.world} processes at {host}:{port} (this is process {d.rank}; torchrun "
           f"starts them together)", file=sys.stderr, flush=True)
+    with files.quiet_stderr():  # torch's C++ logs a store connection refused or dropped with its stack
+        return _meet(d, host, int(port))
+
+
+def _meet(d: loop.Dist, host: str, port: int):
+    """_hand_launch_store's wait: the store, once every process has set its JOINED_KEY."""
+    import datetime
+
+    from torch.distributed import DistError, TCPStore
+    from torch.distributed.distributed_c10d import default_pg_timeout
+
     deadline = time.monotonic() + default_pg_timeout.total_seconds()
     minutes = f"{default_pg_timeout.total_seconds() / 60:g} minutes"
     timeout = datetime.timedelta(seconds=30)  # of one store request, once the store answers
     if d.rank == 0:
         try:
-            store = TCPStore(host, int(port), d.world, True, timeout, wait_for_workers=False)
+            store = TCPStore(host, port, d.world, True, timeout, wait_for_workers=False)
         except DistError as e:
             raise NotAllJoined(f"process 0 cannot serve the run's rendezvous at {host}:{port}: "
                                f"{files.first_line(e)}") from None
     else:
-        while not _accepts(host, int(port)):
+        while not _accepts(host, port):
             if time.monotonic() > deadline:
                 raise NotAllJoined(f"process {d.rank} found no process 0 at {host}:{port} within {minutes}")
             time.sleep(JOIN_POLL_S)
-        store = _join_store(d, host, int(port), timeout)
-    store.set(f"{JOINED_KEY}{d.rank}", socket.gethostname())
-    while not store.check([f"{JOINED_KEY}{r}" for r in range(d.world)]):
-        if time.monotonic() > deadline:
-            missing = [r for r in range(d.world) if not store.check([f"{JOINED_KEY}{r}"])]
-            raise NotAllJoined(f"process{'es' if len(missing) > 1 else ''} {', '.join(map(str, missing))} of "
-                               f"the run's {d.world} did not come within {minutes} (process {d.rank} waited "
-                               f"at {host}:{port})")
-        time.sleep(JOIN_POLL_S)
+        store = _join_store(d, host, port, timeout)
+    try:
+        store.set(f"{JOINED_KEY}{d.rank}", socket.gethostname())
+        while not store.check([f"{JOINED_KEY}{r}" for r in range(d.world)]):
+            if time.monotonic() > deadline:
+                missing = [r for r in range(d.world) if not store.check([f"{JOINED_KEY}{r}"])]
+                raise NotAllJoined(f"process{'es' if len(missing) > 1 else ''} {', '.join(map(str, missing))} of "
+                                   f"the run's {d.world} did not come within {minutes} (process {d.rank} waited "
+                                   f"at {host}:{port})")
+            time.sleep(JOIN_POLL_S)
+    except DistError:  # process 0, which serves the store, ended (Ctrl-C there) while this one waited
+        raise PeerStopped(f"process 0 of the run ended before all {d.world} processes came; process {d.rank} "
+                          f"stopped with it", peer=0, how="gone") from None
     return store
 
 
