@@ -356,3 +356,57 @@ except DataError as e:
     assert r.returncode == 0, r.stderr[-2000:]
     assert "not enough memory for 40 decoded images of 1024x1024 px (120 MiB): --cache disk keeps them in a file" \
         in r.stdout, (r.stdout, r.stderr[-2000:])
+
+
+@pytest.mark.parametrize("layout", ["v1-container", "v1-nested", "v2-container", "v2-host-unlimited"])
+def test_the_memory_cgroup_limit_is_found_where_a_container_mounts_its_own_at_the_top(tmp_path, layout):
+    """Docker on a cgroup-v1 host without a cgroup namespace: /proc/self/cgroup names
+    /docker/<id>, which the container's /sys/fs/cgroup/memory does not hold (its own cgroup is
+    mounted there, its limit at the top): no limit was found, and --cache auto put data larger
+    than the container in memory. A parent's limit binds a child without one, too."""
+    from cnnx.train.cache import _cgroup_room
+
+    fs, proc = tmp_path / "sys-fs-cgroup", tmp_path / "cgroup"
+    v1 = layout.startswith("v1")
+    mount = fs / "memory" if v1 else fs
+    limit_f, usage_f = ("memory.limit_in_bytes", "memory.usage_in_bytes") if v1 else ("memory.max", "memory.current")
+    path = "/docker/0123abcd"
+    top = {"v1-container": mount, "v1-nested": mount / "docker", "v2-container": mount,
+           "v2-host-unlimited": mount / "docker" / "0123abcd"}[layout]
+    top.mkdir(parents=True)
+    (top / limit_f).write_text("max\n" if layout == "v2-host-unlimited" else str(2 << 30))
+    (top / usage_f).write_text(str(1 << 30))
+    if layout == "v1-nested":  # the cgroup itself there, unlimited (v1 writes a huge number), its parent limited
+        (top / "0123abcd").mkdir()
+        (top / "0123abcd" / limit_f).write_text(str(1 << 62))
+        (top / "0123abcd" / usage_f).write_text(str(1 << 29))
+    proc.write_text(f"4:memory:{path}\n" if v1 else f"0::{path}\n")
+    want = None if layout == "v2-host-unlimited" else 1 << 30
+    assert _cgroup_room(proc, fs) == want
+
+
+def test_a_disk_cache_follows_the_umask_and_another_users_unreadable_one_is_one_line(cifar_subset, tmp_path):
+    """The cache folder had mkdtemp's 0700 (the memory cache's files beside it the umask's mode):
+    in a team's shared --cache-dir another user's run took it for damaged, decoded everything,
+    then failed to replace it, naming a temp folder."""
+    import sys
+
+    data = cifar_subset(4, classes=("cat", "dog"))
+    old = os.umask(0o002)
+    try:
+        load_image_folder(data, SPEC, progress=False, cache=tmp_path / "c", workers=1, cache_mode="disk")
+    finally:
+        os.umask(old)
+    (folder,) = (tmp_path / "c" / "folders").glob("*.u8")
+    assert folder.stat().st_mode & 0o777 == 0o775
+    for p in [tmp_path / "c", *(tmp_path / "c").rglob("*")]:  # another user's cache
+        os.chown(p, 1000, 1000)
+    folder.chmod(0o700)  # as an older cnnx made it
+    code = (f"from pathlib import Path\nfrom cnnx.train.cache import CacheError, read_disk_cache\n"
+            f"try:\n    read_disk_cache(Path({str(folder)!r}))\nexcept CacheError as e:\n    print(e)\n")
+    r = subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner",
+                        "--inh-caps", "-dac_override,-dac_read_search,-fowner", sys.executable, "-c", code],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith(f"the decoded-image cache {folder} is not readable by this user") and \
+        "pass your own --cache-dir" in r.stdout, (r.stdout, r.stderr[-2000:])

@@ -141,28 +141,33 @@ def _address_space_room():
     return max(0, limit - size)
 
 
-def _cgroup_room():
-    """limit - usage of this process's memory cgroup, None when unlimited or unknown."""
+def _cgroup_room(proc_cgroup="/proc/self/cgroup", cgroup_fs=Path("/sys/fs/cgroup")):
+    """The least limit - usage over this process's memory cgroup and its ancestors (a parent's
+    limit binds too), None when unlimited or unknown. A container without its own cgroup
+    namespace (Docker's default on a cgroup-v1 host) names in /proc/self/cgroup a path its
+    /sys/fs/cgroup does not hold, its own cgroup mounted there at the top: the walk up finds it."""
+    rooms = []
     try:
-        for line in open("/proc/self/cgroup"):
+        for line in open(proc_cgroup):
             _, controllers, path = line.strip().split(":", 2)
             if controllers == "":  # v2
-                base, limit_f, usage_f = Path("/sys/fs/cgroup") / path.lstrip("/"), "memory.max", "memory.current"
+                mount, limit_f, usage_f = cgroup_fs, "memory.max", "memory.current"
             elif "memory" in controllers.split(","):
-                base = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
-                limit_f, usage_f = "memory.limit_in_bytes", "memory.usage_in_bytes"
+                mount, limit_f, usage_f = cgroup_fs / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes"
             else:
                 continue
-            try:
-                limit = (base / limit_f).read_text().strip()
-                usage = int((base / usage_f).read_text())
-            except OSError:
-                continue
-            if limit.isdigit() and int(limit) < 1 << 60:
-                return max(0, int(limit) - usage)
+            base = mount / path.lstrip("/")
+            for folder in (base, *base.parents[:len(base.relative_to(mount).parts)]):
+                try:
+                    limit = (folder / limit_f).read_text().strip()
+                    usage = int((folder / usage_f).read_text())
+                except (OSError, ValueError):
+                    continue
+                if limit.isdigit() and int(limit) < 1 << 60:
+                    rooms.append(max(0, int(limit) - usage))
     except (OSError, ValueError):
         return None
-    return None
+    return min(rooms, default=None)
 
 
 def use_disk(mode: str, nbytes: int) -> bool:
@@ -174,8 +179,22 @@ def use_disk(mode: str, nbytes: int) -> bool:
     return nbytes * LOADING_COPIES > MEMORY_SHARE * available_memory()
 
 
+def _umask() -> int:
+    with open("/proc/self/status") as f:  # Linux >= 4.7; os.umask() can only be read by setting it
+        return next((int(line.split()[1], 8) for line in f if line.startswith("Umask:")), 0o022)
+
+
 def read_disk_cache(folder: Path):
-    """(Rows, meta dict) of a complete cache folder, else None (absent or damaged: rebuilt)."""
+    """(Rows, meta dict) of a complete cache folder, else None (absent or damaged: rebuilt).
+    CacheError where it is there but this user may not read it (another user's, in a shared
+    --cache-dir): rebuilding it would decode everything, then fail to replace it."""
+    try:
+        os.stat(folder / META_FILE)
+    except PermissionError as e:
+        raise CacheError(f"the decoded-image cache {folder} is not readable by this user ({first_line(e)}): "
+                         f"ask its owner to make it readable, or pass your own --cache-dir") from None
+    except OSError:
+        return None
     try:
         meta = json.loads((folder / META_FILE).read_text())
         if meta.get("format") != DISK_CACHE_FORMAT:
@@ -208,6 +227,9 @@ def build_disk_cache(folder: Path, n: int, size, decode_into, meta_of) -> tuple:
         # pid and a random part (mkdtemp): two containers sharing the cache folder are often both
         # pid 1, and a name of the pid alone was the other run's temp folder too.
         tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=f"-{folder.name}", dir=parent))
+        # mkdtemp's 0700 would make the cache this user's alone, where the memory cache's files
+        # beside it follow the umask (a team's shared --cache-dir)
+        os.chmod(tmp, 0o777 & ~_umask())
         held = os.open(tmp, os.O_RDONLY)  # ... and its pid alone cannot tell the other that it is live
         hold_as_writer(held)
     except OSError as e:
