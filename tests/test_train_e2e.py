@@ -407,3 +407,41 @@ def test_a_launch_by_hand_whose_process_0_is_interrupted_ends_its_waiting_peer_w
     assert [p.returncode for p in procs] == [130, 1], errs
     assert "Traceback" not in errs[1] and errs[1].strip().splitlines() == [
         "Error: process 0 of the run ended before all 3 processes came; process 1 stopped with it"], errs[1]
+
+
+def test_a_launch_by_hand_whose_process_killed_after_it_came_ends_the_others_with_one_line(cifar_subset, tmp_path):
+    """Processes 0 and 1 of 3 there, 1 killed (SIGKILL) in the wait, then 2 started: 0 and 2
+    counted 1 as come and waited in gloo's C++ rendezvous for it, Ctrl-C held off, 30 minutes,
+    then a traceback. (Interrupted instead, 1 takes back its key: the others wait on for it.)"""
+    import time
+
+    port = _free_port()
+    args = seed_args(cifar_subset(2), tmp_path / "runs", "r", tmp_path / "c")
+    procs = [_by_hand(rank, port, args, world=3) for rank in (0, 1)]
+    try:
+        for p in procs:
+            assert p.stderr.readline().startswith("waiting for the run's 3 processes")
+        time.sleep(2.0)
+        procs[1].kill()
+        procs[1].wait()
+        procs.append(_by_hand(2, port, args, world=3))
+        errs = {r: procs[r].communicate(timeout=60)[1] for r in (0, 2)}
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    for r in (0, 2):
+        assert procs[r].returncode == 1 and errs[r].strip().splitlines()[-1] == (
+            f"Error: process 1 of the run ended without a word after it came (killed?); process {r} stopped "
+            "with it"), errs[r][-2000:]
+
+
+def test_a_launch_by_hand_with_a_port_out_of_range_is_one_line(cifar_subset, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "cnnx", *map(str, seed_args(cifar_subset(2), tmp_path / "runs", "r",
+                                                                             tmp_path / "c"))],
+                       env={**{k: v for k, v in os.environ.items() if k != "TORCHELASTIC_RUN_ID"}, "WORLD_SIZE": "2",
+                            "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "99999"},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "Error: a launch with WORLD_SIZE and RANK set needs MASTER_ADDR and a MASTER_PORT of 1 to 65535 (now "
+        "127.0.0.1:99999); torchrun sets all four"], r.stderr[-2000:]

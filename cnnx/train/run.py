@@ -501,7 +501,7 @@ def _process_group(d: loop.Dist, device: str):
     if os.environ.get("TORCHELASTIC_RUN_ID"):  # torchrun's agent did the rendezvous
         dist.init_process_group(backend)
     else:  # WORLD_SIZE and RANK set by hand: it waits for all of them
-        dist.init_process_group(backend, store=_hand_launch_store(d), rank=d.rank, world_size=d.world)
+        _init_by_hand(d, backend)
     _store_set(f"{PROCESS_KEY}{d.rank}", f"{socket.gethostname()} {os.getpid()}")
     try:
         yield
@@ -532,11 +532,11 @@ def _hand_launch_store(d: loop.Dist):
     to end it: torch's own waits inside C++ for up to 30 minutes, with Python's signal
     handlers held off all that time. Process 0 serves the store at MASTER_ADDR:MASTER_PORT;
     the others poll the port with a plain socket (each refused TCPStore attempt logs a C++
-    traceback), then everyone polls the store for every process's key."""
+    traceback), then everyone polls the store for every process's key. (store, {rank: "host pid"})."""
     host, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    if not host or not port.isdigit():
-        raise NotAllJoined(f"a launch with WORLD_SIZE and RANK set needs MASTER_ADDR and MASTER_PORT (now "
-                           f"{host or 'unset'}:{port or 'unset'}); torchrun sets all four")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise NotAllJoined(f"a launch with WORLD_SIZE and RANK set needs MASTER_ADDR and a MASTER_PORT of 1 to "
+                           f"65535 (now {host or 'unset'}:{port or 'unset'}); torchrun sets all four")
     print(f"waiting for the run's {d.world} processes at {host}:{port} (this is process {d.rank}; torchrun "
           f"starts them together)", file=sys.stderr, flush=True)
     with files.quiet_stderr():  # torch's C++ logs a store connection refused or dropped with its stack
@@ -544,7 +544,7 @@ def _hand_launch_store(d: loop.Dist):
 
 
 def _meet(d: loop.Dist, host: str, port: int):
-    """_hand_launch_store's wait: the store, once every process has set its JOINED_KEY."""
+    """_hand_launch_store's wait: (the store, every process's JOINED_KEY value), once all are set."""
     import datetime
 
     from torch.distributed import DistError, TCPStore
@@ -566,7 +566,7 @@ def _meet(d: loop.Dist, host: str, port: int):
             time.sleep(JOIN_POLL_S)
         store = _join_store(d, host, port, timeout)
     try:
-        store.set(f"{JOINED_KEY}{d.rank}", socket.gethostname())
+        store.set(f"{JOINED_KEY}{d.rank}", f"{socket.gethostname()} {os.getpid()}")
         while not store.check([f"{JOINED_KEY}{r}" for r in range(d.world)]):
             if time.monotonic() > deadline:
                 missing = [r for r in range(d.world) if not store.check([f"{JOINED_KEY}{r}"])]
@@ -574,10 +574,56 @@ def _meet(d: loop.Dist, host: str, port: int):
                                    f"the run's {d.world} did not come within {minutes} (process {d.rank} waited "
                                    f"at {host}:{port})")
             time.sleep(JOIN_POLL_S)
+        joined = {r: store.get(f"{JOINED_KEY}{r}").decode() for r in range(d.world)}
     except DistError:  # process 0, which serves the store, ended (Ctrl-C there) while this one waited
         raise PeerStopped(f"process 0 of the run ended before all {d.world} processes came; process {d.rank} "
                           f"stopped with it", peer=0, how="gone") from None
-    return store
+    except BaseException:  # Ctrl-C, SIGTERM, the timeout: the others must not count this one as come
+        with contextlib.suppress(Exception):
+            store.delete_key(f"{JOINED_KEY}{d.rank}")
+        raise
+    return store, joined
+
+
+def _init_by_hand(d: loop.Dist, backend: str):
+    """init_process_group on the hand launch's store, in a thread the main thread waits for with
+    Ctrl-C and SIGTERM live: the backend's own rendezvous waits in C++ (up to 30 minutes) for
+    every process, and one that came and then was killed (SIGKILL) is never there. A process of
+    this host gone so ends the wait with one line."""
+    import torch.distributed as dist
+
+    store, joined = _hand_launch_store(d)
+    got = {}
+
+    def init():
+        try:
+            dist.init_process_group(backend, store=store, rank=d.rank, world_size=d.world)
+            got["done"] = True
+        except Exception as e:  # noqa: BLE001 - said below, in the main thread
+            got["error"] = e
+
+    thread = threading.Thread(target=init, name="cnnx-init-process-group", daemon=True)
+    with files.quiet_stderr():  # the C++ stack logs of a peer that went away
+        thread.start()
+        while thread.is_alive():
+            thread.join(JOIN_POLL_S * 5)
+            gone = _gone_peer(joined, d) if thread.is_alive() else None
+            if gone is not None:
+                raise PeerStopped(f"process {gone} of the run ended without a word after it came (killed?); process "
+                                  f"{d.rank} stopped with it", peer=gone, how="gone")
+    if "error" in got:
+        raise NotAllJoined(f"the run's {d.world} processes did not meet: {files.first_line(got['error'])}")
+
+
+def _gone_peer(joined: dict, d: loop.Dist) -> int | None:
+    """A process that came (joined: rank -> "host pid") from this host and is no longer alive,
+    else None. (Read from the store before init_process_group: its client is the backend's
+    then, a request beside the backend's waits behind it.)"""
+    for r, value in joined.items():
+        host, pid = value.rsplit(" ", 1)
+        if r != d.rank and host == socket.gethostname() and not files.pid_alive(int(pid)):
+            return r
+    return None
 
 
 def _join_store(d: loop.Dist, host: str, port: int, timeout):
