@@ -278,6 +278,18 @@ def test_jsonl_and_stdout_agree_with_csv(model, cifar_subset, tmp_path):
         r = run([folder, "--model", model, "-o", tmp_path / name, "--format", fmt])
         assert r.exit_code == 2 and f"is named as a {'CSV' if fmt == 'jsonl' else 'JSONL'} file" in r.stderr, r.stderr
         assert not (tmp_path / name).exists()
+    # CSV rows an older cnnx wrote into old.jsonl (no --format): --resume continues them as CSV
+    half = tmp_path / "half"
+    shutil.copytree(folder, half)
+    for f in sorted(half.rglob("*.jpg"))[::2]:
+        f.unlink()
+    assert run([half, "--model", model, "-o", tmp_path / "old.csv", "--topk", "2"]).exit_code == 0
+    (tmp_path / "old.csv").rename(tmp_path / "old.jsonl")
+    (tmp_path / ".old.csv.run.json").rename(tmp_path / ".old.jsonl.run.json")
+    shutil.copytree(folder, half, dirs_exist_ok=True)
+    r = run([half, "--model", model, "-o", tmp_path / "old.jsonl", "--topk", "2", "--resume"])
+    assert r.exit_code == 0 and "already done" in r.stderr, r.stderr
+    assert len(read_csv(tmp_path / "old.jsonl")) == 1 + 20
     rows = read_csv(tmp_path / "p.csv")
     assert r_out.stdout.splitlines()[0] == '"path","label","score","label_2","score_2"'
     assert list(csv.reader(io.StringIO(r_out.stdout))) == rows

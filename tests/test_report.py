@@ -330,6 +330,9 @@ def test_classify_report_covers_every_session_of_a_resumed_job(cifar_subset, mod
     write_classify_report(page, output=str(out), fmt="csv", errors=str(tmp_path / "pred.errors.csv"))
     text = page.read_text(encoding="utf-8")
     assert "none written (no file was skipped)" in text and "pred.errors.csv" not in text
+    write_classify_report(page, output=str(out), fmt="csv", errors="-")  # --errors -: rows went to stdout
+    text = page.read_text(encoding="utf-8")
+    assert "stdout (its rows are not in this report)" in text and "every file found was classified" not in text
 
 
 def test_files_gone_or_broken_since_the_job_show_placeholders(job, tmp_path):

@@ -157,8 +157,9 @@ def _own_validation_split(config: dict, spec: dict, cache_dir=None):
     if s.val_paths is not None and files_digest(s.val_paths) != config.get("val_files_sha256"):
         # as `cnnx evaluate --split val` refuses: images added since would be scored as held out
         # while the run trained on some of the files they displace from the split
-        raise data.DataError("the images its run held out cannot be told again: files added, removed or renamed "
-                             "since the run")
+        raise data.DataError("the images its run held out cannot be told again: " + (
+            "files added, removed or renamed since the run" if config.get("val_files_sha256") else
+            "the cnnx that ran it did not record them"))
     return s.val[0], s.val[1], s.class_names
 
 

@@ -266,9 +266,13 @@ def _overview(output, fmt, errors, preds, errs, order) -> str:
              ("classes predicted", f"{predicted:,} of {len(order):,}"), ("mean top-1 score", fmt_num(mean, 3))]
     html_ = '<div class="cards">' + "".join(f'<div class="card">{esc(k)}<b>{esc(v)}</b></div>' for k, v in cards)
     html_ += "</div>"
-    written = errors is not None and os.path.lexists(errors)  # the errors file is made at the first skip
-    facts = [("predictions file", output), ("format", fmt),
-             ("errors file", errors if written else f"none written ({'no file was skipped' if errors else 'none asked for'})")]
+    if errors == "-":
+        where = "stdout (its rows are not in this report)"
+    elif errors is not None and os.path.lexists(errors):
+        where = errors
+    else:  # the errors file is made at the first skip
+        where = f"none written ({'no file was skipped' if errors else 'none asked for'})"
+    facts = [("predictions file", output), ("format", fmt), ("errors file", where)]
     if preds is None:
         facts.append(("note", "the predictions file does not exist: no image was classified"))
     unreadable = (preds.unreadable_rows if preds else 0) + (errs.unreadable_rows if errs else 0)
@@ -344,6 +348,8 @@ def clip(text: str) -> str:
 def _errors(errors, errs) -> str:
     if errors is None:
         return '<p class="muted">no errors file was given (skipped files went to stderr).</p>'
+    if errors == "-":
+        return '<p class="muted">skipped files went to stdout (--errors -): not read back here.</p>'
     if errs is None or not errs.stages:
         return '<p class="muted">every file found was classified.</p>'
     skipped = sum(v for k, v in errs.stages.items() if k != "note")

@@ -139,7 +139,7 @@ def classify(paths, model_path, output, fmt, topk, batch_size, workers, decode, 
     t0 = time.perf_counter()
     _no_blas_threads()
     output = "-" if _is_stdout(output, resume) else output
-    fmt_given, fmt = fmt, _rows_format(output, fmt)
+    fmt_given, fmt = fmt, _rows_format(output, fmt, resume)
     if engine == "ray":
         # the local engine's decoding, at values other than those Ray's actors run with
         local_only = [f"--{name} {value}" for name, value, ray_s in (("workers", workers, 0), ("decode", decode, "auto"),
@@ -277,12 +277,22 @@ def _default_errors_path(output, resume: bool):
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
-def _rows_format(output: str, fmt: str | None) -> str:
+def _rows_format(output: str, fmt: str | None, resume: bool) -> str:
     """--format, else the one --output's extension names (jsonl for JSONL_SUFFIXES), else csv.
     A --format the extension contradicts is a usage error: CSV rows in preds.jsonl fail every
-    JSON reader (they were written so, silently)."""
+    JSON reader (they were written so, silently). --resume of an existing file: the rows it
+    holds decide, where --format is not given (an older cnnx wrote CSV into preds.jsonl), and a
+    --format given is theirs to say."""
     suffix = "" if output == "-" else os.path.splitext(output.rstrip("/"))[1].lower()
     named = "jsonl" if suffix in JSONL_SUFFIXES else "csv" if suffix == ".csv" else None
+    if resume and output != "-":
+        if fmt is not None:
+            return fmt
+        with contextlib.suppress(OSError):
+            with open(output, "rb") as f:
+                first = f.read(1)
+            if first in (b"{", b'"'):  # a JSONL row, or the CSV header's quoted "path"
+                return "jsonl" if first == b"{" else "csv"
     if fmt is None:
         return named or "csv"
     if named is not None and named != fmt:
