@@ -288,11 +288,13 @@ def _rows_format(output: str, fmt: str | None, resume: bool) -> str:
     if resume and output != "-":
         if fmt is not None:
             return fmt
+        first = b""
         with contextlib.suppress(OSError):
-            with open(output, "rb") as f:
-                first = f.read(1)
-            if first in (b"{", b'"'):  # a JSONL row, or the CSV header's quoted "path"
-                return "jsonl" if first == b"{" else "csv"
+            if stat.S_ISREG(os.stat(output).st_mode):  # a FIFO's open waits for a writer (refused later, in one line)
+                with open(output, "rb") as f:
+                    first = f.read(1)
+        if first in (b"{", b'"'):  # a JSONL row, or the CSV header's quoted "path"
+            return "jsonl" if first == b"{" else "csv"
     if fmt is None:
         return named or "csv"
     if named is not None and named != fmt:
