@@ -229,7 +229,8 @@ def build_disk_cache(folder: Path, n: int, size, decode_into, meta_of) -> tuple:
         tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=f"-{folder.name}", dir=parent))
         # mkdtemp's 0700 would make the cache this user's alone, where the memory cache's files
         # beside it follow the umask (a team's shared --cache-dir)
-        os.chmod(tmp, 0o777 & ~_umask())
+        with contextlib.suppress(OSError):  # a filesystem without modes (CIFS, FAT) keeps its own
+            os.chmod(tmp, 0o777 & ~_umask())
         held = os.open(tmp, os.O_RDONLY)  # ... and its pid alone cannot tell the other that it is live
         hold_as_writer(held)
     except OSError as e:
