@@ -328,6 +328,22 @@ def _by_hand(rank: int, port: int, args, world: int = 2) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
+def _waiting_by_hand(ranks, port: int, args, world: int) -> list:
+    """Processes `ranks` of a launch by hand, each past its "waiting for" line and into the wait."""
+    import time
+
+    procs = [_by_hand(rank, port, args, world=world) for rank in ranks]
+    try:
+        for p in procs:
+            assert p.stderr.readline().startswith(f"waiting for the run's {world} processes")
+    except BaseException:
+        for p in procs:
+            os.killpg(p.pid, signal.SIGKILL)
+        raise
+    time.sleep(2.0)  # into the wait
+    return procs
+
+
 def test_a_launch_by_hand_says_what_it_waits_for_and_trains_once_all_come(cifar_subset, tmp_path):
     """WORLD_SIZE and RANK set by hand, the other process not started: it waited (30 minutes,
     torch's default) without a line. The rendezvous is cnnx's own (Ctrl-C and SIGTERM must
@@ -389,15 +405,9 @@ def test_a_launch_by_hand_waiting_for_its_peer_ends_on_ctrl_c_or_sigterm(rank, s
 def test_a_launch_by_hand_whose_process_0_is_interrupted_ends_its_waiting_peer_with_one_line(cifar_subset, tmp_path):
     """Processes 0 and 1 of 3 there, 2 never started, Ctrl-C to 0: 1 printed the store's
     "Failed to recv" traceback."""
-    import time
-
-    port = _free_port()
-    args = seed_args(cifar_subset(2), tmp_path / "runs", "r", tmp_path / "c")
-    procs = [_by_hand(rank, port, args, world=3) for rank in (0, 1)]
+    port, args = _free_port(), seed_args(cifar_subset(2), tmp_path / "runs", "r", tmp_path / "c")
+    procs = _waiting_by_hand((0, 1), port, args, world=3)
     try:
-        for p in procs:
-            assert p.stderr.readline().startswith("waiting for the run's 3 processes")
-        time.sleep(2.0)  # both in the wait
         procs[0].send_signal(signal.SIGINT)
         errs = [p.communicate(timeout=30)[1] for p in procs]
     finally:
@@ -413,15 +423,9 @@ def test_a_launch_by_hand_whose_process_killed_after_it_came_ends_the_others_wit
     """Processes 0 and 1 of 3 there, 1 killed (SIGKILL) in the wait, then 2 started: 0 and 2
     counted 1 as come and waited in gloo's C++ rendezvous for it, Ctrl-C held off, 30 minutes,
     then a traceback. (Interrupted instead, 1 takes back its key: the others wait on for it.)"""
-    import time
-
-    port = _free_port()
-    args = seed_args(cifar_subset(2), tmp_path / "runs", "r", tmp_path / "c")
-    procs = [_by_hand(rank, port, args, world=3) for rank in (0, 1)]
+    port, args = _free_port(), seed_args(cifar_subset(2), tmp_path / "runs", "r", tmp_path / "c")
+    procs = _waiting_by_hand((0, 1), port, args, world=3)
     try:
-        for p in procs:
-            assert p.stderr.readline().startswith("waiting for the run's 3 processes")
-        time.sleep(2.0)
         procs[1].kill()
         procs[1].wait()
         procs.append(_by_hand(2, port, args, world=3))

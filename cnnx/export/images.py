@@ -139,7 +139,7 @@ def _own_validation_split(config: dict, spec: dict, cache_dir=None):
     disk) reuses its disk cache, whose images are read per row (cache.Rows), not all at once."""
     from cnnx.train import data
     from cnnx.train.config import CACHE_MODES
-    from cnnx.train.run import files_digest
+    from cnnx.train.run import held_out_changed
 
     need = [k for k in ("data", "val_fraction", "split_seed") if k not in config]
     if need:
@@ -154,12 +154,11 @@ def _own_validation_split(config: dict, spec: dict, cache_dir=None):
                           "val_fraction": config["val_fraction"], "split_seed": config["split_seed"],
                           "split": config.get("split", data.SPLIT_BY_GENERATOR)}, progress=False,
                          cache_mode=config.get("cache") if config.get("cache") in CACHE_MODES else "auto")
-    if s.val_paths is not None and files_digest(s.val_paths) != config.get("val_files_sha256"):
-        # as `cnnx evaluate --split val` refuses: images added since would be scored as held out
-        # while the run trained on some of the files they displace from the split
-        raise data.DataError("the images its run held out cannot be told again: " + (
-            "files added, removed or renamed since the run" if config.get("val_files_sha256") else
-            "the cnnx that ran it did not record them"))
+    # as `cnnx evaluate --split val` refuses: images added since would be scored as held out
+    # while the run trained on some of the files they displace from the split
+    why = None if s.val_paths is None else held_out_changed(config, s.val_paths)
+    if why is not None:
+        raise data.DataError(f"the images its run held out cannot be told again: {why}")
     return s.val[0], s.val[1], s.class_names
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from cnnx.export.errors import ExportError
 from cnnx.runtime.contract import EXTRA_FILE, peek_metadata_props
-from cnnx.runtime.files import fsync_dir, hold_as_writer, os_error_line, remove_stale_temps
+from cnnx.runtime.files import fsync_dir, hold_as_writer, os_error_line, remove_stale_temps, umask
 
 STAGING_PREFIX = ".cnnx-export-"
 _held = {}  # staging folder -> the descriptor by which this process holds it
@@ -112,9 +112,7 @@ def make_staging(out_dir: Path):
         # folder, as pid 1 too, took it for a killed export's (files.remove_stale_temps)
         _held[staging] = os.open(staging, os.O_RDONLY)
         hold_as_writer(_held[staging])
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # it becomes the export folder: mkdtemp's 0700 would hide it
+        os.chmod(staging, 0o777 & ~umask())  # it becomes the export folder: mkdtemp's 0700 would hide it
     except OSError as e:
         discard(None, created)
         raise ExportError(f"cannot write to output folder {out_dir}: {e.strerror or e}") from None

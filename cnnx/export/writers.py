@@ -221,15 +221,14 @@ def _failure_line(label: str, error: Exception, folder: Path) -> str:
         low = False
     if low:
         return f"{label} failed: No space left on device in {folder.parent} (free some space and export again)"
+    path = Path(os.path.abspath(os.fsdecode(error.filename))) if getattr(error, "filename", None) else None
+    staged = path is not None and path.is_relative_to(folder)  # the staging folder, gone with the failure: its place
     if is_disk_full(error):  # not the output's disk: the file it names, or a temporary one (int8's calibration)
-        named = os.path.dirname(os.path.abspath(os.fsdecode(error.filename))) if error.filename else None
-        where = (f"the temporary folder {tempfile.gettempdir()} ($TMPDIR)" if named is None
-                 else folder.parent if Path(named).is_relative_to(folder) else named)  # the staging folder: its place
+        where = (f"the temporary folder {tempfile.gettempdir()} ($TMPDIR)" if path is None
+                 else folder.parent if staged else path.parent)
         return f"{label} failed: No space left on device in {where} (free some space and export again)"
-    if isinstance(error, OSError) and error.filename and error.strerror:
-        path = os.path.abspath(os.fsdecode(error.filename))
-        if Path(path).is_relative_to(folder):  # the staging folder, gone with the failure: not a place to name
-            return f"{label} failed: {error.strerror} (writing {Path(path).name} in {folder.parent})"
+    if staged and getattr(error, "strerror", None):
+        return f"{label} failed: {error.strerror} (writing {path.name} in {folder.parent})"
     root = error
     for _ in range(16):  # torch's exporter wraps the reason (a missing op) in generic errors
         if root.__cause__ is None:

@@ -220,6 +220,20 @@ def cache_root(explicit=None):
     return Path(base) / "cnnx"
 
 
+def umask() -> int:
+    """The process's umask, for the mode of a file or folder made 0600/0700 (mkstemp, mkdtemp)
+    that the user's own tools would have made by it. Read from /proc (Linux >= 4.7): os.umask
+    reads it only by setting it, and a file another thread creates in between gets mode 0666."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def quiet_stderr():
     """File descriptor 2 on /dev/null for the block: what a library prints from C or C++ (not
@@ -319,9 +333,7 @@ def atomic_file(path, mode: str = "wb", *, encoding: str | None = None, newline:
             except FileNotFoundError:
                 pass
         else:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would make results private by surprise
+            os.fchmod(fd, 0o666 & ~umask())  # mkstemp's 0600 would make results private by surprise
         with os.fdopen(fd, mode, encoding=encoding, newline=newline) as f:
             yield f
             f.flush()

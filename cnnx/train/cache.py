@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnx.runtime.files import TEMP_PREFIX, atomic_write, first_line, hold_as_writer, is_disk_full, remove_stale_temps
+from cnnx.runtime.files import (TEMP_PREFIX, atomic_write, first_line, hold_as_writer, is_disk_full, remove_stale_temps,
+                                umask)
 from cnnx.runtime.pipeline import ahead_in_thread
 
 DISK_CACHE_FORMAT = 2  # 2: the header holds the images file's CRC-32 and stat (a damaged file was trained on)
@@ -179,11 +180,6 @@ def use_disk(mode: str, nbytes: int) -> bool:
     return nbytes * LOADING_COPIES > MEMORY_SHARE * available_memory()
 
 
-def _umask() -> int:
-    with open("/proc/self/status") as f:  # Linux >= 4.7; os.umask() can only be read by setting it
-        return next((int(line.split()[1], 8) for line in f if line.startswith("Umask:")), 0o022)
-
-
 def read_disk_cache(folder: Path):
     """(Rows, meta dict) of a complete cache folder, else None (absent or damaged: rebuilt).
     CacheError where it is there but this user may not read it (another user's, in a shared
@@ -230,7 +226,7 @@ def build_disk_cache(folder: Path, n: int, size, decode_into, meta_of) -> tuple:
         # mkdtemp's 0700 would make the cache this user's alone, where the memory cache's files
         # beside it follow the umask (a team's shared --cache-dir)
         with contextlib.suppress(OSError):  # a filesystem without modes (CIFS, FAT) keeps its own
-            os.chmod(tmp, 0o777 & ~_umask())
+            os.chmod(tmp, 0o777 & ~umask())
         held = os.open(tmp, os.O_RDONLY)  # ... and its pid alone cannot tell the other that it is live
         hold_as_writer(held)
     except OSError as e:

@@ -596,11 +596,11 @@ def _held_out_part(d, config: dict, folder):
 
     from cnnx.train.cache import take
     from cnnx.train.data import identical_files, run_split
-    from cnnx.train.run import files_digest
+    from cnnx.train.run import held_out_changed
 
     _, va = run_split(config, d.labels, folder, d.paths, identical_files(d.paths))
     paths = [d.paths[i] for i in va.tolist()]
-    if not config.get("val_files_sha256") or files_digest(paths) != config["val_files_sha256"]:
+    if held_out_changed(config, paths) is not None:
         raise click.ClickException(f"{folder}: the images its run held out cannot be told again (files added, removed "
                                    f"or renamed since the run, or a run of an older cnnx): evaluate a folder of "
                                    f"images it never saw")

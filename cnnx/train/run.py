@@ -586,33 +586,56 @@ def _meet(d: loop.Dist, host: str, port: int):
 
 
 def _init_by_hand(d: loop.Dist, backend: str):
-    """init_process_group on the hand launch's store, in a thread the main thread waits for with
-    Ctrl-C and SIGTERM live: the backend's own rendezvous waits in C++ (up to 30 minutes) for
-    every process, and one that came and then was killed (SIGKILL) is never there. A process of
-    this host gone so ends the wait with one line."""
+    """init_process_group on the hand launch's store, waited for with Ctrl-C and SIGTERM live
+    (_in_thread): the backend's own rendezvous waits in C++ (up to 30 minutes) for every
+    process, and one that came and then was killed (SIGKILL) is never there. A process of this
+    host gone so ends the wait with one line."""
     import torch.distributed as dist
 
     store, joined = _hand_launch_store(d)
+
+    def watch():
+        gone = _gone_peer(joined, d)
+        if gone is not None:
+            raise PeerStopped(f"process {gone} of the run ended without a word after it came (killed?); process "
+                              f"{d.rank} stopped with it", peer=gone, how="gone")
+
+    with files.quiet_stderr():  # the C++ stack logs of a peer that went away
+        try:
+            _in_thread(lambda: dist.init_process_group(backend, store=store, rank=d.rank, world_size=d.world),
+                       "cnnx-init-process-group", check=watch)
+        except PeerStopped:
+            raise
+        except Exception as e:  # noqa: BLE001 - the backend's own types
+            raise NotAllJoined(f"the run's {d.world} processes did not meet: {files.first_line(e)}") from None
+
+
+def _in_thread(call, name: str, *, timeout_s: float | None = None, check=None):
+    """call()'s result, run in a daemon thread that the main thread waits for with Ctrl-C and
+    SIGTERM live (torch's C++ waits hold Python's signal handlers off, some for ever): its
+    exception is raised here; TimeoutError after timeout_s; check() every second meanwhile (it
+    raises to stop waiting). A thread given up on is left to its wait."""
     got = {}
 
-    def init():
+    def run():
         try:
-            dist.init_process_group(backend, store=store, rank=d.rank, world_size=d.world)
-            got["done"] = True
-        except Exception as e:  # noqa: BLE001 - said below, in the main thread
+            got["result"] = call()
+        except BaseException as e:  # noqa: BLE001 - raised in the main thread
             got["error"] = e
 
-    thread = threading.Thread(target=init, name="cnnx-init-process-group", daemon=True)
-    with files.quiet_stderr():  # the C++ stack logs of a peer that went away
-        thread.start()
-        while thread.is_alive():
-            thread.join(JOIN_POLL_S * 5)
-            gone = _gone_peer(joined, d) if thread.is_alive() else None
-            if gone is not None:
-                raise PeerStopped(f"process {gone} of the run ended without a word after it came (killed?); process "
-                                  f"{d.rank} stopped with it", peer=gone, how="gone")
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while thread.is_alive():
+        thread.join(1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic())))
+        if thread.is_alive():
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"{name} did not end in {timeout_s:g} s")
+            if check is not None:
+                check()
     if "error" in got:
-        raise NotAllJoined(f"the run's {d.world} processes did not meet: {files.first_line(got['error'])}")
+        raise got["error"]
+    return got["result"]
 
 
 def _gone_peer(joined: dict, d: loop.Dist) -> int | None:
@@ -627,26 +650,18 @@ def _gone_peer(joined: dict, d: loop.Dist) -> int | None:
 
 
 def _join_store(d: loop.Dist, host: str, port: int, timeout):
-    """A TCPStore client of process 0's store, made in a thread that the main thread waits for
-    with Ctrl-C and SIGTERM live: torch's constructor waits without end where something other
-    than a store accepts the connection and never answers (a MASTER_PORT another program uses)."""
+    """A TCPStore client of process 0's store, made in a thread (_in_thread): torch's
+    constructor waits without end where something other than a store accepts the connection
+    and never answers (a MASTER_PORT another program uses)."""
     from torch.distributed import DistError, TCPStore
 
-    got = {}
-
-    def connect():
-        try:
-            got["store"] = TCPStore(host, port, d.world, False, timeout)
-        except DistError as e:
-            got["error"] = e
-
-    thread = threading.Thread(target=connect, name="cnnx-rendezvous", daemon=True)
-    thread.start()
-    thread.join(timeout.total_seconds())
-    if "store" in got:
-        return got["store"]
-    why = files.first_line(got["error"]) if "error" in got else \
-        f"it accepts the connection but does not answer as a store in {timeout.total_seconds():g} s"
+    try:
+        return _in_thread(lambda: TCPStore(host, port, d.world, False, timeout), "cnnx-rendezvous",
+                          timeout_s=timeout.total_seconds())
+    except DistError as e:
+        why = files.first_line(e)
+    except TimeoutError:
+        why = f"it accepts the connection but does not answer as a store in {timeout.total_seconds():g} s"
     raise NotAllJoined(f"process {d.rank} cannot join the run's rendezvous at {host}:{port}: {why} (is MASTER_PORT "
                        f"the port of process 0?)")
 
@@ -919,6 +934,18 @@ def files_digest(paths) -> str | None:
     import hashlib
 
     return hashlib.sha256("\n".join(paths).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def held_out_changed(config: dict, val_paths) -> str | None:
+    """Why `val_paths`, a split re-created from a run's config, are not the files that run held
+    out (config's val_files_sha256), else None: what export's gate and evaluate --split val
+    check before they score them as held-out images."""
+    recorded = config.get("val_files_sha256")
+    if not recorded:
+        return "the cnnx that ran it did not record them"
+    if files_digest(val_paths) != recorded:
+        return "files added, removed or renamed since the run"
+    return None
 
 
 DATA_KEYS = (("class_names", "classes"), ("train_images", "training images"), ("val_images", "validation images"),
