@@ -278,6 +278,11 @@ def test_jsonl_and_stdout_agree_with_csv(model, cifar_subset, tmp_path):
         r = run([folder, "--model", model, "-o", tmp_path / name, "--format", fmt])
         assert r.exit_code == 2 and f"is named as a {'CSV' if fmt == 'jsonl' else 'JSONL'} file" in r.stderr, r.stderr
         assert not (tmp_path / name).exists()
+    # *.json names one JSON document, which neither format is (CSV rows were written there)
+    r = run([folder, "--model", model, "-o", tmp_path / "q.json"])
+    assert r.exit_code == 2 and "name it *.csv or *.jsonl" in r.stderr and not (tmp_path / "q.json").exists(), r.stderr
+    r = run([folder, "--model", model, "-o", tmp_path / "q.json", "--format", "jsonl", "--topk", "2"])  # said so
+    assert r.exit_code == 0 and (tmp_path / "q.json").read_bytes() == (tmp_path / "p.jsonl").read_bytes()
     # CSV rows an older cnnx wrote into old.jsonl (no --format): --resume continues them as CSV
     half = tmp_path / "half"
     shutil.copytree(folder, half)

@@ -73,7 +73,8 @@ class _Tally:
                    "--engine ray: a folder (ending in / or .parquet) gets Parquet part files.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]),
               help="Output rows as CSV (path,label,score,top-k) or one JSON object per line. Default: jsonl for "
-                   "an --output named *.jsonl or *.ndjson, else csv.")
+                   "an --output named *.jsonl or *.ndjson, else csv (an --output named *.json needs it: neither is one JSON "
+                   "document).")
 @click.option("--topk", type=click.IntRange(1), default=5, show_default=True,
               help="Labels and scores per image (capped at the number of classes).")
 @click.option("--batch-size", type=click.IntRange(1, 65536), default=256, show_default=True,
@@ -278,8 +279,9 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
 def _rows_format(output: str, fmt: str | None, resume: bool) -> str:
-    """--format, else the one --output's extension names (jsonl for JSONL_SUFFIXES), else csv.
-    A --format the extension contradicts is a usage error: CSV rows in preds.jsonl fail every
+    """--format, else the one --output's extension names (jsonl for JSONL_SUFFIXES), else csv
+    (but *.json, a name for one JSON document, is a usage error: neither is one). A --format
+    the extension contradicts is a usage error: CSV rows in preds.jsonl fail every
     JSON reader (they were written so, silently). --resume of an existing file: the rows it
     holds decide, where --format is not given (an older cnnx wrote CSV into preds.jsonl), and a
     --format given is theirs to say."""
@@ -296,6 +298,9 @@ def _rows_format(output: str, fmt: str | None, resume: bool) -> str:
         if first in (b"{", b'"'):  # a JSONL row, or the CSV header's quoted "path"
             return "jsonl" if first == b"{" else "csv"
     if fmt is None:
+        if suffix == ".json":  # CSV rows there failed every JSON reader (they were written so, silently)
+            raise click.UsageError(f"--output {output}: cnnx writes CSV or JSON Lines (a JSON object a line), not one "
+                                   "JSON document: name it *.csv or *.jsonl, or give --format")
         return named or "csv"
     if named is not None and named != fmt:
         raise click.UsageError(f"--format {fmt}: --output {output} is named as a {named.upper()} file (name it *.{fmt}, "
