@@ -158,6 +158,44 @@ def test_a_failed_run_is_raised_in_its_place_and_close_ends_every_slots_thread(c
     assert len(threads) == 3 and not any(t.is_alive() for t in threads)
 
 
+def test_close_from_another_thread_ends_a_run_that_had_batches_left(conv_model):
+    """Classifier.close() from another thread while a run reads its next batch (the GPU path):
+    the batch queued before the close still runs, the next one raises RunnerClosed at once (it
+    was queued to a slot whose thread had ended, and waited for ever)."""
+    import threading
+
+    from cnnx.runtime.binding import BoundRunner, RunnerClosed
+
+    session = cpu_session(conv_model)
+    want = batches(4, 8, seed=7)
+    runner = BoundRunner(session, "images", "logits", 8, (32, 32), slots=2)
+    threads = list(runner._threads)
+    asked, go, got, raised = threading.Event(), threading.Event(), [], []
+
+    def jobs():
+        yield 0
+        asked.set()
+        go.wait()  # the reader is inside run_in_order, waiting for its next batch, as close() runs
+        yield from (1, 2, 3)
+
+    def read():
+        try:
+            for i, _logits in runner.run_in_order(jobs(), lambda i: want[i]):
+                got.append(i)
+        except RunnerClosed as e:
+            raised.append(e)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert asked.wait(30)
+    runner.close()
+    go.set()
+    reader.join(30)
+    assert not reader.is_alive(), "the run waited for ever on a slot whose thread had ended"
+    assert len(raised) == 1 and got == []  # batch 0 waited in its slot for a second one
+    assert not any(t.is_alive() for t in threads)
+
+
 def test_a_result_nobody_took_is_never_given_for_a_later_batch(conv_model):
     """A consumer interrupted while it waited (Ctrl-C in a notebook) leaves its run's result in
     the slot's queue; the next run_in_order drops it by its ticket and gives each batch its own

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnnx.runtime import procdecode
-from cnnx.runtime.binding import CUDA_DEVICES, BoundRunner, RunFailed
+from cnnx.runtime.binding import CUDA_DEVICES, BoundRunner, RunFailed, RunnerClosed
 from cnnx.runtime.contract import CPU_PROVIDER as CPU
 from cnnx.runtime.discover import Discovery, PathKeys
 from cnnx.runtime.files import first_line
@@ -40,6 +40,7 @@ from cnnx.runtime.pipeline import (PipelineConfig, ahead_in_thread, batch_size_w
 from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS
 from cnnx.runtime.workers import PROCESS_DECODE_MIN_FILES, check_decode_mode, warm_up
 
+CLOSED_DURING_RUN = "this Classifier was closed before the run ended: its rows stop here"
 DISCOVERY_AHEAD = 4  # batches of found files the GPU path's discovery thread may hold ready
 
 
@@ -272,7 +273,7 @@ class Classifier:
     def close(self):
         for run in list(self._runs):
             with contextlib.suppress(ValueError):  # being read in another thread right now: it ends there
-                run.close(stopped="this Classifier was closed before the run ended: its rows stop here")
+                run.close(stopped=CLOSED_DURING_RUN)
         if os.getpid() != self._pid:  # a forked process: onnxruntime's teardown here waited for ever on
             _KEPT_AFTER_FORK.append((self.session, self.runner, self.gpu_decoder))  # the parent's threads
             self.runner = self.gpu_decoder = None
@@ -512,6 +513,8 @@ def _bound(clf: Classifier, runner: BoundRunner, batches):
                 return
             except RunFailed as e:
                 raise clf._run_failed(clf.batch_size, str(e)) from None
+            except RunnerClosed:  # Classifier.close() from another thread, while this run was reading
+                raise ValueError(CLOSED_DURING_RUN) from None
             yield BatchResult(items, *(top or (batch.paths, None, None, batch.failed)), batch.notes)
     finally:  # its runs in flight end now, while the runner's threads still serve them (not at collection)
         runs.close()

@@ -67,6 +67,11 @@ class RunFailed(Exception):
     the first line of its error."""
 
 
+class RunnerClosed(Exception):
+    """The runner was closed (from another thread) while a run_in_order had batches left to
+    start: they are not run."""
+
+
 class HostBuffer:
     """A uint8 numpy array of `shape` in host memory; `kind` says which: "pinned-onnxruntime"
     (onnxruntime's HOST_ACCESSIBLE allocator of its CUDA device), "pinned-cudart"
@@ -184,6 +189,12 @@ class BoundRunner:
         self._slots = [BoundSlot(session, input_name, output_name, self.shape, pinned) for _ in range(slots)]
         self._threads = []
         self._user = threading.Lock()  # held by the run that uses the slots (claim, release)
+        # Held to fill a slot and queue its task, and by close() to mark the runner closed: a
+        # task queued after close() had ended the slots' threads waited for ever, for a thread
+        # that was gone, and its copy went into a freed buffer (a Classifier closed from
+        # another thread while its run was reading the next batch).
+        self._queueing = threading.Lock()
+        self._closed = False
         self._pid = os.getpid()  # the process its threads run in
         # Each run's result carries its ticket: a result nobody took (its consumer was
         # interrupted while waiting for it) is dropped by the next wait on that slot, never
@@ -251,9 +262,12 @@ class BoundRunner:
                 while not free:
                     yield oldest()
                 slot = free.popleft()
-                np.copyto(slot.host.array, images)
-                ticket = next(self._tickets)
-                slot.todo.put((ticket, job, finish))
+                with self._queueing:  # uncontended but for a close(): no hand-over of the GIL
+                    if self._closed:
+                        raise RunnerClosed("the runner was closed while batches were left to run")
+                    np.copyto(slot.host.array, images)
+                    ticket = next(self._tickets)
+                    slot.todo.put((ticket, job, finish))
                 running.append((job, slot, ticket))
             while running:
                 yield oldest()
@@ -275,8 +289,12 @@ class BoundRunner:
                 slot.done.put((ticket, False, e))
 
     def close(self):
-        for slot in self._slots:
-            slot.todo.put(None)
+        """End the slots' threads once the tasks queued before this call have run; a
+        run_in_order with batches left to start raises RunnerClosed."""
+        with self._queueing:
+            self._closed = True
+            for slot in self._slots:
+                slot.todo.put(None)
         for thread in self._threads:
             thread.join()
         for slot in self._slots:
