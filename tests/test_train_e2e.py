@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -51,6 +51,7 @@ def test_run_directory_and_checkpoint_contract(trained):
     assert not [p for p in run.rglob(".tmp-*")]  # atomic writes leave no temp files behind
     assert r.stdout.startswith(str(run / "best.pt"))  # the result on stdout, talk on stderr
     assert "epoch 1/1" in r.stderr and "epoch 1/1" not in r.stdout
+    assert re.search(r"epoch 1/1 .* top1 [0-9.]+ top5 [0-9.]+  lr", r.stderr), r.stderr  # 10 classes: top-5 says something
 
     raw = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
     for key in ("format", "arch", "arch_kwargs", "num_classes", "class_names", "preprocess", "state_dict",

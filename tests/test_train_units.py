@@ -32,6 +32,16 @@ def test_every_zoo_entry_forward_backward(name):
     assert any(g.abs().sum() > 0 for g in grads)
 
 
+def test_log_lines_leave_out_a_top5_that_is_one_by_construction():
+    """With 5 classes or fewer every class is among the top 5: 1.0000 each epoch says nothing."""
+    counts = loop.Counts(4, "cpu")
+    counts.add(torch.tensor([[0.0, 1.0, 2.0, 3.0]] * 2), torch.tensor([0, 3]), torch.tensor(1.0))
+    m = counts.metrics()
+    assert m["top5"] == 1.0 and m["top1"] == 0.5  # the files keep it
+    assert loop.top5_said(m, 4) == loop.top5_said(m, 5) == ""
+    assert loop.top5_said({"top5": 0.25}, 6) == " top5 0.2500"
+
+
 def test_lr_schedule_is_a_pure_function_of_the_step():
     kw = dict(peak=1.0, warmup=0.1, final=0.0)
     lrs = [loop.lr_at(s, 100, schedule="onecycle", **kw) for s in range(100)]

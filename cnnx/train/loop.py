@@ -84,6 +84,14 @@ def augment_batch(x: torch.Tensor, *, aug, pad: int, cutout: int, generator: tor
 
 # --- metrics --------------------------------------------------------------------------------
 
+
+def top5_said(metrics: dict, num_classes: int) -> str:
+    """The ' top5 0.1234' of a log line, or '' where there are 5 classes or fewer: their top-5
+    is 1.0 by construction (every class is among the 5), a figure that says nothing each epoch
+    (the metrics files keep it)."""
+    return f" top5 {metrics['top5']:.4f}" if num_classes > 5 else ""
+
+
 class Counts:
     """Summable evidence for loss/top-1/top-5/per-class/confusion, so ranks can all-reduce it."""
 

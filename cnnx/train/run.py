@@ -1202,7 +1202,7 @@ def write_report(run: Run, state: State, summary: dict | None = None):
 def log_epoch(run: Run, state: State, tm: dict, vm: dict, improved: bool):
     row = state.history[-1]
     say(f"epoch {row['epoch']}/{run.cfg.epochs}  train loss {tm['loss']:.4f} top1 {tm['top1']:.4f}  "
-        f"val loss {vm['loss']:.4f} top1 {vm['top1']:.4f} top5 {vm['top5']:.4f}  lr {tm['lr']:.3g}  "
+        f"val loss {vm['loss']:.4f} top1 {vm['top1']:.4f}{loop.top5_said(vm, len(run.class_names))}  lr {tm['lr']:.3g}  "
         f"{row['seconds']:.1f}s (+{row['eval_seconds']:.1f}s eval){'  *best' if improved else ''}", run.d)
 
 
@@ -1248,7 +1248,7 @@ def evaluate_test_split(run: Run, state: State) -> dict:
             {"checkpoint": "best.pt", "epoch": state.best_epoch, **{k: tm[k] for k in
              ("loss", "top1", "top5", "confusion", "n")}, "per_class": loop.per_class_json(tm["per_class"]),
              "class_names": run.class_names}, indent=1))
-    say(f"test split ({tm['n']} images), best checkpoint: top1 {tm['top1']:.4f} top5 {tm['top5']:.4f}", d)
+    say(f"test split ({tm['n']} images), best checkpoint: top1 {tm['top1']:.4f}{loop.top5_said(tm, len(run.class_names))}", d)
     return {k: tm[k] for k in ("loss", "top1", "top5", "per_class", "n")}
 
 
