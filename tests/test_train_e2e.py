@@ -96,6 +96,12 @@ def test_evaluate_command_prints_metrics_and_writes_confusion_png(trained, tmp_p
     lines = dict(line.split("\t") for line in r.stdout.strip().splitlines())
     assert lines["images"] == "2000" and 0.1 < float(lines["top1"]) <= 1 and float(lines["top5"]) >= float(lines["top1"])
     assert "top1[cat]" in lines and plot.read_bytes()[:4] == b"\x89PNG"
+    some = tmp_path / "some"  # files evaluate passes over are counted, as train counts them
+    shutil.copytree(data / "cat", some / "cat")
+    (some / "cat" / "README.txt").write_text("photos of cats")
+    (some / "cat" / ".hidden.jpg").write_bytes((some / "cat" / sorted(os.listdir(some / "cat"))[0]).read_bytes())
+    r = run_cli(["evaluate", run / "best.pt", "--data", some, "--plot", plot, "--cache-dir", base / "cache"])
+    assert r.exit_code == 0 and "ignored 2 file(s) that are hidden or not image names" in r.stderr, r.stderr
     r = run_cli(["evaluate", run / "best.pt", "--data", data, "--plot", plot, "--json", "--cache-dir",
                  base / "cache"])
     m = json.loads(r.stdout)

@@ -550,6 +550,8 @@ def _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, c
         click.echo(printable(f"note: {trained_note}"), err=True)
     for note in d.notes:
         click.echo(printable(f"note: {note}"), err=True)
+    if d.ignored:  # as cnnx train says it of the same folder
+        click.echo(f"ignored {d.ignored} file(s) that are hidden or not image names", err=True)
     if d.skipped:
         click.echo(f"skipped {len(d.skipped)} file(s):", err=True)
         for p, why in d.skipped[:20]:
