@@ -325,6 +325,19 @@ def test_resume_after_a_killed_run_loses_nothing_and_repeats_nothing(model, cifa
     assert r.exit_code == 1 and "cannot resume" in r.stderr
 
 
+def test_resume_counts_the_files_its_errors_file_already_has(model, cifar_subset, tmp_path):
+    """The resume line and the summary's "already done" agree: the skips count too."""
+    folder = tmp_path / "images"
+    shutil.copytree(cifar_subset(1), folder)  # 10 images
+    (folder / "cat" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    out = tmp_path / "p.csv"
+    assert run([folder, "--model", model, "-o", out]).exit_code == 0
+    r = run([folder, "--model", model, "-o", out, "--resume"])
+    assert r.exit_code == 0, r.stderr
+    assert f"resume: 10 images already in {out} and 1 skipped file(s) in {tmp_path / 'p.errors.csv'}" in r.stderr
+    assert "11 already done (--resume)" in r.stderr, r.stderr
+
+
 def test_jsonl_resume_drops_a_half_written_line(model, cifar_subset, tmp_path):
     folder = cifar_subset(1)
     full = tmp_path / "full.jsonl"

@@ -533,11 +533,15 @@ def _read_done(output, errors_path, fmt, classifier) -> tuple[set, set]:
             if record is None:
                 check_unrecorded_resume(output, labels, classifier.info.class_names)
                 click.echo(f"warning: {unrecorded_resume_warning(output)}", err=True)
+        failed = set()
         if errors_path is not None and os.path.exists(errors_path):
-            done |= read_done(errors_path, "errors", None, notes=noted)[0]
+            failed = read_done(errors_path, "errors", None, notes=noted)[0] - done
+            done |= failed
         check_resume(output, record, classifier.info.identity(), done)
-        if n is not None:
-            click.echo(f"resume: {n:,} images already in {output}", err=True)
+        if n is not None:  # the summary's "already done" counts both
+            also = (f" and {len(failed):,} skipped file(s) in {errors_path} (not tried again: remove a file's row "
+                    "there to retry it)") if failed else ""
+            click.echo(f"resume: {n:,} images already in {output}{also}", err=True)
     except ResumeError as e:
         raise click.ClickException(f"cannot resume: {e}") from None
     except OSError as e:
