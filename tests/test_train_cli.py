@@ -305,6 +305,15 @@ def test_resume_refuses_data_that_changed_and_rebuilds_a_best_pt_it_lacks(cifar_
     _one_line_error(r, 1, "changed since the run began", "classes: 2 then, 3 now")
     assert (run / "config.json").read_bytes() == config
     shutil.rmtree(data / "frog")
+    # a training image of each class moved into the other, as a user relabels: same counts, same
+    # held-out files, other training labels (resumed silently, the run no longer the one it began)
+    cat, dog = sorted((data / "cat").iterdir())[0], sorted((data / "dog").iterdir())[0]
+    cat.rename(data / "dog" / f"was-cat-{cat.name}")
+    dog.rename(data / "cat" / f"was-dog-{dog.name}")
+    r = run_cli(["train", "--resume", run])
+    _one_line_error(r, 1, "changed since the run began", "training files: other files")
+    (data / "dog" / f"was-cat-{cat.name}").rename(cat)
+    (data / "cat" / f"was-dog-{dog.name}").rename(dog)
 
     (run / "best.pt").unlink()  # stopped after last.pt, before best.pt
     r = run_cli(["train", "--resume", run])
@@ -319,7 +328,7 @@ def test_resume_refuses_data_that_changed_and_rebuilds_a_best_pt_it_lacks(cifar_
     old_split = load_splits({**last["config"], "split": SPLIT_BY_GENERATOR}, progress=False)
     assert files_digest(old_split.val_paths) != last["config"]["val_files_sha256"]
     last["config"]["preprocess_version"] = PREPROCESS_VERSION
-    del last["config"]["split"]
+    del last["config"]["split"], last["config"]["train_files_sha256"]  # neither recorded then
     last["config"]["val_files_sha256"] = files_digest(old_split.val_paths)
     torch.save(last, run / "older.pt")
     r = run_cli(["train", "--resume", run / "older.pt", "--epochs", "2"])

@@ -782,6 +782,7 @@ class Splits:
     val_paths: list | None = None  # source file of each validation image (image folders)
     ignored: int = 0  # hidden names and files whose names are not image names
     notes: list = field(default_factory=list)  # ImageFolderData.notes of each split, and the splits' own
+    train_paths: list | None = None  # source file of each training image (image folders)
 
 
 def _copies_across_splits(groups, named) -> list:
@@ -914,7 +915,7 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
         notes = d.notes + copies_notes(copies, d.labels, d.paths) + ([f"{len(unseen)} class(es) too small for a validation image: {names_line(unseen, 5)} (their val top-1 is not measured)"] if unseen else [])
         return Splits((_copy_rows(xtr, tr), d.labels[tr]), (_copy_rows(d.images, va), d.labels[va]), None, d.class_names, d.skipped,
                       f"{len(d.labels)} images in {len(d.class_names)} classes from {data}",
-                      [d.paths[i] for i in va.tolist()], d.ignored, notes)
+                      [d.paths[i] for i in va.tolist()], d.ignored, notes, [d.paths[i] for i in tr.tolist()])
     if "train" not in layout:
         raise DataError(f"{data} has {'/'.join(sorted(layout))} but no train/ split to train on")
     # Every split is listed, and checked for files another split holds too (cp -al train val),
@@ -965,11 +966,12 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
         tr, va = run_split(config, d.labels, layout["train"], d.paths, copies)
         train, val = (_copy_rows(xtr, tr), d.labels[tr]), (_copy_rows(d.images, va), d.labels[va])
         paths["val"] = [d.paths[i] for i in va.tolist()]
+        train_paths = [d.paths[i] for i in tr.tolist()]
     else:
-        train = (xtr, d.labels)
+        train, train_paths = (xtr, d.labels), d.paths
     return Splits(train, val, test, d.class_names, skipped,
                   f"{len(train[1])} train / {len(val[1])} val images in {len(d.class_names)} classes from {data}",
-                  paths["val"], ignored, notes)
+                  paths["val"], ignored, notes, train_paths)
 
 
 def _check_spelt_once(classes, names) -> None:

@@ -759,7 +759,8 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
         "device_resolved": device, "cnnx_version": __version__, "preprocess_version": PREPROCESS_VERSION,
         "train_images": len(ytr), "val_images": len(yva),
         "test_images": 0 if splits.test is None else len(splits.test[1]), "skipped_files": len(splits.skipped),
-        "val_files_sha256": files_digest(splits.val_paths), "split": split,
+        "val_files_sha256": files_digest(splits.val_paths), "train_files_sha256": files_digest(splits.train_paths),
+        "split": split,
     })
     check_ranks_see_same_data(config, d, cfg.data)
     if resume is not None:
@@ -949,7 +950,8 @@ def held_out_changed(config: dict, val_paths) -> str | None:
 
 
 DATA_KEYS = (("class_names", "classes"), ("train_images", "training images"), ("val_images", "validation images"),
-             ("test_images", "test images"), ("val_files_sha256", "validation files"))
+             ("test_images", "test images"), ("val_files_sha256", "validation files"),
+             ("train_files_sha256", "training files"))  # a file moved to another class, renamed
 
 
 def data_difference(now: dict, then: dict, was: str = "then", now_is: str = "now") -> str | None:
@@ -961,7 +963,7 @@ def data_difference(now: dict, then: dict, was: str = "then", now_is: str = "now
         if key == "class_names":
             change = (f"{len(then[key])} {was}, {len(now[key])} {now_is}" if len(then[key]) != len(now[key])
                       else "other names")
-        elif key == "val_files_sha256":
+        elif key.endswith("_files_sha256"):
             change = "other files"
         else:
             change = f"{then[key]} {was}, {now[key]} {now_is}"
@@ -972,7 +974,8 @@ def data_difference(now: dict, then: dict, was: str = "then", now_is: str = "now
 def check_same_data(now: dict, then: dict, data: str):
     """DataError where the data found for a --resume is not the data the run began with: other
     classes, another number of images, other validation files (a new split: former validation
-    images trained on, best.pt chosen on two validation sets)."""
+    images trained on, best.pt chosen on two validation sets), other training files (moved to
+    another class, renamed: the resumed epochs would not be the run's)."""
     from cnnx.train.data import DataError
 
     change = data_difference(now, then)
@@ -985,7 +988,7 @@ def check_same_data(now: dict, then: dict, data: str):
                         "cnnx, or train a new run (another --name)")
     older = "" if began is not None else "; or the older cnnx that began it decoded some files otherwise"
     raise DataError(f"the data in {data} changed since the run began ({change}{older}): --resume would "
-                    "continue on another split; restore the data, or train a new run (another --name)")
+                    "continue the run on other images; restore the data, or train a new run (another --name)")
 
 
 def check_ranks_see_same_data(config: dict, d: loop.Dist, data: str):
