@@ -5,6 +5,7 @@ is left in /dev/shm after a run that ends normally, with an error, or by Ctrl-C.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import signal
@@ -416,6 +417,33 @@ def test_a_run_killed_with_sigkill_leaves_no_temporary_folder(model, cifar_subse
     while os.listdir(temp) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not os.listdir(temp)
+
+
+def test_temporary_folders_of_killed_runs_are_removed_by_the_next_run(model, cifar_subset, tmp_path):
+    """A caller killed before its forkserver could remove the socket's folder (just after it
+    started it), or with the forkserver (a kill of the whole group), left a /tmp/pymp-* for ever:
+    the folder names its process now, and the next run removes those of processes gone."""
+    from cnnx.runtime.workers import MP_TEMP_PREFIX
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = temp / f"{MP_TEMP_PREFIX}{int(dead.stdout)}-abcd1234"
+    left.mkdir()
+    (left / "listener-1").write_bytes(b"")
+    for other in ("pymp-zzzz", "pymp-99999999"):  # multiprocessing's own names (no pid): not ours to judge
+        (temp / other).mkdir()
+    code = (f"import json, os\nfrom cnnx.runtime import Classifier\n"
+            f"with Classifier({str(model)!r}, 'cpu', decode='processes', workers=2, batch_size=8) as c:\n"
+            f"    rows = list(c.classify([{str(cifar_subset(2))!r}]))\n"
+            f"    print(json.dumps([os.getpid(), sorted(os.listdir({str(temp)!r}))]))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**os.environ, "TMPDIR": str(temp)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    pid, during = json.loads(r.stdout)
+    own = [n for n in during if n.startswith(f"{MP_TEMP_PREFIX}{pid}-")]
+    assert len(own) == 1 and sorted(during) == sorted(own + ["pymp-99999999", "pymp-zzzz"]), during
+    assert sorted(os.listdir(temp)) == ["pymp-99999999", "pymp-zzzz"]  # its own removed at its exit
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="POSIX shared memory as files in /dev/shm")

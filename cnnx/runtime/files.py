@@ -445,7 +445,8 @@ def remove_stale_temps(folder, prefixes=(TEMP_PREFIX,)) -> list:
     """Remove `<prefix><pid>-*` files and folders in `folder` whose process is gone (left by a
     kill -9), or is another process now (its pid reused: it started after the entry's last
     change). Returns what was removed. Entries of live processes (another run writing right
-    now), entries a writer holds (hold_as_writer) and names without a pid are left alone."""
+    now), entries a writer holds (hold_as_writer) and names without a pid and its "-" are left
+    alone (multiprocessing's own pymp-<8 random characters>, which may be digits)."""
     import shutil
 
     removed = []
@@ -457,8 +458,8 @@ def remove_stale_temps(folder, prefixes=(TEMP_PREFIX,)) -> list:
         prefix = next((p for p in prefixes if entry.name.startswith(p)), None)
         if prefix is None:
             continue
-        pid_text = entry.name[len(prefix):].split("-", 1)[0]
-        if not pid_text.isdigit() or held_by_a_writer(entry.path):
+        pid_text, dash, _ = entry.name[len(prefix):].partition("-")
+        if not (dash and pid_text.isdigit()) or held_by_a_writer(entry.path):
             continue
         if pid_alive(int(pid_text)) and not _started_after(int(pid_text), entry):
             continue

@@ -28,6 +28,13 @@ PROCESS_DECODE_MAX_SIDE = 64
 PROCESS_DECODE_MIN_FILES = 4096
 # Imported once by the server, before it forks a worker: a worker starts in milliseconds.
 SERVER_PRELOAD = ["cnnx.runtime.forkserver_preload", "cnnx.runtime.procdecode", "onnxruntime"]
+# multiprocessing's temporary folder, as cnnx makes it (own_temp_folder): "pymp-" as
+# multiprocessing's own (what forkserver_preload removes), then the pid of the process it is for
+# and a "-" (never in multiprocessing's own names)
+MP_TEMP_PREFIX = "pymp-"
+# The longest path of a Unix socket (sun_path, less its NUL): the forkserver's listener is
+# <folder>/listener-<8 characters>
+UNIX_PATH_MAX = 107
 
 
 def _forget_the_parent_s_forkserver():
@@ -94,6 +101,7 @@ def starting_workers():
     multiprocessing.set_start_method raised "context has already been set"."""
     from multiprocessing import resource_tracker
 
+    own_temp_folder()  # before the forkserver's socket is made in it
     # Started first, if it is not running: its start unblocks SIGINT (CPython's own guard for
     # its child), which the forkserver's start must find blocked.
     resource_tracker.ensure_running()
@@ -120,6 +128,43 @@ def warm_up():
     context()
     with starting_workers():
         forkserver.ensure_running()
+
+
+def own_temp_folder():
+    """Make multiprocessing's temporary folder (the forkserver's socket goes there) one that
+    names this process, `<TMPDIR>/pymp-<pid>-*`, held (files.hold_as_writer), and remove
+    those of processes gone: multiprocessing's own `pymp-*` of a caller killed (kill -9, a group
+    kill that takes the forkserver too) stayed in /tmp for ever, one a kill. Left alone where the
+    program made one already (it removes its own, as multiprocessing does: at exit)."""
+    import shutil
+    import tempfile
+    from multiprocessing import util
+
+    from cnnx.runtime.files import hold_as_writer, remove_stale_temps
+
+    config = multiprocessing.current_process()._config
+    if config.get("tempdir") is not None:
+        return
+    root, prefix = tempfile.gettempdir(), f"{MP_TEMP_PREFIX}{os.getpid()}-"
+    if len(os.path.join(root, prefix + "x" * 8, "listener-" + "x" * 8)) > UNIX_PATH_MAX:
+        return  # no socket there: multiprocessing's shorter name may still fit
+    remove_stale_temps(root, (MP_TEMP_PREFIX,))
+    folder = tempfile.mkdtemp(prefix=prefix, dir=root)
+    held = os.open(folder, os.O_RDONLY)
+    hold_as_writer(held)
+    config["tempdir"] = folder
+    # what multiprocessing.util.get_temp_dir registers for its own (shutil.rmtree bound now: the
+    # finalizer may run late in the interpreter's shutdown)
+    util.Finalize(None, _remove_temp_folder, args=(shutil.rmtree, folder, held), exitpriority=-100)
+
+
+def _remove_temp_folder(rmtree, folder, held):
+    rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.close(held)
+    process = multiprocessing.current_process()
+    if process is not None and process._config.get("tempdir") == folder:
+        process._config["tempdir"] = None
 
 
 def warm_up_for(model, *, decode: str, workers: int) -> bool:
