@@ -102,7 +102,7 @@ def exported_model(base: Path, *, arch: str = "seed-cnn", class_names=CLASSES, s
 
 
 def tiny_onnx_model(path: Path, *, size=(32, 32), fixed_hw: bool = True, class_names=CLASSES,
-                    batch_out: str = "per-image", checkpoint_sha256: str = "0" * 64) -> Path:
+                    batch_out: str = "per-image", checkpoint_sha256: str = "0" * 64, weight_scale: float = 1.0) -> Path:
     """A small cnnx-contract model built with onnx.helper (no torch): logits = the mean of the
     top-left 2x2 pixels of each channel times a fixed (3, C) matrix, so any H x W is cheap.
 
@@ -113,7 +113,8 @@ def tiny_onnx_model(path: Path, *, size=(32, 32), fixed_hw: bool = True, class_n
     image, one score fewer than the classes, in a symbolic output width), "times-rows" (the
     scores times the number of images in the run), "fails-when-lit" (onnxruntime fails on a
     run holding an image whose top-left 2x2 pixels are not near black), "nan-when-dark"
-    (NaN scores for an image whose top-left 2x2 pixels are black)."""
+    (NaN scores for an image whose top-left 2x2 pixels are black). weight_scale: other weights,
+    the same classes (another model's scores)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -122,7 +123,7 @@ def tiny_onnx_model(path: Path, *, size=(32, 32), fixed_hw: bool = True, class_n
 
     h, w = size
     c = len(class_names)
-    weights = (np.arange(3 * c, dtype=np.float32).reshape(3, c) % 7 - 3) / 50
+    weights = (np.arange(3 * c, dtype=np.float32).reshape(3, c) % 7 - 3) / 50 * np.float32(weight_scale)
     inits = [
         helper.make_tensor("starts", TensorProto.INT64, [2], [0, 0]),
         helper.make_tensor("ends", TensorProto.INT64, [2], [2, 2]),

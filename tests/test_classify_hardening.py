@@ -657,8 +657,16 @@ def test_resume_refuses_another_model_and_another_folder_than_its_first_run(imag
     r = run(["imgs", "--model", renamed, "-o", out, "--resume"])
     assert r.exit_code == 1 and "holds labels this model does not have" in r.stderr, r.stderr
     assert out.read_text() == text and not os.path.exists(run_record_path(out))
-    r = run(["imgs", "--model", others["weights"], "-o", out, "--resume"])  # its classes: its weights unknown
+    # its classes, other weights (an output moved without its record, resumed with a retrained
+    # model: two models' rows in one file, silently): its first rows' files, classified again, tell
+    other_weights = tiny_onnx_model(tmp_path / "m4.onnx", weight_scale=3.0, checkpoint_sha256="4" * 64)
+    r = run(["imgs", "--model", other_weights, "-o", out, "--resume"])
+    assert r.exit_code == 1 and "its rows are not this model's: 8 of 8 of its files classified again give other " \
+        "scores" in r.stderr, r.stderr
+    assert out.read_text() == text and not os.path.exists(run_record_path(out))
+    r = run(["imgs", "--model", others["weights"], "-o", out, "--resume"])  # the same weights, another sha256
     assert r.exit_code == 0 and "12 already done" in r.stderr and "has no run record" in r.stderr, r.stderr
+    assert "its rows' scores are this model's (8 of its files classified again)" in r.stderr, r.stderr
     r = run(["imgs", "--model", model, "-o", out, "--resume"])  # the record that resume wrote is checked now
     assert r.exit_code == 1 and "written with another model (its weights differ)" in r.stderr, r.stderr
 

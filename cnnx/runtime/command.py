@@ -521,18 +521,21 @@ def _read_done(output, errors_path, fmt, classifier) -> tuple[set, set]:
     """(paths already in OUTPUT and in the errors file, paths the errors file has a note on)
     for --resume, once its run record (output.check_resume) says this run may append to it."""
     from cnnx.runtime.files import os_error_line
-    from cnnx.runtime.output import (ResumeError, check_resume, check_unrecorded_resume, read_done, read_run_record,
-                                     unrecorded_resume_warning)
+    from cnnx.runtime.output import (ResumeError, check_resume, check_unrecorded_resume, check_unrecorded_rows,
+                                     read_done, read_run_record, unrecorded_resume_warning)
 
-    done, n, noted, labels = set(), None, set(), set()
+    done, n, noted, labels, sample = set(), None, set(), set(), []
     try:
         record = read_run_record(output) if os.path.exists(output) else None
         check_resume(output, record, classifier.info.identity(), ())  # the model, before the columns
         if os.path.exists(output):
-            done, n = read_done(output, fmt, classifier.topk, labels=labels if record is None else None)
-            if record is None:
+            unrecorded = record is None
+            done, n = read_done(output, fmt, classifier.topk, labels=labels if unrecorded else None,
+                                sample=sample if unrecorded else None)
+            if unrecorded:
                 check_unrecorded_resume(output, labels, classifier.info.class_names)
-                click.echo(f"warning: {unrecorded_resume_warning(output)}", err=True)
+                checked = check_unrecorded_rows(output, sample, _classified_again(classifier, sample))
+                click.echo(f"warning: {unrecorded_resume_warning(output, checked)}", err=True)
         failed = set()
         if errors_path is not None and os.path.exists(errors_path):
             failed = read_done(errors_path, "errors", None, notes=noted)[0] - done
@@ -547,6 +550,21 @@ def _read_done(output, errors_path, fmt, classifier) -> tuple[set, set]:
     except OSError as e:
         raise click.ClickException(f"cannot resume: {os_error_line(e)}") from None
     return done, noted
+
+
+def _classified_again(classifier, sample) -> dict:
+    """path -> (label, score) of this model for each file of `sample` (path, label, score) that
+    is still there to classify (a file gone or unreadable now is no evidence either way)."""
+    from cnnx.runtime.api import Prediction
+    from cnnx.runtime.discover import PathKeys
+
+    paths = [path for path, _label, _score in sample if os.path.isfile(path)]
+    if not paths:
+        return {}
+    keys, names = PathKeys(), classifier.info.class_names
+    by_key = {keys(row.path): (row.label(names), float(row.scores[0]))
+              for row in classifier.classify(paths) if isinstance(row, Prediction)}
+    return {path: by_key[keys(path)] for path in paths if keys(path) in by_key}
 
 
 def _record_the_run(output, classifier, resume: bool):

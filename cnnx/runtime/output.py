@@ -491,13 +491,15 @@ def check_resume(output, record: dict | None, model: dict, done) -> None:
         raise ResumeError(f"{output} holds paths relative to {cwd}, where its first run ran: resume from there")
 
 
-def read_done(path, fmt: str, topk: int | None, *, notes: set | None = None, labels: set | None = None):
+def read_done(path, fmt: str, topk: int | None, *, notes: set | None = None, labels: set | None = None,
+              sample: list | None = None):
     """Paths already in an output (or errors, fmt='errors') file, for --resume. A last row cut
     short by a killed run is dropped (the file is rewritten without it, atomically); anything
     else that does not parse is a ResumeError, so a wrong file is never appended to.
     Returns (paths set, rows kept). For errors files, note rows are not counted as done; their
     paths go into `notes` when it is given. `labels`, when given, gets every label of an
-    output's rows (top-1 and top-k)."""
+    output's rows (top-1 and top-k); `sample` the (path, label, score) of its first
+    SAMPLE_ROWS rows (check_unrecorded_rows)."""
     with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
         text = f.read()
     if not text:
@@ -513,6 +515,8 @@ def read_done(path, fmt: str, topk: int | None, *, notes: set | None = None, lab
                 width = len(rec["topk"])
                 if labels is not None:
                     labels.update([rec["label"], *(t["label"] for t in rec["topk"])])
+                if sample is not None and len(sample) < SAMPLE_ROWS:
+                    sample.append((path_of_text(rec["path"]), rec["label"], float(rec["score"])))
             except (ValueError, KeyError, TypeError):
                 raise ResumeError(f"{path}: line {i + 1} is not a cnnx JSONL prediction") from None
             if topk is not None and width != topk:  # as a CSV's header tells its --topk
@@ -554,12 +558,47 @@ def read_done(path, fmt: str, topk: int | None, *, notes: set | None = None, lab
         done.add(path_of_text(unescape_cell(row[0])))
         if labels is not None and fmt == "csv":  # path, label, score, label_2, score_2, ...
             labels.update(unescape_cell(cell) for cell in row[1::2])
+        if sample is not None and fmt == "csv" and len(sample) < SAMPLE_ROWS:
+            with contextlib.suppress(ValueError):  # a score that is no number: not a row to check by
+                sample.append((path_of_text(unescape_cell(row[0])), unescape_cell(row[1]), float(row[2])))
     return done, len(good) - 1
 
 
-def unrecorded_resume_warning(output) -> str:
-    return (f"{output} has no run record ({run_record_path(output)}: an older cnnx wrote it): its labels are this "
-            f"model's classes, its weights cannot be checked; the record is written now")
+def unrecorded_resume_warning(output, checked: int | None) -> str:
+    """checked: how many of its files classified again agreed with its rows (check_unrecorded_rows),
+    None where none were classified again (--engine ray)."""
+    why = f"{run_record_path(output)}: moved or copied without it, or an older cnnx wrote it"
+    if checked is None:
+        return f"{output} has no run record ({why}): its labels are this model's classes, its weights cannot be " \
+               "checked; the record is written now"
+    if checked:
+        return (f"{output} has no run record ({why}): its rows' scores are this model's ({checked} of its files "
+                "classified again); the record is written now")
+    return (f"{output} has no run record ({why}): its labels are this model's classes, but none of its files could "
+            "be classified again to check that this model wrote them; the record is written now")
+
+
+def check_unrecorded_rows(output, sample: list, classified: dict) -> int:
+    """An output without a run record, whose first rows (`sample`: path, label, score) were
+    classified again by this run's model (`classified`: path -> (label, score), for the files
+    that could be): ResumeError where one of them differs (rows of another model with the same
+    classes: appending mixed two models in one file, silently); else how many agreed."""
+    checked = [(path, label, score, classified[path]) for path, label, score in sample if path in classified]
+    differ = [path for path, label, score, (now_label, now_score) in checked
+              if label != now_label or abs(score - now_score) > SCORE_TOLERANCE]
+    if differ:
+        raise ResumeError(f"{output} has no run record ({run_record_path(output)}: moved or copied without it?) and "
+                          f"its rows are not this model's: {len(differ)} of {len(checked)} of its files classified "
+                          f"again give other scores (first: {differ[0]}); resume with the model that wrote it (--model), "
+                          "or write to a new file")
+    return len(checked)
+
+
+# The rows of an output without a run record that --resume classifies again (its first ones),
+# and how far their written scores (6 decimals) may be from this model's: rounding, and the
+# last bits of another batch size; another model's differ far more.
+SAMPLE_ROWS = 8
+SCORE_TOLERANCE = 1e-5
 
 
 def check_unrecorded_resume(output, labels: set, class_names) -> None:

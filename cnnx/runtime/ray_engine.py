@@ -743,7 +743,7 @@ class _Sink:
                 self.writer = PredictionWriter(output, fmt, class_names, topk, append=resume)
             if labels is not None:
                 check_unrecorded_resume(target, labels, class_names)
-                self.warnings.append(unrecorded_resume_warning(target))
+                self.warnings.append(unrecorded_resume_warning(target, None))
             if resume and errors_path is not None and os.path.exists(errors_path):
                 done |= read_done(errors_path, "errors", None, notes=noted)[0]
             check_resume(target, record, model, done | escaped)  # and the folder its relative paths are relative to
