@@ -195,6 +195,38 @@ def test_cli_defaults_to_newest_run(trained, verify_dir, tmp_path, monkeypatch):
     assert r.stdout.split() == ["runs/new/export/model.onnx", "runs/new/export/parity.json"]
     assert not (tmp_path / "runs/old/export").exists()
     assert not [p for p in (tmp_path / "runs/new/export").iterdir() if p.name.startswith(".")]
+    assert "note:" not in r.stderr
+
+
+def test_the_newest_run_picked_is_said_to_be_still_training_or_dated_in_the_future(tmp_path):
+    """`cnnx export` with no CHECKPOINT exported a run still training (its best.pt so far) and a
+    best.pt dated in the future (unpacked from elsewhere) for ever after, without a word."""
+    import fcntl
+    import time
+
+    from cnnx.export.command import newest_checkpoint, newest_checkpoint_notes
+    from cnnx.train.run import LOCK_NAME
+
+    (tmp_path / "runs" / "live").mkdir(parents=True)
+    live = tmp_path / "runs" / "live" / "best.pt"
+    live.write_bytes(b"")
+    now = time.time()
+    assert newest_checkpoint_notes(live, now) == []
+    fd = os.open(tmp_path / "runs" / "live" / LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as cnnx train holds its run folder
+    try:
+        assert newest_checkpoint_notes(live, now) == [f"{live.parent} is still training: this is its best checkpoint "
+                                                      "so far"]
+    finally:
+        os.close(fd)
+    assert newest_checkpoint_notes(live, now) == []  # a run that ended leaves its lock file, unlocked
+    (tmp_path / "runs" / "old").mkdir()
+    old = tmp_path / "runs" / "old" / "best.pt"
+    old.write_bytes(b"")
+    os.utime(old, (now + 86400 * 365, now + 86400 * 365))
+    assert newest_checkpoint(tmp_path / "runs") == old
+    notes = newest_checkpoint_notes(old, now)
+    assert len(notes) == 1 and "is dated in the future" in notes[0] and "name the checkpoint" in notes[0]
 
 
 def test_info_describes_each_format(exported):

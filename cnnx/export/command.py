@@ -18,6 +18,29 @@ def newest_checkpoint(root: Path = Path("runs")) -> Path:
     return max(found, key=lambda p: p.stat().st_mtime_ns)
 
 
+FUTURE_SLACK_S = 60  # a file time this far ahead of the clock is no clock's jitter
+
+
+def newest_checkpoint_notes(checkpoint: Path, now: float) -> list:
+    """What the user should know of the checkpoint newest_checkpoint picked for them: a run
+    still training (its lock held: the best.pt so far, another may come), a file time in the
+    future (unpacked from elsewhere, a skewed clock: it stays "newest" until that time, whatever
+    is trained meanwhile)."""
+    import time
+
+    from cnnx.runtime.files import held_by_a_writer
+    from cnnx.train.run import LOCK_NAME
+
+    notes = []
+    if held_by_a_writer(checkpoint.parent / LOCK_NAME):
+        notes.append(f"{checkpoint.parent} is still training: this is its best checkpoint so far")
+    mtime = checkpoint.stat().st_mtime
+    if mtime > now + FUTURE_SLACK_S:
+        notes.append(f"{checkpoint} is dated in the future ({time.strftime('%Y-%m-%d %H:%M', time.localtime(mtime))}): "
+                     "it is the newest by date until then; name the checkpoint to export another")
+    return notes
+
+
 def _a_folder(ctx, param, value):
     """click's file_okay=False refuses a regular file only: a device or FIFO (/dev/null) passed."""
     if value is not None and not value.is_dir():
@@ -65,8 +88,12 @@ def export(checkpoint, formats, out_dir, opset, verify_data, fp16, int8, parity_
     except ExportError as e:
         raise click.BadParameter(str(e), param_hint="--opset") from None
     if checkpoint is None:
+        import time
+
         checkpoint = newest_checkpoint()
         click.echo(f"checkpoint: {checkpoint} (newest runs/*/best.pt)", err=True)
+        for note in newest_checkpoint_notes(checkpoint, time.time()):
+            click.echo(printable(f"note: {note}"), err=True)
 
     from cnnx.export.api import export_checkpoint
 
