@@ -641,6 +641,7 @@ def test_resume_refuses_another_model_and_another_folder_than_its_first_run(imag
     for what, other in others.items():
         r = run(["imgs", "--model", other, "-o", out, "--resume"])
         assert r.exit_code == 1 and f"written with another model (its {what} differ)" in r.stderr, r.stderr
+        assert f"resume with that model (--model {os.path.abspath(model)})" in r.stderr, r.stderr  # as it was picked
         assert out.read_text() == text
     monkeypatch.chdir(tmp_path)
     r = run([work / "imgs", "--model", model, "-o", out, "--resume"])

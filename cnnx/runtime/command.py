@@ -577,7 +577,7 @@ def _record_the_run(output, classifier, resume: bool):
     if output == "-" or (resume and os.path.exists(output) and os.path.exists(run_record_path(output))):
         return
     try:
-        write_run_record(output, classifier.info.identity())
+        write_run_record(output, classifier.info.identity(), classifier.info.path)
     except OSError as e:
         raise click.ClickException(f"cannot write: {os_error_line(e)}") from None
 

@@ -447,11 +447,15 @@ def run_record_path(output) -> str:
     return os.path.join(os.path.dirname(real), f".{os.path.basename(real)}.run.json")
 
 
-def write_run_record(output, model: dict):
+def write_run_record(output, model: dict, model_path=None):
     """Record, beside a new output, what a --resume of it must match: the model (its
     ModelInfo.identity()) and the folder this run runs in (the paths it writes as the user
-    typed them are relative to it). Written atomically before the first row."""
+    typed them are relative to it); and the model's file, for the user (a --resume with
+    another model names it: the run may have picked the newest export for them). Written
+    atomically before the first row."""
     record = {"cnnx_run_record": 1, "cwd": os.getcwd(), "model": model}
+    if model_path is not None:
+        record["model_path"] = os.path.abspath(model_path)
     atomic_write(run_record_path(output), json.dumps(record, indent=1) + "\n")
 
 
@@ -483,8 +487,10 @@ def check_resume(output, record: dict | None, model: dict, done) -> None:
                     "model")
         what = {"class_names": "classes differ", "checkpoint_sha256": "weights differ", "variant": "variant differs",
                 "tta_views": "test-time views differ"}.get(what, "metadata differs")
+        path = record.get("model_path")
+        that = f"--model {path}" if isinstance(path, str) else "--model"
         raise ResumeError(f"{output} was written with another model (its {what}): resume with that "
-                          "model (--model), or write to a new file")
+                          f"model ({that}), or write to a new file")
     cwd = record.get("cwd")
     if isinstance(cwd, str) and os.path.realpath(cwd) != os.path.realpath(os.getcwd()) and \
             any(not os.path.isabs(p) for p in done):

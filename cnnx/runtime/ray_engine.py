@@ -165,7 +165,7 @@ def classify_with_ray(paths, model, *, output, fmt="csv", errors=None, resume=Fa
             raise RayEngineError(f"--device {device}: {status.reason}")
     summary = RaySummary()
     with _output_lock(output, errors), _Sink(output, fmt, errors, info.class_names, topk, resume, rows_per_part,
-                                     info.identity()) as sink:
+                                     info) as sink:
         summary.warnings += sink.warnings
         todo, discover_skips = _plan(_found(paths, manifest, follow_symlinks, summary), sink, summary)
         if summary.found == 0:
@@ -712,9 +712,11 @@ class _Sink:
     """Predictions (CSV/JSONL through PredictionWriter, or Parquet parts) and the errors file,
     and what both already hold when resuming."""
 
-    def __init__(self, output, fmt, errors_path, class_names, topk, resume, rows_per_part, model):
-        """model: the model's ModelInfo.identity(), kept in the output's run record (as local
-        classify keeps it: output.write_run_record) and checked by a --resume (check_resume)."""
+    def __init__(self, output, fmt, errors_path, class_names, topk, resume, rows_per_part, info):
+        """info: the model's ModelInfo: its identity() is kept in the output's run record with its
+        path (as local classify keeps them: output.write_run_record) and checked by a --resume
+        (check_resume)."""
+        model = info.identity()
         self.fmt, self.class_names, self.topk = fmt, class_names, topk
         if resume and output == "-":
             raise RayUsageError("--resume needs --output FILE (it reads back what that file already holds)")
@@ -753,7 +755,7 @@ class _Sink:
             raise RayEngineError(f"cannot resume: {os_error_line(e)}") from None
         if target is not None and not (resume and started and record is not None):
             try:
-                write_run_record(target, model)
+                write_run_record(target, model, info.path)
             except OSError as e:
                 raise RayEngineError(f"cannot write: {os_error_line(e)}") from None
             self._fresh = (run_record_path(target), folder_is_new)
