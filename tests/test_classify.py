@@ -336,6 +336,14 @@ def test_resume_counts_the_files_its_errors_file_already_has(model, cifar_subset
     assert r.exit_code == 0, r.stderr
     assert f"resume: 10 images already in {out} and 1 skipped file(s) in {tmp_path / 'p.errors.csv'}" in r.stderr
     assert "11 already done (--resume)" in r.stderr, r.stderr
+    assert "note:" not in r.stderr
+    # a file removed and one renamed since: their rows stay, and are said to be of files not found
+    files = sorted(f for f in folder.rglob("*.jpg") if f.name != "broken.jpg")
+    files[0].unlink()
+    files[1].rename(files[1].with_name("renamed.jpg"))
+    r = run([folder, "--model", model, "-o", out, "--resume"])
+    assert r.exit_code == 0 and "classified 1 image;" in r.stderr and "9 already done" in r.stderr, r.stderr
+    assert f"note: 2 row(s) of {out} or its errors file are of files not found under {folder} this time" in r.stderr
 
 
 def test_jsonl_resume_drops_a_half_written_line(model, cifar_subset, tmp_path):

@@ -173,6 +173,8 @@ def classify(paths, model_path, output, fmt, topk, batch_size, workers, decode, 
         what = "files" if rows.ignored == 0 else f"image files ({rows.ignored} other files ignored)"
         raise click.ClickException(f"no {what} found under {', '.join(paths)}")
     _print_summary(tally, rows, classifier, errors_path, time.perf_counter() - t0)
+    if done:
+        _say_rows_not_found(done, rows.already_done, output, paths)
     unread = nothing_could_be_read(tally.classified, tally.skipped, paths, already_done=rows.already_done)
     if unread is not None:
         raise click.ClickException(unread)
@@ -619,6 +621,19 @@ def _write_rows(rows, output, fmt, errors_path, classifier, *, append: bool, t0:
         finally:
             errors.close()
     return tally
+
+
+def _say_rows_not_found(done, already_done: int, output, paths):
+    """A --resume whose output (or errors file) holds rows of files this run did not find
+    (removed or renamed since, or under a PATH not given this time): they stay, and were
+    not said (a renamed file got a second row, under its new name)."""
+    from cnnx.runtime.discover import PathKeys
+
+    keys = PathKeys()
+    gone = len({keys(p) for p in done}) - already_done
+    if gone > 0:
+        click.echo(f"note: {gone:,} row(s) of {output} or its errors file are of files not found under "
+                   f"{', '.join(paths)} this time (removed, renamed, or under a path not given): they stay", err=True)
 
 
 def _print_summary(tally: _Tally, rows, classifier, errors_path, wall: float):
