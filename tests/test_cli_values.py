@@ -4,6 +4,7 @@ nothing the user had is replaced: not a checkpoint by a PNG, not /dev/null by a 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -73,6 +74,27 @@ def test_evaluate_s_default_plots_of_two_sites_test_splits_are_two_files(run, tm
         assert r.exit_code == 0 and r.stdout.startswith("images\t"), r.stderr[-2000:]
     assert sorted(p.name for p in store.glob("confusion_*.png")) == ["confusion_siteA-test.png",
                                                                     "confusion_siteB-test.png"]
+
+
+def test_evaluate_s_default_plots_of_two_folders_of_one_name_are_two_files(run, tmp_path):
+    """data/ and other/data/ shared confusion_data.png: the second evaluation replaced the
+    first's, without a word. A plot records what it scored; the same folder's replaces its own."""
+    import shutil
+
+    data, ckpt, _model = run
+    store = tmp_path / "store"
+    store.mkdir()
+    shutil.copy(ckpt, store / "best.pt")
+    written = []
+    for folder in (tmp_path / "data", tmp_path / "other" / "data", tmp_path / "data"):
+        if not folder.exists():
+            shutil.copytree(data, folder)
+        r = run_cli(["evaluate", store / "best.pt", "--data", folder, "--workers", "1", "--cache-dir", tmp_path / "c",
+                     "--json"])
+        assert r.exit_code == 0, r.stderr[-2000:]
+        written.append(Path(json.loads(r.stdout)["plot"]).name)
+    assert written[0] == written[2] == "confusion_data.png" and written[1].startswith("confusion_data-"), written
+    assert sorted(p.name for p in store.glob("confusion_*.png")) == sorted(written[:2])
 
 
 def test_evaluate_prints_its_figures_whatever_happens_to_its_files(run, tmp_path):

@@ -6,6 +6,7 @@ torch and the training code are imported inside the command functions.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -457,14 +458,16 @@ def _write_evaluation_files(ev: dict, checkpoint, plot, report) -> tuple[Path, d
     folder_name = f"{folder.parent.name}-{folder.name}" if folder.name.lower() in SPLIT_FOLDERS else folder.name
     if ev["split"] == "held-out":  # the images its run held out of the folder, not the whole folder's plot
         folder_name += "-val"
-    plot_path = Path(plot) if plot else Path(checkpoint).resolve().parent / f"confusion_{folder_name}.png"
+    scored = _scored_digest(folder, ev["split"])
+    plot_path = Path(plot) if plot else _default_plot_path(Path(checkpoint).resolve().parent, folder_name, scored)
     why_not = {}
     if plot is None:
         why = _not_replaceable("--plot", plot_path, checkpoint)
         if why is not None:
             why_not[plot_path] = f"{plot_path} {why}"
     # a name the user gave is written through a symlink; the default plot's, cnnx's own, is not
-    for path, write, named in ((plot_path, _write_plot, plot is not None), (report, _write_evaluation_report, True)):
+    write_plot = functools.partial(_write_plot, scored=scored)
+    for path, write, named in ((plot_path, write_plot, plot is not None), (report, _write_evaluation_report, True)):
         if path is not None and path not in why_not:
             try:
                 remove_stale_temps_beside(path)
@@ -646,14 +649,36 @@ def _scored(ev: dict) -> str:
     return f"{escaped_name(ev['folder'])}{held}"
 
 
-def _write_plot(ev: dict, checkpoint, plot_path, through_symlink: bool):
+SCORED_KEY = "cnnx-scored-sha256"  # the PNG text chunk naming what an evaluation plot scored (_scored_digest)
+
+
+def _scored_digest(folder: Path, split: str) -> str:
+    """What an evaluation scored, as text a PNG can hold (a folder's name may be any bytes)."""
+    import hashlib
+
+    return hashlib.sha256(os.fsencode(folder) + b"\0" + split.encode()).hexdigest()
+
+
+def _default_plot_path(run_folder: Path, folder_name: str, scored: str) -> Path:
+    """confusion_<folder>.png beside the checkpoint; where that holds the plot of another folder
+    of the same name (data/ and other/data/: the second evaluation replaced the first's, without
+    a word), the name gets a short digest of what this one scores."""
+    from cnnx.train.plots import png_text
+
+    path = run_folder / f"confusion_{folder_name}.png"
+    if os.path.isfile(path) and png_text(path).get(SCORED_KEY, scored) != scored:
+        path = run_folder / f"confusion_{folder_name}-{scored[:8]}.png"
+    return path
+
+
+def _write_plot(ev: dict, checkpoint, plot_path, through_symlink: bool, scored: str):
     from cnnx.runtime.files import escaped_name
     from cnnx.train import plots
 
     m = ev["metrics"]
     plots.plot_confusion(m["confusion"], ev["class_names"], plot_path,  # names that are not UTF-8: \xNN
                          title=f"{escaped_name(Path(checkpoint).name)} on {_scored(ev)} ({m['n']} images)",
-                         through_symlink=through_symlink)
+                         through_symlink=through_symlink, text={SCORED_KEY: scored})
 
 
 def _write_evaluation_report(ev: dict, checkpoint, report, through_symlink: bool):

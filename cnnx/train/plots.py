@@ -41,15 +41,26 @@ def _names_as_written(plot):
     return draw
 
 
-def _save(fig, path: Path, through_symlink: bool = False):
+def _save(fig, path: Path, through_symlink: bool = False, text: dict | None = None):
     """Atomic like every other file of a run: a half-written PNG never replaces a good one
     (through_symlink: see atomic_file; a file the user named). Matplotlib's warnings (a class
     name's glyphs missing from its font, drawn as boxes) are not the user's to read on a
-    training run's stderr."""
+    training run's stderr. text: PNG text chunks to write in it (png_text reads them)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path, "wb", through_symlink=through_symlink) as f, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # matplotlib's warn_external names this module as their origin
-        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight", metadata=text)
+
+
+def png_text(path) -> dict:
+    """The text chunks of a PNG ({} where it has none or cannot be read)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return dict(getattr(im, "text", {}) or {})
+    except (OSError, ValueError, SyntaxError):  # Pillow's errors on a damaged PNG
+        return {}
 
 
 def _labels(class_names) -> list:
@@ -106,8 +117,9 @@ def plot_per_class(class_names, train_top1, val_top1, path, title="per-class top
 
 
 @_names_as_written
-def plot_confusion(confusion, class_names, path, title="confusion matrix", through_symlink=False):
-    """Rows = true class, columns = predicted; cells show counts, colour the row share."""
+def plot_confusion(confusion, class_names, path, title="confusion matrix", through_symlink=False, text=None):
+    """Rows = true class, columns = predicted; cells show counts, colour the row share. text:
+    PNG text chunks kept in the file (what was scored: evaluate's default plot names)."""
     plt = _plt()
     import numpy as np
 
@@ -129,5 +141,5 @@ def plot_confusion(confusion, class_names, path, title="confusion matrix", throu
                   f"predicted ({n} classes by index, in the order of the model's class names)")
     ax.set_ylabel("true")
     ax.set_title(title)
-    _save(fig, Path(path), through_symlink)
+    _save(fig, Path(path), through_symlink, text)
     plt.close(fig)
