@@ -328,13 +328,46 @@ def test_resume_refuses_data_that_changed_and_rebuilds_a_best_pt_it_lacks(cifar_
     old_split = load_splits({**last["config"], "split": SPLIT_BY_GENERATOR}, progress=False)
     assert files_digest(old_split.val_paths) != last["config"]["val_files_sha256"]
     last["config"]["preprocess_version"] = PREPROCESS_VERSION
-    del last["config"]["split"], last["config"]["train_files_sha256"]  # neither recorded then
+    for key in ("split", "val_relpaths_sha256", "train_relpaths_sha256"):  # none recorded then
+        del last["config"][key]
     last["config"]["val_files_sha256"] = files_digest(old_split.val_paths)
     torch.save(last, run / "older.pt")
     r = run_cli(["train", "--resume", run / "older.pt", "--epochs", "2"])
     assert r.exit_code == 0, r.stderr[-2000:]
     assert json.loads((run / "config.json").read_text())["split"] == SPLIT_BY_GENERATOR  # now recorded
     assert run_cli(["train", "--resume", run / "last.pt", "--epochs", "3"]).exit_code == 0  # and again
+
+
+def test_a_run_whose_data_folder_moved_resumes_and_is_evaluated_there(cifar_train_dir, tmp_path):
+    """An external disk mounted elsewhere, a folder renamed: the run could never be resumed
+    ("data folder not found", then "cannot change --data"), its held-out images were lost to
+    evaluate --split val, and a copy of its folder was scored without the note that its figures
+    include the training images. Its files are recorded by their paths in the folder now."""
+    data = copy_classes(cifar_train_dir, tmp_path / "d", ["cat", "dog"], 20)
+    run = tmp_path / "runs" / "x"
+    assert run_cli(seed_args(data, tmp_path / "runs", "x", tmp_path / "c", "--epochs", "2", "--batch-size", "16",
+                             "--stop-after", "1")).exit_code == 0
+    moved = tmp_path / "elsewhere" / "photos"
+    moved.parent.mkdir()
+    data.rename(moved)
+    r = run_cli(["train", "--resume", run, "--data", moved])
+    assert r.exit_code == 0 and f"the run's data folder {data} is not there: continuing on {moved}" in r.stderr, \
+        r.stderr[-2000:]
+    assert json.loads((run / "config.json").read_text())["data"] == str(moved)
+    r = run_cli(["evaluate", run / "best.pt", "--data", moved, "--split", "val", "--json", "--cache-dir", tmp_path / "c"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["n"] == 4, r.stderr[-2000:]  # the 4 it held out
+    copy = tmp_path / "copy"
+    shutil.copytree(moved, copy)
+    r = run_cli(["evaluate", run / "best.pt", "--data", copy, "--cache-dir", tmp_path / "c"])
+    assert r.exit_code == 0 and "is the folder this model was trained on" in r.stderr, r.stderr[-2000:]
+    other = copy_classes(cifar_train_dir, tmp_path / "other", ["cat", "dog"], 5)  # images it never saw
+    r = run_cli(["evaluate", run / "best.pt", "--data", other, "--cache-dir", tmp_path / "c"])
+    assert r.exit_code == 0 and "trained on" not in r.stderr, r.stderr[-2000:]
+    _one_line_error(run_cli(["evaluate", run / "best.pt", "--data", other, "--split", "val"]), 1,
+                    "the images its run held out cannot be told again (not the folder it trained on")
+    # the folder its config names now is there: another --data is a change, not a move
+    r = run_cli(["train", "--resume", run, "--data", copy, "--epochs", "3"])
+    assert r.exit_code == 2 and "cannot change --data" in r.stderr, r.stderr[-2000:]
 
 
 def test_a_model_that_cannot_be_built_is_one_line(cifar_train_dir, tmp_path, monkeypatch):

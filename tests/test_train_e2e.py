@@ -220,7 +220,8 @@ def test_processes_that_find_other_data_or_too_few_images_stop_with_one_line(cif
         "dist.init_process_group('gloo'); d = loop.dist_from_env()\n"
         "for extra in (0, 2):\n"
         "    config = {'class_names': ['a', 'b'], 'train_images': 10 + d.rank * extra,\n"
-        "              'val_images': 4, 'test_images': 0, 'val_files_sha256': 'x', 'train_files_sha256': 'y'}\n"
+        "              'val_images': 4, 'test_images': 0, 'val_files_sha256': 'x',\n"
+        "              'val_relpaths_sha256': 'v', 'train_relpaths_sha256': 'y'}\n"
         "    try:\n"  # one write a line: the two ranks share the pipe
         "        run.check_ranks_see_same_data(config, d, 'D'); os.write(1, f'same {d.rank}\\n'.encode())\n"
         "    except DataError as e:\n"

@@ -156,7 +156,7 @@ def _own_validation_split(config: dict, spec: dict, cache_dir=None):
                          cache_mode=config.get("cache") if config.get("cache") in CACHE_MODES else "auto")
     # as `cnnx evaluate --split val` refuses: images added since would be scored as held out
     # while the run trained on some of the files they displace from the split
-    why = None if s.val_paths is None else held_out_changed(config, s.val_paths)
+    why = None if s.val_paths is None else held_out_changed(config, s.val_paths, s.val_root)
     if why is not None:
         raise data.DataError(f"the images its run held out cannot be told again: {why}")
     return s.val[0], s.val[1], s.class_names

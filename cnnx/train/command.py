@@ -205,10 +205,28 @@ def _resume_dir(resume, given, opts) -> tuple:
     run_config = _run_config(folder) if fixed else {}
     same = {k for k in fixed if k in run_config and _normalised(k, opts[k]) == _normalised(k, run_config[k])}
     changed = sorted(fixed - same)
+    if "data" in changed and _data_moved(run_config, opts["data"]):
+        changed.remove("data")  # applied as a resumable option; fit checks its files are the run's
     if changed:
         raise click.UsageError(f"--resume continues the run's own config; cannot change {_option_names(changed)} "
                                f"(only {_option_names(RESUMABLE)})")
     return folder, given - same
+
+
+def _data_moved(run_config: dict, data) -> bool:
+    """Whether a --resume's --data names where the run's data folder went: the folder its
+    config names is gone, and the run recorded its files by their paths in the folder (so a
+    folder elsewhere can be checked to hold them: run.check_same_data)."""
+    began = run_config.get("data")
+    if not isinstance(began, str) or "cifar10" in (began, data) or "val_relpaths_sha256" not in run_config:
+        return False
+    if os.path.exists(os.path.expanduser(began)):
+        return False
+    if launch_rank() == 0:
+        from cnnx.train.run import say
+
+        say(f"note: the run's data folder {began} is not there: continuing on {data} if its files are the run's")
+    return True
 
 
 def _run_folder(resume) -> Path:
@@ -254,7 +272,7 @@ def _resume_config(resume, folder: Path, given, opts):
     from cnnx.train.run import resume_state, say, unwritten_end
 
     began, ckpt = resume_state(resume)
-    cfg = replace(began, **{k: opts[k] for k in given})
+    cfg = replace(began, **{k: _normalised(k, opts[k]) if k in PATH_OPTIONS else opts[k] for k in given})
     check_config(cfg)
     if ckpt is None:
         if launch_rank() == 0:
@@ -364,8 +382,8 @@ def _pick_split(layout, split, data, ckpt) -> tuple:
     """(the split's name, its folder): --split's, else test, else val; ("all", DIR) for a flat DIR,
     ("held-out", DIR) for --split val of the flat DIR the checkpoint's run held images out of."""
     if "all" in layout:
-        if split == "val" and _trained_on(ckpt, layout["all"]) == "all":
-            return "held-out", layout["all"]
+        if split == "val" and (_trained_on(ckpt, layout["all"]) == "all" or _held_out_recorded(ckpt)):
+            return "held-out", layout["all"]  # (a folder elsewhere: _held_out_part checks its files are the run's)
         if split:
             raise click.BadParameter(f"{data} has no train/val/test folders"
                                      + (" (--split val: the images a run held out of the folder it trained on)"
@@ -542,6 +560,8 @@ def _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, c
     if picked == "held-out":
         d = _held_out_part(d, ckpt["config"], folder)
     trained_on = None if picked == "held-out" else _trained_on(ckpt, folder)
+    if trained_on is None and picked == "all" and _held_out_recorded(ckpt) and _holds_the_runs_files(d, ckpt, folder):
+        trained_on = "all"  # the folder it trained on, moved or copied elsewhere
     trained_note = None
     if trained_on:
         config = ckpt["config"]
@@ -605,11 +625,33 @@ def _held_out_part(d, config: dict, folder):
 
     _, va = run_split(config, d.labels, folder, d.paths, identical_files(d.paths))
     paths = [d.paths[i] for i in va.tolist()]
-    if held_out_changed(config, paths) is not None:
-        raise click.ClickException(f"{folder}: the images its run held out cannot be told again (files added, removed "
-                                   f"or renamed since the run, or a run of an older cnnx): evaluate a folder of "
-                                   f"images it never saw")
+    if held_out_changed(config, paths, folder) is not None:
+        raise click.ClickException(f"{folder}: the images its run held out cannot be told again (not the folder it "
+                                   f"trained on, files added, removed or renamed since the run, or a run of an older "
+                                   f"cnnx): evaluate a folder of images it never saw")
     return replace(d, images=take(d.images, va), labels=d.labels[va], paths=paths)
+
+
+def _held_out_recorded(ckpt: dict) -> bool:
+    """Whether the checkpoint's run recorded its held-out files by their paths in the folder
+    (a folder elsewhere can then be checked to be the run's, moved or copied)."""
+    config = ckpt.get("config")
+    return isinstance(config, dict) and isinstance(config.get("val_relpaths_sha256"), str)
+
+
+def _holds_the_runs_files(d, ckpt: dict, folder) -> bool:
+    """Whether the decoded flat folder `d` (in `folder`) holds the files the checkpoint's run
+    trained on and held out, by their paths in it: the run's folder moved or copied elsewhere."""
+    from cnnx.train.data import DataError, identical_files, run_split
+    from cnnx.train.run import files_digest
+
+    config = ckpt["config"]
+    try:
+        tr, va = run_split(config, d.labels, folder, d.paths, identical_files(d.paths))
+    except (DataError, KeyError, TypeError, ValueError):  # a config this cnnx cannot split by
+        return False
+    return (files_digest([d.paths[i] for i in va.tolist()], folder) == config["val_relpaths_sha256"]
+            and files_digest([d.paths[i] for i in tr.tolist()], folder) == config.get("train_relpaths_sha256"))
 
 
 def _has_val(root) -> bool:

@@ -783,6 +783,10 @@ class Splits:
     ignored: int = 0  # hidden names and files whose names are not image names
     notes: list = field(default_factory=list)  # ImageFolderData.notes of each split, and the splits' own
     train_paths: list | None = None  # source file of each training image (image folders)
+    # the folders holding the class folders of val_paths and train_paths (what their paths are
+    # recorded relative to: a data folder moved elsewhere is still the run's)
+    val_root: str | None = None
+    train_root: str | None = None
 
 
 def _copies_across_splits(groups, named) -> list:
@@ -915,7 +919,8 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
         notes = d.notes + copies_notes(copies, d.labels, d.paths) + ([f"{len(unseen)} class(es) too small for a validation image: {names_line(unseen, 5)} (their val top-1 is not measured)"] if unseen else [])
         return Splits((_copy_rows(xtr, tr), d.labels[tr]), (_copy_rows(d.images, va), d.labels[va]), None, d.class_names, d.skipped,
                       f"{len(d.labels)} images in {len(d.class_names)} classes from {data}",
-                      [d.paths[i] for i in va.tolist()], d.ignored, notes, [d.paths[i] for i in tr.tolist()])
+                      [d.paths[i] for i in va.tolist()], d.ignored, notes, [d.paths[i] for i in tr.tolist()],
+                      layout["all"], layout["all"])
     if "train" not in layout:
         raise DataError(f"{data} has {'/'.join(sorted(layout))} but no train/ split to train on")
     # Every split is listed, and checked for files another split holds too (cp -al train val),
@@ -971,7 +976,8 @@ def load_splits(config: dict, *, progress=True, workers=None, cache_mode="memory
         train, train_paths = (xtr, d.labels), d.paths
     return Splits(train, val, test, d.class_names, skipped,
                   f"{len(train[1])} train / {len(val[1])} val images in {len(d.class_names)} classes from {data}",
-                  paths["val"], ignored, notes, train_paths)
+                  paths["val"], ignored, notes, train_paths, layout["val" if "val" in layout else "train"],
+                  layout["train"])
 
 
 def _check_spelt_once(classes, names) -> None:

@@ -759,8 +759,9 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
         "device_resolved": device, "cnnx_version": __version__, "preprocess_version": PREPROCESS_VERSION,
         "train_images": len(ytr), "val_images": len(yva),
         "test_images": 0 if splits.test is None else len(splits.test[1]), "skipped_files": len(splits.skipped),
-        "val_files_sha256": files_digest(splits.val_paths), "train_files_sha256": files_digest(splits.train_paths),
-        "split": split,
+        "val_files_sha256": files_digest(splits.val_paths),
+        "val_relpaths_sha256": files_digest(splits.val_paths, splits.val_root),
+        "train_relpaths_sha256": files_digest(splits.train_paths, splits.train_root), "split": split,
     })
     check_ranks_see_same_data(config, d, cfg.data)
     if resume is not None:
@@ -928,30 +929,38 @@ def skipped_text(skipped) -> bytes:
                    for p, r in skipped).encode("utf-8", "surrogateescape")
 
 
-def files_digest(paths) -> str | None:
-    """sha256 of a split's file list (what --resume compares), None where there is no list (CIFAR-10)."""
+def files_digest(paths, root=None) -> str | None:
+    """sha256 of a split's file list (what --resume compares), None where there is no list
+    (CIFAR-10). root: the paths relative to it (the folder holding the class folders), so that
+    the data folder moved elsewhere gives the same digest."""
     if paths is None:
         return None
     import hashlib
 
+    if root is not None:
+        base = os.path.realpath(os.path.expanduser(root))
+        paths = [os.path.relpath(p, base) for p in paths]
     return hashlib.sha256("\n".join(paths).encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def held_out_changed(config: dict, val_paths) -> str | None:
-    """Why `val_paths`, a split re-created from a run's config, are not the files that run held
-    out (config's val_files_sha256), else None: what export's gate and evaluate --split val
-    check before they score them as held-out images."""
-    recorded = config.get("val_files_sha256")
+def held_out_changed(config: dict, val_paths, root) -> str | None:
+    """Why `val_paths`, a split re-created from a run's config out of the class folders in
+    `root`, are not the files that run held out (config's val_relpaths_sha256; of a run before
+    it, val_files_sha256: the same absolute paths), else None: what export's gate and evaluate
+    --split val check before they score them as held-out images."""
+    relative = config.get("val_relpaths_sha256")
+    recorded = relative or config.get("val_files_sha256")
     if not recorded:
         return "the cnnx that ran it did not record them"
-    if files_digest(val_paths) != recorded:
+    if files_digest(val_paths, root if relative else None) != recorded:
         return "files added, removed or renamed since the run"
     return None
 
 
 DATA_KEYS = (("class_names", "classes"), ("train_images", "training images"), ("val_images", "validation images"),
-             ("test_images", "test images"), ("val_files_sha256", "validation files"),
-             ("train_files_sha256", "training files"))  # a file moved to another class, renamed
+             ("test_images", "test images"), ("val_relpaths_sha256", "validation files"),
+             ("val_files_sha256", "validation files"),  # (absolute: of runs before relative ones)
+             ("train_relpaths_sha256", "training files"))  # a file moved to another class, renamed
 
 
 def data_difference(now: dict, then: dict, was: str = "then", now_is: str = "now") -> str | None:
@@ -960,10 +969,12 @@ def data_difference(now: dict, then: dict, was: str = "then", now_is: str = "now
     for key, what in DATA_KEYS:
         if key not in then or then[key] == now[key]:
             continue
+        if key == "val_files_sha256" and "val_relpaths_sha256" in then:  # where the folder is does not matter
+            continue
         if key == "class_names":
             change = (f"{len(then[key])} {was}, {len(now[key])} {now_is}" if len(then[key]) != len(now[key])
                       else "other names")
-        elif key.endswith("_files_sha256"):
+        elif key.endswith("_sha256"):
             change = "other files"
         else:
             change = f"{then[key]} {was}, {now[key]} {now_is}"
