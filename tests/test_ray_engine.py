@@ -6,6 +6,7 @@ scheduled; onnxruntime runs it on the CPU) is shared by the tests of this module
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -299,6 +300,26 @@ def test_resume_refuses_another_model_and_another_folder(ray_session, folder, mo
     classify_with_ray([str(folder / "airplane")], str(model), output=str(parts), num_workers=1, batch_size=16)
     with pytest.raises(RayEngineError, match="written with another model"):
         classify_with_ray([str(folder)], str(other), output=str(parts), resume=True, num_workers=1, batch_size=16)
+    # Moved or copied without their records: the first rows' files, classified again on the driver,
+    # tell another model with the same classes (its rows were appended, the record then naming it)
+    from cnnx.runtime.output import run_record_path
+
+    reweighted = tmp_path / "reweighted.onnx"
+    proto = onnx.load(str(model))
+    weights = next(t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 4)
+    weights.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weights) * 1.5, weights.name))
+    onnx.save(proto, str(reweighted))
+    monkeypatch.chdir(folder.parent)
+    for target, paths in ((out, [folder.name]), (parts, [str(folder)])):
+        os.remove(run_record_path(str(target)))
+        with pytest.raises(RayEngineError, match=r"its rows are not this model's: (\d) of \1 of its files classified again"):
+            classify_with_ray(paths, str(reweighted), output=str(target), resume=True, num_workers=1, batch_size=16)
+        assert not os.path.exists(run_record_path(str(target)))
+    assert out.read_text() == text
+    summary = classify_with_ray([folder.name], str(model), output=str(out), resume=True, num_workers=1, batch_size=16)
+    assert any(re.search(r"its rows' scores are this model's \(\d of its files classified again\)", w)
+               for w in summary.warnings), summary.warnings
+    monkeypatch.chdir(tmp_path)
     for args, needle in (([folder, "--errors", "-"], "--output and --errors must be different files"),
                          ([folder, "-o", tmp_path / "q.csv", "--errors", tmp_path / "q.csv"], "must be different"),
                          ([folder, "-o", tmp_path / "q.csv", "--errors", tmp_path / "no" / "e.csv"], "no folder"),

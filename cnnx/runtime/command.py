@@ -524,7 +524,7 @@ def _read_done(output, errors_path, fmt, classifier) -> tuple[set, set]:
     for --resume, once its run record (output.check_resume) says this run may append to it."""
     from cnnx.runtime.files import os_error_line
     from cnnx.runtime.output import (ResumeError, check_resume, check_unrecorded_resume, check_unrecorded_rows,
-                                     read_done, read_run_record, unrecorded_resume_warning)
+                                     classified_again, read_done, read_run_record, unrecorded_resume_warning)
 
     done, n, noted, labels, sample = set(), None, set(), set(), []
     try:
@@ -536,7 +536,7 @@ def _read_done(output, errors_path, fmt, classifier) -> tuple[set, set]:
                                 sample=sample if unrecorded else None)
             if unrecorded:
                 check_unrecorded_resume(output, labels, classifier.info.class_names)
-                checked = check_unrecorded_rows(output, sample, _classified_again(classifier, sample))
+                checked = check_unrecorded_rows(output, sample, classified_again(classifier, sample))
                 click.echo(f"warning: {unrecorded_resume_warning(output, checked)}", err=True)
         failed = set()
         if errors_path is not None and os.path.exists(errors_path):
@@ -552,21 +552,6 @@ def _read_done(output, errors_path, fmt, classifier) -> tuple[set, set]:
     except OSError as e:
         raise click.ClickException(f"cannot resume: {os_error_line(e)}") from None
     return done, noted
-
-
-def _classified_again(classifier, sample) -> dict:
-    """path -> (label, score) of this model for each file of `sample` (path, label, score) that
-    is still there to classify (a file gone or unreadable now is no evidence either way)."""
-    from cnnx.runtime.api import Prediction
-    from cnnx.runtime.discover import PathKeys
-
-    paths = [path for path, _label, _score in sample if os.path.isfile(path)]
-    if not paths:
-        return {}
-    keys, names = PathKeys(), classifier.info.class_names
-    by_key = {keys(row.path): (row.label(names), float(row.scores[0]))
-              for row in classifier.classify(paths) if isinstance(row, Prediction)}
-    return {path: by_key[keys(path)] for path in paths if keys(path) in by_key}
 
 
 def _record_the_run(output, classifier, resume: bool):

@@ -570,18 +570,29 @@ def read_done(path, fmt: str, topk: int | None, *, notes: set | None = None, lab
     return done, len(good) - 1
 
 
-def unrecorded_resume_warning(output, checked: int | None) -> str:
-    """checked: how many of its files classified again agreed with its rows (check_unrecorded_rows),
-    None where none were classified again (--engine ray)."""
+def unrecorded_resume_warning(output, checked: int) -> str:
+    """checked: how many of its files classified again agreed with its rows (check_unrecorded_rows)."""
     why = f"{run_record_path(output)}: moved or copied without it, or an older cnnx wrote it"
-    if checked is None:
-        return f"{output} has no run record ({why}): its labels are this model's classes, its weights cannot be " \
-               "checked; the record is written now"
     if checked:
         return (f"{output} has no run record ({why}): its rows' scores are this model's ({checked} of its files "
                 "classified again); the record is written now")
     return (f"{output} has no run record ({why}): its labels are this model's classes, but none of its files could "
             "be classified again to check that this model wrote them; the record is written now")
+
+
+def classified_again(classifier, sample) -> dict:
+    """path -> (label, score) of the Classifier's model for each file of `sample` (path, label,
+    score) still there to classify (a file gone or unreadable now is no evidence either way)."""
+    from cnnx.runtime.api import Prediction
+    from cnnx.runtime.discover import PathKeys
+
+    paths = [path for path, _label, _score in sample if os.path.isfile(path)]
+    if not paths:
+        return {}
+    keys, names = PathKeys(), classifier.info.class_names
+    by_key = {keys(row.path): (row.label(names), float(row.scores[0]))
+              for row in classifier.classify(paths) if isinstance(row, Prediction)}
+    return {path: by_key[keys(path)] for path in paths if keys(path) in by_key}
 
 
 def check_unrecorded_rows(output, sample: list, classified: dict) -> int:
@@ -601,10 +612,11 @@ def check_unrecorded_rows(output, sample: list, classified: dict) -> int:
 
 
 # The rows of an output without a run record that --resume classifies again (its first ones),
-# and how far their written scores (6 decimals) may be from this model's: rounding, and the
-# last bits of another batch size; another model's differ far more.
+# and how far their written scores (6 decimals) may be from this model's: rounding, the last bits
+# of another batch size or device (the rows may be a GPU's: fp32, TF32 off); another model's
+# differ far more.
 SAMPLE_ROWS = 8
-SCORE_TOLERANCE = 1e-5
+SCORE_TOLERANCE = 1e-4
 
 
 def check_unrecorded_resume(output, labels: set, class_names) -> None:

@@ -46,10 +46,11 @@ from cnnx.runtime.discover import URI, Discovery, Found, PathKeys, is_uri
 from cnnx.runtime.files import (TEMP_PREFIX, atomic_file, escaped_name, first_line, os_error_line,
                                 path_of_text, quiet_pillow_warnings, remove_stale_temps)
 from cnnx.runtime.model import NON_FINITE_LINE, NON_FINITE_STAGE, ModelError, finite_rows, softmax_topk
-from cnnx.runtime.output import (ErrorsWriter, OutputBusy, PredictionWriter, ResumeError, WriteError,
-                                 already_exists, check_resume, check_unrecorded_resume, csv_header, default_errors_path,
-                                 held_for_writing, names_parquet_folder, read_done, read_run_record, run_record_path,
-                                 summary_counts, unrecorded_resume_warning, write_run_record)
+from cnnx.runtime.output import (SAMPLE_ROWS, ErrorsWriter, OutputBusy, PredictionWriter, ResumeError, WriteError,
+                                 already_exists, check_resume, check_unrecorded_resume, check_unrecorded_rows,
+                                 classified_again, csv_header, default_errors_path, held_for_writing,
+                                 names_parquet_folder, read_done, read_run_record, run_record_path, summary_counts,
+                                 unrecorded_resume_warning, write_run_record)
 from cnnx.runtime.pipeline import decode_images
 from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS
 
@@ -164,8 +165,13 @@ def classify_with_ray(paths, model, *, output, fmt="csv", errors=None, resume=Fa
         if not status.usable:
             raise RayEngineError(f"--device {device}: {status.reason}")
     summary = RaySummary()
+    def classify_here(sample):  # an output without its run record: are its rows this model's?
+        with Classifier(model, "cpu", threads=1, batch_size=batch_size, topk=topk, max_pixels=max_pixels,
+                        decode="threads") as here:
+            return classified_again(here, sample)
+
     with _output_lock(output, errors), _Sink(output, fmt, errors, info.class_names, topk, resume, rows_per_part,
-                                     info) as sink:
+                                     info, classify_here) as sink:
         summary.warnings += sink.warnings
         todo, discover_skips = _plan(_found(paths, manifest, follow_symlinks, summary), sink, summary)
         if summary.found == 0:
@@ -712,10 +718,11 @@ class _Sink:
     """Predictions (CSV/JSONL through PredictionWriter, or Parquet parts) and the errors file,
     and what both already hold when resuming."""
 
-    def __init__(self, output, fmt, errors_path, class_names, topk, resume, rows_per_part, info):
+    def __init__(self, output, fmt, errors_path, class_names, topk, resume, rows_per_part, info, classify_here):
         """info: the model's ModelInfo: its identity() is kept in the output's run record with its
         path (as local classify keeps them: output.write_run_record) and checked by a --resume
-        (check_resume)."""
+        (check_resume). classify_here: sample -> output.classified_again of the model, for an
+        output without its record (output.check_unrecorded_rows)."""
         model = info.identity()
         self.fmt, self.class_names, self.topk = fmt, class_names, topk
         if resume and output == "-":
@@ -734,18 +741,20 @@ class _Sink:
         try:
             record = read_run_record(target) if resume and started else None
             check_resume(target, record, model, ())  # the model, before anything is read
-            labels = set() if resume and started and record is None else None  # an older cnnx's output
+            unrecorded = resume and started and record is None  # moved without its record, or an older cnnx's
+            labels, sample = (set(), []) if unrecorded else (None, None)
             if fmt == "parquet":
                 self.writer = _ParquetParts(output, class_names, topk, rows_per_part)
                 if resume:
-                    done, escaped = self.writer.read_done(labels)
+                    done, escaped = self.writer.read_done(labels, sample)
             else:
                 if resume and os.path.exists(output):
-                    done = read_done(output, fmt, topk, labels=labels)[0]
+                    done = read_done(output, fmt, topk, labels=labels, sample=sample)[0]
                 self.writer = PredictionWriter(output, fmt, class_names, topk, append=resume)
-            if labels is not None:
+            if unrecorded:
                 check_unrecorded_resume(target, labels, class_names)
-                self.warnings.append(unrecorded_resume_warning(target, None))
+                checked = check_unrecorded_rows(target, sample, classify_here(sample))
+                self.warnings.append(unrecorded_resume_warning(target, checked))
             if resume and errors_path is not None and os.path.exists(errors_path):
                 done |= read_done(errors_path, "errors", None, notes=noted)[0]
             check_resume(target, record, model, done | escaped)  # and the folder its relative paths are relative to
@@ -861,9 +870,10 @@ class _ParquetParts:
             raise WriteError(os_error_line(e, folder)) from None
         remove_stale_temps(folder, (TEMP_PREFIX,))  # parts a killed run was writing
 
-    def read_done(self, labels: set | None = None) -> tuple[set, set]:
+    def read_done(self, labels: set | None = None, sample: list | None = None) -> tuple[set, set]:
         """(the names already in the parts, exactly; the escaped `path` names of parts an older
-        cnnx wrote, without path_bytes). `labels`, when given, gets every label of their rows."""
+        cnnx wrote, without path_bytes). `labels`, when given, gets every label of their rows;
+        `sample` the (path, label, score) of the first SAMPLE_ROWS (output.read_done's)."""
         import pyarrow.parquet as pq
 
         done, escaped = set(), set()
@@ -873,7 +883,11 @@ class _ParquetParts:
             except (OSError, ValueError) as e:
                 raise ResumeError(f"{self.folder}/{name}: not readable as Parquet: {first_line(e)}") from None
             if table.column_names == self.columns:
-                done.update(map(os.fsdecode, table.column("path_bytes").to_pylist()))
+                names = list(map(os.fsdecode, table.column("path_bytes").to_pylist()))
+                done.update(names)
+                if sample is not None and len(sample) < SAMPLE_ROWS:
+                    sample += list(zip(names, table.column("label").to_pylist(),
+                                       table.column("score").to_pylist()))[:SAMPLE_ROWS - len(sample)]
             elif table.column_names == self.columns[:-1]:
                 escaped.update(table.column("path").to_pylist())
             else:
