@@ -5,6 +5,7 @@ contract, real CIFAR JPEGs and bad files, real onnxruntime."""
 from __future__ import annotations
 
 import csv
+import gc
 import itertools
 import os
 import subprocess
@@ -310,6 +311,22 @@ def test_a_run_cut_short_by_close_says_so_and_odd_uses_are_one_line(model, mixed
         clf.close()
         with pytest.raises(ValueError, match="closed before the run ended"):
             list(results)
+    # the README's pattern for a writer of its own holds no Classification: close() reached no run,
+    # which went on (on decode processes started again for it, after the close)
+    for decode in ("threads", "processes"):
+        with Classifier(model, "cpu", batch_size=8, decode=decode) as clf:
+            results = clf.classify([mixed_folder]).results()
+            gc.collect()
+            next(results)
+            clf.close()
+            with pytest.raises(ValueError, match="closed before the run ended"):
+                list(results)
+        with Classifier(model, "cpu", batch_size=8, decode=decode) as clf:
+            results = clf.classify([mixed_folder]).results()
+            clf.close()  # before the first read
+            with pytest.raises(ValueError, match="closed before the run ended"):
+                next(results)
+            assert clf.decode_pool is None
     with Classifier(model, "cpu", batch_size=8) as clf:
         run = clf.classify([mixed_folder])
         next(run)
@@ -338,23 +355,22 @@ def test_an_error_a_close_from_another_thread_causes_is_said_as_the_close():
     """close() from another thread stops the decode processes under the reader, which then saw
     "decode worker process N ended ... run again (with fewer --workers ...)": advice for a
     crash that was not one. The reader gets the close's ValueError instead."""
-    from cnnx.runtime.api import _until_stopped
+    from cnnx.runtime.api import CLOSED_DURING_RUN, _RunStop, _until_stopped
     from cnnx.runtime.procdecode import DecodeWorkerDied
 
-    stop = [False, None]
-
-    def items():
+    def items(stop):
         yield 1
-        stop[:] = [True, "this Classifier was closed before the run ended: its rows stop here"]
+        if stop is not None:
+            stop.closed, stop.why = True, CLOSED_DURING_RUN  # as close() from another thread sets them
         raise DecodeWorkerDied("decode worker process 7 ended (exit status 0) between tasks")
 
-    rows = _until_stopped(items(), stop)
+    stop = _RunStop(iter(()))
+    rows = _until_stopped(items(stop), stop)
     assert next(rows) == 1
     with pytest.raises(ValueError, match="closed before the run ended"):
         next(rows)
-    stop[:] = [False, None]  # an error of the run's own, no close: as it is
-    with pytest.raises(DecodeWorkerDied):
-        list(_until_stopped(items(), [False, None]))
+    with pytest.raises(DecodeWorkerDied):  # an error of the run's own, no close: as it is
+        list(_until_stopped(items(None), _RunStop(iter(()))))
 
 
 def test_decode_processes_leave_the_programs_start_method_unset(model, cifar_subset):

@@ -157,6 +157,46 @@ def _batches(folder, spec, batch_size: int, workers: int, lend: bool) -> list:
         pool.close()
 
 
+def test_one_run_at_a_time_takes_the_workers_and_a_failed_start_gives_them_back(model, mixed, monkeypatch):
+    """Two threads' calls on one Classifier: each checked `busy`, then started, and one got
+    "this DecodePool is already running a classify call" (1 to 4 calls in 12,000); the workers
+    are taken at once now (claim), by one run. A run whose segment could not be made (/dev/shm
+    full) left the pool busy for good: every later call decoded in threads."""
+    from multiprocessing import shared_memory
+
+    from cnnx.runtime.discover import Discovery
+    from cnnx.runtime.pipeline import batched_runs
+    from cnnx.runtime.procdecode import DecodePool
+
+    with Classifier(model, "cpu") as clf:
+        spec = clf.info.spec
+    config = PipelineConfig(batch_size=8, workers=2)
+    pool = DecodePool(2)
+
+    def run(**kw):
+        return [b.paths for _items, b in pool.decoded_batches(batched_runs(Discovery([str(mixed)]).runs(), 8), spec,
+                                                              config, **kw)]
+
+    try:
+        assert pool.claim() and pool.busy and not pool.claim()
+        with pytest.raises(RuntimeError, match="already running"):
+            run()
+        rows = run(claimed=True)  # the holder's own run
+        assert pool.busy  # given back by its holder, not by the run
+        pool.release()
+        assert not pool.busy and run() == rows and not pool.busy
+
+        def no_room(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(shared_memory, "SharedMemory", no_room)
+        with pytest.raises(OSError):
+            run()
+        assert not pool.busy
+    finally:
+        pool.close()
+
+
 def test_lent_batches_are_the_copied_ones_and_only_whole_ones_are_lent(model, mixed):
     """lend (the IOBinding runner's way): a batch whose files all decoded is its slot, not a
     copy; one with a failure is copied out as before; every batch holds the same pixels and rows."""

@@ -143,7 +143,7 @@ class Classifier:
         self.requested_batch_size = batch_size
         self._pid = os.getpid()  # the process whose onnxruntime threads the session has (close())
         self.runner = None
-        self._runs = weakref.WeakSet()  # the Classifications not yet finished, stopped by close()
+        self._runs = weakref.WeakSet()  # the _RunStops of runs still read, stopped by close()
         self.gpu_decoder = None
         self.decode_pool = None
         self.session, self.info, self.provider = open_model(model, device, threads=threads, batch_size=batch_size)
@@ -184,6 +184,8 @@ class Classifier:
         the old user's; its workers would read files as that user), or one that may no longer
         run Python's executable. A pool one of whose workers ended (DecodeWorkerDied in an
         earlier call) is replaced: each call that says "run again" can be run again."""
+        if self.session is None:  # closed: nothing is started again for a run close() missed
+            raise ValueError(CLOSED_DURING_RUN)
         if self.decode_pool is not None and self.decode_pool.pid != os.getpid():
             # a process forked after the pool started: its workers are the parent's (their state
             # came with the fork: an AssertionError), left to it; this process decodes in threads
@@ -272,8 +274,7 @@ class Classifier:
 
     def close(self):
         for run in list(self._runs):
-            with contextlib.suppress(ValueError):  # being read in another thread right now: it ends there
-                run.close(stopped=CLOSED_DURING_RUN)
+            run.close(CLOSED_DURING_RUN)
         if os.getpid() != self._pid:  # a forked process: onnxruntime's teardown here waited for ever on
             _KEPT_AFTER_FORK.append((self.session, self.runner, self.gpu_decoder))  # the parent's threads
             self.runner = self.gpu_decoder = None
@@ -343,22 +344,39 @@ class BatchResult:
         return rows
 
 
-def _until_stopped(items, stop: list):
-    """items until the run is closed (stop [closed, why]; an item in hand then is not given),
-    then ValueError(why) where another hand than its reader's closed it (a module function: it
-    must not hold the Classification). An error the close caused in the run's parts (its decode
-    processes or session closed under the reader: "decode worker ended") is that ValueError too."""
+class _RunStop:
+    """Whether a run was closed, and why where its reader did not ask (Classifier.close): what
+    Classifier.close reaches a run by. Held by the Classification and by every generator of its
+    rows: a reader of `clf.classify(paths).results()` holds no Classification, and the run went
+    on after close(), on decode processes started again for it."""
+
+    __slots__ = ("closed", "why", "results", "__weakref__")
+
+    def __init__(self, results):
+        self.closed, self.why, self.results = False, None, results
+
+    def close(self, why: str | None = None):
+        self.closed, self.why = True, why
+        with contextlib.suppress(ValueError):  # being read in another thread right now: it ends there
+            self.results.close()
+
+
+def _until_stopped(items, stop: _RunStop):
+    """items until the run is closed (an item in hand then is not given), then ValueError(why)
+    where another hand than its reader's closed it (a module function: it must not hold the
+    Classification). An error the close caused in the run's parts (its decode processes or
+    session closed under the reader: "decode worker ended") is that ValueError too."""
     try:
         for item in items:
-            if stop[0]:
+            if stop.closed:
                 break
             yield item
     except Exception:
-        if stop[1] is None:
+        if stop.why is None:
             raise
-        raise ValueError(stop[1]) from None
-    if stop[1] is not None:
-        raise ValueError(stop[1])
+        raise ValueError(stop.why) from None
+    if stop.why is not None:
+        raise ValueError(stop.why)
 
 
 class _Counts:
@@ -392,10 +410,9 @@ class Classification:
         # cycle, freed only by the cyclic collector), and the discovery thread of the GPU path
         # would hold it for ever once the caller stopped reading.
         self._results = _run(classifier, todo)
-        # [closed, why a run its reader did not stop ended early (Classifier.close)]
-        self._stop = [False, None]
+        self._stop = _RunStop(self._results)
         self._rows = _until_stopped((row for result in self._results for row in result.rows()), self._stop)
-        classifier._runs.add(self)
+        classifier._runs.add(self._stop)  # alive while this or a generator of results() is
 
     @property
     def found(self) -> int:
@@ -425,8 +442,7 @@ class Classification:
         """Stop the run: no row comes after (not even the rest of the batch in hand). stopped:
         why, when its reader did not ask: the next read raises ValueError with it, rather than
         ending as if every row had come."""
-        self._stop[:] = [True, stopped]
-        self._results.close()
+        self._stop.close(stopped)
 
     def __enter__(self):
         return self
@@ -482,9 +498,12 @@ def _cpu_decoded(clf: Classifier, todo):
             yield from decoded_batches(todo, clf.info.spec, clf.config)
             return
     pool = clf._pool()
-    if pool is not None and not pool.busy:
-        yield from pool.decoded_batches(todo, clf.info.spec, clf.config,
-                                        model=clf.info if clf._runs_in_workers else None, lend=True)
+    if pool is not None and pool.claim():
+        try:
+            yield from pool.decoded_batches(todo, clf.info.spec, clf.config,
+                                            model=clf.info if clf._runs_in_workers else None, lend=True, claimed=True)
+        finally:
+            pool.release()
     else:
         yield from decoded_batches(todo, clf.info.spec, clf.config)
 

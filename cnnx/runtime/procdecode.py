@@ -33,6 +33,7 @@ import secrets
 import selectors
 import signal
 import sys
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
@@ -218,7 +219,7 @@ class DecodePool:
     def __init__(self, workers: int, model=None, nice: int = 0):
         ctx = context()
         self.procs, self.conns = [], []
-        self.busy = False  # a run is using the workers (one at a time)
+        self._user = threading.Lock()  # held by the run using the workers (one at a time): claim()
         self.pid = os.getpid()  # the process whose workers they are (a forked one's are its parent's)
         self.model_replaced = False  # a worker opened another model than the caller's: they decode only
         self.runs = 0  # runs started: results of an earlier one (ended early) are dropped
@@ -247,7 +248,19 @@ class DecodePool:
         # SIGTERM, and its join of them would wait forever (exitpriority >= 0 runs first).
         self._stop = mp_util.Finalize(self, _stop, args=(self.procs, self.conns), exitpriority=0)
 
-    def decoded_batches(self, item_batches, spec, config, model=None, lend: bool = False):
+    @property
+    def busy(self) -> bool:
+        return self._user.locked()
+
+    def claim(self) -> bool:
+        """Take the workers for one run (True), or False where another run has them: a check
+        of `busy` then a run raced with another thread's (one got "already running")."""
+        return self._user.acquire(blocking=False)
+
+    def release(self):
+        self._user.release()
+
+    def decoded_batches(self, item_batches, spec, config, model=None, lend: bool = False, claimed: bool = False):
         """Yield (items, DecodedBatch) in order: what pipeline.decoded_batches yields for the
         same input, decoded in the worker processes. model: None, or the ModelInfo of the model
         (opened by `Classifier(model, "cpu")`) that each worker then runs on the whole
@@ -255,12 +268,20 @@ class DecodePool:
         failed run raises ModelError here, in batch order; None, for the caller to run, once a
         worker opened another model from its path: ModelChanged). lend: a batch whose files all
         decoded comes as a view of its slot, valid only until the next batch is asked for
-        (the caller is done with its pixels by then); others are copied out as without lend."""
-        if self.busy:
+        (the caller is done with its pixels by then); others are copied out as without lend.
+        claimed: the caller took the workers (claim()) and gives them back (release()); else
+        this run takes them, or raises RuntimeError where another run has them."""
+        if not claimed and not self.claim():
             raise RuntimeError("this DecodePool is already running a classify call")
+        try:
+            yield from self._decoded_batches(item_batches, spec, config, model, lend)
+        finally:
+            if not claimed:
+                self.release()
+
+    def _decoded_batches(self, item_batches, spec, config, model, lend):
         if self.model_replaced:
             model = None
-        self.busy = True
         self.runs += 1
         slots = config.read_ahead(spec) + 1
         shape = (slots, config.batch_size, 3, *spec["size"])
@@ -283,7 +304,6 @@ class DecodePool:
             shm.unlink()
             if held is not None:
                 os.close(held)
-            self.busy = False
 
     @property
     def broken(self) -> bool:
