@@ -225,9 +225,19 @@ def test_split_layout_early_stopping_and_test_split_once(cifar_train_dir, tmp_pa
     r = run_cli(["train", "--resume", run, "--quiet"])
     assert r.exit_code == 2 and "stopped early after epoch 2" in r.stderr and "--patience" in r.stderr, r.stderr
     assert len((run / "metrics.csv").read_text().strip().splitlines()) == 1 + 2
+    config_before = (run / "config.json").read_bytes()
     r = run_cli(["train", "--resume", run, "--quiet", "--patience", "0"])
     assert r.exit_code == 0, r.stderr
     assert len((run / "metrics.csv").read_text().strip().splitlines()) == 1 + 5
+    # killed after its last last.pt, before config.json: the resume that writes what the kill left
+    # writes config.json too (it said --patience 1 for good, last.pt 0)
+    config_after = (run / "config.json").read_bytes()
+    assert json.loads(config_after)["patience"] == 0
+    (run / "config.json").write_bytes(config_before)
+    (run / "plots" / "confusion.png").unlink()
+    r = run_cli(["train", "--resume", run, "--quiet"])
+    assert r.exit_code == 0 and "stopped before it wrote plots/confusion.png" in r.stderr, r.stderr
+    assert (run / "config.json").read_bytes() == config_after
     # evaluate on its train/ says so; it held nothing out of train/ (its validation images were val/'s)
     r = run_cli(["evaluate", run / "best.pt", "--data", data, "--split", "train", "--cache-dir", tmp_path / "c"])
     assert r.exit_code == 0 and "these figures include its 48 training images (its validation images were in val/" \

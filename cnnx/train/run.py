@@ -377,6 +377,7 @@ def fit(cfg: TrainConfig, run_dir, *, resume: dict | None = None, stop_after: in
         state = start_state(run, resume)
         if end_only:
             if d.main:
+                write_pending_config(run)  # a resume killed after its last last.pt, before config.json
                 write_csvs(run.run_dir, state.history, run.class_names)
                 write_report(run, state)
             return finish(run, state, Stop.FINISHED if state.epoch >= cfg.epochs else Stop.EARLY, None)
@@ -1187,9 +1188,7 @@ def save_epoch(run: Run, state: State, improved: bool, tm: dict, vm: dict):
     save_checkpoint({**ckpt, **trained, "optimizer": run.optimizer.state_dict(),
                      "scheduler": {"step": resume.pop("scheduler_step"), "total_steps": run.total_steps,
                                    "kind": run.cfg.schedule}, **resume}, run.run_dir / "last.pt")
-    if run.config_pending:
-        files.atomic_write(run.run_dir / "config.json", json.dumps(run.config, indent=2) + "\n")
-        run.config_pending = False
+    write_pending_config(run)
     if improved:
         save_checkpoint(ckpt, run.run_dir / "best.pt")
     write_csvs(run.run_dir, state.history, run.class_names)
@@ -1211,6 +1210,13 @@ def write_report(run: Run, state: State, summary: dict | None = None):
                           history=state.history, class_names=run.class_names, confusion=state.best_confusion,
                           val=val, summary=summary or {"best_epoch": state.best_epoch,
                                                        "best_val_top1": state.best_top1})
+
+
+def write_pending_config(run: Run):
+    """A resumed run's config.json (--epochs changed, say), once last.pt is the run it describes."""
+    if run.config_pending:
+        files.atomic_write(run.run_dir / "config.json", json.dumps(run.config, indent=2) + "\n")
+        run.config_pending = False
 
 
 def log_epoch(run: Run, state: State, tm: dict, vm: dict, improved: bool):
