@@ -95,18 +95,24 @@ def export(checkpoint, formats, out_dir, opset, verify_data, fp16, int8, parity_
         for note in newest_checkpoint_notes(checkpoint, time.time()):
             click.echo(printable(f"note: {note}"), err=True)
 
+    import contextlib
+
     from cnnx.export.api import export_checkpoint
+    from cnnx.runtime.files import os_error_line, temp_files_kept_apart
 
     try:
-        result = export_checkpoint(checkpoint, out_dir, formats, opset=opset, verify_data=verify_data, fp16=fp16,
-                                   int8=int8, progress=True, parity_images=parity_images,
-                                   log=lambda msg: click.echo(printable(msg), err=True), tta=None if tta is None else int(tta),
-                                   cache_dir=cache_dir)
+        with temp_files_kept_apart() if int8 else contextlib.nullcontext():  # onnxruntime's quantization temps
+            result = export_checkpoint(checkpoint, out_dir, formats, opset=opset, verify_data=verify_data, fp16=fp16,
+                                       int8=int8, progress=True, parity_images=parity_images,
+                                       log=lambda msg: click.echo(printable(msg), err=True),
+                                       tta=None if tta is None else int(tta), cache_dir=cache_dir)
     except ParityError as e:
         click.echo(e.report.table(), err=True)
         raise click.ClickException(str(e)) from None
     except ExportError as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:  # the temporary folder: export_checkpoint says its own in an ExportError
+        raise click.ClickException(os_error_line(e)) from None
     click.echo(result.parity.table(), err=True)
     click.echo(f"parity gate passed; wrote {len(result.paths)} files to {result.out_dir}", err=True)
     for path in result.paths.values():

@@ -21,7 +21,7 @@ import numpy as np
 from cnnx.export.errors import ExportError
 from cnnx.export.parity import Backend
 from cnnx.runtime.contract import CPU_PROVIDER, CUDA_PROVIDER_ENTRY, INPUT_NAME
-from cnnx.runtime.files import first_line, interruption, is_disk_full
+from cnnx.runtime.files import first_line, interruption, is_disk_full, users_temp_folder
 
 # Output file per artifact; `cnnx classify` looks for model.onnx.
 FILENAMES = {
@@ -224,7 +224,8 @@ def _failure_line(label: str, error: Exception, folder: Path) -> str:
     path = Path(os.path.abspath(os.fsdecode(error.filename))) if getattr(error, "filename", None) else None
     staged = path is not None and path.is_relative_to(folder)  # the staging folder, gone with the failure: its place
     if is_disk_full(error):  # not the output's disk: the file it names, or a temporary one (int8's calibration)
-        where = (f"the temporary folder {tempfile.gettempdir()} ($TMPDIR)" if path is None
+        temporary = path is None or path.is_relative_to(tempfile.gettempdir())  # (or the one kept apart in it)
+        where = (f"the temporary folder {users_temp_folder()} ($TMPDIR)" if temporary and not staged
                  else folder.parent if staged else path.parent)
         return f"{label} failed: No space left on device in {where} (free some space and export again)"
     if staged and getattr(error, "strerror", None):

@@ -474,6 +474,49 @@ def remove_stale_temps(folder, prefixes=(TEMP_PREFIX,)) -> list:
     return removed
 
 
+def held_temp_folder(prefix: str, root=None) -> tuple:
+    """(a new folder `<root>/<prefix><pid>-*`, the descriptor by which this process holds it:
+    hold_as_writer), after removing those of processes gone (remove_stale_temps): what a
+    process killed (kill -9) left in its folder goes at the next start. root: the temporary
+    folder (tempfile.gettempdir()) where not given."""
+    root = tempfile.gettempdir() if root is None else root
+    remove_stale_temps(root, (prefix,))
+    folder = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=root)
+    fd = os.open(folder, os.O_RDONLY)
+    hold_as_writer(fd)
+    return folder, fd
+
+
+@contextlib.contextmanager
+def temp_files_kept_apart():
+    """tempfile's folder, for the duration, is a held folder of this process's own
+    (held_temp_folder in the temporary folder), removed after: what a library makes in the
+    temporary folder (onnxruntime's quantization: pre.quant.*, ort.quant.*, as large as the
+    model) is not left there by a process killed meanwhile. For a command's process only:
+    tempfile's folder is every thread's."""
+    import shutil
+
+    global _users_temp_folder
+    folder, fd = held_temp_folder(TEMP_PREFIX)
+    saved, _users_temp_folder = tempfile.tempdir, tempfile.gettempdir()
+    tempfile.tempdir = folder
+    try:
+        yield folder
+    finally:
+        tempfile.tempdir, _users_temp_folder = saved, None
+        shutil.rmtree(folder, ignore_errors=True)
+        os.close(fd)
+
+
+_users_temp_folder = None  # tempfile's folder before temp_files_kept_apart put its own in its place
+
+
+def users_temp_folder() -> str:
+    """The temporary folder the user has ($TMPDIR...), to name in a message: not the one of
+    temp_files_kept_apart, gone with the command."""
+    return _users_temp_folder or tempfile.gettempdir()
+
+
 def remove_stale_temps_beside(*paths) -> None:
     """remove_stale_temps in the folder of each file a command writes with atomic_file (None and
     "-" skipped): a command killed while writing one left its temp there, which its next run

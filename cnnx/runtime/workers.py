@@ -140,18 +140,15 @@ def own_temp_folder():
     import tempfile
     from multiprocessing import util
 
-    from cnnx.runtime.files import hold_as_writer, remove_stale_temps
+    from cnnx.runtime.files import held_temp_folder
 
     config = multiprocessing.current_process()._config
     if config.get("tempdir") is not None:
         return
-    root, prefix = tempfile.gettempdir(), f"{MP_TEMP_PREFIX}{os.getpid()}-"
-    if len(os.path.join(root, prefix + "x" * 8, "listener-" + "x" * 8)) > UNIX_PATH_MAX:
+    root = tempfile.gettempdir()
+    if len(os.path.join(root, f"{MP_TEMP_PREFIX}{os.getpid()}-" + "x" * 8, "listener-" + "x" * 8)) > UNIX_PATH_MAX:
         return  # no socket there: multiprocessing's shorter name may still fit
-    remove_stale_temps(root, (MP_TEMP_PREFIX,))
-    folder = tempfile.mkdtemp(prefix=prefix, dir=root)
-    held = os.open(folder, os.O_RDONLY)
-    hold_as_writer(held)
+    folder, held = held_temp_folder(MP_TEMP_PREFIX, root)
     config["tempdir"] = folder
     # what multiprocessing.util.get_temp_dir registers for its own (shutil.rmtree bound now: the
     # finalizer may run late in the interpreter's shutdown)
