@@ -609,16 +609,15 @@ def _write_rows(rows, output, fmt, errors_path, classifier, *, append: bool, t0:
 
 
 def _say_rows_not_found(done, already_done: int, output, paths):
-    """A --resume whose output (or errors file) holds rows of files this run did not find
-    (removed or renamed since, or under a PATH not given this time): they stay, and were
-    not said (a renamed file got a second row, under its new name)."""
+    """A --resume whose output (or errors file) holds rows of files this run did not find: said
+    (output.rows_not_found_note)."""
     from cnnx.runtime.discover import PathKeys
+    from cnnx.runtime.output import rows_not_found_note
 
     keys = PathKeys()
-    gone = len({keys(p) for p in done}) - already_done
-    if gone > 0:
-        click.echo(f"note: {gone:,} row(s) of {output} or its errors file are of files not found under "
-                   f"{', '.join(paths)} this time (removed, renamed, or under a path not given): they stay", err=True)
+    note = rows_not_found_note(len({keys(p) for p in done}) - already_done, output, paths)
+    if note is not None:
+        click.echo(f"note: {note}", err=True)
 
 
 def _print_summary(tally: _Tally, rows, classifier, errors_path, wall: float):

@@ -629,6 +629,16 @@ def check_unrecorded_resume(output, labels: set, class_names) -> None:
                           "model (--model), or write to a new file")
 
 
+def rows_not_found_note(gone: int, output, paths) -> str | None:
+    """What a --resume says of the rows its output (or errors file) holds for files it did not
+    find (removed or renamed since, or under a PATH not given this time: a renamed file gets a
+    second row, under its new name), None where there are none."""
+    if gone <= 0:
+        return None
+    return (f"{gone:,} row(s) of {output} or its errors file are of files not found under {', '.join(map(str, paths))} "
+            "this time (removed, renamed, or under a path not given): they stay")
+
+
 def summary_counts(classified: int, skipped: dict, *, already_done: int = 0, noted: int = 0, ignored: int = 0) -> list:
     """The counts that begin the summary line of every classify engine (local and Ray), in
     one wording: classified, skipped by stage, already done, with notes, non-image files."""

@@ -49,7 +49,8 @@ from cnnx.runtime.model import NON_FINITE_LINE, NON_FINITE_STAGE, ModelError, fi
 from cnnx.runtime.output import (SAMPLE_ROWS, ErrorsWriter, OutputBusy, PredictionWriter, ResumeError, WriteError,
                                  already_exists, check_resume, check_unrecorded_resume, check_unrecorded_rows,
                                  classified_again, csv_header, default_errors_path, held_for_writing,
-                                 names_parquet_folder, read_done, read_run_record, run_record_path, summary_counts,
+                                 names_parquet_folder, read_done, read_run_record, rows_not_found_note, run_record_path,
+                                 summary_counts,
                                  unrecorded_resume_warning, write_run_record)
 from cnnx.runtime.pipeline import decode_images
 from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS
@@ -173,10 +174,13 @@ def classify_with_ray(paths, model, *, output, fmt="csv", errors=None, resume=Fa
     with _output_lock(output, errors), _Sink(output, fmt, errors, info.class_names, topk, resume, rows_per_part,
                                      info, classify_here) as sink:
         summary.warnings += sink.warnings
-        todo, discover_skips = _plan(_found(paths, manifest, follow_symlinks, summary), sink, summary)
+        todo, discover_skips, found_done = _plan(_found(paths, manifest, follow_symlinks, summary), sink, summary)
         if summary.found == 0:
             raise RayEngineError(f"no {'image ' if summary.ignored else ''}files found under "
                                  f"{', '.join(map(str, [*paths, *([manifest] if manifest else [])]))}")
+        note = rows_not_found_note(len(sink.done) - found_done, output, [*paths, *([manifest] if manifest else [])])
+        if note is not None:
+            summary.warnings.append(note)
         t_ray = time.perf_counter()
         with _ray_session(ray, address, num_workers, needed=bool(todo)), _data_context():  # before any row is written
             for path, reason in discover_skips:
@@ -309,9 +313,10 @@ def _manifest_lines(manifest):
 
 
 def _plan(found_iter, sink, summary):
-    """-> (paths still to classify, [(path, reason)] of discover-stage skips not yet recorded).
-    A path given twice (a manifest line repeated, a folder and a file in it) is classified once."""
-    todo, skips, seen = [], [], set()
+    """-> (paths still to classify, [(path, reason)] of discover-stage skips not yet recorded,
+    how many of the paths the output already holds were found). A path given twice (a manifest
+    line repeated, a folder and a file in it) is classified once."""
+    todo, skips, seen, found_done = [], [], set(), 0
     for item in found_iter:
         key = sink.key(item.path)
         if key in seen:
@@ -320,11 +325,12 @@ def _plan(found_iter, sink, summary):
         summary.found += 1
         if sink.is_done(item.path):
             summary.resumed += item.reason is None
+            found_done += key in sink.done
         elif item.reason is not None:
             skips.append((item.path, item.reason))
         else:
             todo.append(item.path)
-    return todo, skips
+    return todo, skips, found_done
 
 
 # ---- Ray --------------------------------------------------------------------------------------
