@@ -373,7 +373,14 @@ def test_a_run_whose_data_folder_moved_resumes_and_is_evaluated_there(cifar_trai
     other = copy_classes(cifar_train_dir, tmp_path / "other", ["cat", "dog"], 5)  # images it never saw
     r = run_cli(["evaluate", run / "best.pt", "--data", other, "--cache-dir", tmp_path / "c"])
     assert r.exit_code == 0 and "trained on" not in r.stderr, r.stderr[-2000:]
-    _one_line_error(run_cli(["evaluate", run / "best.pt", "--data", other, "--split", "val"]), 1,
+    r = run_cli(["evaluate", run / "best.pt", "--data", other, "--split", "val"])  # too few files to be it
+    assert r.exit_code == 2 and "has no train/val/test folders" in r.stderr, r.stderr
+    more = tmp_path / "more"  # as many files, other ones: told once decoded
+    for c in ("cat", "dog"):
+        (more / c).mkdir(parents=True)
+        for f in sorted((cifar_train_dir / c).iterdir())[100:125]:
+            shutil.copyfile(f, more / c / f.name)
+    _one_line_error(run_cli(["evaluate", run / "best.pt", "--data", more, "--split", "val"]), 1,
                     "the images its run held out cannot be told again (not the folder it trained on")
     # the folder its config names now is there: another --data is a change, not a move
     r = run_cli(["train", "--resume", run, "--data", copy, "--epochs", "3"])

@@ -382,7 +382,7 @@ def _pick_split(layout, split, data, ckpt) -> tuple:
     """(the split's name, its folder): --split's, else test, else val; ("all", DIR) for a flat DIR,
     ("held-out", DIR) for --split val of the flat DIR the checkpoint's run held images out of."""
     if "all" in layout:
-        if split == "val" and (_trained_on(ckpt, layout["all"]) == "all" or _held_out_recorded(ckpt)):
+        if split == "val" and (_trained_on(ckpt, layout["all"]) == "all" or _may_hold_the_runs_files(ckpt, layout["all"])):
             return "held-out", layout["all"]  # (a folder elsewhere: _held_out_part checks its files are the run's)
         if split:
             raise click.BadParameter(f"{data} has no train/val/test folders"
@@ -637,6 +637,19 @@ def _held_out_recorded(ckpt: dict) -> bool:
     (a folder elsewhere can then be checked to be the run's, moved or copied)."""
     config = ckpt.get("config")
     return isinstance(config, dict) and isinstance(config.get("val_relpaths_sha256"), str)
+
+
+def _may_hold_the_runs_files(ckpt: dict, folder) -> bool:
+    """Whether a flat folder other than the one the checkpoint's run names may be that folder
+    moved or copied (_holds_the_runs_files tells, once it is decoded): the run recorded its files
+    by their paths in it, and the folder lists at least as many image files as the run used."""
+    from cnnx.train.data import list_image_folder
+
+    if not _held_out_recorded(ckpt):
+        return False
+    config = ckpt["config"]
+    used = config.get("train_images", 0) + config.get("val_images", 0)
+    return len(list_image_folder(Path(folder).expanduser().resolve()).files) >= used
 
 
 def _holds_the_runs_files(d, ckpt: dict, folder) -> bool:
