@@ -82,10 +82,11 @@ def one_line_error(args, *needles):
 
 
 def with_held_out_digest(config: dict, scratch: Path) -> dict:
-    """`config` with the val_files_sha256 `cnnx train` records of the files its run held out
-    (the export checks it before it scores a re-created split), listed with a scratch cache."""
+    """`config` with the digests `cnnx train` records of the files its run held out (the export
+    checks them before it scores a re-created split), listed with a scratch cache."""
     from cnnx.train.data import load_splits
     from cnnx.train.run import files_digest
 
     splits = load_splits({**config, "cache_dir": str(scratch)}, progress=False)
-    return {**config, "val_files_sha256": files_digest(splits.val_paths)}
+    return {**config, "val_files_sha256": files_digest(splits.val_paths),
+            "val_relpaths_sha256": files_digest(splits.val_paths, splits.val_root)}

@@ -281,6 +281,9 @@ def test_jsonl_and_stdout_agree_with_csv(model, cifar_subset, tmp_path):
     # *.json names one JSON document, which neither format is (CSV rows were written there)
     r = run([folder, "--model", model, "-o", tmp_path / "q.json"])
     assert r.exit_code == 2 and "name it *.csv or *.jsonl" in r.stderr and not (tmp_path / "q.json").exists(), r.stderr
+    (tmp_path / "parts.json").mkdir()  # a folder named so is no file: --engine ray's Parquet parts go there
+    r = run([folder, "--model", model, "-o", tmp_path / "parts.json"])
+    assert r.exit_code == 2 and "Parquet folders need --engine ray" in r.stderr, r.stderr
     r = run([folder, "--model", model, "-o", tmp_path / "q.json", "--format", "jsonl", "--topk", "2"])  # said so
     assert r.exit_code == 0 and (tmp_path / "q.json").read_bytes() == (tmp_path / "p.jsonl").read_bytes()
     # CSV rows an older cnnx wrote into old.jsonl (no --format): --resume continues them as CSV

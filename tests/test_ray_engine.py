@@ -219,14 +219,14 @@ def test_resume_csv_cut_short(ray_session, folder, model, local, tmp_path):
     assert summary.resumed == 7  # the 8 rows written, less the one cut short
     assert_same_predictions(sorted(read_predictions(out)), sorted(local[0]))  # each file once
     assert sorted(read_errors(tmp_path / "cut.errors.csv")) == sorted(local[1])
-    assert not [w for w in summary.warnings if "not found under" in w]
+    assert not summary.notes
     # resumed on one of its folders: the rows of the files under the others are said to stay
     summary = classify_with_ray([str(folder / "airplane")], str(model), output=str(out), resume=True, num_workers=2,
                                 batch_size=16)
     rows = len({p for p, *_ in read_predictions(out)}
                | {p for p, stage, _ in read_errors(tmp_path / "cut.errors.csv") if stage != "note"})
     assert summary.classified == 0 and summary.found < rows
-    assert [w for w in summary.warnings if "not found under" in w] == [
+    assert summary.notes == [
         f"{rows - summary.found:,} row(s) of {out} or its errors file are of files not found under {folder / 'airplane'} "
         "this time (removed, renamed, or under a path not given): they stay"]
 

@@ -300,7 +300,7 @@ def _rows_format(output: str, fmt: str | None, resume: bool) -> str:
         if first in (b"{", b'"'):  # a JSONL row, or the CSV header's quoted "path"
             return "jsonl" if first == b"{" else "csv"
     if fmt is None:
-        if suffix == ".json":  # CSV rows there failed every JSON reader (they were written so, silently)
+        if suffix == ".json" and not names_parquet_folder(output):  # CSV rows there failed every JSON reader
             raise click.UsageError(f"--output {output}: cnnx writes CSV or JSON Lines (a JSON object a line), not one "
                                    "JSON document: name it *.csv or *.jsonl, or give --format")
         return named or "csv"
@@ -368,6 +368,8 @@ def _classify_on_ray(paths, model_path, output, fmt, topk, batch_size, device, e
     for line in summary.warnings:
         click.echo(f"warning: {line}", err=True)
     click.echo(summary.line(), err=True)
+    for line in summary.notes:  # after the summary, as the local engine's
+        click.echo(f"note: {line}", err=True)
     unread = nothing_could_be_read(summary.classified, summary.skipped, [*paths, *([manifest] if manifest else [])],
                                    already_done=summary.resumed)
     if unread is not None:
@@ -536,7 +538,8 @@ def _read_done(output, errors_path, fmt, classifier) -> tuple[set, set]:
                                 sample=sample if unrecorded else None)
             if unrecorded:
                 check_unrecorded_resume(output, labels, classifier.info.class_names)
-                checked = check_unrecorded_rows(output, sample, classified_again(classifier, sample))
+                checked = check_unrecorded_rows(output, sample, classified_again(classifier, sample),
+                                                classifier.info.variant)
                 click.echo(f"warning: {unrecorded_resume_warning(output, checked)}", err=True)
         failed = set()
         if errors_path is not None and os.path.exists(errors_path):

@@ -595,14 +595,16 @@ def classified_again(classifier, sample) -> dict:
     return {path: by_key[keys(path)] for path in paths if keys(path) in by_key}
 
 
-def check_unrecorded_rows(output, sample: list, classified: dict) -> int:
+def check_unrecorded_rows(output, sample: list, classified: dict, variant: str) -> int:
     """An output without a run record, whose first rows (`sample`: path, label, score) were
     classified again by this run's model (`classified`: path -> (label, score), for the files
-    that could be): ResumeError where one of them differs (rows of another model with the same
-    classes: appending mixed two models in one file, silently); else how many agreed."""
+    that could be; `variant`: the model's, fp32, fp16 or int8): ResumeError where one of them
+    differs (rows of another model with the same classes: appending mixed two models in one
+    file, silently); else how many agreed."""
+    tolerance = SCORE_TOLERANCE.get(variant, LOW_PRECISION_SCORE_TOLERANCE)
     checked = [(path, label, score, classified[path]) for path, label, score in sample if path in classified]
     differ = [path for path, label, score, (now_label, now_score) in checked
-              if label != now_label or abs(score - now_score) > SCORE_TOLERANCE]
+              if label != now_label or abs(score - now_score) > tolerance]
     if differ:
         raise ResumeError(f"{output} has no run record ({run_record_path(output)}: moved or copied without it?) and "
                           f"its rows are not this model's: {len(differ)} of {len(checked)} of its files classified "
@@ -613,10 +615,11 @@ def check_unrecorded_rows(output, sample: list, classified: dict) -> int:
 
 # The rows of an output without a run record that --resume classifies again (its first ones),
 # and how far their written scores (6 decimals) may be from this model's: rounding, the last bits
-# of another batch size or device (the rows may be a GPU's: fp32, TF32 off); another model's
-# differ far more.
+# of another batch size or device (the rows may be a GPU's: fp32, TF32 off); an fp16 or int8
+# variant's arithmetic differs more between devices. Another model's scores differ far more.
 SAMPLE_ROWS = 8
-SCORE_TOLERANCE = 1e-4
+SCORE_TOLERANCE = {"fp32": 1e-4}
+LOW_PRECISION_SCORE_TOLERANCE = 2e-2
 
 
 def check_unrecorded_resume(output, labels: set, class_names) -> None:

@@ -90,6 +90,7 @@ class RaySummary:
     startup_seconds: float = 0.0  # ray.init (or joining the cluster) until the first row came back
     seconds: float = 0.0
     warnings: list = field(default_factory=list)  # lines for the user (the CLI prints them as warnings)
+    notes: list = field(default_factory=list)  # and as notes, after the summary line
 
     def line(self) -> str:
         parts = summary_counts(self.classified, self.skipped, already_done=self.resumed, noted=self.noted,
@@ -180,7 +181,7 @@ def classify_with_ray(paths, model, *, output, fmt="csv", errors=None, resume=Fa
                                  f"{', '.join(map(str, [*paths, *([manifest] if manifest else [])]))}")
         note = rows_not_found_note(len(sink.done) - found_done, output, [*paths, *([manifest] if manifest else [])])
         if note is not None:
-            summary.warnings.append(note)
+            summary.notes.append(note)
         t_ray = time.perf_counter()
         with _ray_session(ray, address, num_workers, needed=bool(todo)), _data_context():  # before any row is written
             for path, reason in discover_skips:
@@ -759,7 +760,7 @@ class _Sink:
                 self.writer = PredictionWriter(output, fmt, class_names, topk, append=resume)
             if unrecorded:
                 check_unrecorded_resume(target, labels, class_names)
-                checked = check_unrecorded_rows(target, sample, classify_here(sample))
+                checked = check_unrecorded_rows(target, sample, classify_here(sample), info.variant)
                 self.warnings.append(unrecorded_resume_warning(target, checked))
             if resume and errors_path is not None and os.path.exists(errors_path):
                 done |= read_done(errors_path, "errors", None, notes=noted)[0]

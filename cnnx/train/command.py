@@ -207,6 +207,11 @@ def _resume_dir(resume, given, opts) -> tuple:
     changed = sorted(fixed - same)
     if "data" in changed and _data_moved(run_config, opts["data"]):
         changed.remove("data")  # applied as a resumable option; fit checks its files are the run's
+        if launch_rank() == 0:
+            from cnnx.train.run import say
+
+            say(f"note: the run's data folder {run_config['data']} is not there: continuing on {opts['data']} if "
+                "its files are the run's")
     if changed:
         raise click.UsageError(f"--resume continues the run's own config; cannot change {_option_names(changed)} "
                                f"(only {_option_names(RESUMABLE)})")
@@ -220,13 +225,7 @@ def _data_moved(run_config: dict, data) -> bool:
     began = run_config.get("data")
     if not isinstance(began, str) or "cifar10" in (began, data) or "val_relpaths_sha256" not in run_config:
         return False
-    if os.path.exists(os.path.expanduser(began)):
-        return False
-    if launch_rank() == 0:
-        from cnnx.train.run import say
-
-        say(f"note: the run's data folder {began} is not there: continuing on {data} if its files are the run's")
-    return True
+    return not os.path.exists(os.path.expanduser(began))
 
 
 def _run_folder(resume) -> Path:
@@ -540,7 +539,7 @@ def _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, c
     from cnnx.runtime.files import escaped_name, name_text, names_line, printable
     from cnnx.train import loop
     from cnnx.train.checkpoint import load_checkpoint, model_from_checkpoint
-    from cnnx.train.data import class_folders, folder_layout, load_image_folder, respelt_note
+    from cnnx.train.data import class_folders, folder_layout, ignored_line, load_image_folder, respelt_note
 
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt)
@@ -574,7 +573,7 @@ def _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, c
     for note in d.notes:
         click.echo(printable(f"note: {note}"), err=True)
     if d.ignored:  # as cnnx train says it of the same folder
-        click.echo(f"ignored {d.ignored} file(s) that are hidden or not image names", err=True)
+        click.echo(ignored_line(d.ignored), err=True)
     if d.skipped:
         click.echo(f"skipped {len(d.skipped)} file(s):", err=True)
         for p, why in d.skipped[:20]:

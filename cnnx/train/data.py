@@ -536,6 +536,11 @@ def _run_jobs(procs, jobs, out, rows_by_pipe, kept_by_job, errors_by_job, bar, n
         raise _WorkerDied(_worker_death(procs[conn], n, spec, to_file=not rows_by_pipe)) from None
 
 
+def ignored_line(n: int) -> str:
+    """What train and evaluate say of the files a folder's walk passed over."""
+    return f"ignored {n} file(s) that are hidden or not image names"
+
+
 def load_image_folder(root, spec, *, progress=True, cache=None, workers=None, use_cache=True,
                       cache_mode="memory", listing: Listing | None = None) -> ImageFolderData:
     """Decode DIR/<class>/<files> into uint8 (N, 3, H, W) through the preprocess spec.

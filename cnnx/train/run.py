@@ -35,7 +35,7 @@ from cnnx.train import finetune, frontier, loop, optim
 from cnnx.train.cache import Rows, take
 from cnnx.train.checkpoint import build_checkpoint, save_checkpoint
 from cnnx.train.config import TrainConfig, config_from_dict
-from cnnx.train.data import SPLIT_BY_GENERATOR, SPLIT_BY_NAME, load_splits
+from cnnx.train.data import SPLIT_BY_GENERATOR, SPLIT_BY_NAME, ignored_line, load_splits
 
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_top1", "train_top5", "val_loss", "val_top1", "val_top5",
                   "seconds", "eval_seconds", "train_seconds_total")
@@ -903,7 +903,7 @@ def load_run_data(cfg: TrainConfig, spec: dict, run_dir: Path, d: loop.Dist, pro
     for note in splits.notes:
         say(f"note: {note}", d)
     if splits.ignored:
-        say(f"ignored {splits.ignored} file(s) that are hidden or not image names", d)
+        say(ignored_line(splits.ignored), d)
     if splits.skipped:
         say(f"skipped {len(splits.skipped)} file(s):", d)
         for p, why in splits.skipped[:20]:
@@ -932,16 +932,24 @@ def skipped_text(skipped) -> bytes:
 
 def files_digest(paths, root=None) -> str | None:
     """sha256 of a split's file list (what --resume compares), None where there is no list
-    (CIFAR-10). root: the paths relative to it (the folder holding the class folders), so that
-    the data folder moved elsewhere gives the same digest."""
+    (CIFAR-10). root: each path relative to it (the folder holding the class folders) with the
+    file's size, so that the data folder moved elsewhere gives the same digest, and another
+    folder of files named alike (0000.jpg, ...) another one."""
     if paths is None:
         return None
     import hashlib
 
     if root is not None:
         base = os.path.realpath(os.path.expanduser(root))
-        paths = [os.path.relpath(p, base) for p in paths]
+        paths = [f"{os.path.relpath(p, base)}\0{_size(p)}" for p in paths]
     return hashlib.sha256("\n".join(paths).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _size(path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:  # gone since it was decoded: no size matches it
+        return -1
 
 
 def held_out_changed(config: dict, val_paths, root) -> str | None:
