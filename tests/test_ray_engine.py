@@ -226,6 +226,7 @@ def test_resume_csv_cut_short(ray_session, folder, model, local, tmp_path):
     rows = len({p for p, *_ in read_predictions(out)}
                | {p for p, stage, _ in read_errors(tmp_path / "cut.errors.csv") if stage != "note"})
     assert summary.classified == 0 and summary.found < rows
+    assert "ray: not started (nothing left to classify)" in summary.line() and "start-up" not in summary.line()
     assert summary.notes == [
         f"{rows - summary.found:,} row(s) of {out} or its errors file are of files not found under {folder / 'airplane'} "
         "this time (removed, renamed, or under a path not given): they stay"]

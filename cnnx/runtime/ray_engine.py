@@ -95,6 +95,9 @@ class RaySummary:
     def line(self) -> str:
         parts = summary_counts(self.classified, self.skipped, already_done=self.resumed, noted=self.noted,
                                ignored=self.ignored)
+        if self.workers == 0:  # nothing left to classify: Ray was not started, and no start-up to tell
+            parts += ["ray: not started (nothing left to classify)", f"{self.seconds:.2f} s"]
+            return "; ".join(parts)
         providers = ", ".join(sorted(self.providers)) or "none"
         parts.append(f"ray: {self.workers} workers on {len(self.nodes)} node(s), provider {providers}")
         parts.append(f"{self.seconds:.2f} s (Ray start-up to the first rows {self.startup_seconds:.2f} s)")
