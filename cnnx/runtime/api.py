@@ -361,6 +361,20 @@ class _RunStop:
             self.results.close()
 
 
+def classified_again(classifier: Classifier, sample) -> dict:
+    """path -> (label, score) of the Classifier's model for each file of `sample` (path, label,
+    score) still there to classify (a file gone or unreadable now is no evidence either way):
+    what --resume checks the rows of an output without its run record by
+    (output.check_unrecorded_output)."""
+    paths = [path for path, _label, _score in sample if os.path.isfile(path)]
+    if not paths:
+        return {}
+    keys, names = PathKeys(), classifier.info.class_names
+    by_key = {keys(row.path): (row.label(names), float(row.scores[0]))
+              for row in classifier.classify(paths) if isinstance(row, Prediction)}
+    return {path: by_key[keys(path)] for path in paths if keys(path) in by_key}
+
+
 def _until_stopped(items, stop: _RunStop):
     """items until the run is closed (an item in hand then is not given), then ValueError(why)
     where another hand than its reader's closed it (a module function: it must not hold the
@@ -395,7 +409,8 @@ class Classification:
     """The rows of one Classifier.classify call: an iterator of rows, of one list of rows per
     batch (`batches()`), or of one BatchResult per batch (`results()`: arrays, what a writer
     flushes at; no row objects made). Counts as it goes: `found` (files found, skips and
-    already-done ones included), `already_done`, `ignored` (non-image files inside folders).
+    already-done ones included), `already_done`, `ignored` (non-image files inside folders);
+    once it has ended, `done_not_found` (paths of `done` no file found was).
     A run stopped before its end (`close()`, `with`, or the Classification let go of: a
     `break` out of the loop) stops its threads and gives back the decode processes and the
     IOBinding runner; Classifier.close() stops the runs still open."""
@@ -405,7 +420,9 @@ class Classification:
         self.discovery = Discovery(paths, follow_symlinks=follow_symlinks)
         self._counts = _Counts()
         keys = PathKeys()
-        todo = _todo(self.discovery, self._counts, keys, {keys(p) for p in path_list(done)})
+        done_keys = {keys(p) for p in path_list(done)}
+        self._done_given = len(done_keys)
+        todo = _todo(self.discovery, self._counts, keys, done_keys)
         # Module functions, not methods: a generator of a method would hold this object (a
         # cycle, freed only by the cyclic collector), and the discovery thread of the GPU path
         # would hold it for ever once the caller stopped reading.
@@ -425,6 +442,12 @@ class Classification:
     @property
     def ignored(self) -> int:
         return self.discovery.ignored
+
+    @property
+    def done_not_found(self) -> int:
+        """Paths of `done` (rows an output already holds, for --resume) that no file this run
+        found was: removed or renamed since, or under a path not given this time."""
+        return self._done_given - self._counts.already_done
 
     def __iter__(self):
         return self

@@ -21,7 +21,8 @@ import click
 from cnnx.cli import INTERRUPTED_LINE, ExitNow
 from cnnx.runtime.contract import INFERENCE_DEVICES
 from cnnx.runtime.files import ends_as_terminated, interruption, remove_stale_temps_beside, shown
-from cnnx.runtime.output import already_exists, default_errors_path, names_parquet_folder, nothing_could_be_read
+from cnnx.runtime.output import (already_exists, default_errors_path, names_parquet_folder, nothing_could_be_read,
+                                 rows_not_found_note)
 from cnnx.runtime.workers import DECODE_MODES, PROCESS_DECODE_MAX_SIDE, PROCESS_DECODE_MIN_FILES
 
 
@@ -173,8 +174,9 @@ def classify(paths, model_path, output, fmt, topk, batch_size, workers, decode, 
         what = "files" if rows.ignored == 0 else f"image files ({rows.ignored} other files ignored)"
         raise click.ClickException(f"no {what} found under {', '.join(paths)}")
     _print_summary(tally, rows, classifier, errors_path, time.perf_counter() - t0)
-    if done:
-        _say_rows_not_found(done, rows.already_done, output, paths)
+    note = rows_not_found_note(rows.done_not_found, output, paths)
+    if note is not None:
+        click.echo(f"note: {note}", err=True)
     unread = nothing_could_be_read(tally.classified, tally.skipped, paths, already_done=rows.already_done)
     if unread is not None:
         raise click.ClickException(unread)
@@ -525,8 +527,8 @@ def _read_done(output, errors_path, fmt, classifier) -> tuple[set, set]:
     """(paths already in OUTPUT and in the errors file, paths the errors file has a note on)
     for --resume, once its run record (output.check_resume) says this run may append to it."""
     from cnnx.runtime.files import os_error_line
-    from cnnx.runtime.output import (ResumeError, check_resume, check_unrecorded_resume, check_unrecorded_rows,
-                                     classified_again, read_done, read_run_record, unrecorded_resume_warning)
+    from cnnx.runtime.api import classified_again
+    from cnnx.runtime.output import ResumeError, check_resume, check_unrecorded_output, read_done, read_run_record
 
     done, n, noted, labels, sample = set(), None, set(), set(), []
     try:
@@ -537,10 +539,9 @@ def _read_done(output, errors_path, fmt, classifier) -> tuple[set, set]:
             done, n = read_done(output, fmt, classifier.topk, labels=labels if unrecorded else None,
                                 sample=sample if unrecorded else None)
             if unrecorded:
-                check_unrecorded_resume(output, labels, classifier.info.class_names)
-                checked = check_unrecorded_rows(output, sample, classified_again(classifier, sample),
-                                                classifier.info.variant)
-                click.echo(f"warning: {unrecorded_resume_warning(output, checked)}", err=True)
+                warning = check_unrecorded_output(output, labels, sample, classifier.info,
+                                                  lambda rows: classified_again(classifier, rows))
+                click.echo(f"warning: {warning}", err=True)
         failed = set()
         if errors_path is not None and os.path.exists(errors_path):
             failed = read_done(errors_path, "errors", None, notes=noted)[0] - done
@@ -609,18 +610,6 @@ def _write_rows(rows, output, fmt, errors_path, classifier, *, append: bool, t0:
         finally:
             errors.close()
     return tally
-
-
-def _say_rows_not_found(done, already_done: int, output, paths):
-    """A --resume whose output (or errors file) holds rows of files this run did not find: said
-    (output.rows_not_found_note)."""
-    from cnnx.runtime.discover import PathKeys
-    from cnnx.runtime.output import rows_not_found_note
-
-    keys = PathKeys()
-    note = rows_not_found_note(len({keys(p) for p in done}) - already_done, output, paths)
-    if note is not None:
-        click.echo(f"note: {note}", err=True)
 
 
 def _print_summary(tally: _Tally, rows, classifier, errors_path, wall: float):

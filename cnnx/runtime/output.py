@@ -497,6 +497,15 @@ def check_resume(output, record: dict | None, model: dict, done) -> None:
         raise ResumeError(f"{output} holds paths relative to {cwd}, where its first run ran: resume from there")
 
 
+# The rows of an output without a run record that --resume classifies again (its first ones),
+# and how far their written scores (6 decimals) may be from this model's: rounding, the last bits
+# of another batch size or device (the rows may be a GPU's: fp32, TF32 off); an fp16 or int8
+# variant's arithmetic differs more between devices. Another model's scores differ far more.
+SAMPLE_ROWS = 8
+SCORE_TOLERANCE = {"fp32": 1e-4}
+LOW_PRECISION_SCORE_TOLERANCE = 2e-2
+
+
 def read_done(path, fmt: str, topk: int | None, *, notes: set | None = None, labels: set | None = None,
               sample: list | None = None):
     """Paths already in an output (or errors, fmt='errors') file, for --resume. A last row cut
@@ -505,7 +514,7 @@ def read_done(path, fmt: str, topk: int | None, *, notes: set | None = None, lab
     Returns (paths set, rows kept). For errors files, note rows are not counted as done; their
     paths go into `notes` when it is given. `labels`, when given, gets every label of an
     output's rows (top-1 and top-k); `sample` the (path, label, score) of its first
-    SAMPLE_ROWS rows (check_unrecorded_rows)."""
+    SAMPLE_ROWS rows (check_unrecorded_output)."""
     with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
         text = f.read()
     if not text:
@@ -570,38 +579,20 @@ def read_done(path, fmt: str, topk: int | None, *, notes: set | None = None, lab
     return done, len(good) - 1
 
 
-def unrecorded_resume_warning(output, checked: int) -> str:
-    """checked: how many of its files classified again agreed with its rows (check_unrecorded_rows)."""
-    why = f"{run_record_path(output)}: moved or copied without it, or an older cnnx wrote it"
-    if checked:
-        return (f"{output} has no run record ({why}): its rows' scores are this model's ({checked} of its files "
-                "classified again); the record is written now")
-    return (f"{output} has no run record ({why}): its labels are this model's classes, but none of its files could "
-            "be classified again to check that this model wrote them; the record is written now")
-
-
-def classified_again(classifier, sample) -> dict:
-    """path -> (label, score) of the Classifier's model for each file of `sample` (path, label,
-    score) still there to classify (a file gone or unreadable now is no evidence either way)."""
-    from cnnx.runtime.api import Prediction
-    from cnnx.runtime.discover import PathKeys
-
-    paths = [path for path, _label, _score in sample if os.path.isfile(path)]
-    if not paths:
-        return {}
-    keys, names = PathKeys(), classifier.info.class_names
-    by_key = {keys(row.path): (row.label(names), float(row.scores[0]))
-              for row in classifier.classify(paths) if isinstance(row, Prediction)}
-    return {path: by_key[keys(path)] for path in paths if keys(path) in by_key}
-
-
-def check_unrecorded_rows(output, sample: list, classified: dict, variant: str) -> int:
-    """An output without a run record, whose first rows (`sample`: path, label, score) were
-    classified again by this run's model (`classified`: path -> (label, score), for the files
-    that could be; `variant`: the model's, fp32, fp16 or int8): ResumeError where one of them
-    differs (rows of another model with the same classes: appending mixed two models in one
-    file, silently); else how many agreed."""
-    tolerance = SCORE_TOLERANCE.get(variant, LOW_PRECISION_SCORE_TOLERANCE)
+def check_unrecorded_output(output, labels: set, sample: list, info, classify_again) -> str:
+    """An output without its run record (moved or copied without it, or an older cnnx's) that
+    --resume would append the rows of the model `info` (its ModelInfo) to: ResumeError where its
+    rows hold a label that is none of the model's classes, or where the files of its first rows
+    (`sample`: path, label, score), classified again (`classify_again`: sample -> path -> (label,
+    score) of the files that could be, api.classified_again), give other scores (another model
+    with the same classes: appending mixed two models in one file, silently); else the warning
+    to show. labels: every label of its rows."""
+    unknown = sorted(labels - set(info.class_names))
+    if unknown:
+        raise ResumeError(f"{output} holds labels this model does not have ({names_line(unknown, 5)}): another model "
+                          "wrote it; resume with that model (--model), or write to a new file")
+    tolerance = SCORE_TOLERANCE.get(info.variant, LOW_PRECISION_SCORE_TOLERANCE)
+    classified = classify_again(sample)
     checked = [(path, label, score, classified[path]) for path, label, score in sample if path in classified]
     differ = [path for path, label, score, (now_label, now_score) in checked
               if label != now_label or abs(score - now_score) > tolerance]
@@ -610,26 +601,12 @@ def check_unrecorded_rows(output, sample: list, classified: dict, variant: str) 
                           f"its rows are not this model's: {len(differ)} of {len(checked)} of its files classified "
                           f"again give other scores (first: {differ[0]}); resume with the model that wrote it (--model), "
                           "or write to a new file")
-    return len(checked)
-
-
-# The rows of an output without a run record that --resume classifies again (its first ones),
-# and how far their written scores (6 decimals) may be from this model's: rounding, the last bits
-# of another batch size or device (the rows may be a GPU's: fp32, TF32 off); an fp16 or int8
-# variant's arithmetic differs more between devices. Another model's scores differ far more.
-SAMPLE_ROWS = 8
-SCORE_TOLERANCE = {"fp32": 1e-4}
-LOW_PRECISION_SCORE_TOLERANCE = 2e-2
-
-
-def check_unrecorded_resume(output, labels: set, class_names) -> None:
-    """An output without a run record (an older cnnx wrote it, before records): ResumeError
-    where its rows hold a label that is none of this model's classes (another model wrote
-    them); its weights cannot be checked."""
-    unknown = sorted(labels - set(class_names))
-    if unknown:
-        raise ResumeError(f"{output} holds labels this model does not have ({names_line(unknown, 5)}): another model wrote it; resume with that "
-                          "model (--model), or write to a new file")
+    why = f"{run_record_path(output)}: moved or copied without it, or an older cnnx wrote it"
+    if checked:
+        return (f"{output} has no run record ({why}): its rows' scores are this model's ({len(checked)} of its files "
+                "classified again); the record is written now")
+    return (f"{output} has no run record ({why}): its labels are this model's classes, but none of its files could "
+            "be classified again to check that this model wrote them; the record is written now")
 
 
 def rows_not_found_note(gone: int, output, paths) -> str | None:

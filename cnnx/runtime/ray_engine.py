@@ -40,18 +40,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cnnx.runtime.api import Classifier, path_list
+from cnnx.runtime.api import Classifier, classified_again, path_list
 from cnnx.runtime.contract import external_data_files
 from cnnx.runtime.discover import URI, Discovery, Found, PathKeys, is_uri
 from cnnx.runtime.files import (TEMP_PREFIX, atomic_file, escaped_name, first_line, os_error_line,
                                 path_of_text, quiet_pillow_warnings, remove_stale_temps)
 from cnnx.runtime.model import NON_FINITE_LINE, NON_FINITE_STAGE, ModelError, finite_rows, softmax_topk
 from cnnx.runtime.output import (SAMPLE_ROWS, ErrorsWriter, OutputBusy, PredictionWriter, ResumeError, WriteError,
-                                 already_exists, check_resume, check_unrecorded_resume, check_unrecorded_rows,
-                                 classified_again, csv_header, default_errors_path, held_for_writing,
-                                 names_parquet_folder, read_done, read_run_record, rows_not_found_note, run_record_path,
-                                 summary_counts,
-                                 unrecorded_resume_warning, write_run_record)
+                                 already_exists, check_resume, check_unrecorded_output, csv_header, default_errors_path,
+                                 held_for_writing, names_parquet_folder, read_done, read_run_record, rows_not_found_note,
+                                 run_record_path, summary_counts, write_run_record)
 from cnnx.runtime.pipeline import decode_images
 from cnnx.runtime.preprocess import DEFAULT_MAX_PIXELS
 
@@ -170,13 +168,14 @@ def classify_with_ray(paths, model, *, output, fmt="csv", errors=None, resume=Fa
         if not status.usable:
             raise RayEngineError(f"--device {device}: {status.reason}")
     summary = RaySummary()
+
     def classify_here(sample):  # an output without its run record: are its rows this model's?
         with Classifier(model, "cpu", threads=1, batch_size=batch_size, topk=topk, max_pixels=max_pixels,
                         decode="threads") as here:
             return classified_again(here, sample)
 
-    with _output_lock(output, errors), _Sink(output, fmt, errors, info.class_names, topk, resume, rows_per_part,
-                                     info, classify_here) as sink:
+    with _output_lock(output, errors), _Sink(output, fmt, errors, topk, resume, rows_per_part, info,
+                                     classify_here) as sink:
         summary.warnings += sink.warnings
         todo, discover_skips, found_done = _plan(_found(paths, manifest, follow_symlinks, summary), sink, summary)
         if summary.found == 0:
@@ -728,12 +727,13 @@ class _Sink:
     """Predictions (CSV/JSONL through PredictionWriter, or Parquet parts) and the errors file,
     and what both already hold when resuming."""
 
-    def __init__(self, output, fmt, errors_path, class_names, topk, resume, rows_per_part, info, classify_here):
+    def __init__(self, output, fmt, errors_path, topk, resume, rows_per_part, info, classify_here):
         """info: the model's ModelInfo: its identity() is kept in the output's run record with its
         path (as local classify keeps them: output.write_run_record) and checked by a --resume
-        (check_resume). classify_here: sample -> output.classified_again of the model, for an
-        output without its record (output.check_unrecorded_rows)."""
+        (check_resume). classify_here: sample -> api.classified_again of the model, for an
+        output without its record (output.check_unrecorded_output)."""
         model = info.identity()
+        class_names = info.class_names
         self.fmt, self.class_names, self.topk = fmt, class_names, topk
         if resume and output == "-":
             raise RayUsageError("--resume needs --output FILE (it reads back what that file already holds)")
@@ -762,9 +762,7 @@ class _Sink:
                     done = read_done(output, fmt, topk, labels=labels, sample=sample)[0]
                 self.writer = PredictionWriter(output, fmt, class_names, topk, append=resume)
             if unrecorded:
-                check_unrecorded_resume(target, labels, class_names)
-                checked = check_unrecorded_rows(target, sample, classify_here(sample), info.variant)
-                self.warnings.append(unrecorded_resume_warning(target, checked))
+                self.warnings.append(check_unrecorded_output(target, labels, sample, info, classify_here))
             if resume and errors_path is not None and os.path.exists(errors_path):
                 done |= read_done(errors_path, "errors", None, notes=noted)[0]
             check_resume(target, record, model, done | escaped)  # and the folder its relative paths are relative to

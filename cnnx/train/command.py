@@ -655,14 +655,16 @@ def _holds_the_runs_files(d, ckpt: dict, folder) -> bool:
     """Whether the decoded flat folder `d` (in `folder`) holds the files the checkpoint's run
     trained on and held out, by their paths in it: the run's folder moved or copied elsewhere."""
     from cnnx.train.data import DataError, identical_files, run_split
-    from cnnx.train.run import files_digest
+    from cnnx.train.run import files_digest, held_out_changed
 
     config = ckpt["config"]
+    if len(d.labels) != config.get("train_images", -1) + config.get("val_images", 0):
+        return False  # another number of images: no split (nor the copies' hashing) needed to tell
     try:
         tr, va = run_split(config, d.labels, folder, d.paths, identical_files(d.paths))
     except (DataError, KeyError, TypeError, ValueError):  # a config this cnnx cannot split by
         return False
-    return (files_digest([d.paths[i] for i in va.tolist()], folder) == config["val_relpaths_sha256"]
+    return (held_out_changed(config, [d.paths[i] for i in va.tolist()], folder) is None
             and files_digest([d.paths[i] for i in tr.tolist()], folder) == config.get("train_relpaths_sha256"))
 
 
