@@ -144,6 +144,39 @@ def test_fp16_and_int8_variants_keep_uint8_input_and_metadata(exported, trained)
     for key in ("onnx-fp16", "onnx-int8"):
         s = ort.InferenceSession(str(exported.paths[key]), providers=["CPUExecutionProvider"])
         assert s.run(None, {"images": x})[0].shape == (5, 10)
+    # what an older runtime reads them by: only the operator sets their nodes use (int8's
+    # pre-processing declared all of onnxruntime's, its internal ones too), and the IR version
+    # those need (the exporter stamps its newest): onnxruntime 1.17 refused all three before
+    for key in ("onnx", "onnx-fp16", "onnx-int8"):
+        m = onnx.load(str(exported.paths[key]))
+        assert {o.domain for o in m.opset_import} == {n.domain for n in m.graph.node} | {""}, key
+        assert m.ir_version == onnx.helper.find_min_ir_version_for(list(m.opset_import), ignore_unknown=True), key
+
+
+@pytest.mark.parametrize("opset,ir", [(18, 8), (20, 9), (23, 11)])
+def test_a_saved_model_declares_the_ir_version_its_opset_needs_and_only_the_domains_it_uses(tmp_path, opset, ir):
+    from onnx import helper
+
+    from cnnx.export.onnx import save_model
+
+    inner = helper.make_graph([helper.make_node("Neg", ["x"], ["y"])], "inner", [],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]),
+         helper.make_node("If", ["c"], ["y"], then_branch=inner, else_branch=inner)], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1]),
+         helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    unused = [helper.make_opsetid("ai.onnx.ml", 5), helper.make_opsetid("com.microsoft.nchwc", 1)]
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", opset), *unused])
+    save_model(model, tmp_path / "m.onnx")
+    saved = onnx.load(str(tmp_path / "m.onnx"))
+    assert saved.ir_version == ir and [(o.domain, o.version) for o in saved.opset_import] == [("", opset)]
+    onnx.checker.check_model(saved, full_check=True)
+    if opset <= 20:  # what the installed onnxruntime's CPU provider has kernels for in every case
+        out = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(
+            None, {"x": np.array([2.0], np.float32), "c": np.array(True)})
+        assert out[0].tolist() == [-2.0]
 
 
 def test_gate_refuses_a_real_model_that_disagrees(exported, trained, verify_dir, tmp_path, monkeypatch):

@@ -341,3 +341,54 @@ def test_crop_box_stays_inside_the_image_for_every_size():
     for size in ((32, 32), (224, 224)):
         out, _ = load_image(jpeg_bytes(arr), make_spec(size, (0.5,) * 3, (0.25,) * 3))
         assert out.shape == (3, *size)
+
+
+def _xmp(orientation: int, attribute: bool = True) -> bytes:
+    """An XMP packet with tiff:Orientation, as an attribute or as an element (both are written)."""
+    tag = (f'tiff:Orientation="{orientation}"/>' if attribute
+           else f"><tiff:Orientation>{orientation}</tiff:Orientation></rdf:Description>")
+    return ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+            f'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" {tag}</rdf:RDF></x:xmpmeta>').encode()
+
+
+@pytest.mark.parametrize("attribute", [True, False])
+@pytest.mark.parametrize("mode", ["RGB", "CMYK"])  # the libjpeg-turbo route and Pillow's
+def test_a_jpeg_s_xmp_orientation_is_applied_as_pillow_applies_it_to_every_format(mode, attribute):
+    # A photo whose only orientation is XMP's tiff:Orientation (an editor's export): one rule
+    # for both JPEG routes and the Pillow formats, Pillow's (EXIF first, else XMP).
+    img = Image.fromarray(quadrants()).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=98, xmp=_xmp(6, attribute))
+    data = buf.getvalue()
+    assert b"Exif\0\0" not in data
+    assert ImageOps.exif_transpose(Image.open(io.BytesIO(data))).size == (60, 80)  # Pillow rotates it
+    arr, note = load_image(data, make_spec((80, 60), (0.5,) * 3, (0.25,) * 3))
+    assert note is None and arr.shape == (3, 80, 60)
+    assert arr[0, 5, 55] > 200 and arr[1, 5, 55] < 60  # red, stored top-left, is top-right when viewed
+    if mode == "RGB":
+        assert jpeg_orientation(data) == (6, None)
+    # EXIF's tag, where there is one, wins over XMP's (as in Pillow)
+    buf = io.BytesIO()
+    Image.fromarray(quadrants()).save(buf, "JPEG", quality=98, xmp=_xmp(6, attribute), exif=exif_with_orientation(3))
+    assert ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue()))).size == (80, 60)
+    assert jpeg_orientation(buf.getvalue()) == (3, None)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "I;16"])
+def test_a_png_colour_key_is_composited_over_white_as_an_alpha_channel_is(mode):
+    # tRNS in an RGB or gray PNG marks one colour transparent: the same picture saved with an
+    # alpha channel is fed to the model over white, so this one must be too.
+    a = np.zeros((40, 40, 3), np.uint8)
+    a[10:30, 10:30] = (200, 30, 30)
+    if mode == "RGB":
+        img, key = Image.fromarray(a), (0, 0, 0)
+    elif mode == "L":
+        img, key = Image.fromarray(a[..., 0]), 0
+    else:
+        img, key = Image.fromarray(a[..., 0].astype(np.uint16) * 257), 0
+    buf = io.BytesIO()
+    img.save(buf, "PNG", transparency=key)
+    assert Image.open(io.BytesIO(buf.getvalue())).mode == mode
+    arr, _ = load_image(buf.getvalue(), make_spec(40, (0.5,) * 3, (0.25,) * 3))
+    assert arr[:, 0, 0].tolist() == [255, 255, 255]  # the transparent ground
+    assert arr[0, 20, 20] == 200  # the square keeps its colour (scaled down from 16 bits alike)

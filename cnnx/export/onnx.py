@@ -75,9 +75,47 @@ def set_metadata(model, meta: dict) -> None:
 
 
 def save_model(model, path) -> None:
+    """Write `model` whole (no external data), declaring what other runtimes read it by (_declare)."""
     import onnx
 
+    _declare(model)
     onnx.save_model(model, os.fspath(path), save_as_external_data=False)
+
+
+def _declare(model) -> None:
+    """Declare only the operator sets the model's nodes use, and the IR version those need.
+    torch's exporter stamps its own newest IR version whatever --opset asked (10 for opset 18,
+    which needs 8; and for opset 23, which needs 11), and onnxruntime's optimiser (int8's
+    pre-processing) declares every domain it knows, its own internal ones among them: a runtime
+    older than either refuses the file, though it runs every node in it (onnxruntime 1.17:
+    "Unsupported model IR version: 10"; "support for domain ai.onnx.ml is till opset 4")."""
+    from onnx import helper
+
+    used = {"", "ai.onnx"} | {node.domain for node in _nodes(model)} | {f.domain for f in model.functions}
+    kept = [o for o in model.opset_import if o.domain in used]
+    if len(kept) != len(model.opset_import):
+        del model.opset_import[:]
+        model.opset_import.extend(kept)
+    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+
+
+def _nodes(model):
+    """Every node of the model: its graph's, its functions', and those of their subgraphs (If, Loop, Scan)."""
+    from onnx import AttributeProto
+
+    def walk(nodes):
+        for node in nodes:
+            yield node
+            for a in node.attribute:
+                if a.type == AttributeProto.GRAPH:
+                    yield from walk(a.g.node)
+                elif a.type == AttributeProto.GRAPHS:
+                    for g in a.graphs:
+                        yield from walk(g.node)
+
+    yield from walk(model.graph.node)
+    for f in model.functions:
+        yield from walk(f.node)
 
 
 def export_onnx(module, example, path, *, meta: dict, opset: int | None = None):

@@ -72,7 +72,7 @@ LOSSLESS = "lossless or hierarchical JPEG"
 ARITHMETIC = "arithmetic-coded JPEG"
 NOT_8_BIT = "not 8 bits a sample"
 COLOR = "CMYK, YCCK or RGB-coded JPEG"
-ROTATED = "EXIF orientation"
+ROTATED = "orientation tag"  # EXIF's, or XMP's where EXIF has none (jpeg_orientation)
 TOO_LARGE = "more pixels than max_pixels"
 NO_HEADER = "no readable frame header"
 NO_END = "no end-of-image marker (truncated?)"
@@ -144,7 +144,7 @@ def jpeg_frame(data: bytes) -> JpegFrame | None:
 def jpeg_route(data: bytes, max_pixels: int) -> str | None:
     """None when the GPU decoder takes this file, else why it goes to load_image (one of the
     constants above). Reads the header only: the frame (SOF), the Adobe colour transform, and
-    the EXIF orientation as preprocess reads it."""
+    the orientation as preprocess reads it (EXIF, else XMP)."""
     if data[:3] != b"\xff\xd8\xff":
         return NOT_JPEG
     frame = jpeg_frame(data)

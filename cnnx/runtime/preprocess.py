@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import struct
 import zlib
 
@@ -31,7 +32,9 @@ from cnnx.runtime.files import first_line
 # 3: whatever Pillow raises is the file's ImageError; JPEGs padded before a marker, with an EXIF
 #    orientation of another integer type, or larger than max_pixels only before their DCT
 #    scaling are decoded; negative 32-bit pixels are black.
-PREPROCESS_VERSION = 3
+# 4: transparency of a PNG colour key (tRNS) composited over white, as an alpha channel is; a
+#    JPEG's XMP orientation applied where EXIF has none, as Pillow applies it to other formats.
+PREPROCESS_VERSION = 4
 
 RESIZE_MODES = ("shorter-side+center-crop",)
 INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR}
@@ -107,13 +110,15 @@ def _finite(x) -> bool:
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB. Transparency is composited over white. 16-bit grayscale
-    is scaled down by 8 bits; 32-bit integer grayscale (I) too where a value exceeds 255 (such
+    """Any Pillow mode -> 8-bit RGB. Transparency is composited over white: an alpha channel,
+    a palette's transparent index and a PNG's colour key (tRNS) alike. 16-bit grayscale is
+    scaled down by 8 bits; 32-bit integer grayscale (I) too where a value exceeds 255 (such
     files hold 16-bit data or 8-bit data), else taken as it is; float (F) is clipped to 0..255."""
     mode = img.mode
-    if mode == "RGB":
+    keyed = img.info.get("transparency") is not None  # a transparent palette index or colour key
+    if mode == "RGB" and not keyed:
         return img
-    if mode == "P" and "transparency" in img.info:
+    if keyed and mode in ("P", "RGB", "L", "1"):
         img, mode = img.convert("RGBA"), "RGBA"
     if mode in ("RGBA", "LA", "RGBa", "La", "PA"):
         rgba = img.convert("RGBA")
@@ -121,10 +126,15 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return Image.alpha_composite(background, rgba).convert("RGB")
     if mode.startswith("I;16") or mode == "I" or mode == "F":
         a = np.asarray(img)
+        key = img.info.get("transparency") if mode != "F" else None
+        transparent = a == key if isinstance(key, int) else None
         if mode != "F" and a.size and (mode.startswith("I;16") or a.max() > 255):
             a = np.clip(a, 0, 65535) >> 8
         # negative values are black, not wrapped round to bright
-        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L").convert("RGB")
+        a = np.clip(a, 0, 255).astype(np.uint8)
+        if transparent is not None:
+            a[transparent] = 255
+        return Image.fromarray(a, "L").convert("RGB")
     return img.convert("RGB")
 
 
@@ -283,18 +293,35 @@ def _jpeg_segments(data: bytes):
 
 
 def jpeg_orientation(data: bytes):
-    """EXIF orientation (1..8) of a JPEG from its APP1 segment, read without decoding.
-    Returns (orientation, note): 1 and no note when there is no EXIF or no orientation tag;
+    """Orientation (1..8) of a JPEG from its header, read without decoding, as Pillow's
+    exif_transpose takes it: the first EXIF block's tag, else (no EXIF, or none in it) the XMP
+    packet's tiff:Orientation. Returns (orientation, note): 1 and no note when neither says;
     1 and "malformed EXIF ignored" when the EXIF block cannot be parsed (pixels are kept)."""
-    if b"Exif\0\0" not in data:  # no EXIF block: what the walk would find, without a Python step a marker
-        return 1, None
+    if b"\xff\xe1" not in data:  # no APP1 segment (EXIF's and XMP's), as the walk would find without a
+        return 1, None             # Python step a marker: 0xFF in the entropy-coded data is never followed by 0xE1
+    exif = xmp = None
     for marker, pos, seglen in _jpeg_segments(data):
-        if marker == 0xE1 and data[pos + 4:pos + 10] == b"Exif\0\0":
-            try:
-                return _tiff_orientation(data[pos + 10:pos + 2 + seglen]), None
-            except (struct.error, ValueError):
-                return 1, "malformed EXIF ignored"
-    return 1, None  # no EXIF before the pixels
+        if marker != 0xE1:
+            continue
+        body = data[pos + 4:pos + 2 + seglen]
+        if body[:6] == b"Exif\0\0" and exif is None:  # Pillow keeps the first
+            exif = body[6:]
+        elif body.startswith(_XMP_HEADER):  # and the last
+            xmp = body[len(_XMP_HEADER):]
+    value = None
+    if exif is not None:
+        try:
+            value = _tiff_orientation(exif)
+        except (struct.error, ValueError):
+            return 1, "malformed EXIF ignored"
+    if value is None and xmp is not None and (match := _XMP_ORIENTATION.search(xmp)):
+        value = int(match[2])
+    # Pillow's exif_transpose ignores values outside 1..8; so do we.
+    return (value if value is not None and 1 <= value <= 8 else 1), None
+
+
+_XMP_HEADER = b"http://ns.adobe.com/xap/1.0/\0"
+_XMP_ORIENTATION = re.compile(rb'tiff:Orientation(="|>)([0-9])')  # Pillow's Image.getexif reads it so
 
 
 # Start-of-frame markers of progressive JPEGs (Huffman and arithmetic, plain and differential)
@@ -323,7 +350,8 @@ def jpeg_holds_whole_image(data: bytes) -> bool:
 _TIFF_INTEGER_TYPES = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i"}
 
 
-def _tiff_orientation(tiff: bytes) -> int:
+def _tiff_orientation(tiff: bytes) -> int | None:
+    """The orientation tag's value in an EXIF block (TIFF), None where it has none."""
     order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
     if order is None:
         raise ValueError("bad byte order")
@@ -337,9 +365,8 @@ def _tiff_orientation(tiff: bytes) -> int:
             if typ not in _TIFF_INTEGER_TYPES:  # Pillow reads any integer type (writers use SHORT or LONG)
                 raise ValueError("orientation is not an integer")
             (value,) = struct.unpack_from(order + _TIFF_INTEGER_TYPES[typ], tiff, ifd + 2 + 12 * i + 8)
-            # Pillow's exif_transpose ignores values outside 1..8; so do we.
-            return value if 1 <= value <= 8 else 1
-    return 1
+            return value
+    return None
 
 
 def orient(arr: np.ndarray, orientation: int) -> np.ndarray:
@@ -373,9 +400,9 @@ def _resize_array(arr: np.ndarray, out_h: int, out_w: int, resample) -> np.ndarr
 
 
 def _load_jpeg(data: bytes, out_h: int, out_w: int, resample, max_pixels: int):
-    """libjpeg-turbo path (simplejpeg): DCT-scaled decode straight to RGB, EXIF orientation
-    applied to the decoded array. Returns None for JPEGs it does not handle (CMYK/YCCK,
-    headers it cannot read) so Pillow gets them; corrupt or truncated data is an error."""
+    """libjpeg-turbo path (simplejpeg): DCT-scaled decode straight to RGB, the orientation
+    (jpeg_orientation) applied to the decoded array. Returns None for JPEGs it does not handle
+    (CMYK/YCCK, headers it cannot read) so Pillow gets them; corrupt or truncated data is an error."""
     import simplejpeg
 
     try:
@@ -461,7 +488,8 @@ def load_image(source, spec: dict, *, max_pixels: int = DEFAULT_MAX_PIXELS):
 
     Returns (array, note); note is None or a short remark for the user (e.g. that only the
     first frame of an animation was used). Raises ImageError for anything unusable.
-    EXIF orientation is applied before resizing; an image already H x W passes through.
+    The orientation tag (EXIF, else XMP, as Pillow reads it) is applied before resizing; an
+    image already H x W passes through.
     JPEGs go through libjpeg-turbo (simplejpeg, DCT-scaled); everything else, and the JPEGs
     it declines, through Pillow. Which path a file takes depends only on its bytes.
     """
