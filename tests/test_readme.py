@@ -10,6 +10,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,3 +226,34 @@ def test_the_readme_classifier_snippet_runs_as_written(tmp_path, monkeypatch):
     namespace = {}
     exec(compile(code + "\nresult = logits\n", "README.md", "exec"), namespace)
     assert namespace["result"].shape == (4, 10)
+
+
+def test_the_readme_snippet_for_feeding_a_model_from_your_own_code_gives_classify_s_label(tmp_path, monkeypatch):
+    """A deployer's own onnxruntime loop, as the README's export section writes it: the same
+    top-1 and logits as cnnx's own Classifier on a photo that needs resizing, cropping and
+    rotating (EXIF orientation 6)."""
+    from PIL import Image
+
+    from cnnx.runtime import Classifier
+    from tests._runtime_util import exported_model, photo_like
+
+    lines = README.read_text().splitlines()
+    start = lines.index("    import json, onnxruntime as ort")
+    end = next(i for i in range(start, len(lines)) if lines[i] and not lines[i].startswith("    "))
+    code = "\n".join(line[4:] for line in lines[start:end])
+    model = tmp_path / "runs" / "x" / "export" / "model.onnx"
+    model.parent.mkdir(parents=True)
+    shutil.copyfile(exported_model(tmp_path / "m"), model)
+    (tmp_path / "photos").mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(photo_like(90, 140, seed=4)).save(tmp_path / "photos" / "a.jpg", quality=90, exif=exif.tobytes())
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    with Classifier(model, device="cpu") as clf:
+        (row,) = list(clf.classify([tmp_path / "photos" / "a.jpg"]))
+    logits = namespace["logits"]
+    assert logits.shape == (1, len(namespace["names"])) and int(logits.argmax()) == row.indices[0]
+    softmax = np.exp(logits[0] - logits[0].max()) / np.exp(logits[0] - logits[0].max()).sum()
+    assert abs(float(softmax.max()) - row.scores[0]) < 1e-5
