@@ -140,9 +140,13 @@ def test_resume_after_one_of_two_epochs_equals_two_straight_epochs(cifar_subset,
     # A finished run cannot be "resumed" without more epochs.
     r = run_cli(["train", "--resume", tmp_path / "split", "--quiet"])
     assert r.exit_code == 2 and "has trained 2 epochs, as many as --epochs 2 asks" in r.stderr
-    # More epochs plan the schedule again (the lr rises from the first plan's end): said, with both rates.
-    r = run_cli(["train", "--resume", tmp_path / "split", "--quiet", "--epochs", "3"])
+    # More epochs plan the schedule again (the lr rises from the first plan's end): said, with both rates;
+    # another number of CPU threads sums otherwise (no longer bit-identical): said too.
+    threads = json.loads((tmp_path / "split" / "config.json").read_text())["threads_resolved"]
+    r = run_cli(["train", "--resume", tmp_path / "split", "--quiet", "--epochs", "3", "--threads", str(threads + 1)])
     assert r.exit_code == 0, r.stderr
+    assert f"trained on {threads} CPU thread(s) a process and continues on {threads + 1}: its figures will not be " \
+           f"bit-identical to an uninterrupted run's (--threads {threads} keeps them so)" in r.stderr, r.stderr
     said = [line for line in r.stderr.splitlines() if "planned again for --epochs 3 (was 2)" in line]
     assert len(said) == 1 and said[0].endswith("where the first plan gave 0"), r.stderr
     assert float(said[0].split("lr is ")[1].split()[0]) > 0

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from cnnx.runtime.preprocess import load_image, make_spec
 from cnnx.train import loop
 from cnnx.train.config import ConfigError, RECIPES, TrainConfig, resolve_config
-from cnnx.train.data import SPLIT_BY_GENERATOR, DataError, folder_layout, load_image_folder, stratified_split
+from cnnx.train.data import (SPLIT_BY_GENERATOR, SPLIT_BY_NAME, DataError, folder_layout, load_image_folder,
+                             stratified_split)
 from cnnx.train.zoo import ARCHS, CIFAR_MEAN, CIFAR_STD, Uint8Input, create_model
 
 from tests._train_util import copy_classes
@@ -99,6 +100,51 @@ def test_a_photo_added_to_a_class_moves_at_most_one_held_out_file():
     legacy = stratified_split(torch.arange(4).repeat_interleave(100), 0.1, 0, method=SPLIT_BY_GENERATOR)[1]
     g = torch.Generator().manual_seed(0)
     assert legacy.tolist() == sorted(c * 100 + i for c in range(4) for i in torch.randperm(100, generator=g)[:10].tolist())
+
+
+def test_a_copy_added_of_a_held_out_file_moves_at_most_one_other_file_and_older_runs_keep_their_split():
+    """Copies of one file rank where the first-ranked of them does (run_split's groups): a copy
+    added whose name sorts first was the group's new key under SPLIT_BY_FIRST_NAME, which moved
+    the held-out original, and another file, to the other side."""
+    from cnnx.train.data import SPLIT_BY_FIRST_NAME
+
+    keys = [f"cat/{i:04d}.jpg" for i in range(40)]
+    labels = torch.zeros(40, dtype=torch.int64)
+    _, va = stratified_split(labels, 0.2, seed=0, keys=keys)
+    before = {keys[i] for i in va.tolist()}
+    moved = {}
+    for method in (SPLIT_BY_NAME, SPLIT_BY_FIRST_NAME):
+        for original in sorted(before):
+            grown = ["cat/0.jpg", *keys]  # the copy's name sorts first
+            copies = [[0, 1 + keys.index(original)]]
+            group_keys = list(grown)
+            if method == SPLIT_BY_FIRST_NAME:  # run_split's keying for its runs
+                group_keys[copies[0][1]] = grown[0]
+            _, va = stratified_split(torch.zeros(41, dtype=torch.int64), 0.2, 0, group_keys, method,
+                                     copies if method == SPLIT_BY_NAME else ())
+            after = {grown[i] for i in va.tolist()} - {"cat/0.jpg"}
+            moved[method, original] = (before - after) | (after - before)
+    assert all(len(m) <= 1 for (method, _), m in moved.items() if method == SPLIT_BY_NAME), moved
+    assert any(len(m) > 1 for (method, _), m in moved.items() if method == SPLIT_BY_FIRST_NAME)  # what it did
+
+
+def test_the_split_is_of_the_names_bytes_whatever_the_locale_decodes_them_to(monkeypatch):
+    """A folder of "café" files split under a UTF-8 locale and again under a Latin-1 one (the
+    same bytes, decoded to other strs): the same files held out, the same digests recorded."""
+    import os
+
+    from cnnx.train.run import files_digest
+
+    raw = [f"cat/caf\u00e9_{i:02d}.jpg".encode() for i in range(30)]
+    labels = torch.zeros(30, dtype=torch.int64)
+    utf8 = [b.decode("utf-8") for b in raw]
+    _, va_utf8 = stratified_split(labels, 0.3, 0, utf8)
+    digest_utf8 = files_digest(utf8)
+    monkeypatch.setattr(os, "fsencode", lambda s: s.encode("latin-1", "surrogateescape") if isinstance(s, str) else s)
+    latin1 = [b.decode("latin-1") for b in raw]
+    _, va_latin1 = stratified_split(labels, 0.3, 0, latin1)
+    assert va_latin1.tolist() == va_utf8.tolist()
+    assert files_digest(latin1) == digest_utf8
 
 
 def test_config_resolution_and_unknown_names():

@@ -737,22 +737,39 @@ def load_cifar10(data_root, *, train: bool, download=True):
 
 # --- splits ---------------------------------------------------------------------------------
 
-SPLIT_BY_NAME = 2  # the split a run records as its "split" (a config without one: SPLIT_BY_GENERATOR)
+SPLIT_BY_NAME = 3  # the split a run records as its "split" (a config without one: SPLIT_BY_GENERATOR)
+SPLIT_BY_FIRST_NAME = 2  # runs before it: a file's name as its str's UTF-8; copies take the first's in path order
 SPLIT_BY_GENERATOR = 1
+SPLIT_METHODS = (SPLIT_BY_GENERATOR, SPLIT_BY_FIRST_NAME, SPLIT_BY_NAME)
 
 
-def stratified_split(labels: torch.Tensor, fraction: float, seed: int, keys=None, method: int = SPLIT_BY_NAME):
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int, keys=None, method: int = SPLIT_BY_NAME,
+                     copies=()):
     """(train_idx, val_idx): `fraction` of each class (at least one image when a class has two
     or more) held out; both sorted. SPLIT_BY_NAME: each class's images ranked by a hash of the
-    seed and their key (`keys[i]`: the file's path under the data folder; default its index),
-    the first held out, so a photo added to a class moves at most one other file of that class
-    (to the other side) and none of any other. Images of one key (copies of one file: run_split)
-    are on one side.
-    SPLIT_BY_GENERATOR, the split of runs made before it: one generator drawn class by class
-    (one new file re-drew every class after it)."""
-    import hashlib
-
+    seed and their key (`keys[i]`: the file's path under the data folder, as its bytes on disk
+    whatever the locale; default its index), the first held out, so a photo added to a class
+    moves at most one other file of that class (to the other side) and none of any other.
+    `copies` (groups of indices: identical_files) rank, in each class, where the first-ranked of
+    them does, so they are on one side, and a copy added is no new key for the others (a copy
+    added whose name sorted first, as SPLIT_BY_FIRST_NAME keyed them, moved its original).
+    SPLIT_BY_FIRST_NAME: keys as the str's UTF-8 (another locale's file system encoding gave
+    other bytes), copies keyed already (run_split). SPLIT_BY_GENERATOR, the split of runs made
+    before it: one generator drawn class by class (one new file re-drew every class after it)."""
     g = torch.Generator().manual_seed(int(seed))
+    if method != SPLIT_BY_GENERATOR:
+        def key_bytes(i) -> bytes:
+            key = i if keys is None else keys[i]
+            if method == SPLIT_BY_NAME and isinstance(key, str):
+                return f"{seed}\0".encode() + os.fsencode(key)
+            return f"{seed}\0{key}".encode("utf-8", "surrogateescape")
+
+        digest = {i: hashlib.sha256(key_bytes(i)).digest() for i in range(len(labels))}
+        for group in copies:
+            for c in {int(labels[i]) for i in group}:
+                same = [i for i in group if int(labels[i]) == c]
+                first = min(digest[i] for i in same)
+                digest.update((i, first) for i in same)
     val = []
     for c in torch.unique(labels).tolist():
         idx = torch.nonzero(labels == c).flatten()
@@ -764,9 +781,7 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int, keys=None
         if method == SPLIT_BY_GENERATOR:
             val.append(idx[torch.randperm(len(idx), generator=g)[:k]])
             continue
-        digest = {i: hashlib.sha256(f"{seed}\0{i if keys is None else keys[i]}".encode("utf-8", "surrogateescape"))
-                  .digest() for i in idx.tolist()}
-        rank = sorted(digest, key=digest.get)
+        rank = sorted(idx.tolist(), key=digest.get)
         while 0 < k < len(rank) and digest[rank[k]] == digest[rank[k - 1]]:
             k -= 1  # images of one key (copies of one file) stay on one side: the training side
         val.append(torch.tensor(rank[:k], dtype=torch.int64))
@@ -831,15 +846,18 @@ def run_split(config: dict, labels, folder=None, paths=None, copies=None):
     held out, or trained on, together (a copy validated on its trained original is no
     held-out image: photo folders hold "IMG_1 (1).jpg", an album exported twice)."""
     method = config.get("split", SPLIT_BY_GENERATOR)
-    if method not in (SPLIT_BY_GENERATOR, SPLIT_BY_NAME):
+    if method not in SPLIT_METHODS:
         raise DataError(f"the run held its images out by a method this cnnx does not know (split {method!r}): use the "
                         f"cnnx that began it")
     keys = None if folder is None else [os.path.relpath(p, Path(folder).expanduser().resolve()) for p in paths]
-    for group in copies if keys is not None and copies else ():
-        first = {}
-        for i in group:
-            keys[i] = keys[first.setdefault(int(labels[i]), i)]
-    return stratified_split(labels, config["val_fraction"], config["split_seed"], keys, method)
+    copies = copies if keys is not None and copies else ()
+    if method == SPLIT_BY_FIRST_NAME:  # its runs' rule: the first copy's key, in path order
+        for group in copies:
+            first = {}
+            for i in group:
+                keys[i] = keys[first.setdefault(int(labels[i]), i)]
+        copies = ()
+    return stratified_split(labels, config["val_fraction"], config["split_seed"], keys, method, copies)
 
 
 def identical_files(paths) -> list:

@@ -757,7 +757,8 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
             "is more than the split holds)", d)
     config = resolved_config(cfg, preprocess=spec, arch_kwargs=arch_kwargs, extra={
         "num_classes": len(splits.class_names), "class_names": splits.class_names, "world_size": d.world,
-        "device_resolved": device, "cnnx_version": __version__, "preprocess_version": PREPROCESS_VERSION,
+        "device_resolved": device, "threads_resolved": torch.get_num_threads(), "cnnx_version": __version__,
+        "preprocess_version": PREPROCESS_VERSION,
         "train_images": len(ytr), "val_images": len(yva),
         "test_images": 0 if splits.test is None else len(splits.test[1]), "skipped_files": len(splits.skipped),
         "val_files_sha256": files_digest(splits.val_paths),
@@ -942,7 +943,7 @@ def files_digest(paths, root=None) -> str | None:
     if root is not None:
         base = os.path.realpath(os.path.expanduser(root))
         paths = [f"{os.path.relpath(p, base)}\0{_size(p)}" for p in paths]
-    return hashlib.sha256("\n".join(paths).encode("utf-8", "surrogateescape")).hexdigest()
+    return hashlib.sha256(os.fsencode("\n".join(paths))).hexdigest()  # the names' bytes on disk, whatever the locale
 
 
 def _size(path) -> int:
@@ -1073,6 +1074,11 @@ def _say_what_resume_changes(run: Run, resume: dict, step: int):
     if began != run.d.world:
         say(f"this run began on {began} process(es) and continues on {run.d.world}: its batches differ "
             f"from an uninterrupted run's from here on", run.d)
+    threads, threads_then = torch.get_num_threads(), resume["config"].get("threads_resolved")
+    if torch.device(run.device).type == "cpu" and threads_then is not None and threads_then != threads:
+        # a CPU kernel's sums are split by thread: the weights drift from an uninterrupted run's
+        say(f"this run trained on {threads_then} CPU thread(s) a process and continues on {threads}: its figures "
+            f"will not be bit-identical to an uninterrupted run's (--threads {threads_then} keeps them so)", run.d)
     planned = int(resume["scheduler"].get("total_steps", run.total_steps))
     kw = dict(peak=cfg.lr, schedule=cfg.schedule, warmup=cfg.warmup, final=cfg.final_lr)
     now, was = loop.lr_at(step, run.total_steps, **kw), loop.lr_at(step, planned, **kw)
