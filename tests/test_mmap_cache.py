@@ -269,7 +269,9 @@ def test_torchrun_two_ranks_read_the_disk_cache_and_switch_freezing(cifar_subset
                                        tmp_path / "c", "--weights", tmp_path / "runs" / "pre" / "best.pt",
                                        "--epochs", "2", "--freeze-backbone-epochs", "1", "--batch-size", "4",
                                        "--threads", "1", "--cache", "disk")]]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # faulthandler: a rank that aborts (rank 1's SIGABRT, once) prints its Python threads' stacks
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"})
     # the ranks' own lines, not only torchrun's summary after them (a rank's SIGABRT once: what did it say?)
     assert p.returncode == 0, "\n".join(line for line in p.stderr.splitlines() if "frame #" not in line)[-8000:]
     assert "backbone unfrozen" in p.stderr and "cpu x2" in p.stderr

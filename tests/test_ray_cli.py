@@ -24,16 +24,6 @@ from tests._runtime_util import exported_model, photo_like
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def engine_option():
-    from click.testing import CliRunner
-
-    from cnnx.cli import cli
-
-    if "--engine" not in CliRunner().invoke(cli, ["classify", "--help"]).output:
-        pytest.skip("cnnx classify has no --engine option yet")
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     return exported_model(tmp_path_factory.mktemp("models"))

@@ -155,7 +155,9 @@ def test_resume_after_one_of_two_epochs_equals_two_straight_epochs(cifar_subset,
 
 def _torchrun(args, processes: int = 2) -> tuple[int, str, str]:
     """`torchrun --standalone --nproc-per-node PROCESSES -m cnnx ARGS` on the CPU: (exit code, stdout, stderr)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # faulthandler and C++ stacks: a rank that aborts (one SIGABRT of rank 1 was seen once) says where
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1",
+           "TORCH_SHOW_CPP_STACKTRACES": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
            "-m", "cnnx", *[str(a) for a in args]]
     # Own process group: on a timeout the workers die with the launcher instead of lingering.

@@ -50,7 +50,9 @@ def test_lr_schedule_is_a_pure_function_of_the_step():
     assert max(lrs) == pytest.approx(1.0) and lrs[-1] < 0.02
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # monotone decay after warm-up
     cos = [loop.lr_at(s, 100, schedule="cosine", **kw) for s in range(100)]
-    assert cos[55] == pytest.approx(0.5, abs=0.02)
+    assert cos[55] == pytest.approx(0.5, abs=0.02)  # half-way down (where a rising cosine is too)
+    assert cos[10] == pytest.approx(1.0) and cos[-1] < 0.01 and all(a >= b for a, b in zip(cos[10:], cos[11:]))
+    assert loop.lr_at(99, 100, schedule="cosine", **{**kw, "final": 0.1}) == pytest.approx(0.1, abs=0.01)
     assert loop.lr_at(80, 100, schedule="constant", **kw) == 1.0
     assert loop.lr_at(5, 100, schedule="onecycle", **kw) == lrs[5]  # same step, same value
 
@@ -79,6 +81,12 @@ def test_stratified_split_is_per_class_fixed_and_disjoint():
     tr2, va2 = stratified_split(labels, 0.1, seed=3)
     assert torch.equal(va, va2)
     assert not torch.equal(va, stratified_split(labels, 0.1, seed=4)[1])
+    # the fraction of each class rounded (not cut), at least one held out, at least one trained on
+    uneven = torch.tensor([0] * 57 + [1] * 14 + [2] * 2 + [3])
+    _, va = stratified_split(uneven, 0.1, seed=0)
+    assert torch.bincount(uneven[va], minlength=4).tolist() == [6, 1, 1, 0]
+    _, va = stratified_split(uneven, 0.97, seed=0)
+    assert torch.bincount(uneven[va], minlength=4).tolist() == [55, 13, 1, 0]  # 55.3 of 57, 13.6 of 14 (not all)
 
 
 def test_a_photo_added_to_a_class_moves_at_most_one_held_out_file():
@@ -207,6 +215,9 @@ def test_evaluate_metrics_agree_with_a_direct_computation():
         logits = Uint8Input(model, CIFAR_MEAN, CIFAR_STD)(x)
     pred = logits.argmax(1)
     assert m["n"] == 37 and sum(map(sum, m["confusion"])) == 37
+    for batch_size in (36, 37, 38):  # a last batch of one image, one batch, one batch not full
+        again = loop.evaluate(model, x, y, mean=CIFAR_MEAN, std=CIFAR_STD, batch_size=batch_size)
+        assert again["n"] == 37 and again["top1"] == pytest.approx(m["top1"]) and again["confusion"] == m["confusion"]
     assert m["top1"] == pytest.approx((pred == y).float().mean().item())
     assert m["loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
     assert m["top5"] == 1.0  # 4 classes: the true one is always among the top 4
