@@ -387,3 +387,32 @@ print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout == "ok\n", r.stderr[-2000:]
+
+
+def test_a_model_with_more_logits_than_class_names_is_refused_at_load(tmp_path):
+    """11 logits (fixed in the graph) and 10 class names in the metadata: refused when the model
+    is opened, in one line, before any image is read (not an IndexError, nor a run that stops at
+    its first batch having written its errors rows)."""
+    import json
+
+    import onnx
+
+    from cnnx.runtime import Classifier, ModelError
+    from cnnx.runtime.contract import KEY_CLASS_NAMES
+
+    path = tiny_onnx_model(tmp_path / "eleven.onnx", class_names=[*CLASSES, "extra"])
+    proto = onnx.load(str(path))
+    (entry,) = [p for p in proto.metadata_props if p.key == KEY_CLASS_NAMES]
+    entry.value = json.dumps(CLASSES)
+    onnx.save(proto, str(path))
+    assert [d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim][1] == 11  # the premise
+    with pytest.raises(ModelError) as e:
+        Classifier(path, "cpu")
+    assert str(e.value) == f"{path}: not a cnnx model: 11 logits but 10 class names"
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(photo_like(32, 32, seed=0)).save(folder / "a.png")
+    out = tmp_path / "p.csv"
+    r = CliRunner().invoke(cli, ["classify", str(folder), "--model", str(path), "-o", str(out)])
+    assert r.exit_code == 1 and r.stderr.strip().splitlines() == [f"Error: {e.value}"], r.stderr
+    assert not out.exists() and not (tmp_path / "p.errors.csv").exists()

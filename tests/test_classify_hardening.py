@@ -774,3 +774,146 @@ def test_output_naming_this_process_stdout_is_stdout(model, tmp_path):
         r = subprocess.run([*cmd, "-o", "/dev/stdout", "--resume"], stdout=f, stderr=subprocess.PIPE, text=True)
     rows = (tmp_path / "redirected.csv").read_text().splitlines()
     assert r.returncode == 0 and "1 already done" in r.stderr and len(rows) == 3 and "b.png" in rows[2], r.stderr
+
+
+# -- review: resume and non-finite gaps that no test caught ------------------------------
+
+def test_resume_refuses_an_output_that_ends_with_two_rows_cnnx_did_not_write(images, model, tmp_path):
+    """One row that does not parse at the end is the row a killed run was writing (dropped);
+    two are someone's edit, and --resume refused them. Deleting them would lose the user's rows."""
+    out = tmp_path / "p.csv"
+    assert run([images, "--model", model, "-o", out]).exit_code == 0
+    ours = out.read_text()
+    assert len(read_csv(out)) == 13
+    edited = ours + "extra/one.png,cat,0.5\nextra/two.png,dog,0.25\n"  # typed in an editor: unquoted
+    out.write_text(edited)
+    line = one_line_error(run([images, "--model", model, "-o", out, "--resume"]))
+    assert line == f"Error: cannot resume: {out}: row 14 was not written by cnnx classify; refusing to append", line
+    assert out.read_bytes() == edited.encode()
+    # one such row: a cut-short last row, dropped (the file is cnnx's own rows again)
+    out.write_text(ours + "extra/one.png,cat,0.5\n")
+    r = run([images, "--model", model, "-o", out, "--resume"])
+    assert r.exit_code == 0 and "12 already done" in r.stderr and "classified 0 images" in r.stderr, r.stderr
+    assert out.read_text() == ours
+
+
+def _resumed_without_record(images, model, tmp_path):
+    """An output of `model` over `images` whose run record was removed (moved without it)."""
+    from cnnx.runtime.output import run_record_path
+
+    out = tmp_path / "p.csv"
+    assert run([images, "--model", model, "-o", out]).exit_code == 0
+    os.remove(run_record_path(out))
+    return out, out.read_bytes()
+
+
+def test_resume_without_a_run_record_refuses_a_model_whose_classes_are_in_another_order(images, model, tmp_path):
+    """The same weights, its class names reversed: the same classes (no unknown label) and the
+    same top-1 scores, only the labels differ. Appending its rows gave 'cat' and 'dog' for one
+    class in one file; the labels of the rows classified again tell."""
+    from cnnx.runtime import Classifier, Prediction
+    from cnnx.runtime.output import run_record_path
+
+    out, before = _resumed_without_record(images, model, tmp_path)
+    reordered = tiny_onnx_model(tmp_path / "reordered.onnx", class_names=list(reversed(CLASSES)))
+    rows = {row[0]: (row[1], float(row[2])) for row in read_csv(out)[1:]}
+    with Classifier(reordered) as clf:  # the premise: scores alike, labels not
+        again = [p for p in clf.classify([images]) if isinstance(p, Prediction)]
+    assert len(again) == 12
+    for p in again:
+        label, score = rows[p.path]
+        assert abs(p.scores[0] - score) < 1e-6 and p.label(clf.info.class_names) != label, (p, label, score)
+    r = run([images, "--model", reordered, "-o", out, "--resume"])
+    line = one_line_error(r)
+    assert "has no run record" in line and "its rows are not this model's: 8 of 8 of its files classified again " \
+        "give other scores" in line, line
+    assert out.read_bytes() == before and not os.path.exists(run_record_path(out))
+
+
+def test_resume_without_a_run_record_refuses_an_fp32_model_whose_scores_differ_by_a_thousandth(images, model,
+                                                                                                tmp_path):
+    """An fp32 model's rows classified again must match to 1e-4 (6 decimals written, rounding);
+    2e-2 is for fp16/int8 variants. Weights 0.2% off (a retrained model, the same classes and
+    labels) move the scores 3e-4..1e-3: another model, refused."""
+    from cnnx.runtime.output import run_record_path
+
+    out, before = _resumed_without_record(images, model, tmp_path)
+    near = tiny_onnx_model(tmp_path / "near.onnx", weight_scale=1.002, checkpoint_sha256="5" * 64)
+    line = one_line_error(run([images, "--model", near, "-o", out, "--resume"]))
+    assert "its rows are not this model's: 8 of 8 of its files classified again give other scores" in line, line
+    assert out.read_bytes() == before and not os.path.exists(run_record_path(out))
+    r = run([images, "--model", model, "-o", out, "--resume"])  # the model that wrote it: accepted
+    assert r.exit_code == 0 and "its rows' scores are this model's (8 of its files classified again)" in r.stderr, \
+        r.stderr
+    assert out.read_bytes() == before
+
+
+def test_resume_from_another_folder_refuses_an_output_of_relative_and_absolute_paths(images, model, tmp_path,
+                                                                                      monkeypatch):
+    """One relative path among absolute ones is enough: from another folder it matches no file,
+    which would be classified and written again. An output of absolute paths only resumes from
+    anywhere."""
+    work = tmp_path / "work"
+    shutil.copytree(images, work / "imgs")
+    elsewhere = tmp_path / "abs"
+    elsewhere.mkdir()
+    for name in ("img_00.png", "img_01.png"):
+        shutil.copyfile(images / name, elsewhere / name)
+    monkeypatch.chdir(work)
+    out = tmp_path / "p.csv"
+    assert run(["imgs", elsewhere, "--model", model, "-o", out]).exit_code == 0
+    paths = [row[0] for row in read_csv(out)[1:]]
+    assert sum(os.path.isabs(p) for p in paths) == 2 and len(paths) == 14, paths
+    text = out.read_text()
+    monkeypatch.chdir(tmp_path)
+    line = one_line_error(run([work / "imgs", elsewhere, "--model", model, "-o", out, "--resume"]))
+    assert line == (f"Error: cannot resume: {out} holds paths relative to {work}, where its first run ran: resume "
+                    "from there"), line
+    assert out.read_text() == text
+    absolute = tmp_path / "q.csv"
+    monkeypatch.chdir(work)
+    assert run([elsewhere, "--model", model, "-o", absolute]).exit_code == 0
+    monkeypatch.chdir(tmp_path)
+    r = run([elsewhere, "--model", model, "-o", absolute, "--resume"])
+    assert r.exit_code == 0 and "classified 0 images" in r.stderr and "2 already done" in r.stderr, r.stderr
+
+
+def _overflowing_model(path: Path) -> Path:
+    """tiny_onnx_model whose class-0 weight of the red channel is 1e37: an image with a red
+    top-left corner gets logit 0 = +inf (float32 overflow, as an fp16 export's), its other
+    logits finite; a black corner gets all-finite logits."""
+    import onnx
+    from onnx import numpy_helper
+
+    tiny_onnx_model(path)
+    proto = onnx.load(str(path))
+    (w,) = [t for t in proto.graph.initializer if t.name == "W"]
+    weights = numpy_helper.to_array(w).copy()
+    weights[0, 0] = 1e37
+    w.CopyFrom(numpy_helper.from_array(weights, "W"))
+    onnx.save(proto, str(path))
+    return path
+
+
+def test_an_image_with_one_inf_logit_among_finite_ones_is_an_errors_row(tmp_path):
+    """Only a row whose every logit is finite has a softmax: one +inf (the others finite) was
+    taken for a finite row and written as a prediction."""
+    import onnxruntime as ort
+
+    model = _overflowing_model(tmp_path / "m.onnx")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), (0, 0, 0)).save(folder / "a_dark.png")
+    Image.new("RGB", (32, 32), (200, 100, 50)).save(folder / "b_red.png")
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    red = np.zeros((1, 3, 32, 32), np.uint8)
+    red[0, 0] = 200
+    (logits,) = session.run(None, {"images": red})
+    assert np.isposinf(logits[0, 0]) and np.isfinite(logits[0, 1:]).all(), logits  # the premise: one inf
+    out, errors = tmp_path / "p.csv", tmp_path / "e.csv"
+    r = run([folder, "--model", model, "-o", out, "--errors", errors])
+    assert r.exit_code == 0, r.stderr
+    assert [row[0] for row in read_csv(out)[1:]] == [str(folder / "a_dark.png")]
+    assert read_csv(errors)[1:] == [[str(folder / "b_red.png"), "model", "the model gave this image non-finite "
+                                     "scores (NaN or inf: an fp16 export overflowing?)"]]
+    assert "skipped 1 (model: 1)" in r.stderr, r.stderr

@@ -113,3 +113,65 @@ def test_a_checkpoint_edited_against_its_run_config_is_refused(tmp_path):
             load_checkpoint(tmp_path / f"{key}.pt")
         with pytest.raises(ExportError, match="an edited checkpoint; refused"):
             export_checkpoint(tmp_path / f"{key}.pt", tmp_path / f"x-{key}")
+
+
+def test_one_inf_logit_in_a_row_of_finite_ones_fails_the_gate():
+    """An fp16 model that overflows in one logit of an image, on its top class: its argmax
+    agrees with eager's and the other logits are finite. Only a row whose every logit is finite
+    is finite; this one is not, for every variant, with the non-finite reason."""
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=(200, 5)).astype(np.float32)
+    got = ref.copy()
+    got[7, ref[7].argmax()] = np.inf
+    assert (got.argmax(1) == ref.argmax(1)).all()  # the premise: the decisions agree
+    for variant in ("fp16", "int8", "fp32"):
+        row = compare(ref, got, backend=Backend("b", variant, None), inputs="real", gated=True)
+        assert row.failure == f"b ({variant}) on real inputs: non-finite logits (inf or NaN) for 1 of 200 images", row
+        assert row.max_abs == row.mean_abs == float("inf")
+    assert compare(ref, ref.copy(), backend=Backend("b", "fp16", None), inputs="real", gated=True).failure is None
+    # through run_parity too: a backend whose logits overflow for one real image
+    images = ParityImages(np.arange(200, dtype=np.uint8).repeat(3 * 4 * 4).reshape(200, 3, 4, 4), np.full(200, -1),
+                          "test")
+
+    def eager(x):
+        return x.reshape(len(x), -1)[:, :5].astype(np.float32) * np.float32([1, 2, 3, 4, 5])
+
+    def overflows_on_image_7(x):
+        out = eager(x)
+        out[x[:, 0, 0, 0] == 7, 4] = np.inf  # class 4 is every image's top class here
+        return out
+
+    report = run_parity(eager, [Backend("q", "fp16", overflows_on_image_7)], real=images, size=(4, 4),
+                        batch_sizes=(1, 7))
+    (real,) = [r for r in report.rows if r.inputs == "real"]
+    assert not report.passed and real.failure.endswith("non-finite logits (inf or NaN) for 1 of 200 images"), real
+
+
+@pytest.mark.parametrize("variant", ["fp16", "int8"])
+def test_a_quantised_model_that_disagrees_on_two_percent_of_real_images_fails_the_gate(variant):
+    """fp16 must agree with eager on 99.5% of the real images' top-1, int8 on 99%: 4 of 200
+    images that change class (98%) fail either; 1 of 200 (99.5%) passes both, at fp16's bound."""
+    n = 200
+    images = ParityImages(np.arange(1, n + 1, dtype=np.uint8).repeat(3 * 4 * 4).reshape(n, 3, 4, 4),
+                          np.full(n, -1), "test")  # image i: every pixel i + 1 (eager's top class is class 3)
+    assert n >= MIN_QUANTISED_GATE_IMAGES  # the real images alone are gated
+
+    def eager(x):
+        return x.reshape(len(x), -1)[:, :4].astype(np.float32) * np.float32([1, 2, 3, 4])
+
+    def flipping(k):
+        def run(x):
+            out = eager(x)
+            flip = x[:, 0, 0, 0] <= k  # the first k real images (and random ones: not gated)
+            out[flip] = out[flip][:, ::-1]
+            return out
+        return run
+
+    for k, passes in ((4, False), (1, True), (0, True)):
+        report = run_parity(eager, [Backend("q", variant, flipping(k))], real=images, size=(4, 4), batch_sizes=(1, 7))
+        (real,) = [r for r in report.rows if r.inputs == "real"]
+        assert real.gated and real.top1_agreement == pytest.approx(1 - k / n), real
+        assert report.passed is passes, (k, report.table())
+        if not passes:
+            assert real.failure == (f"q ({variant}) on real inputs: top-1 agreement 98.00% < "
+                                    f"{dict(fp16='99.5', int8='99')[variant]}% (4 of 200 differ)"), real.failure

@@ -142,3 +142,31 @@ def test_a_file_that_fills_the_disk_ends_with_its_last_whole_row(tmp_path, which
         rows = list(csv.reader(io.StringIO(data.decode())))
         assert data.endswith(b"\n") and len(rows) > 10
         assert {len(row) for row in rows} == {5 if which == "predictions" else 3}
+
+
+def test_cells_a_spreadsheet_would_run_as_formulas_get_a_leading_quote(tmp_path):
+    """Hard-coded bytes (the tests above compare with escape_cell itself, so a start it forgot
+    escapes nowhere and passes): a file named '@SUM(1).jpg' is written as "'@SUM(1).jpg", and
+    so are paths, class names and error messages starting with = + - @."""
+    from cnnx.runtime.output import ErrorsWriter
+
+    for raw, cell in (("@SUM(1).jpg", "'@SUM(1).jpg"), ("=A1.jpg", "'=A1.jpg"), ("+1.jpg", "'+1.jpg"),
+                      ("-2.jpg", "'-2.jpg"), ("plain@.jpg", "plain@.jpg")):
+        assert escape_cell(raw) == cell and unescape_cell(cell) == raw
+    out = tmp_path / "p.csv"
+    writer = PredictionWriter(str(out), "csv", ["@home", "cat"], 2)
+    writer.write_batch(["dir/plain.jpg"], [[1, 0]], [[0.75, 0.25]])  # the fast path: nothing to escape
+    writer.write_batch(["@SUM(1).jpg", "=A1.jpg", "+1.jpg", "-2.jpg"], [[0, 1]] * 4, [[0.5, 0.5]] * 4)
+    writer.close()
+    assert out.read_text() == (
+        '"path","label","score","label_2","score_2"\n'
+        '"dir/plain.jpg","cat","0.750000","\'@home","0.250000"\n'
+        '"\'@SUM(1).jpg","\'@home","0.500000","cat","0.500000"\n'
+        '"\'=A1.jpg","\'@home","0.500000","cat","0.500000"\n'
+        '"\'+1.jpg","\'@home","0.500000","cat","0.500000"\n'
+        '"\'-2.jpg","\'@home","0.500000","cat","0.500000"\n')
+    errors = tmp_path / "p.errors.csv"
+    writer = ErrorsWriter(str(errors))
+    writer.write("@SUM(1).jpg", "decode", "@bad header")
+    writer.close()
+    assert errors.read_text() == '"path","stage","error"\n"\'@SUM(1).jpg","decode","\'@bad header"\n'
