@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -18,6 +19,7 @@ import torch
 from click.testing import CliRunner
 
 from _export_util import decode_folder, eager_logits, make_checkpoint, with_held_out_digest
+import cnnx
 from cnnx.cli import cli
 from cnnx.export.api import export_checkpoint
 from cnnx.export.errors import ParityError
@@ -151,6 +153,10 @@ def test_fp16_and_int8_variants_keep_uint8_input_and_metadata(exported, trained)
         m = onnx.load(str(exported.paths[key]))
         assert {o.domain for o in m.opset_import} == {n.domain for n in m.graph.node} | {""}, key
         assert m.ir_version == onnx.helper.find_min_ir_version_for(list(m.opset_import), ignore_unknown=True), key
+        # nor the exporter's notes (IR 10 fields): its fx nodes and Python stacks, with this machine's paths
+        assert not m.graph.metadata_props and not any(n.metadata_props for n in m.graph.node), key
+        assert not any(v.metadata_props for v in (*m.graph.value_info, *m.graph.initializer)), key
+        assert os.fsencode(Path(cnnx.__file__).parent) not in exported.paths[key].read_bytes(), key
 
 
 @pytest.mark.parametrize("opset,ir", [(18, 8), (20, 9), (23, 11)])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import itertools
 import struct
+import warnings
 
 import numpy as np
 import pytest
@@ -392,3 +393,19 @@ def test_a_png_colour_key_is_composited_over_white_as_an_alpha_channel_is(mode):
     arr, _ = load_image(buf.getvalue(), make_spec(40, (0.5,) * 3, (0.25,) * 3))
     assert arr[:, 0, 0].tolist() == [255, 255, 255]  # the transparent ground
     assert arr[0, 20, 20] == 200  # the square keeps its colour (scaled down from 16 bits alike)
+
+
+@pytest.mark.parametrize("exif_body,expected", [
+    (b"", (6, None)),  # an empty block: no EXIF to Pillow, so XMP's orientation
+    (b"II*\0\x08\0\0\0\x01\0\x12\x01", (6, "malformed EXIF ignored")),  # cut short in its entry: XMP's too
+    (b"XX*\0garbage", (1, "malformed EXIF ignored")),  # not TIFF: Pillow applies none
+])
+def test_a_damaged_exif_block_beside_an_xmp_orientation_is_read_as_pillow_reads_it(exif_body, expected):
+    good = jpeg_bytes(quadrants(), quality=95, xmp=_xmp(6))
+    segment = b"Exif\0\0" + exif_body
+    data = good[:2] + b"\xff\xe1" + struct.pack(">H", len(segment) + 2) + segment + good[2:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's "Corrupt EXIF data"
+        viewed = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).size
+    assert viewed == ((60, 80) if expected[0] == 6 else (80, 60))
+    assert jpeg_orientation(data) == expected

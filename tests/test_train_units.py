@@ -110,35 +110,44 @@ def test_a_photo_added_to_a_class_moves_at_most_one_held_out_file():
     assert legacy.tolist() == sorted(c * 100 + i for c in range(4) for i in torch.randperm(100, generator=g)[:10].tolist())
 
 
-def test_a_copy_added_of_a_held_out_file_moves_at_most_one_other_file_and_older_runs_keep_their_split():
-    """Copies of one file rank where the first-ranked of them does (run_split's groups): a copy
-    added whose name sorts first was the group's new key under SPLIT_BY_FIRST_NAME, which moved
-    the held-out original, and another file, to the other side."""
+def test_a_copy_added_to_a_class_is_no_new_image_there_and_moves_at_most_one_other_file():
+    """Copies of one file in a class are one image (run_split's groups), ranked where the
+    first-ranked of them is: a copy added goes to its original's side; where it ranks first and
+    takes a trained original into the held-out images, one other image leaves them. Keyed as the
+    first copy in path order and counted each (SPLIT_BY_FIRST_NAME, the rule of the runs before
+    it, which keep it), a copy whose name sorted first moved its held-out original and another file."""
     from cnnx.train.data import SPLIT_BY_FIRST_NAME
 
     keys = [f"cat/{i:04d}.jpg" for i in range(40)]
-    labels = torch.zeros(40, dtype=torch.int64)
-    _, va = stratified_split(labels, 0.2, seed=0, keys=keys)
+    _, va = stratified_split(torch.zeros(40, dtype=torch.int64), 0.2, seed=0, keys=keys)
     before = {keys[i] for i in va.tolist()}
     moved = {}
     for method in (SPLIT_BY_NAME, SPLIT_BY_FIRST_NAME):
-        for original in sorted(before):
-            grown = ["cat/0.jpg", *keys]  # the copy's name sorts first
-            copies = [[0, 1 + keys.index(original)]]
-            group_keys = list(grown)
-            if method == SPLIT_BY_FIRST_NAME:  # run_split's keying for its runs
-                group_keys[copies[0][1]] = grown[0]
-            _, va = stratified_split(torch.zeros(41, dtype=torch.int64), 0.2, 0, group_keys, method,
-                                     copies if method == SPLIT_BY_NAME else ())
-            after = {grown[i] for i in va.tolist()} - {"cat/0.jpg"}
-            moved[method, original] = (before - after) | (after - before)
-    assert all(len(m) <= 1 for (method, _), m in moved.items() if method == SPLIT_BY_NAME), moved
-    assert any(len(m) > 1 for (method, _), m in moved.items() if method == SPLIT_BY_FIRST_NAME)  # what it did
+        for original in keys:
+            for copy in ("cat/0.jpg", "cat/9.jpg", *(f"cat/{original[4:8]} ({j}).jpg" for j in range(1, 6))):
+                grown = [copy, *keys]
+                group = [0, 1 + keys.index(original)]
+                if method == SPLIT_BY_FIRST_NAME:  # run_split's keying for its runs
+                    grown_keys, copies = list(grown), ()
+                    grown_keys[max(group)] = grown_keys[min(group)]
+                else:
+                    grown_keys, copies = grown, [group]
+                _, va = stratified_split(torch.zeros(41, dtype=torch.int64), 0.2, 0, grown_keys, method, copies)
+                after = {grown[i] for i in va.tolist()}
+                assert (copy in after) == (original in after)  # one image, one side
+                moved[method, original, copy] = (before ^ (after - {copy})) - {original}, original in before, \
+                    original in after
+    for (method, _, _), (others, was_held, is_held) in moved.items():
+        if method == SPLIT_BY_NAME:
+            assert len(others) <= (1 if was_held != is_held else 0) and (is_held or not was_held)
+    assert any(was and not now for (method, *_), (_, was, now) in moved.items() if method == SPLIT_BY_FIRST_NAME)
+    assert any(now and not was for (method, *_), (_, was, now) in moved.items() if method == SPLIT_BY_NAME)
 
 
 def test_the_split_is_of_the_names_bytes_whatever_the_locale_decodes_them_to(monkeypatch):
     """A folder of "café" files split under a UTF-8 locale and again under a Latin-1 one (the
     same bytes, decoded to other strs): the same files held out, the same digests recorded."""
+    import hashlib
     import os
 
     from cnnx.train.run import files_digest
@@ -153,6 +162,12 @@ def test_the_split_is_of_the_names_bytes_whatever_the_locale_decodes_them_to(mon
     _, va_latin1 = stratified_split(labels, 0.3, 0, latin1)
     assert va_latin1.tolist() == va_utf8.tolist()
     assert files_digest(latin1) == digest_utf8
+    # a run of split 2 hashed the str's UTF-8: its digests are checked as it made them (in its locale)
+    from cnnx.train.data import SPLIT_BY_FIRST_NAME
+
+    made_then = hashlib.sha256("\n".join(latin1).encode("utf-8", "surrogateescape")).hexdigest()
+    assert files_digest(latin1, split=SPLIT_BY_FIRST_NAME) == made_then != digest_utf8
+    assert stratified_split(labels, 0.3, 0, latin1, SPLIT_BY_FIRST_NAME)[1].tolist() != va_utf8.tolist()
 
 
 def test_config_resolution_and_unknown_names():

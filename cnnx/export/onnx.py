@@ -91,12 +91,41 @@ def _declare(model) -> None:
     "Unsupported model IR version: 10"; "support for domain ai.onnx.ml is till opset 4")."""
     from onnx import helper
 
+    # The exporter's notes on nodes, graphs, values and weights (its fx nodes, the Python stack
+    # with this machine's paths) are IR 10 fields: kept, they would make the file need IR 10,
+    # and they are no part of the model. Only the model's own metadata_props (cnnx.*) stay.
+    for part in _parts(model):
+        del part.metadata_props[:]
     used = {"", "ai.onnx"} | {node.domain for node in _nodes(model)} | {f.domain for f in model.functions}
     kept = [o for o in model.opset_import if o.domain in used]
     if len(kept) != len(model.opset_import):
         del model.opset_import[:]
         model.opset_import.extend(kept)
     model.ir_version = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+
+
+def _parts(model):
+    """Every graph, node, value info and tensor of the model, and its functions."""
+    from onnx import AttributeProto
+
+    def graph(g):
+        yield g
+        yield from (*g.input, *g.output, *g.value_info, *g.initializer)
+        for node in g.node:
+            yield node
+            for a in node.attribute:
+                if a.type == AttributeProto.GRAPH:
+                    yield from graph(a.g)
+                elif a.type == AttributeProto.GRAPHS:
+                    for sub in a.graphs:
+                        yield from graph(sub)
+                elif a.type == AttributeProto.TENSOR:
+                    yield a.t
+
+    yield from graph(model.graph)
+    for f in model.functions:
+        yield f
+        yield from (*f.value_info, *f.node)
 
 
 def _nodes(model):

@@ -8,8 +8,8 @@ nvImageCodec, onnx and onnxruntime are imported inside functions.
 
 Per batch of files (`decode_images`, the same contract as pipeline.decode_images):
   1. read and route each file (CPU threads): `jpeg_route` reads the JPEG header only. A
-     baseline or extended-sequential 8-bit Huffman JPEG, gray or YCbCr, without an EXIF
-     rotation, within max_pixels, ending in its EOI marker, goes to the GPU; everything else
+     baseline or extended-sequential 8-bit Huffman JPEG, gray or YCbCr, without an orientation
+     tag (EXIF's or XMP's), within max_pixels, ending in its EOI marker, goes to the GPU; everything else
      (progressive, CMYK/YCCK, 12-bit, arithmetic, RGB-coded, rotated, truncated, not a JPEG,
      unreadable) to `load_image`, so its pixels, notes and errors rows are exactly the CPU path's.
   2. the GPU files in one nvImageCodec batch call per DEVICE_BYTES of decoded pixels; a file it

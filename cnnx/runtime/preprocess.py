@@ -296,7 +296,7 @@ def jpeg_orientation(data: bytes):
     """Orientation (1..8) of a JPEG from its header, read without decoding, as Pillow's
     exif_transpose takes it: the first EXIF block's tag, else (no EXIF, or none in it) the XMP
     packet's tiff:Orientation. Returns (orientation, note): 1 and no note when neither says;
-    1 and "malformed EXIF ignored" when the EXIF block cannot be parsed (pixels are kept)."""
+    "malformed EXIF ignored" when the EXIF block cannot be parsed (1; XMP's where it is cut short)."""
     if b"\xff\xe1" not in data:  # no APP1 segment (EXIF's and XMP's), as the walk would find without a
         return 1, None             # Python step a marker: 0xFF in the entropy-coded data is never followed by 0xE1
     exif = xmp = None
@@ -308,16 +308,18 @@ def jpeg_orientation(data: bytes):
             exif = body[6:]
         elif body.startswith(_XMP_HEADER):  # and the last
             xmp = body[len(_XMP_HEADER):]
-    value = None
+    value = note = None
     if exif is not None:
         try:
             value = _tiff_orientation(exif)
-        except (struct.error, ValueError):
+        except ValueError:  # not TIFF, or an orientation that is no integer: Pillow applies none
             return 1, "malformed EXIF ignored"
+        except struct.error:  # cut short: Pillow reads what it holds (no tag), then XMP's
+            note = "malformed EXIF ignored"
     if value is None and xmp is not None and (match := _XMP_ORIENTATION.search(xmp)):
         value = int(match[2])
     # Pillow's exif_transpose ignores values outside 1..8; so do we.
-    return (value if value is not None and 1 <= value <= 8 else 1), None
+    return (value if value is not None and 1 <= value <= 8 else 1), note
 
 
 _XMP_HEADER = b"http://ns.adobe.com/xap/1.0/\0"
@@ -351,7 +353,10 @@ _TIFF_INTEGER_TYPES = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i"}
 
 
 def _tiff_orientation(tiff: bytes) -> int | None:
-    """The orientation tag's value in an EXIF block (TIFF), None where it has none."""
+    """The orientation tag's value in an EXIF block (TIFF), None where it has none (an empty
+    block too: Pillow reads it as no EXIF)."""
+    if not tiff:
+        return None
     order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
     if order is None:
         raise ValueError("bad byte order")
@@ -370,7 +375,7 @@ def _tiff_orientation(tiff: bytes) -> int | None:
 
 
 def orient(arr: np.ndarray, orientation: int) -> np.ndarray:
-    """Apply an EXIF orientation to an (H, W, C) array: the same permutation of pixels as
+    """Apply an orientation (EXIF's values 1..8) to an (H, W, C) array: the same permutation of pixels as
     PIL.ImageOps.exif_transpose (2 mirror, 3 rotate 180, 4 flip, 5 transpose, 6 rotate 90
     clockwise, 7 transverse, 8 rotate 90 counter-clockwise)."""
     if orientation == 2:
@@ -457,8 +462,8 @@ def _without_end_padding(data: bytes) -> bytes:
 
 def dct_scale(h: int, w: int, out_h: int, out_w: int) -> tuple:
     """(k, 8): the scale k/8 at which load_image has libjpeg-turbo decode an h x w JPEG (as
-    stored) for an out_h x out_w input (its sides as stored: swapped for an EXIF rotation by
-    90 degrees): the smallest k/8 whose decoded size, ceil(h * k / 8) x ceil(w * k / 8), still
+    stored) for an out_h x out_w input (its sides as stored: swapped for an orientation tag's
+    rotation by 90 degrees): the smallest k/8 whose decoded size, ceil(h * k / 8) x ceil(w * k / 8), still
     covers the shorter-side resize, as simplejpeg's min_height/min_width pick it; (8, 8) when
     the image is not larger than needed."""
     min_h, min_w = _dct_minimum(h, w, out_h, out_w)

@@ -654,7 +654,7 @@ def _may_hold_the_runs_files(ckpt: dict, folder) -> bool:
 def _holds_the_runs_files(d, ckpt: dict, folder) -> bool:
     """Whether the decoded flat folder `d` (in `folder`) holds the files the checkpoint's run
     trained on and held out, by their paths in it: the run's folder moved or copied elsewhere."""
-    from cnnx.train.data import DataError, identical_files, run_split
+    from cnnx.train.data import SPLIT_BY_GENERATOR, DataError, identical_files, run_split
     from cnnx.train.run import files_digest, held_out_changed
 
     config = ckpt["config"]
@@ -665,7 +665,8 @@ def _holds_the_runs_files(d, ckpt: dict, folder) -> bool:
     except (DataError, KeyError, TypeError, ValueError):  # a config this cnnx cannot split by
         return False
     return (held_out_changed(config, [d.paths[i] for i in va.tolist()], folder) is None
-            and files_digest([d.paths[i] for i in tr.tolist()], folder) == config.get("train_relpaths_sha256"))
+            and files_digest([d.paths[i] for i in tr.tolist()], folder, config.get("split", SPLIT_BY_GENERATOR))
+            == config.get("train_relpaths_sha256"))
 
 
 def _has_val(root) -> bool:

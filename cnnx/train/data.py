@@ -750,12 +750,14 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int, keys=None
     seed and their key (`keys[i]`: the file's path under the data folder, as its bytes on disk
     whatever the locale; default its index), the first held out, so a photo added to a class
     moves at most one other file of that class (to the other side) and none of any other.
-    `copies` (groups of indices: identical_files) rank, in each class, where the first-ranked of
-    them does, so they are on one side, and a copy added is no new key for the others (a copy
-    added whose name sorted first, as SPLIT_BY_FIRST_NAME keyed them, moved its original).
-    SPLIT_BY_FIRST_NAME: keys as the str's UTF-8 (another locale's file system encoding gave
-    other bytes), copies keyed already (run_split). SPLIT_BY_GENERATOR, the split of runs made
-    before it: one generator drawn class by class (one new file re-drew every class after it)."""
+    `copies` (groups of indices: identical_files): in each class, the copies of one file are one
+    image, ranked where the first-ranked of them is and counted once, so a copy added to a class
+    is no new image there: it goes to its original's side, and where it ranks first and takes
+    its original into the held-out images, one other image leaves them.
+    SPLIT_BY_FIRST_NAME, the split of runs before it: keys as the str's UTF-8 (another locale's
+    file system encoding gave other bytes), the copies keyed as the first in path order
+    (run_split) and counted each. SPLIT_BY_GENERATOR, the split of runs before that: one
+    generator drawn class by class (one new file re-drew every class after it)."""
     g = torch.Generator().manual_seed(int(seed))
     if method != SPLIT_BY_GENERATOR:
         def key_bytes(i) -> bytes:
@@ -765,30 +767,41 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int, keys=None
             return f"{seed}\0{key}".encode("utf-8", "surrogateescape")
 
         digest = {i: hashlib.sha256(key_bytes(i)).digest() for i in range(len(labels))}
-        for group in copies:
-            for c in {int(labels[i]) for i in group}:
-                same = [i for i in group if int(labels[i]) == c]
-                first = min(digest[i] for i in same)
-                digest.update((i, first) for i in same)
+    image_of = {}  # a copy's index -> the first index of its copies in its class (one image)
+    for group in copies if method == SPLIT_BY_NAME else ():
+        first = {}
+        for i in group:
+            image_of[i] = first.setdefault(int(labels[i]), i)
+        for i in group:
+            digest[image_of[i]] = min(digest[image_of[i]], digest[i])
     val = []
     for c in torch.unique(labels).tolist():
         idx = torch.nonzero(labels == c).flatten()
-        k = int(round(fraction * len(idx)))
-        if len(idx) >= 2:
-            k = min(max(k, 1), len(idx) - 1)
-        else:
-            k = 0
         if method == SPLIT_BY_GENERATOR:
-            val.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+            val.append(idx[torch.randperm(len(idx), generator=g)[:_held_out_count(fraction, len(idx))]])
             continue
-        rank = sorted(idx.tolist(), key=digest.get)
-        while 0 < k < len(rank) and digest[rank[k]] == digest[rank[k - 1]]:
-            k -= 1  # images of one key (copies of one file) stay on one side: the training side
-        val.append(torch.tensor(rank[:k], dtype=torch.int64))
+        if method == SPLIT_BY_FIRST_NAME:
+            k = _held_out_count(fraction, len(idx))
+            rank = sorted(idx.tolist(), key=digest.get)
+            while 0 < k < len(rank) and digest[rank[k]] == digest[rank[k - 1]]:
+                k -= 1  # images of one key (copies of one file) stay on one side: the training side
+            val.append(torch.tensor(rank[:k], dtype=torch.int64))
+            continue
+        images = {}
+        for i in idx.tolist():
+            images.setdefault(image_of.get(i, i), []).append(i)
+        rank = sorted(images, key=digest.get)
+        held = rank[:_held_out_count(fraction, len(rank))]
+        val.append(torch.tensor([i for image in held for i in images[image]], dtype=torch.int64))
     val_idx = torch.sort(torch.cat(val)).values if val else torch.empty(0, dtype=torch.int64)
     mask = torch.ones(len(labels), dtype=torch.bool)
     mask[val_idx] = False
     return torch.nonzero(mask).flatten(), val_idx
+
+
+def _held_out_count(fraction: float, n: int) -> int:
+    """Of n images of a class: `fraction` of them, rounded; at least one and at most n - 1 where n >= 2."""
+    return min(max(int(round(fraction * n)), 1), n - 1) if n >= 2 else 0
 
 
 @dataclass

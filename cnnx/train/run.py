@@ -747,7 +747,7 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
     pretrained = cfg.pretrained and resume is None
     if pretrained:  # read and checked now, before minutes of decoding, and again where the model is built
         pretrained_state_dict(cfg.arch)
-    # a resumed run keeps the split it began with (runs before SPLIT_BY_NAME recorded none)
+    # a resumed run keeps the split it began with (runs before SPLIT_BY_FIRST_NAME recorded none)
     split = SPLIT_BY_NAME if resume is None else resume["config"].get("split", SPLIT_BY_GENERATOR)
     splits = load_run_data(cfg, spec, run_dir, d, progress, split)
     xtr, ytr = splits.train
@@ -761,9 +761,9 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
         "preprocess_version": PREPROCESS_VERSION,
         "train_images": len(ytr), "val_images": len(yva),
         "test_images": 0 if splits.test is None else len(splits.test[1]), "skipped_files": len(splits.skipped),
-        "val_files_sha256": files_digest(splits.val_paths),
-        "val_relpaths_sha256": files_digest(splits.val_paths, splits.val_root),
-        "train_relpaths_sha256": files_digest(splits.train_paths, splits.train_root), "split": split,
+        "val_files_sha256": files_digest(splits.val_paths, split=split),
+        "val_relpaths_sha256": files_digest(splits.val_paths, splits.val_root, split),
+        "train_relpaths_sha256": files_digest(splits.train_paths, splits.train_root, split), "split": split,
     })
     check_ranks_see_same_data(config, d, cfg.data)
     if resume is not None:
@@ -931,11 +931,13 @@ def skipped_text(skipped) -> bytes:
                    for p, r in skipped).encode("utf-8", "surrogateescape")
 
 
-def files_digest(paths, root=None) -> str | None:
+def files_digest(paths, root=None, split: int = SPLIT_BY_NAME) -> str | None:
     """sha256 of a split's file list (what --resume compares), None where there is no list
     (CIFAR-10). root: each path relative to it (the folder holding the class folders) with the
     file's size, so that the data folder moved elsewhere gives the same digest, and another
-    folder of files named alike (0000.jpg, ...) another one."""
+    folder of files named alike (0000.jpg, ...) another one. split: the run's split method,
+    whose names are hashed as its run hashed them: their bytes on disk (SPLIT_BY_NAME), or,
+    for the runs before it, the str's UTF-8 (other bytes under a locale not UTF-8)."""
     if paths is None:
         return None
     import hashlib
@@ -943,7 +945,9 @@ def files_digest(paths, root=None) -> str | None:
     if root is not None:
         base = os.path.realpath(os.path.expanduser(root))
         paths = [f"{os.path.relpath(p, base)}\0{_size(p)}" for p in paths]
-    return hashlib.sha256(os.fsencode("\n".join(paths))).hexdigest()  # the names' bytes on disk, whatever the locale
+    text = "\n".join(paths)
+    return hashlib.sha256(os.fsencode(text) if split >= SPLIT_BY_NAME
+                          else text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _size(path) -> int:
@@ -962,7 +966,7 @@ def held_out_changed(config: dict, val_paths, root) -> str | None:
     recorded = relative or config.get("val_files_sha256")
     if not recorded:
         return "the cnnx that ran it did not record them"
-    if files_digest(val_paths, root if relative else None) != recorded:
+    if files_digest(val_paths, root if relative else None, config.get("split", SPLIT_BY_GENERATOR)) != recorded:
         return "files added, removed or renamed since the run"
     return None
 
@@ -1074,6 +1078,11 @@ def _say_what_resume_changes(run: Run, resume: dict, step: int):
     if began != run.d.world:
         say(f"this run began on {began} process(es) and continues on {run.d.world}: its batches differ "
             f"from an uninterrupted run's from here on", run.d)
+    decoded_then = resume["config"].get("preprocess_version")
+    if decoded_then is not None and decoded_then != PREPROCESS_VERSION:
+        say(f"this run's images were decoded by preprocess version {decoded_then}, this cnnx's is "
+            f"{PREPROCESS_VERSION}: the kinds of files it decodes otherwise (cnnx.runtime.preprocess) continue "
+            "on other pixels, and the training cache is decoded again", run.d)
     threads, threads_then = torch.get_num_threads(), resume["config"].get("threads_resolved")
     if torch.device(run.device).type == "cpu" and threads_then is not None and threads_then != threads:
         # a CPU kernel's sums are split by thread: the weights drift from an uninterrupted run's
