@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,8 @@ def test_fp16_and_int8_variants_keep_uint8_input_and_metadata(exported, trained)
         assert not m.graph.metadata_props and not any(n.metadata_props for n in m.graph.node), key
         assert not any(v.metadata_props for v in (*m.graph.value_info, *m.graph.initializer)), key
         assert os.fsencode(Path(cnnx.__file__).parent) not in exported.paths[key].read_bytes(), key
+    pt2 = zipfile.ZipFile(exported.paths["pt2"])  # its nodes' Python stacks dropped too
+    assert not [n for n in pt2.namelist() if os.fsencode(Path(cnnx.__file__).parent) in pt2.read(n)]
 
 
 @pytest.mark.parametrize("opset,ir", [(18, 8), (20, 9), (23, 11)])

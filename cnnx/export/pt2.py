@@ -19,6 +19,8 @@ def export_pt2(module, example, path, *, meta: dict):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.export.export(module, (example,), dynamic_shapes={INPUT_NAME: {0: batch}})
+        for node in program.graph.nodes:  # no part of the model: the Python stack, with this machine's paths
+            node.meta.pop("stack_trace", None)
         # through Python, not to the path: torch aborts the process on a full disk then
         save_torch_file(path, lambda f: torch.export.save(program, f, extra_files={EXTRA_FILE: extra_file_bytes(meta).decode()}))
         loaded = torch.export.load(os.fspath(path))
