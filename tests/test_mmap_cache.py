@@ -412,3 +412,15 @@ def test_a_disk_cache_follows_the_umask_and_another_users_unreadable_one_is_one_
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith(f"the decoded-image cache {folder} is not readable by this user") and \
         "pass your own --cache-dir" in r.stdout, (r.stdout, r.stderr[-2000:])
+
+
+def test_auto_keeps_images_in_memory_only_where_their_loading_copies_fit_its_share(monkeypatch):
+    """Decoding holds the images LOADING_COPIES times at once (the decoded rows and the split's
+    copy): auto counts each, so 300 MiB of images with 1 GiB free (600 MiB loading, over the
+    half of it) go to the disk cache, and 200 MiB stay in memory."""
+    from cnnx.train import cache
+
+    monkeypatch.setattr(cache, "available_memory", lambda: 1 << 30)
+    assert cache.LOADING_COPIES == 2 and cache.MEMORY_SHARE == 0.5
+    assert cache.use_disk("auto", 300 << 20) and not cache.use_disk("auto", 200 << 20)
+    assert not cache.use_disk("memory", 900 << 20) and cache.use_disk("disk", 1)

@@ -3,6 +3,7 @@ problem and a meaningful exit code (2 usage, 1 failure), never a traceback."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import socket
@@ -205,6 +206,8 @@ def test_split_layout_early_stopping_and_test_split_once(cifar_train_dir, tmp_pa
     assert "early stop: val top-1 has not improved (nor its loss at the same top-1) for 1 epoch(s)" in r.stderr
     run = tmp_path / "runs" / "x"
     assert len((run / "metrics.csv").read_text().strip().splitlines()) == 1 + 2
+    # best.pt is the best epoch's (1: epoch 2 did not improve), last.pt the last one's
+    assert load_checkpoint(run / "best.pt")["epoch"] == 1 and load_checkpoint(run / "last.pt")["epoch"] == 2
     config = json.loads((run / "config.json").read_text())
     assert (config["train_images"], config["val_images"], config["test_images"]) == (48, 16, 16)
     test = json.loads((run / "test_metrics.json").read_text())
@@ -246,6 +249,27 @@ def test_split_layout_early_stopping_and_test_split_once(cifar_train_dir, tmp_pa
     assert r.exit_code == 0 and "(its validation images were in val/" in r.stderr, r.stderr
     r = run_cli(["evaluate", run / "best.pt", "--data", data, "--json", "--cache-dir", tmp_path / "c"])
     assert json.loads(r.stdout)["trained_on"] is False and "trained on" not in r.stderr  # test/: held out
+    assert json.loads(r.stdout)["split"] == "test" and "the test split" in r.stderr  # the default: test, else val
+    # The patience counts across a resume: paused in a plateau one epoch after the best, the run
+    # stops where an uninterrupted one stops (2 epochs after it), and a run whose last epoch is its
+    # patience's last finished its epochs (no early stop). Training seconds continue after a resume.
+    plateau = ["--batch-size", "16", "--lr", "1e-9", "--patience", "2"]
+    r = run_cli(seed_args(data, tmp_path / "runs", "straight", tmp_path / "c", "--epochs", "5", *plateau))
+    assert r.exit_code == 0 and "early stop" in r.stderr, r.stderr
+    straight = (tmp_path / "runs" / "straight" / "metrics.csv").read_text().strip().splitlines()
+    assert len(straight) == 1 + 3
+    paused = tmp_path / "runs" / "paused"
+    r = run_cli(seed_args(data, tmp_path / "runs", "paused", tmp_path / "c", "--epochs", "5", *plateau,
+                          "--stop-after", "2"))
+    assert r.exit_code == 0 and not (paused / "test_metrics.json").exists() and "test top-1" not in r.stdout, \
+        r.stdout  # a pause is no end: the test split is scored once, when the run ends
+    r = run_cli(["train", "--resume", paused, "--quiet"])
+    assert r.exit_code == 0 and "early stop" in r.stderr, r.stderr
+    rows = list(csv.DictReader((paused / "metrics.csv").open()))
+    assert len(rows) == 3 and (paused / "test_metrics.json").exists()
+    assert float(rows[2]["train_seconds_total"]) > float(rows[1]["train_seconds_total"]) > 0
+    r = run_cli(seed_args(data, tmp_path / "runs", "whole", tmp_path / "c", "--epochs", "3", *plateau))
+    assert r.exit_code == 0 and "early stop" not in r.stderr, r.stderr
 
 
 def test_a_test_split_without_a_class_and_evaluate_on_a_train_folder_the_run_held_out_of(cifar_train_dir, tmp_path):

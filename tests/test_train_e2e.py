@@ -138,6 +138,16 @@ def test_resume_after_one_of_two_epochs_equals_two_straight_epochs(cifar_subset,
     wa = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["state_dict"]
     wb = torch.load(tmp_path / "split" / "last.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # Killed between last.pt and best.pt of an epoch that improved: the best.pt left is an earlier
+    # epoch's, and the resume rebuilds it from last.pt (not only a missing one).
+    from cnnx.train.checkpoint import save_checkpoint
+    from cnnx.train.run import LAST_ONLY, _restore_best
+
+    last = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
+    last["best"] = {**last["best"], "epoch": last["epoch"]}  # (as when epoch 2 was the best)
+    save_checkpoint({**{k: v for k, v in last.items() if k not in LAST_ONLY}, "epoch": 1}, tmp_path / "split" / "best.pt")
+    _restore_best(tmp_path / "split", last)
+    assert load_checkpoint(tmp_path / "split" / "best.pt")["epoch"] == 2
     # A finished run cannot be "resumed" without more epochs.
     r = run_cli(["train", "--resume", tmp_path / "split", "--quiet"])
     assert r.exit_code == 2 and "has trained 2 epochs, as many as --epochs 2 asks" in r.stderr

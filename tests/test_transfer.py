@@ -202,3 +202,18 @@ def test_pretrained_weights_are_read_as_tensors_checked_before_decoding_and_not_
     r = run_cli(["train", "--resume", tmp_path / "runs" / "ok", "--quiet", "--workers", "1", "--threads", "1"])
     assert r.exit_code == 0, r.stderr[-2000:]
     assert len(load_checkpoint(tmp_path / "runs" / "ok" / "last.pt")["history"]) == 2
+
+
+def test_the_backbone_trains_at_its_lr_multiplier_and_the_head_at_the_full_rate():
+    """--backbone-lr-mult scales the pretrained layers' rate, not the new head's (swapped, the
+    fresh head learned at a tenth of the rate and the backbone at all of it, without a sign)."""
+    from cnnx.train.finetune import param_groups
+
+    net = create_model("seed-cnn", 4)
+    head = head_names("seed-cnn", 4, {})
+    assert head and all(name in dict(net.named_parameters()) for name in head)
+    backbone, top = param_groups(net, head, 0.1)
+    ids = {id(p): name for name, p in net.named_parameters()}
+    assert backbone["lr_mult"] == 0.1 and top["lr_mult"] == 1.0
+    assert {ids[id(p)] for p in top["params"]} == set(head)
+    assert {ids[id(p)] for p in backbone["params"]} == set(ids.values()) - set(head)
