@@ -220,6 +220,12 @@ def test_resume_csv_cut_short(ray_session, folder, model, local, tmp_path):
     assert_same_predictions(sorted(read_predictions(out)), sorted(local[0]))  # each file once
     assert sorted(read_errors(tmp_path / "cut.errors.csv")) == sorted(local[1])
     assert not summary.notes
+    # all done: "already done" counts the files found again, not the discover-stage skips (the
+    # FIFO, the link), which are rows of the errors file but never files to classify
+    again = classify_with_ray([str(folder)], str(model), output=str(out), resume=True, num_workers=2, batch_size=16)
+    discover = [e for e in local[1] if e[1] == "discover"]
+    assert len(discover) == 2 and again.classified == 0
+    assert again.resumed == len(local[0]) + len([e for e in local[1] if e[1] not in ("discover", "note")])
     # resumed on one of its folders: the rows of the files under the others are said to stay
     summary = classify_with_ray([str(folder / "airplane")], str(model), output=str(out), resume=True, num_workers=2,
                                 batch_size=16)

@@ -495,3 +495,169 @@ def test_counts_and_errors_tables_are_capped_for_a_model_with_many_classes(tmp_p
     assert table.count("<tr>") == 1 + MAX_ERROR_ROWS
     assert "x" * MAX_CELL_CHARS not in table and f"the first {MAX_ERROR_ROWS} of 2,000" in text
     assert page.stat().st_size < SIZE_GOAL
+
+
+# ---- the figures each page shows, from small inputs whose right values are known ---------------
+
+def page_cards(text) -> dict:
+    """The overview cards of a page: {title: figure as shown}."""
+    return {html.unescape(k): html.unescape(v) for k, v in re.findall(r'<div class="card">([^<]*)<b>([^<]*)</b></div>',
+                                                                      text)}
+
+
+def table_rows(text, table_id) -> list:
+    """The body rows of the table with that id, each a list of its cells' text (tags dropped)."""
+    table = text.split(f'id="{table_id}"')[1].split("</table>")[0].split("<tbody>")[1]
+    return [[html.unescape(re.sub(r"<[^>]*>", "", cell)) for cell in re.findall(r"<td[^>]*>(.*?)</td>", row)]
+            for row in re.findall(r"<tr>(.*?)</tr>", table)]
+
+
+KNOWN_CLASSES = ["cat", "dog", "fox", "owl"]  # owl is never predicted
+# path, top-1 and runner-up (class index, score) of a 5-file job; mean top-1 score 3.4 / 5 = 0.68
+KNOWN_PREDICTIONS = [("a.jpg", (0, 0.9), (1, 0.05)), ("b.jpg", (0, 0.8), (1, 0.1)), ("c.jpg", (0, 0.7), (2, 0.2)),
+                     ("d.jpg", (1, 0.6), (0, 0.3)), ("e.jpg", (2, 0.4), (0, 0.35))]
+
+
+@pytest.fixture
+def known_job(tmp_path):
+    """A predictions CSV (top-2) of KNOWN_PREDICTIONS and its errors file: 2 files not classified
+    (decode, open) and 2 notes on classified files, written by cnnx's own writers."""
+    from cnnx.runtime.output import ErrorsWriter
+
+    out = tmp_path / "pred.csv"
+    writer = PredictionWriter(str(out), "csv", KNOWN_CLASSES, 2)
+    writer.write_batch([str(tmp_path / p) for p, _, _ in KNOWN_PREDICTIONS],
+                       [[a[0], b[0]] for _, a, b in KNOWN_PREDICTIONS], [[a[1], b[1]] for _, a, b in KNOWN_PREDICTIONS])
+    writer.close()
+    errors = tmp_path / "pred.errors.csv"
+    ew = ErrorsWriter(str(errors))
+    ew.write(str(tmp_path / "broken.jpg"), "decode", "cannot identify image file")
+    ew.write(str(tmp_path / "a.jpg"), "note", "EXIF orientation tag is malformed: shown as stored")
+    ew.write(str(tmp_path / "gone.jpg"), "open", "No such file or directory")
+    ew.write(str(tmp_path / "b.jpg"), "note", "an animated GIF: its first frame was classified")
+    ew.close()
+    page = tmp_path / "report.html"
+    write_classify_report(page, output=str(out), fmt="csv", errors=str(errors), class_names=KNOWN_CLASSES)
+    return {"page": page, "text": page.read_text(encoding="utf-8"), "dir": tmp_path}
+
+
+def test_classify_overview_cards_count_files_notes_and_classes_and_mean_over_files(known_job):
+    cards = page_cards(known_job["text"])
+    assert cards["classified"] == "5"
+    assert cards["not classified"] == "2"  # the 2 notes are on files that were classified
+    assert cards["with notes"] == "2"
+    assert cards["classes predicted"] == "3 of 4"  # owl is the model's, never predicted
+    assert cards["mean top-1 score"] == "0.68"  # (0.9 + 0.8 + 0.7 + 0.6 + 0.4) / 5 files
+
+
+def test_classify_counts_table_shares_are_of_all_files(known_job):
+    rows = table_rows(known_job["text"], "counts-table")
+    assert [r[:4] for r in rows] == [["cat", "3", "60.0%", "0.8"], ["dog", "1", "20.0%", "0.6"],
+                                     ["fox", "1", "20.0%", "0.4"], ["owl", "0", "0.0%", ""]]
+
+
+def test_classify_files_not_classified_lists_errors_and_notes_apart(known_job):
+    d, text = known_job["dir"], known_job["text"]
+    assert table_rows(text, "errors-table") == [[str(d / "broken.jpg"), "decode", "cannot identify image file"],
+                                                [str(d / "gone.jpg"), "open", "No such file or directory"]]
+    notes = text.split("<summary>notes on classified files</summary>")[1].split("</table>")[0]
+    assert str(d / "a.jpg") in notes and str(d / "b.jpg") in notes and "broken.jpg" not in notes
+    assert "<h3>Errors</h3>" in text  # all of the 2 errors shown: no "the first N of M"
+
+
+def test_classify_least_confident_caption_gives_the_runner_up_score(known_job):
+    gallery = known_job["text"].split('id="least-confident-gallery"')[1]
+    captions = [html.unescape(re.sub(r"<[^>]*>", "|", c)) for c in re.findall(r"<figcaption>(.*?)</figcaption>",
+                                                                             gallery)]
+    assert captions[0] == "e.jpg||fox| · 0.40|next cat · 0.35"
+    assert captions[1] == "d.jpg||dog| · 0.60|next cat · 0.30"
+    assert len(captions) == 5
+
+
+def test_errors_rows_of_the_wrong_width_are_left_out_and_said_not_a_traceback(tmp_path):
+    """A row that is not path,stage,error (2, 1 or 4 cells: a hand-edited or foreign file) is
+    counted as a row that did not parse; it raised IndexError for 2 cells."""
+    out = tmp_path / "pred.csv"
+    writer = PredictionWriter(str(out), "csv", KNOWN_CLASSES, 1)
+    writer.write_batch(["a.jpg"], [[0]], [[0.9]])
+    writer.close()
+    errors = tmp_path / "pred.errors.csv"
+    with open(errors, "w", newline="") as f:
+        w = csv.writer(f, quoting=csv.QUOTE_ALL, lineterminator="\n")
+        w.writerows([["path", "stage", "error"], ["two.jpg", "decode"], ["one.jpg"],
+                     ["four.jpg", "decode", "bad", "extra"], ["ok.jpg", "decode", "cannot identify image file"]])
+    page = tmp_path / "r.html"
+    write_classify_report(page, output=str(out), fmt="csv", errors=str(errors), class_names=KNOWN_CLASSES)
+    text = page.read_text(encoding="utf-8")
+    assert "3 rows did not parse" in text
+    assert page_cards(text)["not classified"] == "1"
+    assert table_rows(text, "errors-table") == [["ok.jpg", "decode", "cannot identify image file"]]
+
+
+def test_the_class_sample_keeps_every_row_with_equal_chance():
+    """Reservoir sampling: of 24 rows of a class each is in the 12-image sample half the time
+    (over 400 seeds); a slot never replaced kept the 12th row always."""
+    import random
+
+    from cnnx.report.classify import PredictionStats, Row
+
+    n, trials = 2 * SAMPLE_PER_CLASS, 400
+    kept = [0] * n
+    for seed in range(trials):
+        stats = PredictionStats(rng=random.Random(seed))
+        for i in range(n):
+            stats.add(Row(f"{i}.jpg", "cat", 0.5))
+        for row in stats.samples["cat"]:
+            kept[int(row.path.split(".")[0])] += 1
+    assert sum(kept) == SAMPLE_PER_CLASS * trials
+    assert all(0.35 < k / trials < 0.65 for k in kept), kept
+
+
+# rows: true class; columns: predicted. Asymmetric, so a swapped i/j or a column sum shows.
+KNOWN_CONFUSION = [[5, 3, 0],
+                   [1, 6, 2],
+                   [0, 4, 4]]
+
+
+def known_training_page(tmp_path, val=None):
+    history = history_rows(3, 3)
+    for row, top1 in zip(history, (0.5, 0.7, 0.6)):  # the best epoch (2) is not the last
+        row["val_top1"] = top1
+    out = tmp_path / "report.html"
+    write_training_report(out, title="t", config={}, history=history, class_names=["a", "b", "c"],
+                          confusion=KNOWN_CONFUSION, val=val)
+    return out.read_text(encoding="utf-8")
+
+
+def test_training_overview_cards_name_the_best_epoch_not_the_last(tmp_path):
+    cards = page_cards(known_training_page(tmp_path))
+    assert cards["best epoch"] == "2 of 3"
+    assert cards["last val top-1"] == "60.0%"
+    assert cards["val top-1"] == "60.0%"  # trace 15 of 25 images
+    assert cards["val images"] == "25"
+
+
+def test_per_class_table_recall_precision_and_most_often_predicted_instead(tmp_path):
+    rows = table_rows(known_training_page(tmp_path), "per-class-table")
+    # images (row sum), top-1 (diagonal / row sum), precision (diagonal / column sum: 6, 13, 6),
+    # train top-1 of the best epoch, the class most often predicted instead (never the class itself)
+    assert [[r[0], r[1], r[2], r[3], r[5]] for r in rows] == [["a", "8", "62.5%", "83.3%", "b (3)"],
+                                                              ["b", "9", "66.7%", "46.2%", "c (2)"],
+                                                              ["c", "8", "50.0%", "66.7%", "b (4)"]]
+
+
+def test_most_confused_pairs_name_true_then_predicted_with_the_share_of_the_true_class(tmp_path):
+    rows = table_rows(known_training_page(tmp_path), "confused-pairs")
+    assert rows == [["c", "b", "4", "50.0%"], ["a", "b", "3", "37.5%"], ["b", "c", "2", "22.2%"],
+                    ["b", "a", "1", "11.1%"]]
+
+
+def test_least_confident_correct_caption_names_the_second_ranked_class(tmp_path):
+    probs = np.array([[0.5, 0.1, 0.4],  # right, next c
+                      [0.2, 0.7, 0.1],  # right, next a
+                      [0.1, 0.3, 0.6]], dtype=np.float32)  # true b: a mistake
+    val = Predictions(images=np.zeros((3, 3, 8, 8), np.uint8), labels=np.array([0, 1, 1]), probs=probs)
+    gallery = known_training_page(tmp_path, val).split('id="gallery-unsure"')[1].split("<h3>")[0]
+    captions = [html.unescape(re.sub(r"<[^>]*>", "|", c)) for c in re.findall(r"<figcaption>(.*?)</figcaption>",
+                                                                             gallery)]
+    assert captions == ["|a| · 0.50|next c · 0.40", "|b| · 0.70|next a · 0.20"]
