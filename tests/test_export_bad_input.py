@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -266,3 +268,147 @@ def test_a_ctrl_c_the_exporter_swallows_is_still_an_interrupt(monkeypatch, tmp_p
     with pytest.raises(Terminated):
         ends_as_terminated(writers.run_writer)("onnx", job)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+# The real images of the parity gate (cnnx.export.images): which labels they carry, and which
+# of them a capped --parity-images keeps.
+
+RUN_CLASSES = ["cat", "dog", "ship"]
+
+
+@pytest.fixture(scope="module")
+def own_run(cifar_subset, tmp_path_factory):
+    """(data folder, config as `cnnx train` records it) of a run on 3 classes x 10 real JPEGs,
+    its validation split half of them, its held-out files' digests recorded."""
+    from _export_util import with_held_out_digest
+    from cnnx.runtime.preprocess import make_spec
+    from cnnx.train.data import SPLIT_BY_NAME
+    from cnnx.train.zoo import get_arch
+
+    a = get_arch("seed-cnn")
+    data = cifar_subset(10, offset=4000, classes=RUN_CLASSES)
+    config = {"data": str(data), "data_root": None, "cache_dir": None, "preprocess": make_spec(32, a.mean, a.std),
+              "val_fraction": 0.5, "split_seed": 0, "split": SPLIT_BY_NAME}
+    return data, with_held_out_digest(config, tmp_path_factory.mktemp("scratch"))
+
+
+def _own_images(path, limit):
+    from cnnx.export.images import validation_images
+    from cnnx.runtime.files import sha256_of
+    from cnnx.train.checkpoint import load_checkpoint
+
+    return validation_images(load_checkpoint(path), sha256_of(path), limit)
+
+
+def test_a_capped_validation_split_keeps_each_image_s_own_label(own_run, tmp_path):
+    """--parity-images below the run's validation split: the images kept are spread over it, and
+    each must keep its own label (the first N labels of the split were taken, a class-sorted
+    list's: the gate's accuracy scored images against other images' classes)."""
+    from _export_util import eager_logits
+    from cnnx.export.api import export_checkpoint
+
+    _data, config = own_run
+    ckpt = make_checkpoint(tmp_path / "run" / "best.pt", "seed-cnn", RUN_CLASSES, size=32, config=config)
+    full, why = _own_images(ckpt, None)
+    assert full is not None and full.labelled, why
+    assert len(full.images) == 15 and len(set(full.labels.tolist())) == 3
+    some, why = _own_images(ckpt, 6)
+    assert some is not None and len(some.images) == 6 and some.labelled, why
+    truth = []
+    for image, label in zip(some.images, some.labels.tolist()):
+        where = [i for i in range(len(full.images)) if np.array_equal(full.images[i], image)]
+        assert where, "a parity image not in the validation split"
+        assert label in {int(full.labels[i]) for i in where}, (label, [int(full.labels[i]) for i in where])
+        truth.append(int(full.labels[where[0]]))
+    assert sorted(set(truth)) == [0, 1, 2]  # spread over the classes
+    # and the gate's accuracy is the checkpoint's on those images against their own labels
+    result = export_checkpoint(ckpt, tmp_path / "out", ("torchscript",), parity_images=6, random_batch_sizes=(1,))
+    real = result.parity.inputs["real"]
+    assert real["count"] == 6 and real["labelled"], real
+    want = float((eager_logits(ckpt, some.images).argmax(1) == np.asarray(truth)).mean() * 100.0)
+    assert result.parity.eager_accuracy == pytest.approx(want), (result.parity.eager_accuracy, want)
+
+
+def test_a_run_whose_data_has_other_classes_is_not_scored_on_it(own_run, tmp_path):
+    """The run's data now lists its classes otherwise than the checkpoint (here in another order):
+    its labels index other names, so its validation split is not used (random inputs only, said
+    so) rather than scored against the wrong classes."""
+    from cnnx.export.api import export_checkpoint
+
+    _data, config = own_run
+    ckpt = make_checkpoint(tmp_path / "run" / "best.pt", "seed-cnn", ["dog", "cat", "ship"], size=32, config=config)
+    real, why = _own_images(ckpt, None)
+    assert real is None and why == "the run's data no longer has the checkpoint's classes", why
+    said = []
+    result = export_checkpoint(ckpt, tmp_path / "out", ("torchscript",), random_batch_sizes=(1,), log=said.append)
+    doc = json.loads(result.paths["parity"].read_text())
+    assert doc["inputs"]["real"] is None and doc["eager_accuracy"] is None
+    assert "no longer has the checkpoint's classes" in doc["notes"][0], doc["notes"]
+
+
+def _verify_folder(root, cifar_subset, layout):
+    """root/<name>/* (or root/* for name None) of real JPEGs: layout maps a name to a count."""
+    import shutil
+
+    src = sorted((cifar_subset(4, offset=4100) / "cat").iterdir())
+    for name, n in layout.items():
+        folder = root / name if name else root
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in src[:n]:
+            shutil.copyfile(f, folder / f.name)
+    return root
+
+
+def test_verify_data_folders_that_are_not_classes_are_unlabelled_not_class_0(ckpt, cifar_subset, tmp_path):
+    """A --verify-data folder that is not one of the checkpoint's classes: its images count for
+    agreement only (they were scored as the first class, an accuracy made up)."""
+    from cnnx.export.images import load_verify_data
+    from cnnx.train.checkpoint import load_checkpoint
+
+    spec = load_checkpoint(ckpt)["preprocess"]
+    other = _verify_folder(tmp_path / "other", cifar_subset, {"zebra": 3})
+    real = load_verify_data(other, spec, CLASSES, None)
+    assert real.labels.tolist() == [-1, -1, -1] and not real.labelled
+    assert any("not classes of the checkpoint" in n and "zebra" in n for n in real.notes), real.notes
+    mixed = _verify_folder(tmp_path / "mixed", cifar_subset, {"c2": 2, "zebra": 2})
+    assert load_verify_data(mixed, spec, CLASSES, None).labels.tolist() == [2, 2, -1, -1]
+    r, _lines = _run(["export", str(ckpt), "--format", "torchscript", "--verify-data", str(other),
+                      "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "o" / "parity.json").read_text())
+    assert doc["inputs"]["real"]["count"] == 3 and doc["inputs"]["real"]["labelled"] is False
+    assert doc["eager_accuracy"] is None
+    assert all(row["accuracy"] is None for row in doc["results"]), doc["results"]
+
+
+def test_verify_data_of_labelled_and_unlabelled_images_reports_no_accuracy(ckpt, cifar_subset, tmp_path):
+    """A class folder beside images directly in the folder: an accuracy over all of them counted
+    every unlabelled image as wrong. The gate runs on them all, for agreement only, and says so."""
+    from cnnx.export.api import export_checkpoint
+
+    data = _verify_folder(tmp_path / "v", cifar_subset, {"c3": 3, None: 2})
+    said = []
+    result = export_checkpoint(ckpt, tmp_path / "out", ("torchscript",), verify_data=data, random_batch_sizes=(1,),
+                               log=said.append)
+    real = result.parity.inputs["real"]
+    assert real["count"] == 5 and real["labelled"] is False, real
+    assert result.parity.eager_accuracy is None
+    assert all(r.accuracy is None and r.accuracy_change is None for r in result.parity.rows)
+    assert any("no class: they count for agreement, not accuracy" in s for s in said), said
+
+
+def test_capped_verify_data_takes_images_of_every_class(ckpt, cifar_subset, tmp_path):
+    """--parity-images below the number of images: each class gets its share, round robin (a
+    large first class took the whole cap)."""
+    from cnnx.export.images import load_verify_data, spread
+    from cnnx.train.checkpoint import load_checkpoint
+
+    picked = spread(21, 3, ["a"] * 10 + ["b"] + ["c"] * 10)
+    assert picked.tolist() == [0, 10, 11]
+    assert sorted(spread(30, 7, [0] * 10 + [1] * 10 + [2] * 10) // 10) == [0, 0, 0, 1, 1, 2, 2]
+    data = _verify_folder(tmp_path / "v", cifar_subset, {"c0": 4, "c1": 2, "c2": 2})
+    real = load_verify_data(data, load_checkpoint(ckpt)["preprocess"], CLASSES, 3)
+    assert real.labels.tolist() == [0, 1, 2] and real.labelled
+    r, _lines = _run(["export", str(ckpt), "--format", "torchscript", "--verify-data", str(data),
+                      "--parity-images", "3", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0 and "(3 of 8 images)" in r.stderr, r.output

@@ -373,3 +373,76 @@ def test_a_read_only_disk_is_named_so_and_a_failed_write_names_the_file_not_the_
     line = _failure_line("pt2 export", OSError(errno.EFBIG, os.strerror(errno.EFBIG), str(staging / "model.pt2")),
                          staging)
     assert line == f"pt2 export failed: File too large (writing model.pt2 in {tmp_path})", line
+
+
+def test_a_file_put_into_the_previous_export_while_exporting_is_not_swapped_away(two_ckpts, tmp_path, monkeypatch):
+    """The folder is checked up front and again at the swap: a user's notes.txt dropped into the
+    previous export while the new one was being written went away with that export (the swap
+    moves the whole folder and removes it), without a word. Here the writer step drops it."""
+    from cnnx.export import api
+
+    a, b = two_ckpts
+    out = tmp_path / "export"
+    export_checkpoint(a, out, ("torchscript",), **FAST)
+    real_run_writer = api.run_writer
+
+    def writer_while_the_user_writes(name, job):
+        (out / "notes.txt").write_text("mine, written during the export")
+        return real_run_writer(name, job)
+
+    monkeypatch.setattr(api, "run_writer", writer_while_the_user_writes)
+    before = _snapshot(out)
+    _one_line_error(["export", str(b), "--format", "torchscript", "--out", str(out)], "notes.txt", "did not write")
+    assert (out / "notes.txt").read_text() == "mine, written during the export"
+    assert _snapshot(out) == {**before, "notes.txt": _sha(out / "notes.txt")}
+    assert json.loads((out / "parity.json").read_text())["checkpoint_sha256"] == _sha(a)
+    assert _hidden(tmp_path) == []
+
+
+def test_a_failed_rename_into_place_puts_the_previous_export_back(two_ckpts, tmp_path, monkeypatch):
+    """Where the filesystem cannot exchange, the previous export is renamed aside and the new one
+    in: when that second rename fails, the previous export goes back to --out (it was left only
+    in a hidden .cnnx-export-old-* folder, --out gone)."""
+    from cnnx.export import publish as pub
+    from cnnx.export.errors import ExportError
+
+    a, b = two_ckpts
+    out = tmp_path / "export"
+    export_checkpoint(a, out, ("onnx", "torchscript"), **FAST)
+    before = _snapshot(out)
+    monkeypatch.setattr(pub, "_exchange", lambda x, y: False)
+    real_rename, failed = os.rename, []
+
+    def rename(src, dst, *args, **kwargs):
+        if os.fspath(dst) == os.fspath(out) and os.path.basename(os.fspath(src)) != "export" and not failed:
+            failed.append(src)  # the staging folder into place: fails once
+            raise OSError(5, "Input/output error", os.fspath(dst))
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(ExportError, match="cannot publish the export: Input/output error"):
+        export_checkpoint(b, out, ("torchscript",), **FAST)
+    monkeypatch.undo()
+    assert failed and os.path.basename(os.fspath(failed[0])).startswith(pub.STAGING_PREFIX)
+    assert out.is_dir() and _snapshot(out) == before
+    assert json.loads((out / "parity.json").read_text())["checkpoint_sha256"] == _sha(a)
+    assert _hidden(tmp_path) == []  # no .cnnx-export-old-* (nor the staging folder) left beside it
+
+
+def test_a_symlink_named_as_an_export_file_makes_the_folder_not_an_export(two_ckpts, tmp_path):
+    """A link named model.onnx to a cnnx model is not a file an export wrote there: the folder is
+    refused (the swap would remove the link with the folder), the link and its target untouched."""
+    a, _ = two_ckpts
+    elsewhere = tmp_path / "elsewhere"
+    export_checkpoint(a, elsewhere, ("onnx",), **FAST)
+    target = elsewhere / "model.onnx"
+    target_sha, target_inode = _sha(target), _inode(target)
+    deploy = tmp_path / "deploy"
+    deploy.mkdir()
+    (deploy / "model.onnx").symlink_to(target)
+    _one_line_error(["export", str(a), "--format", "torchscript", "--out", str(deploy)], "model.onnx",
+                    "did not write")
+    assert os.listdir(deploy) == ["model.onnx"] and (deploy / "model.onnx").is_symlink()
+    assert os.readlink(deploy / "model.onnx") == str(target)
+    assert _sha(target) == target_sha and _inode(target) == target_inode
+    assert sorted(os.listdir(elsewhere)) == ["model.onnx", "parity.json"] and _hidden(tmp_path) == []
