@@ -121,8 +121,9 @@ def best_and_median(rows: list, keys) -> dict:
 
 def _git_dirty() -> bool | None:
     """Whether tracked files differ from that commit: the figures then come from other code (the
-    GPU machine gets a copy of the working tree whose git metadata may be older than its files)."""
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    GPU machine gets a copy of the working tree whose git metadata may be older than its files).
+    The results folder is no code: a batch of benchmarks writes its JSONs one after another."""
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
     return None if status is None else bool(status)
 
 
