@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -412,3 +413,19 @@ def test_capped_verify_data_takes_images_of_every_class(ckpt, cifar_subset, tmp_
     r, _lines = _run(["export", str(ckpt), "--format", "torchscript", "--verify-data", str(data),
                       "--parity-images", "3", "--out", str(tmp_path / "o")])
     assert r.exit_code == 0 and "(3 of 8 images)" in r.stderr, r.output
+
+
+def test_verify_data_of_a_split_layout_is_its_val_folder_else_test_else_train(tmp_path):
+    """--verify-data DIR/{train,val,test}/<class>/*: the gate's images are val/'s (held out and
+    the run's own choice of model), test/'s only where there is no val/."""
+    from cnnx.export.images import _split_of_layout
+
+    for split in ("train", "val", "test"):
+        (tmp_path / split / "cat").mkdir(parents=True)
+        (tmp_path / split / "cat" / "a.jpg").write_bytes(b"")
+    assert _split_of_layout(tmp_path, ["cat"]) == tmp_path / "val"
+    shutil.rmtree(tmp_path / "val")
+    assert _split_of_layout(tmp_path, ["cat"]) == tmp_path / "test"
+    shutil.rmtree(tmp_path / "test")
+    assert _split_of_layout(tmp_path, ["cat"]) == tmp_path / "train"
+    assert _split_of_layout(tmp_path / "train", ["cat"]) == tmp_path / "train"  # DIR/<class>/*: itself

@@ -217,3 +217,18 @@ def test_the_backbone_trains_at_its_lr_multiplier_and_the_head_at_the_full_rate(
     assert backbone["lr_mult"] == 0.1 and top["lr_mult"] == 1.0
     assert {ids[id(p)] for p in top["params"]} == set(head)
     assert {ids[id(p)] for p in backbone["params"]} == set(ids.values()) - set(head)
+
+
+def test_weights_of_another_variant_of_the_arch_do_not_fit_in_either_direction():
+    """A checkpoint with a tensor the model lacks (another variant of the arch: an extra layer)
+    is refused as one with a tensor missing is, naming it; a subset was loaded silently."""
+    from cnnx.train.finetune import state_dict_mismatch
+
+    own = create_model("seed-cnn", 4).state_dict()
+    assert state_dict_mismatch(own, dict(own)) is None
+    extra = {**own, "features.9.weight": torch.zeros(3, 3)}
+    assert state_dict_mismatch(own, extra) == "tensor features.9.weight [3, 3] of the checkpoint is not in the model"
+    name = next(iter(own))
+    missing = {k: v for k, v in own.items() if k != name}
+    assert state_dict_mismatch(own, missing).startswith(f"tensor {name} ")
+    assert "of the model is not in the checkpoint" in state_dict_mismatch(own, missing)
