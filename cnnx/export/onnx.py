@@ -89,14 +89,16 @@ def _declare(model) -> None:
     pre-processing) declares every domain it knows, its own internal ones among them: a runtime
     older than either refuses the file, though it runs every node in it (onnxruntime 1.17:
     "Unsupported model IR version: 10"; "support for domain ai.onnx.ml is till opset 4")."""
-    from onnx import helper
+    from onnx import NodeProto, helper
 
+    parts = list(_parts(model))
     # The exporter's notes on nodes, graphs, values and weights (its fx nodes, the Python stack
     # with this machine's paths) are IR 10 fields: kept, they would make the file need IR 10,
     # and they are no part of the model. Only the model's own metadata_props (cnnx.*) stay.
-    for part in _parts(model):
+    for part in parts:
         del part.metadata_props[:]
-    used = {"", "ai.onnx"} | {node.domain for node in _nodes(model)} | {f.domain for f in model.functions}
+    used = {"", "ai.onnx", *(f.domain for f in model.functions)}
+    used.update(part.domain for part in parts if isinstance(part, NodeProto))
     kept = [o for o in model.opset_import if o.domain in used]
     if len(kept) != len(model.opset_import):
         del model.opset_import[:]
@@ -105,46 +107,32 @@ def _declare(model) -> None:
 
 
 def _parts(model):
-    """Every graph, node, value info and tensor of the model, and its functions."""
+    """Every graph, node, value info and tensor of the model, and its functions, those of the
+    subgraphs (If, Loop, Scan) included."""
     from onnx import AttributeProto
 
-    def graph(g):
-        yield g
-        yield from (*g.input, *g.output, *g.value_info, *g.initializer)
-        for node in g.node:
+    def nodes(found):
+        for node in found:
             yield node
             for a in node.attribute:
-                if a.type == AttributeProto.GRAPH:
+                if a.type == AttributeProto.TENSOR:
+                    yield a.t
+                elif a.type == AttributeProto.GRAPH:
                     yield from graph(a.g)
                 elif a.type == AttributeProto.GRAPHS:
                     for sub in a.graphs:
                         yield from graph(sub)
-                elif a.type == AttributeProto.TENSOR:
-                    yield a.t
+
+    def graph(g):
+        yield g
+        yield from (*g.input, *g.output, *g.value_info, *g.initializer)
+        yield from nodes(g.node)
 
     yield from graph(model.graph)
     for f in model.functions:
         yield f
-        yield from (*f.value_info, *f.node)
-
-
-def _nodes(model):
-    """Every node of the model: its graph's, its functions', and those of their subgraphs (If, Loop, Scan)."""
-    from onnx import AttributeProto
-
-    def walk(nodes):
-        for node in nodes:
-            yield node
-            for a in node.attribute:
-                if a.type == AttributeProto.GRAPH:
-                    yield from walk(a.g.node)
-                elif a.type == AttributeProto.GRAPHS:
-                    for g in a.graphs:
-                        yield from walk(g.node)
-
-    yield from walk(model.graph.node)
-    for f in model.functions:
-        yield from walk(f.node)
+        yield from f.value_info
+        yield from nodes(f.node)
 
 
 def export_onnx(module, example, path, *, meta: dict, opset: int | None = None):
