@@ -101,7 +101,8 @@ def export(checkpoint, formats, out_dir, opset, verify_data, fp16, int8, parity_
     from cnnx.export.api import export_checkpoint
     from cnnx.runtime.files import os_error_line, remove_stale_temps, temp_files_kept_apart
 
-    remove_stale_temps(tempfile.gettempdir())  # what an --int8 export killed there left, whatever this one writes
+    if not int8:  # (temp_files_kept_apart sweeps them itself)
+        remove_stale_temps(tempfile.gettempdir())  # what an --int8 export killed there left, whatever this one writes
     try:
         with temp_files_kept_apart() if int8 else contextlib.nullcontext():  # onnxruntime's quantization temps
             result = export_checkpoint(checkpoint, out_dir, formats, opset=opset, verify_data=verify_data, fp16=fp16,

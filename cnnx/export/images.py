@@ -148,11 +148,11 @@ def _own_validation_split(config: dict, spec: dict, cache_dir=None):
         root = config.get("data_root") or str(data.cache_dir(cache_dir) / "datasets")
         x, y, names = data.load_cifar10(root, train=True, download=False)
         _, val = data.stratified_split(y, config["val_fraction"], config["split_seed"],
-                                       method=config.get("split", data.SPLIT_BY_GENERATOR))
+                                       method=data.split_method(config))
         return x[val], y[val], names
     s = data.load_splits({"data": config["data"], "data_root": None, "cache_dir": cache_dir, "preprocess": spec,
                           "val_fraction": config["val_fraction"], "split_seed": config["split_seed"],
-                          "split": config.get("split", data.SPLIT_BY_GENERATOR)}, progress=False,
+                          "split": data.split_method(config)}, progress=False,
                          cache_mode=config.get("cache") if config.get("cache") in CACHE_MODES else "auto")
     # as `cnnx evaluate --split val` refuses: images added since would be scored as held out
     # while the run trained on some of the files they displace from the split

@@ -378,24 +378,28 @@ def _runs_on_cuda(device) -> bool:
 
 
 def _pick_split(layout, split, data, ckpt) -> tuple:
-    """(the split's name, its folder): --split's, else test, else val; ("all", DIR) for a flat DIR,
-    ("held-out", DIR) for --split val of the flat DIR the checkpoint's run held images out of."""
+    """(the split's name, its folder, its listing where this made it, else None): --split's, else
+    test, else val; ("all", DIR, None) for a flat DIR, ("held-out", DIR, ...) for --split val of
+    the flat DIR the checkpoint's run held images out of."""
     if "all" in layout:
-        if split == "val" and (_trained_on(ckpt, layout["all"]) == "all" or _may_hold_the_runs_files(ckpt, layout["all"])):
-            return "held-out", layout["all"]  # (a folder elsewhere: _held_out_part checks its files are the run's)
+        if split == "val" and _trained_on(ckpt, layout["all"]) == "all":
+            return "held-out", layout["all"], None
+        listing = _listing_if_it_may_be_the_runs(ckpt, layout["all"]) if split == "val" else None
+        if listing is not None:  # a folder elsewhere: _held_out_part checks its files are the run's
+            return "held-out", layout["all"], listing
         if split:
             raise click.BadParameter(f"{data} has no train/val/test folders"
                                      + (" (--split val: the images a run held out of the folder it trained on)"
                                         if split == "val" else ""), param_hint="--split")
-        return "all", layout["all"]
+        return "all", layout["all"], None
     if split:
         if split not in layout:
             raise click.BadParameter(f"{data} has no {split}/ folder (it has {', '.join(sorted(layout))})",
                                      param_hint="--split")
-        return split, layout[split]
+        return split, layout[split], None
     for s in ("test", "val"):
         if s in layout:
-            return s, layout[s]
+            return s, layout[s], None
     raise click.BadParameter(f"{data} has only {', '.join(sorted(layout))}/; pass --split train to evaluate on it",
                              param_hint="--split")
 
@@ -544,7 +548,7 @@ def _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, c
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt)
     layout = folder_layout(data)
-    picked, folder = _pick_split(layout, split, data, ckpt)
+    picked, folder, listing = _pick_split(layout, split, data, ckpt)
     if split is None and picked != "all":  # which split the figures are of: not only in --json
         click.echo(f"note: scoring {folder}, the {picked} split (--split picks another)", err=True)
     names = list(ckpt["class_names"])
@@ -555,7 +559,7 @@ def _evaluate(checkpoint, data, split, batch_size, device, workers, cache_dir, c
                                    f" (it knows: {names_line(names)})"
                                    f"{respelt_note(unknown, names, 'the checkpoint')}")
     d = load_image_folder(folder, ckpt["preprocess"], progress=True, cache=cache_dir, workers=workers,
-                          cache_mode=cache_mode)
+                          cache_mode=cache_mode, listing=listing)
     if picked == "held-out":
         d = _held_out_part(d, ckpt["config"], folder)
     trained_on = None if picked == "held-out" else _trained_on(ckpt, folder)
@@ -638,23 +642,25 @@ def _held_out_recorded(ckpt: dict) -> bool:
     return isinstance(config, dict) and isinstance(config.get("val_relpaths_sha256"), str)
 
 
-def _may_hold_the_runs_files(ckpt: dict, folder) -> bool:
-    """Whether a flat folder other than the one the checkpoint's run names may be that folder
-    moved or copied (_holds_the_runs_files tells, once it is decoded): the run recorded its files
-    by their paths in it, and the folder lists at least as many image files as the run used."""
+def _listing_if_it_may_be_the_runs(ckpt: dict, folder):
+    """The listing of a flat folder other than the one the checkpoint's run names, where it may
+    be that folder moved or copied (_holds_the_runs_files tells, once it is decoded: the listing
+    is its, not made twice), else None: the run recorded its files by their paths in it, and the
+    folder lists at least as many image files as the run used."""
     from cnnx.train.data import list_image_folder
 
     if not _held_out_recorded(ckpt):
-        return False
+        return None
     config = ckpt["config"]
     used = config.get("train_images", 0) + config.get("val_images", 0)
-    return len(list_image_folder(Path(folder).expanduser().resolve()).files) >= used
+    listing = list_image_folder(Path(folder).expanduser().resolve())
+    return listing if len(listing.files) >= used else None
 
 
 def _holds_the_runs_files(d, ckpt: dict, folder) -> bool:
     """Whether the decoded flat folder `d` (in `folder`) holds the files the checkpoint's run
     trained on and held out, by their paths in it: the run's folder moved or copied elsewhere."""
-    from cnnx.train.data import SPLIT_BY_GENERATOR, DataError, identical_files, run_split
+    from cnnx.train.data import DataError, identical_files, run_split, split_method
     from cnnx.train.run import files_digest, held_out_changed
 
     config = ckpt["config"]
@@ -665,7 +671,7 @@ def _holds_the_runs_files(d, ckpt: dict, folder) -> bool:
     except (DataError, KeyError, TypeError, ValueError):  # a config this cnnx cannot split by
         return False
     return (held_out_changed(config, [d.paths[i] for i in va.tolist()], folder) is None
-            and files_digest([d.paths[i] for i in tr.tolist()], folder, config.get("split", SPLIT_BY_GENERATOR))
+            and files_digest([d.paths[i] for i in tr.tolist()], folder, split_method(config))
             == config.get("train_relpaths_sha256"))
 
 

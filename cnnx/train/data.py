@@ -743,6 +743,18 @@ SPLIT_BY_GENERATOR = 1
 SPLIT_METHODS = (SPLIT_BY_GENERATOR, SPLIT_BY_FIRST_NAME, SPLIT_BY_NAME)
 
 
+def split_method(config: dict) -> int:
+    """The split a run's config records (a config without one: SPLIT_BY_GENERATOR's run)."""
+    return config.get("split", SPLIT_BY_GENERATOR)
+
+
+def name_bytes(text: str, method: int) -> bytes:
+    """A file name (or a list of them) as a split `method` hashes it: its bytes on disk whatever
+    the locale (SPLIT_BY_NAME), or, for the runs before it, the str's UTF-8 (other bytes under a
+    locale not UTF-8)."""
+    return os.fsencode(text) if method >= SPLIT_BY_NAME else text.encode("utf-8", "surrogateescape")
+
+
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int, keys=None, method: int = SPLIT_BY_NAME,
                      copies=()):
     """(train_idx, val_idx): `fraction` of each class (at least one image when a class has two
@@ -761,10 +773,7 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int, keys=None
     g = torch.Generator().manual_seed(int(seed))
     if method != SPLIT_BY_GENERATOR:
         def key_bytes(i) -> bytes:
-            key = i if keys is None else keys[i]
-            if method == SPLIT_BY_NAME and isinstance(key, str):
-                return f"{seed}\0".encode() + os.fsencode(key)
-            return f"{seed}\0{key}".encode("utf-8", "surrogateescape")
+            return f"{seed}\0".encode() + name_bytes(str(i if keys is None else keys[i]), method)
 
         digest = {i: hashlib.sha256(key_bytes(i)).digest() for i in range(len(labels))}
     image_of = {}  # a copy's index -> the first index of its copies in its class (one image)
@@ -858,7 +867,7 @@ def run_split(config: dict, labels, folder=None, paths=None, copies=None):
     (identical_files of `paths`): the copies of a file in its class take its key, so they are
     held out, or trained on, together (a copy validated on its trained original is no
     held-out image: photo folders hold "IMG_1 (1).jpg", an album exported twice)."""
-    method = config.get("split", SPLIT_BY_GENERATOR)
+    method = split_method(config)
     if method not in SPLIT_METHODS:
         raise DataError(f"the run held its images out by a method this cnnx does not know (split {method!r}): use the "
                         f"cnnx that began it")

@@ -35,7 +35,7 @@ from cnnx.train import finetune, frontier, loop, optim
 from cnnx.train.cache import Rows, take
 from cnnx.train.checkpoint import build_checkpoint, save_checkpoint
 from cnnx.train.config import TrainConfig, config_from_dict
-from cnnx.train.data import SPLIT_BY_GENERATOR, SPLIT_BY_NAME, ignored_line, load_splits
+from cnnx.train.data import SPLIT_BY_NAME, ignored_line, load_splits, name_bytes, split_method
 
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_top1", "train_top5", "val_loss", "val_top1", "val_top5",
                   "seconds", "eval_seconds", "train_seconds_total")
@@ -748,7 +748,7 @@ def setup(cfg: TrainConfig, run_dir: Path, d: loop.Dist, device: str, progress: 
     if pretrained:  # read and checked now, before minutes of decoding, and again where the model is built
         pretrained_state_dict(cfg.arch)
     # a resumed run keeps the split it began with (runs before SPLIT_BY_FIRST_NAME recorded none)
-    split = SPLIT_BY_NAME if resume is None else resume["config"].get("split", SPLIT_BY_GENERATOR)
+    split = SPLIT_BY_NAME if resume is None else split_method(resume["config"])
     splits = load_run_data(cfg, spec, run_dir, d, progress, split)
     xtr, ytr = splits.train
     xva, yva = splits.val
@@ -936,8 +936,7 @@ def files_digest(paths, root=None, split: int = SPLIT_BY_NAME) -> str | None:
     (CIFAR-10). root: each path relative to it (the folder holding the class folders) with the
     file's size, so that the data folder moved elsewhere gives the same digest, and another
     folder of files named alike (0000.jpg, ...) another one. split: the run's split method,
-    whose names are hashed as its run hashed them: their bytes on disk (SPLIT_BY_NAME), or,
-    for the runs before it, the str's UTF-8 (other bytes under a locale not UTF-8)."""
+    whose names are hashed as its run hashed them (data.name_bytes)."""
     if paths is None:
         return None
     import hashlib
@@ -945,9 +944,7 @@ def files_digest(paths, root=None, split: int = SPLIT_BY_NAME) -> str | None:
     if root is not None:
         base = os.path.realpath(os.path.expanduser(root))
         paths = [f"{os.path.relpath(p, base)}\0{_size(p)}" for p in paths]
-    text = "\n".join(paths)
-    return hashlib.sha256(os.fsencode(text) if split >= SPLIT_BY_NAME
-                          else text.encode("utf-8", "surrogateescape")).hexdigest()
+    return hashlib.sha256(name_bytes("\n".join(paths), split)).hexdigest()
 
 
 def _size(path) -> int:
@@ -966,7 +963,7 @@ def held_out_changed(config: dict, val_paths, root) -> str | None:
     recorded = relative or config.get("val_files_sha256")
     if not recorded:
         return "the cnnx that ran it did not record them"
-    if files_digest(val_paths, root if relative else None, config.get("split", SPLIT_BY_GENERATOR)) != recorded:
+    if files_digest(val_paths, root if relative else None, split_method(config)) != recorded:
         return "files added, removed or renamed since the run"
     return None
 
